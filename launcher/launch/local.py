@@ -1,0 +1,82 @@
+"""launch=local (one process on this machine, or `torchrun --standalone` for nproc_per_node > 1)
+and launch=torchrun (one agent per node, c10d or static rendezvous)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from launcher.config.schema import FtlConfig
+from launcher.launch.base import LaunchPlan, python, trainer_argv
+
+
+def _env(cfg: FtlConfig) -> dict[str, str]:
+    env = dict(cfg.launch.env)
+    if cfg.train.device != "cuda":
+        # torch would otherwise start one OpenMP thread per core in every rank and oversubscribe.
+        cores = os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // cfg.launch.nproc_per_node)))
+    return env
+
+
+class LocalBackend:
+    name = "local"
+
+    def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
+        n = cfg.launch.nproc_per_node
+        if n == 1:
+            argv = [python(), *trainer_argv(config_path)]
+        else:
+            argv = [python(), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            if cfg.launch.master_port:
+                argv += [f"--master_port={cfg.launch.master_port}"]
+            argv += [*trainer_argv(config_path)]
+        return LaunchPlan(run_dir=run_dir, commands=[argv], env=_env(cfg))
+
+    def submit(self, plan: LaunchPlan) -> int:
+        return run_foreground(plan)
+
+
+class TorchrunBackend:
+    name = "torchrun"
+
+    def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
+        launch = cfg.launch
+        argv = [
+            python(), "-m", "torch.distributed.run",
+            f"--nnodes={launch.nnodes}",
+            f"--nproc_per_node={launch.nproc_per_node}",
+            f"--rdzv_backend={launch.rdzv_backend}",
+            f"--rdzv_endpoint={launch.rdzv_endpoint}",
+            f"--rdzv_id={launch.rdzv_id}",
+            f"--max_restarts={launch.max_restarts}",
+        ]  # fmt: skip
+        if launch.rdzv_backend == "static":
+            argv.append(f"--node_rank={launch.node_rank}")
+        if launch.local_addr:
+            argv.append(f"--local_addr={launch.local_addr}")
+        argv += trainer_argv(config_path)
+        notes = []
+        if launch.nnodes > 1:
+            notes.append(f"run the same `ftl train` on each of the {launch.nnodes} nodes with launch.node_rank=0..{launch.nnodes - 1}")
+        return LaunchPlan(run_dir=run_dir, commands=[argv], env=_env(cfg), notes=notes)
+
+    def submit(self, plan: LaunchPlan) -> int:
+        return run_foreground(plan)
+
+
+def run_foreground(plan: LaunchPlan) -> int:
+    """Run each command in turn with the plan's environment; Ctrl-C reaches the job, which saves."""
+    env = {**os.environ, **plan.env}
+    for argv in plan.commands:
+        proc = subprocess.Popen(argv, env=env)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait()
+        if code != 0:
+            return code
+    return 0

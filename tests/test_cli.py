@@ -1,0 +1,87 @@
+"""The `ftl` command line as a user runs it: exit codes, messages, and no heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.config.compose import recipe_files
+
+HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "wandb")
+
+
+def ftl(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("recipe", ["llama3-70b-full-zero3-multinode", "llama3-8b-full-zero3", "demo"])
+def test_plan_imports_no_heavy_module(recipe):
+    code = (
+        "import sys; from launcher.cli import main; rc = main(['plan', 'recipe=%s']); "
+        "heavy = [m for m in %r if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc or (3 if heavy else 0))"
+    ) % (recipe, HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def test_plan_is_fast_and_launches_nothing(tmp_path):
+    start = time.perf_counter()
+    out = ftl("plan", "recipe=tiny", f"run.dir={tmp_path / 'run'}")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert "global batch 4 sequences" in out.stdout
+    assert "launcher.train --config" in out.stdout and "nothing launched" in out.stdout
+    assert not (tmp_path / "run").exists(), "ftl plan must write nothing"
+    print(f"ftl plan took {elapsed:.2f}s (interpreter start included)")
+
+
+def test_plan_shows_distributed_command():
+    out = ftl("plan", "recipe=tiny", "strategy=zero3", "launch.nproc_per_node=2")
+    assert out.returncode == 0, out.stderr
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in out.stdout
+    assert "world size 2" in out.stdout
+
+
+def test_recipes_lists_each_with_description():
+    out = ftl("recipes")
+    assert out.returncode == 0
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) >= 6 and len(lines) == len(recipe_files())
+    for name, line in zip(sorted(recipe_files()), lines):
+        assert line.startswith(name) and len(line.split(None, 1)[1]) > 20
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "recipe=nope"], "available recipes: demo"),
+        (["plan", "train.lr=abc"], "train.lr: expected a number"),
+        (["plan", "train.lrr=1"], "did you mean train.lr"),
+        (["train", "recipe=tiny", "train.lr=abc"], "train.lr"),
+        (["plan", "recipe=tiny", "data.train_files=[/nope.jsonl]"], "data.train_files[0]: file not found"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_field(args, needle, tmp_path):
+    out = ftl(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert needle in out.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written for invalid input"
+
+
+def test_cfg_job_prints_composed_config():
+    out = ftl("train", "--cfg", "job", "recipe=tiny", "train.lr=0.5")
+    assert out.returncode == 0, out.stderr
+    assert "lr: 0.5" in out.stdout and "source: random" in out.stdout
+
+
+def test_console_script_matches_module():
+    script = Path(sys.executable).with_name("ftl")  # installed beside the interpreter by `pip install -e .`
+    assert script.exists()
+    out = subprocess.run([str(script), "recipes"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == ftl("recipes").stdout
