@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.launch.base import CONFIG_NAME, LaunchPlan
+from launcher.redact import known_secrets, redact
 
 COMMAND_NAME = "launch.sh"
 
@@ -36,11 +37,11 @@ def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     changes = _config_changes(config_path, raw) if config_path.exists() else []
-    _write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(raw)))
+    _write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(redact(raw, known_secrets()))))
     script = ["#!/usr/bin/env bash", f"# ftl {shlex.join(argv)}", f"cd {shlex.quote(os.getcwd())}", *plan.shell_lines(), ""]
     _write_atomic(run_dir / COMMAND_NAME, "\n".join(script))
     for name, text in plan.files.items():
-        _write_atomic(run_dir / name, text)
+        _write_atomic(run_dir / name, redact(text, known_secrets()))
     return changes
 
 

@@ -13,10 +13,11 @@ import re
 import socket
 import types
 import typing
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
+from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, FtlConfig
 
@@ -167,7 +168,7 @@ def global_batch(cfg: FtlConfig) -> int:
 
 def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs: list[ConfigError] = []
-    t, s, launch, m = cfg.train, cfg.strategy, cfg.launch, cfg.model
+    t, s, m = cfg.train, cfg.strategy, cfg.model
     world = world_size(cfg)
 
     if s.engine == "single" and world > 1:
@@ -178,6 +179,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
             errs.append(ConfigError("strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"))
         if s.offload_optimizer and s.zero_stage == 0:
             errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
+        errs += deepspeed_config_errors(cfg)
     if s.engine == "fsdp" and s.hybrid_shard and nodes(cfg) < 2:
         errs.append(ConfigError("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes"))
     if t.precision == "fp16" and t.device == "cpu":
@@ -303,4 +305,3 @@ def load_run_config(path: str | os.PathLike[str]) -> FtlConfig:
 
 
 __all__ = ["validate", "validated", "load_run_config", "world_size", "global_batch", "nodes", "procs_per_node"]
-_ = (MISSING, Optional)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from launcher.config.schema import FtlConfig
+from launcher.redact import known_secrets, redact
 
 CONFIG_NAME = "config.yaml"
 
@@ -27,8 +28,10 @@ class LaunchPlan:
     notes: list[str] = field(default_factory=list)
 
     def shell_lines(self) -> list[str]:
-        """The commands as a user would type them, every word quoted."""
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        """The commands as a user would type them, every word quoted, secrets blanked (they reach
+        the job through the environment, never through a file or the console)."""
+        env = redact(self.env, known_secrets())
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
         return [(prefix + " " if prefix else "") + shlex.join(argv) for argv in self.commands]
 
 

@@ -1,0 +1,224 @@
+"""Atomic, resumable checkpoints under ``RUN_DIR/checkpoints``.
+
+A checkpoint is a directory ``step-N`` holding the engine's own files (its format), the trainer
+state (``trainer_state.json``: step and position in the data order), one RNG file per rank, and a
+``COMPLETE`` marker. It is written as ``.tmp-step-N``; rank 0 writes the marker last and renames
+the directory, so a directory named ``step-N`` with a marker is always whole, and anything else
+(a ``.tmp-*`` left by a killed job, a half-deleted directory) is ignored and later pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+
+from launcher import distributed
+from launcher.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from launcher.engines.base import Engine
+
+CHECKPOINTS_DIR = "checkpoints"
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough, with the engine's files and the RNG, to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    epoch_position: int = 0  # samples this rank has consumed in `epoch`
+    world_size: int = 1  # the data-parallel size epoch_position was counted with
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def is_complete(path: Path) -> bool:
+    return _STEP_DIR.match(path.name) is not None and (path / MARKER).is_file()
+
+
+def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(run_dir: Path) -> Optional[Path]:
+    complete = list_complete(run_dir)
+    return complete[-1][1] if complete else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
+    """checkpoint.resume: ``auto`` (latest complete, or a fresh start), ``never``, or a checkpoint dir."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such directory")
+    if not is_complete(path):
+        raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint (a step-N dir with a {MARKER} marker)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainerState,
+    engine: Engine,
+    dist: DistInfo,
+    keep: int,
+    barrier: Callable[[], None] = distributed.barrier,
+) -> Path:
+    """Collective: call on every rank. Returns the final ``step-N`` directory."""
+    root = checkpoints_dir(run_dir)
+    tmp = root / f".tmp-step-{state.step}"
+    final = root / f"step-{state.step}"
+    if dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a job killed while saving this same step
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save(tmp)
+    torch.save(capture_rng(), tmp / f"rng-rank{dist.rank}.pt")
+    barrier()
+    if dist.is_main:
+        _write_json(tmp / TRAINER_STATE, asdict(state))
+        _fsync_tree(tmp)
+        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__})
+        _replace_dir(tmp, final)
+        prune(run_dir, keep)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, engine: Engine, dist: DistInfo) -> TrainerState:
+    """Collective. Restores the engine, this rank's RNG, and returns the trainer state, with the
+    data position rescaled when the data-parallel size changed since the save."""
+    engine.load(path)
+    state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    rng_file = path / f"rng-rank{dist.rank}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=True))
+    if state.world_size != dist.world_size:
+        # Each rank read epoch_position samples of its shard: keep the same global position.
+        consumed = state.epoch_position * state.world_size
+        state.epoch_position = consumed // dist.world_size
+        state.world_size = dist.world_size
+    return state
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of killed saves."""
+    root = checkpoints_dir(run_dir)
+    complete = list_complete(run_dir)
+    doomed = [path for _, path in complete[: max(0, len(complete) - keep)]]
+    kept = {path for _, path in complete}
+    leftovers = [p for p in root.iterdir() if p.is_dir() and p not in kept]
+    doomed += [p for p in leftovers if p.name.startswith(".tmp-") or _STEP_DIR.match(p.name)]
+    for path in doomed:
+        # The marker goes first: a deletion cut short must never leave a dir that looks complete.
+        (path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a step may draw from, as plain types so ``torch.load(weights_only=True)`` reads it."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }  # fmt: skip
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(rng["python"]))
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the engine's files before the marker vouches for them (a crash after the rename must
+    not leave a 'complete' checkpoint whose data never reached the disk)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        # Saving a step that already has a checkpoint (a resumed run stopped again at once):
+        # move the old one aside so the rename below stays a single atomic step.
+        old = final.with_name(f".tmp-old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        (final / MARKER).unlink(missing_ok=True)
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)

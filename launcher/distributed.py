@@ -1,0 +1,163 @@
+"""The one place that reads the distributed environment and owns the process group.
+
+torchrun (and our SLURM template, through torchrun) sets RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; nothing else in ftl reads them. Everything here is
+a no-op for a single process, so the trainer calls these helpers unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as torch_dist
+
+from launcher.config.schema import LaunchBase, TrainConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_dist_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
+    """Pure: what torchrun told this process. Absent variables mean a single process."""
+
+    def get(name: str, default: int) -> int:
+        raw = environ.get(name, "")
+        try:
+            return int(raw) if raw != "" else default
+        except ValueError as e:
+            raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+
+    world = get("WORLD_SIZE", 1)
+    info = DistInfo(
+        rank=get("RANK", 0),
+        local_rank=get("LOCAL_RANK", 0),
+        world_size=world,
+        local_world_size=get("LOCAL_WORLD_SIZE", world),
+    )
+    if not 0 <= info.rank < info.world_size or not 0 <= info.local_rank < info.local_world_size:
+        raise ValueError(f"inconsistent distributed environment: {info}")
+    return info
+
+
+def select_device(train: TrainConfig, environ: Mapping[str, str] = os.environ) -> torch.device:
+    """auto: cuda when present, else cpu. On cuda each rank takes the GPU of its LOCAL_RANK."""
+    want = train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device (use train.device=auto or cpu)")
+    local_rank = read_dist_env(environ).local_rank
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", local_rank)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype to autocast the forward pass to; None means plain fp32.
+
+    auto picks bf16 where the hardware has it: GPUs with bf16, and CPUs with native bf16 dot products
+    (AVX512-BF16 / AMX; measured 1.6x faster than fp32 for SmolLM2 on such a CPU). On other CPUs bf16
+    is emulated and slower, so auto stays fp32; fp16 needs loss scaling that auto should not spring
+    on anyone.
+    """
+    cuda = device.type == "cuda"
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if precision == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 (use fp16 or fp32)")
+        return torch.bfloat16
+    if precision == "fp16":
+        if not cuda:
+            raise RuntimeError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        return torch.float16
+    raise ValueError(f"train.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+
+
+def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ) -> DistInfo:
+    """Join the process group torchrun prepared: nccl on GPU, gloo on CPU, always with a timeout so
+    one dead rank fails the job within launch.dist_timeout_s instead of hanging it."""
+    info = read_dist_env(environ)
+    if info.world_size == 1 or torch_dist.is_initialized():
+        return info
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} unset: start ranks with torchrun")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=launch.dist_timeout_s),
+        rank=info.rank,
+        world_size=info.world_size,
+        device_id=device if device.type == "cuda" else None,
+    )
+    return info
+
+
+def destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def _all_reduce(value: float, op: "torch_dist.ReduceOp.RedOpType") -> float:
+    if not torch_dist.is_initialized():
+        return value
+    backend = torch_dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In place over all ranks, and returned (the ``reduce_fn`` evaluation takes)."""
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def reduce_sum(value: float) -> float:
+    return _all_reduce(value, torch_dist.ReduceOp.SUM)
+
+
+def reduce_mean(value: float) -> float:
+    return reduce_sum(value) / (torch_dist.get_world_size() if torch_dist.is_initialized() else 1)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on one: a stop signal that reached a single rank must
+    stop all of them at the same step, or the checkpoint's collectives hang."""
+    return _all_reduce(1.0 if flag else 0.0, torch_dist.ReduceOp.MAX) > 0

@@ -1,0 +1,254 @@
+"""Evaluation before and after training: perplexity on the eval split and, on its first
+conversations, generated answers scored against the reference answers (ROUGE, BLEU).
+
+Perplexity is distributable: :func:`loss_sums` returns a rank's (sum of token losses, token
+count) and :func:`perplexity` passes them through ``reduce_fn`` (an all-reduce under torchrun)
+before dividing, so every token weighs the same whatever the batch or rank it fell in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from launcher.config.schema import EvalConfig
+from launcher.data import IGNORE_INDEX, TokenizedDataset, collate
+from launcher.data.chat import prompt_and_reference
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode and no grad, restoring the caller's mode: evaluation runs mid-training too."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses, number of predicted tokens) for one batch, in float64."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),  # fp32 softmax even under autocast
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return losses.double(), (targets != IGNORE_INDEX).sum().double()
+
+
+def loss_sums(
+    model: Any,
+    eval_ds: TokenizedDataset,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str,
+    autocast_dtype: Optional[torch.dtype] = None,
+    max_batches: Optional[int] = None,
+) -> torch.Tensor:
+    """This process's ``[loss_sum, token_count]`` over ``eval_ds`` (float64, on ``device``)."""
+    device = torch.device(device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    starts = range(0, len(eval_ds), batch_size)
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    with eval_mode(model), _autocast(device, autocast_dtype):
+        for start in starts:
+            batch = collate([eval_ds[i] for i in range(start, min(start + batch_size, len(eval_ds)))], pad_id)
+            loss, count = batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+            totals += torch.stack([loss, count])
+    return totals
+
+
+def perplexity(
+    model: Any,
+    eval_ds: TokenizedDataset,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str,
+    autocast_dtype: Optional[torch.dtype] = None,
+    max_batches: Optional[int] = None,
+    reduce_fn: ReduceFn = _identity,
+) -> dict[str, float]:
+    """Token-weighted mean loss over every label != -100, and its exp."""
+    totals = loss_sums(
+        model,
+        eval_ds,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        max_batches=max_batches,
+    )
+    loss_sum, tokens = reduce_fn(totals).tolist()
+    if tokens == 0:
+        raise ValueError("perplexity: the eval split has no labelled tokens")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(tokens)}
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    device: torch.device | str,
+    batch_size: int,
+    chat_template: Optional[str] = None,
+) -> list[str]:
+    """Greedy answers to each conversation's last assistant turn, given everything before it.
+
+    ``chat_template`` overrides the tokenizer's (pass the one the data was rendered with)."""
+    device = torch.device(device)
+    model = unwrap_for_generation(model)
+    prompts = [render_prompt(tokenizer, prompt_and_reference(c)[0], chat_template) for c in conversations]
+    answers: list[str] = []
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            answers += _generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device)
+    return answers
+
+
+def unwrap_for_generation(model: Any) -> Any:
+    """DDP and DeepSpeed wrap the HF model (``.module``) and do not forward ``generate``; FSDP2 and
+    ZeRO-3 hooks live on the inner modules, so generating with the inner model still gathers."""
+    while not hasattr(model, "generate") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], chat_template: Optional[str] = None) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+    # As in training: the template already wrote every special token the model expects.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, device: torch.device
+) -> list[str]:
+    # Left padding: every prompt then ends at the last column, where generation continues.
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, width - len(prompt) :] = 1
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(model, tokenizer),
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()]
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's eos (what the assistant turns were trained to end with) and whatever the
+    model's generation config also stops on."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (Porter stemming) averaged over pairs, and corpus BLEU; all on a 0-100 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("generation_metrics: no predictions to score")
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    metrics = {kind: 100.0 * sum(s[kind].fmeasure for s in scores) / len(scores) for kind in kinds}
+    metrics["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    return metrics
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    eval_ds: TokenizedDataset,
+    eval_cfg: EvalConfig,
+    *,
+    device: torch.device | str,
+    autocast_dtype: Optional[torch.dtype] = None,
+    reduce_fn: ReduceFn = _identity,
+) -> dict[str, Any]:
+    """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
+    conversations that have an assistant turn and their ROUGE/BLEU. ``samples`` (a list of
+    {question, reference, prediction}; empty without generation) is the only non-scalar key."""
+    results: dict[str, Any] = perplexity(
+        model,
+        eval_ds,
+        batch_size=eval_cfg.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        max_batches=eval_cfg.max_batches,
+        reduce_fn=reduce_fn,
+    )
+    results["samples"] = []
+    if not eval_cfg.generate:
+        return results
+    conversations = [c for c in eval_ds.conversations if _has_assistant(c)][: eval_cfg.num_generate]
+    if not conversations:
+        return results
+    with _autocast(torch.device(device), autocast_dtype):
+        predictions = generate_answers(
+            model,
+            tokenizer,
+            conversations,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            device=device,
+            batch_size=eval_cfg.batch_size,
+            chat_template=eval_ds.chat_template,
+        )
+    references = [prompt_and_reference(c)[1] for c in conversations]
+    results.update(generation_metrics(predictions, references))
+    results["samples"] = [
+        {"question": _last_user_message(c), "reference": ref, "prediction": pred}
+        for c, ref, pred in zip(conversations, references, predictions)
+    ]
+    return results
+
+
+def _has_assistant(conversation: list[dict[str, str]]) -> bool:
+    return any(m["role"] == "assistant" for m in conversation)
+
+
+def _last_user_message(conversation: list[dict[str, str]]) -> str:
+    prompt, _ = prompt_and_reference(conversation)
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else ""

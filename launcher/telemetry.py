@@ -1,0 +1,353 @@
+"""What a run reports, and where: rank 0's sinks behind one object.
+
+:func:`build_telemetry` returns a :class:`Telemetry` whose sinks are ``metrics.jsonl`` (one JSON
+per step), ``eval.json``, the console (a rich progress bar, or plain lines when not a terminal,
+and the before/after eval report) and W&B. On other ranks it returns a Telemetry with no sinks,
+so the training loop calls it unconditionally and never tests the rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import netrc
+import os
+import resource
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Optional, Protocol
+from urllib.parse import urlparse
+
+import torch
+
+from launcher.config.schema import FtlConfig
+from launcher.distributed import DistInfo
+from launcher.redact import REDACTED, SECRET_KEY, known_secrets, redact  # noqa: F401  (re-exported)
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+WANDB_ID_FILE = "wandb_run_id"
+STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "elapsed")
+
+
+class Sink(Protocol):
+    def log_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None: ...
+    def close(self, exit_code: int) -> None: ...
+
+
+class Telemetry:
+    """Fans every report out to its sinks; with no sinks (ranks other than 0) it does nothing."""
+
+    def __init__(self, sinks: list[Sink], console: Any = None) -> None:
+        self.sinks = sinks
+        self.console = console  # a rich Console on rank 0, else None
+
+    def info(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log_step(step, metrics)
+
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log_eval(name, step, results)
+
+    def close(self, exit_code: int = 0) -> None:
+        for sink in self.sinks:
+            sink.close(exit_code)
+        self.sinks = []
+
+
+def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: int, start_step: int) -> Telemetry:
+    if not dist.is_main:
+        return Telemetry([])
+    from rich.console import Console
+
+    console = Console()
+    evals = EvalFileSink(run_dir / EVAL_FILE, start_step)
+    sinks: list[Sink] = [
+        JsonlSink(run_dir / METRICS_FILE, start_step, run_dir / LOSS_CURVE_FILE),
+        evals,
+        ConsoleSink(console, total_steps, start_step, cfg.train.log_every, cfg.eval.show_samples, evals.results),
+    ]
+    mode = resolve_wandb_mode(cfg.wandb.mode)
+    if mode != "disabled":
+        sinks.append(WandbSink(cfg, run_dir, mode, cfg.train.log_every))
+    return Telemetry(sinks, console)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def local_param_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: its shards under FSDP (DTensor) or ZeRO-3 (``ds_tensor``)."""
+    total = 0
+    for p in model.parameters():
+        local = getattr(p, "ds_tensor", None)
+        if local is None:
+            local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+# Dense bf16 peak FLOP/s by the name torch reports for a GPU; no entry (any CPU) means no MFU.
+PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def model_flops_utilization(tokens_per_s: float, n_params: int, world_size: int, device: torch.device) -> Optional[float]:
+    """MFU with the 6·N FLOPs per trained token estimate (forward + backward, attention ignored),
+    against the peak of all ``world_size`` devices; None where the device's peak is unknown."""
+    peak = peak_flops(device)
+    return None if peak is None else 6.0 * n_params * tokens_per_s / (peak * world_size)
+
+
+def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an eval result (drops samples and anything else that is not a number)."""
+    return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+class JsonlSink:
+    """metrics.jsonl, one line per optimizer step. On resume, lines past the checkpoint's step
+    (written by the attempt that was killed) are dropped, so the file matches one clean run."""
+
+    def __init__(self, path: Path, start_step: int, curve_path: Path) -> None:
+        self.path, self.curve_path = path, curve_path
+        keep = [row for row in read_metrics(path) if row.get("step", 0) <= start_step] if start_step else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
+        self.file = open(path, "a")
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        pass
+
+    def close(self, exit_code: int) -> None:
+        self.file.close()
+        write_loss_curve(self.path, self.curve_path)
+
+
+class EvalFileSink:
+    """eval.json: {"before": ..., "step_N": ..., "after": ...}; kept across restarts, so a resumed
+    run still has the base model's scores for its before/after report."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        old: dict[str, Any] = json.loads(path.read_text()) if path.is_file() and start_step else {}
+        self.results = {k: v for k, v in old.items() if k == "before" or v.get("step", 0) <= start_step}
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        self.results[name] = {"step": step, **results}
+        _write_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+
+    def close(self, exit_code: int) -> None:
+        pass
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return rows
+
+
+def write_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
+    rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not rows:
+        return None
+    # The object API with an explicit Agg canvas: no pyplot, no global backend, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    return out_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# console
+
+
+class ConsoleSink:
+    def __init__(self, console: Any, total: int, start: int, log_every: int, show_samples: int, evals: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console, self.log_every, self.show_samples, self.evals = console, log_every, show_samples, evals
+        self.progress: Optional[Progress] = None
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
+                TimeRemainingColumn(), console=console,
+            )  # fmt: skip
+            self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tok_s="-")
+            self.progress.start()
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        loss, tok_s = f"{metrics['loss']:.4f}", f"{metrics['tokens_per_s']:,.0f}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=loss, tok_s=tok_s)
+        elif step % self.log_every == 0:
+            self.console.print(
+                f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB", highlight=False,
+            )  # fmt: skip
+
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        numbers = "  ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(results).items())
+        self.console.print(f"eval {name} (step {step}): {numbers}", highlight=False)
+        if name == "after" and "before" in self.evals:
+            for renderable in render_eval_report(self.evals["before"], results, self.show_samples):
+                self.console.print(renderable)
+
+    def close(self, exit_code: int) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+REPORT_METRICS = (("loss", ("loss",), False), ("perplexity", ("perplexity",), False),
+                  ("ROUGE-L", ("rougeL", "rouge_l", "rougeLsum"), True), ("BLEU", ("bleu",), True))  # fmt: skip
+
+
+def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_samples: int) -> list[Any]:
+    """A before/after table of the headline metrics, then held-out questions answered by the base
+    and by the fine-tuned model side by side."""
+    from rich.table import Table
+
+    table = Table(title="Base vs fine-tuned (held-out eval)")
+    for column in ("metric", "base", "fine-tuned", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for label, keys, higher_is_better in REPORT_METRICS:
+        key = next((k for k in keys if k in before and k in after), None)
+        if key is None:
+            continue
+        a, b = float(before[key]), float(after[key])
+        better = (b > a) if higher_is_better else (b < a)
+        change = f"[{'green' if better else 'red'}]{b - a:+.4g}[/]"
+        table.add_row(label, f"{a:.4g}", f"{b:.4g}", change)
+    out: list[Any] = [table]
+    pairs = list(zip(before.get("samples") or [], after.get("samples") or [], strict=False))[:show_samples]
+    for i, (base, tuned) in enumerate(pairs, start=1):
+        sample = Table(title=f"Held-out question {i}: {tuned.get('question', '')}", show_lines=True, expand=True)
+        sample.add_column("reference")
+        sample.add_column("base model")
+        sample.add_column("fine-tuned")
+        sample.add_row(str(tuned.get("reference", "")), str(base.get("prediction", "")), str(tuned.get("prediction", "")))
+        out.append(sample)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# W&B
+
+# Whole words of a key name (HF_TOKEN, WANDB_API_KEY, aws_secret_access_key), not substrings:
+# `tokenizer` and `max_new_tokens` are not secrets.
+
+
+def wandb_api_key_configured(environ: Optional[dict[str, str]] = None) -> bool:
+    """WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_wandb_mode(mode: str, environ: Optional[dict[str, str]] = None) -> str:
+    if mode == "auto":
+        return "online" if wandb_api_key_configured(environ) else "offline"
+    return mode
+
+
+def read_or_create_run_id(run_dir: Path, fresh: bool) -> str:
+    """The W&B run id lives in the run dir, so a restart of the same command resumes the same run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and not fresh:
+        return path.read_text().strip()
+    # W&B ids are [a-z0-9]; made here so that choosing one imports nothing from wandb.
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+    _write_atomic(path, run_id + "\n")
+    return run_id
+
+
+class WandbSink:
+    def __init__(self, cfg: FtlConfig, run_dir: Path, mode: str, log_every: int) -> None:
+        import wandb
+
+        self.log_every = log_every
+        os.environ["WANDB_DIR"] = str(run_dir)
+        run_id = read_or_create_run_id(run_dir, fresh=cfg.checkpoint.resume == "never")
+        config = redact(dataclasses.asdict(cfg), known_secrets())
+        self.run = wandb.init(
+            project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
+            name=cfg.run.name, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
+            # console capture would wrap stdout (and the progress bar); code saving copies files.
+            settings=wandb.Settings(console="off", save_code=False),
+        )  # fmt: skip
+        # Our step, not W&B's internal counter, is the x axis: after a resume the steps repeat.
+        self.run.define_metric("train/step")
+        self.run.define_metric("train/*", step_metric="train/step")
+        self.run.define_metric("eval/*", step_metric="train/step")
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.log_every == 0:
+            self.run.log({"train/step": step, **{f"train/{k}": v for k, v in metrics.items()}})
+
+    def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        self.run.log({"train/step": step, **{f"eval/{k}": v for k, v in scalar_metrics(results).items()}})
+        if name in ("before", "after"):
+            self.run.summary.update({f"eval_{name}/{k}": v for k, v in scalar_metrics(results).items()})
+
+    def close(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)
+

@@ -1,0 +1,298 @@
+"""The training loop: ``Trainer(cfg).run()``, one per rank.
+
+Setup is a row of small functions (seed, device, process group, model, data order, engine,
+resume, telemetry); :meth:`Trainer.train` is the loop and fits on a screen. Everything
+engine-specific (DDP, DeepSpeed, FSDP) is behind :class:`launcher.engines.Engine`, everything
+rank-0-only behind :class:`launcher.telemetry.Telemetry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from launcher.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.data import IGNORE_INDEX, DataError, build_datasets, collate
+from launcher.distributed import (
+    DistInfo, any_rank, autocast_dtype, destroy, init_distributed, reduce_mean, reduce_sum, select_device,
+)  # fmt: skip
+from launcher.engines import Engine, build_engine
+from launcher.models import count_parameters
+from launcher.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
+
+StepHook = Callable[["Trainer"], None]
+
+
+class Trainer:
+    def __init__(self, cfg: FtlConfig, *, step_hooks: Sequence[StepHook] = ()) -> None:
+        self.cfg, self.step_hooks = cfg, list(step_hooks)
+        self.run_dir = run_dir_of(cfg)
+        seed_everything(cfg.train.seed)
+        self.device = select_device(cfg.train)
+        self.dist = init_distributed(cfg.launch, self.device)
+        model, self.tokenizer = build_model(cfg)
+        self.train_ds, self.eval_ds = build_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed)
+        self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
+        self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
+        self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
+        self.engine.setup(self.total_steps)
+        self.n_params = count_parameters(self.engine.model)
+        self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
+        self.resumed_from: Optional[Path] = None
+        self.step = self.saved_step = self.resume()
+        self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
+        self.started = time.perf_counter()
+        self.telemetry.info(describe_run(self))
+
+    def run(self) -> str:
+        """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint)."""
+        exit_code = 1
+        try:
+            with stop_on_signals() as stop:
+                outcome = self.train(stop)
+            exit_code = 0
+            return outcome
+        finally:
+            self.telemetry.close(exit_code)
+            destroy()
+
+    def train(self, stop: StopFlag) -> str:
+        if self.cfg.eval.before_training and self.step == 0:
+            self.evaluate("before")
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            self.telemetry.log_step(self.step, metrics)
+            if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
+                self.evaluate(f"step_{self.step}")
+            if any_rank(stop.requested):
+                self.save()
+                self.telemetry.info(f"stopped by {stop.signal_name} at step {self.step}; rerun the same command to resume")
+                return "stopped"
+            if due(self.step, self.cfg.checkpoint.every_steps):
+                self.save()
+            for hook in self.step_hooks:
+                hook(self)
+        if self.cfg.checkpoint.save_final:
+            self.save()
+        if self.cfg.eval.after_training:
+            self.evaluate("after")
+        return "completed"
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches. The loss is normalised by the label
+        tokens of the whole window, so every token weighs the same whatever batch it fell in."""
+        start = time.perf_counter()
+        batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        num_tokens = max(1, sum(count_label_tokens(b["labels"]) for b in batches))
+        real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.engine.grad_sync(i == len(batches) - 1):
+                with self.engine.autocast():
+                    logits = self.engine.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                    ).logits
+                loss = causal_lm_loss(logits, batch["labels"], num_tokens)
+                self.engine.backward(loss)
+            loss_sum += loss.detach()
+        lr = self.engine.lr
+        grad_norm = self.engine.step()
+        self.step += 1
+        seconds = time.perf_counter() - start
+        tokens_per_s = reduce_sum(real_tokens) / seconds
+        metrics = {
+            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "peak_mem_gb": peak_memory_gb(self.device), "param_bytes_local": self.param_bytes_local,
+            "elapsed": time.perf_counter() - self.started,
+        }  # fmt: skip
+        mfu = model_flops_utilization(tokens_per_s, self.n_params, self.dist.world_size, self.device)
+        if mfu is not None:
+            metrics["mfu"] = mfu
+        return metrics
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        indices = self.order.take(self.cfg.train.micro_batch_size)
+        return collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id)
+
+    def evaluate(self, name: str) -> None:
+        if self.eval_ds is None or len(self.eval_ds) == 0:
+            return
+        from launcher.evaluate import evaluate
+
+        with preserved_rng():  # evaluating must not change what training draws next
+            results = evaluate(
+                self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
+                autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
+            )  # fmt: skip  (every rank evaluates the whole split: sharded engines need every rank in each forward)
+        self.telemetry.log_eval(name, self.step, results)
+
+    def save(self) -> None:
+        if self.saved_step == self.step:
+            return
+        state = TrainerState(self.step, self.order.epoch, self.order.position, self.dist.world_size)
+        path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
+        self.saved_step = self.step
+        self.telemetry.info(f"checkpoint {path}")
+
+    def resume(self) -> int:
+        path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if path is None:
+            return 0
+        state = load_checkpoint(path, self.engine, self.dist)
+        self.order.seek(state.epoch, state.epoch_position)
+        self.resumed_from = path
+        return state.step
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+
+
+def run_dir_of(cfg: FtlConfig) -> Path:
+    """The launcher chooses the run dir once and writes it into the config every rank reads."""
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def build_model(cfg: FtlConfig) -> tuple[Any, Any]:
+    from launcher.models import load_model_and_tokenizer
+
+    if cfg.peft.method != "none":
+        raise NotImplementedError(f"peft.method={cfg.peft.method!r} is not wired into the trainer yet; use peft=none")
+    # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
+    return load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+
+
+def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
+    if train.max_steps > 0:
+        return train.max_steps
+    return max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
+
+
+def describe_run(trainer: Trainer) -> str:
+    n_params = trainer.n_params
+    resumed = trainer.resumed_from
+    start = f"resuming from {resumed} (step {trainer.step})" if resumed else "starting from step 0"
+    stats = trainer.train_ds.stats
+    data = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v and k != "examples")
+    return (
+        f"ftl: {trainer.cfg.model.name} ({n_params / 1e6:.2f}M params), engine {trainer.engine.name}, "
+        f"{trainer.dist.world_size} rank(s) on {trainer.device}; {len(trainer.train_ds):,} train examples ({data}); "
+        f"{trainer.total_steps} steps, {start}; run dir {trainer.run_dir}"
+    )
+
+
+class DataOrder:
+    """Which training samples this rank reads, in which order: per epoch a permutation seeded by
+    ``seed + epoch``, cut to a multiple of the world size (every rank runs the same number of
+    steps) and dealt round-robin to ranks. ``(epoch, position)`` is the whole state, so a resumed
+    run continues at exactly the next sample."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool, dist: DistInfo) -> None:
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, dist.rank, dist.world_size
+        self.per_rank = size // dist.world_size
+        if self.per_rank == 0:
+            raise DataError(f"{size} training example(s) cannot be shared among {dist.world_size} ranks")
+        self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[int]] = (-1, [])
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.per_rank / batch_size)
+
+    def seek(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+
+    def indices(self, epoch: int) -> list[int]:
+        if self._cached[0] != epoch:
+            order = list(range(self.size))
+            if self.shuffle:
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._cached = (epoch, order[self.rank : self.per_rank * self.world : self.world])
+        return self._cached[1]
+
+    def take(self, n: int) -> list[int]:
+        """The next micro-batch; the last one of an epoch may be short, none spans two epochs."""
+        if self.position >= self.per_rank:
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.indices(self.epoch)[self.position : self.position + n]
+        self.position += len(batch)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# small pieces of the loop
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # position 0 is never predicted
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sum of next-token cross-entropies divided by ``num_tokens`` (the accumulation window's label
+    count), in fp32 whatever the autocast dtype."""
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / num_tokens
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    saved = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(saved)
+
+
+@dataclass
+class StopFlag:
+    requested: bool = False
+    signal_name: str = ""
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)) -> Iterator[StopFlag]:
+    """SIGTERM (torchrun, scancel), SIGUSR1 (SLURM's warning before the time limit) and a first
+    Ctrl-C ask the loop to finish its step and checkpoint; a second Ctrl-C interrupts at once."""
+    flag = StopFlag()
+
+    def handle(signum: int, frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested, flag.signal_name = True, signal.Signals(signum).name
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+        previous = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

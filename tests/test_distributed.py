@@ -1,0 +1,88 @@
+"""The distributed environment: parsing torchrun's variables, device and precision choice, and a
+real 2-rank gloo group on CPU started by torchrun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from launcher import distributed
+from launcher.config.schema import LocalLaunch, TrainConfig
+from launcher.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
+from launcher.paths import ROOT
+
+CPU = torch.device("cpu")
+
+
+def test_single_process_by_default() -> None:
+    info = read_dist_env({})
+    assert info == DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1) and info.is_main
+    assert init_distributed(LocalLaunch(), CPU, {}) == info
+    assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_variables() -> None:
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    info = read_dist_env(env)
+    assert (info.rank, info.local_rank, info.world_size, info.local_world_size, info.is_main) == (3, 1, 4, 2, False)
+    with pytest.raises(ValueError, match="inconsistent"):
+        read_dist_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="RANK='x'"):
+        read_dist_env({"RANK": "x"})
+
+
+def test_process_group_gets_backend_and_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda **kw: seen.update(kw))
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    info = init_distributed(LocalLaunch(dist_timeout_s=42), CPU, env)
+    assert info.rank == 1 and info.world_size == 2
+    assert seen["backend"] == "gloo" and seen["timeout"] == timedelta(seconds=42)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        init_distributed(LocalLaunch(), CPU, {"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_device_and_autocast_on_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only expectations")
+    assert select_device(TrainConfig(device="auto")) == CPU
+    assert select_device(TrainConfig(device="cpu")) == CPU
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        select_device(TrainConfig(device="cuda"))
+    assert autocast_dtype("auto", CPU) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(RuntimeError, match="fp16 needs a CUDA"):
+        autocast_dtype("fp16", CPU)
+
+
+WORKER = """
+import torch.distributed as dist
+from launcher.config.schema import LocalLaunch
+from launcher import distributed
+import torch
+info = distributed.init_distributed(LocalLaunch(dist_timeout_s=30), torch.device("cpu"))
+assert dist.is_initialized() and dist.get_backend() == "gloo" and info.world_size == 2
+assert distributed.any_rank(info.rank == 1) and not distributed.any_rank(False)
+assert distributed.reduce_mean(float(info.rank)) == 0.5 and distributed.reduce_sum(1.0) == 2.0
+assert distributed.all_reduce_sum(torch.ones(2, dtype=torch.float64)).tolist() == [2.0, 2.0]
+distributed.barrier()
+distributed.destroy()
+print("rank", info.rank, "ok")
+"""
+
+
+def test_two_rank_gloo_group(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout

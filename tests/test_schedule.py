@@ -1,0 +1,96 @@
+"""The learning-rate schedule: pure values at the steps that matter, and the torch scheduler that
+drives the optimizer from it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from launcher.config.schema import TrainConfig
+from launcher.engines.base import build_optimizer, build_scheduler
+from launcher.schedule import lr_at
+
+PEAK, FLOOR = 3e-3, 3e-4  # min_lr_ratio 0.1
+
+
+def train(schedule: str = "cosine", warmup: int = 2) -> TrainConfig:
+    return TrainConfig(lr=PEAK, schedule=schedule, warmup_steps=warmup, min_lr_ratio=0.1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_warmup_is_linear_and_never_zero(schedule: str) -> None:
+    cfg = train(schedule, warmup=4)
+    assert [lr_at(s, cfg, 100) for s in range(4)] == pytest.approx([PEAK / 4, PEAK / 2, 3 * PEAK / 4, PEAK])
+    assert lr_at(4, cfg, 100) == pytest.approx(PEAK)
+
+
+def test_cosine_key_steps() -> None:
+    cfg = train("cosine", warmup=2)  # 20 decay steps over a 22-step run
+    assert lr_at(2, cfg, 22) == pytest.approx(PEAK)
+    assert lr_at(7, cfg, 22) == pytest.approx(FLOOR + (PEAK - FLOOR) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(12, cfg, 22) == pytest.approx((PEAK + FLOOR) / 2)
+    assert lr_at(22, cfg, 22) == pytest.approx(FLOOR)
+    assert lr_at(500, cfg, 22) == pytest.approx(FLOOR)  # past the end it stays at the floor
+
+
+def test_linear_key_steps() -> None:
+    cfg = train("linear", warmup=2)
+    assert lr_at(2, cfg, 22) == pytest.approx(PEAK)
+    assert lr_at(7, cfg, 22) == pytest.approx(PEAK - 0.25 * (PEAK - FLOOR))
+    assert lr_at(12, cfg, 22) == pytest.approx((PEAK + FLOOR) / 2)
+    assert lr_at(22, cfg, 22) == pytest.approx(FLOOR)
+
+
+def test_constant_after_warmup() -> None:
+    cfg = train("constant", warmup=2)
+    assert [lr_at(s, cfg, 10) for s in (2, 5, 9, 10, 50)] == pytest.approx([PEAK] * 5)
+
+
+def test_no_warmup_starts_at_peak() -> None:
+    for schedule in ("cosine", "linear", "constant"):
+        assert lr_at(0, train(schedule, warmup=0), 10) == pytest.approx(PEAK)
+
+
+def test_decay_is_monotone_and_bounded() -> None:
+    for schedule in ("cosine", "linear"):
+        lrs = [lr_at(s, train(schedule), 50) for s in range(2, 60)]
+        assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+        assert min(lrs) == pytest.approx(FLOOR)
+
+
+def test_min_lr_ratio_zero_decays_to_zero() -> None:
+    cfg = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(10, cfg, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_longer_than_run() -> None:
+    cfg = train("cosine", warmup=10)
+    assert lr_at(4, cfg, 5) == pytest.approx(PEAK / 2)
+
+
+def test_unknown_schedule_raises() -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(5, train("bogus"), 10)
+
+
+def test_torch_scheduler_follows_lr_at() -> None:
+    cfg = train("cosine", warmup=3)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 12)
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([lr_at(s, cfg, 12) for s in range(15)])
+
+
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = build_optimizer(model, cfg).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}

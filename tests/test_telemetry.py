@@ -1,0 +1,131 @@
+"""Rank-0 sinks: W&B mode resolution and secret redaction, metrics.jsonl on resume, the loss curve,
+the before/after report, and nothing at all on other ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
+from launcher.distributed import DistInfo
+from launcher.paths import ROOT
+from launcher.telemetry import (
+    JsonlSink,
+    build_telemetry,
+    read_metrics,
+    redact,
+    render_eval_report,
+    resolve_wandb_mode,
+    write_loss_curve,
+)
+
+KEY = "k" * 40
+
+
+def test_wandb_mode_auto(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.netrc"
+    empty.write_text("")
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": KEY}) == "online"
+    assert resolve_wandb_mode("auto", {"NETRC": str(empty)}) == "offline"
+    assert resolve_wandb_mode("auto", {"NETRC": str(tmp_path / "missing")}) == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {KEY}\n")
+    netrc.chmod(0o600)
+    assert resolve_wandb_mode("auto", {"NETRC": str(netrc)}) == "online"
+    assert resolve_wandb_mode("auto", {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"
+    for mode in ("online", "offline", "disabled"):
+        assert resolve_wandb_mode(mode, {"WANDB_API_KEY": KEY}) == mode
+
+
+def test_redact_keys_and_values() -> None:
+    config = {
+        "launch": {"env": {"WANDB_API_KEY": KEY, "HF_TOKEN": "hf_x", "NCCL_DEBUG": "INFO"}},
+        "model": {"tokenizer": "path/tok", "path": f"https://user:{KEY}@host/model"},
+        "eval": {"max_new_tokens": 64},
+        "list": [KEY, 1],
+    }
+    out = redact(config, {KEY})
+    assert out["launch"]["env"] == {"WANDB_API_KEY": "<redacted>", "HF_TOKEN": "<redacted>", "NCCL_DEBUG": "INFO"}
+    assert out["model"] == {"tokenizer": "path/tok", "path": "https://user:<redacted>@host/model"}
+    assert out["eval"] == {"max_new_tokens": 64}
+    assert out["list"] == ["<redacted>", 1]
+    assert KEY not in json.dumps(out)
+
+
+def test_disabled_wandb_imports_nothing_from_wandb(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from launcher.config.schema import FtlConfig, RunConfig, WandbConfig\n"
+        "from launcher.distributed import DistInfo\n"
+        "from launcher.telemetry import build_telemetry\n"
+        f"cfg = FtlConfig(wandb=WandbConfig(mode='disabled'), run=RunConfig(dir={str(tmp_path)!r}))\n"
+        f"t = build_telemetry(cfg, __import__('pathlib').Path({str(tmp_path)!r}), DistInfo(), 3, 0)\n"
+        "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1))\n"
+        "t.close(0)\n"
+        "assert not [m for m in sys.modules if m == 'wandb' or m.startswith('wandb.')], 'wandb imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_other_ranks_report_nothing(tmp_path: Path) -> None:
+    cfg = FtlConfig(wandb=WandbConfig(mode="offline"), run=RunConfig(dir=str(tmp_path)))
+    telemetry = build_telemetry(cfg, tmp_path, DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2), 10, 0)
+    telemetry.info("hello")
+    telemetry.log_step(1, {"loss": 1.0})
+    telemetry.log_eval("after", 1, {"loss": 1.0})
+    telemetry.close(0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def row(step: int) -> dict[str, float]:
+    return {"loss": 5.0 - step * 0.1, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 10.0, "peak_mem_gb": 0.1, "elapsed": step}
+
+
+def test_jsonl_resume_drops_steps_after_the_checkpoint(tmp_path: Path) -> None:
+    path, curve = tmp_path / "metrics.jsonl", tmp_path / "loss_curve.png"
+    sink = JsonlSink(path, 0, curve)
+    for step in range(1, 13):
+        sink.log_step(step, row(step))
+    sink.file.close()  # killed: no close(), no curve
+    with path.open("a") as f:
+        f.write('{"step": 13, "lo')  # a line cut short
+    sink = JsonlSink(path, 10, curve)
+    for step in range(11, 15):
+        sink.log_step(step, row(step))
+    sink.close(0)
+    assert [r["step"] for r in read_metrics(path)] == list(range(1, 15))
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_curve_without_metrics(tmp_path: Path) -> None:
+    assert write_loss_curve(tmp_path / "missing.jsonl", tmp_path / "curve.png") is None
+
+
+def test_eval_report_side_by_side() -> None:
+    sample = {"question": "What is ftl?", "reference": "A launcher."}
+    before = {"loss": 3.0, "perplexity": 20.0, "rougeL": 10.0, "bleu": 1.0, "samples": [{**sample, "prediction": "no idea"}]}
+    after = {"loss": 1.0, "perplexity": 2.7, "rougeL": 60.0, "bleu": 30.0, "samples": [{**sample, "prediction": "A launcher!"}]}
+    console = Console(record=True, width=120)
+    for renderable in render_eval_report(before, after, show_samples=1):
+        console.print(renderable)
+    text = console.export_text()
+    for expected in ("perplexity", "ROUGE-L", "BLEU", "What is ftl?", "no idea", "A launcher!", "fine-tuned"):
+        assert expected in text
+    assert len(render_eval_report(before, after, show_samples=0)) == 1
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_eval_file_survives_restart(tmp_path: Path, start: int) -> None:
+    (tmp_path / "eval.json").write_text(json.dumps({"before": {"step": 0, "loss": 3.0}, "step_8": {"step": 8, "loss": 2.0}}))
+    cfg = FtlConfig(wandb=WandbConfig(mode="disabled"), run=RunConfig(dir=str(tmp_path)))
+    telemetry = build_telemetry(cfg, tmp_path, DistInfo(), 10, start)
+    telemetry.log_eval("after", 10, {"loss": 1.0, "samples": []})
+    telemetry.close(0)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert sorted(saved) == (["after", "before"] if start else ["after"])
