@@ -54,12 +54,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'run dir':<{width}} {plan.run_dir}")
     for name, text in plan.files.items():
         print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
+    if cfg.strategy.engine == "deepspeed":
+        _print_deepspeed_config(cfg)
     for i, line in enumerate(plan.shell_lines()):
         print(f"{'command' if i == 0 else '':<{width}} {line}")
     for note in plan.notes:
         print(f"{'note':<{width}} {note}")
     print("\nnothing launched (ftl plan). To run: ftl train " + " ".join(args.overrides))
     return 0
+
+
+def _print_deepspeed_config(cfg: Any) -> None:
+    import json
+
+    from launcher.config.deepspeed_config import build_deepspeed_config, planned_device_type, resolve_precision
+    from launcher.config.validate import world_size
+
+    device = planned_device_type(cfg)
+    precision = resolve_precision(cfg.train.precision, device)
+    print(f"\n--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---")
+    print(json.dumps(build_deepspeed_config(cfg, world_size(cfg), precision), indent=2))
+    print("---")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -110,6 +125,23 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import ExportInputError, export_checkpoint
+
+    try:
+        export_checkpoint(
+            Path(args.path), Path(args.out) if args.out else None, max_shard_size=args.max_shard_size,
+            dtype=args.dtype, overwrite=args.overwrite, config=Path(args.config) if args.config else None,
+        )  # fmt: skip
+    except ExportInputError as e:
+        print(f"ftl export: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as e:  # a checkpoint that does not load, a model that does not match it, a full disk
+        print(f"ftl export: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -128,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one run each (Hydra's basic sweeper)")
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
+    p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False)
+    p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--config", help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
     p = add("recipes", cmd_recipes, "list the shipped recipes", overrides=False)
     p.add_argument("-v", "--verbose", action="store_true", help="show each recipe's command")
     return parser

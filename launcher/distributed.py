@@ -112,14 +112,33 @@ def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[
         raise RuntimeError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} unset: start ranks with torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=launch.dist_timeout_s)
     torch_dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        timeout=timedelta(seconds=launch.dist_timeout_s),
+        timeout=timeout,
         rank=info.rank,
         world_size=info.world_size,
         device_id=device if device.type == "cuda" else None,
+        store=elastic_attempt_store(info, environ, timeout),
     )
     return info
+
+
+def elastic_attempt_store(info: DistInfo, environ: Mapping[str, str], timeout: timedelta) -> Optional["torch_dist.Store"]:
+    """Under torchrun, the rendezvous store with a key prefix per restart attempt; None elsewhere.
+
+    torchrun (torch 2.13, c10d rendezvous) keeps one TCPStore, same port and same keys, across
+    ``--max_restarts`` restarts. The restarted ranks would read the dead attempt's gloo addresses
+    back and never connect; a prefix per attempt keeps each attempt's keys apart."""
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    hosted_by_agent = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torch_dist.TCPStore(
+        environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), info.world_size,
+        is_master=not hosted_by_agent and info.rank == 0, timeout=timeout,
+    )  # fmt: skip
+    return torch_dist.PrefixStore(f"ftl/attempt-{attempt}", store)
 
 
 def destroy() -> None:
@@ -155,6 +174,10 @@ def reduce_sum(value: float) -> float:
 
 def reduce_mean(value: float) -> float:
     return reduce_sum(value) / (torch_dist.get_world_size() if torch_dist.is_initialized() else 1)
+
+
+def reduce_max(value: float) -> float:
+    return _all_reduce(value, torch_dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool) -> bool:

@@ -46,7 +46,7 @@ def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # nodes may share one run dir
     tmp.write_text(text)
     os.replace(tmp, path)
 

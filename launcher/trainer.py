@@ -27,7 +27,7 @@ from launcher.checkpoint import TrainerState, capture_rng, load_checkpoint, reso
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data import IGNORE_INDEX, DataError, build_datasets, collate
 from launcher.distributed import (
-    DistInfo, any_rank, autocast_dtype, destroy, init_distributed, reduce_mean, reduce_sum, select_device,
+    DistInfo, any_rank, autocast_dtype, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
 from launcher.engines import Engine, build_engine
 from launcher.models import count_parameters
@@ -92,11 +92,14 @@ class Trainer:
         return "completed"
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches. The loss is normalised by the label
-        tokens of the whole window, so every token weighs the same whatever batch it fell in."""
+        """One optimizer step over grad_accum micro-batches on every rank. The loss is normalised by
+        the label tokens of the whole window on all ranks (times the world size, which the engines'
+        gradient averaging divides out), so every token weighs the same whatever batch or rank it
+        fell in, and N ranks train exactly like one process with N times the batch."""
         start = time.perf_counter()
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        num_tokens = max(1, sum(count_label_tokens(b["labels"]) for b in batches))
+        window_tokens = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))
+        num_tokens = max(1.0, window_tokens) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -116,7 +119,7 @@ class Trainer:
         tokens_per_s = reduce_sum(real_tokens) / seconds
         metrics = {
             "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "peak_mem_gb": peak_memory_gb(self.device), "param_bytes_local": self.param_bytes_local,
+            "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
             "elapsed": time.perf_counter() - self.started,
         }  # fmt: skip
         mfu = model_flops_utilization(tokens_per_s, self.n_params, self.dist.world_size, self.device)
@@ -250,7 +253,7 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())  # position 0 is never predicted
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: float) -> torch.Tensor:
     """Sum of next-token cross-entropies divided by ``num_tokens`` (the accumulation window's label
     count), in fp32 whatever the autocast dtype."""
     loss = F.cross_entropy(

@@ -172,6 +172,7 @@ class LaunchBase:
     backend: str = "local"
     nproc_per_node: int = ranged(1, 1)
     gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
+    check_memory: bool = True  # refuse (exit 2) a GPU job the memory planner says won't fit
     dist_timeout_s: int = ranged(600, 10)  # process-group timeout: a dead rank never hangs the rest
     env: dict[str, str] = field(default_factory=dict)
 

@@ -182,6 +182,8 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
         errs += deepspeed_config_errors(cfg)
     if s.engine == "fsdp" and s.hybrid_shard and nodes(cfg) < 2:
         errs.append(ConfigError("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes"))
+    if t.precision == "fp16" and s.engine == "fsdp":
+        errs.append(ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (FSDP2 has no loss scaler here); use bf16"))
     if t.precision == "fp16" and t.device == "cpu":
         errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
     if t.max_steps == 0:

@@ -1,0 +1,135 @@
+"""The engine seam: one small interface over model + optimizer + schedule + checkpoint format.
+
+Siblings (single, ddp, deepspeed, fsdp) implement :class:`Engine`; the trainer only ever talks to
+this interface, so it never imports deepspeed or torch.distributed.fsdp. The helpers below
+(optimizer, schedule) are shared so every engine trains with the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.distributed import DistInfo, autocast_dtype
+from launcher.schedule import lr_factor
+
+
+class Engine(ABC):
+    """Wraps one rank's model and its optimizer.
+
+    Call order: ``Engine(cfg, model, dist, device)`` → ``setup(total_steps)`` → optionally
+    ``load(ckpt_dir)`` → per optimizer step, for each micro-batch
+    ``with grad_sync(last): with autocast(): loss = f(model); backward(loss)`` then ``step()``.
+    ``save``/``load``/``consolidated_state_dict`` are collective: call them on every rank.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.device = device
+
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """The module to call forward on (possibly a wrapper: DDP, a DeepSpeed engine, an FSDP root)."""
+
+    @abstractmethod
+    def setup(self, total_steps: int) -> None:
+        """Build the optimizer and the LR schedule for a run of ``total_steps`` optimizer steps."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip (train.grad_clip > 0), step the optimizer and the schedule, zero the grads.
+        Returns the gradient norm before clipping."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """The learning rate the next ``step()`` will use."""
+
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None:
+        """Write this engine's checkpoint files (weights, optimizer, schedule) into ``ckpt_dir``,
+        which exists. Called on every rank; each rank writes only what it owns."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None:
+        """Restore what ``save`` wrote; called after ``setup``."""
+
+    @abstractmethod
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded weights on CPU for export (complete on rank 0; collective)."""
+
+    def autocast(self) -> ContextManager[object]:
+        """Context for the forward pass. Engines that cast the model themselves return a no-op."""
+        dtype = autocast_dtype(self.cfg.train.precision, self.device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_sync(self, sync: bool) -> ContextManager[object]:
+        """Context around forward + backward of one micro-batch. ``sync`` is False for all but the
+        last micro-batch of an accumulation window, so engines that reduce gradients across ranks
+        (ddp no_sync, fsdp, deepspeed boundaries) reduce once per optimizer step."""
+        return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# shared building blocks
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Decay matrices only: biases and norm weights (every parameter with fewer than 2 dims) are
+    not decayed, as in GPT-2/LLaMA training."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    if len(train.betas) != 2:
+        raise ValueError(f"train.betas={train.betas!r}: expected two numbers")
+    beta1, beta2 = (float(b) for b in train.betas)
+    return torch.optim.AdamW(build_param_groups(model, train.weight_decay), lr=train.lr, betas=(beta1, beta2))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # A closure, not a partial: LambdaLR saves no state for plain functions, so a checkpoint
+    # restores only `last_epoch` and the schedule itself always comes from the current config.
+    def factor(step: int) -> float:
+        return lr_factor(step, train, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        name = type(model).__name__
+        raise ValueError(f"strategy.activation_checkpointing=true but {name} has no gradient_checkpointing_enable")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False  # the KV cache is useless in training and conflicts with recomputation
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)

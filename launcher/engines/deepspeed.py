@@ -1,0 +1,283 @@
+"""strategy=zero1|zero2|zero3|zero3_offload (engine deepspeed): DeepSpeed ZeRO stages 0-3.
+
+The DeepSpeed JSON comes from :func:`launcher.config.deepspeed_config.build_deepspeed_config`;
+``deepspeed`` itself is imported only inside this module's functions.
+
+How the Engine interface maps onto DeepSpeed:
+
+* **Process group.** :mod:`launcher.distributed` creates it; ``deepspeed.initialize`` runs with
+  ``dist_init_required=False`` and wraps that group (gloo on CPU, nccl on GPU) instead of creating one.
+* **Optimizer and schedule.** ftl's own AdamW and LambdaLR objects go to ``deepspeed.initialize``,
+  so ZeRO trains with the numbers of every other engine. With ``strategy.offload_optimizer`` the
+  optimizer is DeepSpeedCPUAdam in AdamW mode with the same groups and hyper-parameters (DeepSpeed
+  refuses a torch optimizer for ZeRO-Offload); its update is the same AdamW update, computed by a
+  vectorised C++ kernel (JIT-compiled on first use, about 100 s on CPU).
+* **Accumulation.** The trainer already divides each micro-batch's loss by the label tokens of the
+  whole window, so ``backward`` passes ``scale_wrt_gas=False``: DeepSpeed must not divide by
+  ``gradient_accumulation_steps`` a second time. ``grad_sync(sync)`` becomes
+  ``set_gradient_accumulation_boundary(sync)``: gradients are reduced at the boundary micro-batch
+  (ZeRO-2/3 reduce-scatter as gradients arrive, as DeepSpeed always does), and the one ``step()``
+  per optimizer step is the boundary at which DeepSpeed clips, steps and advances the schedule.
+* **Precision.** DeepSpeed casts the model itself (bf16/fp16 weights, fp32 master copy in the
+  optimizer), so :meth:`autocast` is a no-op.
+* **Checkpoints.** ``save_checkpoint(ckpt_dir, tag="deepspeed")``: DeepSpeed's own format in
+  ``<ckpt>/deepspeed/`` with its ``latest`` file beside it, so DeepSpeed's ``zero_to_fp32.py`` and
+  ``ds_to_universal`` work on ``<ckpt>`` as they are; ``ftl_deepspeed.json`` records the stage and
+  world size for :func:`consolidate_checkpoint` and resume.
+
+Resume paths:
+
+* same world size, any stage: ``load_checkpoint``, exact (weights, optimizer, schedule);
+* another world size, stage 0: ``load_checkpoint`` as is (nothing is partitioned), exact;
+* another world size, stages 1-3: rank 0 converts the checkpoint once into DeepSpeed's universal
+  format (``<ckpt>/deepspeed_universal``, written atomically), then every rank loads that with
+  ``load_universal``: weights, Adam moments and schedule carry over;
+* from weights only (``ftl export`` output, or :func:`consolidate_checkpoint`): start a new run with
+  ``model.source=hf model.path=EXPORT``; the optimizer state starts fresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ContextManager, Optional
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from launcher.config.deepspeed_config import build_deepspeed_config
+from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.distributed import DistInfo, autocast_dtype
+from launcher.engines.base import (
+    Engine,
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    trainable_parameters,
+)
+
+TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed_universal"
+META_FILE = "ftl_deepspeed.json"
+_PRECISION_OF = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, model, dist, device)
+        self.stage: int = cfg.strategy.zero_stage
+        self.precision = _PRECISION_OF[autocast_dtype(cfg.train.precision, device)]
+        self.ds_config = build_deepspeed_config(cfg, dist.world_size, self.precision)
+        if cfg.strategy.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self._module = model
+        self._ds: Any = None  # deepspeed.DeepSpeedEngine, after setup()
+        self._boundary: Optional[bool] = None  # set by grad_sync for the micro-batch in flight
+        self._micro = 0  # micro-batches since the last step(), for callers that skip grad_sync
+        self._last_was_boundary = False
+
+    @property
+    def model(self) -> nn.Module:
+        # The DeepSpeed engine: its forward runs ZeRO-3's gather hooks and the backward bookkeeping.
+        return self._ds if self._ds is not None else self._module
+
+    def setup(self, total_steps: int) -> None:
+        import deepspeed
+
+        # DeepSpeed's ZeRO collectives call torch APIs that torch marks deprecated, once per call:
+        # thousands of lines the user cannot act on.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+        ensure_process_group(self.device)
+        optimizer = build_ds_optimizer(self._module, self.cfg.train, offload=self.cfg.strategy.offload_optimizer)
+        scheduler = build_scheduler(optimizer, self.cfg.train, total_steps)
+        self._ds, _, _, _ = deepspeed.initialize(
+            model=self._module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self._ds.train()
+
+    def grad_sync(self, sync: bool) -> ContextManager[object]:
+        return self._sync_window(sync)
+
+    @contextlib.contextmanager
+    def _sync_window(self, sync: bool) -> Iterator[None]:
+        self._boundary = sync
+        try:
+            yield
+        finally:
+            self._boundary = None
+
+    def autocast(self) -> ContextManager[object]:
+        return contextlib.nullcontext()  # DeepSpeed casts the model to the training dtype itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        ds = self._require_setup()
+        boundary = self._boundary if self._boundary is not None else self._micro + 1 >= self.cfg.train.grad_accum
+        ds.set_gradient_accumulation_boundary(boundary)
+        ds.backward(loss, scale_wrt_gas=False)  # the trainer's loss is already normalised over the window
+        self._micro += 1
+        self._last_was_boundary = boundary
+
+    def step(self) -> float:
+        ds = self._require_setup()
+        if not self._last_was_boundary:
+            raise RuntimeError("DeepSpeedEngine.step() after a backward outside the accumulation boundary: "
+                               "run the window's last micro-batch inside grad_sync(True)")  # fmt: skip
+        # DeepSpeed's optimizer wrappers (ZeRO, bf16) compute the pre-clip global norm; plain stage 0
+        # in fp32 steps the torch optimizer directly, so measure the (already reduced) grads here.
+        own_norm = None if hasattr(ds.optimizer, "_global_grad_norm") else _total_norm(self._module)
+        ds.step()
+        self._micro, self._last_was_boundary = 0, False
+        norm = own_norm if own_norm is not None else ds.get_global_grad_norm()
+        value = float(norm) if norm is not None else float("nan")
+        return value if math.isfinite(value) else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self._require_setup().get_lr()[0])
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self, ckpt_dir: Path) -> None:
+        ds = self._require_setup()
+        ds.save_checkpoint(str(ckpt_dir), tag=TAG)
+        if self.dist.is_main:
+            meta = {"tag": TAG, "zero_stage": self.stage, "world_size": self.dist.world_size, "precision": self.precision}
+            (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load(self, ckpt_dir: Path) -> None:
+        ds = self._require_setup()
+        meta = read_meta(ckpt_dir)
+        if meta["zero_stage"] != self.stage:
+            raise RuntimeError(f"checkpoint {ckpt_dir} is ZeRO stage {meta['zero_stage']} but strategy.zero_stage={self.stage}: "
+                               "resume with the same stage, or export it and start from the weights")  # fmt: skip
+        tag = TAG
+        if meta["world_size"] != self.dist.world_size and self.stage > 0:
+            tag = UNIVERSAL_TAG
+            if self.dist.is_main:
+                convert_to_universal(ckpt_dir)
+            torch_dist.barrier()
+            # Read by load_checkpoint only; setting it here (not in the JSON) lets one config
+            # serve both a fresh start and a resume on another world size.
+            ds._config.load_universal_checkpoint = True
+        try:
+            path, _ = ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir / tag}")
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights, gathered one parameter at a time (collective). Complete on every
+        rank, though only rank 0's copy is meant to be used."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self._require_setup()
+        full: dict[int, torch.Tensor] = {}
+        for p in self._module.parameters():  # the same order on every rank: the gathers pair up
+            value = safe_get_full_fp32_param(p) if self.stage > 0 or hasattr(p, "_hp_mapping") else None
+            full[id(p)] = (value if value is not None else p.detach()).to("cpu", torch.float32, copy=True)
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in self._module.state_dict(keep_vars=True).items():
+            out[key] = full[id(tensor)] if id(tensor) in full else tensor.detach().to("cpu", copy=True)
+        return out
+
+    def _require_setup(self) -> Any:
+        if self._ds is None:
+            raise RuntimeError("Engine.setup(total_steps) must be called first")
+        return self._ds
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group even for one process; launcher.distributed creates one only
+    for WORLD_SIZE > 1, so a single rank gets a private in-memory group here (no network), and the
+    LOCAL_RANK that DeepSpeed insists on reading (torchrun sets it for real ranks)."""
+    if torch_dist.is_initialized():
+        return
+    for name in ("LOCAL_RANK", "RANK"):
+        os.environ.setdefault(name, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+def build_ds_optimizer(model: nn.Module, train: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    if not offload:
+        return build_optimizer(model, train)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    beta1, beta2 = (float(b) for b in train.betas)
+    groups = build_param_groups(model, train.weight_decay)
+    # adamw_mode: decoupled weight decay, exactly torch.optim.AdamW's update (eps 1e-8 as torch's).
+    return DeepSpeedCPUAdam(groups, lr=train.lr, betas=(beta1, beta2), eps=1e-8, adamw_mode=True)
+
+
+def _total_norm(model: nn.Module) -> Optional[torch.Tensor]:
+    grads = [p.grad for p in trainable_parameters(model) if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a DeepSpeed checkpoint written by ftl (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def convert_to_universal(ckpt_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``<ckpt>/deepspeed`` in ``<ckpt>/deepspeed_universal``,
+    loadable on any world size. Written once, atomically; CPU only."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = Path(ckpt_dir) / UNIVERSAL_TAG
+    if out.is_dir():
+        return out
+    tmp = Path(ckpt_dir) / f".tmp-{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = SimpleNamespace(
+        input_folder=str(Path(ckpt_dir) / TAG), output_folder=str(tmp),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        no_strict=False, inject_missing_state=True,
+    )  # fmt: skip
+    ds_to_universal.main(args)
+    os.rename(tmp, out)
+    return out
+
+
+def consolidate_checkpoint(ckpt_dir: Path | str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint written by ftl, on CPU, with no process group:
+    what ``ftl export`` turns into a Hugging Face directory. Keys are the model's state_dict keys."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    if meta["zero_stage"] == 0:
+        # get_fp32_state_dict_from_zero_checkpoint fails on stage 0 (nothing is partitioned):
+        # the full module sits in the model-states file.
+        state = torch.load(ckpt_dir / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=meta["tag"])
+    return {k: v.detach() for k, v in state.items()}
+
+
+__all__ = ["DeepSpeedEngine", "consolidate_checkpoint", "convert_to_universal", "read_meta"]

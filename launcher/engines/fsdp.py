@@ -1,0 +1,244 @@
+"""strategy=fsdp: PyTorch FSDP2 (``fully_shard``): parameters, gradients and optimizer states are
+sharded across ranks, each decoder layer all-gathered just before it runs.
+
+* Sharding: one ``fully_shard`` per decoder layer (the model's ``_no_split_modules``), then the
+  root for what is left (embeddings, final norm, head). ``hybrid_shard`` uses a 2-D mesh
+  (nodes × ranks per node): shard within a node, replicate across nodes.
+* Precision: bf16 is FSDP's own mixed precision (bf16 compute copies of fp32 sharded weights,
+  gradients reduced in fp32), so :meth:`autocast` is a no-op then. fp16 would need a sharded
+  grad scaler and is refused.
+* Checkpoint: ``dcp/`` is a torch.distributed.checkpoint directory of model + optimizer state
+  keyed by parameter name (each rank writes its own shards; loading reshards to any world size),
+  and ``engine_state.pt`` (LR schedule) from rank 0.
+* One rank (WORLD_SIZE=1, no process group): nothing to shard; the model trains unwrapped, in the
+  same checkpoint format, so an fsdp checkpoint resumes on 1 rank as on N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ContextManager, Optional
+
+import torch
+from torch import nn
+
+from launcher.config.schema import FtlConfig
+from launcher.distributed import DistInfo, autocast_dtype
+from launcher.engines.base import Engine, apply_activation_checkpointing, build_optimizer, build_scheduler
+
+DCP_DIR = "dcp"
+STATE_FILE = "engine_state.pt"
+MODEL_KEY, OPTIM_KEY = "model", "optimizer"
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, model, dist, device)
+        self.compute_dtype = autocast_dtype(cfg.train.precision, device)
+        if self.compute_dtype == torch.float16:
+            raise ValueError("strategy=fsdp trains in fp32 or bf16 (train.precision=bf16); fp16 needs loss scaling it does not do")
+        if cfg.strategy.activation_checkpointing:
+            # Before sharding: each layer's forward (FSDP's all-gather hooks included) is recomputed in backward.
+            apply_activation_checkpointing(model)
+        model.train()
+        self.sharded = torch.distributed.is_initialized() and dist.world_size > 1
+        if self.sharded:
+            apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, self.compute_dtype)
+        else:
+            model.to(device)
+        self._model = model
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def setup(self, total_steps: int) -> None:
+        # Built on the sharded parameters: each rank's AdamW states are its shards only.
+        self.optimizer = build_optimizer(self._model, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+
+    def autocast(self) -> ContextManager[object]:
+        if self.sharded:
+            return contextlib.nullcontext()  # MixedPrecisionPolicy casts the compute copies itself
+        return super().autocast()
+
+    def grad_sync(self, sync: bool) -> ContextManager[object]:
+        if self.sharded:
+            # False: accumulate unsharded gradients locally; the last micro-batch reduce-scatters them all.
+            self._model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        optimizer, scheduler = self._require_setup()
+        params = [p for p in self._model.parameters() if p.requires_grad and p.grad is not None]
+        norm = global_grad_norm(params)
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            # As torch.nn.utils.clip_grad_norm_, on each rank's shards with the global norm.
+            coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_([_local(p.grad) for p in params], coef)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(norm)
+        return value if math.isfinite(value) else float("nan")
+
+    @property
+    def lr(self) -> float:
+        optimizer, _ = self._require_setup()
+        return float(optimizer.param_groups[0]["lr"])
+
+    def save(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        optimizer, scheduler = self._require_setup()
+        model_sd, optim_sd = get_state_dict(self._model, optimizer)
+        with _single_process_ok():
+            dcp.save({MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
+        if self.dist.is_main:
+            torch.save({"scheduler": scheduler.state_dict()}, ckpt_dir / STATE_FILE)
+
+    def load(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        optimizer, scheduler = self._require_setup()
+        if not (ckpt_dir / DCP_DIR / ".metadata").is_file():
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} has no {DCP_DIR}/ (torch.distributed.checkpoint): it was not written by "
+                "strategy=fsdp (a single/ddp or deepspeed checkpoint resumes only under its own strategy; "
+                "`ftl export` converts any of them)"
+            )
+        # The current (sharded) state dicts are the templates: DCP reads into them, resharding a
+        # checkpoint written by another world size.
+        model_sd, optim_sd = get_state_dict(self._model, optimizer)
+        state = {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
+        set_state_dict(self._model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
+        extra = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        scheduler.load_state_dict(extra["scheduler"])
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Gathered one tensor at a time and moved to CPU: never the whole model on one device.
+        return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("Engine.setup(total_steps) must be called first")
+        return self.optimizer, self.scheduler
+
+
+# --------------------------------------------------------------------------------------------
+# sharding
+
+
+def apply_fully_shard(
+    model: nn.Module,
+    dist: DistInfo,
+    device: torch.device,
+    reshard_after_forward: bool,
+    hybrid: bool,
+    compute_dtype: Optional[torch.dtype],
+) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = build_mesh(dist, device, hybrid)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    # The root: embeddings, final norm and head (tied or not). It runs last in forward and first in
+    # backward, so resharding it after forward would only all-gather it again at once.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    # transformers' generate() then keeps every rank stepping until all are done (synced_gpus):
+    # a rank that stopped early would leave the others waiting in an all-gather.
+    model._is_fsdp_managed_module = True
+
+
+def build_mesh(dist: DistInfo, device: torch.device, hybrid: bool) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not hybrid:
+        return init_device_mesh(device.type, (dist.world_size,), mesh_dim_names=("shard",))
+    per_node = dist.local_world_size
+    if dist.world_size % per_node:
+        raise ValueError(f"strategy.hybrid_shard: world size {dist.world_size} is not a multiple of {per_node} ranks per node")
+    return init_device_mesh(device.type, (dist.world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the classes a HF model names in
+    ``_no_split_modules``; else the items of every ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    return layers
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient. Sharded gradients are DTensors: the per-shard
+    norms combine into the global one over the mesh (each shard counted once, also with a
+    replicate dimension)."""
+    from torch.distributed.tensor import DTensor
+
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# --------------------------------------------------------------------------------------------
+# offline
+
+
+def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full weights of an fsdp checkpoint on CPU, in one process with no process group:
+    DCP reads every rank's shards into full tensors. The optimizer states are not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(ckpt_dir) / DCP_DIR
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} has no {DCP_DIR}/.metadata")
+    metadata = FileSystemReader(str(path)).read_metadata()
+    prefix = MODEL_KEY + "."
+    model_sd: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+            model_sd[key[len(prefix) :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not model_sd:
+        raise ValueError(f"{path} holds no model tensors")
+    state = {MODEL_KEY: model_sd}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state[MODEL_KEY]
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns that it assumes one process even when told so (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

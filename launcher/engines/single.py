@@ -1,0 +1,121 @@
+"""strategy=single: one process, one device, plain PyTorch.
+
+Checkpoint format (a directory): ``model.safetensors`` (all weights; safetensors' save_model
+handles tied embeddings) and ``engine_state.pt`` (optimizer, LR schedule and, for fp16, the grad
+scaler), loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, load_model, save_model
+from torch import nn
+
+from launcher.config.schema import FtlConfig
+from launcher.distributed import DistInfo, autocast_dtype
+from launcher.engines.base import (
+    Engine,
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_scheduler,
+    trainable_parameters,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "engine_state.pt"
+
+
+class SingleEngine(Engine):
+    name = "single"
+
+    def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, model, dist, device)
+        if dist.world_size != 1:
+            raise ValueError(
+                f"strategy=single runs one process, but WORLD_SIZE={dist.world_size}: use strategy=ddp, fsdp or zero*"
+            )
+        if cfg.strategy.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self._model = model.to(device)
+        self._model.train()
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def setup(self, total_steps: int) -> None:
+        self.optimizer = build_optimizer(self._model, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> float:
+        optimizer, scheduler = self._require_setup()
+        self.scaler.unscale_(optimizer)
+        params = list(trainable_parameters(self._model))
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(norm)
+        return value if math.isfinite(value) else float("nan")
+
+    @property
+    def lr(self) -> float:
+        optimizer, _ = self._require_setup()
+        return float(optimizer.param_groups[0]["lr"])
+
+    def save(self, ckpt_dir: Path) -> None:
+        optimizer, scheduler = self._require_setup()
+        save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
+        state: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        torch.save(state, ckpt_dir / STATE_FILE)
+
+    def load(self, ckpt_dir: Path) -> None:
+        optimizer, scheduler = self._require_setup()
+        missing, unexpected = load_model(self._model, ckpt_dir / WEIGHTS_FILE, strict=False, device=str(self.device))
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}
+
+    def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("Engine.setup(total_steps) must be called first")
+        return self.optimizer, self.scheduler
+
+
+def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint this engine (or ddp) wrote, on CPU, with no process group.
+    Tied weights appear once, under the name safetensors kept."""
+    weights = Path(ckpt_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} has no {WEIGHTS_FILE}")
+    return load_file(weights, device="cpu")
