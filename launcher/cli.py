@@ -27,7 +27,7 @@ def _load(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str]]:
     return raw, cfg, choices
 
 
-def _prepare(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str], Any, Path]:
+def prepare_run(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str], Any, Path]:
     from launcher.launch import get_backend
     from launcher.runs import choose_run_dir, config_path_for
 
@@ -45,21 +45,27 @@ def _prepare(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str],
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.planner import summary_lines
+    from launcher.planner import memory_lines, memory_report, memory_verdict, summary_lines
 
-    raw, cfg, choices, plan, config_path = _prepare(args.overrides)
+    raw, cfg, choices, plan, config_path = prepare_run(args.overrides)
+    report = memory_report(cfg)
     width = 11
     for label, text in summary_lines(cfg, choices):
         print(f"{label:<{width}} {text}")
+    print(f"{'memory':<{width}} {memory_verdict(report)}")
     print(f"{'run dir':<{width}} {plan.run_dir}")
     for name, text in plan.files.items():
         print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
     if cfg.strategy.engine == "deepspeed":
         _print_deepspeed_config(cfg)
+    print("\n" + "\n".join(memory_lines(report)) + "\n")
     for i, line in enumerate(plan.shell_lines()):
         print(f"{'command' if i == 0 else '':<{width}} {line}")
     for note in plan.notes:
         print(f"{'note':<{width}} {note}")
+    if report.checked and not report.fits:
+        print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
+        return EXIT_INVALID
     print("\nnothing launched (ftl plan). To run: ftl train " + " ".join(args.overrides))
     return 0
 
@@ -91,7 +97,14 @@ def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     from launcher.launch import get_backend
     from launcher.runs import write_run_dir
 
-    raw, cfg, _, plan, config_path = _prepare(overrides)
+    from launcher.planner import memory_report, memory_verdict
+
+    raw, cfg, _, plan, config_path = prepare_run(overrides)
+    report = memory_report(cfg)
+    if report.checked and not report.fits:  # before anything is written or queued
+        print(f"ftl train: {memory_verdict(report)}; `ftl plan` shows the estimate "
+              "(launch.check_memory=false skips this check)", file=sys.stderr)  # fmt: skip
+        return EXIT_INVALID
     changes = write_run_dir(raw, plan, config_path, ["train", *overrides])
     if changes:
         print(f"ftl: {plan.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
@@ -122,6 +135,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {description}")
         if args.verbose and command:
             print(f"{'':<{width}}  $ {command}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from launcher.data import DataError
+    from launcher.data.preprocess import run_preprocess
+
+    _, cfg, _ = _load(args.overrides)
+    try:
+        lines = run_preprocess(cfg)
+    except DataError as e:
+        print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print("\n".join(lines))
     return 0
 
 
@@ -160,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one run each (Hydra's basic sweeper)")
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
+    add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False)
     p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")

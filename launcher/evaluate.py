@@ -1,9 +1,12 @@
 """Evaluation before and after training: perplexity on the eval split and, on its first
 conversations, generated answers scored against the reference answers (ROUGE, BLEU).
 
-Perplexity is distributable: :func:`loss_sums` returns a rank's (sum of token losses, token
-count) and :func:`perplexity` passes them through ``reduce_fn`` (an all-reduce under torchrun)
-before dividing, so every token weighs the same whatever the batch or rank it fell in.
+Perplexity is distributable: :func:`loss_sums` runs this rank's share of the batches
+(:func:`rank_batches`: dealt round-robin, the same number of forward passes on every rank, as
+FSDP and ZeRO-3 need every rank in each forward) and returns (sum of token losses, token count);
+:func:`perplexity` passes them through ``reduce_fn`` (an all-reduce under torchrun) before
+dividing, so every token weighs the same whatever the batch or rank it fell in, and N ranks
+report exactly the number one process does.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from launcher.data import IGNORE_INDEX, TokenizedDataset, collate
 from launcher.data.chat import prompt_and_reference
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+GatherFn = Callable[[list[Any]], list[list[Any]]]
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,6 +61,20 @@ def batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return losses.double(), (targets != IGNORE_INDEX).sum().double()
 
 
+def rank_batches(
+    n_examples: int, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: Optional[int] = None
+) -> list[Optional[range]]:
+    """This rank's eval batches (ranges of example indices): the split's batches, at most
+    ``max_batches`` of them in all, dealt round-robin. Every rank gets the same number of entries;
+    ``None`` marks a forward pass that only keeps a short rank in step with the others."""
+    starts = range(0, n_examples, batch_size)
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    mine: list[Optional[range]] = [range(s, min(s + batch_size, n_examples)) for s in starts[rank::world_size]]
+    per_rank = -(-len(starts) // world_size)
+    return mine + [None] * (per_rank - len(mine))
+
+
 def loss_sums(
     model: Any,
     eval_ds: TokenizedDataset,
@@ -66,18 +84,18 @@ def loss_sums(
     device: torch.device | str,
     autocast_dtype: Optional[torch.dtype] = None,
     max_batches: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
-    """This process's ``[loss_sum, token_count]`` over ``eval_ds`` (float64, on ``device``)."""
+    """This rank's ``[loss_sum, token_count]`` over its share of ``eval_ds`` (float64, on ``device``)."""
     device = torch.device(device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    starts = range(0, len(eval_ds), batch_size)
-    if max_batches is not None:
-        starts = starts[:max_batches]
     with eval_mode(model), _autocast(device, autocast_dtype):
-        for start in starts:
-            batch = collate([eval_ds[i] for i in range(start, min(start + batch_size, len(eval_ds)))], pad_id)
+        for indices in rank_batches(len(eval_ds), batch_size, rank, world_size, max_batches):
+            batch = collate([eval_ds[i] for i in (indices if indices is not None else range(1))], pad_id)
             loss, count = batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-            totals += torch.stack([loss, count])
+            if indices is not None:
+                totals += torch.stack([loss, count])
     return totals
 
 
@@ -91,8 +109,11 @@ def perplexity(
     autocast_dtype: Optional[torch.dtype] = None,
     max_batches: Optional[int] = None,
     reduce_fn: ReduceFn = _identity,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Token-weighted mean loss over every label != -100, and its exp."""
+    """Token-weighted mean loss over every label != -100, and its exp. With ``world_size`` > 1
+    each rank computes its share and ``reduce_fn`` must sum the shares over the ranks."""
     totals = loss_sums(
         model,
         eval_ds,
@@ -101,6 +122,8 @@ def perplexity(
         device=device,
         autocast_dtype=autocast_dtype,
         max_batches=max_batches,
+        rank=rank,
+        world_size=world_size,
     )
     loss_sum, tokens = reduce_fn(totals).tolist()
     if tokens == 0:
@@ -205,10 +228,18 @@ def evaluate(
     device: torch.device | str,
     autocast_dtype: Optional[torch.dtype] = None,
     reduce_fn: ReduceFn = _identity,
+    rank: int = 0,
+    world_size: int = 1,
+    gather_fn: Optional[GatherFn] = None,
 ) -> dict[str, Any]:
     """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
     conversations that have an assistant turn and their ROUGE/BLEU. ``samples`` (a list of
-    {question, reference, prediction}; empty without generation) is the only non-scalar key."""
+    {question, reference, prediction}; empty without generation) is the only non-scalar key.
+
+    Perplexity is shared among ``world_size`` ranks (``reduce_fn`` sums). Generation is shared
+    too when ``gather_fn`` (an all-gather of Python lists) is given, which only an unsharded
+    model per rank allows; without it every rank generates every answer (FSDP and ZeRO-3 need
+    every rank in each forward, and greedy decoding of the same prompts keeps them in step)."""
     results: dict[str, Any] = perplexity(
         model,
         eval_ds,
@@ -218,6 +249,8 @@ def evaluate(
         autocast_dtype=autocast_dtype,
         max_batches=eval_cfg.max_batches,
         reduce_fn=reduce_fn,
+        rank=rank,
+        world_size=world_size,
     )
     results["samples"] = []
     if not eval_cfg.generate:
@@ -225,16 +258,20 @@ def evaluate(
     conversations = [c for c in eval_ds.conversations if _has_assistant(c)][: eval_cfg.num_generate]
     if not conversations:
         return results
+    mine = conversations[rank::world_size] if gather_fn is not None else conversations
     with _autocast(torch.device(device), autocast_dtype):
         predictions = generate_answers(
             model,
             tokenizer,
-            conversations,
+            mine,
             max_new_tokens=eval_cfg.max_new_tokens,
             device=device,
             batch_size=eval_cfg.batch_size,
             chat_template=eval_ds.chat_template,
-        )
+        ) if mine else []  # fmt: skip
+    if gather_fn is not None:  # rank r answered conversations r, r+W, ...: interleave them back
+        shares = gather_fn(predictions)
+        predictions = [shares[i % world_size][i // world_size] for i in range(len(conversations))]
     references = [prompt_and_reference(c)[1] for c in conversations]
     results.update(generation_metrics(predictions, references))
     results["samples"] = [

@@ -18,11 +18,16 @@ import torch
 from launcher.config.schema import ArchConfig, ModelConfig
 
 
-def load_model_and_tokenizer(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, quantization: Any = None, device: Any = None
+) -> tuple[Any, Any]:
+    """``quantization``: a transformers quantization config (QLoRA's BitsAndBytesConfig); the
+    weights are then quantized as they load, onto ``device`` (default cpu)."""
     loaders = {"hf": _load_hf, "smollm2": _load_smollm2, "random": _build_random}
     if model_cfg.source not in loaders:
         raise ValueError(f"unknown model.source {model_cfg.source!r}; expected one of {', '.join(loaders)}")
-    model, tokenizer = loaders[model_cfg.source](model_cfg, dtype)
+    quant = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+    model, tokenizer = loaders[model_cfg.source](model_cfg, dtype, **quant)
     ensure_pad_token(tokenizer)
     # Batched generation and the loss both need to know the pad id; keep model and tokenizer agreed.
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -47,7 +52,7 @@ def ensure_pad_token(tokenizer: Any) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     if not model_cfg.path:
@@ -58,6 +63,7 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
         dtype=dtype,
+        **quant,
     )
     # `revision` names a commit of model.path; a separate tokenizer repo has its own history.
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != model_cfg.path
@@ -69,17 +75,17 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from launcher.smollm2 import smollm2_dir
 
     path = str(smollm2_dir())
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant)
     return model, load_tokenizer(model_cfg.tokenizer or path)
 
 
-def _build_random(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+def _build_random(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     if not model_cfg.tokenizer:
@@ -88,7 +94,25 @@ def _build_random(model_cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]
     ensure_pad_token(tokenizer)
     config = arch_to_hf_config(model_cfg.arch, tokenizer)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
+    if quant:
+        model = _requantize(model, dtype, **quant)
     return model, tokenizer
+
+
+def _requantize(model: Any, dtype: torch.dtype, **quant: Any) -> Any:
+    """Quantizing happens in from_pretrained: the random weights go through a private temporary
+    directory (per process: transformers' save_pretrained writes on rank 0 only)."""
+    import tempfile
+
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="ftl-random-") as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, f"{tmp}/model.safetensors")
+        return AutoModelForCausalLM.from_pretrained(
+            tmp, attn_implementation=model.config._attn_implementation, dtype=dtype, **quant
+        )
 
 
 def arch_to_hf_config(arch: ArchConfig, tokenizer: Any) -> Any:

@@ -1,24 +1,33 @@
-"""Pure arithmetic about a run: parameter counts and what `ftl plan` prints. No torch."""
+"""Pure arithmetic about a run: parameter counts, the memory verdict, and what `ftl plan` prints.
+No torch: the memory model itself is :mod:`launcher.memory`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
+from launcher.config.deepspeed_config import planned_device_type, resolve_precision
 from launcher.config.schema import ArchConfig, FtlConfig
 from launcher.config.validate import global_batch, nodes, procs_per_node, world_size
+from launcher.memory import (
+    STRATEGY_ROWS,
+    Alternative,
+    Estimate,
+    GiB,
+    Layout,
+    Peft,
+    Workload,
+    alternatives,
+    estimate,
+    fmt_bytes,
+    gib,
+    layout_named,
+    param_counts,
+)  # fmt: skip
 
 
 def param_count(arch: ArchConfig) -> int:
     """Parameters of a Llama-family decoder (Llama, Mistral, Qwen2) from its architecture numbers."""
-    h, i, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
-    head_dim = h // arch.num_heads
-    kv = arch.num_kv_heads * head_dim
-    attn = h * h + 2 * h * kv + h * h  # q, k, v, o
-    if arch.model_type == "qwen2":
-        attn += h + 2 * kv  # q/k/v biases
-    mlp = 3 * h * i  # gate, up, down
-    norms = 2 * h
-    embed = arch.vocab_size * h
-    head = 0 if arch.tie_embeddings else arch.vocab_size * h
-    return layers * (attn + mlp + norms) + embed + head + h
+    return param_counts(arch).total
 
 
 def human(n: float) -> str:
@@ -51,3 +60,112 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
         ("checkpoint", f"every {cfg.checkpoint.every_steps or 'end only'} step(s), keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}"),
         ("wandb", f"{cfg.wandb.mode} (project {cfg.wandb.project})"),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# memory: the estimate for the chosen strategy, a table over all of them, the verdict
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    chosen: Estimate
+    rows: list[tuple[Estimate, bool]]  # (estimate, is the chosen one)
+    limit: float  # bytes: launch.gpu_mem_gb
+    on_gpu: bool
+    checked: bool  # whether a miss refuses the job (GPU run and launch.check_memory)
+    alternatives: list[Alternative]
+    precision: str
+
+    @property
+    def fits(self) -> bool:
+        return self.chosen.fits(self.limit)
+
+
+def workload_of(cfg: FtlConfig, precision: str) -> Workload:
+    t, p = cfg.train, cfg.peft
+    peft = Peft() if p.method == "none" else Peft(
+        p.method, p.r, tuple(p.target_modules), tuple(p.modules_to_save), p.dropout, getattr(p, "double_quant", True)
+    )  # fmt: skip
+    return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft)
+
+
+def layout_of(cfg: FtlConfig) -> Layout:
+    s, world = cfg.strategy, world_size(cfg)
+    if s.engine == "deepspeed":
+        name = "zero3_offload" if (s.zero_stage == 3 and s.offload_params and s.offload_optimizer) else f"zero{s.zero_stage}"
+        if s.offload_optimizer and name != "zero3_offload":
+            name += "+offload_opt"
+        if s.offload_params and not s.offload_optimizer:
+            name += "+offload_params"
+        return Layout(name, "deepspeed", world, s.zero_stage, s.offload_optimizer, s.offload_params)
+    if s.engine == "fsdp":
+        shard = procs_per_node(cfg) if s.hybrid_shard else 0
+        return Layout("fsdp", "fsdp", world, shard=shard, reshard_after_forward=s.reshard_after_forward)
+    return Layout(s.engine, s.engine, world)
+
+
+def memory_report(cfg: FtlConfig) -> MemoryReport:
+    device = planned_device_type(cfg)
+    precision = resolve_precision(cfg.train.precision, device)
+    on_gpu = device == "cuda"
+    w, lay = workload_of(cfg, precision), layout_of(cfg)
+    chosen = estimate(w, lay, on_gpu=on_gpu)
+    world = lay.world
+    rows: list[tuple[Estimate, bool]] = []
+    names = [("ddp" if world > 1 else "single"), *STRATEGY_ROWS[1:]]
+    shard = lay.shard if lay.engine == "fsdp" else 0
+    for name in names:
+        if name == lay.name:
+            rows.append((chosen, True))
+            continue
+        other = layout_named(name, world, shard if name == "fsdp" else 0)
+        rows.append((estimate(w, other, on_gpu=on_gpu), False))
+    if lay.name not in names:
+        rows.append((chosen, True))
+    replicated = layout_named(names[0], world)
+    for method in ("lora", "qlora"):
+        if method != w.peft.method:
+            base = w.peft if w.peft.method != "none" else Peft()
+            rows.append((estimate(replace(w, peft=replace(base, method=method)), replicated, on_gpu=on_gpu), False))
+    limit = cfg.launch.gpu_mem_gb * GiB
+    checked = on_gpu and cfg.launch.check_memory
+    alts = alternatives(w, lay, limit, on_gpu=on_gpu) if not chosen.fits(limit) else []
+    return MemoryReport(chosen, rows, limit, on_gpu, checked, alts, precision)
+
+
+def memory_lines(report: MemoryReport) -> list[str]:
+    """The chosen strategy's breakdown, then every strategy's total against launch.gpu_mem_gb."""
+    e = report.chosen
+    where = "per GPU" if report.on_gpu else "per process (a CPU run: not checked)"
+    out = [f"--- memory {where}, estimated ({report.precision}; launch.gpu_mem_gb={report.limit / GiB:g}) ---"]
+    for key in ("params", "grads", "optimizer", "activations", "buffers"):
+        out.append(f"  {key:<12} {fmt_bytes(getattr(e, key)):>10}  {e.details.get(key, '')}")
+    verdict = "fits in" if report.fits else "does NOT fit in"
+    out.append(f"  {'total':<12} {fmt_bytes(e.total):>10}  {verdict} {report.limit / GiB:g} GiB")
+    out += [f"  note: {n}" for n in e.notes]
+    unit, div = ("GiB", GiB) if e.total >= GiB else ("MiB", 2**20)
+    width = max(len(row.label) for row, _ in report.rows) + 2
+    heads = ("params", "grads", "optim", "activ", "buffers", "total")
+    out += ["", f"  {'strategy':<{width}}" + "".join(f"{h:>9}" for h in heads) + "  fits"]
+    for row, chosen in report.rows:
+        values = (row.params, row.grads, row.optimizer, row.activations, row.buffers, row.total)
+        cells = "".join(f"{_num(v / div):>9}" for v in values)
+        out.append(f"  {row.label:<{width}}{cells}  {'yes' if row.fits(report.limit) else 'no'}{'   <- chosen' if chosen else ''}")
+    out.append(f"  ({unit} per device at the peak; offloaded states sit in host memory and are not counted)")
+    return out
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def memory_verdict(report: MemoryReport) -> str:
+    """One line: fits, or won't fit and what would."""
+    e, limit = report.chosen, report.limit / GiB
+    if report.fits:
+        return f"fits: {fmt_bytes(e.total)} per {'GPU' if report.on_gpu else 'process'} ≤ {limit:g} GiB ({e.label})"
+    head = f"won't fit: {gib(e.total)} GiB per GPU > {limit:g} GiB ({e.label})"
+    if not report.alternatives:
+        return head + "; nothing tried fits (another strategy, activation checkpointing, micro_batch_size=1, LoRA/QLoRA): use more GPUs"
+    fixes = [f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives]
+    return head + "; fits with " + ", or ".join(fixes)

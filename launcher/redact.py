@@ -28,3 +28,13 @@ def known_secrets(environ: Optional[Mapping[str, str]] = None) -> set[str]:
     """Values of secret-looking environment variables (long enough not to blank common words)."""
     env = os.environ if environ is None else environ
     return {v for k, v in env.items() if SECRET_KEY.search(k) and len(v) >= 8}
+
+
+def redact_overrides(overrides: list[str], secrets: set[str]) -> list[str]:
+    """Command-line overrides as they may be written down: `+launch.env.HF_TOKEN=...` keeps its key
+    and loses its value; known secret values are cut out of the rest."""
+    out = []
+    for text in overrides:
+        key, sep, _ = text.partition("=")
+        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else redact(text, secrets))
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.launch.base import CONFIG_NAME, LaunchPlan
-from launcher.redact import known_secrets, redact
+from launcher.redact import known_secrets, redact, redact_overrides
 
 COMMAND_NAME = "launch.sh"
 
@@ -38,7 +38,7 @@ def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv
     run_dir.mkdir(parents=True, exist_ok=True)
     changes = _config_changes(config_path, raw) if config_path.exists() else []
     _write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(redact(raw, known_secrets()))))
-    script = ["#!/usr/bin/env bash", f"# ftl {shlex.join(argv)}", f"cd {shlex.quote(os.getcwd())}", *plan.shell_lines(), ""]
+    script = ["#!/usr/bin/env bash", f"# ftl {shlex.join(redact_overrides(argv, known_secrets()))}", f"cd {shlex.quote(os.getcwd())}", *plan.shell_lines(), ""]
     _write_atomic(run_dir / COMMAND_NAME, "\n".join(script))
     for name, text in plan.files.items():
         _write_atomic(run_dir / name, redact(text, known_secrets()))

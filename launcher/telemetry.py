@@ -59,8 +59,13 @@ class Telemetry:
             sink.log_eval(name, step, results)
 
     def close(self, exit_code: int = 0) -> None:
+        """Close every sink even when one fails: under SLURM's SIGTERM the W&B service process may
+        already be gone, and that must not turn a clean, checkpointed stop into a failed run."""
         for sink in self.sinks:
-            sink.close(exit_code)
+            try:
+                sink.close(exit_code)
+            except Exception as e:  # noqa: BLE001 - reporting must never fail the run
+                self.info(f"ftl: closing {type(sink).__name__} failed: {e}")
         self.sinks = []
 
 

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from launcher.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.data import IGNORE_INDEX, DataError, build_datasets, collate
+from launcher.data import IGNORE_INDEX, DataError, collate
+from launcher.data.cache import prepare_datasets
+from launcher.data.packing import flattens_packs, model_inputs
 from launcher.distributed import (
     DistInfo, any_rank, autocast_dtype, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
@@ -43,8 +45,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
         self.dist = init_distributed(cfg.launch, self.device)
-        model, self.tokenizer = build_model(cfg)
-        self.train_ds, self.eval_ds = build_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed)
+        model, self.tokenizer = build_model(cfg, self.device)
+        self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
@@ -106,9 +108,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.engine.grad_sync(i == len(batches) - 1):
                 with self.engine.autocast():
-                    logits = self.engine.model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).logits
+                    logits = self.engine.model(**model_inputs(batch), use_cache=False).logits
                 loss = causal_lm_loss(logits, batch["labels"], num_tokens)
                 self.engine.backward(loss)
             loss_sum += loss.detach()
@@ -129,18 +129,21 @@ class Trainer:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         indices = self.order.take(self.cfg.train.micro_batch_size)
-        return collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id)
+        flatten = flattens_packs(self.cfg.model.attn_implementation)  # flash attention reads packs from one row
+        return collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
 
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return
+        from launcher.distributed import all_reduce_sum
         from launcher.evaluate import evaluate
 
         with preserved_rng():  # evaluating must not change what training draws next
             results = evaluate(
                 self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
-            )  # fmt: skip  (every rank evaluates the whole split: sharded engines need every rank in each forward)
+                reduce_fn=all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size,
+            )  # fmt: skip  (perplexity batches shared among ranks; every rank generates every answer)
         self.telemetry.log_eval(name, self.step, results)
 
     def save(self) -> None:
@@ -176,13 +179,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def build_model(cfg: FtlConfig) -> tuple[Any, Any]:
+def build_model(cfg: FtlConfig, device: torch.device) -> tuple[Any, Any]:
+    """The model to train, LoRA adapters included (before any engine wraps or shards it); QLoRA
+    loads the base in 4 bit onto ``device``."""
+    from launcher.adapters import apply_peft, quantization_config
     from launcher.models import load_model_and_tokenizer
 
-    if cfg.peft.method != "none":
-        raise NotImplementedError(f"peft.method={cfg.peft.method!r} is not wired into the trainer yet; use peft=none")
+    quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
     # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
-    return load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device)
+    return apply_peft(model, cfg.peft), tokenizer
 
 
 def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
@@ -193,12 +199,14 @@ def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
 
 def describe_run(trainer: Trainer) -> str:
     n_params = trainer.n_params
+    trainable = count_parameters(trainer.engine.model, trainable_only=True)
+    params = f"{n_params / 1e6:.2f}M params" + (f", {trainable / 1e6:.2f}M trainable ({trainer.cfg.peft.method})" if trainable < n_params else "")
     resumed = trainer.resumed_from
     start = f"resuming from {resumed} (step {trainer.step})" if resumed else "starting from step 0"
     stats = trainer.train_ds.stats
     data = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v and k != "examples")
     return (
-        f"ftl: {trainer.cfg.model.name} ({n_params / 1e6:.2f}M params), engine {trainer.engine.name}, "
+        f"ftl: {trainer.cfg.model.name} ({params}), engine {trainer.engine.name}, "
         f"{trainer.dist.world_size} rank(s) on {trainer.device}; {len(trainer.train_ds):,} train examples ({data}); "
         f"{trainer.total_steps} steps, {start}; run dir {trainer.run_dir}"
     )

@@ -73,17 +73,48 @@ class ModelConfig:
 # data
 
 
+DATA_FORMATS = ("chat", "instruction", "completion")
+
+
+@dataclass
+class DataSource:
+    """One data set of the run: a local file or folder (JSONL, JSON, Parquet, CSV), or a hub
+    dataset written ``hub:ORG/NAME`` (loaded with ``datasets.load_dataset``; needs network)."""
+
+    path: str = ""
+    format: Optional[str] = choice(None, None, *DATA_FORMATS, doc="default: data.format")
+    weight: float = ranged(
+        1.0, 0.0, lo_open=True,
+        doc="passes over this source per epoch of the mix: 2 repeats it, 0.5 takes a seeded half",
+    )  # fmt: skip
+    split: str = choice("train", "train", "eval", doc="which part of the run this source feeds")
+    hub_args: dict[str, str] = field(default_factory=dict)  # hub sources: load_dataset kwargs (split, name, revision)
+
+
 @dataclass
 class DataConfig:
-    format: str = choice("chat", "chat", doc="chat: {'messages': [{'role', 'content'}, ...]} rows")
-    train_files: list[str] = field(default_factory=list)
+    format: str = choice(
+        "chat", *DATA_FORMATS,
+        doc="chat: {'messages': [{'role', 'content'}]} (or ShareGPT {'conversations': [{'from', 'value'}]}); "
+        "instruction: {'instruction', 'input', 'output'} (alpaca); completion: raw text in `text_field`",
+    )  # fmt: skip
+    train_files: list[str] = field(default_factory=list)  # shorthand for sources of weight 1
     eval_files: list[str] = field(default_factory=list)
+    sources: list[DataSource] = field(default_factory=list)  # mixed with train_files / eval_files
     eval_fraction: float = ranged(0.0, 0.0, 0.5)
-    chat_template: Optional[str] = None  # a Jinja chat template used when the tokenizer has none
+    # A Jinja chat template, or a named one (chatml, alpaca), used when the tokenizer has none;
+    # format=instruction falls back to alpaca.
+    chat_template: Optional[str] = None
     assistant_only_loss: bool = True
+    text_field: str = "text"  # format=completion: the field holding the text
+    truncation: str = choice("clip", "clip", "drop", doc="an example longer than train.seq_len: clip it, or drop it")
     on_error: str = choice("raise", "raise", "skip")
     max_train_examples: Optional[int] = None
     shuffle: bool = True
+    packing: bool = False  # pack examples into train.seq_len sequences; attention never crosses examples
+    cache: bool = True  # tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs
+    cache_shared: bool = False  # the cache is on a filesystem every node sees: one rank per job prepares, not one per node
+    prepare_timeout_s: int = ranged(7200, 1, doc="how long ranks wait for the one preparing the data")
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +189,11 @@ class QLoraConfig(LoraConfig):
     quant_type: str = choice("nf4", "nf4", "fp4")
     double_quant: bool = True
     compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16")
+    quant_storage: str = choice(
+        "auto", "auto", "uint8", "bf16", "fp16", "fp32",
+        doc="dtype the packed 4-bit weights are stored in; auto: uint8, or under ZeRO-3 (which "
+        "partitions float tensors only) the training dtype",
+    )  # fmt: skip
 
 
 PEFT_METHODS: dict[str, type] = {"none": NoPeft, "lora": LoraConfig, "qlora": QLoraConfig}

@@ -8,6 +8,7 @@ combinations). Pure Python: no torch, so `ftl plan` stays instant on a login nod
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import socket
@@ -17,7 +18,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from launcher.config.deepspeed_config import deepspeed_config_errors
+from launcher.config.deepspeed_config import deepspeed_config_errors, planned_device_type
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, FtlConfig
 
@@ -215,26 +216,67 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
 
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
         errs.append(ConfigError("checkpoint.resume", f"{cfg.checkpoint.resume!r} is not a directory; allowed: auto, never, or a checkpoint directory"))
-    if cfg.peft.method == "qlora" and t.device == "cpu" and world > 1:
-        errs.append(ConfigError("peft", "qlora on CPU runs single-process only (bitsandbytes); use launch.nproc_per_node=1"))
+    errs += _peft_checks(cfg)
     if not cfg.run.name or "/" in cfg.run.name or "\n" in cfg.run.name:
         errs.append(ConfigError("run.name", f"got {cfg.run.name!r}; use a non-empty name without '/' or newlines"))
+    return errs
+
+
+def _peft_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """LoRA/QLoRA combinations that cannot work, refused before anything starts. QLoRA on CPU with
+    several ranks: measured (tiny Llama, 2 gloo ranks) to train exactly like one process under ddp,
+    and under fsdp with the 4-bit weights left whole; sharding the 4-bit weights in a float storage
+    (fsdp with a float quant_storage, ZeRO-3) trained different numbers."""
+    errs: list[ConfigError] = []
+    p, s = cfg.peft, cfg.strategy
+    if p.method == "none":
+        return errs
+    if not p.target_modules:
+        errs.append(ConfigError("peft.target_modules", "is empty; name the modules to adapt, e.g. [q_proj, v_proj], or [all-linear]"))
+    elif "all-linear" in p.target_modules and len(p.target_modules) > 1:
+        errs.append(ConfigError("peft.target_modules", f"got {p.target_modules}; all-linear already takes every linear layer: use it alone"))
+    if p.method != "qlora":
+        return errs
+    if importlib.util.find_spec("bitsandbytes") is None:
+        errs.append(ConfigError("peft.method", "qlora needs bitsandbytes, which is not installed: pip install 'ftl[qlora]'"))
+    zero3 = s.engine == "deepspeed" and s.zero_stage == 3
+    if zero3 and p.quant_storage == "uint8":
+        errs.append(ConfigError("peft.quant_storage", "uint8 under ZeRO-3, which partitions floating-point tensors only; "
+                                "use auto (the training dtype)"))
+    if planned_device_type(cfg) == "cpu" and world_size(cfg) > 1:
+        if s.engine == "deepspeed":
+            errs.append(ConfigError("peft", "qlora with DeepSpeed on CPU and several ranks trains wrong numbers once ZeRO-3 "
+                                    "partitions the 4-bit weights (measured; stages 0-2 with bitsandbytes on CPU are "
+                                    "untested): use strategy=ddp or fsdp, one rank, or GPUs"))
+        elif s.engine == "fsdp" and p.quant_storage not in ("auto", "uint8"):
+            errs.append(ConfigError("peft.quant_storage", f"{p.quant_storage} makes fsdp shard the 4-bit weights, which trains "
+                                    "wrong numbers on CPU (measured); use auto: the 4-bit weights stay whole on every rank"))
     return errs
 
 
 def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs: list[ConfigError] = []
     d, e = cfg.data, cfg.eval
-    if not d.train_files:
-        errs.append(ConfigError("data.train_files", "is empty; give one or more files, e.g. data.train_files=[train.jsonl]"))
+    if not d.train_files and not any(s.split == "train" for s in d.sources):
+        errs.append(ConfigError("data.train_files", "is empty; give one or more files, e.g. data.train_files=[train.jsonl], "
+                                "or training sources in data.sources"))
     for key in ("train_files", "eval_files"):
         for i, f in enumerate(getattr(d, key)):
             if not Path(f).exists():
                 errs.append(ConfigError(f"data.{key}[{i}]", f"file not found: {f}"))
+    for i, s in enumerate(d.sources):
+        hub = s.path.startswith("hub:")  # launcher.data.sources.HUB_PREFIX (that module imports torch)
+        if not s.path or s.path == "hub:":
+            errs.append(ConfigError(f"data.sources[{i}].path", "is required: a file, a folder, or hub:ORG/NAME"))
+        elif not hub and not Path(s.path).exists():
+            errs.append(ConfigError(f"data.sources[{i}].path", f"file not found: {s.path}"))
+        if s.hub_args and not hub:
+            errs.append(ConfigError(f"data.sources[{i}].hub_args", f"only applies to hub:ORG/NAME sources, not {s.path!r}"))
+    has_eval = bool(d.eval_files) or any(s.split == "eval" for s in d.sources)
     wants_eval = e.before_training or e.after_training or e.every_steps > 0
-    if wants_eval and not d.eval_files and d.eval_fraction == 0:
-        errs.append(ConfigError("eval", "evaluation is on but there is no eval data; set data.eval_files or "
-                                "data.eval_fraction, or eval.after_training=false"))
+    if wants_eval and not has_eval and d.eval_fraction == 0:
+        errs.append(ConfigError("eval", "evaluation is on but there is no eval data; set data.eval_files, an eval "
+                                "source in data.sources or data.eval_fraction, or eval.after_training=false"))
     return errs
 
 

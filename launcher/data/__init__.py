@@ -1,24 +1,26 @@
-"""Training data: files of rows → token ids + labels, whatever the row format.
+"""Training data: sources of rows → token ids + labels, whatever the row format.
 
-The format-independent half lives here: reading JSONL/JSON files with errors that name the file
-and row, the ``on_error: skip`` policy, carving a held-out split, truncation, statistics, and
-padding a batch. A *format* (``chat`` in :mod:`launcher.data.chat`; instruction and completion
-to come) only parses one row and encodes it; ``FORMATS`` maps ``data.format`` to it.
+The format-independent half lives here: the sources of a run (``data.sources`` plus the
+``train_files`` / ``eval_files`` shorthand), the ``on_error: skip`` policy, carving a held-out
+split, truncation, mixing sources by weight, statistics, and padding a batch. Reading files is
+:mod:`launcher.data.sources`; packing :mod:`launcher.data.packing`; the on-disk cache and the
+barrier ranks wait on :mod:`launcher.data.cache`. A *format* (``chat``, ``instruction``,
+``completion``, each in its own module) only parses one row and encodes it; ``FORMATS`` maps a
+format name to it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch.utils.data import Dataset
 
-from launcher.config.schema import DataConfig
+from launcher.config.schema import DataConfig, DataSource
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and HF models) skip
 
@@ -43,14 +45,30 @@ class Format(Protocol):
         ...
 
 
+# The format modules import RowError/DataError from this one, hence the imports inside.
 def _build_chat_format(data_cfg: DataConfig, tokenizer: Any) -> Format:
-    # Imported here because launcher.data.chat imports RowError/DataError from this module.
     from launcher.data.chat import ChatFormat
 
     return ChatFormat.from_config(data_cfg, tokenizer)
 
 
-FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {"chat": _build_chat_format}
+def _build_instruction_format(data_cfg: DataConfig, tokenizer: Any) -> Format:
+    from launcher.data.instruction import InstructionFormat
+
+    return InstructionFormat.from_config(data_cfg, tokenizer)
+
+
+def _build_completion_format(data_cfg: DataConfig, tokenizer: Any) -> Format:
+    from launcher.data.completion import CompletionFormat
+
+    return CompletionFormat.from_config(data_cfg, tokenizer)
+
+
+FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
+    "chat": _build_chat_format,
+    "instruction": _build_instruction_format,
+    "completion": _build_completion_format,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,9 +80,9 @@ class TokenizedDataset(Dataset):
     """Encoded examples, the source records they came from (for generation-based eval), and
     counts of what happened on the way."""
 
-    examples: list[dict[str, list[int]]]
-    conversations: list[Any]  # the parsed source record of each example, same order
-    stats: dict[str, int] = field(default_factory=dict)
+    examples: Sequence[dict[str, list[int]]]  # a list, or a view of cached Arrow columns
+    conversations: list[Any]  # each example's messages (for generation); empty for cached training data
+    stats: dict[str, Any] = field(default_factory=dict)
     chat_template: Optional[str] = None  # the template the examples were rendered with, if any
 
     def __len__(self) -> int:
@@ -77,9 +95,14 @@ class TokenizedDataset(Dataset):
         return iter(self.examples)
 
 
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[dict[str, list[int]]], pad_id: int, *, flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Padding is masked by position, never by id: many
-    tokenizers pad with their eos token, which is also a trained label."""
+    tokenizers pad with their eos token, which is also a trained label. Packed sequences (examples
+    with ``position_ids``) go to :func:`launcher.data.packing.collate_packed`, with ``flatten``."""
+    if "position_ids" in batch[0]:
+        from launcher.data.packing import collate_packed
+
+        return collate_packed(batch, pad_id, flatten=flatten)
     width = max(len(example["input_ids"]) for example in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -93,63 +116,29 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# reading files
+# sources and records
 
 
-@dataclass
-class Row:
-    path: str
-    number: int  # 1-based: the line in a JSONL file, the list index in a JSON file
-    value: Any
-
-
-def read_rows(path: str) -> Iterator[Row | DataError]:
-    """Yield each row of a JSONL file (``.json``: one top-level list), or a DataError for a row that
-    cannot be read, so the caller decides whether to raise or skip. Whole-file problems raise."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: data file not found")
-    if file.suffix == ".json":
-        yield from _read_json_list(path, file.read_bytes())
-        return
-    with file.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(f"{path}, row {number}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():  # blank lines (a trailing newline, separators) are not rows
-                continue
-            try:
-                yield Row(path, number, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield DataError(f"{path}, row {number}: invalid JSON ({e.msg} at column {e.colno})")
-
-
-def _read_json_list(path: str, data: bytes) -> Iterator[Row]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(value, list):
-        raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(value).__name__}")
-    for number, item in enumerate(value, start=1):
-        yield Row(path, number, item)
+def data_sources(data_cfg: DataConfig) -> list[DataSource]:
+    """Every source of the run: ``train_files`` and ``eval_files`` (each a source of weight 1 in
+    ``data.format``), then ``data.sources``."""
+    return (
+        [DataSource(path=f) for f in data_cfg.train_files]
+        + [DataSource(path=f, split="eval") for f in data_cfg.eval_files]
+        + list(data_cfg.sources)
+    )
 
 
 @dataclass
 class Record:
-    """A parsed row and where it came from, so errors found while encoding can name it too."""
+    """A parsed row, where it came from (so errors found while encoding can name it too), the
+    format that encodes it and the index of its source in :func:`data_sources`."""
 
     path: str
     number: int
     value: Any
+    fmt: Format
+    source: int = 0
 
 
 @dataclass
@@ -158,24 +147,28 @@ class Loaded:
     skipped: int
 
 
-def load_records(paths: list[str], fmt: Format, on_error: str) -> Loaded:
+def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -> Loaded:
+    from launcher.data.sources import is_hub, read_hub_rows, read_rows, source_files
+
     records: list[Record] = []
     skipped = 0
-    for path in paths:
-        for row in read_rows(path):  # whole-file problems raise here even with on_error=skip
-            try:
-                records.append(_parse(fmt, row))
-            except DataError:
-                if on_error != "skip":
-                    raise
-                skipped += 1
+    for index, source, fmt in sources:
+        if is_hub(source.path):
+            readers = [read_hub_rows(source.path, source.hub_args)]
+        else:
+            readers = [read_rows(str(f)) for f in source_files(source.path)]
+        for rows in readers:
+            for row in rows:  # whole-file problems raise here even with on_error=skip
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    value = _call(fmt.parse, row.value, row.path, row.number)
+                    records.append(Record(row.path, row.number, value, fmt, index))
+                except DataError:
+                    if on_error != "skip":
+                        raise
+                    skipped += 1
     return Loaded(records, skipped)
-
-
-def _parse(fmt: Format, row: Row | DataError) -> Record:
-    if isinstance(row, DataError):
-        raise row
-    return Record(row.path, row.number, _call(fmt.parse, row.value, row.path, row.number))
 
 
 def _call(fn: Callable[[Any], Any], value: Any, path: str, number: int) -> Any:
@@ -202,20 +195,27 @@ def carve_eval_split(records: list[Record], fraction: float, seed: int) -> tuple
 
 
 def encode_records(
-    records: list[Record], fmt: Format, seq_len: int, on_error: str, *, skipped: int = 0
-) -> TokenizedDataset:
+    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip"
+) -> tuple[TokenizedDataset, list[int]]:
+    """Encode each record with its format; returns the dataset and each example's source index.
+    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted)."""
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
+    source_of: list[int] = []
     stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
+    template = None
     for record in records:
         try:
-            input_ids, labels = _call(fmt.encode, record.value, record.path, record.number)
+            input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
         except DataError:
             if on_error != "skip":
                 raise
             stats["skipped"] += 1
             continue
         if len(input_ids) > seq_len:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
             input_ids, labels = input_ids[:seq_len], labels[:seq_len]
             stats["truncated"] += 1
         trainable = count_trainable(labels)
@@ -223,33 +223,71 @@ def encode_records(
             stats["dropped"] += 1
             continue
         examples.append({"input_ids": input_ids, "labels": labels})
-        kept.append(record.value)
+        kept.append(getattr(record.fmt, "conversation", _same)(record.value))
+        source_of.append(record.source)
         stats["tokens"] += len(input_ids)
         stats["trainable_tokens"] += trainable
+        template = template or getattr(record.fmt, "chat_template", None)
     stats["examples"] = len(examples)
-    return TokenizedDataset(examples, kept, stats, getattr(fmt, "chat_template", None))
+    return TokenizedDataset(examples, kept, stats, template), source_of
 
 
-def count_trainable(labels: list[int]) -> int:
+def _same(value: Any) -> Any:
+    return value
+
+
+def count_trainable(labels: Sequence[int]) -> int:
     # A causal LM predicts token t from tokens < t, so a label at position 0 never enters the loss.
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def mix_by_weight(dataset: TokenizedDataset, source_of: list[int], weights: dict[int, float], seed: int) -> TokenizedDataset:
+    """Each source's examples repeated ``weight`` times per epoch: whole passes, then a seeded
+    subset for the fraction (weight 0.5: a fixed random half). Counts are of the mixed epoch."""
+    if all(weights.get(s, 1.0) == 1.0 for s in set(source_of)):
+        return dataset
+    rng = random.Random(seed)
+    picked: list[int] = []
+    for source in sorted(set(source_of)):
+        members = [i for i, s in enumerate(source_of) if s == source]
+        whole, fraction = divmod(weights.get(source, 1.0), 1.0)
+        picked += members * int(whole)
+        picked += sorted(rng.sample(members, round(fraction * len(members))))
+    examples = [dataset.examples[i] for i in picked]
+    stats = dict(dataset.stats, examples=len(examples), tokens=sum(len(e["input_ids"]) for e in examples))
+    stats["trainable_tokens"] = sum(count_trainable(e["labels"]) for e in examples)
+    return TokenizedDataset(examples, [dataset.conversations[i] for i in picked], stats, dataset.chat_template)
+
+
+def build_formats(data_cfg: DataConfig, tokenizer: Any, sources: list[DataSource]) -> dict[str, Format]:
+    """One Format per format name the sources use (built once: template lookup, tokenizer checks)."""
+    names = [s.format or data_cfg.format for s in sources]
+    unknown = sorted({n for n in names if n not in FORMATS})
+    if unknown:
+        raise DataError(f"unknown data format {', '.join(map(repr, unknown))}; known: {', '.join(sorted(FORMATS))}")
+    return {name: FORMATS[name](data_cfg, tokenizer) for name in dict.fromkeys(names)}
 
 
 def build_datasets(
     data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int
 ) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
-    """(train, eval) datasets; eval is None when there are no eval files and no eval_fraction."""
-    if data_cfg.format not in FORMATS:
-        raise DataError(f"unknown data format {data_cfg.format!r}; known: {', '.join(sorted(FORMATS))}")
-    if not data_cfg.train_files:
-        raise DataError("data.train_files is empty: list at least one JSONL file")
-    fmt = FORMATS[data_cfg.format](data_cfg, tokenizer)
+    """(train, eval) datasets, unpacked and in memory; eval is None when there is no eval source and
+    no eval_fraction. :func:`launcher.data.cache.prepare_datasets` adds packing and the cache."""
+    sources = data_sources(data_cfg)
+    train_sources = [(i, s) for i, s in enumerate(sources) if s.split == "train"]
+    if not train_sources:
+        raise DataError("no training data: set data.train_files (JSONL, JSON, Parquet or CSV files) or data.sources")
+    formats = build_formats(data_cfg, tokenizer, sources)
 
-    train = load_records(list(data_cfg.train_files), fmt, data_cfg.on_error)
+    def with_format(pairs: list[tuple[int, DataSource]]) -> list[tuple[int, DataSource, Format]]:
+        return [(i, s, formats[s.format or data_cfg.format]) for i, s in pairs]
+
+    train = load_records(with_format(train_sources), data_cfg.on_error)
     train_records, eval_records = train.records, None
     eval_skipped = 0
-    if data_cfg.eval_files:
-        evals = load_records(list(data_cfg.eval_files), fmt, data_cfg.on_error)
+    eval_sources = [(i, s) for i, s in enumerate(sources) if s.split == "eval"]
+    if eval_sources:
+        evals = load_records(with_format(eval_sources), data_cfg.on_error)
         eval_records, eval_skipped = evals.records, evals.skipped
     elif data_cfg.eval_fraction > 0:
         # Carved before the max_train_examples cap, so capping never changes the eval set.
@@ -257,12 +295,15 @@ def build_datasets(
     if data_cfg.max_train_examples is not None:
         train_records = train_records[: data_cfg.max_train_examples]
 
-    train_ds = encode_records(train_records, fmt, seq_len, data_cfg.on_error, skipped=train.skipped)
+    encode = dict(seq_len=seq_len, on_error=data_cfg.on_error, truncation=data_cfg.truncation)
+    train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
     if len(train_ds) == 0:
-        raise DataError(f"no usable training examples in {', '.join(data_cfg.train_files)} (stats: {train_ds.stats})")
+        names = ", ".join(s.path for _, s in train_sources)
+        raise DataError(f"no usable training examples in {names} (stats: {train_ds.stats})")
+    train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None
     if eval_records is not None:
-        eval_ds = encode_records(eval_records, fmt, seq_len, data_cfg.on_error, skipped=eval_skipped)
+        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, **encode)
     return train_ds, eval_ds
 
 
@@ -273,6 +314,7 @@ __all__ = [
     "RowError",
     "TokenizedDataset",
     "build_datasets",
+    "data_sources",
     "carve_eval_split",
     "collate",
     "count_trainable",

@@ -1,4 +1,5 @@
-"""The ``chat`` data format: rows ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+"""The ``chat`` data format: rows ``{"messages": [{"role": ..., "content": ...}, ...]}``, or
+ShareGPT's ``{"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}``.
 
 A conversation is rendered with the tokenizer's chat template (or ``data.chat_template``) exactly
 as it will be rendered at inference, then tokenized once. With ``assistant_only_loss`` only the
@@ -20,8 +21,10 @@ from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
 from launcher.data import IGNORE_INDEX, DataError, RowError
+from launcher.data.templates import TEMPLATES, resolve_template
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 Message = dict[str, str]
 
 
@@ -29,26 +32,30 @@ def parse_conversation(row: Any) -> list[Message]:
     """Validate one row; return its messages as plain ``{"role", "content"}`` dicts."""
     if not isinstance(row, dict):
         raise RowError(f"expected an object with a 'messages' list, got {type(row).__name__}")
-    if "messages" not in row:
-        raise RowError(f"missing 'messages' (keys: {', '.join(sorted(map(str, row))) or 'none'})")
-    messages = row["messages"]
+    if "messages" in row:
+        key, role_key, content_key, roles = "messages", "role", "content", {r: r for r in ROLES}
+    elif "conversations" in row:  # ShareGPT
+        key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
+    else:
+        raise RowError(f"missing 'messages' (or ShareGPT 'conversations'; keys: {', '.join(sorted(map(str, row))) or 'none'})")
+    messages = row[key]
     if not isinstance(messages, list):
-        raise RowError(f"'messages' must be a list, got {type(messages).__name__}")
+        raise RowError(f"'{key}' must be a list, got {type(messages).__name__}")
     if not messages:
-        raise RowError("empty conversation: 'messages' has no messages")
-    return [_parse_message(message, i) for i, message in enumerate(messages, start=1)]
+        raise RowError(f"empty conversation: '{key}' has no messages")
+    return [_parse_message(m, i, role_key, content_key, roles) for i, m in enumerate(messages, start=1)]
 
 
-def _parse_message(message: Any, index: int) -> Message:
+def _parse_message(message: Any, index: int, role_key: str, content_key: str, roles: dict[str, str]) -> Message:
     if not isinstance(message, dict):
-        raise RowError(f"message {index} must be an object with 'role' and 'content', got {type(message).__name__}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise RowError(f"message {index} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    content = message.get("content")
+        raise RowError(f"message {index} must be an object with '{role_key}' and '{content_key}', got {type(message).__name__}")
+    role = message.get(role_key)
+    if role not in roles:
+        raise RowError(f"message {index} has unknown role {role!r}; expected one of {', '.join(roles)}")
+    content = message.get(content_key)
     if not isinstance(content, str):
-        raise RowError(f"message {index} ({role}) content must be a string, got {type(content).__name__}")
-    return {"role": role, "content": content}
+        raise RowError(f"message {index} ({role}) {content_key} must be a string, got {type(content).__name__}")
+    return {"role": roles[role], "content": content}
 
 
 @dataclass
@@ -59,18 +66,22 @@ class ChatFormat:
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig, tokenizer: Any) -> "ChatFormat":
-        template: Optional[str] = data_cfg.chat_template or getattr(tokenizer, "chat_template", None)
+        template: Optional[str] = resolve_template(data_cfg.chat_template, tokenizer)
         if not template:
             raise DataError(
-                "the tokenizer has no chat template and data.chat_template is not set: "
-                "give a Jinja chat template in data.chat_template"
+                "the tokenizer has no chat template and data.chat_template is not set: give a Jinja "
+                f"chat template or a named one ({', '.join(TEMPLATES)}) in data.chat_template"
             )
-        if data_cfg.assistant_only_loss and not getattr(tokenizer, "is_fast", False):
+        return cls.with_template(tokenizer, template, data_cfg.assistant_only_loss)
+
+    @classmethod
+    def with_template(cls, tokenizer: Any, template: str, assistant_only_loss: bool) -> "ChatFormat":
+        if assistant_only_loss and not getattr(tokenizer, "is_fast", False):
             raise DataError(
                 f"data.assistant_only_loss needs a fast tokenizer (character offsets); "
                 f"{type(tokenizer).__name__} is not one. Set data.assistant_only_loss=false."
             )
-        return cls(tokenizer, template, data_cfg.assistant_only_loss)
+        return cls(tokenizer, template, assistant_only_loss)
 
     def parse(self, row: Any) -> list[Message]:
         return parse_conversation(row)

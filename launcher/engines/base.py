@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import ClassVar, ContextManager
+from typing import ClassVar, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -33,9 +33,12 @@ class Engine(ABC):
     name: ClassVar[str]
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        from launcher.adapters import is_peft_model
+
         self.cfg = cfg
         self.dist = dist
         self.device = device
+        self.peft_model: Optional[nn.Module] = model if is_peft_model(model) else None  # LoRA/QLoRA runs
 
     @property
     @abstractmethod
@@ -71,6 +74,26 @@ class Engine(ABC):
     @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded weights on CPU for export (complete on rank 0; collective)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full values of the trainable parameters (LoRA adapters in a PEFT run), on CPU, keyed as
+        the unwrapped model's parameters; collective. Engines that shard parameters gather them."""
+        module = self.model
+        while not hasattr(module, "peft_config") and hasattr(module, "module"):  # DDP
+            module = module.module
+        return {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+
+    def save_adapter(self, ckpt_dir: Path) -> None:
+        """PEFT runs: ``ckpt_dir/adapter`` in PEFT's save_pretrained format, from the gathered
+        trainable parameters (never a rank's shards). Collective; rank 0 writes. Each engine's
+        ``save`` calls this, so every checkpoint of a PEFT run carries a loadable adapter."""
+        if self.peft_model is None:
+            return
+        from launcher.adapters import ADAPTER_DIR, write_adapter
+
+        tensors = self.trainable_state_dict()
+        if self.dist.is_main:
+            write_adapter(self.peft_model, tensors, ckpt_dir / ADAPTER_DIR)
 
     def autocast(self) -> ContextManager[object]:
         """Context for the forward pass. Engines that cast the model themselves return a no-op."""
@@ -133,3 +156,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in model.parameters() if p.requires_grad)
+
+
+# bitsandbytes writes a 4-bit weight's quantization state beside it (weight.absmax, weight.quant_map,
+# weight.nested_*, weight.quant_state.bitsandbytes__nf4); loading recomputes it from the same base.
+_QUANT_STATE_KEY = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")
+
+
+def check_loaded(ckpt_dir: Path, missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """Raise when a checkpoint's weights did not match the model (quantization state aside)."""
+    unexpected = sorted(k for k in unexpected if not any(part in k for part in _QUANT_STATE_KEY))
+    missing = sorted(missing)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -26,6 +26,7 @@ from launcher.engines.base import (
     apply_activation_checkpointing,
     build_optimizer,
     build_scheduler,
+    check_loaded,
     trainable_parameters,
 )
 from launcher.engines.single import STATE_FILE, WEIGHTS_FILE, consolidate_checkpoint
@@ -96,6 +97,7 @@ class DDPEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
+        self.save_adapter(ckpt_dir)
         if not self.dist.is_main:
             return  # replicas are identical: one copy is the checkpoint
         save_model(self._module, str(ckpt_dir / WEIGHTS_FILE))
@@ -115,10 +117,7 @@ class DDPEngine(Engine):
                 "(an fsdp or deepspeed checkpoint resumes only under its own strategy; `ftl export` converts any of them)"
             )
         missing, unexpected = load_model(self._module, weights, strict=False, device=str(self.device))
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        check_loaded(ckpt_dir, missing, unexpected)
         state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -155,6 +155,7 @@ class DeepSpeedEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         ds = self._require_setup()
+        self.save_adapter(ckpt_dir)
         ds.save_checkpoint(str(ckpt_dir), tag=TAG)
         if self.dist.is_main:
             meta = {"tag": TAG, "zero_stage": self.stage, "world_size": self.dist.world_size, "precision": self.precision}
@@ -195,6 +196,19 @@ class DeepSpeedEngine(Engine):
         out: dict[str, torch.Tensor] = {}
         for key, tensor in self._module.state_dict(keep_vars=True).items():
             out[key] = full[id(tensor)] if id(tensor) in full else tensor.detach().to("cpu", copy=True)
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 master values of the trainable parameters, each gathered from its ZeRO
+        partitions (collective): a ZeRO-3 rank's own tensors are empty placeholders."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self._require_setup()
+        out = {}
+        for name, p in self._module.named_parameters():  # the same order on every rank: the gathers pair up
+            if p.requires_grad:
+                value = safe_get_full_fp32_param(p) if self.stage > 0 or hasattr(p, "_hp_mapping") else None
+                out[name] = (value if value is not None else p.detach()).to("cpu", torch.float32, copy=True)
         return out
 
     def _require_setup(self) -> Any:

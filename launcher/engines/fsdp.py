@@ -104,6 +104,7 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         optimizer, scheduler = self._require_setup()
+        self.save_adapter(ckpt_dir)
         model_sd, optim_sd = get_state_dict(self._model, optimizer)
         with _single_process_ok():
             dcp.save({MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
@@ -137,6 +138,15 @@ class FSDPEngine(Engine):
         # Gathered one tensor at a time and moved to CPU: never the whole model on one device.
         return get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, p in self._model.named_parameters():  # the same order on every rank: the gathers pair up
+            if p.requires_grad:
+                out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
+        return out
+
     def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         if self.optimizer is None or self.scheduler is None:
             raise RuntimeError("Engine.setup(total_steps) must be called first")
@@ -159,11 +169,15 @@ def apply_fully_shard(
 
     mesh = build_mesh(dist, device, hybrid)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    # FSDP2 shards floating-point tensors only. QLoRA's packed 4-bit weights (uint8) stay whole on
+    # every rank: measured on CPU, sharding them in a float storage trains different (wrong)
+    # numbers, while leaving them out trains exactly as DDP.
+    ignored = {p for p in model.parameters() if not p.is_floating_point()} or None
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, ignored_params=ignored)
     # The root: embeddings, final norm and head (tied or not). It runs last in forward and first in
     # backward, so resharding it after forward would only all-gather it again at once.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
     # transformers' generate() then keeps every rank stepping until all are done (synced_gpus):
     # a rank that stopped early would leave the others waiting in an all-gather.
     model._is_fsdp_managed_module = True

@@ -22,6 +22,7 @@ from launcher.engines.base import (
     apply_activation_checkpointing,
     build_optimizer,
     build_scheduler,
+    check_loaded,
     trainable_parameters,
 )
 
@@ -82,6 +83,7 @@ class SingleEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
+        self.save_adapter(ckpt_dir)
         save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
         state: dict[str, Any] = {
             "optimizer": optimizer.state_dict(),
@@ -93,10 +95,7 @@ class SingleEngine(Engine):
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
         missing, unexpected = load_model(self._model, ckpt_dir / WEIGHTS_FILE, strict=False, device=str(self.device))
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        check_loaded(ckpt_dir, missing, unexpected)
         state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

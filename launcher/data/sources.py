@@ -1,0 +1,209 @@
+"""Where rows come from: local files and folders (JSONL, JSON, Parquet, CSV), or a hub dataset.
+
+Every reader yields :class:`Row` (a value plus the file and 1-based row it came from) or, for a row
+that cannot be read, a :class:`~launcher.data.DataError` naming both, so the caller applies
+``on_error``. Problems with a whole file (missing, not a list, unreadable Parquet) raise at once.
+
+Row numbers are what a person looks up: the line in a JSONL or CSV file (CSV: the line the row
+ends on), the list index in a JSON file, the row index in a Parquet file or hub split.
+
+Hub datasets (``hub:ORG/NAME``) are a thin, separate path through ``datasets.load_dataset``; they
+need the network (or the datasets cache) and are not exercised by the test suite.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from launcher.data import DataError
+
+HUB_PREFIX = "hub:"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class Row:
+    path: str
+    number: int  # 1-based; see the module docstring
+    value: Any
+
+
+def is_hub(path: str) -> bool:
+    return path.startswith(HUB_PREFIX)
+
+
+def hub_id(path: str) -> str:
+    return path[len(HUB_PREFIX) :]
+
+
+# --------------------------------------------------------------------------------------------
+# local files
+
+
+def source_files(path: str) -> list[Path]:
+    """The data files behind a local source: the file itself, or a folder's files with a known
+    suffix (recursively, sorted, hidden ones skipped)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(
+            f for f in p.rglob("*")
+            if f.is_file() and f.suffix in LOCAL_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )  # fmt: skip
+        if not files:
+            raise DataError(f"{path}: folder holds no data files ({', '.join(LOCAL_SUFFIXES)})")
+        return files
+    raise DataError(f"{path}: data file not found")
+
+
+def read_rows(path: str) -> Iterator[Row | DataError]:
+    """Rows of one local file, by suffix: .json (one top-level list), .parquet, .csv; anything else
+    is read as JSONL."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: data file not found")
+    readers = {".json": _read_json_list, ".parquet": _read_parquet, ".csv": _read_csv}
+    yield from readers.get(file.suffix, _read_jsonl)(path)
+
+
+def _read_jsonl(path: str) -> Iterator[Row | DataError]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield DataError(f"{path}, row {number}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():  # blank lines (a trailing newline, separators) are not rows
+                continue
+            try:
+                yield Row(path, number, json.loads(line))
+            except json.JSONDecodeError as e:
+                yield DataError(f"{path}, row {number}: invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_json_list(path: str) -> Iterator[Row]:
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(value).__name__}")
+    for number, item in enumerate(value, start=1):
+        yield Row(path, number, item)
+
+
+def _read_parquet(path: str) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096):  # Arrow strings are valid UTF-8 by construction
+        for value in batch.to_pylist():
+            number += 1
+            yield Row(path, number, value)
+
+
+def _read_csv(path: str) -> Iterator[Row | DataError]:
+    """A header line, then one row per record. Bytes that are not UTF-8 are kept as surrogates while
+    parsing so one bad row is reported (and skippable) on its own."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for value in reader:
+            number = reader.line_num
+            if None in value:  # more cells than header names
+                yield DataError(f"{path}, row {number}: {len(value[None])} more cell(s) than the header has columns")
+                continue
+            bad = next((k for k, v in value.items() if _has_surrogates(k) or _has_surrogates(v)), None)
+            if bad is not None:
+                yield DataError(f"{path}, row {number}: not valid UTF-8 (in column {bad.encode('utf-8', 'replace').decode()!r})")
+                continue
+            yield Row(path, number, value)
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: invalid CSV ({e})") from None
+
+
+def _has_surrogates(text: Any) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# content identity (the cache key)
+
+
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """sha256 of a file's bytes. With ``memo_dir``, remembered by (path, size, mtime, inode), so a
+    rerun over unchanged files does not read them again."""
+    st = path.stat()
+    memo = None
+    if memo_dir is not None:
+        stamp = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()
+        memo = memo_dir / hashlib.sha256(stamp).hexdigest()
+        if memo.is_file():
+            return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(value)
+        os.replace(tmp, memo)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# hub datasets (online users; not reachable from the test suite)
+
+_HUB_LOADED: dict[str, Any] = {}
+
+
+def load_hub_dataset(path: str, hub_args: dict[str, str]) -> Any:
+    """``datasets.load_dataset(ORG/NAME, split="train", **hub_args)``, once per process."""
+    memo = json.dumps([path, sorted(hub_args.items())])
+    if memo not in _HUB_LOADED:
+        try:
+            from datasets import load_dataset
+
+            _HUB_LOADED[memo] = load_dataset(hub_id(path), **{"split": "train", **hub_args})
+        except Exception as e:  # no network, no such dataset or split, a gated dataset
+            raise DataError(f"{path}: cannot load the hub dataset ({type(e).__name__}: {e})") from None
+    return _HUB_LOADED[memo]
+
+
+def read_hub_rows(path: str, hub_args: dict[str, str]) -> Iterator[Row]:
+    for number, value in enumerate(load_hub_dataset(path, hub_args), start=1):
+        yield Row(path, number, value)
+
+
+def hub_fingerprint(path: str, hub_args: dict[str, str]) -> str:
+    """What the datasets library computed from the loaded split's content."""
+    dataset = load_hub_dataset(path, hub_args)
+    return str(getattr(dataset, "_fingerprint", "")) or f"{path}:{sorted(hub_args.items())}"

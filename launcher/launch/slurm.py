@@ -1,0 +1,271 @@
+"""launch=slurm: render ``job.sbatch`` into the run dir from ``slurm/job.sbatch.j2`` and submit it.
+
+:func:`render_sbatch` is pure: config in, script text out, so ``ftl plan`` can show the script and
+tests can check it (golden files, ``bash -n``, hostile strings). Every value reaches the script
+through a quoting filter; a value that reaches the output unfiltered is an error at render time,
+not a quietly unquoted word. ``launch.setup`` lines are the one deliberate exception: they are the
+user's own shell commands (module loads, environment activation) and go in verbatim.
+
+What the script does on the cluster (one srun task per node running torchrun, the USR1/TERM
+handling, self-requeue) is documented in the template itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.schema import FtlConfig
+from launcher.launch.base import LaunchPlan, python, trainer_argv
+from launcher.paths import SLURM_DIR
+
+TEMPLATE = "job.sbatch.j2"
+SCRIPT_NAME = "job.sbatch"
+LOG_DIR = "logs"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIGNAL = re.compile(r"^(?:B:)?(?:SIG)?(?P<name>[A-Z0-9]+)@(?P<seconds>\d+)$")
+# torchrun waits this long (at least) for its ranks to save after SIGTERM before it kills them.
+MIN_SHUTDOWN_S = 60
+
+
+class Quoted(str):
+    """Text a filter made safe to paste into the script: the only kind the template may output."""
+
+
+class UnsafeValue(ValueError):
+    """A value that cannot go into an sbatch script safely; `field` names the config key."""
+
+    def __init__(self, message: str, field: str = "launch") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _str(value: Any) -> str:
+    import jinja2
+
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined: raises UndefinedError naming the missing variable
+    if isinstance(value, (bool, type(None))) or not isinstance(value, (str, int, float, Path)):
+        raise UnsafeValue(f"refusing to put {value!r} ({type(value).__name__}) into the script")
+    return str(value)
+
+
+def _no_newline(text: str) -> str:
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines or NUL")
+    return text
+
+
+def quote(value: Any) -> Quoted:
+    """One shell word, whatever the value holds."""
+    text = _str(value)
+    if "\0" in text:
+        raise UnsafeValue(f"{text!r}: NUL cannot be passed through a shell script")
+    return Quoted(shlex.quote(text))
+
+
+def sbatch_value(value: Any) -> Quoted:
+    """A value on an ``#SBATCH`` line. sbatch reads these lines with its own parser: quotes as in
+    the shell, but a backslash escapes the next character even inside single quotes, so it is
+    doubled; a newline would end the directive and start a new one, so it is refused."""
+    return Quoted(quote(_no_newline(_str(value))).replace("\\", "\\\\"))
+
+
+def qwords(values: Any) -> Quoted:
+    """Shell words, each quoted."""
+    return Quoted(" ".join(quote(v) for v in values))
+
+
+def sbatch_words(values: Any) -> Quoted:
+    """Several arguments on one ``#SBATCH`` line (sbatch reads them all), each quoted."""
+    return Quoted(" ".join(sbatch_value(v) for v in values))
+
+
+def log_dir(run_dir: Path) -> Path:
+    """The run's logs/, which SLURM's --output takes as a filename pattern: ``%`` starts a
+    replacement (and SLURM 22.05 mangles ``%%`` escapes after the first) and a backslash turns
+    them all off, so a run dir holding either cannot name the job's log."""
+    logs = Path(run_dir) / LOG_DIR
+    if "%" in str(logs) or "\\" in str(logs):
+        raise UnsafeValue(f"{str(run_dir)!r}: with launch=slurm the run dir must not contain '%' or '\\' "
+                          "(SLURM reads the log path as a filename pattern); choose another run.name or run.dir", "run.dir")
+    return logs
+
+
+def comment(value: Any) -> Quoted:
+    """A value shown in a ``#`` comment: quoted, and one line, so that it stays a comment."""
+    return quote(_no_newline(_str(value)))
+
+
+def verbatim(value: Any) -> Quoted:
+    """A shell line of the user's own (launch.setup), deliberately unquoted: one line only."""
+    return Quoted(_no_newline(_str(value)))
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, Quoted):
+        return value
+    raise UnsafeValue(f"template bug: {value!r} reached the script without a quoting filter (q, sbatch, comment, verbatim)")
+
+
+_ENV: Any = None
+
+
+def jinja_env() -> Any:
+    """The one Jinja2 environment for sbatch scripts: undefined names are errors, nothing escapes
+    unquoted."""
+    global _ENV
+    if _ENV is None:
+        import jinja2
+
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(SLURM_DIR)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            finalize=_finalize,
+        )
+        env.filters.update(q=quote, qwords=qwords, sbatch=sbatch_value, sbatch_words=sbatch_words, comment=comment, verbatim=verbatim)
+        _ENV = env
+    return _ENV
+
+
+def warning_signal(spec: str) -> tuple[str, int]:
+    """``USR1@120`` / ``B:SIGUSR1@120`` -> ("USR1", 120): the signal SLURM sends the batch shell
+    that many seconds before the time limit."""
+    match = _SIGNAL.match(spec)
+    if not match:
+        raise UnsafeValue(f"got {spec!r}; expected SIG@SECONDS, e.g. USR1@120", "launch.signal")
+    return match["name"], int(match["seconds"])
+
+
+def nproc_per_node(cfg: FtlConfig) -> int:
+    from launcher.config.validate import procs_per_node
+
+    return procs_per_node(cfg)
+
+
+def secret_env(cfg: FtlConfig) -> dict[str, str]:
+    """launch.env entries with secret-looking names (tokens, API keys). They are never written
+    into job.sbatch: sbatch gets them in its environment and passes them on to the job."""
+    from launcher.redact import SECRET_KEY
+
+    return {k: str(v) for k, v in cfg.launch.env.items() if SECRET_KEY.search(k)}
+
+
+def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:
+    launch = cfg.launch
+    signal_name, lead_s = warning_signal(launch.signal)
+    for key in launch.env:
+        if not _ENV_NAME.match(key):
+            raise UnsafeValue(f"{key!r} is not a valid environment variable name", "launch.env")
+    logs = log_dir(run_dir)
+    secrets = secret_env(cfg)
+    return {
+        "run_name": cfg.run.name,
+        "job_name": launch.job_name or f"ftl-{cfg.run.name}",
+        "nodes": launch.nodes,
+        "gpus_per_node": launch.gpus_per_node,
+        "cpus_per_task": launch.cpus_per_task,
+        "mem": launch.mem,
+        "partition": launch.partition,
+        "account": launch.account,
+        "qos": launch.qos,
+        "time": launch.time,
+        "constraint": launch.constraint,
+        "exclusive": launch.exclusive,
+        "sbatch_args": list(launch.sbatch_args),
+        "signal_name": signal_name,
+        "signal_spec": f"B:{signal_name}@{lead_s}",
+        "lead_s": lead_s,
+        "shutdown_s": max(lead_s, MIN_SHUTDOWN_S),
+        "max_requeues": launch.max_requeues,
+        "rdzv_port": launch.rdzv_port,
+        "nproc": nproc_per_node(cfg),
+        "cpu_threads": cfg.train.device != "cuda" and "OMP_NUM_THREADS" not in launch.env,
+        "env": {k: v for k, v in sorted(launch.env.items()) if k not in secrets},
+        "secret_names": sorted(secrets),
+        "setup": list(launch.setup),
+        "run_dir": str(run_dir),
+        "script_path": str(Path(run_dir) / SCRIPT_NAME),
+        "log_dir": str(logs),
+        "batch_log": f"{logs}/slurm-%j.out",  # %j: the job id
+        "workdir": str(workdir),
+        "python": python,
+        "config_path": str(config_path),
+        "trainer_argv": trainer_argv(config_path),
+    }
+
+
+def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None) -> str:
+    """Pure: the job script for this config. ``python`` is the interpreter every node runs (ftl
+    passes its own), ``workdir`` the job's working directory (default: the current one)."""
+    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir)
+    return jinja_env().get_template(TEMPLATE).render(**values)
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
+        if any(arg == "-a" or arg.startswith(("--array", "-a")) for arg in cfg.launch.sbatch_args):
+            raise ConfigErrors([ConfigError("launch.sbatch_args", "an array job from `ftl train` would run every task in this one "
+                                            "run dir; submit slurm/train.sbatch with --array and e.g. "
+                                            "run.name='NAME-${oc.env:SLURM_ARRAY_TASK_ID}' instead")])  # fmt: skip
+        try:
+            script = render_sbatch(cfg, run_dir, config_path, python())
+        except UnsafeValue as e:
+            raise ConfigErrors([ConfigError(e.field, str(e))]) from None
+        n, per = cfg.launch.nodes, nproc_per_node(cfg)
+        sig, requeues = warning_signal(cfg.launch.signal)[0], cfg.launch.max_requeues
+        notes = [
+            f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {run_dir / LOG_DIR}",
+            f"SIG{sig} before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
+        ]
+        return LaunchPlan(
+            run_dir=run_dir,
+            commands=[["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]],
+            env=secret_env(cfg),
+            files={SCRIPT_NAME: script},
+            notes=notes,
+        )
+
+    def submit(self, plan: LaunchPlan) -> int:
+        (plan.run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
+        code = 0
+        for argv in plan.commands:
+            code, job_id = run_sbatch(argv, plan.env)
+            if code:
+                return code
+            print(job_id)
+            print(f"ftl: submitted SLURM job {job_id}; logs in {plan.run_dir / LOG_DIR} "
+                  f"(squeue -j {job_id}, scancel {job_id})", file=sys.stderr)  # fmt: skip
+        return code
+
+
+def run_sbatch(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run sbatch (an argument list, no shell) with `env` added to this environment, which sbatch
+    hands on to the job: (0, job id) or (1, "") with the reason printed."""
+    try:
+        proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        print(f"ftl: `{argv[0]}` not found: launch=slurm needs the SLURM client commands on PATH "
+              "(use `ftl plan` to only see the job script)", file=sys.stderr)  # fmt: skip
+        return 1, ""
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
+        print(f"ftl: {shlex.join(argv)} failed: {detail}", file=sys.stderr)
+        return 1, ""
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        print(f"ftl: sbatch printed no job id: {proc.stdout.strip()!r}", file=sys.stderr)
+        return 1, ""
+    return 0, job_id

@@ -1,0 +1,74 @@
+"""``python -m launcher.launch.slurm_job OVERRIDES...``: the plain-sbatch path (slurm/train.sbatch).
+
+Run inside a SLURM batch job, it does what ``ftl train ... launch=slurm`` does before submitting:
+compose and validate the config from the overrides (with launch=slurm and the allocation's node
+and GPU counts) and write the run dir with config.yaml and job.sbatch. Then it execs
+``bash job.sbatch`` in its own process, the job's batch shell, so the signals SLURM sends that
+shell reach the script's traps: a job submitted by hand runs the very same srun/torchrun/signal/
+requeue logic as one ftl submits. Exit codes (when it does not exec): 2 invalid config, 1 not
+inside a SLURM job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Optional
+
+from launcher.config.errors import EXIT_INVALID, ConfigError, ConfigErrors
+
+
+def allocation_overrides(user: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Pure: the overrides to compose with. The allocation decides nodes and GPUs per node, so its
+    values come last and win over the user's; launch=slurm is added unless the user chose it."""
+    groups = [o.split("=", 1)[1] for o in user if o.split("=", 1)[0].lstrip("+~") == "launch" and "=" in o]
+    if any(g != "slurm" for g in groups):
+        raise ConfigErrors([ConfigError("launch", f"got {groups[-1]!r}; slurm/train.sbatch runs launch=slurm")])
+    out = ([] if groups else ["launch=slurm"]) + list(user)
+    out.append(f"launch.nodes={int(environ.get('SLURM_JOB_NUM_NODES') or environ.get('SLURM_NNODES') or 1)}")
+    gpus = environ.get("SLURM_GPUS_PER_NODE", "").rsplit(":", 1)[-1]  # "8", "a100:8" or "gpu:a100:8"
+    if gpus.isdigit():
+        out.append(f"launch.gpus_per_node={gpus}")
+    return out
+
+
+def redact_override(text: str) -> str:
+    """`+launch.env.HF_TOKEN=...` as it may be shown or written: the value of a secret-looking key blanked."""
+    from launcher.redact import REDACTED, SECRET_KEY
+
+    key, eq, _ = text.partition("=")
+    return f"{key}={REDACTED}" if eq and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else text
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not os.environ.get("SLURM_JOB_ID"):
+        print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
+              "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
+        return 1
+    from launcher.cli import prepare_run
+    from launcher.launch.slurm import SCRIPT_NAME
+    from launcher.runs import write_run_dir
+
+    try:
+        overrides = allocation_overrides(args, os.environ)
+        raw, _cfg, _choices, plan, config_path = prepare_run(overrides)
+    except ConfigErrors as e:
+        print(f"ftl (slurm/train.sbatch): {e}", file=sys.stderr)
+        return EXIT_INVALID
+    changes = write_run_dir(raw, plan, config_path, ["train", *map(redact_override, overrides)])
+    for c in changes:
+        print(f"ftl: config changed since the last run in {plan.run_dir}: {c}", file=sys.stderr)
+    print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    script = str(plan.run_dir / SCRIPT_NAME)
+    # plan.env: launch.env secrets, which job.sbatch does not hold
+    os.execvpe("bash", ["bash", script], {**os.environ, **plan.env})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""Per-device memory of a fine-tuning run, from the config alone: pure arithmetic, no torch.
+
+``ftl plan`` prints these estimates and refuses (exit 2) a GPU job whose estimate exceeds
+``launch.gpu_mem_gb``. Quantities are bytes on one device (one rank). Ψ is a parameter count,
+N the number of ranks a sharded state is split over, T = micro_batch_size × seq_len the tokens of
+one micro-batch, h/i/V/L the hidden size, MLP size, vocabulary and layer count.
+
+Model states: parameters, gradients, optimizer
+----------------------------------------------
+The ZeRO paper (Rajbhandari et al., SC'20, §3.1, §5.1) counts mixed-precision Adam as
+2Ψ (16-bit params) + 2Ψ (16-bit grads) + KΨ (fp32 master params, momentum, variance: K = 12);
+stage 1 divides the K term by N, stage 2 also the gradients, stage 3 also the parameters
+(:func:`zero_model_states`). ftl's engines keep different things, so :func:`estimate` is exact per
+engine (b = 2 in bf16/fp16, 4 in fp32):
+
+* single, ddp: the model is loaded in fp32 and the forward runs under autocast, so there is no
+  master copy: params 4Ψ, grads 4Ψ, AdamW exp_avg + exp_avg_sq 8Ψ (16Ψ, in fp32 training too).
+* deepspeed: DeepSpeed casts the module to b and clones an fp32 master partition at every stage
+  from 1, in fp32 training too (``stage_1_and_2.py``; ``stage3.py`` means to reuse an fp32
+  partition but compares a torch.device with a string, so it never does: measured on 0.19.8).
+  Params bΨ (÷N at stage 3), grads bΨ ÷N (stage 1 holds all of them until the accumulation
+  boundary when grad_accum > 1; stage 3 accumulates in the model dtype, DeepSpeed's default
+  ``grad_accum_dtype``), optimizer (4 + 8)Ψ/N; stage 0 (fp32 only in ftl) steps AdamW on the
+  model's own weights: 8Ψ.
+* fsdp (FSDP2, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): the sharded
+  parameters stay fp32: params 4Ψ/N, grads 4Ψ/N, AdamW 8Ψ/N. With grad_accum > 1 the engine
+  turns gradient sync off between micro-batches, and FSDP2 then keeps every layer's *unsharded*
+  gradient, upcast to the fp32 reduce dtype (``FSDPParam.to_accumulated_grad_if_needed``): +4Ψ.
+* LoRA: the adapters train (rules above, with DeepSpeed's cast to b; elsewhere PEFT keeps adapters
+  in fp32) and the base is frozen, stored in the compute dtype (no grads, no optimizer states).
+  QLoRA stores the decoder's linear weights as NF4/FP4: 0.5 B/param plus one fp32 absmax per
+  64-weight block (+4/64 B), or with double quantization an 8-bit absmax (+1/64 B) and one fp32
+  constant per 256 blocks (+4/16384 B) (Dettmers et al. 2023, §2-3); embeddings, head and norms
+  stay in the compute dtype.
+* Offload (ZeRO-Offload/Infinity): offloaded states live in host memory, reported per node.
+
+Activations
+-----------
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1)
+count the tensors each layer saves for backward (sbh(34 + 5as/h) bytes for a GPT layer in 16-bit).
+Adapted to a Llama-style decoder as ftl runs it, with a = compute bytes, r = bytes of the residual
+stream (4 when autocast runs over fp32 weights, else a), per layer:
+
+* attention, a·T·6h: the q/k/v input, q, k and v (GQA keys and values expanded to h by
+  ``repeat_kv``, which transformers does whenever a padding mask is passed), the SDPA output and
+  the o_proj input. SDPA's memory-efficient kernel saves no s×s scores (no 5as/h term, no dropout),
+  but converts the boolean padding mask to an additive one per call: a·B·S².
+* SwiGLU MLP, a·T·(h + 4i): the gate/up input, gate and up outputs, SiLU output, their product.
+* two RMSNorms, 2·(4 + r)·T·h: the fp32 upcast input and the normalised output.
+* LoRA, per adapted linear: the dropout mask (1 B) and lora_A's input (a) of size T·d_in when
+  lora dropout > 0, and lora_A's output a·T·r.
+
+Without activation checkpointing all L layers hold theirs; with it (HF's per-layer checkpointing)
+each layer keeps its input r·T·h and one layer at a time is recomputed: L·r·T·h + one layer.
+Outside the layers: the final norm and head input (4 + r + a)·T·h, and the loss: the logits in
+the compute dtype and, as ``causal_lm_loss`` upcasts to fp32, the fp32 log-softmax output, its
+gradient and the upcast logits' gradient alive together in backward: T·V·(a + 12). For small
+models with large vocabularies this term dominates. Autocast also saves the bf16 copy of every
+fp32 weight a matmul used: 2·(linear weights + head) without checkpointing, 2·(one layer + head)
+with it.
+
+Buffers and workspace
+---------------------
+Engine working sets: DDP's bucket copy of the gradients (4Ψ: ``gradient_as_bucket_view`` is off);
+DeepSpeed's reduce bucket (reduce_bucket_size = h² elements, as ftl sets it); ZeRO-3 gathers the
+largest leaf module plus the prefetch bucket (0.9h²) and holds that module's full gradient before
+reduce-scatter; FSDP2 keeps the root (embeddings, head) unsharded for the whole step (the engine
+sets ``reshard_after_forward=False`` on it) plus two gathered layers (all L without
+``reshard_after_forward``), and a layer's unsharded grads with their fp32 reduce copy; QLoRA
+dequantizes one weight at a time. The optimizer step runs after the activations are freed; its
+temporaries (torch's foreach AdamW allocates one param-sized fp32 tensor, DeepSpeed also an fp32
+copy of the gradient partition, in sub-groups of 1e9 at stage 3) count only where they exceed the
+activations. On a GPU a fixed 1 GiB covers the CUDA context, cuBLAS workspace and NCCL buffers,
+and 10% of everything else covers the caching allocator's fragmentation and the backward's
+gradient temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from launcher.config.schema import ArchConfig
+
+GiB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FP32 = 4
+ADAM_MOMENTS = 8  # exp_avg + exp_avg_sq, fp32 (torch.optim.AdamW and DeepSpeedCPUAdam)
+ZERO_K = 12  # the ZeRO paper's K for mixed-precision Adam: fp32 master + two moments
+LOSS_EXTRA_PER_LOGIT = 12  # fp32 log-softmax output + its grad + the upcast logits' grad
+FIXED_GPU_OVERHEAD = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL buffers
+FRAGMENTATION = 0.10
+ZERO3_SUB_GROUP = 10**9  # DeepSpeed's default sub_group_size: the optimizer steps in chunks of it
+NF4_BYTES = 0.5
+QUANT_BLOCK, DOUBLE_QUANT_BLOCK = 64, 256
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STRATEGY_ROWS = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")  # in order of cost
+
+
+# --------------------------------------------------------------------------------------------
+# parameter counts
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a Llama-family decoder (Llama, Mistral, Qwen2), by the part they sit in."""
+
+    embed: int  # V·h
+    head: int  # V·h; 0 when tied to the embeddings
+    layer_linear: int  # one decoder layer's q, k, v, o, gate, up, down weights
+    layer_other: int  # one layer's two norms (+ Qwen2's q/k/v biases)
+    final_norm: int
+    num_layers: int
+    largest_linear: int  # the largest single weight matrix in a layer
+
+    @property
+    def layer(self) -> int:
+        return self.layer_linear + self.layer_other
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.layer + self.embed + self.head + self.final_norm
+
+    @property
+    def linear(self) -> int:
+        return self.num_layers * self.layer_linear
+
+    @property
+    def root(self) -> int:
+        """What FSDP wraps in the root unit: everything outside the decoder layers."""
+        return self.embed + self.head + self.final_norm
+
+
+def linear_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of one decoder layer."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_kv_heads * (h // arch.num_heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+
+def param_counts(arch: ArchConfig) -> ParamCounts:
+    h = arch.hidden_size
+    shapes = linear_shapes(arch)
+    kv = shapes["k_proj"][1]
+    other = 2 * h + (h + 2 * kv if arch.model_type == "qwen2" else 0)
+    embed = arch.vocab_size * h
+    return ParamCounts(
+        embed=embed, head=0 if arch.tie_embeddings else embed,
+        layer_linear=sum(a * b for a, b in shapes.values()), layer_other=other, final_norm=h,
+        num_layers=arch.num_layers, largest_linear=max(a * b for a, b in shapes.values()),
+    )  # fmt: skip
+
+
+def resolve_lora_targets(targets: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(known, unknown) module names. ``all-linear`` is PEFT's shorthand for every linear layer
+    but the output head; a short name (``q``) means ``q_proj``."""
+    known: list[str] = []
+    unknown: list[str] = []
+    for t in targets:
+        names = list(LINEAR_MODULES) if t == "all-linear" else [t if t in ("lm_head",) or t.endswith("_proj") else f"{t}_proj"]
+        for name in names:
+            if name not in LINEAR_MODULES and name != "lm_head":
+                unknown.append(t)
+            elif name not in known:
+                known.append(name)
+    return known, unknown
+
+
+def lora_param_count(arch: ArchConfig, r: int, targets: list[str] | tuple[str, ...],
+                     modules_to_save: list[str] | tuple[str, ...] = ()) -> int:  # fmt: skip
+    """Trainable parameters of LoRA: r·(d_in + d_out) per adapted linear (A is r×d_in, B is
+    d_out×r), plus a full trainable copy of each module in ``modules_to_save`` (lm_head,
+    embed_tokens)."""
+    known, _ = resolve_lora_targets(targets)
+    shapes = linear_shapes(arch)
+    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in known if n in shapes)
+    total = arch.num_layers * per_layer
+    if "lm_head" in known:
+        total += r * (arch.hidden_size + arch.vocab_size)
+    embed = arch.vocab_size * arch.hidden_size
+    total += sum(embed for m in modules_to_save if m in ("lm_head", "embed_tokens"))
+    return total
+
+
+def quantized_bytes_per_param(double_quant: bool) -> float:
+    """NF4/FP4 storage per weight with its block constants (QLoRA, Dettmers et al. 2023)."""
+    if double_quant:
+        return NF4_BYTES + 1 / QUANT_BLOCK + FP32 / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK)
+    return NF4_BYTES + FP32 / QUANT_BLOCK
+
+
+def zero_model_states(psi: float, dp: int, stage: int, k: int = ZERO_K) -> float:
+    """The ZeRO paper's model-state bytes per device: (2 + 2 + K)Ψ with 16-bit params and grads,
+    the optimizer term ÷ N_d from stage 1, the gradients from stage 2, the parameters at stage 3."""
+    params = 2 * psi / (dp if stage >= 3 else 1)
+    grads = 2 * psi / (dp if stage >= 2 else 1)
+    optim = k * psi / (dp if stage >= 1 else 1)
+    return params + grads + optim
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class Peft:
+    method: str = "none"  # none | lora | qlora
+    r: int = 16
+    targets: tuple[str, ...] = ("all-linear",)
+    modules_to_save: tuple[str, ...] = ()
+    dropout: float = 0.05
+    double_quant: bool = True
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one rank computes: the model, the micro-batch and how it trains."""
+
+    arch: ArchConfig
+    micro_batch: int
+    seq_len: int
+    grad_accum: int = 1
+    precision: str = "bf16"  # resolved: fp32 | bf16 | fp16
+    activation_checkpointing: bool = False
+    peft: Peft = field(default_factory=Peft)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the engine places model states over ranks."""
+
+    name: str  # single | ddp | zero0-3 | zero3_offload | fsdp (a row label)
+    engine: str  # single | ddp | deepspeed | fsdp
+    world: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    shard: int = 0  # ranks a sharded state is split over; 0: the world (fsdp hybrid: ranks per node)
+    reshard_after_forward: bool = True
+
+    @property
+    def n(self) -> int:
+        return max(1, self.shard or self.world)
+
+
+def layout_named(name: str, world: int, shard: int = 0) -> Layout:
+    """The layout of a conf/strategy option (ddp, zero1, ..., fsdp) at a world size."""
+    if name in ("single", "ddp", "fsdp"):
+        return Layout(name, name, world, shard=shard)
+    if name == "zero3_offload":
+        return Layout(name, "deepspeed", world, zero_stage=3, offload_optimizer=True, offload_params=True)
+    if name.startswith("zero") and name[4:].isdigit():
+        return Layout(name, "deepspeed", world, zero_stage=int(name[4:]))
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# the estimate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per device, by category, with the arithmetic behind each in ``details``."""
+
+    label: str
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+    host: float = 0.0  # host (CPU) memory per rank holding offloaded states
+    details: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.buffers
+
+    def fits(self, limit_bytes: float) -> bool:
+        return self.total <= limit_bytes
+
+
+def gib(x: float) -> str:
+    """Bytes as GiB with three significant digits (one decimal from 100 GiB up)."""
+    v = x / GiB
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
+def fmt_bytes(x: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: '1.87 GiB', '533 KiB'."""
+    for unit, div in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= div:
+            v = x / div
+            return f"{v:.1f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+@dataclass(frozen=True)
+class _States:
+    params: float
+    grads: float
+    optimizer: float
+    host: float
+    persistent: float  # engine buffers alive all the time (DDP buckets, DeepSpeed's reduce bucket)
+    working: float  # engine working set during forward/backward (gathers, unsharded grads)
+    step: float  # optimizer-step temporaries (after activations are freed)
+    details: dict[str, str]
+
+
+def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
+    """Peak bytes on one device for workload ``w`` under layout ``lay``: model states + the larger
+    of (activations + working set) and the step's temporaries + fixed overhead + fragmentation."""
+    notes: list[str] = []
+    if w.peft.method != "none":
+        _, unknown = resolve_lora_targets(w.peft.targets)
+        if unknown:
+            notes.append(f"LoRA targets not in a Llama-style layer, not counted: {', '.join(unknown)}")
+    st = _model_states(w, lay)
+    act, act_detail = _activations(w, lay)
+    fixed = FIXED_GPU_OVERHEAD if on_gpu else 0.0
+    working = max(st.working, st.step - act)
+    base = st.params + st.grads + st.optimizer + act + st.persistent + working
+    frag = FRAGMENTATION * base
+    buffers = st.persistent + working + fixed + frag
+    parts = [f"engine {fmt_bytes(st.persistent + working)}", *([f"CUDA/NCCL {fmt_bytes(fixed)}"] if fixed else []),
+             f"{FRAGMENTATION:.0%} fragmentation {fmt_bytes(frag)}"]
+    details = {**st.details, "activations": act_detail, "buffers": " + ".join(parts)}
+    if st.host:
+        notes.append(f"offloaded to host memory: {fmt_bytes(st.host)} per rank (pinned)")
+    label = lay.name if w.peft.method == "none" else f"{w.peft.method} r={w.peft.r} · {lay.name}"
+    return Estimate(label, st.params, st.grads, st.optimizer, act, buffers, st.host, details, tuple(notes))
+
+
+def _model_states(w: Workload, lay: Layout) -> _States:
+    pc = param_counts(w.arch)
+    c = DTYPE_BYTES[w.precision]
+    h = w.arch.hidden_size
+    n = lay.n
+    peft = w.peft.method != "none"
+    trainable = lora_param_count(w.arch, w.peft.r, w.peft.targets, w.peft.modules_to_save) if peft else pc.total
+    psi = _count(trainable)
+    # Frozen base (LoRA/QLoRA): bytes it takes in total, before any sharding.
+    frozen, frozen_text = 0.0, ""
+    if w.peft.method == "lora":
+        fb = c
+        frozen, frozen_text = fb * pc.total, f"frozen base {fb} B × {_count(pc.total)}"
+    elif w.peft.method == "qlora":
+        q = quantized_bytes_per_param(w.peft.double_quant)
+        rest = pc.total - pc.linear
+        frozen = q * pc.linear + c * rest
+        frozen_text = f"frozen base {q:.3f} B × {_count(pc.linear)} quantized + {c} B × {_count(rest)}"
+    d: dict[str, str] = {}
+    persistent = working = step = host = 0.0
+
+    if lay.engine in ("single", "ddp") or (lay.engine == "fsdp" and lay.world == 1):
+        # ftl loads fp32 weights and autocasts; PEFT keeps adapters in fp32.
+        params, grads, optim = FP32 * trainable, FP32 * trainable, ADAM_MOMENTS * trainable
+        d["params"] = f"fp32 {4} B × {psi}" + (f" trainable + {frozen_text}" if peft else "")
+        d["grads"] = f"fp32 4 B × {psi}"
+        d["optimizer"] = f"AdamW moments 8 B × {psi} (fp32 weights: no master copy)"
+        params += frozen
+        if lay.engine == "ddp" and lay.world > 1:
+            persistent = FP32 * trainable  # the reducer's bucket copy of every gradient
+        step = FP32 * trainable  # foreach AdamW's param-sized temporary
+
+    elif lay.engine == "deepspeed":
+        b = c
+        s = lay.zero_stage
+        # Parameters smaller than stage3_param_persistence_threshold (10h: norms, biases) stay whole.
+        small = pc.num_layers * pc.layer_other + pc.final_norm if not peft else 0
+        p_div = n if s >= 3 else 1
+        # Stage 1 reduces at the accumulation boundary only: until then each rank holds every
+        # gradient (reduce_ready_partitions_and_remove_grads); with no accumulation it keeps its
+        # partition, as stage 2 does.
+        g_div = n if (s >= 2 or (s == 1 and w.grad_accum == 1)) else 1
+        master = 0 if s == 0 else FP32
+        params = b * ((trainable - small) / p_div + small) + frozen / p_div
+        grads = b * trainable / g_div
+        optim = (master + ADAM_MOMENTS) * trainable / (n if s >= 1 else 1)
+        d["params"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if s >= 3 else "") + (f" + {frozen_text}" + (f" / {n}" if s >= 3 else "") if peft else "")
+        d["grads"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if g_div > 1 else "")
+        d["optimizer"] = (f"{'fp32 master + ' if master else ''}AdamW moments {master + ADAM_MOMENTS} B × {psi}" + (f" / {n}" if s >= 1 else ""))
+        if lay.offload_optimizer:
+            # The gradient partition accumulates in host memory too: in the model dtype at stage 3
+            # (grad_partitions_flat_buffer), in fp32 at stage 2.
+            host_grads = (b if s >= 3 else FP32) * trainable / n if s >= 2 else 0.0
+            host += optim + host_grads
+            if s >= 2:
+                grads = 0.0
+                d["grads"] = f"partition in host memory ({fmt_bytes(host_grads)})"
+            d["optimizer"] = f"in host memory ({fmt_bytes(optim)})"
+            optim = 0.0
+        if lay.offload_params and s >= 3:
+            moved = params - b * small
+            host += moved
+            params = b * small
+            d["params"] = f"in host memory ({fmt_bytes(moved)}); norms stay on the GPU"
+        persistent = b * h * h if s >= 1 else 0  # reduce bucket: reduce_bucket_size = h² (ftl's default)
+        if s >= 3:
+            leaf = max(pc.embed, pc.head, pc.largest_linear)
+            leaf_grad = leaf if not peft else 0
+            working = b * (leaf + 0.9 * h * h) + b * leaf_grad
+        if not lay.offload_optimizer:
+            part = trainable / (n if s >= 1 else 1)
+            chunk = min(part, ZERO3_SUB_GROUP) if s >= 3 else part
+            step = FP32 * chunk + (FP32 * chunk if s >= 1 else 0)  # foreach temp + fp32 grad copy
+
+    elif lay.engine == "fsdp":
+        cdt = c  # MixedPrecisionPolicy param_dtype (fp32 when precision is fp32)
+        params = FP32 * trainable / n + frozen / n
+        grads = FP32 * trainable / n
+        optim = ADAM_MOMENTS * trainable / n
+        d["params"] = f"fp32 4 B × {psi} / {n}" + (f" + {frozen_text} / {n}" if peft else "")
+        d["grads"] = f"fp32 4 B × {psi} / {n}"
+        d["optimizer"] = f"AdamW moments 8 B × {psi} / {n}"
+        if w.grad_accum > 1:  # no sync within the window: FSDP2 keeps every full gradient, in fp32
+            grads = FP32 * trainable
+            d["grads"] = f"unsharded fp32 4 B × {psi}: grad_accum {w.grad_accum} runs without gradient sync"
+        frozen_per_param = (frozen / pc.total) if peft else 0.0
+        gathered_layers = 2 if lay.reshard_after_forward else pc.num_layers
+        root_bytes = cdt * pc.root if not peft else frozen_per_param * pc.root
+        layer_bytes = cdt * pc.layer if not peft else frozen_per_param * pc.layer
+        root_grads = cdt * pc.root if not peft else 0
+        layer_grads = (cdt + (FP32 if cdt < FP32 else 0)) * pc.layer if not peft else 0
+        working = root_bytes + root_grads + gathered_layers * layer_bytes + layer_grads
+        step = FP32 * trainable / n
+
+    else:
+        raise ValueError(f"unknown engine {lay.engine!r}")
+
+    if w.peft.method == "qlora":
+        working += c * pc.largest_linear  # one dequantized weight at a time
+    return _States(params, grads, optim, host, persistent, working, step, d)
+
+
+def _dt(b: int) -> str:
+    return "fp32" if b == FP32 else "bf16"
+
+
+def _autocasts(lay: Layout) -> bool:
+    """Engines that keep fp32 weights and autocast the forward (the others cast the model)."""
+    return lay.engine in ("single", "ddp") or (lay.engine == "fsdp" and lay.world == 1)
+
+
+def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
+    a = w.arch
+    pc = param_counts(a)
+    c = DTYPE_BYTES[w.precision]
+    t, h, i = w.tokens, a.hidden_size, a.intermediate_size
+    full_ft = w.peft.method == "none"
+    # fp32 weights under autocast give an fp32 residual stream; a cast model gives a c one.
+    r = FP32 if (_autocasts(lay) and full_ft) else c
+    mask = c * w.micro_batch * w.seq_len**2
+    layer = c * t * (7 * h + 4 * i) + 2 * (FP32 + r) * t * h + mask
+    if not full_ft:
+        known, _ = resolve_lora_targets(w.peft.targets)
+        shapes = linear_shapes(a)
+        drop = (c + 1) if w.peft.dropout > 0 else 0
+        layer += sum(drop * t * shapes[m][0] + c * t * w.peft.r for m in known if m in shapes)
+    if w.activation_checkpointing:
+        layers = pc.num_layers * r * t * h + layer
+        layers_text = f"checkpointed inputs {fmt_bytes(pc.num_layers * r * t * h)} + one layer {fmt_bytes(layer)}"
+    else:
+        layers = pc.num_layers * layer
+        layers_text = f"{pc.num_layers} layers × {fmt_bytes(layer)}"
+    outside = (FP32 + r + c) * t * h
+    logits = t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT)
+    copies = 0.0
+    if _autocasts(lay) and full_ft and c < FP32:
+        head = pc.head or pc.embed
+        copies = c * ((pc.layer_linear if w.activation_checkpointing else pc.linear) + head)
+    text = f"{layers_text} + logits/loss {fmt_bytes(logits)} ({t} tokens × {a.vocab_size} vocab × {c + LOSS_EXTRA_PER_LOGIT} B)"
+    if copies:
+        text += f" + autocast weight copies {fmt_bytes(copies)}"
+    return layers + outside + logits + copies, text
+
+
+# --------------------------------------------------------------------------------------------
+# looking for something that fits
+
+
+@dataclass(frozen=True)
+class Alternative:
+    overrides: tuple[str, ...]  # Hydra overrides that make the job fit
+    estimate: Estimate
+
+
+def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
+                 rows: tuple[str, ...] = STRATEGY_ROWS) -> list[Alternative]:  # fmt: skip
+    """Changes that fit in ``limit`` bytes, cheapest first, at most one of each kind: another
+    strategy (same batch), activation checkpointing and/or a smaller micro-batch with more
+    accumulation (same strategy, same global batch), and LoRA/QLoRA when full fine-tuning."""
+    out: list[Alternative] = []
+    names = [n for n in rows if n != lay.name and not (n == "ddp" and lay.world == 1)]
+    for name in names:
+        e = estimate(w, replace(layout_named(name, lay.world, lay.shard), reshard_after_forward=lay.reshard_after_forward), on_gpu=on_gpu)
+        if e.fits(limit):
+            out.append(Alternative((f"strategy={name}",), e))
+            break
+    # The largest micro-batch that fits (more accumulation keeps the global batch), turning
+    # activation checkpointing on before halving it.
+    mb = w.micro_batch
+    done = False
+    while mb >= 1 and not done:
+        for ac in dict.fromkeys((w.activation_checkpointing, True)):
+            if (mb, ac) == (w.micro_batch, w.activation_checkpointing):
+                continue
+            cand = replace(w, micro_batch=mb, activation_checkpointing=ac, grad_accum=math.ceil(w.micro_batch * w.grad_accum / mb))
+            e = estimate(cand, lay, on_gpu=on_gpu)
+            if e.fits(limit):
+                ov = [] if ac == w.activation_checkpointing else ["strategy.activation_checkpointing=true"]
+                if mb != w.micro_batch:
+                    ov += [f"train.micro_batch_size={mb}", f"train.grad_accum={cand.grad_accum}"]
+                out.append(Alternative(tuple(ov), e))
+                done = True
+                break
+        mb //= 2
+    if not out and w.peft.method == "none":
+        for method in ("lora", "qlora"):
+            e = estimate(replace(w, peft=Peft(method)), lay, on_gpu=on_gpu)
+            if e.fits(limit):
+                out.append(Alternative((f"peft={method}",), e))
+                break
+    return out
+
+
+__all__ = [
+    "Alternative", "Estimate", "GiB", "Layout", "ParamCounts", "Peft", "STRATEGY_ROWS", "Workload",
+    "alternatives", "estimate", "fmt_bytes", "gib", "layout_named", "linear_shapes", "lora_param_count",
+    "param_counts", "quantized_bytes_per_param", "resolve_lora_targets", "zero_model_states",
+]  # fmt: skip

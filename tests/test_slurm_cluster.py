@@ -1,0 +1,185 @@
+"""launch=slurm against a real SLURM cluster: the local two-node one from slurm/local-cluster.sh
+(munged, slurmctld, slurmd n1 and n2, each with its own hostname). Skipped, with the reason, when
+no cluster runs; failed instead under FTL_REQUIRE_SLURM=1 (.ci/run).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import REPO, LocalCluster, local_cluster
+
+from launcher.config.compose import compose
+from launcher.config.validate import validate
+from launcher.launch.slurm import render_sbatch
+
+pytestmark = pytest.mark.slurm
+
+FTL = [sys.executable, "-m", "launcher"]
+# No '/' (run.name), '%' or '\' (SLURM log patterns): those are refused before anything runs.
+HOSTILE_NAME = "x y'z\";$(touch CANARY)`touch CANARY`#"
+# Distributed engines may not be built yet: a topology whose engine is missing is skipped, by name.
+TOPOLOGIES = [pytest.param(1, "single", id="1node-single"), pytest.param(2, "ddp", id="2node-ddp")]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> LocalCluster:
+    return local_cluster()
+
+
+def hydra_quoted(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def need_engine(strategy: str) -> None:
+    from launcher.engines import ENGINES
+
+    engine = {"single": "single", "ddp": "ddp"}[strategy]
+    if engine not in ENGINES:
+        pytest.skip(f"strategy={strategy}: engine {engine!r} is not in this build yet (available: {', '.join(ENGINES)})")
+
+
+def assert_trained(run_dir: Path, nodes: int, steps: int) -> None:
+    logs = run_dir / "logs"
+    for node in range(nodes):
+        assert f"ftl: node {node} on n{node + 1}," in (logs / f"node-{node}.log").read_text(), f"node {node}"
+    assert not (logs / f"node-{nodes}.log").exists()
+    assert (run_dir / "checkpoints" / f"step-{steps}").is_dir(), sorted((run_dir / "checkpoints").glob("*"))
+
+
+def dump(run_dir: Path) -> str:
+    return "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*")))
+
+
+def test_sbatch_reads_hostile_directives_back_exactly(cluster, tmp_path):
+    """The #SBATCH lines go through sbatch's own parser (quotes, and backslashes even inside
+    single quotes): the job name, a --comment and the working directory must come back as given."""
+    h = "a b'c\"d;$(touch CANARY)`touch CANARY`%j\\x #y"
+    raw, _, errors = compose(["recipe=tiny", "launch=slurm"])
+    cfg, more = validate(raw)
+    assert not errors + more
+    cfg.launch.job_name = h
+    cfg.launch.sbatch_args = ["--comment", h]
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    workdir = tmp_path / h
+    workdir.mkdir()
+    script = run_dir / "job.sbatch"
+    script.write_text(render_sbatch(cfg, run_dir, run_dir / "config.yaml", sys.executable, workdir=workdir))
+    job_id = cluster.run("sbatch", "--parsable", "--hold", str(script)).stdout.strip()
+    try:
+        job = cluster.job(job_id)
+    finally:
+        cluster.run("scancel", job_id, check=False)
+    assert job.fields["JobName"] == h
+    assert job.fields["Comment"] == h
+    assert job.fields["WorkDir"] == str(workdir)
+    assert job.fields["StdOut"] == f"{run_dir}/logs/slurm-{job_id}.out"
+    assert job.fields["TimeLimit"] == "04:00:00" and job.fields["Requeue"] == "1"
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+@pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
+def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, nodes, strategy):
+    need_engine(strategy)
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
+                      "train.max_steps=5", "eval.after_training=false", f"run.name={hydra_quoted(HOSTILE_NAME)}",
+                      cwd=tmp_path, timeout=120)  # fmt: skip
+    job_id = out.stdout.strip()
+    assert job_id.isdigit(), out.stdout + out.stderr
+    job = cluster.wait(job_id, timeout=150)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name == HOSTILE_NAME
+    assert job.state == "COMPLETED", dump(run_dir)
+    assert_trained(run_dir, nodes, steps=5)
+    batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert f"on {nodes} node(s)" in batch_log and "srun exited with code 0" in batch_log
+    if nodes > 1:
+        assert "rendezvous n1:29500" in batch_log
+    assert job.fields["JobName"] == f"ftl-{HOSTILE_NAME}"
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+@pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
+def test_plain_sbatch_of_train_sbatch_runs_to_completion(cluster, tmp_path, nodes, strategy):
+    need_engine(strategy)
+    run_dir = tmp_path / "plain run"
+    out = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={tmp_path}/batch-%j.out",
+                      "slurm/train.sbatch", "recipe=tiny", f"strategy={strategy}", f"run.dir={hydra_quoted(str(run_dir))}",
+                      "train.max_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
+    job_id = out.stdout.strip()
+    job = cluster.wait(job_id, timeout=150)
+    batch_log = (tmp_path / f"batch-{job_id}.out").read_text()
+    assert job.state == "COMPLETED", batch_log + dump(run_dir)
+    assert_trained(run_dir, nodes, steps=5)
+    assert f"#SBATCH --nodes={nodes}\n" in (run_dir / "job.sbatch").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["plain run"], "one run dir"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@N sends before the time limit) mid-run:
+    the ranks on both nodes save and exit, the job requeues itself, resumes at the saved step and
+    finishes, with the same W&B run id. (One node, single engine: the array test below.)"""
+    nodes, strategy = 2, "ddp"
+    need_engine(strategy)
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
+                      "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", "wandb.mode=offline",
+                      "run.name=preempt", cwd=tmp_path, timeout=120)  # fmt: skip
+    job_id = out.stdout.strip()
+    run_dir = tmp_path / "runs" / "preempt"
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(int(p.name.split("-")[1]) >= 10 for p in ckpts.glob("step-*") if p.name.split("-")[1].isdigit()):
+        job = cluster.job(job_id)
+        assert job.state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, (job.state, dump(run_dir) if run_dir.exists() else "")
+        time.sleep(0.2)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    job = cluster.wait(job_id, timeout=150)
+    node_log = (run_dir / "logs" / "node-0.log").read_text()
+    batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, batch_log + node_log
+    assert "SIGUSR1: the ranks finish their step" in batch_log
+    assert "requeueing job" in batch_log and "requeued 1 of at most 3 times" in batch_log
+    words = " ".join(node_log.split())  # the console wraps long lines
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", words)
+    resumed = re.search(r"resuming from .*? \(step (\d+)\)", words)
+    assert stopped and resumed, node_log
+    assert 10 <= int(stopped.group(1)) < 40 and resumed.group(1) == stopped.group(1)
+    assert (ckpts / "step-40").is_dir()
+    for node in range(nodes):
+        restarts = re.findall(rf"ftl: node {node} on n{node + 1}, job {job_id}, restart (\d)", (run_dir / "logs" / f"node-{node}.log").read_text())
+        assert restarts == ["0", "1"], f"node {node} ran {restarts}"
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs), runs
+
+
+def test_array_tasks_get_their_own_runs_and_keep_their_task_id_when_requeued(cluster, tmp_path):
+    """`sbatch --array=0-1 slurm/train.sbatch ... run.name='arr-${oc.env:SLURM_ARRAY_TASK_ID}'`: one
+    run per task; task 1, stopped mid-run, requeues as task 1 and resumes its own run."""
+    out = cluster.run("sbatch", "--parsable", "--array=0-1", "--nodes=1", f"--output={tmp_path}/batch-%A_%a.out",
+                      "slurm/train.sbatch", "recipe=tiny", f"run.dir='{tmp_path}/arr-${{oc.env:SLURM_ARRAY_TASK_ID}}'",
+                      "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
+    array_id = out.stdout.strip()
+    ckpts = tmp_path / "arr-1" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(int(p.name.split("-")[1]) >= 10 for p in ckpts.glob("step-*") if p.name.split("-")[1].isdigit()):
+        job = cluster.job(f"{array_id}_1")
+        logs = "".join(p.read_text() for p in sorted(tmp_path.glob("batch-*.out")))
+        assert job.state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, (job.state, logs)
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=USR1", f"{array_id}_1")
+    tasks = [cluster.wait(f"{array_id}_{i}", timeout=150) for i in (0, 1)]
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("batch-*.out")))
+    assert [t.state for t in tasks] == ["COMPLETED", "COMPLETED"], logs
+    assert [t.fields["ArrayTaskId"] for t in tasks] == ["0", "1"]
+    assert [t.restarts for t in tasks] == [0, 1], logs
+    for i in (0, 1):
+        assert (tmp_path / f"arr-{i}" / "checkpoints" / "step-40").is_dir()
+    assert "resuming from" in (tmp_path / "arr-1" / "logs" / "node-0.log").read_text()

@@ -1,0 +1,497 @@
+"""launch=slurm without a cluster: the rendered job script (golden files, `bash -n`, quoting), and
+the script *run* with sbatch/srun/scontrol/scancel replaced by recorders on PATH, so hostile
+strings are shown to arrive as data and never execute, and the signal/requeue logic is exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.config.compose import compose
+from launcher.config.errors import ConfigErrors
+from launcher.config.schema import FtlConfig
+from launcher.config.validate import validate
+from launcher.launch.slurm import SlurmBackend, UnsafeValue, jinja_env, render_sbatch
+from launcher.launch.slurm_job import allocation_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+FTL = [sys.executable, "-m", "launcher"]
+# submitit's fixture, plus command substitution, backticks, a comment and a trailing backslash-free
+# mix; CANARY is relative, so an executed one lands in the script's working directory.
+HOSTILE = [
+    "a 0",
+    'a"=0"',
+    "a'; echo foo",
+    "a\n0",
+    "$(touch CANARY)",
+    "`touch CANARY`",
+    "x; touch CANARY #",
+    "'\"; touch CANARY; echo \"'",
+    "a && touch CANARY || touch CANARY",
+]
+SBATCH_FIELDS = ["job_name", "partition", "account", "qos", "constraint", "mem", "time"]
+
+
+def config(*overrides: str) -> FtlConfig:
+    raw, _, errors = compose(["recipe=tiny", "launch=slurm", *overrides])
+    cfg, more = validate(raw)
+    assert not errors + more, errors + more
+    return cfg
+
+
+def bash_n(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "check.sbatch"
+    path.write_text(text)
+    out = subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# golden scripts
+
+
+GOLDEN_CASES = {
+    "slurm-1node.sbatch": ["recipe=tiny", "launch=slurm"],
+    "slurm-4node.sbatch": [
+        "recipe=llama3-70b-full-zero3-multinode",
+        "launch.partition=gpu",
+        "launch.account=myproj",
+        "launch.qos=high",
+        "launch.constraint=h100",
+        "launch.mem=0",
+        "launch.signal=USR1@300",
+        "launch.max_requeues=5",
+        "launch.sbatch_args=[--mail-type,END]",
+        "launch.setup=['module load cuda/12.4','source /opt/venvs/ftl/bin/activate']",
+        "+launch.env.NCCL_DEBUG=WARN",
+        "+launch.env.HF_HOME=/scratch/hf cache",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_script(name, tmp_path):
+    raw, _, errors = compose(GOLDEN_CASES[name])
+    cfg, more = validate(raw)
+    assert not errors + more
+    run_dir = Path("/runs/golden")
+    text = render_sbatch(cfg, run_dir, run_dir / "config.yaml", "/opt/ftl/.venv/bin/python", workdir=Path("/work/ftl"))
+    bash_n(text, tmp_path)
+    path = GOLDEN / name
+    if os.environ.get("FTL_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; if on purpose, rerun with FTL_UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_golden_nodes_and_gpus():
+    one, four = ((GOLDEN / n).read_text() for n in ("slurm-1node.sbatch", "slurm-4node.sbatch"))
+    assert "#SBATCH --nodes=1\n" in one and "--gpus-per-node" not in one and "OMP_NUM_THREADS" in one
+    assert "#SBATCH --nodes=4\n" in four and "#SBATCH --gpus-per-node=8\n" in four and "#SBATCH --exclusive\n" in four
+    assert "#SBATCH --signal=B:USR1@300\n" in four and "max_requeues=5\n" in four
+    assert "\nmodule load cuda/12.4\nsource /opt/venvs/ftl/bin/activate\n" in four
+    assert "export HF_HOME='/scratch/hf cache'\n" in four
+    for text in (one, four):
+        sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        body = text[text.index(sbatch[-1]) :]
+        assert "#SBATCH" not in body.split("\n", 1)[1], "sbatch stops reading #SBATCH at the first command"
+
+
+def test_plan_for_the_multinode_recipe_is_fast_and_imports_no_torch(tmp_path):
+    # CPU seconds, imports included: wall time on a shared 2-core CI machine measures the neighbours.
+    code = (
+        "import sys, time; t = time.process_time(); from launcher.cli import main; "
+        "rc = main(['plan', 'recipe=llama3-70b-full-zero3-multinode']); "
+        "print('ELAPSED', time.process_time() - t); print('TORCH', 'torch' in sys.modules); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH False" in out.stdout
+    elapsed = float(out.stdout.split("ELAPSED ")[1].split()[0])
+    assert elapsed < 1.0, f"ftl plan took {elapsed:.2f} CPU seconds"
+    script = out.stdout.split("/job.sbatch ---\n", 1)[1].split("\n---\n", 1)[0]
+    assert "#SBATCH --nodes=4\n" in script
+    bash_n(script, tmp_path)
+    assert "command     sbatch --parsable " in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the template's own guarantees
+
+
+def test_undefined_names_and_unquoted_values_fail_the_render():
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        jinja_env().from_string("{{ nope | q }}").render()
+    with pytest.raises(UnsafeValue, match="without a quoting filter"):
+        jinja_env().from_string("echo {{ value }}").render(value="x")
+    assert jinja_env().from_string("echo {{ value | q }}").render(value="a b") == "echo 'a b'"
+
+
+@pytest.mark.parametrize("field", SBATCH_FIELDS + ["sbatch_args", "setup"])
+def test_newline_in_a_directive_or_setup_line_is_refused(field, tmp_path):
+    cfg = config()
+    setattr(cfg.launch, field, ["ok", "a\nb"] if field in ("sbatch_args", "setup") else "a\nb")
+    with pytest.raises(UnsafeValue, match="newline"):
+        render_sbatch(cfg, tmp_path, tmp_path / "config.yaml", "/bin/python", workdir=tmp_path)
+
+
+@pytest.mark.parametrize("where", ["run_dir", "workdir"])
+def test_newline_in_a_path_is_refused(where, tmp_path):
+    odd = tmp_path / "a\nb"
+    paths: dict[str, Any] = {"run_dir": tmp_path, "workdir": tmp_path, where: odd}
+    with pytest.raises(UnsafeValue, match="newline"):
+        render_sbatch(config(), paths["run_dir"], tmp_path / "config.yaml", "/bin/python", workdir=paths["workdir"])
+
+
+@pytest.mark.parametrize("name", ["50%", "a\\b"])
+def test_run_dir_slurm_reads_as_a_pattern_is_a_config_error(name, tmp_path):
+    run_dir = tmp_path / name
+    with pytest.raises(ConfigErrors, match="run.dir: .*must not contain"):
+        SlurmBackend().build(config(), run_dir, run_dir / "config.yaml")
+
+
+def test_bad_env_name_and_signal_are_config_errors(tmp_path):
+    cfg = config()
+    cfg.launch.env = {"A B": "1"}
+    with pytest.raises(ConfigErrors, match="launch.env"):
+        SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
+    cfg = config()
+    cfg.launch.signal = "USR1; touch CANARY"
+    with pytest.raises(ConfigErrors, match="launch.signal"):
+        SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
+
+
+def test_array_jobs_go_through_train_sbatch(tmp_path):
+    cfg = config()
+    cfg.launch.sbatch_args = ["--array=0-3"]
+    with pytest.raises(ConfigErrors, match="launch.sbatch_args: an array job"):
+        SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
+
+
+def test_build_is_pure_and_names_the_sbatch_command(tmp_path):
+    run_dir = tmp_path / "run"
+    plan = SlurmBackend().build(config("launch.nodes=2", "strategy=ddp"), run_dir, run_dir / "config.yaml")
+    assert plan.commands == [["sbatch", "--parsable", str(run_dir / "job.sbatch")]]
+    assert set(plan.files) == {"job.sbatch"} and "#SBATCH --nodes=2\n" in plan.files["job.sbatch"]
+    assert f"--config {run_dir / 'config.yaml'}" in plan.files["job.sbatch"]
+    assert not run_dir.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# running the script with recorders in place of the SLURM commands
+
+SHIMS = {
+    # srun: record, then (like SLURM) run the task with SLURM_NODEID set, past srun's own options.
+    "srun": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$REC/srun.args"
+printf '%s' "${WANDB_API_KEY-unset}" > "$REC/srun.secret"
+echo $$ > "$REC/srun.pid"
+[[ -n ${SHIM_NO_EXEC:-} ]] && exit 0
+while [[ $1 == -* ]]; do shift; done
+SLURM_NODEID=0 exec "$@"
+""",
+    "scontrol": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" >> "$REC/scontrol.args"
+if [[ $1 == show && $2 == hostnames ]]; then printf 'n1\nn2\n'; fi
+""",
+    # scancel --signal=URG JOB: SLURM would signal every process of the step; the task will do.
+    "scancel": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" >> "$REC/scancel.args"
+if [[ " $* " == *" --signal=URG "* ]]; then kill -URG "$(cat "$REC/srun.pid")"; fi
+""",
+    "sbatch": r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$REC/sbatch.args"
+printf '%s' "${WANDB_API_KEY-unset}" > "$REC/sbatch.secret"
+if [[ -n ${SHIM_SBATCH_FAIL:-} ]]; then echo "sbatch: error: $SHIM_SBATCH_FAIL" >&2; exit 1; fi
+echo 4242
+""",
+}
+# The "python" every node runs: records its argv and one environment variable; with SHIM_WAIT it
+# runs until SIGTERM, like a trainer, and exits 3 (torchrun's nonzero exit after a signal).
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+printf '%s\0' "$@" > "$REC/python.args"
+printf '%s' "${HOSTILE-unset}" > "$REC/python.env"
+echo "rank output"
+if [[ -n ${SHIM_WAIT:-} ]]; then
+    trap 'echo TERM >> "$REC/python.signals"; exit 3' TERM
+    touch "$REC/python.started"
+    while :; do sleep 0.05; done
+fi
+"""
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _args(path: Path) -> list[str]:
+    return path.read_text().split("\0")[:-1] if path.exists() else []
+
+
+class Recorder:
+    def __init__(self, root: Path):
+        self.root = root
+        self.bin = root / "bin"
+        self.rec = root / "rec"
+        self.rec.mkdir(parents=True)
+        for name, text in SHIMS.items():
+            _executable(self.bin / name, text)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SHIM_")) and k != "WANDB_API_KEY"}
+        return {
+            **base,
+            "PATH": f"{self.bin}:{base['PATH']}",
+            "REC": str(self.rec),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "n[1-2]",
+            "SLURM_JOB_NUM_NODES": "2",
+            **extra,
+        }
+
+    def args(self, name: str) -> list[str]:
+        return _args(self.rec / f"{name}.args")
+
+
+def _no_canary(root: Path) -> None:
+    assert not list(root.rglob("CANARY")), "a hostile string was executed"
+
+
+def hostile_setup(tmp_path: Path, h: str) -> tuple[FtlConfig, Path, Path, Path, Path]:
+    """Every templated value set to h: launch fields, env, run dir, config path, python, workdir."""
+    cfg = config()
+    for field in SBATCH_FIELDS:
+        setattr(cfg.launch, field, h)
+    cfg.launch.exclusive = True
+    cfg.launch.sbatch_args = ["--comment", h]
+    cfg.launch.env = {"HOSTILE": h}
+    cfg.run.name = h
+    run_dir = tmp_path / f"run {h}"
+    workdir = tmp_path / f"work {h}"
+    workdir.mkdir(parents=True)
+    python = _executable(tmp_path / f"py {h}" / "python", FAKE_PYTHON)
+    return cfg, run_dir, run_dir / f"config {h}.yaml", python, workdir
+
+
+@pytest.mark.parametrize("h", HOSTILE, ids=repr)
+def test_hostile_strings_are_data_never_code(h, tmp_path):
+    cfg, run_dir, config_path, python, workdir = hostile_setup(tmp_path, h)
+    if "\n" in h:  # no line of an sbatch script may hold one: #SBATCH values and comments refuse it
+        with pytest.raises(UnsafeValue, match="newline"):
+            render_sbatch(cfg, run_dir, config_path, str(python), workdir=workdir)
+        return
+    text = render_sbatch(cfg, run_dir, config_path, str(python), workdir=workdir)
+    bash_n(text, tmp_path)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    rec = Recorder(tmp_path / "shim")
+    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=workdir, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    _no_canary(tmp_path)
+
+    srun = rec.args("srun")
+    task = srun[srun.index("bash") :]
+    assert task[:5] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", str(run_dir / "logs")]
+    assert task[5:] == [
+        str(python), "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=n1:29500", "--rdzv_id=4242", "--max_restarts=0",
+        "-m", "launcher.train", "--config", str(config_path),
+    ]  # fmt: skip
+    assert rec.args("python")[-1] == str(config_path), "the rank got the config path intact"
+    assert (rec.rec / "python.env").read_text() == h, "launch.env reached the rank intact"
+    assert (run_dir / "logs" / "node-0.log").read_text().endswith(", job 4242, restart 0\nrank output\n")
+    assert rec.args("scontrol") == ["show", "hostnames", "n[1-2]"]
+    assert not rec.args("scancel") and not rec.args("sbatch")
+
+
+def test_setup_lines_run_verbatim_in_order(tmp_path):
+    cfg = config()
+    cfg.launch.setup = ["echo one > setup.log", "echo \"$SLURM_JOB_ID\" >> setup.log"]
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    rec = Recorder(tmp_path / "shim")
+    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
+
+
+# --------------------------------------------------------------------------------------------
+# signals and requeue, with the recorders
+
+
+def _run_until_signal(tmp_path: Path, sig: int, restarts: int, max_requeues: int, **env: str) -> tuple[subprocess.CompletedProcess, Recorder]:
+    cfg = config(f"launch.max_requeues={max_requeues}")
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    rec = Recorder(tmp_path / "shim")
+    env = rec.env(SHIM_WAIT="1", SLURM_RESTART_COUNT=str(restarts), **env)
+    proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (rec.rec / "python.started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), rec
+
+
+def test_warning_signal_stops_the_ranks_then_requeues(tmp_path):
+    out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=1, max_requeues=3)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert rec.args("scancel") == ["--signal=URG", "4242"], "the step is told, not this shell"
+    assert (rec.rec / "python.signals").read_text() == "TERM\n", "torchrun (here: the rank) got exactly one SIGTERM"
+    assert rec.args("scontrol")[-2:] == ["requeue", "4242"]
+    assert "requeueing job 4242 (2 of 3)" in out.stdout
+
+
+def test_an_array_task_is_signalled_and_requeued_by_its_own_task_id(tmp_path):
+    # The task that holds the array's own job id: `scancel 4242` would reach every task.
+    out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=0, max_requeues=3, SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID="1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert rec.args("scancel") == ["--signal=URG", "4242_1"]
+    assert rec.args("scontrol")[-2:] == ["requeue", "4242_1"]
+
+
+def test_no_requeue_once_the_budget_is_spent(tmp_path):
+    out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=3, max_requeues=3)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "requeue" not in rec.args("scontrol")
+    assert "launch.max_requeues=3 spent" in out.stderr
+
+
+def test_sigterm_from_slurm_waits_for_the_ranks_and_does_not_requeue(tmp_path):
+    # SLURM's own SIGTERM reaches every process; here the batch shell gets it, then the rank.
+    cfg = config()
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    rec = Recorder(tmp_path / "shim")
+    proc = subprocess.Popen(["bash", str(script)], env=rec.env(SHIM_WAIT="1"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (rec.rec / "python.started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the batch shell must outlive its ranks while they save"
+    os.kill(int((rec.rec / "srun.pid").read_text()), signal.SIGURG)  # stands in for SLURM's TERM to the step
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert "requeue" not in rec.args("scontrol") and not rec.args("scancel")
+    assert "SIGTERM from SLURM" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# submit (ftl train launch=slurm) with a recording sbatch
+
+
+def test_ftl_train_renders_and_submits_with_an_argument_list(tmp_path):
+    rec = Recorder(tmp_path / "shim")
+    name = "x y'z;$(touch CANARY)"
+    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", f"run.name='{name.replace(chr(39), chr(92) + chr(39))}'"],
+                         env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs" / name
+    assert out.stdout.strip() == "4242", "the job id, alone on stdout"
+    assert "submitted SLURM job 4242" in out.stderr
+    assert rec.args("sbatch") == ["--parsable", str(run_dir / "job.sbatch")]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "logs").is_dir()
+    assert "#SBATCH --job-name='ftl-x y'\"'\"'z;$(touch CANARY)'" in (run_dir / "job.sbatch").read_text()
+    _no_canary(tmp_path)
+
+
+def test_submit_reports_a_missing_or_failing_sbatch(tmp_path):
+    rec = Recorder(tmp_path / "shim")
+    args = [*FTL, "train", "recipe=tiny", "launch=slurm", f"run.dir={tmp_path / 'run'}"]
+    failing = subprocess.run(args, env=rec.env(SHIM_SBATCH_FAIL="invalid partition specified: nope"),
+                             cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert failing.returncode == 1 and "invalid partition specified: nope" in failing.stderr
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    missing = subprocess.run(args, env={**rec.env(), "PATH": str(empty)}, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "`sbatch` not found" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# plain sbatch: slurm/train.sbatch and launcher.launch.slurm_job
+
+
+def test_allocation_overrides():
+    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2"}) == ["launch=slurm", "recipe=tiny", "launch.nodes=2"]
+    assert allocation_overrides(["launch=slurm", "launch.nodes=8"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "h100:4"}) == [
+        "launch=slurm", "launch.nodes=8", "launch.nodes=2", "launch.gpus_per_node=4",
+    ]  # fmt: skip
+    with pytest.raises(ConfigErrors, match="runs launch=slurm"):
+        allocation_overrides(["launch=local"], {})
+
+
+def test_slurm_job_outside_slurm_says_how_to_use_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run([sys.executable, "-m", "launcher.launch.slurm_job", "recipe=tiny"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True)
+    assert out.returncode == 1 and "sbatch --nodes=N slurm/train.sbatch" in out.stderr
+
+
+def test_train_sbatch_composes_writes_the_run_dir_and_runs_the_same_script(tmp_path):
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "train.sbatch")], check=False).returncode == 0
+    rec = Recorder(tmp_path / "shim")
+    run_dir = tmp_path / "plain run"
+    env = rec.env(FTL_PYTHON=sys.executable, SHIM_NO_EXEC="1")  # nodes n1/n2 are fiction here
+    out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "recipe=tiny", "strategy=ddp", f"run.dir='{run_dir}'", "train.max_steps=3"],
+                         env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    srun = rec.args("srun")
+    assert srun[srun.index("ftl_node") + 1 :][:4] == [str(run_dir / "logs"), sys.executable, "-m", "torch.distributed.run"]
+    assert "--nnodes=2" in srun and f"{run_dir / 'config.yaml'}" in srun
+    text = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=2\n" in text, "launch.nodes came from the allocation"
+    assert "max_steps: 3" in (run_dir / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# secrets in launch.env
+
+
+SECRET = "wandb-secret-0123456789"
+
+
+def test_secrets_in_launch_env_never_reach_the_script_but_reach_the_job(tmp_path):
+    rec = Recorder(tmp_path / "shim")
+    run_dir = tmp_path / "run"
+    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", f"run.dir={run_dir}",
+                          f"+launch.env.WANDB_API_KEY={SECRET}", "+launch.env.PLAIN=visible"],
+                         env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    script = (run_dir / "job.sbatch").read_text()
+    assert "export PLAIN=visible\n" in script and "# WANDB_API_KEY: a secret, never written" in script
+    assert SECRET not in script and SECRET not in out.stderr + out.stdout
+    assert SECRET not in (run_dir / "config.yaml").read_text()
+    assert (rec.rec / "sbatch.secret").read_text() == SECRET, "sbatch passes it on to the job"
+
+
+def test_train_sbatch_hands_secrets_to_the_job_script_without_a_file(tmp_path):
+    rec = Recorder(tmp_path / "shim")
+    run_dir = tmp_path / "run"
+    env = rec.env(FTL_PYTHON=sys.executable, SHIM_NO_EXEC="1", SLURM_JOB_NUM_NODES="1")
+    out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "recipe=tiny", f"run.dir={run_dir}",
+                          f"+launch.env.WANDB_API_KEY={SECRET}"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (rec.rec / "srun.secret").read_text() == SECRET
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET in p.read_text()]
