@@ -176,6 +176,17 @@ def reduce_mean(value: float) -> float:
     return reduce_sum(value) / (torch_dist.get_world_size() if torch_dist.is_initialized() else 1)
 
 
+def check_same_on_all_ranks(value: str, what: str) -> None:
+    """Fail on every rank, naming the odd ones out, unless all ranks hold the same ``value``."""
+    if not torch_dist.is_initialized():
+        return
+    values: list[Optional[str]] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        odd = [r for r, v in enumerate(values) if v != values[0]]
+        raise RuntimeError(f"ranks disagree on the {what}: ranks {odd} differ from rank 0; start every node with the same command")
+
+
 def reduce_max(value: float) -> float:
     return _all_reduce(value, torch_dist.ReduceOp.MAX)
 

@@ -1,8 +1,11 @@
 """The per-rank entry point: ``python -m launcher.train --config RUN_DIR/config.yaml``.
 
 `ftl train` composes, validates and writes the config into the run dir; every rank (under
-torchrun, SLURM or alone) runs this module on that one file. Exit codes: 0 done, or stopped by a
-signal after a checkpoint; 1 training failed; 2 the config or the training data is unusable.
+torchrun, SLURM or alone) runs this module on that one file. Users who start torchrun themselves
+may pass Hydra overrides instead (``torchrun ... -m launcher.train recipe=X a.b=1``): each rank
+composes the same config, rank 0 writes it into the run dir, and the trainer checks that all ranks
+agree before training. Exit codes: 0 done, or stopped by a signal after a checkpoint; 1 training
+failed; 2 the config or the training data is unusable.
 """
 
 from __future__ import annotations
@@ -17,8 +20,37 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the resolved config.yaml in the run dir")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", help="the resolved config.yaml in the run dir")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher adds it
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, when no --config is given")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.overrides):
+        parser.error("give either --config RUN_DIR/config.yaml or Hydra overrides, not both")
+    return args
+
+
+def topology_from_env(environ) -> list[str]:
+    """The world torchrun started, as overrides placed before the user's (theirs win)."""
+    if "WORLD_SIZE" not in environ:
+        return []
+    world, local = int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"]))
+    if world == local:
+        return [f"launch.nproc_per_node={local}"]
+    return ["launch=torchrun", f"launch.nnodes={world // local}", f"launch.nproc_per_node={local}"]
+
+
+def config_from_overrides(overrides: list[str]):  # -> FtlConfig
+    """Compose on this rank; rank 0 writes the run dir. Composition is deterministic, and the
+    trainer verifies that every rank got the same config before the first collective that matters."""
+    import os
+
+    from launcher.cli import prepare_run
+    from launcher.runs import write_run_dir
+
+    raw, cfg, _, plan, config_path = prepare_run(topology_from_env(os.environ) + overrides)
+    if os.environ.get("RANK", "0") == "0":
+        write_run_dir(raw, plan, config_path, ["(torchrun) -m launcher.train", *overrides])
+    return cfg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -28,7 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from launcher.data import DataError
 
     try:
-        cfg = load_run_config(args.config)
+        cfg = load_run_config(args.config) if args.config else config_from_overrides(args.overrides)
     except ConfigErrors as e:
         print(f"ftl: {args.config}: {e}", file=sys.stderr)
         return EXIT_INVALID
