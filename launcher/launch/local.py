@@ -14,6 +14,10 @@ from launcher.launch.base import LaunchPlan, python, trainer_argv
 
 def _env(cfg: FtlConfig) -> dict[str, str]:
     env = dict(cfg.launch.env)
+    ifname = getattr(cfg.launch, "socket_ifname", None)
+    if ifname:
+        env.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        env.setdefault("NCCL_SOCKET_IFNAME", ifname)
     if cfg.train.device != "cuda":
         # torch would otherwise start one OpenMP thread per core in every rank and oversubscribe.
         cores = os.cpu_count() or 1
@@ -57,6 +61,10 @@ class TorchrunBackend:
             argv.append(f"--node_rank={launch.node_rank}")
         if launch.local_addr:
             argv.append(f"--local_addr={launch.local_addr}")
+            if launch.rdzv_backend == "c10d" and launch.local_addr == launch.rdzv_endpoint.rsplit(":", 1)[0].strip("[]"):
+                # c10d elects the store host by matching the endpoint against the hostname, which
+                # fails when the node is known by an address its hostname does not resolve to.
+                argv.append("--rdzv_conf=is_host=1")
         argv += trainer_argv(config_path)
         notes = []
         if launch.nnodes > 1:
