@@ -228,3 +228,33 @@ def test_zero3_offload_trains_with_adamw_numbers(zero3_run: Path, tmp_path: Path
     assert [r["step"] for r in rows] == [1, 2, 3]
     # A 3-step run has its own cosine schedule: only the first steps (warmup) share the lr.
     assert_losses_close(rows[:2], metrics(zero3_run), rel=1e-4)
+
+
+def test_export_of_a_zero3_checkpoint_loads_in_plain_transformers(zero3_run: Path, tmp_path: Path) -> None:
+    """`ftl export` of ZeRO-3 shards → a safetensors directory that transformers loads with no ftl
+    import, whose logits equal the model holding the checkpoint's consolidated weights (which
+    test_consolidation_live_and_offline_agree_for_stage0_and_stage3 shows equal the live ones)."""
+    from launcher.config.validate import load_run_config
+    from launcher.models import load_model_and_tokenizer
+
+    out = tmp_path / "hf"
+    ftl("export", str(zero3_run), "--out", str(out))
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    plain = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
+    )  # fmt: skip
+    subprocess.run([sys.executable, "-c", plain, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                   cwd=tmp_path, env=_env(), check=True, timeout=120)  # fmt: skip
+    cfg = load_run_config(zero3_run / "config.yaml")
+    torch.manual_seed(1234)  # a different init: every weight must come from the checkpoint
+    model, _ = load_model_and_tokenizer(cfg.model)
+    model.load_state_dict(consolidate_checkpoint(checkpoints_dir(zero3_run) / "step-10"))
+    with torch.no_grad():
+        live = model.eval()(ids).logits
+    assert float((torch.load(tmp_path / "logits.pt") - live).abs().max()) <= 1e-5

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
 from launcher.redact import known_secrets, redact
 
@@ -44,6 +45,10 @@ class Backend(Protocol):
 
     def submit(self, plan: LaunchPlan) -> int:
         """Start the job; return the exit code to give the user."""
+        ...
+
+    def preflight(self, cfg: FtlConfig) -> list[ConfigError]:
+        """Checks only the submitting machine can make (visible GPUs); run before anything is written."""
         ...
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
 
@@ -42,6 +43,9 @@ class LocalBackend:
     def submit(self, plan: LaunchPlan) -> int:
         return run_foreground(plan)
 
+    def preflight(self, cfg: FtlConfig) -> list[ConfigError]:
+        return gpu_errors(cfg, visible_gpus())
+
 
 class TorchrunBackend:
     name = "torchrun"
@@ -73,6 +77,28 @@ class TorchrunBackend:
 
     def submit(self, plan: LaunchPlan) -> int:
         return run_foreground(plan)
+
+    def preflight(self, cfg: FtlConfig) -> list[ConfigError]:
+        return gpu_errors(cfg, visible_gpus())
+
+
+def visible_gpus(environ: dict[str, str] | None = None) -> int:
+    """GPUs this machine shows a process, without importing torch: CUDA_VISIBLE_DEVICES when set,
+    else the NVIDIA device files."""
+    env = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"])
+    return len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+
+
+def gpu_errors(cfg: FtlConfig, gpus: int) -> list[ConfigError]:
+    """A job on this machine that asks for more GPUs than it has fails before anything starts."""
+    nproc = cfg.launch.nproc_per_node
+    if cfg.train.device == "cuda" and gpus == 0:
+        return [ConfigError("train.device", "cuda, but this machine shows no GPU (use train.device=auto or cpu)")]
+    if cfg.train.device != "cpu" and 0 < gpus < nproc:
+        return [ConfigError("launch.nproc_per_node", f"{nproc} processes but only {gpus} GPU(s) are visible on this machine")]
+    return []
 
 
 def run_foreground(plan: LaunchPlan) -> int:

@@ -238,6 +238,9 @@ class SlurmBackend:
             notes=notes,
         )
 
+    def preflight(self, cfg: FtlConfig) -> list[ConfigError]:
+        return []  # the job runs on the allocation's nodes, not on this one
+
     def submit(self, plan: LaunchPlan) -> int:
         (plan.run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
         code = 0
