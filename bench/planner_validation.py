@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,8 +73,11 @@ def predicted(cfg: Any, precision: str) -> dict[str, float]:
     from launcher.memory import estimate
     from launcher.planner import layout_of, workload_of
 
-    e = estimate(workload_of(cfg, precision), layout_of(cfg), on_gpu=False)
-    return {"params": e.params, "states": e.model_states + e.host}
+    w, lay = workload_of(cfg, precision), layout_of(cfg)
+    e = estimate(w, lay, on_gpu=False)
+    # params: the partition each rank owns, wherever it lives (offload puts it in host memory)
+    partition = estimate(w, replace(lay, offload_params=False, offload_optimizer=False), on_gpu=False)
+    return {"params": partition.params, "states": e.model_states + e.host}
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,16 +23,22 @@ engine (b = 2 in bf16/fp16, 4 in fp32):
   ``grad_accum_dtype``), optimizer (4 + 8)Ψ/N; stage 0 (fp32 only in ftl) steps AdamW on the
   model's own weights: 8Ψ.
 * fsdp (FSDP2, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): the sharded
-  parameters stay fp32: params 4Ψ/N, grads 4Ψ/N, AdamW 8Ψ/N. With grad_accum > 1 the engine
-  turns gradient sync off between micro-batches, and FSDP2 then keeps every layer's *unsharded*
-  gradient, upcast to the fp32 reduce dtype (``FSDPParam.to_accumulated_grad_if_needed``): +4Ψ.
+  parameters stay fp32: params 4Ψ/N, grads 4Ψ/N, AdamW 8Ψ/N. The engine reduce-scatters after
+  every micro-batch, so gradients stay sharded under grad_accum > 1 too.
 * LoRA: the adapters train (rules above, with DeepSpeed's cast to b; elsewhere PEFT keeps adapters
   in fp32) and the base is frozen, stored in the compute dtype (no grads, no optimizer states).
+  The trainer does not wire PEFT yet: this assumes it will load the frozen base in that dtype.
   QLoRA stores the decoder's linear weights as NF4/FP4: 0.5 B/param plus one fp32 absmax per
   64-weight block (+4/64 B), or with double quantization an 8-bit absmax (+1/64 B) and one fp32
   constant per 256 blocks (+4/16384 B) (Dettmers et al. 2023, §2-3); embeddings, head and norms
   stay in the compute dtype.
-* Offload (ZeRO-Offload/Infinity): offloaded states live in host memory, reported per node.
+* Offload (ZeRO-Offload/Infinity): offloaded states live in host memory (reported per rank, not
+  counted against the GPU): the parameter partition (b), the fp32 master and moments (12), and
+  the gradient partition, at stage 3 both in the model dtype and as the pinned fp32 copy
+  DeepSpeedCPUAdam steps on (b + 4): (2b + 16)Ψ/N in all.
+
+``bench/planner_validation.py`` checks these model-state bytes against what the real engines hold
+per rank (2 CPU ranks, tiny Llama and SmolLM2, fp32 and bf16): within 1% for every strategy.
 
 Activations
 -----------
@@ -398,9 +404,10 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         d["grads"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if g_div > 1 else "")
         d["optimizer"] = (f"{'fp32 master + ' if master else ''}AdamW moments {master + ADAM_MOMENTS} B × {psi}" + (f" / {n}" if s >= 1 else ""))
         if lay.offload_optimizer:
-            # The gradient partition accumulates in host memory too: in the model dtype at stage 3
-            # (grad_partitions_flat_buffer), in fp32 at stage 2.
-            host_grads = (b if s >= 3 else FP32) * trainable / n if s >= 2 else 0.0
+            # The gradient partition lives in host memory too: at stage 3 DeepSpeed accumulates it
+            # in the model dtype (grad_partitions_flat_buffer) and keeps a pinned fp32 copy for
+            # DeepSpeedCPUAdam (fp32_partitioned_groups_flat[i].grad); stage 2 keeps the fp32 one.
+            host_grads = ((b if s >= 3 else 0) + FP32) * trainable / n if s >= 2 else 0.0
             host += optim + host_grads
             if s >= 2:
                 grads = 0.0
@@ -430,9 +437,6 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         d["params"] = f"fp32 4 B × {psi} / {n}" + (f" + {frozen_text} / {n}" if peft else "")
         d["grads"] = f"fp32 4 B × {psi} / {n}"
         d["optimizer"] = f"AdamW moments 8 B × {psi} / {n}"
-        if w.grad_accum > 1:  # no sync within the window: FSDP2 keeps every full gradient, in fp32
-            grads = FP32 * trainable
-            d["grads"] = f"unsharded fp32 4 B × {psi}: grad_accum {w.grad_accum} runs without gradient sync"
         frozen_per_param = (frozen / pc.total) if peft else 0.0
         gathered_layers = 2 if lay.reshard_after_forward else pc.num_layers
         root_bytes = cdt * pc.root if not peft else frozen_per_param * pc.root

@@ -57,7 +57,8 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
         ("batch", f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "
                   f"= global batch {gb} sequences (≤ {gb * t.seq_len:,} tokens at seq_len {t.seq_len})"),
         ("schedule", f"lr {t.lr:g} {t.schedule}, warmup {t.warmup_steps}, {steps}, grad_clip {t.grad_clip:g}, seed {t.seed}"),
-        ("checkpoint", f"every {cfg.checkpoint.every_steps or 'end only'} step(s), keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}"),
+        ("checkpoint", (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end only")
+                       + f", keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}"),
         ("wandb", f"{cfg.wandb.mode} (project {cfg.wandb.project})"),
     ]
 
@@ -152,6 +153,7 @@ def memory_lines(report: MemoryReport) -> list[str]:
         cells = "".join(f"{_num(v / div):>9}" for v in values)
         out.append(f"  {row.label:<{width}}{cells}  {'yes' if row.fits(report.limit) else 'no'}{'   <- chosen' if chosen else ''}")
     out.append(f"  ({unit} per device at the peak; offloaded states sit in host memory and are not counted)")
+    out += [f"  {row.label}: {note}" for row, chosen in report.rows if not chosen for note in row.notes]
     return out
 
 
@@ -162,10 +164,13 @@ def _num(v: float) -> str:
 def memory_verdict(report: MemoryReport) -> str:
     """One line: fits, or won't fit and what would."""
     e, limit = report.chosen, report.limit / GiB
+    if not report.on_gpu:
+        return f"{fmt_bytes(e.total)} per process ({e.label}); a CPU run: launch.gpu_mem_gb is not checked"
     if report.fits:
-        return f"fits: {fmt_bytes(e.total)} per {'GPU' if report.on_gpu else 'process'} ≤ {limit:g} GiB ({e.label})"
+        return f"fits: {fmt_bytes(e.total)} per GPU ≤ {limit:g} GiB ({e.label})"
     head = f"won't fit: {gib(e.total)} GiB per GPU > {limit:g} GiB ({e.label})"
     if not report.alternatives:
-        return head + "; nothing tried fits (another strategy, activation checkpointing, micro_batch_size=1, LoRA/QLoRA): use more GPUs"
-    fixes = [f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives]
-    return head + "; fits with " + ", or ".join(fixes)
+        fix = "; nothing tried fits (other strategies, activation checkpointing, micro_batch_size=1, LoRA/QLoRA): use more GPUs"
+    else:
+        fix = "; fits with " + ", or ".join(f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives)
+    return head + fix + ("" if report.checked else " [launch.check_memory=false: not refused]")

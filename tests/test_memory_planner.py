@@ -77,9 +77,9 @@ def test_autocast_engines_keep_16_bytes_per_param_and_no_master_copy():
         assert (e.params, e.grads, e.optimizer) == (4 * psi, 4 * psi, 8 * psi)
     fsdp = estimate(w, layout_named("fsdp", 8))
     assert fsdp.model_states == pytest.approx(16 * psi / 8)
-    # Accumulating without sync, FSDP2 keeps every unsharded gradient in fp32.
+    # The engine reduce-scatters every micro-batch: accumulation keeps gradients sharded.
     accum = estimate(replace(w, grad_accum=2), layout_named("fsdp", 8))
-    assert accum.grads == pytest.approx(4 * psi)
+    assert accum.grads == pytest.approx(4 * psi / 8)
 
 
 @pytest.mark.parametrize("model, expected", [
@@ -166,7 +166,7 @@ def test_every_shipped_recipe_plans_and_fits(recipe):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     assert "--- memory" in out.stdout
     verdict = next(line for line in out.stdout.splitlines() if line.startswith("memory "))
-    assert " fits: " in verdict, verdict
+    assert " fits: " in verdict or "a CPU run" in verdict, verdict
     print(f"{recipe}: {verdict.split(None, 1)[1]}")
 
 
@@ -221,3 +221,19 @@ def test_layout_of_unknown_strategy_is_an_error():
         layout_named("zero9x", 2)
     assert Layout("fsdp", "fsdp", world=16, shard=8).n == 8
     assert Peft().method == "none"
+
+
+# --------------------------------------------------------------------------------------------
+# the planner against the engines (bench/planner_validation.py, a quick subset)
+
+
+def test_planner_validation_quick_subset():
+    """Real engines on 2 gloo ranks: predicted model-state bytes per rank within 10% of what the
+    processes hold (in practice within 1%). The full table: `python bench/planner_validation.py`."""
+    pytest.importorskip("deepspeed")
+    cmd = [sys.executable, str(ROOT / "bench" / "planner_validation.py"), "--quick", "--precisions", "bf16",
+           "--cases", "single", "zero3", "fsdp_accum2", "--timeout", "240"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("tiny ") == 3

@@ -71,9 +71,9 @@ class FSDPEngine(Engine):
         return super().autocast()
 
     def grad_sync(self, sync: bool) -> ContextManager[object]:
-        if self.sharded:
-            # False: accumulate unsharded gradients locally; the last micro-batch reduce-scatters them all.
-            self._model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        # Reduce-scatter after every micro-batch, as torchtitan does: skipping the sync would make
+        # FSDP2 hold every layer's *unsharded* fp32 gradient until the window ends (4 bytes per
+        # parameter on every rank, the memory that sharding exists to save).
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
