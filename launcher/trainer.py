@@ -29,7 +29,7 @@ from launcher.data import IGNORE_INDEX, DataError, collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs, model_inputs
 from launcher.distributed import (
-    DistInfo, any_rank, autocast_dtype, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
+    DistInfo, any_rank, autocast_dtype, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
 from launcher.engines import Engine, build_engine
 from launcher.models import count_parameters
@@ -45,6 +45,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
         self.dist = init_distributed(cfg.launch, self.device)
+        check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
         model, self.tokenizer = build_model(cfg, self.device)
         self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
@@ -112,6 +113,7 @@ class Trainer:
                 loss = causal_lm_loss(logits, batch["labels"], num_tokens)
                 self.engine.backward(loss)
             loss_sum += loss.detach()
+            del logits, loss  # or this micro-batch's logits live on through the next forward
         lr = self.engine.lr
         grad_norm = self.engine.step()
         self.step += 1
@@ -171,6 +173,18 @@ class Trainer:
 def run_dir_of(cfg: FtlConfig) -> Path:
     """The launcher chooses the run dir once and writes it into the config every rank reads."""
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def config_digest(cfg: FtlConfig) -> str:
+    """What every rank must agree on: the whole config but `launch`, whose node rank, address and
+    network interface differ from node to node by design (torchrun checks the topology itself)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    data = dataclasses.asdict(cfg)
+    del data["launch"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def seed_everything(seed: int) -> None:

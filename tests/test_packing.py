@@ -67,6 +67,13 @@ def loss_and_grads(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[
     return total, num_tokens, [p.grad.clone() for p in model.parameters()]
 
 
+def pack_dataset_rows(packs: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Packs as the trainer reads them (with position_ids), from the cache or from memory."""
+    from launcher.data.packing import PackedExamples
+
+    return list(PackedExamples(packs))
+
+
 # --------------------------------------------------------------------------------------------
 # the gate
 
@@ -89,12 +96,6 @@ def test_packed_loss_and_grads_equal_unpacked(tok: Any, examples: list[dict[str,
         assert abs(loss - want_loss) <= 1e-5, (name, loss, want_loss)
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def pack_dataset_rows(packs: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
-    from launcher.data.packing import PackedExamples
-
-    return list(PackedExamples(packs))
 
 
 def test_the_gate_catches_contamination(tok: Any, examples: list[dict[str, list[int]]]) -> None:
@@ -197,3 +198,20 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_sample_on_every_rank(wo
             resumed.seek(*state)
             assert [resumed.take(batch) for _ in range(12 - cut)] == draws[cut:], (rank, cut)
     assert len(epoch_reads) == len(set(epoch_reads)) == (size // world) * world
+
+
+def test_data_bench_runs_in_quick_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/data_bench.py --quick: the table comes out (timings are not asserted)."""
+    import importlib.util
+
+    from launcher.paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("data_bench", ROOT / "bench" / "data_bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "efficiency" in out and "synthetic 2k" in out and "demo" in out
+    assert {r["data"] for r in rows} == {"demo", "synthetic 2k"}
+    assert all(0.9 < r["efficiency"] <= r["bound"] + 1e-9 <= 1 + 1e-9 for r in rows)

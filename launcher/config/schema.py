@@ -232,7 +232,8 @@ class TorchrunLaunch(LaunchBase):
     rdzv_backend: str = choice("c10d", "c10d", "static")
     rdzv_id: str = "ftl"
     max_restarts: int = ranged(0, 0)
-    local_addr: Optional[str] = None
+    local_addr: Optional[str] = None  # this node's address, when the hostname resolves elsewhere
+    socket_ifname: Optional[str] = None  # network interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)
 
 
 @dataclass

@@ -34,7 +34,11 @@ class RowError(ValueError):
 
 
 class Format(Protocol):
-    """One data format: parse a raw row, then encode the parsed record to (input_ids, labels)."""
+    """One data format: parse a raw row, then encode the parsed record to (input_ids, labels).
+
+    Optional: ``chat_template`` (the Jinja text it renders with, kept for generation at eval) and
+    ``conversation(record)`` (the messages evaluation generates from; default: the record itself,
+    which for chat and instruction is already a message list)."""
 
     def parse(self, row: Any) -> Any:
         """Validate and normalise one row; raise RowError saying what is wrong."""

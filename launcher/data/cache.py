@@ -267,6 +267,8 @@ def build_once(
                 if marker.is_file():
                     return False
                 failed.unlink(missing_ok=True)
+                for leftover in directory.parent.glob(f".{directory.name}.tmp-*"):  # a killed builder's; we hold the lock
+                    shutil.rmtree(leftover, ignore_errors=True)
                 _build_atomically(directory, build, failed)
                 return True
             finally:

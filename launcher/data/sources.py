@@ -157,12 +157,12 @@ def _has_surrogates(text: Any) -> bool:
 
 
 def file_digest(path: Path, memo_dir: Path | None = None) -> str:
-    """sha256 of a file's bytes. With ``memo_dir``, remembered by (path, size, mtime, inode), so a
-    rerun over unchanged files does not read them again."""
+    """sha256 of a file's bytes. With ``memo_dir``, remembered by (path, size, mtime, ctime, inode),
+    so a rerun over unchanged files does not read them again."""
     st = path.stat()
     memo = None
     if memo_dir is not None:
-        stamp = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()
+        stamp = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}".encode()
         memo = memo_dir / hashlib.sha256(stamp).hexdigest()
         if memo.is_file():
             return memo.read_text().strip()
