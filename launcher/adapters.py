@@ -6,9 +6,9 @@
   frozen base as frozen ones.
 * QLoRA loads the base in 4 bit (:func:`quantization_config`, bitsandbytes NF4/FP4) and prepares
   it for k-bit training first. The packed 4-bit weights are stored in ``uint8`` unless the engine
-  partitions every parameter (ZeRO-3), which only partitions floating-point tensors: there they are
-  stored in the training dtype (``bnb_4bit_quant_storage``). FSDP2 never shards an integer tensor:
-  the FSDP engine leaves uint8 4-bit weights replicated and shards the rest.
+  shards every parameter (FSDP2, ZeRO-3), which only shards floating-point tensors: there they are
+  stored in the dtype the engine trains in (``bnb_4bit_quant_storage``), so no cast touches their
+  bits. With ``peft.quant_storage=uint8`` the FSDP engine leaves them whole on every rank.
 * Every checkpoint of a PEFT run holds ``adapter/`` in PEFT's ``save_pretrained`` format
   (``adapter_config.json`` + ``adapter_model.safetensors``), written on rank 0 from the *gathered*
   values of the trainable parameters (:meth:`launcher.engines.base.Engine.trainable_state_dict`):
@@ -54,12 +54,12 @@ def is_peft_model(model: Any) -> bool:
 
 def resolve_quant_storage(peft_cfg: Any, strategy: Any, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype the packed 4-bit weights are stored in: ``peft.quant_storage``, or for ``auto``
-    uint8, except under ZeRO-3 (which partitions floating-point tensors only), where it is the
-    dtype the engine trains in, so the 4-bit weights are partitioned like every other parameter."""
+    uint8, except under FSDP and ZeRO-3 (which shard floating-point tensors only), where it is the
+    dtype the engine trains in, so the 4-bit weights are sharded like every other parameter."""
     choice = getattr(peft_cfg, "quant_storage", "auto")
     if choice != "auto":
         return DTYPES[choice]
-    if strategy.engine == "deepspeed" and strategy.zero_stage == 3:
+    if strategy.engine == "fsdp" or (strategy.engine == "deepspeed" and strategy.zero_stage == 3):
         return compute_dtype or torch.float32
     return torch.uint8
 
@@ -77,6 +77,16 @@ def quantization_config(peft_cfg: Any, strategy: Any, compute_dtype: Optional[to
         bnb_4bit_compute_dtype=DTYPES[peft_cfg.compute_dtype],
         bnb_4bit_quant_storage=resolve_quant_storage(peft_cfg, strategy, compute_dtype),
     )
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel the first time the
+    layer runs in eval mode without gradients (an eval during training). The weights then no
+    longer train correctly (measured: the next step's gradients change), and under FSDP/ZeRO-3 the
+    repacked tensor is a gathered copy. A model being trained keeps its training layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def build_lora_config(peft_cfg: Any, base_model_name_or_path: Optional[str] = None) -> Any:
@@ -108,6 +118,7 @@ def apply_peft(model: Any, peft_cfg: Any) -> Any:
         # Freezes the base and keeps norms and embeddings in fp32. Activation checkpointing is the
         # engine's (strategy.activation_checkpointing, non-reentrant: frozen inputs need no grads).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
     name_or_path = getattr(model, "name_or_path", None) or None
     return get_peft_model(model, build_lora_config(peft_cfg, name_or_path))
 

@@ -88,16 +88,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         from launcher.multirun import run_multirun
 
         return run_multirun(args.overrides, lambda ov: _train_once(ov, args))
-    return _train_once(args.overrides, args)
+    import os
+
+    from launcher.sweep import run_trial, sweep_trial
+
+    trial = sweep_trial(args.overrides, os.environ)  # started by a W&B sweep agent: its run dir, its run id
+    if trial is not None and not args.cfg:
+        return run_trial(trial, lambda ov: _train_once(ov, args), os.environ)
+    return _train_once(trial.overrides if trial else args.overrides, args)
 
 
 def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     if args.cfg:
         return _print_cfg(overrides, args.cfg)
     from launcher.launch import get_backend
-    from launcher.runs import write_run_dir
-
     from launcher.planner import memory_report, memory_verdict
+    from launcher.runs import write_run_dir
 
     raw, cfg, _, plan, config_path = prepare_run(overrides)
     report = memory_report(cfg)
@@ -105,6 +111,10 @@ def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
         print(f"ftl train: {memory_verdict(report)}; `ftl plan` shows the estimate "
               "(launch.check_memory=false skips this check)", file=sys.stderr)  # fmt: skip
         return EXIT_INVALID
+    backend = get_backend(cfg.launch.backend)
+    errors = backend.preflight(cfg)  # what only this machine can tell, e.g. how many GPUs it has
+    if errors:
+        raise ConfigErrors(errors)
     changes = write_run_dir(raw, plan, config_path, ["train", *overrides])
     if changes:
         print(f"ftl: {plan.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
@@ -113,7 +123,7 @@ def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)
     for line in plan.shell_lines():
         print(f"ftl: launching {line}", file=sys.stderr)
-    return get_backend(cfg.launch.backend).submit(plan)
+    return backend.submit(plan)
 
 
 def _print_cfg(overrides: list[str], which: str) -> int:
@@ -123,6 +133,18 @@ def _print_cfg(overrides: list[str], which: str) -> int:
     raw, _, _ = _load(overrides)
     print(OmegaConf.to_yaml(OmegaConf.create(raw)), end="")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher import sweep
+
+    if args.action == "create":
+        return sweep.create(args.target, args.overrides, args.out, args.offline)
+    if args.action == "agent":
+        return (sweep.offline_agent if args.offline else sweep.agent)(args.target, args.overrides)
+    from launcher.sweep_optuna import run_optuna
+
+    return run_optuna(args.target, args.overrides, lambda ov: _train_once(ov, argparse.Namespace(cfg=None)))
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -152,13 +174,29 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]:
+    """``merge_lora=true``-style settings after a command's path (the form `ftl train` overrides
+    take), for the boolean options in ``known``."""
+    from launcher.config.errors import ConfigError
+
+    values = dict(known)
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or key not in known or value.lower() not in ("true", "false"):
+            raise ConfigErrors([ConfigError(token, f"expected one of {', '.join(f'{k}=true|false' for k in known)}")])
+        values[key] = value.lower() == "true"
+    return values
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import ExportInputError, export_checkpoint
 
+    merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
         export_checkpoint(
             Path(args.path), Path(args.out) if args.out else None, max_shard_size=args.max_shard_size,
             dtype=args.dtype, overwrite=args.overwrite, config=Path(args.config) if args.config else None,
+            merge_lora=merge,
         )  # fmt: skip
     except ExportInputError as e:
         print(f"ftl export: {e}", file=sys.stderr)
@@ -167,6 +205,81 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"ftl export: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.config.validate import validated
+    from launcher.eval_run import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
+    from launcher.inference import ModelInputError
+
+    try:
+        raw, run_dir, step = eval_config(Path(args.model), args.overrides)
+        raw = as_eval_config(raw)
+        cfg = validated(raw)
+        out = Path(args.out).expanduser().resolve() if args.out else default_out(Path(args.model), run_dir, step)
+        job = write_job(out, Path(args.model), raw, args.baseline, run_dir, step)
+        return launch(job, cfg)
+    except (EvalInputError, ModelInputError) as e:
+        print(f"ftl eval: {e}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _load_for_generation(args: argparse.Namespace) -> Any:
+    import torch
+
+    from launcher.inference import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(Path(args.model), device=device)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from launcher.inference import ModelInputError, stream_reply
+
+    try:
+        loaded = _load_for_generation(args)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        stream_reply(loaded, messages, **_generation_kwargs(args))
+    except ModelInputError as e:
+        print(f"ftl generate: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from launcher.inference import ModelInputError, chat_loop
+
+    try:
+        loaded = _load_for_generation(args)
+    except ModelInputError as e:
+        print(f"ftl chat: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"ftl chat: {loaded.description}. /reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+
+    def read_line() -> str | None:
+        line = sys.stdin.readline()
+        return line if line else None
+
+    def prompt() -> None:
+        print("you> " if interactive else "", end="", file=sys.stderr, flush=True)
+
+    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **_generation_kwargs(args))
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--config", help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
+    p.add_argument("--merge-lora", action="store_true", help="LoRA/QLoRA runs: merge the adapter into the base weights "
+                   "(default: export the adapter with a reference to its base)")  # fmt: skip
+    p.add_argument("settings", nargs="*", metavar="merge_lora=true", help="the same as --merge-lora, in override form")
+    p = add("eval", cmd_eval, "perplexity, ROUGE and BLEU of a run, checkpoint or export on held-out data (optionally vs its base)", overrides=False)
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (eval.max_batches=4, launch.nproc_per_node=2); "
+                   "for an export, " + OVERRIDES_HELP)  # fmt: skip
+    p.add_argument("--baseline", nargs="?", const="auto", metavar="PATH",
+                   help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
+                   "base by default, or the model at PATH")  # fmt: skip
+    p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
+    p = add("generate", cmd_generate, "answer one prompt with a run, checkpoint or export, streaming tokens", overrides=False)
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
+    p.add_argument("prompt", help="the user message")
+    _add_generation_args(p)
+    p = add("chat", cmd_chat, "chat with a run, checkpoint or export: one user turn per line of stdin", overrides=False)
+    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
+    _add_generation_args(p)
     p = add("recipes", cmd_recipes, "list the shipped recipes", overrides=False)
     p.add_argument("-v", "--verbose", action="store_true", help="show each recipe's command")
+    p = add("sweep", cmd_sweep, "hyperparameter sweeps: W&B (create, agent; trials as SLURM jobs) or offline (agent --offline, optuna)", overrides=False)
+    p.add_argument("action", choices=["create", "agent", "optuna"], help="create SPEC | agent SWEEP_ID count=K | agent --offline SPEC count=K | optuna SPEC count=K")
+    p.add_argument("target", metavar="SPEC_OR_SWEEP_ID", help="a sweep in conf/sweep/ or a spec file; for `agent`, a W&B sweep id")
+    p.add_argument("overrides", nargs="*", help="count=K (agent, optuna), seed=N (optuna), and Hydra overrides every trial adds")
+    p.add_argument("--offline", action="store_true", help="create: only write the config; agent: draw trials with W&B's search engine, no server")
+    p.add_argument("--out", help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)")
     return parser
 
 

@@ -7,6 +7,19 @@ every rank's DCP shards for fsdp, ZeRO partitions for deepspeed. The model is bu
 device from the run's config.yaml (no weights are initialised or read twice), takes the tensors
 by assignment, and is written as size-sharded safetensors with the tokenizer and its chat
 template: plain ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it.
+
+LoRA/QLoRA runs (every checkpoint holds ``adapter/``, gathered from all ranks):
+
+* ``merge_lora``: the adapter merged into the base weights (PEFT's ``merge_and_unload``), written
+  as the plain Hugging Face directory above. LoRA merges into the base weights the checkpoint
+  holds; QLoRA into the full-precision base rebuilt from the run's model config (the 4-bit
+  weights it trained against are an approximation of those).
+* otherwise: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and the
+  tokenizer, with ``base_model_name_or_path`` naming the base: ``model.path`` (and ``revision``)
+  for ``model.source=hf``; for ``smollm2`` the converted directory in ftl's cache
+  (``$FTL_CACHE/smollm2-135m-instruct``, which ``ftl train`` creates); for ``random`` (a base that
+  exists nowhere else) the base itself, exported into ``OUT/base``.
+  ``peft.AutoPeftModelForCausalLM.from_pretrained(out)`` loads it.
 """
 
 from __future__ import annotations
@@ -113,6 +126,7 @@ def export_checkpoint(
     dtype: str = "auto",
     overwrite: bool = False,
     config: Optional[Path] = None,
+    merge_lora: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     shard_bytes = parse_size(max_shard_size)
@@ -124,26 +138,88 @@ def export_checkpoint(
         raise ExportInputError(f"{out} exists and is not empty (pass --overwrite or another --out)")
 
     cfg = load_export_config(source.config_path)
-    if cfg.peft.method != "none":
-        raise ExportInputError(f"{source.run_dir} trained peft.method={cfg.peft.method}: exporting adapters (merge_lora) is not supported yet")
     engine = source.engine or cfg.strategy.engine
-    log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step})")
-    state_dict = consolidator(engine)(source.ckpt_dir)
-    model, tokenizer = build_hf_model(cfg, state_dict, dtype)
-    del state_dict
-
+    peft = cfg.peft.method
+    log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})")
+    if merge_lora and peft == "none":
+        log("ftl export: merge_lora ignored: this run trained every weight (peft.method=none)")
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if peft != "none" and not merge_lora:
+        base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
+        _replace(tmp, out)
+        log(f"ftl export: wrote the {peft} adapter to {out} (base: {base}); load it with "
+            f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")  # fmt: skip
+        return out
+    if peft == "none":
+        state_dict = consolidator(engine)(source.ckpt_dir)
+        model, tokenizer = build_hf_model(cfg, state_dict, dtype)
+        del state_dict
+    else:
+        model, tokenizer = merged_peft_model(source.ckpt_dir, dtype)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _replace(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"ftl export: wrote {out} ({n_params / 1e6:.2f}M params, {model.dtype}); load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")  # fmt: skip
     return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:
+    """A LoRA/QLoRA checkpoint's adapter merged into its full-precision base, in ``dtype``."""
+    import torch
+
+    from launcher.inference import load_checkpoint_model
+
+    model, tokenizer, _, _ = load_checkpoint_model(ckpt_dir, quantized=False)
+    model = model.merge_and_unload()
+    target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    model.to(target)
+    model.eval()
+    return model, tokenizer
+
+
+def export_adapter(source: ExportSource, cfg: Any, engine: str, tmp: Path, *, final_dir: Path, max_shard_size: int) -> str:
+    """The checkpoint's ``adapter/`` and the run's tokenizer into ``tmp`` (renamed to ``final_dir``
+    afterwards), ``base_model_name_or_path`` pointing at the base. Returns that reference."""
+    from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, set_adapter_base, split_peft_state_dict
+
+    adapter_dir = source.ckpt_dir / ADAPTER_DIR
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise ExportInputError(f"{source.ckpt_dir} has no {ADAPTER_DIR}/{ADAPTER_CONFIG}: written before ftl saved adapters?")
+    shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+    _, tokenizer, _ = hf_config_and_tokenizer(cfg.model)
+    _set_chat_template(tokenizer, cfg)
+    tokenizer.save_pretrained(tmp)
+    revision = None
+    if cfg.model.source == "hf":
+        path = Path(cfg.model.path).expanduser()
+        base, revision = (str(path.resolve()) if path.is_dir() else cfg.model.path), cfg.model.revision
+    elif cfg.model.source == "smollm2":
+        from launcher.smollm2 import smollm2_dir
+
+        base = str(smollm2_dir())
+    else:  # random: the base exists only in this run
+        if cfg.peft.method == "qlora":
+            from launcher.inference import build_base_from_config
+
+            model, _ = build_base_from_config(cfg, quantized=False)
+        else:
+            base_sd, _ = split_peft_state_dict(consolidator(engine)(source.ckpt_dir))
+            model, _ = build_hf_model(cfg, base_sd, "fp32")
+        model.save_pretrained(tmp / "base", safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp / "base")
+        base = str(final_dir / "base")
+    set_adapter_base(tmp, base, revision)
+    return base
 
 
 def load_export_config(path: Path) -> Any:
@@ -172,8 +248,7 @@ def build_hf_model(cfg: Any, state_dict: dict[str, Any], dtype: str) -> tuple[An
     from launcher.models import ensure_pad_token
 
     config, tokenizer, source_dir = hf_config_and_tokenizer(cfg.model)
-    if tokenizer.chat_template is None and cfg.data.chat_template:
-        tokenizer.chat_template = cfg.data.chat_template
+    _set_chat_template(tokenizer, cfg)
     ensure_pad_token(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
 
@@ -205,6 +280,14 @@ def build_hf_model(cfg: Any, state_dict: dict[str, Any], dtype: str) -> tuple[An
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def _set_chat_template(tokenizer: Any, cfg: Any) -> None:
+    """The run's data.chat_template (Jinja or a name) where the tokenizer has none."""
+    if tokenizer.chat_template is None and cfg.data.chat_template:
+        from launcher.data.templates import resolve_template
+
+        tokenizer.chat_template = resolve_template(cfg.data.chat_template, tokenizer)
 
 
 def hf_config_and_tokenizer(model_cfg: Any) -> tuple[Any, Any, Optional[str]]:

@@ -191,8 +191,8 @@ class QLoraConfig(LoraConfig):
     compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16")
     quant_storage: str = choice(
         "auto", "auto", "uint8", "bf16", "fp16", "fp32",
-        doc="dtype the packed 4-bit weights are stored in; auto: uint8, or under ZeRO-3 (which "
-        "partitions float tensors only) the training dtype",
+        doc="dtype the packed 4-bit weights are stored in; auto: uint8, or under fsdp and ZeRO-3 (which "
+        "shard float tensors) the training dtype, so they are sharded too",
     )  # fmt: skip
 
 

@@ -169,9 +169,8 @@ def apply_fully_shard(
 
     mesh = build_mesh(dist, device, hybrid)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    # FSDP2 shards floating-point tensors only. QLoRA's packed 4-bit weights (uint8) stay whole on
-    # every rank: measured on CPU, sharding them in a float storage trains different (wrong)
-    # numbers, while leaving them out trains exactly as DDP.
+    # FSDP2 shards floating-point tensors only: QLoRA's packed 4-bit weights are sharded when stored
+    # in the training dtype (peft.quant_storage=auto), and stay whole on every rank in uint8.
     ignored = {p for p in model.parameters() if not p.is_floating_point()} or None
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, ignored_params=ignored)

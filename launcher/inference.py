@@ -1,0 +1,262 @@
+"""A fine-tuned model back in memory, for `ftl eval`, `ftl generate` and `ftl chat`; streaming
+generation with a chat template.
+
+What :func:`load_model` accepts (:func:`model_kind` tells them apart):
+
+* ``hf``: a Hugging Face directory (``ftl export`` output, merged or full fine-tune; any
+  ``save_pretrained`` directory);
+* ``adapter``: a PEFT adapter directory (``ftl export`` without ``merge_lora``, or a checkpoint's
+  ``adapter/``): its base is ``adapter_config.json``'s ``base_model_name_or_path``;
+* ``checkpoint``: a run dir (its latest checkpoint) or a ``checkpoints/step-N`` dir of any engine.
+  Full fine-tunes: the engine's consolidated weights. LoRA: the base weights the checkpoint holds,
+  plus its ``adapter/``. QLoRA: the base rebuilt from the run's model config (4-bit, as trained,
+  unless ``quantized=False``), plus its ``adapter/``.
+
+PEFT models stay unmerged (``merge=True`` merges them): their base is then one
+``disable_adapter()`` away, which is what ``ftl eval --baseline`` compares against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+import torch
+
+from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, is_peft_model, read_adapter_config, split_peft_state_dict
+
+
+class ModelInputError(ValueError):
+    """The path names nothing loadable (exit 2)."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    kind: str  # hf | adapter | checkpoint
+    description: str
+    cfg: Any = None  # the run's config (checkpoint sources)
+    chat_template: Optional[str] = None  # the template to render prompts with (the tokenizer's, or the run's)
+
+    def base(self) -> contextlib.AbstractContextManager[Any]:
+        """Context in which ``model`` is its base model: PEFT adapters disabled."""
+        if is_peft_model(self.model):
+            return self.model.disable_adapter()
+        raise ModelInputError(f"{self.description} has no adapter to switch off: give the base model with --baseline PATH")
+
+
+def model_kind(path: Path) -> str:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelInputError(f"{path}: no such directory (give an export, a run dir or a checkpoint dir)")
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "hf"
+    return "checkpoint"
+
+
+def load_model(path: Path | str, *, device: torch.device | str = "cpu", merge: bool = False, quantized: bool = True) -> LoadedModel:
+    path = Path(path).expanduser().resolve()
+    kind = model_kind(path)
+    cfg = None
+    if kind == "hf":
+        model, tokenizer = _load_hf_dir(str(path), device)
+        description = f"{path} (Hugging Face directory)"
+    elif kind == "adapter":
+        model, tokenizer = load_adapter_dir(path, device)
+        description = f"{path} (adapter on {read_adapter_config(path).get('base_model_name_or_path')})"
+    else:
+        model, tokenizer, cfg, description = load_checkpoint_model(path, device=device, quantized=quantized)
+    if merge and is_peft_model(model):
+        model = model.merge_and_unload()
+    model.eval()
+    template = tokenizer.chat_template
+    if template is None and cfg is not None and cfg.data.chat_template:
+        from launcher.data.templates import resolve_template
+
+        template = resolve_template(cfg.data.chat_template, tokenizer)
+    return LoadedModel(model, tokenizer, kind, description, cfg, template)
+
+
+def _load_hf_dir(path: str, device: torch.device | str, revision: Optional[str] = None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import ensure_pad_token, load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32).to(device)
+    tokenizer = load_tokenizer(path, revision=revision)
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def load_adapter_dir(adapter_dir: Path, device: torch.device | str) -> tuple[Any, Any]:
+    config = read_adapter_config(adapter_dir)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelInputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    model, tokenizer = _load_hf_dir(base, device, revision=config.get("revision"))
+    if any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from launcher.models import ensure_pad_token, load_tokenizer
+
+        tokenizer = load_tokenizer(str(adapter_dir))  # the one the run trained with (chat template included)
+        ensure_pad_token(tokenizer)
+    return attach_adapter(model, adapter_dir).to(device), tokenizer
+
+
+def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", quantized: bool = True) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, run config, description) of a run dir or checkpoint dir."""
+    from launcher.export import ExportInputError, build_hf_model, consolidator, load_export_config, resolve_source
+
+    try:
+        source = resolve_source(path)
+        cfg = load_export_config(source.config_path)
+    except ExportInputError as e:
+        raise ModelInputError(str(e)) from None
+    engine = source.engine or cfg.strategy.engine
+    description = f"{source.ckpt_dir} (engine {engine}, step {source.step}, peft {cfg.peft.method})"
+    if cfg.peft.method == "qlora":
+        model, tokenizer = build_base_from_config(cfg, device=device, quantized=quantized)
+    else:
+        state = consolidator(engine)(source.ckpt_dir)
+        if cfg.peft.method != "none":
+            state, _ = split_peft_state_dict(state)  # the frozen base; the adapter comes from adapter/
+        model, tokenizer = build_hf_model(cfg, state, "fp32")
+        materialize_buffers(model)
+        del state
+    if cfg.peft.method != "none":
+        adapter_dir = source.ckpt_dir / ADAPTER_DIR
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
+            raise ModelInputError(f"{source.ckpt_dir} is a checkpoint of a {cfg.peft.method} run without {ADAPTER_DIR}/")
+        model = attach_adapter(model, adapter_dir)
+    return model.to(device), tokenizer, cfg, description
+
+
+def materialize_buffers(model: Any) -> Any:
+    """A model built on the meta device and given its weights by assignment (``ftl export``'s
+    way) still has meta non-persistent buffers: the rotary embeddings' frequencies, which no
+    checkpoint holds. Rebuild those modules from their config, off the meta device."""
+    for module in model.modules():
+        meta = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        if not meta:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            raise RuntimeError(f"{type(module).__name__} has buffers {meta} that no checkpoint holds")
+        fresh = type(module)(config=module.config)
+        for name in meta:
+            setattr(module, name, getattr(fresh, name))
+    return model
+
+
+def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quantized: bool = False) -> tuple[Any, Any]:
+    """The base a run started from, rebuilt from its model config (4-bit as QLoRA trained it when
+    ``quantized``). A ``model.source=random`` base comes out as it did in training: the trainer
+    builds it right after seeding every RNG with ``train.seed``, and so does this."""
+    import numpy as np
+
+    from launcher.adapters import quantization_config
+    from launcher.config.schema import SingleStrategy
+    from launcher.models import load_model_and_tokenizer
+
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    quantization = quantization_config(cfg.peft, SingleStrategy(), None) if quantized else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model, quantization=quantization, device=device)
+    if tokenizer.chat_template is None and cfg.data.chat_template:
+        from launcher.data.templates import resolve_template
+
+        tokenizer.chat_template = resolve_template(cfg.data.chat_template, tokenizer)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], chat_template: Optional[str] = None) -> list[int]:
+    from launcher.evaluate import render_prompt
+
+    if chat_template is None and tokenizer.chat_template is None:
+        raise ModelInputError("the tokenizer has no chat template (set data.chat_template in the run, or export with one)")
+    return render_prompt(tokenizer, messages, chat_template)
+
+
+def stream_reply(
+    loaded: LoadedModel,
+    messages: list[dict[str, str]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    out: TextIO = sys.stdout,
+) -> str:
+    """Generate the assistant's next message for ``messages``, writing tokens to ``out`` as they
+    come (transformers' TextStreamer); returns the whole reply. temperature 0: greedy."""
+    from launcher.evaluate import stop_token_ids
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = prompt_ids(tokenizer, messages, loaded.chat_template)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    streamer = text_streamer(tokenizer, out)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer,
+            **sampling,
+        )  # fmt: skip
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def text_streamer(tokenizer: Any, out: TextIO) -> Any:
+    """transformers' TextStreamer (decodes whole words as they complete), writing to ``out``."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def chat_loop(
+    loaded: LoadedModel,
+    *,
+    system: Optional[str] = None,
+    read_line: Callable[[], Optional[str]],
+    out: TextIO = sys.stdout,
+    prompt: Callable[[], None] = lambda: None,
+    **generation: Any,
+) -> int:
+    """Read user turns until end of input (or /exit); stream each reply; keep the conversation.
+    ``/reset`` starts a new one. Returns the number of replies."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    replies = 0
+    while True:
+        prompt()
+        line = read_line()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return replies
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = history[:1] if system else []
+            out.write("(new conversation)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        reply = stream_reply(loaded, history, out=out, **generation)
+        history.append({"role": "assistant", "content": reply.strip()})
+        replies += 1
+

@@ -1,0 +1,71 @@
+"""The benchmark scripts run in their quick mode: every table row prints. No timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+
+from launcher.paths import ROOT
+
+
+def bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_throughput_quick_prints_every_row() -> None:
+    throughput = bench_module("throughput")
+    proc = run_script("throughput", "--quick", timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for row in (*throughput.TRAIN_ROWS, *throughput.OTHER_ROWS):
+        assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
+    assert "quick mode" in proc.stdout
+
+
+def test_gpu_mfu_says_it_skipped_without_a_gpu() -> None:
+    proc = run_script("gpu_mfu", "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "no GPU: skipped" in proc.stdout
+    assert "MFU" not in proc.stdout.replace("measures MFU", "")  # no table, no numbers
+    strict = run_script("gpu_mfu", "--require-gpu", timeout=120, CUDA_VISIBLE_DEVICES="")
+    assert strict.returncode == bench_module("gpu_mfu").NO_GPU_EXIT
+
+
+def test_gpu_mfu_depth_arithmetic() -> None:
+    """The default depth for an H200 (141 GB) at 4096 tokens: more than 1 layer, fewer than all 32."""
+    from launcher.cli import _load
+
+    gpu_mfu = bench_module("gpu_mfu")
+    arch = _load(gpu_mfu.model_overrides(32, "fsdp", 4096, 1, ROOT / "runs" / "unused"))[1].model.arch
+    assert gpu_mfu.layer_params(arch) == 218_112_000  # 4096² · 2 + 4096 · 1024 · 2 + 3 · 4096 · 14336 + 2 · 4096
+    layers = gpu_mfu.layers_that_fit(arch, 141e9, 4096)
+    assert 8 <= layers < 32
+    assert gpu_mfu.layers_that_fit(arch, 1e12, 4096) == 32  # capped at the real depth
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_gpu_mfu_quick_prints_every_row() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: bench/gpu_mfu.py --quick needs one")
+    gpu_mfu = bench_module("gpu_mfu")
+    proc = run_script("gpu_mfu", "--quick", timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for row in gpu_mfu.ROW_NAMES.values():
+        assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
