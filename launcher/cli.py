@@ -123,7 +123,9 @@ def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)
     for line in plan.shell_lines():
         print(f"ftl: launching {line}", file=sys.stderr)
-    return backend.submit(plan)
+    code = backend.submit(plan)
+    print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {plan.run_dir}", file=sys.stderr)
+    return code
 
 
 def _print_cfg(overrides: list[str], which: str) -> int:

@@ -1,0 +1,263 @@
+"""MFU of a Llama-3-8B-shaped full fine-tune on one GPU, with FSDP2 and DeepSpeed ZeRO-3, bf16.
+
+    python bench/gpu_mfu.py              # as many 8B layers as fit, seq 4096, 10 steps each (a few minutes)
+    python bench/gpu_mfu.py --quick      # 2 layers, seq 1024, 4 steps (the suite's GPU test)
+    python bench/gpu_mfu.py --layers 12  # choose the depth yourself
+
+Without CUDA it prints ``no GPU: skipped ...`` and exits 0 (``--require-gpu`` makes that exit 3):
+nothing is measured, nothing is estimated.
+
+The model: ``conf/model/llama3-8b.yaml``'s architecture (hidden 4096, MLP 14336, 32 heads, 8 KV
+heads, vocab 128,256) with ``num_layers`` cut to what fits, randomly initialised on the GPU through
+:func:`launcher.models.arch_to_hf_config` (``model.source=random``; no download; the bundled tiny
+tokenizer is named only because the schema asks for one and gives the special ids). The batch is synthetic
+token ids (``micro_batch × seq_len``), labels = inputs; ``grad_accum`` 1; sdpa attention; no
+activation checkpointing (so no recomputation hides in the numbers).
+
+Each strategy runs in its own process with a one-rank process group (nccl):
+
+* ``fsdp``: :func:`launcher.engines.fsdp.apply_fully_shard` (per decoder layer + root, bf16
+  MixedPrecisionPolicy, fp32 reduce) and ftl's AdamW; ftl's FSDPEngine skips sharding at one rank,
+  so the sharding is applied here to measure the FSDP2 code path itself.
+* ``zero3``: ftl's :class:`launcher.engines.deepspeed.DeepSpeedEngine` with ``strategy=zero3``
+  (bf16 weights, fp32 master copy and Adam states), the same engine ``ftl train`` uses.
+
+MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.telemetry.peak_flops` (989 TFLOP/s
+dense bf16 for H100 SXM / H200). Two N are printed: ``N`` without the input embedding table (a
+lookup, no FLOPs: the conservative figure, and the one the goal is judged on) and ``N all`` with it
+(the convention of ftl's own ``mfu`` metric). Attention's s² FLOPs are not counted (also
+conservative). tokens/s is over the steps after ``--warmup`` steps, timed with CUDA syncs.
+Goal: ≥ 45% MFU on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launcher.paths import asset
+
+STRATEGIES = ("fsdp", "zero3")
+ROW_NAMES = {"fsdp": "FSDP2 (fully_shard, bf16 mixed precision)", "zero3": "DeepSpeed ZeRO-3 (bf16)"}
+GOAL_MFU = 0.45
+NO_GPU_EXIT = 3  # with --require-gpu
+# Memory arithmetic that picks the depth (deliberately generous; --layers overrides it):
+BYTES_PER_PARAM = 20  # fp32 master 4 + fp32 grad 4 + Adam 8, plus bf16 weight/grad copies (ZeRO-3 keeps both)
+ACT_BYTES_PER_TOKEN_LAYER = 250e3  # bf16 activations of one 8B decoder layer without checkpointing
+LOGIT_BYTES_PER_TOKEN_VOCAB = 14  # bf16 logits, their fp32 upcast, softmax and gradient
+RESERVED_BYTES = 4e9  # CUDA context, cuBLAS/NCCL workspaces, allocator slack
+
+
+def model_overrides(layers: int, strategy: str, seq_len: int, micro_batch: int, run_dir: Path) -> list[str]:
+    return [
+        # source=random validates only with a tokenizer named; it is read for its special ids alone.
+        "model=llama3-8b", "model.source=random", f"model.tokenizer={asset('tiny-tokenizer')}", f"model.arch.num_layers={layers}",
+        f"strategy={strategy}",
+        "train.precision=bf16", "train.device=cuda", f"train.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
+        "train.grad_accum=1", "train.grad_clip=1.0", f"run.dir={run_dir}", "wandb.mode=disabled",
+    ]  # fmt: skip
+
+
+def layer_params(arch: Any) -> int:
+    h, kv = arch.hidden_size, arch.hidden_size // arch.num_heads * arch.num_kv_heads
+    return 2 * h * h + 2 * h * kv + 3 * h * arch.intermediate_size + 2 * h  # q,o + k,v + gate,up,down + 2 norms
+
+
+def layers_that_fit(arch: Any, total_bytes: float, tokens: int, fraction: float = 0.85) -> int:
+    """Pure arithmetic: the depth whose model states and activations fit in ``fraction`` of memory."""
+    fixed = arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2) * BYTES_PER_PARAM
+    fixed += tokens * arch.vocab_size * LOGIT_BYTES_PER_TOKEN_VOCAB + RESERVED_BYTES
+    per_layer = layer_params(arch) * BYTES_PER_PARAM + tokens * ACT_BYTES_PER_TOKEN_LAYER
+    return max(1, min(arch.num_layers, int((total_bytes * fraction - fixed) // per_layer)))
+
+
+# --------------------------------------------------------------------------------------------
+# worker: one strategy, one process
+
+
+def worker(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.cli import _load
+    from launcher.distributed import DistInfo
+    from launcher.engines.base import build_optimizer
+    from launcher.engines.deepspeed import DeepSpeedEngine, ensure_process_group
+    from launcher.engines.fsdp import apply_fully_shard
+    from launcher.models import arch_to_hf_config, ensure_pad_token, load_tokenizer
+    from launcher.telemetry import peak_flops
+    from launcher.trainer import causal_lm_loss
+
+    strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
+    cfg = _load(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"])))[1]
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    ensure_pad_token(tokenizer)
+    config = arch_to_hf_config(cfg.model.arch, tokenizer)
+    with torch.device(device):  # initialise on the GPU: seconds, where the CPU would take minutes
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_compute = n_all - model.get_input_embeddings().weight.numel()
+    dist = DistInfo()
+    ensure_process_group(device)  # a one-rank nccl group, as ftl's engines get for one process
+
+    if strategy == "fsdp":
+        apply_fully_shard(model, dist, device, reshard_after_forward=True, hybrid=False, compute_dtype=torch.bfloat16)
+        optimizer = build_optimizer(model, cfg.train)
+        forward = model
+
+        def backward_and_step(loss: Any) -> None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        engine = DeepSpeedEngine(cfg, model, dist, device)
+        engine.setup(args["steps"])
+        forward = engine.model
+
+        def backward_and_step(loss: Any) -> None:
+            with engine.grad_sync(True):
+                engine.backward(loss)
+            engine.step()
+
+    tokens = micro_batch * seq_len
+    input_ids = torch.randint(0, cfg.model.arch.vocab_size, (micro_batch, seq_len), device=device)
+    times = []
+    for _ in range(args["steps"]):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = forward(input_ids=input_ids, use_cache=False).logits
+        loss = causal_lm_loss(logits, input_ids, float(tokens - micro_batch))
+        del logits
+        backward_and_step(loss)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    measured = times[args["warmup"] :]
+    tokens_per_s = tokens * len(measured) / sum(measured)
+    peak = peak_flops(device)
+    return {
+        "strategy": strategy, "gpu": torch.cuda.get_device_name(device), "layers": layers, "n_compute": n_compute,
+        "n_all": n_all, "tokens_per_step": tokens, "step_s": sum(measured) / len(measured), "tokens_per_s": tokens_per_s,
+        "peak_flops": peak, "mfu": 6 * n_compute * tokens_per_s / peak if peak else None,
+        "mfu_all": 6 * n_all * tokens_per_s / peak if peak else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30, "loss": float(loss),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=False, cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"strategy": args["strategy"], "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"gpu_mfu: {args['strategy']} exited {proc.returncode}:\n{proc.stderr[-4000:]}", file=sys.stderr)
+        return {"strategy": args["strategy"], "error": f"exit {proc.returncode}: {tail[0][:120]}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    headers = ["strategy", "layers", "N (no emb)", "tokens/step", "step s", "tokens/s", "MFU", "MFU (N all)", "peak GiB"]
+    cells = [headers]
+    for r in rows:
+        name = ROW_NAMES[r["strategy"]]
+        if "error" in r:
+            cells.append([name, "-", "-", "-", "-", "-", "failed", r["error"], "-"])
+            continue
+        pct = lambda v: f"{v:.1%}" if v is not None else "peak unknown"
+        cells.append([
+            name, str(r["layers"]), f"{r['n_compute'] / 1e9:.2f}B", f"{r['tokens_per_step']:,}", f"{r['step_s']:.3f}",
+            f"{r['tokens_per_s']:,.0f}", pct(r["mfu"]), pct(r["mfu_all"]), f"{r['peak_mem_gb']:.1f}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, seq 1024, 4 steps: checks the path, measures nothing")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of fsdp,zero3")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: as many as fit, at most 32)")
+    parser.add_argument("--seq-len", type=int, help="tokens per row (default 4096; quick 1024)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="rows per step")
+    parser.add_argument("--steps", type=int, help="steps per strategy (default 10; quick 4)")
+    parser.add_argument("--warmup", type=int, help="first steps left out of the rate (default 3; quick 2)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per strategy")
+    parser.add_argument("--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no GPU: skipped (bench/gpu_mfu.py measures MFU on a CUDA GPU; torch sees none here)")
+        return NO_GPU_EXIT if args.require_gpu else 0
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    seq_len = args.seq_len or (1024 if args.quick else 4096)
+    steps = args.steps or (4 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    if steps <= warmup:
+        parser.error("--steps must exceed --warmup")
+    from launcher.cli import _load
+
+    with tempfile.TemporaryDirectory(prefix="ftl-mfu-") as tmp:
+        arch = _load(model_overrides(32, "fsdp", seq_len, args.micro_batch, Path(tmp)))[1].model.arch
+        total = torch.cuda.get_device_properties(0).total_memory
+        layers = args.layers or (2 if args.quick else layers_that_fit(arch, total, args.micro_batch * seq_len))
+        print(f"gpu_mfu: {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB), Llama-3-8B shape with {layers} of "
+              f"{arch.num_layers} layers, {args.micro_batch} x {seq_len} tokens per step, {steps} steps "
+              f"({warmup} warm-up)", file=sys.stderr)  # fmt: skip
+        rows = []
+        for strategy in strategies:
+            job = {"strategy": strategy, "layers": layers, "seq_len": seq_len, "micro_batch": args.micro_batch,
+                   "steps": steps, "warmup": warmup, "run_dir": str(Path(tmp) / strategy)}  # fmt: skip
+            rows.append(run_worker(job, args.timeout))
+    print(table(rows))
+    done = [r for r in rows if r.get("mfu") is not None]
+    if done:
+        best = max(r["mfu"] for r in done)
+        print(f"\nMFU >= {GOAL_MFU:.0%} (6·N without the input embedding): {'yes' if best >= GOAL_MFU else 'NO'} (best {best:.1%})")
+    if args.quick:
+        print("quick mode: 2 layers and few steps; these numbers are no result.")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
