@@ -1,8 +1,10 @@
-"""strategy=single: one process, one device, plain PyTorch.
+"""strategy=single: one process, one device, plain PyTorch. strategy=ddp (launcher/engines/ddp.py)
+is this engine with a DistributedDataParallel wrapper around the same module.
 
 Checkpoint format (a directory): ``model.safetensors`` (all weights; safetensors' save_model
 handles tied embeddings) and ``engine_state.pt`` (optimizer, LR schedule and, for fp16, the grad
-scaler), loaded with ``weights_only=True``.
+scaler), loaded with ``weights_only=True``. Written by rank 0 alone (ddp replicas are identical),
+read by every rank: a single or ddp checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -35,10 +37,7 @@ class SingleEngine(Engine):
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
         super().__init__(cfg, model, dist, device)
-        if dist.world_size != 1:
-            raise ValueError(
-                f"strategy=single runs one process, but WORLD_SIZE={dist.world_size}: use strategy=ddp, fsdp or zero*"
-            )
+        self.check_world_size(dist)
         if cfg.strategy.activation_checkpointing:
             apply_activation_checkpointing(model)
         self._model = model.to(device)
@@ -48,6 +47,12 @@ class SingleEngine(Engine):
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def check_world_size(self, dist: DistInfo) -> None:
+        if dist.world_size != 1:
+            raise ValueError(
+                f"strategy=single runs one process, but WORLD_SIZE={dist.world_size}: use strategy=ddp, fsdp or zero*"
+            )
 
     @property
     def model(self) -> nn.Module:
@@ -84,6 +89,8 @@ class SingleEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
         self.save_adapter(ckpt_dir)
+        if not self.dist.is_main:
+            return  # ddp replicas are identical: one copy is the checkpoint
         save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
         state: dict[str, Any] = {
             "optimizer": optimizer.state_dict(),
@@ -94,7 +101,13 @@ class SingleEngine(Engine):
 
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
-        missing, unexpected = load_model(self._model, ckpt_dir / WEIGHTS_FILE, strict=False, device=str(self.device))
+        weights = ckpt_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} has no {WEIGHTS_FILE}: it was not written by strategy=single or ddp "
+                "(an fsdp or deepspeed checkpoint resumes only under its own strategy; `ftl export` converts any of them)"
+            )
+        missing, unexpected = load_model(self._model, weights, strict=False, device=str(self.device))
         check_loaded(ckpt_dir, missing, unexpected)
         state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
