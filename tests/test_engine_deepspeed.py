@@ -191,6 +191,8 @@ for stage in (0, 3):
 if info.is_main:
     (out / "results.json").write_text(json.dumps(results))
 destroy()
+from launcher.train import exit_now
+exit_now(0)  # as launcher.train does: no C++ teardown after a distributed run
 """
 
 

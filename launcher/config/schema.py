@@ -254,7 +254,8 @@ class SlurmLaunch(LaunchBase):
     setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
     signal: str = "USR1@120"  # sent to the batch shell N seconds before the time limit
     max_requeues: int = ranged(3, 0)
-    rdzv_port: int = ranged(29500, 1, 65535)
+    # 0: derived from the job id (20000 + id % 20000), so jobs that share a node never collide
+    rdzv_port: int = ranged(0, 0, 65535)
 
 
 LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLaunch, "slurm": SlurmLaunch}
