@@ -310,7 +310,8 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
     assert task[:5] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", str(run_dir / "logs")]
     assert task[5:] == [
         str(python), "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=n1:24242",  # 20000 + job id 4242 % 20000 "--rdzv_id=4242", "--max_restarts=0",
+        # the rendezvous port: 20000 + job id 4242 % 20000
+        "--rdzv_backend=c10d", "--rdzv_endpoint=n1:24242", "--rdzv_id=4242", "--max_restarts=0",
         "-m", "launcher.train", "--config", str(config_path),
     ]  # fmt: skip
     assert rec.args("python")[-1] == str(config_path), "the rank got the config path intact"
