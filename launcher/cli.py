@@ -166,7 +166,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from launcher.data import DataError
     from launcher.data.preprocess import run_preprocess
 
-    _, cfg, _ = _load(args.overrides)
+    if args.config:  # the run's own config, as the SLURM preparation job runs it
+        from launcher.config.validate import load_run_config
+
+        cfg = load_run_config(args.config)
+    else:
+        _, cfg, _ = _load(args.overrides)
     try:
         lines = run_preprocess(cfg)
     except DataError as e:
@@ -302,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one run each (Hydra's basic sweeper)")
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
-    add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
+    p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
+    p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
     p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False)
     p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")

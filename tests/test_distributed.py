@@ -63,6 +63,8 @@ def test_device_and_autocast_on_cpu() -> None:
 
 
 WORKER = """
+import sys
+from pathlib import Path
 import torch.distributed as dist
 from launcher.config.schema import LocalLaunch
 from launcher import distributed
@@ -74,15 +76,15 @@ assert distributed.reduce_mean(float(info.rank)) == 0.5 and distributed.reduce_s
 assert distributed.all_reduce_sum(torch.ones(2, dtype=torch.float64)).tolist() == [2.0, 2.0]
 distributed.barrier()
 distributed.destroy()
-print("rank", info.rank, "ok")
+(Path(sys.argv[1]) / f"rank{info.rank}.ok").write_text("ok")  # a file each: printed lines of two ranks interleave
 """
 
 
 def test_two_rank_gloo_group(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]

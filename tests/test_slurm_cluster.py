@@ -183,3 +183,20 @@ def test_array_tasks_get_their_own_runs_and_keep_their_task_id_when_requeued(clu
     for i in (0, 1):
         assert (tmp_path / f"arr-{i}" / "checkpoints" / "step-40").is_dir()
     assert "resuming from" in (tmp_path / "arr-1" / "logs" / "node-0.log").read_text()
+
+
+def test_preprocessing_runs_as_its_own_job_before_training(cluster, tmp_path):
+    """launch.preprocess_job=true: `ftl preprocess` runs first as a one-node CPU job filling the
+    data cache; the training job, submitted with --dependency=afterok on it, starts after it ends."""
+    cache = tmp_path / "cache"
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "launch.preprocess_job=true", "train.max_steps=3",
+                      "eval.after_training=false", f"+launch.env.FTL_CACHE={cache}", "run.name=prep",
+                      cwd=tmp_path, timeout=120)  # fmt: skip
+    prep_id, train_id = out.stdout.split()
+    prep, train = cluster.wait(prep_id, timeout=120), cluster.wait(train_id, timeout=150)
+    run_dir = tmp_path / "runs" / "prep"
+    assert (prep.state, train.state) == ("COMPLETED", "COMPLETED"), dump(run_dir)
+    assert "data cache  built" in (run_dir / "logs" / f"preprocess-{prep_id}.out").read_text()
+    assert prep.fields["EndTime"] <= train.fields["StartTime"]  # ISO timestamps sort as strings
+    assert any((cache / "data").iterdir())
+    assert_trained(run_dir, 1, steps=3)

@@ -496,3 +496,17 @@ def test_train_sbatch_hands_secrets_to_the_job_script_without_a_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (rec.rec / "srun.secret").read_text() == SECRET
     assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET in p.read_text()]
+
+
+def test_preprocess_job_is_one_cpu_node_and_training_depends_on_it(tmp_path):
+    raw, _, errors = compose(["recipe=llama3-70b-full-zero3-multinode", "launch.preprocess_job=true"])
+    cfg, more = validate(raw)
+    assert errors == [] and more == []
+    plan = SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
+    prep = plan.files["preprocess.sbatch"]
+    assert "#SBATCH --nodes=1\n" in prep and "--gpus-per-node" not in prep and "--exclusive" not in prep
+    assert f"-m launcher preprocess --config {tmp_path / 'config.yaml'}" in prep
+    assert "#SBATCH --nodes=4" in plan.files["job.sbatch"]
+    assert [c[-1] for c in plan.commands] == [str(tmp_path / "preprocess.sbatch"), str(tmp_path / "job.sbatch")]
+    assert "--dependency=afterok:{previous_job}" in plan.commands[1]
+    subprocess.run(["bash", "-n", "-c", prep], check=True)

@@ -254,6 +254,8 @@ class SlurmLaunch(LaunchBase):
     setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
     signal: str = "USR1@120"  # sent to the batch shell N seconds before the time limit
     max_requeues: int = ranged(3, 0)
+    # Submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok).
+    preprocess_job: bool = False
     # 0: derived from the job id (20000 + id % 20000), so jobs that share a node never collide
     rdzv_port: int = ranged(0, 0, 65535)
 

@@ -27,6 +27,9 @@ from launcher.paths import SLURM_DIR
 
 TEMPLATE = "job.sbatch.j2"
 SCRIPT_NAME = "job.sbatch"
+PREPROCESS_TEMPLATE = "preprocess.sbatch.j2"
+PREPROCESS_SCRIPT_NAME = "preprocess.sbatch"
+PREVIOUS_JOB = "{previous_job}"  # in a plan's command: the id of the job submitted just before
 LOG_DIR = "logs"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SIGNAL = re.compile(r"^(?:B:)?(?:SIG)?(?P<name>[A-Z0-9]+)@(?P<seconds>\d+)$")
@@ -212,6 +215,16 @@ def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str,
     return jinja_env().get_template(TEMPLATE).render(**values)
 
 
+def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None) -> str:
+    """Pure: the one-node CPU job that prepares the data cache before training."""
+    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir)
+    values.update(
+        job_name=f"{values['job_name']}-prep", nodes=1, gpus_per_node=0, exclusive=False,
+        batch_log=f"{values['log_dir']}/preprocess-%j.out", script_path=str(Path(run_dir) / PREPROCESS_SCRIPT_NAME),
+    )  # fmt: skip
+    return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
+
+
 class SlurmBackend:
     name = "slurm"
 
@@ -220,8 +233,11 @@ class SlurmBackend:
             raise ConfigErrors([ConfigError("launch.sbatch_args", "an array job from `ftl train` would run every task in this one "
                                             "run dir; submit slurm/train.sbatch with --array and e.g. "
                                             "run.name='NAME-${oc.env:SLURM_ARRAY_TASK_ID}' instead")])  # fmt: skip
+        files = {}
         try:
-            script = render_sbatch(cfg, run_dir, config_path, python())
+            if cfg.launch.preprocess_job:
+                files[PREPROCESS_SCRIPT_NAME] = render_preprocess_sbatch(cfg, run_dir, config_path, python())
+            files[SCRIPT_NAME] = render_sbatch(cfg, run_dir, config_path, python())
         except UnsafeValue as e:
             raise ConfigErrors([ConfigError(e.field, str(e))]) from None
         n, per = cfg.launch.nodes, nproc_per_node(cfg)
@@ -230,22 +246,23 @@ class SlurmBackend:
             f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {run_dir / LOG_DIR}",
             f"SIG{sig} before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
         ]
-        return LaunchPlan(
-            run_dir=run_dir,
-            commands=[["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]],
-            env=secret_env(cfg),
-            files={SCRIPT_NAME: script},
-            notes=notes,
-        )
+        commands = [["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]]
+        if cfg.launch.preprocess_job:
+            # The training job's dependency is the first job's id, known only once it is submitted:
+            # `submit` fills in the JOB placeholder.
+            commands = [["sbatch", "--parsable", str(run_dir / PREPROCESS_SCRIPT_NAME)],
+                        ["sbatch", "--parsable", f"--dependency=afterok:{PREVIOUS_JOB}", str(run_dir / SCRIPT_NAME)]]  # fmt: skip
+            notes.insert(0, "data preparation first, as a one-node CPU job; training starts when it succeeds")
+        return LaunchPlan(run_dir=run_dir, commands=commands, env=secret_env(cfg), files=files, notes=notes)
 
     def preflight(self, cfg: FtlConfig) -> list[ConfigError]:
         return []  # the job runs on the allocation's nodes, not on this one
 
     def submit(self, plan: LaunchPlan) -> int:
         (plan.run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
-        code = 0
+        code, job_id = 0, ""
         for argv in plan.commands:
-            code, job_id = run_sbatch(argv, plan.env)
+            code, job_id = run_sbatch([a.replace(PREVIOUS_JOB, job_id) for a in argv], plan.env)
             if code:
                 return code
             print(job_id)
