@@ -102,7 +102,7 @@ def live_tensor_bytes(exclude: list[Any]) -> int:
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):
-            return
+            return  # no storage of its own (a functional or wrapper tensor): its bytes are counted where they live
         ptr = storage.data_ptr()
         if ptr and ptr not in seen and ptr not in skip and t.device.type != "meta":
             seen.add(ptr)

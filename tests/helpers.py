@@ -17,7 +17,9 @@ TINY = ["recipe=tiny", "wandb.mode=disabled", "launch.dist_timeout_s=60"]
 
 
 def ftl_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops, built once
+    return env
 
 
 def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -30,3 +32,15 @@ def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    from launcher.checkpoint import checkpoints_dir
+
+    return checkpoints_dir(run_dir) / f"step-{step}"
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest elementwise difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

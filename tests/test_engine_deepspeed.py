@@ -10,7 +10,6 @@ only) the first time; they are cached in $TORCH_EXTENSIONS_DIR (the Makefile poi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ftl_env, max_abs_diff, metrics, step_dir
+from helpers import ftl
 
 from launcher.checkpoint import MARKER, checkpoints_dir
 from launcher.paths import ROOT
@@ -33,32 +34,6 @@ TWO_RANKS = ["launch.nproc_per_node=2"]
 RUN_TIMEOUT_S = 300  # generous: a first run compiles DeepSpeed's shm comm op
 
 
-def ftl(*args: str, check: bool = True, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    if check:
-        assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return env
-
-
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{step}"
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float) -> None:
@@ -76,12 +51,7 @@ def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +173,7 @@ def test_consolidation_live_and_offline_agree_for_stage0_and_stage3(tmp_path: Pa
     driver = tmp_path / "driver.py"
     driver.write_text(CONSOLIDATE_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for stage in ("0", "3"):
@@ -252,7 +222,7 @@ def test_export_of_a_zero3_checkpoint_loads_in_plain_transformers(zero3_run: Pat
         "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
     )  # fmt: skip
     subprocess.run([sys.executable, "-c", plain, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                   cwd=tmp_path, env=_env(), check=True, timeout=120)  # fmt: skip
+                   cwd=tmp_path, env=ftl_env(), check=True, timeout=120)  # fmt: skip
     cfg = load_run_config(zero3_run / "config.yaml")
     torch.manual_seed(1234)  # a different init: every weight must come from the checkpoint
     model, _ = load_model_and_tokenizer(cfg.model)

@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ftl_env, max_abs_diff, metrics, step_dir
+from helpers import ftl
 
-from launcher.checkpoint import MARKER, checkpoints_dir
+from launcher.checkpoint import MARKER
 from launcher.paths import ROOT
 
 COMMON = ["recipe=tiny", "train.max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2",
@@ -32,23 +34,13 @@ TWO_RANKS = ["launch.nproc_per_node=2"]
 RUN_TIMEOUT_S = 150
 
 
-def ftl(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
 
 def ftl_background(*args: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         # A session of its own: a test that fails midway kills the whole process tree.
-        return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=ftl_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -57,24 +49,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{step}"
-
-
 def weights(run_dir: Path, step: int, engine: str) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint, read offline by the engine's own consolidator."""
     import importlib
 
     return importlib.import_module(f"launcher.engines.{engine}").consolidate_checkpoint(step_dir(run_dir, step))
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float) -> None:
@@ -98,12 +77,7 @@ def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +162,7 @@ def test_export_of_an_fsdp_checkpoint_loads_in_plain_transformers(fsdp_run: Path
         "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
     )  # fmt: skip
     subprocess.run([sys.executable, "-c", plain, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                   cwd=tmp_path, env=_env(), check=True, timeout=120)  # fmt: skip
+                   cwd=tmp_path, env=ftl_env(), check=True, timeout=120)  # fmt: skip
     exported = torch.load(tmp_path / "logits.pt")
     # The live model: the fsdp engine on one rank resuming the same checkpoint (DCP reshards 2 → 1).
     live, engine = live_fsdp_model(fsdp_run)
@@ -216,7 +190,7 @@ def live_fsdp_model(run_dir: Path) -> tuple[Any, Any]:
 
 def test_export_rejects_what_is_not_a_run_or_checkpoint(tmp_path: Path) -> None:
     for path in (tmp_path / "missing", tmp_path):
-        proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(path)], cwd=ROOT, env=_env(),
+        proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(path)], cwd=ROOT, env=ftl_env(),
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 2, proc.stderr
         assert "ftl export:" in proc.stderr and "Traceback" not in proc.stderr

@@ -21,12 +21,7 @@ from launcher.trainer import DataOrder, causal_lm_loss, count_label_tokens
 SEQ_LEN = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -75,12 +75,7 @@ def checkpoint_lora(run_dir: Path, strategy: str) -> dict[str, torch.Tensor]:
     return {k.replace(".default.", "."): v for k, v in adapter.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
