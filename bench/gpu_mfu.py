@@ -97,7 +97,8 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from launcher.engines.fsdp import apply_fully_shard
     from launcher.models import arch_to_hf_config, ensure_pad_token, load_tokenizer
     from launcher.telemetry import peak_flops
-    from launcher.trainer import causal_lm_loss
+    from launcher import attention
+    from launcher.loss import next_token_loss
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
     cfg = _load(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"])))[1]
@@ -107,6 +108,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     ensure_pad_token(tokenizer)
     config = arch_to_hf_config(cfg.model.arch, tokenizer)
+    attention.register()  # model.attn_implementation is ftl's sdpa_varlen by default
     with torch.device(device):  # initialise on the GPU: seconds, where the CPU would take minutes
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32)
     n_all = sum(p.numel() for p in model.parameters())
@@ -140,9 +142,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     for _ in range(args["steps"]):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        logits = forward(input_ids=input_ids, use_cache=False).logits
-        loss = causal_lm_loss(logits, input_ids, float(tokens - micro_batch))
-        del logits
+        loss = next_token_loss(forward, {"input_ids": input_ids}, input_ids) / float(tokens - micro_batch)
         backward_and_step(loss)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -154,13 +154,11 @@ def measure(cfg: Any, precision: str) -> dict[str, float]:
 
 
 def _micro_batch(engine: Any, batch: dict[str, Any], last: bool) -> None:
-    from launcher.trainer import causal_lm_loss
+    from launcher.loss import next_token_loss
 
     ids = batch["input_ids"]
     with engine.grad_sync(last):
-        with engine.autocast():
-            logits = engine.model(**batch, use_cache=False).logits
-        loss = causal_lm_loss(logits, ids, ids.numel())
+        loss = next_token_loss(engine.model, batch, ids, autocast=engine.autocast()) / ids.numel()
         engine.backward(loss)
 
 

@@ -16,11 +16,11 @@ import math
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from launcher.config.schema import EvalConfig
-from launcher.data import IGNORE_INDEX, TokenizedDataset, collate
+from launcher.data import TokenizedDataset, collate
 from launcher.data.chat import prompt_and_reference
+from launcher.loss import count_label_tokens, next_token_loss
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 GatherFn = Callable[[list[Any]], list[list[Any]]]
@@ -50,15 +50,9 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.
 
 def batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses, number of predicted tokens) for one batch, in float64."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    losses = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),  # fp32 softmax even under autocast
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return losses.double(), (targets != IGNORE_INDEX).sum().double()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    loss = next_token_loss(model, inputs, batch["labels"])
+    return loss.double(), torch.tensor(count_label_tokens(batch["labels"]), dtype=torch.float64, device=loss.device)
 
 
 def rank_batches(

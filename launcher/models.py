@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from launcher import attention
 from launcher.config.schema import ArchConfig, ModelConfig
 
 
@@ -27,6 +28,8 @@ def load_model_and_tokenizer(
     if model_cfg.source not in loaders:
         raise ValueError(f"unknown model.source {model_cfg.source!r}; expected one of {', '.join(loaders)}")
     quant = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+    if model_cfg.attn_implementation == attention.NAME:
+        attention.register()
     model, tokenizer = loaders[model_cfg.source](model_cfg, dtype, **quant)
     ensure_pad_token(tokenizer)
     # Batched generation and the loss both need to know the pad id; keep model and tokenizer agreed.

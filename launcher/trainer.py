@@ -21,17 +21,17 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from launcher.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.data import IGNORE_INDEX, DataError, collate
+from launcher.data import DataError, collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs, model_inputs
 from launcher.distributed import (
     DistInfo, any_rank, autocast_dtype, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
 from launcher.engines import Engine, build_engine
+from launcher.loss import count_label_tokens, next_token_loss
 from launcher.models import count_parameters
 from launcher.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
 
@@ -108,12 +108,10 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.engine.grad_sync(i == len(batches) - 1):
-                with self.engine.autocast():
-                    logits = self.engine.model(**model_inputs(batch), use_cache=False).logits
-                loss = causal_lm_loss(logits, batch["labels"], num_tokens)
+                loss = next_token_loss(self.engine.model, model_inputs(batch), batch["labels"], autocast=self.engine.autocast()) / num_tokens
                 self.engine.backward(loss)
             loss_sum += loss.detach()
-            del logits, loss  # or this micro-batch's logits live on through the next forward
+            del loss  # or this micro-batch's graph lives on through the next forward
         lr = self.engine.lr
         grad_norm = self.engine.step()
         self.step += 1
@@ -269,22 +267,6 @@ class DataOrder:
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # position 0 is never predicted
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: float) -> torch.Tensor:
-    """Sum of next-token cross-entropies divided by ``num_tokens`` (the accumulation window's label
-    count), in fp32 whatever the autocast dtype."""
-    loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / num_tokens
 
 
 @contextlib.contextmanager

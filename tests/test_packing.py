@@ -16,7 +16,8 @@ from launcher.data.packing import (
 )  # fmt: skip
 from launcher.distributed import DistInfo
 from launcher.paths import asset
-from launcher.trainer import DataOrder, causal_lm_loss, count_label_tokens
+from launcher.loss import count_label_tokens, next_token_loss
+from launcher.trainer import DataOrder
 
 SEQ_LEN = 256
 
@@ -42,7 +43,10 @@ def tiny_llama(tok: Any, attn: str) -> Any:
     """conf/model/tiny-llama.yaml's architecture, randomly initialised."""
     from transformers import AutoModelForCausalLM
 
+    from launcher import attention
     from launcher.models import arch_to_hf_config
+
+    attention.register()
 
     arch = ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                       max_position_embeddings=1024)  # fmt: skip
@@ -56,7 +60,7 @@ def loss_and_grads(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[
     num_tokens = sum(count_label_tokens(b["labels"]) for b in batches)
     total = 0.0
     for batch in batches:
-        loss = causal_lm_loss(model(**model_inputs(batch), use_cache=False).logits, batch["labels"], num_tokens)
+        loss = next_token_loss(model, model_inputs(batch), batch["labels"]) / num_tokens
         loss.backward()
         total += loss.item()
     return total, num_tokens, [p.grad.clone() for p in model.parameters()]
@@ -73,7 +77,7 @@ def pack_dataset_rows(packs: list[dict[str, list[int]]]) -> list[dict[str, list[
 # the gate
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_loss_and_grads_equal_unpacked(tok: Any, examples: list[dict[str, list[int]]], attn: str) -> None:
     model = tiny_llama(tok, attn)
     pad = tok.pad_token_id
@@ -108,7 +112,7 @@ def test_the_gate_catches_contamination(tok: Any, examples: list[dict[str, list[
     n = count_label_tokens(batch["labels"])
     for name, inputs in leaky.items():
         with torch.no_grad():
-            loss = float(causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"], n))
+            loss = float(next_token_loss(model, inputs, batch["labels"]) / n)
         assert abs(loss - want) > 1e-4, (name, loss, want)
 
 

@@ -1,0 +1,120 @@
+"""sdpa_varlen (launcher/attention.py): the same attention as transformers' own, per packed example."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher import attention
+from launcher.config.schema import ArchConfig
+from launcher.paths import asset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(asset("tiny-tokenizer"))
+
+
+def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import arch_to_hf_config
+
+    attention.register()
+    arch = ArchConfig(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=1024)  # fmt: skip
+    config = arch_to_hf_config(arch, tok)
+    for k, v in extra.items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def test_segments_are_read_from_position_restarts() -> None:
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    assert attention.segment_bounds(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
+
+
+def test_packed_rows_equal_each_example_run_alone(tok: Any) -> None:
+    """Logits of a packed batch (short examples on the math kernel, one long example on the flash
+    kernel, padding at the end of a row) equal each example's logits computed on its own."""
+    model = tiny(tok, attention.NAME)
+    lengths = [[7, 300, 5], [40, 40, 200]]  # 300 >= MATH_BELOW: the long example takes the flash kernel
+    assert max(max(r) for r in lengths) >= attention.MATH_BELOW > min(min(r) for r in lengths)
+    width = 320
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (2, width), generator=g)
+    pos = torch.zeros(2, width, dtype=torch.long)
+    for b, row in enumerate(lengths):
+        at = 0
+        for n in [*row, width - sum(row)]:
+            pos[b, at : at + n] = torch.arange(n)
+            at += n
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        for b, row in enumerate(lengths):
+            at = 0
+            for n in row:
+                alone = model(input_ids=ids[b : b + 1, at : at + n]).logits[0]
+                torch.testing.assert_close(packed[b, at : at + n], alone, rtol=1e-5, atol=1e-5)
+                at += n
+
+
+def test_gradients_equal_transformers_sdpa_with_its_block_mask(tok: Any) -> None:
+    varlen, sdpa = tiny(tok, attention.NAME), tiny(tok, "sdpa")
+    ids = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    pos = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]).repeat(2, 1)
+    for model in (varlen, sdpa):
+        model.train()
+        model(input_ids=ids, position_ids=pos, use_cache=False).logits.pow(2).mean().backward()
+    for (name, a), b in zip(varlen.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padded_batches_and_generation_match_sdpa(tok: Any) -> None:
+    varlen, sdpa = tiny(tok, attention.NAME), tiny(tok, "sdpa")
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as batched generation has it
+    with torch.no_grad():
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits)
+        kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+        assert torch.equal(varlen.generate(ids, **kwargs), sdpa.generate(ids, **kwargs))
+
+
+def test_sliding_window_is_kept_inside_a_long_example(tok: Any) -> None:
+    """Mistral-style sliding window: an example longer than the window attends to the last
+    ``window`` tokens only, as transformers' eager implementation does."""
+    varlen, eager = (tiny(tok, attn, model_type="mistral", sliding_window=8) for attn in (attention.NAME, "eager"))
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    pos = torch.cat([torch.arange(30), torch.arange(10)])[None]
+    with torch.no_grad():
+        want = torch.cat([eager(input_ids=ids[:, :30]).logits, eager(input_ids=ids[:, 30:]).logits], dim=1)
+        torch.testing.assert_close(varlen(input_ids=ids, position_ids=pos, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+        no_window = tiny(tok, attention.NAME, model_type="mistral", sliding_window=None)
+        assert not torch.allclose(no_window(input_ids=ids[:, :30]).logits, want[:, :30], atol=1e-3), "the window must matter here"
+
+
+def test_math_and_flash_kernels_agree_at_the_switch_length() -> None:
+    """The kernel choice by length is a speed choice only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, attention.MATH_BELOW, 16, generator=g) for h in (4, 2, 2))
+    fast = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(fast, math, rtol=1e-5, atol=1e-5)
+
+
+def test_a_saved_model_names_no_ftl_attention(tok: Any, tmp_path: Any) -> None:
+    """Exports load in plain transformers: the attention implementation is not serialised."""
+    tiny(tok, attention.NAME).save_pretrained(tmp_path)
+    assert attention.NAME not in (tmp_path / "config.json").read_text()
