@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_multirun(args.overrides, lambda ov: _train_once(ov, args))
     import os
 
-    from launcher.sweep import run_trial, sweep_trial
+    from launcher.sweep.trial import run_trial, sweep_trial
 
     trial = sweep_trial(args.overrides, os.environ)  # started by a W&B sweep agent: its run dir, its run id
     if trial is not None and not args.cfg:
@@ -138,12 +138,12 @@ def _print_cfg(overrides: list[str], which: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher import sweep
+    from launcher.sweep import agents, wandb_config
 
     if args.action == "create":
-        return sweep.create(args.target, args.overrides, args.out, args.offline)
+        return wandb_config.create(args.target, args.overrides, args.out, args.offline)
     if args.action == "agent":
-        return (sweep.offline_agent if args.offline else sweep.agent)(args.target, args.overrides)
+        return (agents.offline_agent if args.offline else agents.agent)(args.target, args.overrides)
     from launcher.sweep_optuna import run_optuna
 
     return run_optuna(args.target, args.overrides, lambda ov: _train_once(ov, argparse.Namespace(cfg=None)))

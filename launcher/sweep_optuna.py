@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.sweep import SweepSpec, check_no_conflict, check_trials, distribution, hydra_quote, load_spec, parse_agent_args
+from launcher.sweep.agents import parse_agent_args
+from launcher.sweep.spec import SweepSpec, check_no_conflict, check_trials, distribution, hydra_quote, load_spec
 
 
 def grammar_value(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Sweeps (launcher/sweep.py, launcher/sweep_optuna.py).
+"""Sweeps (launcher/sweep/, launcher/sweep_optuna.py).
 
 What is real here and what is not: no W&B server is reachable from the test machines, so nothing
 creates a sweep on W&B or runs `wandb agent` against one. What these tests use instead is W&B's own
@@ -25,17 +25,10 @@ from helpers import ftl_env
 from slurm_cluster import local_cluster
 
 from launcher.config.errors import ConfigErrors
-from launcher.sweep import (
-    SWEEP_DIR,
-    expand_command,
-    hydra_quote,
-    import_sweeps,
-    load_spec,
-    render_sweep_script,
-    schema_violations,
-    sweep_trial,
-    wandb_sweep_config,
-)
+from launcher.sweep.agents import render_sweep_script
+from launcher.sweep.spec import SWEEP_DIR, hydra_quote, load_spec
+from launcher.sweep.trial import sweep_trial
+from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_sweep_config
 
 FTL = [sys.executable, "-m", "launcher"]
 FAST = ["train.max_steps=4", "eval.max_batches=1", "launch.dist_timeout_s=60"]
