@@ -6,6 +6,10 @@ from typing import Any
 
 import pytest
 
+# helpers.py asserts (ftl, assert_losses_close, ...): rewrite them as pytest rewrites a test module's,
+# so a failure there shows the compared values. This file loads before any test module imports it.
+pytest.register_assert_rewrite("helpers")
+
 
 @pytest.fixture(scope="module")
 def one_thread() -> Any:

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from launcher.paths import ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 # Every run in the suite: tiny model, no W&B, and a short process-group timeout so a broken rank
 # fails the test in a minute instead of hanging it for ten.
 TINY = ["recipe=tiny", "wandb.mode=disabled", "launch.dist_timeout_s=60"]
+
+# The distributed-engine tests' reference runs (test_engines_distributed, test_engine_deepspeed):
+# 10 steps with checkpoints at 5 and 10, so an "interrupted" copy resumes from step 5.
+TEN_STEPS = ["recipe=tiny", "train.max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2",
+             "eval.after_training=false", "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
+TWO_RANKS = ["launch.nproc_per_node=2"]
 
 
 def ftl_env(**extra: str) -> dict[str, str]:
@@ -22,9 +34,10 @@ def ftl_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env or ftl_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                          capture_output=True, text=True, input=stdin, timeout=timeout)  # fmt: skip
     if check:
         assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -44,3 +57,55 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Largest elementwise difference between two state dicts with the same keys."""
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def reference_run(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Path:
+    """A TEN_STEPS run of `strategy` on TWO_RANKS, in a fresh directory named after it (the body of
+    the distributed-engine tests' module-scoped reference fixtures)."""
+    run_dir = tmp_path_factory.mktemp(strategy)
+    ftl("train", *TEN_STEPS, *TWO_RANKS, f"strategy={strategy}", f"run.dir={run_dir}")
+    return run_dir
+
+
+def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
+    """A run dir as a job killed after its step-`step` checkpoint leaves it."""
+    shutil.copytree(step_dir(reference, step), step_dir(run_dir, step))
+    return run_dir
+
+
+def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float) -> None:
+    """Every row's lr equals the reference's at the same step, and its loss is within `rel`."""
+    by_step = {r["step"]: r for r in reference}
+    assert rows, "no metrics"
+    for row in rows:
+        ref = by_step[row["step"]]
+        assert row["lr"] == pytest.approx(ref["lr"], rel=1e-9), row["step"]
+        assert row["loss"] == pytest.approx(ref["loss"], rel=rel), (row["step"], row["loss"], ref["loss"])
+
+
+def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, check_tokenizer_and_dtype: bool = False) -> torch.Tensor:
+    """The logits for `ids` of the model in `model_dir` as transformers alone computes them: a fresh
+    process loads it, imports nothing of ftl (it asserts so), and leaves its files in `work`. With
+    check_tokenizer_and_dtype it also loads the tokenizer, which must have a chat template, and
+    requires fp32 weights."""
+    import torch
+
+    checks = (
+        "from transformers import AutoTokenizer\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "assert tokenizer.chat_template, 'no chat template'\n"
+        "assert model.dtype == torch.float32, model.dtype\n"
+    ) if check_tokenizer_and_dtype else ""  # fmt: skip
+    plain = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        f"{checks}"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
+    )  # fmt: skip
+    torch.save(ids, work / "ids.pt")
+    subprocess.run([sys.executable, "-c", plain, str(model_dir), str(work / "ids.pt"), str(work / "logits.pt")],
+                   cwd=work, env=ftl_env(), check=True, timeout=120)  # fmt: skip
+    return torch.load(work / "logits.pt")

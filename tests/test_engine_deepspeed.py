@@ -10,16 +10,16 @@ only) the first time; they are cached in $TORCH_EXTENSIONS_DIR (the Makefile poi
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from helpers import ftl_env, max_abs_diff, metrics, step_dir
-from helpers import ftl
+from helpers import (
+    TEN_STEPS, TWO_RANKS, assert_losses_close, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, plain_transformers_logits,
+    reference_run, step_dir,
+)  # fmt: skip
 
 from launcher.checkpoint import MARKER, checkpoints_dir
 from launcher.paths import ROOT
@@ -28,27 +28,7 @@ pytest.importorskip("deepspeed")
 
 from launcher.engines.deepspeed import META_FILE, TAG, UNIVERSAL_TAG, consolidate_checkpoint  # noqa: E402
 
-COMMON = ["recipe=tiny", "train.max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2",
-          "eval.after_training=false", "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
-TWO_RANKS = ["launch.nproc_per_node=2"]
 RUN_TIMEOUT_S = 300  # generous: a first run compiles DeepSpeed's shm comm op
-
-
-
-
-def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float) -> None:
-    by_step = {r["step"]: r for r in reference}
-    assert rows, "no metrics"
-    for row in rows:
-        ref = by_step[row["step"]]
-        assert row["lr"] == pytest.approx(ref["lr"], rel=1e-9), row["step"]
-        assert row["loss"] == pytest.approx(ref["loss"], rel=rel), (row["step"], row["loss"], ref["loss"])
-
-
-def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
-    """A run dir as a job killed after its step-`step` checkpoint leaves it."""
-    shutil.copytree(step_dir(reference, step), step_dir(run_dir, step))
-    return run_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,9 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("zero3")
-    ftl("train", *COMMON, *TWO_RANKS, "strategy=zero3", f"run.dir={run_dir}")
-    return run_dir
+    return reference_run(tmp_path_factory, "zero3")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +63,7 @@ def test_zero3_holds_half_the_parameter_bytes(zero3_run: Path) -> None:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero1_and_zero2_train_the_numbers_of_zero3(stage: int, zero3_run: Path, tmp_path: Path) -> None:
-    ftl("train", *COMMON, *TWO_RANKS, f"strategy=zero{stage}", "checkpoint.every_steps=0", f"run.dir={tmp_path}")
+    ftl("train", *TEN_STEPS, *TWO_RANKS, f"strategy=zero{stage}", "checkpoint.every_steps=0", f"run.dir={tmp_path}")
     rows, reference = metrics(tmp_path), metrics(zero3_run)
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert_losses_close(rows, reference, rel=1e-4)
@@ -97,7 +75,7 @@ def test_zero1_and_zero2_train_the_numbers_of_zero3(stage: int, zero3_run: Path,
 
 def test_zero3_exact_resume(zero3_run: Path, tmp_path: Path) -> None:
     run_dir = copy_interrupted(zero3_run, tmp_path / "resumed")
-    out = ftl("train", *COMMON, *TWO_RANKS, "strategy=zero3", f"run.dir={run_dir}")
+    out = ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=zero3", f"run.dir={run_dir}")
     assert "resuming from" in out.stdout
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
@@ -112,7 +90,7 @@ def test_zero3_resumes_on_one_rank_through_the_universal_checkpoint(zero3_run: P
     reads the 8 samples per step the two ranks did; the losses differ only by how tokens are
     averaged (per rank, or over the 8 samples)."""
     run_dir = copy_interrupted(zero3_run, tmp_path / "one-rank")
-    ftl("train", *COMMON, "strategy=zero3", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
+    ftl("train", *TEN_STEPS, "strategy=zero3", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
     assert (step_dir(run_dir, 5) / UNIVERSAL_TAG).is_dir()
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
@@ -182,7 +160,7 @@ def test_consolidation_live_and_offline_agree_for_stage0_and_stage3(tmp_path: Pa
 
 def test_contradicting_extra_key_exits_2_before_anything_starts(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    out = ftl("train", *COMMON, *TWO_RANKS, "strategy=zero3", "+strategy.extra.zero_optimization.stage=2",
+    out = ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=zero3", "+strategy.extra.zero_optimization.stage=2",
               "+strategy.extra.wall_clock_breakdown=true", f"run.dir={run_dir}", check=False)  # fmt: skip
     assert out.returncode == 2, out.stderr[-3000:]
     assert "strategy.extra.zero_optimization.stage: 2 contradicts strategy.zero_stage=3" in out.stderr
@@ -194,7 +172,7 @@ def test_contradicting_extra_key_exits_2_before_anything_starts(tmp_path: Path) 
 def test_zero3_offload_trains_with_adamw_numbers(zero3_run: Path, tmp_path: Path) -> None:
     """Parameters and optimizer states in CPU memory, DeepSpeedCPUAdam (compiled on first use,
     ~100 s) in AdamW mode and activation checkpointing: the same losses as ZeRO-3."""
-    ftl("train", *COMMON, *TWO_RANKS, "strategy=zero3_offload", "train.max_steps=3", "checkpoint.every_steps=0",
+    ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=zero3_offload", "train.max_steps=3", "checkpoint.every_steps=0",
         "checkpoint.save_final=false", f"run.dir={tmp_path}", timeout=600)  # fmt: skip
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -212,21 +190,11 @@ def test_export_of_a_zero3_checkpoint_loads_in_plain_transformers(zero3_run: Pat
     out = tmp_path / "hf"
     ftl("export", str(zero3_run), "--out", str(out))
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    plain = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
-        "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
-    )  # fmt: skip
-    subprocess.run([sys.executable, "-c", plain, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                   cwd=tmp_path, env=ftl_env(), check=True, timeout=120)  # fmt: skip
+    exported = plain_transformers_logits(out, ids, tmp_path)
     cfg = load_run_config(zero3_run / "config.yaml")
     torch.manual_seed(1234)  # a different init: every weight must come from the checkpoint
     model, _ = load_model_and_tokenizer(cfg.model)
     model.load_state_dict(consolidate_checkpoint(checkpoints_dir(zero3_run) / "step-10"))
     with torch.no_grad():
         live = model.eval()(ids).logits
-    assert float((torch.load(tmp_path / "logits.pt") - live).abs().max()) <= 1e-5
+    assert float((exported - live).abs().max()) <= 1e-5

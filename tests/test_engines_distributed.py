@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,17 +21,15 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ftl_env, max_abs_diff, metrics, step_dir
-from helpers import ftl
+from helpers import (
+    TEN_STEPS, TWO_RANKS, assert_losses_close, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, plain_transformers_logits,
+    reference_run, step_dir,
+)  # fmt: skip
 
 from launcher.checkpoint import MARKER
 from launcher.paths import ROOT
 
-COMMON = ["recipe=tiny", "train.max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2",
-          "eval.after_training=false", "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
-TWO_RANKS = ["launch.nproc_per_node=2"]
 RUN_TIMEOUT_S = 150
-
 
 
 def ftl_background(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -40,7 +37,6 @@ def ftl_background(*args: str, log: Path) -> subprocess.Popen[bytes]:
         # A session of its own: a test that fails midway kills the whole process tree.
         return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=ftl_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -56,25 +52,10 @@ def weights(run_dir: Path, step: int, engine: str) -> dict[str, torch.Tensor]:
     return importlib.import_module(f"launcher.engines.{engine}").consolidate_checkpoint(step_dir(run_dir, step))
 
 
-def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float) -> None:
-    by_step = {r["step"]: r for r in reference}
-    assert rows, "no metrics"
-    for row in rows:
-        ref = by_step[row["step"]]
-        assert row["lr"] == pytest.approx(ref["lr"], rel=1e-9), row["step"]
-        assert row["loss"] == pytest.approx(ref["loss"], rel=rel), (row["step"], row["loss"], ref["loss"])
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
-    """A run dir as a job killed after its step-`step` checkpoint leaves it."""
-    shutil.copytree(step_dir(reference, step), step_dir(run_dir, step))
-    return run_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,16 +63,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp")
-    ftl("train", *COMMON, *TWO_RANKS, "strategy=ddp", f"run.dir={run_dir}")
-    return run_dir
+    return reference_run(tmp_path_factory, "ddp")
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("fsdp")
-    ftl("train", *COMMON, *TWO_RANKS, "strategy=fsdp", f"run.dir={run_dir}")
-    return run_dir
+    return reference_run(tmp_path_factory, "fsdp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +101,7 @@ def test_fsdp_holds_half_the_parameter_bytes(ddp_run: Path, fsdp_run: Path) -> N
 def test_exact_resume(engine: str, ddp_run: Path, fsdp_run: Path, tmp_path: Path) -> None:
     reference = {"ddp": ddp_run, "fsdp": fsdp_run}[engine]
     run_dir = copy_interrupted(reference, tmp_path / "resumed")
-    out = ftl("train", *COMMON, *TWO_RANKS, f"strategy={engine}", f"run.dir={run_dir}")
+    out = ftl("train", *TEN_STEPS, *TWO_RANKS, f"strategy={engine}", f"run.dir={run_dir}")
     assert "resuming from" in out.stdout
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
@@ -137,7 +114,7 @@ def test_fsdp_resumes_on_one_rank(fsdp_run: Path, tmp_path: Path) -> None:
     micro_batch_size 8 the one rank reads the same 8 samples per step as the two ranks did; the
     losses differ only by how tokens are averaged (per rank, or over the 8 samples)."""
     run_dir = copy_interrupted(fsdp_run, tmp_path / "one-rank")
-    ftl("train", *COMMON, "strategy=fsdp", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
+    ftl("train", *TEN_STEPS, "strategy=fsdp", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
     assert_losses_close(rows, metrics(fsdp_run), rel=2e-3)
@@ -149,21 +126,7 @@ def test_export_of_an_fsdp_checkpoint_loads_in_plain_transformers(fsdp_run: Path
     ftl("export", str(fsdp_run), "--out", str(out), "--max-shard-size", "100KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    plain = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "assert tokenizer.chat_template, 'no chat template'\n"
-        "assert model.dtype == torch.float32, model.dtype\n"
-        "with torch.no_grad():\n"
-        "    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
-        "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
-    )  # fmt: skip
-    subprocess.run([sys.executable, "-c", plain, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                   cwd=tmp_path, env=ftl_env(), check=True, timeout=120)  # fmt: skip
-    exported = torch.load(tmp_path / "logits.pt")
+    exported = plain_transformers_logits(out, ids, tmp_path, check_tokenizer_and_dtype=True)
     # The live model: the fsdp engine on one rank resuming the same checkpoint (DCP reshards 2 → 1).
     live, engine = live_fsdp_model(fsdp_run)
     with torch.no_grad():
@@ -208,7 +171,7 @@ def test_export_rejects_what_is_not_a_run_or_checkpoint(tmp_path: Path) -> None:
 def test_fsdp_options_train_as_the_reference(overrides: list[str], rel: float, fsdp_run: Path, tmp_path: Path) -> None:
     """3 steps: with warmup_steps=2 the first 3 learning rates do not depend on max_steps."""
     run_dir = tmp_path / "run"
-    ftl("train", *COMMON, *TWO_RANKS, "strategy=fsdp", "train.max_steps=3", "checkpoint.every_steps=0", *overrides, f"run.dir={run_dir}")
+    ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=fsdp", "train.max_steps=3", "checkpoint.every_steps=0", *overrides, f"run.dir={run_dir}")
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert_losses_close(rows, metrics(fsdp_run), rel=rel)
@@ -220,7 +183,7 @@ def test_two_nodes_on_one_host_fsdp(hybrid: bool, fsdp_run: Path, tmp_path: Path
     """Two torchrun agents (1 rank each) meet through c10d on loopback: the same math as 2 local
     ranks. hybrid_shard: a 2×1 mesh, replicated across the nodes, sharded within each."""
     run_dir, port = tmp_path / "two-nodes", free_port()
-    args = ["train", *COMMON, "strategy=fsdp", f"strategy.hybrid_shard={str(hybrid).lower()}", "launch=torchrun",
+    args = ["train", *TEN_STEPS, "strategy=fsdp", f"strategy.hybrid_shard={str(hybrid).lower()}", "launch=torchrun",
             "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint=127.0.0.1:{port}",
             f"launch.rdzv_id=two-nodes-{port}", f"run.dir={run_dir}"]  # fmt: skip
     nodes = []
@@ -245,7 +208,7 @@ def test_elastic_restart_after_a_rank_is_killed(ddp_run: Path, tmp_path: Path) -
     which resume from the latest checkpoint and end with the uninterrupted run's weights."""
     run_dir, port = tmp_path / "elastic", free_port()
     job = ftl_background(
-        "train", *COMMON, *TWO_RANKS, "strategy=ddp", "checkpoint.every_steps=2", "launch=torchrun",
+        "train", *TEN_STEPS, *TWO_RANKS, "strategy=ddp", "checkpoint.every_steps=2", "launch=torchrun",
         "launch.max_restarts=1", f"launch.rdzv_endpoint=127.0.0.1:{port}", f"launch.rdzv_id=elastic-{port}",
         f"run.dir={run_dir}", log=tmp_path / "job.log",
     )  # fmt: skip

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from launcher.paths import ROOT
+from helpers import ftl
 
 pytest.importorskip("peft")
 
@@ -31,18 +27,6 @@ CONVERSATIONS = [
 ]  # fmt: skip
 EVAL = ["eval.generate=true", "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=2", "eval.max_batches=null",
         "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def ftl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def write_jsonl(path: Path, conversations: list[list[dict[str, str]]]) -> Path:

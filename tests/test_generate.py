@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-from launcher.paths import ROOT
+from helpers import ftl
 
 pytest.importorskip("peft")
 
@@ -23,18 +19,6 @@ TRAIN = ["recipe=tiny", "peft=lora", "peft.r=4", "peft.alpha=8", "peft.dropout=0
          "eval.after_training=false", "wandb.mode=disabled"]  # fmt: skip
 PROMPT = "How do I resume a run?"
 TOKENS = ["--max-new-tokens", "12"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def ftl(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          input=stdin, timeout=300)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

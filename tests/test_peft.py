@@ -9,19 +9,16 @@ GPU-only paths (QLoRA under FSDP2 and ZeRO-3) are marked ``gpu`` and skip, sayin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import ftl, metrics
 
 from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_key, split_peft_state_dict
 from launcher.checkpoint import checkpoints_dir
 from launcher.evaluate import rank_batches
-from launcher.paths import ROOT
 
 pytest.importorskip("peft")
 
@@ -32,27 +29,8 @@ LORA = [*BASE, "peft=lora", *ADAPTER, "train.max_steps=3"]
 QLORA = [*BASE, "peft=qlora", *ADAPTER, "peft.compute_dtype=fp32"]
 TWO_RANKS = ["launch.nproc_per_node=2", "train.micro_batch_size=2"]
 ONE_RANK = ["train.micro_batch_size=4"]  # the same 4 sequences per step as 2 ranks × 2
-RUN_TIMEOUT_S = 300  # a first DeepSpeed run compiles its shm comm op (~60 s; cached afterwards)
 ENGINES = {"single": ONE_RANK, "ddp": TWO_RANKS, "zero2": TWO_RANKS, "zero3": TWO_RANKS, "fsdp": TWO_RANKS}
 ENGINE_MODULE = {"single": "single", "ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return env
-
-
-def ftl(*args: str, check: bool = True, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def last_ckpt(run_dir: Path) -> Path:
