@@ -88,14 +88,22 @@ def varlen_attention_forward(
     spans = segment_bounds(position_ids.expand(query.shape[0], -1))
     if all(len(row) == 1 for row in spans):  # no packing: one causal attention for the batch
         return _attend(query, key, value, scale=scaling, dropout=dropout, window=window).transpose(1, 2).contiguous(), None
-    rows = []
-    for b, row in enumerate(spans):
-        parts = [
-            _attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], scale=scaling, dropout=dropout, window=window)
-            for s, e in row
-        ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    # One autograd split per tensor (its backward is one concatenation); slicing per example
+    # would zero-fill a full-size gradient for every slice in backward.
+    lengths = [e - s for row in spans for s, e in row]
+    parts = [
+        _attend(q, k, v, scale=scaling, dropout=dropout, window=window)
+        for q, k, v in zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
+    ]
+    batch, heads, width, dim = query.shape
+    out = torch.cat(parts, dim=2)[0].reshape(heads, batch, width, dim)
+    return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _examples(t: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
+    """[b, heads, L, d] → one [1, heads, length, d] view per example, rows end to end."""
+    flat = t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])
+    return tuple(part.unsqueeze(0) for part in flat.split(lengths, dim=1))
 
 
 def varlen_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Optional[torch.Tensor]:
