@@ -36,6 +36,16 @@ def test_throughput_quick_prints_every_row() -> None:
     assert "quick mode" in proc.stdout
 
 
+@pytest.mark.timeout(240)
+def test_cpu_step_ablation_quick_prints_every_configuration() -> None:
+    ablate = bench_module("ablate_cpu_step")
+    proc = run_script("ablate_cpu_step", "--quick", timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, *_ in ablate.CONFIGS:
+        assert name in proc.stdout, f"row {name!r} missing from:\n{proc.stdout}"
+    assert "QUICK: not a result" in proc.stdout
+
+
 def test_gpu_mfu_says_it_skipped_without_a_gpu() -> None:
     proc = run_script("gpu_mfu", "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr[-4000:]

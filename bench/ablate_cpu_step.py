@@ -1,0 +1,111 @@
+"""Where ftl's CPU step time goes: one optimizer step with each speed change switched on in turn.
+
+    python bench/ablate_cpu_step.py            # SmolLM2-135M, the demo data, 4 packs of 512 slots (~4 min on 2 cores)
+    python bench/ablate_cpu_step.py --quick    # tiny random Llama, 3 steps: checks the script only
+
+Configurations (each adds one change to the one before):
+
+1. transformers' ``sdpa`` (block-diagonal mask per pack), the loss over full logits, for-each AdamW;
+2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.loss`);
+3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.attention`);
+4. + fused AdamW (what ``ftl train`` runs).
+
+A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
+take turns on one model, round by round on the same packs (a slow spell of a shared machine hits
+them alike); the first round is left out and each one's median is printed, with its speed-up
+over configuration 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = [
+    ("transformers sdpa, full logits, for-each AdamW", "sdpa", False, False),
+    ("+ loss at labelled positions only", "sdpa", True, False),
+    ("+ sdpa_varlen", "sdpa_varlen", True, False),
+    ("+ fused AdamW (ftl train)", "sdpa_varlen", True, True),
+]
+
+
+def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
+    """Per configuration, the seconds of its steps. The configurations take turns on one model
+    (round after round, each on the same 4 packs within a round), so a slow spell of the machine
+    hits them alike; the first round is left out."""
+    import torch
+    import torch.nn.functional as F
+
+    from launcher import attention
+    from launcher.cli import _load
+    from launcher.data import IGNORE_INDEX, build_datasets, collate
+    from launcher.data.packing import model_inputs, pack_dataset
+    from launcher.engines.base import build_param_groups
+    from launcher.loss import next_token_loss
+    from launcher.models import load_model_and_tokenizer
+
+    cfg = _load([f"recipe={recipe}", "train.seq_len=512"])[1]
+    torch.manual_seed(0)
+    attention.register()
+    model, tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    train, _ = build_datasets(cfg.data, tok, 512, seed=0)
+    packs = pack_dataset(train, 512)
+    groups = build_param_groups(model, 0.0)
+    optimizers = {fused: torch.optim.AdamW(groups, lr=1e-5, fused=fused) for fused in (False, True)}
+
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def step(batch: dict[str, Any], attn: str, labelled_only: bool, fused: bool) -> float:
+        model.config._attn_implementation = attn
+        start = time.perf_counter()
+        if labelled_only:
+            loss = next_token_loss(model, model_inputs(batch), batch["labels"], autocast=autocast())
+        else:
+            with autocast():
+                logits = model(**model_inputs(batch), use_cache=False).logits
+            flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
+            loss = F.cross_entropy(flat, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        optimizers[fused].step()
+        optimizers[fused].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name, *_ in CONFIGS}
+    for i in range(steps):
+        batch = collate([packs[(4 * i + j) % len(packs)] for j in range(4)], tok.pad_token_id)
+        for name, attn, labelled_only, fused in CONFIGS:
+            seconds = step(batch, attn, labelled_only, fused)
+            if i > 0:
+                times[name].append(seconds)
+    return times
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps: checks the script, not a result")
+    parser.add_argument("--steps", type=int, default=None, help="rounds (default 8; quick 3)")
+    args = parser.parse_args(argv)
+    recipe = "tiny" if args.quick else "demo"
+    steps = args.steps or (3 if args.quick else 8)
+    print(f"bench: {len(CONFIGS)} configurations, {steps} rounds ...", file=sys.stderr, flush=True)
+    times = step_times(recipe, steps)
+    rows = [{"config": name, "median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()]
+    base = rows[0]["median_s"]
+    print(f"recipe={recipe}, 4 packs of 512 slots, bf16 autocast, {steps - 1} timed rounds" + (" (QUICK: not a result)" if args.quick else ""))
+    print(f"{'configuration':<48} | {'median s':>8} | {'min s':>6} | {'speed-up':>8}")
+    print(f"{'-' * 48}-|-{'-' * 8}-|-{'-' * 6}-|-{'-' * 8}")
+    for r in rows:
+        print(f"{r['config']:<48} | {r['median_s']:>8.2f} | {r['min_s']:>6.2f} | {base / r['median_s']:>7.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
