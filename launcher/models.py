@@ -11,6 +11,7 @@ transformers is imported inside the functions: importing this module stays cheap
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -20,17 +21,21 @@ from launcher.config.schema import ArchConfig, ModelConfig
 
 
 def load_model_and_tokenizer(
-    model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, quantization: Any = None, device: Any = None
+    model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, quantization: Any = None, device: Any = None, empty: bool = False
 ) -> tuple[Any, Any]:
     """``quantization``: a transformers quantization config (QLoRA's BitsAndBytesConfig); the
-    weights are then quantized as they load, onto ``device`` (default cpu)."""
+    weights are then quantized as they load, onto ``device`` (default cpu). ``empty``: the model's
+    architecture on the meta device and no weights read (an FSDP rank that gets its shards from
+    rank 0); not with ``quantization``."""
     loaders = {"hf": _load_hf, "smollm2": _load_smollm2, "random": _build_random}
     if model_cfg.source not in loaders:
         raise ValueError(f"unknown model.source {model_cfg.source!r}; expected one of {', '.join(loaders)}")
     quant = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
     if model_cfg.attn_implementation == attention.NAME:
         attention.register()
-    model, tokenizer = loaders[model_cfg.source](model_cfg, dtype, **quant)
+    if empty and quant:
+        raise ValueError("a quantized model cannot be built empty")
+    model, tokenizer = loaders[model_cfg.source](model_cfg, dtype, empty, **quant)
     ensure_pad_token(tokenizer)
     # Batched generation and the loss both need to know the pad id; keep model and tokenizer agreed.
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -55,19 +60,16 @@ def ensure_pad_token(tokenizer: Any) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
+def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     if not model_cfg.path:
         raise ValueError("model.source=hf needs model.path: a Hugging Face directory or hub id")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.path,
-        revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
-        dtype=dtype,
-        **quant,
-    )
+    source = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    if empty:
+        model = _empty_model(model_cfg, dtype, model_cfg.path, **source)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **source, **quant)
     # `revision` names a commit of model.path; a separate tokenizer repo has its own history.
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != model_cfg.path
     tokenizer = load_tokenizer(
@@ -78,17 +80,31 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[
     return model, tokenizer
 
 
-def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
+def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from launcher.smollm2 import smollm2_dir
 
     path = str(smollm2_dir())
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant)
+    if empty:
+        model = _empty_model(model_cfg, dtype, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant)
     return model, load_tokenizer(model_cfg.tokenizer or path)
 
 
-def _build_random(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> tuple[Any, Any]:
+def _empty_model(model_cfg: ModelConfig, dtype: torch.dtype, path: str, **source: Any) -> Any:
+    """The architecture at ``path`` on the meta device: its config is read, its weights are not."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, **source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=model_cfg.attn_implementation, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+
+
+def _build_random(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     if not model_cfg.tokenizer:
@@ -96,7 +112,8 @@ def _build_random(model_cfg: ModelConfig, dtype: torch.dtype, **quant: Any) -> t
     tokenizer = load_tokenizer(model_cfg.tokenizer, trust_remote_code=model_cfg.trust_remote_code)
     ensure_pad_token(tokenizer)
     config = arch_to_hf_config(model_cfg.arch, tokenizer)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation, dtype=dtype)
     if quant:
         model = _requantize(model, dtype, **quant)
     return model, tokenizer

@@ -30,7 +30,7 @@ from launcher.data.packing import flattens_packs, model_inputs
 from launcher.distributed import (
     DistInfo, any_rank, autocast_dtype, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
-from launcher.engines import Engine, build_engine
+from launcher.engines import Engine, build_engine, engine_class
 from launcher.loss import count_label_tokens, next_token_loss
 from launcher.models import count_parameters
 from launcher.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
@@ -46,7 +46,7 @@ class Trainer:
         self.device = select_device(cfg.train)
         self.dist = init_distributed(cfg.launch, self.device)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
-        model, self.tokenizer = build_model(cfg, self.device)
+        model, self.tokenizer = build_model(cfg, self.device, self.dist)
         self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
@@ -191,16 +191,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def build_model(cfg: FtlConfig, device: torch.device) -> tuple[Any, Any]:
+def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo()) -> tuple[Any, Any]:
     """The model to train, LoRA adapters included (before any engine wraps or shards it); QLoRA
-    loads the base in 4 bit onto ``device``."""
+    loads the base in 4 bit onto ``device``. The engine decides how (see ``Engine.model_loading``):
+    under FSDP only rank 0 reads the weights, under ZeRO-3 each tensor is partitioned as it is made."""
     from launcher.adapters import apply_peft, quantization_config
     from launcher.models import load_model_and_tokenizer
 
     quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
-    # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device)
-    return apply_peft(model, cfg.peft), tokenizer
+    loading = engine_class(cfg).model_loading(cfg, dist, device)
+    with loading.context():
+        # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device, empty=loading.empty)
+        return apply_peft(model, cfg.peft), tokenizer
 
 
 def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:

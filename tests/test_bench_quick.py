@@ -46,6 +46,16 @@ def test_cpu_step_ablation_quick_prints_every_configuration() -> None:
     assert "QUICK: not a result" in proc.stdout
 
 
+@pytest.mark.timeout(400)
+def test_load_memory_quick_prints_every_configuration() -> None:
+    load_memory = bench_module("load_memory")
+    proc = run_script("load_memory", "--quick", timeout=360)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, _ in load_memory.CONFIGS:
+        assert name in proc.stdout, f"row {name!r} missing from:\n{proc.stdout}"
+    assert "QUICK" in proc.stdout
+
+
 def test_gpu_mfu_says_it_skipped_without_a_gpu() -> None:
     proc = run_script("gpu_mfu", "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr[-4000:]

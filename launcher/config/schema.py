@@ -148,6 +148,11 @@ class DeepSpeedStrategy(StrategyBase):
     zero_stage: int = choice(3, 0, 1, 2, 3)
     offload_optimizer: bool = False
     offload_params: bool = False
+    zero3_init: bool = field(
+        default=True,
+        metadata={"doc": "stage 3: every tensor is partitioned as the model is built (deepspeed.zero.Init), so no "
+                  "rank holds the whole model (QLoRA and model.source=random: every rank builds it whole)"},
+    )
     # Extra keys merged into the generated DeepSpeed JSON; a key that contradicts a value ftl
     # derives from this config is an error, never a silent winner.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +163,11 @@ class FSDPStrategy(StrategyBase):
     engine: str = "fsdp"
     reshard_after_forward: bool = True
     hybrid_shard: bool = False  # shard within a node, replicate across nodes
+    load_on_rank0: bool = field(
+        default=True,
+        metadata={"doc": "rank 0 reads the weights and sends every rank its shards; the other ranks build the "
+                  "model on the meta device and never hold it whole (QLoRA: every rank loads)"},
+    )
 
 
 STRATEGIES: dict[str, type] = {

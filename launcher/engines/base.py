@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, ContextManager, Optional
 
@@ -19,6 +20,16 @@ from torch import nn
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.distributed import DistInfo, autocast_dtype
 from launcher.schedule import lr_factor
+
+
+@dataclass(frozen=True)
+class ModelLoading:
+    """How a rank builds its model before the engine takes it. ``empty``: the architecture on the
+    meta device, no weights read; the engine fills this rank's shards (FSDP: from rank 0).
+    ``context``: entered around loading (DeepSpeed ZeRO-3: partition each tensor as it is made)."""
+
+    empty: bool = False
+    context: Callable[[], ContextManager[object]] = contextlib.nullcontext
 
 
 class Engine(ABC):
@@ -31,6 +42,11 @@ class Engine(ABC):
     """
 
     name: ClassVar[str]
+
+    @classmethod
+    def model_loading(cls, cfg: FtlConfig, dist: DistInfo, device: torch.device) -> ModelLoading:
+        """Default: every rank loads the whole model (and the engine shards it, if it does)."""
+        return ModelLoading()
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
         from launcher.adapters import is_peft_model

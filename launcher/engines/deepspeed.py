@@ -58,6 +58,7 @@ from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.distributed import DistInfo, autocast_dtype
 from launcher.engines.base import (
     Engine,
+    ModelLoading,
     apply_activation_checkpointing,
     build_optimizer,
     build_param_groups,
@@ -86,6 +87,18 @@ class DeepSpeedEngine(Engine):
         self._boundary: Optional[bool] = None  # set by grad_sync for the micro-batch in flight
         self._micro = 0  # micro-batches since the last step(), for callers that skip grad_sync
         self._last_was_boundary = False
+
+    @classmethod
+    def model_loading(cls, cfg: FtlConfig, dist: DistInfo, device: torch.device) -> ModelLoading:
+        # ZeRO-3 across ranks: transformers builds (and loads) the model inside deepspeed.zero.Init,
+        # which partitions each tensor as it is made. Not for QLoRA (4-bit weights do not partition)
+        # nor model.source=random (zero.Init draws other random weights than a plain build: the
+        # seed would no longer give the same model under every engine).
+        zero3 = cfg.strategy.zero_stage == 3 and cfg.strategy.zero3_init and dist.world_size > 1
+        if not zero3 or cfg.peft.method == "qlora" or cfg.model.source == "random":
+            return ModelLoading()
+        ds_config = build_deepspeed_config(cfg, dist.world_size, _PRECISION_OF[autocast_dtype(cfg.train.precision, device)])
+        return ModelLoading(context=lambda: _zero3_init(ds_config))
 
     @property
     def model(self) -> nn.Module:
@@ -186,12 +199,16 @@ class DeepSpeedEngine(Engine):
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights, gathered one parameter at a time (collective). Complete on every
         rank, though only rank 0's copy is meant to be used."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         self._require_setup()
         full: dict[int, torch.Tensor] = {}
         for p in self._module.parameters():  # the same order on every rank: the gathers pair up
             value = safe_get_full_fp32_param(p) if self.stage > 0 or hasattr(p, "_hp_mapping") else None
+            if value is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter (LoRA's base): no fp32 master
+                with deepspeed.zero.GatheredParameters([p]):
+                    value = p.detach().to("cpu", torch.float32, copy=True)
             full[id(p)] = (value if value is not None else p.detach()).to("cpu", torch.float32, copy=True)
         out: dict[str, torch.Tensor] = {}
         for key, tensor in self._module.state_dict(keep_vars=True).items():
@@ -219,6 +236,23 @@ class DeepSpeedEngine(Engine):
 
 # --------------------------------------------------------------------------------------------
 # building blocks
+
+
+@contextlib.contextmanager
+def _zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """transformers builds models inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` of a
+    stage-3 config is alive (it holds a weak reference); each rank then reads the weights one
+    tensor at a time into its partitions."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init sizes partitions by deepspeed.comm's world: wrap the process group ftl made.
+    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
+    holder = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del holder
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -4,6 +4,11 @@ sharded across ranks, each decoder layer all-gathered just before it runs.
 * Sharding: one ``fully_shard`` per decoder layer (the model's ``_no_split_modules``), then the
   root for what is left (embeddings, final norm, head). ``hybrid_shard`` uses a 2-D mesh
   (nodes × ranks per node): shard within a node, replicate across nodes.
+* Loading (``strategy.load_on_rank0``, default on): rank 0 reads the weights; the other ranks
+  build the model on the meta device (:meth:`FSDPEngine.model_loading`), and after sharding
+  :func:`fill_from_rank0` sends each its shards and rank 0's buffers. Host memory holds one copy
+  of the model per job instead of one per rank (70B in fp32: 280 GB, not 8 × 280 GB per node).
+  QLoRA, whose 4-bit weights are made as they load, loads on every rank.
 * Precision: bf16 is FSDP's own mixed precision (bf16 compute copies of fp32 sharded weights,
   gradients reduced in fp32), so :meth:`autocast` is a no-op then. fp16 would need a sharded
   grad scaler and is refused.
@@ -28,7 +33,7 @@ from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.distributed import DistInfo, autocast_dtype
-from launcher.engines.base import Engine, apply_activation_checkpointing, build_optimizer, build_scheduler
+from launcher.engines.base import Engine, ModelLoading, apply_activation_checkpointing, build_optimizer, build_scheduler
 
 DCP_DIR = "dcp"
 STATE_FILE = "engine_state.pt"
@@ -49,12 +54,21 @@ class FSDPEngine(Engine):
         model.train()
         self.sharded = torch.distributed.is_initialized() and dist.world_size > 1
         if self.sharded:
+            from_rank0 = _loads_on_rank0(cfg, dist)
+            full = model.state_dict() if from_rank0 and dist.is_main else {}  # before sharding replaces the tensors
             apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, self.compute_dtype)
+            if from_rank0:
+                fill_from_rank0(model, full, device, is_main=dist.is_main)
+                del full
         else:
             model.to(device)
         self._model = model
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+
+    @classmethod
+    def model_loading(cls, cfg: FtlConfig, dist: DistInfo, device: torch.device) -> ModelLoading:
+        return ModelLoading(empty=_loads_on_rank0(cfg, dist) and not dist.is_main)
 
     @property
     def model(self) -> nn.Module:
@@ -180,6 +194,24 @@ def apply_fully_shard(
     # transformers' generate() then keeps every rank stepping until all are done (synced_gpus):
     # a rank that stopped early would leave the others waiting in an all-gather.
     model._is_fsdp_managed_module = True
+
+
+def _loads_on_rank0(cfg: FtlConfig, dist: DistInfo) -> bool:
+    # QLoRA's 4-bit weights are made as they load: they cannot be built empty and filled later.
+    return cfg.strategy.load_on_rank0 and dist.world_size > 1 and cfg.peft.method != "qlora"
+
+
+def fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device, *, is_main: bool) -> None:
+    """After ``fully_shard``: give every rank its shards of rank 0's ``full`` state dict (empty on
+    the other ranks, whose model is on the meta device until here), then rank 0's buffers, which no
+    checkpoint holds whole (RoPE's inverse frequencies are non-persistent)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not is_main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
 
 
 def build_mesh(dist: DistInfo, device: torch.device, hybrid: bool) -> Any:
