@@ -8,6 +8,7 @@ this interface, so it never imports deepspeed or torch.distributed.fsdp. The hel
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -159,6 +160,15 @@ def fused_adamw_ok(groups: list[dict[str, object]]) -> bool:
     for-each update, measured on SmolLM2-sized tensors) takes float CPU/CUDA parameters only."""
     params = [p for g in groups for p in g["params"]]  # type: ignore[attr-defined]
     return all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
+
+
+def finish_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, grad_norm: torch.Tensor) -> float:
+    """After the optimizer stepped: advance the schedule, drop the gradients, and return the
+    pre-clip gradient norm as a float (nan when it was not finite)."""
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = float(grad_norm)
+    return value if math.isfinite(value) else float("nan")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

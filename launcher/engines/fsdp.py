@@ -22,7 +22,6 @@ sharded across ranks, each decoder layer all-gathered just before it runs.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.distributed import DistInfo, autocast_dtype
-from launcher.engines.base import Engine, ModelLoading, apply_activation_checkpointing, build_optimizer, build_scheduler
+from launcher.engines.base import Engine, ModelLoading, apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
 
 DCP_DIR = "dcp"
 STATE_FILE = "engine_state.pt"
@@ -103,15 +102,11 @@ class FSDPEngine(Engine):
             coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(norm)
-        return value if math.isfinite(value) else float("nan")
+        return finish_step(optimizer, scheduler, norm)
 
     @property
     def lr(self) -> float:
-        optimizer, _ = self._require_setup()
-        return float(optimizer.param_groups[0]["lr"])
+        return float(self._require_setup()[0].param_groups[0]["lr"])
 
     def save(self, ckpt_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp

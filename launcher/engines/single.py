@@ -9,7 +9,6 @@ read by every rank: a single or ddp checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +24,7 @@ from launcher.engines.base import (
     build_optimizer,
     build_scheduler,
     check_loaded,
+    finish_step,
     trainable_parameters,
 )
 
@@ -76,15 +76,11 @@ class SingleEngine(Engine):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.scaler.step(optimizer)
         self.scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(norm)
-        return value if math.isfinite(value) else float("nan")
+        return finish_step(optimizer, scheduler, norm)
 
     @property
     def lr(self) -> float:
-        optimizer, _ = self._require_setup()
-        return float(optimizer.param_groups[0]["lr"])
+        return float(self._require_setup()[0].param_groups[0]["lr"])
 
     def save(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
