@@ -1,7 +1,7 @@
 """ftl against Hugging Face ``transformers.Trainer`` on CPU: same model, same data, same batch
 budget, measured in the same run. Also ``ftl plan`` latency and checkpoint throughput.
 
-    python bench/throughput.py            # SmolLM2-135M-Instruct on the demo data (~10 min on 2 cores)
+    python bench/throughput.py            # SmolLM2-135M-Instruct on the demo data, 3 rounds (~20 min on 2 cores)
     python bench/throughput.py --quick    # tiny random Llama, a few steps (what the test suite runs)
 
 What is compared (full mode):
@@ -28,6 +28,10 @@ the next (data loading included), its tokens are counted by the collator. ftl lo
 (its step timer includes collation), not the token count, so its Σ tokens / Σ seconds is the
 harmonic mean of those rates: exact when every step holds the same real tokens, and packed steps
 differ by well under 1% here.
+
+**Rounds**: each side trains ``--rounds`` times (default 3), the sides taking turns (ftl, HF fp32,
+HF bf16, ftl, ...), so a slow spell of a shared machine does not land on one side only; a side's
+row is the median of its rounds, and every round's rate is printed.
 
 **Time to first optimizer step**: from just before the subprocess starts to the moment step 1 is
 logged (ftl: metrics.jsonl gains its first line, polled every 20 ms; HF: the wall clock at the first
@@ -71,12 +75,13 @@ OTHER_ROWS = (
 )  # fmt: skip
 
 
-def settings(quick: bool, steps: int | None, reps: int | None) -> dict[str, Any]:
+def settings(quick: bool, steps: int | None, reps: int | None, rounds: int | None = None) -> dict[str, Any]:
     base = (
         {"recipe": "tiny", "micro_batch_size": 4, "seq_len": 256, "steps": 4, "reps": 2}
         if quick
         else {"recipe": "demo", "micro_batch_size": 4, "seq_len": 512, "steps": 12, "reps": 7}
     )
+    base["rounds"] = rounds or (1 if quick else 3)
     if steps:
         base["steps"] = steps
     if reps:
@@ -84,6 +89,13 @@ def settings(quick: bool, steps: int | None, reps: int | None) -> dict[str, Any]
     if base["steps"] < 2:
         raise SystemExit("--steps must be at least 2: step 1 is excluded from the rates")
     return base
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds as one row: the median rate and time to first step; every round's rate kept."""
+    rates = [r["tokens_per_s"] for r in rounds]
+    return {**rounds[0], "tokens_per_s": statistics.median(rates), "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
+            "round_rates": rates}  # fmt: skip
 
 
 def bench_env() -> dict[str, str]:
@@ -148,7 +160,7 @@ def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int)
 
 
 def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    run_dir = tmp / "ftl-run"
+    run_dir = Path(tempfile.mkdtemp(prefix="ftl-run-", dir=tmp))  # a fresh run per round: no resume, no old metrics
     overrides = [
         f"recipe={s['recipe']}", f"run.dir={run_dir}", f"train.max_steps={s['steps']}", "data.packing=true",
         "data.cache=false", "train.precision=bf16", f"train.micro_batch_size={s['micro_batch_size']}", "train.grad_accum=1",
@@ -156,7 +168,7 @@ def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
         "checkpoint.every_steps=0", "checkpoint.save_final=false", "wandb.mode=disabled",
     ]  # fmt: skip
     metrics_path = run_dir / "metrics.jsonl"
-    log = tmp / "ftl-train.log"
+    log = run_dir.with_suffix(".log")
     start = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", *overrides], cwd=ROOT, env=bench_env(),
@@ -181,9 +193,9 @@ def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
 
 
 def run_hf(s: dict[str, Any], budget: dict[str, Any], model_dir: Path, data: str, bf16: bool, tmp: Path) -> dict[str, Any]:
-    out = tmp / f"hf-{'bf16' if bf16 else 'fp32'}.json"
+    out = Path(tempfile.mkdtemp(prefix=f"hf-{'bf16' if bf16 else 'fp32'}-", dir=tmp)) / "result.json"
     args = {"model_dir": str(model_dir), "data": data, "batch_size": budget["hf_batch_size"], "seq_len": s["seq_len"],
-            "steps": s["steps"], "bf16": bf16, "out": str(out), "output_dir": str(tmp / "hf-out")}  # fmt: skip
+            "steps": s["steps"], "bf16": bf16, "out": str(out), "output_dir": str(out.parent / "out")}  # fmt: skip
     start = time.time()
     proc = subprocess.run([sys.executable, __file__, "--hf-worker", json.dumps(args)], check=False, cwd=ROOT, env=bench_env(),
                           capture_output=True, text=True)  # fmt: skip
@@ -324,7 +336,10 @@ def report(s: dict[str, Any], budget: dict[str, Any], results: dict[str, Any]) -
     head = (
         f"model {results['model']}, data {budget['examples']} demo conversations, seq_len {s['seq_len']}, {s['steps']} steps "
         f"(rates over steps 2..{s['steps']}), packing efficiency {budget['packing_efficiency']:.1%}, "
-        f"HF mean row {budget['hf_mean_len']:.0f} tokens; {os.cpu_count()} CPU(s)"
+        f"HF mean row {budget['hf_mean_len']:.0f} tokens; {os.cpu_count()} CPU(s); median of {s['rounds']} round(s), "
+        "real tok/s per round: " + "; ".join(
+            f"{name} {', '.join(f'{x:.0f}' for x in r['round_rates'])}" for name, r in (("ftl", ftl), ("HF fp32", fp32), ("HF bf16", bf16))
+        )
     )
     return "\n\n".join([
         head,
@@ -338,13 +353,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny random model, 4 steps, 2 repetitions")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (>= 2)")
     parser.add_argument("--reps", type=int, help="repetitions of the latency and checkpoint measures")
+    parser.add_argument("--rounds", type=int, help="training runs per side, taking turns (default 3; quick 1); the median counts")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
         hf_worker(json.loads(args.hf_worker))
         return {}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    s = settings(args.quick, args.steps, args.reps)
+    s = settings(args.quick, args.steps, args.reps, args.rounds)
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         cfg = compose([f"recipe={s['recipe']}", f"run.dir={tmp / 'plan'}", "data.packing=true"])
@@ -352,11 +368,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         budget = batch_budget(cfg, model_dir, s["micro_batch_size"], s["seq_len"])
         data = cfg.data.train_files[0]
         results: dict[str, Any] = {"model": cfg.model.name}
-        print(f"bench: ftl train ({s['steps']} steps) ...", file=sys.stderr)
-        results["ftl"] = run_ftl(s, tmp)
-        for key, bf16 in (("hf_fp32", False), ("hf_bf16", True)):
-            print(f"bench: HF Trainer {key[3:]} ({s['steps']} steps) ...", file=sys.stderr)
-            results[key] = run_hf(s, budget, model_dir, data, bf16, tmp)
+        runs: dict[str, list[dict[str, Any]]] = {"ftl": [], "hf_fp32": [], "hf_bf16": []}
+        for r in range(1, s["rounds"] + 1):  # the sides take turns, so a slow spell of the machine hits them alike
+            print(f"bench: round {r}/{s['rounds']}: ftl train ({s['steps']} steps) ...", file=sys.stderr)
+            runs["ftl"].append(run_ftl(s, tmp))
+            for key, bf16 in (("hf_fp32", False), ("hf_bf16", True)):
+                print(f"bench: round {r}/{s['rounds']}: HF Trainer {key[3:]} ({s['steps']} steps) ...", file=sys.stderr)
+                runs[key].append(run_hf(s, budget, model_dir, data, bf16, tmp))
+        results.update({key: combine(side) for key, side in runs.items()})
         print(f"bench: latency ({s['reps']} runs each) and checkpoints ...", file=sys.stderr)
         plan = [sys.executable, "-m", "launcher", "plan", f"recipe={s['recipe']}", f"run.dir={tmp / 'plan'}"]
         results["plan_s"] = median_wall(plan, s["reps"])
