@@ -109,3 +109,14 @@ def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, ch
     subprocess.run([sys.executable, "-c", plain, str(model_dir), str(work / "ids.pt"), str(work / "logits.pt")],
                    cwd=work, env=ftl_env(), check=True, timeout=120)  # fmt: skip
     return torch.load(work / "logits.pt")
+
+
+def need_gpus(n: int) -> None:
+    """Skip the calling test, visibly, unless this machine has ``n`` CUDA GPUs."""
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs {n} CUDA GPU(s): torch.cuda.is_available() is False")
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA GPUs, found {torch.cuda.device_count()}")

@@ -12,6 +12,8 @@ from launcher import attention
 from launcher.config.schema import ArchConfig
 from launcher.paths import asset
 
+from helpers import need_gpus
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,8 +48,8 @@ def test_segments_are_read_from_position_restarts() -> None:
 def test_packed_rows_equal_each_example_run_alone(tok: Any, device: str) -> None:
     """Logits of a packed batch (on CPU: short examples on the math kernel, one long example on the
     flash kernel; padding at the end of a row) equal each example's logits computed on its own."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+    if device == "cuda":
+        need_gpus(1)
     model = tiny(tok, attention.NAME).to(device)
     lengths = [[7, 300, 5], [40, 40, 200]]  # 300 >= MATH_BELOW: the long example takes the flash kernel
     assert max(max(r) for r in lengths) >= attention.MATH_BELOW > min(min(r) for r in lengths)

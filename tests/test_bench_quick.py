@@ -26,34 +26,22 @@ def run_script(name: str, *args: str, timeout: float, **env: str) -> subprocess.
                           text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})  # fmt: skip
 
 
-@pytest.mark.timeout(240)
-def test_throughput_quick_prints_every_row() -> None:
-    throughput = bench_module("throughput")
-    proc = run_script("throughput", "--quick", timeout=200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for row in (*throughput.TRAIN_ROWS, *throughput.OTHER_ROWS):
-        assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
-    assert "quick mode" in proc.stdout
-
-
-@pytest.mark.timeout(240)
-def test_cpu_step_ablation_quick_prints_every_configuration() -> None:
-    ablate = bench_module("ablate_cpu_step")
-    proc = run_script("ablate_cpu_step", "--quick", timeout=200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for name, *_ in ablate.CONFIGS:
-        assert name in proc.stdout, f"row {name!r} missing from:\n{proc.stdout}"
-    assert "QUICK: not a result" in proc.stdout
+QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers as no result, seconds)
+    "throughput": (lambda m: [*m.TRAIN_ROWS, *m.OTHER_ROWS], "quick mode", 200),
+    "ablate_cpu_step": (lambda m: [name for name, *_ in m.CONFIGS], "QUICK: not a result", 200),
+    "load_memory": (lambda m: [name for name, _ in m.CONFIGS], "QUICK (tiny model): not a result", 360),
+}
 
 
 @pytest.mark.timeout(400)
-def test_load_memory_quick_prints_every_configuration() -> None:
-    load_memory = bench_module("load_memory")
-    proc = run_script("load_memory", "--quick", timeout=360)
+@pytest.mark.parametrize("script", sorted(QUICK_RUNS))
+def test_quick_mode_prints_every_row(script: str) -> None:
+    rows, marker, timeout = QUICK_RUNS[script]
+    proc = run_script(script, "--quick", timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for name, _ in load_memory.CONFIGS:
-        assert name in proc.stdout, f"row {name!r} missing from:\n{proc.stdout}"
-    assert "QUICK" in proc.stdout
+    for row in rows(bench_module(script)):
+        assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
+    assert marker in proc.stdout
 
 
 def test_gpu_mfu_says_it_skipped_without_a_gpu() -> None:

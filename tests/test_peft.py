@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ftl, metrics
+from helpers import ftl, metrics, need_gpus
 
 from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_key, split_peft_state_dict
 from launcher.checkpoint import checkpoints_dir
@@ -295,13 +295,6 @@ def test_qlora_on_two_cpu_ranks_trains_alike_under_every_engine(tmp_path: Path) 
 # GPU only
 
 
-def _need_gpus(n: int) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip(f"needs {n} CUDA GPU(s): torch.cuda.is_available() is False")
-    if torch.cuda.device_count() < n:
-        pytest.skip(f"needs {n} CUDA GPUs, found {torch.cuda.device_count()}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "strategy, extra",
@@ -309,7 +302,7 @@ def _need_gpus(n: int) -> None:
     ids=["fsdp-4bit-sharded-bf16", "fsdp-4bit-whole-uint8", "zero3-4bit-bf16", "zero2"],
 )
 def test_qlora_trains_sharded_on_two_gpus(strategy: str, extra: list[str], tmp_path: Path) -> None:
-    _need_gpus(2)
+    need_gpus(2)
     pytest.importorskip("bitsandbytes")
     ftl("train", *BASE, "peft=qlora", *ADAPTER, *extra, *TWO_RANKS, "train.max_steps=3", f"strategy={strategy}",
         "train.device=cuda", "train.precision=bf16", f"run.dir={tmp_path}")  # fmt: skip
@@ -322,7 +315,7 @@ def test_qlora_trains_sharded_on_two_gpus(strategy: str, extra: list[str], tmp_p
 
 @pytest.mark.gpu
 def test_qlora_on_one_gpu_loads_4bit_on_the_device(tmp_path: Path) -> None:
-    _need_gpus(1)
+    need_gpus(1)
     pytest.importorskip("bitsandbytes")
     ftl("train", *BASE, "peft=qlora", *ADAPTER, *ONE_RANK, "train.max_steps=3", "strategy=single", "train.device=cuda",
         "train.precision=bf16", f"run.dir={tmp_path}")  # fmt: skip
