@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def wandb_offline_attempts(run_dir: Path, run_id: str) -> list[Path]:
+    """The run dir's W&B offline run folders, checked to all belong to run `run_id`.
+
+    wandb names them offline-run-<YYYYmmdd_HHMMSS>-<id>, adding "-1", "-2"... when an attempt starts
+    in the same second as an earlier one (a quick resume)."""
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    assert all(pattern.fullmatch(p.name) and (p / f"run-{run_id}.wandb").is_file() for p in attempts), attempts
+    return attempts
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wandb_offline_attempts
 from slurm_cluster import REPO, LocalCluster, local_cluster
 
 from launcher.config.compose import compose
@@ -156,8 +157,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
         restarts = re.findall(rf"ftl: node {node} on n{node + 1}, job {job_id}, restart (\d)", (run_dir / "logs" / f"node-{node}.log").read_text())
         assert restarts == ["0", "1"], f"node {node} ran {restarts}"
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs), runs
+    assert len(wandb_offline_attempts(run_dir, run_id)) == 2
 
 
 def test_array_tasks_get_their_own_runs_and_keep_their_task_id_when_requeued(cluster, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ftl_env
+from helpers import ftl_env, wandb_offline_attempts
 from slurm_cluster import local_cluster
 
 from launcher.config.errors import ConfigErrors
@@ -228,8 +228,7 @@ def test_two_trial_slurm_submission_runs_both_and_a_requeued_trial_keeps_its_run
         assert (run_dir / "checkpoints" / "step-30").is_dir() and json.loads((run_dir / "eval.json").read_text())["after"]["loss"] > 0
         for node in (0, 1):
             assert f"ftl: node {node} on n{node + 1}, job {job_id}" in (run_dir / "logs" / f"node-{node}.log").read_text()
-        attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
-        assert len(attempts) == (2 if job_id == jobs[0] else 1) and all(p.name.endswith(f"-{run_id}") for p in attempts), attempts
+        assert len(wandb_offline_attempts(run_dir, run_id)) == (2 if job_id == jobs[0] else 1)
     assert sorted(lrs) == [0.001, 0.003]
     assert json.loads(record.read_text()) == first, "the requeued job ran the recorded trial, not a new one"
     node_log = " ".join((Path(first["run_dir"]) / "logs" / "node-0.log").read_text().split())
