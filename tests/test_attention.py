@@ -125,3 +125,63 @@ def test_a_saved_model_names_no_ftl_attention(tok: Any, tmp_path: Any) -> None:
     """Exports load in plain transformers: the attention implementation is not serialised."""
     tiny(tok, attention.NAME).save_pretrained(tmp_path)
     assert attention.NAME not in (tmp_path / "config.json").read_text()
+
+
+def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int, *, scale: Any, window_size: tuple[int, int], enable_gqa: bool) -> torch.Tensor:  # fmt: skip
+    """``torch.nn.attention.varlen.varlen_attn``'s documented contract, written plainly (its flash
+    kernel has no CPU implementation): [T, heads, d] tokens, sequences at ``cu`` offsets, window
+    (left, 0) = each token sees itself and ``left`` tokens before it, (-1, 0) = causal."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    assert window_size[1] == 0 and enable_gqa == (q.shape[1] != k.shape[1])
+    outs = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        n = end - start
+        distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        allowed = (distance >= 0) & ((distance <= window_size[0]) if window_size[0] >= 0 else True)
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("window", [None, 6, 500])
+def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any) -> None:
+    """packed_flash's reshaping, offsets and window mapping (what the CUDA path feeds the flash
+    kernel) give the loop's result when the kernel keeps varlen_attn's contract."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, h, 24, 8, generator=g) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(10), torch.arange(3), torch.arange(11), torch.arange(24)]).view(2, 24)
+    loop, _ = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=pos, sliding_window=window)
+    lengths = [e - s for row in attention.segment_bounds(pos) for s, e in row]
+    one = attention.packed_flash(q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen)
+    torch.testing.assert_close(one, loop, rtol=1e-5, atol=1e-5)
+    assert not attention.one_kernel(q, 0.0) and not attention.one_kernel(q.bfloat16(), 0.0), "no flash varlen on CPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA in bf16 the packed batch goes to torch's flash varlen kernel (one call per layer);
+    logits and gradients equal the per-example SDPA loop's to bf16 rounding (Mistral: with a window)."""
+    need_gpus(1)
+    assert attention.varlen_attn is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    extra = {"sliding_window": 16} if model_type == "mistral" else {}
+    model = tiny(tok, attention.NAME, model_type=model_type, **extra).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7)).cuda()
+    pos = torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)]).view(2, 96).cuda()
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.float().pow(2).mean().backward()
+        return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    calls = []
+    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **kw: calls.append(1) or torch.nn.attention.varlen.varlen_attn(*a, **kw))
+    one_logits, one_grads = run()
+    assert len(calls) == 2, "one flash call per layer"
+    monkeypatch.setattr(attention, "varlen_attn", None)
+    loop_logits, loop_grads = run()
+    torch.testing.assert_close(one_logits, loop_logits, rtol=2e-2, atol=2e-2)
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grad, loop_grads[name], rtol=5e-2, atol=5e-3, msg=name)

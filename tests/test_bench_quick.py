@@ -44,13 +44,33 @@ def test_quick_mode_prints_every_row(script: str) -> None:
     assert marker in proc.stdout
 
 
-def test_gpu_mfu_says_it_skipped_without_a_gpu() -> None:
-    proc = run_script("gpu_mfu", "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
+@pytest.mark.parametrize("script", ["gpu_mfu", "gpu_attention"])
+def test_gpu_benches_say_they_skipped_without_a_gpu(script: str) -> None:
+    proc = run_script(script, "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "no GPU: skipped" in proc.stdout
-    assert "MFU" not in proc.stdout.replace("measures MFU", "")  # no table, no numbers
-    strict = run_script("gpu_mfu", "--require-gpu", timeout=120, CUDA_VISIBLE_DEVICES="")
-    assert strict.returncode == bench_module("gpu_mfu").NO_GPU_EXIT
+    assert proc.stdout.startswith("no GPU: skipped") and len(proc.stdout.splitlines()) == 1, proc.stdout  # no table, no numbers
+    strict = run_script(script, "--require-gpu", timeout=120, CUDA_VISIBLE_DEVICES="")
+    assert strict.returncode == bench_module(script).NO_GPU_EXIT
+
+
+def test_gpu_attention_packs_are_full_and_vary() -> None:
+    rows = bench_module("gpu_attention").example_lengths(3, 4096, 85)
+    assert [sum(row) for row in rows] == [4096] * 3
+    assert all(1 <= n <= 127 for row in rows for n in row) and len({n for row in rows for n in row}) > 20
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_gpu_attention_quick_prints_every_row() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: bench/gpu_attention.py --quick needs one")
+    proc = run_script("gpu_attention", "--quick", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for side in bench_module("gpu_attention").SIDES:
+        assert side in proc.stdout, f"row {side!r} missing from:\n{proc.stdout}"
+    assert "no flash varlen kernel" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_gpu_mfu_depth_arithmetic() -> None:

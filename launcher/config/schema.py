@@ -67,8 +67,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str = choice(
         "sdpa_varlen", "sdpa_varlen", "sdpa", "eager", "flash_attention_2",
-        doc="sdpa_varlen: sdpa that attends within each packed example (no seq_len² mask; ftl's "
-        "default); sdpa/eager: transformers' own; flash_attention_2: the flash-attn varlen kernel (GPU)",
+        doc="sdpa_varlen: sdpa that attends within each packed example (no seq_len² mask; on CUDA one "
+        "flash varlen call; ftl's default); sdpa/eager: transformers' own; flash_attention_2: the flash-attn varlen kernel (GPU)",
     )
     arch: ArchConfig = field(default_factory=ArchConfig)
 
