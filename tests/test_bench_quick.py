@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -97,3 +98,18 @@ def test_gpu_mfu_quick_prints_every_row() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     for row in gpu_mfu.ROW_NAMES.values():
         assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_runs_every_step_and_fails_without_a_gpu(tmp_path: Path) -> None:
+    """bench/gpu_check.sh, the one call for a lent GPU, run here: every step runs and logs, the gpu
+    tests skip, both benches refuse (--require-gpu), and the script exits non-zero."""
+    (tmp_path / "wheels").mkdir()  # none to install: this machine's venv has the packages
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "FTL_WHEELS": str(tmp_path / "wheels"), "CUDA_VISIBLE_DEVICES": "", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["env.log", "gpu_attention.log", "gpu_mfu.log", "pytest-gpu.log"]
+    assert "== pytest-gpu: exit 0" in proc.stdout and " skipped" in (out / "pytest-gpu.log").read_text()
+    for bench in ("gpu_attention", "gpu_mfu"):
+        assert (out / f"{bench}.log").read_text().startswith("no GPU: skipped") and f"== {bench}: exit 3" in proc.stdout
