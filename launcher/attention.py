@@ -13,9 +13,9 @@ padded batches (a 2-D ``attention_mask`` with zeros), decoding with a KV cache (
 keys), rows without restarts. On CPU, examples shorter than :data:`MATH_BELOW` tokens use SDPA's
 math kernel, which is faster there than the flash kernel for short rows (measured on the project's
 2-core machine: 85-token examples, SmolLM2 head shapes, forward + backward, 20 ms against 32 ms per 2,048 tokens per layer).
-On a CUDA GPU (compute capability 8.0 or newer, bf16/fp16, no dropout) a packed batch is one call
-of PyTorch's own flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.9+) instead
-of a Python loop over examples; elsewhere the loop runs.
+On an Ampere, Ada or Hopper GPU (bf16/fp16, no dropout) a packed batch is one call of PyTorch's own
+flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.11+) instead of a Python
+loop over examples; elsewhere the loop runs.
 
 :func:`register` makes the name known to transformers; :func:`launcher.models.load_model_and_tokenizer`
 calls it before loading. A model saved from a run carries ``sdpa`` in its config as usual, since
@@ -24,6 +24,7 @@ the attention implementation is not serialised.
 
 from __future__ import annotations
 
+import inspect
 from itertools import accumulate
 from typing import Any, Callable, Optional
 
@@ -31,10 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # PyTorch >= 2.9: flash attention over concatenated sequences (CUDA only)
+try:  # flash attention over concatenated sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # older PyTorch: the per-example loop everywhere
     varlen_attn = None
+else:  # PyTorch 2.9/2.10's prototype takes is_causal and has no window or scale: the loop there
+    if not {"window_size", "scale"} <= set(inspect.signature(varlen_attn).parameters):
+        varlen_attn = None
+# Versions without enable_gqa get the key/value heads repeated to the query heads' count.
+VARLEN_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 NAME = "sdpa_varlen"
 MATH_BELOW = 256  # CPU: examples shorter than this use the math kernel (see the module docstring)
@@ -101,7 +107,7 @@ def varlen_attention_forward(
     # would zero-fill a full-size gradient for every slice in backward.
     lengths = [e - s for row in spans for s, e in row]
     if one_kernel(query, dropout):
-        return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn), None
+        return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA), None
     parts = [
         _attend(q, k, v, scale=scaling, dropout=dropout, window=window)
         for q, k, v in zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
@@ -112,21 +118,30 @@ def varlen_attention_forward(
 
 
 def one_kernel(query: torch.Tensor, dropout: float) -> bool:
-    """Whether the packed batch can go to one flash varlen call: CUDA with flash attention
-    (compute capability 8.0+), half precision, no dropout, head_dim a multiple of 8 up to 256."""
+    """Whether the packed batch can go to one flash varlen call: an Ampere, Ada or Hopper GPU
+    (compute capability 8.x-9.x, where varlen_attn runs flash attention; some PyTorch versions send
+    newer GPUs to cuDNN, which refuses GQA and windows), half precision, no dropout, head_dim a
+    multiple of 8 up to 256."""
     if varlen_attn is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
         return False
     head_dim = query.shape[-1]
-    return head_dim % 8 == 0 and head_dim <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    return head_dim % 8 == 0 and head_dim <= 256 and 8 <= torch.cuda.get_device_capability(query.device)[0] <= 9
 
 
-def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *,
-                 scale: Optional[float], window: Optional[int], kernel: Callable[..., torch.Tensor]) -> torch.Tensor:  # fmt: skip
+def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
+                 window: Optional[int], kernel: Callable[..., torch.Tensor], native_gqa: bool = True) -> torch.Tensor:  # fmt: skip
     """[b, heads, L, d] rows of packed examples (``lengths``, rows end to end) → [b, L, heads, d]
     through ``kernel``, which has ``torch.nn.attention.varlen.varlen_attn``'s contract: tokens
     concatenated as [T, heads, d], example boundaries as int32 cumulative offsets, ``window_size``
-    (left, right) with (-1, 0) meaning causal."""
+    (left, right) with (-1, 0) meaning causal, ``enable_gqa`` where ``native_gqa`` (else the
+    key/value heads are repeated to the query heads' count, as transformers' repeat_kv does)."""
     batch, heads, width, dim = query.shape
+    gqa: dict[str, bool] = {}
+    if key.shape[1] != heads:
+        if native_gqa:
+            gqa["enable_gqa"] = True
+        else:
+            key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
 
     def tokens(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)
@@ -136,7 +151,7 @@ def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     # transformers' sliding window covers the token itself and window - 1 before it
     window_size = (-1, 0) if window is None or window >= longest else (window - 1, 0)
     out = kernel(tokens(query), tokens(key), tokens(value), offsets, offsets, longest, longest,
-                 scale=scale, window_size=window_size, enable_gqa=key.shape[1] != heads)  # fmt: skip
+                 scale=scale, window_size=window_size, **gqa)  # fmt: skip
     return out.reshape(batch, width, heads, dim)
 
 

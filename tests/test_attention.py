@@ -128,12 +128,12 @@ def test_a_saved_model_names_no_ftl_attention(tok: Any, tmp_path: Any) -> None:
 
 
 def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                     max_q: int, max_k: int, *, scale: Any, window_size: tuple[int, int], enable_gqa: bool) -> torch.Tensor:  # fmt: skip
+                     max_q: int, max_k: int, *, scale: Any, window_size: tuple[int, int], enable_gqa: bool = False) -> torch.Tensor:  # fmt: skip
     """``torch.nn.attention.varlen.varlen_attn``'s documented contract, written plainly (its flash
     kernel has no CPU implementation): [T, heads, d] tokens, sequences at ``cu`` offsets, window
     (left, 0) = each token sees itself and ``left`` tokens before it, (-1, 0) = causal."""
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
-    assert window_size[1] == 0 and enable_gqa == (q.shape[1] != k.shape[1])
+    assert window_size[1] == 0 and enable_gqa == (q.shape[1] != k.shape[1]), "GQA only when asked for"
     outs = []
     for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         n = end - start
@@ -144,8 +144,9 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("native_gqa", [True, False])
 @pytest.mark.parametrize("window", [None, 6, 500])
-def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any) -> None:
+def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any, native_gqa: bool) -> None:
     """packed_flash's reshaping, offsets and window mapping (what the CUDA path feeds the flash
     kernel) give the loop's result when the kernel keeps varlen_attn's contract."""
     g = torch.Generator().manual_seed(6)
@@ -153,7 +154,7 @@ def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any) -> None:
     pos = torch.cat([torch.arange(10), torch.arange(3), torch.arange(11), torch.arange(24)]).view(2, 24)
     loop, _ = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=pos, sliding_window=window)
     lengths = [e - s for row in attention.segment_bounds(pos) for s, e in row]
-    one = attention.packed_flash(q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen)
+    one = attention.packed_flash(q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen, native_gqa=native_gqa)
     torch.testing.assert_close(one, loop, rtol=1e-5, atol=1e-5)
     assert not attention.one_kernel(q, 0.0) and not attention.one_kernel(q.bfloat16(), 0.0), "no flash varlen on CPU"
 
