@@ -7,6 +7,7 @@ a no-op for a single process, so the trainer calls these helpers unconditionally
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,9 +142,25 @@ def elastic_attempt_store(info: DistInfo, environ: Mapping[str, str], timeout: t
     return torch_dist.PrefixStore(f"ftl/attempt-{attempt}", store)
 
 
-def destroy() -> None:
-    if torch_dist.is_initialized():
+TEARDOWN_LIMIT_S = 120  # a clean teardown takes milliseconds
+
+
+def destroy(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish every rank first meets the others at a barrier,
+    so none tears the group down while a peer is still inside a collective (a known cause of
+    destroy_process_group hanging, pytorch/pytorch#75097); a teardown that still takes longer than
+    :data:`TEARDOWN_LIMIT_S` prints every thread's stack to stderr and exits 1 rather than hold the
+    job (faulthandler's watchdog runs without the GIL, which a hung C++ destructor may hold). After
+    a failure (``clean=False``) the group is left alone: peers may be blocked in a collective this
+    rank never joins, and the launcher ends them when this process exits."""
+    if not torch_dist.is_initialized() or not clean:
+        return
+    faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)
+    try:
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def barrier() -> None:

@@ -134,6 +134,7 @@ def run_job(job_path: Path) -> int:
     cfg = validated(job["config"])
     device = select_device(cfg.train)
     dist = init_distributed(cfg.launch, device)
+    clean = False
     try:
         torch.manual_seed(cfg.train.seed)
         loaded = load_model(job["model"], device=device)
@@ -149,8 +150,9 @@ def run_job(job_path: Path) -> int:
                 results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs)
         if dist.is_main:
             report(job, cfg, loaded.description, results)
+        clean = True
     finally:
-        destroy()
+        destroy(clean)
     return 0
 
 

@@ -70,7 +70,7 @@ class Trainer:
             return outcome
         finally:
             self.telemetry.close(exit_code)
-            destroy()
+            destroy(clean=exit_code == 0)
 
     def train(self, stop: StopFlag) -> str:
         if self.cfg.eval.before_training and self.step == 0:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,18 @@ def ftl_env(**extra: str) -> dict[str, str]:
 
 def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
         stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env or ftl_env(),
-                          capture_output=True, text=True, input=stdin, timeout=timeout)  # fmt: skip
+    # Its own session, so that a run past the timeout is killed with its torchrun agent and ranks
+    # (left running, they would slow every later test), and the failure shows what it printed.
+    child = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env or ftl_env(), text=True,
+                             stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)  # fmt: skip
+    try:
+        out, err = child.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        pytest.fail(f"ftl {' '.join(args)} ran past {timeout} s; killed with its process group\n{out[-3000:]}\n{err[-6000:]}")
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if check:
         assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc

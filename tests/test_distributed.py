@@ -88,3 +88,26 @@ def test_two_rank_gloo_group(tmp_path: Path) -> None:
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]
+
+
+HUNG_TEARDOWN = """
+import time
+import torch.distributed as dist
+from launcher import distributed
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+distributed.destroy(clean=False)  # after a failure: the group is left alone
+assert dist.is_initialized()
+distributed.TEARDOWN_LIMIT_S = 2
+dist.destroy_process_group = lambda: time.sleep(60)  # a teardown that hangs
+distributed.destroy()
+print("returned")
+"""
+
+
+def test_a_hung_teardown_prints_stacks_and_exits() -> None:
+    """destroy(): a barrier, then destroy_process_group under a watchdog that dumps every thread's
+    stack and exits 1 instead of hanging the job (and the test suite)."""
+    done = subprocess.run([sys.executable, "-c", HUNG_TEARDOWN], cwd=ROOT, capture_output=True, text=True, timeout=50,
+                          env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert done.returncode == 1 and "returned" not in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "Timeout" in done.stderr and "in destroy" in done.stderr, done.stderr[-3000:]
