@@ -146,9 +146,9 @@ TEARDOWN_LIMIT_S = 120  # a clean teardown takes milliseconds
 
 
 def destroy(clean: bool = True) -> None:
-    """Leave the process group. After a clean finish every rank first meets the others at a barrier,
-    so none tears the group down while a peer is still inside a collective (a known cause of
-    destroy_process_group hanging, pytorch/pytorch#75097); a teardown that still takes longer than
+    """Leave the process group. Callers meet at :func:`barrier` after their last collective, so no
+    rank tears the group down while a peer is still inside one (a known cause of
+    destroy_process_group hanging, pytorch/pytorch#75097). A teardown that still takes longer than
     :data:`TEARDOWN_LIMIT_S` prints every thread's stack to stderr and exits 1 rather than hold the
     job (faulthandler's watchdog runs without the GIL, which a hung C++ destructor may hold). After
     a failure (``clean=False``) the group is left alone: peers may be blocked in a collective this
@@ -157,7 +157,6 @@ def destroy(clean: bool = True) -> None:
         return
     faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)
     try:
-        torch_dist.barrier()
         torch_dist.destroy_process_group()
     finally:
         faulthandler.cancel_dump_traceback_later()

@@ -127,7 +127,7 @@ def run_job(job_path: Path) -> int:
     import torch
 
     from launcher.config.validate import validated
-    from launcher.distributed import all_reduce_sum, autocast_dtype, destroy, init_distributed, select_device
+    from launcher.distributed import all_reduce_sum, autocast_dtype, barrier, destroy, init_distributed, select_device
     from launcher.inference import load_model
 
     job = json.loads(Path(job_path).read_text())
@@ -148,9 +148,10 @@ def run_job(job_path: Path) -> int:
             model, context = _baseline(job["baseline"], loaded, cfg, device)
             with context:
                 results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs)
+        barrier()  # every rank is past its last collective before any leaves the group
+        clean = True
         if dist.is_main:
             report(job, cfg, loaded.description, results)
-        clean = True
     finally:
         destroy(clean)
     return 0

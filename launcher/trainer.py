@@ -28,7 +28,7 @@ from launcher.data import DataError, collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs, model_inputs
 from launcher.distributed import (
-    DistInfo, any_rank, autocast_dtype, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
+    DistInfo, any_rank, autocast_dtype, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
 from launcher.engines import Engine, build_engine, engine_class
 from launcher.loss import count_label_tokens, next_token_loss
@@ -66,6 +66,7 @@ class Trainer:
         try:
             with stop_on_signals() as stop:
                 outcome = self.train(stop)
+            barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
         finally:

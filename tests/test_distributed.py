@@ -105,7 +105,7 @@ print("returned")
 
 
 def test_a_hung_teardown_prints_stacks_and_exits() -> None:
-    """destroy(): a barrier, then destroy_process_group under a watchdog that dumps every thread's
+    """destroy(): destroy_process_group under a watchdog that dumps every thread's
     stack and exits 1 instead of hanging the job (and the test suite)."""
     done = subprocess.run([sys.executable, "-c", HUNG_TEARDOWN], cwd=ROOT, capture_output=True, text=True, timeout=50,
                           env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
