@@ -36,11 +36,11 @@ try:  # flash attention over concatenated sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # older PyTorch: the per-example loop everywhere
     varlen_attn = None
-else:  # PyTorch 2.9/2.10's prototype takes is_causal and has no window or scale: the loop there
-    if not {"window_size", "scale"} <= set(inspect.signature(varlen_attn).parameters):
-        varlen_attn = None
+_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+if not {"window_size", "scale"} <= _VARLEN_PARAMS:  # PyTorch 2.9/2.10's prototype has neither: the loop there
+    varlen_attn = None
 # Versions without enable_gqa get the key/value heads repeated to the query heads' count.
-VARLEN_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+VARLEN_GQA = varlen_attn is not None and "enable_gqa" in _VARLEN_PARAMS
 
 NAME = "sdpa_varlen"
 MATH_BELOW = 256  # CPU: examples shorter than this use the math kernel (see the module docstring)

@@ -136,7 +136,6 @@ def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, ch
 
 def need_gpus(n: int) -> None:
     """Skip the calling test, visibly, unless this machine has ``n`` CUDA GPUs."""
-    import pytest
     import torch
 
     if not torch.cuda.is_available():

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import need_gpus
 
 from launcher.paths import ROOT
 
@@ -60,20 +61,6 @@ def test_gpu_attention_packs_are_full_and_vary() -> None:
     assert all(1 <= n <= 127 for row in rows for n in row) and len({n for row in rows for n in row}) > 20
 
 
-@pytest.mark.gpu
-@pytest.mark.timeout(300)
-def test_gpu_attention_quick_prints_every_row() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU: bench/gpu_attention.py --quick needs one")
-    proc = run_script("gpu_attention", "--quick", timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for side in bench_module("gpu_attention").SIDES:
-        assert side in proc.stdout, f"row {side!r} missing from:\n{proc.stdout}"
-    assert "no flash varlen kernel" not in proc.stderr, proc.stderr[-2000:]
-
-
 def test_gpu_mfu_depth_arithmetic() -> None:
     """The default depth for an H200 (141 GB) at 4096 tokens: more than 1 layer, fewer than all 32."""
     from launcher.cli import _load
@@ -86,18 +73,23 @@ def test_gpu_mfu_depth_arithmetic() -> None:
     assert gpu_mfu.layers_that_fit(arch, 1e12, 4096) == 32  # capped at the real depth
 
 
+GPU_QUICK_RUNS = {  # script: (the rows its table must print, what its stderr must not say, seconds)
+    "gpu_mfu": (lambda m: list(m.ROW_NAMES.values()), None, 500),  # a failed strategy already exits 1
+    "gpu_attention": (lambda m: list(m.SIDES), "no flash varlen kernel", 240),  # the one-call path really ran
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
-def test_gpu_mfu_quick_prints_every_row() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU: bench/gpu_mfu.py --quick needs one")
-    gpu_mfu = bench_module("gpu_mfu")
-    proc = run_script("gpu_mfu", "--quick", timeout=500)
+@pytest.mark.parametrize("script", sorted(GPU_QUICK_RUNS))
+def test_gpu_quick_mode_prints_every_row(script: str) -> None:
+    need_gpus(1)
+    rows, not_in_stderr, timeout = GPU_QUICK_RUNS[script]
+    proc = run_script(script, "--quick", timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for row in gpu_mfu.ROW_NAMES.values():
+    for row in rows(bench_module(script)):
         assert row in proc.stdout, f"row {row!r} missing from:\n{proc.stdout}"
+    assert not_in_stderr is None or not_in_stderr not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.timeout(300)
