@@ -6,8 +6,8 @@
 Configurations (each adds one change to the one before):
 
 1. transformers' ``sdpa`` (block-diagonal mask per pack), the loss over full logits, for-each AdamW;
-2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.loss`);
-3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.attention`);
+2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.train.loss`);
+3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.model.attention`);
 4. + fused AdamW (what ``ftl train`` runs).
 
 A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
@@ -43,13 +43,13 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
     import torch
     import torch.nn.functional as F
 
-    from launcher import attention
+    from launcher.model import attention
     from launcher.cli import _load
     from launcher.data import IGNORE_INDEX, build_datasets, collate
     from launcher.data.packing import model_inputs, pack_dataset
     from launcher.engines.base import build_param_groups
-    from launcher.loss import next_token_loss
-    from launcher.models import load_model_and_tokenizer
+    from launcher.train.loss import next_token_loss
+    from launcher.model.loading import load_model_and_tokenizer
 
     cfg = _load([f"recipe={recipe}", "train.seq_len=512"])[1]
     torch.manual_seed(0)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT if args.require_gpu else 0
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from launcher import attention
+    from launcher.model import attention
 
     seq_len, rounds, repeats = (1024, 2, 2) if args.quick else (args.seq_len, args.rounds, args.repeats)
     lengths = example_lengths(args.rows, seq_len, args.mean_len)

@@ -9,7 +9,7 @@ nothing is measured, nothing is estimated.
 
 The model: ``conf/model/llama3-8b.yaml``'s architecture (hidden 4096, MLP 14336, 32 heads, 8 KV
 heads, vocab 128,256) with ``num_layers`` cut to what fits, randomly initialised on the GPU through
-:func:`launcher.models.arch_to_hf_config` (``model.source=random``; no download; the bundled tiny
+:func:`launcher.model.loading.arch_to_hf_config` (``model.source=random``; no download; the bundled tiny
 tokenizer is named only because the schema asks for one and gives the special ids). The batch is synthetic
 token ids (``micro_batch × seq_len``), labels = inputs; ``grad_accum`` 1; sdpa attention; no
 activation checkpointing (so no recomputation hides in the numbers).
@@ -22,7 +22,7 @@ Each strategy runs in its own process with a one-rank process group (nccl):
 * ``zero3``: ftl's :class:`launcher.engines.deepspeed.DeepSpeedEngine` with ``strategy=zero3``
   (bf16 weights, fp32 master copy and Adam states), the same engine ``ftl train`` uses.
 
-MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.telemetry.peak_flops` (989 TFLOP/s
+MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.train.telemetry.peak_flops` (989 TFLOP/s
 dense bf16 for H100 SXM / H200). Two N are printed: ``N`` without the input embedding table (a
 lookup, no FLOPs: the conservative figure, and the one the goal is judged on) and ``N all`` with it
 (the convention of ftl's own ``mfu`` metric). Attention's s² FLOPs are not counted (also
@@ -91,14 +91,14 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from launcher.cli import _load
-    from launcher.distributed import DistInfo
+    from launcher.train.distributed import DistInfo
     from launcher.engines.base import build_optimizer
     from launcher.engines.deepspeed import DeepSpeedEngine, ensure_process_group
     from launcher.engines.fsdp import apply_fully_shard
-    from launcher.models import arch_to_hf_config, ensure_pad_token, load_tokenizer
-    from launcher.telemetry import peak_flops
-    from launcher import attention
-    from launcher.loss import next_token_loss
+    from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
+    from launcher.train.telemetry import peak_flops
+    from launcher.model import attention
+    from launcher.train.loss import next_token_loss
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
     cfg = _load(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"])))[1]

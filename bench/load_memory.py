@@ -6,7 +6,7 @@
 
 The model is saved first as hub checkpoints come: bf16, in shards (SmolLM2 in 40 MB shards). For
 each configuration, two ranks started by torchrun build the model as ``ftl train`` does
-(:func:`launcher.trainer.build_model`) and hand it to the engine. Each rank reports its peak
+(:func:`launcher.train.trainer.build_model`) and hand it to the engine. Each rank reports its peak
 resident memory (``VmHWM``) above what it held before building (imports and process group done),
 after the build and after the engine took the model (sharded it, or received its shards). The model
 size is its parameter count × 4 bytes (fp32 master weights).
@@ -36,9 +36,9 @@ WORKER = """
 import json, os, sys
 import torch
 from launcher.cli import _load
-from launcher.distributed import init_distributed
+from launcher.train.distributed import init_distributed
 from launcher.engines import build_engine
-from launcher.trainer import build_model, seed_everything
+from launcher.train.trainer import build_model, seed_everything
 
 def peak_mb():
     for line in open("/proc/self/status"):
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # As hub checkpoints come: bf16 (ftl trains fp32 master weights, so each loaded tensor is
         # converted, not mapped from the file) and in shards (8 of SmolLM2's size, a 70B has 30).
         from launcher.cli import _load
-        from launcher.models import load_model_and_tokenizer
+        from launcher.model.loading import load_model_and_tokenizer
 
         import torch
 

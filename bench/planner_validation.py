@@ -7,7 +7,7 @@ freed), sum the bytes of every tensor storage alive in the process, found throug
 collector and counted once per storage (views and flat buffers share one). The input batch and the
 model's non-parameter buffers (RoPE frequencies) are left out, and so is whatever an earlier case
 left alive in the same process (measured before the model is built). The peak over the micro-batches is
-the measured model-state size; :func:`launcher.memory.estimate`'s params + grads + optimizer (+
+the measured model-state size; :func:`launcher.plan.memory.estimate`'s params + grads + optimizer (+
 what it puts in host memory, which is the same memory on CPU) is the prediction.
 
 Not measured here: activations and workspace (they need a GPU's allocator to mean anything), and
@@ -70,8 +70,8 @@ def compose_cfg(model: str, case: str, precision: str, world: int) -> Any:
 
 
 def predicted(cfg: Any, precision: str) -> dict[str, float]:
-    from launcher.memory import estimate
-    from launcher.planner import layout_of, workload_of
+    from launcher.plan.memory import estimate
+    from launcher.plan.report import layout_of, workload_of
 
     w, lay = workload_of(cfg, precision), layout_of(cfg)
     e = estimate(w, lay, on_gpu=False)
@@ -119,10 +119,10 @@ def live_tensor_bytes(exclude: list[Any]) -> int:
 def measure(cfg: Any, precision: str) -> dict[str, float]:
     import torch
 
-    from launcher.distributed import read_dist_env
+    from launcher.train.distributed import read_dist_env
     from launcher.engines import build_engine
-    from launcher.models import load_model_and_tokenizer
-    from launcher.telemetry import local_param_bytes
+    from launcher.model.loading import load_model_and_tokenizer
+    from launcher.train.telemetry import local_param_bytes
 
     torch.manual_seed(0)
     gc.collect()
@@ -154,7 +154,7 @@ def measure(cfg: Any, precision: str) -> dict[str, float]:
 
 
 def _micro_batch(engine: Any, batch: dict[str, Any], last: bool) -> None:
-    from launcher.loss import next_token_loss
+    from launcher.train.loss import next_token_loss
 
     ids = batch["input_ids"]
     with engine.grad_sync(last):
@@ -165,7 +165,7 @@ def _micro_batch(engine: Any, batch: dict[str, Any], last: bool) -> None:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from launcher.distributed import destroy, init_distributed, read_dist_env
+    from launcher.train.distributed import destroy, init_distributed, read_dist_env
 
     torch.set_num_threads(1)
     dist = read_dist_env()

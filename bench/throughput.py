@@ -41,8 +41,8 @@ logged (ftl: metrics.jsonl gains its first line, polled every 20 ms; HF: the wal
 beside N runs of ``python -c "import torch"``; goal ≤ 0.5 s.
 
 **Checkpoint throughput**: ftl's single engine on the model, AdamW state populated by one step,
-saved with :func:`launcher.checkpoint.save_checkpoint` (fsync included) and loaded back with
-:func:`launcher.checkpoint.load_checkpoint`; GB/s = checkpoint bytes on disk / seconds, median of
+saved with :func:`launcher.train.checkpoint.save_checkpoint` (fsync included) and loaded back with
+:func:`launcher.train.checkpoint.load_checkpoint`; GB/s = checkpoint bytes on disk / seconds, median of
 N. The load reads files just written, so it comes mostly from the page cache: an upper bound for a
 cold load.
 
@@ -116,10 +116,10 @@ def model_dir_for(cfg: Any, tmp: Path) -> Path:
     """SmolLM2's converted directory, or (quick) the tiny random model saved once, so the HF side
     loads with ``from_pretrained`` as a user would."""
     if cfg.model.source == "smollm2":
-        from launcher.smollm2 import smollm2_dir
+        from launcher.model.smollm2 import smollm2_dir
 
         return smollm2_dir()
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     out = tmp / "model"
@@ -138,7 +138,7 @@ def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int)
 
     from launcher.data import build_datasets
     from launcher.data.packing import pack_dataset
-    from launcher.models import ensure_pad_token
+    from launcher.model.loading import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ensure_pad_token(tokenizer)
@@ -274,10 +274,10 @@ def median_wall(cmd: list[str], reps: int) -> float:
 def checkpoint_throughput(cfg: Any, reps: int, tmp: Path) -> dict[str, float]:
     import torch
 
-    from launcher.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-    from launcher.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from launcher.train.distributed import DistInfo
     from launcher.engines.single import SingleEngine
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     dist = DistInfo()
     model, _ = load_model_and_tokenizer(cfg.model)

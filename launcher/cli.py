@@ -29,7 +29,7 @@ def _load(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str]]:
 
 def prepare_run(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str], Any, Path]:
     from launcher.launch import get_backend
-    from launcher.runs import choose_run_dir, config_path_for
+    from launcher.launch.run_dir import choose_run_dir, config_path_for
 
     raw, cfg, choices = _load(overrides)
     run_dir = choose_run_dir(raw)
@@ -45,7 +45,7 @@ def prepare_run(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, st
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.planner import memory_lines, memory_report, memory_verdict, summary_lines
+    from launcher.plan.report import memory_lines, memory_report, memory_verdict, summary_lines
 
     raw, cfg, choices, plan, config_path = prepare_run(args.overrides)
     report = memory_report(cfg)
@@ -85,7 +85,7 @@ def _print_deepspeed_config(cfg: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.multirun:
-        from launcher.multirun import run_multirun
+        from launcher.sweep.multirun import run_multirun
 
         return run_multirun(args.overrides, lambda ov: _train_once(ov, args))
     import os
@@ -102,8 +102,8 @@ def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     if args.cfg:
         return _print_cfg(overrides, args.cfg)
     from launcher.launch import get_backend
-    from launcher.planner import memory_report, memory_verdict
-    from launcher.runs import write_run_dir
+    from launcher.plan.report import memory_report, memory_verdict
+    from launcher.launch.run_dir import write_run_dir
 
     raw, cfg, _, plan, config_path = prepare_run(overrides)
     report = memory_report(cfg)
@@ -144,7 +144,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return wandb_config.create(args.target, args.overrides, args.out, args.offline)
     if args.action == "agent":
         return (agents.offline_agent if args.offline else agents.agent)(args.target, args.overrides)
-    from launcher.sweep_optuna import run_optuna
+    from launcher.sweep.optuna_search import run_optuna
 
     return run_optuna(args.target, args.overrides, lambda ov: _train_once(ov, argparse.Namespace(cfg=None)))
 
@@ -196,7 +196,7 @@ def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import ExportInputError, export_checkpoint
+    from launcher.artifacts.export import ExportInputError, export_checkpoint
 
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
@@ -216,8 +216,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.config.validate import validated
-    from launcher.eval_run import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
-    from launcher.inference import ModelInputError
+    from launcher.eval.job import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
+    from launcher.artifacts.inference import ModelInputError
 
     try:
         raw, run_dir, step = eval_config(Path(args.model), args.overrides)
@@ -234,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _load_for_generation(args: argparse.Namespace) -> Any:
     import torch
 
-    from launcher.inference import load_model
+    from launcher.artifacts.inference import load_model
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return load_model(Path(args.model), device=device)
@@ -245,7 +245,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from launcher.inference import ModelInputError, stream_reply
+    from launcher.artifacts.inference import ModelInputError, stream_reply
 
     try:
         loaded = _load_for_generation(args)
@@ -258,7 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from launcher.inference import ModelInputError, chat_loop
+    from launcher.artifacts.inference import ModelInputError, chat_loop
 
     try:
         loaded = _load_for_generation(args)

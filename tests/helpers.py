@@ -71,7 +71,7 @@ def wandb_offline_attempts(run_dir: Path, run_id: str) -> list[Path]:
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    from launcher.checkpoint import checkpoints_dir
+    from launcher.train.checkpoint import checkpoints_dir
 
     return checkpoints_dir(run_dir) / f"step-{step}"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher import attention
+from launcher.model import attention
 from launcher.config.schema import ArchConfig
 from launcher.paths import asset
 
@@ -27,7 +27,7 @@ def tok() -> Any:
 def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from launcher.models import arch_to_hf_config
+    from launcher.model.loading import arch_to_hf_config
 
     attention.register()
     arch = ArchConfig(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.checkpoint import (
+from launcher.train.checkpoint import (
     MARKER,
     TrainerState,
     checkpoints_dir,
@@ -22,10 +22,10 @@ from launcher.checkpoint import (
     save_checkpoint,
 )
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.engines import build_engine
 from launcher.engines.single import SingleEngine
-from launcher.schedule import lr_at
+from launcher.train.schedule import lr_at
 
 DIST = DistInfo()
 

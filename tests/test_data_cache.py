@@ -226,7 +226,7 @@ def test_stale_locks_are_broken_and_waiting_times_out(tmp_path: Path) -> None:
 
 
 def test_builder_is_local_rank_zero_or_rank_zero_when_shared() -> None:
-    from launcher.distributed import DistInfo
+    from launcher.train.distributed import DistInfo
 
     node1_rank0 = DistInfo(rank=2, local_rank=0, world_size=4, local_world_size=2)
     assert data_cache.is_builder(DataConfig(), node1_rank0)
@@ -263,7 +263,7 @@ def test_trainer_trains_on_packed_data_from_the_cache(tmp_path: Path, cache_home
     import torch
 
     from launcher.config.schema import ArchConfig, CheckpointConfig, EvalConfig, FtlConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig
-    from launcher.trainer import Trainer
+    from launcher.train.trainer import Trainer
 
     cfg = FtlConfig(
         model=ModelConfig(name="tiny-llama", source="random", tokenizer=asset("tiny-tokenizer"),

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from launcher import distributed
+from launcher.train import distributed
 from launcher.config.schema import LocalLaunch, TrainConfig
-from launcher.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
+from launcher.train.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
 from launcher.paths import ROOT
 
 CPU = torch.device("cpu")
@@ -67,7 +67,7 @@ import sys
 from pathlib import Path
 import torch.distributed as dist
 from launcher.config.schema import LocalLaunch
-from launcher import distributed
+from launcher.train import distributed
 import torch
 info = distributed.init_distributed(LocalLaunch(dist_timeout_s=30), torch.device("cpu"))
 assert dist.is_initialized() and dist.get_backend() == "gloo" and info.world_size == 2
@@ -93,7 +93,7 @@ def test_two_rank_gloo_group(tmp_path: Path) -> None:
 HUNG_TEARDOWN = """
 import time
 import torch.distributed as dist
-from launcher import distributed
+from launcher.train import distributed
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 distributed.destroy(clean=False)  # after a failure: the group is left alone
 assert dist.is_initialized()

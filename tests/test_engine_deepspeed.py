@@ -21,7 +21,7 @@ from helpers import (
     reference_run, step_dir,
 )  # fmt: skip
 
-from launcher.checkpoint import MARKER, checkpoints_dir
+from launcher.train.checkpoint import MARKER, checkpoints_dir
 from launcher.paths import ROOT
 
 pytest.importorskip("deepspeed")
@@ -105,9 +105,9 @@ import torch
 import torch.distributed as dist
 from launcher.config.compose import compose
 from launcher.config.validate import validated
-from launcher.distributed import destroy, init_distributed, select_device
+from launcher.train.distributed import destroy, init_distributed, select_device
 from launcher.engines.deepspeed import DeepSpeedEngine, consolidate_checkpoint
-from launcher.models import load_model_and_tokenizer
+from launcher.model.loading import load_model_and_tokenizer
 
 out, results = Path(sys.argv[1]), {}
 for stage in (0, 3):
@@ -139,7 +139,7 @@ for stage in (0, 3):
 if info.is_main:
     (out / "results.json").write_text(json.dumps(results))
 destroy()
-from launcher.train import exit_now
+from launcher.train.entry import exit_now
 exit_now(0)  # as launcher.train does: no C++ teardown after a distributed run
 """
 
@@ -185,7 +185,7 @@ def test_export_of_a_zero3_checkpoint_loads_in_plain_transformers(zero3_run: Pat
     import, whose logits equal the model holding the checkpoint's consolidated weights (which
     test_consolidation_live_and_offline_agree_for_stage0_and_stage3 shows equal the live ones)."""
     from launcher.config.validate import load_run_config
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     out = tmp_path / "hf"
     ftl("export", str(zero3_run), "--out", str(out))

@@ -26,7 +26,7 @@ from helpers import (
     reference_run, step_dir,
 )  # fmt: skip
 
-from launcher.checkpoint import MARKER
+from launcher.train.checkpoint import MARKER
 from launcher.paths import ROOT
 
 RUN_TIMEOUT_S = 150
@@ -138,9 +138,9 @@ def test_export_of_an_fsdp_checkpoint_loads_in_plain_transformers(fsdp_run: Path
 
 def live_fsdp_model(run_dir: Path) -> tuple[Any, Any]:
     from launcher.config.validate import load_run_config
-    from launcher.distributed import DistInfo
+    from launcher.train.distributed import DistInfo
     from launcher.engines.fsdp import FSDPEngine
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     cfg = load_run_config(run_dir / "config.yaml")
     torch.manual_seed(1234)  # a different random init: every weight must come from the checkpoint

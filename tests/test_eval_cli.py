@@ -85,7 +85,7 @@ def test_eval_numbers_match_independent_computations(lora_run: Path, eval_case: 
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    from launcher.inference import load_model
+    from launcher.artifacts.inference import load_model
 
     after = eval_case["results"]["after"]
     predictions = [s["prediction"] for s in after["samples"]]
@@ -153,7 +153,7 @@ def test_eval_input_errors_exit_2(lora_run: Path, tmp_path: Path) -> None:
 def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct on the demo data: 4 LoRA steps lower the held-out perplexity, as the
     training's before/after eval and `ftl eval --baseline` both report (~2 min on 2 cores)."""
-    from launcher.smollm2 import SmolLM2NotInstalled, gguf_path
+    from launcher.model.smollm2 import SmolLM2NotInstalled, gguf_path
 
     try:
         gguf_path()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from launcher.config.schema import ArchConfig, DataConfig, EvalConfig, ModelConfig
 from launcher.data import IGNORE_INDEX, TokenizedDataset, build_datasets
 from launcher.data.chat import prompt_and_reference
-from launcher.evaluate import evaluate, generate_answers, generation_metrics, perplexity, render_prompt
-from launcher.models import load_model_and_tokenizer
+from launcher.eval.metrics import evaluate, generate_answers, generation_metrics, perplexity, render_prompt
+from launcher.model.loading import load_model_and_tokenizer
 from launcher.paths import asset
 
 TINY = ModelConfig(

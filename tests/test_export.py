@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import MARKER, TrainerState, save_checkpoint
-from launcher.export import ExportInputError, engine_from_marker, export_checkpoint, parse_size, resolve_source
+from launcher.train.checkpoint import MARKER, TrainerState, save_checkpoint
+from launcher.artifacts.export import ExportInputError, engine_from_marker, export_checkpoint, parse_size, resolve_source
 
 
 def test_parse_size() -> None:
@@ -61,9 +61,9 @@ def test_single_checkpoint_with_tied_embeddings_exports_in_bf16(tmp_path: Path) 
 
     from launcher.config.compose import compose
     from launcher.config.validate import validated
-    from launcher.distributed import DistInfo
+    from launcher.train.distributed import DistInfo
     from launcher.engines.single import SingleEngine
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     run = tmp_path / "run"
     raw, _, errors = compose(["recipe=tiny", "model.arch.tie_embeddings=true", f"run.dir={run}"])

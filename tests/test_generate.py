@@ -23,7 +23,7 @@ TOKENS = ["--max-new-tokens", "12"]
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from launcher.export import export_checkpoint
+    from launcher.artifacts.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("gen")
     ftl("train", *TRAIN, f"run.dir={root / 'run'}")
@@ -55,7 +55,7 @@ def test_generate_streams_what_transformers_generates(exports: dict[str, Path]) 
 
 
 def test_chat_keeps_the_conversation(exports: dict[str, Path]) -> None:
-    from launcher.inference import chat_loop, load_model, stream_reply
+    from launcher.artifacts.inference import chat_loop, load_model, stream_reply
 
     loaded = load_model(exports["merged"])
     lines = iter(["What is ftl?\n", "\n", "And how do I resume?\n", "/exit\n", "never read\n"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data import IGNORE_INDEX
-from launcher.loss import count_label_tokens, logits_at_labels, next_token_loss, output_layer
+from launcher.train.loss import count_label_tokens, logits_at_labels, next_token_loss, output_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import pytest
 from launcher.config.compose import compose, recipe_files
 from launcher.config.schema import ArchConfig
 from launcher.config.validate import validate
-from launcher.memory import (
+from launcher.plan.memory import (
     GiB,
     Layout,
     Peft,
@@ -26,7 +26,7 @@ from launcher.memory import (
     zero_model_states,
 )  # fmt: skip
 from launcher.paths import ROOT
-from launcher.planner import memory_report, memory_verdict, param_count
+from launcher.plan.report import memory_report, memory_verdict, param_count
 
 GB = 1e9  # the ZeRO paper's GB
 
@@ -211,7 +211,7 @@ def test_verdict_for_a_model_too_big_for_anything():
 
 
 def test_memory_model_imports_no_torch():
-    code = "import sys, launcher.planner, launcher.memory; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))"
+    code = "import sys, launcher.plan.report, launcher.plan.memory; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from launcher.cli import _load
-from launcher.distributed import init_distributed
+from launcher.train.distributed import init_distributed
 from launcher.engines import build_engine
-from launcher.models import load_model_and_tokenizer
-from launcher.adapters import apply_peft
-from launcher.trainer import build_model, seed_everything
+from launcher.model.loading import load_model_and_tokenizer
+from launcher.model.adapters import apply_peft
+from launcher.train.trainer import build_model, seed_everything
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = _load(["recipe=tiny", "launch.nproc_per_node=2", "wandb.mode=disabled", *overrides])[1]
@@ -75,7 +75,7 @@ os._exit(0)  # as launcher.train does: DeepSpeed's C++ teardown can abort a fini
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny recipe's random model, saved as a Hugging Face directory."""
     from launcher.cli import _load
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-hf")
     model, tokenizer = load_model_and_tokenizer(_load(["recipe=tiny"])[1].model)

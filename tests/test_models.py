@@ -15,7 +15,7 @@ import torch
 
 from launcher import smollm2
 from launcher.config.schema import ArchConfig, ModelConfig
-from launcher.models import count_parameters, ensure_pad_token, load_model_and_tokenizer
+from launcher.model.loading import count_parameters, ensure_pad_token, load_model_and_tokenizer
 from launcher.paths import CONF_DIR, ROOT, asset
 
 
@@ -131,7 +131,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_smollm2_module_imports_nothing_heavy() -> None:
-    code = "import sys, launcher.smollm2; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, launcher.model.smollm2; print('transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -215,7 +215,7 @@ def test_smollm2_converts_once_under_two_processes_and_knows_paris(
     except smollm2.SmolLM2NotInstalled as e:
         pytest.skip(str(e))
     monkeypatch.setenv("FTL_CACHE", str(tmp_path))
-    code = "from launcher.smollm2 import smollm2_dir; print(smollm2_dir())"
+    code = "from launcher.model.smollm2 import smollm2_dir; print(smollm2_dir())"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -229,7 +229,7 @@ def test_smollm2_converts_once_under_two_processes_and_knows_paris(
     assert smollm2.is_complete(target) and (target / "model.safetensors").is_file()
     assert not list(tmp_path.glob(".*tmp*"))
 
-    from launcher.evaluate import generate_answers
+    from launcher.eval.metrics import generate_answers
 
     model, tokenizer = load_model_and_tokenizer(model_config("smollm2-135m"))
     assert getattr(model, "hf_quantizer", None) is None

@@ -14,10 +14,10 @@ from launcher.data import IGNORE_INDEX, build_datasets, collate
 from launcher.data.packing import (
     collate_packed, flattens_packs, model_inputs, pack_dataset, pack_examples, pack_lengths, packing_efficiency,
 )  # fmt: skip
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.paths import asset
-from launcher.loss import count_label_tokens, next_token_loss
-from launcher.trainer import DataOrder
+from launcher.train.loss import count_label_tokens, next_token_loss
+from launcher.train.trainer import DataOrder
 
 SEQ_LEN = 256
 
@@ -43,8 +43,8 @@ def tiny_llama(tok: Any, attn: str) -> Any:
     """conf/model/tiny-llama.yaml's architecture, randomly initialised."""
     from transformers import AutoModelForCausalLM
 
-    from launcher import attention
-    from launcher.models import arch_to_hf_config
+    from launcher.model import attention
+    from launcher.model.loading import arch_to_hf_config
 
     attention.register()
 

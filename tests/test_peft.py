@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import ftl, metrics, need_gpus
 
-from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_key, split_peft_state_dict
-from launcher.checkpoint import checkpoints_dir
-from launcher.evaluate import rank_batches
+from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_key, split_peft_state_dict
+from launcher.train.checkpoint import checkpoints_dir
+from launcher.eval.metrics import rank_batches
 
 pytest.importorskip("peft")
 
@@ -129,7 +129,7 @@ def test_an_impossible_setting_exits_2_before_launching(tmp_path: Path) -> None:
 
 
 def test_quant_storage_is_the_training_dtype_where_weights_are_sharded() -> None:
-    from launcher.adapters import resolve_quant_storage
+    from launcher.model.adapters import resolve_quant_storage
     from launcher.config.schema import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, QLoraConfig, SingleStrategy
 
     auto = QLoraConfig()
@@ -182,7 +182,7 @@ def test_merged_export_equals_base_plus_adapter(strategy: str, lora_runs: dict[s
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from launcher.export import export_checkpoint
+    from launcher.artifacts.export import export_checkpoint
 
     run_dir = lora_runs[strategy]
     if strategy == "single":  # the CLI spelling, once
@@ -259,7 +259,7 @@ def test_qlora_model_is_4bit_with_lora_on_every_linear_layer() -> None:
 
     from launcher.config.compose import compose
     from launcher.config.validate import validated
-    from launcher.trainer import build_model
+    from launcher.train.trainer import build_model
 
     raw, _, _ = compose(["recipe=tiny", "peft=qlora", "peft.compute_dtype=fp32"])
     torch.manual_seed(0)

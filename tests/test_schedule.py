@@ -10,7 +10,7 @@ import torch
 
 from launcher.config.schema import TrainConfig
 from launcher.engines.base import build_optimizer, build_scheduler
-from launcher.schedule import lr_at
+from launcher.train.schedule import lr_at
 
 PEAK, FLOOR = 3e-3, 3e-4  # min_lr_ratio 0.1
 

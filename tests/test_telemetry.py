@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.paths import ROOT
-from launcher.telemetry import (
+from launcher.train.telemetry import (
     JsonlSink,
     build_telemetry,
     read_metrics,
@@ -61,8 +61,8 @@ def test_disabled_wandb_imports_nothing_from_wandb(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from launcher.config.schema import FtlConfig, RunConfig, WandbConfig\n"
-        "from launcher.distributed import DistInfo\n"
-        "from launcher.telemetry import build_telemetry\n"
+        "from launcher.train.distributed import DistInfo\n"
+        "from launcher.train.telemetry import build_telemetry\n"
         f"cfg = FtlConfig(wandb=WandbConfig(mode='disabled'), run=RunConfig(dir={str(tmp_path)!r}))\n"
         f"t = build_telemetry(cfg, __import__('pathlib').Path({str(tmp_path)!r}), DistInfo(), 3, 0)\n"
         "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1))\n"

@@ -9,7 +9,7 @@ from helpers import TINY, ftl_env, metrics
 
 from launcher.config.validate import load_run_config
 from launcher.paths import ROOT
-from launcher.train import topology_from_env
+from launcher.train.entry import topology_from_env
 
 
 def test_topology_from_env():

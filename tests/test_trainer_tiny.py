@@ -18,13 +18,13 @@ import torch
 from helpers import metrics, wandb_offline_attempts
 from safetensors.torch import load_file
 
-from launcher.checkpoint import MARKER, checkpoints_dir, list_complete
+from launcher.train.checkpoint import MARKER, checkpoints_dir, list_complete
 from launcher.config.schema import (
     ArchConfig, CheckpointConfig, DataConfig, EvalConfig, FtlConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig,
 )  # fmt: skip
 from launcher.paths import ROOT, asset
-from launcher.telemetry import STEP_FIELDS, WANDB_ID_FILE
-from launcher.trainer import Trainer
+from launcher.train.telemetry import STEP_FIELDS, WANDB_ID_FILE
+from launcher.train.trainer import Trainer
 
 FAKE_KEY = "f4ke0api0key0" + "x" * 27  # 40 characters, like a real W&B key
 
@@ -91,7 +91,7 @@ def test_grad_accum_matches_a_bigger_batch(tmp_path: Path) -> None:
 
 KILL_DRIVER = """
 import os, pickle, signal, sys
-from launcher.trainer import Trainer
+from launcher.train.trainer import Trainer
 
 def kill_after_12(trainer):
     if trainer.step == 12:
@@ -160,7 +160,7 @@ def write_run_config(cfg: FtlConfig, path: Path) -> Path:
 
 
 def test_train_entry_runs_a_config_file(tmp_path: Path) -> None:
-    from launcher.train import main
+    from launcher.train.entry import main
 
     cfg = tiny_config(tmp_path, train=replace(tiny_config(tmp_path).train, max_steps=3),
                       checkpoint=CheckpointConfig(every_steps=0), eval=EvalConfig(after_training=False))  # fmt: skip
@@ -169,7 +169,7 @@ def test_train_entry_runs_a_config_file(tmp_path: Path) -> None:
 
 
 def test_train_entry_exits_2_on_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from launcher.train import main
+    from launcher.train.entry import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')

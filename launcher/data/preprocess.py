@@ -20,12 +20,12 @@ COLUMNS = (
 
 
 def load_tokenizer_for(model_cfg: ModelConfig) -> Any:
-    """The tokenizer the trainer gets from :func:`launcher.models.load_model_and_tokenizer`,
+    """The tokenizer the trainer gets from :func:`launcher.model.loading.load_model_and_tokenizer`,
     without loading any weights (the cache key depends on the tokenizer only)."""
-    from launcher.models import ensure_pad_token, load_tokenizer
+    from launcher.model.loading import ensure_pad_token, load_tokenizer
 
     if model_cfg.source == "smollm2":
-        from launcher.smollm2 import smollm2_dir
+        from launcher.model.smollm2 import smollm2_dir
 
         path, revision = model_cfg.tokenizer or str(smollm2_dir()), None
     elif model_cfg.source == "hf":

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.engines.base import Engine, ModelLoading
 from launcher.engines.ddp import DDPEngine
 from launcher.engines.deepspeed import DeepSpeedEngine

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.distributed import DistInfo, autocast_dtype
-from launcher.schedule import lr_factor
+from launcher.train.distributed import DistInfo, autocast_dtype
+from launcher.train.schedule import lr_factor
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Engine(ABC):
         return ModelLoading()
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
-        from launcher.adapters import is_peft_model
+        from launcher.model.adapters import is_peft_model
 
         self.cfg = cfg
         self.dist = dist
@@ -106,7 +106,7 @@ class Engine(ABC):
         ``save`` calls this, so every checkpoint of a PEFT run carries a loadable adapter."""
         if self.peft_model is None:
             return
-        from launcher.adapters import ADAPTER_DIR, write_adapter
+        from launcher.model.adapters import ADAPTER_DIR, write_adapter
 
         tensors = self.trainable_state_dict()
         if self.dist.is_main:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.config.schema import FtlConfig
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.engines.single import SingleEngine, consolidate_checkpoint
 
 __all__ = ["DDPEngine", "consolidate_checkpoint"]

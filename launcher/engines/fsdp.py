@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.distributed import DistInfo, autocast_dtype
+from launcher.train.distributed import DistInfo, autocast_dtype
 from launcher.engines.base import Engine, ModelLoading, apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
 
 DCP_DIR = "dcp"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.distributed import DistInfo, autocast_dtype
+from launcher.train.distributed import DistInfo, autocast_dtype
 from launcher.engines.base import (
     Engine,
     apply_activation_checkpointing,

@@ -51,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     from launcher.cli import prepare_run
     from launcher.launch.slurm import SCRIPT_NAME
-    from launcher.runs import write_run_dir
+    from launcher.launch.run_dir import write_run_dir
 
     try:
         overrides = allocation_overrides(args, os.environ)

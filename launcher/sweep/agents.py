@@ -104,7 +104,7 @@ def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[st
 def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], trial_files: list[Optional[Path]]) -> int:
     """One SLURM job per trial, all from one script rendered into the sweep dir."""
     from launcher.launch.slurm import LOG_DIR, UnsafeValue, run_sbatch, secret_env
-    from launcher.runs import choose_run_dir
+    from launcher.launch.run_dir import choose_run_dir
 
     sweep_dir = sweep_dir_for(choose_run_dir(raw), sweep_id)
     script = sweep_dir / "sweep.sbatch"
@@ -129,8 +129,8 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
     """`ftl sweep agent --offline SPEC count=K [overrides]`: W&B's search engine, no server."""
     import yaml
 
-    from launcher.multirun import print_trial_table, trial_metric
-    from launcher.runs import choose_run_dir
+    from launcher.sweep.multirun import print_trial_table, trial_metric
+    from launcher.launch.run_dir import choose_run_dir
 
     args = parse_agent_args(tokens)
     if args.count is None:
@@ -208,7 +208,7 @@ def history(params_dir: Path, sweep_dir: Path, metric: str) -> list[Any]:
     """The sweep's earlier trials, as the search engine wants them: parameters and metric."""
     import yaml
 
-    from launcher.multirun import trial_metric
+    from launcher.sweep.multirun import trial_metric
 
     sweeps = import_sweeps()
     runs = []

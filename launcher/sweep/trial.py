@@ -52,7 +52,7 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
     if not (sweep_id and run_id):
         return None
     from launcher.config.compose import compose
-    from launcher.runs import choose_run_dir
+    from launcher.launch.run_dir import choose_run_dir
 
     extra = agent_overrides(environ)
     check_no_conflict(extra, overrides)
@@ -67,8 +67,8 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
 
 def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
     """Train the trial: here (train_once), or, inside a SLURM sweep job, across its allocation."""
-    from launcher.runs import _write_atomic
-    from launcher.telemetry import WANDB_ID_FILE
+    from launcher.launch.run_dir import _write_atomic
+    from launcher.train.telemetry import WANDB_ID_FILE
 
     print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {' '.join(trial.argv_overrides)}", file=sys.stderr)
     if trial.backend == "slurm" and trial.job_record is None:

@@ -66,13 +66,13 @@ def expand_command(command: list[Any], params: Mapping[str, Any], environ: Mappi
 
 
 def wandb_online() -> bool:
-    from launcher.telemetry import wandb_api_key_configured
+    from launcher.train.telemetry import wandb_api_key_configured
 
     return wandb_api_key_configured()
 
 
 def sweep_file(raw: dict[str, Any], name: str) -> Path:
-    from launcher.runs import choose_run_dir
+    from launcher.launch.run_dir import choose_run_dir
 
     return choose_run_dir(raw).parent / f"sweep-{safe_name(name)}.yaml"
 

@@ -1,5 +1,5 @@
 """Pure arithmetic about a run: parameter counts, the memory verdict, and what `ftl plan` prints.
-No torch: the memory model itself is :mod:`launcher.memory`."""
+No torch: the memory model itself is :mod:`launcher.plan.memory`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from launcher.config.deepspeed_config import planned_device_type, resolve_precision
 from launcher.config.schema import ArchConfig, FtlConfig
 from launcher.config.validate import global_batch, nodes, procs_per_node, world_size
-from launcher.memory import (
+from launcher.plan.memory import (
     STRATEGY_ROWS,
     Alternative,
     Estimate,

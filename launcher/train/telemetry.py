@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from launcher.config.schema import FtlConfig
-from launcher.distributed import DistInfo
+from launcher.train.distributed import DistInfo
 from launcher.redact import REDACTED, SECRET_KEY, known_secrets, redact  # noqa: F401  (re-exported)
 
 METRICS_FILE = "metrics.jsonl"

@@ -72,7 +72,7 @@ class TrialLauncher:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
         from hydra.core.utils import JobReturn, JobStatus
 
-        from launcher.multirun import trial_metric
+        from launcher.sweep.multirun import trial_metric
 
         returns = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
@@ -107,8 +107,8 @@ def run_optuna(spec_arg: str, tokens: list[str], train_once: Callable[[list[str]
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
     from omegaconf import OmegaConf
 
-    from launcher.multirun import print_trial_table
-    from launcher.runs import choose_run_dir
+    from launcher.sweep.multirun import print_trial_table
+    from launcher.launch.run_dir import choose_run_dir
 
     seed, tokens = parse_seed(tokens)
     args = parse_agent_args(tokens)

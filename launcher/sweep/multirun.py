@@ -77,7 +77,7 @@ def print_trial_table(rows: list[tuple[str, int, str, Path]], metric: str = DEFA
 
 def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -> int:
     from launcher.config.compose import compose
-    from launcher.runs import choose_run_dir
+    from launcher.launch.run_dir import choose_run_dir
 
     trials = expand(overrides)
     raw, _, _ = compose([o for o in trials[0] if not o.startswith("run.dir=")])

@@ -1,7 +1,7 @@
 """`ftl eval`: evaluate a fine-tuned model (and optionally its base) on held-out data.
 
 ``ftl eval MODEL [overrides]`` where MODEL is a run dir, a checkpoint dir or an export (see
-:mod:`launcher.inference`). The config is the run's own ``config.yaml`` for a run or checkpoint
+:mod:`launcher.artifacts.inference`). The config is the run's own ``config.yaml`` for a run or checkpoint
 (so the held-out split is the one training held out), with ``key=value`` overrides; for an export,
 conf/ composed with Hydra overrides as ``ftl train`` does (``recipe=...``, ``data.eval_files=[...]``).
 
@@ -11,7 +11,7 @@ what one process does. Rank 0 writes ``eval.json`` (``after``: the model; ``befo
 ``--baseline``), prints a base-vs-fine-tuned table or a few samples, and logs to W&B (the
 training run's W&B run for a run dir).
 
-Per-rank entry point: ``python -m launcher.eval_run --job OUT/eval_job.json``.
+Per-rank entry point: ``python -m launcher.eval.job --job OUT/eval_job.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Optional
 EVAL_DIR = "eval"
 EVAL_FILE = "eval.json"
 JOB_FILE = "eval_job.json"
-ENTRY = "launcher.eval_run"
+ENTRY = "launcher.eval.job"
 
 
 class EvalInputError(ValueError):
@@ -51,7 +51,7 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
         return raw, None, 0
     from omegaconf import OmegaConf
 
-    from launcher.export import ExportInputError, resolve_source
+    from launcher.artifacts.export import ExportInputError, resolve_source
 
     try:
         source = resolve_source(path)
@@ -127,8 +127,8 @@ def run_job(job_path: Path) -> int:
     import torch
 
     from launcher.config.validate import validated
-    from launcher.distributed import all_reduce_sum, autocast_dtype, barrier, destroy, init_distributed, select_device
-    from launcher.inference import load_model
+    from launcher.train.distributed import all_reduce_sum, autocast_dtype, barrier, destroy, init_distributed, select_device
+    from launcher.artifacts.inference import load_model
 
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
@@ -141,7 +141,7 @@ def run_job(job_path: Path) -> int:
         eval_ds = _eval_split(cfg, loaded, dist)
         kwargs = dict(device=device, autocast_dtype=autocast_dtype(cfg.train.precision, device), reduce_fn=all_reduce_sum,
                       rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
-        from launcher.evaluate import evaluate
+        from launcher.eval.metrics import evaluate
 
         results = {"after": evaluate(loaded.model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs)}
         if job["baseline"]:
@@ -173,8 +173,8 @@ def _baseline(which: str, loaded: Any, cfg: Any, device: Any) -> tuple[Any, Any]
     starting model, or the model at PATH."""
     import contextlib
 
-    from launcher.adapters import is_peft_model
-    from launcher.inference import build_base_from_config, load_model
+    from launcher.model.adapters import is_peft_model
+    from launcher.artifacts.inference import build_base_from_config, load_model
 
     if which != "auto":
         return load_model(which, device=device).model, contextlib.nullcontext()
@@ -198,7 +198,7 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     """eval.json, the console and W&B (rank 0)."""
     from rich.console import Console
 
-    from launcher.telemetry import render_eval_report, resolve_wandb_mode, scalar_metrics
+    from launcher.train.telemetry import render_eval_report, resolve_wandb_mode, scalar_metrics
 
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
@@ -220,7 +220,7 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     console.print(f"ftl eval: wrote {out / EVAL_FILE}", highlight=False)
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":
-        from launcher.telemetry import WandbSink
+        from launcher.train.telemetry import WandbSink
 
         sink = WandbSink(cfg, Path(job["run_dir"] or job["out"]), mode, 1)
         for name in ("before", "after"):
@@ -233,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {ENTRY}", description="one rank of `ftl eval`")
     parser.add_argument("--job", required=True, help="the eval_job.json `ftl eval` wrote")
     args = parser.parse_args(argv)
-    from launcher.inference import ModelInputError
+    from launcher.artifacts.inference import ModelInputError
 
     try:
         return run_job(Path(args.job))

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from launcher import distributed
-from launcher.distributed import DistInfo
+from launcher.train import distributed
+from launcher.train.distributed import DistInfo
 
 if TYPE_CHECKING:
     from launcher.engines.base import Engine

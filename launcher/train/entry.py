@@ -44,7 +44,7 @@ def config_from_overrides(overrides: list[str]):  # -> FtlConfig
     """Compose on this rank; rank 0 writes the run dir. Composition is deterministic, and the
     trainer verifies that every rank got the same config before the first collective that matters."""
     from launcher.cli import prepare_run
-    from launcher.runs import write_run_dir
+    from launcher.launch.run_dir import write_run_dir
 
     raw, cfg, _, plan, config_path = prepare_run(topology_from_env(os.environ) + overrides)
     if os.environ.get("RANK", "0") == "0":
@@ -67,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ftl: cannot read {args.config}: {e}", file=sys.stderr)
         return EXIT_INVALID
 
-    from launcher.trainer import Trainer
+    from launcher.train.trainer import Trainer
 
     try:
         Trainer(cfg).run()
@@ -94,7 +94,8 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """``python -m launcher.train``: a distributed rank leaves through :func:`exit_now`."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_now(code)

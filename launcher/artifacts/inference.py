@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, TextIO
 
 import torch
 
-from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, is_peft_model, read_adapter_config, split_peft_state_dict
+from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, is_peft_model, read_adapter_config, split_peft_state_dict
 
 
 class ModelInputError(ValueError):
@@ -87,7 +87,7 @@ def load_model(path: Path | str, *, device: torch.device | str = "cpu", merge: b
 def _load_hf_dir(path: str, device: torch.device | str, revision: Optional[str] = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from launcher.models import ensure_pad_token, load_tokenizer
+    from launcher.model.loading import ensure_pad_token, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32).to(device)
     tokenizer = load_tokenizer(path, revision=revision)
@@ -102,7 +102,7 @@ def load_adapter_dir(adapter_dir: Path, device: torch.device | str) -> tuple[Any
         raise ModelInputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     model, tokenizer = _load_hf_dir(base, device, revision=config.get("revision"))
     if any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        from launcher.models import ensure_pad_token, load_tokenizer
+        from launcher.model.loading import ensure_pad_token, load_tokenizer
 
         tokenizer = load_tokenizer(str(adapter_dir))  # the one the run trained with (chat template included)
         ensure_pad_token(tokenizer)
@@ -111,7 +111,7 @@ def load_adapter_dir(adapter_dir: Path, device: torch.device | str) -> tuple[Any
 
 def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", quantized: bool = True) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, run config, description) of a run dir or checkpoint dir."""
-    from launcher.export import ExportInputError, build_hf_model, consolidator, load_export_config, resolve_source
+    from launcher.artifacts.export import ExportInputError, build_hf_model, consolidator, load_export_config, resolve_source
 
     try:
         source = resolve_source(path)
@@ -159,9 +159,9 @@ def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quan
     builds it right after seeding every RNG with ``train.seed``, and so does this."""
     import numpy as np
 
-    from launcher.adapters import quantization_config
+    from launcher.model.adapters import quantization_config
     from launcher.config.schema import SingleStrategy
-    from launcher.models import load_model_and_tokenizer
+    from launcher.model.loading import load_model_and_tokenizer
 
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -180,7 +180,7 @@ def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quan
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], chat_template: Optional[str] = None) -> list[int]:
-    from launcher.evaluate import render_prompt
+    from launcher.eval.metrics import render_prompt
 
     if chat_template is None and tokenizer.chat_template is None:
         raise ModelInputError("the tokenizer has no chat template (set data.chat_template in the run, or export with one)")
@@ -199,7 +199,7 @@ def stream_reply(
 ) -> str:
     """Generate the assistant's next message for ``messages``, writing tokens to ``out`` as they
     come (transformers' TextStreamer); returns the whole reply. temperature 0: greedy."""
-    from launcher.evaluate import stop_token_ids
+    from launcher.eval.metrics import stop_token_ids
 
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = prompt_ids(tokenizer, messages, loaded.chat_template)

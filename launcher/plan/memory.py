@@ -59,7 +59,7 @@ stream (4 when autocast runs over fp32 weights, else a), per layer:
 Without activation checkpointing all L layers hold theirs; with it (HF's per-layer checkpointing)
 each layer keeps its input r·T·h and one layer at a time is recomputed: L·r·T·h + one layer.
 Outside the layers: the final norm and head input (4 + r + a)·T·h, and the loss: the logits in
-the compute dtype and, as ``launcher.loss.next_token_loss`` upcasts to fp32, the fp32 log-softmax
+the compute dtype and, as ``launcher.train.loss.next_token_loss`` upcasts to fp32, the fp32 log-softmax
 output, its gradient and the upcast logits' gradient alive together in backward: T·V·(a + 12).
 For small models with large vocabularies this term dominates. The loss computes logits only at
 labelled positions, so this is the bound for data labelled everywhere (completion); chat data

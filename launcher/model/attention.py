@@ -17,7 +17,7 @@ On an Ampere, Ada or Hopper GPU (bf16/fp16, no dropout) a packed batch is one ca
 flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.11+) instead of a Python
 loop over examples; elsewhere the loop runs.
 
-:func:`register` makes the name known to transformers; :func:`launcher.models.load_model_and_tokenizer`
+:func:`register` makes the name known to transformers; :func:`launcher.model.loading.load_model_and_tokenizer`
 calls it before loading. A model saved from a run carries ``sdpa`` in its config as usual, since
 the attention implementation is not serialised.
 """

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from launcher.checkpoint import MARKER, find_latest, is_complete
+from launcher.train.checkpoint import MARKER, find_latest, is_complete
 from launcher.launch.base import CONFIG_NAME
 
 EXPORT_DIR = "export"
@@ -177,7 +177,7 @@ def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:
     """A LoRA/QLoRA checkpoint's adapter merged into its full-precision base, in ``dtype``."""
     import torch
 
-    from launcher.inference import load_checkpoint_model
+    from launcher.artifacts.inference import load_checkpoint_model
 
     model, tokenizer, _, _ = load_checkpoint_model(ckpt_dir, quantized=False)
     model = model.merge_and_unload()
@@ -190,7 +190,7 @@ def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:
 def export_adapter(source: ExportSource, cfg: Any, engine: str, tmp: Path, *, final_dir: Path, max_shard_size: int) -> str:
     """The checkpoint's ``adapter/`` and the run's tokenizer into ``tmp`` (renamed to ``final_dir``
     afterwards), ``base_model_name_or_path`` pointing at the base. Returns that reference."""
-    from launcher.adapters import ADAPTER_CONFIG, ADAPTER_DIR, set_adapter_base, split_peft_state_dict
+    from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, set_adapter_base, split_peft_state_dict
 
     adapter_dir = source.ckpt_dir / ADAPTER_DIR
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -204,12 +204,12 @@ def export_adapter(source: ExportSource, cfg: Any, engine: str, tmp: Path, *, fi
         path = Path(cfg.model.path).expanduser()
         base, revision = (str(path.resolve()) if path.is_dir() else cfg.model.path), cfg.model.revision
     elif cfg.model.source == "smollm2":
-        from launcher.smollm2 import smollm2_dir
+        from launcher.model.smollm2 import smollm2_dir
 
         base = str(smollm2_dir())
     else:  # random: the base exists only in this run
         if cfg.peft.method == "qlora":
-            from launcher.inference import build_base_from_config
+            from launcher.artifacts.inference import build_base_from_config
 
             model, _ = build_base_from_config(cfg, quantized=False)
         else:
@@ -245,7 +245,7 @@ def build_hf_model(cfg: Any, state_dict: dict[str, Any], dtype: str) -> tuple[An
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.models import ensure_pad_token
+    from launcher.model.loading import ensure_pad_token
 
     config, tokenizer, source_dir = hf_config_and_tokenizer(cfg.model)
     _set_chat_template(tokenizer, cfg)
@@ -295,14 +295,14 @@ def hf_config_and_tokenizer(model_cfg: Any) -> tuple[Any, Any, Optional[str]]:
     or hub id they came from (None for a random model)."""
     from transformers import AutoConfig
 
-    from launcher.models import arch_to_hf_config, ensure_pad_token, load_tokenizer
+    from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
 
     if model_cfg.source == "random":
         tokenizer = load_tokenizer(model_cfg.tokenizer, trust_remote_code=model_cfg.trust_remote_code)
         ensure_pad_token(tokenizer)
         return arch_to_hf_config(model_cfg.arch, tokenizer), tokenizer, None
     if model_cfg.source == "smollm2":
-        from launcher.smollm2 import smollm2_dir
+        from launcher.model.smollm2 import smollm2_dir
 
         path, revision = str(smollm2_dir()), None
     else:

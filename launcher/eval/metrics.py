@@ -20,7 +20,7 @@ import torch
 from launcher.config.schema import EvalConfig
 from launcher.data import TokenizedDataset, collate
 from launcher.data.chat import prompt_and_reference
-from launcher.loss import count_label_tokens, next_token_loss
+from launcher.train.loss import count_label_tokens, next_token_loss
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 GatherFn = Callable[[list[Any]], list[list[Any]]]
