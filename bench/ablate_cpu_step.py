@@ -43,15 +43,16 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
     import torch
     import torch.nn.functional as F
 
-    from launcher.model import attention
-    from launcher.cli import _load
-    from launcher.data import IGNORE_INDEX, build_datasets, collate
+    from launcher.data.build import build_datasets, collate
     from launcher.data.packing import model_inputs, pack_dataset
+    from launcher.data.types import IGNORE_INDEX
     from launcher.engines.base import build_param_groups
-    from launcher.train.loss import next_token_loss
+    from launcher.model import attention
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.session import load_config
+    from launcher.train.loss import next_token_loss
 
-    cfg = _load([f"recipe={recipe}", "train.seq_len=512"])[1]
+    cfg = load_config([f"recipe={recipe}", "train.seq_len=512"]).cfg
     torch.manual_seed(0)
     attention.register()
     model, tok = load_model_and_tokenizer(cfg.model, dtype=torch.float32)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.config.schema import DataConfig  # noqa: E402
-from launcher.data import build_datasets  # noqa: E402
+from launcher.data.build import build_datasets  # noqa: E402
 from launcher.data.packing import pack_lengths, packing_efficiency  # noqa: E402
 from launcher.paths import asset  # noqa: E402
 

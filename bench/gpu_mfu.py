@@ -90,18 +90,18 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.cli import _load
-    from launcher.train.distributed import DistInfo
     from launcher.engines.base import build_optimizer
     from launcher.engines.deepspeed import DeepSpeedEngine, ensure_process_group
     from launcher.engines.fsdp import apply_fully_shard
-    from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
-    from launcher.train.telemetry import peak_flops
     from launcher.model import attention
+    from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
+    from launcher.session import load_config
+    from launcher.train.distributed import DistInfo
     from launcher.train.loss import next_token_loss
+    from launcher.train.telemetry import peak_flops
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
-    cfg = _load(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"])))[1]
+    cfg = load_config(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"]))).cfg
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     torch.manual_seed(0)
@@ -235,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     if steps <= warmup:
         parser.error("--steps must exceed --warmup")
-    from launcher.cli import _load
+    from launcher.session import load_config
 
     with tempfile.TemporaryDirectory(prefix="ftl-mfu-") as tmp:
-        arch = _load(model_overrides(32, "fsdp", seq_len, args.micro_batch, Path(tmp)))[1].model.arch
+        arch = load_config(model_overrides(32, "fsdp", seq_len, args.micro_batch, Path(tmp))).cfg.model.arch
         total = torch.cuda.get_device_properties(0).total_memory
         layers = args.layers or (2 if args.quick else layers_that_fit(arch, total, args.micro_batch * seq_len))
         print(f"gpu_mfu: {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB), Llama-3-8B shape with {layers} of "

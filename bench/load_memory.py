@@ -35,7 +35,7 @@ CONFIGS = [
 WORKER = """
 import json, os, sys
 import torch
-from launcher.cli import _load
+from launcher.session import load_config
 from launcher.train.distributed import init_distributed
 from launcher.engines import build_engine
 from launcher.train.trainer import build_model, seed_everything
@@ -46,7 +46,7 @@ def peak_mb():
             return int(line.split()[1]) / 1024
 
 out, overrides = sys.argv[1], sys.argv[2:]
-cfg = _load([*overrides, "launch.nproc_per_node=2", "wandb.mode=disabled"])[1]
+cfg = load_config([*overrides, "launch.nproc_per_node=2", "wandb.mode=disabled"]).cfg
 cpu = torch.device("cpu")
 info = init_distributed(cfg.launch, cpu)
 seed_everything(0)
@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ftl-load-") as tmp:
         # As hub checkpoints come: bf16 (ftl trains fp32 master weights, so each loaded tensor is
         # converted, not mapped from the file) and in shards (8 of SmolLM2's size, a 70B has 30).
-        from launcher.cli import _load
-        from launcher.model.loading import load_model_and_tokenizer
-
         import torch
 
+        from launcher.model.loading import load_model_and_tokenizer
+        from launcher.session import load_config
+
         recipe = "tiny" if args.quick else "demo"
-        model, tokenizer = load_model_and_tokenizer(_load([f"recipe={recipe}"])[1].model, dtype=torch.bfloat16)
+        model, tokenizer = load_model_and_tokenizer(load_config([f"recipe={recipe}"]).cfg.model, dtype=torch.bfloat16)
         shard = "100KB" if args.quick else "40MB"
         model.save_pretrained(f"{tmp}/model", max_shard_size=shard)
         tokenizer.save_pretrained(f"{tmp}/model")

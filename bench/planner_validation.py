@@ -71,12 +71,12 @@ def compose_cfg(model: str, case: str, precision: str, world: int) -> Any:
 
 def predicted(cfg: Any, precision: str) -> dict[str, float]:
     from launcher.plan.memory import estimate
-    from launcher.plan.report import layout_of, workload_of
+    from launcher.plan.report import layout_for, workload_of
 
-    w, lay = workload_of(cfg, precision), layout_of(cfg)
+    w, lay = workload_of(cfg, precision), layout_for(cfg)
     e = estimate(w, lay, on_gpu=False)
     # params: the partition each rank owns, wherever it lives (offload puts it in host memory)
-    partition = estimate(w, replace(lay, offload_params=False, offload_optimizer=False), on_gpu=False)
+    partition = estimate(w, replace(lay, traits=replace(lay.traits, offload_params=False, offload_optimizer=False)), on_gpu=False)
     return {"params": partition.params, "states": e.model_states + e.host}
 
 
@@ -119,9 +119,9 @@ def live_tensor_bytes(exclude: list[Any]) -> int:
 def measure(cfg: Any, precision: str) -> dict[str, float]:
     import torch
 
-    from launcher.train.distributed import read_dist_env
     from launcher.engines import build_engine
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.train.distributed import read_dist_env
     from launcher.train.telemetry import local_param_bytes
 
     torch.manual_seed(0)

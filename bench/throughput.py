@@ -107,9 +107,9 @@ def bench_env() -> dict[str, str]:
 
 
 def compose(overrides: list[str]) -> Any:
-    from launcher.cli import _load
+    from launcher.session import load_config
 
-    return _load(overrides)[1]
+    return load_config(overrides).cfg
 
 
 def model_dir_for(cfg: Any, tmp: Path) -> Path:
@@ -136,7 +136,7 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from launcher.data import build_datasets
+    from launcher.data.build import build_datasets
     from launcher.data.packing import pack_dataset
     from launcher.model.loading import ensure_pad_token
 
@@ -274,10 +274,10 @@ def median_wall(cmd: list[str], reps: int) -> float:
 def checkpoint_throughput(cfg: Any, reps: int, tmp: Path) -> dict[str, float]:
     import torch
 
-    from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-    from launcher.train.distributed import DistInfo
     from launcher.engines.single import SingleEngine
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from launcher.train.distributed import DistInfo
 
     dist = DistInfo()
     model, _ = load_model_and_tokenizer(cfg.model)

@@ -14,50 +14,26 @@ from launcher.config.errors import EXIT_INVALID, ConfigErrors
 OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, group=option"
 
 
-def _load(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str]]:
-    """Compose and validate; raises ConfigErrors with every problem at once."""
-    from launcher.config.compose import compose
-    from launcher.config.validate import validate
-
-    raw, choices, errors = compose(overrides)
-    cfg, more = validate(raw)
-    errors += more
-    if errors:
-        raise ConfigErrors(errors)
-    return raw, cfg, choices
-
-
-def prepare_run(overrides: list[str]) -> tuple[dict[str, Any], Any, dict[str, str], Any, Path]:
-    from launcher.launch import get_backend
-    from launcher.launch.run_dir import choose_run_dir, config_path_for
-
-    raw, cfg, choices = _load(overrides)
-    run_dir = choose_run_dir(raw)
-    raw["run"]["dir"] = str(run_dir)
-    cfg.run.dir = str(run_dir)
-    config_path = config_path_for(raw, run_dir)
-    plan = get_backend(cfg.launch.backend).build(cfg, run_dir, config_path)
-    return raw, cfg, choices, plan, config_path
-
-
 # --------------------------------------------------------------------------------------------
 # commands
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.plan.report import memory_lines, memory_report, memory_verdict, summary_lines
+    from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
+    from launcher.session import prepare_run
 
-    raw, cfg, choices, plan, config_path = prepare_run(args.overrides)
+    run = prepare_run(args.overrides)
+    cfg, plan = run.cfg, run.plan
     report = memory_report(cfg)
     width = 11
-    for label, text in summary_lines(cfg, choices):
+    for label, text in summary_lines(cfg, run.choices):
         print(f"{label:<{width}} {text}")
     print(f"{'memory':<{width}} {memory_verdict(report)}")
     print(f"{'run dir':<{width}} {plan.run_dir}")
     for name, text in plan.files.items():
         print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
-    if cfg.strategy.engine == "deepspeed":
-        _print_deepspeed_config(cfg)
+    if deepspeed_lines(cfg):
+        print("\n" + "\n".join(deepspeed_lines(cfg)))
     print("\n" + "\n".join(memory_lines(report)) + "\n")
     for i, line in enumerate(plan.shell_lines()):
         print(f"{'command' if i == 0 else '':<{width}} {line}")
@@ -68,19 +44,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     print("\nnothing launched (ftl plan). To run: ftl train " + " ".join(args.overrides))
     return 0
-
-
-def _print_deepspeed_config(cfg: Any) -> None:
-    import json
-
-    from launcher.config.deepspeed_config import build_deepspeed_config, planned_device_type, resolve_precision
-    from launcher.config.validate import world_size
-
-    device = planned_device_type(cfg)
-    precision = resolve_precision(cfg.train.precision, device)
-    print(f"\n--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---")
-    print(json.dumps(build_deepspeed_config(cfg, world_size(cfg), precision), indent=2))
-    print("---")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,39 +64,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_once(overrides: list[str], args: argparse.Namespace) -> int:
     if args.cfg:
         return _print_cfg(overrides, args.cfg)
-    from launcher.launch import get_backend
-    from launcher.plan.report import memory_report, memory_verdict
-    from launcher.launch.run_dir import write_run_dir
+    from launcher.session import launch
 
-    raw, cfg, _, plan, config_path = prepare_run(overrides)
-    report = memory_report(cfg)
-    if report.checked and not report.fits:  # before anything is written or queued
-        print(f"ftl train: {memory_verdict(report)}; `ftl plan` shows the estimate "
-              "(launch.check_memory=false skips this check)", file=sys.stderr)  # fmt: skip
-        return EXIT_INVALID
-    backend = get_backend(cfg.launch.backend)
-    errors = backend.preflight(cfg)  # what only this machine can tell, e.g. how many GPUs it has
-    if errors:
-        raise ConfigErrors(errors)
-    changes = write_run_dir(raw, plan, config_path, ["train", *overrides])
-    if changes:
-        print(f"ftl: {plan.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
-        for c in changes:
-            print(f"  {c}", file=sys.stderr)
-    print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)
-    for line in plan.shell_lines():
-        print(f"ftl: launching {line}", file=sys.stderr)
-    code = backend.submit(plan)
-    print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {plan.run_dir}", file=sys.stderr)
-    return code
+    return launch(overrides)
 
 
 def _print_cfg(overrides: list[str], which: str) -> int:
     """Hydra's `--cfg job`: the composed config, validated, printed, nothing launched."""
     from omegaconf import OmegaConf
 
-    raw, _, _ = _load(overrides)
-    print(OmegaConf.to_yaml(OmegaConf.create(raw)), end="")
+    from launcher.session import load_config
+
+    print(OmegaConf.to_yaml(OmegaConf.create(load_config(overrides).raw)), end="")
     return 0
 
 
@@ -163,15 +105,17 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from launcher.data import DataError
     from launcher.data.preprocess import run_preprocess
+    from launcher.data.types import DataError
 
     if args.config:  # the run's own config, as the SLURM preparation job runs it
         from launcher.config.validate import load_run_config
 
         cfg = load_run_config(args.config)
     else:
-        _, cfg, _ = _load(args.overrides)
+        from launcher.session import load_config
+
+        cfg = load_config(args.overrides).cfg
     try:
         lines = run_preprocess(cfg)
     except DataError as e:
@@ -196,7 +140,8 @@ def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.artifacts.export import ExportInputError, export_checkpoint
+    from launcher.artifacts.export import export_checkpoint
+    from launcher.artifacts.weights import ArtifactInputError
 
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
@@ -205,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             dtype=args.dtype, overwrite=args.overwrite, config=Path(args.config) if args.config else None,
             merge_lora=merge,
         )  # fmt: skip
-    except ExportInputError as e:
+    except ArtifactInputError as e:
         print(f"ftl export: {e}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as e:  # a checkpoint that does not load, a model that does not match it, a full disk
@@ -215,9 +160,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.artifacts.weights import ArtifactInputError
     from launcher.config.validate import validated
     from launcher.eval.job import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
-    from launcher.artifacts.inference import ModelInputError
 
     try:
         raw, run_dir, step = eval_config(Path(args.model), args.overrides)
@@ -226,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out).expanduser().resolve() if args.out else default_out(Path(args.model), run_dir, step)
         job = write_job(out, Path(args.model), raw, args.baseline, run_dir, step)
         return launch(job, cfg)
-    except (EvalInputError, ModelInputError) as e:
+    except (EvalInputError, ArtifactInputError) as e:
         print(f"ftl eval: {e}", file=sys.stderr)
         return EXIT_INVALID
 
@@ -245,24 +190,26 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from launcher.artifacts.inference import ModelInputError, stream_reply
+    from launcher.artifacts.inference import stream_reply
+    from launcher.artifacts.weights import ArtifactInputError
 
     try:
         loaded = _load_for_generation(args)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         stream_reply(loaded, messages, **_generation_kwargs(args))
-    except ModelInputError as e:
+    except ArtifactInputError as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from launcher.artifacts.inference import ModelInputError, chat_loop
+    from launcher.artifacts.inference import chat_loop
+    from launcher.artifacts.weights import ArtifactInputError
 
     try:
         loaded = _load_for_generation(args)
-    except ModelInputError as e:
+    except ArtifactInputError as e:
         print(f"ftl chat: {e}", file=sys.stderr)
         return EXIT_INVALID
     interactive = sys.stdin.isatty()

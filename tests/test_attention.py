@@ -7,12 +7,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-
-from launcher.model import attention
-from launcher.config.schema import ArchConfig
-from launcher.paths import asset
-
 from helpers import need_gpus
+
+from launcher.config.schema import ArchConfig
+from launcher.model import attention
+from launcher.paths import asset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

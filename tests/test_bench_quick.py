@@ -63,10 +63,10 @@ def test_gpu_attention_packs_are_full_and_vary() -> None:
 
 def test_gpu_mfu_depth_arithmetic() -> None:
     """The default depth for an H200 (141 GB) at 4096 tokens: more than 1 layer, fewer than all 32."""
-    from launcher.cli import _load
+    from launcher.session import load_config
 
     gpu_mfu = bench_module("gpu_mfu")
-    arch = _load(gpu_mfu.model_overrides(32, "fsdp", 4096, 1, ROOT / "runs" / "unused"))[1].model.arch
+    arch = load_config(gpu_mfu.model_overrides(32, "fsdp", 4096, 1, ROOT / "runs" / "unused")).cfg.model.arch
     assert gpu_mfu.layer_params(arch) == 218_112_000  # 4096² · 2 + 4096 · 1024 · 2 + 3 · 4096 · 14336 + 2 · 4096
     layers = gpu_mfu.layers_that_fit(arch, 141e9, 4096)
     assert 8 <= layers < 32

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.engines import build_engine
+from launcher.engines.single import SingleEngine
 from launcher.train.checkpoint import (
     MARKER,
     TrainerState,
@@ -21,10 +24,7 @@ from launcher.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.train.distributed import DistInfo
-from launcher.engines import build_engine
-from launcher.engines.single import SingleEngine
 from launcher.train.schedule import lr_at
 
 DIST = DistInfo()

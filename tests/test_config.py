@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from launcher.config.compose import compose, recipe_description, recipe_files
 from launcher.config.errors import ConfigErrors
 from launcher.config.schema import UNIONS, FtlConfig
-from launcher.config.validate import global_batch, validate, world_size
+from launcher.config.topology import global_batch, world_size
+from launcher.config.validate import validate
 from launcher.paths import CONF_DIR
 
 RECIPES = sorted(recipe_files())

@@ -9,7 +9,6 @@ all ranks, not per rank.
 from __future__ import annotations
 
 import pytest
-
 from helpers import TINY, ftl, metrics
 
 STEPS = 5

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from launcher.config.schema import DataConfig, DataSource
-from launcher.data import DataError, build_datasets
+from launcher.data.build import build_datasets
 from launcher.data import cache as data_cache
 from launcher.data.cache import FileLock, build_once, cache_key, prepare
 from launcher.data.packing import pack_dataset
+from launcher.data.types import DataError
 from launcher.paths import asset
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]} for i in range(12)]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from launcher.config.schema import DataConfig
-from launcher.data import IGNORE_INDEX, DataError, TokenizedDataset, build_datasets, carve_eval_split, collate
+from launcher.data.build import build_datasets, carve_eval_split, collate
 from launcher.data.chat import ChatFormat, prompt_and_reference
+from launcher.data.types import IGNORE_INDEX, DataError, TokenizedDataset
 from launcher.paths import asset
 
 IM_END = "<|im_end|>"
@@ -30,7 +31,7 @@ def smollm2_tokenizer() -> Any:
     file (~3 s; the model conversion itself is left to the slow tests)."""
     from transformers import AutoTokenizer
 
-    from launcher import smollm2
+    from launcher.model import smollm2
 
     try:
         gguf = smollm2.gguf_path()

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from launcher.config.schema import DataConfig, DataSource
-from launcher.data import IGNORE_INDEX, DataError, build_datasets
+from launcher.data.build import build_datasets
 from launcher.data.templates import ALPACA
+from launcher.data.types import IGNORE_INDEX, DataError
 from launcher.paths import asset
 
 IM_END = "<|im_end|>"

@@ -11,15 +11,11 @@ from typing import Any
 import pytest
 
 from launcher.config.compose import compose
+from launcher.config.deepspeed_config import build_deepspeed_config, deepspeed_config_errors
 from launcher.config.errors import ConfigErrors
-from launcher.config.schema import DeepSpeedStrategy, FtlConfig, LocalLaunch, SlurmLaunch, SingleStrategy, TrainConfig
+from launcher.config.schema import DeepSpeedStrategy, FtlConfig, LocalLaunch, SingleStrategy, SlurmLaunch, TrainConfig
+from launcher.config.topology import planned_device_type, resolve_precision
 from launcher.config.validate import validate
-from launcher.config.deepspeed_config import (
-    build_deepspeed_config,
-    deepspeed_config_errors,
-    planned_device_type,
-    resolve_precision,
-)
 
 
 def make_cfg(stage: int = 3, extra: dict[str, Any] | None = None, nproc: int = 2, **train: Any) -> FtlConfig:

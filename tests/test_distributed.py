@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from launcher.train import distributed
 from launcher.config.schema import LocalLaunch, TrainConfig
-from launcher.train.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
 from launcher.paths import ROOT
+from launcher.train import distributed
+from launcher.train.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
 
 CPU = torch.device("cpu")
 

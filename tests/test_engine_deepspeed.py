@@ -17,16 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    TEN_STEPS, TWO_RANKS, assert_losses_close, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, plain_transformers_logits,
-    reference_run, step_dir,
-)  # fmt: skip
+    TEN_STEPS,
+    TWO_RANKS,
+    assert_losses_close,
+    copy_interrupted,
+    ftl,
+    ftl_env,
+    max_abs_diff,
+    metrics,
+    plain_transformers_logits,
+    reference_run,
+    step_dir,
+)
 
-from launcher.train.checkpoint import MARKER, checkpoints_dir
 from launcher.paths import ROOT
+from launcher.train.checkpoint import MARKER, checkpoints_dir
 
 pytest.importorskip("deepspeed")
 
-from launcher.engines.deepspeed import META_FILE, TAG, UNIVERSAL_TAG, consolidate_checkpoint  # noqa: E402
+from launcher.engines.deepspeed import META_FILE, TAG, UNIVERSAL_TAG, DeepSpeedEngine  # noqa: E402
+
+consolidate_checkpoint = DeepSpeedEngine.consolidate_checkpoint
 
 RUN_TIMEOUT_S = 300  # generous: a first run compiles DeepSpeed's shm comm op
 
@@ -106,7 +117,7 @@ import torch.distributed as dist
 from launcher.config.compose import compose
 from launcher.config.validate import validated
 from launcher.train.distributed import destroy, init_distributed, select_device
-from launcher.engines.deepspeed import DeepSpeedEngine, consolidate_checkpoint
+from launcher.engines.deepspeed import DeepSpeedEngine
 from launcher.model.loading import load_model_and_tokenizer
 
 out, results = Path(sys.argv[1]), {}
@@ -132,7 +143,7 @@ for stage in (0, 3):
     dist.barrier()
     live = engine.consolidated_state_dict()
     if info.is_main:
-        offline = consolidate_checkpoint(ckpt)
+        offline = DeepSpeedEngine.consolidate_checkpoint(ckpt)
         results[stage] = {"live_keys": sorted(live) == keys, "offline_keys": sorted(offline) == keys,
                           "max_diff": max(float((live[k] - offline[k]).abs().max()) for k in keys),
                           "dtype": str(offline[keys[0]].dtype)}

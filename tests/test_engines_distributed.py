@@ -22,12 +22,21 @@ from typing import Any
 import pytest
 import torch
 from helpers import (
-    TEN_STEPS, TWO_RANKS, assert_losses_close, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, plain_transformers_logits,
-    reference_run, step_dir,
-)  # fmt: skip
+    TEN_STEPS,
+    TWO_RANKS,
+    assert_losses_close,
+    copy_interrupted,
+    ftl,
+    ftl_env,
+    max_abs_diff,
+    metrics,
+    plain_transformers_logits,
+    reference_run,
+    step_dir,
+)
 
-from launcher.train.checkpoint import MARKER
 from launcher.paths import ROOT
+from launcher.train.checkpoint import MARKER
 
 RUN_TIMEOUT_S = 150
 
@@ -47,9 +56,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def weights(run_dir: Path, step: int, engine: str) -> dict[str, torch.Tensor]:
     """The full weights of a checkpoint, read offline by the engine's own consolidator."""
-    import importlib
+    from launcher.engines import engine_class
 
-    return importlib.import_module(f"launcher.engines.{engine}").consolidate_checkpoint(step_dir(run_dir, step))
+    return engine_class(engine).consolidate_checkpoint(step_dir(run_dir, step))
 
 
 def free_port() -> int:
@@ -138,9 +147,9 @@ def test_export_of_an_fsdp_checkpoint_loads_in_plain_transformers(fsdp_run: Path
 
 def live_fsdp_model(run_dir: Path) -> tuple[Any, Any]:
     from launcher.config.validate import load_run_config
-    from launcher.train.distributed import DistInfo
     from launcher.engines.fsdp import FSDPEngine
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.train.distributed import DistInfo
 
     cfg = load_run_config(run_dir / "config.yaml")
     torch.manual_seed(1234)  # a different random init: every weight must come from the checkpoint

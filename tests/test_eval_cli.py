@@ -62,7 +62,8 @@ def independent_loss(model: Any, data: Path, run_dir: Path) -> tuple[float, int]
     from dataclasses import replace
 
     from launcher.config.validate import load_run_config
-    from launcher.data import IGNORE_INDEX, build_datasets
+    from launcher.data.build import build_datasets
+    from launcher.data.types import IGNORE_INDEX
 
     cfg = load_run_config(run_dir / "config.yaml")
     _, tokenizer = model

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config.schema import ArchConfig, DataConfig, EvalConfig, ModelConfig
-from launcher.data import IGNORE_INDEX, TokenizedDataset, build_datasets
+from launcher.data.build import build_datasets
 from launcher.data.chat import prompt_and_reference
+from launcher.data.types import IGNORE_INDEX, TokenizedDataset
 from launcher.eval.metrics import evaluate, generate_answers, generation_metrics, perplexity, render_prompt
 from launcher.model.loading import load_model_and_tokenizer
 from launcher.paths import asset

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.artifacts.export import export_checkpoint, parse_size
+from launcher.artifacts.weights import ArtifactInputError, engine_from_marker, resolve_source
 from launcher.train.checkpoint import MARKER, TrainerState, save_checkpoint
-from launcher.artifacts.export import ExportInputError, engine_from_marker, export_checkpoint, parse_size, resolve_source
 
 
 def test_parse_size() -> None:
@@ -20,7 +21,7 @@ def test_parse_size() -> None:
     assert parse_size("100kb") == 100_000
     assert parse_size("1024") == 1024
     for bad in ("", "0GB", "2XB", "-1GB", "1.5GB"):
-        with pytest.raises(ExportInputError, match="max-shard-size"):
+        with pytest.raises(ArtifactInputError, match="max-shard-size"):
             parse_size(bad)
 
 
@@ -32,7 +33,7 @@ def test_engine_from_marker() -> None:
 
 def test_resolve_source_says_what_is_wrong(tmp_path: Path) -> None:
     def error(path: Path) -> str:
-        with pytest.raises(ExportInputError) as e:
+        with pytest.raises(ArtifactInputError) as e:
             resolve_source(path)
         return str(e.value)
 
@@ -61,9 +62,9 @@ def test_single_checkpoint_with_tied_embeddings_exports_in_bf16(tmp_path: Path) 
 
     from launcher.config.compose import compose
     from launcher.config.validate import validated
-    from launcher.train.distributed import DistInfo
     from launcher.engines.single import SingleEngine
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.train.distributed import DistInfo
 
     run = tmp_path / "run"
     raw, _, errors = compose(["recipe=tiny", "model.arch.tie_embeddings=true", f"run.dir={run}"])
@@ -78,7 +79,7 @@ def test_single_checkpoint_with_tied_embeddings_exports_in_bf16(tmp_path: Path) 
     save_checkpoint(run, TrainerState(step=1), engine, DistInfo(), keep=2, barrier=lambda: None)
 
     out = export_checkpoint(run, tmp_path / "hf", max_shard_size="100KB", dtype="bf16", log=lambda _: None)
-    with pytest.raises(ExportInputError, match="exists"):
+    with pytest.raises(ArtifactInputError, match="exists"):
         export_checkpoint(run, out, log=lambda _: None)
     export_checkpoint(run, out, overwrite=True, dtype="bf16", max_shard_size="100KB", log=lambda _: None)
 

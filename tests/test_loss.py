@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.data import IGNORE_INDEX
+from launcher.data.types import IGNORE_INDEX
 from launcher.train.loss import count_label_tokens, logits_at_labels, next_token_loss, output_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,9 +12,9 @@ import pytest
 from launcher.config.compose import compose, recipe_files
 from launcher.config.schema import ArchConfig
 from launcher.config.validate import validate
+from launcher.paths import ROOT
 from launcher.plan.memory import (
     GiB,
-    Layout,
     Peft,
     Workload,
     alternatives,
@@ -24,8 +24,7 @@ from launcher.plan.memory import (
     param_counts,
     quantized_bytes_per_param,
     zero_model_states,
-)  # fmt: skip
-from launcher.paths import ROOT
+)
 from launcher.plan.report import memory_report, memory_verdict, param_count
 
 GB = 1e9  # the ZeRO paper's GB
@@ -219,7 +218,7 @@ def test_memory_model_imports_no_torch():
 def test_layout_of_unknown_strategy_is_an_error():
     with pytest.raises(ValueError):
         layout_named("zero9x", 2)
-    assert Layout("fsdp", "fsdp", world=16, shard=8).n == 8
+    assert layout_named("fsdp", 16, shard=8).n == 8
     assert Peft().method == "none"
 
 

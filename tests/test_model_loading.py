@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ftl_env
 
 from launcher.paths import ROOT
-
-from helpers import ftl_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from launcher.cli import _load
+from launcher.session import load_config
 from launcher.train.distributed import init_distributed
 from launcher.engines import build_engine
 from launcher.model.loading import load_model_and_tokenizer
@@ -32,7 +31,7 @@ from launcher.model.adapters import apply_peft
 from launcher.train.trainer import build_model, seed_everything
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
-cfg = _load(["recipe=tiny", "launch.nproc_per_node=2", "wandb.mode=disabled", *overrides])[1]
+cfg = load_config(["recipe=tiny", "launch.nproc_per_node=2", "wandb.mode=disabled", *overrides]).cfg
 cpu = torch.device("cpu")
 info = init_distributed(cfg.launch, cpu)
 seed_everything(cfg.train.seed)
@@ -74,11 +73,11 @@ os._exit(0)  # as launcher.train does: DeepSpeed's C++ teardown can abort a fini
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny recipe's random model, saved as a Hugging Face directory."""
-    from launcher.cli import _load
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.session import load_config
 
     out = tmp_path_factory.mktemp("tiny-hf")
-    model, tokenizer = load_model_and_tokenizer(_load(["recipe=tiny"])[1].model)
+    model, tokenizer = load_model_and_tokenizer(load_config(["recipe=tiny"]).cfg.model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -10,11 +10,12 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+
 import pytest
 import torch
 
-from launcher import smollm2
 from launcher.config.schema import ArchConfig, ModelConfig
+from launcher.model import smollm2
 from launcher.model.loading import count_parameters, ensure_pad_token, load_model_and_tokenizer
 from launcher.paths import CONF_DIR, ROOT, asset
 

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from launcher.config.schema import ArchConfig, DataConfig
-from launcher.data import IGNORE_INDEX, build_datasets, collate
+from launcher.data.build import build_datasets, collate
 from launcher.data.packing import (
-    collate_packed, flattens_packs, model_inputs, pack_dataset, pack_examples, pack_lengths, packing_efficiency,
-)  # fmt: skip
-from launcher.train.distributed import DistInfo
+    collate_packed,
+    flattens_packs,
+    model_inputs,
+    pack_dataset,
+    pack_examples,
+    pack_lengths,
+    packing_efficiency,
+)
+from launcher.data.types import IGNORE_INDEX
 from launcher.paths import asset
+from launcher.train.distributed import DistInfo
 from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.trainer import DataOrder
 

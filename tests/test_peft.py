@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import ftl, metrics, need_gpus
 
+from launcher.eval.metrics import rank_batches
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, base_key, split_peft_state_dict
 from launcher.train.checkpoint import checkpoints_dir
-from launcher.eval.metrics import rank_batches
 
 pytest.importorskip("peft")
 
@@ -46,9 +46,9 @@ def saved_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 def checkpoint_lora(run_dir: Path, strategy: str) -> dict[str, torch.Tensor]:
     """The LoRA tensors of the engine's own checkpoint, read offline by its consolidator (an
     independent path: safetensors, DCP shards, ZeRO partitions), under the adapter file's keys."""
-    import importlib
+    from launcher.engines import engine_class
 
-    full = importlib.import_module(f"launcher.engines.{ENGINE_MODULE[strategy]}").consolidate_checkpoint(last_ckpt(run_dir))
+    full = engine_class(ENGINE_MODULE[strategy]).consolidate_checkpoint(last_ckpt(run_dir))
     _, adapter = split_peft_state_dict(full)
     return {k.replace(".default.", "."): v for k, v in adapter.items()}
 
@@ -129,8 +129,8 @@ def test_an_impossible_setting_exits_2_before_launching(tmp_path: Path) -> None:
 
 
 def test_quant_storage_is_the_training_dtype_where_weights_are_sharded() -> None:
-    from launcher.model.adapters import resolve_quant_storage
     from launcher.config.schema import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, QLoraConfig, SingleStrategy
+    from launcher.model.adapters import resolve_quant_storage
 
     auto = QLoraConfig()
     assert resolve_quant_storage(auto, SingleStrategy(), torch.bfloat16) == torch.uint8

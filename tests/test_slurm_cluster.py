@@ -36,14 +36,6 @@ def hydra_quoted(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def need_engine(strategy: str) -> None:
-    from launcher.engines import ENGINES
-
-    engine = {"single": "single", "ddp": "ddp"}[strategy]
-    if engine not in ENGINES:
-        pytest.skip(f"strategy={strategy}: engine {engine!r} is not in this build yet (available: {', '.join(ENGINES)})")
-
-
 def assert_trained(run_dir: Path, nodes: int, steps: int) -> None:
     logs = run_dir / "logs"
     for node in range(nodes):
@@ -86,7 +78,6 @@ def test_sbatch_reads_hostile_directives_back_exactly(cluster, tmp_path):
 
 @pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
 def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, nodes, strategy):
-    need_engine(strategy)
     out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
                       "train.max_steps=5", "eval.after_training=false", f"run.name={hydra_quoted(HOSTILE_NAME)}",
                       cwd=tmp_path, timeout=120)  # fmt: skip
@@ -107,7 +98,6 @@ def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, node
 
 @pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
 def test_plain_sbatch_of_train_sbatch_runs_to_completion(cluster, tmp_path, nodes, strategy):
-    need_engine(strategy)
     run_dir = tmp_path / "plain run"
     out = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={tmp_path}/batch-%j.out",
                       "slurm/train.sbatch", "recipe=tiny", f"strategy={strategy}", f"run.dir={hydra_quoted(str(run_dir))}",
@@ -126,7 +116,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     the ranks on both nodes save and exit, the job requeues itself, resumes at the saved step and
     finishes, with the same W&B run id. (One node, single engine: the array test below.)"""
     nodes, strategy = 2, "ddp"
-    need_engine(strategy)
     out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
                       "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", "wandb.mode=offline",
                       "run.name=preempt", cwd=tmp_path, timeout=120)  # fmt: skip

@@ -114,9 +114,9 @@ def test_a_trial_composes_its_parameters_into_a_run_dir_named_by_its_run_id(tmp_
     trial = sweep_trial(["recipe=tiny", f"run.dir={hydra_quote(str(tmp_path / 'x y'))}", "train.lr=0.01"], env)
     assert trial is not None and trial.run_id == "r1" and trial.backend == "local"
     assert trial.run_dir == tmp_path / "x y-sweep-sw1" / "r1"
-    from launcher.cli import _load
+    from launcher.session import load_config
 
-    _, cfg, _ = _load(trial.overrides)  # what config.yaml will hold, for every rank
+    cfg = load_config(trial.overrides).cfg  # what config.yaml will hold, for every rank
     assert cfg.train.lr == 0.01 and cfg.launch.nproc_per_node == 2 and cfg.run.dir == str(trial.run_dir)
     assert sweep_trial(["recipe=tiny"], {"WANDB_RUN_ID": "r1"}) is None, "a run id alone is not a sweep"
     with pytest.raises(ConfigErrors, match=re.escape("train.lr: 'train.lr=1': the sweep's command already sets it")):
@@ -133,9 +133,9 @@ def test_hydra_quote_round_trips_any_path():
 
 @pytest.mark.parametrize("offline", [False, True], ids=["wandb-agent", "offline"])
 def test_sweep_job_script_renders_and_parses(tmp_path, offline):
-    from launcher.cli import _load
+    from launcher.session import load_config
 
-    _, cfg, _ = _load(["recipe=tiny", "launch=slurm", "launch.nodes=2", "strategy=ddp"])
+    cfg = load_config(["recipe=tiny", "launch=slurm", "launch.nodes=2", "strategy=ddp"]).cfg
     hostile = "ent/proj/a b'c\";$(touch CANARY)"
     text = render_sweep_script(cfg, tmp_path / "sweep", hostile, ["launch=slurm", "x='y z'"], offline, "/venv/bin/python", tmp_path)
     path = tmp_path / "sweep.sbatch"

@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
-from launcher.train.distributed import DistInfo
 from launcher.paths import ROOT
+from launcher.train.distributed import DistInfo
 from launcher.train.telemetry import (
     JsonlSink,
     build_telemetry,

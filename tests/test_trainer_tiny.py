@@ -18,11 +18,19 @@ import torch
 from helpers import metrics, wandb_offline_attempts
 from safetensors.torch import load_file
 
-from launcher.train.checkpoint import MARKER, checkpoints_dir, list_complete
 from launcher.config.schema import (
-    ArchConfig, CheckpointConfig, DataConfig, EvalConfig, FtlConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig,
-)  # fmt: skip
+    ArchConfig,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    FtlConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    WandbConfig,
+)
 from launcher.paths import ROOT, asset
+from launcher.train.checkpoint import MARKER, checkpoints_dir, list_complete
 from launcher.train.telemetry import STEP_FIELDS, WANDB_ID_FILE
 from launcher.train.trainer import Trainer
 

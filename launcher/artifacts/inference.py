@@ -19,7 +19,6 @@ PEFT models stay unmerged (``merge=True`` merges them): their base is then one
 from __future__ import annotations
 
 import contextlib
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,8 @@ from typing import Any, Callable, Optional, TextIO
 
 import torch
 
-from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, is_peft_model, read_adapter_config, split_peft_state_dict
-
-
-class ModelInputError(ValueError):
-    """The path names nothing loadable (exit 2)."""
+from launcher.artifacts.weights import ArtifactInputError, load_checkpoint_model
+from launcher.model.adapters import ADAPTER_CONFIG, attach_adapter, is_peft_model, read_adapter_config
 
 
 @dataclass
@@ -47,13 +43,13 @@ class LoadedModel:
         """Context in which ``model`` is its base model: PEFT adapters disabled."""
         if is_peft_model(self.model):
             return self.model.disable_adapter()
-        raise ModelInputError(f"{self.description} has no adapter to switch off: give the base model with --baseline PATH")
+        raise ArtifactInputError(f"{self.description} has no adapter to switch off: give the base model with --baseline PATH")
 
 
 def model_kind(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
-        raise ModelInputError(f"{path}: no such directory (give an export, a run dir or a checkpoint dir)")
+        raise ArtifactInputError(f"{path}: no such directory (give an export, a run dir or a checkpoint dir)")
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter"
     if (path / "config.json").is_file():
@@ -99,7 +95,7 @@ def load_adapter_dir(adapter_dir: Path, device: torch.device | str) -> tuple[Any
     config = read_adapter_config(adapter_dir)
     base = config.get("base_model_name_or_path")
     if not base:
-        raise ModelInputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+        raise ArtifactInputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     model, tokenizer = _load_hf_dir(base, device, revision=config.get("revision"))
     if any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from launcher.model.loading import ensure_pad_token, load_tokenizer
@@ -107,72 +103,6 @@ def load_adapter_dir(adapter_dir: Path, device: torch.device | str) -> tuple[Any
         tokenizer = load_tokenizer(str(adapter_dir))  # the one the run trained with (chat template included)
         ensure_pad_token(tokenizer)
     return attach_adapter(model, adapter_dir).to(device), tokenizer
-
-
-def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", quantized: bool = True) -> tuple[Any, Any, Any, str]:
-    """(model, tokenizer, run config, description) of a run dir or checkpoint dir."""
-    from launcher.artifacts.export import ExportInputError, build_hf_model, consolidator, load_export_config, resolve_source
-
-    try:
-        source = resolve_source(path)
-        cfg = load_export_config(source.config_path)
-    except ExportInputError as e:
-        raise ModelInputError(str(e)) from None
-    engine = source.engine or cfg.strategy.engine
-    description = f"{source.ckpt_dir} (engine {engine}, step {source.step}, peft {cfg.peft.method})"
-    if cfg.peft.method == "qlora":
-        model, tokenizer = build_base_from_config(cfg, device=device, quantized=quantized)
-    else:
-        state = consolidator(engine)(source.ckpt_dir)
-        if cfg.peft.method != "none":
-            state, _ = split_peft_state_dict(state)  # the frozen base; the adapter comes from adapter/
-        model, tokenizer = build_hf_model(cfg, state, "fp32")
-        materialize_buffers(model)
-        del state
-    if cfg.peft.method != "none":
-        adapter_dir = source.ckpt_dir / ADAPTER_DIR
-        if not (adapter_dir / ADAPTER_CONFIG).is_file():
-            raise ModelInputError(f"{source.ckpt_dir} is a checkpoint of a {cfg.peft.method} run without {ADAPTER_DIR}/")
-        model = attach_adapter(model, adapter_dir)
-    return model.to(device), tokenizer, cfg, description
-
-
-def materialize_buffers(model: Any) -> Any:
-    """A model built on the meta device and given its weights by assignment (``ftl export``'s
-    way) still has meta non-persistent buffers: the rotary embeddings' frequencies, which no
-    checkpoint holds. Rebuild those modules from their config, off the meta device."""
-    for module in model.modules():
-        meta = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
-        if not meta:
-            continue
-        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
-            raise RuntimeError(f"{type(module).__name__} has buffers {meta} that no checkpoint holds")
-        fresh = type(module)(config=module.config)
-        for name in meta:
-            setattr(module, name, getattr(fresh, name))
-    return model
-
-
-def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quantized: bool = False) -> tuple[Any, Any]:
-    """The base a run started from, rebuilt from its model config (4-bit as QLoRA trained it when
-    ``quantized``). A ``model.source=random`` base comes out as it did in training: the trainer
-    builds it right after seeding every RNG with ``train.seed``, and so does this."""
-    import numpy as np
-
-    from launcher.model.adapters import quantization_config
-    from launcher.config.schema import SingleStrategy
-    from launcher.model.loading import load_model_and_tokenizer
-
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    quantization = quantization_config(cfg.peft, SingleStrategy(), None) if quantized else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model, quantization=quantization, device=device)
-    if tokenizer.chat_template is None and cfg.data.chat_template:
-        from launcher.data.templates import resolve_template
-
-        tokenizer.chat_template = resolve_template(cfg.data.chat_template, tokenizer)
-    return model, tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +113,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], chat_template: Op
     from launcher.eval.metrics import render_prompt
 
     if chat_template is None and tokenizer.chat_template is None:
-        raise ModelInputError("the tokenizer has no chat template (set data.chat_template in the run, or export with one)")
+        raise ArtifactInputError("the tokenizer has no chat template (set data.chat_template in the run, or export with one)")
     return render_prompt(tokenizer, messages, chat_template)
 
 

@@ -25,15 +25,15 @@ falls back to fp32 at run time on a GPU without bf16), fp32 on CPU, where bf16 i
 from __future__ import annotations
 
 import copy
-import os
 from typing import TYPE_CHECKING, Any, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.schema import DeepSpeedStrategy
+from launcher.config.topology import PRECISIONS, planned_device_type, resolve_precision, world_size
 
 if TYPE_CHECKING:
     from launcher.config.schema import FtlConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Older spellings DeepSpeed still reads for a key ftl derives.
 ALIASES = {"bfloat16.enabled": "bf16.enabled"}
 # ftl passes its own optimizer and schedule objects to deepspeed.initialize.
@@ -41,26 +41,6 @@ OWNED_SECTIONS = {
     "optimizer": "ftl passes its own AdamW built from train.lr, train.betas and train.weight_decay",
     "scheduler": "ftl passes its own LR schedule built from train.schedule, train.warmup_steps and train.min_lr_ratio",
 }
-
-
-def planned_device_type(cfg: FtlConfig) -> str:
-    """The device type a run will train on, guessed without torch: train.device when set, else
-    cuda when the launch asks for GPUs or this machine has an NVIDIA driver, else cpu."""
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    if cfg.launch.backend == "slurm":
-        return "cuda" if cfg.launch.gpus_per_node > 0 else "cpu"
-    return "cuda" if os.path.exists("/proc/driver/nvidia/version") else "cpu"
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """fp32, bf16 or fp16 for train.precision on a device type (what the planner shows; the engine
-    passes the precision it resolved on the real device instead)."""
-    if precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r}: expected auto, fp32, bf16 or fp16")
-    return precision
 
 
 def _derived(cfg: FtlConfig, world_size: int, precision: str) -> dict[str, tuple[Any, str]]:
@@ -176,7 +156,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _world_size(cfg: FtlConfig) -> int:
-    from launcher.config.validate import world_size  # validate imports this module: import late
 
     return world_size(cfg)
 
@@ -184,7 +163,7 @@ def _world_size(cfg: FtlConfig) -> int:
 def deepspeed_config_errors(cfg: FtlConfig, world_size: Optional[int] = None) -> list[ConfigError]:
     """Every ``strategy.extra`` key that contradicts a value ftl derives (empty for other engines).
     For :func:`launcher.config.validate.validate`: exit 2 before anything starts."""
-    if cfg.strategy.engine != "deepspeed":
+    if not isinstance(cfg.strategy, DeepSpeedStrategy):
         return []
     world = _world_size(cfg) if world_size is None else world_size
     precision = resolve_precision(cfg.train.precision, planned_device_type(cfg))
@@ -206,7 +185,7 @@ def build_deepspeed_config(cfg: FtlConfig, world_size: int, precision: Optional[
     None resolves ``train.precision`` for :func:`planned_device_type`. Raises ConfigErrors when
     ``strategy.extra`` contradicts a derived value.
     """
-    if cfg.strategy.engine != "deepspeed":
+    if not isinstance(cfg.strategy, DeepSpeedStrategy):
         raise ValueError(f"strategy.engine={cfg.strategy.engine!r}: a DeepSpeed config is built for engine deepspeed only")
     if precision is None:
         precision = resolve_precision(cfg.train.precision, planned_device_type(cfg))
@@ -226,4 +205,4 @@ def build_deepspeed_config(cfg: FtlConfig, world_size: int, precision: Optional[
     return config
 
 
-__all__ = ["build_deepspeed_config", "deepspeed_config_errors", "planned_device_type", "resolve_precision"]
+__all__ = ["build_deepspeed_config", "deepspeed_config_errors"]

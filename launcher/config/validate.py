@@ -20,7 +20,9 @@ from typing import Any, Union
 
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.config.schema import UNIONS, FtlConfig
+from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig
+from launcher.config.topology import global_batch, nodes, world_size
+from launcher.engines.traits import engine_traits
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
 
@@ -139,31 +141,6 @@ def _join(path: str, key: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# topology and batch arithmetic (pure; also printed by `ftl plan`)
-
-
-def nodes(cfg: FtlConfig) -> int:
-    launch = cfg.launch
-    return getattr(launch, "nnodes", None) or getattr(launch, "nodes", None) or 1
-
-
-def procs_per_node(cfg: FtlConfig) -> int:
-    launch = cfg.launch
-    if launch.backend == "slurm" and launch.gpus_per_node > 0:
-        return launch.gpus_per_node
-    return launch.nproc_per_node
-
-
-def world_size(cfg: FtlConfig) -> int:
-    return nodes(cfg) * procs_per_node(cfg)
-
-
-def global_batch(cfg: FtlConfig) -> int:
-    """Sequences per optimizer step: micro batch × grad accum × data-parallel size."""
-    return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size(cfg)
-
-
-# --------------------------------------------------------------------------------------------
 # cross-field checks
 
 
@@ -172,19 +149,20 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     t, s, m = cfg.train, cfg.strategy, cfg.model
     world = world_size(cfg)
 
-    if s.engine == "single" and world > 1:
-        errs.append(ConfigError("strategy", f"'single' runs one process but launch gives world size {world}; "
+    traits = engine_traits(s)
+    if traits.one_process and world > 1:
+        errs.append(ConfigError("strategy", f"'{traits.engine}' runs one process but launch gives world size {world}; "
                                 "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1"))
-    if s.engine == "deepspeed":
+    if isinstance(s, DeepSpeedStrategy):
         if s.offload_params and s.zero_stage != 3:
             errs.append(ConfigError("strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"))
         if s.offload_optimizer and s.zero_stage == 0:
             errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
         errs += deepspeed_config_errors(cfg)
-    if s.engine == "fsdp" and s.hybrid_shard and nodes(cfg) < 2:
+    if isinstance(s, FSDPStrategy) and s.hybrid_shard and nodes(cfg) < 2:
         errs.append(ConfigError("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes"))
-    if t.precision == "fp16" and s.engine == "fsdp":
-        errs.append(ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (FSDP2 has no loss scaler here); use bf16"))
+    if t.precision == "fp16" and not traits.fp16:
+        errs.append(ConfigError("train.precision", f"fp16 is not supported with engine {traits.engine} (no loss scaler); use bf16"))
     if t.precision == "fp16" and t.device == "cpu":
         errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
     if t.max_steps == 0:
@@ -332,4 +310,4 @@ def load_run_config(path: str | os.PathLike[str]) -> FtlConfig:
     return validated(raw)
 
 
-__all__ = ["validate", "validated", "load_run_config", "world_size", "global_batch", "nodes", "procs_per_node"]
+__all__ = ["validate", "validated", "load_run_config"]

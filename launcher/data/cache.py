@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
-from launcher.data import DataError, TokenizedDataset, build_datasets, build_formats, data_sources
+from launcher.data.build import build_datasets, build_formats, data_sources
+from launcher.data.types import DataError, TokenizedDataset
 from launcher.paths import cache_dir
 
 CACHE_VERSION = 1  # bump when the cached layout or what the code writes into it changes

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
-from launcher.data import IGNORE_INDEX, DataError, RowError
 from launcher.data.templates import TEMPLATES, resolve_template
+from launcher.data.types import IGNORE_INDEX, DataError, RowError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
-from launcher.data import RowError
+from launcher.data.types import RowError
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.config.schema import DataConfig
-from launcher.data import RowError
 from launcher.data.chat import ChatFormat, Message
 from launcher.data.templates import resolve_template
+from launcher.data.types import RowError
 
 
 @dataclass

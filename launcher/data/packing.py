@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from launcher.data import IGNORE_INDEX, TokenizedDataset
+from launcher.data.types import IGNORE_INDEX, TokenizedDataset
 
 
 def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -17,12 +17,12 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.data import DataError
+from launcher.data.types import DataError
+from launcher.files import write_atomic
 
 HUB_PREFIX = "hub:"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -173,9 +173,7 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
     value = digest.hexdigest()
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(value)
-        os.replace(tmp, memo)
+        write_atomic(memo, value)
     return value
 
 

@@ -1,31 +1,42 @@
-"""Engines chosen by ``cfg.strategy.engine``. See :mod:`launcher.engines.base` for the interface."""
+"""Engines, siblings chosen by ``cfg.strategy.engine``: the interface is :mod:`launcher.engines.base`,
+the facts torch-free code needs are :mod:`launcher.engines.traits`. Importing this package imports no
+torch: each engine's module is imported when that engine is asked for."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from launcher.config.schema import FtlConfig
-from launcher.train.distributed import DistInfo
-from launcher.engines.base import Engine, ModelLoading
-from launcher.engines.ddp import DDPEngine
-from launcher.engines.deepspeed import DeepSpeedEngine
-from launcher.engines.fsdp import FSDPEngine
-from launcher.engines.single import SingleEngine
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-ENGINES: dict[str, type[Engine]] = {"single": SingleEngine, "ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}
+    from launcher.config.schema import FtlConfig
+    from launcher.engines.base import Engine
+    from launcher.train.distributed import DistInfo
+
+ENGINE_NAMES = ("single", "ddp", "deepspeed", "fsdp")
 
 
-def engine_class(cfg: FtlConfig) -> type[Engine]:
-    name = cfg.strategy.engine
-    engine_cls = ENGINES.get(name)
-    if engine_cls is None:
-        raise ValueError(f"strategy.engine={name!r} has no engine in this build; available: {', '.join(sorted(ENGINES))}")
-    return engine_cls
+def engine_class(name: str) -> type[Engine]:
+    """The Engine class called ``name`` (a checkpoint marker's engine, or ``strategy.engine``)."""
+    if name == "single":
+        from launcher.engines.single import SingleEngine
+
+        return SingleEngine
+    if name == "ddp":
+        from launcher.engines.ddp import DDPEngine
+
+        return DDPEngine
+    if name == "deepspeed":
+        from launcher.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    if name == "fsdp":
+        from launcher.engines.fsdp import FSDPEngine
+
+        return FSDPEngine
+    raise ValueError(f"engine {name!r}: no such engine; available: {', '.join(ENGINE_NAMES)}")
 
 
 def build_engine(cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> Engine:
-    return engine_class(cfg)(cfg, model, dist, device)
-
-
-__all__ = ["ENGINES", "DDPEngine", "DeepSpeedEngine", "Engine", "FSDPEngine", "ModelLoading", "SingleEngine", "build_engine", "engine_class"]
+    return engine_class(cfg.strategy.engine)(cfg, model, dist, device)

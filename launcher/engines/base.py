@@ -1,16 +1,16 @@
 """The engine seam: one small interface over model + optimizer + schedule + checkpoint format.
 
 Siblings (single, ddp, deepspeed, fsdp) implement :class:`Engine`; the trainer only ever talks to
-this interface, so it never imports deepspeed or torch.distributed.fsdp. The helpers below
-(optimizer, schedule) are shared so every engine trains with the same numbers.
+this interface, so it never imports deepspeed or torch.distributed.fsdp. What they share (AdamW,
+the LR schedule, activation checkpointing) is in :mod:`launcher.engines.common`; facts about them
+that torch-free code needs, in :mod:`launcher.engines.traits`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, ContextManager, Optional
@@ -18,9 +18,8 @@ from typing import ClassVar, ContextManager, Optional
 import torch
 from torch import nn
 
-from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.config.schema import FtlConfig
 from launcher.train.distributed import DistInfo, autocast_dtype
-from launcher.train.schedule import lr_factor
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,12 @@ class Engine(ABC):
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded weights on CPU for export (complete on rank 0; collective)."""
 
+    @staticmethod
+    @abstractmethod
+    def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """The full weights of a checkpoint this engine wrote, on CPU, offline: no process group,
+        any machine (`ftl export`, `ftl eval`, `ftl generate` read checkpoints through this)."""
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full values of the trainable parameters (LoRA adapters in a PEFT run), on CPU, keyed as
         the unwrapped model's parameters; collective. Engines that shard parameters gather them."""
@@ -124,85 +129,3 @@ class Engine(ABC):
         last micro-batch of an accumulation window, so engines that reduce gradients across ranks
         (ddp no_sync, fsdp, deepspeed boundaries) reduce once per optimizer step."""
         return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# shared building blocks
-
-
-def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """Decay matrices only: biases and norm weights (every parameter with fewer than 2 dims) are
-    not decayed, as in GPT-2/LLaMA training."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    if len(train.betas) != 2:
-        raise ValueError(f"train.betas={train.betas!r}: expected two numbers")
-    beta1, beta2 = (float(b) for b in train.betas)
-    groups = build_param_groups(model, train.weight_decay)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(beta1, beta2), fused=fused_adamw_ok(groups))
-
-
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def fused_adamw_ok(groups: list[dict[str, object]]) -> bool:
-    """torch's fused AdamW (one kernel over all tensors; on CPU 6x faster than the default
-    for-each update, measured on SmolLM2-sized tensors) takes float CPU/CUDA parameters only."""
-    params = [p for g in groups for p in g["params"]]  # type: ignore[attr-defined]
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
-
-
-def finish_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, grad_norm: torch.Tensor) -> float:
-    """After the optimizer stepped: advance the schedule, drop the gradients, and return the
-    pre-clip gradient norm as a float (nan when it was not finite)."""
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    value = float(grad_norm)
-    return value if math.isfinite(value) else float("nan")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # A closure, not a partial: LambdaLR saves no state for plain functions, so a checkpoint
-    # restores only `last_epoch` and the schedule itself always comes from the current config.
-    def factor(step: int) -> float:
-        return lr_factor(step, train, total_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None:
-        name = type(model).__name__
-        raise ValueError(f"strategy.activation_checkpointing=true but {name} has no gradient_checkpointing_enable")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = False  # the KV cache is useless in training and conflicts with recomputation
-
-
-def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    return (p for p in model.parameters() if p.requires_grad)
-
-
-# bitsandbytes writes a 4-bit weight's quantization state beside it (weight.absmax, weight.quant_map,
-# weight.nested_*, weight.quant_state.bitsandbytes__nf4); loading recomputes it from the same base.
-_QUANT_STATE_KEY = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")
-
-
-def check_loaded(ckpt_dir: Path, missing: Iterable[str], unexpected: Iterable[str]) -> None:
-    """Raise when a checkpoint's weights did not match the model (quantization state aside)."""
-    unexpected = sorted(k for k in unexpected if not any(part in k for part in _QUANT_STATE_KEY))
-    missing = sorted(missing)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

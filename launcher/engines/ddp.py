@@ -15,10 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.config.schema import FtlConfig
+from launcher.engines.single import SingleEngine
 from launcher.train.distributed import DistInfo
-from launcher.engines.single import SingleEngine, consolidate_checkpoint
-
-__all__ = ["DDPEngine", "consolidate_checkpoint"]
 
 
 class DDPEngine(SingleEngine):

@@ -55,16 +55,9 @@ from torch import nn
 
 from launcher.config.deepspeed_config import build_deepspeed_config
 from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.engines.base import Engine, ModelLoading
+from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, trainable_parameters
 from launcher.train.distributed import DistInfo, autocast_dtype
-from launcher.engines.base import (
-    Engine,
-    ModelLoading,
-    apply_activation_checkpointing,
-    build_optimizer,
-    build_param_groups,
-    build_scheduler,
-    trainable_parameters,
-)
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
@@ -233,6 +226,23 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError("Engine.setup(total_steps) must be called first")
         return self._ds
 
+    @staticmethod
+    def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of a DeepSpeed checkpoint written by ftl, on CPU, with no process group:
+        what ``ftl export`` turns into a Hugging Face directory. Keys are the model's state_dict keys."""
+        ckpt_dir = Path(ckpt_dir)
+        meta = read_meta(ckpt_dir)
+        if meta["zero_stage"] == 0:
+            # get_fp32_state_dict_from_zero_checkpoint fails on stage 0 (nothing is partitioned):
+            # the full module sits in the model-states file.
+            state = torch.load(ckpt_dir / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=meta["tag"])
+        return {k: v.detach() for k, v in state.items()}
+
 
 # --------------------------------------------------------------------------------------------
 # building blocks
@@ -311,21 +321,4 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     return out
 
 
-def consolidate_checkpoint(ckpt_dir: Path | str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a DeepSpeed checkpoint written by ftl, on CPU, with no process group:
-    what ``ftl export`` turns into a Hugging Face directory. Keys are the model's state_dict keys."""
-    ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    if meta["zero_stage"] == 0:
-        # get_fp32_state_dict_from_zero_checkpoint fails on stage 0 (nothing is partitioned):
-        # the full module sits in the model-states file.
-        state = torch.load(ckpt_dir / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=meta["tag"])
-    return {k: v.detach() for k, v in state.items()}
-
-
-__all__ = ["DeepSpeedEngine", "consolidate_checkpoint", "convert_to_universal", "read_meta"]
+__all__ = ["DeepSpeedEngine", "convert_to_universal", "read_meta"]

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
+from launcher.engines.base import Engine, ModelLoading
+from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
 from launcher.train.distributed import DistInfo, autocast_dtype
-from launcher.engines.base import Engine, ModelLoading, apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
 
 DCP_DIR = "dcp"
 STATE_FILE = "engine_state.pt"
@@ -161,6 +162,30 @@ class FSDPEngine(Engine):
             raise RuntimeError("Engine.setup(total_steps) must be called first")
         return self.optimizer, self.scheduler
 
+    @staticmethod
+    def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """The full weights of an fsdp checkpoint on CPU, in one process with no process group:
+        DCP reads every rank's shards into full tensors. The optimizer states are not read."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        path = Path(ckpt_dir) / DCP_DIR
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{ckpt_dir} has no {DCP_DIR}/.metadata")
+        metadata = FileSystemReader(str(path)).read_metadata()
+        prefix = MODEL_KEY + "."
+        model_sd: dict[str, torch.Tensor] = {}
+        for key, meta in metadata.state_dict_metadata.items():
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+                model_sd[key[len(prefix) :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        if not model_sd:
+            raise ValueError(f"{path} holds no model tensors")
+        state = {MODEL_KEY: model_sd}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        return state[MODEL_KEY]
+
 
 # --------------------------------------------------------------------------------------------
 # sharding
@@ -250,30 +275,6 @@ def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # offline
-
-
-def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full weights of an fsdp checkpoint on CPU, in one process with no process group:
-    DCP reads every rank's shards into full tensors. The optimizer states are not read."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = Path(ckpt_dir) / DCP_DIR
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{ckpt_dir} has no {DCP_DIR}/.metadata")
-    metadata = FileSystemReader(str(path)).read_metadata()
-    prefix = MODEL_KEY + "."
-    model_sd: dict[str, torch.Tensor] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
-            model_sd[key[len(prefix) :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    if not model_sd:
-        raise ValueError(f"{path} holds no model tensors")
-    state = {MODEL_KEY: model_sd}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state[MODEL_KEY]
 
 
 @contextlib.contextmanager

@@ -17,16 +17,9 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from launcher.config.schema import FtlConfig
+from launcher.engines.base import Engine
+from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, check_loaded, finish_step, trainable_parameters
 from launcher.train.distributed import DistInfo, autocast_dtype
-from launcher.engines.base import (
-    Engine,
-    apply_activation_checkpointing,
-    build_optimizer,
-    build_scheduler,
-    check_loaded,
-    finish_step,
-    trainable_parameters,
-)
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "engine_state.pt"
@@ -119,11 +112,13 @@ class SingleEngine(Engine):
             raise RuntimeError("Engine.setup(total_steps) must be called first")
         return self.optimizer, self.scheduler
 
+    @staticmethod
+    def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """The full weights of a checkpoint this engine (or ddp) wrote, on CPU, with no process group.
+        Tied weights appear once, under the name safetensors kept."""
+        weights = Path(ckpt_dir) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{ckpt_dir} has no {WEIGHTS_FILE}")
+        return load_file(weights, device="cpu")
 
-def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full weights of a checkpoint this engine (or ddp) wrote, on CPU, with no process group.
-    Tied weights appear once, under the name safetensors kept."""
-    weights = Path(ckpt_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{ckpt_dir} has no {WEIGHTS_FILE}")
-    return load_file(weights, device="cpu")
+

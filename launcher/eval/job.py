@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher.files import write_atomic
+
 EVAL_DIR = "eval"
 EVAL_FILE = "eval.json"
 JOB_FILE = "eval_job.json"
@@ -51,11 +53,11 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
         return raw, None, 0
     from omegaconf import OmegaConf
 
-    from launcher.artifacts.export import ExportInputError, resolve_source
+    from launcher.artifacts.weights import ArtifactInputError, resolve_source
 
     try:
         source = resolve_source(path)
-    except ExportInputError as e:
+    except ArtifactInputError as e:
         raise EvalInputError(str(e)) from None
     base = OmegaConf.load(source.config_path)
     bad = [o for o in overrides if "=" not in o or "." not in o.split("=", 1)[0].lstrip("+~")]
@@ -103,7 +105,7 @@ def launch(job_path: Path, cfg: Any) -> int:
     """One process, or the launch backend's torchrun for ``launch.nproc_per_node`` > 1."""
     from dataclasses import replace
 
-    from launcher.config.validate import world_size
+    from launcher.config.topology import world_size
 
     if world_size(cfg) == 1:
         return run_job(job_path)
@@ -126,9 +128,9 @@ def launch(job_path: Path, cfg: Any) -> int:
 def run_job(job_path: Path) -> int:
     import torch
 
+    from launcher.artifacts.inference import load_model
     from launcher.config.validate import validated
     from launcher.train.distributed import all_reduce_sum, autocast_dtype, barrier, destroy, init_distributed, select_device
-    from launcher.artifacts.inference import load_model
 
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
@@ -173,8 +175,9 @@ def _baseline(which: str, loaded: Any, cfg: Any, device: Any) -> tuple[Any, Any]
     starting model, or the model at PATH."""
     import contextlib
 
+    from launcher.artifacts.inference import load_model
+    from launcher.artifacts.weights import build_base_from_config
     from launcher.model.adapters import is_peft_model
-    from launcher.artifacts.inference import build_base_from_config, load_model
 
     if which != "auto":
         return load_model(which, device=device).model, contextlib.nullcontext()
@@ -202,9 +205,7 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
 
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
-    tmp = out / f".{EVAL_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out / EVAL_FILE)
+    write_atomic(out / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
     console = Console()
     console.print(f"ftl eval: {description}", highlight=False)
     for name in ("before", "after"):
@@ -233,11 +234,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {ENTRY}", description="one rank of `ftl eval`")
     parser.add_argument("--job", required=True, help="the eval_job.json `ftl eval` wrote")
     args = parser.parse_args(argv)
-    from launcher.artifacts.inference import ModelInputError
+    from launcher.artifacts.weights import ArtifactInputError
 
     try:
         return run_job(Path(args.job))
-    except (EvalInputError, ModelInputError) as e:
+    except (EvalInputError, ArtifactInputError) as e:
         print(f"ftl eval: {e}", file=sys.stderr)
         return 2
 

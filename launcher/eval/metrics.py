@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from launcher.config.schema import EvalConfig
-from launcher.data import TokenizedDataset, collate
+from launcher.data.build import collate
 from launcher.data.chat import prompt_and_reference
+from launcher.data.types import TokenizedDataset
 from launcher.train.loss import count_label_tokens, next_token_loss
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]

@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from launcher.files import write_atomic
 from launcher.launch.base import CONFIG_NAME, LaunchPlan
 from launcher.redact import known_secrets, redact, redact_overrides
 
@@ -37,18 +38,12 @@ def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     changes = _config_changes(config_path, raw) if config_path.exists() else []
-    _write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(redact(raw, known_secrets()))))
+    write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(redact(raw, known_secrets()))))
     script = ["#!/usr/bin/env bash", f"# ftl {shlex.join(redact_overrides(argv, known_secrets()))}", f"cd {shlex.quote(os.getcwd())}", *plan.shell_lines(), ""]
-    _write_atomic(run_dir / COMMAND_NAME, "\n".join(script))
+    write_atomic(run_dir / COMMAND_NAME, "\n".join(script))
     for name, text in plan.files.items():
-        _write_atomic(run_dir / name, redact(text, known_secrets()))
+        write_atomic(run_dir / name, redact(text, known_secrets()))
     return changes
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # nodes may share one run dir
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _config_changes(path: Path, new: dict[str, Any]) -> list[str]:

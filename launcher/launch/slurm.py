@@ -151,7 +151,7 @@ def warning_signal(spec: str) -> tuple[str, int]:
 
 
 def nproc_per_node(cfg: FtlConfig) -> int:
-    from launcher.config.validate import procs_per_node
+    from launcher.config.topology import procs_per_node
 
     return procs_per_node(cfg)
 

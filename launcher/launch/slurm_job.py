@@ -49,17 +49,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
               "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
         return 1
-    from launcher.cli import prepare_run
-    from launcher.launch.slurm import SCRIPT_NAME
     from launcher.launch.run_dir import write_run_dir
+    from launcher.launch.slurm import SCRIPT_NAME
+    from launcher.session import prepare_run
 
     try:
         overrides = allocation_overrides(args, os.environ)
-        raw, _cfg, _choices, plan, config_path = prepare_run(overrides)
+        run = prepare_run(overrides)
     except ConfigErrors as e:
         print(f"ftl (slurm/train.sbatch): {e}", file=sys.stderr)
         return EXIT_INVALID
-    changes = write_run_dir(raw, plan, config_path, ["train", *map(redact_override, overrides)])
+    plan = run.plan
+    changes = write_run_dir(run.raw, plan, run.config_path, ["train", *map(redact_override, overrides)])
     for c in changes:
         print(f"ftl: config changed since the last run in {plan.run_dir}: {c}", file=sys.stderr)
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)

@@ -59,7 +59,9 @@ def resolve_quant_storage(peft_cfg: Any, strategy: Any, compute_dtype: Optional[
     choice = getattr(peft_cfg, "quant_storage", "auto")
     if choice != "auto":
         return DTYPES[choice]
-    if strategy.engine == "fsdp" or (strategy.engine == "deepspeed" and strategy.zero_stage == 3):
+    from launcher.engines.traits import engine_traits
+
+    if engine_traits(strategy).shards_params:
         return compute_dtype or torch.float32
     return torch.uint8
 

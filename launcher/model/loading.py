@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from launcher.model import attention
 from launcher.config.schema import ArchConfig, ModelConfig
+from launcher.model import attention
 
 
 def load_model_and_tokenizer(

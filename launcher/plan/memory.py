@@ -88,7 +88,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from launcher.config.schema import ArchConfig
+from launcher.config.schema import ArchConfig, StrategyBase
+from launcher.engines.traits import EngineTraits, engine_traits, strategy_named
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -243,29 +244,35 @@ class Workload:
 class Layout:
     """How the engine places model states over ranks."""
 
-    name: str  # single | ddp | zero0-3 | zero3_offload | fsdp (a row label)
-    engine: str  # single | ddp | deepspeed | fsdp
+    traits: EngineTraits
     world: int = 1
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
     shard: int = 0  # ranks a sharded state is split over; 0: the world (fsdp hybrid: ranks per node)
     reshard_after_forward: bool = True
+
+    @property
+    def name(self) -> str:
+        """The row label: single | ddp | zero0-3 | zero3_offload | fsdp."""
+        return self.traits.row
 
     @property
     def n(self) -> int:
         return max(1, self.shard or self.world)
 
+    @property
+    def replicated(self) -> bool:
+        """Every rank holds the whole model in fp32 and autocasts the forward (single, ddp; fsdp on
+        one rank shards nothing either)."""
+        return self.traits.autocasts_fp32_weights and (not self.traits.shards_params or self.world == 1)
+
+
+def layout_of(strategy: StrategyBase, world: int, shard: int = 0) -> Layout:
+    reshard = getattr(strategy, "reshard_after_forward", True)
+    return Layout(engine_traits(strategy), world, shard=shard, reshard_after_forward=reshard)
+
 
 def layout_named(name: str, world: int, shard: int = 0) -> Layout:
     """The layout of a conf/strategy option (ddp, zero1, ..., fsdp) at a world size."""
-    if name in ("single", "ddp", "fsdp"):
-        return Layout(name, name, world, shard=shard)
-    if name == "zero3_offload":
-        return Layout(name, "deepspeed", world, zero_stage=3, offload_optimizer=True, offload_params=True)
-    if name.startswith("zero") and name[4:].isdigit():
-        return Layout(name, "deepspeed", world, zero_stage=int(name[4:]))
-    raise ValueError(f"unknown strategy {name!r}")
+    return layout_of(strategy_named(name), world, shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,20 +384,20 @@ def _model_states(w: Workload, lay: Layout) -> _States:
     d: dict[str, str] = {}
     persistent = working = step = host = 0.0
 
-    if lay.engine in ("single", "ddp") or (lay.engine == "fsdp" and lay.world == 1):
+    if lay.replicated:
         # ftl loads fp32 weights and autocasts; PEFT keeps adapters in fp32.
         params, grads, optim = FP32 * trainable, FP32 * trainable, ADAM_MOMENTS * trainable
         d["params"] = f"fp32 {4} B × {psi}" + (f" trainable + {frozen_text}" if peft else "")
         d["grads"] = f"fp32 4 B × {psi}"
         d["optimizer"] = f"AdamW moments 8 B × {psi} (fp32 weights: no master copy)"
         params += frozen
-        if lay.engine == "ddp" and lay.world > 1:
+        if lay.traits.reducer_buckets and lay.world > 1:
             persistent = FP32 * trainable  # the reducer's bucket copy of every gradient
         step = FP32 * trainable  # foreach AdamW's param-sized temporary
 
-    elif lay.engine == "deepspeed":
+    elif not lay.traits.autocasts_fp32_weights:  # DeepSpeed ZeRO: casts the module, fp32 master partition
         b = c
-        s = lay.zero_stage
+        s = lay.traits.zero_stage
         # Parameters smaller than stage3_param_persistence_threshold (10h: norms, biases) stay whole.
         small = pc.num_layers * pc.layer_other + pc.final_norm if not peft else 0
         p_div = n if s >= 3 else 1
@@ -405,7 +412,7 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         d["params"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if s >= 3 else "") + (f" + {frozen_text}" + (f" / {n}" if s >= 3 else "") if peft else "")
         d["grads"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if g_div > 1 else "")
         d["optimizer"] = (f"{'fp32 master + ' if master else ''}AdamW moments {master + ADAM_MOMENTS} B × {psi}" + (f" / {n}" if s >= 1 else ""))
-        if lay.offload_optimizer:
+        if lay.traits.offload_optimizer:
             # The gradient partition lives in host memory too: at stage 3 DeepSpeed accumulates it
             # in the model dtype (grad_partitions_flat_buffer) and keeps a pinned fp32 copy for
             # DeepSpeedCPUAdam (fp32_partitioned_groups_flat[i].grad); stage 2 keeps the fp32 one.
@@ -416,7 +423,7 @@ def _model_states(w: Workload, lay: Layout) -> _States:
                 d["grads"] = f"partition in host memory ({fmt_bytes(host_grads)})"
             d["optimizer"] = f"in host memory ({fmt_bytes(optim)})"
             optim = 0.0
-        if lay.offload_params and s >= 3:
+        if lay.traits.offload_params and s >= 3:
             moved = params - b * small
             host += moved
             params = b * small
@@ -426,12 +433,12 @@ def _model_states(w: Workload, lay: Layout) -> _States:
             leaf = max(pc.embed, pc.head, pc.largest_linear)
             leaf_grad = leaf if not peft else 0
             working = b * (leaf + 0.9 * h * h) + b * leaf_grad
-        if not lay.offload_optimizer:
+        if not lay.traits.offload_optimizer:
             part = trainable / (n if s >= 1 else 1)
             chunk = min(part, ZERO3_SUB_GROUP) if s >= 3 else part
             step = FP32 * chunk + (FP32 * chunk if s >= 1 else 0)  # foreach temp + fp32 grad copy
 
-    elif lay.engine == "fsdp":
+    else:  # FSDP2: fp32 shards, compute-dtype gathers (MixedPrecisionPolicy)
         cdt = c  # MixedPrecisionPolicy param_dtype (fp32 when precision is fp32)
         params = FP32 * trainable / n + frozen / n
         grads = FP32 * trainable / n
@@ -448,9 +455,6 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         working = root_bytes + root_grads + gathered_layers * layer_bytes + layer_grads
         step = FP32 * trainable / n
 
-    else:
-        raise ValueError(f"unknown engine {lay.engine!r}")
-
     if w.peft.method == "qlora":
         working += c * pc.largest_linear  # one dequantized weight at a time
     return _States(params, grads, optim, host, persistent, working, step, d)
@@ -462,7 +466,7 @@ def _dt(b: int) -> str:
 
 def _autocasts(lay: Layout) -> bool:
     """Engines that keep fp32 weights and autocast the forward (the others cast the model)."""
-    return lay.engine in ("single", "ddp") or (lay.engine == "fsdp" and lay.world == 1)
+    return lay.replicated
 
 
 def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
@@ -549,6 +553,6 @@ def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
 
 __all__ = [
     "Alternative", "Estimate", "GiB", "Layout", "ParamCounts", "Peft", "STRATEGY_ROWS", "Workload",
-    "alternatives", "estimate", "fmt_bytes", "gib", "layout_named", "linear_shapes", "lora_param_count",
+    "alternatives", "estimate", "fmt_bytes", "gib", "layout_named", "layout_of", "linear_shapes", "lora_param_count",
     "param_counts", "quantized_bytes_per_param", "resolve_lora_targets", "zero_model_states",
 ]  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from launcher.config.deepspeed_config import planned_device_type, resolve_precision
-from launcher.config.schema import ArchConfig, FtlConfig
-from launcher.config.validate import global_batch, nodes, procs_per_node, world_size
+from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
+from launcher.config.topology import global_batch, nodes, planned_device_type, procs_per_node, resolve_precision, world_size
+from launcher.engines.traits import engine_traits
 from launcher.plan.memory import (
     STRATEGY_ROWS,
     Alternative,
@@ -21,8 +21,9 @@ from launcher.plan.memory import (
     fmt_bytes,
     gib,
     layout_named,
+    layout_of,
     param_counts,
-)  # fmt: skip
+)
 
 
 def param_count(arch: ArchConfig) -> int:
@@ -41,9 +42,7 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
     """The resolved essentials and the batch/world arithmetic, as (label, text) rows."""
     t, s, m = cfg.train, cfg.strategy, cfg.model
     world = world_size(cfg)
-    engine = s.engine if s.engine != "deepspeed" else f"deepspeed ZeRO-{s.zero_stage}"
-    if s.engine == "deepspeed" and (s.offload_optimizer or s.offload_params):
-        engine += " + offload (" + ", ".join(k for k, v in (("optimizer", s.offload_optimizer), ("params", s.offload_params)) if v) + ")"
+    engine = engine_traits(s).title
     peft = cfg.peft.method if cfg.peft.method == "none" else f"{cfg.peft.method} r={cfg.peft.r} alpha={cfg.peft.alpha}"
     steps = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
     gb = global_batch(cfg)
@@ -90,31 +89,22 @@ def workload_of(cfg: FtlConfig, precision: str) -> Workload:
     return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft)
 
 
-def layout_of(cfg: FtlConfig) -> Layout:
-    s, world = cfg.strategy, world_size(cfg)
-    if s.engine == "deepspeed":
-        name = "zero3_offload" if (s.zero_stage == 3 and s.offload_params and s.offload_optimizer) else f"zero{s.zero_stage}"
-        if s.offload_optimizer and name != "zero3_offload":
-            name += "+offload_opt"
-        if s.offload_params and not s.offload_optimizer:
-            name += "+offload_params"
-        return Layout(name, "deepspeed", world, s.zero_stage, s.offload_optimizer, s.offload_params)
-    if s.engine == "fsdp":
-        shard = procs_per_node(cfg) if s.hybrid_shard else 0
-        return Layout("fsdp", "fsdp", world, shard=shard, reshard_after_forward=s.reshard_after_forward)
-    return Layout(s.engine, s.engine, world)
+def layout_for(cfg: FtlConfig) -> Layout:
+    s = cfg.strategy
+    shard = procs_per_node(cfg) if getattr(s, "hybrid_shard", False) else 0
+    return layout_of(s, world_size(cfg), shard)
 
 
 def memory_report(cfg: FtlConfig) -> MemoryReport:
     device = planned_device_type(cfg)
     precision = resolve_precision(cfg.train.precision, device)
     on_gpu = device == "cuda"
-    w, lay = workload_of(cfg, precision), layout_of(cfg)
+    w, lay = workload_of(cfg, precision), layout_for(cfg)
     chosen = estimate(w, lay, on_gpu=on_gpu)
     world = lay.world
     rows: list[tuple[Estimate, bool]] = []
     names = [("ddp" if world > 1 else "single"), *STRATEGY_ROWS[1:]]
-    shard = lay.shard if lay.engine == "fsdp" else 0
+    shard = lay.shard
     for name in names:
         if name == lay.name:
             rows.append((chosen, True))
@@ -174,3 +164,17 @@ def memory_verdict(report: MemoryReport) -> str:
     else:
         fix = "; fits with " + ", or ".join(f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives)
     return head + fix + ("" if report.checked else " [launch.check_memory=false: not refused]")
+
+
+def deepspeed_lines(cfg: FtlConfig) -> list[str]:
+    """The generated DeepSpeed JSON as `ftl plan` shows it; nothing for other engines."""
+    import json
+
+    from launcher.config.deepspeed_config import build_deepspeed_config
+
+    if not isinstance(cfg.strategy, DeepSpeedStrategy):
+        return []
+    device = planned_device_type(cfg)
+    precision = resolve_precision(cfg.train.precision, device)
+    body = json.dumps(build_deepspeed_config(cfg, world_size(cfg), precision), indent=2)
+    return [f"--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---", body, "---"]

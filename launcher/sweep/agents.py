@@ -58,9 +58,10 @@ def agent(sweep_id: str, tokens: list[str]) -> int:
     args = parse_agent_args(tokens)
     fixed = server_fixed_overrides(sweep_id)
     check_no_conflict(args.overrides, fixed)
-    from launcher.cli import _load
+    from launcher.session import load_config
 
-    raw, cfg, _ = _load([*args.overrides, *fixed])
+    loaded = load_config([*args.overrides, *fixed])
+    raw, cfg = loaded.raw, loaded.cfg
     if cfg.launch.backend == "slurm" and args.count is None:
         raise ConfigErrors([ConfigError("count", "launch=slurm submits one job per trial: give count=K")])
     if not wandb_online():  # the jobs inherit this environment: their agents would have no key either
@@ -103,8 +104,8 @@ def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[st
 
 def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], trial_files: list[Optional[Path]]) -> int:
     """One SLURM job per trial, all from one script rendered into the sweep dir."""
-    from launcher.launch.slurm import LOG_DIR, UnsafeValue, run_sbatch, secret_env
     from launcher.launch.run_dir import choose_run_dir
+    from launcher.launch.slurm import LOG_DIR, UnsafeValue, run_sbatch, secret_env
 
     sweep_dir = sweep_dir_for(choose_run_dir(raw), sweep_id)
     script = sweep_dir / "sweep.sbatch"
@@ -129,8 +130,8 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
     """`ftl sweep agent --offline SPEC count=K [overrides]`: W&B's search engine, no server."""
     import yaml
 
-    from launcher.sweep.multirun import print_trial_table, trial_metric
     from launcher.launch.run_dir import choose_run_dir
+    from launcher.sweep.multirun import print_trial_table, trial_metric
 
     args = parse_agent_args(tokens)
     if args.count is None:

@@ -165,17 +165,18 @@ def corner_trials(spec: SweepSpec) -> list[dict[str, Any]]:
 def check_trials(spec: SweepSpec, extra: list[str] = (), require_wandb: bool = False) -> tuple[dict[str, Any], Any]:  # type: ignore[assignment]
     """Compose and validate the sweep's corner trials as `ftl plan` would: unknown keys and bad
     values are errors now, not in the middle of a sweep. Returns the first trial's (raw, cfg)."""
-    from launcher.cli import _load
+    from launcher.session import load_config
 
     errors: list[ConfigError] = []
     first: Optional[tuple[dict[str, Any], Any]] = None
     for params in corner_trials(spec):
         try:
-            raw, cfg, _ = _load([*extra, *spec.overrides, *agent_args(params)])
+            loaded = load_config([*extra, *spec.overrides, *agent_args(params)])
         except ConfigErrors as e:
             named = (ConfigError(f"parameters.{x.path}" if x.path in spec.parameters else x.path, x.message) for x in e.errors)
             errors += [x for x in named if x not in errors]  # the second trial repeats the first's
             continue
+        raw, cfg = loaded.raw, loaded.cfg
         first = first or (raw, cfg)
         if require_wandb and cfg.wandb.mode == "disabled":
             errors.append(ConfigError("wandb.mode", "disabled: a W&B sweep's trials must report to W&B; add wandb.mode=auto to the spec's overrides"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.files import write_atomic
 from launcher.sweep.spec import check_no_conflict, hydra_quote, safe_name, sweep_dir_for
 
 # The environment the W&B agent gives a trial, and what a requeued trial needs of it again.
@@ -67,7 +68,6 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
 
 def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
     """Train the trial: here (train_once), or, inside a SLURM sweep job, across its allocation."""
-    from launcher.launch.run_dir import _write_atomic
     from launcher.train.telemetry import WANDB_ID_FILE
 
     print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {' '.join(trial.argv_overrides)}", file=sys.stderr)
@@ -76,7 +76,7 @@ def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
                                         "`ftl sweep agent SWEEP_ID count=K launch=slurm ...` submits them")])  # fmt: skip
     trial.run_dir.mkdir(parents=True, exist_ok=True)
     # The W&B run the agent made is this run dir's run: a restart (requeue, resume) continues it.
-    _write_atomic(trial.run_dir / WANDB_ID_FILE, trial.run_id + "\n")
+    write_atomic(trial.run_dir / WANDB_ID_FILE, trial.run_id + "\n")
     if trial.job_record is None:
         return train_once(trial.overrides)
     record_trial(trial, environ)
@@ -98,9 +98,7 @@ def record_trial(trial: Trial, environ: Mapping[str, str]) -> None:
                                                      f"not {trial.run_id}: one trial per job")])  # fmt: skip
         return
     trial.job_record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = trial.job_record.with_name(f".{trial.job_record.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, trial.job_record)
+    write_atomic(trial.job_record, json.dumps(record, indent=2) + "\n")
 
 
 def replay(record_path: str) -> int:

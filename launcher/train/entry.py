@@ -43,20 +43,20 @@ def topology_from_env(environ) -> list[str]:
 def config_from_overrides(overrides: list[str]):  # -> FtlConfig
     """Compose on this rank; rank 0 writes the run dir. Composition is deterministic, and the
     trainer verifies that every rank got the same config before the first collective that matters."""
-    from launcher.cli import prepare_run
     from launcher.launch.run_dir import write_run_dir
+    from launcher.session import prepare_run
 
-    raw, cfg, _, plan, config_path = prepare_run(topology_from_env(os.environ) + overrides)
+    run = prepare_run(topology_from_env(os.environ) + overrides)
     if os.environ.get("RANK", "0") == "0":
-        write_run_dir(raw, plan, config_path, ["(torchrun) -m launcher.train", *overrides])
-    return cfg
+        write_run_dir(run.raw, run.plan, run.config_path, ["(torchrun) -m launcher.train", *overrides])
+    return run.cfg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
-    from launcher.data import DataError
+    from launcher.data.types import DataError
 
     try:
         cfg = load_run_config(args.config) if args.config else config_from_overrides(args.overrides)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.data import IGNORE_INDEX
+from launcher.data.types import IGNORE_INDEX
 
 
 def output_layer(model: nn.Module) -> nn.Module:

@@ -23,8 +23,9 @@ from urllib.parse import urlparse
 import torch
 
 from launcher.config.schema import FtlConfig
-from launcher.train.distributed import DistInfo
+from launcher.files import write_atomic
 from launcher.redact import REDACTED, SECRET_KEY, known_secrets, redact  # noqa: F401  (re-exported)
+from launcher.train.distributed import DistInfo
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
@@ -140,7 +141,7 @@ class JsonlSink:
         self.path, self.curve_path = path, curve_path
         keep = [row for row in read_metrics(path) if row.get("step", 0) <= start_step] if start_step else []
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
         self.file = open(path, "a")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -169,7 +170,7 @@ class EvalFileSink:
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
         self.results[name] = {"step": step, **results}
-        _write_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+        write_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
 
     def close(self, exit_code: int) -> None:
         pass
@@ -206,12 +207,6 @@ def write_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     fig.tight_layout()
     fig.savefig(out_path)
     return out_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +316,7 @@ def read_or_create_run_id(run_dir: Path, fresh: bool) -> str:
         return path.read_text().strip()
     # W&B ids are [a-z0-9]; made here so that choosing one imports nothing from wandb.
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
-    _write_atomic(path, run_id + "\n")
+    write_atomic(path, run_id + "\n")
     return run_id
 
 

@@ -22,17 +22,29 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.data import DataError, collate
+from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs, model_inputs
-from launcher.train.distributed import (
-    DistInfo, any_rank, autocast_dtype, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum, select_device,
-)  # fmt: skip
-from launcher.engines import Engine, build_engine, engine_class
-from launcher.train.loss import count_label_tokens, next_token_loss
+from launcher.data.types import DataError
+from launcher.engines import build_engine, engine_class
+from launcher.engines.base import Engine
 from launcher.model.loading import count_parameters
+from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.train.distributed import (
+    DistInfo,
+    any_rank,
+    autocast_dtype,
+    barrier,
+    check_same_on_all_ranks,
+    destroy,
+    init_distributed,
+    reduce_max,
+    reduce_mean,
+    reduce_sum,
+    select_device,
+)
+from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
 
 StepHook = Callable[["Trainer"], None]
@@ -136,8 +148,8 @@ class Trainer:
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return
-        from launcher.train.distributed import all_reduce_sum
         from launcher.eval.metrics import evaluate
+        from launcher.train.distributed import all_reduce_sum
 
         with preserved_rng():  # evaluating must not change what training draws next
             results = evaluate(
@@ -200,7 +212,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     from launcher.model.loading import load_model_and_tokenizer
 
     quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
-    loading = engine_class(cfg).model_loading(cfg, dist, device)
+    loading = engine_class(cfg.strategy.engine).model_loading(cfg, dist, device)
     with loading.context():
         # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device, empty=loading.empty)

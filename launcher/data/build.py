@@ -1,0 +1,235 @@
+"""Training data: sources of rows → token ids + labels, whatever the row format.
+
+The format-independent half lives here: the sources of a run (``data.sources`` plus the
+``train_files`` / ``eval_files`` shorthand), the ``on_error: skip`` policy, carving a held-out
+split, truncation, mixing sources by weight, statistics, and padding a batch. Reading files is
+:mod:`launcher.data.sources`; packing :mod:`launcher.data.packing`; the on-disk cache and the
+barrier ranks wait on :mod:`launcher.data.cache`. A *format* (``chat``, ``instruction``,
+``completion``, each in its own module) only parses one row and encodes it; ``FORMATS`` maps a
+format name to it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+
+from launcher.config.schema import DataConfig, DataSource
+from launcher.data.chat import ChatFormat
+from launcher.data.completion import CompletionFormat
+from launcher.data.instruction import InstructionFormat
+from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
+
+FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
+    "chat": ChatFormat.from_config,
+    "instruction": InstructionFormat.from_config,
+    "completion": CompletionFormat.from_config,
+}
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int, *, flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Padding is masked by position, never by id: many
+    tokenizers pad with their eos token, which is also a trained label. Packed sequences (examples
+    with ``position_ids``) go to :func:`launcher.data.packing.collate_packed`, with ``flatten``."""
+    if "position_ids" in batch[0]:
+        from launcher.data.packing import collate_packed
+
+        return collate_packed(batch, pad_id, flatten=flatten)
+    width = max(len(example["input_ids"]) for example in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, example in enumerate(batch):
+        n = len(example["input_ids"])
+        input_ids[i, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(example["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def data_sources(data_cfg: DataConfig) -> list[DataSource]:
+    """Every source of the run: ``train_files`` and ``eval_files`` (each a source of weight 1 in
+    ``data.format``), then ``data.sources``."""
+    return (
+        [DataSource(path=f) for f in data_cfg.train_files]
+        + [DataSource(path=f, split="eval") for f in data_cfg.eval_files]
+        + list(data_cfg.sources)
+    )
+
+
+def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -> Loaded:
+    from launcher.data.sources import is_hub, read_hub_rows, read_rows, source_files
+
+    records: list[Record] = []
+    skipped = 0
+    for index, source, fmt in sources:
+        if is_hub(source.path):
+            readers = [read_hub_rows(source.path, source.hub_args)]
+        else:
+            readers = [read_rows(str(f)) for f in source_files(source.path)]
+        for rows in readers:
+            for row in rows:  # whole-file problems raise here even with on_error=skip
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    value = _call(fmt.parse, row.value, row.path, row.number)
+                    records.append(Record(row.path, row.number, value, fmt, index))
+                except DataError:
+                    if on_error != "skip":
+                        raise
+                    skipped += 1
+    return Loaded(records, skipped)
+
+
+def _call(fn: Callable[[Any], Any], value: Any, path: str, number: int) -> Any:
+    try:
+        return fn(value)
+    except RowError as e:
+        raise DataError(f"{path}, row {number}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# splitting and encoding
+
+
+def carve_eval_split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out ``fraction`` of the records (at least one, never all), chosen by ``seed``; both
+    parts keep file order so the split is reproducible and readable."""
+    if len(records) < 2:
+        raise DataError(f"eval_fraction={fraction} needs at least 2 training rows, found {len(records)}")
+    n_eval = min(max(1, math.ceil(fraction * len(records))), len(records) - 1)
+    held_out = set(random.Random(seed).sample(range(len(records)), n_eval))
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    evals = [r for i, r in enumerate(records) if i in held_out]
+    return train, evals
+
+
+def encode_records(
+    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip"
+) -> tuple[TokenizedDataset, list[int]]:
+    """Encode each record with its format; returns the dataset and each example's source index.
+    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted)."""
+    examples: list[dict[str, list[int]]] = []
+    kept: list[Any] = []
+    source_of: list[int] = []
+    stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
+    template = None
+    for record in records:
+        try:
+            input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
+        except DataError:
+            if on_error != "skip":
+                raise
+            stats["skipped"] += 1
+            continue
+        if len(input_ids) > seq_len:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
+            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
+            stats["truncated"] += 1
+        trainable = count_trainable(labels)
+        if trainable == 0:  # nothing left to learn from (e.g. the answer was truncated away)
+            stats["dropped"] += 1
+            continue
+        examples.append({"input_ids": input_ids, "labels": labels})
+        kept.append(getattr(record.fmt, "conversation", _same)(record.value))
+        source_of.append(record.source)
+        stats["tokens"] += len(input_ids)
+        stats["trainable_tokens"] += trainable
+        template = template or getattr(record.fmt, "chat_template", None)
+    stats["examples"] = len(examples)
+    return TokenizedDataset(examples, kept, stats, template), source_of
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def count_trainable(labels: Sequence[int]) -> int:
+    # A causal LM predicts token t from tokens < t, so a label at position 0 never enters the loss.
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def mix_by_weight(dataset: TokenizedDataset, source_of: list[int], weights: dict[int, float], seed: int) -> TokenizedDataset:
+    """Each source's examples repeated ``weight`` times per epoch: whole passes, then a seeded
+    subset for the fraction (weight 0.5: a fixed random half). Counts are of the mixed epoch."""
+    if all(weights.get(s, 1.0) == 1.0 for s in set(source_of)):
+        return dataset
+    rng = random.Random(seed)
+    picked: list[int] = []
+    for source in sorted(set(source_of)):
+        members = [i for i, s in enumerate(source_of) if s == source]
+        whole, fraction = divmod(weights.get(source, 1.0), 1.0)
+        picked += members * int(whole)
+        picked += sorted(rng.sample(members, round(fraction * len(members))))
+    examples = [dataset.examples[i] for i in picked]
+    stats = dict(dataset.stats, examples=len(examples), tokens=sum(len(e["input_ids"]) for e in examples))
+    stats["trainable_tokens"] = sum(count_trainable(e["labels"]) for e in examples)
+    return TokenizedDataset(examples, [dataset.conversations[i] for i in picked], stats, dataset.chat_template)
+
+
+def build_formats(data_cfg: DataConfig, tokenizer: Any, sources: list[DataSource]) -> dict[str, Format]:
+    """One Format per format name the sources use (built once: template lookup, tokenizer checks)."""
+    names = [s.format or data_cfg.format for s in sources]
+    unknown = sorted({n for n in names if n not in FORMATS})
+    if unknown:
+        raise DataError(f"unknown data format {', '.join(map(repr, unknown))}; known: {', '.join(sorted(FORMATS))}")
+    return {name: FORMATS[name](data_cfg, tokenizer) for name in dict.fromkeys(names)}
+
+
+def build_datasets(
+    data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int
+) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
+    """(train, eval) datasets, unpacked and in memory; eval is None when there is no eval source and
+    no eval_fraction. :func:`launcher.data.cache.prepare_datasets` adds packing and the cache."""
+    sources = data_sources(data_cfg)
+    train_sources = [(i, s) for i, s in enumerate(sources) if s.split == "train"]
+    if not train_sources:
+        raise DataError("no training data: set data.train_files (JSONL, JSON, Parquet or CSV files) or data.sources")
+    formats = build_formats(data_cfg, tokenizer, sources)
+
+    def with_format(pairs: list[tuple[int, DataSource]]) -> list[tuple[int, DataSource, Format]]:
+        return [(i, s, formats[s.format or data_cfg.format]) for i, s in pairs]
+
+    train = load_records(with_format(train_sources), data_cfg.on_error)
+    train_records, eval_records = train.records, None
+    eval_skipped = 0
+    eval_sources = [(i, s) for i, s in enumerate(sources) if s.split == "eval"]
+    if eval_sources:
+        evals = load_records(with_format(eval_sources), data_cfg.on_error)
+        eval_records, eval_skipped = evals.records, evals.skipped
+    elif data_cfg.eval_fraction > 0:
+        # Carved before the max_train_examples cap, so capping never changes the eval set.
+        train_records, eval_records = carve_eval_split(train_records, data_cfg.eval_fraction, seed)
+    if data_cfg.max_train_examples is not None:
+        train_records = train_records[: data_cfg.max_train_examples]
+
+    encode = dict(seq_len=seq_len, on_error=data_cfg.on_error, truncation=data_cfg.truncation)
+    train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
+    if len(train_ds) == 0:
+        names = ", ".join(s.path for _, s in train_sources)
+        raise DataError(f"no usable training examples in {names} (stats: {train_ds.stats})")
+    train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
+    eval_ds = None
+    if eval_records is not None:
+        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, **encode)
+    return train_ds, eval_ds
+
+
+__all__ = [
+    "DataError",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "RowError",
+    "TokenizedDataset",
+    "build_datasets",
+    "data_sources",
+    "carve_eval_split",
+    "collate",
+    "count_trainable",
+]

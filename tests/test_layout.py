@@ -1,0 +1,89 @@
+"""The package's shape: no import cycles (function-level imports count too), and the command line
+is a leaf that nothing imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from launcher.paths import PACKAGE_DIR
+
+PACKAGE = PACKAGE_DIR.name
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """Every module of the package that ``path`` imports, at any depth of its code. ``from pkg
+    import name`` counts as importing ``pkg.name`` when that is a module, else ``pkg``."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in known else node.module)
+    return {m for m in out if m in known}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, known) - {name} for name, path in known.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_command_line_is_a_leaf() -> None:
+    importers = sorted(m for m, targets in graph().items() if f"{PACKAGE}.cli" in targets)
+    assert importers == [f"{PACKAGE}.__main__"], importers
+
+
+def test_only_the_engine_traits_name_engines() -> None:
+    """Engine-specific facts come from launcher.engines.traits, not from comparing names elsewhere."""
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith(f"{PACKAGE}.engines."):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ".engine ==" in line or ".engine !=" in line or ".engine in (" in line:
+                offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
