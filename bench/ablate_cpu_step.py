@@ -46,7 +46,7 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
     from launcher.data.build import build_datasets, collate
     from launcher.data.packing import model_inputs, pack_dataset
     from launcher.data.types import IGNORE_INDEX
-    from launcher.engines.base import build_param_groups
+    from launcher.engines.common import build_param_groups
     from launcher.model import attention
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import load_config

@@ -22,7 +22,7 @@ Each strategy runs in its own process with a one-rank process group (nccl):
 * ``zero3``: ftl's :class:`launcher.engines.deepspeed.DeepSpeedEngine` with ``strategy=zero3``
   (bf16 weights, fp32 master copy and Adam states), the same engine ``ftl train`` uses.
 
-MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.train.telemetry.peak_flops` (989 TFLOP/s
+MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.train.mfu.peak_flops` (989 TFLOP/s
 dense bf16 for H100 SXM / H200). Two N are printed: ``N`` without the input embedding table (a
 lookup, no FLOPs: the conservative figure, and the one the goal is judged on) and ``N all`` with it
 (the convention of ftl's own ``mfu`` metric). Attention's s² FLOPs are not counted (also
@@ -90,7 +90,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.engines.base import build_optimizer
+    from launcher.engines.common import build_optimizer
     from launcher.engines.deepspeed import DeepSpeedEngine, ensure_process_group
     from launcher.engines.fsdp import apply_fully_shard
     from launcher.model import attention
@@ -98,7 +98,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from launcher.session import load_config
     from launcher.train.distributed import DistInfo
     from launcher.train.loss import next_token_loss
-    from launcher.train.telemetry import peak_flops
+    from launcher.train.mfu import peak_flops
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
     cfg = load_config(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"]))).cfg

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from launcher.config.schema import DataConfig, DataSource
-from launcher.data.build import build_datasets
 from launcher.data import cache as data_cache
+from launcher.data.build import build_datasets
 from launcher.data.cache import FileLock, build_once, cache_key, prepare
 from launcher.data.packing import pack_dataset
 from launcher.data.types import DataError

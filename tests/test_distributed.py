@@ -15,7 +15,8 @@ import torch
 from launcher.config.schema import LocalLaunch, TrainConfig
 from launcher.paths import ROOT
 from launcher.train import distributed
-from launcher.train.distributed import DistInfo, autocast_dtype, cpu_has_native_bf16, init_distributed, read_dist_env, select_device
+from launcher.train.device import autocast_dtype, cpu_has_native_bf16, select_device
+from launcher.train.distributed import DistInfo, init_distributed, read_dist_env
 
 CPU = torch.device("cpu")
 

@@ -116,7 +116,8 @@ import torch
 import torch.distributed as dist
 from launcher.config.compose import compose
 from launcher.config.validate import validated
-from launcher.train.distributed import destroy, init_distributed, select_device
+from launcher.train.distributed import destroy, init_distributed
+from launcher.train.device import select_device
 from launcher.engines.deepspeed import DeepSpeedEngine
 from launcher.model.loading import load_model_and_tokenizer
 

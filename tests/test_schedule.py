@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launcher.config.schema import TrainConfig
-from launcher.engines.base import build_optimizer, build_scheduler
+from launcher.engines.common import build_optimizer, build_scheduler
 from launcher.train.schedule import lr_at
 
 PEAK, FLOOR = 3e-3, 3e-4  # min_lr_ratio 0.1

@@ -14,15 +14,8 @@ from rich.console import Console
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
 from launcher.paths import ROOT
 from launcher.train.distributed import DistInfo
-from launcher.train.telemetry import (
-    JsonlSink,
-    build_telemetry,
-    read_metrics,
-    redact,
-    render_eval_report,
-    resolve_wandb_mode,
-    write_loss_curve,
-)
+from launcher.train.telemetry import JsonlSink, build_telemetry, read_metrics, redact, render_eval_report, write_loss_curve
+from launcher.wandb_auth import resolve_wandb_mode
 
 KEY = "k" * 40
 

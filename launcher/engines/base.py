@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.train.distributed import DistInfo, autocast_dtype
+from launcher.train.device import autocast_dtype
+from launcher.train.distributed import DistInfo
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ from launcher.config.deepspeed_config import build_deepspeed_config
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.engines.base import Engine, ModelLoading
 from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, trainable_parameters
-from launcher.train.distributed import DistInfo, autocast_dtype
+from launcher.train.device import autocast_dtype
+from launcher.train.distributed import DistInfo
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"

@@ -33,7 +33,8 @@ from torch import nn
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import Engine, ModelLoading
 from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
-from launcher.train.distributed import DistInfo, autocast_dtype
+from launcher.train.device import autocast_dtype
+from launcher.train.distributed import DistInfo
 
 DCP_DIR = "dcp"
 STATE_FILE = "engine_state.pt"

@@ -130,7 +130,8 @@ def run_job(job_path: Path) -> int:
 
     from launcher.artifacts.inference import load_model
     from launcher.config.validate import validated
-    from launcher.train.distributed import all_reduce_sum, autocast_dtype, barrier, destroy, init_distributed, select_device
+    from launcher.train.device import autocast_dtype, select_device
+    from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
 
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
@@ -201,7 +202,8 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     """eval.json, the console and W&B (rank 0)."""
     from rich.console import Console
 
-    from launcher.train.telemetry import render_eval_report, resolve_wandb_mode, scalar_metrics
+    from launcher.train.telemetry import render_eval_report, scalar_metrics
+    from launcher.wandb_auth import resolve_wandb_mode
 
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}

@@ -66,7 +66,7 @@ def expand_command(command: list[Any], params: Mapping[str, Any], environ: Mappi
 
 
 def wandb_online() -> bool:
-    from launcher.train.telemetry import wandb_api_key_configured
+    from launcher.wandb_auth import wandb_api_key_configured
 
     return wandb_api_key_configured()
 

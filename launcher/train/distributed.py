@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as torch_dist
 
-from launcher.config.schema import LaunchBase, TrainConfig
+from launcher.config.schema import LaunchBase
 
 
 @dataclass(frozen=True)
@@ -52,54 +52,6 @@ def read_dist_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
     if not 0 <= info.rank < info.world_size or not 0 <= info.local_rank < info.local_world_size:
         raise ValueError(f"inconsistent distributed environment: {info}")
     return info
-
-
-def select_device(train: TrainConfig, environ: Mapping[str, str] = os.environ) -> torch.device:
-    """auto: cuda when present, else cpu. On cuda each rank takes the GPU of its LOCAL_RANK."""
-    want = train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device (use train.device=auto or cpu)")
-    local_rank = read_dist_env(environ).local_rank
-    if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return torch.device("cuda", local_rank)
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The dtype to autocast the forward pass to; None means plain fp32.
-
-    auto picks bf16 where the hardware has it: GPUs with bf16, and CPUs with native bf16 dot products
-    (AVX512-BF16 / AMX; measured 1.6x faster than fp32 for SmolLM2 on such a CPU). On other CPUs bf16
-    is emulated and slower, so auto stays fp32; fp16 needs loss scaling that auto should not spring
-    on anyone.
-    """
-    cuda = device.type == "cuda"
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if cuda:
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    if precision == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 (use fp16 or fp32)")
-        return torch.bfloat16
-    if precision == "fp16":
-        if not cuda:
-            raise RuntimeError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-        return torch.float16
-    raise ValueError(f"train.precision={precision!r}: expected auto, fp32, bf16 or fp16")
 
 
 def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ) -> DistInfo:

@@ -11,21 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import netrc
 import os
 import resource
 import secrets
 import string
 from pathlib import Path
 from typing import Any, Optional, Protocol
-from urllib.parse import urlparse
 
 import torch
 
 from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
-from launcher.redact import REDACTED, SECRET_KEY, known_secrets, redact  # noqa: F401  (re-exported)
+from launcher.redact import known_secrets, redact
 from launcher.train.distributed import DistInfo
+from launcher.wandb_auth import resolve_wandb_mode
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
@@ -104,24 +103,6 @@ def local_param_bytes(model: torch.nn.Module) -> int:
             local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return total
-
-
-# Dense bf16 peak FLOP/s by the name torch reports for a GPU; no entry (any CPU) means no MFU.
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def model_flops_utilization(tokens_per_s: float, n_params: int, world_size: int, device: torch.device) -> Optional[float]:
-    """MFU with the 6·N FLOPs per trained token estimate (forward + backward, attention ignored),
-    against the peak of all ``world_size`` devices; None where the device's peak is unknown."""
-    peak = peak_flops(device)
-    return None if peak is None else 6.0 * n_params * tokens_per_s / (peak * world_size)
 
 
 def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -284,29 +265,6 @@ def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_sampl
 
 # --------------------------------------------------------------------------------------------
 # W&B
-
-# Whole words of a key name (HF_TOKEN, WANDB_API_KEY, aws_secret_access_key), not substrings:
-# `tokenizer` and `max_new_tokens` are not secrets.
-
-
-def wandb_api_key_configured(environ: Optional[dict[str, str]] = None) -> bool:
-    """WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
-    env = os.environ if environ is None else environ
-    if env.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        entry = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
-
-
-def resolve_wandb_mode(mode: str, environ: Optional[dict[str, str]] = None) -> str:
-    if mode == "auto":
-        return "online" if wandb_api_key_configured(environ) else "offline"
-    return mode
 
 
 def read_or_create_run_id(run_dir: Path, fresh: bool) -> str:

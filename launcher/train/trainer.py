@@ -31,21 +31,11 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.model.loading import count_parameters
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
-from launcher.train.distributed import (
-    DistInfo,
-    any_rank,
-    autocast_dtype,
-    barrier,
-    check_same_on_all_ranks,
-    destroy,
-    init_distributed,
-    reduce_max,
-    reduce_mean,
-    reduce_sum,
-    select_device,
-)
+from launcher.train.device import autocast_dtype, select_device
+from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
 from launcher.train.loss import count_label_tokens, next_token_loss
-from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, model_flops_utilization, peak_memory_gb
+from launcher.train.mfu import model_flops_utilization
+from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
 
 StepHook = Callable[["Trainer"], None]
 
