@@ -1,86 +1,15 @@
 """Per-device memory of a fine-tuning run, from the config alone: pure arithmetic, no torch.
 
 ``ftl plan`` prints these estimates and refuses (exit 2) a GPU job whose estimate exceeds
-``launch.gpu_mem_gb``. Quantities are bytes on one device (one rank). Ψ is a parameter count,
-N the number of ranks a sharded state is split over, T = micro_batch_size × seq_len the tokens of
-one micro-batch, h/i/V/L the hidden size, MLP size, vocabulary and layer count.
+``launch.gpu_mem_gb``. Quantities are bytes on one device (one rank). Ψ is a parameter count, N the
+number of ranks a sharded state is split over, T = micro_batch_size × seq_len the tokens of one
+micro-batch, h/i/V/L the hidden size, MLP size, vocabulary and layer count.
 
-Model states: parameters, gradients, optimizer
-----------------------------------------------
-The ZeRO paper (Rajbhandari et al., SC'20, §3.1, §5.1) counts mixed-precision Adam as
-2Ψ (16-bit params) + 2Ψ (16-bit grads) + KΨ (fp32 master params, momentum, variance: K = 12);
-stage 1 divides the K term by N, stage 2 also the gradients, stage 3 also the parameters
-(:func:`zero_model_states`). ftl's engines keep different things, so :func:`estimate` is exact per
-engine (b = 2 in bf16/fp16, 4 in fp32):
-
-* single, ddp: the model is loaded in fp32 and the forward runs under autocast, so there is no
-  master copy: params 4Ψ, grads 4Ψ, AdamW exp_avg + exp_avg_sq 8Ψ (16Ψ, in fp32 training too).
-* deepspeed: DeepSpeed casts the module to b and clones an fp32 master partition at every stage
-  from 1, in fp32 training too (``stage_1_and_2.py``; ``stage3.py`` means to reuse an fp32
-  partition but compares a torch.device with a string, so it never does: measured on 0.19.8).
-  Params bΨ (÷N at stage 3), grads bΨ ÷N (stage 1 holds all of them until the accumulation
-  boundary when grad_accum > 1; stage 3 accumulates in the model dtype, DeepSpeed's default
-  ``grad_accum_dtype``), optimizer (4 + 8)Ψ/N; stage 0 (fp32 only in ftl) steps AdamW on the
-  model's own weights: 8Ψ.
-* fsdp (FSDP2, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): the sharded
-  parameters stay fp32: params 4Ψ/N, grads 4Ψ/N, AdamW 8Ψ/N. The engine reduce-scatters after
-  every micro-batch, so gradients stay sharded under grad_accum > 1 too.
-* LoRA: the adapters train (rules above, with DeepSpeed's cast to b; elsewhere PEFT keeps adapters
-  in fp32) and the base is frozen, stored in the compute dtype (no grads, no optimizer states).
-  The trainer does not wire PEFT yet: this assumes it will load the frozen base in that dtype.
-  QLoRA stores the decoder's linear weights as NF4/FP4: 0.5 B/param plus one fp32 absmax per
-  64-weight block (+4/64 B), or with double quantization an 8-bit absmax (+1/64 B) and one fp32
-  constant per 256 blocks (+4/16384 B) (Dettmers et al. 2023, §2-3); embeddings, head and norms
-  stay in the compute dtype.
-* Offload (ZeRO-Offload/Infinity): offloaded states live in host memory (reported per rank, not
-  counted against the GPU): the parameter partition (b), the fp32 master and moments (12), and
-  the gradient partition, at stage 3 both in the model dtype and as the pinned fp32 copy
-  DeepSpeedCPUAdam steps on (b + 4): (2b + 16)Ψ/N in all.
-
-``bench/planner_validation.py`` checks these model-state bytes against what the real engines hold
-per rank (2 CPU ranks, tiny Llama and SmolLM2, fp32 and bf16): within 1% for every strategy.
-
-Activations
------------
-Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1)
-count the tensors each layer saves for backward (sbh(34 + 5as/h) bytes for a GPT layer in 16-bit).
-Adapted to a Llama-style decoder as ftl runs it, with a = compute bytes, r = bytes of the residual
-stream (4 when autocast runs over fp32 weights, else a), per layer:
-
-* attention, a·T·6h: the q/k/v input, q, k and v (GQA keys and values expanded to h by
-  ``repeat_kv``, which transformers does whenever a padding mask is passed), the SDPA output and
-  the o_proj input. SDPA's memory-efficient kernel saves no s×s scores (no 5as/h term, no dropout),
-  but converts the boolean padding mask to an additive one per call: a·B·S².
-* SwiGLU MLP, a·T·(h + 4i): the gate/up input, gate and up outputs, SiLU output, their product.
-* two RMSNorms, 2·(4 + r)·T·h: the fp32 upcast input and the normalised output.
-* LoRA, per adapted linear: the dropout mask (1 B) and lora_A's input (a) of size T·d_in when
-  lora dropout > 0, and lora_A's output a·T·r.
-
-Without activation checkpointing all L layers hold theirs; with it (HF's per-layer checkpointing)
-each layer keeps its input r·T·h and one layer at a time is recomputed: L·r·T·h + one layer.
-Outside the layers: the final norm and head input (4 + r + a)·T·h, and the loss: the logits in
-the compute dtype and, as ``launcher.train.loss.next_token_loss`` upcasts to fp32, the fp32 log-softmax
-output, its gradient and the upcast logits' gradient alive together in backward: T·V·(a + 12).
-For small models with large vocabularies this term dominates. The loss computes logits only at
-labelled positions, so this is the bound for data labelled everywhere (completion); chat data
-with assistant-only labels needs less, by its share of unlabelled tokens. Autocast also saves the bf16 copy of every
-fp32 weight a matmul used: 2·(linear weights + head) without checkpointing, 2·(one layer + head)
-with it.
-
-Buffers and workspace
----------------------
-Engine working sets: DDP's bucket copy of the gradients (4Ψ: ``gradient_as_bucket_view`` is off);
-DeepSpeed's reduce bucket (reduce_bucket_size = h² elements, as ftl sets it); ZeRO-3 gathers the
-largest leaf module plus the prefetch bucket (0.9h²) and holds that module's full gradient before
-reduce-scatter; FSDP2 keeps the root (embeddings, head) unsharded for the whole step (the engine
-sets ``reshard_after_forward=False`` on it) plus two gathered layers (all L without
-``reshard_after_forward``), and a layer's unsharded grads with their fp32 reduce copy; QLoRA
-dequantizes one weight at a time. The optimizer step runs after the activations are freed; its
-temporaries (torch's foreach AdamW allocates one param-sized fp32 tensor, DeepSpeed also an fp32
-copy of the gradient partition, in sub-groups of 1e9 at stage 3) count only where they exceed the
-activations. On a GPU a fixed 1 GiB covers the CUDA context, cuBLAS workspace and NCCL buffers,
-and 10% of everything else covers the caching allocator's fragmentation and the backward's
-gradient temporaries.
+:func:`estimate` = model states (exact per engine: what each keeps in which dtype, and what it
+shards; the ZeRO paper's 2Ψ + 2Ψ + 12Ψ where DeepSpeed does that) + activations (Korthikanti et al.
+2022, adapted to a Llama-style decoder) + engine buffers, a fixed 1 GiB of CUDA context and 10%
+fragmentation. docs/MEMORY_MODEL.md derives every term; ``bench/planner_validation.py`` checks the
+model states against the real engines (within 1%).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ ftl override keys, plus ``overrides``: the fixed part of every trial's ``ftl tra
 * ``ftl sweep agent --offline SPEC count=K``: no server. W&B's own search engine (the ``sweeps``
   package behind W&B's local controller) draws the trials, and each runs exactly as the agent
   would run it: the same command expansion, WANDB_SWEEP_ID / WANDB_RUN_ID in its environment.
-* ``ftl train -m`` and ``ftl sweep optuna SPEC`` (launcher/multirun.py, launcher/sweep_optuna.py): Hydra's sweepers.
+* ``ftl train -m`` and ``ftl sweep optuna SPEC`` (launcher/sweep/multirun.py, launcher/sweep/optuna_search.py): Hydra's sweepers.
 
 A trial is ``ftl train`` started with WANDB_SWEEP_ID and WANDB_RUN_ID set
 (:func:`launcher.sweep.trial.sweep_trial`). Its parameters are overrides like any other, composed once

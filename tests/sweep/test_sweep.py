@@ -1,4 +1,4 @@
-"""Sweeps (launcher/sweep/, launcher/sweep_optuna.py).
+"""Sweeps (launcher/sweep/).
 
 What is real here and what is not: no W&B server is reachable from the test machines, so nothing
 creates a sweep on W&B or runs `wandb agent` against one. What these tests use instead is W&B's own

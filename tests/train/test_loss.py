@@ -1,4 +1,4 @@
-"""launcher/loss.py: the output layer run only at labelled positions gives the full-logits loss."""
+"""launcher/train/loss.py: the output layer run only at labelled positions gives the full-logits loss."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ from launcher.config.validate import validate
 from launcher.launch.slurm import SlurmBackend, UnsafeValue, jinja_env, render_sbatch
 from launcher.launch.slurm_job import allocation_overrides
 
-REPO = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "golden"
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden"
 FTL = [sys.executable, "-m", "launcher"]
 # submitit's fixture, plus command substitution, backticks, a comment and a trailing backslash-free
 # mix; CANARY is relative, so an executed one lands in the script's working directory.

@@ -1,4 +1,4 @@
-"""sdpa_varlen (launcher/attention.py): the same attention as transformers' own, per packed example."""
+"""sdpa_varlen (launcher/model/attention.py): the same attention as transformers' own, per packed example."""
 
 from __future__ import annotations
 
