@@ -16,7 +16,7 @@ from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, FtlConfig
 from launcher.paths import CONF_DIR, RECIPES_DIR, asset
 
-GROUPS = ("model", "data", "strategy", "peft", "launch", "recipe")
+GROUPS = ("model", "data", "strategy", "peft", "objective", "launch", "recipe")
 DEFAULT_RECIPE = "demo"
 
 _resolvers_registered = False

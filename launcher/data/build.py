@@ -22,12 +22,14 @@ from launcher.config.schema import DataConfig, DataSource
 from launcher.data.chat import ChatFormat
 from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
+from launcher.data.preference import PreferenceFormat
 from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
 
 FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
     "chat": ChatFormat.from_config,
     "instruction": InstructionFormat.from_config,
     "completion": CompletionFormat.from_config,
+    "preference": PreferenceFormat.from_config,
 }
 
 
@@ -112,38 +114,62 @@ def encode_records(
     records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip"
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
-    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted)."""
+    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted).
+    A preference pair is one example of two sequences (``lengths``); see :func:`_encode_pair`."""
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
     source_of: list[int] = []
     stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
     template = None
     for record in records:
+        encode = _encode_pair if hasattr(record.fmt, "encode_pair") else _encode_one
         try:
-            input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
+            example, outcome = encode(record, seq_len, truncation)
         except DataError:
             if on_error != "skip":
                 raise
             stats["skipped"] += 1
             continue
-        if len(input_ids) > seq_len:
-            if truncation == "drop":
-                stats["dropped"] += 1
-                continue
-            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
-            stats["truncated"] += 1
-        trainable = count_trainable(labels)
-        if trainable == 0:  # nothing left to learn from (e.g. the answer was truncated away)
-            stats["dropped"] += 1
+        if outcome != "ok":
+            stats[outcome] += 1
+        if example is None:
             continue
-        examples.append({"input_ids": input_ids, "labels": labels})
+        examples.append(example)
         kept.append(getattr(record.fmt, "conversation", _same)(record.value))
         source_of.append(record.source)
-        stats["tokens"] += len(input_ids)
-        stats["trainable_tokens"] += trainable
+        stats["tokens"] += len(example["input_ids"])
+        stats["trainable_tokens"] += count_trainable(example["labels"])
         template = template or getattr(record.fmt, "chat_template", None)
     stats["examples"] = len(examples)
     return TokenizedDataset(examples, kept, stats, template), source_of
+
+
+def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], str]:
+    """(example or None, "ok" | "truncated" | "dropped")."""
+    input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
+    outcome = "ok"
+    if len(input_ids) > seq_len:
+        if truncation == "drop":
+            return None, "dropped"
+        input_ids, labels, outcome = input_ids[:seq_len], labels[:seq_len], "truncated"
+    if count_trainable(labels) == 0:  # nothing left to learn from (e.g. the answer was truncated away)
+        return None, "dropped"
+    return {"input_ids": input_ids, "labels": labels}, outcome
+
+
+def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], str]:
+    """A preference pair as one example: chosen then rejected, ``lengths`` [chosen, rejected]. Both
+    must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens."""
+    pair = _call(record.fmt.encode_pair, record.value, record.path, record.number)
+    outcome = "ok"
+    if sum(len(ids) for ids, _ in pair) > seq_len:
+        if truncation == "drop":
+            return None, "dropped"
+        pair, outcome = tuple((ids[: seq_len // 2], labels[: seq_len // 2]) for ids, labels in pair), "truncated"
+    if any(count_trainable(labels) == 0 for _, labels in pair):  # a completion truncated away
+        return None, "dropped"
+    (chosen, chosen_labels), (rejected, rejected_labels) = pair
+    return {"input_ids": chosen + rejected, "labels": chosen_labels + rejected_labels, "lengths": [len(chosen), len(rejected)]}, outcome
 
 
 def _same(value: Any) -> Any:

@@ -20,6 +20,7 @@ import torch
 from launcher.config.schema import EvalConfig
 from launcher.data.build import collate
 from launcher.data.chat import prompt_and_reference
+from launcher.data.packing import model_inputs
 from launcher.data.types import TokenizedDataset
 from launcher.train.loss import count_label_tokens, next_token_loss
 
@@ -51,8 +52,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.
 
 def batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses, number of predicted tokens) for one batch, in float64."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    loss = next_token_loss(model, inputs, batch["labels"])
+    loss = next_token_loss(model, model_inputs(batch), batch["labels"])
     return loss.double(), torch.tensor(count_label_tokens(batch["labels"]), dtype=torch.float64, device=loss.device)
 
 
@@ -226,6 +226,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     gather_fn: Optional[GatherFn] = None,
+    loss_metrics: Optional[Callable[[], Optional[dict[str, float]]]] = None,
 ) -> dict[str, Any]:
     """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
     conversations that have an assistant turn and their ROUGE/BLEU. ``samples`` (a list of
@@ -234,8 +235,10 @@ def evaluate(
     Perplexity is shared among ``world_size`` ranks (``reduce_fn`` sums). Generation is shared
     too when ``gather_fn`` (an all-gather of Python lists) is given, which only an unsharded
     model per rank allows; without it every rank generates every answer (FSDP and ZeRO-3 need
-    every rank in each forward, and greedy decoding of the same prompts keeps them in step)."""
-    results: dict[str, Any] = perplexity(
+    every rank in each forward, and greedy decoding of the same prompts keeps them in step).
+    ``loss_metrics`` replaces perplexity where the objective has its own (preference pairs)."""
+    results: Optional[dict[str, Any]] = loss_metrics() if loss_metrics is not None else None
+    results = results if results is not None else perplexity(
         model,
         eval_ds,
         batch_size=eval_cfg.batch_size,

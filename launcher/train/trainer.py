@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,15 @@ import torch
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
-from launcher.data.packing import flattens_packs, model_inputs
+from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.model.loading import count_parameters
+from launcher.objectives import build_objective
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.train.device import autocast_dtype, select_device
 from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
-from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.mfu import model_flops_utilization
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
 
@@ -59,6 +60,8 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         self.step = self.saved_step = self.resume()
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
+        self.objective = build_objective(cfg)
+        self.objective.prepare(self)  # e.g. DPO's reference log-probs, from the starting model
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
 
@@ -99,21 +102,22 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches on every rank. The loss is normalised by
-        the label tokens of the whole window on all ranks (times the world size, which the engines'
-        gradient averaging divides out), so every token weighs the same whatever batch or rank it
-        fell in, and N ranks train exactly like one process with N times the batch."""
+        the objective's units (label tokens, pairs) of the whole window on all ranks (times the world
+        size, which the engines' gradient averaging divides out), so every unit weighs the same
+        whatever batch or rank it fell in, and N ranks train exactly like one process with N times the batch."""
         start = time.perf_counter()
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        window_tokens = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))
-        num_tokens = max(1.0, window_tokens) / self.dist.world_size
+        window = reduce_sum(sum(self.objective.weight(b) for b in batches))
+        norm = max(1.0, window) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, stat_sums = torch.zeros((), device=self.device), Counter()
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.engine.grad_sync(i == len(batches) - 1):
-                loss = next_token_loss(self.engine.model, model_inputs(batch), batch["labels"], autocast=self.engine.autocast()) / num_tokens
-                self.engine.backward(loss)
-            loss_sum += loss.detach()
+                loss, stats = self.objective.loss(self.engine, batch)
+                self.engine.backward(loss / norm)
+            loss_sum += loss.detach() / norm
+            stat_sums.update({k: float(v) for k, v in stats.items()})
             del loss  # or this micro-batch's graph lives on through the next forward
         lr = self.engine.lr
         grad_norm = self.engine.step()
@@ -125,6 +129,7 @@ class Trainer:
             "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
             "elapsed": time.perf_counter() - self.started,
         }  # fmt: skip
+        metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.items()})
         mfu = model_flops_utilization(tokens_per_s, self.n_params, self.dist.world_size, self.device)
         if mfu is not None:
             metrics["mfu"] = mfu
@@ -133,7 +138,8 @@ class Trainer:
     def next_batch(self) -> dict[str, torch.Tensor]:
         indices = self.order.take(self.cfg.train.micro_batch_size)
         flatten = flattens_packs(self.cfg.model.attn_implementation)  # flash attention reads packs from one row
-        return collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
+        batch = collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
+        return {**batch, "index": torch.tensor(indices)}  # which examples: per-example data such as reference log-probs
 
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
@@ -146,6 +152,7 @@ class Trainer:
                 self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
                 reduce_fn=all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size,
+                loss_metrics=lambda: self.objective.eval_metrics(self),
             )  # fmt: skip  (perplexity batches shared among ranks; every rank generates every answer)
         self.telemetry.log_eval(name, self.step, results)
 
