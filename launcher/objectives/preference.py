@@ -50,15 +50,17 @@ def count_sequences(batch: dict[str, torch.Tensor]) -> int:
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor], autocast: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the labelled tokens' log-probs, number of labelled tokens) per sequence, fp32."""
+    """(sum of the labelled tokens' log-probs, number of labelled tokens) per sequence, float64."""
     labels = batch["labels"]
     owner = sequence_ids(batch["position_ids"], batch["attention_mask"])[:, 1:][labels[:, 1:] != IGNORE_INDEX]
     n = count_sequences(batch)
     with logits_at_labels(model, labels) as targets, autocast or contextlib.nullcontext():
         logits = model(**model_inputs(batch), use_cache=False).logits
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-    sums = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, owner, token_logps)
-    counts = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
+    # Summed in float64: a sequence's log-prob is a sum of ~100-1000 terms, and a reward is the
+    # difference of two such sums.
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none").double()
+    sums = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, token_logps)
+    counts = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
     return sums, counts
 
 
@@ -66,7 +68,7 @@ def label_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Labelled tokens per sequence, from the labels alone (what :func:`sequence_logps` counts)."""
     labels = batch["labels"]
     owner = sequence_ids(batch["position_ids"], batch["attention_mask"])[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    return torch.bincount(owner, minlength=count_sequences(batch)).float()
+    return torch.bincount(owner, minlength=count_sequences(batch)).double()
 
 
 def preference_losses(

@@ -128,8 +128,8 @@ def reference_pass(trainer: Any, dataset: Any) -> tuple[torch.Tensor, list[int]]
             batch = collate([dataset[i] for i in chosen], trainer.tokenizer.pad_token_id, flatten=flatten)
             sums, _ = sequence_logps(model, {k: v.to(trainer.device) for k, v in batch.items()}, trainer.engine.autocast())
             if indices is not None:
-                values[offsets[chosen[0]] : offsets[chosen[-1] + 1]] = sums.double()
-    return all_reduce_sum(values).float().cpu(), offsets
+                values[offsets[chosen[0]] : offsets[chosen[-1] + 1]] = sums
+    return all_reduce_sum(values).cpu(), offsets
 
 
 def eval_preferences(objective: Any, trainer: Any) -> dict[str, float]:
