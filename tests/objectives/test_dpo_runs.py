@@ -150,3 +150,17 @@ def test_a_beta_sweep_runs_one_trial_per_value(tmp_path: Path) -> None:
 def test_mismatched_objective_and_data_are_refused_before_launch(overrides: list[str], field: str) -> None:
     out = ftl("plan", "recipe=tiny", *overrides, check=False)
     assert out.returncode == 2 and f"- {field}:" in out.stderr, out.stderr
+
+
+def test_a_bad_pair_names_its_file_and_row(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    out = ftl("train", *DPO, f"data.train_files=[{pairs}]", "data.eval_files=[]", "eval.after_training=false",
+              "train.max_steps=2", f"run.dir={tmp_path / 'run'}", check=False)  # fmt: skip
+    assert out.returncode == 2 and f"{pairs}" in out.stderr and "row 2" in out.stderr and "'rejected'" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_planner_refuses_a_dpo_job_that_does_not_fit() -> None:
+    out = ftl("plan", "recipe=llama3-8b-dpo-zero3-multinode", "launch.gpu_mem_gb=8", check=False)
+    assert out.returncode == 2 and "won't fit" in out.stderr
+    assert "reference precomputed" in ftl("plan", "recipe=llama3-8b-dpo-zero3-multinode").stdout
