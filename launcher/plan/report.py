@@ -27,7 +27,7 @@ from launcher.plan.memory import (
 
 
 def param_count(arch: ArchConfig) -> int:
-    """Parameters of a Llama-family decoder (Llama, Mistral, Qwen2) from its architecture numbers."""
+    """Parameters of the decoder ``arch`` describes (every family in launcher/model/families.py)."""
     return param_counts(arch).total
 
 
