@@ -20,12 +20,10 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.config.search_path import recipe_file_overrides
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
     from launcher.session import prepare_run
 
-    args.overrides = recipe_file_overrides(args.overrides)
-    run = prepare_run(args.overrides)
+    run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
     cfg, plan = run.cfg, run.plan
     report = memory_report(cfg)
     width = 11

@@ -182,6 +182,7 @@ def test_multirun_and_sweep_and_preprocess_take_the_config_dir(project: Path, tm
     assert "train" in out.stdout and (tmp_path / "cache").is_dir()
 
 
+@pytest.mark.slow  # five processes: train, resume, export, eval and its job
 def test_a_run_needs_no_config_dir_afterwards(project: Path, tmp_path: Path) -> None:
     """Trained from a config-dir recipe, the run resumes, exports and evaluates with the dir gone."""
     env = ftl_env(FTL_CACHE=str(tmp_path / "cache"))

@@ -9,6 +9,7 @@ bundled tiny tokenizer), a few optimizer steps each."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import metrics
+from helpers import metrics, need_gpus
 
 from launcher.config.errors import ConfigErrors
 from launcher.config.schema import ArchConfig
@@ -309,3 +310,47 @@ def test_plan_reads_a_model_dir_without_torch(models: Path, tmp_path: Path) -> N
 def test_random_source_builds_only_the_llama_layout() -> None:
     message = compose_errors("recipe=tiny", "model.arch.model_type=qwen3")
     assert "model.arch.model_type: model.source=random builds llama, mistral, qwen2, not 'qwen3'" in message
+
+
+def test_a_hub_id_in_the_local_cache_is_read(models: Path, tmp_path: Path) -> None:
+    """A hub id whose config.json is in the local Hugging Face cache plans with its numbers (no network)."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-qwen3" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((hf_dir("qwen3", models) / "config.json").read_text())
+    (tmp_path / "hub" / "models--acme--tiny-qwen3" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-qwen3" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    argv = ["plan", "recipe=tiny", "model.source=hf", "model.path=acme/tiny-qwen3", f"model.tokenizer={asset('tiny-tokenizer')}", f"run.dir={tmp_path / 'r'}"]
+    out = subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tiny-qwen3 [hf: acme/tiny-qwen3] qwen3, 132K params" in out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(ATTENTION)))
+def test_family_packed_flash_kernel_on_gpu(family: str, models: Path) -> None:
+    """On a GPU in bf16 a packed batch is one flash varlen call: per family (windows, gemma3's
+    alternating layers and query_pre_attn_scalar, head_dim 32) it must agree with plain sdpa on each
+    example alone as closely as bf16 sdpa itself does."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.model import attention
+
+    need_gpus(1)
+    attention.register()
+    model_dir = hf_dir(family, models)
+    varlen = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention.NAME, dtype=torch.bfloat16).cuda().eval()
+    plain16 = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
+    plain32 = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).cuda().eval()
+    ids, positions, lengths = packed_batch(512)
+    ids, positions = ids.cuda(), positions.cuda()
+    probe = torch.zeros(1, 4, 8, 32, device="cuda", dtype=torch.bfloat16)
+    if not attention.one_kernel(probe, 0.0):
+        pytest.skip(f"{torch.cuda.get_device_name()}: no flash varlen kernel (PyTorch {torch.__version__})")
+    with torch.no_grad():
+        packed = varlen(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
+        parts = ids.split(lengths, dim=1)
+        ref = torch.cat([plain32(input_ids=p, use_cache=False).logits[0] for p in parts])
+        bf16 = torch.cat([plain16(input_ids=p, use_cache=False).logits[0].float() for p in parts])
+    noise = float((bf16 - ref).abs().max())
+    assert float((packed - ref).abs().max()) <= 2 * noise + 1e-3, (family, float((packed - ref).abs().max()), noise)
