@@ -12,6 +12,7 @@ read is an error too: the numbers of some other model would plan it.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,10 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
     if arch is None:
         if ours:
             return []  # the model group's own numbers describe it
+        fix = f"download it first (huggingface-cli download {shlex.quote(path)})" if where.startswith("hub id") else "check model.path"
         return [ConfigError("model.path", f"cannot read the architecture of {path!r}: {where}. ftl plans and checks a run "
-                            "with the model's numbers: download it first (huggingface-cli download ID), or describe it in a "
-                            "model group of your config dir (model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)")]  # fmt: skip
+                            f"with the model's own numbers: {fix}, or describe the model in a model group of your config dir "
+                            "(model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)")]  # fmt: skip
     given = model.get("arch") if isinstance(model.get("arch"), dict) else {}
     explicit = {k: given[k] for k in _explicit(overrides, "model.arch.") if k in given}
     shapes, _ = arch_differences(explicit, arch)

@@ -112,6 +112,7 @@ def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
     """The weights' own config, checked against ``model.arch`` (which `ftl plan` used): a shape that
     differs is an error naming both; a context length, rope base, norm epsilon or experts-per-token
     the run sets differently is applied, and said so."""
+    import os
     import sys
 
     from transformers import AutoConfig
@@ -128,7 +129,8 @@ def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
         raise ValueError(f"model.arch does not match the weights in {path} (model.arch vs its config.json): {'; '.join(shapes)}. "
                          "Drop the model.arch overrides, or point model.path at the model they describe")  # fmt: skip
     for key, value in tuned.items():
-        print(f"ftl: model.arch.{key}={value} replaces {weights[key]} from {path}/config.json", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ftl: model.arch.{key}={value} replaces {weights[key]} from {path}/config.json", file=sys.stderr)
         _set_config(config, key, value)
     return config
 
