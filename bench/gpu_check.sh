@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS COMMAND...: log to $out/NAME.log, remember a failu
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
     python3 -c "import torch, transformers, deepspeed, peft; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
     \"transformers\", transformers.__version__, \"deepspeed\", deepspeed.__version__, \"peft\", peft.__version__)"'
-step pytest-gpu 180 python3 -m pytest -m gpu -rs -p no:cacheprovider tests/model/test_attention.py tests/model/test_peft.py \
+step pytest-gpu 180 python3 -m pytest -m gpu -rs -p no:cacheprovider tests/model/test_attention.py tests/model/test_peft.py tests/model/test_families.py \
     tests/test_bench_quick.py --deselect 'tests/test_bench_quick.py::test_gpu_quick_mode_prints_every_row[gpu_mfu]'
 step gpu_attention 60 python3 bench/gpu_attention.py --require-gpu
 step gpu_mfu 240 python3 bench/gpu_mfu.py --require-gpu --timeout 110

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from launcher.config.errors import EXIT_INVALID, ConfigErrors
+from launcher.config.search_path import CONFIG_DIR_ENV
 
 OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, group=option"
 
@@ -22,7 +23,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
     from launcher.session import prepare_run
 
-    run = prepare_run(args.overrides)
+    run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
     cfg, plan = run.cfg, run.plan
     report = memory_report(cfg)
     width = 11
@@ -42,11 +43,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if report.checked and not report.fits:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
-    print("\nnothing launched (ftl plan). To run: ftl train " + " ".join(args.overrides))
+    import shlex
+
+    from launcher.config.search_path import config_dirs
+
+    again = [*(f"--config-dir={d}" for d in config_dirs()), *args.overrides]
+    print("\nnothing launched (ftl plan). To run: ftl train " + shlex.join(again))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.config.search_path import recipe_file_overrides
+
+    args.overrides = recipe_file_overrides(args.overrides)
     if args.multirun:
         from launcher.sweep.multirun import run_multirun
 
@@ -92,15 +101,53 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from launcher.config.compose import recipe_description, recipe_files
+    from launcher.config.compose import recipe_description
+    from launcher.config.search_path import recipe_files
+    from launcher.paths import RECIPES_DIR
 
     files = recipe_files()
+    if args.copy:
+        return _copy_recipe(files, *args.copy)
     width = max(map(len, files), default=0)
     for name, path in files.items():
         description, command = recipe_description(path)
-        print(f"{name:<{width}}  {description}")
+        where = "" if path.parent == RECIPES_DIR else f"  [{path}]"
+        print(f"{name:<{width}}  {description}{where}")
         if args.verbose and command:
             print(f"{'':<{width}}  $ {command}")
+    return 0
+
+
+def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
+    """`ftl recipes --copy NAME DEST`: a recipe as a starting point of one's own. Never overwrites."""
+    import re
+
+    from launcher.config.errors import ConfigError
+
+    if name not in files:
+        raise ConfigErrors([ConfigError("recipe", f"{name!r}: no such recipe; available: {', '.join(files)}")])
+    target = Path(dest).expanduser()
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.suffix not in (".yaml", ".yml"):
+        raise ConfigErrors([ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")])
+    if target.exists():
+        raise ConfigErrors([ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")])
+    if not target.parent.is_dir():
+        raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
+    import shlex
+
+    # The header's command names the shipped recipe; the copy runs as a file.
+    lines = files[name].read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        if line.lstrip("# ").lower().startswith("run:"):
+            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: shlex.quote(str(target)), line)
+    text = "".join(lines)
+    with open(target, "x") as f:  # "x": never replaces a file that appeared meanwhile
+        f.write(text)
+    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {shlex.quote(str(target))}")
     return 0
 
 
@@ -243,12 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftl", description="Distributed fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, overrides: bool = True) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, overrides: bool = True, config_dir: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if overrides:
-            p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+            p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; or a recipe file: ftl train path/to/recipe.yaml [overrides]")
+        if config_dir:
+            p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                           help="a project config dir whose recipes/, model/, data/, strategy/, peft/, launch/, sweep/ options "
+                           f"are added to ftl's (repeatable; also ${CONFIG_DIR_ENV}, several separated by ':')")  # fmt: skip
         p.set_defaults(fn=fn)
+        subparsers[name] = p
         return p
+
+    subparsers: dict[str, argparse.ArgumentParser] = {}
 
     p = add("train", cmd_train, "compose, validate and launch a training run")
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
@@ -256,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
     p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
-    p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False)
+    p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False, config_dir=False)
     p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)")
@@ -274,33 +328,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
                    "base by default, or the model at PATH")  # fmt: skip
     p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
-    p = add("generate", cmd_generate, "answer one prompt with a run, checkpoint or export, streaming tokens", overrides=False)
+    p = add("generate", cmd_generate, "answer one prompt with a run, checkpoint or export, streaming tokens", overrides=False, config_dir=False)
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
     p.add_argument("prompt", help="the user message")
     _add_generation_args(p)
-    p = add("chat", cmd_chat, "chat with a run, checkpoint or export: one user turn per line of stdin", overrides=False)
+    p = add("chat", cmd_chat, "chat with a run, checkpoint or export: one user turn per line of stdin", overrides=False, config_dir=False)
     p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
     _add_generation_args(p)
-    p = add("recipes", cmd_recipes, "list the shipped recipes", overrides=False)
+    p = add("recipes", cmd_recipes, "list the recipes (shipped, and those of the config dirs)", overrides=False)
     p.add_argument("-v", "--verbose", action="store_true", help="show each recipe's command")
+    p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="write recipe NAME to the file DEST (or into the directory DEST) "
+                   "as a starting point of your own; never overwrites")  # fmt: skip
     p = add("sweep", cmd_sweep, "hyperparameter sweeps: W&B (create, agent; trials as SLURM jobs) or offline (agent --offline, optuna)", overrides=False)
     p.add_argument("action", choices=["create", "agent", "optuna"], help="create SPEC | agent SWEEP_ID count=K | agent --offline SPEC count=K | optuna SPEC count=K")
     p.add_argument("target", metavar="SPEC_OR_SWEEP_ID", help="a sweep in conf/sweep/ or a spec file; for `agent`, a W&B sweep id")
     p.add_argument("overrides", nargs="*", help="count=K (agent, optuna), seed=N (optuna), and Hydra overrides every trial adds")
     p.add_argument("--offline", action="store_true", help="create: only write the config; agent: draw trials with W&B's search engine, no server")
     p.add_argument("--out", help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)")
+    parser.set_defaults(subparsers=subparsers)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options and positional arguments (overrides) mix in any order after the command, as users
+    type them (`ftl eval RUN --out DIR key=value`): the command's own parser reads them intermixed."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subparsers = parser.get_default("subparsers")
+    if argv and argv[0] in subparsers:
+        args = subparsers[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, a missing or unknown command: argparse's own messages
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        return args.fn(args)
+        if getattr(args, "config_dir", None):
+            from launcher.config.search_path import add_config_dirs
+
+            add_config_dirs(args.config_dir)
+        code = args.fn(args)
+        sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
+        return code
     except ConfigErrors as e:
         print(f"ftl {args.command}: {e}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout stopped (`| head`): no traceback, and no second error when Python
+        # flushes stdout at exit. 141 is what a shell reports for a process killed by SIGPIPE.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -79,7 +79,10 @@ def launch(overrides: list[str]) -> int:
     errors = backend.preflight(run.cfg)  # what only this machine can tell, e.g. how many GPUs it has
     if errors:
         raise ConfigErrors(errors)
-    changes = write_run_dir(run.raw, run.plan, run.config_path, ["train", *overrides])
+    from launcher.config.search_path import config_dirs
+
+    argv = ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
+    changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
     if changes:
         print(f"ftl: {run.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
         for c in changes:

@@ -85,3 +85,28 @@ def test_console_script_matches_module():
     assert script.exists()
     out = subprocess.run([str(script), "recipes"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == ftl("recipes").stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`ftl recipes | head -1`: the reader closes the pipe; ftl ends quietly as SIGPIPE would (141)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that is already gone: every write fails with EPIPE
+    out = subprocess.run([sys.executable, "-m", "launcher", "recipes"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert out.returncode == 141, out.stderr
+    assert out.stderr == ""
+    shell = subprocess.run(f"{sys.executable} -m launcher recipes | head -n 1", shell=True, capture_output=True, text=True, timeout=60)
+    assert shell.stdout.startswith("demo ") and len(shell.stdout.splitlines()) == 1 and "Traceback" not in shell.stderr
+
+
+def test_options_and_overrides_mix_in_any_order(tmp_path):
+    out = ftl("eval", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), "eval.max_batches=1", cwd=tmp_path)
+    assert out.returncode == 2 and "unrecognized arguments" not in out.stderr
+    assert f"{tmp_path / 'nope'}: no such directory" in out.stderr  # parsed, then refused for what it is
+    out = ftl("sweep", "create", "lr", "--offline", "wandb.project=mine", "--out", str(tmp_path / "s.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "project: mine" in (tmp_path / "s.yaml").read_text()
+    out = ftl("plan", "train.lr=1e-3", f"run.dir={tmp_path / 'r'}", "--config-dir", str(tmp_path), "recipe=tiny", cwd=tmp_path)
+    assert out.returncode == 2 and "holds none of ftl's config folders" in out.stderr  # the option was read where it stood

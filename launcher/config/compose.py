@@ -1,4 +1,6 @@
-"""Compose a run's config with Hydra: conf/ groups + a recipe from recipes/ + command-line overrides.
+"""Compose a run's config with Hydra: conf/ groups + a recipe from recipes/ + command-line overrides,
+with the user's config dirs and recipe files added (:mod:`launcher.config.search_path`) and the
+architecture read from the model's own config.json (:mod:`launcher.config.hf_model`).
 
 Composition uses plain YAML (no structured schema attached), so that *every* problem, bad types
 included, is reported at once by :func:`launcher.config.validate.validate` instead of one at a time
@@ -13,8 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.hf_model import read_model_arch
 from launcher.config.schema import UNIONS, FtlConfig
-from launcher.paths import CONF_DIR, RECIPES_DIR, asset
+from launcher.config.search_path import (
+    check_config_dirs,
+    config_dirs,
+    hydra_quote,
+    is_recipe_path,
+    recipe_file_overrides,
+    recipe_files,
+)
+from launcher.paths import CONF_DIR, asset
 
 GROUPS = ("model", "data", "strategy", "peft", "objective", "launch", "recipe")
 DEFAULT_RECIPE = "demo"
@@ -31,10 +42,6 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("ftl_asset", asset, replace=True)
     _resolvers_registered = True
-
-
-def recipe_files() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
 def recipe_description(path: Path) -> tuple[str, str]:
@@ -63,14 +70,42 @@ def register_schema() -> None:
             cs.store(group=f"schema/{group}", name=tag, node=cls)
 
 
-def _register_recipes() -> None:
-    """Serve recipes/ as Hydra's `recipe` group (package _global_), honouring their defaults lists."""
+def _register_recipes(files: dict[str, Path]) -> None:
+    """Serve the recipes as Hydra's `recipe` group (package _global_), honouring their defaults
+    lists. The group is rebuilt on every call: which recipes exist depends on the config dirs."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
-    for name, path in recipe_files().items():
+    cs.repo.pop("recipe", None)
+    for name, path in files.items():
         cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def _recipe_file(overrides: list[str]) -> tuple[list[str], dict[str, Path], list[ConfigError]]:
+    """``recipe=path/to/file.yaml`` → ``recipe=file`` with that file registered under its stem
+    (it wins over a recipe of the same name: the user pointed at it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    out, files, errors = [], {}, []
+    for text in recipe_file_overrides(overrides):
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except OverrideParseException:
+            out.append(text)  # reported by _check_override_keys
+            continue
+        value = ov.value()
+        if ov.key_or_group == "recipe" and isinstance(value, str) and is_recipe_path(value):
+            path = Path(value).expanduser().resolve()
+            if not path.is_file():
+                errors.append(ConfigError("recipe", f"{value}: no such recipe file"))
+                continue
+            files[path.stem] = path
+            text = f"recipe={hydra_quote(path.stem)}"
+        out.append(text)
+    return out, files, errors
 
 
 def _schema_paths(cls: type, prefix: str = "") -> dict[str, bool]:
@@ -112,7 +147,10 @@ def _check_override_keys(overrides: list[str]) -> tuple[list[ConfigError], list[
         parents = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
         # groups are checked by Hydra; `+k=v` keys by validate()
         if key in GROUPS or ov.is_add() or ov.is_force_add() or key in known or any(known.get(p) for p in parents):
-            good.append(text)
+            # A model group need not list every architecture field (head_dim, the MoE numbers):
+            # setting one it leaves out is setting a schema field, not adding a key.
+            plain = not (ov.is_add() or ov.is_force_add() or ov.is_delete())
+            good.append(f"++{text}" if plain and key.startswith("model.arch.") and key in known else text)
         else:
             errors.append(ConfigError(key, "unknown key" + suggest(key, known)))
     return errors, good
@@ -142,13 +180,22 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    errors, overrides = _check_override_keys(overrides)
+    dirs = config_dirs()
+    dir_errors = check_config_dirs(dirs)
+    if dir_errors:
+        raise ConfigErrors(dir_errors)
+    overrides, files, errors = _recipe_file(overrides)
+    key_errors, overrides = _check_override_keys(overrides)
+    errors += key_errors
     register_resolvers()
     register_schema()
-    _register_recipes()
+    _register_recipes({**recipe_files(), **files})
+    # The config dirs come after ftl's own conf/ (Hydra's --config-dir does the same); their
+    # option names are unique (check_config_dirs), so the order decides nothing.
+    search = [f"hydra.searchpath=[{','.join(hydra_quote(f'file://{d}') for d in dirs)}]"] if dirs else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ftl"):
-            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+            cfg = hydra_compose("config", overrides=overrides + search, return_hydra_config=True)
     except HydraException as e:
         raise ConfigErrors(errors + [_hydra_error(e)]) from None
     except OmegaConfBaseException as e:
@@ -162,6 +209,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[
     except OmegaConfBaseException as e:
         raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
     assert isinstance(resolved, dict)
+    errors += read_model_arch(resolved, choices["model"], overrides)
     return resolved, choices, errors
 
 

@@ -32,22 +32,36 @@ def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open:
 # model
 
 
+# Decoder families ftl trains (transformers' model_type); launcher/model/families.py knows each one's layout.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "mixtral", "olmo2", "granite")
+
+
 @dataclass
 class ArchConfig:
     """Architecture numbers: enough to plan memory and FLOPs with no hub access, and to build a
-    randomly initialised model (``model.source=random``)."""
+    randomly initialised model (``model.source=random``). With ``model.source=hf`` and a readable
+    config.json, ftl fills them in from it."""
 
-    model_type: str = choice("llama", "llama", "mistral", "qwen2")
+    model_type: str = choice("llama", *MODEL_TYPES)
     vocab_size: int = ranged(32000, 1)
     hidden_size: int = ranged(4096, 1)
-    intermediate_size: int = ranged(11008, 1)
+    intermediate_size: int = ranged(11008, 1, doc="the dense MLP's width (mixtral: each expert's)")
     num_layers: int = ranged(32, 1)
     num_heads: int = ranged(32, 1)
     num_kv_heads: int = ranged(32, 1)
+    head_dim: Optional[int] = ranged(None, 1, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)")
     max_position_embeddings: int = ranged(4096, 1)
     tie_embeddings: bool = False
     rope_theta: float = ranged(10000.0, 0.0, lo_open=True)
     rms_norm_eps: float = ranged(1e-5, 0.0, lo_open=True)
+    attention_bias: bool = False  # q/k/v/o biases (qwen2_moe: its qkv_bias; qwen2 always has q/k/v biases)
+    mlp_bias: bool = False
+    # Mixture of experts (mixtral, qwen2_moe); 0 experts: a dense model.
+    num_experts: int = ranged(0, 0)
+    num_experts_per_tok: int = ranged(0, 0)
+    moe_intermediate_size: Optional[int] = ranged(None, 1, doc="each expert's width; null: intermediate_size")
+    shared_expert_intermediate_size: int = ranged(0, 0)  # qwen2_moe's always-on shared expert
+    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP in an MoE model (qwen2_moe mlp_only_layers)
 
 
 @dataclass

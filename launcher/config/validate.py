@@ -20,7 +20,7 @@ from typing import Any, Union
 
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig
+from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
 from launcher.config.topology import global_batch, nodes, world_size
 from launcher.engines.traits import engine_traits
 
@@ -179,11 +179,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     if t.seq_len > m.arch.max_position_embeddings:
         errs.append(ConfigError("train.seq_len", f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}"))
 
-    a = m.arch
-    if a.hidden_size % a.num_heads:
-        errs.append(ConfigError("model.arch.num_heads", f"{a.num_heads} does not divide hidden_size {a.hidden_size}"))
-    if a.num_heads % a.num_kv_heads:
-        errs.append(ConfigError("model.arch.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads {a.num_heads}"))
+    errs += _arch_checks(m)
     if m.source == "hf" and not m.path:
         errs.append(ConfigError("model.path", "model.source=hf needs a Hugging Face directory or hub id"))
     if m.source == "random" and not (m.tokenizer and Path(m.tokenizer).is_dir()):
@@ -198,6 +194,32 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _objective_checks(cfg)
     if not cfg.run.name or "/" in cfg.run.name or "\n" in cfg.run.name:
         errs.append(ConfigError("run.name", f"got {cfg.run.name!r}; use a non-empty name without '/' or newlines"))
+    return errs
+
+
+RANDOM_MODEL_TYPES = ("llama", "mistral", "qwen2")  # what model.source=random builds (launcher.model.loading.arch_to_hf_config)
+SOFTCAP_MODEL_TYPES = ("gemma2",)  # attention logit softcapping: transformers refuses sdpa for them
+
+
+def _arch_checks(m: ModelConfig) -> list[ConfigError]:
+    errs: list[ConfigError] = []
+    a = m.arch
+    if a.head_dim is None and a.hidden_size % a.num_heads:
+        errs.append(ConfigError("model.arch.num_heads", f"{a.num_heads} does not divide hidden_size {a.hidden_size}; "
+                                "set model.arch.head_dim if the model's heads are not hidden_size / num_heads wide"))  # fmt: skip
+    if a.num_heads % a.num_kv_heads:
+        errs.append(ConfigError("model.arch.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads {a.num_heads}"))
+    if a.num_experts and not 1 <= a.num_experts_per_tok <= a.num_experts:
+        errs.append(ConfigError("model.arch.num_experts_per_tok", f"got {a.num_experts_per_tok}; must be 1 to num_experts ({a.num_experts})"))
+    if a.dense_layers and not all(0 <= i < a.num_layers for i in a.dense_layers):
+        errs.append(ConfigError("model.arch.dense_layers", f"got {a.dense_layers}; layer indices are 0 to {a.num_layers - 1}"))
+    if m.source == "random" and a.model_type not in RANDOM_MODEL_TYPES:
+        errs.append(ConfigError("model.arch.model_type", f"model.source=random builds {', '.join(RANDOM_MODEL_TYPES)}, not {a.model_type!r}; "
+                                "load a Hugging Face directory of it with model.source=hf model.path=DIR"))  # fmt: skip
+    if a.model_type in SOFTCAP_MODEL_TYPES and m.attn_implementation in ("sdpa", "sdpa_varlen"):
+        errs.append(ConfigError("model.attn_implementation", f"{m.attn_implementation!r} cannot cap attention logits, which "
+                                f"{a.model_type} does (attn_logit_softcapping); use model.attn_implementation=eager "
+                                "(or flash_attention_2 on a GPU)"))  # fmt: skip
     return errs
 
 

@@ -66,10 +66,13 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: A
     if not model_cfg.path:
         raise ValueError("model.source=hf needs model.path: a Hugging Face directory or hub id")
     source = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    config = checked_hf_config(model_cfg, model_cfg.path, **source)
     if empty:
-        model = _empty_model(model_cfg, dtype, model_cfg.path, **source)
+        model = _empty_model(model_cfg, dtype, config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **source, **quant)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, config=config, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **source, **quant
+        )
     # `revision` names a commit of model.path; a separate tokenizer repo has its own history.
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != model_cfg.path
     tokenizer = load_tokenizer(
@@ -87,21 +90,62 @@ def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **qua
 
     path = str(smollm2_dir())
     if empty:
-        model = _empty_model(model_cfg, dtype, path)
+        from transformers import AutoConfig
+
+        model = _empty_model(model_cfg, dtype, AutoConfig.from_pretrained(path))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant)
     return model, load_tokenizer(model_cfg.tokenizer or path)
 
 
-def _empty_model(model_cfg: ModelConfig, dtype: torch.dtype, path: str, **source: Any) -> Any:
-    """The architecture at ``path`` on the meta device: its config is read, its weights are not."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _empty_model(model_cfg: ModelConfig, dtype: torch.dtype, config: Any) -> Any:
+    """The architecture ``config`` describes on the meta device: no weights read."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, **source)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
             config, attn_implementation=model_cfg.attn_implementation, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
         )
+
+
+def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
+    """The weights' own config, checked against ``model.arch`` (which `ftl plan` used): a shape that
+    differs is an error naming both; a context length, rope base, norm epsilon or experts-per-token
+    the run sets differently is applied, and said so."""
+    import os
+    import sys
+
+    from transformers import AutoConfig
+
+    from launcher.model.families import UnsupportedModel, arch_differences, arch_fields, arch_from_hf_config
+
+    config = AutoConfig.from_pretrained(path, **source)
+    try:
+        weights = arch_from_hf_config(config.to_dict())
+    except UnsupportedModel as e:
+        raise ValueError(f"model.path {path}: {e}") from None
+    shapes, tuned = arch_differences(arch_fields(model_cfg.arch), weights)
+    if shapes:
+        raise ValueError(f"model.arch does not match the weights in {path} (model.arch vs its config.json): {'; '.join(shapes)}. "
+                         "Drop the model.arch overrides, or point model.path at the model they describe")  # fmt: skip
+    for key, value in tuned.items():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ftl: model.arch.{key}={value} replaces {weights[key]} from {path}/config.json", file=sys.stderr)
+        _set_config(config, key, value)
+    return config
+
+
+def _set_config(config: Any, key: str, value: Any) -> None:
+    if key == "rope_theta":
+        rope = getattr(config, "rope_parameters", None)
+        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+            rope["full_attention"]["rope_theta"] = value  # gemma3: the full-attention layers' base
+        elif isinstance(rope, dict):
+            rope["rope_theta"] = value
+        else:
+            config.rope_theta = value
+        return
+    setattr(config, key, value)
 
 
 def _build_random(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: Any) -> tuple[Any, Any]:
@@ -150,6 +194,8 @@ def arch_to_hf_config(arch: ArchConfig, tokenizer: Any) -> Any:
         num_attention_heads=arch.num_heads,
         num_key_value_heads=arch.num_kv_heads,
         max_position_embeddings=arch.max_position_embeddings,
+        **({"head_dim": arch.head_dim} if arch.head_dim else {}),
+        **({"attention_bias": arch.attention_bias, "mlp_bias": arch.mlp_bias} if arch.model_type == "llama" else {}),
         tie_word_embeddings=arch.tie_embeddings,
         rope_theta=arch.rope_theta,
         rms_norm_eps=arch.rms_norm_eps,
@@ -162,7 +208,7 @@ def arch_to_hf_config(arch: ArchConfig, tokenizer: Any) -> Any:
 def check_arch(arch: ArchConfig, tokenizer_size: int) -> None:
     """Errors from_config would only report deep inside a forward pass, all at once."""
     problems = []
-    if arch.hidden_size % arch.num_heads:
+    if arch.head_dim is None and arch.hidden_size % arch.num_heads:
         problems.append(f"hidden_size {arch.hidden_size} is not a multiple of num_heads {arch.num_heads}")
     if arch.num_heads % arch.num_kv_heads:
         problems.append(f"num_heads {arch.num_heads} is not a multiple of num_kv_heads {arch.num_kv_heads}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from launcher.config.schema import ArchConfig, StrategyBase
 from launcher.engines.traits import EngineTraits, engine_traits, strategy_named
+from launcher.model.families import expert_width, head_dim, layout, moe_layer_flags
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -32,37 +33,43 @@ ZERO3_SUB_GROUP = 10**9  # DeepSpeed's default sub_group_size: the optimizer ste
 NF4_BYTES = 0.5
 QUANT_BLOCK, DOUBLE_QUANT_BLOCK = 64, 256
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STRATEGY_ROWS = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")  # in order of cost
 
 
 # --------------------------------------------------------------------------------------------
-# parameter counts
+# parameter counts (exact for every family in launcher/model/families.py: tests/model/test_families.py)
 
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameters of a Llama-family decoder (Llama, Mistral, Qwen2), by the part they sit in."""
+    """Parameters of a decoder, by the part they sit in. "Linear" weights are the ``nn.Linear``
+    ones (what QLoRA quantizes and LoRA adapts by name); MoE experts and routers are 3-D or bare
+    parameters apart from them."""
 
     embed: int  # V·h
     head: int  # V·h; 0 when tied to the embeddings
-    layer_linear: int  # one decoder layer's q, k, v, o, gate, up, down weights
-    layer_other: int  # one layer's two norms (+ Qwen2's q/k/v biases)
     final_norm: int
     num_layers: int
-    largest_linear: int  # the largest single weight matrix in a layer
-
-    @property
-    def layer(self) -> int:
-        return self.layer_linear + self.layer_other
+    layers_linear: int  # every decoder layer's nn.Linear weights
+    layers_experts: int  # every MoE layer's experts and router
+    layers_other: int  # every decoder layer's norms and biases
+    layer: int  # the largest decoder layer, all its parameters (what FSDP gathers at once)
+    layer_linear: int  # that layer's weight matrices (linear and experts)
+    largest_linear: int  # the largest single weight tensor in a layer (a fused expert tensor in an MoE)
+    inactive: int = 0  # expert parameters one token does not pass through (MoE: all but the top-k)
 
     @property
     def total(self) -> int:
-        return self.num_layers * self.layer + self.embed + self.head + self.final_norm
+        return self.layers_linear + self.layers_experts + self.layers_other + self.embed + self.head + self.final_norm
+
+    @property
+    def active(self) -> int:
+        """Parameters one token passes through: the total for a dense model, top-k experts for an MoE."""
+        return self.total - self.inactive
 
     @property
     def linear(self) -> int:
-        return self.num_layers * self.layer_linear
+        return self.layers_linear
 
     @property
     def root(self) -> int:
@@ -70,36 +77,84 @@ class ParamCounts:
         return self.embed + self.head + self.final_norm
 
 
+def layer_linears(arch: ArchConfig, moe: bool = False) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each nn.Linear of one decoder layer, by module name; ``moe``:
+    a layer whose MLP is a mixture of experts (its experts are not nn.Linear)."""
+    h, d, i = arch.hidden_size, head_dim(arch), arch.intermediate_size
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    fam = layout(arch.model_type)
+    if fam.fused:
+        out = {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h)}
+    else:
+        out = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+    if not moe:
+        mlp = {"gate_up_proj": (h, 2 * i)} if fam.fused else {"gate_proj": (h, i), "up_proj": (h, i)}
+        out.update(mlp, down_proj=(i, h))
+    elif fam.moe == "qwen2_moe":  # the always-on shared expert and its one-output gate
+        si = arch.shared_expert_intermediate_size
+        out.update(gate_proj=(h, si), up_proj=(h, si), down_proj=(si, h), shared_expert_gate=(h, 1))
+    return out
+
+
 def linear_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of one decoder layer."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_kv_heads * (h // arch.num_heads)
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    """(in_features, out_features) of each linear layer of one dense decoder layer."""
+    return layer_linears(arch)
+
+
+def mlp_width(arch: ArchConfig) -> int:
+    """The MLP width one token's activations go through: the dense MLP's, or top-k experts plus the shared one."""
+    if not arch.num_experts:
+        return arch.intermediate_size
+    moe = arch.num_experts_per_tok * expert_width(arch) + arch.shared_expert_intermediate_size
+    return max(moe, arch.intermediate_size) if arch.dense_layers else moe
+
+
+def _layer_counts(arch: ArchConfig, moe: bool) -> tuple[int, int, int, int, int]:
+    """One decoder layer: (linear weights, experts + router, norms + biases, largest tensor, inactive experts)."""
+    h, d = arch.hidden_size, head_dim(arch)
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    fam = layout(arch.model_type)
+    shapes = layer_linears(arch, moe)
+    linear = sum(a * b for a, b in shapes.values())
+    largest = max(a * b for a, b in shapes.values())
+    other = fam.norms_per_layer * h
+    if fam.qkv_bias == "always" or (fam.qkv_bias and arch.attention_bias):
+        other += q + 2 * kv + (h if fam.o_bias and arch.attention_bias else 0)
+    other += {"head": 2 * d, "proj": q + kv}.get(fam.qk_norm, 0)
+    if arch.mlp_bias and not moe:
+        other += 2 * arch.intermediate_size + h
+    experts = inactive = 0
+    if moe:
+        e, w = arch.num_experts, expert_width(arch)
+        experts = e * h + e * 3 * h * w  # router [e, h]; gate_up [e, 2w, h] and down [e, h, w]
+        largest = max(largest, e * 2 * w * h)
+        inactive = (e - arch.num_experts_per_tok) * 3 * h * w
+    return linear, experts, other, largest, inactive
 
 
 def param_counts(arch: ArchConfig) -> ParamCounts:
-    h = arch.hidden_size
-    shapes = linear_shapes(arch)
-    kv = shapes["k_proj"][1]
-    other = 2 * h + (h + 2 * kv if arch.model_type == "qwen2" else 0)
-    embed = arch.vocab_size * h
+    embed = arch.vocab_size * arch.hidden_size
+    per_layer = {moe: _layer_counts(arch, moe) for moe in set(moe_layer_flags(arch))}
+    flags = moe_layer_flags(arch)
+    sums = [sum(per_layer[m][k] for m in flags) for k in range(5)]
+    biggest = max(per_layer.values(), key=lambda c: c[0] + c[1] + c[2])
     return ParamCounts(
-        embed=embed, head=0 if arch.tie_embeddings else embed,
-        layer_linear=sum(a * b for a, b in shapes.values()), layer_other=other, final_norm=h,
-        num_layers=arch.num_layers, largest_linear=max(a * b for a, b in shapes.values()),
+        embed=embed, head=0 if arch.tie_embeddings else embed, final_norm=arch.hidden_size, num_layers=arch.num_layers,
+        layers_linear=sums[0], layers_experts=sums[1], layers_other=sums[2],
+        layer=biggest[0] + biggest[1] + biggest[2], layer_linear=biggest[0] + biggest[1],
+        largest_linear=max(c[3] for c in per_layer.values()), inactive=sums[4],
     )  # fmt: skip
 
 
-def resolve_lora_targets(targets: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+def resolve_lora_targets(targets: list[str] | tuple[str, ...], arch: ArchConfig) -> tuple[list[str], list[str]]:
     """(known, unknown) module names. ``all-linear`` is PEFT's shorthand for every linear layer
     but the output head; a short name (``q``) means ``q_proj``."""
+    names = {n for moe in set(moe_layer_flags(arch)) for n in layer_linears(arch, moe)}
     known: list[str] = []
     unknown: list[str] = []
     for t in targets:
-        names = list(LINEAR_MODULES) if t == "all-linear" else [t if t in ("lm_head",) or t.endswith("_proj") else f"{t}_proj"]
-        for name in names:
-            if name not in LINEAR_MODULES and name != "lm_head":
+        for name in sorted(names) if t == "all-linear" else [t if t in names or t == "lm_head" else f"{t}_proj"]:
+            if name not in names and name != "lm_head":
                 unknown.append(t)
             elif name not in known:
                 known.append(name)
@@ -110,11 +165,17 @@ def lora_param_count(arch: ArchConfig, r: int, targets: list[str] | tuple[str, .
                      modules_to_save: list[str] | tuple[str, ...] = ()) -> int:  # fmt: skip
     """Trainable parameters of LoRA: r·(d_in + d_out) per adapted linear (A is r×d_in, B is
     d_out×r), plus a full trainable copy of each module in ``modules_to_save`` (lm_head,
-    embed_tokens)."""
-    known, _ = resolve_lora_targets(targets)
-    shapes = linear_shapes(arch)
-    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in known if n in shapes)
-    total = arch.num_layers * per_layer
+    embed_tokens). Mixtral's experts under ``all-linear``: peft (0.21) adapts the fused expert
+    tensors and the router too, rank 2r on each expert's gate_up, r on its down and on the router;
+    qwen2_moe's experts and router it leaves alone."""
+    known, _ = resolve_lora_targets(targets, arch)
+    total = 0
+    for moe in moe_layer_flags(arch):
+        shapes = layer_linears(arch, moe)
+        total += sum(r * (shapes[n][0] + shapes[n][1]) for n in known if n in shapes)
+        if moe and "all-linear" in targets and layout(arch.model_type).moe == "mixtral":
+            h, w, e = arch.hidden_size, expert_width(arch), arch.num_experts
+            total += e * 2 * r * (h + 2 * w) + e * r * (w + h) + r * (h + e)
     if "lm_head" in known:
         total += r * (arch.hidden_size + arch.vocab_size)
     embed = arch.vocab_size * arch.hidden_size
@@ -273,9 +334,9 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
     of (activations + working set) and the step's temporaries + fixed overhead + fragmentation."""
     notes: list[str] = []
     if w.peft.method != "none":
-        _, unknown = resolve_lora_targets(w.peft.targets)
+        _, unknown = resolve_lora_targets(w.peft.targets, w.arch)
         if unknown:
-            notes.append(f"LoRA targets not in a Llama-style layer, not counted: {', '.join(unknown)}")
+            notes.append(f"LoRA targets that are no linear layer of a {w.arch.model_type} model, not counted: {', '.join(unknown)}")
     st = _model_states(w, lay)
     act, act_detail = _activations(w, lay)
     fixed = FIXED_GPU_OVERHEAD if on_gpu else 0.0
@@ -328,7 +389,7 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         b = c
         s = lay.traits.zero_stage
         # Parameters smaller than stage3_param_persistence_threshold (10h: norms, biases) stay whole.
-        small = pc.num_layers * pc.layer_other + pc.final_norm if not peft else 0
+        small = pc.layers_other + pc.final_norm if not peft else 0
         p_div = n if s >= 3 else 1
         # Stage 1 reduces at the accumulation boundary only: until then each rank holds every
         # gradient (reduce_ready_partitions_and_remove_grads); with no accumulation it keeps its
@@ -402,14 +463,14 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
     a = w.arch
     pc = param_counts(a)
     c = DTYPE_BYTES[w.precision]
-    t, h, i = w.tokens, a.hidden_size, a.intermediate_size
+    t, h, i = w.tokens, a.hidden_size, mlp_width(a)
     full_ft = w.peft.method == "none"
     # fp32 weights under autocast give an fp32 residual stream; a cast model gives a c one.
     r = FP32 if (_autocasts(lay) and full_ft) else c
     mask = c * w.micro_batch * w.seq_len**2
     layer = c * t * (7 * h + 4 * i) + 2 * (FP32 + r) * t * h + mask
     if not full_ft:
-        known, _ = resolve_lora_targets(w.peft.targets)
+        known, _ = resolve_lora_targets(w.peft.targets, a)
         shapes = linear_shapes(a)
         drop = (c + 1) if w.peft.dropout > 0 else 0
         layer += sum(drop * t * shapes[m][0] + c * t * w.peft.r for m in known if m in shapes)
@@ -424,7 +485,7 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
     copies = 0.0
     if _autocasts(lay) and full_ft and c < FP32:
         head = pc.head or pc.embed
-        copies = c * ((pc.layer_linear if w.activation_checkpointing else pc.linear) + head)
+        copies = c * ((pc.layer_linear if w.activation_checkpointing else pc.linear + pc.layers_experts) + head)
     text = f"{layers_text} + logits/loss {fmt_bytes(logits)} ({t} tokens × {a.vocab_size} vocab × {c + LOSS_EXTRA_PER_LOGIT} B)"
     if copies:
         text += f" + autocast weight copies {fmt_bytes(copies)}"
@@ -482,6 +543,6 @@ def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
 
 __all__ = [
     "Alternative", "Estimate", "GiB", "Layout", "ParamCounts", "Peft", "STRATEGY_ROWS", "Workload",
-    "alternatives", "estimate", "fmt_bytes", "gib", "layout_named", "layout_of", "linear_shapes", "lora_param_count",
+    "alternatives", "estimate", "fmt_bytes", "gib", "layer_linears", "layout_named", "layout_of", "linear_shapes", "lora_param_count", "mlp_width",
     "param_counts", "quantized_bytes_per_param", "resolve_lora_targets", "zero_model_states",
 ]  # fmt: skip

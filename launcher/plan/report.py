@@ -27,7 +27,7 @@ from launcher.plan.memory import (
 
 
 def param_count(arch: ArchConfig) -> int:
-    """Parameters of a Llama-family decoder (Llama, Mistral, Qwen2) from its architecture numbers."""
+    """Parameters of the decoder ``arch`` describes (every family in launcher/model/families.py)."""
     return param_counts(arch).total
 
 
@@ -48,7 +48,8 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
     gb = global_batch(cfg)
     return [
         ("recipe", f"{cfg.recipe}  ({', '.join(f'{g}={v}' for g, v in choices.items() if g != 'recipe')})"),
-        ("model", f"{m.name} [{m.source}{': ' + m.path if m.path else ''}] {m.arch.model_type}, {human(param_count(m.arch))} params"),
+        ("model", f"{m.name} [{m.source}{': ' + m.path if m.path else ''}] {m.arch.model_type}, {human(param_count(m.arch))} params"
+                  + (f" ({human(param_counts(m.arch).active)} active per token)" if m.arch.num_experts else "")),
         ("data", f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
                  f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}"),
         ("strategy", f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}"),

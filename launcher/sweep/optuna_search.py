@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.search_path import hydra_quote
 from launcher.sweep.agents import parse_agent_args
-from launcher.sweep.spec import SweepSpec, check_no_conflict, check_trials, distribution, hydra_quote, load_spec
+from launcher.sweep.spec import SweepSpec, check_no_conflict, check_trials, distribution, load_spec
 
 
 def grammar_value(value: Any) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.search_path import options
 from launcher.paths import CONF_DIR
 
 SWEEP_DIR = CONF_DIR / "sweep"
@@ -43,14 +44,15 @@ class SweepSpec:
 
 
 def spec_path(spec: str) -> Path:
-    """A name in conf/sweep/, or a file (a spec, or a W&B sweep config `ftl sweep create` wrote)."""
-    named = SWEEP_DIR / f"{spec}.yaml"
-    if "/" not in spec and not spec.endswith((".yaml", ".yml")) and named.is_file():
-        return named
+    """A name in conf/sweep/ or a config dir's sweep/, or a file (a spec, or a W&B sweep config
+    `ftl sweep create` wrote)."""
+    named = options("sweep")
+    if "/" not in spec and not spec.endswith((".yaml", ".yml")) and spec in named:
+        return named[spec]
     path = Path(spec).expanduser()
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
-        raise ConfigErrors([ConfigError("spec", f"{spec!r}: no such file, nor a sweep in conf/sweep/ (available: {names})")])
+        names = ", ".join(sorted(named))
+        raise ConfigErrors([ConfigError("spec", f"{spec!r}: no such file, nor a sweep in conf/sweep/ or a config dir (available: {names})")])
     return path
 
 
@@ -222,12 +224,6 @@ def check_no_conflict(extra: list[str], fixed: list[str]) -> None:
     clash = [o for o in extra if override_key(o) in taken]
     if clash:
         raise ConfigErrors([ConfigError(override_key(o), f"{o!r}: the sweep's command already sets it; change the sweep instead") for o in clash])
-
-
-def hydra_quote(value: str) -> str:
-    """A value as one quoted Hydra override value: any path, spaces and quotes included."""
-    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + escaped.replace("'", "\\'") + "'"
 
 
 def safe_name(text: str) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.search_path import hydra_quote
 from launcher.files import write_atomic
-from launcher.sweep.spec import check_no_conflict, hydra_quote, safe_name, sweep_dir_for
+from launcher.sweep.spec import check_no_conflict, safe_name, sweep_dir_for
 
 # The environment the W&B agent gives a trial, and what a requeued trial needs of it again.
 AGENT_ENV = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR")

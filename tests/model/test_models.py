@@ -103,7 +103,7 @@ def test_hf_source_reloads_a_saved_directory(tiny_cfg: ModelConfig, tmp_path: Pa
     model, tokenizer = load_model_and_tokenizer(tiny_cfg)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    hf_cfg = ModelConfig(source="hf", path=str(tmp_path), attn_implementation="eager")
+    hf_cfg = ModelConfig(source="hf", path=str(tmp_path), attn_implementation="eager", arch=tiny_cfg.arch)
     loaded, loaded_tokenizer = load_model_and_tokenizer(hf_cfg)
     assert loaded.config._attn_implementation == "eager"
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

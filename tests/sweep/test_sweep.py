@@ -25,8 +25,9 @@ from helpers import ftl_env, wandb_offline_attempts
 from slurm_cluster import local_cluster
 
 from launcher.config.errors import ConfigErrors
+from launcher.config.search_path import hydra_quote
 from launcher.sweep.agents import render_sweep_script
-from launcher.sweep.spec import SWEEP_DIR, hydra_quote, load_spec
+from launcher.sweep.spec import SWEEP_DIR, load_spec
 from launcher.sweep.trial import sweep_trial
 from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_sweep_config
 

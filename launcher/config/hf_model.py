@@ -1,0 +1,91 @@
+"""``model.source=hf``: the architecture read from the model's own config.json, at composition.
+
+A model group (conf/model/*.yaml) carries architecture numbers so that a run can be planned with no
+weights in reach. When ``model.path`` is a local directory with a config.json, or a hub id already
+in the local Hugging Face cache, that file is the truth instead: ftl reads ``model.arch`` from it
+(JSON only: `ftl plan` imports no torch), and — when the path is not the one the model group was
+written for — the model's name from the path and its tokenizer from the same place. Explicit
+``model.arch.*`` overrides on the command line still win; one that contradicts the weights' shapes
+is an error naming both. A path the model group does not describe and whose config.json cannot be
+read is an error too: the numbers of some other model would plan it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from launcher.config.errors import ConfigError
+from launcher.config.search_path import options
+
+
+def _explicit(overrides: list[str], prefix: str) -> set[str]:
+    """The keys under ``prefix`` that command-line overrides set (``model.arch.x=1`` → ``x``)."""
+    keys = set()
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key.startswith(prefix):
+            keys.add(key[len(prefix) :])
+    return keys
+
+
+def _group_values(model_choice: str) -> dict[str, Any]:
+    """The model group's own file, resolved where it can be (``${ftl_asset:...}``): what
+    ``model.*`` holds when nothing else set it."""
+    from omegaconf import OmegaConf
+
+    file = options("model").get(model_choice)
+    if file is None:
+        return {}
+    try:
+        node = OmegaConf.load(file)
+        try:
+            data = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an interpolation of the whole config: compare the text as written
+            data = OmegaConf.to_container(node, resolve=False)
+    except Exception:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]) -> list[ConfigError]:
+    """Fill ``raw["model"]`` from the model's config.json, in place; the errors found."""
+    from launcher.model.families import UnsupportedModel, arch_differences, arch_from_hf_config, has_tokenizer, name_from_path, read_hf_config
+
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("source") != "hf" or not isinstance(model.get("path"), str) or not model["path"]:
+        return []
+    path = model["path"]
+    group = _group_values(model_choice)
+    ours = path == group.get("path")  # the path the model group's numbers were written for
+    try:
+        config, where = read_hf_config(path, model.get("revision"))
+        arch = arch_from_hf_config(config) if config is not None else None
+    except UnsupportedModel as e:
+        return [ConfigError("model.path", f"{path}: {e}")]
+    if arch is None:
+        if ours:
+            return []  # the model group's own numbers describe it
+        fix = f"download it first (huggingface-cli download {shlex.quote(path)})" if where.startswith("hub id") else "check model.path"
+        return [ConfigError("model.path", f"cannot read the architecture of {path!r}: {where}. ftl plans and checks a run "
+                            f"with the model's own numbers: {fix}, or describe the model in a model group of your config dir "
+                            "(model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)")]  # fmt: skip
+    given = model.get("arch") if isinstance(model.get("arch"), dict) else {}
+    explicit = {k: given[k] for k in _explicit(overrides, "model.arch.") if k in given}
+    shapes, _ = arch_differences(explicit, arch)
+    if shapes:
+        return [ConfigError("model.arch", f"overrides contradict the weights in {path} ({where}), override vs config.json: "
+                            f"{'; '.join(shapes)}; drop them, or point model.path at the model they describe")]  # fmt: skip
+    model["arch"] = {**arch, **explicit}
+    if not ours:  # the model group's name and tokenizer belong to its own model, unless set again
+        explicit_model = _explicit(overrides, "model.")
+        if "name" not in explicit_model and model.get("name") == group.get("name"):
+            model["name"] = name_from_path(path)
+        if "tokenizer" not in explicit_model and model.get("tokenizer") == group.get("tokenizer"):
+            model["tokenizer"] = ""  # the model's own, from model.path
+        local = Path(path).expanduser()
+        if not model.get("tokenizer") and local.is_dir() and not has_tokenizer(local):
+            return [ConfigError("model.tokenizer", f"{local} holds no tokenizer (tokenizer.json, tokenizer_config.json, ...); "
+                                "set model.tokenizer to a directory or hub id that has one")]  # fmt: skip
+    return []

@@ -1,0 +1,256 @@
+"""The decoder families ftl trains, and their architecture numbers read from a Hugging Face
+``config.json``. Pure Python, JSON only: `ftl plan` reads a model directory with it on a login node.
+
+transformers implements each family with its own layout (checked to the parameter against
+instantiated models with transformers 5.24, ``tests/model/test_families.py``):
+
+* head_dim is hidden_size / num_heads unless config.json says otherwise; a missing key takes the
+  config class's default, which is 128 for qwen3 and 256 for gemma2/3 (``FAMILY_DEFAULTS``).
+* biases: qwen2 always has q/k/v biases; qwen2_moe has them with ``qkv_bias`` (default true); llama,
+  qwen3, gemma, olmo2 and granite have q/k/v/o biases with ``attention_bias``, llama and granite
+  MLP biases with ``mlp_bias``.
+* norms: qwen3 and gemma3 normalise q and k per head (head_dim weights each); olmo2 over the whole
+  projection; gemma2/3 have four norms per layer, the others two.
+* phi3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
+* experts: mixtral has ``num_local_experts`` experts of ``intermediate_size``; qwen2_moe has
+  ``num_experts`` of ``moe_intermediate_size`` plus a shared expert and its one-output gate, and
+  dense MLPs in ``mlp_only_layers`` and the layers ``decoder_sparse_step`` skips. transformers 5
+  keeps each layer's experts as fused 3-D parameters and the router as a bare [experts, hidden]
+  parameter (not ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.config.schema import MODEL_TYPES, ArchConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a family's decoder layer holds beyond the Llama layout."""
+
+    qkv_bias: str = ""  # "always", or the config key that turns q/k/v biases on
+    o_bias: bool = False  # the o_proj bias follows the same key (attention_bias)
+    mlp_bias: bool = False  # config key mlp_bias exists
+    qk_norm: str = ""  # "head": one head_dim weight each for q and k; "proj": over the whole projection
+    norms_per_layer: int = 2
+    fused: bool = False  # phi3: qkv_proj and gate_up_proj
+    moe: str = ""  # "mixtral" | "qwen2_moe"
+
+
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(qkv_bias="attention_bias", o_bias=True, mlp_bias=True),
+    "granite": Layout(qkv_bias="attention_bias", o_bias=True, mlp_bias=True),
+    "mistral": Layout(),
+    "mixtral": Layout(moe="mixtral"),
+    "qwen2": Layout(qkv_bias="always"),
+    "qwen2_moe": Layout(qkv_bias="qkv_bias", moe="qwen2_moe"),
+    "qwen3": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="head"),
+    "gemma2": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4),
+    "gemma3_text": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, qk_norm="head"),
+    "phi3": Layout(fused=True),
+    "olmo2": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="proj"),
+}
+assert set(LAYOUTS) == set(MODEL_TYPES)
+
+# transformers' config-class defaults for keys a config.json may leave out (head_dim absent and not
+# listed: hidden_size // num_attention_heads; num_key_value_heads absent: num_attention_heads).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "qwen2_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                  "qkv_bias": True, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "mixtral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                "num_local_experts": 8, "num_experts_per_tok": 2},
+    "olmo2": {"vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "granite": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+}  # fmt: skip
+
+# Arch fields that decide the shapes of the weights: a value here that differs from the weights'
+# config.json is an error. The others (context length, rope base, norm epsilon, experts per token)
+# may be overridden, and the override is applied when the model loads.
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "tie_embeddings", "attention_bias", "mlp_bias", "num_experts", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "dense_layers")  # fmt: skip
+TUNABLE_FIELDS = ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok")
+
+
+class UnsupportedModel(ValueError):
+    """A config.json ftl cannot train: its message says why and what ftl does train."""
+
+
+def layout(model_type: str) -> Layout:
+    return LAYOUTS[model_type]
+
+
+def head_dim(arch: ArchConfig) -> int:
+    return arch.head_dim or arch.hidden_size // arch.num_heads
+
+
+def expert_width(arch: ArchConfig) -> int:
+    return arch.moe_intermediate_size or arch.intermediate_size
+
+
+def moe_layer_flags(arch: ArchConfig) -> list[bool]:
+    """Per decoder layer: whether its MLP is a sparse mixture of experts."""
+    if not arch.num_experts:
+        return [False] * arch.num_layers
+    dense = set(arch.dense_layers)
+    return [i not in dense for i in range(arch.num_layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# config.json → ArchConfig fields
+
+
+def _text_part(config: dict[str, Any]) -> dict[str, Any]:
+    model_type = config.get("model_type")
+    if model_type == "gemma3" and "text_config" in config:
+        raise UnsupportedModel("model_type 'gemma3' is multimodal Gemma 3 (a vision tower and a language model); ftl trains "
+                               "text decoders: use a text-only checkpoint (model_type gemma3_text, e.g. google/gemma-3-1b-it)")  # fmt: skip
+    if model_type not in LAYOUTS:
+        raise UnsupportedModel(f"model_type {model_type!r} is not a decoder family ftl trains; supported: {', '.join(MODEL_TYPES)}")
+    return config
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    if config.get(key) is not None:
+        return config[key]
+    return FAMILY_DEFAULTS[config["model_type"]].get(key)
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    """transformers 5 writes ``rope_parameters`` (per layer type for gemma3: the full-attention
+    layers' base is the one reported); hub files from transformers 4 have ``rope_theta``."""
+    rp = config.get("rope_parameters") or {}
+    if isinstance(rp.get("full_attention"), dict):
+        rp = rp["full_attention"]
+    theta = rp.get("rope_theta") if isinstance(rp, dict) else None
+    return float(theta or config.get("rope_theta") or FAMILY_DEFAULTS[config["model_type"]]["rope_theta"])
+
+
+def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """ArchConfig fields from a config.json dict (transformers 4 or 5 keys). Raises UnsupportedModel."""
+    cfg = _text_part(config)
+    mt = cfg["model_type"]
+    lay = LAYOUTS[mt]
+    heads = _get(cfg, "num_attention_heads")
+    hidden = _get(cfg, "hidden_size")
+    layers = _get(cfg, "num_hidden_layers")
+    arch: dict[str, Any] = {
+        "model_type": mt,
+        "vocab_size": _get(cfg, "vocab_size"),
+        "hidden_size": hidden,
+        "intermediate_size": _get(cfg, "intermediate_size"),
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": _get(cfg, "num_key_value_heads") or heads,
+        "head_dim": _get(cfg, "head_dim") or hidden // heads,
+        "max_position_embeddings": _get(cfg, "max_position_embeddings"),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", FAMILY_DEFAULTS[mt].get("tie_word_embeddings", False))),
+        "rope_theta": _rope_theta(cfg),
+        "rms_norm_eps": float(_get(cfg, "rms_norm_eps")),
+        "attention_bias": lay.qkv_bias == "always" or bool(lay.qkv_bias and _get(cfg, lay.qkv_bias)),
+        "mlp_bias": lay.mlp_bias and bool(_get(cfg, "mlp_bias")),
+        "num_experts": 0,
+        "num_experts_per_tok": 0,
+        "moe_intermediate_size": None,
+        "shared_expert_intermediate_size": 0,
+        "dense_layers": [],
+    }
+    if lay.moe == "mixtral":  # num_local_experts in config.json; transformers 5 aliases num_experts to it
+        arch["num_experts"] = cfg.get("num_local_experts") or cfg.get("num_experts") or FAMILY_DEFAULTS[mt]["num_local_experts"]
+        arch["num_experts_per_tok"] = _get(cfg, "num_experts_per_tok")
+    elif lay.moe == "qwen2_moe":
+        experts, step = _get(cfg, "num_experts"), _get(cfg, "decoder_sparse_step")
+        only = set(_get(cfg, "mlp_only_layers") or [])
+        arch["num_experts"] = experts
+        arch["num_experts_per_tok"] = _get(cfg, "num_experts_per_tok")
+        arch["moe_intermediate_size"] = _get(cfg, "moe_intermediate_size")
+        arch["shared_expert_intermediate_size"] = _get(cfg, "shared_expert_intermediate_size")
+        arch["dense_layers"] = [i for i in range(layers) if i in only or not experts or (i + 1) % step]
+    return arch
+
+
+def arch_fields(arch: ArchConfig) -> dict[str, Any]:
+    """The arch as a dict of its fields (what arch_from_hf_config returns)."""
+    return {f.name: getattr(arch, f.name) for f in fields(arch)}
+
+
+def arch_differences(given: dict[str, Any], weights: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(the shape fields where ``given`` and the weights' config disagree, each as "field: given vs
+    weights"; the tunable fields ``given`` changes, field -> value). Fields absent from ``given``
+    are not compared; head_dim null means hidden_size / num_heads."""
+    given = dict(given)
+    if "head_dim" in given and given["head_dim"] is None:
+        given["head_dim"] = given.get("hidden_size", weights["hidden_size"]) // given.get("num_heads", weights["num_heads"])
+    shapes = [f"{k}: {given[k]!r} vs {weights[k]!r}" for k in SHAPE_FIELDS if k in given and _norm(k, given[k]) != _norm(k, weights[k])]
+    tuned = {k: given[k] for k in TUNABLE_FIELDS if k in given and given[k] != weights[k]}
+    return shapes, tuned
+
+
+def _norm(key: str, value: Any) -> Any:
+    return sorted(value) if key == "dense_layers" else value
+
+
+# --------------------------------------------------------------------------------------------
+# finding a config.json
+
+
+def read_hf_config(path: str, revision: Optional[str] = None) -> tuple[Optional[dict[str, Any]], str]:
+    """(config.json of ``path``, where it was read) — or (None, why not): ``path`` is a local
+    directory or a hub id, looked up in the local Hugging Face cache only (no network)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        file = local / "config.json"
+        if not file.is_file():
+            return None, f"{local} has no config.json"
+        return _load_json(file), str(file)
+    if path.startswith(("/", "./", "../", "~")) or local.exists():
+        return None, f"{path}: no such directory"
+    file = _cached_hub_file(path, "config.json", revision)
+    if file is None:
+        return None, f"hub id {path!r} is not in the local Hugging Face cache"
+    return _load_json(Path(file)), file
+
+
+def _load_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnsupportedModel(f"{file}: not readable as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModel(f"{file}: expected a JSON object")
+    return data
+
+
+def _cached_hub_file(repo_id: str, filename: str, revision: Optional[str]) -> Optional[str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # transformers brings huggingface_hub; without it there is no cache to read
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except HFValidationError:  # not a valid repo id: nothing cached under it
+        return None
+    return found if isinstance(found, str) else None
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a model directory carries a tokenizer transformers can load."""
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
+def name_from_path(path: str) -> str:
+    """A model's name from its directory or hub id: the last component."""
+    return Path(path.rstrip("/")).name or path
