@@ -172,7 +172,8 @@ def _preference_metrics(cfg: Any, eval_ds: Any, loaded: Any, device: Any, dist: 
 
     from launcher.data.packing import flattens_packs
     from launcher.eval.preference import preference_metrics
-    from launcher.objectives.preference import reference_mode, sequence_logps
+    from launcher.objectives.losses import sequence_logps
+    from launcher.objectives.preference import reference_mode
     from launcher.train.device import autocast_dtype
     from launcher.train.distributed import all_reduce_sum
 

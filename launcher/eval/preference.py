@@ -15,7 +15,7 @@ import torch
 
 from launcher.data.build import collate
 from launcher.eval.metrics import eval_mode, rank_batches
-from launcher.objectives.preference import STATS, label_counts, pair_stats, preference_losses, sequence_logps
+from launcher.objectives.losses import STATS, label_counts, pair_stats, preference_losses, sequence_logps
 
 Reference = Callable[[dict[str, torch.Tensor]], Optional[torch.Tensor]]
 

@@ -32,7 +32,7 @@ from launcher.data.build import collate
 from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.eval.metrics import eval_mode, rank_batches
-from launcher.objectives.preference import sequence_logps
+from launcher.objectives.losses import sequence_logps
 from launcher.paths import cache_dir
 from launcher.train.distributed import all_reduce_sum, any_rank
 
@@ -130,16 +130,3 @@ def reference_pass(trainer: Any, dataset: Any) -> tuple[torch.Tensor, list[int]]
             if indices is not None:
                 values[offsets[chosen[0]] : offsets[chosen[-1] + 1]] = sums
     return all_reduce_sum(values).cpu(), offsets
-
-
-def eval_preferences(objective: Any, trainer: Any) -> dict[str, float]:
-    """The trainer's preference metrics on its eval pairs, against the run's reference."""
-    from launcher.eval.preference import preference_metrics
-
-    engine = trainer.engine
-    return preference_metrics(
-        engine.model, trainer.eval_ds, objective.cfg, lambda batch: objective.reference_logps(engine, batch, "eval"),
-        batch_size=trainer.cfg.eval.batch_size, pad_id=trainer.tokenizer.pad_token_id, device=trainer.device,
-        autocast=engine.autocast, max_batches=trainer.cfg.eval.max_batches, rank=trainer.dist.rank,
-        world_size=trainer.dist.world_size, reduce_fn=all_reduce_sum, flatten=flattens_packs(trainer.cfg.model.attn_implementation),
-    )  # fmt: skip

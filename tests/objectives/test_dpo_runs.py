@@ -54,7 +54,7 @@ def test_precomputed_reference_equals_the_starting_models_live_log_probs(single:
     from launcher.config.validate import load_run_config
     from launcher.data.build import collate
     from launcher.data.cache import prepare_datasets
-    from launcher.objectives.preference import sequence_logps
+    from launcher.objectives.losses import sequence_logps
     from launcher.train.trainer import build_model, seed_everything
 
     stored = ReferenceLogps.load(single / RUN_FILE)

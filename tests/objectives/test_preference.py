@@ -19,7 +19,7 @@ from launcher.config.schema import DataConfig, DpoObjective, LoraConfig, SimpoOb
 from launcher.data.packing import collate_packed, pack_examples, pack_lengths
 from launcher.data.preference import PreferenceFormat
 from launcher.data.types import IGNORE_INDEX, RowError
-from launcher.objectives.preference import preference_losses, sequence_logps
+from launcher.objectives.losses import preference_losses, sequence_logps
 from launcher.paths import asset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
