@@ -121,6 +121,17 @@ def test_lora_dpo_uses_the_base_as_reference_and_exports(tmp_path: Path) -> None
     assert logits.shape == (1, 5, 512) and torch.isfinite(logits).all()
 
 
+def test_lora_dpo_on_two_zero3_ranks_trains_the_numbers_of_one_process(tmp_path: Path) -> None:
+    """The adapters-off reference runs through ZeRO-3's partitioned base on every rank."""
+    lora = ["peft=lora", "peft.r=4", "peft.dropout=0", "train.lr=1e-2"]
+    one = metrics(run(tmp_path, "one", *lora, "train.micro_batch_size=4"))
+    two = metrics(run(tmp_path, "two", *lora, "strategy=zero3", *TWO_RANKS, "train.micro_batch_size=2"))
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for g, w in zip(two, one):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4), g["step"]
+    assert one[-1]["rewards/margin"] != 0
+
+
 def test_simpo_trains_without_a_reference(tmp_path: Path) -> None:
     simpo = run(tmp_path, "simpo", "objective=simpo", "train.micro_batch_size=4")
     rows = metrics(simpo)
