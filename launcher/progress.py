@@ -63,12 +63,17 @@ class Phase:
         self._own: Any = None  # a rich Progress this phase started
         self._task: Any = None
         self._bar: Any = None  # the Progress its task lives in (its own, or the attached one)
+        self._lock = threading.Lock()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         self._tick()
 
     def _tick(self) -> None:
+        with self._lock:  # the ticker thread and advance() both get here
+            self._show()
+
+    def _show(self) -> None:
         elapsed = time.monotonic() - self.started
         if self.console.is_terminal or _live is not None:
             if self._bar is None and elapsed >= TTY_AFTER_S:
@@ -77,7 +82,7 @@ class Phase:
                 self._bar.update(self._task, completed=self.done)
             return
         due = LOG_FIRST_S if self._printed_at is None else self._printed_at + self.every_s - self.started
-        if elapsed >= due:
+        if elapsed >= due and not (self.total and self.done >= self.total):  # the end has its own line
             self.console.print(self._line(elapsed), highlight=False)
             self._printed_at = time.monotonic()
 
@@ -107,6 +112,10 @@ class Phase:
         return text
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         elapsed = time.monotonic() - self.started
         if self._bar is not None:
             self._bar.remove_task(self._task)
@@ -126,23 +135,22 @@ class _Silent:
 @contextlib.contextmanager
 def phase(description: str, total: Optional[int] = None, *, console: Any = None, every_s: float = LOG_EVERY_S) -> Iterator[Any]:
     """``with phase("eval: answers", total=40) as p: ... p.advance()``; see the module docstring.
-    Without a ``total`` (one long call, e.g. loading a model) a thread keeps the elapsed time and
-    the log lines coming. ``console``: where to show it (default: stderr, plain when not a terminal)."""
+    ``total`` None: one long call (loading a model), shown with its elapsed time. ``console``: where
+    to show it (default: stderr, plain when not a terminal)."""
     if not shows_progress():
         yield _Silent()
         return
     shown = Phase(description, total, console if console is not None else _default_console(), every_s)
     stop = threading.Event()
-    ticker = None
-    if total is None:
-        ticker = threading.Thread(target=lambda: _tick_until(shown, stop), name="ftl-progress", daemon=True)
-        ticker.start()
+    # Between advances (one batch of answers can take a minute on a CPU) the elapsed time and the
+    # log lines keep coming.
+    ticker = threading.Thread(target=lambda: _tick_until(shown, stop), name="ftl-progress", daemon=True)
+    ticker.start()
     try:
         yield shown
     finally:
         stop.set()
-        if ticker is not None:
-            ticker.join()
+        ticker.join()
         shown.close()
 
 

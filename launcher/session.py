@@ -106,7 +106,8 @@ def launch(overrides: list[str]) -> int:
     for line in run.plan.shell_lines():
         print(f"ftl: launching {line}", file=sys.stderr)
     code = backend.submit(run.plan)
-    print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
+    if run.cfg.launch.backend != "slurm":  # a submitted job is not done: sbatch's backend says where it logs
+        print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
     return code
 
 
