@@ -20,7 +20,7 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import prepare_run, launch_notes, resume_verdict_for
+    from launcher.session import launch_notes, prepare_run, resume_verdict_for
     from launcher.train.resume import finished_message, refusal
 
     run = prepare_run(args.overrides)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import sys
 import time
+
 import pytest
 from rich.console import Console
 from rich.progress import Progress, TextColumn

@@ -37,7 +37,6 @@ from launcher.train.device import autocast_dtype, select_device
 from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
 from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.mfu import model_flops_utilization
-from launcher.train.schedule import warmup_notice
 from launcher.train.resume import (
     ResumeError,
     Verdict,
@@ -48,6 +47,7 @@ from launcher.train.resume import (
     refusal,
     resume_verdict,
 )
+from launcher.train.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
 
 StepHook = Callable[["Trainer"], None]
