@@ -43,6 +43,7 @@ from launcher.train.resume import (
     cross_engine_notice,
     evaluated_after,
     finished_message,
+    get,
     read_checkpoint_info,
     refusal,
     resume_verdict,
@@ -218,6 +219,7 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     info = read_checkpoint_info(path)
     evaluated = evaluated_after(run_dir, info.step)
     verdict = resume_verdict(info, dataclasses.asdict(cfg), dist.world_size, evaluated=evaluated, total=total_steps)
+    verdict.finished = verdict.finished and cfg.checkpoint.resume == "auto"  # another run's checkpoint: this run's eval is still to do
     if info.train_samples and info.train_samples != train_samples:
         verdict.errors.append(ConfigError("data", f"{train_samples} training samples per epoch, but checkpoint step {info.step} "
                                           f"was written with {info.train_samples}: the training data changed"))  # fmt: skip
@@ -234,7 +236,7 @@ def weights_for(start: ResumePoint, model: torch.nn.Module) -> dict[str, torch.T
     of ``model``'s trainable parameters (LoRA/QLoRA: the adapter; the frozen base is the model's own)."""
     from launcher.engines import engine_class
 
-    engine = start.verdict.checkpoint.engine or str(start.verdict.checkpoint.config.get("strategy", {}).get("engine", ""))
+    engine = start.verdict.checkpoint.engine or str(get(start.verdict.checkpoint.config, "strategy.engine"))
     state = engine_class(engine).consolidate_checkpoint(start.path)
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied head is one parameter under two names

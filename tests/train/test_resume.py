@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,6 @@ def step5_loss(run_dir: Path) -> float:
 @pytest.fixture(scope="module")
 def continued(four_steps: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The four-step run continued to step 6 on its own engine."""
-    import shutil
-
     run_dir = tmp_path_factory.mktemp("continued") / "run"
     shutil.copytree(four_steps, run_dir)
     ftl(*run_cmd(run_dir, "train.max_steps=6", "eval.after_training=false"))
@@ -210,8 +209,6 @@ def continued(four_steps: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_resume_in_process_on_another_engine_keeps_weights_and_schedule(four_steps: Path, tmp_path: Path, continued: Path) -> None:
-    import shutil
-
     from safetensors.torch import load_file
 
     from launcher.train.schedule import lr_at
@@ -245,17 +242,49 @@ def test_lora_resumes_on_another_engine_with_its_adapter(tmp_path: Path) -> None
     assert adapter and adapter.keys() == saved.keys() and all((adapter[k] == saved[k]).all() for k in saved)
 
 
+def continue_on_two_ranks(four_steps: Path, run_dir: Path, strategy: str) -> Any:
+    shutil.copytree(four_steps, run_dir)
+    return ftl(*run_cmd(run_dir, "train.max_steps=6", "eval.after_training=false", f"strategy={strategy}", *TWO_RANKS), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def continued_on_two(four_steps: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The four-step single-engine run continued on 2 ranks with ddp: the same checkpoint format, so
+    an exact resume; 2 ranks draw other batches than 1, so this is the step-5 loss to compare with."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    proc = continue_on_two_ranks(four_steps, run_dir, "ddp")
+    assert "resuming across engines" not in proc.stderr
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_the_readme_trap_resumes_across_engines_on_two_ranks(strategy: str, four_steps: Path, continued: Path, tmp_path: Path) -> None:
+def test_the_readme_trap_resumes_across_engines_on_two_ranks(strategy: str, four_steps: Path, continued_on_two: Path, tmp_path: Path) -> None:
     """Issue 17's first trap: `ftl train recipe=tiny`, then the same run with strategy=zero3 on 2
     ranks. It used to crash both ranks; now it continues from the single engine's weights."""
-    import shutil
-
     run_dir = tmp_path / "run"
-    shutil.copytree(four_steps, run_dir)
-    proc = ftl(*run_cmd(run_dir, "train.max_steps=6", "eval.after_training=false", f"strategy={strategy}", *TWO_RANKS), timeout=600)
+    proc = continue_on_two_ranks(four_steps, run_dir, strategy)
     assert "resuming across engines" in proc.stderr and "Restarts: the optimizer state" in proc.stderr
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
-    assert step5_loss(run_dir) == pytest.approx(step5_loss(continued), rel=1e-4)
+    assert step5_loss(run_dir) == pytest.approx(step5_loss(continued_on_two), rel=1e-5)
     assert json.loads((step_dir(run_dir, 6) / "COMPLETE").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_at_build_takes_another_engines_weights(four_steps: Path, tmp_path: Path) -> None:
+    """model.source=hf on 2 ranks: ZeRO-3 partitions every tensor as the model is built
+    (strategy.zero3_init), so the weights from a single-engine checkpoint go in parameter by
+    parameter through DeepSpeed's gather (DeepSpeedEngine.load_weights)."""
+    model_dir = tmp_path / "model"
+    ftl("export", str(four_steps), "--out", str(model_dir))
+    hf = ["model.source=hf", f"model.path={model_dir}"]
+    base = tmp_path / "base"
+    ftl(*run_cmd(base, "train.max_steps=2", "eval.after_training=false", *hf))
+    runs = {}
+    for strategy in ("ddp", "zero3"):
+        runs[strategy] = run_dir = tmp_path / strategy
+        shutil.copytree(base, run_dir)
+        proc = ftl(*run_cmd(run_dir, "train.max_steps=3", "eval.after_training=false", f"strategy={strategy}", *hf, *TWO_RANKS), timeout=600)
+        assert ("resuming across engines" in proc.stderr) == (strategy == "zero3")
+    losses = {s: next(r["loss"] for r in metrics(d) if r["step"] == 3) for s, d in runs.items()}
+    assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-5)
