@@ -5,7 +5,7 @@
 * :func:`phase`: a step that may take a while (converting a model, tokenizing, evaluating,
   generating answers, exporting). On a terminal a rich bar with the count, elapsed time and ETA
   (or a spinner when the total is unknown), which appears only once the phase has run for half a
-  second; in a log, one line once it has run for 2 s, then one every 10 s, and a last one when it
+  second; in a log, one line once it has run for 5 s, then one every 10 s, and a last one when it
   ends. Shown by global rank 0 only (``RANK``), so ranks never interleave.
 
 While training, the trainer's progress bar is live on the console; :func:`attach` lets phases
@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-LOG_FIRST_S = 2.0  # a phase shorter than this prints nothing in a log
+LOG_FIRST_S = 5.0  # a phase shorter than this prints nothing in a log
 LOG_EVERY_S = 10.0
 TTY_AFTER_S = 0.5
 

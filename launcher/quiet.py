@@ -28,6 +28,9 @@ LOG_MESSAGES = (
 WARNINGS = (
     # peft asks transformers for `is_gradient_checkpointing`, which transformers deprecated.
     ("FutureWarning", r"transformers\.modeling_utils", r"`is_gradient_checkpointing` is deprecated"),
+    # peft looks for the base model's config where it was loaded from; a QLoRA base built from
+    # model.source=random is loaded from a private temporary directory (model/loading.py) gone by then.
+    ("UserWarning", r"peft\.utils\.save_and_load", r"Could not find a config file in \S*ftl-random-"),
 )
 
 # A sweep's Bayesian search (the `sweeps` package fits a Gaussian process with scikit-learn): with a

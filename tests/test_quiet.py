@@ -29,13 +29,17 @@ warnings.warn_explicit("lbfgs failed to converge (status=1)", UserWarning, "_log
 warnings.warn_explicit("The optimal value found for dimension 0 of parameter length_scale is close to the specified upper bound",
                        UserWarning, "kernels.py", 1, module="sklearn.gaussian_process.kernels")
 warnings.warn_explicit("a real sklearn warning", UserWarning, "base.py", 1, module="sklearn.base")
+warnings.warn_explicit("Could not find a config file in /tmp/ftl-random-x1 - will assume that the vocabulary was not modified.",
+                       UserWarning, "save_and_load.py", 1, module="peft.utils.save_and_load")
+warnings.warn_explicit("Could not find a config file in /home/me/my-base - will assume that the vocabulary was not modified.",
+                       UserWarning, "save_and_load.py", 2, module="peft.utils.save_and_load")
 warnings.warn("an ftl user's own warning")
 """
 
 NOISE = ("Setting accelerator to CPU", "Failed to load CPU gemm_4bit_forward", "`is_gradient_checkpointing` is deprecated",
-         "lbfgs failed to converge", "The optimal value found")  # fmt: skip
+         "lbfgs failed to converge", "The optimal value found", "config file in /tmp/ftl-random-")  # fmt: skip
 REAL = ("a real DeepSpeed warning", "a real bitsandbytes warning", "a real transformers FutureWarning", "a real sklearn warning",
-        "an ftl user's own warning")  # fmt: skip
+        "an ftl user's own warning", "config file in /home/me/my-base")  # fmt: skip
 
 
 def run(mode: str) -> str:
