@@ -1,5 +1,5 @@
 """What ftl shows while it works (launcher/progress.py): in a log, plain lines with counts, elapsed
-time and an estimate of what is left, nothing for phases shorter than 2 s, no colour codes and no
+time and an estimate of what is left, nothing for phases shorter than 5 s, no colour codes and no
 wrapping; on a terminal a bar that eval phases add to the training display; nothing on other ranks."""
 
 from __future__ import annotations

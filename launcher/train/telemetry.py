@@ -288,9 +288,12 @@ class WandbSink:
         os.environ["WANDB_DIR"] = str(run_dir)
         run_id = read_or_create_run_id(run_dir, fresh=cfg.checkpoint.resume == "never")
         config = redact(dataclasses.asdict(cfg), known_secrets())
+        # A sweep trial: W&B takes the sweep's project and the agent's run id (WANDB_RUN_ID, the same id
+        # the trial's run dir records) from the environment, and warns about any passed in.
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         self.run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
-            name=cfg.run.name, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
+            project=None if in_sweep else cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
+            name=cfg.run.name, id=None if in_sweep else run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
             # console capture would wrap stdout (and the progress bar); code saving copies files.
             settings=wandb.Settings(console="off", save_code=False),
         )  # fmt: skip
