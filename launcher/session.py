@@ -126,7 +126,12 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
         info = latest_checkpoint(run.run_dir)
     else:
         path = Path(resume).expanduser()
-        info = read_checkpoint_info(path) if is_complete(path) else None  # the trainer reports what is wrong with it
+        if not is_complete(path):
+            from launcher.config.errors import ConfigError
+
+            raise ConfigErrors([ConfigError("checkpoint.resume", f"{resume!r} is not a complete checkpoint (a step-N directory with "
+                                                                 "a COMPLETE marker); allowed: auto, never, or such a directory")])  # fmt: skip
+        info = read_checkpoint_info(path)
     if info is None:
         return None
     evaluated = resume == "auto" and evaluated_after(run.run_dir, info.step)

@@ -308,13 +308,14 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
 
 def finished_message(verdict: Verdict, run_dir: Path) -> str:
     ckpt = verdict.checkpoint
+    other = f" (this config's strategy, {verdict.cross_engine[1]}, would continue it from there)" if verdict.cross_engine else ""
     return (
         f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
         + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
         + ". Nothing to do.\n"
-        f"  train longer:    train.max_steps=N with N > {ckpt.step} (the optimizer and schedule continue)\n"
-        f"  evaluate again:  ftl eval {run_dir}\n"
-        f"  start over:      checkpoint.resume=never (replaces its checkpoints), or a new run.name=..."
+        f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}\n"
+        f"  evaluate again:  ftl eval {shlex.quote(str(run_dir))}\n"
+        f"  a new run:       run.name={_new_name(run_dir)}, or checkpoint.resume=never to start over here (deletes its checkpoints first)"
     )
 
 
