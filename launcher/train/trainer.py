@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,9 +42,11 @@ from launcher.train.resume import (
     ResumeError,
     Verdict,
     cross_engine_notice,
+    discard_checkpoints,
     evaluated_after,
     finished_message,
     get,
+    list_complete,
     read_checkpoint_info,
     refusal,
     resume_verdict,
@@ -213,6 +216,14 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     ResumeError (exit 2) for what it cannot continue."""
     import dataclasses
 
+    if cfg.checkpoint.resume == "never":
+        # `ftl train` deleted them before launch; a run started otherwise (your torchrun, a requeued
+        # job) starts over the same way, or its first saves would be pruned in favour of older steps.
+        earlier = [p.name for _, p in list_complete(run_dir)] if dist.is_main else []
+        if earlier:
+            print(f"ftl: checkpoint.resume=never: deleting the earlier checkpoints {', '.join(earlier)} in {run_dir}", file=sys.stderr, flush=True)
+            discard_checkpoints(run_dir)
+        return None
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
     if path is None:
         return None

@@ -167,6 +167,20 @@ def test_resume_never_deletes_the_earlier_checkpoints_first(tmp_path: Path) -> N
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
 
 
+def test_a_run_started_without_ftl_train_starts_over_the_same_way(four_steps: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Your own torchrun, or a requeued job, with checkpoint.resume=never: the trainer deletes the
+    earlier checkpoints too (else the new run's first saves would be pruned in favour of them)."""
+    from launcher.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(four_steps, run_dir)
+    cfg = tiny(run_dir, max_steps=2)
+    trainer = Trainer(replace(cfg, checkpoint=replace(cfg.checkpoint, resume="never", keep=1)))
+    assert "deleting the earlier checkpoints step-2, step-4" in capfd.readouterr().err
+    assert trainer.step == 0 and list_complete(run_dir) == []
+    assert trainer.run() == "completed" and [s for s, _ in list_complete(run_dir)] == [2]
+
+
 def test_discard_leaves_no_checkpoint_that_looks_complete(tmp_path: Path) -> None:
     for name in ("step-2", "step-4", ".tmp-step-6"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
