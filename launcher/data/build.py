@@ -23,6 +23,7 @@ from launcher.data.chat import ChatFormat
 from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
 from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
+from launcher.progress import phase
 
 FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
     "chat": ChatFormat.from_config,
@@ -109,16 +110,22 @@ def carve_eval_split(records: list[Record], fraction: float, seed: int) -> tuple
 
 
 def encode_records(
-    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip"
+    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip", split: str = "train"
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
     ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted)."""
+    with phase(f"data: tokenizing {split} examples", total=len(records)) as shown:
+        return _encode_records(records, seq_len, on_error, skipped, truncation, shown)
+
+
+def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped: int, truncation: str, shown: Any) -> tuple[TokenizedDataset, list[int]]:
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
     source_of: list[int] = []
     stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
     template = None
     for record in records:
+        shown.advance()
         try:
             input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
         except DataError:
@@ -217,7 +224,7 @@ def build_datasets(
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None
     if eval_records is not None:
-        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, **encode)
+        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, split="eval", **encode)
     return train_ds, eval_ds
 
 
