@@ -21,7 +21,8 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import prepare_run
+    from launcher.session import launch_notes, prepare_run, resume_verdict_for
+    from launcher.train.resume import finished_message, refusal
 
     run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
     cfg, plan = run.cfg, run.plan
@@ -31,6 +32,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{label:<{width}} {text}")
     print(f"{'memory':<{width}} {memory_verdict(report)}")
     print(f"{'run dir':<{width}} {plan.run_dir}")
+    verdict = resume_verdict_for(run)
+    if verdict is not None and verdict.finished:
+        print(f"{'resume':<{width}} {finished_message(verdict, run.run_dir).splitlines()[0]}")
+    elif verdict is None or not verdict.refused:
+        for line in launch_notes(run, verdict):
+            print(f"{'note':<{width}} {line}")
     for name, text in plan.files.items():
         print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
     if deepspeed_lines(cfg):
@@ -42,6 +49,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{'note':<{width}} {note}")
     if report.checked and not report.fits:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
+        return EXIT_INVALID
+    if verdict is not None and verdict.refused:
+        print(f"ftl plan: {refusal(verdict, run.run_dir, ['train', *args.overrides])}", file=sys.stderr)
         return EXIT_INVALID
     import shlex
 
@@ -227,9 +237,11 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
     import torch
 
     from launcher.artifacts.inference import load_model
+    from launcher.progress import phase
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(Path(args.model), device=device)
+    with phase(f"loading {args.model}"):
+        return load_model(Path(args.model), device=device)
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,10 +273,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"ftl chat: {loaded.description}. /reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+        print(f"ftl chat: {loaded.description}\nType a message. /help lists commands; Ctrl-C stops a reply; "
+              "Ctrl-D or /exit ends.", file=sys.stderr)  # fmt: skip
 
     def read_line() -> str | None:
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n(Ctrl-D or /exit ends the chat)", file=sys.stderr)
+            return ""
         return line if line else None
 
     def prompt() -> None:
@@ -363,6 +382,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from launcher.quiet import install
+
+    install()
     args = parse_args(argv)
     try:
         if getattr(args, "config_dir", None):

@@ -36,6 +36,7 @@ from launcher.artifacts.weights import (
     resolve_source,
     set_chat_template,
 )
+from launcher.progress import phase
 
 EXPORT_DIR = "export"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -93,19 +94,22 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if peft != "none" and not merge_lora:
-        base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
+        with phase(f"export: writing the adapter to {out}"):
+            base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
         _replace(tmp, out)
         log(f"ftl export: wrote the {peft} adapter to {out} (base: {base}); load it with "
             f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")  # fmt: skip
         return out
-    if peft == "none":
-        state_dict = read_checkpoint(source, engine)
-        model, tokenizer = build_hf_model(cfg, state_dict, dtype)
-        del state_dict
-    else:
-        model, tokenizer = merged_peft_model(source.ckpt_dir, dtype)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
-    tokenizer.save_pretrained(tmp)
+    with phase(f"export: reading {source.ckpt_dir.name} ({engine})"):
+        if peft == "none":
+            state_dict = read_checkpoint(source, engine)
+            model, tokenizer = build_hf_model(cfg, state_dict, dtype)
+            del state_dict
+        else:
+            model, tokenizer = merged_peft_model(source.ckpt_dir, dtype)
+    with phase(f"export: writing {out}"):
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
+        tokenizer.save_pretrained(tmp)
     _replace(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"ftl export: wrote {out} ({n_params / 1e6:.2f}M params, {model.dtype}); load it with "

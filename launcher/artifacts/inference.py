@@ -19,10 +19,12 @@ PEFT models stay unmerged (``merge=True`` merges them): their base is then one
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 import torch
 
@@ -126,9 +128,13 @@ def stream_reply(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     out: TextIO = sys.stdout,
+    stop: Optional[threading.Event] = None,
 ) -> str:
     """Generate the assistant's next message for ``messages``, writing tokens to ``out`` as they
-    come (transformers' TextStreamer); returns the whole reply. temperature 0: greedy."""
+    come (transformers' TextStreamer); returns the whole reply (what was generated when ``stop``
+    was set: the reply ends at the next token). temperature 0: greedy."""
+    from transformers import StoppingCriteriaList
+
     from launcher.eval.metrics import stop_token_ids
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -143,7 +149,7 @@ def stream_reply(
         output = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer,
-            **sampling,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None, **sampling,
         )  # fmt: skip
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
 
@@ -160,6 +166,37 @@ def text_streamer(tokenizer: Any, out: TextIO) -> Any:
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+class _StopWhenSet:
+    """A transformers stopping criterion: stop every sequence once ``event`` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(event: threading.Event) -> Iterator[threading.Event]:
+    """While a reply streams, Ctrl-C (SIGINT) sets ``event`` instead of interrupting the program."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+CHAT_HELP = """commands:
+  /help          this list
+  /reset         start a new conversation (keeps --system)
+  /system TEXT   start a new conversation with this system message
+  /exit          end the chat (also /quit, or Ctrl-D)
+Ctrl-C while a reply streams stops that reply."""
+
+
 def chat_loop(
     loaded: LoadedModel,
     *,
@@ -170,7 +207,8 @@ def chat_loop(
     **generation: Any,
 ) -> int:
     """Read user turns until end of input (or /exit); stream each reply; keep the conversation.
-    ``/reset`` starts a new one. Returns the number of replies."""
+    Lines starting with ``/`` are commands (:data:`CHAT_HELP`), never sent to the model; Ctrl-C
+    during a reply stops that reply only. Returns the number of replies."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     replies = 0
     while True:
@@ -181,12 +219,25 @@ def chat_loop(
         text = line.strip()
         if not text:
             continue
-        if text == "/reset":
-            history = history[:1] if system else []
-            out.write("(new conversation)\n")
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command == "/reset":
+                history = history[:1] if system else []
+                out.write("(new conversation)\n")
+            elif command == "/system" and argument.strip():
+                system = argument.strip()
+                history = [{"role": "system", "content": system}]
+                out.write("(new conversation with that system message)\n")
+            else:
+                out.write(("" if command == "/help" else f"unknown command {command}\n") + CHAT_HELP + "\n")
+            out.flush()
             continue
         history.append({"role": "user", "content": text})
-        reply = stream_reply(loaded, history, out=out, **generation)
+        with ctrl_c_stops(threading.Event()) as stopped:
+            reply = stream_reply(loaded, history, out=out, stop=stopped, **generation)
+        if stopped.is_set():
+            out.write("\n(reply stopped)\n")
+            out.flush()
         history.append({"role": "assistant", "content": reply.strip()})
         replies += 1
 

@@ -169,8 +169,6 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
         errs.append(ConfigError("train.max_steps", "got 0; use a positive number of steps, or -1 to run train.epochs"))
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         errs.append(ConfigError("train.betas", f"got {t.betas}; expected two numbers in [0, 1)"))
-    if t.warmup_steps and t.max_steps > 0 and t.warmup_steps >= t.max_steps:
-        errs.append(ConfigError("train.warmup_steps", f"{t.warmup_steps} >= train.max_steps {t.max_steps}"))
     if t.global_batch_size is not None and t.global_batch_size != global_batch(cfg):
         need, rem = divmod(t.global_batch_size, t.micro_batch_size * world)
         hint = f"; set train.grad_accum={need}" if need and not rem else ""

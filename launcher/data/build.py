@@ -24,6 +24,7 @@ from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
 from launcher.data.preference import PreferenceFormat
 from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
+from launcher.progress import phase
 
 FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
     "chat": ChatFormat.from_config,
@@ -111,17 +112,23 @@ def carve_eval_split(records: list[Record], fraction: float, seed: int) -> tuple
 
 
 def encode_records(
-    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip"
+    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip", split: str = "train"
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
     ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted).
     A preference pair is one example of two sequences (``lengths``); see :func:`_encode_pair`."""
+    with phase(f"data: tokenizing {split} examples", total=len(records)) as shown:
+        return _encode_records(records, seq_len, on_error, skipped, truncation, shown)
+
+
+def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped: int, truncation: str, shown: Any) -> tuple[TokenizedDataset, list[int]]:
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
     source_of: list[int] = []
     stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
     template = None
     for record in records:
+        shown.advance()
         encode = _encode_pair if hasattr(record.fmt, "encode_pair") else _encode_one
         try:
             example, outcome = encode(record, seq_len, truncation)
@@ -243,7 +250,7 @@ def build_datasets(
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None
     if eval_records is not None:
-        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, **encode)
+        eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, split="eval", **encode)
     return train_ds, eval_ds
 
 

@@ -37,13 +37,25 @@ def parse_conversation(row: Any) -> list[Message]:
     elif "conversations" in row:  # ShareGPT
         key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
-        raise RowError(f"missing 'messages' (or ShareGPT 'conversations'; keys: {', '.join(sorted(map(str, row))) or 'none'})")
+        raise RowError(f"missing 'messages' (or ShareGPT 'conversations'; keys: {', '.join(sorted(map(str, row))) or 'none'})"
+                       + format_hint(row))  # fmt: skip
     messages = row[key]
     if not isinstance(messages, list):
         raise RowError(f"'{key}' must be a list, got {type(messages).__name__}")
     if not messages:
         raise RowError(f"empty conversation: '{key}' has no messages")
     return [_parse_message(m, i, role_key, content_key, roles) for i, m in enumerate(messages, start=1)]
+
+
+def format_hint(row: dict[str, Any]) -> str:
+    """Rows of another format read as chat: say which ``data.format`` they look like."""
+    if "instruction" in row and "output" in row:
+        return "; these look like instruction (alpaca) rows: set data.format=instruction"
+    if "text" in row:
+        return "; these look like raw text rows: set data.format=completion (data.text_field names the field)"
+    if "prompt" in row and ("completion" in row or "response" in row):
+        return "; prompt/completion rows: convert them to chat messages, or set data.format=completion with the text in one field"
+    return ""
 
 
 def _parse_message(message: Any, index: int, role_key: str, content_key: str, roles: dict[str, str]) -> Message:

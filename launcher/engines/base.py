@@ -36,8 +36,9 @@ class ModelLoading:
 class Engine(ABC):
     """Wraps one rank's model and its optimizer.
 
-    Call order: ``Engine(cfg, model, dist, device)`` → ``setup(total_steps)`` → optionally
-    ``load(ckpt_dir)`` → per optimizer step, for each micro-batch
+    Call order: ``Engine(cfg, model, dist, device)`` → optionally ``load_weights(read)`` (another
+    engine's checkpoint) → ``setup(total_steps)`` → optionally ``load(ckpt_dir)`` (its own) or
+    ``start_at(step)`` (after ``load_weights``) → per optimizer step, for each micro-batch
     ``with grad_sync(last): with autocast(): loss = f(model); backward(loss)`` then ``step()``.
     ``save``/``load``/``consolidated_state_dict`` are collective: call them on every rank.
     """
@@ -89,6 +90,23 @@ class Engine(ABC):
         """Restore what ``save`` wrote; called after ``setup``."""
 
     @abstractmethod
+    def start_at(self, step: int) -> None:
+        """After ``setup``, in a run resumed from another engine's weights (:meth:`load_weights`):
+        put the LR schedule at ``step``; the optimizer state starts fresh."""
+
+    def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Before ``setup``: give the model full (unsharded) weights by name, read from another
+        engine's checkpoint (a resume across engines). ``read()`` returns them on CPU, keyed as the
+        unwrapped model's parameters; a subset (LoRA: the adapter) is fine, a name the model lacks
+        is an error. Collective. This default serves engines whose every rank holds the whole
+        module (single, ddp; deepspeed before ZeRO-3 partitions anything)."""
+        from launcher.engines.common import check_loaded
+
+        module = unwrap(self.model)
+        result = module.load_state_dict(read(), strict=False)
+        check_loaded(Path("(another engine's checkpoint)"), [], result.unexpected_keys)
+
+    @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded weights on CPU for export (complete on rank 0; collective)."""
 
@@ -130,3 +148,10 @@ class Engine(ABC):
         last micro-batch of an accumulation window, so engines that reduce gradients across ranks
         (ddp no_sync, fsdp, deepspeed boundaries) reduce once per optimizer step."""
         return contextlib.nullcontext()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside DDP's (or DeepSpeed's) ``.module`` wrappers; a PEFT model stays itself."""
+    while not hasattr(module, "peft_config") and isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module

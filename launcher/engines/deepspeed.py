@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ContextManager, Optional
@@ -56,7 +56,7 @@ from torch import nn
 from launcher.config.deepspeed_config import build_deepspeed_config
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.engines.base import Engine, ModelLoading
-from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, trainable_parameters
+from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, seek_schedule, trainable_parameters
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
 
@@ -190,6 +190,28 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir / tag}")
 
+    def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Before ``deepspeed.initialize``, so the fp32 master copy it makes holds these weights.
+        ZeRO-3 parameters partitioned at build (zero.Init) are gathered one at a time, set from
+        rank 0's copy, and partitioned again."""
+        if not any(hasattr(p, "ds_id") for p in self._module.parameters()):
+            return super().load_weights(read)
+        import deepspeed
+
+        full = read() if self.dist.is_main else {}
+        params = dict(self._module.named_parameters())
+        unknown = sorted(set(full) - set(params))
+        if unknown:
+            raise RuntimeError(f"another engine's checkpoint does not match the model: unexpected {unknown[:5]}")
+        names = torch_dist_broadcast_names(sorted(full), self.dist.is_main)
+        for name in names:  # the same names in the same order on every rank: the gathers pair up
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if self.dist.is_main:
+                    params[name].data.copy_(full[name])
+
+    def start_at(self, step: int) -> None:
+        seek_schedule(self._require_setup().lr_scheduler, step)
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights, gathered one parameter at a time (collective). Complete on every
         rank, though only rank 0's copy is meant to be used."""
@@ -293,6 +315,13 @@ def build_ds_optimizer(model: nn.Module, train: TrainConfig, offload: bool) -> t
 def _total_norm(model: nn.Module) -> Optional[torch.Tensor]:
     grads = [p.grad for p in trainable_parameters(model) if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def torch_dist_broadcast_names(names: list[str], is_main: bool) -> list[str]:
+    """Rank 0's list of names, on every rank."""
+    box: list[Any] = [names if is_main else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return list(box[0])
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import Engine, ModelLoading
-from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step
+from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step, seek_schedule
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
 
@@ -142,6 +142,19 @@ class FSDPEngine(Engine):
         set_state_dict(self._model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
         extra = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
         scheduler.load_state_dict(extra["scheduler"])
+
+    def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+        if not self.sharded:
+            return super().load_weights(read)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Rank 0 reads; every rank receives its shards (as fill_from_rank0 does when loading).
+        full = read() if self.dist.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(self._model, full, options=options)
+
+    def start_at(self, step: int) -> None:
+        seek_schedule(self._require_setup()[1], step)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

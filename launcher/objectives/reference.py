@@ -90,12 +90,11 @@ def prepare_reference(trainer: Any) -> ReferenceLogps:
     """The run dir's copy (a resumed run), the cache's, or a pass over the data now."""
     run_file = trainer.run_dir / RUN_FILE
     key = reference_key(trainer)
-    if trainer.resumed_from is not None:
-        found = ReferenceLogps.load(run_file, key)
+    if trainer.resumed_from is not None:  # the resume check has refused other data or another model
+        found = ReferenceLogps.load(run_file)
         if found is None:
-            raise DataError(f"{run_file} is missing or was computed for other data or another model: the reference log-probs of "
-                            "a DPO run come from its starting model, which a resumed run no longer has; start afresh "
-                            "(checkpoint.resume=never or a new run.name)")  # fmt: skip
+            raise DataError(f"{run_file} is missing: the reference log-probs of a DPO run come from its starting model, "
+                            "which a resumed run no longer has; start afresh (checkpoint.resume=never or a new run.name)")  # fmt: skip
         return found
     cached = cache_dir() / "reference" / f"{key}.pt"
     found = ReferenceLogps.load(cached, key)

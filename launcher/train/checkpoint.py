@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,14 +23,13 @@ import torch
 
 from launcher.train import distributed
 from launcher.train.distributed import DistInfo
+from launcher.train.resume import MARKER, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:
     from launcher.engines.base import Engine
 
-CHECKPOINTS_DIR = "checkpoints"
-MARKER = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+# The layout's names and readers (CHECKPOINTS_DIR, MARKER, ..., list_complete) live in launcher.train.resume,
+# which reads checkpoints without torch before a run is launched.
 
 
 @dataclass
@@ -42,27 +40,10 @@ class TrainerState:
     epoch: int = 0
     epoch_position: int = 0  # samples this rank has consumed in `epoch`
     world_size: int = 1  # the data-parallel size epoch_position was counted with
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def is_complete(path: Path) -> bool:
-    return _STEP_DIR.match(path.name) is not None and (path / MARKER).is_file()
-
-
-def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    # What launcher.train.resume checks a new config against before resuming:
+    total_steps: int = 0  # the run length this was saved under
+    train_samples: int = 0  # training samples (examples or packs) per epoch
+    config: dict[str, Any] = field(default_factory=dict)  # the run's config (secrets redacted)
 
 
 def find_latest(run_dir: Path) -> Optional[Path]:
@@ -118,11 +99,16 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, engine: Engine, dist: DistInfo) -> TrainerState:
+def load_checkpoint(path: Path, engine: Engine, dist: DistInfo, *, engine_state: bool = True) -> TrainerState:
     """Collective. Restores the engine, this rank's RNG, and returns the trainer state, with the
-    data position rescaled when the data-parallel size changed since the save."""
-    engine.load(path)
+    data position rescaled when the data-parallel size changed since the save. ``engine_state=False``:
+    a checkpoint of another engine, whose weights the engine already loaded
+    (:meth:`Engine.load_weights`): only the LR schedule is moved to the checkpoint's step."""
     state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    if engine_state:
+        engine.load(path)
+    else:
+        engine.start_at(state.step)
     rng_file = path / f"rng-rank{dist.rank}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=True))
@@ -141,7 +127,7 @@ def prune(run_dir: Path, keep: int) -> None:
     doomed = [path for _, path in complete[: max(0, len(complete) - keep)]]
     kept = {path for _, path in complete}
     leftovers = [p for p in root.iterdir() if p.is_dir() and p not in kept]
-    doomed += [p for p in leftovers if p.name.startswith(".tmp-") or _STEP_DIR.match(p.name)]
+    doomed += [p for p in leftovers if p.name.startswith(".tmp-") or STEP_DIR.match(p.name)]
     for path in doomed:
         # The marker goes first: a deletion cut short must never leave a dir that looks complete.
         (path / MARKER).unlink(missing_ok=True)

@@ -53,6 +53,9 @@ def config_from_overrides(overrides: list[str]):  # -> FtlConfig
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from launcher.quiet import install
+
+    install()
     args = parse_args(argv)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
@@ -67,12 +70,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ftl: cannot read {args.config}: {e}", file=sys.stderr)
         return EXIT_INVALID
 
+    from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
     try:
         Trainer(cfg).run()
     except DataError as e:
         print(f"ftl: training data error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except ResumeError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ftl: {e}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)

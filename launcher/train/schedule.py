@@ -3,7 +3,8 @@
 ``lr_at(step, train, total_steps)`` is the learning rate used by optimizer step ``step`` (0-based):
 
 * warmup: linear from ``lr / warmup_steps`` at step 0 to ``lr`` at step ``warmup_steps - 1``
-  (never 0: a step at lr 0 would be wasted work);
+  (never 0: a step at lr 0 would be wasted work), clipped to ``total_steps - 1`` steps when the
+  run is shorter than its warmup (with a notice: :func:`warmup_notice`);
 * then ``cosine`` or ``linear`` decay from ``lr`` to ``min_lr_ratio * lr``, reached at
   ``step == total_steps``, or ``constant``.
 """
@@ -15,9 +16,24 @@ import math
 from launcher.config.schema import TrainConfig
 
 
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    """``train.warmup_steps``, clipped to ``total_steps - 1`` when the run is not longer than it
+    (a recipe shortened with ``train.max_steps``): the last step then runs at the peak lr."""
+    return min(train.warmup_steps, max(0, total_steps - 1))
+
+
+def warmup_notice(train: TrainConfig, total_steps: int) -> str | None:
+    """What to tell the user when :func:`warmup_steps` clipped the warmup."""
+    used = warmup_steps(train, total_steps)
+    if used == train.warmup_steps:
+        return None
+    return (f"train.warmup_steps={train.warmup_steps} is not shorter than this run's {total_steps} steps: "
+            f"warming up over {used} step(s) instead (set train.warmup_steps to choose)")  # fmt: skip
+
+
 def lr_at(step: int, train: TrainConfig, total_steps: int) -> float:
     peak = train.lr
-    warmup = train.warmup_steps
+    warmup = warmup_steps(train, total_steps)
     if step < warmup:
         return peak * (step + 1) / warmup
     if train.schedule == "constant":

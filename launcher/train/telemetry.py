@@ -22,6 +22,7 @@ import torch
 
 from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
+from launcher.progress import attach
 from launcher.redact import known_secrets, redact
 from launcher.train.distributed import DistInfo
 from launcher.wandb_auth import resolve_wandb_mode
@@ -72,9 +73,9 @@ class Telemetry:
 def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: int, start_step: int) -> Telemetry:
     if not dist.is_main:
         return Telemetry([])
-    from rich.console import Console
+    from launcher.progress import make_console
 
-    console = Console()
+    console = make_console()  # plain, unwrapped lines in a log file (SLURM)
     evals = EvalFileSink(run_dir / EVAL_FILE, start_step)
     sinks: list[Sink] = [
         JsonlSink(run_dir / METRICS_FILE, start_step, run_dir / LOSS_CURVE_FILE),
@@ -209,17 +210,17 @@ class ConsoleSink:
         self.progress: Optional[Progress] = None
         if console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
-                TimeRemainingColumn(), console=console,
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=console,
             )  # fmt: skip
-            self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tok_s="-")
+            self.task = self.progress.add_task("train", total=total, completed=start, detail="loss -")
             self.progress.start()
+            attach(self.progress)  # evaluation shows its progress in this display
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         loss, tok_s = f"{metrics['loss']:.4f}", f"{metrics['tokens_per_s']:,.0f}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=loss, tok_s=tok_s)
+            self.progress.update(self.task, completed=step, detail=f"loss {loss}  {tok_s} tok/s")
         elif step % self.log_every == 0:
             self.console.print(
                 f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
@@ -235,6 +236,7 @@ class ConsoleSink:
 
     def close(self, exit_code: int) -> None:
         if self.progress is not None:
+            attach(None)
             self.progress.stop()
 
 
@@ -295,9 +297,12 @@ class WandbSink:
         os.environ["WANDB_DIR"] = str(run_dir)
         run_id = read_or_create_run_id(run_dir, fresh=cfg.checkpoint.resume == "never")
         config = redact(dataclasses.asdict(cfg), known_secrets())
+        # A sweep trial: W&B takes the sweep's project and the agent's run id (WANDB_RUN_ID, the same id
+        # the trial's run dir records) from the environment, and warns about any passed in.
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         self.run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
-            name=cfg.run.name, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
+            project=None if in_sweep else cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
+            name=cfg.run.name, id=None if in_sweep else run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
             # console capture would wrap stdout (and the progress bar); code saving copies files.
             settings=wandb.Settings(console="off", save_code=False),
         )  # fmt: skip

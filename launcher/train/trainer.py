@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
@@ -32,10 +34,25 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
+from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
 from launcher.train.device import autocast_dtype, select_device
 from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
 from launcher.train.mfu import model_flops_utilization
+from launcher.train.resume import (
+    ResumeError,
+    Verdict,
+    cross_engine_notice,
+    discard_checkpoints,
+    evaluated_after,
+    finished_message,
+    get,
+    list_complete,
+    read_checkpoint_info,
+    refusal,
+    resume_verdict,
+)
+from launcher.train.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
 
 StepHook = Callable[["Trainer"], None]
@@ -53,7 +70,10 @@ class Trainer:
         self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
+        self.start = resume_point(cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist)  # refuses what it cannot continue
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
+        if self.start is not None and self.start.verdict.cross_engine:
+            self.engine.load_weights(lambda: weights_for(self.start, model))
         self.engine.setup(self.total_steps)
         self.n_params = count_parameters(self.engine.model)
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
@@ -64,6 +84,9 @@ class Trainer:
         self.objective.prepare(self)  # e.g. DPO's reference log-probs, from the starting model
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
+        for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:
+            if note:
+                self.telemetry.info(f"ftl: {note}")
 
     def run(self) -> str:
         """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint)."""
@@ -79,6 +102,9 @@ class Trainer:
             destroy(clean=exit_code == 0)
 
     def train(self, stop: StopFlag) -> str:
+        if self.start is not None and self.start.verdict.finished:
+            self.telemetry.info(f"ftl: {finished_message(self.start.verdict, self.run_dir)}")
+            return "completed"
         if self.cfg.eval.before_training and self.step == 0:
             self.evaluate("before")
         while self.step < self.total_steps:
@@ -159,18 +185,19 @@ class Trainer:
     def save(self) -> None:
         if self.saved_step == self.step:
             return
-        state = TrainerState(self.step, self.order.epoch, self.order.position, self.dist.world_size)
+        state = TrainerState(self.step, self.order.epoch, self.order.position, self.dist.world_size,
+                             self.total_steps, len(self.train_ds), recorded_config(self.cfg))  # fmt: skip
         path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
         self.saved_step = self.step
         self.telemetry.info(f"checkpoint {path}")
 
     def resume(self) -> int:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        if path is None:
+        if self.start is None:
             return 0
-        state = load_checkpoint(path, self.engine, self.dist)
+        same_format = self.start.verdict.cross_engine is None
+        state = load_checkpoint(self.start.path, self.engine, self.dist, engine_state=same_format)
         self.order.seek(state.epoch, state.epoch_position)
-        self.resumed_from = path
+        self.resumed_from = self.start.path
         return state.step
 
 
@@ -181,6 +208,77 @@ class Trainer:
 def run_dir_of(cfg: FtlConfig) -> Path:
     """The launcher chooses the run dir once and writes it into the config every rank reads."""
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    verdict: Verdict
+    notes: list[str]
+
+
+def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo) -> Optional[ResumePoint]:
+    """The checkpoint this run continues (checkpoint.resume), checked against the config by
+    :func:`launcher.train.resume.resume_verdict`, as `ftl train` checked it before launch: raises
+    ResumeError (exit 2) for what it cannot continue."""
+    import dataclasses
+
+    if cfg.checkpoint.resume == "never":
+        # `ftl train` deleted them before launch; a run started otherwise (your torchrun, a requeued
+        # job) starts over the same way, or its first saves would be pruned in favour of older steps.
+        earlier = [p.name for _, p in list_complete(run_dir)] if dist.is_main else []
+        if earlier:
+            print(f"ftl: checkpoint.resume=never: deleting the earlier checkpoints {', '.join(earlier)} in {run_dir}", file=sys.stderr, flush=True)
+            discard_checkpoints(run_dir)
+        return None
+    path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if path is None:
+        return None
+    info = read_checkpoint_info(path)
+    evaluated = evaluated_after(run_dir, info.step)
+    verdict = resume_verdict(info, dataclasses.asdict(cfg), dist.world_size, evaluated=evaluated, total=total_steps)
+    verdict.finished = verdict.finished and cfg.checkpoint.resume == "auto"  # another run's checkpoint: this run's eval is still to do
+    if info.train_samples and info.train_samples != train_samples:
+        verdict.errors.append(ConfigError("data", f"{train_samples} training samples per epoch, but checkpoint step {info.step} "
+                                          f"was written with {info.train_samples}: the training data changed"))  # fmt: skip
+    if verdict.refused:
+        raise ResumeError(refusal(verdict, run_dir))
+    notes = [cross_engine_notice(verdict)] if verdict.cross_engine else []
+    if info.world_size != dist.world_size:
+        notes.append(f"checkpoint step {info.step} was written by {info.world_size} rank(s); continuing on {dist.world_size}")
+    return ResumePoint(path, verdict, notes)
+
+
+def weights_for(start: ResumePoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Another engine's checkpoint, consolidated offline by the engine that wrote it, as the values
+    of ``model``'s trainable parameters (LoRA/QLoRA: the adapter; the frozen base is the model's own)."""
+    from launcher.engines import engine_class
+
+    engine = start.verdict.checkpoint.engine or str(get(start.verdict.checkpoint.config, "strategy.engine"))
+    state = engine_class(engine).consolidate_checkpoint(start.path)
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied head is one parameter under two names
+        aliases.setdefault(id(p), []).append(name)
+    out, missing = {}, []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            found = next((a for a in aliases[id(p)] if a in state), None)
+            if found is None:
+                missing.append(name)
+            else:
+                out[name] = state[found]
+    if missing:
+        raise RuntimeError(f"checkpoint {start.path} ({engine}) does not hold {missing[:5]}: it is not this model's")
+    return out
+
+
+def recorded_config(cfg: FtlConfig) -> dict[str, Any]:
+    """The config a checkpoint records for later resumes to be checked against (secrets redacted)."""
+    import dataclasses
+
+    from launcher.redact import known_secrets, redact
+
+    return redact(dataclasses.asdict(cfg), known_secrets())
 
 
 def config_digest(cfg: FtlConfig) -> str:
@@ -210,7 +308,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
 
     quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
     loading = engine_class(cfg.strategy.engine).model_loading(cfg, dist, device)
-    with loading.context():
+    with loading.context(), phase(f"model: loading {cfg.model.name}"):
         # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device, empty=loading.empty)
         return apply_peft(model, cfg.peft), tokenizer
@@ -228,13 +326,21 @@ def describe_run(trainer: Trainer) -> str:
     params = f"{n_params / 1e6:.2f}M params" + (f", {trainable / 1e6:.2f}M trainable ({trainer.cfg.peft.method})" if trainable < n_params else "")
     resumed = trainer.resumed_from
     start = f"resuming from {resumed} (step {trainer.step})" if resumed else "starting from step 0"
-    stats = trainer.train_ds.stats
-    data = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v and k != "examples")
     return (
         f"ftl: {trainer.cfg.model.name} ({params}), engine {trainer.engine.name}, "
-        f"{trainer.dist.world_size} rank(s) on {trainer.device}; {len(trainer.train_ds):,} train examples ({data}); "
+        f"{trainer.dist.world_size} rank(s) on {trainer.device}; {describe_data(trainer.train_ds.stats, len(trainer.train_ds), trainer.cfg.train.seq_len)}; "
         f"{trainer.total_steps} steps, {start}; run dir {trainer.run_dir}"
     )
+
+
+def describe_data(stats: dict[str, Any], samples: int, seq_len: int) -> str:
+    """'320 train examples in 121 packs of 512 tokens (29,317 tokens, 20,229 trainable)': examples
+    are conversations (or rows), packs what a step draws when data.packing is on."""
+    examples = int(stats.get("examples", samples))
+    text = f"{examples:,} train examples" + (f" in {stats['packs']:,} packs of {seq_len} tokens" if stats.get("packs") else "")
+    counts = [f"{stats[k]:,} {label}" for k, label in (("tokens", "tokens"), ("trainable_tokens", "trainable"), ("truncated", "clipped"),
+                                                       ("dropped", "dropped"), ("skipped", "skipped")) if stats.get(k)]  # fmt: skip
+    return text + (f" ({', '.join(counts)})" if counts else "")
 
 
 class DataOrder:
@@ -247,7 +353,7 @@ class DataOrder:
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, dist.rank, dist.world_size
         self.per_rank = size // dist.world_size
         if self.per_rank == 0:
-            raise DataError(f"{size} training example(s) cannot be shared among {dist.world_size} ranks")
+            raise DataError(f"{size} training sample(s) (examples, or packs with data.packing) cannot be shared among {dist.world_size} ranks")
         self.epoch, self.position = 0, 0
         self._cached: tuple[int, list[int]] = (-1, [])
 

@@ -70,6 +70,47 @@ def test_chat_keeps_the_conversation(exports: dict[str, Path]) -> None:
     assert out.getvalue() == first + "\n" + second + "\n"
 
 
+def test_chat_commands_are_never_sent_to_the_model(exports: dict[str, Path]) -> None:
+    from launcher.artifacts.inference import chat_loop, load_model
+
+    loaded = load_model(exports["merged"])
+    lines = iter(["/help\n", "/nope\n", "/system Answer in one word.\n", "/exit\n"])
+    out = io.StringIO()
+    assert chat_loop(loaded, read_line=lambda: next(lines, None), out=out, max_new_tokens=4) == 0
+    text = out.getvalue()
+    assert text.startswith("commands:\n  /help") and "unknown command /nope\ncommands:" in text
+    assert "(new conversation with that system message)" in text
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(exports: dict[str, Path]) -> None:
+    import os
+    import signal
+    import threading
+
+    from launcher.artifacts.inference import chat_loop, load_model, stream_reply
+
+    loaded = load_model(exports["merged"])
+    stopped = threading.Event()
+    stopped.set()  # as if Ctrl-C came before the first token: the reply ends after it
+    reply = stream_reply(loaded, [{"role": "user", "content": PROMPT}], max_new_tokens=12, out=io.StringIO(), stop=stopped)
+    assert len(loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]) <= 2
+
+    class InterruptOnFirstWrite(io.StringIO):
+        sent = False
+
+        def write(self, text: str) -> int:
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the reply streams
+            return super().write(text)
+
+    out = InterruptOnFirstWrite()
+    lines = iter(["What is ftl?\n", "And how do I resume?\n"])
+    replies = chat_loop(loaded, read_line=lambda: next(lines, None), out=out, max_new_tokens=12)
+    assert replies == 2 and "(reply stopped)" in out.getvalue()  # the chat answered the next line too
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C outside a reply is the user's again
+
+
 def test_chat_reads_turns_from_piped_stdin(exports: dict[str, Path]) -> None:
     out = ftl("chat", str(exports["run"]), "--max-new-tokens", "6", stdin="What is ftl?\n/reset\nAnd how do I resume?\n")
     assert out.returncode == 0

@@ -66,8 +66,9 @@ def test_min_lr_ratio_zero_decays_to_zero() -> None:
 
 
 def test_warmup_longer_than_run() -> None:
-    cfg = train("cosine", warmup=10)
-    assert lr_at(4, cfg, 5) == pytest.approx(PEAK / 2)
+    cfg = train("cosine", warmup=10)  # clipped to 4 of the 5 steps: the last one runs at the peak
+    assert lr_at(3, cfg, 5) == pytest.approx(PEAK)
+    assert lr_at(4, cfg, 5) == pytest.approx(PEAK)
 
 
 def test_unknown_schedule_raises() -> None:
@@ -94,3 +95,28 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     groups = build_optimizer(model, cfg).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model[0].weight)}
+
+
+def test_a_warmup_longer_than_the_run_is_clipped_with_a_notice() -> None:
+    from launcher.train.schedule import warmup_notice, warmup_steps
+
+    cfg = train("cosine", warmup=8)  # recipe=demo's warmup
+    assert warmup_steps(cfg, 84) == 8 and warmup_notice(cfg, 84) is None
+    assert warmup_steps(cfg, 4) == 3  # train.max_steps=4: three warmup steps, the last at the peak
+    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([PEAK / 3, 2 * PEAK / 3, PEAK, PEAK])
+    assert "train.warmup_steps=8 is not shorter than this run's 4 steps: warming up over 3 step(s)" in warmup_notice(cfg, 4)
+    assert warmup_steps(cfg, 1) == 0 and lr_at(0, cfg, 1) == pytest.approx(PEAK)
+
+
+def test_shortening_the_demo_recipe_plans_with_the_notice() -> None:
+    import subprocess
+    import sys
+
+    from helpers import ftl_env
+
+    from launcher.paths import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "launcher", "plan", "recipe=demo", "train.max_steps=4", "run.dir=/nonexistent/ftl-plan"],
+                          cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warming up over 3 step(s) instead" in proc.stdout
