@@ -131,13 +131,13 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
         shown.advance()
         encode = _encode_pair if hasattr(record.fmt, "encode_pair") else _encode_one
         try:
-            example, outcome = encode(record, seq_len, truncation)
+            example, outcomes = encode(record, seq_len, truncation)
         except DataError:
             if on_error != "skip":
                 raise
             stats["skipped"] += 1
             continue
-        if outcome != "ok":
+        for outcome in outcomes:
             stats[outcome] += 1
         if example is None:
             continue
@@ -151,32 +151,32 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
     return TokenizedDataset(examples, kept, stats, template), source_of
 
 
-def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], str]:
-    """(example or None, "ok" | "truncated" | "dropped")."""
+def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
+    """(example or None, what happened to it on the way: "truncated" and/or "dropped")."""
     input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
-    outcome = "ok"
+    outcomes: tuple[str, ...] = ()
     if len(input_ids) > seq_len:
         if truncation == "drop":
-            return None, "dropped"
-        input_ids, labels, outcome = input_ids[:seq_len], labels[:seq_len], "truncated"
+            return None, ("dropped",)
+        input_ids, labels, outcomes = input_ids[:seq_len], labels[:seq_len], ("truncated",)
     if count_trainable(labels) == 0:  # nothing left to learn from (e.g. the answer was truncated away)
-        return None, "dropped"
-    return {"input_ids": input_ids, "labels": labels}, outcome
+        return None, (*outcomes, "dropped")
+    return {"input_ids": input_ids, "labels": labels}, outcomes
 
 
-def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], str]:
+def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
     """A preference pair as one example: chosen then rejected, ``lengths`` [chosen, rejected]. Both
     must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens."""
     pair = _call(record.fmt.encode_pair, record.value, record.path, record.number)
-    outcome = "ok"
+    outcomes: tuple[str, ...] = ()
     if sum(len(ids) for ids, _ in pair) > seq_len:
         if truncation == "drop":
-            return None, "dropped"
-        pair, outcome = tuple((ids[: seq_len // 2], labels[: seq_len // 2]) for ids, labels in pair), "truncated"
+            return None, ("dropped",)
+        pair, outcomes = tuple((ids[: seq_len // 2], labels[: seq_len // 2]) for ids, labels in pair), ("truncated",)
     if any(count_trainable(labels) == 0 for _, labels in pair):  # a completion truncated away
-        return None, "dropped"
+        return None, (*outcomes, "dropped")
     (chosen, chosen_labels), (rejected, rejected_labels) = pair
-    return {"input_ids": chosen + rejected, "labels": chosen_labels + rejected_labels, "lengths": [len(chosen), len(rejected)]}, outcome
+    return {"input_ids": chosen + rejected, "labels": chosen_labels + rejected_labels, "lengths": [len(chosen), len(rejected)]}, outcomes
 
 
 def _same(value: Any) -> Any:

@@ -31,6 +31,6 @@ class Objective(ABC):
     def loss(self, engine: Engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the summed loss of the micro-batch, summed statistics to log as means per unit)."""
 
-    def eval_metrics(self, engine: Engine, trainer: Any) -> Optional[dict[str, float]]:
+    def eval_metrics(self, trainer: Any) -> Optional[dict[str, float]]:
         """The loss-based eval metrics, when not perplexity (None: perplexity)."""
         return None
