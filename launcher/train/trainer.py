@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.model.loading import count_parameters
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.train.checkpoint import TrainerState, capture_rng, restore_rng, resume_checkpoint, save_checkpoint
 from launcher.train.device import autocast_dtype, select_device
 from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
 from launcher.train.loss import count_label_tokens, next_token_loss
@@ -158,10 +159,10 @@ class Trainer:
         self.telemetry.info(f"checkpoint {path}")
 
     def resume(self) -> int:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        if path is None:
+        found = resume_checkpoint(self.cfg.checkpoint.resume, self.run_dir, self.engine, self.dist, warn)
+        if found is None:
             return 0
-        state = load_checkpoint(path, self.engine, self.dist)
+        path, state = found
         self.order.seek(state.epoch, state.epoch_position)
         self.resumed_from = path
         return state.step
@@ -269,6 +270,10 @@ class DataOrder:
 
 # --------------------------------------------------------------------------------------------
 # small pieces of the loop
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def due(step: int, every: int) -> bool:
