@@ -19,8 +19,10 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.launch.lock import check_free
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import prepare_run
+    from launcher.session import prepare_run, writes_run_dir
+    from launcher.shell import ftl_command
 
     run = prepare_run(args.overrides)
     cfg, plan = run.cfg, run.plan
@@ -39,10 +41,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{'command' if i == 0 else '':<{width}} {line}")
     for note in plan.notes:
         print(f"{'note':<{width}} {note}")
+    busy = check_free(plan.run_dir) if writes_run_dir(cfg) else None
+    if busy:
+        print(f"ftl plan: {busy}", file=sys.stderr)
+        return EXIT_INVALID
     if report.checked and not report.fits:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
-    print("\nnothing launched (ftl plan). To run: ftl train " + " ".join(args.overrides))
+    print("\nnothing launched (ftl plan). To run: " + ftl_command(["ftl", "train"], args.overrides))
     return 0
 
 
@@ -73,9 +79,10 @@ def _print_cfg(overrides: list[str], which: str) -> int:
     """Hydra's `--cfg job`: the composed config, validated, printed, nothing launched."""
     from omegaconf import OmegaConf
 
+    from launcher.redact import known_secrets, redact
     from launcher.session import load_config
 
-    print(OmegaConf.to_yaml(OmegaConf.create(load_config(overrides).raw)), end="")
+    print(OmegaConf.to_yaml(OmegaConf.create(redact(load_config(overrides).raw, known_secrets()))), end="")
     return 0
 
 
@@ -293,14 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Everything ftl prints passes through the redactor: a secret known to this process (from the
+    environment, the overrides, launch.env) never reaches the console, whichever message holds it."""
+    from launcher.redact import RedactingStream, declare, override_secrets
+    from launcher.shell import UnsafeText
+
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(stdout), RedactingStream(stderr)  # type: ignore[assignment]
     try:
-        return args.fn(args)
-    except ConfigErrors as e:
-        print(f"ftl {args.command}: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        return 130
+        args = build_parser().parse_args(argv)
+        declare(override_secrets([*(getattr(args, "overrides", None) or []), *(getattr(args, "settings", None) or [])]))
+        try:
+            return args.fn(args)
+        except ConfigErrors as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except UnsafeText as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except KeyboardInterrupt:
+            print(f"ftl {args.command}: interrupted", file=sys.stderr)
+            return 130
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 if __name__ == "__main__":
