@@ -193,6 +193,22 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings, checked before any model loads (nan passes every comparison)."""
+    import math
+
+    from launcher.config.errors import ConfigError
+
+    errors = []
+    if args.max_new_tokens < 1:
+        errors.append(ConfigError("--max-new-tokens", f"got {args.max_new_tokens}; expected a positive number of tokens"))
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        errors.append(ConfigError("--temperature", f"got {args.temperature}; expected a finite number >= 0 (0: greedy)"))
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        errors.append(ConfigError("--top-p", f"got {args.top_p}; expected a number in (0, 1]"))
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        errors.append(ConfigError("--seed", f"got {args.seed}; expected an integer in [0, 2^32)"))
+    if errors:
+        raise ConfigErrors(errors)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
@@ -200,10 +216,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import stream_reply
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        stream_reply(loaded, messages, **_generation_kwargs(args))
+        stream_reply(loaded, messages, **settings)
     except ArtifactInputError as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -214,6 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import chat_loop
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
     except ArtifactInputError as e:
@@ -230,7 +248,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def prompt() -> None:
         print("you> " if interactive else "", end="", file=sys.stderr, flush=True)
 
-    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **_generation_kwargs(args))
+    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **settings)
     return 0
 
 
@@ -321,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"ftl {args.command}: interrupted", file=sys.stderr)
             return 130
+        except OSError as e:  # a full disk, a permission the checks could not foresee: the reason, not a traceback
+            print(f"ftl {args.command}: {e.strerror or type(e).__name__}: {e.filename or e}", file=sys.stderr)
+            return 1
     finally:
         sys.stdout, sys.stderr = stdout, stderr
 

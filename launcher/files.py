@@ -30,6 +30,34 @@ CHECKPOINTS_DIR = "checkpoints"  # a run dir's checkpoints: ftl prunes what it f
 CHECKPOINT_MARKER = "COMPLETE"  # a checkpoint dir is complete once it holds this file
 
 
+TRAINER_STATE = "trainer_state.json"  # in a checkpoint: the step and the position in the data order
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint dir that has its marker, or None: every file the marker
+    lists must be there with the size it had when saved (a truncated or lost file fails), and the
+    trainer state must read back. (Checkpoints saved before markers listed files are checked for
+    the trainer state alone.) Pure: ``ftl plan`` checks ``checkpoint.resume`` with it."""
+    try:
+        marker = json.loads((path / CHECKPOINT_MARKER).read_text() or "{}")
+        listed = dict(marker.get("files") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"its {CHECKPOINT_MARKER} marker does not read back ({type(e).__name__})"
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when saved (truncated?)"
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE} does not read back ({type(e).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{TRAINER_STATE} holds no step"
+    return None
+
+
 def mark_dir(path: Path, kind: str) -> None:
     """Create ``path`` (and parents) if needed and mark it as an ftl ``kind`` dir. The marker is
     created in place, not renamed in, so the directory is never non-empty and unmarked."""
@@ -89,8 +117,10 @@ def output_dir_problems(
     for parent in real.parents:
         if parent.name == CHECKPOINTS_DIR and is_run_dir(parent.parent):
             out.append(f"sits inside the checkpoints of the run {parent.parent} (ftl prunes what it finds there)")
-        elif kind == "run" and is_run_dir(parent):
+            break
+        if kind == "run" and is_run_dir(parent):
             out.append(f"sits inside the ftl run dir {parent}")
+            break
     existing = next((p for p in (real, *real.parents) if p.exists()), Path("/"))
     if not existing.is_dir():
         out.append(f"cannot be created: {existing} is a file")

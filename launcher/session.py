@@ -50,7 +50,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
         declare(str(v) for k, v in env.items() if is_secret_key(str(k)) and v is not None)
     cfg, more = validate(raw)
     errors += more
-    if check_run_dir and not errors:
+    if check_run_dir and not any(e.path == "run" or e.path.startswith("run.") for e in errors):
         from launcher.launch.run_dir import choose_run_dir, run_dir_errors
 
         errors += run_dir_errors(raw, choose_run_dir(raw))

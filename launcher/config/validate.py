@@ -24,7 +24,7 @@ from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig
 from launcher.config.topology import global_batch, nodes, world_size
 from launcher.engines.traits import engine_traits
-from launcher.files import CHECKPOINT_MARKER
+from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
 from launcher.shell import has_control_chars
 
@@ -107,7 +107,14 @@ def _coerce(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
         errors.append(ConfigError(path, f"got {value!r}; expected a finite number"))
     elif tp is str and "\0" in out:
         errors.append(ConfigError(path, f"got {value!r}; NUL cannot be passed to a process or a file name"))
+    elif tp is str and has_control_chars(out) and not path.startswith(_TEXT_FIELDS):
+        errors.append(ConfigError(path, f"got {value!r}; newlines and other control characters are not allowed here"))
     return out
+
+
+# Fields that hold text rather than a name, path or word, where a newline may belong (a template,
+# an environment value); launch=slurm refuses them in launch.env, which its script holds.
+_TEXT_FIELDS = ("data.chat_template", "description", "launch.env.")
 
 
 def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
@@ -227,7 +234,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _peft_checks(cfg)
     name = cfg.run.name
     if not name or "/" in name or name in (".", "..") or has_control_chars(name):
-        errs.append(_own("run.name", f"got {name!r}; use a non-empty name without '/', newlines or other control characters"))
+        errs.append(_own("run.name", f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters"))
     return errs
 
 
@@ -258,7 +265,8 @@ def _resume_errors(resume: str) -> list[ConfigError]:
     if not re.fullmatch(r"step-\d+", p.name) or not (p / CHECKPOINT_MARKER).is_file():
         return [_own("checkpoint.resume", f"{resume!r} is not a complete checkpoint (a step-N dir with a {CHECKPOINT_MARKER} "
                             f"marker); {allowed}")]  # fmt: skip
-    return []
+    problem = checkpoint_problem(p)
+    return [_own("checkpoint.resume", f"{resume!r} is damaged: {problem}; resume from another checkpoint")] if problem else []
 
 
 def _cache_errors(cfg: FtlConfig) -> list[ConfigError]:

@@ -140,6 +140,8 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM  # the terminal went away: stop as on SIGTERM (the trainers save on it)
         try:
             if len(received) == 1:
                 proc.send_signal(signum)

@@ -38,6 +38,8 @@ def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
     file, somewhere unwritable, inside another run), an earlier config.yaml that is not YAML, and
     ``checkpoint.resume=never`` over an earlier run's checkpoints, which saving would replace and prune."""
     where = "run.dir" if raw["run"].get("dir") else "run.name"
+    if redact(str(run_dir), known_secrets()) != str(run_dir):
+        return [ConfigError(where, "the run dir's path would hold a secret (the value of an API key or token)")]
     errors = [ConfigError(where, f"{run_dir} {p}") for p in output_dir_problems(run_dir, "run", legacy=is_legacy_run_dir)]
     if errors or not run_dir.is_dir():
         return errors

@@ -158,11 +158,13 @@ def nproc_per_node(cfg: FtlConfig) -> int:
 
 
 def secret_env(cfg: FtlConfig) -> dict[str, str]:
-    """launch.env entries with secret-looking names (tokens, API keys). They are never written
-    into job.sbatch: sbatch gets them in its environment and passes them on to the job."""
-    from launcher.redact import SECRET_KEY
+    """launch.env entries with secret-looking names (tokens, API keys) or holding a known secret.
+    They are never written into job.sbatch: sbatch gets them in its environment and passes them on
+    to the job."""
+    from launcher.redact import secret_env_names
 
-    return {k: str(v) for k, v in cfg.launch.env.items() if SECRET_KEY.search(k)}
+    names = secret_env_names({k: str(v) for k, v in cfg.launch.env.items()})
+    return {k: str(v) for k, v in cfg.launch.env.items() if k in names}
 
 
 def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:

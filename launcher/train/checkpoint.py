@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from launcher.files import CHECKPOINT_MARKER
+from launcher.files import CHECKPOINT_MARKER, TRAINER_STATE, checkpoint_problem
 from launcher.files import CHECKPOINTS_DIR as _CHECKPOINTS_DIR
 from launcher.train import distributed
 from launcher.train.distributed import DistInfo
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 CHECKPOINTS_DIR = _CHECKPOINTS_DIR
 MARKER = CHECKPOINT_MARKER
-TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
 
@@ -106,20 +105,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
 
 
 def verify(path: Path) -> Optional[str]:
-    """What is wrong with a complete checkpoint's files, or None: every file its marker lists
-    must be there with the size it had when saved (a truncated or lost file fails), and the
-    trainer state must read back. Checkpoints saved before markers listed files are only checked
-    for the trainer state."""
-    try:
-        marker = json.loads((path / MARKER).read_text() or "{}")
-    except (OSError, ValueError) as e:
-        return f"its {MARKER} marker does not read back ({type(e).__name__})"
-    for name, size in (marker.get("files") or {}).items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} when saved"
+    """What is wrong with a complete checkpoint's files, or None (:func:`launcher.files.checkpoint_problem`,
+    and the trainer state must bind)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        return problem
     try:
         TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
     except (OSError, ValueError, TypeError) as e:

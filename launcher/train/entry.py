@@ -101,6 +101,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
     they report their own failure, and must live to leave their exit record."""
     from launcher.data.types import DataError
+    from launcher.train.checkpoint import CheckpointError
     from launcher.train.trainer import Trainer
 
     with _interrupt_until_done() as done:
@@ -110,6 +111,10 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
         except DataError as e:
             done()
             print(f"ftl: training data error: {e}", file=sys.stderr)
+            code = EXIT_INVALID
+        except CheckpointError as e:
+            done()
+            print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
         except KeyboardInterrupt:
             done()
