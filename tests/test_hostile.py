@@ -103,6 +103,12 @@ def test_a_quoted_word_reads_back_exactly_and_is_one_printable_line(text, tmp_pa
     no_canary(tmp_path)
 
 
+def test_shell_quoting_lives_in_one_place():
+    """launcher/shell.py is the one module that quotes for the shell: no other uses shlex."""
+    users = [str(p.relative_to(ROOT)) for p in (ROOT / "launcher").rglob("*.py") if "shlex" in p.read_text() and p.name != "shell.py"]
+    assert users == []
+
+
 def test_nul_is_refused_not_quoted():
     from launcher.shell import UnsafeText
 
@@ -587,6 +593,24 @@ def test_the_launcher_hands_a_stop_signal_on_once_and_waits(sig, tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # waited for, not left behind
     assert f"stopped by {sig.name} after a checkpoint" in err
+
+
+def test_a_launcher_killed_outright_still_stops_its_job(tmp_path):
+    """SIGKILL cannot be handed on: the job, in its own process group, gets SIGTERM from the kernel
+    when its launcher dies, and stops as it would on a forwarded one."""
+    (tmp_path / "child.py").write_text(FORWARD_CHILD)
+    (tmp_path / "run_job.py").write_text(LAUNCHER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run_job.py"), str(tmp_path), str(tmp_path / "child.py")], env=ftl_env(PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child.pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    while not (tmp_path / "child.signals").exists():
+        assert time.monotonic() < deadline, "the job outlived its launcher"
+        time.sleep(0.05)
+    assert (tmp_path / "child.signals").read_text() == str(int(signal.SIGTERM))
 
 
 def test_a_rank_killed_by_sigkill_says_it_may_have_run_out_of_memory(tmp_path, capsys):

@@ -60,15 +60,17 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
         complete = list_complete(run_dir)
         if not complete:
             raise ArtifactInputError(f"{run_dir} is a run dir with no complete checkpoint under checkpoints/ (train first)")
-        ckpt = None
+        ckpt, problems = None, []
         for _, candidate in reversed(complete):  # the newest sound one; a damaged one is named
             problem = verify(candidate)
             if problem is None:
                 ckpt = candidate
                 break
-            print(f"ftl: checkpoint {candidate} is damaged ({problem}); using the one before it", file=sys.stderr)
+            problems.append(f"{candidate.name}: {problem}")
+            if candidate != complete[0][1]:
+                print(f"ftl: checkpoint {candidate} is damaged ({problem}); using the one before it", file=sys.stderr)
         if ckpt is None:
-            raise ArtifactInputError(f"{run_dir}: every checkpoint under checkpoints/ is damaged")
+            raise ArtifactInputError(f"{run_dir}: every checkpoint under checkpoints/ is damaged ({'; '.join(problems)})")
     elif path.name.startswith(".tmp-") or (path.name.startswith("step-") and not (path / MARKER).is_file()):
         raise ArtifactInputError(f"{path} is an incomplete checkpoint (no {MARKER} marker): a save that did not finish")
     else:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
@@ -109,6 +110,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SHUTDOWN_TIMEOUT_S = "300"
 
 
+def _stop_when_parent_dies() -> Callable[[], None] | None:
+    """Linux: the job gets SIGTERM (it saves and stops) if this launcher is killed outright, which
+    no handler can forward; its own process group no longer shares the launcher's fate."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes the call
+    return lambda: libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def run_foreground(plan: LaunchPlan, records: bool = True) -> int:
     """Run each command in turn with the plan's environment, and give back 0, 1, 2 or 130 (see
     :mod:`launcher.launch.outcome`; ``records``: the command is the trainer, which leaves exit
@@ -134,7 +146,7 @@ def run_foreground(plan: LaunchPlan, records: bool = True) -> int:
 
 def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
     """(exit status, the first stop signal handed on, if any)."""
-    proc = subprocess.Popen(argv, env=env, process_group=0)
+    proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=_stop_when_parent_dies())
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
