@@ -20,8 +20,10 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.launch.lock import check_free
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import launch_notes, prepare_run, resume_verdict_for
+    from launcher.session import launch_notes, prepare_run, resume_verdict_for, writes_run_dir
+    from launcher.shell import ftl_command
     from launcher.train.resume import finished_message, refusal
 
     run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
@@ -47,18 +49,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{'command' if i == 0 else '':<{width}} {line}")
     for note in plan.notes:
         print(f"{'note':<{width}} {note}")
+    busy = check_free(plan.run_dir) if writes_run_dir(cfg) else None
+    if busy:
+        print(f"ftl plan: {busy}", file=sys.stderr)
+        return EXIT_INVALID
     if report.checked and not report.fits:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.refused:
         print(f"ftl plan: {refusal(verdict, run.run_dir, ['train', *args.overrides])}", file=sys.stderr)
         return EXIT_INVALID
-    import shlex
-
     from launcher.config.search_path import config_dirs
 
-    again = [*(f"--config-dir={d}" for d in config_dirs()), *args.overrides]
-    print("\nnothing launched (ftl plan). To run: ftl train " + shlex.join(again))
+    again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
+    print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
     return 0
 
 
@@ -92,9 +96,10 @@ def _print_cfg(overrides: list[str], which: str) -> int:
     """Hydra's `--cfg job`: the composed config, validated, printed, nothing launched."""
     from omegaconf import OmegaConf
 
+    from launcher.redact import known_secrets, redact
     from launcher.session import load_config
 
-    print(OmegaConf.to_yaml(OmegaConf.create(load_config(overrides).raw)), end="")
+    print(OmegaConf.to_yaml(OmegaConf.create(redact(load_config(overrides).raw, known_secrets()))), end="")
     return 0
 
 
@@ -245,6 +250,22 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings, checked before any model loads (nan passes every comparison)."""
+    import math
+
+    from launcher.config.errors import ConfigError
+
+    errors = []
+    if args.max_new_tokens < 1:
+        errors.append(ConfigError("--max-new-tokens", f"got {args.max_new_tokens}; expected a positive number of tokens"))
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        errors.append(ConfigError("--temperature", f"got {args.temperature}; expected a finite number >= 0 (0: greedy)"))
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        errors.append(ConfigError("--top-p", f"got {args.top_p}; expected a number in (0, 1]"))
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        errors.append(ConfigError("--seed", f"got {args.seed}; expected an integer in [0, 2^32)"))
+    if errors:
+        raise ConfigErrors(errors)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
@@ -252,10 +273,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import stream_reply
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        stream_reply(loaded, messages, **_generation_kwargs(args))
+        stream_reply(loaded, messages, **settings)
     except ArtifactInputError as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -266,6 +288,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import chat_loop
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
     except ArtifactInputError as e:
@@ -289,7 +312,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def prompt() -> None:
         print("you> " if interactive else "", end="", file=sys.stderr, flush=True)
 
-    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **_generation_kwargs(args))
+    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **settings)
     return 0
 
 
@@ -382,30 +405,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Everything ftl prints passes through the redactor: a secret known to this process (from the
+    environment, the overrides, launch.env) never reaches the console, whichever message holds it."""
     from launcher.quiet import install
+    from launcher.redact import RedactingStream, declare, override_secrets
+    from launcher.shell import UnsafeText
 
     install()
-    args = parse_args(argv)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(stdout), RedactingStream(stderr)  # type: ignore[assignment]
     try:
-        if getattr(args, "config_dir", None):
-            from launcher.config.search_path import add_config_dirs
+        args = parse_args(argv)
+        declare(override_secrets([*(getattr(args, "overrides", None) or []), *(getattr(args, "settings", None) or [])]))
+        try:
+            if getattr(args, "config_dir", None):
+                from launcher.config.search_path import add_config_dirs
 
-            add_config_dirs(args.config_dir)
-        code = args.fn(args)
-        sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
-        return code
-    except ConfigErrors as e:
-        print(f"ftl {args.command}: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader of stdout stopped (`| head`): no traceback, and no second error when Python
-        # flushes stdout at exit. 141 is what a shell reports for a process killed by SIGPIPE.
-        import os
+                add_config_dirs(args.config_dir)
+            code = args.fn(args)
+            sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
+            return code
+        except ConfigErrors as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except UnsafeText as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except KeyboardInterrupt:
+            print(f"ftl {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # The reader of stdout stopped (`| head`): no traceback, and no second error when Python
+            # flushes stdout at exit. 141 is what a shell reports for a process killed by SIGPIPE.
+            import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+            return 141
+        except OSError as e:  # a full disk, a permission the checks could not foresee: the reason, not a traceback
+            print(f"ftl {args.command}: {e.strerror or type(e).__name__}: {e.filename or e}", file=sys.stderr)
+            return 1
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 if __name__ == "__main__":

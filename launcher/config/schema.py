@@ -127,12 +127,12 @@ class DataConfig:
     text_field: str = "text"  # format=completion: the field holding the text
     truncation: str = choice("clip", "clip", "drop", doc="an example longer than train.seq_len: clip it, or drop it")
     on_error: str = choice("raise", "raise", "skip")
-    max_train_examples: Optional[int] = None
+    max_train_examples: Optional[int] = ranged(None, 1)
     shuffle: bool = True
     packing: bool = False  # pack examples into train.seq_len sequences; attention never crosses examples
     cache: bool = True  # tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs
     cache_shared: bool = False  # the cache is on a filesystem every node sees: one rank per job prepares, not one per node
-    prepare_timeout_s: int = ranged(7200, 1, doc="how long ranks wait for the one preparing the data")
+    prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class LaunchBase:
     nproc_per_node: int = ranged(1, 1)
     gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
     check_memory: bool = True  # refuse (exit 2) a GPU job the memory planner says won't fit
-    dist_timeout_s: int = ranged(600, 10)  # process-group timeout: a dead rank never hangs the rest
+    dist_timeout_s: int = ranged(600, 10, 7 * 24 * 3600)  # process-group timeout: a dead rank never hangs the rest
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -269,7 +269,7 @@ class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1)
     gpus_per_node: int = ranged(0, 0)
-    cpus_per_task: Optional[int] = None
+    cpus_per_task: Optional[int] = ranged(None, 1)
     mem: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -307,9 +307,9 @@ class TrainConfig:
     epochs: float = ranged(1.0, 0.0, lo_open=True)
     micro_batch_size: int = ranged(1, 1)
     grad_accum: int = ranged(1, 1)
-    global_batch_size: Optional[int] = None  # optional check: must equal micro × accum × dp
+    global_batch_size: Optional[int] = ranged(None, 1)  # optional check: must equal micro × accum × dp
     seq_len: int = ranged(1024, 8)
-    seed: int = ranged(42, 0)
+    seed: int = ranged(42, 0, 2**32 - 1)  # numpy takes 32-bit seeds
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
     device: str = choice("auto", "auto", "cpu", "cuda")
@@ -330,7 +330,7 @@ class EvalConfig:
     after_training: bool = True
     every_steps: int = ranged(0, 0)
     batch_size: int = ranged(4, 1)
-    max_batches: Optional[int] = None
+    max_batches: Optional[int] = ranged(None, 1)
     generate: bool = True  # generation metrics (ROUGE, BLEU) on the eval split
     max_new_tokens: int = ranged(64, 1)
     num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher import shell
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
@@ -60,17 +60,18 @@ def _str(value: Any) -> str:
 
 
 def _no_newline(text: str) -> str:
-    if "\n" in text or "\r" in text or "\0" in text:
-        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines or NUL")
+    """One line of plain text: sbatch's own parser of #SBATCH lines knows no escapes for the rest."""
+    if shell.has_control_chars(text):
+        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines, NUL or other control characters")
     return text
 
 
 def quote(value: Any) -> Quoted:
-    """One shell word, whatever the value holds."""
+    """One shell word, whatever the value holds (:func:`launcher.shell.quote`: the one quoting rule)."""
     text = _str(value)
     if "\0" in text:
         raise UnsafeValue(f"{text!r}: NUL cannot be passed through a shell script")
-    return Quoted(shlex.quote(text))
+    return Quoted(shell.quote(text))
 
 
 def sbatch_value(value: Any) -> Quoted:
@@ -157,11 +158,13 @@ def nproc_per_node(cfg: FtlConfig) -> int:
 
 
 def secret_env(cfg: FtlConfig) -> dict[str, str]:
-    """launch.env entries with secret-looking names (tokens, API keys). They are never written
-    into job.sbatch: sbatch gets them in its environment and passes them on to the job."""
-    from launcher.redact import SECRET_KEY
+    """launch.env entries with secret-looking names (tokens, API keys) or holding a known secret.
+    They are never written into job.sbatch: sbatch gets them in its environment and passes them on
+    to the job."""
+    from launcher.redact import secret_env_names
 
-    return {k: str(v) for k, v in cfg.launch.env.items() if SECRET_KEY.search(k)}
+    names = secret_env_names({k: str(v) for k, v in cfg.launch.env.items()})
+    return {k: str(v) for k, v in cfg.launch.env.items() if k in names}
 
 
 def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:
@@ -282,7 +285,7 @@ def run_sbatch(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
         return 1, ""
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
-        print(f"ftl: {shlex.join(argv)} failed: {detail}", file=sys.stderr)
+        print(f"ftl: {shell.join(argv)} failed: {detail}", file=sys.stderr)
         return 1, ""
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():

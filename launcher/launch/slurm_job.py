@@ -33,14 +33,6 @@ def allocation_overrides(user: list[str], environ: Mapping[str, str]) -> list[st
     return out
 
 
-def redact_override(text: str) -> str:
-    """`+launch.env.HF_TOKEN=...` as it may be shown or written: the value of a secret-looking key blanked."""
-    from launcher.redact import REDACTED, SECRET_KEY
-
-    key, eq, _ = text.partition("=")
-    return f"{key}={REDACTED}" if eq and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else text
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "--":
@@ -49,6 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
               "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
         return 1
+    from launcher.launch.lock import check_free
     from launcher.launch.run_dir import write_run_dir
     from launcher.launch.slurm import SCRIPT_NAME
     from launcher.session import prepare_run
@@ -60,7 +53,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ftl (slurm/train.sbatch): {e}", file=sys.stderr)
         return EXIT_INVALID
     plan = run.plan
-    changes = write_run_dir(run.raw, plan, run.config_path, ["train", *map(redact_override, overrides)])
+    busy = check_free(plan.run_dir)  # rank 0 of the job takes the lock when it starts
+    if busy:
+        print(f"ftl (slurm/train.sbatch): {busy}", file=sys.stderr)
+        return EXIT_INVALID
+    changes = write_run_dir(run.raw, plan, run.config_path, ["train", *overrides])
     for c in changes:
         print(f"ftl: config changed since the last run in {plan.run_dir}: {c}", file=sys.stderr)
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)

@@ -31,9 +31,10 @@ from launcher.data.packing import flattens_packs, model_inputs
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
+from launcher.files import checkpoint_problem
 from launcher.model.loading import count_parameters
 from launcher.progress import phase
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
 from launcher.train.device import autocast_dtype, select_device
 from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
 from launcher.train.loss import count_label_tokens, next_token_loss
@@ -42,7 +43,6 @@ from launcher.train.resume import (
     ResumeError,
     Verdict,
     cross_engine_notice,
-    discard_checkpoints,
     evaluated_after,
     finished_message,
     get,
@@ -50,6 +50,7 @@ from launcher.train.resume import (
     read_checkpoint_info,
     refusal,
     resume_verdict,
+    set_aside_checkpoints,
 )
 from launcher.train.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
@@ -187,10 +188,15 @@ class Trainer:
     def resume(self) -> int:
         if self.start is None:
             return 0
-        same_format = self.start.verdict.cross_engine is None
-        state = load_checkpoint(self.start.path, self.engine, self.dist, engine_state=same_format)
+        if self.start.verdict.cross_engine is not None:  # the engine loaded its weights; the schedule and data position follow
+            path, state = self.start.path, load_checkpoint(self.start.path, self.engine, self.dist, engine_state=False)
+        else:  # verified, and an older one in its place when it is damaged
+            found = resume_checkpoint(self.cfg.checkpoint.resume, self.run_dir, self.engine, self.dist, warn)
+            if found is None:
+                return 0
+            path, state = found
         self.order.seek(state.epoch, state.epoch_position)
-        self.resumed_from = self.start.path
+        self.resumed_from = path
         return state.step
 
 
@@ -217,14 +223,16 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     import dataclasses
 
     if cfg.checkpoint.resume == "never":
-        # `ftl train` deleted them before launch; a run started otherwise (your torchrun, a requeued
-        # job) starts over the same way, or its first saves would be pruned in favour of older steps.
-        earlier = [p.name for _, p in list_complete(run_dir)] if dist.is_main else []
-        if earlier:
-            print(f"ftl: checkpoint.resume=never: deleting the earlier checkpoints {', '.join(earlier)} in {run_dir}", file=sys.stderr, flush=True)
-            discard_checkpoints(run_dir)
+        # `ftl train` moved them aside before launch; a run started otherwise (your torchrun, a
+        # requeued job) starts over the same way, or its first saves would be pruned in favour of older steps.
+        aside = set_aside_checkpoints(run_dir) if dist.is_main else None
+        if aside is not None:
+            print(f"ftl: checkpoint.resume=never: moved the earlier run's checkpoints to {aside} (nothing deleted)", file=sys.stderr, flush=True)
+        barrier()
         return None
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if cfg.checkpoint.resume == "auto":  # the newest one whose files are whole (the load falls back further if need be)
+        path = next((p for _, p in reversed(list_complete(run_dir)) if checkpoint_problem(p) is None), None)
     if path is None:
         return None
     info = read_checkpoint_info(path)
@@ -375,6 +383,10 @@ class DataOrder:
 
 # --------------------------------------------------------------------------------------------
 # small pieces of the loop
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def due(step: int, every: int) -> bool:
