@@ -69,12 +69,14 @@ GOLDEN_CASES = {
         "launch.qos=high",
         "launch.constraint=h100",
         "launch.mem=0",
+        "launch.io_gb_per_s=10",
         "launch.signal=USR1@300",
+        "launch.socket_ifname=ib0",
         "launch.max_requeues=5",
         "launch.sbatch_args=[--mail-type,END]",
         "launch.setup=['module load cuda/12.4','source /opt/venvs/ftl/bin/activate']",
         "+launch.env.NCCL_DEBUG=WARN",
-        "+launch.env.HF_HOME=/scratch/hf cache",
+        "launch.hf_home='/scratch/hf cache'",
     ],
 }
 
@@ -219,16 +221,21 @@ if [[ -n ${SHIM_SBATCH_FAIL:-} ]]; then echo "sbatch: error: $SHIM_SBATCH_FAIL" 
 echo 4242
 """,
 }
-# The "python" every node runs: records its argv and one environment variable; with SHIM_WAIT it
-# runs until SIGTERM, like a trainer, and exits 3 (torchrun's nonzero exit after a signal).
+# The "python" every node runs, standing in for torchrun: records its argv and one environment
+# variable. With SHIM_WAIT it starts a rank that runs until SIGTERM, then takes a while to save and
+# exits 0, as the trainer does; and like torchrun before 2.12 it kills that rank (here at once,
+# not after 30 s) when it gets a SIGTERM itself, then exits 1.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 printf '%s\0' "$@" > "$REC/python.args"
 printf '%s' "${HOSTILE-unset}" > "$REC/python.env"
 echo "rank output"
 if [[ -n ${SHIM_WAIT:-} ]]; then
-    trap 'echo TERM >> "$REC/python.signals"; exit 3' TERM
-    touch "$REC/python.started"
-    while :; do sleep 0.05; done
+    bash -c 'trap "echo TERM >> \"$REC/rank.signals\"; sleep 0.3; touch \"$REC/rank.saved\"; exit 0" TERM
+             touch "$REC/python.started"; while :; do sleep 0.05; done' &
+    rank=$!
+    trap 'echo TERM >> "$REC/python.signals"; kill -KILL "$rank"; exit 1' TERM
+    wait "$rank"
+    exit $?
 fi
 """
 
@@ -358,7 +365,9 @@ def test_warning_signal_stops_the_ranks_then_requeues(tmp_path):
     out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=1, max_requeues=3)
     assert out.returncode == 0, out.stdout + out.stderr
     assert rec.args("scancel") == ["--signal=URG", "4242"], "the step is told, not this shell"
-    assert (rec.rec / "python.signals").read_text() == "TERM\n", "torchrun (here: the rank) got exactly one SIGTERM"
+    assert (rec.rec / "rank.signals").read_text() == "TERM\n", "the rank got exactly one SIGTERM"
+    assert not (rec.rec / "python.signals").exists(), "torchrun got none: an old one would kill its ranks 30 s later"
+    assert (rec.rec / "rank.saved").exists(), "the rank finished saving"
     assert rec.args("scontrol")[-2:] == ["requeue", "4242"]
     assert "requeueing job 4242 (2 of 3)" in out.stdout
 
@@ -373,7 +382,7 @@ def test_an_array_task_is_signalled_and_requeued_by_its_own_task_id(tmp_path):
 
 def test_no_requeue_once_the_budget_is_spent(tmp_path):
     out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=3, max_requeues=3)
-    assert out.returncode == 3, out.stdout + out.stderr
+    assert out.returncode == 1, "stopped before the end: not a completed job" + out.stdout + out.stderr
     assert "requeue" not in rec.args("scontrol")
     assert "launch.max_requeues=3 spent" in out.stderr
 
@@ -395,7 +404,7 @@ def test_sigterm_from_slurm_waits_for_the_ranks_and_does_not_requeue(tmp_path):
     assert proc.poll() is None, "the batch shell must outlive its ranks while they save"
     os.kill(int((rec.rec / "srun.pid").read_text()), signal.SIGURG)  # stands in for SLURM's TERM to the step
     stdout, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 3
+    assert proc.returncode == 0 and (rec.rec / "rank.saved").exists()
     assert "requeue" not in rec.args("scontrol") and not rec.args("scancel")
     assert "SIGTERM from SLURM" in stdout
 
@@ -505,7 +514,8 @@ def test_preprocess_job_is_one_cpu_node_and_training_depends_on_it(tmp_path):
     plan = SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
     prep = plan.files["preprocess.sbatch"]
     assert "#SBATCH --nodes=1\n" in prep and "--gpus-per-node" not in prep and "--exclusive" not in prep
-    assert f"-m launcher preprocess --config {tmp_path / 'config.yaml'}" in prep
+    assert f"-m launcher preprocess --fetch-model --config {tmp_path / 'config.yaml'}" in prep
+    assert "HF_HUB_OFFLINE" not in prep and "export HF_HUB_OFFLINE=1\n" in plan.files["job.sbatch"], "it fetches; training reads offline"
     assert "#SBATCH --nodes=4" in plan.files["job.sbatch"]
     assert [c[-1] for c in plan.commands] == [str(tmp_path / "preprocess.sbatch"), str(tmp_path / "job.sbatch")]
     assert "--dependency=afterok:{previous_job}" in plan.commands[1]
