@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import MutableMapping
 from typing import Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -52,8 +53,17 @@ def config_from_overrides(overrides: list[str]):  # -> FtlConfig
     return run.cfg
 
 
+def default_cuda_allocator(environ: MutableMapping[str, str]) -> None:
+    """Expandable segments for CUDA's caching allocator (it grows a segment in place instead of
+    leaving differently sized blocks stranded), unless the allocator is configured already. Read
+    when torch first allocates on a GPU, so set before anything does."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in environ and "PYTORCH_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
     from launcher.data.types import DataError
