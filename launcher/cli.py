@@ -167,7 +167,7 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from launcher.data.preprocess import run_preprocess
+    from launcher.data.preprocess import ModelStagingError, run_preprocess
     from launcher.data.types import DataError
 
     if args.config:  # the run's own config, as the SLURM preparation job runs it
@@ -179,10 +179,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.overrides).cfg
     try:
-        lines = run_preprocess(cfg)
+        lines = run_preprocess(cfg, fetch_model=args.fetch_model)
     except DataError as e:
         print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except ModelStagingError as e:
+        print(f"ftl preprocess: {e}", file=sys.stderr)
+        return 1
     print("\n".join(lines))
     return 0
 
@@ -352,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
     p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
+    p.add_argument("--fetch-model", action="store_true", help="also stage the model: download a hub model into HF_HOME "
+                   "(the training job reads it offline), convert SmolLM2 into ftl's cache")  # fmt: skip
     p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False, config_dir=False)
     p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")

@@ -237,7 +237,17 @@ class LaunchBase:
     nproc_per_node: int = ranged(1, 1)
     gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
     check_memory: bool = True  # refuse (exit 2) a GPU job the memory planner says won't fit
-    dist_timeout_s: int = ranged(600, 10, 7 * 24 * 3600)  # process-group timeout: a dead rank never hangs the rest
+    dist_timeout_s: int = ranged(600, 10, 7 * 24 * 3600)  # collective timeout during steps: a dead rank never hangs the rest
+    io_timeout_s: Optional[int] = ranged(
+        None, 60, 7 * 24 * 3600,
+        doc="collective timeout while the model loads, a checkpoint converts, saves or resumes; default: sized "
+        "from the model's checkpoint bytes at io_gb_per_s (at least 1800 s)",
+    )  # fmt: skip
+    io_gb_per_s: float = ranged(
+        1.0, 0.0, lo_open=True,
+        doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
+        "and, under SLURM, the warning a checkpoint needs before the time limit",
+    )  # fmt: skip
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -268,7 +278,11 @@ class TorchrunLaunch(LaunchBase):
 class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1)
-    gpus_per_node: int = ranged(0, 0)
+    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node) when train.device=cuda, else 0")
+    gpu_request: str = choice(
+        "gpus-per-node", "gpus-per-node", "gres",
+        doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
+    )  # fmt: skip
     cpus_per_task: Optional[int] = ranged(None, 1)
     mem: Optional[str] = None
     partition: Optional[str] = None
@@ -280,12 +294,18 @@ class SlurmLaunch(LaunchBase):
     job_name: Optional[str] = None
     sbatch_args: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
-    signal: str = "USR1@120"  # sent to the batch shell N seconds before the time limit
+    # Sent to the batch shell N seconds before the time limit; default: USR1 early enough to finish
+    # a step and write a checkpoint at io_gb_per_s (at least 120 s).
+    signal: Optional[str] = None
     max_requeues: int = ranged(3, 0)
     # Submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok).
     preprocess_job: bool = False
-    # 0: derived from the job id (20000 + id % 20000), so jobs that share a node never collide
+    # 0: derived from the job id (20000 + id % 10000, below Linux's ephemeral ports), so jobs that
+    # share a node never collide
     rdzv_port: int = ranged(0, 0, 65535)
+    socket_ifname: Optional[str] = None  # network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
+    hf_home: Optional[str] = None  # HF_HOME in the jobs: a shared path where the model is staged once
+    hub_offline: bool = True  # HF_HUB_OFFLINE=1 in the training job: ranks read the staged model, never the hub
 
 
 LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLaunch, "slurm": SlurmLaunch}

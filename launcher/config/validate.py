@@ -22,10 +22,11 @@ from typing import Any, Optional, Union
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
-from launcher.config.topology import global_batch, nodes, world_size
+from launcher.config.topology import global_batch, gpus_per_node, nodes, world_size
 from launcher.engines.traits import engine_traits
 from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
+from launcher.plan.timing import signal_lead_problems
 from launcher.shell import has_control_chars
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
@@ -393,11 +394,32 @@ def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
                                         "newlines or other control characters"))  # fmt: skip
         if not _SLURM_TIME.match(launch.time):
             errs.append(ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00"))
-        if not _SIGNAL.match(launch.signal):
+        if launch.signal is not None and not _SIGNAL.match(launch.signal):
             errs.append(ConfigError("launch.signal", f"got {launch.signal!r}; expected SIG@SECONDS, e.g. USR1@120"))
+        errs += _slurm_gpu_checks(cfg)
+        if 32768 <= launch.rdzv_port <= 60999:
+            errs.append(ConfigError("launch.rdzv_port", f"{launch.rdzv_port} is in Linux's ephemeral port range 32768-60999, "
+                                    "where an outgoing connection may already hold it; use a port below 32768, or 0 (one per job)"))
+        errs += [ConfigError(field, message) for field, message in signal_lead_problems(cfg)]
     for k in launch.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             errs.append(ConfigError(f"launch.env.{k}", "is not a valid environment variable name"))
+    return errs
+
+
+def _slurm_gpu_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """The GPUs a SLURM job asks for against the device it trains on: one rank per GPU."""
+    launch, device, gpus = cfg.launch, cfg.train.device, gpus_per_node(cfg)
+    errs = []
+    if device == "cuda" and gpus == 0:
+        errs.append(ConfigError("launch.gpus_per_node", "0 but train.device=cuda: the job would get no GPU; leave it unset "
+                                "(one per rank) or ask for them, e.g. launch.gpus_per_node=8"))
+    if device == "cpu" and gpus > 0:
+        errs.append(ConfigError("launch.gpus_per_node", f"{gpus} but train.device=cpu: the job would hold GPUs it never uses; "
+                                "use train.device=cuda, or launch.gpus_per_node=0"))
+    if launch.gpus_per_node and launch.nproc_per_node not in (1, launch.gpus_per_node):
+        errs.append(ConfigError("launch.nproc_per_node", f"{launch.nproc_per_node} but launch.gpus_per_node={launch.gpus_per_node}: "
+                                "a GPU job runs one rank per GPU; set only one of them"))
     return errs
 
 

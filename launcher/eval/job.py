@@ -141,6 +141,7 @@ def run_job(job_path: Path) -> int:
 
     from launcher.artifacts.inference import load_model
     from launcher.config.validate import validated
+    from launcher.plan.timing import io_timeout_s
     from launcher.progress import phase
     from launcher.train.device import autocast_dtype, select_device
     from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
@@ -148,7 +149,8 @@ def run_job(job_path: Path) -> int:
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
     device = select_device(cfg.train)
-    dist = init_distributed(cfg.launch, device)
+    # Every rank loads the model before the first collective: the I/O timeout, not a step's.
+    dist = init_distributed(cfg.launch, device, timeout_s=io_timeout_s(cfg))
     clean = False
     try:
         torch.manual_seed(cfg.train.seed)

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,11 +60,20 @@ def run_dir_of(cfg) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
 
+def default_cuda_allocator(environ: MutableMapping[str, str]) -> None:
+    """Expandable segments for CUDA's caching allocator (it grows a segment in place instead of
+    leaving differently sized blocks stranded), unless the allocator is configured already. Read
+    when torch first allocates on a GPU, so set before anything does."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in environ and "PYTORCH_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from launcher.quiet import install
 
     install()
     args = parse_args(argv)
+    default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
     from launcher.launch.lock import RunDirBusy, RunDirLock
