@@ -150,7 +150,7 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         raise ConfigErrors([ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")])
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
-    import shlex
+    from launcher.shell import quote
 
     # The header's command names the shipped recipe; the copy runs as a file.
     lines = files[name].read_text().splitlines(keepends=True)
@@ -158,11 +158,11 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         if not line.startswith("#"):
             break
         if line.lstrip("# ").lower().startswith("run:"):
-            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: shlex.quote(str(target)), line)
+            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: quote(str(target)), line)
     text = "".join(lines)
     with open(target, "x") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)
-    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {shlex.quote(str(target))}")
+    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {quote(str(target))}")
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +35,7 @@ from typing import Any, Optional
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
 from launcher.files import CHECKPOINTS_DIR, TRAINER_STATE
+from launcher.shell import join, quote
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
@@ -303,7 +303,7 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
         if argv is None:
             return " ".join(extra)
         kept = [a for a in argv if not a.startswith(("run.name=", "checkpoint.resume="))]
-        return shlex.join(["ftl", *kept, *extra])
+        return join(["ftl", *kept, *extra])
 
     lines = [f"{run_dir} holds checkpoint {ckpt.path.name}, which this config cannot continue:"]
     lines += [f"  - {e}" for e in verdict.errors]
@@ -315,7 +315,7 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
     if all(e.path in ("train.max_steps", "train.epochs") for e in verdict.errors):
         lines.append(f"  continue this run:  train.max_steps={ckpt.step} or more, or the run length it had")
     else:
-        lines.append(f"  keep its weights:   ftl export {shlex.quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
+        lines.append(f"  keep its weights:   ftl export {quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
     return "\n".join(lines)
 
 
@@ -327,7 +327,7 @@ def finished_message(verdict: Verdict, run_dir: Path) -> str:
         + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
         + ". Nothing to do.\n"
         f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}\n"
-        f"  evaluate again:  ftl eval {shlex.quote(str(run_dir))}\n"
+        f"  evaluate again:  ftl eval {quote(str(run_dir))}\n"
         f"  a new run:       run.name={_new_name(run_dir)}, or checkpoint.resume=never to start over here (its checkpoints are moved aside, not deleted)"
     )
 
