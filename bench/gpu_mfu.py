@@ -24,9 +24,9 @@ Each strategy runs in its own process with a one-rank process group (nccl):
 
 MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.train.mfu.peak_flops` (989 TFLOP/s
 dense bf16 for H100 SXM / H200). Two N are printed: ``N`` without the input embedding table (a
-lookup, no FLOPs: the conservative figure, and the one the goal is judged on) and ``N all`` with it
-(the convention of ftl's own ``mfu`` metric). Attention's s² FLOPs are not counted (also
-conservative). tokens/s is over the steps after ``--warmup`` steps, timed with CUDA syncs.
+lookup, no FLOPs: the conservative figure, the one the goal is judged on, and ftl's own ``mfu``
+metric's convention, :mod:`launcher.train.mfu`) and ``N all`` with it. Attention's s² FLOPs are not
+counted (also conservative). tokens/s is over the steps after ``--warmup`` steps, timed with CUDA syncs.
 Goal: ≥ 45% MFU on an H200.
 """
 

@@ -20,8 +20,10 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.launch.lock import check_free
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import launch_notes, prepare_run, resume_verdict_for
+    from launcher.session import launch_notes, prepare_run, resume_verdict_for, writes_run_dir
+    from launcher.shell import ftl_command
     from launcher.train.resume import finished_message, refusal
 
     run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
@@ -47,18 +49,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{'command' if i == 0 else '':<{width}} {line}")
     for note in plan.notes:
         print(f"{'note':<{width}} {note}")
+    busy = check_free(plan.run_dir) if writes_run_dir(cfg) else None
+    if busy:
+        print(f"ftl plan: {busy}", file=sys.stderr)
+        return EXIT_INVALID
     if report.checked and not report.fits:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.refused:
         print(f"ftl plan: {refusal(verdict, run.run_dir, ['train', *args.overrides])}", file=sys.stderr)
         return EXIT_INVALID
-    import shlex
-
     from launcher.config.search_path import config_dirs
 
-    again = [*(f"--config-dir={d}" for d in config_dirs()), *args.overrides]
-    print("\nnothing launched (ftl plan). To run: ftl train " + shlex.join(again))
+    again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
+    print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
     return 0
 
 
@@ -92,9 +96,10 @@ def _print_cfg(overrides: list[str], which: str) -> int:
     """Hydra's `--cfg job`: the composed config, validated, printed, nothing launched."""
     from omegaconf import OmegaConf
 
+    from launcher.redact import known_secrets, redact
     from launcher.session import load_config
 
-    print(OmegaConf.to_yaml(OmegaConf.create(load_config(overrides).raw)), end="")
+    print(OmegaConf.to_yaml(OmegaConf.create(redact(load_config(overrides).raw, known_secrets()))), end="")
     return 0
 
 
@@ -145,7 +150,7 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         raise ConfigErrors([ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")])
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
-    import shlex
+    from launcher.shell import quote
 
     # The header's command names the shipped recipe; the copy runs as a file.
     lines = files[name].read_text().splitlines(keepends=True)
@@ -153,16 +158,16 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         if not line.startswith("#"):
             break
         if line.lstrip("# ").lower().startswith("run:"):
-            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: shlex.quote(str(target)), line)
+            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: quote(str(target)), line)
     text = "".join(lines)
     with open(target, "x") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)
-    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {shlex.quote(str(target))}")
+    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {quote(str(target))}")
     return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from launcher.data.preprocess import run_preprocess
+    from launcher.data.preprocess import ModelStagingError, run_preprocess
     from launcher.data.types import DataError
 
     if args.config:  # the run's own config, as the SLURM preparation job runs it
@@ -174,10 +179,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.overrides).cfg
     try:
-        lines = run_preprocess(cfg)
+        lines = run_preprocess(cfg, fetch_model=args.fetch_model)
     except DataError as e:
         print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except ModelStagingError as e:
+        print(f"ftl preprocess: {e}", file=sys.stderr)
+        return 1
     print("\n".join(lines))
     return 0
 
@@ -245,6 +253,22 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings, checked before any model loads (nan passes every comparison)."""
+    import math
+
+    from launcher.config.errors import ConfigError
+
+    errors = []
+    if args.max_new_tokens < 1:
+        errors.append(ConfigError("--max-new-tokens", f"got {args.max_new_tokens}; expected a positive number of tokens"))
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        errors.append(ConfigError("--temperature", f"got {args.temperature}; expected a finite number >= 0 (0: greedy)"))
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        errors.append(ConfigError("--top-p", f"got {args.top_p}; expected a number in (0, 1]"))
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        errors.append(ConfigError("--seed", f"got {args.seed}; expected an integer in [0, 2^32)"))
+    if errors:
+        raise ConfigErrors(errors)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
@@ -252,10 +276,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import stream_reply
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        stream_reply(loaded, messages, **_generation_kwargs(args))
+        stream_reply(loaded, messages, **settings)
     except ArtifactInputError as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -266,6 +291,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import chat_loop
     from launcher.artifacts.weights import ArtifactInputError
 
+    settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
     except ArtifactInputError as e:
@@ -289,7 +315,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def prompt() -> None:
         print("you> " if interactive else "", end="", file=sys.stderr, flush=True)
 
-    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **_generation_kwargs(args))
+    chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **settings)
     return 0
 
 
@@ -329,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
     p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
+    p.add_argument("--fetch-model", action="store_true", help="also stage the model: download a hub model into HF_HOME "
+                   "(the training job reads it offline), convert SmolLM2 into ftl's cache")  # fmt: skip
     p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False, config_dir=False)
     p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
@@ -382,30 +410,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Everything ftl prints passes through the redactor: a secret known to this process (from the
+    environment, the overrides, launch.env) never reaches the console, whichever message holds it."""
     from launcher.quiet import install
+    from launcher.redact import RedactingStream, declare, override_secrets
+    from launcher.shell import UnsafeText
 
     install()
-    args = parse_args(argv)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(stdout), RedactingStream(stderr)  # type: ignore[assignment]
     try:
-        if getattr(args, "config_dir", None):
-            from launcher.config.search_path import add_config_dirs
+        args = parse_args(argv)
+        declare(override_secrets([*(getattr(args, "overrides", None) or []), *(getattr(args, "settings", None) or [])]))
+        try:
+            if getattr(args, "config_dir", None):
+                from launcher.config.search_path import add_config_dirs
 
-            add_config_dirs(args.config_dir)
-        code = args.fn(args)
-        sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
-        return code
-    except ConfigErrors as e:
-        print(f"ftl {args.command}: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader of stdout stopped (`| head`): no traceback, and no second error when Python
-        # flushes stdout at exit. 141 is what a shell reports for a process killed by SIGPIPE.
-        import os
+                add_config_dirs(args.config_dir)
+            code = args.fn(args)
+            sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
+            return code
+        except ConfigErrors as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except UnsafeText as e:
+            print(f"ftl {args.command}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        except KeyboardInterrupt:
+            print(f"ftl {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # The reader of stdout stopped (`| head`): no traceback, and no second error when Python
+            # flushes stdout at exit. 141 is what a shell reports for a process killed by SIGPIPE.
+            import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+            return 141
+        except OSError as e:  # a full disk, a permission the checks could not foresee: the reason, not a traceback
+            print(f"ftl {args.command}: {e.strerror or type(e).__name__}: {e.filename or e}", file=sys.stderr)
+            return 1
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 if __name__ == "__main__":

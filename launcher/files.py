@@ -1,9 +1,13 @@
-"""Writing files so that a reader never sees half of one. Imports nothing heavy."""
+"""Writing files so that a reader never sees half of one, and knowing which directories ftl made
+(and so may overwrite or prune). Imports nothing heavy."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
+from typing import Callable, Mapping, Optional
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -16,3 +20,110 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# what ftl made: a marker file in each directory it creates and may later overwrite or prune
+
+MARKERS = {"run": ".ftl-run", "export": ".ftl-export", "eval": ".ftl-eval"}
+CHECKPOINTS_DIR = "checkpoints"  # a run dir's checkpoints: ftl prunes what it finds there
+CHECKPOINT_MARKER = "COMPLETE"  # a checkpoint dir is complete once it holds this file
+
+
+TRAINER_STATE = "trainer_state.json"  # in a checkpoint: the step and the position in the data order
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint dir that has its marker, or None: every file the marker
+    lists must be there with the size it had when saved (a truncated or lost file fails), and the
+    trainer state must read back. (Checkpoints saved before markers listed files are checked for
+    the trainer state alone.) Pure: ``ftl plan`` checks ``checkpoint.resume`` with it."""
+    try:
+        marker = json.loads((path / CHECKPOINT_MARKER).read_text() or "{}")
+        listed = dict(marker.get("files") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"its {CHECKPOINT_MARKER} marker does not read back ({type(e).__name__})"
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when saved (truncated?)"
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE} does not read back ({type(e).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{TRAINER_STATE} holds no step"
+    return None
+
+
+def mark_dir(path: Path, kind: str) -> None:
+    """Create ``path`` (and parents) if needed and mark it as an ftl ``kind`` dir. The marker is
+    created in place, not renamed in, so the directory is never non-empty and unmarked."""
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / MARKERS[kind]
+    if not marker.is_file():
+        marker.write_text(json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def dir_kind(path: Path) -> Optional[str]:
+    """Which kind of ftl dir ``path`` is (its marker), or None."""
+    for kind, name in MARKERS.items():
+        if (path / name).is_file():
+            return kind
+    return None
+
+
+def is_legacy_run_dir(path: Path) -> bool:
+    """A run dir written before ftl marked its dirs: the config and launch script it always wrote."""
+    return (path / "config.yaml").is_file() and (path / "launch.sh").is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return dir_kind(path) == "run" or is_legacy_run_dir(path)
+
+
+def output_dir_problems(
+    path: Path, kind: str, protect: Mapping[str, Path] = {}, legacy: Optional[Callable[[Path], bool]] = None
+) -> list[str]:
+    """Why ftl must not write an ftl ``kind`` dir at ``path`` (and later overwrite or prune what is
+    in it), or [] when it may. Refused: the working or home directory or anything containing one,
+    the paths in ``protect`` (label -> path: a source run, a checkpoint) or anything containing
+    them, a file, a non-empty directory without this kind's marker (``legacy`` may recognise
+    older ftl dirs), anything inside a run's checkpoints/, a run dir inside another run dir, and
+    a place this user cannot write."""
+    path = Path(path).expanduser().absolute()
+    real = path.resolve()
+    out: list[str] = []
+    guarded = {"the working directory": Path.cwd().resolve(), "your home directory": Path.home().resolve(), **protect}
+    for label, p in guarded.items():
+        p = Path(p).resolve()
+        if real == p:
+            out.append(f"is {label}")
+        elif p.is_relative_to(real):
+            out.append(f"contains {label} ({p})")
+    if out:
+        return out
+    if real.exists() and not real.is_dir():
+        return ["is a file, not a directory"]
+    if real.is_dir() and any(real.iterdir()) and dir_kind(real) != kind and not (legacy and legacy(real)):
+        other = dir_kind(real)
+        if other:
+            out.append(f"is an ftl {other} dir, not an {kind} dir")
+        else:
+            out.append(f"exists and holds files ftl did not write (no {MARKERS[kind]} marker); ftl writes only into "
+                       "a new or empty directory or one it made: choose another")  # fmt: skip
+    for parent in real.parents:
+        if parent.name == CHECKPOINTS_DIR and is_run_dir(parent.parent):
+            out.append(f"sits inside the checkpoints of the run {parent.parent} (ftl prunes what it finds there)")
+            break
+        if kind == "run" and is_run_dir(parent):
+            out.append(f"sits inside the ftl run dir {parent}")
+            break
+    existing = next((p for p in (real, *real.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        out.append(f"cannot be created: {existing} is a file")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        out.append(f"is not writable by this user ({existing})")
+    return out

@@ -39,27 +39,39 @@ class PreparedRun(LoadedConfig):
         return self.plan.run_dir
 
 
-def load_config(overrides: list[str]) -> LoadedConfig:
-    """Compose and validate; raises ConfigErrors with every problem at once."""
+def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedConfig:
+    """Compose and validate; raises ConfigErrors with every problem at once (with
+    ``check_run_dir``, the run dir's problems too). Secrets in the overrides and in launch.env are
+    declared to the redactor before anything can be printed."""
     from launcher.config.compose import compose
     from launcher.config.user_data import follow_user_data
     from launcher.config.validate import validate
+    from launcher.redact import declare, is_secret_key, override_secrets
 
+    declare(override_secrets(overrides))
     raw, choices, errors = compose(overrides)
     notes = follow_user_data(raw, choices, overrides)  # a recipe's eval data follows the user's training data
+    env = (raw.get("launch") or {}).get("env")
+    if isinstance(env, dict):
+        declare(str(v) for k, v in env.items() if is_secret_key(str(k)) and v is not None)
     cfg, more = validate(raw)
     errors += more
+    if check_run_dir and not any(e.path == "run" or e.path.startswith("run.") for e in errors):
+        from launcher.launch.run_dir import choose_run_dir, run_dir_errors
+
+        errors += run_dir_errors(raw, choose_run_dir(raw))
     if errors:
         raise ConfigErrors(errors)
     return LoadedConfig(raw, cfg, choices, notes)
 
 
 def prepare_run(overrides: list[str]) -> PreparedRun:
-    """The validated config with its run dir fixed, and the launch plan its backend builds (pure)."""
+    """The validated config with its run dir fixed and checked, and the launch plan its backend
+    builds (pure)."""
     from launcher.launch import get_backend
     from launcher.launch.run_dir import choose_run_dir, config_path_for
 
-    loaded = load_config(overrides)
+    loaded = load_config(overrides, check_run_dir=True)
     run_dir = choose_run_dir(loaded.raw)
     loaded.raw["run"]["dir"] = str(run_dir)
     loaded.cfg.run.dir = str(run_dir)
@@ -68,13 +80,22 @@ def prepare_run(overrides: list[str]) -> PreparedRun:
     return PreparedRun(loaded.raw, loaded.cfg, loaded.choices, loaded.notes, plan, config_path)
 
 
+def writes_run_dir(cfg: FtlConfig) -> bool:
+    """Whether this launcher is the run dir's writer: every node of a multi-node torchrun job runs
+    one, and only node 0's holds the lock (the others write only config.nodeN.yaml)."""
+    return cfg.launch.backend != "torchrun" or cfg.launch.node_rank == 0
+
+
 def launch(overrides: list[str]) -> int:
     """`ftl train`: refuse what cannot run (memory, this machine's GPUs) before anything is written
     or queued, then write the run dir and submit. Returns the exit code to give the user."""
+    import os
+
     from launcher.launch import get_backend
+    from launcher.launch.lock import LOCK_ENV, RunDirBusy, RunDirLock
     from launcher.launch.run_dir import write_run_dir
     from launcher.plan.report import memory_report, memory_verdict
-    from launcher.train.resume import discard_checkpoints, finished_message, refusal
+    from launcher.train.resume import finished_message, refusal, set_aside_checkpoints
 
     run = prepare_run(overrides)
     report = memory_report(run.cfg)
@@ -95,20 +116,36 @@ def launch(overrides: list[str]) -> int:
         return 0
     for line in run.notes + _resume_notes(run, verdict):  # the trainer tells the rest
         print(f"ftl: {line}", file=sys.stderr)
-    if run.cfg.checkpoint.resume == "never":
-        discard_checkpoints(run.run_dir)  # resume_lines said what goes
     from launcher.config.search_path import config_dirs
 
     argv = ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
-    changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
-    if changes:
-        print(f"ftl: {run.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
-        for c in changes:
-            print(f"  {c}", file=sys.stderr)
-    print(f"ftl: run dir {run.run_dir}", file=sys.stderr)
-    for line in run.plan.shell_lines():
-        print(f"ftl: launching {line}", file=sys.stderr)
-    code = backend.submit(run.plan)
+    lock = RunDirLock(run.run_dir, "ftl train launcher") if writes_run_dir(run.cfg) else None
+    try:
+        if lock is not None:
+            lock.acquire()
+    except RunDirBusy as e:
+        print(f"ftl train: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        if run.cfg.checkpoint.resume == "never":
+            aside = set_aside_checkpoints(run.run_dir)  # under the lock: no other writer is using them
+            if aside is not None:
+                print(f"ftl: checkpoint.resume=never: moved the earlier run's checkpoints to {aside} (nothing deleted)", file=sys.stderr)
+        changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
+        if changes:
+            print(f"ftl: {run.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
+            for c in changes:
+                print(f"  {c}", file=sys.stderr)
+        print(f"ftl: run dir {run.run_dir}", file=sys.stderr)
+        for line in run.plan.shell_lines():
+            print(f"ftl: launching {line}", file=sys.stderr)
+        if lock is not None and run.cfg.launch.backend != "slurm":
+            lock.export()  # the trainers started here hold it through this launcher
+        code = backend.submit(run.plan)
+    finally:
+        if lock is not None:
+            lock.release()
+            os.environ.pop(LOCK_ENV, None)
     if run.cfg.launch.backend != "slurm":  # a submitted job is not done: sbatch's backend says where it logs
         print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
     return code
@@ -162,8 +199,8 @@ def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
         steps = [path.name for _, path in list_complete(run.run_dir)]
         if not steps:
             return []
-        return [f"checkpoint.resume=never: starting over; deleting the earlier run's checkpoints {', '.join(steps)} "
-                f"in {run.run_dir / 'checkpoints'} (ftl wrote them)"]  # fmt: skip
+        return [f"checkpoint.resume=never: starting over; the earlier run's checkpoints {', '.join(steps)} "
+                f"in {run.run_dir / 'checkpoints'} will be moved aside (nothing is deleted)"]  # fmt: skip
     if verdict is None:
         return []
     ckpt = verdict.checkpoint

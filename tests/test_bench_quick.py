@@ -93,16 +93,41 @@ def test_gpu_quick_mode_prints_every_row(script: str) -> None:
     assert not_in_stderr is None or not_in_stderr not in proc.stderr, proc.stderr[-2000:]
 
 
+GPU_CHECK_STEPS = ["env", "pytest-gpu", "train-single", "train-zero3", "train-check", "gpu_mfu", "planner"]  # the issue's order
+
+
 @pytest.mark.timeout(300)
 def test_gpu_check_runs_every_step_and_fails_without_a_gpu(tmp_path: Path) -> None:
-    """bench/gpu_check.sh, the one call for a lent GPU, run here: every step runs and logs, the gpu
-    tests skip, both benches refuse (--require-gpu), and the script exits non-zero."""
+    """bench/gpu_check.sh, the one call for a lent GPU, run here: every step runs, in order, and
+    logs; the gpu tests skip, the CUDA runs and the MFU bench refuse, the run check finds nothing
+    to pass, and the script exits non-zero."""
     (tmp_path / "wheels").mkdir()  # none to install: this machine's venv has the packages
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "FTL_WHEELS": str(tmp_path / "wheels"), "CUDA_VISIBLE_DEVICES": "", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["env.log", "gpu_attention.log", "gpu_mfu.log", "pytest-gpu.log"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.log" for s in GPU_CHECK_STEPS)
+    started = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("== ") and "(at most" in line]
+    assert started == GPU_CHECK_STEPS, proc.stdout[-3000:]
     assert "== pytest-gpu: exit 0" in proc.stdout and " skipped" in (out / "pytest-gpu.log").read_text()
-    for bench in ("gpu_attention", "gpu_mfu"):
-        assert (out / f"{bench}.log").read_text().startswith("no GPU: skipped") and f"== {bench}: exit 3" in proc.stdout
+    assert "varlen_attn" in (out / "env.log").read_text()
+    for run in ("train-single", "train-zero3"):
+        assert "train.device: cuda, but this machine shows no GPU" in (out / f"{run}.log").read_text() and f"== {run}: exit 2" in proc.stdout
+    assert "no metrics.jsonl rows" in (out / "train-check.log").read_text() and "== train-check: exit 1" in proc.stdout
+    assert (out / "gpu_mfu.log").read_text().startswith("no GPU: skipped") and "== gpu_mfu: exit 3" in proc.stdout
+    assert "no run" in (out / "planner.log").read_text() and "== planner: exit 1" in proc.stdout
+
+
+def test_gpu_runs_check_flags_the_loop_and_missing_metrics(tmp_path: Path) -> None:
+    """bench/gpu_runs.py metrics, on metrics.jsonl rows as a CUDA run writes them."""
+    import json
+
+    gpu_runs = bench_module("gpu_runs")
+    row = {"step": 1, "tokens_per_s": 9e4, "mfu": 0.41, "peak_mem_gb": 30.5, "attn_varlen_flash": 1.0}
+    for name, rows in {"good": [row], "loop": [row, {**row, "step": 2, "attn_varlen_flash": 0.5}],
+                       "nomfu": [{k: v for k, v in row.items() if k != "mfu"}]}.items():  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gpu_runs.main(["metrics", str(tmp_path / "good")]) == 0
+    assert gpu_runs.main(["metrics", str(tmp_path / "loop")]) == 1
+    assert gpu_runs.main(["metrics", str(tmp_path / "nomfu")]) == 1

@@ -21,8 +21,10 @@ LoRA/QLoRA runs (every checkpoint holds ``adapter/``, gathered from all ranks):
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +38,7 @@ from launcher.artifacts.weights import (
     resolve_source,
     set_chat_template,
 )
+from launcher.files import mark_dir, output_dir_problems
 from launcher.progress import phase
 
 EXPORT_DIR = "export"
@@ -80,9 +83,13 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ArtifactInputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     source = resolve_source(path, config)
-    out = Path(out).expanduser().resolve() if out else default_out(source)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArtifactInputError(f"{out} exists and is not empty (pass --overwrite or another --out)")
+    out = Path(out).expanduser().absolute() if out else default_out(source)
+    check_out(out, source, overwrite)
+    from launcher.train.checkpoint import verify
+
+    problem = verify(source.ckpt_dir)
+    if problem:
+        raise ArtifactInputError(f"checkpoint {source.ckpt_dir} is damaged: {problem}; export an earlier one (RUN_DIR/checkpoints/step-N)")
 
     cfg = load_checkpoint_config(source.config_path)
     engine = source.engine or cfg.strategy.engine
@@ -90,9 +97,29 @@ def export_checkpoint(
     log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})")
     if merge_lora and peft == "none":
         log("ftl export: merge_lora ignored: this run trained every weight (peft.method=none)")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no other file is touched
+    try:
+        return _export_into(tmp, out, source, cfg, engine, peft, merge_lora, dtype, shard_bytes, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the export succeeded
+
+
+def check_out(out: Path, source: CheckpointSource, overwrite: bool) -> None:
+    """``--out`` may be a new or empty directory, or with ``--overwrite`` an earlier ftl export
+    (its marker says so); never the working or home directory, the run or checkpoint being
+    exported or anything holding them, a checkpoint dir, or a directory ftl did not write."""
+    problems = output_dir_problems(out, "export", protect={"the run being exported": source.run_dir,
+                                                           "the checkpoint being exported": source.ckpt_dir})  # fmt: skip
+    if problems:
+        raise ArtifactInputError(f"--out {out} " + "; ".join(problems))
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ArtifactInputError(f"{out} exists: an earlier export (pass --overwrite to replace it, or another --out)")
+
+
+def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engine: str, peft: str, merge_lora: bool,
+                 dtype: str, shard_bytes: int, log: Callable[[str], None]) -> Path:  # fmt: skip
+    mark_dir(tmp, "export")
     if peft != "none" and not merge_lora:
         with phase(f"export: writing the adapter to {out}"):
             base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
@@ -118,9 +145,15 @@ def export_checkpoint(
 
 
 def _replace(tmp: Path, out: Path) -> None:
+    """Put the finished export in place; an earlier one (checked by :func:`check_out` to be an ftl
+    export, or empty) goes only once the new one is complete beside it."""
     if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        old = out.with_name(f"{tmp.name}-old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+        return
+    os.rename(tmp, out)
 
 
 def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +22,7 @@ import torch
 
 from launcher.launch.base import CONFIG_NAME
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, split_peft_state_dict
-from launcher.train.checkpoint import MARKER, find_latest, is_complete
+from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
 
 
 class ArtifactInputError(ValueError):
@@ -51,12 +52,25 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
         raise ArtifactInputError(f"{path}: no such directory (give a run dir or a checkpoint dir)")
     if is_complete(path):
         ckpt, run_dir = path, path.parent.parent
+        problem = verify(ckpt)
+        if problem:
+            raise ArtifactInputError(f"checkpoint {ckpt} is damaged: {problem}; use an earlier one (RUN_DIR/checkpoints/step-N)")
     elif (path / CONFIG_NAME).is_file():
         run_dir = path
-        latest = find_latest(run_dir)
-        if latest is None:
+        complete = list_complete(run_dir)
+        if not complete:
             raise ArtifactInputError(f"{run_dir} is a run dir with no complete checkpoint under checkpoints/ (train first)")
-        ckpt = latest
+        ckpt, problems = None, []
+        for _, candidate in reversed(complete):  # the newest sound one; a damaged one is named
+            problem = verify(candidate)
+            if problem is None:
+                ckpt = candidate
+                break
+            problems.append(f"{candidate.name}: {problem}")
+            if candidate != complete[0][1]:
+                print(f"ftl: checkpoint {candidate} is damaged ({problem}); using the one before it", file=sys.stderr)
+        if ckpt is None:
+            raise ArtifactInputError(f"{run_dir}: every checkpoint under checkpoints/ is damaged ({'; '.join(problems)})")
     elif path.name.startswith(".tmp-") or (path.name.startswith("step-") and not (path / MARKER).is_file()):
         raise ArtifactInputError(f"{path} is an incomplete checkpoint (no {MARKER} marker): a save that did not finish")
     else:

@@ -12,12 +12,12 @@ read is an error too: the numbers of some other model would plan it.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
 from launcher.config.errors import ConfigError
 from launcher.config.search_path import options
+from launcher.shell import quote
 
 
 def _explicit(overrides: list[str], prefix: str) -> set[str]:
@@ -67,7 +67,7 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
     if arch is None:
         if ours:
             return []  # the model group's own numbers describe it
-        fix = f"download it first (huggingface-cli download {shlex.quote(path)})" if where.startswith("hub id") else "check model.path"
+        fix = f"download it first (huggingface-cli download {quote(path)})" if where.startswith("hub id") else "check model.path"
         return [ConfigError("model.path", f"cannot read the architecture of {path!r}: {where}. ftl plans and checks a run "
                             f"with the model's own numbers: {fix}, or describe the model in a model group of your config dir "
                             "(model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)")]  # fmt: skip

@@ -129,12 +129,12 @@ class DataConfig:
     text_field: str = "text"  # format=completion: the field holding the text
     truncation: str = choice("clip", "clip", "drop", doc="an example longer than train.seq_len: clip it, or drop it")
     on_error: str = choice("raise", "raise", "skip")
-    max_train_examples: Optional[int] = None
+    max_train_examples: Optional[int] = ranged(None, 1)
     shuffle: bool = True
     packing: bool = False  # pack examples into train.seq_len sequences; attention never crosses examples
     cache: bool = True  # tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs
     cache_shared: bool = False  # the cache is on a filesystem every node sees: one rank per job prepares, not one per node
-    prepare_timeout_s: int = ranged(7200, 1, doc="how long ranks wait for the one preparing the data")
+    prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data")
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +279,17 @@ class LaunchBase:
     nproc_per_node: int = ranged(1, 1)
     gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
     check_memory: bool = True  # refuse (exit 2) a GPU job the memory planner says won't fit
-    dist_timeout_s: int = ranged(600, 10)  # process-group timeout: a dead rank never hangs the rest
+    dist_timeout_s: int = ranged(600, 10, 7 * 24 * 3600)  # collective timeout during steps: a dead rank never hangs the rest
+    io_timeout_s: Optional[int] = ranged(
+        None, 60, 7 * 24 * 3600,
+        doc="collective timeout while the model loads, a checkpoint converts, saves or resumes; default: sized "
+        "from the model's checkpoint bytes at io_gb_per_s (at least 1800 s)",
+    )  # fmt: skip
+    io_gb_per_s: float = ranged(
+        1.0, 0.0, lo_open=True,
+        doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
+        "and, under SLURM, the warning a checkpoint needs before the time limit",
+    )  # fmt: skip
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -310,8 +320,12 @@ class TorchrunLaunch(LaunchBase):
 class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1)
-    gpus_per_node: int = ranged(0, 0)
-    cpus_per_task: Optional[int] = None
+    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node) when train.device=cuda, else 0")
+    gpu_request: str = choice(
+        "gpus-per-node", "gpus-per-node", "gres",
+        doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
+    )  # fmt: skip
+    cpus_per_task: Optional[int] = ranged(None, 1)
     mem: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -322,12 +336,18 @@ class SlurmLaunch(LaunchBase):
     job_name: Optional[str] = None
     sbatch_args: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
-    signal: str = "USR1@120"  # sent to the batch shell N seconds before the time limit
+    # Sent to the batch shell N seconds before the time limit; default: USR1 early enough to finish
+    # a step and write a checkpoint at io_gb_per_s (at least 120 s).
+    signal: Optional[str] = None
     max_requeues: int = ranged(3, 0)
     # Submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok).
     preprocess_job: bool = False
-    # 0: derived from the job id (20000 + id % 20000), so jobs that share a node never collide
+    # 0: derived from the job id (20000 + id % 10000, below Linux's ephemeral ports), so jobs that
+    # share a node never collide
     rdzv_port: int = ranged(0, 0, 65535)
+    socket_ifname: Optional[str] = None  # network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
+    hf_home: Optional[str] = None  # HF_HOME in the jobs: a shared path where the model is staged once
+    hub_offline: bool = True  # HF_HUB_OFFLINE=1 in the training job: ranks read the staged model, never the hub
 
 
 LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLaunch, "slurm": SlurmLaunch}
@@ -349,9 +369,9 @@ class TrainConfig:
     epochs: float = ranged(1.0, 0.0, lo_open=True)
     micro_batch_size: int = ranged(1, 1)
     grad_accum: int = ranged(1, 1)
-    global_batch_size: Optional[int] = None  # optional check: must equal micro × accum × dp
+    global_batch_size: Optional[int] = ranged(None, 1)  # optional check: must equal micro × accum × dp
     seq_len: int = ranged(1024, 8)
-    seed: int = ranged(42, 0)
+    seed: int = ranged(42, 0, 2**32 - 1)  # numpy takes 32-bit seeds
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
     device: str = choice("auto", "auto", "cpu", "cuda")
@@ -372,7 +392,7 @@ class EvalConfig:
     after_training: bool = True
     every_steps: int = ranged(0, 0)
     batch_size: int = ranged(4, 1)
-    max_batches: Optional[int] = None
+    max_batches: Optional[int] = ranged(None, 1)
     generate: bool = True  # generation metrics (ROUGE, BLEU) on the eval split
     max_new_tokens: int = ranged(64, 1)
     num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")

@@ -15,11 +15,21 @@ def nodes(cfg: FtlConfig) -> int:
     return getattr(launch, "nnodes", None) or getattr(launch, "nodes", None) or 1
 
 
-def procs_per_node(cfg: FtlConfig) -> int:
+def gpus_per_node(cfg: FtlConfig) -> int:
+    """GPUs a SLURM job asks for on each node: launch.gpus_per_node, else one per rank
+    (launch.nproc_per_node) when the run trains on CUDA (train.device=cuda), else none. 0 for the
+    other backends, which run where the GPUs already are."""
     launch = cfg.launch
-    if launch.backend == "slurm" and launch.gpus_per_node > 0:
+    if launch.backend != "slurm":
+        return 0
+    if launch.gpus_per_node is not None:
         return launch.gpus_per_node
-    return launch.nproc_per_node
+    return launch.nproc_per_node if cfg.train.device == "cuda" else 0
+
+
+def procs_per_node(cfg: FtlConfig) -> int:
+    """Ranks per node: one per GPU a SLURM job asks for, else launch.nproc_per_node."""
+    return gpus_per_node(cfg) or cfg.launch.nproc_per_node
 
 
 def world_size(cfg: FtlConfig) -> int:
@@ -37,7 +47,7 @@ def planned_device_type(cfg: FtlConfig) -> str:
     if cfg.train.device != "auto":
         return cfg.train.device
     if cfg.launch.backend == "slurm":
-        return "cuda" if cfg.launch.gpus_per_node > 0 else "cpu"
+        return "cuda" if gpus_per_node(cfg) > 0 else "cpu"
     return "cuda" if os.path.exists("/proc/driver/nvidia/version") else "cpu"
 
 

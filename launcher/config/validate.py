@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
 import socket
 import types
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
-from launcher.config.topology import global_batch, nodes, world_size
+from launcher.config.topology import global_batch, gpus_per_node, nodes, world_size
 from launcher.engines.traits import engine_traits
+from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
+from launcher.paths import cache_dir
+from launcher.plan.timing import signal_lead_problems
+from launcher.shell import has_control_chars
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
 
@@ -56,6 +61,8 @@ def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
         if len(errors) == before:
             _check_meta(f.metadata, coerced, sub, errors)
             kwargs[f.name] = coerced
+        elif is_dataclass(coerced) or isinstance(coerced, (list, dict)):
+            kwargs[f.name] = coerced  # a section or list binds field by field: one bad field keeps its default, not the whole node
     return cls(**kwargs)
 
 
@@ -97,7 +104,18 @@ def _coerce(tp: Any, value: Any, path: str, errors: list[ConfigError]) -> Any:
     ok, out = _scalar(tp, value)
     if not ok:
         errors.append(ConfigError(path, f"expected {_TYPE_NAMES.get(tp, tp)}, got {value!r} ({type(value).__name__})"))
+    elif tp is float and not math.isfinite(out):  # nan passes every range check (comparisons with it are false)
+        errors.append(ConfigError(path, f"got {value!r}; expected a finite number"))
+    elif tp is str and "\0" in out:
+        errors.append(ConfigError(path, f"got {value!r}; NUL cannot be passed to a process or a file name"))
+    elif tp is str and has_control_chars(out) and not path.startswith(_TEXT_FIELDS):
+        errors.append(ConfigError(path, f"got {value!r}; newlines and other control characters are not allowed here"))
     return out
+
+
+# Fields that hold text rather than a name, path or word, where a newline may belong (a template,
+# an environment value); launch=slurm refuses them in launch.env, which its script holds.
+_TEXT_FIELDS = ("data.chat_template", "description", "launch.env.")
 
 
 def _scalar(tp: type, value: Any) -> tuple[bool, Any]:
@@ -144,6 +162,22 @@ def _join(path: str, key: Any) -> str:
 # cross-field checks
 
 
+@dataclass(frozen=True)
+class _Cross(ConfigError):
+    """A cross-field error, with the other sections its check read (see :func:`validate`)."""
+
+    reads: tuple[str, ...] = ()
+    alone: bool = False  # a check of this one field's value against the world (a file exists): reads no sibling
+
+
+def _x(path: str, message: str, *reads: str) -> ConfigError:
+    return _Cross(path, message, reads)
+
+
+def _own(path: str, message: str) -> ConfigError:
+    return _Cross(path, message, (), True)
+
+
 def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs: list[ConfigError] = []
     t, s, m = cfg.train, cfg.strategy, cfg.model
@@ -151,18 +185,18 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
 
     traits = engine_traits(s)
     if traits.one_process and world > 1:
-        errs.append(ConfigError("strategy", f"'{traits.engine}' runs one process but launch gives world size {world}; "
-                                "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1"))
+        errs.append(_x("strategy", f"'{traits.engine}' runs one process but launch gives world size {world}; "
+                       "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1", "launch"))
     if isinstance(s, DeepSpeedStrategy):
         if s.offload_params and s.zero_stage != 3:
             errs.append(ConfigError("strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"))
         if s.offload_optimizer and s.zero_stage == 0:
             errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
-        errs += deepspeed_config_errors(cfg)
+        errs += [_x(e.path, e.message, "strategy", "train", "launch") for e in deepspeed_config_errors(cfg)]
     if isinstance(s, FSDPStrategy) and s.hybrid_shard and nodes(cfg) < 2:
-        errs.append(ConfigError("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes"))
+        errs.append(_x("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes", "launch"))
     if t.precision == "fp16" and not traits.fp16:
-        errs.append(ConfigError("train.precision", f"fp16 is not supported with engine {traits.engine} (no loss scaler); use bf16"))
+        errs.append(_x("train.precision", f"fp16 is not supported with engine {traits.engine} (no loss scaler); use bf16", "strategy"))
     if t.precision == "fp16" and t.device == "cpu":
         errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
     if t.max_steps == 0:
@@ -172,26 +206,31 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     if t.global_batch_size is not None and t.global_batch_size != global_batch(cfg):
         need, rem = divmod(t.global_batch_size, t.micro_batch_size * world)
         hint = f"; set train.grad_accum={need}" if need and not rem else ""
-        errs.append(ConfigError("train.global_batch_size", f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
-                                f"× grad_accum {t.grad_accum} × data-parallel size {world} = {global_batch(cfg)}{hint}"))
+        errs.append(_x("train.global_batch_size", f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
+                       f"× grad_accum {t.grad_accum} × data-parallel size {world} = {global_batch(cfg)}{hint}", "launch", "strategy"))
     if t.seq_len > m.arch.max_position_embeddings:
-        errs.append(ConfigError("train.seq_len", f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}"))
+        errs.append(_x("train.seq_len", f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}", "model.arch"))
 
     errs += _arch_checks(m)
     if m.source == "hf" and not m.path:
         errs.append(ConfigError("model.path", "model.source=hf needs a Hugging Face directory or hub id"))
+    elif m.source == "hf":
+        errs += _model_dir_errors("model.path", m.path, "config.json")
     if m.source == "random" and not (m.tokenizer and Path(m.tokenizer).is_dir()):
         errs.append(ConfigError("model.tokenizer", f"model.source=random needs a tokenizer directory; got {m.tokenizer!r}"))
+    elif m.tokenizer:
+        errs += _model_dir_errors("model.tokenizer", m.tokenizer, None)
 
     errs += _data_checks(cfg)
     errs += _launch_checks(cfg)
 
-    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
-        errs.append(ConfigError("checkpoint.resume", f"{cfg.checkpoint.resume!r} is not a directory; allowed: auto, never, or a checkpoint directory"))
+    errs += _resume_errors(cfg.checkpoint.resume)
+    errs += _cache_errors(cfg)
     errs += _peft_checks(cfg)
     errs += _objective_checks(cfg)
-    if not cfg.run.name or "/" in cfg.run.name or "\n" in cfg.run.name:
-        errs.append(ConfigError("run.name", f"got {cfg.run.name!r}; use a non-empty name without '/' or newlines"))
+    name = cfg.run.name
+    if not name or "/" in name or name in (".", "..") or has_control_chars(name):
+        errs.append(_own("run.name", f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters"))
     return errs
 
 
@@ -219,6 +258,53 @@ def _arch_checks(m: ModelConfig) -> list[ConfigError]:
                                 f"{a.model_type} does (attn_logit_softcapping); use model.attn_implementation=eager "
                                 "(or flash_attention_2 on a GPU)"))  # fmt: skip
     return errs
+
+
+def _model_dir_errors(key: str, path: str, needs: Optional[str]) -> list[ConfigError]:
+    """A model or tokenizer given as a local path (absolute, ./, ~, or existing) must be a
+    directory (holding ``needs``); anything else is a hub id, checked when it is downloaded."""
+    p = Path(path).expanduser()
+    local = path.startswith(("/", "./", "../", "~")) or p.exists()
+    if not local:
+        return []
+    if not p.exists():
+        return [_own(key, f"{path}: no such directory (a local model directory, or a hub id such as ORG/NAME)")]
+    if not p.is_dir():
+        return [_own(key, f"{path} is a file; expected a Hugging Face model directory")]
+    if needs and not (p / needs).is_file():
+        return [_own(key, f"{path} holds no {needs}: not a Hugging Face model directory")]
+    return []
+
+
+def _resume_errors(resume: str) -> list[ConfigError]:
+    """checkpoint.resume: auto, never, or one complete checkpoint (a step-N dir with its marker)."""
+    if resume in ("auto", "never"):
+        return []
+    p = Path(resume).expanduser()
+    allowed = "allowed: auto, never, or a checkpoint directory RUN_DIR/checkpoints/step-N"
+    if not p.is_dir():
+        return [_own("checkpoint.resume", f"{resume!r} is not a directory; {allowed}")]
+    if not re.fullmatch(r"step-\d+", p.name) or not (p / CHECKPOINT_MARKER).is_file():
+        return [_own("checkpoint.resume", f"{resume!r} is not a complete checkpoint (a step-N dir with a {CHECKPOINT_MARKER} "
+                            f"marker); {allowed}")]  # fmt: skip
+    problem = checkpoint_problem(p)
+    return [_own("checkpoint.resume", f"{resume!r} is damaged: {problem}; resume from another checkpoint")] if problem else []
+
+
+def _cache_errors(cfg: FtlConfig) -> list[ConfigError]:
+    """ftl's cache ($FTL_CACHE) must be writable when the run writes into it (tokenized data, the
+    converted SmolLM2 weights)."""
+    if not (cfg.data.cache or cfg.model.source == "smollm2"):
+        return []
+    cache = cache_dir()
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    key = "data.cache" if cfg.data.cache else "model.source"
+    if existing is None or not existing.is_dir():
+        return [_own(key, f"ftl's cache {cache} (FTL_CACHE) cannot be created: {existing} is not a directory")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        hint = "; set FTL_CACHE to a writable directory" + (", or data.cache=false" if cfg.data.cache else "")
+        return [_own(key, f"ftl's cache {cache} (FTL_CACHE) is not writable ({existing}){hint}")]
+    return []
 
 
 def _peft_checks(cfg: FtlConfig) -> list[ConfigError]:
@@ -263,22 +349,42 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
                                 "or training sources in data.sources"))
     for key in ("train_files", "eval_files"):
         for i, f in enumerate(getattr(d, key)):
-            if not Path(f).exists():
-                errs.append(ConfigError(f"data.{key}[{i}]", f"file not found: {f}"))
+            problem = _data_path_problem(f)
+            if problem:
+                errs.append(_own(f"data.{key}[{i}]", problem))
     for i, s in enumerate(d.sources):
         hub = s.path.startswith("hub:")  # launcher.data.sources.HUB_PREFIX (that module imports torch)
         if not s.path or s.path == "hub:":
             errs.append(ConfigError(f"data.sources[{i}].path", "is required: a file, a folder, or hub:ORG/NAME"))
-        elif not hub and not Path(s.path).exists():
-            errs.append(ConfigError(f"data.sources[{i}].path", f"file not found: {s.path}"))
+        elif not hub and _data_path_problem(s.path):
+            errs.append(_own(f"data.sources[{i}].path", str(_data_path_problem(s.path))))
         if s.hub_args and not hub:
             errs.append(ConfigError(f"data.sources[{i}].hub_args", f"only applies to hub:ORG/NAME sources, not {s.path!r}"))
     has_eval = bool(d.eval_files) or any(s.split == "eval" for s in d.sources)
     wants_eval = e.before_training or e.after_training or e.every_steps > 0
     if wants_eval and not has_eval and d.eval_fraction == 0:
-        errs.append(ConfigError("eval", "evaluation is on but there is no eval data; set data.eval_files, an eval "
-                                "source in data.sources or data.eval_fraction, or eval.after_training=false"))
+        errs.append(_x("eval", "evaluation is on but there is no eval data; set data.eval_files, an eval "
+                       "source in data.sources or data.eval_fraction, or eval.after_training=false", "data"))
     return errs
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # launcher.data.sources.LOCAL_SUFFIXES (that module imports torch)
+
+
+def _data_path_problem(path: str) -> Optional[str]:
+    """What training would find wrong with a local data file or folder, found now."""
+    p = Path(path)
+    if not p.exists():
+        return f"file not found: {path}"
+    if p.is_dir():
+        found = next((f for f in p.rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file()), None)
+        return None if found else f"{path}: folder holds no data files ({', '.join(DATA_SUFFIXES)})"
+    try:
+        with open(p, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        return f"{path} cannot be read: {e.strerror}"
+    return f"{path} is empty" if empty else None
 
 
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[^:\s]+):(?P<port>\d{1,5})$")
@@ -300,16 +406,39 @@ def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
     if launch.backend == "slurm":
         for f in fields(launch):
             value = getattr(launch, f.name)
-            items = value if isinstance(value, list) else list(value.items()) if isinstance(value, dict) else [value]
-            if any("\n" in str(v) or "\r" in str(v) for v in items):
-                errs.append(ConfigError(f"launch.{f.name}", "must not contain newlines (it goes into the sbatch script)"))
+            items = value if isinstance(value, list) else [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+            bad = [v for v in items if isinstance(v, str) and has_control_chars(v)]
+            if bad:
+                errs.append(ConfigError(f"launch.{f.name}", f"got {bad[0]!r}: a value in the sbatch script must not contain "
+                                        "newlines or other control characters"))  # fmt: skip
         if not _SLURM_TIME.match(launch.time):
             errs.append(ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00"))
-        if not _SIGNAL.match(launch.signal):
+        if launch.signal is not None and not _SIGNAL.match(launch.signal):
             errs.append(ConfigError("launch.signal", f"got {launch.signal!r}; expected SIG@SECONDS, e.g. USR1@120"))
+        errs += _slurm_gpu_checks(cfg)
+        if 32768 <= launch.rdzv_port <= 60999:
+            errs.append(ConfigError("launch.rdzv_port", f"{launch.rdzv_port} is in Linux's ephemeral port range 32768-60999, "
+                                    "where an outgoing connection may already hold it; use a port below 32768, or 0 (one per job)"))
+        errs += [ConfigError(field, message) for field, message in signal_lead_problems(cfg)]
     for k in launch.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             errs.append(ConfigError(f"launch.env.{k}", "is not a valid environment variable name"))
+    return errs
+
+
+def _slurm_gpu_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """The GPUs a SLURM job asks for against the device it trains on: one rank per GPU."""
+    launch, device, gpus = cfg.launch, cfg.train.device, gpus_per_node(cfg)
+    errs = []
+    if device == "cuda" and gpus == 0:
+        errs.append(ConfigError("launch.gpus_per_node", "0 but train.device=cuda: the job would get no GPU; leave it unset "
+                                "(one per rank) or ask for them, e.g. launch.gpus_per_node=8"))
+    if device == "cpu" and gpus > 0:
+        errs.append(ConfigError("launch.gpus_per_node", f"{gpus} but train.device=cpu: the job would hold GPUs it never uses; "
+                                "use train.device=cuda, or launch.gpus_per_node=0"))
+    if launch.gpus_per_node and launch.nproc_per_node not in (1, launch.gpus_per_node):
+        errs.append(ConfigError("launch.nproc_per_node", f"{launch.nproc_per_node} but launch.gpus_per_node={launch.gpus_per_node}: "
+                                "a GPU job runs one rank per GPU; set only one of them"))
     return errs
 
 
@@ -325,12 +454,33 @@ def _resolves(host: str) -> bool:
 
 
 def validate(raw: dict[str, Any]) -> tuple[FtlConfig, list[ConfigError]]:
-    """Every error in a composed config at once; the config is only meaningful when errors is empty."""
+    """Every error in a composed config at once; the config is only meaningful when errors is empty.
+
+    A field that fails to bind keeps its default, so a cross-field check reading it would judge a
+    value the user never gave: such checks are dropped. A check reads the section of the field it
+    names, plus the sections it lists (:class:`_Cross`), and a bad field taints its own section
+    (``train.lr`` taints ``train``; ``model.arch.num_heads`` taints ``model.arch``)."""
     errors: list[ConfigError] = []
     cfg = _bind(FtlConfig, raw, "", errors)
-    seen = {e.path for e in errors}
-    errors += [e for e in _cross_checks(cfg) if e.path not in seen]
+    failed = [e.path for e in errors if not e.message.startswith("unknown key")]  # an unknown key changes no value
+    for e in _cross_checks(cfg):
+        if getattr(e, "alone", False):
+            tainted = any(_overlaps(e.path, b) for b in failed)
+        else:
+            tainted = any(_overlaps(r, _section(b)) for r in [e.path, *getattr(e, "reads", ())] for b in failed)
+        if not tainted:
+            errors.append(ConfigError(e.path, e.message))
     return cfg, errors
+
+
+def _section(path: str) -> str:
+    """The node a field belongs to: `train.lr` -> `train`, `data.sources[1].path` -> `data.sources[1]`."""
+    return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether one of two config paths is, or lies inside, the other."""
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
 
 
 def validated(raw: dict[str, Any]) -> FtlConfig:

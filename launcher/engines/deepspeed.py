@@ -43,10 +43,11 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ContextManager, Optional
 
 import torch
@@ -333,22 +334,32 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def convert_to_universal(ckpt_dir: Path) -> Path:
     """DeepSpeed's universal checkpoint of ``<ckpt>/deepspeed`` in ``<ckpt>/deepspeed_universal``,
-    loadable on any world size. Written once, atomically; CPU only."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    loadable on any world size. Written once, atomically; CPU only. Rank 0 converts while the other
+    ranks wait at a barrier under the I/O-phase timeout (``launch.io_timeout_s``, sized for reading
+    and rewriting the checkpoint), with worker processes on half of its CPUs: a rank's optimizer
+    file is extracted per worker (host memory: one file each), parameters merged by half as many."""
     out = Path(ckpt_dir) / UNIVERSAL_TAG
     if out.is_dir():
         return out
     tmp = Path(ckpt_dir) / f".tmp-{UNIVERSAL_TAG}"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = SimpleNamespace(
-        input_folder=str(Path(ckpt_dir) / TAG), output_folder=str(tmp),
-        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-        no_strict=False, inject_missing_state=True,
-    )  # fmt: skip
-    ds_to_universal.main(args)
+    workers = conversion_workers()
+    # Its own process: the worker pool forks from a clean interpreter, not from a rank holding a
+    # CUDA context and NCCL threads, and the conversion's memory is returned when it ends.
+    argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(ckpt_dir) / TAG),
+            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+            "--inject_missing_state"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {ckpt_dir / TAG} to a universal checkpoint failed ({done.returncode}):\n{done.stderr[-4000:]}")
     os.rename(tmp, out)
     return out
+
+
+def conversion_workers(cap: int = 8) -> int:
+    """Processes for the universal-checkpoint conversion: half this process's CPUs, at most ``cap``
+    (each extract worker holds one rank's optimizer file), 1 on a small machine (no pool)."""
+    return max(1, min(cap, len(os.sched_getaffinity(0)) // 2))
 
 
 __all__ = ["DeepSpeedEngine", "convert_to_universal", "read_meta"]

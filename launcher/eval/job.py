@@ -85,9 +85,20 @@ def default_out(model_path: Path, run_dir: Optional[Path], step: int) -> Path:
 
 
 def write_job(out: Path, model: Path, raw: dict[str, Any], baseline: Optional[str], run_dir: Optional[Path], step: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    """The job every rank reads, in ``out``: a new or empty directory, or an earlier ftl eval's
+    (see :func:`launcher.files.output_dir_problems`). Its config holds no secret."""
+    from launcher.files import mark_dir, output_dir_problems
+    from launcher.redact import known_secrets, redact
+
+    protect = {"the evaluated model": Path(model).expanduser().resolve()}
+    if run_dir is not None:
+        protect["the evaluated run"] = run_dir
+    problems = output_dir_problems(out, "eval", protect=protect, legacy=lambda p: (p / JOB_FILE).is_file())
+    if problems:
+        raise EvalInputError(f"--out {out} " + "; ".join(problems))
+    mark_dir(out, "eval")
     job = {"model": str(Path(model).expanduser().resolve()), "baseline": baseline, "out": str(out),
-           "run_dir": str(run_dir) if run_dir else None, "step": step, "config": raw}  # fmt: skip
+           "run_dir": str(run_dir) if run_dir else None, "step": step, "config": redact(raw, known_secrets())}  # fmt: skip
     path = out / JOB_FILE
     path.write_text(json.dumps(job, indent=2) + "\n")
     return path
@@ -118,7 +129,7 @@ def launch(job_path: Path, cfg: Any) -> int:
     plan = replace(plan, commands=[eval_argv(argv, job_path) for argv in plan.commands])
     for line in plan.shell_lines():
         print(f"ftl eval: launching {line}", file=sys.stderr)
-    return run_foreground(plan)
+    return run_foreground(plan, records=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +141,7 @@ def run_job(job_path: Path) -> int:
 
     from launcher.artifacts.inference import load_model
     from launcher.config.validate import validated
+    from launcher.plan.timing import io_timeout_s
     from launcher.progress import phase
     from launcher.train.device import autocast_dtype, select_device
     from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
@@ -137,7 +149,8 @@ def run_job(job_path: Path) -> int:
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
     device = select_device(cfg.train)
-    dist = init_distributed(cfg.launch, device)
+    # Every rank loads the model before the first collective: the I/O timeout, not a step's.
+    dist = init_distributed(cfg.launch, device, timeout_s=io_timeout_s(cfg))
     clean = False
     try:
         torch.manual_seed(cfg.train.seed)

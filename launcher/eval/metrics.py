@@ -139,17 +139,21 @@ def generate_answers(
     device: torch.device | str,
     batch_size: int,
     chat_template: Optional[str] = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy answers to each conversation's last assistant turn, given everything before it.
 
-    ``chat_template`` overrides the tokenizer's (pass the one the data was rendered with)."""
+    ``chat_template`` overrides the tokenizer's (pass the one the data was rendered with).
+    ``synced``: the model is sharded over ranks (ZeRO-3, FSDP), every forward is collective, so
+    every rank keeps stepping until all have finished (transformers' ``synced_gpus``): one that
+    stopped at its eos while another generates on would leave that one waiting in a gather."""
     device = torch.device(device)
     model = unwrap_for_generation(model)
     prompts = [render_prompt(tokenizer, prompt_and_reference(c)[0], chat_template) for c in conversations]
     answers: list[str] = []
     with eval_mode(model), phase("eval: answers for ROUGE/BLEU", total=len(prompts)) as shown:
         for start in range(0, len(prompts), batch_size):
-            answers += _generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device)
+            answers += _generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced)
             shown.advance(len(prompts[start : start + batch_size]))
     return answers
 
@@ -171,7 +175,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], chat_template:
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, device: torch.device
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, device: torch.device, synced: bool = False
 ) -> list[str]:
     # Left padding: every prompt then ends at the last column, where generation continues.
     width = max(len(p) for p in prompts)
@@ -187,6 +191,9 @@ def _generate_batch(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_token_ids(model, tokenizer),
+        # Explicit: transformers infers it only while an HfDeepSpeedConfig is alive (not after
+        # ZeRO-3 loading, nor without zero3_init) or for FSDP-managed modules.
+        synced_gpus=synced,
     )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()]
 
@@ -231,6 +238,7 @@ def evaluate(
     world_size: int = 1,
     gather_fn: Optional[GatherFn] = None,
     loss_metrics: Optional[Callable[[], Optional[dict[str, float]]]] = None,
+    synced: bool = False,
 ) -> dict[str, Any]:
     """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
     conversations that have an assistant turn and their ROUGE/BLEU. ``samples`` (a list of
@@ -239,7 +247,7 @@ def evaluate(
     Perplexity is shared among ``world_size`` ranks (``reduce_fn`` sums). Generation is shared
     too when ``gather_fn`` (an all-gather of Python lists) is given, which only an unsharded
     model per rank allows; without it every rank generates every answer (FSDP and ZeRO-3 need
-    every rank in each forward, and greedy decoding of the same prompts keeps them in step).
+    every rank in each forward: ``synced`` keeps them stepping together, see :func:`generate_answers`).
     ``loss_metrics`` replaces perplexity where the objective has its own (preference pairs)."""
     results: Optional[dict[str, Any]] = loss_metrics() if loss_metrics is not None else None
     results = results if results is not None else perplexity(
@@ -270,6 +278,7 @@ def evaluate(
             device=device,
             batch_size=eval_cfg.batch_size,
             chat_template=eval_ds.chat_template,
+            synced=synced,
         ) if mine else []  # fmt: skip
     if gather_fn is not None:  # rank r answered conversations r, r+W, ...: interleave them back
         shares = gather_fn(predictions)

@@ -4,7 +4,6 @@ and keeps every side effect (processes, sbatch) in `submit`.
 
 from __future__ import annotations
 
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import Protocol
 
 from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
-from launcher.redact import known_secrets, redact
+from launcher.redact import known_secrets, redact, secret_env_names
+from launcher.shell import env_prefix, join
 
 CONFIG_NAME = "config.yaml"
 
@@ -29,11 +29,12 @@ class LaunchPlan:
     notes: list[str] = field(default_factory=list)
 
     def shell_lines(self) -> list[str]:
-        """The commands as a user would type them, every word quoted, secrets blanked (they reach
-        the job through the environment, never through a file or the console)."""
-        env = redact(self.env, known_secrets())
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-        return [(prefix + " " if prefix else "") + shlex.join(argv) for argv in self.commands]
+        """The commands as a user would type them, every word quoted, each on one line. Secrets
+        reach the job through the environment, never through a file or the console: an entry of
+        ``env`` holding one reads the caller's variable of that name when the line runs."""
+        secrets = known_secrets()
+        prefix = env_prefix(self.env, secret_env_names(self.env, secrets))
+        return [(prefix + " " if prefix else "") + join(redact(argv, secrets)) for argv in self.commands]
 
 
 class Backend(Protocol):

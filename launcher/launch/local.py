@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
+from launcher.launch.outcome import clear_exits, summarize
 
 
 def _env(cfg: FtlConfig) -> dict[str, str]:
@@ -101,16 +105,69 @@ def gpu_errors(cfg: FtlConfig, gpus: int) -> list[ConfigError]:
     return []
 
 
-def run_foreground(plan: LaunchPlan) -> int:
-    """Run each command in turn with the plan's environment; Ctrl-C reaches the job, which saves."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How long torchrun lets its ranks finish a step and save after a stop signal before it kills them.
+SHUTDOWN_TIMEOUT_S = "300"
+
+
+def _stop_when_parent_dies() -> Callable[[], None] | None:
+    """Linux: the job gets SIGTERM (it saves and stops) if this launcher is killed outright, which
+    no handler can forward; its own process group no longer shares the launcher's fate."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes the call
+    return lambda: libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def run_foreground(plan: LaunchPlan, records: bool = True) -> int:
+    """Run each command in turn with the plan's environment, and give back 0, 1, 2 or 130 (see
+    :mod:`launcher.launch.outcome`; ``records``: the command is the trainer, which leaves exit
+    records in the run dir).
+
+    The job runs in a process group of its own, so a Ctrl-C at the terminal reaches this launcher
+    alone, which hands it on exactly once: the trainers (or torchrun, which tells its ranks) finish
+    their step, save a checkpoint and stop, while this process waits for them. SIGTERM and SIGHUP
+    are handed on the same way, never leaving the job behind. A second signal goes to the whole
+    group: the ranks stop at once."""
     env = {**os.environ, **plan.env}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+    if records:
+        clear_exits(plan.run_dir)
     for argv in plan.commands:
-        proc = subprocess.Popen(argv, env=env)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait()
-        if code != 0:
-            return code
+        code, interrupted = _run_forwarding_signals(argv, env)
+        exit_code, message = summarize(code, plan.run_dir if records else None, interrupted)
+        if exit_code != 0:
+            print(f"ftl: {message}", file=sys.stderr)
+            return exit_code
     return 0
+
+
+def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """(exit status, the first stop signal handed on, if any)."""
+    proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=_stop_when_parent_dies())
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM  # the terminal went away: stop as on SIGTERM (the trainers save on it)
+        try:
+            if len(received) == 1:
+                proc.send_signal(signum)
+                print(f"ftl: {name}: the job finishes its step, saves a checkpoint and stops ({name} again: stop at once)", file=sys.stderr)
+            else:
+                os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if on_main_thread else {}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, signal.Signals(received[0]).name if received else None

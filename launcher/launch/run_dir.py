@@ -8,13 +8,14 @@ stable so the same command run again resumes the same run (checkpoint.resume=aut
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 from typing import Any
 
-from launcher.files import write_atomic
+from launcher.config.errors import ConfigError
+from launcher.files import is_legacy_run_dir, mark_dir, output_dir_problems, write_atomic
 from launcher.launch.base import CONFIG_NAME, LaunchPlan
 from launcher.redact import known_secrets, redact, redact_overrides
+from launcher.shell import comment, join, quote
 
 COMMAND_NAME = "launch.sh"
 
@@ -30,26 +31,67 @@ def config_path_for(raw: dict[str, Any], run_dir: Path) -> Path:
     return run_dir / (CONFIG_NAME if not node_rank else f"config.node{node_rank}.yaml")
 
 
+def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
+    """What makes ``run_dir`` unusable, found before anything is written or launched (``ftl plan``
+    reports them too): a place ftl must not write into (see
+    :func:`launcher.files.output_dir_problems`: the working directory, a non-ftl directory, a
+    file, somewhere unwritable, inside another run), and an earlier config.yaml that is not YAML."""
+    where = "run.dir" if raw["run"].get("dir") else "run.name"
+    if redact(str(run_dir), known_secrets()) != str(run_dir):
+        return [ConfigError(where, "the run dir's path would hold a secret (the value of an API key or token)")]
+    errors = [ConfigError(where, f"{run_dir} {p}") for p in output_dir_problems(run_dir, "run", legacy=is_legacy_run_dir)]
+    if errors or not run_dir.is_dir():
+        return errors
+    config = run_dir / CONFIG_NAME
+    if config.exists():
+        problem = _unreadable_config(config)
+        if problem:
+            errors.append(ConfigError(where, f"{config} {problem}: not an ftl config; move it away or choose another run.dir"))
+    return errors
+
+
+def _unreadable_config(path: Path) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({e.__class__.__name__})"
+    except yaml.YAMLError as e:
+        return f"is not valid YAML ({str(e).splitlines()[0]})"
+    return "" if isinstance(data, dict) else f"is not a mapping (a {type(data).__name__})"
+
+
 def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv: list[str]) -> list[str]:
     """Write config, command and the plan's files. Returns what changed against an earlier config
     in the same dir (a resumed run with new overrides), for the user to see."""
     from omegaconf import OmegaConf
 
     run_dir = plan.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    changes = _config_changes(config_path, raw) if config_path.exists() else []
-    write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(redact(raw, known_secrets()))))
-    script = ["#!/usr/bin/env bash", f"# ftl {shlex.join(redact_overrides(argv, known_secrets()))}", f"cd {shlex.quote(os.getcwd())}", *plan.shell_lines(), ""]
-    write_atomic(run_dir / COMMAND_NAME, "\n".join(script))
+    mark_dir(run_dir, "run")
+    secrets = known_secrets()
+    stored = redact(raw, secrets)
+    changes = _config_changes(config_path, stored) if config_path.exists() else []
+    write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(stored)))
+    write_atomic(run_dir / COMMAND_NAME, launch_script(plan, argv))
     for name, text in plan.files.items():
-        write_atomic(run_dir / name, redact(text, known_secrets()))
+        write_atomic(run_dir / name, redact(text, secrets))
     return changes
 
 
+def launch_script(plan: LaunchPlan, argv: list[str]) -> str:
+    """launch.sh: the command that made the run (a comment: quoted words, one line, secrets
+    blanked), then the job's commands. Secrets are read from the caller's environment."""
+    head = comment(join(["ftl", *redact_overrides(argv, known_secrets())]))
+    return "\n".join(["#!/usr/bin/env bash", head, f"cd {quote(os.getcwd())}", *plan.shell_lines(), ""])
+
+
 def _config_changes(path: Path, new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ from the earlier config.yaml; both sides are redacted (the stored
+    one always was), so an unchanged secret is no change and a changed one is never shown."""
     from omegaconf import OmegaConf
 
-    old = OmegaConf.to_container(OmegaConf.load(path))
+    old = redact(OmegaConf.to_container(OmegaConf.load(path)), known_secrets())
     assert isinstance(old, dict)
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(old, new, "")]
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher import shell
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
@@ -32,9 +32,13 @@ PREPROCESS_SCRIPT_NAME = "preprocess.sbatch"
 PREVIOUS_JOB = "{previous_job}"  # in a plan's command: the id of the job submitted just before
 LOG_DIR = "logs"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SIGNAL = re.compile(r"^(?:B:)?(?:SIG)?(?P<name>[A-Z0-9]+)@(?P<seconds>\d+)$")
-# torchrun waits this long (at least) for its ranks to save after SIGTERM before it kills them.
+# torchrun >= 2.12 waits this long (at least) for its ranks to save after a SIGTERM of its own
+# (SLURM's, to every process of the step) before it kills them; older torchruns wait 30 s.
 MIN_SHUTDOWN_S = 60
+# After the first node's task ends, srun ends the others this long after (--wait): enough for
+# rank 0 to close W&B and the process group after the last collective; a node that died with a
+# nonzero exit ends the step at once (--kill-on-bad-exit=1) instead of leaving the others in NCCL.
+SRUN_WAIT_S = 300
 
 
 class Quoted(str):
@@ -60,17 +64,18 @@ def _str(value: Any) -> str:
 
 
 def _no_newline(text: str) -> str:
-    if "\n" in text or "\r" in text or "\0" in text:
-        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines or NUL")
+    """One line of plain text: sbatch's own parser of #SBATCH lines knows no escapes for the rest."""
+    if shell.has_control_chars(text):
+        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines, NUL or other control characters")
     return text
 
 
 def quote(value: Any) -> Quoted:
-    """One shell word, whatever the value holds."""
+    """One shell word, whatever the value holds (:func:`launcher.shell.quote`: the one quoting rule)."""
     text = _str(value)
     if "\0" in text:
         raise UnsafeValue(f"{text!r}: NUL cannot be passed through a shell script")
-    return Quoted(shlex.quote(text))
+    return Quoted(shell.quote(text))
 
 
 def sbatch_value(value: Any) -> Quoted:
@@ -141,13 +146,15 @@ def jinja_env() -> Any:
     return _ENV
 
 
-def warning_signal(spec: str) -> tuple[str, int]:
-    """``USR1@120`` / ``B:SIGUSR1@120`` -> ("USR1", 120): the signal SLURM sends the batch shell
-    that many seconds before the time limit."""
-    match = _SIGNAL.match(spec)
-    if not match:
-        raise UnsafeValue(f"got {spec!r}; expected SIG@SECONDS, e.g. USR1@120", "launch.signal")
-    return match["name"], int(match["seconds"])
+def warning_signal(cfg: FtlConfig) -> tuple[str, int]:
+    """(signal, seconds): what SLURM sends the batch shell before the time limit, and how long
+    before: ``launch.signal``, or sized for a step and a checkpoint (:mod:`launcher.plan.timing`)."""
+    from launcher.plan.timing import warning_signal as planned
+
+    try:
+        return planned(cfg)
+    except ValueError as e:
+        raise UnsafeValue(str(e), "launch.signal") from None
 
 
 def nproc_per_node(cfg: FtlConfig) -> int:
@@ -157,16 +164,21 @@ def nproc_per_node(cfg: FtlConfig) -> int:
 
 
 def secret_env(cfg: FtlConfig) -> dict[str, str]:
-    """launch.env entries with secret-looking names (tokens, API keys). They are never written
-    into job.sbatch: sbatch gets them in its environment and passes them on to the job."""
-    from launcher.redact import SECRET_KEY
+    """launch.env entries with secret-looking names (tokens, API keys) or holding a known secret.
+    They are never written into job.sbatch: sbatch gets them in its environment and passes them on
+    to the job."""
+    from launcher.redact import secret_env_names
 
-    return {k: str(v) for k, v in cfg.launch.env.items() if SECRET_KEY.search(k)}
+    names = secret_env_names({k: str(v) for k, v in cfg.launch.env.items()})
+    return {k: str(v) for k, v in cfg.launch.env.items() if k in names}
 
 
 def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:
+    from launcher.config.topology import gpus_per_node
+    from launcher.plan.timing import io_timeout_s
+
     launch = cfg.launch
-    signal_name, lead_s = warning_signal(launch.signal)
+    signal_name, lead_s = warning_signal(cfg)
     for key in launch.env:
         if not _ENV_NAME.match(key):
             raise UnsafeValue(f"{key!r} is not a valid environment variable name", "launch.env")
@@ -176,9 +188,12 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "run_name": cfg.run.name,
         "job_name": launch.job_name or f"ftl-{cfg.run.name}",
         "nodes": launch.nodes,
-        "gpus_per_node": launch.gpus_per_node,
+        "gpus_per_node": gpus_per_node(cfg),
+        "gpu_request": launch.gpu_request,
         "cpus_per_task": launch.cpus_per_task,
-        "mem": launch.mem,
+        # --exclusive alone grants the node's CPUs and GPUs but only the partition's default memory;
+        # --mem=0 asks for all of it (FSDP's rank 0 holds the model on the host while it loads).
+        "mem": launch.mem if launch.mem is not None or not launch.exclusive else "0",
         "partition": launch.partition,
         "account": launch.account,
         "qos": launch.qos,
@@ -192,8 +207,15 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "shutdown_s": max(lead_s, MIN_SHUTDOWN_S),
         "max_requeues": launch.max_requeues,
         "rdzv_port": launch.rdzv_port,
+        "srun_wait_s": SRUN_WAIT_S,
         "nproc": nproc_per_node(cfg),
         "cpu_threads": cfg.train.device != "cuda" and "OMP_NUM_THREADS" not in launch.env,
+        "cuda": gpus_per_node(cfg) > 0,
+        "socket_ifname": launch.socket_ifname,
+        "hf_home": launch.hf_home,
+        "hub_offline": launch.hub_offline,
+        "step_timeout_s": launch.dist_timeout_s,
+        "io_timeout_s": io_timeout_s(cfg),
         "env": {k: v for k, v in sorted(launch.env.items()) if k not in secrets},
         "secret_names": sorted(secrets),
         "setup": list(launch.setup),
@@ -225,6 +247,25 @@ def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, p
     return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
 
 
+def staging_notes(cfg: FtlConfig) -> list[str]:
+    """What a job needs in place before it starts, and why it would not run well without it."""
+    from launcher.config.topology import gpus_per_node
+
+    launch, model = cfg.launch, cfg.model
+    notes = []
+    on_hub = model.source == "hf" and not Path(model.path).is_dir()
+    if on_hub and launch.hub_offline and not launch.preprocess_job:
+        where = f"launch.hf_home={launch.hf_home}" if launch.hf_home else "HF_HOME (set launch.hf_home to a shared path)"
+        notes.append(f"the ranks read {model.path} offline (HF_HUB_OFFLINE=1) from {where}: stage it first with "
+                     "`ftl preprocess --fetch-model <these overrides>` or launch.preprocess_job=true")  # fmt: skip
+    if gpus_per_node(cfg) == 0 and cfg.train.device == "auto":
+        notes.append("no GPU requested: a CPU job (train.device=cuda asks for one per rank)")
+    if gpus_per_node(cfg) > 0 and launch.cpus_per_task is None and not launch.exclusive:
+        notes.append("the job gets the partition's default CPUs per GPU for its data loading and ranks: "
+                     "set launch.cpus_per_task or launch.exclusive=true")  # fmt: skip
+    return notes
+
+
 class SlurmBackend:
     name = "slurm"
 
@@ -241,10 +282,11 @@ class SlurmBackend:
         except UnsafeValue as e:
             raise ConfigErrors([ConfigError(e.field, str(e))]) from None
         n, per = cfg.launch.nodes, nproc_per_node(cfg)
-        sig, requeues = warning_signal(cfg.launch.signal)[0], cfg.launch.max_requeues
+        (sig, lead), requeues = warning_signal(cfg), cfg.launch.max_requeues
         notes = [
             f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {run_dir / LOG_DIR}",
-            f"SIG{sig} before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
+            f"SIG{sig} {lead} s before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
+            *staging_notes(cfg),
         ]
         commands = [["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]]
         if cfg.launch.preprocess_job:
@@ -282,7 +324,7 @@ def run_sbatch(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
         return 1, ""
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
-        print(f"ftl: {shlex.join(argv)} failed: {detail}", file=sys.stderr)
+        print(f"ftl: {shell.join(argv)} failed: {detail}", file=sys.stderr)
         return 1, ""
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():

@@ -18,6 +18,8 @@ from typing import Optional
 
 from launcher.config.errors import EXIT_INVALID, ConfigError, ConfigErrors
 
+TRAIN_SBATCH_LEAD_S = 120  # slurm/train.sbatch's #SBATCH --signal=B:USR1@120
+
 
 def allocation_overrides(user: list[str], environ: Mapping[str, str]) -> list[str]:
     """Pure: the overrides to compose with. The allocation decides nodes and GPUs per node, so its
@@ -27,18 +29,21 @@ def allocation_overrides(user: list[str], environ: Mapping[str, str]) -> list[st
         raise ConfigErrors([ConfigError("launch", f"got {groups[-1]!r}; slurm/train.sbatch runs launch=slurm")])
     out = ([] if groups else ["launch=slurm"]) + list(user)
     out.append(f"launch.nodes={int(environ.get('SLURM_JOB_NUM_NODES') or environ.get('SLURM_NNODES') or 1)}")
-    gpus = environ.get("SLURM_GPUS_PER_NODE", "").rsplit(":", 1)[-1]  # "8", "a100:8" or "gpu:a100:8"
-    if gpus.isdigit():
+    gpus = allocated_gpus(environ)
+    if gpus is not None:
         out.append(f"launch.gpus_per_node={gpus}")
     return out
 
 
-def redact_override(text: str) -> str:
-    """`+launch.env.HF_TOKEN=...` as it may be shown or written: the value of a secret-looking key blanked."""
-    from launcher.redact import REDACTED, SECRET_KEY
-
-    key, eq, _ = text.partition("=")
-    return f"{key}={REDACTED}" if eq and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else text
+def allocated_gpus(environ: Mapping[str, str]) -> Optional[int]:
+    """GPUs per node of this allocation, asked for with --gpus-per-node (SLURM_GPUS_PER_NODE: "8",
+    "a100:8" or "gpu:a100:8") or --gres=gpu:N (SLURM_GPUS_ON_NODE, the batch step's count); None
+    when the job has none."""
+    for name in ("SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        count = environ.get(name, "").rsplit(":", 1)[-1]
+        if count.isdigit() and int(count) > 0:
+            return int(count)
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -49,6 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
               "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
         return 1
+    from launcher.launch.lock import check_free
     from launcher.launch.run_dir import write_run_dir
     from launcher.launch.slurm import SCRIPT_NAME
     from launcher.session import prepare_run
@@ -60,7 +66,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ftl (slurm/train.sbatch): {e}", file=sys.stderr)
         return EXIT_INVALID
     plan = run.plan
-    changes = write_run_dir(run.raw, plan, run.config_path, ["train", *map(redact_override, overrides)])
+    busy = check_free(plan.run_dir)  # rank 0 of the job takes the lock when it starts
+    if busy:
+        print(f"ftl (slurm/train.sbatch): {busy}", file=sys.stderr)
+        return EXIT_INVALID
+    from launcher.launch.slurm import warning_signal
+
+    lead = warning_signal(run.cfg)[1]
+    if run.cfg.launch.signal is None and lead > TRAIN_SBATCH_LEAD_S:
+        print(f"ftl: slurm/train.sbatch asks for its warning {TRAIN_SBATCH_LEAD_S} s before the time limit, but a step and a "
+              f"checkpoint of this run take about {lead} s: submit with --signal=B:USR1@{lead} launch.signal=USR1@{lead}",
+              file=sys.stderr)  # fmt: skip
+    changes = write_run_dir(run.raw, plan, run.config_path, ["train", *overrides])
     for c in changes:
         print(f"ftl: config changed since the last run in {plan.run_dir}: {c}", file=sys.stderr)
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)

@@ -122,7 +122,14 @@ def apply_peft(model: Any, peft_cfg: Any) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_layout(model)
     name_or_path = getattr(model, "name_or_path", None) or None
-    return get_peft_model(model, build_lora_config(peft_cfg, name_or_path))
+    peft_model = get_peft_model(model, build_lora_config(peft_cfg, name_or_path))
+    # Whatever trains keeps fp32 weights over a base loaded in bf16/fp16 (PEFT upcasts the LoRA
+    # matrices itself, not the copies modules_to_save makes), as every engine expects; ZeRO-3's
+    # partitioned parameters (ds_id) are DeepSpeed's to cast, with its own fp32 master copy.
+    for p in peft_model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
+            p.data = p.data.float()
+    return peft_model
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ math kernel, which is faster there than the flash kernel for short rows (measure
 2-core machine: 85-token examples, SmolLM2 head shapes, forward + backward, 20 ms against 32 ms per 2,048 tokens per layer).
 On an Ampere, Ada or Hopper GPU (bf16/fp16, no dropout) a packed batch is one call of PyTorch's own
 flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.11+) instead of a Python
-loop over examples; elsewhere the loop runs.
+loop over examples; elsewhere the loop runs. Under autocast over fp32 weights (the single, ddp and
+LoRA paths) RoPE hands over fp32 queries and keys; they are cast to the autocast dtype first, as
+SDPA itself would cast them, so those runs take the one-call path too. :data:`CALLS` counts which
+path each packed attention call took (the trainer logs the share of one-call ones on CUDA).
+
+A packed batch's examples are found once per forward (:func:`packed_segments`): every layer, and
+activation checkpointing's recompute of it, gets the same ``position_ids`` tensor, so one
+device→host copy of the position restarts serves them all.
 
 :func:`register` makes the name known to transformers; :func:`launcher.model.loading.load_model_and_tokenizer`
 calls it before loading. A model saved from a run carries ``sdpa`` in its config as usual, since
@@ -25,6 +32,9 @@ the attention implementation is not serialised.
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Callable, Optional
 
@@ -44,6 +54,9 @@ VARLEN_GQA = varlen_attn is not None and "enable_gqa" in _VARLEN_PARAMS
 
 NAME = "sdpa_varlen"
 MATH_BELOW = 256  # CPU: examples shorter than this use the math kernel (see the module docstring)
+# Packed attention calls since the last take_calls(), by path: "flash" (one varlen kernel call for
+# the micro-batch) or "loop" (one SDPA call per example).
+CALLS: Counter[str] = Counter()
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -55,6 +68,68 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         cuts = [0, *(torch.nonzero(row).flatten() + 1).tolist(), width]
         spans.append(list(zip(cuts[:-1], cuts[1:])))
     return spans
+
+
+@dataclass
+class Segments:
+    """The packed examples of a batch: (start, end) spans per row, their lengths row after row,
+    and (made on first use) their int32 cumulative offsets on the device, for the flash kernel."""
+
+    spans: list[list[tuple[int, int]]]
+    lengths: list[int]
+    _offsets: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        if device not in self._offsets:
+            self._offsets[device] = torch.tensor([0, *accumulate(self.lengths)], dtype=torch.int32, device=device)
+        return self._offsets[device]
+
+
+# The last batch's segments, keyed by its position_ids tensor (alive, same version, same width).
+_last: Optional[tuple[Any, int, int, Segments]] = None
+
+
+def packed_segments(position_ids: torch.Tensor, batch: int) -> Segments:
+    """The segments of ``position_ids`` (broadcast to ``batch`` rows), computed once per tensor:
+    a model's forward passes the same one to every layer, and checkpointing's recompute again."""
+    global _last
+    if _last is not None:
+        ref, version, rows, segments = _last
+        if ref() is position_ids and version == position_ids._version and rows == batch:
+            return segments
+    spans = segment_bounds(position_ids.expand(batch, -1))
+    segments = Segments(spans, [e - s for row in spans for s, e in row])
+    _last = (weakref.ref(position_ids), position_ids._version, batch, segments)
+    return segments
+
+
+def take_calls() -> dict[str, int]:
+    """:data:`CALLS` since the last call, then zeroed."""
+    out = dict(CALLS)
+    CALLS.clear()
+    return out
+
+
+def attention_paths(device: torch.device) -> dict[str, float]:
+    """For a step's metrics on CUDA: ``attn_varlen_flash``, the share of the packed attention
+    calls since the last step that ran as one flash varlen call (1.0 when the fast path ran
+    throughout); nothing when no packed sdpa_varlen call ran, or on CPU, where the loop is the path."""
+    calls = take_calls()
+    total = sum(calls.values())
+    if device.type != "cuda" or not total:
+        return {}
+    return {"attn_varlen_flash": calls.get("flash", 0) / total}
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the tensors in its dtype, as SDPA would take them (it is on autocast's
+    lower-precision list): RoPE's fp32 cos/sin over an fp32 residual stream leave q and k in fp32
+    while v, a projection's output, is already bf16."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
 
 
 def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -100,14 +175,18 @@ def varlen_attention_forward(
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} does not support attention logit softcapping; use model.attn_implementation=eager")
     window = kwargs.get("sliding_window")
-    spans = segment_bounds(position_ids.expand(query.shape[0], -1))
-    if all(len(row) == 1 for row in spans):  # no packing: one causal attention for the batch
+    segments = packed_segments(position_ids, query.shape[0])
+    if all(len(row) == 1 for row in segments.spans):  # no packing: one causal attention for the batch
         return _attend(query, key, value, scale=scaling, dropout=dropout, window=window).transpose(1, 2).contiguous(), None
+    query, key, value = autocast_inputs(query, key, value)
     # One autograd split per tensor (its backward is one concatenation); slicing per example
     # would zero-fill a full-size gradient for every slice in backward.
-    lengths = [e - s for row in spans for s, e in row]
+    lengths = segments.lengths
     if one_kernel(query, dropout):
-        return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA), None
+        CALLS["flash"] += 1
+        return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA,
+                            offsets=segments.offsets(query.device)), None  # fmt: skip
+    CALLS["loop"] += 1
     parts = [
         _attend(q, k, v, scale=scaling, dropout=dropout, window=window)
         for q, k, v in zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
@@ -129,12 +208,14 @@ def one_kernel(query: torch.Tensor, dropout: float) -> bool:
 
 
 def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
-                 window: Optional[int], kernel: Callable[..., torch.Tensor], native_gqa: bool = True) -> torch.Tensor:  # fmt: skip
+                 window: Optional[int], kernel: Callable[..., torch.Tensor], native_gqa: bool = True,
+                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
     """[b, heads, L, d] rows of packed examples (``lengths``, rows end to end) → [b, L, heads, d]
     through ``kernel``, which has ``torch.nn.attention.varlen.varlen_attn``'s contract: tokens
     concatenated as [T, heads, d], example boundaries as int32 cumulative offsets, ``window_size``
     (left, right) with (-1, 0) meaning causal, ``enable_gqa`` where ``native_gqa`` (else the
-    key/value heads are repeated to the query heads' count, as transformers' repeat_kv does)."""
+    key/value heads are repeated to the query heads' count, as transformers' repeat_kv does).
+    ``offsets``: those offsets already on the device (:class:`Segments`), else made here."""
     batch, heads, width, dim = query.shape
     gqa: dict[str, bool] = {}
     if key.shape[1] != heads:
@@ -146,7 +227,8 @@ def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     def tokens(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)
 
-    offsets = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=query.device)
+    if offsets is None:
+        offsets = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=query.device)
     longest = max(lengths)
     # transformers' sliding window covers the token itself and window - 1 before it
     window_size = (-1, 0) if window is None or window >= longest else (window - 1, 0)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import secrets
-import shlex
 import string
 import subprocess
 import sys
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.sweep.spec import agent_args, check_no_conflict, check_trials, fixed_overrides, load_spec, merge_overrides, sweep_dir_for
+from launcher.shell import join
+from launcher.sweep.spec import agent_args, check_no_conflict, check_trials, fixed_overrides, load_spec, merge_overrides, secret_overrides, sweep_dir_for
 from launcher.sweep.trial import OVERRIDES_ENV
 from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_online, wandb_sweep_config
 
@@ -95,7 +95,9 @@ def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[st
     from launcher.launch.slurm import jinja_env, template_values
 
     values = template_values(cfg, sweep_dir, sweep_dir / "config.yaml", python, workdir)
-    values.update(sweep_id=sweep_id, jobs_dir=str(sweep_dir / "jobs"), agent_overrides=json.dumps(extra),
+    # launch.env secrets among the agent's overrides stay out of the script: sbatch hands them to
+    # the job in its environment (launcher.launch.slurm.secret_env), and the trials inherit them.
+    values.update(sweep_id=sweep_id, jobs_dir=str(sweep_dir / "jobs"), agent_overrides=json.dumps(secret_overrides(extra)[0]),
                   offline=offline, script_path=str(sweep_dir / "sweep.sbatch"))  # fmt: skip
     if not cfg.launch.job_name:
         values["job_name"] = f"ftl-sweep-{sweep_id}"
@@ -153,6 +155,8 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = trial_environ(args.overrides)
     env.update(WANDB_SWEEP_ID=sweep_id, WANDB_DIR=str(sweep_dir))
+    # The sweep's command holds no secret: the trials read launch.env secrets from their environment.
+    env.update({name: str(cfg.launch.env[name]) for name in secret_overrides(spec.overrides)[1] if name in cfg.launch.env})
 
     def draw(pending: list[Any]) -> Optional[tuple[str, dict[str, Any], Path]]:
         run = next_run(config, [*history(params_dir, sweep_dir, spec.metric.name), *pending])
@@ -191,7 +195,7 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
             break
         run_id, params, path = drawn
         argv = expand_command(config["command"], params, env)
-        print(f"ftl: offline sweep {sweep_id}, trial {i + 1}/{args.count} ({run_id}): {shlex.join(argv)}", file=sys.stderr)
+        print(f"ftl: offline sweep {sweep_id}, trial {i + 1}/{args.count} ({run_id}): {join(argv)}", file=sys.stderr)
         code = subprocess.run(argv, env={**env, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(path)}, check=False).returncode
         rows.append((run_id, code, " ".join(agent_args(params)), sweep_dir / run_id))
         got = trial_metric(sweep_dir / run_id, spec.metric.name)

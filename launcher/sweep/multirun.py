@@ -75,8 +75,17 @@ def print_trial_table(rows: list[tuple[str, int, str, Path]], metric: str = DEFA
         print(f"best: trial {label} ({name}={value:.4f}, {goal})")
 
 
+def shown(overrides: list[str]) -> str:
+    """A trial's overrides as printed: quoted words, secrets blanked."""
+    from launcher.redact import known_secrets, redact_overrides
+    from launcher.shell import join
+
+    return join(redact_overrides(overrides, known_secrets()))
+
+
 def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -> int:
     from launcher.config.compose import compose
+    from launcher.config.search_path import hydra_quote
     from launcher.launch.run_dir import choose_run_dir
 
     trials = expand(overrides)
@@ -86,10 +95,10 @@ def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -
     worst = 0
     for i, trial in enumerate(trials):
         run_dir = base / str(i)
-        print(f"ftl: trial {i}/{len(trials)}: {' '.join(trial)}", file=sys.stderr)
-        code = train_once([*trial, f"run.dir={run_dir}"])
+        print(f"ftl: trial {i}/{len(trials)}: {shown(trial)}", file=sys.stderr)
+        code = train_once([*trial, f"run.dir={hydra_quote(str(run_dir))}"])
         worst = worst or code
-        rows.append((str(i), code, " ".join(o for o in trial if o not in overrides), run_dir))
+        rows.append((str(i), code, shown([o for o in trial if o not in overrides]), run_dir))
     print_trial_table(rows)
     print(f"run dirs: {base}/<trial>")
     return worst

@@ -226,6 +226,29 @@ def check_no_conflict(extra: list[str], fixed: list[str]) -> None:
         raise ConfigErrors([ConfigError(override_key(o), f"{o!r}: the sweep's command already sets it; change the sweep instead") for o in clash])
 
 
+def secret_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(the overrides that may be written into a sweep's command, the names of the launch.env
+    secrets left out: a trial gets those from its environment). Any other secret in an override
+    cannot go into a sweep config, which W&B stores: ConfigErrors."""
+    from launcher.redact import is_secret_key, known_secrets, redact
+
+    kept, names, errors = [], [], []
+    secrets = known_secrets()
+    for text in overrides:
+        key, sep, _ = text.partition("=")
+        bare = key.lstrip("+~")
+        if sep and is_secret_key(bare) and re.fullmatch(r"launch\.env\.[A-Za-z_][A-Za-z0-9_]*", bare):
+            names.append(bare.rsplit(".", 1)[1])
+        elif (sep and is_secret_key(bare)) or redact(text, secrets) != text:
+            errors.append(ConfigError(bare, "holds a secret, which a sweep config (stored by W&B) must not: "
+                                      "pass it to the trials through the environment"))  # fmt: skip
+        else:
+            kept.append(text)
+    if errors:
+        raise ConfigErrors(errors)
+    return kept, names
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text) or "_"
 

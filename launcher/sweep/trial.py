@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.search_path import hydra_quote
-from launcher.files import write_atomic
+from launcher.files import mark_dir, write_atomic
 from launcher.sweep.spec import check_no_conflict, safe_name, sweep_dir_for
 
 # The environment the W&B agent gives a trial, and what a requeued trial needs of it again.
@@ -69,13 +69,14 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
 
 def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
     """Train the trial: here (train_once), or, inside a SLURM sweep job, across its allocation."""
+    from launcher.sweep.multirun import shown
     from launcher.train.telemetry import WANDB_ID_FILE
 
-    print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {' '.join(trial.argv_overrides)}", file=sys.stderr)
+    print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {shown(trial.argv_overrides)}", file=sys.stderr)
     if trial.backend == "slurm" and trial.job_record is None:
         raise ConfigErrors([ConfigError("launch", "a sweep trial with launch=slurm runs inside its SLURM job: "
                                         "`ftl sweep agent SWEEP_ID count=K launch=slurm ...` submits them")])  # fmt: skip
-    trial.run_dir.mkdir(parents=True, exist_ok=True)
+    mark_dir(trial.run_dir, "run")
     # The W&B run the agent made is this run dir's run: a restart (requeue, resume) continues it.
     write_atomic(trial.run_dir / WANDB_ID_FILE, trial.run_id + "\n")
     if trial.job_record is None:

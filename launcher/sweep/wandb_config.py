@@ -5,13 +5,15 @@ with an API key, creates the sweep on W&B. Also the W&B pieces the agents reuse:
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.sweep.spec import SweepSpec, check_trials, load_spec, safe_name
+from launcher.files import write_atomic
+from launcher.redact import known_secrets, redact
+from launcher.shell import ftl_command, join, quote
+from launcher.sweep.spec import SweepSpec, check_trials, load_spec, safe_name, secret_overrides
 
 COMMAND_HEAD = ["${env}", "${interpreter}", "-m", "launcher", "train"]
 ARGS_MACRO = "${args_no_hyphens}"
@@ -26,7 +28,12 @@ def wandb_sweep_config(spec: SweepSpec) -> dict[str, Any]:
     for key in ("early_terminate", "project", "entity"):
         if getattr(spec, key) is not None:
             out[key] = getattr(spec, key)
-    out["command"] = [*COMMAND_HEAD, *spec.overrides, ARGS_MACRO]
+    kept, _ = secret_overrides(spec.overrides)  # launch.env secrets reach the trials through their environment
+    out["command"] = [*COMMAND_HEAD, *kept, ARGS_MACRO]
+    leaked = redact(out, known_secrets()) != out
+    if leaked:
+        raise ConfigErrors([ConfigError("spec", "holds the value of a secret (an API key or token from the environment), which a "
+                                        "sweep config (stored by W&B) must not")])  # fmt: skip
     return out
 
 
@@ -71,6 +78,18 @@ def wandb_online() -> bool:
     return wandb_api_key_configured()
 
 
+SWEEP_FILE_HEADER = "# A W&B sweep config written by `ftl sweep create` (ftl may overwrite this file).\n"
+
+
+def is_sweep_file(path: Path) -> bool:
+    """A file `ftl sweep create` wrote (its header line), which it may overwrite."""
+    try:
+        with open(path) as f:
+            return f.readline() == SWEEP_FILE_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def sweep_file(raw: dict[str, Any], name: str) -> Path:
     from launcher.launch.run_dir import choose_run_dir
 
@@ -89,19 +108,24 @@ def create(spec_arg: str, extra: list[str], out: Optional[str], offline: bool) -
     if violations:
         raise ConfigErrors([ConfigError("spec", f"W&B's sweep schema: {v}") for v in violations])
     path = Path(out) if out else sweep_file(raw, spec.name)
+    if path.exists() and not is_sweep_file(path):
+        raise ConfigErrors([ConfigError("--out", f"{path} exists and was not written by `ftl sweep create`; choose another --out")])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_atomic(path, SWEEP_FILE_HEADER + yaml.safe_dump(config, sort_keys=False))
     print(f"ftl: wrote the W&B sweep config {path}", file=sys.stderr)
-    offline_cmds = [f"ftl sweep agent --offline {shlex.quote(str(path))} count=K    (W&B's search engine, no server)",
-                    f"ftl sweep optuna {shlex.quote(str(path))} count=K            (Optuna TPE via hydra-optuna-sweeper)"]  # fmt: skip
+    _, env_names = secret_overrides(spec.overrides)
+    if env_names:
+        print(f"ftl: left out of the sweep's command (secrets): {', '.join(env_names)}; export them where the agents run", file=sys.stderr)
+    offline_cmds = [f"ftl sweep agent --offline {quote(path)} count=K    (W&B's search engine, no server)",
+                    f"ftl sweep optuna {quote(path)} count=K            (Optuna TPE via hydra-optuna-sweeper)"]  # fmt: skip
     grid = [f"{k}={','.join(map(str, p['values']))}" for k, p in spec.parameters.items() if "values" in p]
     if len(grid) == len(spec.parameters):
-        offline_cmds.append(f"ftl train -m {shlex.join(spec.overrides + grid)}    (every combination, Hydra's basic sweeper)")
+        offline_cmds.append(f"{ftl_command(['ftl', 'train', '-m'], spec.overrides + grid)}    (every combination, Hydra's basic sweeper)")
     if offline or not wandb_online():
         reason = "--offline" if offline else "no W&B API key (WANDB_API_KEY or `wandb login`)"
         print(f"ftl: {reason}: the sweep was not created. Where W&B is reachable:\n"
-              f"  wandb sweep --project {shlex.quote(spec.project)} {shlex.quote(str(path))}\n"
-              f"  ftl sweep agent ENTITY/{spec.project}/SWEEP_ID count=K [launch=slurm launch.nodes=N ...]\n"
+              f"  {join(['wandb', 'sweep', '--project', spec.project, path])}\n"
+              f"  ftl sweep agent {quote(f'ENTITY/{spec.project}/SWEEP_ID')} count=K [launch=slurm launch.nodes=N ...]\n"
               "Air-gapped, the same search space:\n  " + "\n  ".join(offline_cmds))  # fmt: skip
         return 0
     import wandb
@@ -109,6 +133,6 @@ def create(spec_arg: str, extra: list[str], out: Optional[str], offline: bool) -
     sweep_id = wandb.sweep(config, project=spec.project, entity=spec.entity)
     print(sweep_id)
     print(f"ftl: created sweep {sweep_id}; run trials with:\n"
-          f"  ftl sweep agent {sweep_id} count=K                       (here)\n"
-          f"  ftl sweep agent {sweep_id} count=K launch=slurm launch.nodes=N   (K SLURM jobs)", file=sys.stderr)  # fmt: skip
+          f"  ftl sweep agent {quote(sweep_id)} count=K                       (here)\n"
+          f"  ftl sweep agent {quote(sweep_id)} count=K launch=slurm launch.nodes=N   (K SLURM jobs)", file=sys.stderr)  # fmt: skip
     return 0

@@ -2,9 +2,16 @@
 
 A checkpoint is a directory ``step-N`` holding the engine's own files (its format), the trainer
 state (``trainer_state.json``: step and position in the data order), one RNG file per rank, and a
-``COMPLETE`` marker. It is written as ``.tmp-step-N``; rank 0 writes the marker last and renames
-the directory, so a directory named ``step-N`` with a marker is always whole, and anything else
-(a ``.tmp-*`` left by a killed job, a half-deleted directory) is ignored and later pruned.
+``COMPLETE`` marker listing every file with its size. It is written as ``.tmp-step-N``; rank 0
+writes the marker last and renames the directory, so a directory named ``step-N`` with a marker is
+always whole, and anything else (a ``.tmp-*`` left by a killed job, a half-deleted directory) is
+ignored and later pruned.
+
+Saving a step that already has a checkpoint moves the old one to ``.replaced-step-N`` (still
+complete, still found) before the new one takes its name, so there is never a moment without a
+complete step N. Loading checks the files against the marker first; a checkpoint that fails the
+check or does not load is moved aside to ``step-N.corrupt-*`` (never deleted) with a warning
+naming it, and the run resumes from the previous complete one.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,15 +29,20 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
+from launcher.files import checkpoint_problem
 from launcher.train import distributed
 from launcher.train.distributed import DistInfo
-from launcher.train.resume import MARKER, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
+from launcher.train.resume import MARKER, REPLACED, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:
     from launcher.engines.base import Engine
 
 # The layout's names and readers (CHECKPOINTS_DIR, MARKER, ..., list_complete) live in launcher.train.resume,
 # which reads checkpoints without torch before a run is launched.
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (damaged, or not a checkpoint)."""
 
 
 @dataclass
@@ -65,6 +78,58 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return path
 
 
+def verify(path: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, or None (:func:`launcher.files.checkpoint_problem`,
+    and the trainer state must bind)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        return problem
+    try:
+        TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        return f"{TRAINER_STATE} does not read back ({type(e).__name__}: {e})"
+    return None
+
+
+def resume_checkpoint(resume: str, run_dir: Path, engine: Engine, dist: DistInfo, warn: Callable[[str], None]) -> Optional[tuple[Path, TrainerState]]:
+    """Collective. Load the checkpoint ``checkpoint.resume`` names: the one given (which must be
+    sound), or for ``auto`` the newest complete one that verifies and loads, older ones in turn.
+    A damaged one is moved aside (``step-N.corrupt-*``) by rank 0 with a warning naming it.
+    Returns (path, state), or None for a fresh start."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = resolve_resume(resume, run_dir)
+        assert path is not None
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume={resume!r} is damaged: {problem}")
+        return path, load_checkpoint(path, engine, dist)
+    for _, path in reversed(list_complete(run_dir)):
+        problem = verify(path)
+        state = None
+        if problem is None:
+            try:
+                state = load_checkpoint(path, engine, dist)
+            except Exception as e:  # noqa: BLE001 - any engine's reader: a damaged file raises its own kind
+                problem = f"it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if not distributed.any_rank(problem is not None):
+            assert state is not None
+            return path, state
+        if dist.is_main:
+            aside = _move_aside(path)
+            warn(f"ftl: checkpoint {path} is damaged ({problem or 'on another rank'}); moved it to {aside}, "
+                 "resuming from the previous complete checkpoint")  # fmt: skip
+        distributed.barrier()
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    os.rename(path, aside)
+    return aside
+
+
 # --------------------------------------------------------------------------------------------
 # save / load
 
@@ -92,7 +157,8 @@ def save_checkpoint(
     if dist.is_main:
         _write_json(tmp / TRAINER_STATE, asdict(state))
         _fsync_tree(tmp)
-        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__})
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__, "files": sizes})
         _replace_dir(tmp, final)
         prune(run_dir, keep)
     barrier()
@@ -127,7 +193,9 @@ def prune(run_dir: Path, keep: int) -> None:
     doomed = [path for _, path in complete[: max(0, len(complete) - keep)]]
     kept = {path for _, path in complete}
     leftovers = [p for p in root.iterdir() if p.is_dir() and p not in kept]
-    doomed += [p for p in leftovers if p.name.startswith(".tmp-") or STEP_DIR.match(p.name)]
+    # .tmp-*: a killed save; step-N without a marker: a killed deletion; .replaced-*: superseded by
+    # a complete step-N. Nothing else there is touched (step-N.corrupt-* stays for the user to see).
+    doomed += [p for p in leftovers if p.name.startswith((".tmp-", REPLACED)) or STEP_DIR.match(p.name)]
     for path in doomed:
         # The marker goes first: a deletion cut short must never leave a dir that looks complete.
         (path / MARKER).unlink(missing_ok=True)
@@ -197,14 +265,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def _replace_dir(tmp: Path, final: Path, after_move_aside: Callable[[], None] = lambda: None) -> None:
+    """Rename the finished ``tmp`` to ``final``. When ``final`` exists (a step saved again), it
+    moves to ``.replaced-<name>`` first, keeping its marker: list_complete still finds it there
+    until the new one is in place, so a crash at any point leaves a complete checkpoint of the step.
+    (``after_move_aside``: a test's hook into that moment.)"""
     if final.exists():
-        # Saving a step that already has a checkpoint (a resumed run stopped again at once):
-        # move the old one aside so the rename below stays a single atomic step.
-        old = final.with_name(f".tmp-old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        (final / MARKER).unlink(missing_ok=True)
+        old = final.with_name(REPLACED + final.name)
+        if old.exists():  # left by a crash in this very spot: step-N is complete again, so it goes
+            (old / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(old)
         os.rename(final, old)
+        _fsync_dir(final.parent)
+        after_move_aside()
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        (old / MARKER).unlink(missing_ok=True)  # the marker first: a deletion cut short never looks complete
         shutil.rmtree(old, ignore_errors=True)
+        return
     os.rename(tmp, final)
     _fsync_dir(final.parent)

@@ -7,9 +7,10 @@ a no-op for a single process, so the trainer calls these helpers unconditionally
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -54,9 +55,12 @@ def read_dist_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
     return info
 
 
-def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ) -> DistInfo:
+def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ,
+                     timeout_s: Optional[float] = None) -> DistInfo:  # fmt: skip
     """Join the process group torchrun prepared: nccl on GPU, gloo on CPU, always with a timeout so
-    one dead rank fails the job within launch.dist_timeout_s instead of hanging it."""
+    one dead rank fails the job instead of hanging it: ``timeout_s``, else launch.dist_timeout_s.
+    The trainer starts with its I/O-phase timeout (the model loads under it) and lowers it to the
+    step timeout once set up (:func:`set_collective_timeout`)."""
     info = read_dist_env(environ)
     if info.world_size == 1 or torch_dist.is_initialized():
         return info
@@ -65,7 +69,7 @@ def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[
         raise RuntimeError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} unset: start ranks with torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=launch.dist_timeout_s)
+    timeout = timedelta(seconds=launch.dist_timeout_s if timeout_s is None else timeout_s)
     torch_dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         timeout=timeout,
@@ -92,6 +96,31 @@ def elastic_attempt_store(info: DistInfo, environ: Mapping[str, str], timeout: t
         is_master=not hosted_by_agent and info.rank == 0, timeout=timeout,
     )  # fmt: skip
     return torch_dist.PrefixStore(f"ftl/attempt-{attempt}", store)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective on any process group (the default one, and those DeepSpeed and
+    FSDP's device mesh made) fails after ``seconds``. All ranks meet at a barrier first, under the
+    old timeout: a rank still finishing a slow phase (rank 0 reading the model) must not find its
+    peers already waiting under a shorter one. (torch has no public setter; torchtitan lowers its
+    timeouts after the first step the same way, through ``_set_pg_timeout``.)"""
+    if not torch_dist.is_initialized():
+        return
+    torch_dist.barrier()
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = [torch_dist.group.WORLD, *(g for g in c10d._world.pg_map if g is not torch_dist.group.WORLD)]
+    for group in groups:
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float, restore: float) -> Iterator[None]:
+    """Collectives inside the block (a checkpoint's) time out after ``seconds``, those after it after ``restore``."""
+    set_collective_timeout(seconds)
+    yield  # after a failure inside, no barrier: the peers may never reach it
+    set_collective_timeout(restore)
 
 
 TEARDOWN_LIMIT_S = 120  # a clean teardown takes milliseconds

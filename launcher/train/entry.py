@@ -4,19 +4,25 @@
 torchrun, SLURM or alone) runs this module on that one file. Users who start torchrun themselves
 may pass Hydra overrides instead (``torchrun ... -m launcher.train recipe=X a.b=1``): each rank
 composes the same config, rank 0 writes it into the run dir, and the trainer checks that all ranks
-agree before training. Exit codes: 0 done, or stopped by a signal after a checkpoint; 1 training
-failed; 2 the config or the training data is unusable.
+agree before training. Exit codes: 0 done; 130 stopped by a signal after a checkpoint; 1 training
+failed; 2 the config, the run dir or the training data is unusable. Each rank also leaves its code
+in the run dir (:mod:`launcher.launch.outcome`), for the launcher to report past torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Optional
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -40,16 +46,26 @@ def topology_from_env(environ) -> list[str]:
     return ["launch=torchrun", f"launch.nnodes={world // local}", f"launch.nproc_per_node={local}"]
 
 
-def config_from_overrides(overrides: list[str]):  # -> FtlConfig
-    """Compose on this rank; rank 0 writes the run dir. Composition is deterministic, and the
-    trainer verifies that every rank got the same config before the first collective that matters."""
-    from launcher.launch.run_dir import write_run_dir
+def config_from_overrides(overrides: list[str]):  # -> (FtlConfig, PreparedRun)
+    """Compose on this rank (rank 0 writes the run dir, see :func:`main`). Composition is
+    deterministic, and the trainer verifies that every rank got the same config before the first
+    collective that matters."""
     from launcher.session import prepare_run
 
     run = prepare_run(topology_from_env(os.environ) + overrides)
-    if os.environ.get("RANK", "0") == "0":
-        write_run_dir(run.raw, run.plan, run.config_path, ["(torchrun) -m launcher.train", *overrides])
-    return run.cfg
+    return run.cfg, run
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def default_cuda_allocator(environ: MutableMapping[str, str]) -> None:
+    """Expandable segments for CUDA's caching allocator (it grows a segment in place instead of
+    leaving differently sized blocks stranded), unless the allocator is configured already. Read
+    when torch first allocates on a GPU, so set before anything does."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in environ and "PYTORCH_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -57,39 +73,97 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     install()
     args = parse_args(argv)
+    default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
-    from launcher.data.types import DataError
+    from launcher.launch.lock import RunDirBusy, RunDirLock
+    from launcher.launch.outcome import record_exit
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    lock = None
     try:
-        cfg = load_run_config(args.config) if args.config else config_from_overrides(args.overrides)
+        cfg, run = (load_run_config(args.config), None) if args.config else config_from_overrides(args.overrides)
+        if rank == 0:  # the run dir's one writer: holds its lock (inherited from `ftl train` when it started us)
+            lock = RunDirLock(run_dir_of(cfg), "trainer rank 0").acquire()
+            if run is not None:
+                from launcher.launch.run_dir import write_run_dir
+
+                write_run_dir(run.raw, run.plan, run.config_path, ["(torchrun) -m launcher.train", *args.overrides])
     except ConfigErrors as e:
-        print(f"ftl: {args.config}: {e}", file=sys.stderr)
+        print(f"ftl: {args.config or 'overrides'}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except RunDirBusy as e:
+        print(f"ftl: {e}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as e:
         print(f"ftl: cannot read {args.config}: {e}", file=sys.stderr)
         return EXIT_INVALID
+    try:
+        return train(cfg, lambda code: record_exit(run_dir_of(cfg), rank, world, code))
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
+    """Train on this rank: 0 done, 130 stopped by a signal after a checkpoint, 2 unusable training
+    data, 1 any other failure.
+
+    A stop signal before the training loop (which saves on one) interrupts the setup; once the
+    loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
+    they report their own failure, and must live to leave their exit record."""
+    from launcher.data.types import DataError
+    from launcher.train.checkpoint import CheckpointError
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
-    try:
-        Trainer(cfg).run()
-    except DataError as e:
-        print(f"ftl: training data error: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except ResumeError as e:
-        if os.environ.get("RANK", "0") == "0":
+    with _interrupt_until_done() as done:
+        try:
+            code = EXIT_STOPPED if Trainer(cfg).run() == "stopped" else EXIT_OK
+            done()
+        except DataError as e:
+            done()
+            print(f"ftl: training data error: {e}", file=sys.stderr)
+            code = EXIT_INVALID
+        except CheckpointError as e:
+            done()
             print(f"ftl: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as e:
-        traceback.print_exc()
-        print(f"ftl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+            code = EXIT_INVALID
+        except ResumeError as e:  # this checkpoint cannot continue this config (every rank finds it; rank 0 says so)
+            done()
+            if os.environ.get("RANK", "0") == "0":
+                print(f"ftl: {e}", file=sys.stderr)
+            code = EXIT_INVALID
+        except KeyboardInterrupt:
+            done()
+            print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)
+            code = EXIT_FAILED
+        except Exception as e:
+            done()
+            traceback.print_exc()
+            print(f"ftl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
+            code = EXIT_FAILED
+        record(code)
+    return code
+
+
+@contextlib.contextmanager
+def _interrupt_until_done() -> Iterator[Callable[[], None]]:
+    """SIGTERM/SIGINT raise KeyboardInterrupt until ``done()`` is called, and are ignored after."""
+    state = {"done": False}
+
+    def handle(signum: int, frame: Any) -> None:
+        if not state["done"]:
+            raise KeyboardInterrupt
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handle) for sig in sigs} if main_thread else {}
+    try:
+        yield lambda: state.update(done=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_now(code: int) -> None:

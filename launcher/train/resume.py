@@ -28,17 +28,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
+from launcher.files import CHECKPOINT_MARKER as MARKER
+from launcher.files import CHECKPOINTS_DIR, TRAINER_STATE
+from launcher.shell import join, quote
 
-CHECKPOINTS_DIR = "checkpoints"
-MARKER = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
 EVAL_FILE = "eval.json"
 CONFIG_NAME = "config.yaml"
 
@@ -60,21 +60,28 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
+def step_of(name: str) -> Optional[int]:
+    """N for ``step-N`` (and for ``.replaced-step-N``, a complete checkpoint a new save of its step moved aside)."""
+    match = STEP_DIR.match(name.removeprefix(REPLACED))
+    return int(match.group(1)) if match else None
+
+
 def is_complete(path: Path) -> bool:
-    return STEP_DIR.match(path.name) is not None and (path / MARKER).is_file()
+    return step_of(path.name) is not None and (path / MARKER).is_file()
 
 
 def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: ``step-N``, or the ``.replaced-step-N`` a save of the
+    same step moved aside, while the new ``step-N`` is not complete yet."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and path.is_dir() and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    found: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(REPLACED)):  # step-N before .replaced-step-N
+        step = step_of(path.name)
+        if step is not None and step not in found and path.is_dir() and is_complete(path):
+            found[step] = path
+    return sorted(found.items())
 
 
 @dataclass
@@ -125,19 +132,25 @@ def evaluated_after(run_dir: Path, step: int) -> bool:
     return isinstance(after, dict) and after.get("step") == step
 
 
-def discard_checkpoints(run_dir: Path) -> list[Path]:
-    """``checkpoint.resume=never`` in a run dir that holds an earlier run's checkpoints (ftl wrote
-    them): delete them, or a later ``resume=auto`` would continue that run. Each marker goes first,
-    so a deletion cut short never leaves a directory that looks complete. Returns what it removed."""
-    import shutil
+def set_aside_checkpoints(run_dir: Path) -> Optional[Path]:
+    """``checkpoint.resume=never`` in a run dir that holds an earlier run's checkpoints: move its
+    ``checkpoints/`` to ``checkpoints.earlier-<time>/``, whole. Nothing is deleted, the new run
+    starts with no checkpoint to prune in favour of older steps, and a later ``resume=auto``
+    continues the new run. Returns where they went (None: there was nothing to move)."""
+    import os
+    import time
 
-    removed = [path for _, path in list_complete(run_dir)]
     root = checkpoints_dir(run_dir)
-    leftovers = [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-") or STEP_DIR.match(p.name))] if root.is_dir() else []
-    for path in removed + [p for p in leftovers if p not in removed]:
-        (path / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    if not root.is_dir() or not any(step_of(p.name) is not None or p.name.startswith(".tmp-") for p in root.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = root.with_name(f"{CHECKPOINTS_DIR}.earlier-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = root.with_name(f"{CHECKPOINTS_DIR}.earlier-{stamp}-{n}")
+    os.rename(root, aside)
+    return aside
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,19 +303,19 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
         if argv is None:
             return " ".join(extra)
         kept = [a for a in argv if not a.startswith(("run.name=", "checkpoint.resume="))]
-        return shlex.join(["ftl", *kept, *extra])
+        return join(["ftl", *kept, *extra])
 
     lines = [f"{run_dir} holds checkpoint {ckpt.path.name}, which this config cannot continue:"]
     lines += [f"  - {e}" for e in verdict.errors]
     lines += [
         "Choose one:",
         f"  a new run:          {command(f'run.name={_new_name(run_dir)}')}",
-        f"  start over here:    {command('checkpoint.resume=never')}   (deletes the checkpoints in {checkpoints_dir(run_dir)} first)",
+        f"  start over here:    {command('checkpoint.resume=never')}   (moves {checkpoints_dir(run_dir)} aside first, deleting nothing)",
     ]
     if all(e.path in ("train.max_steps", "train.epochs") for e in verdict.errors):
         lines.append(f"  continue this run:  train.max_steps={ckpt.step} or more, or the run length it had")
     else:
-        lines.append(f"  keep its weights:   ftl export {shlex.quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
+        lines.append(f"  keep its weights:   ftl export {quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
     return "\n".join(lines)
 
 
@@ -314,8 +327,8 @@ def finished_message(verdict: Verdict, run_dir: Path) -> str:
         + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
         + ". Nothing to do.\n"
         f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}\n"
-        f"  evaluate again:  ftl eval {shlex.quote(str(run_dir))}\n"
-        f"  a new run:       run.name={_new_name(run_dir)}, or checkpoint.resume=never to start over here (deletes its checkpoints first)"
+        f"  evaluate again:  ftl eval {quote(str(run_dir))}\n"
+        f"  a new run:       run.name={_new_name(run_dir)}, or checkpoint.resume=never to start over here (its checkpoints are moved aside, not deleted)"
     )
 
 

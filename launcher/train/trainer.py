@@ -32,18 +32,35 @@ from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
+from launcher.engines.traits import engine_traits
+from launcher.files import checkpoint_problem
+from launcher.model.attention import attention_paths
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
+from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
 from launcher.train.device import autocast_dtype, select_device
-from launcher.train.distributed import DistInfo, any_rank, barrier, check_same_on_all_ranks, destroy, init_distributed, reduce_max, reduce_mean, reduce_sum
-from launcher.train.mfu import model_flops_utilization
+from launcher.train.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    check_same_on_all_ranks,
+    collective_timeout,
+    destroy,
+    init_distributed,
+    reduce_max,
+    reduce_mean,
+    reduce_sum,
+    set_collective_timeout,
+)
+from launcher.train.loss import count_label_tokens, output_layer
+from launcher.train.mfu import model_flops, model_flops_utilization
+from launcher.train.prefetch import BatchPrefetcher
 from launcher.train.resume import (
     ResumeError,
     Verdict,
     cross_engine_notice,
-    discard_checkpoints,
     evaluated_after,
     finished_message,
     get,
@@ -51,6 +68,7 @@ from launcher.train.resume import (
     read_checkpoint_info,
     refusal,
     resume_verdict,
+    set_aside_checkpoints,
 )
 from launcher.train.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
@@ -64,7 +82,8 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
-        self.dist = init_distributed(cfg.launch, self.device)
+        self.io_timeout_s = io_timeout_s(cfg)  # loading, conversion, checkpoints: see launcher.plan.timing
+        self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
         self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
@@ -76,12 +95,17 @@ class Trainer:
             self.engine.load_weights(lambda: weights_for(self.start, model))
         self.engine.setup(self.total_steps)
         self.n_params = count_parameters(self.engine.model)
+        self.flops = model_flops(self.engine.model, output_layer(self.engine.model))
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
         self.resumed_from: Optional[Path] = None
         self.step = self.saved_step = self.resume()
+        self.batches = BatchPrefetcher(self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda")
+        self.data_position = (self.order.epoch, self.order.position)  # of the last batch trained on
+        set_collective_timeout(cfg.launch.dist_timeout_s)  # set up: from here a hung step fails fast
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
         self.objective = build_objective(cfg)
-        self.objective.prepare(self)  # e.g. DPO's reference log-probs, from the starting model
+        with collective_timeout(self.io_timeout_s, restore=cfg.launch.dist_timeout_s):
+            self.objective.prepare(self)  # e.g. DPO's reference log-probs: a pass over the data with the starting model
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
         for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:
@@ -98,6 +122,7 @@ class Trainer:
             exit_code = 0
             return outcome
         finally:
+            self.batches.close()
             self.telemetry.close(exit_code)
             destroy(clean=exit_code == 0)
 
@@ -149,23 +174,30 @@ class Trainer:
         grad_norm = self.engine.step()
         self.step += 1
         seconds = time.perf_counter() - start
-        tokens_per_s = reduce_sum(real_tokens) / seconds
+        tokens = reduce_sum(real_tokens)
         metrics = {
-            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
             "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
-            "elapsed": time.perf_counter() - self.started,
+            "elapsed": time.perf_counter() - self.started, **attention_paths(self.device),
         }  # fmt: skip
         metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.items()})
-        mfu = model_flops_utilization(tokens_per_s, self.n_params, self.dist.world_size, self.device)
+        labelled = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))  # where the output layer ran
+        mfu = model_flops_utilization(self.flops.step(tokens, labelled) / seconds, self.dist.world_size, self.device)
         if mfu is not None:
             metrics["mfu"] = mfu
         return metrics
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        batch, self.data_position = self.batches.get()
+        return batch
+
+    def collate_next(self) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        """The next micro-batch and the data position after it (in the prefetch thread, which alone
+        advances self.order once training has started)."""
         indices = self.order.take(self.cfg.train.micro_batch_size)
         flatten = flattens_packs(self.cfg.model.attn_implementation)  # flash attention reads packs from one row
         batch = collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
-        return {**batch, "index": torch.tensor(indices)}  # which examples: per-example data such as reference log-probs
+        return {**batch, "index": torch.tensor(indices)}, (self.order.epoch, self.order.position)  # index: per-example data (reference log-probs)
 
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
@@ -179,25 +211,32 @@ class Trainer:
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
                 reduce_fn=all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size,
                 loss_metrics=lambda: self.objective.eval_metrics(self),
+                synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
             )  # fmt: skip  (perplexity batches shared among ranks; every rank generates every answer)
         self.telemetry.log_eval(name, self.step, results)
 
     def save(self) -> None:
         if self.saved_step == self.step:
             return
-        state = TrainerState(self.step, self.order.epoch, self.order.position, self.dist.world_size,
+        state = TrainerState(self.step, *self.data_position, self.dist.world_size,
                              self.total_steps, len(self.train_ds), recorded_config(self.cfg))  # fmt: skip
-        path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
+        with collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s):
+            path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
         self.saved_step = self.step
         self.telemetry.info(f"checkpoint {path}")
 
     def resume(self) -> int:
         if self.start is None:
             return 0
-        same_format = self.start.verdict.cross_engine is None
-        state = load_checkpoint(self.start.path, self.engine, self.dist, engine_state=same_format)
+        if self.start.verdict.cross_engine is not None:  # the engine loaded its weights; the schedule and data position follow
+            path, state = self.start.path, load_checkpoint(self.start.path, self.engine, self.dist, engine_state=False)
+        else:  # verified, and an older one in its place when it is damaged
+            found = resume_checkpoint(self.cfg.checkpoint.resume, self.run_dir, self.engine, self.dist, warn)
+            if found is None:
+                return 0
+            path, state = found
         self.order.seek(state.epoch, state.epoch_position)
-        self.resumed_from = self.start.path
+        self.resumed_from = path
         return state.step
 
 
@@ -224,14 +263,16 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     import dataclasses
 
     if cfg.checkpoint.resume == "never":
-        # `ftl train` deleted them before launch; a run started otherwise (your torchrun, a requeued
-        # job) starts over the same way, or its first saves would be pruned in favour of older steps.
-        earlier = [p.name for _, p in list_complete(run_dir)] if dist.is_main else []
-        if earlier:
-            print(f"ftl: checkpoint.resume=never: deleting the earlier checkpoints {', '.join(earlier)} in {run_dir}", file=sys.stderr, flush=True)
-            discard_checkpoints(run_dir)
+        # `ftl train` moved them aside before launch; a run started otherwise (your torchrun, a
+        # requeued job) starts over the same way, or its first saves would be pruned in favour of older steps.
+        aside = set_aside_checkpoints(run_dir) if dist.is_main else None
+        if aside is not None:
+            print(f"ftl: checkpoint.resume=never: moved the earlier run's checkpoints to {aside} (nothing deleted)", file=sys.stderr, flush=True)
+        barrier()
         return None
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if cfg.checkpoint.resume == "auto":  # the newest one whose files are whole (the load falls back further if need be)
+        path = next((p for _, p in reversed(list_complete(run_dir)) if checkpoint_problem(p) is None), None)
     if path is None:
         return None
     info = read_checkpoint_info(path)
@@ -306,12 +347,20 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     from launcher.model.adapters import apply_peft, quantization_config
     from launcher.model.loading import load_model_and_tokenizer
 
-    quantization = quantization_config(cfg.peft, cfg.strategy, autocast_dtype(cfg.train.precision, device))
+    compute = autocast_dtype(cfg.train.precision, device)
+    quantization = quantization_config(cfg.peft, cfg.strategy, compute)
     loading = engine_class(cfg.strategy.engine).model_loading(cfg, dist, device)
     with loading.context(), phase(f"model: loading {cfg.model.name}"):
-        # fp32 master weights: the engine autocasts (or casts) the forward to the training precision.
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32, quantization=quantization, device=device, empty=loading.empty)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
         return apply_peft(model, cfg.peft), tokenizer
+
+
+def load_dtype(cfg: FtlConfig, compute: Optional[torch.dtype]) -> torch.dtype:
+    """fp32 master weights for whatever trains (the engine autocasts or casts the forward to the
+    training precision); LoRA's frozen base in the compute dtype, half the memory of fp32 with
+    the same forward (the planner charges it so: plan.memory.frozen_base_bytes). QLoRA's weights
+    that are not 4-bit stay fp32 (PEFT's prepare_model_for_kbit_training upcasts them anyway)."""
+    return compute if cfg.peft.method == "lora" and compute is not None else torch.float32
 
 
 def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
@@ -382,6 +431,10 @@ class DataOrder:
 
 # --------------------------------------------------------------------------------------------
 # small pieces of the loop
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def due(step: int, every: int) -> bool:

@@ -47,6 +47,8 @@ def test_resolve_source_says_what_is_wrong(tmp_path: Path) -> None:
     (run / "config.yaml").write_text("{}\n")
     assert "no complete checkpoint" in error(run)
     (run / "checkpoints" / "step-3" / MARKER).write_text(json.dumps({"step": 3, "world_size": 2, "engine": "FSDPEngine"}))
+    assert "trainer_state.json does not read back" in error(run), "a checkpoint is checked before it is trusted"
+    (run / "checkpoints" / "step-3" / "trainer_state.json").write_text(json.dumps({"step": 3}))
     source = resolve_source(run)
     assert (source.ckpt_dir.name, source.engine, source.step) == ("step-3", "fsdp", 3)
     moved = tmp_path / "elsewhere" / "step-3"

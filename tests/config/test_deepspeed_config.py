@@ -207,3 +207,16 @@ def test_plan_prints_the_generated_json_without_importing_deepspeed():
     ds = json.loads(body)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")])
+def test_bf16_gradients_are_reduced_and_accumulated_in_fp32(stage, precision):
+    """As FSDP2 (reduce_dtype=fp32) and the autocast engines (fp32 gradients) do: fp32 reduction
+    from stage 1, fp32 accumulation of the gradient partition from stage 2 (stage 1 would switch
+    DeepSpeed to its BF16_Optimizer). Nothing to say in fp32, where both are fp32 already."""
+    ds = build_deepspeed_config(make_cfg(stage, precision=precision), world_size=2, precision=precision)
+    bf16 = precision == "bf16"
+    assert ds.get("communication_data_type") == ("fp32" if bf16 and stage >= 1 else None)
+    assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if bf16 and stage >= 2 else None)
+    keep_bf16 = build_deepspeed_config(make_cfg(stage, extra={"communication_data_type": "bf16"}, precision=precision), 2, precision)
+    assert keep_bf16["communication_data_type"] == "bf16", "strategy.extra overrides the default"

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -286,3 +288,32 @@ def test_trainer_trains_on_packed_data_from_the_cache(tmp_path: Path, cache_home
     assert len(list((cache_home / "data").glob("*/COMPLETE"))) == 1
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3 and all(s["loss"] == s["loss"] and s["loss"] > 0 for s in steps)
+
+
+STAGE = """
+import sys
+from launcher.cli import main
+sys.exit(main(["preprocess", "--fetch-model", "recipe=tiny", "model.source=hf", "model.path=acme/tiny-chat"]))
+"""
+
+
+def test_preprocess_fetch_model_stages_a_hub_model_the_ranks_read_offline(tmp_path: Path) -> None:
+    """`ftl preprocess --fetch-model` (what launch.preprocess_job runs) puts a hub model into
+    HF_HOME; under HF_HUB_OFFLINE=1, as the training job runs, it is found there. No hub here: the
+    cache is laid out as huggingface_hub leaves it after a download, then read back offline; with
+    nothing staged the command says which model and where, and exits 1."""
+    from launcher.paths import ROOT
+
+    hf_home = tmp_path / "hf"
+    snapshot = hf_home / "hub" / "models--acme--tiny-chat" / "snapshots" / ("0" * 40)
+    shutil.copytree(asset("tiny-tokenizer"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "FTL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", STAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"model       acme/tiny-chat staged in {snapshot}" in done.stdout and "data cache  built" in done.stdout
+    env["HF_HOME"] = str(tmp_path / "empty")
+    missing = subprocess.run([sys.executable, "-c", STAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1, missing.stderr[-3000:]
+    assert f"ftl preprocess: cannot stage model.path='acme/tiny-chat' into {tmp_path / 'empty'}" in missing.stderr

@@ -5,6 +5,7 @@ strings are shown to arrive as data and never execute, and the signal/requeue lo
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import stat
@@ -69,12 +70,14 @@ GOLDEN_CASES = {
         "launch.qos=high",
         "launch.constraint=h100",
         "launch.mem=0",
+        "launch.io_gb_per_s=10",
         "launch.signal=USR1@300",
+        "launch.socket_ifname=ib0",
         "launch.max_requeues=5",
         "launch.sbatch_args=[--mail-type,END]",
         "launch.setup=['module load cuda/12.4','source /opt/venvs/ftl/bin/activate']",
         "+launch.env.NCCL_DEBUG=WARN",
-        "+launch.env.HF_HOME=/scratch/hf cache",
+        "launch.hf_home='/scratch/hf cache'",
     ],
 }
 
@@ -219,16 +222,21 @@ if [[ -n ${SHIM_SBATCH_FAIL:-} ]]; then echo "sbatch: error: $SHIM_SBATCH_FAIL" 
 echo 4242
 """,
 }
-# The "python" every node runs: records its argv and one environment variable; with SHIM_WAIT it
-# runs until SIGTERM, like a trainer, and exits 3 (torchrun's nonzero exit after a signal).
+# The "python" every node runs, standing in for torchrun: records its argv and one environment
+# variable. With SHIM_WAIT it starts a rank that runs until SIGTERM, then takes a while to save and
+# exits 0, as the trainer does; and like torchrun before 2.12 it kills that rank (here at once,
+# not after 30 s) when it gets a SIGTERM itself, then exits 1.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 printf '%s\0' "$@" > "$REC/python.args"
 printf '%s' "${HOSTILE-unset}" > "$REC/python.env"
 echo "rank output"
 if [[ -n ${SHIM_WAIT:-} ]]; then
-    trap 'echo TERM >> "$REC/python.signals"; exit 3' TERM
-    touch "$REC/python.started"
-    while :; do sleep 0.05; done
+    bash -c 'trap "echo TERM >> \"$REC/rank.signals\"; sleep 0.3; touch \"$REC/rank.saved\"; exit 0" TERM
+             touch "$REC/python.started"; while :; do sleep 0.05; done' &
+    rank=$!
+    trap 'echo TERM >> "$REC/python.signals"; kill -KILL "$rank"; exit 1' TERM
+    wait "$rank"
+    exit $?
 fi
 """
 
@@ -358,7 +366,9 @@ def test_warning_signal_stops_the_ranks_then_requeues(tmp_path):
     out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=1, max_requeues=3)
     assert out.returncode == 0, out.stdout + out.stderr
     assert rec.args("scancel") == ["--signal=URG", "4242"], "the step is told, not this shell"
-    assert (rec.rec / "python.signals").read_text() == "TERM\n", "torchrun (here: the rank) got exactly one SIGTERM"
+    assert (rec.rec / "rank.signals").read_text() == "TERM\n", "the rank got exactly one SIGTERM"
+    assert not (rec.rec / "python.signals").exists(), "torchrun got none: an old one would kill its ranks 30 s later"
+    assert (rec.rec / "rank.saved").exists(), "the rank finished saving"
     assert rec.args("scontrol")[-2:] == ["requeue", "4242"]
     assert "requeueing job 4242 (2 of 3)" in out.stdout
 
@@ -373,7 +383,7 @@ def test_an_array_task_is_signalled_and_requeued_by_its_own_task_id(tmp_path):
 
 def test_no_requeue_once_the_budget_is_spent(tmp_path):
     out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=3, max_requeues=3)
-    assert out.returncode == 3, out.stdout + out.stderr
+    assert out.returncode == 1, "stopped before the end: not a completed job" + out.stdout + out.stderr
     assert "requeue" not in rec.args("scontrol")
     assert "launch.max_requeues=3 spent" in out.stderr
 
@@ -395,7 +405,7 @@ def test_sigterm_from_slurm_waits_for_the_ranks_and_does_not_requeue(tmp_path):
     assert proc.poll() is None, "the batch shell must outlive its ranks while they save"
     os.kill(int((rec.rec / "srun.pid").read_text()), signal.SIGURG)  # stands in for SLURM's TERM to the step
     stdout, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 3
+    assert proc.returncode == 0 and (rec.rec / "rank.saved").exists()
     assert "requeue" not in rec.args("scontrol") and not rec.args("scancel")
     assert "SIGTERM from SLURM" in stdout
 
@@ -505,8 +515,125 @@ def test_preprocess_job_is_one_cpu_node_and_training_depends_on_it(tmp_path):
     plan = SlurmBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
     prep = plan.files["preprocess.sbatch"]
     assert "#SBATCH --nodes=1\n" in prep and "--gpus-per-node" not in prep and "--exclusive" not in prep
-    assert f"-m launcher preprocess --config {tmp_path / 'config.yaml'}" in prep
+    assert f"-m launcher preprocess --fetch-model --config {tmp_path / 'config.yaml'}" in prep
+    assert "HF_HUB_OFFLINE" not in prep and "export HF_HUB_OFFLINE=1\n" in plan.files["job.sbatch"], "it fetches; training reads offline"
     assert "#SBATCH --nodes=4" in plan.files["job.sbatch"]
     assert [c[-1] for c in plan.commands] == [str(tmp_path / "preprocess.sbatch"), str(tmp_path / "job.sbatch")]
     assert "--dependency=afterok:{previous_job}" in plan.commands[1]
     subprocess.run(["bash", "-n", "-c", prep], check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU jobs: what the first real multi-node GPU job needs in its script
+
+
+def slurm_errors(*overrides: str) -> list[str]:
+    raw, _, errors = compose(["launch=slurm", *overrides])
+    _, more = validate(raw)
+    return [str(e) for e in errors + more]
+
+
+def job_script(*overrides: str) -> str:
+    raw, _, errors = compose(["launch=slurm", *overrides])
+    cfg, more = validate(raw)
+    assert not errors + more, errors + more
+    run_dir = Path("/runs/gpu")
+    return SlurmBackend().build(cfg, run_dir, run_dir / "config.yaml").files["job.sbatch"]
+
+
+def test_the_8b_recipe_on_two_slurm_nodes_asks_for_8_gpus_per_node(tmp_path):
+    """The recipe's CUDA run with 8 ranks per node: the job asks for 8 GPUs on each of its 2 nodes
+    (it asked for none while launch.gpus_per_node defaulted to 0)."""
+    out = subprocess.run([*FTL, "plan", "recipe=llama3-8b-full-zero3", "launch=slurm", "launch.nodes=2"],
+                         cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=8\n" in out.stdout
+    assert "2 node(s) × 8 process(es) = world size 16" in out.stdout and "export PYTORCH_CUDA_ALLOC_CONF=" in out.stdout
+    assert "CPU training" not in out.stdout and "OMP_NUM_THREADS" not in out.stdout
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["train.device=cuda", "launch.gpus_per_node=0"], "launch.gpus_per_node: 0 but train.device=cuda"),
+    (["train.device=cpu", "launch.gpus_per_node=8"], "launch.gpus_per_node: 8 but train.device=cpu"),
+    (["train.device=cuda", "launch.gpus_per_node=8", "launch.nproc_per_node=4"], "launch.nproc_per_node: 4 but launch.gpus_per_node=8"),
+    (["launch.rdzv_port=40000"], "launch.rdzv_port: 40000 is in Linux's ephemeral port range"),
+])  # fmt: skip
+def test_gpus_asked_for_must_match_the_device_and_the_ranks(overrides, field):
+    errors = slurm_errors("recipe=tiny", *overrides)
+    assert any(e.startswith(field) for e in errors), errors
+
+
+def test_a_gpu_mismatch_exits_2_before_anything_is_written(tmp_path):
+    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cuda", "launch.gpus_per_node=0"],
+                         cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "launch.gpus_per_node: 0 but train.device=cuda" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gres_exclusive_memory_and_network_directives():
+    gres = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.gpu_request=gres", "launch.socket_ifname=ib0")
+    assert "#SBATCH --gres=gpu:8\n" in gres and "--gpus-per-node" not in gres
+    assert "#SBATCH --exclusive\n" in gres and "#SBATCH --mem=0\n" in gres, "--exclusive alone grants the default memory"
+    assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0\n" in gres
+    sized = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.mem=900G")
+    assert "#SBATCH --mem=900G\n" in sized and "#SBATCH --mem=0\n" not in sized
+    cpu = job_script("recipe=tiny")
+    assert "--gres" not in cpu and "--gpus-per-node" not in cpu and "--mem" not in cpu and "PYTORCH_CUDA_ALLOC_CONF" not in cpu
+
+
+def test_hub_staging_settings():
+    staged = job_script("recipe=tiny", "launch.hf_home=/shared/hf")
+    assert "export HF_HOME=/shared/hf\n" in staged and "export HF_HUB_OFFLINE=1\n" in staged
+    online = job_script("recipe=tiny", "launch.hub_offline=false")
+    assert "HF_HUB_OFFLINE" not in online and "HF_HOME" not in online
+    raw, _, _ = compose(["recipe=llama3-70b-full-zero3-multinode"])
+    cfg, _ = validate(raw)
+    notes = SlurmBackend().build(cfg, Path("/runs/x"), Path("/runs/x/config.yaml")).notes
+    assert any("meta-llama/Meta-Llama-3-70B offline (HF_HUB_OFFLINE=1)" in n and "ftl preprocess --fetch-model" in n for n in notes), notes
+
+
+def test_timeouts_in_the_job_step_and_io_phases():
+    from launcher.plan.memory import param_counts
+
+    tiny = job_script("recipe=tiny")
+    assert "\nstep_timeout_s=600  #" in tiny and "\nio_timeout_s=1800\n" in tiny, "at least 30 min while loading or checkpointing"
+    raw, _, _ = compose(["recipe=llama3-70b-full-zero3-multinode"])
+    cfg, _ = validate(raw)
+    # ZeRO-3 writes 12 bytes per parameter (fp32 master + moments); a resume on another world size reads and
+    # rewrites that (universal checkpoint): twice, at 1 GB/s, with a factor 2 of margin.
+    checkpoint_gb = 12 * param_counts(cfg.model.arch).total / 1e9
+    big = job_script("recipe=llama3-70b-full-zero3-multinode")
+    assert f"\nio_timeout_s={math.ceil(4 * checkpoint_gb)}\n" in big
+    assert "\nio_timeout_s=7200\n" in job_script("recipe=llama3-70b-full-zero3-multinode", "launch.io_timeout_s=7200")
+    assert "--kill-on-bad-exit=1 --wait=300" in big
+
+
+def test_the_warning_before_the_time_limit_covers_a_step_and_a_checkpoint():
+    """A 70B ZeRO-3 checkpoint is ~1 TB: at 1 GB/s the 120 s warning cannot save it. Given, it is
+    refused with the lead that would do; unset, it is sized; a time limit shorter than it is refused."""
+    short = slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.signal=USR1@120")
+    assert any(e.startswith("launch.signal: 'USR1@120' warns 120 s before the time limit, but finishing a step and writing "
+                            "a checkpoint takes about") and "launch.signal=USR1@1200" in e for e in short), short  # fmt: skip
+    assert slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.signal=USR1@1200") == []
+    assert "#SBATCH --signal=B:USR1@1200\n" in job_script("recipe=llama3-70b-full-zero3-multinode")
+    fast_storage = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.io_gb_per_s=20")
+    assert "#SBATCH --signal=B:USR1@180\n" in fast_storage
+    assert "#SBATCH --signal=B:USR1@120\n" in job_script("recipe=tiny"), "a small CPU job keeps the 2-minute minimum"
+    too_short = slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.time=00:20:00")
+    assert any(e.startswith("launch.time: '00:20:00' is no longer than the 1200 s warning") for e in too_short), too_short
+
+
+def test_rendezvous_port_of_a_job_stays_below_the_ephemeral_range(tmp_path):
+    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(config(), tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    rec = Recorder(tmp_path / "shim")
+    out = subprocess.run(["bash", str(script)], env=rec.env(SLURM_JOB_ID="1239999"), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--rdzv_endpoint=n1:29999" in rec.args("srun"), "20000 + 1239999 % 10000"
+    assert "--kill-on-bad-exit=1" in rec.args("srun") and "--wait=300" in rec.args("srun")
+
+
+def test_train_sbatch_reads_gpus_given_as_gres():
+    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"})[-1] == "launch.gpus_per_node=4"
+    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "0"}) == ["launch=slurm", "recipe=tiny", "launch.nodes=1"]

@@ -169,3 +169,60 @@ def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_t
     torch.testing.assert_close(one_logits, loop_logits, rtol=2e-2, atol=2e-2)
     for name, grad in one_grads.items():
         torch.testing.assert_close(grad, loop_grads[name], rtol=5e-2, atol=5e-3, msg=name)
+
+
+def packed_positions(device: str = "cpu") -> torch.Tensor:
+    return torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)]).view(2, 96).to(device)
+
+
+def test_autocast_over_fp32_weights_gives_the_kernel_half_precision_queries(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single/ddp/LoRA path: fp32 weights under autocast. RoPE hands sdpa_varlen fp32 queries
+    and keys (and a bf16 value); the packed path casts them to the autocast dtype, the one the
+    flash varlen kernel takes (one_kernel refuses fp32), as SDPA itself would cast them."""
+    model = tiny(tok, attention.NAME).train()
+    arrived: list[tuple[torch.dtype, ...]] = []
+    attended: list[torch.dtype] = []
+    cast, attend = attention.autocast_inputs, attention._attend
+    monkeypatch.setattr(attention, "autocast_inputs", lambda *t: arrived.append(tuple(x.dtype for x in t)) or cast(*t))
+    monkeypatch.setattr(attention, "_attend", lambda q, *a, **kw: attended.append(q.dtype) or attend(q, *a, **kw))
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, position_ids=packed_positions(), use_cache=False)
+    assert arrived == [(torch.float32, torch.float32, torch.bfloat16)] * 2, "what RoPE hands over, per layer"
+    assert set(attended) == {torch.bfloat16}, "every example's attention got bf16 queries"
+    q = torch.randn(1, 4, 8, 16)
+    assert attention.autocast_inputs(q)[0].dtype == torch.float32, "no autocast: left alone"
+
+
+def test_segments_are_found_once_per_forward_and_recompute(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer, and activation checkpointing's recompute of every layer in backward, gets the
+    same position_ids: the position restarts are read (a device→host copy on GPU) once per batch,
+    not once per attention call; a new batch is read anew."""
+    model = tiny(tok, attention.NAME).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reads = []
+    bounds = attention.segment_bounds
+    monkeypatch.setattr(attention, "segment_bounds", lambda pos: reads.append(1) or bounds(pos))
+    attention.take_calls()
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(8))
+    for batch in range(2):
+        model(input_ids=ids, position_ids=packed_positions(), use_cache=False).logits.float().pow(2).mean().backward()
+        assert len(reads) == batch + 1
+    assert attention.take_calls() == {"loop": 8}, "2 batches × 2 layers × (forward + recompute), all packed, on the loop"
+    assert attention.attention_paths(torch.device("cpu")) == {}, "no metric on CPU"
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_weights_under_autocast_take_the_one_call_path(tok: Any) -> None:
+    """What strategy=single/ddp and LoRA run: fp32 master weights, bf16 autocast. Every packed
+    attention call is one flash varlen call (the trainer's attn_varlen_flash metric is 1.0)."""
+    need_gpus(1)
+    assert attention.varlen_attn is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    model = tiny(tok, attention.NAME).to("cuda").train()
+    assert next(model.parameters()).dtype == torch.float32
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7)).cuda()
+    attention.take_calls()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, position_ids=packed_positions("cuda"), use_cache=False).logits
+    logits.float().pow(2).mean().backward()
+    assert attention.take_calls() == {"flash": 2}

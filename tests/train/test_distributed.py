@@ -112,3 +112,46 @@ def test_a_hung_teardown_prints_stacks_and_exits() -> None:
                           env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert done.returncode == 1 and "returned" not in done.stdout, done.stdout + done.stderr[-3000:]
     assert "Timeout" in done.stderr and "in destroy" in done.stderr, done.stderr[-3000:]
+
+
+PHASES = """
+import sys, time
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from launcher.config.schema import LocalLaunch
+from launcher.train import distributed
+out = Path(sys.argv[1])
+# Set up under the long I/O-phase timeout: rank 1 "loads the model" for 4 s, longer than a step's 2 s.
+info = distributed.init_distributed(LocalLaunch(dist_timeout_s=2), torch.device("cpu"), timeout_s=60)
+if info.rank == 1:
+    time.sleep(4)
+dist.all_reduce(torch.ones(1))
+distributed.set_collective_timeout(2)  # steps: 2 s
+with distributed.collective_timeout(60, restore=2):  # a checkpoint: 4 s of writing on rank 1 is fine
+    if info.rank == 1:
+        time.sleep(4)
+    dist.all_reduce(torch.ones(1))
+(out / f"phases-ok{info.rank}").write_text("ok")
+if info.rank == 1:  # a hung step: rank 0 must fail within the step timeout, not the I/O one
+    time.sleep(10)
+    sys.exit(0)
+start = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except RuntimeError:
+    (out / "step-timeout").write_text(f"{time.monotonic() - start:.1f}")
+"""
+
+
+def test_steps_and_io_phases_have_their_own_collective_timeouts(tmp_path: Path) -> None:
+    """Real gloo ranks: a slow load and a slow checkpoint pass under the I/O timeout; once lowered,
+    a rank that hangs in a step fails its peer's collective after the step timeout (2 s)."""
+    script = tmp_path / "phases.py"
+    script.write_text(PHASES)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.glob("phases-ok*")) == ["phases-ok0", "phases-ok1"]
+    waited = float((tmp_path / "step-timeout").read_text())
+    assert 1.5 <= waited < 8, f"rank 0 gave up after {waited} s"

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 from launcher.train.resume import (
     CheckpointInfo,
     checkpoint_format,
-    discard_checkpoints,
     list_complete,
     read_checkpoint_info,
     resume_verdict,
+    set_aside_checkpoints,
     total_steps,
 )
 
@@ -158,36 +158,42 @@ def test_refusals_come_before_anything_is_written(four_steps: Path) -> None:
     assert plan.returncode == 2 and "train.max_steps: 2 is below" in plan.stderr
 
 
-def test_resume_never_deletes_the_earlier_checkpoints_first(tmp_path: Path) -> None:
+def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     ftl(*run_cmd(run_dir, "train.max_steps=4", "eval.after_training=false"))
     proc = ftl(*run_cmd(run_dir, "train.max_steps=2", "eval.after_training=false", "checkpoint.resume=never"))
-    assert "deleting the earlier run's checkpoints step-2, step-4" in proc.stderr
+    assert "the earlier run's checkpoints step-2, step-4" in proc.stderr and "moved the earlier run's checkpoints to" in proc.stderr
     assert [s for s, _ in list_complete(run_dir)] == [2]
+    (aside,) = run_dir.glob("checkpoints.earlier-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-2", "step-4"]  # nothing deleted
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
 
 
 def test_a_run_started_without_ftl_train_starts_over_the_same_way(four_steps: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """Your own torchrun, or a requeued job, with checkpoint.resume=never: the trainer deletes the
-    earlier checkpoints too (else the new run's first saves would be pruned in favour of them)."""
+    """Your own torchrun, or a requeued job, with checkpoint.resume=never: the trainer moves the
+    earlier checkpoints aside too (else the new run's first saves would be pruned in favour of them)."""
     from launcher.train.trainer import Trainer
 
     run_dir = tmp_path / "run"
     shutil.copytree(four_steps, run_dir)
     cfg = tiny(run_dir, max_steps=2)
     trainer = Trainer(replace(cfg, checkpoint=replace(cfg.checkpoint, resume="never", keep=1)))
-    assert "deleting the earlier checkpoints step-2, step-4" in capfd.readouterr().err
+    assert "moved the earlier run's checkpoints to" in capfd.readouterr().err
     assert trainer.step == 0 and list_complete(run_dir) == []
     assert trainer.run() == "completed" and [s for s, _ in list_complete(run_dir)] == [2]
 
 
-def test_discard_leaves_no_checkpoint_that_looks_complete(tmp_path: Path) -> None:
+def test_setting_aside_moves_the_whole_checkpoints_dir(tmp_path: Path) -> None:
     for name in ("step-2", "step-4", ".tmp-step-6"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "COMPLETE").write_text("{}")
-    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")  # not ftl's: stays
-    assert [p.name for p in discard_checkpoints(tmp_path)] == ["step-2", "step-4"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["notes.txt"]
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
+    first = set_aside_checkpoints(tmp_path)
+    assert first is not None and sorted(p.name for p in first.iterdir()) == [".tmp-step-6", "notes.txt", "step-2", "step-4"]
+    assert list_complete(tmp_path) == []
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    second = set_aside_checkpoints(tmp_path)  # the same second: another name, nothing overwritten
+    assert second is not None and second != first and first.is_dir()
 
 
 def test_a_checkpoint_records_what_resume_checks(four_steps: Path) -> None:

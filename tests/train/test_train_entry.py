@@ -9,7 +9,7 @@ from helpers import TINY, ftl_env, metrics
 
 from launcher.config.validate import load_run_config
 from launcher.paths import ROOT
-from launcher.train.entry import topology_from_env
+from launcher.train.entry import default_cuda_allocator, topology_from_env
 
 
 def test_topology_from_env():
@@ -33,3 +33,13 @@ def test_entry_refuses_config_and_overrides_together(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(tmp_path / "c.yaml"), "recipe=tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+def test_ranks_get_expandable_segments_unless_the_allocator_is_configured():
+    env: dict[str, str] = {}
+    default_cuda_allocator(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        mine = {name: "max_split_size_mb:512"}
+        default_cuda_allocator(mine)
+        assert mine == {name: "max_split_size_mb:512"}, "the user's setting stands"
