@@ -91,8 +91,11 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Pa
 
 
 def copy_interrupted(reference: Path, run_dir: Path, step: int = 5) -> Path:
-    """A run dir as a job killed after its step-`step` checkpoint leaves it."""
+    """A run dir as a job killed after its step-`step` checkpoint leaves it: ftl's marker, the checkpoint."""
+    from launcher.files import mark_dir
+
     shutil.copytree(step_dir(reference, step), step_dir(run_dir, step))
+    mark_dir(run_dir, "run")
     return run_dir
 
 
