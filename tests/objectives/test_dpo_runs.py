@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, TWO_RANKS, ftl, ftl_env, max_abs_diff, metrics, step_dir
+from helpers import TINY, TWO_RANKS, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, step_dir
 
 from launcher.objectives.reference import RUN_FILE, ReferenceLogps
 
@@ -77,8 +77,7 @@ def test_resume_is_exact(single: Path, tmp_path: Path) -> None:
 
     from launcher.engines import engine_class
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(step_dir(single, 2), step_dir(resumed, 2))
+    resumed = copy_interrupted(single, tmp_path / "resumed", step=2)
     shutil.copy(single / RUN_FILE, resumed / RUN_FILE)
     ftl("train", *DPO, f"train.max_steps={STEPS}", "train.micro_batch_size=4", "checkpoint.every_steps=2", f"run.dir={resumed}")
     read = engine_class("single").consolidate_checkpoint
@@ -87,10 +86,7 @@ def test_resume_is_exact(single: Path, tmp_path: Path) -> None:
 
 
 def test_a_resumed_run_without_its_reference_file_stops_clearly(single: Path, tmp_path: Path) -> None:
-    import shutil
-
-    resumed = tmp_path / "lost"
-    shutil.copytree(step_dir(single, 2), step_dir(resumed, 2))
+    resumed = copy_interrupted(single, tmp_path / "lost", step=2)
     out = ftl("train", *DPO, f"train.max_steps={STEPS}", "train.micro_batch_size=4", f"run.dir={resumed}", check=False)
     assert out.returncode == 2 and RUN_FILE in out.stderr and "checkpoint.resume=never" in out.stderr
 
