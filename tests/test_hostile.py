@@ -230,6 +230,7 @@ def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothin
     mark_dir(run, "run")
     (run / "checkpoints" / "step-3").mkdir(parents=True)
     (run / "checkpoints" / "step-3" / "weights").write_text("w")
+    (run / "checkpoints" / "step-3" / "COMPLETE").write_text("{}")
     code, out = run_cli(capsys, "plan", "recipe=tiny", f"run.dir={run}", "checkpoint.resume=never")
     assert code == 0 and "moved aside (nothing is deleted)" in out and (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
     aside = set_aside_checkpoints(run)

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
-from launcher.files import CHECKPOINTS_DIR, TRAINER_STATE
+from launcher.files import CHECKPOINTS_DIR, TRAINER_STATE, checkpoint_problem
 from launcher.shell import join, quote
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -121,9 +121,15 @@ def engine_name(marker_engine: str) -> str:
     return name[: -len("engine")] if name.endswith("engine") and name != "engine" else name
 
 
+def latest_sound(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint whose files are whole (:func:`launcher.files.checkpoint_problem`):
+    what ``checkpoint.resume=auto`` continues. A damaged newer one is set aside by the trainer, with a warning."""
+    return next((path for _, path in reversed(list_complete(run_dir)) if checkpoint_problem(path) is None), None)
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[CheckpointInfo]:
-    complete = list_complete(run_dir)
-    return read_checkpoint_info(complete[-1][1]) if complete else None
+    path = latest_sound(run_dir)
+    return read_checkpoint_info(path) if path is not None else None
 
 
 def evaluated_after(run_dir: Path, step: int) -> bool:

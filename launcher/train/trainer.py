@@ -33,7 +33,6 @@ from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
-from launcher.files import checkpoint_problem
 from launcher.model.attention import attention_paths
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
@@ -64,7 +63,7 @@ from launcher.train.resume import (
     evaluated_after,
     finished_message,
     get,
-    list_complete,
+    latest_sound,
     read_checkpoint_info,
     refusal,
     resume_verdict,
@@ -272,7 +271,7 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
         return None
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
     if cfg.checkpoint.resume == "auto":  # the newest one whose files are whole (the load falls back further if need be)
-        path = next((p for _, p in reversed(list_complete(run_dir)) if checkpoint_problem(p) is None), None)
+        path = latest_sound(run_dir)
     if path is None:
         return None
     info = read_checkpoint_info(path)
