@@ -145,3 +145,22 @@ def need_gpus(n: int) -> None:
         pytest.skip(f"needs {n} CUDA GPU(s): torch.cuda.is_available() is False")
     if torch.cuda.device_count() < n:
         pytest.skip(f"needs {n} CUDA GPUs, found {torch.cuda.device_count()}")
+
+
+def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
+    """A random 2-layer Llama-family model (hidden 64) for ``tok``, seeded: the same one every call."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config.schema import ArchConfig
+    from launcher.model import attention
+    from launcher.model.loading import arch_to_hf_config
+
+    attention.register()
+    arch = ArchConfig(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=1024)  # fmt: skip
+    config = arch_to_hf_config(arch, tok)
+    for k, v in extra.items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()

@@ -27,7 +27,7 @@ from launcher.config.search_path import (
 )
 from launcher.paths import CONF_DIR, asset
 
-GROUPS = ("model", "data", "strategy", "peft", "launch", "recipe")
+GROUPS = ("model", "data", "strategy", "peft", "objective", "launch", "recipe")
 DEFAULT_RECIPE = "demo"
 
 _resolvers_registered = False

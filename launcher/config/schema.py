@@ -1,12 +1,13 @@
 """The one typed schema of an ftl run.
 
 Every YAML file under ``conf/`` and ``recipes/`` composes into a tree that must bind to
-:class:`FtlConfig`. Three groups are *discriminated unions*: the sibling chosen in the
+:class:`FtlConfig`. Four groups are *discriminated unions*: the sibling chosen in the
 defaults list decides which dataclass its node binds to:
 
 * ``strategy`` by ``strategy.engine``  (single | ddp | deepspeed | fsdp)
 * ``launch``   by ``launch.backend``   (local | torchrun | slurm)
 * ``peft``     by ``peft.method``      (none | lora | qlora)
+* ``objective`` by ``objective.method`` (sft | dpo | simpo)
 
 This module imports nothing heavy: it is read by ``ftl plan`` on login nodes.
 Choices and ranges live in field metadata so :mod:`launcher.config.validate` can report
@@ -91,7 +92,7 @@ class ModelConfig:
 # data
 
 
-DATA_FORMATS = ("chat", "instruction", "completion")
+DATA_FORMATS = ("chat", "instruction", "completion", "preference")
 
 
 @dataclass
@@ -114,7 +115,8 @@ class DataConfig:
     format: str = choice(
         "chat", *DATA_FORMATS,
         doc="chat: {'messages': [{'role', 'content'}]} (or ShareGPT {'conversations': [{'from', 'value'}]}); "
-        "instruction: {'instruction', 'input', 'output'} (alpaca); completion: raw text in `text_field`",
+        "instruction: {'instruction', 'input', 'output'} (alpaca); completion: raw text in `text_field`; "
+        "preference: {'prompt' (or 'messages'), 'chosen', 'rejected'}, for objective=dpo|simpo",
     )  # fmt: skip
     train_files: list[str] = field(default_factory=list)  # shorthand for sources of weight 1
     eval_files: list[str] = field(default_factory=list)
@@ -133,6 +135,46 @@ class DataConfig:
     cache: bool = True  # tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs
     cache_shared: bool = False  # the cache is on a filesystem every node sees: one rank per job prepares, not one per node
     prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data")
+
+
+# --------------------------------------------------------------------------------------------
+# objective (discriminated by `method`)
+
+
+@dataclass
+class SftObjective:
+    """Supervised fine-tuning: the next-token loss on the labelled tokens."""
+
+    method: str = "sft"
+
+
+@dataclass
+class DpoObjective:
+    """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model;
+    ``loss: ipo`` is Azar et al. 2023's squared loss on length-averaged log-probs."""
+
+    method: str = "dpo"
+    beta: float = ranged(0.1, 0.0, lo_open=True, doc="strength of the KL penalty to the reference")
+    loss: str = choice("sigmoid", "sigmoid", "ipo")
+    label_smoothing: float = ranged(0.0, 0.0, 0.5, doc="assumed share of flipped preference labels (conservative DPO)")
+    reference: str = choice(
+        "auto", "auto", "adapters_off", "precomputed",
+        doc="auto: adapters_off under LoRA/QLoRA (the base with the adapters switched off, no second copy), "
+        "precomputed otherwise (the starting model's log-probs computed once before training, cached with the data)",
+    )  # fmt: skip
+
+
+@dataclass
+class SimpoObjective:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised log-probs with a target margin."""
+
+    method: str = "simpo"
+    beta: float = ranged(2.0, 0.0, lo_open=True)
+    gamma: float = ranged(0.5, 0.0, doc="the target reward margin")
+    label_smoothing: float = ranged(0.0, 0.0, 0.5)
+
+
+OBJECTIVES: dict[str, type] = {"sft": SftObjective, "dpo": DpoObjective, "simpo": SimpoObjective}
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +420,7 @@ class FtlConfig:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: Any = field(default_factory=SingleStrategy)
     peft: Any = field(default_factory=NoPeft)
+    objective: Any = field(default_factory=SftObjective)
     launch: Any = field(default_factory=LocalLaunch)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -392,5 +435,6 @@ class FtlConfig:
 UNIONS: dict[str, tuple[str, dict[str, type]]] = {
     "strategy": ("engine", STRATEGIES),
     "peft": ("method", PEFT_METHODS),
+    "objective": ("method", OBJECTIVES),
     "launch": ("backend", LAUNCH_BACKENDS),
 }

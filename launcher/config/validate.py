@@ -227,6 +227,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _resume_errors(cfg.checkpoint.resume)
     errs += _cache_errors(cfg)
     errs += _peft_checks(cfg)
+    errs += _objective_checks(cfg)
     name = cfg.run.name
     if not name or "/" in name or name in (".", "..") or has_control_chars(name):
         errs.append(_own("run.name", f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters"))
@@ -319,6 +320,24 @@ def _peft_checks(cfg: FtlConfig) -> list[ConfigError]:
         errs.append(ConfigError("peft.target_modules", f"got {p.target_modules}; all-linear already takes every linear layer: use it alone"))
     if p.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         errs.append(ConfigError("peft.method", "qlora needs bitsandbytes, which is not installed: pip install 'ftl[qlora]'"))
+    return errs
+
+
+def _objective_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """Preference objectives train on preference pairs, and SFT on anything else."""
+    errs: list[ConfigError] = []
+    o, d = cfg.objective, cfg.data
+    formats = {d.format, *(s.format or d.format for s in d.sources)}
+    if o.method == "sft" and "preference" in formats:
+        errs.append(ConfigError("objective", "preference pairs (data.format=preference) train with objective=dpo or "
+                                "objective=simpo, not sft"))  # fmt: skip
+    if o.method != "sft" and formats != {"preference"}:
+        other = ", ".join(sorted(f for f in formats if f != "preference"))
+        errs.append(ConfigError("data.format", f"objective={o.method} needs preference pairs ({{prompt, chosen, rejected}} "
+                                f"rows, data.format=preference); got {other}"))  # fmt: skip
+    if o.method == "dpo" and o.reference == "adapters_off" and cfg.peft.method == "none":
+        errs.append(ConfigError("objective.reference", "adapters_off needs LoRA or QLoRA (peft=lora|qlora); a full fine-tune "
+                                "uses reference=precomputed"))  # fmt: skip
     return errs
 
 

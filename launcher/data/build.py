@@ -22,6 +22,7 @@ from launcher.config.schema import DataConfig, DataSource
 from launcher.data.chat import ChatFormat
 from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
+from launcher.data.preference import PreferenceFormat
 from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
 from launcher.progress import phase
 
@@ -29,6 +30,7 @@ FORMATS: dict[str, Callable[[DataConfig, Any], Format]] = {
     "chat": ChatFormat.from_config,
     "instruction": InstructionFormat.from_config,
     "completion": CompletionFormat.from_config,
+    "preference": PreferenceFormat.from_config,
 }
 
 
@@ -113,7 +115,8 @@ def encode_records(
     records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip", split: str = "train"
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
-    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted)."""
+    ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted).
+    A preference pair is one example of two sequences (``lengths``); see :func:`_encode_pair`."""
     with phase(f"data: tokenizing {split} examples", total=len(records)) as shown:
         return _encode_records(records, seq_len, on_error, skipped, truncation, shown)
 
@@ -126,31 +129,54 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
     template = None
     for record in records:
         shown.advance()
+        encode = _encode_pair if hasattr(record.fmt, "encode_pair") else _encode_one
         try:
-            input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
+            example, outcomes = encode(record, seq_len, truncation)
         except DataError:
             if on_error != "skip":
                 raise
             stats["skipped"] += 1
             continue
-        if len(input_ids) > seq_len:
-            if truncation == "drop":
-                stats["dropped"] += 1
-                continue
-            input_ids, labels = input_ids[:seq_len], labels[:seq_len]
-            stats["truncated"] += 1
-        trainable = count_trainable(labels)
-        if trainable == 0:  # nothing left to learn from (e.g. the answer was truncated away)
-            stats["dropped"] += 1
+        for outcome in outcomes:
+            stats[outcome] += 1
+        if example is None:
             continue
-        examples.append({"input_ids": input_ids, "labels": labels})
+        examples.append(example)
         kept.append(getattr(record.fmt, "conversation", _same)(record.value))
         source_of.append(record.source)
-        stats["tokens"] += len(input_ids)
-        stats["trainable_tokens"] += trainable
+        stats["tokens"] += len(example["input_ids"])
+        stats["trainable_tokens"] += count_trainable(example["labels"])
         template = template or getattr(record.fmt, "chat_template", None)
     stats["examples"] = len(examples)
     return TokenizedDataset(examples, kept, stats, template), source_of
+
+
+def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
+    """(example or None, what happened to it on the way: "truncated" and/or "dropped")."""
+    input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
+    outcomes: tuple[str, ...] = ()
+    if len(input_ids) > seq_len:
+        if truncation == "drop":
+            return None, ("dropped",)
+        input_ids, labels, outcomes = input_ids[:seq_len], labels[:seq_len], ("truncated",)
+    if count_trainable(labels) == 0:  # nothing left to learn from (e.g. the answer was truncated away)
+        return None, (*outcomes, "dropped")
+    return {"input_ids": input_ids, "labels": labels}, outcomes
+
+
+def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
+    """A preference pair as one example: chosen then rejected, ``lengths`` [chosen, rejected]. Both
+    must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens."""
+    pair = _call(record.fmt.encode_pair, record.value, record.path, record.number)
+    outcomes: tuple[str, ...] = ()
+    if sum(len(ids) for ids, _ in pair) > seq_len:
+        if truncation == "drop":
+            return None, ("dropped",)
+        pair, outcomes = tuple((ids[: seq_len // 2], labels[: seq_len // 2]) for ids, labels in pair), ("truncated",)
+    if any(count_trainable(labels) == 0 for _, labels in pair):  # a completion truncated away
+        return None, (*outcomes, "dropped")
+    (chosen, chosen_labels), (rejected, rejected_labels) = pair
+    return {"input_ids": chosen + rejected, "labels": chosen_labels + rejected_labels, "lengths": [len(chosen), len(rejected)]}, outcomes
 
 
 def _same(value: Any) -> Any:

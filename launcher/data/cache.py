@@ -103,7 +103,15 @@ def build_in_memory(
     from launcher.data.packing import pack_dataset
 
     train, evals = build_datasets(data_cfg, tokenizer, seq_len, seed)
+    if pairs_of(data_cfg):  # a pair is two sequences: always laid out as a pack, packed together on request
+        evals = None if evals is None else pack_dataset(evals, seq_len, alone=True)
+        return pack_dataset(train, seq_len, alone=not data_cfg.packing), evals
     return (pack_dataset(train, seq_len) if data_cfg.packing else train), evals
+
+
+def pairs_of(data_cfg: DataConfig) -> bool:
+    """Whether the run's data are preference pairs."""
+    return data_cfg.format == "preference" or any(s.format == "preference" for s in data_cfg.sources)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +176,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def write_datasets(directory: Path, train: TokenizedDataset, evals: Optional[TokenizedDataset], material: dict[str, Any]) -> None:
     from launcher.data.packing import PackedExamples
 
+    def rows_and_columns(ds: TokenizedDataset) -> tuple[list[dict[str, list[int]]], tuple[str, ...]]:
+        if isinstance(ds.examples, PackedExamples):
+            return ds.examples.packs, ("input_ids", "labels", "lengths")
+        return list(ds.examples), ("input_ids", "labels")
+
     packed = isinstance(train.examples, PackedExamples)
-    rows = train.examples.packs if isinstance(train.examples, PackedExamples) else list(train.examples)
-    _write_table(directory / "train.arrow", rows, ("input_ids", "labels", "lengths") if packed else ("input_ids", "labels"))
+    _write_table(directory / "train.arrow", *rows_and_columns(train))
     if evals is not None:
-        _write_table(directory / "eval.arrow", list(evals.examples), ("input_ids", "labels"), evals.conversations)
+        _write_table(directory / "eval.arrow", *rows_and_columns(evals), evals.conversations)
     meta = {
         "material": material,
         "packed": packed,

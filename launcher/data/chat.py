@@ -98,12 +98,14 @@ class ChatFormat:
     def parse(self, row: Any) -> list[Message]:
         return parse_conversation(row)
 
-    def encode(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+    def encode(self, messages: list[Message], *, from_turn: int = 0) -> tuple[list[int], list[int]]:
+        """Token ids and labels; with ``from_turn`` only assistant messages from that index on are
+        labelled (a preference pair's completion, not the assistant turns of its prompt)."""
         text = self.render(messages, add_generation_prompt=False)
-        if not self.assistant_only_loss:
+        if not self.assistant_only_loss and not from_turn:
             ids = self._tokenize(text)["input_ids"]
             return ids, list(ids)
-        spans = self.assistant_spans(messages, text)
+        spans = self.assistant_spans(messages, text, from_turn=from_turn)
         encoding = self._tokenize(text, return_offsets_mapping=True)
         ids = encoding["input_ids"]
         labels = [
@@ -123,11 +125,11 @@ class ChatFormat:
         except Exception as e:  # jinja2's TemplateError, or raise_exception() inside the template
             raise RowError(f"the chat template failed on this conversation: {e}") from None
 
-    def assistant_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
+    def assistant_spans(self, messages: list[Message], text: str, *, from_turn: int = 0) -> list[tuple[int, int]]:
         """Character spans of ``text`` (the whole conversation rendered) to train on."""
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < from_turn:
                 continue
             end = len(self._rendered_prefix(messages[: i + 1], text, add_generation_prompt=False, turn=i + 1))
             start = self._turn_start(messages, i, text, end)

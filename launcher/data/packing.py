@@ -70,17 +70,27 @@ def position_ids_of(lengths: Sequence[int]) -> list[int]:
     return [p for n in lengths for p in range(n)]
 
 
-def pack_examples(examples: Sequence[dict[str, list[int]]], seq_len: int) -> list[dict[str, list[int]]]:
+def pack_examples(examples: Sequence[dict[str, list[int]]], seq_len: int, *, alone: bool = False) -> list[dict[str, list[int]]]:
     """Packs of ``examples`` (each at most ``seq_len`` long): ``input_ids``, ``labels`` (-100 at
-    each example's first position) and ``lengths`` (of the examples, in order)."""
+    each sequence's first position) and ``lengths`` (of the sequences, in order). An example that
+    is itself several sequences (a preference pair: ``lengths``) stays whole and in order.
+    ``alone``: one example per pack (preference pairs without ``data.packing``)."""
+    sizes = [len(e["input_ids"]) for e in examples]
+    groups = [[i] for i in range(len(examples))] if alone else pack_lengths(sizes, seq_len)
     packs = []
-    for members in pack_lengths([len(e["input_ids"]) for e in examples], seq_len):
+    for members in groups:
         input_ids: list[int] = []
         labels: list[int] = []
+        lengths: list[int] = []
         for i in members:
-            input_ids += examples[i]["input_ids"]
-            labels += [IGNORE_INDEX] + list(examples[i]["labels"][1:])
-        packs.append({"input_ids": input_ids, "labels": labels, "lengths": [len(examples[i]["input_ids"]) for i in members]})
+            parts = examples[i].get("lengths") or [sizes[i]]
+            start = 0
+            for n in parts:
+                input_ids += examples[i]["input_ids"][start : start + n]
+                labels += [IGNORE_INDEX] + list(examples[i]["labels"][start + 1 : start + n])
+                start += n
+            lengths += parts
+        packs.append({"input_ids": input_ids, "labels": labels, "lengths": lengths})
     return packs
 
 
@@ -111,10 +121,12 @@ class PackedExamples(Sequence):
         return {"input_ids": pack["input_ids"], "labels": pack["labels"], "position_ids": position_ids_of(pack["lengths"])}
 
 
-def pack_dataset(dataset: TokenizedDataset, seq_len: int) -> TokenizedDataset:
-    """The training set packed in memory (the cache stores the same packs as Arrow)."""
-    packs = pack_examples(dataset.examples, seq_len)
-    return TokenizedDataset(PackedExamples(packs), [], packed_stats(dataset.stats, packs, seq_len), dataset.chat_template)
+def pack_dataset(dataset: TokenizedDataset, seq_len: int, *, alone: bool = False) -> TokenizedDataset:
+    """The training set packed in memory (the cache stores the same packs as Arrow). ``alone`` keeps
+    one example per pack, and the conversations evaluation generates from."""
+    packs = pack_examples(dataset.examples, seq_len, alone=alone)
+    stats = dataset.stats if alone else packed_stats(dataset.stats, packs, seq_len)
+    return TokenizedDataset(PackedExamples(packs), dataset.conversations if alone else [], stats, dataset.chat_template)
 
 
 # --------------------------------------------------------------------------------------------

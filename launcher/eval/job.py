@@ -161,12 +161,15 @@ def run_job(job_path: Path) -> int:
                       rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
         from launcher.eval.metrics import evaluate
 
-        results = {"after": evaluate(loaded.model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs)}
+        pairs = _preference_metrics(cfg, eval_ds, loaded, device, dist) if cfg.objective.method != "sft" else None
+        results = {"after": evaluate(loaded.model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
+                                     loss_metrics=pairs and (lambda: pairs(loaded.model)))}  # fmt: skip
         if job["baseline"]:
             with phase("eval: loading the baseline"):
                 model, context = _baseline(job["baseline"], loaded, cfg, device)
             with context:
-                results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs)
+                results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
+                                             loss_metrics=pairs and (lambda: pairs(model)))  # fmt: skip
         barrier()  # every rank is past its last collective before any leaves the group
         clean = True
         if dist.is_main:
@@ -174,6 +177,45 @@ def run_job(job_path: Path) -> int:
     finally:
         destroy(clean)
     return 0
+
+
+def _preference_metrics(cfg: Any, eval_ds: Any, loaded: Any, device: Any, dist: Any) -> Any:
+    """For a DPO/SimPO run: model -> its preference metrics on the eval pairs, against the run's
+    reference (the base with the adapters off, or the run's starting model; SimPO needs none)."""
+    import contextlib
+
+    import torch
+
+    from launcher.data.packing import flattens_packs
+    from launcher.eval.preference import preference_metrics
+    from launcher.objectives.losses import sequence_logps
+    from launcher.objectives.preference import reference_mode
+    from launcher.train.device import autocast_dtype
+    from launcher.train.distributed import all_reduce_sum
+
+    dtype = autocast_dtype(cfg.train.precision, device)
+
+    def autocast() -> Any:
+        return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    reference_model, context = (None, contextlib.nullcontext())
+    if reference_mode(cfg) != "none":
+        reference_model, context = _baseline("auto", loaded, cfg, device)
+
+    def reference(batch: dict[str, Any]) -> Any:
+        if reference_model is None:
+            return None
+        with torch.no_grad(), context:
+            return sequence_logps(reference_model, batch, autocast())[0]
+
+    def metrics(model: Any) -> dict[str, float]:
+        return preference_metrics(
+            model, eval_ds, cfg.objective, reference, batch_size=cfg.eval.batch_size, pad_id=loaded.tokenizer.pad_token_id,
+            device=device, autocast=autocast, max_batches=cfg.eval.max_batches, rank=dist.rank, world_size=dist.world_size,
+            reduce_fn=all_reduce_sum, flatten=flattens_packs(cfg.model.attn_implementation),
+        )  # fmt: skip
+
+    return metrics
 
 
 def _eval_split(cfg: Any, loaded: Any, dist: Any) -> Any:

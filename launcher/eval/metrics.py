@@ -20,6 +20,7 @@ import torch
 from launcher.config.schema import EvalConfig
 from launcher.data.build import collate
 from launcher.data.chat import prompt_and_reference
+from launcher.data.packing import model_inputs
 from launcher.data.types import TokenizedDataset
 from launcher.progress import phase
 from launcher.train.loss import count_label_tokens, next_token_loss
@@ -52,8 +53,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.
 
 def batch_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses, number of predicted tokens) for one batch, in float64."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    loss = next_token_loss(model, inputs, batch["labels"])
+    loss = next_token_loss(model, model_inputs(batch), batch["labels"])
     return loss.double(), torch.tensor(count_label_tokens(batch["labels"]), dtype=torch.float64, device=loss.device)
 
 
@@ -237,6 +237,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     gather_fn: Optional[GatherFn] = None,
+    loss_metrics: Optional[Callable[[], Optional[dict[str, float]]]] = None,
     synced: bool = False,
 ) -> dict[str, Any]:
     """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
@@ -246,8 +247,10 @@ def evaluate(
     Perplexity is shared among ``world_size`` ranks (``reduce_fn`` sums). Generation is shared
     too when ``gather_fn`` (an all-gather of Python lists) is given, which only an unsharded
     model per rank allows; without it every rank generates every answer (FSDP and ZeRO-3 need
-    every rank in each forward: ``synced`` keeps them stepping together, see :func:`generate_answers`)."""
-    results: dict[str, Any] = perplexity(
+    every rank in each forward: ``synced`` keeps them stepping together, see :func:`generate_answers`).
+    ``loss_metrics`` replaces perplexity where the objective has its own (preference pairs)."""
+    results: Optional[dict[str, Any]] = loss_metrics() if loss_metrics is not None else None
+    results = results if results is not None else perplexity(
         model,
         eval_ds,
         batch_size=eval_cfg.batch_size,

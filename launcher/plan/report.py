@@ -53,6 +53,7 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
         ("data", f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
                  f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}"),
         ("strategy", f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}"),
+        ("objective", objective_text(cfg)),
         ("topology", f"{nodes(cfg)} node(s) × {procs_per_node(cfg)} process(es) = world size {world}; data-parallel size {world}"),
         ("batch", f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "
                   f"= global batch {gb} sequences (≤ {gb * t.seq_len:,} tokens at seq_len {t.seq_len})"),
@@ -61,6 +62,19 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
                        + f", keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}"),
         ("wandb", f"{cfg.wandb.mode} (project {cfg.wandb.project})"),
     ]
+
+
+def objective_text(cfg: FtlConfig) -> str:
+    """The objective and, for DPO, where its reference comes from (no second model either way)."""
+    o = cfg.objective
+    if o.method == "sft":
+        return "sft (next-token loss on the labelled tokens)"
+    if o.method == "simpo":
+        return f"simpo beta={o.beta:g} gamma={o.gamma:g} (no reference model)"
+    reference = o.reference if o.reference != "auto" else ("adapters_off" if cfg.peft.method != "none" else "precomputed")
+    where = {"adapters_off": "the base with the adapters switched off: no second model",
+             "precomputed": "the starting model's log-probs, computed once before training and cached: no second model"}[reference]  # fmt: skip
+    return f"dpo beta={o.beta:g} loss={o.loss}; reference {reference} ({where})"
 
 
 # --------------------------------------------------------------------------------------------

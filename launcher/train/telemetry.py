@@ -195,6 +195,13 @@ def write_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
 # console
 
 
+def _preference_line(metrics: dict[str, float]) -> str:
+    """A preference objective's reward margin and accuracy, when the step logged them."""
+    if "rewards/margin" not in metrics:
+        return ""
+    return f"  margin {metrics['rewards/margin']:.3g}  accuracy {metrics['rewards/accuracy']:.2f}"
+
+
 class ConsoleSink:
     def __init__(self, console: Any, total: int, start: int, log_every: int, show_samples: int, evals: dict[str, Any]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -217,7 +224,7 @@ class ConsoleSink:
         elif step % self.log_every == 0:
             self.console.print(
                 f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
-                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB", highlight=False,
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics), highlight=False,
             )  # fmt: skip
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
@@ -234,6 +241,8 @@ class ConsoleSink:
 
 
 REPORT_METRICS = (("loss", ("loss",), False), ("perplexity", ("perplexity",), False),
+                  ("reward accuracy", ("rewards/accuracy",), True), ("reward margin", ("rewards/margin",), True),
+                  ("prefers chosen (log-prob/token)", ("logp_accuracy",), True),
                   ("ROUGE-L", ("rougeL", "rouge_l", "rougeLsum"), True), ("BLEU", ("bleu",), True))  # fmt: skip
 
 

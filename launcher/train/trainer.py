@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,14 @@ from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
-from launcher.data.packing import flattens_packs, model_inputs
+from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths
 from launcher.model.loading import count_parameters
+from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
@@ -51,7 +53,7 @@ from launcher.train.distributed import (
     reduce_sum,
     set_collective_timeout,
 )
-from launcher.train.loss import count_label_tokens, next_token_loss, output_layer
+from launcher.train.loss import count_label_tokens, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.prefetch import BatchPrefetcher
 from launcher.train.resume import (
@@ -100,6 +102,9 @@ class Trainer:
         self.data_position = (self.order.epoch, self.order.position)  # of the last batch trained on
         set_collective_timeout(cfg.launch.dist_timeout_s)  # set up: from here a hung step fails fast
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
+        self.objective = build_objective(cfg)
+        with collective_timeout(self.io_timeout_s, restore=cfg.launch.dist_timeout_s):
+            self.objective.prepare(self)  # e.g. DPO's reference log-probs: a pass over the data with the starting model
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
         for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:
@@ -147,21 +152,22 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches on every rank. The loss is normalised by
-        the label tokens of the whole window on all ranks (times the world size, which the engines'
-        gradient averaging divides out), so every token weighs the same whatever batch or rank it
-        fell in, and N ranks train exactly like one process with N times the batch."""
+        the objective's units (label tokens, pairs) of the whole window on all ranks (times the world
+        size, which the engines' gradient averaging divides out), so every unit weighs the same
+        whatever batch or rank it fell in, and N ranks train exactly like one process with N times the batch."""
         start = time.perf_counter()
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        window_tokens = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))
-        num_tokens = max(1.0, window_tokens) / self.dist.world_size
+        window = reduce_sum(sum(self.objective.weight(b) for b in batches))
+        norm = max(1.0, window) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, stat_sums = torch.zeros((), device=self.device), Counter()
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.engine.grad_sync(i == len(batches) - 1):
-                loss = next_token_loss(self.engine.model, model_inputs(batch), batch["labels"], autocast=self.engine.autocast()) / num_tokens
-                self.engine.backward(loss)
-            loss_sum += loss.detach()
+                loss, stats = self.objective.loss(self.engine, batch)
+                self.engine.backward(loss / norm)
+            loss_sum += loss.detach() / norm
+            stat_sums.update({k: float(v) for k, v in stats.items()})
             del loss  # or this micro-batch's graph lives on through the next forward
         lr = self.engine.lr
         grad_norm = self.engine.step()
@@ -173,7 +179,9 @@ class Trainer:
             "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
             "elapsed": time.perf_counter() - self.started, **attention_paths(self.device),
         }  # fmt: skip
-        mfu = model_flops_utilization(self.flops.step(tokens, window_tokens) / seconds, self.dist.world_size, self.device)
+        metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.items()})
+        labelled = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))  # where the output layer ran
+        mfu = model_flops_utilization(self.flops.step(tokens, labelled) / seconds, self.dist.world_size, self.device)
         if mfu is not None:
             metrics["mfu"] = mfu
         return metrics
@@ -188,7 +196,7 @@ class Trainer:
         indices = self.order.take(self.cfg.train.micro_batch_size)
         flatten = flattens_packs(self.cfg.model.attn_implementation)  # flash attention reads packs from one row
         batch = collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
-        return batch, (self.order.epoch, self.order.position)
+        return {**batch, "index": torch.tensor(indices)}, (self.order.epoch, self.order.position)  # index: per-example data (reference log-probs)
 
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
@@ -201,6 +209,7 @@ class Trainer:
                 self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
                 reduce_fn=all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size,
+                loss_metrics=lambda: self.objective.eval_metrics(self),
                 synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
             )  # fmt: skip  (perplexity batches shared among ranks; every rank generates every answer)
         self.telemetry.log_eval(name, self.step, results)

@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import need_gpus
+from helpers import need_gpus, tiny
 
-from launcher.config.schema import ArchConfig
 from launcher.model import attention
 from launcher.paths import asset
 
@@ -21,21 +20,6 @@ def tok() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(asset("tiny-tokenizer"))
-
-
-def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from launcher.model.loading import arch_to_hf_config
-
-    attention.register()
-    arch = ArchConfig(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=1024)  # fmt: skip
-    config = arch_to_hf_config(arch, tok)
-    for k, v in extra.items():
-        setattr(config, k, v)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
 
 
 def test_segments_are_read_from_position_restarts() -> None:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def model() -> Any:
-    from test_attention import tiny
+    from helpers import tiny
     from transformers import AutoTokenizer
 
     from launcher.paths import asset

@@ -1,0 +1,21 @@
+"""Supervised fine-tuning: the next-token cross-entropy summed over the labelled tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from launcher.data.packing import model_inputs
+from launcher.objectives.base import Objective
+from launcher.train.loss import count_label_tokens, next_token_loss
+
+
+class SftObjective(Objective):
+    name = "sft"
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_label_tokens(batch["labels"])
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast()), {}
