@@ -167,19 +167,22 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from launcher.data.preprocess import ModelStagingError, run_preprocess
+    from launcher.data.preprocess import ModelStagingError, run_preprocess, stage_model
     from launcher.data.types import DataError
 
-    if args.config:  # the run's own config, as the SLURM preparation job runs it
-        from launcher.config.validate import load_run_config
-
-        cfg = load_run_config(args.config)
-    else:
-        from launcher.session import load_config
-
-        cfg = load_config(args.overrides).cfg
+    staged: list[str] = []
     try:
-        lines = run_preprocess(cfg, fetch_model=args.fetch_model)
+        if args.config:  # the run's own config, as the SLURM preparation job runs it
+            from launcher.config.validate import load_run_config
+
+            cfg = load_run_config(args.config)
+        else:
+            from launcher.session import load_config
+
+            if args.fetch_model:  # first: validation reads the architecture from the staged config.json
+                staged = [stage_model(composed_model(args.overrides))]
+            cfg = load_config(args.overrides).cfg
+        lines = staged + run_preprocess(cfg, fetch_model=args.fetch_model and not staged)
     except DataError as e:
         print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -188,6 +191,17 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(lines))
     return 0
+
+
+def composed_model(overrides: list[str]) -> Any:
+    """model.source, path and revision as the overrides compose them, before validation."""
+    from types import SimpleNamespace
+
+    from launcher.config.compose import compose
+
+    model = compose(overrides)[0].get("model") or {}
+    return SimpleNamespace(source=model.get("source"), path=str(model.get("path") or ""), revision=model.get("revision"),
+                           trust_remote_code=bool(model.get("trust_remote_code")))  # fmt: skip
 
 
 def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]:

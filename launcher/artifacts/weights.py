@@ -209,7 +209,9 @@ def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", qua
         state = read_checkpoint(source, engine)
         if cfg.peft.method != "none":
             state, _ = split_peft_state_dict(state)  # the frozen base; the adapter comes from adapter/
-        model, tokenizer = build_hf_model(cfg, state, "fp32")
+        # LoRA: the frozen base in the dtype it trained in (the trainer loads it in the compute dtype),
+        # so an evaluation reproduces training's own numbers; a full fine-tune's fp32 master weights.
+        model, tokenizer = build_hf_model(cfg, state, "auto" if cfg.peft.method != "none" else "fp32")
         materialize_buffers(model)
         del state
     if cfg.peft.method != "none":

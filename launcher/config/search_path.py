@@ -40,7 +40,7 @@ def add_config_dirs(dirs: list[str]) -> None:
 
 
 def _options(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)} if folder.is_dir() else {}
 
 
 def shipped_options(group: str) -> dict[str, Path]:

@@ -307,6 +307,9 @@ def test_preprocess_fetch_model_stages_a_hub_model_the_ranks_read_offline(tmp_pa
     hf_home = tmp_path / "hf"
     snapshot = hf_home / "hub" / "models--acme--tiny-chat" / "snapshots" / ("0" * 40)
     shutil.copytree(asset("tiny-tokenizer"), snapshot)
+    (snapshot / "config.json").write_text(json.dumps({  # a hub model's files hold its architecture
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}))  # fmt: skip
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "FTL_CACHE": str(tmp_path / "cache")}
