@@ -444,10 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = args.fn(args)
             sys.stdout.flush()  # inside the try: a reader that went away (`ftl recipes | head`) is handled below
             return code
-        except ConfigErrors as e:
-            print(f"ftl {args.command}: {e}", file=sys.stderr)
-            return EXIT_INVALID
-        except UnsafeText as e:
+        except (ConfigErrors, UnsafeText) as e:
             print(f"ftl {args.command}: {e}", file=sys.stderr)
             return EXIT_INVALID
         except KeyboardInterrupt:
