@@ -8,17 +8,23 @@ Configurations (each adds one change to the one before):
 1. transformers' ``sdpa`` (block-diagonal mask per pack), the loss over full logits, for-each AdamW;
 2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.train.loss`);
 3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.model.attention`);
-4. + fused AdamW (what ``ftl train`` runs).
+4. + fused AdamW (ftl before its second speed round: ``train.loss=logits train.compile=false``);
+5. + the head and loss in chunks, never the full logits (``train.loss=chunked``, :mod:`launcher.train.loss`);
+6. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`): what ``ftl train`` runs.
 
 A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
 take turns on one model, round by round on the same packs (a slow spell of a shared machine hits
 them alike); the first round is left out and each one's median is printed, with its speed-up
-over configuration 1.
+over configuration 1. The compiled configuration's first step (compile included) is printed
+beside it; the others run the same layers with compiled code switched off (``torch.compiler``'s
+``force_eager`` stance). Delete inductor's cache (``/tmp/torchinductor_$USER``) first for a cold
+compile time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -28,15 +34,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# name, attention, loss (full: logits everywhere; else train.loss), fused AdamW, compiled layers
 CONFIGS = [
-    ("transformers sdpa, full logits, for-each AdamW", "sdpa", False, False),
-    ("+ loss at labelled positions only", "sdpa", True, False),
-    ("+ sdpa_varlen", "sdpa_varlen", True, False),
-    ("+ fused AdamW (ftl train)", "sdpa_varlen", True, True),
+    ("transformers sdpa, full logits, for-each AdamW", "sdpa", "full", False, False),
+    ("+ loss at labelled positions only", "sdpa", "logits", False, False),
+    ("+ sdpa_varlen", "sdpa_varlen", "logits", False, False),
+    ("+ fused AdamW", "sdpa_varlen", "logits", True, False),
+    ("+ chunked head and loss", "sdpa_varlen", "chunked", True, False),
+    ("+ compiled decoder layers (ftl train)", "sdpa_varlen", "chunked", True, True),
 ]
 
 
-def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
+def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], float]:
     """Per configuration, the seconds of its steps. The configurations take turns on one model
     (round after round, each on the same 4 packs within a round), so a slow spell of the machine
     hits them alike; the first round is left out."""
@@ -48,6 +57,7 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
     from launcher.data.types import IGNORE_INDEX
     from launcher.engines.common import build_param_groups
     from launcher.model import attention
+    from launcher.model.compile import compile_decoder_layers, eager
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import load_config
     from launcher.train.loss import next_token_loss
@@ -60,15 +70,20 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
     packs = pack_dataset(train, 512)
     groups = build_param_groups(model, 0.0)
     optimizers = {fused: torch.optim.AdamW(groups, lr=1e-5, fused=fused) for fused in (False, True)}
+    compile_decoder_layers(model)
 
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    def step(batch: dict[str, Any], attn: str, labelled_only: bool, fused: bool) -> float:
+    def step(batch: dict[str, Any], attn: str, loss_impl: str, fused: bool, compiled: bool) -> float:
         model.config._attn_implementation = attn
+        with contextlib.nullcontext() if compiled else eager():
+            return timed_step(batch, loss_impl, fused)
+
+    def timed_step(batch: dict[str, Any], loss_impl: str, fused: bool) -> float:
         start = time.perf_counter()
-        if labelled_only:
-            loss = next_token_loss(model, model_inputs(batch), batch["labels"], autocast=autocast())
+        if loss_impl != "full":
+            loss = next_token_loss(model, model_inputs(batch), batch["labels"], autocast=autocast(), impl=loss_impl)
         else:
             with autocast():
                 logits = model(**model_inputs(batch), use_cache=False).logits
@@ -80,13 +95,16 @@ def step_times(recipe: str, steps: int) -> dict[str, list[float]]:
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name, *_ in CONFIGS}
+    first_compiled = float("nan")
     for i in range(steps):
         batch = collate([packs[(4 * i + j) % len(packs)] for j in range(4)], tok.pad_token_id)
-        for name, attn, labelled_only, fused in CONFIGS:
-            seconds = step(batch, attn, labelled_only, fused)
+        for name, attn, loss_impl, fused, compiled in CONFIGS:
+            seconds = step(batch, attn, loss_impl, fused, compiled)
             if i > 0:
                 times[name].append(seconds)
-    return times
+            elif compiled:
+                first_compiled = seconds
+    return times, first_compiled
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -97,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     recipe = "tiny" if args.quick else "demo"
     steps = args.steps or (3 if args.quick else 8)
     print(f"bench: {len(CONFIGS)} configurations, {steps} rounds ...", file=sys.stderr, flush=True)
-    times = step_times(recipe, steps)
+    times, first_compiled = step_times(recipe, steps)
     rows = [{"config": name, "median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()]
     base = rows[0]["median_s"]
     print(f"recipe={recipe}, 4 packs of 512 slots, bf16 autocast, {steps - 1} timed rounds" + (" (QUICK: not a result)" if args.quick else ""))
@@ -105,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{'-' * 48}-|-{'-' * 8}-|-{'-' * 6}-|-{'-' * 8}")
     for r in rows:
         print(f"{r['config']:<48} | {r['median_s']:>8.2f} | {r['min_s']:>6.2f} | {base / r['median_s']:>7.2f}x")
+    print(f"compiled configuration's first step (compiling included): {first_compiled:.1f} s")
     return rows
 
 

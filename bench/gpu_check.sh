@@ -55,7 +55,7 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, *(f\"{p} {vers
 print(\"varlen_attn\", \"available\" if attention.varlen_attn is not None else \"MISSING\", \"native GQA\", attention.VARLEN_GQA,
       \"capability\", torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"'
 step pytest-gpu 100 python3 -m pytest -m gpu -rs -p no:cacheprovider tests/model/test_attention.py tests/train/test_prefetch.py \
-    tests/model/test_peft.py tests/model/test_families.py tests/test_bench_quick.py --deselect 'tests/test_bench_quick.py::test_gpu_quick_mode_prints_every_row'
+    tests/model/test_peft.py tests/model/test_families.py tests/train/test_loss.py tests/train/test_offload.py tests/test_bench_quick.py --deselect 'tests/test_bench_quick.py::test_gpu_quick_mode_prints_every_row'
 
 # A Llama-3-8B-shaped model cut to 2 layers (random weights: no hub), the demo data packed into
 # 2048-token rows: what the one-call varlen path, MFU and the planner are about, in seconds.
@@ -65,7 +65,7 @@ train=(recipe=tiny model=llama3-8b model.source=random "model.tokenizer=$PWD/lau
        train.device=cuda train.precision=bf16 data.packing=true train.seq_len=2048 train.micro_batch_size=2 train.grad_accum=2
        train.max_steps=5 train.warmup_steps=1 checkpoint.every_steps=0 checkpoint.save_final=false eval.max_batches=1
        eval.generate=true eval.num_generate=2 eval.max_new_tokens=8 wandb.mode=disabled launch.dist_timeout_s=120)
-step train-single 60 python3 -m launcher train "${train[@]}" strategy=single "run.dir=$runs/single"
+step train-single 90 python3 -m launcher train "${train[@]}" strategy=single train.compile=true "run.dir=$runs/single"  # compiled layers on CUDA
 step train-zero3 70 python3 -m launcher train "${train[@]}" strategy=zero3 "run.dir=$runs/zero3"
 step train-check 10 python3 bench/gpu_runs.py metrics "$runs/single" "$runs/zero3"
 step gpu_mfu 50 python3 bench/gpu_mfu.py --require-gpu --quick --timeout 22

@@ -8,7 +8,11 @@ What is compared (full mode):
 
 * **ftl**: ``ftl train recipe=demo`` in a subprocess with ``data.packing=true`` and
   ``train.precision=bf16`` (bf16 autocast over fp32 master weights), ``micro_batch_size`` packs of
-  ``seq_len`` tokens, no eval, no checkpoints. Per-step real tokens/s comes from its metrics.jsonl.
+  ``seq_len`` tokens, no eval, no checkpoints, ``train.compile=false`` (ftl's default on CPU).
+  Per-step real tokens/s comes from its metrics.jsonl. The recipe's warmup is clipped to the
+  run's steps (``--steps`` below it would be refused), which changes no step's work.
+* **ftl compiled**: the same with ``train.compile=true`` (each decoder layer compiled; its first
+  step pays the compile, inductor's on-disk cache of the earlier rounds included).
 * **HF Trainer**: what a user would write: ``apply_chat_template`` per conversation, labels = the
   input ids, ``DataCollatorForSeq2Seq`` padding each batch to its longest row, ``Trainer`` with its
   defaults on CPU (``use_cpu=True``, no gradient checkpointing, AdamW). ``Trainer`` trains fp32 on
@@ -29,9 +33,9 @@ the next (data loading included), its tokens are counted by the collator. ftl lo
 harmonic mean of those rates: exact when every step holds the same real tokens, and packed steps
 differ by well under 1% here.
 
-**Rounds**: each side trains ``--rounds`` times (default 3), the sides taking turns (ftl, HF fp32,
-HF bf16, ftl, ...), so a slow spell of a shared machine does not land on one side only; a side's
-row is the median of its rounds, and every round's rate is printed.
+**Rounds**: each side trains ``--rounds`` times (default 3), the sides taking turns (ftl, ftl
+compiled, HF fp32, HF bf16, ftl, ...), so a slow spell of a shared machine does not land on one
+side only; a side's row is the median of its rounds, and every round's rate is printed.
 
 **Time to first optimizer step**: from just before the subprocess starts to the moment step 1 is
 logged (ftl: metrics.jsonl gains its first line, polled every 20 ms; HF: the wall clock at the first
@@ -46,8 +50,11 @@ saved with :func:`launcher.train.checkpoint.save_checkpoint` (fsync included) an
 N. The load reads files just written, so it comes mostly from the page cache: an upper bound for a
 cold load.
 
-Goals for the full run: ftl ≥ 2.0× HF Trainer's real tokens/s, ``ftl plan`` ≤ 0.5 s. Quick mode
-checks that everything runs; its numbers (tiny model, few steps) are no result.
+Goals for the full run: ftl ≥ 2.5× HF Trainer bf16's real tokens/s (median of the rounds) and ≥
+2.0× in every round (the round's ratio: same round, sides a few minutes apart), for the faster of
+ftl's two sides; ftl's time to the first optimizer step no worse than HF's with compile on;
+``ftl plan`` ≤ 0.5 s. Quick mode checks that everything runs; its numbers (tiny model, few steps)
+are no result.
 """
 
 from __future__ import annotations
@@ -66,12 +73,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GOAL_RATIO = 2.0
+GOAL_RATIO = 2.5  # against HF bf16, median of the rounds
+GOAL_ROUND_RATIO = 2.0  # and in every round
 GOAL_PLAN_S = 0.5
-TRAIN_ROWS = ("ftl (packing, bf16 autocast)", "HF Trainer fp32 (default)", "HF Trainer bf16")
+TRAIN_ROWS = ("ftl (packing, bf16 autocast)", "ftl compiled (train.compile=true)", "HF Trainer fp32 (default)", "HF Trainer bf16")
 OTHER_ROWS = (
-    "real tokens/s ftl / HF fp32", "real tokens/s ftl / HF bf16", "ftl plan (median)", 'python -c "import torch" (median)',
-    "checkpoint size", "checkpoint save", "checkpoint load",
+    "real tokens/s ftl / HF fp32", "real tokens/s ftl / HF bf16", "real tokens/s ftl compiled / HF bf16",
+    "lowest round, best ftl / HF bf16", "1st step s, ftl compiled - HF bf16", "ftl plan (median)",
+    'python -c "import torch" (median)', "checkpoint size", "checkpoint save", "checkpoint load",
 )  # fmt: skip
 
 
@@ -159,10 +168,11 @@ def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int)
 # ftl
 
 
-def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def run_ftl(s: dict[str, Any], tmp: Path, compiled: bool = False) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="ftl-run-", dir=tmp))  # a fresh run per round: no resume, no old metrics
     overrides = [
         f"recipe={s['recipe']}", f"run.dir={run_dir}", f"train.max_steps={s['steps']}", "data.packing=true",
+        f"train.warmup_steps={min(s['warmup'], s['steps'] - 1)}", f"train.compile={str(compiled).lower()}",
         "data.cache=false", "train.precision=bf16", f"train.micro_batch_size={s['micro_batch_size']}", "train.grad_accum=1",
         f"train.seq_len={s['seq_len']}", "train.log_every=1", "eval.before_training=false", "eval.after_training=false",
         "checkpoint.every_steps=0", "checkpoint.save_final=false", "wandb.mode=disabled",
@@ -312,33 +322,41 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def report(s: dict[str, Any], budget: dict[str, Any], results: dict[str, Any]) -> str:
-    ftl, fp32, bf16 = results["ftl"], results["hf_fp32"], results["hf_bf16"]
+    ftl, ftlc, fp32, bf16 = results["ftl"], results["ftl_compiled"], results["hf_fp32"], results["hf_bf16"]
     train_rows = [
-        [TRAIN_ROWS[0], f"{ftl['tokens_per_s']:,.0f}", f"{budget['ftl_tokens_per_step']:,.0f}", f"{budget['ftl_slots_per_step']:,}",
-         f"{s['micro_batch_size']} packs", f"{ftl['first_step_s']:.1f}", str(ftl["steps"])],
+        [name, f"{r['tokens_per_s']:,.0f}", f"{budget['ftl_tokens_per_step']:,.0f}", f"{budget['ftl_slots_per_step']:,}",
+         f"{s['micro_batch_size']} packs", f"{r['first_step_s']:.1f}", str(r["steps"])]
+        for name, r in ((TRAIN_ROWS[0], ftl), (TRAIN_ROWS[1], ftlc))
     ] + [
         [name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_step']:,.0f}", f"{r['slots_per_step']:,.0f}",
          f"{budget['hf_batch_size']} rows", f"{r['first_step_s']:.1f}", str(r["steps"])]
-        for name, r in ((TRAIN_ROWS[1], fp32), (TRAIN_ROWS[2], bf16))
+        for name, r in ((TRAIN_ROWS[2], fp32), (TRAIN_ROWS[3], bf16))
     ]  # fmt: skip
     ckpt = results["checkpoint"]
-    ratio = lambda hf: ftl["tokens_per_s"] / hf["tokens_per_s"]
+    ratio = lambda side, hf: side["tokens_per_s"] / hf["tokens_per_s"]
     verdict = lambda ok: "yes" if ok else "NO"
+    best = max(ratio(ftl, bf16), ratio(ftlc, bf16))
+    lowest = lowest_round_ratio(results)
+    first_gap = ftlc["first_step_s"] - bf16["first_step_s"]
     other_rows = [
-        [OTHER_ROWS[0], f"{ratio(fp32):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(fp32) >= GOAL_RATIO)],
-        [OTHER_ROWS[1], f"{ratio(bf16):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(bf16) >= GOAL_RATIO)],
-        [OTHER_ROWS[2], f"{results['plan_s']:.3f} s", f"<= {GOAL_PLAN_S} s", verdict(results["plan_s"] <= GOAL_PLAN_S)],
-        [OTHER_ROWS[3], f"{results['torch_s']:.3f} s", "", ""],
-        [OTHER_ROWS[4], f"{ckpt['size_gb']:.3f} GB", "", ""],
-        [OTHER_ROWS[5], f"{ckpt['save_gbps']:.2f} GB/s", "", ""],
-        [OTHER_ROWS[6], f"{ckpt['load_gbps']:.2f} GB/s", "", "page cache"],
+        [OTHER_ROWS[0], f"{ratio(ftl, fp32):.2f}x", "", ""],
+        [OTHER_ROWS[1], f"{ratio(ftl, bf16):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(ftl, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftl, bf16) else "")],
+        [OTHER_ROWS[2], f"{ratio(ftlc, bf16):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(ftlc, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftlc, bf16) else "")],
+        [OTHER_ROWS[3], f"{lowest:.2f}x", f">= {GOAL_ROUND_RATIO:.1f}x", verdict(lowest >= GOAL_ROUND_RATIO)],
+        [OTHER_ROWS[4], f"{first_gap:+.1f} s", "<= 0 s", verdict(first_gap <= 0)],
+        [OTHER_ROWS[5], f"{results['plan_s']:.3f} s", f"<= {GOAL_PLAN_S} s", verdict(results["plan_s"] <= GOAL_PLAN_S)],
+        [OTHER_ROWS[6], f"{results['torch_s']:.3f} s", "", ""],
+        [OTHER_ROWS[7], f"{ckpt['size_gb']:.3f} GB", "", ""],
+        [OTHER_ROWS[8], f"{ckpt['save_gbps']:.2f} GB/s", "", ""],
+        [OTHER_ROWS[9], f"{ckpt['load_gbps']:.2f} GB/s", "", "page cache"],
     ]  # fmt: skip
     head = (
         f"model {results['model']}, data {budget['examples']} demo conversations, seq_len {s['seq_len']}, {s['steps']} steps "
         f"(rates over steps 2..{s['steps']}), packing efficiency {budget['packing_efficiency']:.1%}, "
         f"HF mean row {budget['hf_mean_len']:.0f} tokens; {os.cpu_count()} CPU(s); median of {s['rounds']} round(s), "
         "real tok/s per round: " + "; ".join(
-            f"{name} {', '.join(f'{x:.0f}' for x in r['round_rates'])}" for name, r in (("ftl", ftl), ("HF fp32", fp32), ("HF bf16", bf16))
+            f"{name} {', '.join(f'{x:.0f}' for x in r['round_rates'])}"
+            for name, r in (("ftl", ftl), ("ftl compiled", ftlc), ("HF fp32", fp32), ("HF bf16", bf16))
         )
     )
     return "\n\n".join([
@@ -346,6 +364,12 @@ def report(s: dict[str, Any], budget: dict[str, Any], results: dict[str, Any]) -
         render(["run", "real tok/s", "real tok/step", "slots/step", "batch", "1st step s", "steps"], train_rows),
         render(["measure", "value", "goal", "met"], other_rows),
     ])  # fmt: skip
+
+
+def lowest_round_ratio(results: dict[str, Any]) -> float:
+    """Round by round, the faster ftl side's rate over HF bf16's in the same round; the lowest."""
+    sides = zip(results["ftl"]["round_rates"], results["ftl_compiled"]["round_rates"], results["hf_bf16"]["round_rates"])
+    return min(max(a, b) / hf for a, b, hf in sides)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -367,11 +391,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_dir = model_dir_for(cfg, tmp)
         budget = batch_budget(cfg, model_dir, s["micro_batch_size"], s["seq_len"])
         data = cfg.data.train_files[0]
+        s["warmup"] = cfg.train.warmup_steps
         results: dict[str, Any] = {"model": cfg.model.name}
-        runs: dict[str, list[dict[str, Any]]] = {"ftl": [], "hf_fp32": [], "hf_bf16": []}
+        runs: dict[str, list[dict[str, Any]]] = {"ftl": [], "ftl_compiled": [], "hf_fp32": [], "hf_bf16": []}
         for r in range(1, s["rounds"] + 1):  # the sides take turns, so a slow spell of the machine hits them alike
-            print(f"bench: round {r}/{s['rounds']}: ftl train ({s['steps']} steps) ...", file=sys.stderr)
-            runs["ftl"].append(run_ftl(s, tmp))
+            for key, compiled in (("ftl", False), ("ftl_compiled", True)):
+                print(f"bench: round {r}/{s['rounds']}: ftl train{' compiled' if compiled else ''} ({s['steps']} steps) ...", file=sys.stderr)
+                runs[key].append(run_ftl(s, tmp, compiled))
             for key, bf16 in (("hf_fp32", False), ("hf_bf16", True)):
                 print(f"bench: round {r}/{s['rounds']}: HF Trainer {key[3:]} ({s['steps']} steps) ...", file=sys.stderr)
                 runs[key].append(run_hf(s, budget, model_dir, data, bf16, tmp))

@@ -185,6 +185,7 @@ OBJECTIVES: dict[str, type] = {"sft": SftObjective, "dpo": DpoObjective, "simpo"
 class StrategyBase:
     engine: str = "single"
     activation_checkpointing: bool = False
+    activation_offloading: bool = False  # CUDA: what the forward saves for backward waits in pinned host memory
 
 
 @dataclass
@@ -376,6 +377,9 @@ class TrainConfig:
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
     device: str = choice("auto", "auto", "cpu", "cuda")
     log_every: int = ranged(1, 1)
+    compile: Optional[bool] = None  # torch.compile each decoder layer (launcher/model/compile.py); null: on CUDA yes, on CPU no
+    loss: str = choice("chunked", "chunked", "logits", "liger", doc="output layer + cross-entropy: chunked (never the full logits), "
+                       "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)")  # fmt: skip
 
 
 @dataclass

@@ -201,6 +201,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
         errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
     if t.max_steps == 0:
         errs.append(ConfigError("train.max_steps", "got 0; use a positive number of steps, or -1 to run train.epochs"))
+    errs += _speed_checks(cfg)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         errs.append(ConfigError("train.betas", f"got {t.betas}; expected two numbers in [0, 1)"))
     if t.global_batch_size is not None and t.global_batch_size != global_batch(cfg):
@@ -231,6 +232,25 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     name = cfg.run.name
     if not name or "/" in name or name in (".", "..") or has_control_chars(name):
         errs.append(_own("run.name", f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters"))
+    return errs
+
+
+def _speed_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """Options that need a GPU, or a package, to mean anything."""
+    t, s = cfg.train, cfg.strategy
+    errs = []
+    if t.compile and not engine_traits(s).compiles_layers:
+        errs.append(_x("train.compile", f"compiled layers do not work with {engine_traits(s).title}: it frees each layer's gathered "
+                       "weights after forward, which the compiled backward still reads; use train.compile=false (or null), "
+                       "or strategy=fsdp, zero2", "strategy"))  # fmt: skip
+    if s.activation_offloading and t.device == "cpu":
+        errs.append(_x("strategy.activation_offloading", "moves activations from GPU memory to host memory, but train.device=cpu "
+                       "keeps them in host memory already; leave it false on CPU", "train.device"))  # fmt: skip
+    if t.loss == "liger":
+        if t.device == "cpu":
+            errs.append(_x("train.loss", "liger runs Triton kernels on a CUDA GPU, but train.device=cpu; use train.loss=chunked", "train.device"))
+        if importlib.util.find_spec("liger_kernel") is None:
+            errs.append(ConfigError("train.loss", "liger needs the liger-kernel package (pip install 'ftl[liger]'); or use train.loss=chunked"))
     return errs
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import Engine, ModelLoading
 from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step, seek_schedule
+from launcher.model.compile import decoder_layers
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
 
@@ -257,16 +258,6 @@ def build_mesh(dist: DistInfo, device: torch.device, hybrid: bool) -> Any:
     if dist.world_size % per_node:
         raise ValueError(f"strategy.hybrid_shard: world size {dist.world_size} is not a multiple of {per_node} ranks per node")
     return init_device_mesh(device.type, (dist.world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the classes a HF model names in
-    ``_no_split_modules``; else the items of every ModuleList."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        layers = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    return layers
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

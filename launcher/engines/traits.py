@@ -24,6 +24,9 @@ class EngineTraits:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    # train.compile: ZeRO-3 frees each layer's gathered weights after forward, which compiled
+    # layers saved for backward (measured: backward fails on the freed size-0 tensors)
+    compiles_layers: bool = True
 
 
 def engine_traits(strategy: StrategyBase) -> EngineTraits:
@@ -41,7 +44,7 @@ def engine_traits(strategy: StrategyBase) -> EngineTraits:
         return EngineTraits(
             "deepspeed", row, title, one_process=False, shards_params=s >= 3, shards_grads=s >= 2, shards_optimizer=s >= 1,
             autocasts_fp32_weights=False, fp16=True, zero_stage=s, offload_optimizer=strategy.offload_optimizer,
-            offload_params=strategy.offload_params,
+            offload_params=strategy.offload_params, compiles_layers=s < 3,
         )  # fmt: skip
     if isinstance(strategy, FSDPStrategy):
         return EngineTraits("fsdp", "fsdp", "fsdp", one_process=False, shards_params=True, shards_grads=True,

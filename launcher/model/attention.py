@@ -243,6 +243,9 @@ def _examples(t: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, ...]:
     return tuple(part.unsqueeze(0) for part in flat.split(lengths, dim=1))
 
 
+_registered: Callable[..., Any] = varlen_attention_forward
+
+
 def varlen_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Optional[torch.Tensor]:
     """No mask for unpadded inputs (the attention reads example boundaries from ``position_ids``);
     transformers' 4-D sdpa mask when the batch is padded."""
@@ -253,10 +256,16 @@ def varlen_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwa
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def register() -> None:
-    """Make ``sdpa_varlen`` a valid ``attn_implementation`` for transformers (idempotent)."""
+def register(compiled: bool = False) -> None:
+    """Make ``sdpa_varlen`` a valid ``attn_implementation`` for transformers (idempotent).
+    ``compiled``: for compiled decoder layers (:mod:`launcher.model.compile`), the function
+    wrapped in ``torch.compiler.disable``, so dynamo breaks the graph around it instead of
+    tracing its per-example loop; it stays so for the process."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(NAME, varlen_attention_forward)
+    global _registered
+    if compiled and _registered is varlen_attention_forward:
+        _registered = torch.compiler.disable(varlen_attention_forward)
+    AttentionInterface.register(NAME, _registered)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, varlen_mask)

@@ -40,18 +40,19 @@ class Layout:
     norms_per_layer: int = 2
     fused: bool = False  # phi3: qkv_proj and gate_up_proj
     moe: str = ""  # "mixtral" | "qwen2_moe"
+    logits_post: str = ""  # the config key of what transforms the head's output into the logits (softcap, scale)
 
 
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(qkv_bias="attention_bias", o_bias=True, mlp_bias=True),
-    "granite": Layout(qkv_bias="attention_bias", o_bias=True, mlp_bias=True),
+    "granite": Layout(qkv_bias="attention_bias", o_bias=True, mlp_bias=True, logits_post="logits_scaling"),
     "mistral": Layout(),
     "mixtral": Layout(moe="mixtral"),
     "qwen2": Layout(qkv_bias="always"),
     "qwen2_moe": Layout(qkv_bias="qkv_bias", moe="qwen2_moe"),
     "qwen3": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="head"),
-    "gemma2": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4),
-    "gemma3_text": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, qk_norm="head"),
+    "gemma2": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, logits_post="final_logit_softcapping"),
+    "gemma3_text": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, qk_norm="head", logits_post="final_logit_softcapping"),
     "phi3": Layout(fused=True),
     "olmo2": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="proj"),
 }
@@ -90,6 +91,26 @@ class UnsupportedModel(ValueError):
 
 def layout(model_type: str) -> Layout:
     return LAYOUTS[model_type]
+
+
+# The chunked loss (launcher/train/loss.py) runs the output layer over this many logits at a time
+# at most: 2**24 fp32 logits is 64 MB (341 positions of SmolLM2's 49k vocabulary, 130 of Llama 3's 128k).
+LOGITS_PER_CHUNK = 2**24
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Labelled positions per chunk of the chunked loss: :data:`LOGITS_PER_CHUNK` logits at most, at least 64 rows."""
+    return max(64, LOGITS_PER_CHUNK // max(1, vocab_size))
+
+
+def plain_head(model_type: Optional[str], config: Any = None) -> bool:
+    """Whether the family's logits are its output layer's output unchanged (no softcap or scale
+    after it, or the config switches it off), so the loss may be computed inside that layer
+    (:mod:`launcher.train.loss`). Unknown families: no."""
+    if model_type not in LAYOUTS:
+        return False
+    key = LAYOUTS[model_type].logits_post
+    return not key or (config is not None and getattr(config, key, None) in (None, 1, 1.0))
 
 
 def head_dim(arch: ArchConfig) -> int:

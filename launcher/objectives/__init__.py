@@ -15,7 +15,7 @@ def build_objective(cfg: FtlConfig) -> Objective:
     if cfg.objective.method == "sft":
         from launcher.objectives.sft import SftObjective
 
-        return SftObjective()
+        return SftObjective(cfg.train.loss)
     from launcher.objectives.preference import PreferenceObjective
 
     return PreferenceObjective(cfg)

@@ -14,8 +14,11 @@ from launcher.train.loss import count_label_tokens, next_token_loss
 class SftObjective(Objective):
     name = "sft"
 
+    def __init__(self, loss_impl: str = "chunked") -> None:
+        self.loss_impl = loss_impl  # train.loss: see launcher.train.loss
+
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return count_label_tokens(batch["labels"])
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast()), {}
+        return next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast(), impl=self.loss_impl), {}

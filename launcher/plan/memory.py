@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from launcher.config.schema import ArchConfig, StrategyBase
 from launcher.engines.traits import EngineTraits, engine_traits, strategy_named
-from launcher.model.families import expert_width, head_dim, layout, moe_layer_flags
+from launcher.model.families import expert_width, head_dim, layout, loss_chunk_rows, moe_layer_flags
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -224,6 +224,8 @@ class Workload:
     precision: str = "bf16"  # resolved: fp32 | bf16 | fp16
     activation_checkpointing: bool = False
     peft: Peft = field(default_factory=Peft)
+    activation_offloading: bool = False  # saved activations in host memory (CUDA)
+    loss: str = "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: logits)
 
     @property
     def tokens(self) -> int:
@@ -338,7 +340,7 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
         if unknown:
             notes.append(f"LoRA targets that are no linear layer of a {w.arch.model_type} model, not counted: {', '.join(unknown)}")
     st = _model_states(w, lay)
-    act, act_detail = _activations(w, lay)
+    act, act_detail, act_host = _activations(w, lay)
     fixed = FIXED_GPU_OVERHEAD if on_gpu else 0.0
     working = max(st.working, st.step - act)
     base = st.params + st.grads + st.optimizer + act + st.persistent + working
@@ -347,10 +349,10 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
     parts = [f"engine {fmt_bytes(st.persistent + working)}", *([f"CUDA/NCCL {fmt_bytes(fixed)}"] if fixed else []),
              f"{FRAGMENTATION:.0%} fragmentation {fmt_bytes(frag)}"]
     details = {**st.details, "activations": act_detail, "buffers": " + ".join(parts)}
-    if st.host:
-        notes.append(f"offloaded to host memory: {fmt_bytes(st.host)} per rank (pinned)")
+    if st.host + act_host:
+        notes.append(f"offloaded to host memory: {fmt_bytes(st.host + act_host)} per rank (pinned)")
     label = lay.name if w.peft.method == "none" else f"{w.peft.method} r={w.peft.r} · {lay.name}"
-    return Estimate(label, st.params, st.grads, st.optimizer, act, buffers, st.host, details, tuple(notes))
+    return Estimate(label, st.params, st.grads, st.optimizer, act, buffers, st.host + act_host, details, tuple(notes))
 
 
 def _model_states(w: Workload, lay: Layout) -> _States:
@@ -492,7 +494,8 @@ def _autocasts(lay: Layout) -> bool:
     return lay.replicated
 
 
-def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
+def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
+    """(device bytes, how they add up, bytes offloaded to host memory)."""
     a = w.arch
     pc = param_counts(a)
     c = DTYPE_BYTES[w.precision]
@@ -513,16 +516,35 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str]:
     else:
         layers = pc.num_layers * layer
         layers_text = f"{pc.num_layers} layers × {fmt_bytes(layer)}"
+    host = 0.0
+    if w.activation_offloading:  # what the layers save waits in host memory; one layer's is in flight on the device
+        host, layers = layers, layer
+        layers_text = f"one layer in flight {fmt_bytes(layer)} (the rest offloaded: {fmt_bytes(host)})"
     outside = (FP32 + r + c) * t * h
-    logits = t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT)
+    logits, logits_text = _loss_bytes(w, r, full_ft)
     copies = 0.0
     if _autocasts(lay) and full_ft and c < FP32:
         head = pc.head or pc.embed
         copies = c * ((pc.layer_linear if w.activation_checkpointing else pc.linear + pc.layers_experts) + head)
-    text = f"{layers_text} + logits/loss {fmt_bytes(logits)} ({t} tokens × {a.vocab_size} vocab × {c + LOSS_EXTRA_PER_LOGIT} B)"
+    text = f"{layers_text} + {logits_text}"
     if copies:
         text += f" + autocast weight copies {fmt_bytes(copies)}"
-    return layers + outside + logits + copies, text
+    return layers + outside + logits + copies, text, host
+
+
+def _loss_bytes(w: Workload, r: int, head_trains: bool) -> tuple[float, str]:
+    """The output layer's and the loss's buffers. ``logits``: the [tokens, vocab] logits in the
+    compute dtype plus three fp32 copies (upcast, log-softmax, gradient). ``chunked`` (and Liger's
+    kernel, the same scheme): one chunk's fp32 logits and their gradient in the compute dtype, the
+    head's fp32 weight gradient (made in forward, when the head trains) and the hidden states'
+    gradient (``r``: the residual stream's dtype). Every position is charged as labelled."""
+    a, c, t = w.arch, DTYPE_BYTES[w.precision], w.tokens
+    if w.loss == "logits":
+        return t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT), f"logits/loss {fmt_bytes(t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT))} ({t} tokens × {a.vocab_size} vocab × {c + LOSS_EXTRA_PER_LOGIT} B)"
+    rows = min(t, loss_chunk_rows(a.vocab_size))
+    chunk = rows * a.vocab_size * (FP32 + c)
+    grads = (FP32 * a.vocab_size * a.hidden_size if head_trains else 0) + r * t * a.hidden_size
+    return chunk + grads, f"chunked loss {fmt_bytes(chunk + grads)} ({rows} of {t} tokens × {a.vocab_size} vocab at a time + head gradients)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ LOCAL_RANK), else cpu; bf16 autocast where the hardware has it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 
@@ -59,3 +60,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
             raise RuntimeError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         return torch.float16
     raise ValueError(f"train.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+
+
+def offloaded_activations(enabled: bool) -> ContextManager[object]:
+    """``strategy.activation_offloading``: within the block (a forward pass), every tensor autograd
+    saves for backward is copied to pinned host memory and brought back when backward needs it
+    (``torch.autograd.graph.save_on_cpu``). GPU memory for activations falls to about one layer's
+    in flight, for a host copy each way per saved tensor: worth it when activations, not the model
+    states, are what does not fit."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)

@@ -112,6 +112,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     A stop signal before the training loop (which saves on one) interrupts the setup; once the
     loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
     they report their own failure, and must live to leave their exit record."""
+    from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
     from launcher.train.checkpoint import CheckpointError
     from launcher.train.resume import ResumeError
@@ -126,6 +127,10 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             print(f"ftl: training data error: {e}", file=sys.stderr)
             code = EXIT_INVALID
         except CheckpointError as e:
+            done()
+            print(f"ftl: {e}", file=sys.stderr)
+            code = EXIT_INVALID
+        except ConfigErrors as e:  # what only the rank's own device decides (strategy.activation_offloading on a CPU)
             done()
             print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID

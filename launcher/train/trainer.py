@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from launcher.config.errors import ConfigError
+from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
@@ -34,12 +34,13 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths
+from launcher.model.compile import compile_decoder_layers, compiles, eager
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
-from launcher.train.device import autocast_dtype, select_device
+from launcher.train.device import autocast_dtype, offloaded_activations, select_device
 from launcher.train.distributed import (
     DistInfo,
     any_rank,
@@ -81,6 +82,8 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
+        if cfg.strategy.activation_offloading and self.device.type != "cuda":
+            raise ConfigErrors([ConfigError("strategy.activation_offloading", f"needs a CUDA GPU; this rank trains on {self.device.type}")])
         self.io_timeout_s = io_timeout_s(cfg)  # loading, conversion, checkpoints: see launcher.plan.timing
         self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
@@ -131,9 +134,12 @@ class Trainer:
             return "completed"
         if self.cfg.eval.before_training and self.step == 0:
             self.evaluate("before")
+        first = self.step + 1
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
+            if self.step == first and compiles(self.cfg.train.compile, self.device, engine_traits(self.cfg.strategy).compiles_layers):
+                self.telemetry.info(f"ftl: step {first} took {metrics['step_s']:.1f} s, compiling the decoder layers included (train.compile)")
             if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
                 self.evaluate(f"step_{self.step}")
             if any_rank(stop.requested):
@@ -164,7 +170,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.engine.grad_sync(i == len(batches) - 1):
-                loss, stats = self.objective.loss(self.engine, batch)
+                with offloaded_activations(self.cfg.strategy.activation_offloading):
+                    loss, stats = self.objective.loss(self.engine, batch)
                 self.engine.backward(loss / norm)
             loss_sum += loss.detach() / norm
             stat_sums.update({k: float(v) for k, v in stats.items()})
@@ -175,7 +182,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         tokens = reduce_sum(real_tokens)
         metrics = {
-            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
+            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "step_s": seconds,
             "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
             "elapsed": time.perf_counter() - self.started, **attention_paths(self.device),
         }  # fmt: skip
@@ -204,7 +211,7 @@ class Trainer:
         from launcher.eval.metrics import evaluate
         from launcher.train.distributed import all_reduce_sum
 
-        with preserved_rng():  # evaluating must not change what training draws next
+        with preserved_rng(), eager():  # evaluating must not change what training draws next; compiled layers run eagerly
             results = evaluate(
                 self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
@@ -351,7 +358,10 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     loading = engine_class(cfg.strategy.engine).model_loading(cfg, dist, device)
     with loading.context(), phase(f"model: loading {cfg.model.name}"):
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
-        return apply_peft(model, cfg.peft), tokenizer
+        model = apply_peft(model, cfg.peft)
+    if compiles(cfg.train.compile, device, engine_traits(cfg.strategy).compiles_layers):  # before any engine wraps or shards it (see launcher.model.compile)
+        compile_decoder_layers(model)
+    return model, tokenizer
 
 
 def load_dtype(cfg: FtlConfig, compute: Optional[torch.dtype]) -> torch.dtype:

@@ -150,6 +150,10 @@ def test_choice_and_range_messages():
         (["checkpoint.resume=/nonexistent"], "checkpoint.resume", "auto, never"),
         (["data.eval_files=[]"], "eval", "no eval data"),
         (["model.arch.num_kv_heads=3"], "model.arch.num_kv_heads", "does not divide"),
+        (["strategy=zero3", "launch.nproc_per_node=2", "train.compile=true"], "train.compile", "ZeRO-3"),
+        (["strategy.activation_offloading=true", "train.device=cpu"], "strategy.activation_offloading", "train.device=cpu"),
+        (["train.loss=liger", "train.device=cpu"], "train.loss", "CUDA"),
+        (["train.loss=fused"], "train.loss", "allowed: chunked, logits, liger"),
     ],
 )
 def test_impossible_combinations(overrides, path, fragment):

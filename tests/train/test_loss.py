@@ -1,4 +1,5 @@
-"""launcher/train/loss.py: the output layer run only at labelled positions gives the full-logits loss."""
+"""launcher/train/loss.py: the output layer run only at labelled positions, with its logits whole
+or in chunks, gives the full-logits loss and gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data.types import IGNORE_INDEX
-from launcher.train.loss import count_label_tokens, logits_at_labels, next_token_loss, output_layer
+import launcher.train.loss as loss_module
+from launcher.train.loss import chunked_head_loss, count_label_tokens, fused_head_ok, logits_at_labels, next_token_loss, output_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,18 +40,129 @@ def full_logits_loss(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def test_loss_and_gradients_equal_the_full_logits_loss(model: Any) -> None:
+@pytest.mark.parametrize("impl, rows", [("logits", None), ("chunked", None), ("chunked", 1), ("chunked", 7), ("chunked", 1000)])
+def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, rows: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    if rows is not None:  # the tiny vocabulary fits one chunk by default: force several (or one row each)
+        monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows)
     b = batch()
     model.train()
     want = full_logits_loss(model, b)
     want.backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    got = next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"])
+    got = next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl)
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
-    for p, w in zip(model.parameters(), want_grads):
-        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+    for p, w in zip(model.parameters(), want_grads):  # to 1e-5 of each gradient's largest entry (summation order differs)
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+
+
+def test_chunked_loss_never_makes_the_full_logits(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest float tensor the chunked head makes is one chunk of logits: F.linear is called
+    on at most `rows` positions at a time."""
+    rows, shapes = 5, []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor, b: Any = None) -> torch.Tensor:
+        out = real_linear(x, w, b)
+        if w.shape[0] == 512:  # the head (vocabulary 512)
+            shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows)
+    monkeypatch.setattr(loss_module.F, "linear", spy)
+    b = batch()
+    next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"]).backward()
+    n = count_label_tokens(b["labels"])
+    assert len(shapes) == -(-n // rows) and all(s[0] <= rows and s[1] == 512 for s in shapes)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: 16)
+    b, results = batch(), {}
+    for impl in ("logits", "chunked"):
+        model.zero_grad()
+        loss = next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["chunked"][0], results["logits"][0], rtol=1e-3, atol=1e-3)
+    for got, want in zip(results["chunked"][1], results["logits"][1]):
+        assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max()) + 1e-6  # bf16 has 8 bits of mantissa
+
+
+def test_chunked_head_with_a_bias_a_frozen_weight_and_no_grad() -> None:
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(13, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (13,), generator=g)
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets, reduction="sum")
+    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    got = chunked_head_loss(hidden, weight, bias, targets, rows=4)
+    for g_got, g_want in zip(torch.autograd.grad(got * 3.0, (hidden, weight, bias)), want_grads):  # backward scales
+        torch.testing.assert_close(g_got, 3.0 * g_want, rtol=1e-5, atol=1e-6)
+    frozen = weight.detach()  # LoRA: the head is frozen, no [vocab, hidden] gradient is made
+    got = chunked_head_loss(hidden, frozen, None, targets, rows=4)
+    (g_hidden,) = torch.autograd.grad(got, (hidden,))
+    torch.testing.assert_close(g_hidden, torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ frozen.t(), targets, reduction="sum"), hidden)[0])
+    with torch.no_grad():
+        loss = chunked_head_loss(hidden, weight, bias, targets, rows=4)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, want.detach())
+
+
+def test_families_that_transform_their_logits_keep_the_logits_path() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=30.0))
+    granite = GraniteForCausalLM(GraniteConfig(**small, logits_scaling=8.0))
+    assert not fused_head_ok(gemma) and not fused_head_ok(granite)
+    assert fused_head_ok(GraniteForCausalLM(GraniteConfig(**small, logits_scaling=1.0)))
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    for m in (gemma, granite):  # still the right loss, through the logits
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits
+            want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum")
+            torch.testing.assert_close(next_token_loss(m, {"input_ids": ids}, labels), want)
+
+
+def test_a_lora_adapted_head_keeps_the_logits_path(model: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not fused_head_ok(peft)
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(next_token_loss(peft, {"input_ids": b["input_ids"]}, b["labels"]), full_logits_loss(peft, b))
+
+
+@pytest.mark.gpu
+def test_liger_fused_loss_equals_the_logits_loss_on_cuda() -> None:
+    from helpers import need_gpus
+
+    need_gpus(1)
+    pytest.importorskip("liger_kernel", reason="train.loss=liger needs pip install 'ftl[liger]'")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4)).cuda()  # fmt: skip
+    ids = torch.randint(0, 32000, (2, 128), device="cuda")
+    labels = ids.clone()
+    labels[:, :30] = IGNORE_INDEX
+    results = {}
+    for impl in ("logits", "chunked", "liger"):
+        model.zero_grad()
+        loss = next_token_loss(model, {"input_ids": ids}, labels, impl=impl)
+        loss.backward()
+        results[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    for impl in ("chunked", "liger"):
+        torch.testing.assert_close(results[impl][0], results["logits"][0], rtol=1e-5, atol=1e-4)
+        for got, want in zip(results[impl][1], results["logits"][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_head_sees_only_labelled_positions_and_is_unhooked_after(model: Any) -> None:

@@ -1,0 +1,69 @@
+"""``train.compile``: regional compilation, each decoder layer's forward compiled by
+``torch.compile`` (inductor: C++ on CPU, Triton on CUDA), as torchtitan does, not the whole model.
+
+All layers of a model run the same code on parameters of the same shapes, so dynamo compiles
+that code once and every layer reuses it (its guards hold parameters as inputs, not constants):
+the compile time is one layer's, whatever the depth. Shapes are marked dynamic from the start
+(``dynamic=True``): packs are padded to their batch's longest row and eval batches vary, and a
+shape-specialised graph would be compiled again for each new length.
+
+Only ``forward`` is compiled, not the module's call: the hooks around it (FSDP2's all-gather and
+reshard, ZeRO-3's parameter fetch on the layer) stay eager, so compiling happens before the
+engine shards the model and sharding changes nothing compiled. Attention is left out on purpose:
+``sdpa_varlen`` splits each packed row into its examples, a Python loop whose trip count changes
+every batch, so it is wrapped in ``torch.compiler.disable`` and every layer compiles into two
+graphs, before and after it (one break per layer, measured in ``bench/ablate_cpu_step.py``).
+Evaluation and generation run eagerly (:func:`eager`): a KV-cache decode step is a different
+program, and compiling it too would cost more than it saves over a few hundred tokens.
+
+The first optimizer step pays the compile (its ``tokens_per_s`` shows it; the trainer prints it);
+inductor keeps compiled kernels in its on-disk cache, so a rerun of the same model and shapes
+compiles in a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+from torch import nn
+
+from launcher.model import attention
+
+
+def compiles(setting: Optional[bool], device: torch.device, engine_ok: bool = True) -> bool:
+    """``train.compile`` resolved: null means on CUDA yes, on CPU no, and never where the engine
+    cannot run compiled layers (``EngineTraits.compiles_layers``: ZeRO-3). On the project's 2-core
+    CPU a compiled SmolLM2 step is 6% faster but the first compile takes ~30 s, which a demo-sized
+    run (84 steps) only just repays (docs/BENCHMARKS.md); on a GPU a run's compile is seconds of hours."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and engine_ok
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks (to compile, to shard one by one): the classes a HF model names in
+    ``_no_split_modules``; else the items of every ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    return layers
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """Compile each decoder layer's forward in place (state-dict keys unchanged); returns how many."""
+    attention.register(compiled=True)
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Compiled code runs eagerly within the block (evaluation, generation)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
