@@ -119,6 +119,13 @@ def launch(job_path: Path, cfg: Any) -> int:
     from launcher.config.topology import world_size
 
     if world_size(cfg) == 1:
+        from launcher.launch.local import cpu_threads
+
+        threads = cpu_threads(cfg)
+        if threads is not None:  # as training's ranks had (launcher.launch.local)
+            import torch
+
+            torch.set_num_threads(threads)
         return run_job(job_path)
     if cfg.launch.backend == "slurm":
         raise EvalInputError("ftl eval runs on this machine: inside a SLURM allocation use launch=local launch.nproc_per_node=N")

@@ -40,3 +40,19 @@ def test_local_and_torchrun_commands(tmp_path: Path):
     argv = plan.commands[0]
     assert "--nnodes=2" in argv and "--rdzv_endpoint=10.0.0.1:29400" in argv and "--rdzv_conf=is_host=1" in argv
     assert plan.env["GLOO_SOCKET_IFNAME"] == "eth1" and plan.env["NCCL_SOCKET_IFNAME"] == "eth1"
+
+
+def test_cpu_ranks_share_the_cores_and_ftl_eval_takes_the_same_count(tmp_path: Path, monkeypatch):
+    """Each CPU rank gets cores // ranks threads (launch.env's own OMP_NUM_THREADS wins; none on
+    CUDA); ftl eval in one process sets the count training's rank had, so it reproduces its numbers."""
+    import os
+
+    from launcher.launch.local import cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cpu_threads(cfg_of()) == 8
+    assert cpu_threads(cfg_of("strategy=ddp", "launch.nproc_per_node=2")) == 4
+    assert cpu_threads(cfg_of("+launch.env.OMP_NUM_THREADS=3")) == 3
+    assert cpu_threads(cfg_of("train.device=cuda")) is None
+    plan = LocalBackend().build(cfg_of("strategy=ddp", "launch.nproc_per_node=2"), tmp_path, tmp_path / "config.yaml")
+    assert plan.env["OMP_NUM_THREADS"] == "4"
