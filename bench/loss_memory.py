@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 GOAL = 0.10
+# glibc keeps freed heap resident (and raises its mmap threshold up to 32 MiB as large blocks are
+# freed), so resident memory would count buffers long dead; with a fixed 128 KiB mmap threshold and
+# no trim threshold every tensor's memory goes back when it is freed and VmRSS follows live tensors.
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def rss_kib(field: str) -> int:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for impl in ("logits", "chunked"):
         print(f"bench: train.loss={impl} ...", file=sys.stderr, flush=True)
         spec = json.dumps({"recipe": recipe, "impl": impl, "rows": rows, "seq_len": seq_len})
-        out = subprocess.run([sys.executable, __file__, "--worker", spec], check=True, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, __file__, "--worker", spec], check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV)
         measured = json.loads(out.stdout.strip().splitlines()[-1])
         results.append({"loss": impl, "measured_mib": measured["peak_mib"], "planned_mib": planned(recipe, impl, rows, seq_len)})
     logits, chunked = results

@@ -2,7 +2,7 @@
 
 One process with micro_batch_size 8 against 2 gloo ranks with 4 each (the same 8 sequences per
 step), fp32, same seed: the first 5 losses of single, ddp, zero1, zero2, zero3 and fsdp agree to a
-relative 1e-4, and so do FSDP2's and ZeRO-2's with compiled decoder layers (``train.compile``:
+relative 1e-4, and so do DDP's, FSDP2's and ZeRO-2's with compiled decoder layers (``train.compile``:
 compiled before sharding, their hooks left eager). This holds because the loss is normalised by the label tokens of the whole step on
 all ranks, not per rank.
 """
@@ -21,6 +21,7 @@ ENGINES = {
     "zero2": ["strategy=zero2"],
     "zero3": ["strategy=zero3"],
     "fsdp": ["strategy=fsdp"],
+    "ddp+compile": ["strategy=ddp", "train.compile=true"],
     "fsdp+compile": ["strategy=fsdp", "train.compile=true"],
     "zero2+compile": ["strategy=zero2", "train.compile=true"],
 }
