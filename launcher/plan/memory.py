@@ -540,7 +540,9 @@ def _loss_bytes(w: Workload, r: int, head_trains: bool) -> tuple[float, str]:
     gradient (``r``: the residual stream's dtype). Every position is charged as labelled."""
     a, c, t = w.arch, DTYPE_BYTES[w.precision], w.tokens
     if w.loss == "logits":
-        return t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT), f"logits/loss {fmt_bytes(t * a.vocab_size * (c + LOSS_EXTRA_PER_LOGIT))} ({t} tokens × {a.vocab_size} vocab × {c + LOSS_EXTRA_PER_LOGIT} B)"
+        per_logit = c + LOSS_EXTRA_PER_LOGIT
+        whole = t * a.vocab_size * per_logit
+        return whole, f"logits/loss {fmt_bytes(whole)} ({t} tokens × {a.vocab_size} vocab × {per_logit} B)"
     rows = min(t, loss_chunk_rows(a.vocab_size))
     chunk = rows * a.vocab_size * (FP32 + c)
     grads = (FP32 * a.vocab_size * a.hidden_size if head_trains else 0) + r * t * a.hidden_size

@@ -126,11 +126,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             done()
             print(f"ftl: training data error: {e}", file=sys.stderr)
             code = EXIT_INVALID
-        except CheckpointError as e:
-            done()
-            print(f"ftl: {e}", file=sys.stderr)
-            code = EXIT_INVALID
-        except ConfigErrors as e:  # what only the rank's own device decides (strategy.activation_offloading on a CPU)
+        except (CheckpointError, ConfigErrors) as e:  # ConfigErrors: what only the rank's device decides (activation offloading on a CPU)
             done()
             print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
