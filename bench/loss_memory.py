@@ -7,8 +7,10 @@
 Each loss runs in its own process (the allocator's state does not carry over): the model, fused
 AdamW and two warm-up steps, then the peak resident memory (``VmHWM``, reset through
 ``/proc/self/clear_refs``) over one more forward + backward, minus the resident memory just before
-it. Every position is labelled (``labels = input_ids``, as completion data), which is what the
-planner assumes, so its loss term applies as it stands. The planner's figure is
+it, and the highest resident memory of each phase (the layers' forward, the head and loss, the
+rest of the forward, backward), sampled every 0.5 ms. Every position is labelled (``labels =
+input_ids``, as completion data), which is what the planner assumes, so its loss term applies as
+it stands. The planner's figure is
 :func:`launcher.plan.memory.estimate`'s activations for the same workload: layers + head input +
 the loss's buffers. Printed: both peaks, both estimates, and the drop measured against the drop
 estimated (goal: within 10%).
@@ -21,6 +23,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +64,15 @@ def worker(recipe: str, impl: str, rows: int, seq_len: int) -> dict[str, Any]:
     labels = ids.clone()
     assert IGNORE_INDEX not in labels
 
+    phase = ["forward, layers"]
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda *_: phase.__setitem__(0, "forward, head and loss"))
+    head.register_forward_hook(lambda *_: phase.__setitem__(0, "forward, after the head"))
+
     def step(update: bool) -> None:
+        phase[0] = "forward, layers"
         loss = next_token_loss(model, {"input_ids": ids}, labels, autocast=torch.autocast("cpu", dtype=torch.bfloat16), impl=impl)
+        phase[0] = "backward"
         loss.backward()
         if update:
             opt.step()
@@ -70,9 +81,22 @@ def worker(recipe: str, impl: str, rows: int, seq_len: int) -> dict[str, Any]:
     for _ in range(2):
         step(update=True)
     before = rss_kib("VmRSS")
+    phases: dict[str, float] = {}
+    sampling = threading.Event()
+
+    def sample() -> None:  # where the peak is: resident memory every 0.5 ms, the highest per phase
+        while not sampling.is_set():
+            kib = rss_kib("VmRSS")
+            phases[phase[0]] = max(phases.get(phase[0], 0.0), (kib - before) / 1024)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    sampler.start()
     step(update=False)
-    return {"peak_mib": (rss_kib("VmHWM") - before) / 1024, "vocab": vocab}
+    sampling.set()
+    sampler.join()
+    return {"peak_mib": (rss_kib("VmHWM") - before) / 1024, "vocab": vocab, "phases": phases}
 
 
 def planned(recipe: str, impl: str, rows: int, seq_len: int) -> float:
@@ -101,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         spec = json.dumps({"recipe": recipe, "impl": impl, "rows": rows, "seq_len": seq_len})
         out = subprocess.run([sys.executable, __file__, "--worker", spec], check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV)
         measured = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append({"loss": impl, "measured_mib": measured["peak_mib"], "planned_mib": planned(recipe, impl, rows, seq_len)})
+        results.append({"loss": impl, "measured_mib": measured["peak_mib"], "planned_mib": planned(recipe, impl, rows, seq_len),
+                        "phases": measured["phases"]})  # fmt: skip
     logits, chunked = results
     drop_measured = logits["measured_mib"] - chunked["measured_mib"]
     drop_planned = logits["planned_mib"] - chunked["planned_mib"]
@@ -111,6 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{'-' * 10}-|-{'-' * 24}-|-{'-' * 25}")
     for r in results:
         print(f"{r['loss']:<10} | {r['measured_mib']:>24,.0f} | {r['planned_mib']:>25,.0f}")
+    names = list(dict.fromkeys(name for r in results for name in r["phases"]))
+    print(f"where the peak is (resident MiB above the step's start, sampled every 0.5 ms): " + "; ".join(
+        f"{r['loss']}: " + ", ".join(f"{n} {r['phases'][n]:,.0f}" for n in names if n in r["phases"]) for r in results))
     print(f"drop: measured {drop_measured:,.0f} MiB, planned {drop_planned:,.0f} MiB: {off:.1%} apart "
           f"(goal <= {GOAL:.0%}: {'yes' if off <= GOAL else 'NO'})")  # fmt: skip
     return results

@@ -26,7 +26,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
 ADAM_MOMENTS = 8  # exp_avg + exp_avg_sq, fp32 (torch.optim.AdamW and DeepSpeedCPUAdam)
 ZERO_K = 12  # the ZeRO paper's K for mixed-precision Adam: fp32 master + two moments
-LOSS_EXTRA_PER_LOGIT = 12  # fp32 log-softmax output + its grad + the upcast logits' grad
+LOGITS_LOSS_PER_LOGIT = 3 * 4  # the backward peak: fp32 log-softmax output + its grad + the upcast logits' grad
+CHUNK_PER_LOGIT = 2 * 4  # a chunk's fp32 logits + logsumexp's fp32 temporary
 FIXED_GPU_OVERHEAD = 1 * GiB  # CUDA context + cuBLAS workspace + NCCL buffers
 FRAGMENTATION = 0.10
 ZERO3_SUB_GROUP = 10**9  # DeepSpeed's default sub_group_size: the optimizer steps in chunks of it
@@ -533,18 +534,19 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
 
 
 def _loss_bytes(w: Workload, r: int, head_trains: bool) -> tuple[float, str]:
-    """The output layer's and the loss's buffers. ``logits``: the [tokens, vocab] logits in the
-    compute dtype plus three fp32 copies (upcast, log-softmax, gradient). ``chunked`` (and Liger's
-    kernel, the same scheme): one chunk's fp32 logits and their gradient in the compute dtype, the
-    head's fp32 weight gradient (made in forward, when the head trains) and the hidden states'
-    gradient (``r``: the residual stream's dtype). Every position is charged as labelled."""
-    a, c, t = w.arch, DTYPE_BYTES[w.precision], w.tokens
+    """The output layer's and the loss's buffers at the step's peak. ``logits``: three fp32
+    [tokens, vocab] tensors alive together in backward (log-softmax's output, its gradient, the
+    upcast logits' gradient; the compute-dtype logits are freed after the forward). ``chunked``
+    (and Liger's kernel, the same scheme), whose peak is in the head's forward: one chunk's fp32
+    logits and logsumexp's fp32 temporary, the head's fp32 weight gradient (made in forward, when
+    the head trains) and the hidden states' gradient (``r``: the residual stream's dtype). Every
+    position is charged as labelled. ``bench/loss_memory.py`` measures both, phase by phase."""
+    a, t = w.arch, w.tokens
     if w.loss == "logits":
-        per_logit = c + LOSS_EXTRA_PER_LOGIT
-        whole = t * a.vocab_size * per_logit
-        return whole, f"logits/loss {fmt_bytes(whole)} ({t} tokens × {a.vocab_size} vocab × {per_logit} B)"
+        whole = t * a.vocab_size * LOGITS_LOSS_PER_LOGIT
+        return whole, f"logits/loss {fmt_bytes(whole)} ({t} tokens × {a.vocab_size} vocab × {LOGITS_LOSS_PER_LOGIT} B)"
     rows = min(t, loss_chunk_rows(a.vocab_size))
-    chunk = rows * a.vocab_size * (FP32 + c)
+    chunk = rows * a.vocab_size * CHUNK_PER_LOGIT
     grads = (FP32 * a.vocab_size * a.hidden_size if head_trains else 0) + r * t * a.hidden_size
     return chunk + grads, f"chunked loss {fmt_bytes(chunk + grads)} ({rows} of {t} tokens × {a.vocab_size} vocab at a time + head gradients)"
 

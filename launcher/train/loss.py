@@ -41,6 +41,10 @@ from torch import nn
 
 from launcher.data.types import IGNORE_INDEX
 
+# Vocabulary rows of the head's weight gradient accumulated at a time: each block's product and its
+# fp32 upcast are temporaries of WEIGHT_GRAD_BLOCK × hidden, not of the whole weight.
+WEIGHT_GRAD_BLOCK = 4096
+
 
 def output_layer(model: nn.Module) -> nn.Module:
     """The model's vocabulary projection (``lm_head``), through DDP/DeepSpeed wrappers."""
@@ -172,8 +176,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if need_h:
                     grad_h[start : start + rows] = grad @ w
-                if need_w:
-                    grad_w += grad.t() @ h
+                if need_w:  # in blocks of the vocabulary: a mixed-dtype += makes an fp32 copy of its operand on CPU
+                    for v0 in range(0, grad.shape[1], WEIGHT_GRAD_BLOCK):
+                        grad_w[v0 : v0 + WEIGHT_GRAD_BLOCK] += grad[:, v0 : v0 + WEIGHT_GRAD_BLOCK].t() @ h
+                del logits, grad  # before the next chunk's logits exist: one chunk's buffers alive at a time
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total

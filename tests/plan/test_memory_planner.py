@@ -113,32 +113,32 @@ def test_activations_by_hand():
     DeepSpeed bf16 (a = r = 2 bytes, no autocast copies), no checkpointing:
     per layer a·T·(7h + 4i) + 2·(4 + r)·T·h + a·B·S² = 2·32·960 + 12·32·64 + 2·2·256 = 87,040
     final norm + head input (4 + r + a)·T·h = 8·32·64 = 16,384; loss over whole logits (train.loss=logits)
-    T·V·(a + 12) = 32·512·14 = 229,376; chunked (the default): min(T, 2²⁴/V) = 32 rows of fp32 logits
-    and their a-byte gradient 32·512·6 = 98,304 + the head's fp32 gradient 4·V·h = 131,072 + the
-    hidden states' gradient r·T·h = 4,096."""
+    three fp32 copies T·V·12 = 32·512·12 = 196,608; chunked (the default): min(T, 2²⁴/V) = 32 rows of
+    fp32 logits and logsumexp's fp32 temporary 32·512·8 = 131,072 + the head's fp32 gradient
+    4·V·h = 131,072 + the hidden states' gradient r·T·h = 4,096."""
     arch = ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     w = Workload(arch, micro_batch=2, seq_len=16, precision="bf16", loss="logits")
     e = estimate(w, layout_named("zero2", 2))
-    assert e.activations == 2 * 87_040 + 16_384 + 229_376
+    assert e.activations == 2 * 87_040 + 16_384 + 196_608
     # With checkpointing: every layer keeps its input r·T·h and one layer is recomputed.
     ac = estimate(replace(w, activation_checkpointing=True), layout_named("zero2", 2))
-    assert ac.activations == 2 * (2 * 32 * 64) + 87_040 + 16_384 + 229_376
+    assert ac.activations == 2 * (2 * 32 * 64) + 87_040 + 16_384 + 196_608
     chunked = estimate(replace(w, loss="chunked"), layout_named("zero2", 2))
-    assert chunked.activations == 2 * 87_040 + 16_384 + 98_304 + 131_072 + 4_096
+    assert chunked.activations == 2 * 87_040 + 16_384 + 131_072 + 131_072 + 4_096
     # Offloading: one layer's activations in flight on the device, the layers' in host memory.
     off = estimate(replace(w, activation_offloading=True), layout_named("zero2", 2))
-    assert off.activations == 87_040 + 16_384 + 229_376
+    assert off.activations == 87_040 + 16_384 + 196_608
     assert off.host == e.host + 2 * 87_040 and any("host memory" in n for n in off.notes)
 
 
 def test_the_chunked_loss_shrinks_a_large_vocabulary_s_logits_buffer():
     """Llama 3 8B (128k vocabulary), 8,192 tokens per micro-batch: the whole-logits loss holds
-    8,192 × 128,256 × 14 B = 14.7 GB, the chunked one 130 rows' logits + the head's fp32 gradient."""
+    8,192 × 128,256 × 12 B = 12.6 GB, the chunked one 130 rows' logits + the head's fp32 gradient."""
     arch = replace(LLAMA2_7B, vocab_size=128_256)
     w = Workload(arch, micro_batch=4, seq_len=2048, precision="bf16", loss="logits")
     lay = layout_named("fsdp", 8)
     whole, chunked = estimate(w, lay), estimate(replace(w, loss="chunked"), lay)
-    assert whole.activations - chunked.activations > 11 * 2**30  # 14.7 GB against 2.3 GB
+    assert whole.activations - chunked.activations > 9 * 2**30  # 12.6 GB against 2.3 GB
     assert "chunked loss" in chunked.details["activations"] and "logits/loss" in whole.details["activations"]
 
 
