@@ -36,8 +36,8 @@ from launcher.model import attention
 def compiles(setting: Optional[bool], device: torch.device, engine_ok: bool = True) -> bool:
     """``train.compile`` resolved: null means on CUDA yes, on CPU no, and never where the engine
     cannot run compiled layers (``EngineTraits.compiles_layers``: ZeRO-3). On the project's 2-core
-    CPU a compiled SmolLM2 step was 6-26% faster (two benches, two days) but a cold first compile
-    takes ~30 s, which a demo-sized run (84 steps) may only just repay (docs/BENCHMARKS.md); on a
+    CPU a compiled SmolLM2 step was 4.5-26% faster (three benches) but a cold first compile took
+    ~60 s, and a whole demo-sized run (84 steps) was 11% slower with it (docs/BENCHMARKS.md); on a
     GPU a run's compile is seconds of hours."""
     if setting is not None:
         return setting
