@@ -40,10 +40,13 @@ def full_logits_loss(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-@pytest.mark.parametrize("impl, rows", [("logits", None), ("chunked", None), ("chunked", 1), ("chunked", 7), ("chunked", 1000)])
-def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, rows: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl, rows, block", [("logits", None, None), ("chunked", None, None), ("chunked", 1, None), ("chunked", 7, None),
+                                               ("chunked", 1000, None), ("chunked", 7, 100)])  # fmt: skip
+def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, rows: Any, block: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     if rows is not None:  # the tiny vocabulary fits one chunk by default: force several (or one row each)
         monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows)
+    if block is not None:  # and one block of the head's weight gradient: force several, the last one short (512 = 5 × 100 + 12)
+        monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", block)
     b = batch()
     model.train()
     want = full_logits_loss(model, b)
@@ -79,6 +82,7 @@ def test_chunked_loss_never_makes_the_full_logits(model: Any, monkeypatch: pytes
 
 def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: 16)
+    monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", 100)  # bf16 blocks added into the fp32 weight gradient
     b, results = batch(), {}
     for impl in ("logits", "chunked"):
         model.zero_grad()
