@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in results:
         print(f"{r['loss']:<10} | {r['measured_mib']:>24,.0f} | {r['planned_mib']:>25,.0f}")
     names = list(dict.fromkeys(name for r in results for name in r["phases"]))
-    print(f"where the peak is (resident MiB above the step's start, sampled every 0.5 ms): " + "; ".join(
+    print("where the peak is (resident MiB above the step's start, sampled every 0.5 ms): " + "; ".join(
         f"{r['loss']}: " + ", ".join(f"{n} {r['phases'][n]:,.0f}" for n in names if n in r["phases"]) for r in results))
     print(f"drop: measured {drop_measured:,.0f} MiB, planned {drop_planned:,.0f} MiB: {off:.1%} apart "
           f"(goal <= {GOAL:.0%}: {'yes' if off <= GOAL else 'NO'})")  # fmt: skip

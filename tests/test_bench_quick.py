@@ -33,7 +33,7 @@ QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers
     "ablate_cpu_step": (lambda m: [name for name, *_ in m.CONFIGS], "QUICK: not a result", 200),
     "load_memory": (lambda m: [name for name, _ in m.CONFIGS], "QUICK (tiny model): not a result", 360),
     "dpo_throughput": (lambda m: list(m.SIDES.values()), "quick mode", 360),
-    "loss_memory": (lambda m: ["logits", "chunked", "drop: measured"], "QUICK: not a result", 200),
+    "loss_memory": (lambda m: ["logits", "chunked", "drop: measured", "where the peak is", "forward, head and loss", "backward"], "QUICK: not a result", 200),
 }
 
 

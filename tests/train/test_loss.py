@@ -80,6 +80,36 @@ def test_chunked_loss_never_makes_the_full_logits(model: Any, monkeypatch: pytes
     assert len(shapes) == -(-n // rows) and all(s[0] <= rows and s[1] == 512 for s in shapes)
 
 
+def test_the_head_weight_gradient_is_never_one_whole_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk's weight-gradient product is made WEIGHT_GRAD_BLOCK vocabulary rows at a time, so
+    under bf16 autocast no [vocab, hidden] product (nor its fp32 upcast on CPU) exists beside the
+    fp32 accumulator: every matmul the chunked head runs has at most max(block, rows) rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulShapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    vocab, hidden, rows, block = 512, 16, 7, 100
+    monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, hidden, generator=g, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (30,), generator=g)
+    with MatmulShapes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_head_loss(h, w, None, targets, rows=rows)
+    weight_grads = [s for s in seen.shapes if s[1] == hidden and s[0] > rows]
+    assert weight_grads and all(s[0] <= block for s in weight_grads), seen.shapes
+    assert len(weight_grads) == -(-30 // rows) * -(-vocab // block)  # every chunk, every block
+
+
 def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: 16)
     monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", 100)  # bf16 blocks added into the fp32 weight gradient
