@@ -18,7 +18,8 @@ program, and compiling it too would cost more than it saves over a few hundred t
 
 The first optimizer step pays the compile (its ``tokens_per_s`` shows it; the trainer prints it);
 inductor keeps compiled kernels in its on-disk cache, so a rerun of the same model and shapes
-compiles in a few seconds.
+compiles in a few seconds, and on CPU ftl keeps there the verdict of inductor's per-process ISA
+probe (:mod:`launcher.model.isa_probe`), ~2 s of every later compiled run's first step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from launcher.model import attention
+from launcher.model.isa_probe import reuse_isa_probe
 
 
 def compiles(setting: Optional[bool], device: torch.device, engine_ok: bool = True) -> bool:
@@ -54,8 +56,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile each decoder layer's forward in place (state-dict keys unchanged); returns how many."""
+def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = None) -> int:
+    """Compile each decoder layer's forward in place (state-dict keys unchanged); returns how many.
+    For a CPU ``device``, inductor's vector-ISA probe is reused from an earlier run on this machine
+    (:mod:`launcher.model.isa_probe`)."""
+    if device is not None and device.type == "cpu":
+        reuse_isa_probe()
     attention.register(compiled=True)
     layers = decoder_layers(model)
     for layer in layers:

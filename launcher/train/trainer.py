@@ -360,7 +360,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
         model = apply_peft(model, cfg.peft)
     if compiles(cfg.train.compile, device, engine_traits(cfg.strategy).compiles_layers):  # before any engine wraps or shards it (see launcher.model.compile)
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, device)
     return model, tokenizer
 
 
