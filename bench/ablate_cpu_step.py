@@ -10,7 +10,9 @@ Configurations (each adds one change to the one before):
 3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.model.attention`);
 4. + fused AdamW (ftl before its second speed round: ``train.loss=logits train.compile=false``);
 5. + the head and loss in chunks, never the full logits (``train.loss=chunked``, :mod:`launcher.train.loss`);
-6. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`): what ``ftl train`` runs.
+6. + short examples' attention in three ops each instead of SDPA one by one
+   (:func:`launcher.model.attention.short_causal`; the rows above run ``sdpa_per_example``);
+7. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`): what ``ftl train`` runs.
 
 A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
 take turns on one model, round by round on the same packs (a slow spell of a shared machine hits
@@ -34,14 +36,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# name, attention, loss (full: logits everywhere; else train.loss), fused AdamW, compiled layers
+# name, attention (sdpa_varlen+: with the short-example path), loss (full: logits everywhere; else
+# train.loss), fused AdamW, compiled layers
 CONFIGS = [
     ("transformers sdpa, full logits, for-each AdamW", "sdpa", "full", False, False),
     ("+ loss at labelled positions only", "sdpa", "logits", False, False),
     ("+ sdpa_varlen", "sdpa_varlen", "logits", False, False),
     ("+ fused AdamW", "sdpa_varlen", "logits", True, False),
     ("+ chunked head and loss", "sdpa_varlen", "chunked", True, False),
-    ("+ compiled decoder layers (ftl train)", "sdpa_varlen", "chunked", True, True),
+    ("+ short examples' attention in three ops", "sdpa_varlen+", "chunked", True, False),
+    ("+ compiled decoder layers (ftl train)", "sdpa_varlen+", "chunked", True, True),
 ]
 
 
@@ -75,8 +79,11 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], float]:
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
+    short_path = attention.per_example
+
     def step(batch: dict[str, Any], attn: str, loss_impl: str, fused: bool, compiled: bool) -> float:
-        model.config._attn_implementation = attn
+        model.config._attn_implementation = attn.rstrip("+")
+        attention.per_example = short_path if attn.endswith("+") else attention.sdpa_per_example
         with contextlib.nullcontext() if compiled else eager():
             return timed_step(batch, loss_impl, fused)
 

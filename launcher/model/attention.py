@@ -10,9 +10,13 @@ flash-attention's varlen kernel does on GPU. The result is the same attention (t
 
 Everything that is not a packed training forward goes to transformers' ``sdpa`` unchanged:
 padded batches (a 2-D ``attention_mask`` with zeros), decoding with a KV cache (query shorter than
-keys), rows without restarts. On CPU, examples shorter than :data:`MATH_BELOW` tokens use SDPA's
-math kernel, which is faster there than the flash kernel for short rows (measured on the project's
-2-core machine: 85-token examples, SmolLM2 head shapes, forward + backward, 20 ms against 32 ms per 2,048 tokens per layer).
+keys), rows without restarts. On CPU, examples shorter than :data:`MATH_BELOW` tokens skip SDPA's
+flash kernel, slower there for short rows (measured on the project's 2-core machine: 85-token
+examples, SmolLM2 head shapes, forward + backward, 32 ms against 20 ms for SDPA's math kernel per
+2,048 tokens per layer), and SDPA altogether: :func:`short_causal` computes what the math kernel
+does (fp32 scores, softmax, weighted values) in three ops per example instead of about a dozen,
+on fp32 copies of the batch made once (1.5× faster per layer than the math kernel one by one,
+~4% of a compiled SmolLM2 step's CPU time; docs/BENCHMARKS.md).
 On an Ampere, Ada or Hopper GPU (bf16/fp16, no dropout) a packed batch is one call of PyTorch's own
 flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.11+) instead of a Python
 loop over examples; elsewhere the loop runs. Under autocast over fp32 weights (the single, ddp and
@@ -53,7 +57,7 @@ if not {"window_size", "scale"} <= _VARLEN_PARAMS:  # PyTorch 2.9/2.10's prototy
 VARLEN_GQA = varlen_attn is not None and "enable_gqa" in _VARLEN_PARAMS
 
 NAME = "sdpa_varlen"
-MATH_BELOW = 256  # CPU: examples shorter than this use the math kernel (see the module docstring)
+MATH_BELOW = 256  # CPU: examples shorter than this take short_causal, longer ones SDPA's flash kernel (module docstring)
 # Packed attention calls since the last take_calls(), by path: "flash" (one varlen kernel call for
 # the micro-batch) or "loop" (one SDPA call per example).
 CALLS: Counter[str] = Counter()
@@ -187,13 +191,60 @@ def varlen_attention_forward(
         return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA,
                             offsets=segments.offsets(query.device)), None  # fmt: skip
     CALLS["loop"] += 1
-    parts = [
-        _attend(q, k, v, scale=scaling, dropout=dropout, window=window)
-        for q, k, v in zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
-    ]
     batch, heads, width, dim = query.shape
-    out = torch.cat(parts, dim=2)[0].reshape(heads, batch, width, dim)
-    return out.permute(1, 2, 0, 3).contiguous(), None
+    out = per_example(query, key, value, lengths, scale=scaling, dropout=dropout, window=window)
+    return out[0].reshape(heads, batch, width, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
+                dropout: float, window: Optional[int]) -> torch.Tensor:  # fmt: skip
+    """[b, heads, L, d] rows of packed examples (``lengths``, rows end to end) → [1, heads, b·L, d]:
+    one causal attention per example. On CPU the short ones go to :func:`short_causal`, on fp32
+    copies of the batch made once (key/value heads repeated once too); the rest to SDPA one by one
+    (:func:`_attend`)."""
+    short = [query.device.type == "cpu" and n < MATH_BELOW and not dropout and (window is None or n <= window) for n in lengths]
+    if not any(short):
+        return sdpa_per_example(query, key, value, lengths, scale=scale, dropout=dropout, window=window)
+    parts: list[Optional[torch.Tensor]] = [None] * len(lengths)
+    if not all(short):
+        for i, (q, k, v) in enumerate(zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))):
+            if not short[i]:
+                parts[i] = _attend(q, k, v, scale=scale, dropout=dropout, window=window)
+    groups = query.shape[1] // key.shape[1]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+    def fp32(t: torch.Tensor) -> torch.Tensor:  # [b, heads, L, d] → [heads, b·L, d] fp32, layout and dtype in one copy
+        return t.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).reshape(t.shape[1], -1, t.shape[3])
+
+    q32 = (fp32(query) * scale).split(lengths, dim=1)  # scaled once here, not in every example's backward
+    k32, v32 = (fp32(t).repeat_interleave(groups, dim=0).split(lengths, dim=1) for t in (key, value))
+    for i, (q, k, v) in enumerate(zip(q32, k32, v32)):
+        parts[i] = short_causal(q, k, v) if short[i] else parts[i][0].float()
+    return torch.cat(parts, dim=1).to(query.dtype)[None]
+
+
+def sdpa_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
+                     dropout: float, window: Optional[int]) -> torch.Tensor:  # fmt: skip
+    """:func:`per_example`'s contract, every example through SDPA (GPUs; and on CPU the reference
+    that the short path is tested and benchmarked against)."""
+    examples = zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
+    return torch.cat([_attend(q, k, v, scale=scale, dropout=dropout, window=window) for q, k, v in examples], dim=2)
+
+
+_BIAS: dict[torch.device, torch.Tensor] = {}
+
+
+def short_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one short example on CPU: [heads, n, d] each, fp32, the queries already
+    scaled, key/value heads already repeated to the query heads. What SDPA's math kernel computes
+    (it upcasts half precision to fp32 too), in three ops (scores plus the causal bias, softmax,
+    weighted values) where SDPA spends about a dozen per example: mask building, casts, a check for
+    rows with nothing to attend to (a causal row never is)."""
+    n = q.shape[1]
+    if q.device not in _BIAS:
+        _BIAS[q.device] = torch.full((MATH_BELOW, MATH_BELOW), float("-inf"), device=q.device).triu(1)
+    scores = torch.baddbmm(_BIAS[q.device][:n, :n], q, k.transpose(1, 2))
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 def one_kernel(query: torch.Tensor, dropout: float) -> bool:

@@ -127,6 +127,46 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path for short examples (fp32 copies of the batch, three ops per example) gives
+    SDPA's outputs and gradients, with grouped key/value heads, several rows, and a long example
+    (>= MATH_BELOW) among the short ones, which still goes to SDPA; both paths run fp32 math."""
+    g = torch.Generator().manual_seed(11)
+    width = 2 * attention.MATH_BELOW
+    lengths = [37, 1, 120, width - 158, attention.MATH_BELOW + 4, 90, width - attention.MATH_BELOW - 94]  # two rows
+    q0, k0, v0, grad = (torch.randn(2, h, width, 16, generator=g).to(dtype) for h in (6, 2, 2, 6))
+    shorts = []
+    short = attention.short_causal
+    monkeypatch.setattr(attention, "short_causal", lambda q, *a: shorts.append(q.shape[1]) or short(q, *a))
+
+    def run(f: Any, **kw: Any) -> list[torch.Tensor]:
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = f(q, k, v, lengths, scale=0.3, dropout=0.0, window=None, **kw)
+        out.backward(grad.transpose(0, 1).reshape(out.shape))
+        return [out, q.grad, k.grad, v.grad]
+
+    want, got = run(attention.sdpa_per_example), run(attention.per_example)
+    assert sorted(shorts) == sorted(n for n in lengths if n < attention.MATH_BELOW), "every short example took the short path"
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}  # bf16: rounding order
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, msg=name, **tol)
+
+
+def test_dropout_windows_and_gpus_keep_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The short path is causal attention without dropout: dropout, or a sliding window shorter
+    than the example, go to SDPA (a window at least as long as the example changes nothing)."""
+    calls: list[int] = []
+    monkeypatch.setattr(attention, "short_causal", lambda q, *a: calls.append(q.shape[1]) or q)
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
+    attention.per_example(q, k, v, [10, 20], scale=None, dropout=0.1, window=None)
+    attention.per_example(q, k, v, [10, 20], scale=None, dropout=0.0, window=15)
+    assert calls == [10], "only the example within the window"
+    attention.per_example(q, k, v, [10, 20], scale=None, dropout=0.0, window=None)
+    assert calls == [10, 10, 20]
+
+
 @pytest.mark.parametrize("native_gqa", [True, False])
 @pytest.mark.parametrize("window", [None, 6, 500])
 def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any, native_gqa: bool) -> None:
@@ -182,14 +222,14 @@ def test_autocast_over_fp32_weights_gives_the_kernel_half_precision_queries(tok:
     model = tiny(tok, attention.NAME).train()
     arrived: list[tuple[torch.dtype, ...]] = []
     attended: list[torch.dtype] = []
-    cast, attend = attention.autocast_inputs, attention._attend
+    cast, attend = attention.autocast_inputs, attention.per_example
     monkeypatch.setattr(attention, "autocast_inputs", lambda *t: arrived.append(tuple(x.dtype for x in t)) or cast(*t))
-    monkeypatch.setattr(attention, "_attend", lambda q, *a, **kw: attended.append(q.dtype) or attend(q, *a, **kw))
+    monkeypatch.setattr(attention, "per_example", lambda q, *a, **kw: attended.append(q.dtype) or attend(q, *a, **kw))
     ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=packed_positions(), use_cache=False)
     assert arrived == [(torch.float32, torch.float32, torch.bfloat16)] * 2, "what RoPE hands over, per layer"
-    assert set(attended) == {torch.bfloat16}, "every example's attention got bf16 queries"
+    assert attended == [torch.bfloat16] * 2, "every layer's per-example attention got bf16 queries"
     q = torch.randn(1, 4, 8, 16)
     assert attention.autocast_inputs(q)[0].dtype == torch.float32, "no autocast: left alone"
 
