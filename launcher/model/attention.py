@@ -213,13 +213,15 @@ def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, len
     groups = query.shape[1] // key.shape[1]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
 
-    def fp32(t: torch.Tensor) -> torch.Tensor:  # [b, heads, L, d] → [heads, b·L, d] fp32, layout and dtype in one copy
-        return t.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format).reshape(t.shape[1], -1, t.shape[3])
+    work = torch.promote_types(query.dtype, torch.float32)  # fp32 (fp64 stays fp64)
 
-    q32 = (fp32(query) * scale).split(lengths, dim=1)  # scaled once here, not in every example's backward
-    k32, v32 = (fp32(t).repeat_interleave(groups, dim=0).split(lengths, dim=1) for t in (key, value))
+    def wide(t: torch.Tensor) -> torch.Tensor:  # [b, heads, L, d] → [heads, b·L, d] in ``work``, layout and dtype in one copy
+        return t.transpose(0, 1).to(work, memory_format=torch.contiguous_format).reshape(t.shape[1], -1, t.shape[3])
+
+    q32 = (wide(query) * scale).split(lengths, dim=1)  # scaled once here, not in every example's backward
+    k32, v32 = (wide(t).repeat_interleave(groups, dim=0).split(lengths, dim=1) for t in (key, value))
     for i, (q, k, v) in enumerate(zip(q32, k32, v32)):
-        parts[i] = short_causal(q, k, v) if short[i] else parts[i][0].float()
+        parts[i] = short_causal(q, k, v) if short[i] else parts[i][0].to(work)
     return torch.cat(parts, dim=1).to(query.dtype)[None]
 
 
@@ -231,19 +233,19 @@ def sdpa_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat([_attend(q, k, v, scale=scale, dropout=dropout, window=window) for q, k, v in examples], dim=2)
 
 
-_BIAS: dict[torch.device, torch.Tensor] = {}
+_BIAS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def short_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of one short example on CPU: [heads, n, d] each, fp32, the queries already
+    """Causal attention of one short example on CPU: [heads, n, d] each, fp32 (or fp64), the queries already
     scaled, key/value heads already repeated to the query heads. What SDPA's math kernel computes
     (it upcasts half precision to fp32 too), in three ops (scores plus the causal bias, softmax,
     weighted values) where SDPA spends about a dozen per example: mask building, casts, a check for
     rows with nothing to attend to (a causal row never is)."""
-    n = q.shape[1]
-    if q.device not in _BIAS:
-        _BIAS[q.device] = torch.full((MATH_BELOW, MATH_BELOW), float("-inf"), device=q.device).triu(1)
-    scores = torch.baddbmm(_BIAS[q.device][:n, :n], q, k.transpose(1, 2))
+    n, key = q.shape[1], (q.device, q.dtype)
+    if key not in _BIAS:
+        _BIAS[key] = torch.full((MATH_BELOW, MATH_BELOW), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(_BIAS[key][:n, :n], q, k.transpose(1, 2))
     return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 

@@ -127,7 +127,7 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU path for short examples (fp32 copies of the batch, three ops per example) gives
     SDPA's outputs and gradients, with grouped key/value heads, several rows, and a long example
@@ -148,10 +148,11 @@ def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeyp
 
     want, got = run(attention.sdpa_per_example), run(attention.per_example)
     assert sorted(shorts) == sorted(n for n in lengths if n < attention.MATH_BELOW), "every short example took the short path"
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}  # bf16: rounding order
+    # bf16: rounding order; fp64: kept in fp64 (an fp32 detour would miss this by ~1e-7)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == dtype
-        torch.testing.assert_close(a, b, msg=name, **tol)
+        torch.testing.assert_close(a, b, msg=name, rtol=1.6 * tol, atol=tol)
 
 
 def test_dropout_windows_and_gpus_keep_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
