@@ -11,10 +11,11 @@ flags, the Python). When an earlier run on this key found every ISA the flags al
 base probes are skipped through inductor's own switch (``torch._inductor.config.cpp.vec_isa_ok``);
 inductor still runs its few cheap extra checks (BF16, VNNI, AMX tiles). The run that records a
 clean pass sets the switch as well: inductor's on-disk cache keys on its config, and a switch that
-differed between the first run and later ones would make the second run compile everything again. When any ISA failed its
-probe, nothing is remembered and inductor probes every run, as without ftl. A user's own
-``TORCHINDUCTOR_VEC_ISA_OK`` wins. The verdict is a new file per key in inductor's cache
-(``ftl-vec-isa-<key>.json``); ftl never rewrites or deletes one, and deleting the cache forgets it.
+differed between the first run and later ones would make the second run compile everything
+again. When any ISA failed its probe, nothing is remembered and inductor probes every run, as
+without ftl. A user's own ``TORCHINDUCTOR_VEC_ISA_OK`` wins. The verdict is a new file per key in
+inductor's cache (``ftl-vec-isa-<key>.json``); ftl never rewrites or deletes one (a file at that
+name that is not a clean verdict is left alone and the probes run), and deleting the cache forgets it.
 
 x86-64 Linux only (the probes measured); elsewhere inductor probes as usual.
 """
@@ -26,11 +27,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from launcher.files import write_atomic
 
 VERDICT_PREFIX = "ftl-vec-isa-"
 
@@ -68,7 +70,8 @@ def inductor_cache_dir() -> Path:
 def reuse_isa_probe(cache_dir: Optional[Path] = None) -> str:
     """Before compiling for the CPU: skip inductor's ISA probes if this machine passed them before,
     else run them now (inductor keeps the answer for the process) and remember a clean pass.
-    Returns what happened: ``reused``, ``recorded``, ``probed`` (some ISA failed: not remembered),
+    Returns what happened: ``reused``, ``recorded``, ``probed`` (some ISA failed, or an unusable
+    file holds the verdict's name: not remembered),
     ``user`` (``vec_isa_ok`` set by the user) or ``unsupported``."""
     from torch._inductor import config
 
@@ -79,21 +82,21 @@ def reuse_isa_probe(cache_dir: Optional[Path] = None) -> str:
         return "unsupported"
     cache_dir = cache_dir if cache_dir is not None else inductor_cache_dir()
     path = verdict_path(cache_dir, print_)
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = None
+    stored: Any = None
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = "unreadable"
     if isinstance(stored, dict) and stored.get("fingerprint") == print_ and stored.get("passed") == print_["allowed"]:
         config.cpp.vec_isa_ok = True
         return "reused"
     from torch._inductor import cpu_vec_isa
 
     passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # the probes (inductor's cached answer hereafter)
-    if passed != print_["allowed"]:
+    if passed != print_["allowed"] or stored is not None:  # a failed probe, or a file there that is not a clean verdict: left alone
         return "probed"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".ftl-vec-isa-", delete=False) as tmp:
-        json.dump({"fingerprint": print_, "passed": passed}, tmp, indent=1)
-    os.replace(tmp.name, path)  # the same content if another process recorded it meanwhile
+    write_atomic(path, json.dumps({"fingerprint": print_, "passed": passed}, indent=1))  # a racing process writes the same
     config.cpp.vec_isa_ok = True  # true now too: inductor's cache keys on it, so every later run hits this run's kernels
     return "recorded"

@@ -51,11 +51,12 @@ def test_another_fingerprint_or_a_tampered_verdict_is_not_reused(tmp_path: Path,
     monkeypatch.setattr(isa_probe, "fingerprint", lambda: real)
     path = isa_probe.verdict_path(tmp_path, real)
     stored = json.loads(path.read_text())
-    path.write_text(json.dumps({**stored, "passed": stored["passed"][1:]}))  # a verdict that is not a clean pass
-    assert isa_probe.reuse_isa_probe(tmp_path) == "recorded"
-    config.cpp.vec_isa_ok = None
-    path.write_text("{not json")
-    assert isa_probe.reuse_isa_probe(tmp_path) == "recorded"
+    tampered = json.dumps({**stored, "passed": stored["passed"][1:]})  # a verdict that is not a clean pass
+    for text in (tampered, "{not json"):
+        path.write_text(text)
+        assert isa_probe.reuse_isa_probe(tmp_path) == "probed"
+        assert config.cpp.vec_isa_ok is None, "not trusted"
+        assert path.read_text() == text, "not ftl's verdict: left alone"
 
 
 def test_a_failed_probe_is_not_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,3 +89,20 @@ def test_a_reused_verdict_gives_inductor_the_isas_its_probes_find(tmp_path: Path
             for _ in range(2)]  # fmt: skip
     assert [how for how, _ in runs] == ["recorded", "reused"]
     assert runs[0][1] == runs[1][1]
+
+
+def test_compiling_for_the_cpu_reuses_the_probe_and_nothing_else_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import tiny
+    from transformers import AutoTokenizer
+
+    from launcher.model import compile as compile_mod
+    from launcher.paths import asset
+
+    calls: list[str] = []
+    monkeypatch.setattr(compile_mod, "reuse_isa_probe", lambda: calls.append("probe") or "reused")
+    tok = AutoTokenizer.from_pretrained(asset("tiny-tokenizer"))
+    compile_mod.compile_decoder_layers(tiny(tok, "sdpa_varlen"), torch.device("cpu"))
+    assert calls == ["probe"]
+    compile_mod.compile_decoder_layers(tiny(tok, "sdpa_varlen"), torch.device("meta"))
+    compile_mod.compile_decoder_layers(tiny(tok, "sdpa_varlen"))
+    assert calls == ["probe"], "only a CPU device"
