@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from launcher.config.compose import recipe_files
 
-HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "wandb")
+# An HTTP client among them: huggingface_hub's cache lookup brings one, and a model that is not in
+# the local cache (the empty one below) must not pay for it.
+HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "wandb", "datasets", "httpx", "httpx2", "requests",
+         "huggingface_hub.file_download")  # fmt: skip
 
 
 def ftl(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -19,26 +22,26 @@ def ftl(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("recipe", ["llama3-70b-full-zero3-multinode", "llama3-8b-full-zero3", "demo"])
-def test_plan_imports_no_heavy_module(recipe):
+def test_plan_imports_no_heavy_module(recipe, tmp_path):
+    """`ftl plan` is a config tool. How long it takes is bench/throughput.py's to measure, against
+    `import torch` in the same run: a timed test would measure a shared CI machine's neighbours."""
     code = (
         "import sys; from launcher.cli import main; rc = main(['plan', 'recipe=%s']); "
         "heavy = [m for m in %r if m in sys.modules]; "
         "print('HEAVY', heavy); sys.exit(rc or (3 if heavy else 0))"
     ) % (recipe, HEAVY)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "HEAVY []" in out.stdout
 
 
-def test_plan_is_fast_and_launches_nothing(tmp_path):
-    start = time.perf_counter()
+def test_plan_launches_nothing(tmp_path):
     out = ftl("plan", "recipe=tiny", f"run.dir={tmp_path / 'run'}")
-    elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert "global batch 4 sequences" in out.stdout
     assert "launcher.train --config" in out.stdout and "nothing launched" in out.stdout
     assert not (tmp_path / "run").exists(), "ftl plan must write nothing"
-    print(f"ftl plan took {elapsed:.2f}s (interpreter start included)")
 
 
 def test_plan_shows_distributed_command():

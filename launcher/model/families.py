@@ -256,10 +256,17 @@ def _load_json(file: Path) -> dict[str, Any]:
 
 def _cached_hub_file(repo_id: str, filename: str, revision: Optional[str]) -> Optional[str]:
     try:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub import constants
     except ImportError:  # transformers brings huggingface_hub; without it there is no cache to read
         return None
+    # The repo's folder in the cache first (huggingface_hub's own cache dir and documented layout,
+    # models--ORG--NAME): when it is absent, as for most recipes' big models, nothing is cached and
+    # the lookup is skipped, with the quarter second its imports (an HTTP client) cost `ftl plan`.
+    if not (Path(constants.HF_HUB_CACHE) / constants.REPO_ID_SEPARATOR.join(["models", *repo_id.split("/")])).is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
     try:
         found = try_to_load_from_cache(repo_id, filename, revision=revision)
     except HFValidationError:  # not a valid repo id: nothing cached under it

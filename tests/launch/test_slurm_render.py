@@ -110,18 +110,11 @@ def test_golden_nodes_and_gpus():
         assert "#SBATCH" not in body.split("\n", 1)[1], "sbatch stops reading #SBATCH at the first command"
 
 
-def test_plan_for_the_multinode_recipe_is_fast_and_imports_no_torch(tmp_path):
-    # CPU seconds, imports included: wall time on a shared 2-core CI machine measures the neighbours.
-    code = (
-        "import sys, time; t = time.process_time(); from launcher.cli import main; "
-        "rc = main(['plan', 'recipe=llama3-70b-full-zero3-multinode']); "
-        "print('ELAPSED', time.process_time() - t); print('TORCH', 'torch' in sys.modules); sys.exit(rc)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+def test_plan_for_the_multinode_recipe_shows_the_script_it_would_submit(tmp_path):
+    """What it imports is tests/test_cli.py's; how long it takes, bench/throughput.py's."""
+    out = subprocess.run([sys.executable, "-m", "launcher", "plan", "recipe=llama3-70b-full-zero3-multinode"], check=False,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "TORCH False" in out.stdout
-    elapsed = float(out.stdout.split("ELAPSED ")[1].split()[0])
-    assert elapsed < 1.0, f"ftl plan took {elapsed:.2f} CPU seconds"
     script = out.stdout.split("/job.sbatch ---\n", 1)[1].split("\n---\n", 1)[0]
     assert "#SBATCH --nodes=4\n" in script
     bash_n(script, tmp_path)
