@@ -31,6 +31,7 @@ def run_script(name: str, *args: str, timeout: float, **env: str) -> subprocess.
 QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers as no result, seconds)
     "throughput": (lambda m: [*m.TRAIN_ROWS, *m.OTHER_ROWS], "quick mode", 200),
     "ablate_cpu_step": (lambda m: [name for name, *_ in m.CONFIGS], "QUICK: not a result", 200),
+    "cpu_allocator": (lambda m: [*m.SIDES, "later steps, glibc default / ftl", "losses identical across all runs: yes"], "QUICK (tiny model): not a result", 200),
     "cpu_attention": (lambda m: [*m.SIDES, "speed-up of the short-example path"], "QUICK: not a result", 120),
     "load_memory": (lambda m: [name for name, _ in m.CONFIGS], "QUICK (tiny model): not a result", 360),
     "dpo_throughput": (lambda m: list(m.SIDES.values()), "quick mode", 360),

@@ -26,7 +26,30 @@ def _env(cfg: FtlConfig) -> dict[str, str]:
     threads = cpu_threads(cfg)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
+    for key, value in cpu_malloc_env(cfg).items():
+        env.setdefault(key, value)
     return env
+
+
+# glibc's malloc gives every block above its mmap threshold (32 MiB at most) back to the kernel when
+# it is freed, and serves the next one from fresh pages, zeroed one page fault at a time. A CPU step
+# makes dozens of such blocks (the loss's chunk logits, the head's and embeddings' gradients,
+# optimizer temporaries); on a virtual machine the faults cost more than the arithmetic on them. With
+# mmap off and the heap's top never trimmed, freed blocks are reused. Measured in bench/cpu_allocator.py.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+MALLOC_KEYS = (*CPU_MALLOC_ENV, "GLIBC_TUNABLES")
+
+
+def cpu_malloc_env(cfg: FtlConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """:data:`CPU_MALLOC_ENV` for training on CPU, unless malloc is tuned already (launch.env or the
+    environment). Not with a GPU: the host heap would keep for the whole run the memory a rank held
+    only while it loaded the model."""
+    env = os.environ if environ is None else environ
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and visible_gpus(env) > 0):
+        return {}
+    if any(key in cfg.launch.env or key in env for key in MALLOC_KEYS):
+        return {}
+    return dict(CPU_MALLOC_ENV)
 
 
 def cpu_threads(cfg: FtlConfig) -> int | None:
