@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
@@ -26,7 +26,7 @@ def _env(cfg: FtlConfig) -> dict[str, str]:
     threads = cpu_threads(cfg)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    for key, value in cpu_malloc_env(cfg).items():
+    for key, value in cpu_malloc_env(cfg, visible_gpus(), os.environ).items():
         env.setdefault(key, value)
     return env
 
@@ -40,14 +40,14 @@ CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 MALLOC_KEYS = (*CPU_MALLOC_ENV, "GLIBC_TUNABLES")
 
 
-def cpu_malloc_env(cfg: FtlConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """:data:`CPU_MALLOC_ENV` for training on CPU, unless malloc is tuned already (launch.env or the
-    environment). Not with a GPU: the host heap would keep for the whole run the memory a rank held
-    only while it loaded the model."""
-    env = os.environ if environ is None else environ
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and visible_gpus(env) > 0):
+def cpu_malloc_env(cfg: FtlConfig, gpus: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """:data:`CPU_MALLOC_ENV` for training on CPU, unless malloc is tuned already (``launch.env``
+    or ``environ``). Not when a GPU trains (``train.device=cuda``, or ``auto`` with ``gpus``
+    visible): the host heap would keep for the whole run the memory a rank held only while it
+    loaded the model."""
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus > 0):
         return {}
-    if any(key in cfg.launch.env or key in env for key in MALLOC_KEYS):
+    if any(key in cfg.launch.env or key in environ for key in MALLOC_KEYS):
         return {}
     return dict(CPU_MALLOC_ENV)
 

@@ -175,7 +175,7 @@ def secret_env(cfg: FtlConfig) -> dict[str, str]:
 
 def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:
     from launcher.config.topology import gpus_per_node
-    from launcher.launch.local import CPU_MALLOC_ENV, MALLOC_KEYS
+    from launcher.launch.local import cpu_malloc_env
     from launcher.plan.timing import io_timeout_s
 
     launch = cfg.launch
@@ -211,8 +211,8 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "srun_wait_s": SRUN_WAIT_S,
         "nproc": nproc_per_node(cfg),
         "cpu_threads": cfg.train.device != "cuda" and "OMP_NUM_THREADS" not in launch.env,
-        "cpu_malloc": cfg.train.device != "cuda" and gpus_per_node(cfg) == 0 and not any(k in launch.env for k in MALLOC_KEYS),
-        "malloc_env": CPU_MALLOC_ENV,
+        # the job's own environment is checked on the node, by the script
+        "malloc_env": cpu_malloc_env(cfg, gpus_per_node(cfg), {}),
         "cuda": gpus_per_node(cfg) > 0,
         "socket_ifname": launch.socket_ifname,
         "hf_home": launch.hf_home,

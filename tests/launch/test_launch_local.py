@@ -63,21 +63,23 @@ def test_cpu_ranks_share_the_cores_and_ftl_eval_takes_the_same_count(tmp_path: P
 
 
 def test_cpu_training_tunes_malloc_unless_it_is_tuned_already_or_a_gpu_trains(tmp_path: Path, monkeypatch):
-    from launcher.launch.local import CPU_MALLOC_ENV, cpu_malloc_env
+    from launcher.launch.local import CPU_MALLOC_ENV, MALLOC_KEYS, cpu_malloc_env
 
-    assert cpu_malloc_env(cfg_of(), {}) == CPU_MALLOC_ENV
-    assert cpu_malloc_env(cfg_of("train.device=auto"), {"CUDA_VISIBLE_DEVICES": ""}) == CPU_MALLOC_ENV
-    assert cpu_malloc_env(cfg_of("train.device=cpu"), {"CUDA_VISIBLE_DEVICES": "0"}) == CPU_MALLOC_ENV
-    assert cpu_malloc_env(cfg_of("train.device=auto"), {"CUDA_VISIBLE_DEVICES": "0"}) == {}  # a GPU will train
-    assert cpu_malloc_env(cfg_of("train.device=cuda"), {}) == {}
-    for key in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
-        assert cpu_malloc_env(cfg_of(), {key: "x"}) == {}, key  # the user's own setting stays alone
-        assert cpu_malloc_env(cfg_of(f"+launch.env.{key}=1"), {}) == {}, key
+    assert cpu_malloc_env(cfg_of(), 0, {}) == CPU_MALLOC_ENV
+    assert cpu_malloc_env(cfg_of("train.device=cpu"), 1, {}) == CPU_MALLOC_ENV
+    assert cpu_malloc_env(cfg_of("train.device=auto"), 1, {}) == {}  # a GPU will train
+    assert cpu_malloc_env(cfg_of("train.device=cuda"), 0, {}) == {}
+    for key in MALLOC_KEYS:
+        assert cpu_malloc_env(cfg_of(), 0, {key: "x"}) == {}, key  # the user's own setting stays alone
+        assert cpu_malloc_env(cfg_of(f"+launch.env.{key}=1"), 0, {}) == {}, key
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    for key in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for key in MALLOC_KEYS:
         monkeypatch.delenv(key, raising=False)
     plan = LocalBackend().build(cfg_of("strategy=ddp", "launch.nproc_per_node=2"), tmp_path, tmp_path / "config.yaml")
     assert {k: plan.env[k] for k in CPU_MALLOC_ENV} == CPU_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")  # glibc's default, set by hand: ftl's setting stays out
+    plan = LocalBackend().build(cfg_of(), tmp_path, tmp_path / "config.yaml")
+    assert not any(k in plan.env for k in CPU_MALLOC_ENV)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="CPU_MALLOC_ENV tunes glibc's malloc")
@@ -86,7 +88,7 @@ def test_with_cpu_malloc_env_a_large_tensor_lives_in_the_heap_that_keeps_freed_m
     64 MiB tensor is a mapping of its own, unmapped when freed, so the next one faults in fresh
     pages; with ftl's setting it is carved from the heap ([heap] in /proc/self/maps), which keeps
     what is freed for the next block."""
-    from launcher.launch.local import CPU_MALLOC_ENV
+    from launcher.launch.local import CPU_MALLOC_ENV, MALLOC_KEYS
 
     code = (
         "import torch\n"
@@ -96,7 +98,7 @@ def test_with_cpu_malloc_env_a_large_tensor_lives_in_the_heap_that_keeps_freed_m
         "    lo, hi = (int(x, 16) for x in span.split('-'))\n"
         "    if lo <= address < hi: print('REGION', name[0] if name else 'anonymous')\n"
     )
-    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    base = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS}
     region = {}
     for name, extra in (("default", {}), ("ftl", CPU_MALLOC_ENV)):
         out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, timeout=120)

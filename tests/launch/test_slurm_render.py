@@ -103,6 +103,10 @@ def test_golden_nodes_and_gpus():
     assert "#SBATCH --nodes=4\n" in four and "#SBATCH --gpus-per-node=8\n" in four and "#SBATCH --exclusive\n" in four
     assert "#SBATCH --signal=B:USR1@300\n" in four and "max_requeues=5\n" in four
     assert "export MALLOC_MMAP_MAX_=0\n" in one and "MALLOC_MMAP_MAX_" not in four  # CPU training only
+    from launcher.launch.local import MALLOC_KEYS
+
+    guard = next(line for line in one.splitlines() if line.startswith('if [ -z "${GLIBC_TUNABLES'))
+    assert all(f"${{{key}:-}}" in guard for key in MALLOC_KEYS), guard  # the job's own malloc settings win
     assert "\nmodule load cuda/12.4\nsource /opt/venvs/ftl/bin/activate\n" in four
     assert "export HF_HOME='/scratch/hf cache'\n" in four
     for text in (one, four):
