@@ -12,7 +12,9 @@ Configurations (each adds one change to the one before):
 5. + the head and loss in chunks, never the full logits (``train.loss=chunked``, :mod:`launcher.train.loss`);
 6. + short examples' attention in three ops each instead of SDPA one by one
    (:func:`launcher.model.attention.short_causal`; the rows above run ``sdpa_per_example``);
-7. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`): what ``ftl train`` runs.
+7. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`);
+8. + the residual stream in bf16 (the embeddings' output cast, ``train.fp32_residual=false``,
+   :func:`launcher.train.device.bf16_residual_stream`): what ``ftl train`` runs.
 
 A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
 take turns on one model, round by round on the same packs (a slow spell of a shared machine hits
@@ -37,15 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # name, attention (sdpa_varlen+: with the short-example path), loss (full: logits everywhere; else
-# train.loss), fused AdamW, compiled layers
+# train.loss), fused AdamW, compiled layers, bf16 residual stream
 CONFIGS = [
-    ("transformers sdpa, full logits, for-each AdamW", "sdpa", "full", False, False),
-    ("+ loss at labelled positions only", "sdpa", "logits", False, False),
-    ("+ sdpa_varlen", "sdpa_varlen", "logits", False, False),
-    ("+ fused AdamW", "sdpa_varlen", "logits", True, False),
-    ("+ chunked head and loss", "sdpa_varlen", "chunked", True, False),
-    ("+ short examples' attention in three ops", "sdpa_varlen+", "chunked", True, False),
-    ("+ compiled decoder layers (ftl train)", "sdpa_varlen+", "chunked", True, True),
+    ("transformers sdpa, full logits, for-each AdamW", "sdpa", "full", False, False, False),
+    ("+ loss at labelled positions only", "sdpa", "logits", False, False, False),
+    ("+ sdpa_varlen", "sdpa_varlen", "logits", False, False, False),
+    ("+ fused AdamW", "sdpa_varlen", "logits", True, False, False),
+    ("+ chunked head and loss", "sdpa_varlen", "chunked", True, False, False),
+    ("+ short examples' attention in three ops", "sdpa_varlen+", "chunked", True, False, False),
+    ("+ compiled decoder layers", "sdpa_varlen+", "chunked", True, True, False),
+    ("+ residual stream in bf16 (ftl train)", "sdpa_varlen+", "chunked", True, True, True),
 ]
 
 
@@ -64,6 +67,7 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], float]:
     from launcher.model.compile import compile_decoder_layers, eager
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import load_config
+    from launcher.train.device import bf16_residual_stream
     from launcher.train.loss import next_token_loss
 
     cfg = load_config([f"recipe={recipe}", "train.seq_len=512"]).cfg
@@ -81,11 +85,16 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], float]:
 
     short_path = attention.per_example
 
-    def step(batch: dict[str, Any], attn: str, loss_impl: str, fused: bool, compiled: bool) -> float:
+    def step(batch: dict[str, Any], attn: str, loss_impl: str, fused: bool, compiled: bool, bf16_stream: bool) -> float:
         model.config._attn_implementation = attn.rstrip("+")
         attention.per_example = short_path if attn.endswith("+") else attention.sdpa_per_example
-        with contextlib.nullcontext() if compiled else eager():
-            return timed_step(batch, loss_impl, fused)
+        cast = bf16_residual_stream(model) if bf16_stream else None
+        try:
+            with contextlib.nullcontext() if compiled else eager():
+                return timed_step(batch, loss_impl, fused)
+        finally:
+            if cast is not None:
+                cast.remove()
 
     def timed_step(batch: dict[str, Any], loss_impl: str, fused: bool) -> float:
         start = time.perf_counter()
@@ -105,11 +114,11 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], float]:
     first_compiled = float("nan")
     for i in range(steps):
         batch = collate([packs[(4 * i + j) % len(packs)] for j in range(4)], tok.pad_token_id)
-        for name, attn, loss_impl, fused, compiled in CONFIGS:
-            seconds = step(batch, attn, loss_impl, fused, compiled)
+        for name, *config in CONFIGS:
+            seconds = step(batch, *config)
             if i > 0:
                 times[name].append(seconds)
-            elif compiled:
+            elif config[3] and not config[4]:  # the first compiled configuration
                 first_compiled = seconds
     return times, first_compiled
 

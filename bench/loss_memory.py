@@ -49,14 +49,14 @@ def worker(recipe: str, impl: str, rows: int, seq_len: int) -> dict[str, Any]:
 
     from launcher.data.types import IGNORE_INDEX
     from launcher.engines.common import build_param_groups
-    from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import load_config
     from launcher.train.loss import next_token_loss
+    from launcher.train.trainer import build_model
 
     torch.set_num_threads(2)
-    cfg = load_config([f"recipe={recipe}"]).cfg
+    cfg = load_config([f"recipe={recipe}", "train.precision=bf16", "train.compile=false"]).cfg
     torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    model, _ = build_model(cfg, torch.device("cpu"))  # as ftl trains it: fp32 weights, the residual stream in bf16
     model.train()
     opt = torch.optim.AdamW(build_param_groups(model, 0.0), lr=1e-5, fused=True)
     vocab = model.get_output_embeddings().weight.shape[0]

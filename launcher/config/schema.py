@@ -374,6 +374,9 @@ class TrainConfig:
     seq_len: int = ranged(1024, 8)
     seed: int = ranged(42, 0, 2**32 - 1)  # numpy takes 32-bit seeds
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
+    # bf16 over fp32 weights (single, ddp): true keeps the hidden states between decoder layers in
+    # fp32, as HF Trainer's autocast does; false, in bf16, as FSDP and DeepSpeed do (launcher/train/device.py)
+    fp32_residual: bool = False
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
     device: str = choice("auto", "auto", "cpu", "cuda")
     log_every: int = ranged(1, 1)

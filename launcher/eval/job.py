@@ -163,6 +163,8 @@ def run_job(job_path: Path) -> int:
         torch.manual_seed(cfg.train.seed)
         with phase(f"eval: loading {job['model']}"):
             loaded = load_model(job["model"], device=device)
+        stream = _as_trained(cfg, device)
+        stream(loaded.model)
         eval_ds = _eval_split(cfg, loaded, dist)
         kwargs = dict(device=device, autocast_dtype=autocast_dtype(cfg.train.precision, device), reduce_fn=all_reduce_sum,
                       rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
@@ -174,6 +176,7 @@ def run_job(job_path: Path) -> int:
         if job["baseline"]:
             with phase("eval: loading the baseline"):
                 model, context = _baseline(job["baseline"], loaded, cfg, device)
+                stream(model)
             with context:
                 results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
                                              loss_metrics=pairs and (lambda: pairs(model)))  # fmt: skip
@@ -234,6 +237,19 @@ def _eval_split(cfg: Any, loaded: Any, dist: Any) -> Any:
     if loaded.chat_template and not eval_ds.chat_template:
         eval_ds.chat_template = loaded.chat_template
     return eval_ds
+
+
+def _as_trained(cfg: Any, device: Any) -> Any:
+    """model -> None: the residual stream in the dtype the run trained it in (bf16 under bf16
+    autocast unless ``train.fp32_residual``: :func:`launcher.train.device.bf16_residual_stream`),
+    so this eval computes what the run's own evals did."""
+    import torch
+
+    from launcher.train.device import autocast_dtype, bf16_residual_stream
+
+    if autocast_dtype(cfg.train.precision, device) == torch.bfloat16 and not cfg.train.fp32_residual:
+        return bf16_residual_stream
+    return lambda model: None
 
 
 def _baseline(which: str, loaded: Any, cfg: Any, device: Any) -> tuple[Any, Any]:

@@ -80,7 +80,7 @@ def reference_key(trainer: Any) -> str:
         digest.update(b"|")
     material = {
         "version": VERSION, "data": digest.hexdigest(), "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
-        "precision": cfg.train.precision, "device": trainer.device.type, "engine": trainer.engine.name,
+        "precision": cfg.train.precision, "fp32_residual": cfg.train.fp32_residual, "device": trainer.device.type, "engine": trainer.engine.name,
         "seed": cfg.train.seed if cfg.model.source == "random" else None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]

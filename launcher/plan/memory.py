@@ -227,6 +227,7 @@ class Workload:
     peft: Peft = field(default_factory=Peft)
     activation_offloading: bool = False  # saved activations in host memory (CUDA)
     loss: str = "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: logits)
+    fp32_residual: bool = False  # train.fp32_residual: bf16 autocast keeps the residual stream in fp32
 
     @property
     def tokens(self) -> int:
@@ -502,8 +503,9 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
     c = DTYPE_BYTES[w.precision]
     t, h, i = w.tokens, a.hidden_size, mlp_width(a)
     full_ft = w.peft.method == "none"
-    # fp32 weights under autocast give an fp32 residual stream; a cast model gives a c one.
-    r = FP32 if (_autocasts(lay) and full_ft) else c
+    # fp32 weights under autocast give an fp32 residual stream unless the trainer casts it to bf16
+    # (launcher.train.device.bf16_residual_stream); a cast model gives a c one.
+    r = FP32 if (_autocasts(lay) and full_ft and (w.precision != "bf16" or w.fp32_residual)) else c
     mask = c * w.micro_batch * w.seq_len**2
     layer = c * t * (7 * h + 4 * i) + 2 * (FP32 + r) * t * h + mask
     if not full_ft:

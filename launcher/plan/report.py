@@ -103,7 +103,7 @@ def workload_of(cfg: FtlConfig, precision: str) -> Workload:
     )  # fmt: skip
     loss = t.loss if cfg.objective.method == "sft" else "logits"  # preference objectives need every token's log-prob
     return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft,
-                    cfg.strategy.activation_offloading, loss)  # fmt: skip
+                    cfg.strategy.activation_offloading, loss, t.fp32_residual)  # fmt: skip
 
 
 def layout_for(cfg: FtlConfig) -> Layout:

@@ -71,6 +71,24 @@ def test_second_prepare_reuses_and_matches_a_fresh_build(tok: Any, tmp_path: Pat
     assert second.eval.conversations == evals.conversations and second.eval.chat_template == evals.chat_template
 
 
+def test_reading_the_cache_leaves_pandas_unimported(tok: Any, tmp_path: Path) -> None:
+    """Every rank reads the cache at start-up; pyarrow's to_numpy would import pandas (~0.5 s per
+    process). The rows a fresh process reads equal the ones written, with no pandas loaded."""
+    cfg = config(tmp_path, packing=True)
+    directory = prepare(cfg, tok, 64, seed=0).directory
+    code = (
+        "import json, sys\n"
+        "from launcher.data.cache import read_datasets\n"
+        f"train, evals = read_datasets(__import__('pathlib').Path({str(directory)!r}))\n"
+        "print(json.dumps([list(train.examples), list(evals.examples), 'pandas' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    train_rows, eval_rows, pandas_loaded = json.loads(out.stdout)
+    again = prepare(cfg, tok, 64, seed=0)
+    assert train_rows == list(again.train.examples) and eval_rows == list(again.eval.examples) and train_rows
+    assert not pandas_loaded
+
+
 def other_tokenizer(tok: Any) -> Any:
     from transformers import AutoTokenizer
 

@@ -131,6 +131,20 @@ def test_activations_by_hand():
     assert off.host == e.host + 2 * 87_040 and any("host memory" in n for n in off.notes)
 
 
+def test_autocast_engines_keep_a_bf16_residual_stream_unless_told_otherwise():
+    """single/ddp over fp32 weights: in bf16 the trainer casts the embeddings' output, so r = 2 as
+    under DeepSpeed; ``fp32_residual`` (and fp16, which never casts it) keep r = 4. The stream's
+    tensors: per layer the two norms' inputs 2·r·T·h, the final norm and head input r·T·h, the
+    chunked loss's hidden-state gradient r·T·h: L·4·T·h + 4·T·h bytes apart (T = 32, h = 64, L = 2)."""
+    arch = ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    w = Workload(arch, micro_batch=2, seq_len=16, precision="bf16")
+    bf16 = estimate(w, layout_named("single", 1)).activations
+    fp32 = estimate(replace(w, fp32_residual=True), layout_named("single", 1)).activations
+    assert fp32 - bf16 == 2 * 4 * 32 * 64 + 4 * 32 * 64
+    fp16 = estimate(replace(w, precision="fp16"), layout_named("single", 1)).activations
+    assert fp16 == fp32
+
+
 def test_the_chunked_loss_shrinks_a_large_vocabulary_s_logits_buffer():
     """Llama 3 8B (128k vocabulary), 8,192 tokens per micro-batch: the whole-logits loss holds
     8,192 × 128,256 × 12 B = 12.6 GB, the chunked one 130 rows' logits + the head's fp32 gradient."""
