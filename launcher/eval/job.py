@@ -150,7 +150,7 @@ def run_job(job_path: Path) -> int:
     from launcher.config.validate import validated
     from launcher.plan.timing import io_timeout_s
     from launcher.progress import phase
-    from launcher.train.device import autocast_dtype, select_device
+    from launcher.train.device import autocast_dtype, select_device, set_residual_stream
     from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
 
     job = json.loads(Path(job_path).read_text())
@@ -163,10 +163,10 @@ def run_job(job_path: Path) -> int:
         torch.manual_seed(cfg.train.seed)
         with phase(f"eval: loading {job['model']}"):
             loaded = load_model(job["model"], device=device)
-        stream = _as_trained(cfg, device)
-        stream(loaded.model)
+        compute = autocast_dtype(cfg.train.precision, device)
+        set_residual_stream(loaded.model, cfg.train, compute)
         eval_ds = _eval_split(cfg, loaded, dist)
-        kwargs = dict(device=device, autocast_dtype=autocast_dtype(cfg.train.precision, device), reduce_fn=all_reduce_sum,
+        kwargs = dict(device=device, autocast_dtype=compute, reduce_fn=all_reduce_sum,
                       rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
         from launcher.eval.metrics import evaluate
 
@@ -176,7 +176,7 @@ def run_job(job_path: Path) -> int:
         if job["baseline"]:
             with phase("eval: loading the baseline"):
                 model, context = _baseline(job["baseline"], loaded, cfg, device)
-                stream(model)
+                set_residual_stream(model, cfg.train, compute)
             with context:
                 results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
                                              loss_metrics=pairs and (lambda: pairs(model)))  # fmt: skip
@@ -237,19 +237,6 @@ def _eval_split(cfg: Any, loaded: Any, dist: Any) -> Any:
     if loaded.chat_template and not eval_ds.chat_template:
         eval_ds.chat_template = loaded.chat_template
     return eval_ds
-
-
-def _as_trained(cfg: Any, device: Any) -> Any:
-    """model -> None: the residual stream in the dtype the run trained it in (bf16 under bf16
-    autocast unless ``train.fp32_residual``: :func:`launcher.train.device.bf16_residual_stream`),
-    so this eval computes what the run's own evals did."""
-    import torch
-
-    from launcher.train.device import autocast_dtype, bf16_residual_stream
-
-    if autocast_dtype(cfg.train.precision, device) == torch.bfloat16 and not cfg.train.fp32_residual:
-        return bf16_residual_stream
-    return lambda model: None
 
 
 def _baseline(which: str, loaded: Any, cfg: Any, device: Any) -> tuple[Any, Any]:

@@ -86,6 +86,14 @@ def bf16_residual_stream(model: torch.nn.Module) -> RemovableHandle:
     return model.get_input_embeddings().register_forward_hook(cast)
 
 
+def set_residual_stream(model: torch.nn.Module, train: TrainConfig, compute: Optional[torch.dtype]) -> None:
+    """The stream as ``train`` asks for it: :func:`bf16_residual_stream` when autocasting to bf16
+    (``compute``) unless ``train.fp32_residual``. The trainer and ``ftl eval`` both call this, so an
+    eval computes what the run's own evals did."""
+    if compute == torch.bfloat16 and not train.fp32_residual:
+        bf16_residual_stream(model)
+
+
 def offloaded_activations(enabled: bool) -> ContextManager[object]:
     """``strategy.activation_offloading``: within the block (a forward pass), every tensor autograd
     saves for backward is copied to pinned host memory and brought back when backward needs it

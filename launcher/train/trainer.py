@@ -40,7 +40,7 @@ from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
-from launcher.train.device import autocast_dtype, bf16_residual_stream, offloaded_activations, select_device
+from launcher.train.device import autocast_dtype, offloaded_activations, select_device, set_residual_stream
 from launcher.train.distributed import (
     DistInfo,
     any_rank,
@@ -359,8 +359,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     with loading.context(), phase(f"model: loading {cfg.model.name}"):
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
         model = apply_peft(model, cfg.peft)
-    if compute == torch.bfloat16 and not cfg.train.fp32_residual:
-        bf16_residual_stream(model)
+    set_residual_stream(model, cfg.train, compute)
     if compiles(cfg.train.compile, device, engine_traits(cfg.strategy).compiles_layers):  # before any engine wraps or shards it (see launcher.model.compile)
         compile_decoder_layers(model, device)
     return model, tokenizer

@@ -63,3 +63,19 @@ def test_a_bf16_stream_trains_close_to_an_fp32_one() -> None:
     for name, grad in fp32_grads.items():
         err = float((bf16_grads[name] - grad).norm() / grad.norm())
         assert err < 3e-2, (name, err)
+
+
+def test_ftl_eval_of_a_bf16_run_computes_what_the_run_did(tmp_path) -> None:
+    """A full fine-tune in bf16 evaluates with the bf16 stream after training; ``ftl eval`` of its
+    run dir loads the model afresh and must do the same to report the same loss."""
+    import json
+
+    from helpers import TINY, ftl
+
+    run = tmp_path / "run"
+    short = ["eval.generate=false", "eval.max_batches=2"]
+    ftl("train", *TINY, "train.precision=bf16", "train.max_steps=2", *short, f"run.dir={run}")
+    trained = json.loads((run / "eval.json").read_text())["after"]
+    ftl("eval", str(run), *short)
+    again = json.loads((run / "eval" / "step-2" / "eval.json").read_text())["after"]
+    assert again["tokens"] == trained["tokens"] and again["loss"] == pytest.approx(trained["loss"], rel=1e-6)
