@@ -11,6 +11,10 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.ftl-installed
 PIN := $(VENV)/torch-pin.txt
 PYTEST_ARGS ?=
+# `make test` runs two pytest workers (pytest-xdist), a test file's tests on one worker
+# (tests/conftest.py groups them): half the suite is single-threaded Python (imports, CLI and
+# render tests), so two workers on 2 cores took the suite from ~50 to ~? min. PYTEST_WORKERS=0: in-process.
+PYTEST_WORKERS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export FTL_CACHE ?= $(CURDIR)/.cache/ftl
 
@@ -34,10 +38,10 @@ demo: $(STAMP)
 	$(VENV)/bin/ftl train recipe=demo run.name=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

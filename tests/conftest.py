@@ -21,3 +21,16 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For ``make test``'s two workers (pytest-xdist, ``--dist loadgroup``): a test file runs
+    whole on one worker, so its module fixtures are built once and its tests keep their order;
+    every file with a test on the local SLURM cluster (marked ``slurm``) shares one worker, so
+    two files' jobs never queue behind each other on its two nodes. Without xdist the marks do
+    nothing. Runs before xdist reads the marks (``tryfirst``)."""
+    slurm_files = {item.path for item in items if item.get_closest_marker("slurm")}
+    for item in items:
+        group = "slurm" if item.path in slurm_files else str(item.path.relative_to(config.rootpath))
+        item.add_marker(pytest.mark.xdist_group(group))
