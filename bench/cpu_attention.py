@@ -3,8 +3,8 @@
     python bench/cpu_attention.py            # SmolLM2-135M's heads, 4 packs of 512 tokens (~1 min on 2 cores)
     python bench/cpu_attention.py --quick    # small shapes, 2 rounds: checks the script only
 
-What is timed: forward + backward of one layer's packed attention, bf16 queries, keys and values
-(what ``sdpa_varlen`` gets under autocast), 9 query heads over 3 key/value heads of 64 dims, each
+What is timed: forward + backward of one layer's packed attention under bf16 autocast, as in
+training, on bf16 queries, keys and values (what ``sdpa_varlen`` gets there), 9 query heads over 3 key/value heads of 64 dims, each
 512-token row packed with examples of 20-150 tokens (the demo data's range), through
 
 * ``SDPA one by one``: :func:`launcher.model.attention.sdpa_per_example`, SDPA's math kernel on
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     def run(f: Callable[..., Any]) -> Any:
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        out = f(q, k, v, lengths, scale=dim**-0.5, dropout=0.0, window=None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = f(q, k, v, lengths, scale=dim**-0.5, dropout=0.0, window=None)
         out.backward(grad)
         return out.detach()
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             cpu[side].append((time.process_time() - start_cpu) / 3 * 1e3)
     result = {s: {"wall_ms": statistics.median(wall[s]), "cpu_ms": statistics.median(cpu[s])} for s in SIDES}
     print(f"{rows} packs of {width} tokens, {len(lengths)} examples, {heads} query / {kv_heads} key-value heads of {dim}, bf16, "
-          f"forward + backward, {rounds} rounds taking turns, {torch.get_num_threads()} threads" + (" (QUICK: not a result)" if args.quick else ""))  # fmt: skip
+          f"bf16 autocast, forward + backward, {rounds} rounds taking turns, {torch.get_num_threads()} threads" + (" (QUICK: not a result)" if args.quick else ""))  # fmt: skip
     print(f"{'path':<20} | {'wall ms':>8} | {'CPU ms':>8}")
     print(f"{'-' * 20}-|-{'-' * 8}-|-{'-' * 8}")
     for side in SIDES:

@@ -220,8 +220,11 @@ def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, len
 
     q32 = (wide(query) * scale).split(lengths, dim=1)  # scaled once here, not in every example's backward
     k32, v32 = (wide(t).repeat_interleave(groups, dim=0).split(lengths, dim=1) for t in (key, value))
-    for i, (q, k, v) in enumerate(zip(q32, k32, v32)):
-        parts[i] = short_causal(q, k, v) if short[i] else parts[i][0].to(work)
+    # Training runs under bf16 autocast, which would cast each example's fp32 operands back to bf16
+    # for its matmuls (bf16 scores and softmax, five casts per example): the fp32 math stays fp32.
+    with torch.autocast(query.device.type, enabled=False):
+        for i, (q, k, v) in enumerate(zip(q32, k32, v32)):
+            parts[i] = short_causal(q, k, v) if short[i] else parts[i][0].to(work)
     return torch.cat(parts, dim=1).to(query.dtype)[None]
 
 

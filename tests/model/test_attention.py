@@ -155,6 +155,28 @@ def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeyp
         torch.testing.assert_close(a, b, msg=name, rtol=1.6 * tol, atol=tol)
 
 
+def test_short_examples_keep_fp32_math_under_autocast() -> None:
+    """Training calls the attention under bf16 autocast, which would run the short path's matmuls
+    and softmax in bf16 (casting every example's fp32 operands): it computes exactly what it does
+    without autocast, the fp32 math of SDPA's math kernel, and stays within fp32 rounding of it."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [40, 87, 1, 64, 63, 1]  # two rows of 128
+    q0, k0, v0, grad = (torch.randn(2, h, 128, 16, generator=g).to(torch.bfloat16) for h in (6, 2, 2, 6))
+
+    def run(f: Any, autocast: bool) -> list[torch.Tensor]:
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = f(q, k, v, lengths, scale=0.25, dropout=0.0, window=None)
+        out.backward(grad.transpose(0, 1).reshape(out.shape))
+        return [out, q.grad, k.grad, v.grad]
+
+    plain, autocast = run(attention.per_example, False), run(attention.per_example, True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), autocast, plain):
+        assert torch.equal(a, b), f"{name}: autocast changed the short path's math"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), autocast, run(attention.sdpa_per_example, True)):
+        torch.testing.assert_close(a, b, msg=name, rtol=1.6e-2, atol=1e-2)
+
+
 def test_dropout_windows_and_gpus_keep_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     """The short path is causal attention without dropout: dropout, or a sliding window shorter
     than the example, go to SDPA (a window at least as long as the example changes nothing)."""
