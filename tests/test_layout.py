@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from launcher.paths import PACKAGE_DIR
 
 PACKAGE = PACKAGE_DIR.name
@@ -87,3 +89,17 @@ def test_only_the_engine_traits_name_engines() -> None:
             if ".engine ==" in line or ".engine !=" in line or ".engine in (" in line:
                 offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_make_tests_workers_get_whole_files_and_the_slurm_files_together(request: pytest.FixtureRequest) -> None:
+    """tests/conftest.py groups the collected tests for ``make test``'s two xdist workers: one group
+    per file, except that every file with a ``slurm`` test joins the group ``slurm``."""
+    groups: dict[Path, set[str]] = {}
+    for item in request.session.items:
+        mark = item.get_closest_marker("xdist_group")
+        assert mark is not None, f"{item.nodeid} has no xdist group"
+        groups.setdefault(item.path, set()).add(mark.args[0])
+    assert all(len(g) == 1 for g in groups.values()), "a file's tests split across groups"
+    assert groups[request.node.path] == {"tests/test_layout.py"}
+    slurm_files = {item.path for item in request.session.items if item.get_closest_marker("slurm")}
+    assert all(groups[f] == {"slurm"} for f in slurm_files)

@@ -158,7 +158,8 @@ def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeyp
 def test_short_examples_keep_fp32_math_under_autocast() -> None:
     """Training calls the attention under bf16 autocast, which would run the short path's matmuls
     and softmax in bf16 (casting every example's fp32 operands): it computes exactly what it does
-    without autocast, the fp32 math of SDPA's math kernel, and stays within fp32 rounding of it."""
+    without autocast (fp32 math, as SDPA's math kernel), and stays within bf16 rounding of SDPA's
+    own result under autocast (the output is cast back to bf16)."""
     g = torch.Generator().manual_seed(5)
     lengths = [40, 87, 1, 64, 63, 1]  # two rows of 128
     q0, k0, v0, grad = (torch.randn(2, h, 128, 16, generator=g).to(torch.bfloat16) for h in (6, 2, 2, 6))
