@@ -5,7 +5,8 @@
 
 What is timed: forward + backward of one layer's packed attention under bf16 autocast, as in
 training, on bf16 queries, keys and values (what ``sdpa_varlen`` gets there), 9 query heads over
-3 key/value heads of 64 dims, each 512-token row packed with examples of 20-150 tokens (the demo data's range), through
+3 key/value heads of 64 dims, each 512-token row packed with examples of 20-150 tokens (the demo
+data's range), through
 
 * ``SDPA one by one``: :func:`launcher.model.attention.sdpa_per_example`, SDPA's math kernel on
   each example (ftl's CPU path before the short-example path);
