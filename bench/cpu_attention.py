@@ -1,4 +1,5 @@
-"""Packed attention on CPU, one layer: the short-example path against SDPA one example at a time.
+"""Packed attention on CPU, one layer: the short-example path and the one-operator path against SDPA
+one example at a time.
 
     python bench/cpu_attention.py            # SmolLM2-135M's heads, 4 packs of 512 tokens (~1 min on 2 cores)
     python bench/cpu_attention.py --quick    # small shapes, 2 rounds: checks the script only
@@ -10,11 +11,16 @@ data's range), through
 
 * ``SDPA one by one``: :func:`launcher.model.attention.sdpa_per_example`, SDPA's math kernel on
   each example (ftl's CPU path before the short-example path);
-* ``short-example path``: :func:`launcher.model.attention.per_example`, what ``sdpa_varlen`` runs.
+* ``short-example path``: :func:`launcher.model.attention.per_example`, what ``sdpa_varlen`` runs
+  in eager layers (autograd records each example's ops and keeps their fp32 probabilities);
+* ``one operator``: ``ftl::packed_attention_v1`` (:mod:`launcher.model.attention_op`), what compiled
+  layers call: the same math with its own backward, which recomputes the probabilities from each
+  query's log-sum-exp; its output is in the layout the layer wants next ([b, L, heads, d]), so it
+  includes the copy into that layout that the other two leave to their caller.
 
-The two take turns, round after round; each row is the median over rounds of the mean of 3 runs,
+The three take turns, round after round; each row is the median over rounds of the mean of 3 runs,
 wall time and the process's CPU time (the latter moves less when a shared machine's other
-tenants take cores away). The outputs of the two are compared first (bf16 rounding apart).
+tenants take cores away). The outputs are compared first (bf16 rounding apart).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIDES = ("SDPA one by one", "short-example path")
+SIDES = ("SDPA one by one", "short-example path", "one operator")
 
 
 def packed_lengths(rows: int, width: int, longest: int = 150, seed: int = 0) -> list[int]:
@@ -48,7 +54,7 @@ def packed_lengths(rows: int, width: int, longest: int = 150, seed: int = 0) -> 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     import torch
 
-    from launcher.model import attention
+    from launcher.model import attention, attention_op  # noqa: F401 (its operator)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: checks the script, not a result")
@@ -60,17 +66,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     g = torch.Generator().manual_seed(0)
     q0, k0, v0 = (torch.randn(rows, h, width, dim, generator=g, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(1, heads, rows * width, dim, generator=g, dtype=torch.bfloat16)
-    sides: dict[str, Callable[..., Any]] = dict(zip(SIDES, (attention.sdpa_per_example, attention.per_example)))
+    positions = torch.cat([torch.arange(n) for n in lengths]).view(rows, width)
+
+    def one_operator(q: Any, k: Any, v: Any, lengths: list[int], *, scale: float, **_: Any) -> Any:
+        return attention_op.packed_attention(q, k, v, positions, scale)[0]
+
+    sides: dict[str, Callable[..., Any]] = dict(zip(SIDES, (attention.sdpa_per_example, attention.per_example, one_operator)))
+    # the operator's output and its gradient are [b, L, heads, d]; the loops' [1, heads, b·L, d]
+    grads = {f: grad[0].reshape(heads, rows, width, dim).permute(1, 2, 0, 3).contiguous() if f is one_operator else grad for f in sides.values()}
 
     def run(f: Callable[..., Any]) -> Any:
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = f(q, k, v, lengths, scale=dim**-0.5, dropout=0.0, window=None)
-        out.backward(grad)
+        out.backward(grads[f])
         return out.detach()
 
-    reference, fast = (run(f).float() for f in sides.values())
+    reference, fast, operator = (run(f).float() for f in sides.values())
     torch.testing.assert_close(fast, reference, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(operator.permute(2, 0, 1, 3).reshape(reference.shape), reference, rtol=1.6e-2, atol=1e-2)
     wall: dict[str, list[float]] = {s: [] for s in SIDES}
     cpu: dict[str, list[float]] = {s: [] for s in SIDES}
     for _ in range(rounds):
@@ -87,8 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{'-' * 20}-|-{'-' * 8}-|-{'-' * 8}")
     for side in SIDES:
         print(f"{side:<20} | {result[side]['wall_ms']:>8.1f} | {result[side]['cpu_ms']:>8.1f}")
-    base, new = result[SIDES[0]], result[SIDES[1]]
-    print(f"speed-up of the short-example path: {base['wall_ms'] / new['wall_ms']:.2f}x wall, {base['cpu_ms'] / new['cpu_ms']:.2f}x CPU time")
+    base = result[SIDES[0]]
+    for side in SIDES[1:]:
+        new = result[side]
+        print(f"speed-up of {side}: {base['wall_ms'] / new['wall_ms']:.2f}x wall, {base['cpu_ms'] / new['cpu_ms']:.2f}x CPU time")
     return result
 
 

@@ -32,7 +32,7 @@ QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers
     "throughput": (lambda m: [*m.TRAIN_ROWS, *m.OTHER_ROWS], "quick mode", 200),
     "ablate_cpu_step": (lambda m: [name for name, *_ in m.CONFIGS], "QUICK: not a result", 200),
     "cpu_allocator": (lambda m: [*m.SIDES, "later steps, glibc default / ftl", "losses identical across all runs: yes"], "QUICK (tiny model): not a result", 200),
-    "cpu_attention": (lambda m: [*m.SIDES, "speed-up of the short-example path"], "QUICK: not a result", 120),
+    "cpu_attention": (lambda m: [*m.SIDES, "speed-up of short-example path", "speed-up of one operator"], "QUICK: not a result", 120),
     "load_memory": (lambda m: [name for name, _ in m.CONFIGS], "QUICK (tiny model): not a result", 360),
     "dpo_throughput": (lambda m: list(m.SIDES.values()), "quick mode", 360),
     "loss_memory": (lambda m: ["logits", "chunked", "drop: measured", "where the peak is", "forward, head and loss", "backward"], "QUICK: not a result", 200),

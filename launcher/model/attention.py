@@ -245,11 +245,17 @@ def short_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     (it upcasts half precision to fp32 too), in three ops (scores plus the causal bias, softmax,
     weighted values) where SDPA spends about a dozen per example: mask building, casts, a check for
     rows with nothing to attend to (a causal row never is)."""
-    n, key = q.shape[1], (q.device, q.dtype)
-    if key not in _BIAS:
-        _BIAS[key] = torch.full((MATH_BELOW, MATH_BELOW), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-    scores = torch.baddbmm(_BIAS[key][:n, :n], q, k.transpose(1, 2))
+    scores = torch.baddbmm(causal_bias(q.shape[1], q), q, k.transpose(1, 2))
     return torch.bmm(torch.softmax(scores, dim=-1), v)
+
+
+def causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, n] additive causal mask (0 on and below the diagonal, -inf above) in ``like``'s dtype
+    and device, n < :data:`MATH_BELOW`: a view of one kept per dtype and device."""
+    key = (like.device, like.dtype)
+    if key not in _BIAS:
+        _BIAS[key] = torch.full((MATH_BELOW, MATH_BELOW), float("-inf"), dtype=like.dtype, device=like.device).triu(1)
+    return _BIAS[key][:n, :n]
 
 
 def one_kernel(query: torch.Tensor, dropout: float) -> bool:
@@ -312,16 +318,17 @@ def varlen_mask(*args: Any, attention_mask: Optional[torch.Tensor] = None, **kwa
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def register(compiled: bool = False) -> None:
+def register(forward: Optional[Callable[..., Any]] = None) -> None:
     """Make ``sdpa_varlen`` a valid ``attn_implementation`` for transformers (idempotent).
-    ``compiled``: for compiled decoder layers (:mod:`launcher.model.compile`), the function
-    wrapped in ``torch.compiler.disable``, so dynamo breaks the graph around it instead of
-    tracing its per-example loop; it stays so for the process."""
+    ``forward``: the function behind the name from now on, for the rest of the process; compiled
+    decoder layers (:mod:`launcher.model.compile`) register
+    :func:`launcher.model.attention_op.compiled_forward`, which runs :func:`varlen_attention_forward`
+    for every caller that dynamo is not tracing."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     global _registered
-    if compiled and _registered is varlen_attention_forward:
-        _registered = torch.compiler.disable(varlen_attention_forward)
+    if forward is not None:
+        _registered = forward
     AttentionInterface.register(NAME, _registered)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, varlen_mask)

@@ -9,10 +9,11 @@ shape-specialised graph would be compiled again for each new length.
 
 Only ``forward`` is compiled, not the module's call: the hooks around it (FSDP2's all-gather and
 reshard, ZeRO-3's parameter fetch on the layer) stay eager, so compiling happens before the
-engine shards the model and sharding changes nothing compiled. Attention is left out on purpose:
-``sdpa_varlen`` splits each packed row into its examples, a Python loop whose trip count changes
-every batch, so it is wrapped in ``torch.compiler.disable`` and every layer compiles into two
-graphs, before and after it (one break per layer, measured in ``bench/ablate_cpu_step.py``).
+engine shards the model and sharding changes nothing compiled. ``sdpa_varlen`` splits each packed
+row into its examples, a Python loop whose trip count changes every batch: on CPU a compiled layer
+calls it as one operator with its own backward (:mod:`launcher.model.attention_op`), so each layer
+is one graph; on a GPU, and for sliding windows or dropout, it runs eagerly between two graphs
+(``torch.compiler.disable``).
 Evaluation and generation run eagerly (:func:`eager`): a KV-cache decode step is a different
 program, and compiling it too would cost more than it saves over a few hundred tokens.
 
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from launcher.model import attention
+from launcher.model import attention, attention_op
 from launcher.model.isa_probe import reuse_isa_probe
 
 
@@ -62,7 +63,7 @@ def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = No
     (:mod:`launcher.model.isa_probe`)."""
     if device is not None and device.type == "cpu":
         reuse_isa_probe()
-    attention.register(compiled=True)
+    attention.register(attention_op.compiled_forward)
     layers = decoder_layers(model)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
