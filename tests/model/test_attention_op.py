@@ -62,3 +62,23 @@ def test_eager_callers_run_the_loop_not_the_operator(monkeypatch: pytest.MonkeyP
     q, k, v, positions = qkv([30, 50], 1, 4, 2, torch.float32, seed=1)
     assert attention_op.compiled_forward(torch.nn.Module(), q, k, v, None, position_ids=positions) == ("loop", None)
     assert called == [1]
+
+
+@pytest.mark.parametrize("extra", [{"sliding_window": 8}, {"dropout": 0.0, "softcap": None, "position_bias": None}])
+def test_under_compile_only_a_plain_packed_forward_is_the_operator(extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While dynamo traces: a sliding window leaves the graph (the eager loop, one break); a plain
+    packed forward is the operator, unbroken. Both give the loop's numbers."""
+    from torch._dynamo.utils import counters
+
+    q, k, v, positions = qkv([20, 12], 1, 4, 2, torch.float32, seed=5)
+    q, k, v = (t.detach() for t in (q, k, v))
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_op.compiled_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra)[0]
+
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(attend, backend="eager", fullgraph=False)(q, k, v)
+    want = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert bool(counters["graph_break"]) == ("sliding_window" in extra), dict(counters["graph_break"])
