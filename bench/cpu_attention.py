@@ -13,10 +13,10 @@ data's range), through
   each example (ftl's CPU path before the short-example path);
 * ``short-example path``: :func:`launcher.model.attention.per_example`, what ``sdpa_varlen`` runs
   in eager layers (autograd records each example's ops and keeps their fp32 probabilities);
-* ``one operator``: ``ftl::packed_attention_v1`` (:mod:`launcher.model.attention_op`), what compiled
-  layers call: the same math with its own backward, which recomputes each example's softmax from
-  the fp32 q and k it saved; its output is in the layout the layer wants next ([b, L, heads, d]), so it
-  includes the copy into that layout that the other two leave to their caller.
+* ``one operator``: ``ftl::packed_attention_v2`` (:mod:`launcher.model.attention_op`), what compiled
+  layers call: the same math with its own backward, which keeps each example's fp32 probabilities
+  as autograd over the loop does; its output is in the layout the layer wants next ([b, L, heads, d]),
+  so it includes the copy into that layout that the other two leave to their caller.
 
 The three take turns, round after round; each row is the median over rounds of the mean of 3 runs,
 wall time and the process's CPU time (the latter moves less when a shared machine's other

@@ -64,6 +64,9 @@ def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = No
     if device is not None and device.type == "cpu":
         reuse_isa_probe()
     attention.register(attention_op.compiled_forward)
+    # The attention operator saves its probabilities in a tensor whose size depends on each batch's
+    # split (an unbacked size): without this, dynamo breaks the graph before it.
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
