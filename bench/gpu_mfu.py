@@ -3,6 +3,7 @@
     python bench/gpu_mfu.py              # as many 8B layers as fit, seq 4096, 10 steps each (a few minutes)
     python bench/gpu_mfu.py --quick      # 2 layers, seq 1024, 4 steps (the suite's GPU test)
     python bench/gpu_mfu.py --layers 12  # choose the depth yourself
+    python bench/gpu_mfu.py --compile off  # FSDP2 without its compiled-layers row (default: both; quick: off)
 
 Without CUDA it prints ``no GPU: skipped ...`` and exits 0 (``--require-gpu`` makes that exit 3):
 nothing is measured, nothing is estimated.
@@ -21,6 +22,12 @@ Each strategy runs in its own process with a one-rank process group (nccl):
   so the sharding is applied here to measure the FSDP2 code path itself.
 * ``zero3``: ftl's :class:`launcher.engines.deepspeed.DeepSpeedEngine` with ``strategy=zero3``
   (bf16 weights, fp32 master copy and Adam states), the same engine ``ftl train`` uses.
+
+``--compile`` adds (``both``, the default) or keeps alone (``on``) an FSDP2 row whose decoder
+layers are compiled first (:func:`launcher.model.compile.compile_decoder_layers`, before
+``fully_shard``, as ``train.compile`` does); ZeRO-3 never compiles layers (its parameter fetch
+hooks sit inside them: ``EngineTraits.compiles_layers``), so its row is always eager. A compiled
+row's warm-up steps hold the compile.
 
 MFU = 6 · N · tokens/s / peak, with peak from :func:`launcher.train.mfu.peak_flops` (989 TFLOP/s
 dense bf16 for H100 SXM / H200). Two N are printed: ``N`` without the input embedding table (a
@@ -116,6 +123,10 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     dist = DistInfo()
     ensure_process_group(device)  # a one-rank nccl group, as ftl's engines get for one process
 
+    if args.get("compile"):
+        from launcher.model.compile import compile_decoder_layers
+
+        compile_decoder_layers(model, device)
     if strategy == "fsdp":
         apply_fully_shard(model, dist, device, reshard_after_forward=True, hybrid=False, compute_dtype=torch.bfloat16)
         optimizer = build_optimizer(model, cfg.train)
@@ -150,7 +161,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     tokens_per_s = tokens * len(measured) / sum(measured)
     peak = peak_flops(device)
     return {
-        "strategy": strategy, "gpu": torch.cuda.get_device_name(device), "layers": layers, "n_compute": n_compute,
+        "strategy": strategy, "compile": bool(args.get("compile")), "gpu": torch.cuda.get_device_name(device), "layers": layers, "n_compute": n_compute,
         "n_all": n_all, "tokens_per_step": tokens, "step_s": sum(measured) / len(measured), "tokens_per_s": tokens_per_s,
         "peak_flops": peak, "mfu": 6 * n_compute * tokens_per_s / peak if peak else None,
         "mfu_all": 6 * n_all * tokens_per_s / peak if peak else None,
@@ -176,12 +187,12 @@ def run_worker(args: dict[str, Any], timeout: float) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=False, cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
-        return {"strategy": args["strategy"], "error": f"timed out after {timeout:.0f} s"}
+        return {**args, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"gpu_mfu: {args['strategy']} exited {proc.returncode}:\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return {"strategy": args["strategy"], "error": f"exit {proc.returncode}: {tail[0][:120]}"}
+        return {**args, "error": f"exit {proc.returncode}: {tail[0][:120]}"}
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -189,7 +200,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     headers = ["strategy", "layers", "N (no emb)", "tokens/step", "step s", "tokens/s", "MFU", "MFU (N all)", "peak GiB"]
     cells = [headers]
     for r in rows:
-        name = ROW_NAMES[r["strategy"]]
+        name = ROW_NAMES[r["strategy"]] + (" + compiled layers" if r.get("compile") else "")
         if "error" in r:
             cells.append([name, "-", "-", "-", "-", "-", "failed", r["error"], "-"])
             continue
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=1, help="rows per step")
     parser.add_argument("--steps", type=int, help="steps per strategy (default 10; quick 4)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the rate (default 3; quick 2)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), help="FSDP2 with compiled decoder layers: not, only, or beside "
+                        "the eager row (default both; quick off)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per strategy")
     parser.add_argument("--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -244,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_mfu: {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB), Llama-3-8B shape with {layers} of "
               f"{arch.num_layers} layers, {args.micro_batch} x {seq_len} tokens per step, {steps} steps "
               f"({warmup} warm-up)", file=sys.stderr)  # fmt: skip
+        compile_setting = args.compile or ("off" if args.quick else "both")
+        variants = {"off": [False], "on": [True], "both": [False, True]}[compile_setting]
         rows = []
         for strategy in strategies:
-            job = {"strategy": strategy, "layers": layers, "seq_len": seq_len, "micro_batch": args.micro_batch,
-                   "steps": steps, "warmup": warmup, "run_dir": str(Path(tmp) / strategy)}  # fmt: skip
-            rows.append(run_worker(job, args.timeout))
+            for compiled in variants if strategy == "fsdp" else [False]:
+                job = {"strategy": strategy, "compile": compiled, "layers": layers, "seq_len": seq_len, "micro_batch": args.micro_batch,
+                       "steps": steps, "warmup": warmup, "run_dir": str(Path(tmp) / f"{strategy}{'-compiled' if compiled else ''}")}  # fmt: skip
+                rows.append(run_worker(job, args.timeout))
     print(table(rows))
     done = [r for r in rows if r.get("mfu") is not None]
     if done:
