@@ -26,6 +26,7 @@ probe (:mod:`launcher.model.isa_probe`), ~2 s of every later compiled run's firs
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Optional
 
@@ -34,6 +35,12 @@ from torch import nn
 
 from launcher.model import attention, attention_op
 from launcher.model.isa_probe import reuse_isa_probe
+
+
+# Seconds the last compile_decoder_layers call took: wrapping is instant, but a first compile in a
+# process imports dynamo and inductor, and with an empty inductor cache runs its ISA probe (~7 s
+# on the project's 2-core machine, docs/BENCHMARKS.md), before the first step's clock starts.
+_setup_s = 0.0
 
 
 def compiles(setting: Optional[bool], device: torch.device, engine_ok: bool = True) -> bool:
@@ -61,6 +68,8 @@ def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = No
     """Compile each decoder layer's forward in place (state-dict keys unchanged); returns how many.
     For a CPU ``device``, inductor's vector-ISA probe is reused from an earlier run on this machine
     (:mod:`launcher.model.isa_probe`)."""
+    global _setup_s
+    start = time.perf_counter()
     if device is not None and device.type == "cpu":
         reuse_isa_probe()
     attention.register(attention_op.compiled_forward)
@@ -70,7 +79,15 @@ def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = No
     layers = decoder_layers(model)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
+    _setup_s = time.perf_counter() - start
     return len(layers)
+
+
+def first_step_note(step: int, seconds: float) -> str:
+    """What the trainer says after a compiled run's first step: its time, the compile in it, and
+    the compiler's set-up before it (:func:`compile_decoder_layers`, while the model loaded)."""
+    return (f"ftl: step {step} took {seconds:.1f} s, compiling the decoder layers included (train.compile), "
+            f"and setting up the compiler {_setup_s:.1f} s before it")  # fmt: skip
 
 
 @contextlib.contextmanager

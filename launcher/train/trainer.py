@@ -34,7 +34,7 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths
-from launcher.model.compile import compile_decoder_layers, compiles, eager
+from launcher.model.compile import compile_decoder_layers, compiles, eager, first_step_note
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
@@ -139,7 +139,7 @@ class Trainer:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
             if self.step == first and compiles(self.cfg.train.compile, self.device, engine_traits(self.cfg.strategy).compiles_layers):
-                self.telemetry.info(f"ftl: step {first} took {metrics['step_s']:.1f} s, compiling the decoder layers included (train.compile)")
+                self.telemetry.info(first_step_note(first, metrics["step_s"]))
             if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
                 self.evaluate(f"step_{self.step}")
             if any_rank(stop.requested):

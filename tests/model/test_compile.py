@@ -90,3 +90,22 @@ def test_a_lora_model_compiles_and_trains_the_same_numbers() -> None:
     assert trained
     for g, w in trained:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_the_first_step_note_counts_the_compiler_set_up_before_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an empty inductor cache the ISA probe runs while the model loads, before the first
+    step's clock: the note after a compiled first step says how long that took, measured."""
+    import time
+
+    from helpers import tiny
+    from transformers import AutoTokenizer
+
+    from launcher.model import compile as compile_mod
+    from launcher.paths import asset
+
+    monkeypatch.setattr(compile_mod, "reuse_isa_probe", lambda: time.sleep(0.3))  # a probe that takes 0.3 s
+    compile_mod.compile_decoder_layers(tiny(AutoTokenizer.from_pretrained(asset("tiny-tokenizer")), "sdpa"), torch.device("cpu"))
+    note = compile_mod.first_step_note(1, 12.34)
+    assert note.startswith("ftl: step 1 took 12.3 s, compiling the decoder layers included (train.compile)")
+    setup = float(note.rsplit("setting up the compiler ", 1)[1].split(" s")[0])
+    assert 0.3 <= setup < 5, note
