@@ -18,8 +18,8 @@ tokens or more, which go to SDPA's CPU flash kernel as the eager loop sends them
 kernel's log-sum-exp. The backward runs each short example's softmax backward fused, the long
 ones through the flash kernel's backward. Outputs and gradients are written in the layouts their
 next users want ([b, L, heads, d] out; heads-first gradients), never concatenated then copied.
-v1 recomputed the softmax in the backward and kept the half-precision q, k, v: 1.18x the loop's
-time for one layer's attention, against 0.94x for v2 (docs/BENCHMARKS.md).
+v1 recomputed the softmax in the backward and kept the half-precision q, k, v: 1.08x the loop's
+time for one layer's attention, against 0.90x for v2, in the same run (docs/BENCHMARKS.md).
 
 Sliding windows, dropout and GPUs keep the eager loop (:func:`fits`); so do padded batches and
 decoding, which never reach the packed path.

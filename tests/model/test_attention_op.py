@@ -83,3 +83,17 @@ def test_under_compile_only_a_plain_packed_forward_is_the_operator(extra: dict, 
     want = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert bool(counters["graph_break"]) == ("sliding_window" in extra), dict(counters["graph_break"])
+
+
+def test_the_math_stays_fp32_when_called_under_bf16_autocast() -> None:
+    """Autocast is off inside the operator, as in the eager loop: called eagerly under bf16
+    autocast, its fp32 matmuls give the fp32 result, not a bf16-rounded one (v1's did)."""
+    q, k, v, positions = qkv([30, 50, 20], 1, 4, 2, torch.float32, seed=11)
+    want = attention_op.packed_attention(q, k, v, positions, 0.25)[0]
+    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_op.packed_attention(q, k, v, positions, 0.25)[0]
+        got_grads = torch.autograd.grad(got, (q, k, v), torch.ones_like(got))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
