@@ -37,9 +37,16 @@ def hydra_quoted(value: str) -> str:
 
 
 def assert_trained(run_dir: Path, nodes: int, steps: int) -> None:
+    """Each node's rank ran on its own emulated host. A one-node job may land on n1 or n2 (another
+    test's job can hold n1); SLURM's node list is sorted, so node 0 of a two-node job is on n1."""
     logs = run_dir / "logs"
+    hosts = []
     for node in range(nodes):
-        assert f"ftl: node {node} on n{node + 1}," in (logs / f"node-{node}.log").read_text(), f"node {node}"
+        found = re.search(rf"^ftl: node {node} on (n[12]),", (logs / f"node-{node}.log").read_text(), re.M)
+        assert found, f"node {node}"
+        hosts.append(found.group(1))
+    if nodes == 2:
+        assert hosts == ["n1", "n2"], hosts
     assert not (logs / f"node-{nodes}.log").exists()
     assert (run_dir / "checkpoints" / f"step-{steps}").is_dir(), sorted((run_dir / "checkpoints").glob("*"))
 
