@@ -97,3 +97,29 @@ def test_the_math_stays_fp32_when_called_under_bf16_autocast() -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_dtypes_take_the_operator_only_once_autocast_unifies_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RoPE over an fp32 residual stream leaves q and k in fp32 while v is bf16. Under autocast
+    :func:`compiled_forward` casts them to one dtype and the operator runs; outside autocast
+    :func:`fits` refuses them and the forward is the eager loop, never the operator with mixed
+    inputs. Device, dropout and window refusals too."""
+    q, k, v, positions = qkv([20, 12], 1, 4, 2, torch.float32, seed=9)
+    q, k, v = (t.detach() for t in (q, k, v))
+    mixed = (q, k, v.bfloat16())
+    assert attention_op.fits(q, k, v, 0.0, None) and not attention_op.fits(*mixed, 0.0, None)
+    assert not attention_op.fits(q.to("meta"), k.to("meta"), v.to("meta"), 0.0, None)
+    assert not attention_op.fits(q, k, v, 0.1, None) and not attention_op.fits(q, k, v, 0.0, 8)
+
+    taken = []
+    real = attention_op.packed_attention
+    monkeypatch.setattr(attention_op, "packed_attention", lambda *a: taken.append({t.dtype for t in a[:3]}) or real(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a traced layer, run eagerly
+    attend = lambda *qkv_: attention_op.compiled_forward(torch.nn.Module(), *qkv_, None, scaling=0.25, position_ids=positions)[0]  # noqa: E731
+    got = attend(*mixed)
+    assert taken == []  # the eager loop: no operator with mixed inputs
+    want = attention.varlen_attention_forward(torch.nn.Module(), q, k, v.bfloat16().float(), None, scaling=0.25, position_ids=positions)[0]
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attend(*mixed)
+    assert taken == [{torch.bfloat16}]
