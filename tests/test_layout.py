@@ -103,3 +103,7 @@ def test_make_tests_workers_get_whole_files_and_the_slurm_files_together(request
     assert groups[request.node.path] == {"tests/test_layout.py"}
     slurm_files = {item.path for item in request.session.items if item.get_closest_marker("slurm")}
     assert all(groups[f] == {"slurm"} for f in slurm_files)
+    if request.config.getoption("loadgroup", default=False):  # an xdist worker under --dist loadgroup
+        # xdist passes a test's group to its scheduler as a nodeid suffix; where pytest ignores that
+        # (pytest 9.2 with xdist 3.8: pytest-dev/pytest-xdist#1386) every test is scheduled alone.
+        assert request.node.nodeid.endswith("@tests/test_layout.py"), f"{request.node.nodeid}: xdist did not get the group"
