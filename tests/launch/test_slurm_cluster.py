@@ -37,8 +37,9 @@ def hydra_quoted(value: str) -> str:
 
 
 def assert_trained(run_dir: Path, nodes: int, steps: int) -> None:
-    """Each node's rank ran on its own emulated host. A one-node job may land on n1 or n2 (another
-    test's job can hold n1); SLURM's node list is sorted, so node 0 of a two-node job is on n1."""
+    """Each node's rank ran on its own emulated host. A one-node job may land on n1 or n2 (a job
+    just before it, still completing, can hold n1: the preprocessing job ahead of its training
+    job did in one CI run); SLURM's node list is sorted, so node 0 of a two-node job is on n1."""
     logs = run_dir / "logs"
     hosts = []
     for node in range(nodes):
