@@ -9,6 +9,8 @@ all ranks, not per rank.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from helpers import TINY, ftl, metrics
 
@@ -39,7 +41,10 @@ def single_losses(tmp_path_factory) -> list[float]:
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_first_losses_match_single_process(engine, single_losses, tmp_path):
     run = tmp_path / engine
-    ftl("train", *COMMON, *ENGINES[engine], "launch.nproc_per_node=2", "train.micro_batch_size=4", f"run.dir={run}")
+    out = ftl("train", *COMMON, *ENGINES[engine], "launch.nproc_per_node=2", "train.micro_batch_size=4", f"run.dir={run}")
+    note = re.search(r"ftl: step 1 took [0-9.]+ s, compiling the decoder layers included \(train.compile\), "
+                     r"and setting up the compiler [0-9.]+ s before it", out.stdout + out.stderr)  # fmt: skip
+    assert bool(note) == engine.endswith("+compile"), "the first-step note is printed for compiled layers only"
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == STEPS
     for step, (got, want) in enumerate(zip(losses, single_losses), start=1):
