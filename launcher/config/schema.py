@@ -565,7 +565,11 @@ class EvalConfig:
     generate: bool = plain(True, doc="generation metrics (ROUGE, BLEU) on the eval split, besides loss and perplexity")
     max_new_tokens: int = ranged(64, 1, doc="the longest generated answer, in tokens")
     num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")
-    show_samples: int = ranged(1, 0, doc="generated answers shown after an evaluation (the before/after table with eval.before_training); 0: none")
+    show_samples: int = ranged(
+        1, 0,
+        doc="generated answers printed beside their reference: by `ftl eval`, and in training's before/after table "
+        "(eval.before_training=true); 0: none",
+    )  # fmt: skip
 
 
 @dataclass
