@@ -66,8 +66,11 @@ def _field(cls: type, f: Field, path: str) -> list[FieldDoc]:
         return [FieldDoc(path, "section", "", "", doc, section=True), *_walk(tp, path)]
     if is_dataclass(item):  # a list of sections: each item's fields under path[]
         each = " ".join((item.__doc__ or f"an item of {path}").split())
-        return [FieldDoc(path, "list of sections", _yaml(_default(f)), "", doc), FieldDoc(f"{path}[]", "section", "", "", each, section=True),
-                *_walk(item, f"{path}[]")]  # fmt: skip
+        return [
+            FieldDoc(path, "list of sections", _yaml(_default(f)), "", doc),
+            FieldDoc(f"{path}[]", "section", "", "", each, section=True),
+            *_walk(item, f"{path}[]"),
+        ]
     return [FieldDoc(path, _type_name(tp), _yaml(_default(f)), _allowed(f.metadata), doc)]
 
 
@@ -81,8 +84,8 @@ def _union(group: str, default_variant: Any) -> list[FieldDoc]:
     key, variants = UNIONS[group]
     tag = next(t for t, cls in variants.items() if type(default_variant) is cls)
     out = [FieldDoc(f"{group}.{key}", "str", tag, "one of " + ", ".join(variants),
-                    f"which {group} variant this is, and so which {group}.* fields apply; set by choosing a {group} "
-                    f"option ({group}=NAME, from conf/{group}/ or a config dir), not by hand")]  # fmt: skip
+                    f"which {group} variant this is, and so which {group}.* fields apply; set by choosing {group}=NAME "
+                    f"(an option in conf/{group}/ or a config dir), not by hand")]  # fmt: skip
     seen: dict[FieldDoc, list[str]] = {}
     for tag, cls in variants.items():
         for f in fields(cls):
@@ -131,8 +134,8 @@ def _allowed(meta: Any) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(map(_yaml, meta["choices"]))
     lo, hi = meta.get("lo"), meta.get("hi")
-    bounds = ([f"{'>' if meta.get('lo_open') else '>='} {_yaml(lo)}"] if lo is not None else []) + ([f"<= {_yaml(hi)}"] if hi is not None else [])
-    return " and ".join(bounds)
+    bounds = [f"{'>' if meta.get('lo_open') else '>='} {_yaml(lo)}"] if lo is not None else []
+    return " and ".join(bounds + ([f"<= {_yaml(hi)}"] if hi is not None else []))
 
 
 @lru_cache(maxsize=1)
@@ -199,7 +202,8 @@ def explain(key: str) -> str:
 
 
 def markdown() -> str:
-    """docs/CONFIG.md: every group and field with its type, default, allowed values and doc."""
+    """docs/CONFIG.md: every group and field with its type, default, allowed values and doc; a
+    section's own fields come before its subsections."""
     out = [
         "# Configuration reference",
         "",
@@ -208,20 +212,29 @@ def markdown() -> str:
         "for one key or group. The defaults are the schema's; conf/config.yaml, the groups in conf/ and the",
         "recipe set values over them: `ftl train --cfg job recipe=NAME` prints a run's composed config.",
     ]
-    top_level = False
+
+    def parent(d: FieldDoc) -> str:
+        return d.path.removesuffix("[]").rpartition(".")[0]
+
+    def section(d: FieldDoc) -> None:
+        only = f" ({d.only})" if d.only else ""
+        out.extend(["", f"{'#' * min(d.path.count('.') + 2, 4)} `{d.path}`{only}", "", d.doc, ""])
+        out.extend(_bullet(f) for f in field_docs() if not f.section and parent(f) == d.path)
+        for sub in field_docs():
+            if sub.section and parent(sub) == d.path:
+                section(sub)
+
     for d in field_docs():
-        depth = d.path.count(".")
-        if d.section:
-            only = f" ({d.only})" if d.only else ""
-            out += ["", f"{'#' * min(depth + 2, 4)} `{d.path}`{only}", "", d.doc, ""]
-            continue
-        if depth == 0 and not top_level:
-            out += ["", "## Top-level keys", ""]
-            top_level = True
-        allowed = f", {d.allowed}" if d.allowed else ""
-        only = f" — only with `{d.only}`" if d.only else ""
-        out.append(f"- **`{d.path}`** ({d.type}, default `{d.default}`{allowed}){only}: {d.doc}")
+        if d.section and "." not in d.path:
+            section(d)
+    out += ["", "## Top-level keys", ""] + [_bullet(d) for d in field_docs() if not d.section and "." not in d.path]
     return "\n".join(out) + "\n"
+
+
+def _bullet(d: FieldDoc) -> str:
+    allowed = f", {d.allowed}" if d.allowed else ""
+    only = f" — only with `{d.only}`" if d.only else ""
+    return f"- **`{d.path}`** ({d.type}, default `{d.default}`{allowed}){only}: {d.doc}"
 
 
 if __name__ == "__main__":

@@ -429,7 +429,9 @@ class TorchrunLaunch(LaunchBase):
 class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1, doc="nodes the job asks for (--nodes); one torchrun per node")
-    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node) when train.device=cuda, else 0")
+    gpus_per_node: Optional[int] = ranged(
+        None, 0, doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) when train.device=cuda, else 0"
+    )
     gpu_request: str = choice(
         "gpus-per-node", "gpus-per-node", "gres",
         doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
@@ -522,7 +524,11 @@ class TrainConfig:
     seed: int = ranged(
         42, 0, 2**32 - 1, doc="seeds random weights, adapters, data shuffling and the eval split (32 bits: numpy takes no more)"
     )
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
+    precision: str = choice(
+        "auto", "auto", "fp32", "bf16", "fp16",
+        doc="auto: bf16 where the device has it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32; "
+        "fp16 needs CUDA",
+    )  # fmt: skip
     fp32_residual: bool = plain(
         False,
         doc="bf16 over fp32 weights (single, ddp): true keeps the hidden states between decoder layers in fp32, as HF "
@@ -543,7 +549,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = ranged(0, 0, doc="0: only at the end")
+    every_steps: int = ranged(0, 0, doc="save a checkpoint every N optimizer steps; 0: only at the end (save_final)")
     keep: int = ranged(2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved")
     resume: str = plain(
         "auto",
