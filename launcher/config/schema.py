@@ -104,8 +104,8 @@ class ModelConfig:
     )
     revision: Optional[str] = plain(
         None,
-        doc="the hub commit, branch or tag of model.path (and of its tokenizer, when it comes from there); null: the default "
-        "branch",
+        doc="the hub commit, branch or tag of model.path (and of its tokenizer, when it comes from there); "
+        "null: the default branch",
     )
     trust_remote_code: bool = plain(
         False, doc="let transformers run the Python code a hub model ships with it: only for a model whose code you trust"
@@ -249,8 +249,8 @@ class StrategyBase:
     engine: str = "single"
     activation_checkpointing: bool = plain(
         False,
-        doc="recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, more "
-        "compute",
+        doc="recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "less memory, more compute",
     )
     activation_offloading: bool = plain(
         False, doc="CUDA only: what the forward saves for backward waits in pinned host memory instead of GPU memory"
@@ -273,8 +273,8 @@ class DeepSpeedStrategy(StrategyBase):
     engine: str = "deepspeed"
     zero_stage: int = choice(
         3, 0, 1, 2, 3,
-        doc="what ZeRO partitions across ranks: 0 nothing, 1 the optimizer state, 2 also gradients, 3 also "
-        "parameters",
+        doc="what ZeRO partitions across ranks: 0 nothing, 1 the optimizer state, "
+        "2 also gradients, 3 also parameters",
     )
     offload_optimizer: bool = plain(
         False, doc="stages 1-3: the optimizer state lives in host memory and the optimizer steps on the CPU (DeepSpeedCPUAdam)"
@@ -414,8 +414,8 @@ class TorchrunLaunch(LaunchBase):
     )
     rdzv_backend: str = choice(
         "c10d", "c10d", "static",
-        doc="c10d: torchrun's rendezvous store at rdzv_endpoint; static: fixed node ranks (node_rank), rdzv_endpoint is the "
-        "master",
+        doc="c10d: torchrun's rendezvous store at rdzv_endpoint; "
+        "static: fixed node ranks (node_rank), rdzv_endpoint is the master",
     )  # fmt: skip
     rdzv_id: str = plain("ftl", doc="the job's rendezvous id, the same on every node")
     max_restarts: int = ranged(0, 0, doc="times torchrun restarts the ranks after one fails; 0: the job fails at once")
@@ -594,8 +594,8 @@ class RunConfig:
     )
     dir: Optional[str] = plain(
         None,
-        doc="the run directory (config, logs, checkpoints, eval); null: runs/<name>, so the same command resumes the same "
-        "run",
+        doc="the run directory (config, logs, checkpoints, eval); "
+        "null: runs/<name>, so the same command resumes the same run",
     )
 
 
