@@ -26,6 +26,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.shell import ftl_command
     from launcher.train.resume import finished_message, refusal
 
+    if args.explain is not None:
+        return _explain(args.explain, args.overrides)
     run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
     cfg, plan = run.cfg, run.plan
     report = memory_report(cfg)
@@ -63,6 +65,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
     print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
+    return 0
+
+
+def _explain(key: str, overrides: list[str]) -> int:
+    """`ftl plan --explain KEY`: the schema's type, default, allowed values and doc of a key, or of
+    every field of a group; nothing composed."""
+    from launcher.config.docs import explain
+    from launcher.config.errors import ConfigError
+
+    if overrides:
+        raise ConfigErrors([ConfigError("--explain", "shows the schema, not a composed config, and takes no overrides; "
+                                        "`ftl train --cfg job OVERRIDES` prints the values a run would use")])  # fmt: skip
+    print(explain(key))
     return 0
 
 
@@ -366,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "compose, validate and launch a training run")
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one run each (Hydra's basic sweeper)")
-    add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
+    p = add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
+    p.add_argument("--explain", nargs="?", const="", metavar="KEY", help="print a config key's type, default, allowed values "
+                   "and doc (a group: each of its fields; no KEY: the groups) and exit; docs/CONFIG.md lists them all")  # fmt: skip
     p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
     p.add_argument("--fetch-model", action="store_true", help="also stage the model: download a hub model into HF_HOME "

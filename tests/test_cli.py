@@ -113,3 +113,31 @@ def test_options_and_overrides_mix_in_any_order(tmp_path):
     assert "project: mine" in (tmp_path / "s.yaml").read_text()
     out = ftl("plan", "train.lr=1e-3", f"run.dir={tmp_path / 'r'}", "--config-dir", str(tmp_path), "recipe=tiny", cwd=tmp_path)
     assert out.returncode == 2 and "holds none of ftl's config folders" in out.stderr  # the option was read where it stood
+
+
+def test_plan_explain_prints_a_keys_doc_and_imports_no_heavy_module():
+    from dataclasses import fields
+
+    from launcher.config.schema import TrainConfig
+
+    code = (
+        "import sys; from launcher.cli import main; rc = main(['plan', '--explain', 'train']); "
+        "heavy = [m for m in %r if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc or (3 if heavy else 0))"
+    ) % (HEAVY,)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "HEAVY []" in out.stdout
+    assert all(f"train.{f.name}: " in out.stdout and f.metadata["doc"] in out.stdout for f in fields(TrainConfig))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "--explain", "train.lrr"], "train.lrr: unknown config key; did you mean train.lr"),
+        (["plan", "--explain", "train.lr", "recipe=tiny"], "--explain: shows the schema, not a composed config, and takes no overrides"),
+    ],
+)
+def test_plan_explain_bad_input_exits_2(args, needle):
+    out = ftl(*args)
+    assert out.returncode == 2 and needle in out.stderr, out.stdout + out.stderr
+    assert out.stdout == ""

@@ -9,11 +9,11 @@ by OmegaConf. Overrides are checked against the schema before Hydra sees them fo
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.config.docs import suggest
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.hf_model import read_model_arch
 from launcher.config.schema import UNIONS, FtlConfig
@@ -152,20 +152,8 @@ def _check_override_keys(overrides: list[str]) -> tuple[list[ConfigError], list[
             plain = not (ov.is_add() or ov.is_force_add() or ov.is_delete())
             good.append(f"++{text}" if plain and key.startswith("model.arch.") and key in known else text)
         else:
-            errors.append(ConfigError(key, "unknown key" + suggest(key, known)))
+            errors.append(ConfigError(key, "unknown key" + suggest(key, known, docs=True)))
     return errors, good
-
-
-def suggest(key: str, known: Any) -> str:
-    parent, _, leaf = key.rpartition(".")
-    siblings = [k for k in known if k.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in siblings], n=3, cutoff=0.6)
-        close = [f"{parent}.{c}" if parent else c for c in close]
-    if close:
-        return "; did you mean " + ", ".join(close) + "?"
-    return f"; valid keys here: {', '.join(sorted(k.rpartition('.')[2] for k in siblings))}" if siblings else ""
 
 
 def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[ConfigError]]:

