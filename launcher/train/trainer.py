@@ -33,7 +33,7 @@ from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
-from launcher.model.attention import attention_paths
+from launcher.model.attention import attention_paths, note_host_copy
 from launcher.model.compile import compile_decoder_layers, compiles, eager, first_step_note
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
@@ -167,8 +167,9 @@ class Trainer:
         norm = max(1.0, window) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loss_sum, stat_sums = torch.zeros((), device=self.device), Counter()
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        for i, host in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            note_host_copy(batch.get("position_ids"), host.get("position_ids"))  # packed attention reads the host copy
             with self.engine.grad_sync(i == len(batches) - 1):
                 with offloaded_activations(self.cfg.strategy.activation_offloading):
                     loss, stats = self.objective.loss(self.engine, batch)
