@@ -71,7 +71,7 @@ from launcher.train.resume import (
     set_aside_checkpoints,
 )
 from launcher.train.schedule import warmup_notice
-from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
+from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
 StepHook = Callable[["Trainer"], None]
 
@@ -162,6 +162,7 @@ class Trainer:
         size, which the engines' gradient averaging divides out), so every unit weighs the same
         whatever batch or rank it fell in, and N ranks train exactly like one process with N times the batch."""
         start = time.perf_counter()
+        reset_peak_memory(self.device)  # peak_mem_gb is this step's peak
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
         window = reduce_sum(sum(self.objective.weight(b) for b in batches))
         norm = max(1.0, window) / self.dist.world_size
