@@ -205,6 +205,8 @@ class DeepSpeedStrategy(StrategyBase):
     zero_stage: int = choice(3, 0, 1, 2, 3)
     offload_optimizer: bool = False
     offload_params: bool = False
+    reduce_dtype: str = choice("fp32", "fp32", "bf16", doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 "
+                               "trains the same numbers on every engine; bf16 halves the bytes on the wire")
     zero3_init: bool = field(
         default=True,
         metadata={"doc": "stage 3: every tensor is partitioned as the model is built (deepspeed.zero.Init), so no "
@@ -219,6 +221,8 @@ class DeepSpeedStrategy(StrategyBase):
 class FSDPStrategy(StrategyBase):
     engine: str = "fsdp"
     reshard_after_forward: bool = True
+    reduce_dtype: str = choice("fp32", "fp32", "bf16", doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 "
+                               "trains the same numbers on every engine; bf16 halves the bytes on the wire")
     hybrid_shard: bool = False  # shard within a node, replicate across nodes
     load_on_rank0: bool = field(
         default=True,
