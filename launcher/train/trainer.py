@@ -40,7 +40,7 @@ from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
-from launcher.train.device import autocast_dtype, offloaded_activations, select_device, set_residual_stream
+from launcher.train.device import autocast_dtype, select_device, set_residual_stream
 from launcher.train.distributed import (
     DistInfo,
     any_rank,
@@ -56,6 +56,7 @@ from launcher.train.distributed import (
 )
 from launcher.train.loss import count_label_tokens, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
+from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
 from launcher.train.resume import (
     ResumeError,
@@ -99,6 +100,7 @@ class Trainer:
         self.n_params = count_parameters(self.engine.model)
         self.flops = model_flops(self.engine.model, output_layer(self.engine.model))
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
+        self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
         self.step = self.saved_step = self.resume()
         self.batches = BatchPrefetcher(self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda")
@@ -172,7 +174,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             note_host_copy(batch.get("position_ids"), host.get("position_ids"))  # packed attention reads the host copy
             with self.engine.grad_sync(i == len(batches) - 1):
-                with offloaded_activations(self.cfg.strategy.activation_offloading):
+                with self.offloader:
                     loss, stats = self.objective.loss(self.engine, batch)
                 self.engine.backward(loss / norm)
             loss_sum += loss.detach() / norm
