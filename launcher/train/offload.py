@@ -75,13 +75,13 @@ class ActivationOffloader:
             layer.register_forward_pre_hook(lambda m, a, i=i: self._enter(i))
         if layers:
             layers[-1].register_forward_hook(lambda m, a, o: self._enter(len(layers)))
-        self.decisions: Counter[str] = Counter()  # saved tensors by decision, since the last reset
+        self.decisions: Counter[str] = Counter()  # saved tensors by decision, over the run
         self.offloaded_bytes = 0
         self._params: set[int] = set()
         self._same: dict[int, tuple[weakref.ref[torch.Tensor], Offloaded]] = {}  # this forward's copies by tensor id
         self._by_layer: dict[int, list[weakref.ref[Offloaded]]] = {}
         self._hooks: Optional[AbstractContextManager[None]] = None
-        self._streams: Optional[tuple[torch.cuda.Stream, torch.cuda.Stream]] = None
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}  # offload, prefetch
 
     def _enter(self, i: int) -> None:
         if self._hooks is not None:  # in an offloaded forward, not in eval or checkpointing's recompute
@@ -92,7 +92,7 @@ class ActivationOffloader:
     def __enter__(self) -> "ActivationOffloader":
         self.layer = -1
         self._by_layer.clear()  # the last backward's leftovers (a layer it never reached)
-        self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
+        self._params = {_local(p).untyped_storage().data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
@@ -110,10 +110,11 @@ class ActivationOffloader:
     def decide(self, t: torch.Tensor) -> str:
         """What to do with a saved tensor: parameter, small, last or offload (module doc); kept:
         what cannot be copied as a dense block (sparse, nested)."""
-        if t.layout != torch.strided or t.device.type not in ("cuda", "cpu"):
-            return "kept"  # sparse, nested, other devices: as they are
-        base = t._base if t._base is not None else t
-        if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter) or t.untyped_storage().data_ptr() in self._params:
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            return "parameter"
+        if t.layout != torch.strided or type(t) is not torch.Tensor or t.device.type not in ("cuda", "cpu"):
+            return "kept"  # sparse, nested, tensor subclasses, other devices: as they are
+        if t.untyped_storage().data_ptr() in self._params:  # a view of a parameter made through .data or detach()
             return "parameter"
         if t.numel() * t.element_size() < self.min_bytes:
             return "small"
@@ -133,7 +134,7 @@ class ActivationOffloader:
         if t.device.type == "cpu":
             item = Offloaded(t.detach().clone(), t.device, self.layer)
         else:
-            offload, _ = self._cuda_streams()
+            offload, _ = self._cuda_streams(t.device)
             host = torch.empty_like(t, device="cpu", pin_memory=True)  # t's strides where they are dense (transposed q, k, v)
             offload.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued there
             with torch.cuda.stream(offload):
@@ -151,8 +152,8 @@ class ActivationOffloader:
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, Offloaded):
             return packed
+        out = self._bring_back(packed)  # first: a copy not prefetched must not queue behind the next layer's
         self._prefetch(packed.layer - 1)
-        out = self._bring_back(packed)
         if packed.device.type == "cuda":
             compute = torch.cuda.current_stream(packed.device)
             compute.wait_event(packed.arrived)
@@ -168,7 +169,7 @@ class ActivationOffloader:
         if item.device.type == "cpu":
             item.back = item.host.clone()
             return item.back
-        _, prefetch = self._cuda_streams()
+        _, prefetch = self._cuda_streams(item.device)
         prefetch.wait_event(item.copied)  # the host copy is complete
         with torch.cuda.stream(prefetch):
             item.back = item.host.to(item.device, non_blocking=True)
@@ -183,10 +184,15 @@ class ActivationOffloader:
             if item is not None:
                 self._bring_back(item)
 
-    def _cuda_streams(self) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-        if self._streams is None:
-            self._streams = (torch.cuda.Stream(), torch.cuda.Stream())
-        return self._streams
+    def _cuda_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 parameter's local shard (a DTensor has no storage of its own), else the parameter."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def build_offloader(model: nn.Module, enabled: bool) -> AbstractContextManager[object]:
