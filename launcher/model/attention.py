@@ -291,19 +291,26 @@ def varlen_capable(capability: tuple[int, int], cudnn: bool, *, gqa: bool, windo
     Ada (8.x), Hopper (9.x), datacenter Blackwell (10.x: B200, GB200) and consumer Blackwell
     (12.x: RTX 50, RTX PRO), the architectures PyTorch's flash-attention kernels are built for
     (sm80 and newer; Turing and older have none). ``cudnn``: this PyTorch sends the device to
-    cuDNN's attention instead (:func:`routes_to_cudnn`; 2.9's prototype did for 10.x and newer,
-    2.11 with cuDNN 9.18+ for 9.x and 10.x), which refuses grouped-query attention and a sliding
-    window, so those batches take the loop there. 11.x (Thor) is left to the loop: untested."""
+    cuDNN's attention for every call (:func:`routes_to_cudnn`; 2.9's prototype did for 10.x and
+    newer, later versions with cuDNN 9.18+ for 9.x and 10.x), which refuses grouped-query
+    attention and a sliding window, so those batches take the loop there. 11.x (Thor) is left to
+    the loop: untested."""
     if capability[0] not in (8, 9, 10, 12):
         return False
     return not (cudnn and (gqa or window))
 
 
 def routes_to_cudnn(device_index: int) -> bool:
-    """Whether the installed PyTorch's varlen_attn picks cuDNN over flash for this device (its
-    private choice, read where it exists; assumed flash where it does not)."""
-    choose = getattr(torch.nn.attention.varlen, "_should_use_cudnn", None) if varlen_attn is not None else None
-    return bool(choose(device_index)) if choose is not None else False
+    """Whether the installed PyTorch's varlen_attn sends this device to cuDNN whatever the call
+    (its private choice, read where it exists). Versions with a per-call backend choice
+    (``_select_backend``) take cuDNN only where it accepts the call and flash otherwise: False."""
+    if varlen_attn is None:
+        return False
+    varlen = torch.nn.attention.varlen
+    choose = getattr(varlen, "_should_use_cudnn", None)
+    if choose is None or hasattr(varlen, "_select_backend"):
+        return False
+    return bool(choose(device_index))
 
 
 def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],

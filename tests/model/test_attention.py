@@ -238,6 +238,21 @@ def test_blackwell_takes_the_one_kernel_path_unless_cudnn_would_refuse_it(capabi
     assert attention.varlen_capable(capability, cudnn, gqa=gqa, window=window) is want
 
 
+@pytest.mark.parametrize("per_call", [False, True])
+def test_cudnn_routing_is_read_from_this_torch(per_call: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch that sends the device to cuDNN for every call makes GQA and windows take the loop;
+    one that chooses per call (and falls back to flash) does not."""
+    if attention.varlen_attn is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    varlen = torch.nn.attention.varlen
+    monkeypatch.setattr(varlen, "_should_use_cudnn", lambda index: True, raising=False)
+    if per_call:
+        monkeypatch.setattr(varlen, "_select_backend", lambda *a, **kw: 0, raising=False)
+    else:
+        monkeypatch.delattr(varlen, "_select_backend", raising=False)
+    assert attention.routes_to_cudnn(0) is not per_call
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
 def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
