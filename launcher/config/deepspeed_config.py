@@ -12,7 +12,7 @@ The JSON is built in three layers:
   but a different value is an error naming both fields, never a silent winner.
 * **defaults** are ftl's tuning choices that no ftl field decides (bucket sizes scaled to the
   hidden size, pinned offload buffers, no 16-bit gather at save, fp32 gradient reduction and
-  accumulation in bf16: :func:`fp32_reduction`). ``strategy.extra`` overrides them.
+  accumulation in bf16: :func:`gradient_dtypes`; ZeRO-1/2's overlap_comm). ``strategy.extra`` overrides them.
 * every other key of ``strategy.extra`` is merged in as given.
 
 Optimizer and LR schedule are not in the JSON: the engine hands DeepSpeed ftl's own AdamW and
@@ -62,13 +62,25 @@ def _derived(cfg: FtlConfig, world_size: int, precision: str) -> dict[str, tuple
         "zero_optimization.stage": (s.zero_stage, f"strategy.zero_stage={s.zero_stage}"),
         "zero_optimization.offload_optimizer.device": (offload_opt, f"strategy.offload_optimizer={str(s.offload_optimizer).lower()}"),
         "zero_optimization.offload_param.device": (offload_par, f"strategy.offload_params={str(s.offload_params).lower()}"),
+        **({"communication_data_type": (s.reduce_dtype, f"strategy.reduce_dtype={s.reduce_dtype}")} if reduces_in(s, precision) else {}),
     }  # fmt: skip
+
+
+def reduces_in(s: DeepSpeedStrategy, precision: str) -> bool:
+    """Whether ``strategy.reduce_dtype`` sets DeepSpeed's gradient communication dtype: in bf16
+    with ZeRO (stage 0 is refused in bf16, and fp32 training reduces fp32)."""
+    return precision == "bf16" and s.zero_stage >= 1
 
 
 def _defaults(cfg: FtlConfig, precision: str) -> dict[str, Any]:
     """ftl's tuning choices; strategy.extra may override any of them."""
     s, h = cfg.strategy, cfg.model.arch.hidden_size
     zero: dict[str, Any] = {"contiguous_gradients": True, "reduce_bucket_size": h * h}
+    if s.zero_stage in (1, 2):
+        # DeepSpeed 0.19 defaults overlap_comm to true for stage 3 only (ZeroConfig's
+        # overlap_comm_valid): without it stages 1-2 reduce each gradient bucket on the compute
+        # stream, and backward waits for the wire. Its cost: the reduction buffers (a few buckets).
+        zero["overlap_comm"] = True
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"pin_memory": True}
     if s.offload_params:
@@ -83,27 +95,24 @@ def _defaults(cfg: FtlConfig, precision: str) -> dict[str, Any]:
             stage3_gather_16bit_weights_on_model_save=False,
         )
     out: dict[str, Any] = {"zero_optimization": zero}
-    if precision == "bf16" and s.zero_stage >= 1:
-        out.update(fp32_reduction(s.zero_stage))
+    if reduces_in(s, precision):
+        out.update(gradient_dtypes(s.zero_stage))
     if precision == "fp16":
         out["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return out
 
 
-def fp32_reduction(stage: int) -> dict[str, Any]:
-    """In bf16, gradients reduced (and, from stage 2, accumulated) in fp32, as FSDP2's
-    ``reduce_dtype=fp32`` and the autocast engines' fp32 gradients do, so every engine trains the
-    same numbers. DeepSpeed's defaults are bf16 for both: measured on 2 CPU ranks (tiny Llama,
-    grad_accum 4), the first step's gradient norm of ZeRO-2/3 then differs from FSDP's by 1.5e-5
-    (relative), against 1e-7 with these keys.
+def gradient_dtypes(stage: int) -> dict[str, Any]:
+    """In bf16, gradients accumulated (from stage 2) in fp32 and reduced in ``strategy.reduce_dtype``
+    (a derived key; default fp32), as FSDP2's ``reduce_dtype=fp32`` and the autocast engines' fp32
+    gradients do, so every engine trains the same numbers. DeepSpeed's defaults are bf16 for both:
+    measured on 2 CPU ranks (tiny Llama, grad_accum 4), the first step's gradient norm of ZeRO-2/3
+    then differs from FSDP's by 1.5e-5 (relative), against 1e-7 in fp32.
 
     Stage 1 keeps bf16 accumulation: with fp32 DeepSpeed 0.19.8 runs stage 1 through its
     BF16_Optimizer, which reported a wrong gradient norm for the first step (0.31 and 0.88 where
     every other engine reports 0.732) in the same measurement."""
-    out: dict[str, Any] = {"communication_data_type": "fp32"}
-    if stage >= 2:
-        out["data_types"] = {"grad_accum_dtype": "fp32"}
-    return out
+    return {"data_types": {"grad_accum_dtype": "fp32"}} if stage >= 2 else {}
 
 
 def _contradictions(derived: dict[str, tuple[Any, str]], extra: dict[str, Any]) -> list[ConfigError]:
@@ -213,6 +222,9 @@ def build_deepspeed_config(cfg: FtlConfig, world_size: int, precision: Optional[
     derived = _derived(cfg, world_size, precision)
     extra = dict(cfg.strategy.extra)
     errors = _contradictions(derived, extra)
+    if cfg.strategy.reduce_dtype != "fp32" and not reduces_in(cfg.strategy, precision):  # e.g. auto found no bf16 on this GPU
+        errors.append(ConfigError("strategy.reduce_dtype", f"{cfg.strategy.reduce_dtype} needs bf16 training with ZeRO stage 1-3; "
+                                  f"this run trains in {precision} at stage {cfg.strategy.zero_stage}"))  # fmt: skip
     if errors:
         raise ConfigErrors(errors)
     config: dict[str, Any] = {}

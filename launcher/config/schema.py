@@ -280,6 +280,11 @@ class DeepSpeedStrategy(StrategyBase):
         False, doc="stages 1-3: the optimizer state lives in host memory and the optimizer steps on the CPU (DeepSpeedCPUAdam)"
     )
     offload_params: bool = plain(False, doc="stage 3: the partitioned parameters wait in host memory between uses")
+    reduce_dtype: str = choice(
+        "fp32", "fp32", "bf16",
+        doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 trains the same numbers "
+        "on every engine; bf16 halves the bytes on the wire",
+    )
     zero3_init: bool = plain(
         True,
         doc="stage 3: every tensor is partitioned as the model is built (deepspeed.zero.Init), so no "
@@ -299,6 +304,11 @@ class FSDPStrategy(StrategyBase):
         True,
         doc="free each layer's gathered parameters after its forward and gather them again for backward (least memory); "
         "false: keep them until backward (less communication)",
+    )
+    reduce_dtype: str = choice(
+        "fp32", "fp32", "bf16",
+        doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 trains the same numbers "
+        "on every engine; bf16 halves the bytes on the wire",
     )
     hybrid_shard: bool = plain(False, doc="shard within a node, replicate across nodes (HSDP; needs 2+ nodes)")
     load_on_rank0: bool = plain(

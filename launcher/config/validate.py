@@ -23,7 +23,7 @@ from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.docs import doc_lines
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
-from launcher.config.topology import global_batch, gpus_per_node, nodes, world_size
+from launcher.config.topology import global_batch, gpus_per_node, nodes, planned_device_type, resolve_precision, world_size
 from launcher.engines.traits import engine_traits
 from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
@@ -195,6 +195,11 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
         if s.offload_optimizer and s.zero_stage == 0:
             errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
         errs += [_x(e.path, e.message, "strategy", "train", "launch") for e in deepspeed_config_errors(cfg)]
+    if isinstance(s, (DeepSpeedStrategy, FSDPStrategy)) and s.reduce_dtype == "bf16":
+        precision = resolve_precision(t.precision, planned_device_type(cfg))
+        if precision != "bf16":
+            errs.append(_x("strategy.reduce_dtype", f"bf16 reduces the gradients of bf16 training, but train.precision={t.precision} "
+                           f"trains in {precision}; use train.precision=bf16 or strategy.reduce_dtype=fp32", "train.precision"))  # fmt: skip
     if isinstance(s, FSDPStrategy) and s.hybrid_shard and nodes(cfg) < 2:
         errs.append(_x("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes", "launch"))
     if t.precision == "fp16" and not traits.fp16:

@@ -10,7 +10,7 @@ sharded across ranks, each decoder layer all-gathered just before it runs.
   of the model per job instead of one per rank (70B in fp32: 280 GB, not 8 × 280 GB per node).
   QLoRA, whose 4-bit weights are made as they load, loads on every rank.
 * Precision: bf16 is FSDP's own mixed precision (bf16 compute copies of fp32 sharded weights,
-  gradients reduced in fp32), so :meth:`autocast` is a no-op then. fp16 would need a sharded
+  gradients reduced in ``strategy.reduce_dtype``, fp32 by default), so :meth:`autocast` is a no-op then. fp16 would need a sharded
   grad scaler and is refused.
 * Checkpoint: ``dcp/`` is a torch.distributed.checkpoint directory of model + optimizer state
   keyed by parameter name (each rank writes its own shards; loading reshards to any world size),
@@ -58,7 +58,8 @@ class FSDPEngine(Engine):
         if self.sharded:
             from_rank0 = _loads_on_rank0(cfg, dist)
             full = model.state_dict() if from_rank0 and dist.is_main else {}  # before sharding replaces the tensors
-            apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, self.compute_dtype)
+            apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, self.compute_dtype,
+                              reduce_dtype(cfg.strategy.reduce_dtype, self.compute_dtype))  # fmt: skip
             if from_rank0:
                 fill_from_rank0(model, full, device, is_main=dist.is_main)
                 del full
@@ -213,11 +214,12 @@ def apply_fully_shard(
     reshard_after_forward: bool,
     hybrid: bool,
     compute_dtype: Optional[torch.dtype],
+    reduce: torch.dtype = torch.float32,
 ) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_mesh(dist, device, hybrid)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce) if compute_dtype else MixedPrecisionPolicy()
     # FSDP2 shards floating-point tensors only: QLoRA's packed 4-bit weights are sharded when stored
     # in the training dtype (peft.quant_storage=auto), and stay whole on every rank in uint8.
     ignored = {p for p in model.parameters() if not p.is_floating_point()} or None
@@ -229,6 +231,16 @@ def apply_fully_shard(
     # transformers' generate() then keeps every rank stepping until all are done (synced_gpus):
     # a rank that stopped early would leave the others waiting in an all-gather.
     model._is_fsdp_managed_module = True
+
+
+def reduce_dtype(name: str, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """``strategy.reduce_dtype`` as a dtype: what the reduce-scatter sends. bf16 only over bf16
+    compute (validate checks the planned precision; this, the one the rank resolved)."""
+    if name == "fp32":
+        return torch.float32
+    if compute_dtype != torch.bfloat16:
+        raise ValueError(f"strategy.reduce_dtype={name} needs bf16 training; this rank trains in {compute_dtype or torch.float32}")
+    return torch.bfloat16
 
 
 def _loads_on_rank0(cfg: FtlConfig, dist: DistInfo) -> bool:

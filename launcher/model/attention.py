@@ -17,7 +17,7 @@ examples, SmolLM2 head shapes, forward + backward, 32 ms against 20 ms for SDPA'
 does (fp32 scores, softmax, weighted values) in three ops per example instead of about a dozen,
 on fp32 copies of the batch made once (1.5× faster per layer than the math kernel one by one,
 ~4% of a compiled SmolLM2 step's CPU time; docs/BENCHMARKS.md).
-On an Ampere, Ada or Hopper GPU (bf16/fp16, no dropout) a packed batch is one call of PyTorch's own
+On an Ampere, Ada, Hopper or Blackwell GPU (bf16/fp16, no dropout; :func:`varlen_capable`) a packed batch is one call of PyTorch's own
 flash-attention varlen kernel (``torch.nn.attention.varlen``, PyTorch 2.11+) instead of a Python
 loop over examples; elsewhere the loop runs. Under autocast over fp32 weights (the single, ddp and
 LoRA paths) RoPE hands over fp32 queries and keys; they are cast to the autocast dtype first, as
@@ -26,7 +26,8 @@ path each packed attention call took (the trainer logs the share of one-call one
 
 A packed batch's examples are found once per forward (:func:`packed_segments`): every layer, and
 activation checkpointing's recompute of it, gets the same ``position_ids`` tensor, so one
-device→host copy of the position restarts serves them all.
+look at the position restarts serves them all; the trainer notes the collator's host copy of the
+tensor (:func:`note_host_copy`), so that look costs no device→host copy either.
 
 :func:`register` makes the name known to transformers; :func:`launcher.model.loading.load_model_and_tokenizer`
 calls it before loading. A model saved from a run carries ``sdpa`` in its config as usual, since
@@ -91,17 +92,32 @@ class Segments:
 
 # The last batch's segments, keyed by its position_ids tensor (alive, same version, same width).
 _last: Optional[tuple[Any, int, int, Segments]] = None
+# The host copy of the next batch's position_ids, keyed by the device tensor made from it.
+_host: Optional[tuple[Any, int, torch.Tensor]] = None
+
+
+def note_host_copy(on_device: Optional[torch.Tensor], host: Optional[torch.Tensor]) -> None:
+    """``host`` is the collator's copy of the position_ids that ``on_device`` was copied from: the
+    forward finds the batch's segments in it, with no device→host copy (on CUDA, a wait for
+    everything queued before it, once per micro-batch). Either None: nothing to note."""
+    global _host
+    if on_device is not None and host is not None and on_device is not host:
+        _host = (weakref.ref(on_device), on_device._version, host)
 
 
 def packed_segments(position_ids: torch.Tensor, batch: int) -> Segments:
     """The segments of ``position_ids`` (broadcast to ``batch`` rows), computed once per tensor:
-    a model's forward passes the same one to every layer, and checkpointing's recompute again."""
+    a model's forward passes the same one to every layer, and checkpointing's recompute again.
+    Read from its host copy where :func:`note_host_copy` noted one."""
     global _last
     if _last is not None:
         ref, version, rows, segments = _last
         if ref() is position_ids and version == position_ids._version and rows == batch:
             return segments
-    spans = segment_bounds(position_ids.expand(batch, -1))
+    source = position_ids
+    if _host is not None and _host[0]() is position_ids and _host[1] == position_ids._version:
+        source = _host[2]
+    spans = segment_bounds(source.expand(batch, -1))
     segments = Segments(spans, [e - s for row in spans for s, e in row])
     _last = (weakref.ref(position_ids), position_ids._version, batch, segments)
     return segments
@@ -186,7 +202,7 @@ def varlen_attention_forward(
     # One autograd split per tensor (its backward is one concatenation); slicing per example
     # would zero-fill a full-size gradient for every slice in backward.
     lengths = segments.lengths
-    if one_kernel(query, dropout):
+    if one_kernel(query, dropout, gqa=key.shape[1] != query.shape[1], window=window is not None and window < max(lengths)):
         CALLS["flash"] += 1
         return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA,
                             offsets=segments.offsets(query.device)), None  # fmt: skip
@@ -258,15 +274,43 @@ def causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
     return _BIAS[key][:n, :n]
 
 
-def one_kernel(query: torch.Tensor, dropout: float) -> bool:
-    """Whether the packed batch can go to one flash varlen call: an Ampere, Ada or Hopper GPU
-    (compute capability 8.x-9.x, where varlen_attn runs flash attention; some PyTorch versions send
-    newer GPUs to cuDNN, which refuses GQA and windows), half precision, no dropout, head_dim a
-    multiple of 8 up to 256."""
+def one_kernel(query: torch.Tensor, dropout: float, *, gqa: bool = False, window: bool = False) -> bool:
+    """Whether the packed batch can go to one flash varlen call: half precision, no dropout,
+    head_dim a multiple of 8 up to 256, on a GPU :func:`varlen_capable` accepts."""
     if varlen_attn is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
         return False
     head_dim = query.shape[-1]
-    return head_dim % 8 == 0 and head_dim <= 256 and 8 <= torch.cuda.get_device_capability(query.device)[0] <= 9
+    if head_dim % 8 or head_dim > 256:
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    return varlen_capable(torch.cuda.get_device_capability(index), routes_to_cudnn(index), gqa=gqa, window=window)
+
+
+def varlen_capable(capability: tuple[int, int], cudnn: bool, *, gqa: bool, window: bool) -> bool:
+    """Whether ``varlen_attn`` runs a packed batch on a GPU of compute ``capability``: Ampere and
+    Ada (8.x), Hopper (9.x), datacenter Blackwell (10.x: B200, GB200) and consumer Blackwell
+    (12.x: RTX 50, RTX PRO), the architectures PyTorch's flash-attention kernels are built for
+    (sm80 and newer; Turing and older have none). ``cudnn``: this PyTorch sends the device to
+    cuDNN's attention for every call (:func:`routes_to_cudnn`; 2.9's prototype did for 10.x and
+    newer, later versions with cuDNN 9.18+ for 9.x and 10.x), which refuses grouped-query
+    attention and a sliding window, so those batches take the loop there. 11.x (Thor) is left to
+    the loop: untested."""
+    if capability[0] not in (8, 9, 10, 12):
+        return False
+    return not (cudnn and (gqa or window))
+
+
+def routes_to_cudnn(device_index: int) -> bool:
+    """Whether the installed PyTorch's varlen_attn sends this device to cuDNN whatever the call
+    (its private choice, read where it exists). Versions with a per-call backend choice
+    (``_select_backend``) take cuDNN only where it accepts the call and flash otherwise: False."""
+    if varlen_attn is None:
+        return False
+    varlen = torch.nn.attention.varlen
+    choose = getattr(varlen, "_should_use_cudnn", None)
+    if choose is None or hasattr(varlen, "_select_backend"):
+        return False
+    return bool(choose(device_index))
 
 
 def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],

@@ -391,7 +391,7 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         # gradient (reduce_ready_partitions_and_remove_grads); with no accumulation it keeps its
         # partition, as stage 2 does.
         g_div = n if (s >= 2 or (s == 1 and w.grad_accum == 1)) else 1
-        # From stage 2 the gradient partition accumulates in fp32 (deepspeed_config.fp32_reduction).
+        # From stage 2 the gradient partition accumulates in fp32 (deepspeed_config.gradient_dtypes).
         gb = FP32 if s >= 2 else b
         master = 0 if s == 0 else FP32
         params = b * ((trainable - small) / p_div + small) + frozen / p_div

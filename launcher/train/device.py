@@ -3,10 +3,9 @@ LOCAL_RANK), else cpu; bf16 autocast where the hardware has it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
-from typing import ContextManager, Optional
+from typing import Optional
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -92,14 +91,3 @@ def set_residual_stream(model: torch.nn.Module, train: TrainConfig, compute: Opt
     eval computes what the run's own evals did."""
     if compute == torch.bfloat16 and not train.fp32_residual:
         bf16_residual_stream(model)
-
-
-def offloaded_activations(enabled: bool) -> ContextManager[object]:
-    """``strategy.activation_offloading``: within the block (a forward pass), every tensor autograd
-    saves for backward is copied to pinned host memory and brought back when backward needs it
-    (``torch.autograd.graph.save_on_cpu``). GPU memory for activations falls to about one layer's
-    in flight, for a host copy each way per saved tensor: worth it when activations, not the model
-    states, are what does not fit."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=True)

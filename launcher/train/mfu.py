@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 # Dense bf16 peak FLOP/s by the model name torch reports for a GPU, matched as whole words ("L4"
-# is not "L40"), more specific names first; no entry (any CPU) means no MFU.
+# is not "L40", "B200" is not "GB200"), more specific names first; no entry (any CPU) means no MFU.
+# Source: NVIDIA's datasheets, dense (the sparse figures halved). B200: 2.25 PFLOPS (HGX B200, 36
+# sparse over 8 GPUs); GB200: 2.5 PFLOPS per GPU (GB200 NVL72, 360 sparse over 72 GPUs); H800: the
+# H100's compute at a lower interconnect bandwidth, so its SXM and PCIe parts take the H100's peaks.
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 )  # fmt: skip
 
 

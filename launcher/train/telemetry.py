@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import secrets
 import string
@@ -31,6 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 WANDB_ID_FILE = "wandb_run_id"
+CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "elapsed")
 
 
@@ -88,11 +90,37 @@ def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: 
     return Telemetry(sinks, console)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for :func:`peak_memory_gb`, so a step's value is that step's peak, not
+    the peak of everything before it (the reference pass, an eval, an earlier, larger step).
+
+    CUDA: the allocator's peak. CPU: the process's resident high-water mark (VmHWM), which Linux
+    resets when a process writes 5 to /proc/self/clear_refs; where that fails (not Linux, or a
+    kernel without it) the CPU value stays the peak since the process started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
+    """The peak since :func:`reset_peak_memory`: CUDA memory allocated by tensors, or on CPU the
+    process's resident memory (VmHWM; ru_maxrss, the lifetime peak, where /proc has no VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    kib = resident_high_water_kib()
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20  # both in KiB
+
+
+def resident_high_water_kib() -> Optional[int]:
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", PROC_STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
 
 
 def local_param_bytes(model: torch.nn.Module) -> int:

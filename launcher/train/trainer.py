@@ -33,14 +33,14 @@ from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
-from launcher.model.attention import attention_paths
+from launcher.model.attention import attention_paths, note_host_copy
 from launcher.model.compile import compile_decoder_layers, compiles, eager, first_step_note
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
-from launcher.train.device import autocast_dtype, offloaded_activations, select_device, set_residual_stream
+from launcher.train.device import autocast_dtype, select_device, set_residual_stream
 from launcher.train.distributed import (
     DistInfo,
     any_rank,
@@ -56,6 +56,7 @@ from launcher.train.distributed import (
 )
 from launcher.train.loss import count_label_tokens, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
+from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
 from launcher.train.resume import (
     ResumeError,
@@ -71,7 +72,7 @@ from launcher.train.resume import (
     set_aside_checkpoints,
 )
 from launcher.train.schedule import warmup_notice
-from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb
+from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
 StepHook = Callable[["Trainer"], None]
 
@@ -99,6 +100,7 @@ class Trainer:
         self.n_params = count_parameters(self.engine.model)
         self.flops = model_flops(self.engine.model, output_layer(self.engine.model))
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
+        self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
         self.step = self.saved_step = self.resume()
         self.batches = BatchPrefetcher(self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda")
@@ -162,15 +164,17 @@ class Trainer:
         size, which the engines' gradient averaging divides out), so every unit weighs the same
         whatever batch or rank it fell in, and N ranks train exactly like one process with N times the batch."""
         start = time.perf_counter()
+        reset_peak_memory(self.device)  # peak_mem_gb is this step's peak
         batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
         window = reduce_sum(sum(self.objective.weight(b) for b in batches))
         norm = max(1.0, window) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loss_sum, stat_sums = torch.zeros((), device=self.device), Counter()
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        for i, host in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            note_host_copy(batch.get("position_ids"), host.get("position_ids"))  # packed attention reads the host copy
             with self.engine.grad_sync(i == len(batches) - 1):
-                with offloaded_activations(self.cfg.strategy.activation_offloading):
+                with self.offloader:
                     loss, stats = self.objective.loss(self.engine, batch)
                 self.engine.backward(loss / norm)
             loss_sum += loss.detach() / norm

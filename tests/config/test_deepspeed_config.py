@@ -18,10 +18,11 @@ from launcher.config.topology import planned_device_type, resolve_precision
 from launcher.config.validate import validate
 
 
-def make_cfg(stage: int = 3, extra: dict[str, Any] | None = None, nproc: int = 2, **train: Any) -> FtlConfig:
+def make_cfg(stage: int = 3, extra: dict[str, Any] | None = None, nproc: int = 2, reduce_dtype: str = "fp32", **train: Any) -> FtlConfig:
     train = {"micro_batch_size": 2, "grad_accum": 1, "precision": "fp32", "device": "cpu", **train}
     offload = stage == 3 and bool(train.pop("offload", False))
-    strategy = DeepSpeedStrategy(zero_stage=stage, offload_optimizer=offload, offload_params=offload, extra=extra or {})
+    strategy = DeepSpeedStrategy(zero_stage=stage, offload_optimizer=offload, offload_params=offload, extra=extra or {},
+                                 reduce_dtype=reduce_dtype)  # fmt: skip
     return FtlConfig(strategy=strategy, train=TrainConfig(**train), launch=LocalLaunch(nproc_per_node=nproc))
 
 
@@ -210,13 +211,28 @@ def test_plan_prints_the_generated_json_without_importing_deepspeed():
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")])
-def test_bf16_gradients_are_reduced_and_accumulated_in_fp32(stage, precision):
-    """As FSDP2 (reduce_dtype=fp32) and the autocast engines (fp32 gradients) do: fp32 reduction
-    from stage 1, fp32 accumulation of the gradient partition from stage 2 (stage 1 would switch
-    DeepSpeed to its BF16_Optimizer). Nothing to say in fp32, where both are fp32 already."""
+def test_bf16_gradients_are_reduced_in_the_chosen_dtype_and_accumulated_in_fp32(stage, precision):
+    """As FSDP2 (reduce_dtype=fp32) and the autocast engines (fp32 gradients) do: reduction in
+    strategy.reduce_dtype (fp32 by default) from stage 1, fp32 accumulation of the gradient
+    partition from stage 2 (stage 1 would switch DeepSpeed to its BF16_Optimizer). Nothing to say
+    in fp32, where both are fp32 already."""
     ds = build_deepspeed_config(make_cfg(stage, precision=precision), world_size=2, precision=precision)
     bf16 = precision == "bf16"
     assert ds.get("communication_data_type") == ("fp32" if bf16 and stage >= 1 else None)
     assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if bf16 and stage >= 2 else None)
-    keep_bf16 = build_deepspeed_config(make_cfg(stage, extra={"communication_data_type": "bf16"}, precision=precision), 2, precision)
-    assert keep_bf16["communication_data_type"] == "bf16", "strategy.extra overrides the default"
+    if bf16:
+        halved = build_deepspeed_config(make_cfg(stage, reduce_dtype="bf16", precision=precision), 2, precision)
+        assert halved["communication_data_type"] == "bf16", "strategy.reduce_dtype=bf16: half the bytes on the wire"
+        assert halved.get("data_types") == ds.get("data_types"), "accumulation stays fp32"
+        errors = errors_of(make_cfg(stage, extra={"communication_data_type": "bf16"}, precision=precision))
+        assert errors and "strategy.reduce_dtype=fp32" in errors[0], "one field decides; extra may not contradict it"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_overlaps_gradient_communication_with_backward(stage):
+    """overlap_comm is set for stages 1-2 too (DeepSpeed 0.19 defaults it on for stage 3 only);
+    strategy.extra may still turn it off."""
+    ds = build_deepspeed_config(make_cfg(stage, precision="bf16"), world_size=2, precision="bf16")
+    assert ds["zero_optimization"].get("overlap_comm", stage == 3) is True
+    off = build_deepspeed_config(make_cfg(stage, extra={"zero_optimization": {"overlap_comm": False}}), world_size=2)
+    assert off["zero_optimization"]["overlap_comm"] is False

@@ -279,7 +279,7 @@ def fsdp_bf16_norm(tmp_path_factory: pytest.TempPathFactory) -> float:
 def test_zero_in_bf16_reduces_and_accumulates_gradients_like_fsdp(stage: int, fsdp_bf16_norm: float, tmp_path: Path) -> None:
     """bf16 with 4 micro-batches per step: ZeRO-2/3's first gradient equals FSDP2's (fp32
     reduce-scatter) to 1e-6, the precision of an fp32 sum. With DeepSpeed's default bf16
-    reduction and accumulation the same run was 1.5e-5 off (measured; see fp32_reduction)."""
+    reduction and accumulation the same run was 1.5e-5 off (measured; see gradient_dtypes)."""
     ftl("train", *BF16_COMMON, f"strategy=zero{stage}", f"run.dir={tmp_path}")
     norm = metrics(tmp_path)[0]["grad_norm"]
     assert norm == pytest.approx(fsdp_bf16_norm, rel=1e-6), (norm, fsdp_bf16_norm)

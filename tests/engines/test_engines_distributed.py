@@ -174,8 +174,9 @@ def test_export_rejects_what_is_not_a_run_or_checkpoint(tmp_path: Path) -> None:
         # Same samples per rank and step, the same loss normalisation (the window's label tokens).
         (["train.grad_accum=2", "train.micro_batch_size=2", "strategy.activation_checkpointing=true"], 1e-5),
         (["train.precision=bf16"], 2e-2),  # MixedPrecisionPolicy: bf16 compute, fp32 master and reduce
+        (["train.precision=bf16", "strategy.reduce_dtype=bf16"], 2e-2),  # the reduce-scatter in bf16
     ],
-    ids=["accum-and-activation-checkpointing", "bf16"],
+    ids=["accum-and-activation-checkpointing", "bf16", "bf16-reduce"],
 )
 def test_fsdp_options_train_as_the_reference(overrides: list[str], rel: float, fsdp_run: Path, tmp_path: Path) -> None:
     """3 steps: with warmup_steps=2 the first 3 learning rates do not depend on max_steps."""

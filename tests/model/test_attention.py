@@ -27,6 +27,25 @@ def test_segments_are_read_from_position_restarts() -> None:
     assert attention.segment_bounds(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
 
 
+def test_a_forward_reads_the_segments_from_the_noted_host_copy(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer notes the collator's position_ids beside the device copy made from them: the
+    forward's one look at the restarts reads the host tensor, never the one the layers receive
+    (on CUDA that read would be a device→host copy and a wait, once per micro-batch)."""
+    model = tiny(tok, attention.NAME).train()
+    host = packed_positions()
+    on_device = host.clone()  # what .to("cuda") would make: another tensor, same values
+    read: list[torch.Tensor] = []
+    bounds = attention.segment_bounds
+    monkeypatch.setattr(attention, "segment_bounds", lambda p: read.append(p) or bounds(p))
+    attention.note_host_copy(on_device, host)
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids, position_ids=on_device, use_cache=False).logits.sum().backward()
+    assert len(read) == 1 and read[0].data_ptr() == host.data_ptr(), "one look, at the host copy"
+    other = host.clone()
+    model(input_ids=ids, position_ids=other, use_cache=False)
+    assert len(read) == 2 and read[1].data_ptr() == other.data_ptr(), "a tensor nobody noted: read where it is"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_packed_rows_equal_each_example_run_alone(tok: Any, device: str) -> None:
     """Logits of a packed batch (on CPU: short examples on the math kernel, one long example on the
@@ -204,6 +223,34 @@ def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any, native_g
     one = attention.packed_flash(q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen, native_gqa=native_gqa)
     torch.testing.assert_close(one, loop, rtol=1e-5, atol=1e-5)
     assert not attention.one_kernel(q, 0.0) and not attention.one_kernel(q.bfloat16(), 0.0), "no flash varlen on CPU"
+
+
+@pytest.mark.parametrize("capability,cudnn,gqa,window,want", [
+    ((8, 0), False, True, True, True), ((8, 9), False, False, False, True), ((9, 0), False, True, False, True),
+    ((10, 0), False, True, True, True), ((10, 3), False, False, False, True), ((12, 0), False, True, False, True),
+    ((10, 0), True, False, False, True), ((10, 0), True, True, False, False), ((9, 0), True, False, True, False),
+    ((7, 5), False, False, False, False), ((11, 0), False, False, False, False),
+])  # fmt: skip
+def test_blackwell_takes_the_one_kernel_path_unless_cudnn_would_refuse_it(capability: Any, cudnn: bool, gqa: bool, window: bool,
+                                                                          want: bool) -> None:  # fmt: skip
+    """Blackwell (10.x, 12.x) joins Ampere, Ada and Hopper; where this PyTorch routes the device to
+    cuDNN, grouped-query attention and windows (which cuDNN refuses) stay on the loop; Turing never."""
+    assert attention.varlen_capable(capability, cudnn, gqa=gqa, window=window) is want
+
+
+@pytest.mark.parametrize("per_call", [False, True])
+def test_cudnn_routing_is_read_from_this_torch(per_call: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch that sends the device to cuDNN for every call makes GQA and windows take the loop;
+    one that chooses per call (and falls back to flash) does not."""
+    if attention.varlen_attn is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    varlen = torch.nn.attention.varlen
+    monkeypatch.setattr(varlen, "_should_use_cudnn", lambda index: True, raising=False)
+    if per_call:
+        monkeypatch.setattr(varlen, "_select_backend", lambda *a, **kw: 0, raising=False)
+    else:
+        monkeypatch.delattr(varlen, "_select_backend", raising=False)
+    assert attention.routes_to_cudnn(0) is not per_call
 
 
 @pytest.mark.gpu

@@ -60,7 +60,7 @@ def test_zero_paper_7_5b_on_64_gpus():
 def test_deepspeed_bf16_model_states_follow_the_zero_paper(stage):
     """ftl's DeepSpeed engine in bf16 keeps the paper's 2 + 2 + 12 bytes per parameter (stage 1
     with accumulation: it holds every gradient until the boundary), except that from stage 2 the
-    gradient partition accumulates in fp32 (deepspeed_config.fp32_reduction): 4 bytes, not 2, over
+    gradient partition accumulates in fp32 (deepspeed_config.gradient_dtypes): 4 bytes, not 2, over
     N. Only ZeRO-3's small persistent params (norms, kept whole) differ, by far less than 0.1%."""
     arch = LLAMA2_7B
     psi = param_count(arch)

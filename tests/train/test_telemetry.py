@@ -9,12 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
 from launcher.paths import ROOT
 from launcher.train.distributed import DistInfo
-from launcher.train.telemetry import JsonlSink, build_telemetry, read_metrics, redact, render_eval_report, write_loss_curve
+from launcher.train.telemetry import (
+    CLEAR_REFS,
+    JsonlSink,
+    build_telemetry,
+    peak_memory_gb,
+    read_metrics,
+    redact,
+    render_eval_report,
+    reset_peak_memory,
+    write_loss_curve,
+)
 from launcher.wandb_auth import resolve_wandb_mode
 
 KEY = "k" * 40
@@ -122,3 +133,32 @@ def test_eval_file_survives_restart(tmp_path: Path, start: int) -> None:
     telemetry.close(0)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert sorted(saved) == (["after", "before"] if start else ["after"])
+
+
+@pytest.mark.skipif(not CLEAR_REFS.exists(), reason="no /proc/self/clear_refs (not Linux): the CPU peak is the process's")
+def test_cpu_peak_memory_is_the_peak_since_the_last_reset() -> None:
+    """A step's peak_mem_gb is that step's: 256 MiB held in one window and freed does not show in
+    the next (Linux resets the resident high-water mark on request)."""
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_gb(cpu)
+    held = bytearray(256 * 2**20)  # zero-filled: every page touched
+    during = peak_memory_gb(cpu)
+    del held
+    reset_peak_memory(cpu)
+    after = peak_memory_gb(cpu)
+    assert during - before > 0.2, (before, during)
+    assert after < during - 0.2, (during, after)
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_the_peak_since_the_last_reset() -> None:
+    from helpers import need_gpus
+
+    need_gpus(1)
+    cuda = torch.device("cuda")
+    held = torch.empty(2**30, dtype=torch.uint8, device=cuda)
+    del held
+    assert peak_memory_gb(cuda) >= 1.0
+    reset_peak_memory(cuda)
+    assert peak_memory_gb(cuda) < 0.5, "the freed GiB belongs to the last window"
