@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -112,22 +111,23 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int, timeout: float) -> dict[str, tuple[int, float]]:
-    """Run ``jobs``, ``parallel`` at a time, each in its own session (its children with it), its
-    output to its log; past ``timeout`` seconds it gets SIGTERM, 10 s later SIGKILL (exit 124 is
-    reported). Returns name -> (exit status, seconds), and prints one line per job as it ends."""
+    """Run ``jobs``, ``parallel`` at a time, each its output to its log; past ``timeout`` seconds it
+    gets SIGTERM (``ftl train`` hands it to the trainer, which stops), 10 s later SIGKILL, and exit
+    124 is reported. The jobs stay in this process's group, so a ``timeout`` around this one reaches
+    them too. Returns name -> (exit status, seconds), printing one line per job as it ends."""
 
     def one(job: Job) -> tuple[str, tuple[int, float]]:
         start = time.monotonic()
         with job.log.open("w") as log:
-            proc = subprocess.Popen(job.argv, cwd=ROOT, env=job.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(job.argv, cwd=ROOT, env=job.env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGTERM)  # ftl forwards it: the trainer stops at the next step
+                proc.terminate()
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.kill()
                     proc.wait()
                 rc = 124
         seconds = time.monotonic() - start
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("names", nargs="*", help=f"train: runs of {', '.join(RUNS)}")
     parser.add_argument("--parallel", type=int, default=4, help="train: runs at a time")
     parser.add_argument("--timeout", type=float, default=120, help="train: seconds per run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     unknown = [n for n in args.names if n not in RUNS]
     if unknown or (args.command == "train") != bool(args.names):
         parser.error(f"train takes run names (of {', '.join(RUNS)}), the others none; got {args.names}")
