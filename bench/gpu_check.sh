@@ -79,7 +79,7 @@ step() {  # step NAME LIMIT COMMAND...: dry, list it; else run it under `timeout
 pytest_gpu() {  # the gpu-marked tests (test_bench_quick's run the benches below: left out); SKIP when none ran
     local files
     mapfile -t files < <(grep -rl 'mark\.gpu' tests --include='test_*.py' | grep -v 'tests/test_bench_quick.py' | sort)
-    python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${files[@]}" | tee "$work/pytest.txt"
+    python3 -m pytest -m gpu -v -rs -p no:cacheprovider "${files[@]}" | tee "$work/pytest.txt"
     local rc=${PIPESTATUS[0]}
     echo "SUMMARY $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$work/pytest.txt" | tail -1)"
     if ((rc == 0)) && ! grep -qE '[0-9]+ passed' "$work/pytest.txt"; then return 3; fi

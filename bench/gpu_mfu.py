@@ -201,13 +201,33 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def head_only(hidden_size: int, vocab: int, device: Any, dtype: Any) -> Any:
+    """The output layer alone, as :func:`launcher.train.loss.next_token_loss` finds it in a causal
+    LM (``get_output_embeddings``, a Llama ``config``, ``.logits``), fed hidden states as ``inputs_embeds``."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class HeadOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = nn.Linear(hidden_size, vocab, bias=False, device=device, dtype=dtype)
+            self.config = SimpleNamespace(model_type="llama")
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.lm_head
+
+        def forward(self, inputs_embeds: Any, use_cache: bool = False) -> Any:
+            return SimpleNamespace(logits=self.lm_head(inputs_embeds))
+
+    return HeadOnly()
+
+
 def head_worker(args: dict[str, Any]) -> dict[str, Any]:
     """The output layer and loss alone, per ``impl``: median ms of forward + backward, peak memory."""
     import statistics
-    from types import SimpleNamespace
 
     import torch
-    from torch import nn
 
     from launcher.train.loss import next_token_loss
 
@@ -215,20 +235,8 @@ def head_worker(args: dict[str, Any]) -> dict[str, Any]:
     torch.cuda.set_device(device)
     hidden_size, vocab, micro_batch, seq_len = args["hidden"], args["vocab"], args["micro_batch"], args["seq_len"]
 
-    class HeadOnly(nn.Module):  # what next_token_loss looks for in a causal LM: get_output_embeddings, config, .logits
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm_head = nn.Linear(hidden_size, vocab, bias=False, device=device, dtype=torch.bfloat16)
-            self.config = SimpleNamespace(model_type="llama")
-
-        def get_output_embeddings(self) -> nn.Module:
-            return self.lm_head
-
-        def forward(self, inputs_embeds: torch.Tensor, use_cache: bool = False) -> Any:
-            return SimpleNamespace(logits=self.lm_head(inputs_embeds))
-
     torch.manual_seed(0)
-    head = HeadOnly()
+    head = head_only(hidden_size, vocab, device, torch.bfloat16)
     hidden = torch.randn(micro_batch, seq_len, hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (micro_batch, seq_len), device=device)
     rows = []
@@ -239,7 +247,7 @@ def head_worker(args: dict[str, Any]) -> dict[str, Any]:
             hidden.grad = None
             loss = next_token_loss(head, {"inputs_embeds": hidden}, labels, impl=impl)
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         try:
             once()  # warm-up: Triton's autotuning, cuBLAS's workspaces

@@ -246,3 +246,25 @@ def test_gpu_mfu_projection_and_rows() -> None:
     for bad in ("zero3-compiled", "ddp", "fsdp-fast"):
         with pytest.raises(ValueError):
             gpu_mfu.parse_rows(bad)
+
+
+def test_gpu_mfu_head_microbench_runs_ftls_loss_paths() -> None:
+    """The head-and-loss microbench's module goes through next_token_loss's fused path (chunked)
+    and its full-logits path alike, with the same loss and gradients: its rows compare like with like."""
+    import torch
+
+    from launcher.train.loss import fused_head_ok, next_token_loss
+
+    torch.manual_seed(0)
+    head = bench_module("gpu_mfu").head_only(32, 500, "cpu", torch.float32)
+    assert fused_head_ok(head)
+    hidden, labels = torch.randn(2, 16, 32, requires_grad=True), torch.randint(0, 500, (2, 16))
+    results = []
+    for impl in ("chunked", "logits"):
+        head.zero_grad(set_to_none=True)
+        hidden.grad = None
+        loss = next_token_loss(head, {"inputs_embeds": hidden}, labels, impl=impl)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.lm_head.weight.grad.clone()))
+    for chunked, logits in zip(*results):
+        torch.testing.assert_close(chunked, logits, rtol=1e-5, atol=1e-5)
