@@ -60,7 +60,7 @@ step() {  # step NAME LIMIT COMMAND...: dry, list it; else run it under `timeout
     fi
     echo "== $name (at most ${limit}s): $*"
     local started=$SECONDS
-    timeout -k 5 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$work/step.txt"  # bash: a step may be a function here
+    timeout -k 3 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$work/step.txt"  # bash: a step may be a function here
     local rc=${PIPESTATUS[0]} seconds=$((SECONDS - started)) verdict=FAIL
     echo "== $name: exit $rc after ${seconds}s"
     local key
@@ -81,7 +81,7 @@ pytest_gpu() {  # the gpu-marked tests (test_bench_quick's run the benches below
     mapfile -t files < <(grep -rl 'mark\.gpu' tests --include='test_*.py' | grep -v 'tests/test_bench_quick.py' | sort)
     python3 -m pytest -m gpu -v -rs -p no:cacheprovider "${files[@]}" | tee "$work/pytest.txt"
     local rc=${PIPESTATUS[0]}
-    echo "SUMMARY $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$work/pytest.txt" | tail -1)"
+    echo "SUMMARY $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$work/pytest.txt" | tail -1 | tr -d '=')"
     if ((rc == 0)) && ! grep -qE '[0-9]+ passed' "$work/pytest.txt"; then return 3; fi
     return "$rc"
 }
