@@ -62,7 +62,6 @@ def variant_overrides(variant: str, device: str, seq_len: int) -> list[str]:
 
 def worker(variant: str, device_type: str, seq_len: int, steps: int) -> dict[str, Any]:
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
     from launcher.engines import build_engine
     from launcher.engines.deepspeed import ensure_process_group
