@@ -269,3 +269,18 @@ def test_gpu_mfu_head_microbench_runs_ftls_loss_paths() -> None:
         results.append((loss.detach(), hidden.grad.clone(), head.lm_head.weight.grad.clone()))
     for chunked, logits in zip(*results):
         torch.testing.assert_close(chunked, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_runs_jobs_side_by_side_each_under_its_limit(tmp_path: Path) -> None:
+    """run_jobs, which launches the matrix's runs and the engine variants: each job's exit status and
+    log; one past its limit is stopped (SIGTERM) and reported as 124 while the others finish."""
+    import time
+
+    gpu_runs = bench_module("gpu_runs")
+    jobs = [gpu_runs.Job(name, ["bash", "-c", script], tmp_path / f"{name}.log", dict(os.environ))
+            for name, script in {"ok": "echo done", "fails": "echo bad; exit 3", "hangs": "sleep 60"}.items()]  # fmt: skip
+    start = time.monotonic()
+    results = gpu_runs.run_jobs(jobs, parallel=3, timeout=2)
+    assert time.monotonic() - start < 20
+    assert {name: rc for name, (rc, _) in results.items()} == {"ok": 0, "fails": 3, "hangs": 124}
+    assert (tmp_path / "ok.log").read_text() == "done\n" and (tmp_path / "fails.log").read_text() == "bad\n"
