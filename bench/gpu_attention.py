@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="calls per side per round")
     parser.add_argument("--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU")
+    parser.add_argument("--require-flash", action="store_true", help="exit 1 when torch's flash varlen kernel is not there")
     args = parser.parse_args(argv)
 
     import torch
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                for h in (args.heads, args.kv_heads, args.kv_heads))  # fmt: skip
     grad = torch.randn(args.rows, seq_len, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
     kernel = attention.varlen_attn
-    if kernel is None or not attention.one_kernel(q, 0.0):
+    no_flash = kernel is None or not attention.one_kernel(q, 0.0)
+    if no_flash:
         print(f"gpu_attention: no flash varlen kernel here (torch {torch.__version__}, {torch.cuda.get_device_name(0)}); "
               "the one-call side runs the loop", file=sys.stderr)  # fmt: skip
 
@@ -133,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name.ljust(width)} | {ms:7.2f} | {base / ms:6.2f}x | {diff:.2e}")
     if args.quick:
         print("quick mode: small packs and few calls; these numbers are no result.")
+    speedups = ", ".join(f"{name.split(', ')[-1]} {base / statistics.median(ts):.2f}x" for name, ts in zip(SIDES[1:], times[1:]))
+    print(f"SUMMARY vs sdpa's mask: {speedups}; max output difference {max(diffs):.1e} (limit {DIFF_LIMIT})")
     if max(diffs) > DIFF_LIMIT:
         print(f"gpu_attention: outputs differ by more than {DIFF_LIMIT:.0%} of their largest value (bf16 rounding): "
               "not the same attention", file=sys.stderr)  # fmt: skip
+        return 1
+    if no_flash and args.require_flash:
+        print("gpu_attention: --require-flash, and the one flash varlen call did not run", file=sys.stderr)
         return 1
     return 0
 
