@@ -416,7 +416,9 @@ def _model_states(w: Workload, lay: Layout) -> _States:
             host += moved
             params = b * small
             d["params"] = f"in host memory ({fmt_bytes(moved)}); norms stay on the GPU"
-        persistent = b * h * h if s >= 1 else 0  # reduce bucket: reduce_bucket_size = h² (ftl's default)
+        # reduce bucket: reduce_bucket_size = h² (ftl's default); with overlap_comm, which ftl turns on
+        # for stages 1-2, DeepSpeed keeps a second one (stage_1_and_2's setup_buckets: buf_0, buf_1)
+        persistent = b * h * h * (2 if s in (1, 2) else 1) if s >= 1 else 0
         if s >= 3:
             leaf = max(pc.embed, pc.head, pc.largest_linear)
             leaf_grad = leaf if not peft else 0
@@ -520,9 +522,14 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
         layers = pc.num_layers * layer
         layers_text = f"{pc.num_layers} layers × {fmt_bytes(layer)}"
     host = 0.0
-    if w.activation_offloading:  # what the layers save waits in host memory; one layer's is in flight on the device
-        host, layers = layers, layer
-        layers_text = f"one layer in flight {fmt_bytes(layer)} (the rest offloaded: {fmt_bytes(host)})"
+    if w.activation_offloading:
+        # What the layers save waits in host memory, except the last layer's (train/offload.py keeps it,
+        # and the head's, on the device) and the layer being brought back a layer ahead of backward.
+        kept = min(2, pc.num_layers)
+        saved = r * t * h if w.activation_checkpointing else layer  # what one layer leaves for backward
+        host = (pc.num_layers - kept) * saved
+        layers -= host
+        layers_text = f"{kept} layers on the device {fmt_bytes(layers)} (the rest offloaded: {fmt_bytes(host)})"
     outside = (FP32 + r + c) * t * h
     logits, logits_text = _loss_bytes(w, r, full_ft)
     copies = 0.0

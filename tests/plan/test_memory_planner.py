@@ -125,10 +125,18 @@ def test_activations_by_hand():
     assert ac.activations == 2 * (2 * 32 * 64) + 87_040 + 16_384 + 196_608
     chunked = estimate(replace(w, loss="chunked"), layout_named("zero2", 2))
     assert chunked.activations == 2 * 87_040 + 16_384 + 131_072 + 131_072 + 4_096
-    # Offloading: one layer's activations in flight on the device, the layers' in host memory.
-    off = estimate(replace(w, activation_offloading=True), layout_named("zero2", 2))
-    assert off.activations == 87_040 + 16_384 + 196_608
-    assert off.host == e.host + 2 * 87_040 and any("host memory" in n for n in off.notes)
+    # Offloading (train/offload.py): the last layer's activations stay on the device, and one layer's
+    # come back ahead of backward; with 4 layers the first two wait in host memory.
+    w4 = replace(w, arch=replace(arch, num_layers=4))
+    e4 = estimate(w4, layout_named("zero2", 2))
+    off = estimate(replace(w4, activation_offloading=True), layout_named("zero2", 2))
+    assert off.activations == 2 * 87_040 + 16_384 + 196_608
+    assert off.host == e4.host + 2 * 87_040 and any("host memory" in n for n in off.notes)
+    # ... and with checkpointing only the layers' checkpointed inputs r·T·h wait there.
+    off_ac = estimate(replace(w4, activation_offloading=True, activation_checkpointing=True), layout_named("zero2", 2))
+    assert off_ac.host == e4.host + 2 * (2 * 32 * 64)
+    # Two layers or fewer: nothing is offloaded.
+    assert estimate(replace(w, activation_offloading=True), layout_named("zero2", 2)).activations == e.activations
 
 
 def test_autocast_engines_keep_a_bf16_residual_stream_unless_told_otherwise():
