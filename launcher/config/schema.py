@@ -321,7 +321,7 @@ class TorchrunLaunch(LaunchBase):
 class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1)
-    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node) when train.device=cuda, else 0")
+    gpus_per_node: Optional[int] = ranged(None, 0, doc="default: one per rank (nproc_per_node), 0 with train.device=cpu")
     gpu_request: str = choice(
         "gpus-per-node", "gpus-per-node", "gres",
         doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
@@ -337,6 +337,7 @@ class SlurmLaunch(LaunchBase):
     job_name: Optional[str] = None
     sbatch_args: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # shell lines: module loads, env activation
+    python: Optional[str] = None  # the interpreter every node runs; null: python3 on PATH after setup, or with no setup ftl's own
     # Sent to the batch shell N seconds before the time limit; default: USR1 early enough to finish
     # a step and write a checkpoint at io_gb_per_s (at least 120 s).
     signal: Optional[str] = None
@@ -418,7 +419,7 @@ class WandbConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    dir: Optional[str] = None  # default: runs/<name>; chosen once by the launcher
+    dir: Optional[str] = None  # default: runs/<name> (launch=slurm: runs/<name>-slurm); chosen once by the launcher
 
 
 @dataclass
