@@ -587,6 +587,7 @@ def test_the_8b_recipe_on_two_slurm_nodes_asks_for_8_gpus_per_node(tmp_path):
     (["train.device=cpu", "launch.gpus_per_node=8"], "launch.gpus_per_node: 8 but train.device=cpu"),
     (["train.device=cuda", "launch.gpus_per_node=8", "launch.nproc_per_node=4"], "launch.nproc_per_node: 4 but launch.gpus_per_node=8"),
     (["launch.rdzv_port=40000"], "launch.rdzv_port: 40000 is in Linux's ephemeral port range"),
+    (["launch.python=' '"], "launch.python: got ' '; name the interpreter"),
 ])  # fmt: skip
 def test_gpus_asked_for_must_match_the_device_and_the_ranks(overrides, field):
     errors = slurm_errors("recipe=tiny", *overrides)
