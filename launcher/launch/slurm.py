@@ -279,7 +279,6 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "gpus_per_node": gpus_per_node(cfg),
         "gpu_request": launch.gpu_request,
         "cpus_per_task": cpus_per_task(cfg),
-        "cpus_per_rank": CPUS_PER_RANK,
         "mem": mem_request(cfg),
         "partition": launch.partition,
         "account": launch.account,

@@ -744,7 +744,7 @@ def test_cpus_and_memory_of_a_gpu_job():
 
 def test_the_plan_names_the_interpreter_the_nodes_run(tmp_path):
     plan = SlurmBackend().build(config(), tmp_path / "run", tmp_path / "run" / "config.yaml")
-    assert f"#SBATCH --nodes=1" in plan.files["job.sbatch"] and f"\npython={sys.executable}\n" in plan.files["job.sbatch"]
+    assert "#SBATCH --nodes=1" in plan.files["job.sbatch"] and f"\npython={sys.executable}\n" in plan.files["job.sbatch"]
     assert any(n.startswith(f"the job runs {sys.executable}, the interpreter running ftl here") for n in plan.notes), plan.notes
     cfg = config()
     cfg.launch.setup = ["source /shared/venv/bin/activate"]
@@ -752,7 +752,8 @@ def test_the_plan_names_the_interpreter_the_nodes_run(tmp_path):
     assert sys.executable not in plan.files["job.sbatch"] and "python=$(command -v python3)" in plan.files["job.sbatch"]
     assert any(n.startswith("the job runs python3 from the nodes' PATH after launch.setup") for n in plan.notes)
     cfg.launch.python = "/shared/venv 2/bin/python"
-    assert "\npython='/shared/venv 2/bin/python'\n" in SlurmBackend().build(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml").files["job.sbatch"]
+    named = SlurmBackend().build(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml")
+    assert "\npython='/shared/venv 2/bin/python'\n" in named.files["job.sbatch"]
 
 
 def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
@@ -762,7 +763,9 @@ def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
     cfg.launch.python = "/var/tmp/venv/bin/python"
     shared = Path("/shared/runs/x")
     notes = [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
-    assert [n.split(" is under ")[0] for n in notes] == ["warning: ftl's cache (FTL_CACHE) /dev/shm/ftl-cache", "warning: the interpreter /var/tmp/venv/bin/python"], notes
+    assert [n.split(" is under ")[0] for n in notes] == [
+        "warning: ftl's cache (FTL_CACHE) /dev/shm/ftl-cache", "warning: the interpreter /var/tmp/venv/bin/python",
+    ], notes  # fmt: skip
     cfg.launch.hf_home = "/tmp/hf"
     local = Path("/tmp/runs/x")
     notes = [n for n in SlurmBackend().build(cfg, local, local / "config.yaml").notes if n.startswith("warning:")]
@@ -808,7 +811,8 @@ def test_ftl_variables_are_written_into_the_script_not_left_to_export(tmp_path):
     assert (rec.rec / "python.env").read_text() == f"{cache}|/shared/hf"
     _no_canary(tmp_path)
     cfg = config("+launch.env.FTL_CACHE=/mine", "launch.hf_home=/hub")
-    given = render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", "/py", workdir=tmp_path, environ={"FTL_CACHE": "/x", "HF_HOME": "/y"})
+    given = render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", "/py", workdir=tmp_path,
+                          environ={"FTL_CACHE": "/x", "HF_HOME": "/y"})  # fmt: skip
     assert "export FTL_CACHE=/mine\n" in given and "export HF_HOME=/hub\n" in given and "/x" not in given and "/y" not in given
 
 
