@@ -440,17 +440,19 @@ class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1, doc="nodes the job asks for (--nodes); one torchrun per node")
     gpus_per_node: Optional[int] = ranged(
-        None, 0, doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) when train.device=cuda, else 0"
+        None, 0, doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) unless train.device=cpu, decided by the launch group, never by the machine ftl runs on"
     )
     gpu_request: str = choice(
         "gpus-per-node", "gpus-per-node", "gres",
         doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
     )  # fmt: skip
     cpus_per_task: Optional[int] = ranged(
-        None, 1, doc="CPUs of each node's one task (torchrun and its ranks; --cpus-per-task); null: the partition's default"
+        None, 1, doc="CPUs of each node's one task (torchrun and its ranks; --cpus-per-task); null: 2 per rank for a GPU job "
+        "(each rank and its prefetch thread), the partition's default for a CPU job"
     )
     mem: Optional[str] = plain(
-        None, doc="memory per node (--mem, e.g. 200G); null: the partition's default, or all of it with exclusive=true"
+        None, doc="memory per node (--mem, e.g. 200G); null: for a GPU job sized by the planner (8 GiB per rank plus its "
+        "offloaded states and the weights as read), all of it with exclusive=true, else the partition's default"
     )
     partition: Optional[str] = plain(None, doc="--partition; null: the cluster's default")
     account: Optional[str] = plain(None, doc="--account the job is charged to; null: your default")
@@ -467,6 +469,11 @@ class SlurmLaunch(LaunchBase):
     setup: list[str] = plain(
         factory=list,
         doc="shell lines the job runs before training (module loads, env activation): the one text ftl writes unquoted",
+    )
+    python: Optional[str] = plain(
+        None,
+        doc="the interpreter every node runs; null: the python3 that launch.setup puts on PATH, "
+        "or without setup the one running ftl (the plan says which)",
     )
     signal: Optional[str] = plain(
         None,
@@ -605,7 +612,7 @@ class RunConfig:
     dir: Optional[str] = plain(
         None,
         doc="the run directory (config, logs, checkpoints, eval); "
-        "null: runs/<name>, so the same command resumes the same run",
+        "null: runs/<name> (launch=slurm: runs/<name>-slurm), so the same command resumes the same run",
     )
 
 

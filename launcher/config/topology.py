@@ -17,14 +17,15 @@ def nodes(cfg: FtlConfig) -> int:
 
 def gpus_per_node(cfg: FtlConfig) -> int:
     """GPUs a SLURM job asks for on each node: launch.gpus_per_node, else one per rank
-    (launch.nproc_per_node) when the run trains on CUDA (train.device=cuda), else none. 0 for the
+    (launch.nproc_per_node) unless train.device=cpu. Decided by the launch group, never by the
+    submitting machine: a login node without a GPU plans the same job as a GPU node. 0 for the
     other backends, which run where the GPUs already are."""
     launch = cfg.launch
     if launch.backend != "slurm":
         return 0
     if launch.gpus_per_node is not None:
         return launch.gpus_per_node
-    return launch.nproc_per_node if cfg.train.device == "cuda" else 0
+    return 0 if cfg.train.device == "cpu" else launch.nproc_per_node
 
 
 def procs_per_node(cfg: FtlConfig) -> int:
@@ -43,7 +44,8 @@ def global_batch(cfg: FtlConfig) -> int:
 
 def planned_device_type(cfg: FtlConfig) -> str:
     """The device type a run will train on, guessed without torch: train.device when set, else
-    cuda when the launch asks for GPUs or this machine has an NVIDIA driver, else cpu."""
+    under SLURM cuda when the job asks for GPUs (:func:`gpus_per_node`), elsewhere cuda when this
+    machine has an NVIDIA driver, else cpu."""
     if cfg.train.device != "auto":
         return cfg.train.device
     if cfg.launch.backend == "slurm":

@@ -438,6 +438,8 @@ def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
             if bad:
                 errs.append(ConfigError(f"launch.{f.name}", f"got {bad[0]!r}: a value in the sbatch script must not contain "
                                         "newlines or other control characters"))  # fmt: skip
+        if launch.python is not None and not launch.python.strip():
+            errs.append(ConfigError("launch.python", f"got {launch.python!r}; name the interpreter every node runs, or leave it null"))
         if not _SLURM_TIME.match(launch.time):
             errs.append(ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00"))
         if launch.signal is not None and not _SIGNAL.match(launch.signal):

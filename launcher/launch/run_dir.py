@@ -2,7 +2,9 @@
 
 A run dir holds the resolved config.yaml, the exact launch command, logs, metrics.jsonl,
 checkpoints/, eval.json, the W&B files and loss_curve.png. The default, runs/<run.name>, is
-stable so the same command run again resumes the same run (checkpoint.resume=auto).
+stable so the same command run again resumes the same run (checkpoint.resume=auto). A SLURM job's
+default is runs/<run.name>-slurm: the same recipe submitted from the same checkout must not target,
+and with more steps continue, a run made on this machine (another world size, another device).
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ from launcher.shell import comment, join, quote
 COMMAND_NAME = "launch.sh"
 
 
+SLURM_SUFFIX = "-slurm"
+
+
 def choose_run_dir(raw: dict[str, Any]) -> Path:
+    """run.dir, else runs/<run.name>, and for a SLURM job runs/<run.name>-slurm."""
     run = raw["run"]
-    return Path(run["dir"] or Path("runs") / run["name"]).expanduser().resolve()
+    if run["dir"]:
+        return Path(run["dir"]).expanduser().resolve()
+    suffix = SLURM_SUFFIX if raw["launch"].get("backend") == "slurm" else ""
+    return (Path("runs") / f"{run['name']}{suffix}").resolve()
 
 
 def config_path_for(raw: dict[str, Any], run_dir: Path) -> Path:

@@ -12,11 +12,13 @@ handling, self-requeue) is documented in the template itself.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from launcher import shell
@@ -39,6 +41,20 @@ MIN_SHUTDOWN_S = 60
 # rank 0 to close W&B and the process group after the last collective; a node that died with a
 # nonzero exit ends the step at once (--kill-on-bad-exit=1) instead of leaving the others in NCCL.
 SRUN_WAIT_S = 300
+# CPUs a GPU job asks for per rank: the rank's own thread (Python, kernel launches, NCCL's proxy)
+# and its prefetch thread, which collates and pins the next batches (launcher/train/prefetch.py;
+# ranks start no DataLoader workers). Without --cpus-per-task many sites give the one task on a
+# node a single core, shared by all its ranks and their pinned-memory threads.
+CPUS_PER_RANK = 2
+# Host memory a CUDA rank holds beside any weights: the CUDA context and the loaded kernels of
+# torch and NCCL, the Python heap, the prefetched batches (a few GiB each today; doubled for headroom).
+RANK_HOST_BYTES = 8 * 2**30
+# ftl's own variables, read on the nodes: written into the script from the submitting shell
+# instead of relying on sbatch's default --export=ALL.
+PASSED_ENV = ("FTL_CACHE", "HF_HOME")
+# Prefixes that name storage local to each node on most clusters: a path there on the submitting
+# machine is another directory, or none, on the compute nodes.
+NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run/user", "/scratch/local", "/localscratch", "/lscratch")
 
 
 class Quoted(str):
@@ -173,8 +189,79 @@ def secret_env(cfg: FtlConfig) -> dict[str, str]:
     return {k: str(v) for k, v in cfg.launch.env.items() if k in names}
 
 
-def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path) -> dict[str, Any]:
+def cpus_per_task(cfg: FtlConfig) -> Optional[int]:
+    """--cpus-per-task of the one task on each node: launch.cpus_per_task; for a GPU job without
+    launch.exclusive (which grants the node's CPUs), :data:`CPUS_PER_RANK` for each rank; a CPU
+    job takes the partition's default."""
     from launcher.config.topology import gpus_per_node
+
+    launch = cfg.launch
+    if launch.cpus_per_task is not None or launch.exclusive or gpus_per_node(cfg) == 0:
+        return launch.cpus_per_task
+    return nproc_per_node(cfg) * CPUS_PER_RANK
+
+
+def host_memory_bytes(cfg: FtlConfig) -> float:
+    """Host memory a GPU job's node needs: for each rank :data:`RANK_HOST_BYTES` and what the
+    memory planner puts in host memory (offloaded optimizer, parameters, activations), plus the
+    weights as they are read before the engine moves or shards them, on every rank, or on one
+    where the engine shards parameters (FSDP reads them on rank 0; ZeRO-3 partitions them as
+    they load). An upper bound for the loading peak: not every rank holds its copy at once."""
+    from launcher.config.topology import planned_device_type, resolve_precision
+    from launcher.engines.traits import engine_traits
+    from launcher.plan.memory import DTYPE_BYTES, FP32, frozen_base_bytes, param_counts
+    from launcher.plan.report import layout_for, memory_report, workload_of
+
+    precision = resolve_precision(cfg.train.precision, planned_device_type(cfg))
+    workload, layout = workload_of(cfg, precision), layout_for(cfg)
+    if cfg.peft.method != "none":
+        weights = frozen_base_bytes(workload, layout)[0]
+    else:
+        per_param = FP32 if layout.traits.autocasts_fp32_weights else DTYPE_BYTES[precision]
+        weights = per_param * param_counts(cfg.model.arch).total
+    ranks = nproc_per_node(cfg)
+    readers = 1 if engine_traits(cfg.strategy).shards_params else ranks
+    return ranks * (RANK_HOST_BYTES + memory_report(cfg).chosen.host) + readers * weights
+
+
+def mem_request(cfg: FtlConfig) -> Optional[str]:
+    """--mem of each node: launch.mem; with launch.exclusive, 0 (--exclusive alone grants the
+    node's CPUs and GPUs but only the partition's default memory); for a GPU job
+    :func:`host_memory_bytes` in whole GiB; a CPU job takes the partition's default."""
+    from launcher.config.topology import gpus_per_node
+
+    launch = cfg.launch
+    if launch.mem is not None:
+        return launch.mem
+    if launch.exclusive:
+        return "0"
+    if gpus_per_node(cfg) == 0:
+        return None
+    return f"{math.ceil(host_memory_bytes(cfg) / 2**30)}G"
+
+
+def job_python(cfg: FtlConfig, submitting: str) -> Optional[str]:
+    """The interpreter written into the script: launch.python; with launch.setup, None (the
+    script takes the python3 that the setup lines put on the node's PATH); else ``submitting``,
+    the interpreter running ftl, which must then exist at the same path on the nodes."""
+    if cfg.launch.python is not None:
+        return cfg.launch.python
+    return None if cfg.launch.setup else submitting
+
+
+def passed_env(cfg: FtlConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """:data:`PASSED_ENV` values of the submitting shell that the script exports, unless
+    launch.env (or launch.hf_home, for HF_HOME) sets them itself."""
+    launch = cfg.launch
+    given = {*launch.env, *(["HF_HOME"] if launch.hf_home else [])}
+    return {k: environ[k] for k in PASSED_ENV if environ.get(k) and k not in given}
+
+
+def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path,
+                    environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:  # fmt: skip
+    """``python``: the interpreter running ftl (:func:`job_python` decides whether the job runs
+    it); ``environ``: the submitting shell's environment (default: this process's)."""
+    from launcher.config.topology import gpus_per_node, planned_device_type
     from launcher.launch.local import cpu_malloc_env
     from launcher.plan.timing import io_timeout_s
 
@@ -191,10 +278,8 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "nodes": launch.nodes,
         "gpus_per_node": gpus_per_node(cfg),
         "gpu_request": launch.gpu_request,
-        "cpus_per_task": launch.cpus_per_task,
-        # --exclusive alone grants the node's CPUs and GPUs but only the partition's default memory;
-        # --mem=0 asks for all of it (FSDP's rank 0 holds the model on the host while it loads).
-        "mem": launch.mem if launch.mem is not None or not launch.exclusive else "0",
+        "cpus_per_task": cpus_per_task(cfg),
+        "mem": mem_request(cfg),
         "partition": launch.partition,
         "account": launch.account,
         "qos": launch.qos,
@@ -210,7 +295,7 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "rdzv_port": launch.rdzv_port,
         "srun_wait_s": SRUN_WAIT_S,
         "nproc": nproc_per_node(cfg),
-        "cpu_threads": cfg.train.device != "cuda" and "OMP_NUM_THREADS" not in launch.env,
+        "cpu_threads": planned_device_type(cfg) != "cuda" and "OMP_NUM_THREADS" not in launch.env,
         # the job's own environment is checked on the node, by the script
         "malloc_env": cpu_malloc_env(cfg, gpus_per_node(cfg), {}),
         "cuda": gpus_per_node(cfg) > 0,
@@ -219,6 +304,7 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "hub_offline": launch.hub_offline,
         "step_timeout_s": launch.dist_timeout_s,
         "io_timeout_s": io_timeout_s(cfg),
+        "passed_env": passed_env(cfg, os.environ if environ is None else environ),
         "env": {k: v for k, v in sorted(launch.env.items()) if k not in secrets},
         "secret_names": sorted(secrets),
         "setup": list(launch.setup),
@@ -227,24 +313,30 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "log_dir": str(logs),
         "batch_log": f"{logs}/slurm-%j.out",  # %j: the job id
         "workdir": str(workdir),
-        "python": python,
+        "python": job_python(cfg, python),
         "config_path": str(config_path),
         "trainer_argv": trainer_argv(config_path),
     }
 
 
-def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None) -> str:
-    """Pure: the job script for this config. ``python`` is the interpreter every node runs (ftl
-    passes its own), ``workdir`` the job's working directory (default: the current one)."""
-    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir)
+def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None,
+                  environ: Optional[Mapping[str, str]] = None) -> str:  # fmt: skip
+    """Pure: the job script for this config. ``python`` is the interpreter running ftl (the job
+    runs it when neither launch.python nor launch.setup says otherwise), ``workdir`` the job's
+    working directory (default: the current one), ``environ`` the submitting shell's environment
+    (default: this process's)."""
+    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir, environ)
     return jinja_env().get_template(TEMPLATE).render(**values)
 
 
-def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None) -> str:
-    """Pure: the one-node CPU job that prepares the data cache before training."""
-    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir)
+def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None,
+                             environ: Optional[Mapping[str, str]] = None) -> str:  # fmt: skip
+    """Pure: the one-node CPU job that prepares the data cache before training: the partition's
+    default CPUs and memory, unless launch.cpus_per_task or launch.mem say otherwise."""
+    values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir, environ)
     values.update(
         job_name=f"{values['job_name']}-prep", nodes=1, gpus_per_node=0, exclusive=False,
+        cpus_per_task=cfg.launch.cpus_per_task, mem=cfg.launch.mem,
         batch_log=f"{values['log_dir']}/preprocess-%j.out", script_path=str(Path(run_dir) / PREPROCESS_SCRIPT_NAME),
     )  # fmt: skip
     return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
@@ -261,12 +353,74 @@ def staging_notes(cfg: FtlConfig) -> list[str]:
         where = f"launch.hf_home={launch.hf_home}" if launch.hf_home else "HF_HOME (set launch.hf_home to a shared path)"
         notes.append(f"the ranks read {model.path} offline (HF_HUB_OFFLINE=1) from {where}: stage it first with "
                      "`ftl preprocess --fetch-model <these overrides>` or launch.preprocess_job=true")  # fmt: skip
-    if gpus_per_node(cfg) == 0 and cfg.train.device == "auto":
-        notes.append("no GPU requested: a CPU job (train.device=cuda asks for one per rank)")
-    if gpus_per_node(cfg) > 0 and launch.cpus_per_task is None and not launch.exclusive:
-        notes.append("the job gets the partition's default CPUs per GPU for its data loading and ranks: "
-                     "set launch.cpus_per_task or launch.exclusive=true")  # fmt: skip
+    gpus = gpus_per_node(cfg)
+    if gpus == 0:
+        notes.append("a CPU job: no GPU requested (train.device=cpu or launch.gpus_per_node=0)")
+    else:
+        cpus, mem = cpus_per_task(cfg), mem_request(cfg)
+        why = f" ({nproc_per_node(cfg)} rank(s) × {CPUS_PER_RANK}: each rank and its prefetch thread)" if launch.cpus_per_task is None else ""
+        cpu_text = "all of the node's CPUs (launch.exclusive)" if cpus is None else f"{cpus} CPU(s){why}"
+        mem_text = "all of the node's memory" if mem == "0" else f"{mem} of host memory"
+        sized = "" if launch.mem is not None or launch.exclusive else " (sized by the planner; launch.mem sets it)"
+        notes.append(f"each node: {gpus} GPU(s), {cpu_text}, {mem_text}{sized}")
     return notes
+
+
+def interpreter_note(cfg: FtlConfig, submitting: str) -> str:
+    python = job_python(cfg, submitting)
+    if python is None:
+        return "the job runs python3 from the nodes' PATH after launch.setup (launch.python names another)"
+    if cfg.launch.python is not None:
+        return f"the job runs launch.python={python}"
+    return (f"the job runs {python}, the interpreter running ftl here (no launch.setup): it must exist at that path "
+            "on the compute nodes; launch.setup (e.g. `source VENV/bin/activate`) or launch.python choose another")  # fmt: skip
+
+
+def node_local_prefix(path: str) -> Optional[str]:
+    """The :data:`NODE_LOCAL` prefix ``path`` lies under, if any."""
+    p = PurePosixPath(os.path.abspath(os.path.expanduser(path)))
+    return next((prefix for prefix in NODE_LOCAL if p == PurePosixPath(prefix) or PurePosixPath(prefix) in p.parents), None)
+
+
+def shared_path_warnings(cfg: FtlConfig, run_dir: Path, workdir: Path, submitting: str, environ: Mapping[str, str]) -> list[str]:
+    """Paths every node must see that lie on storage usually local to each node: they pass on the
+    submitting machine and are missing, or another directory, on the nodes."""
+    from launcher.paths import cache_dir
+
+    launch = cfg.launch
+    cache = launch.env.get("FTL_CACHE") or environ.get("FTL_CACHE") or str(cache_dir())
+    hf_home = launch.hf_home or launch.env.get("HF_HOME") or environ.get("HF_HOME")
+    paths = [("the run dir", str(run_dir)), ("the working directory (--chdir)", str(workdir)), ("ftl's cache (FTL_CACHE)", cache)]
+    if hf_home:
+        paths.append(("HF_HOME", hf_home))
+    python = job_python(cfg, submitting)
+    if python is not None and "/" in python:
+        paths.append(("the interpreter", python))
+    out = []
+    for what, path in paths:
+        prefix = node_local_prefix(path)
+        if prefix:
+            out.append(f"warning: {what} {path} is under {prefix}, on most clusters local to each node: the compute nodes "
+                       "see another directory there, or none; use a path on a filesystem every node mounts")  # fmt: skip
+    return out
+
+
+def export_warnings(cfg: FtlConfig, environ: Mapping[str, str]) -> list[str]:
+    """An sbatch --export other than ALL (launch.sbatch_args, or SBATCH_EXPORT in this shell) drops
+    the submitting shell's environment from the job: the script sets ftl's own variables itself,
+    but launch.env secrets, never written into it, reach the job only that way."""
+    args, value = list(cfg.launch.sbatch_args), environ.get("SBATCH_EXPORT")
+    for i, arg in enumerate(args):
+        if arg == "--export":
+            value = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith("--export="):
+            value = arg.split("=", 1)[1]
+    if value is None or value == "ALL" or value.startswith("ALL,"):
+        return []
+    secrets = sorted(secret_env(cfg))
+    lost = f"the launch.env secrets {', '.join(secrets)}" if secrets else "this shell's variables (PATH, W&B keys, module settings)"
+    return [f"warning: sbatch --export={value} keeps {lost} from the job; ftl writes {', '.join(PASSED_ENV)} and launch.env's other "
+            "values into the script itself; use --export=ALL,... or set them on the nodes (launch.setup)"]  # fmt: skip
 
 
 class SlurmBackend:
@@ -290,6 +444,9 @@ class SlurmBackend:
             f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {run_dir / LOG_DIR}",
             f"SIG{sig} {lead} s before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
             *staging_notes(cfg),
+            interpreter_note(cfg, python()),
+            *shared_path_warnings(cfg, run_dir, Path.cwd(), python(), os.environ),
+            *export_warnings(cfg, os.environ),
         ]
         commands = [["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]]
         if cfg.launch.preprocess_job:
@@ -304,6 +461,8 @@ class SlurmBackend:
         return []  # the job runs on the allocation's nodes, not on this one
 
     def submit(self, plan: LaunchPlan) -> int:
+        for note in plan.notes:  # `ftl plan` shows them too
+            print(f"ftl: {note}", file=sys.stderr)
         (plan.run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
         code, job_id = 0, ""
         for argv in plan.commands:

@@ -22,16 +22,15 @@ TRAIN_SBATCH_LEAD_S = 120  # slurm/train.sbatch's #SBATCH --signal=B:USR1@120
 
 
 def allocation_overrides(user: list[str], environ: Mapping[str, str]) -> list[str]:
-    """Pure: the overrides to compose with. The allocation decides nodes and GPUs per node, so its
-    values come last and win over the user's; launch=slurm is added unless the user chose it."""
+    """Pure: the overrides to compose with. The allocation decides nodes and GPUs per node (0
+    when it has none: a CPU job), so its values come last and win over the user's; launch=slurm
+    is added unless the user chose it."""
     groups = [o.split("=", 1)[1] for o in user if o.split("=", 1)[0].lstrip("+~") == "launch" and "=" in o]
     if any(g != "slurm" for g in groups):
         raise ConfigErrors([ConfigError("launch", f"got {groups[-1]!r}; slurm/train.sbatch runs launch=slurm")])
     out = ([] if groups else ["launch=slurm"]) + list(user)
     out.append(f"launch.nodes={int(environ.get('SLURM_JOB_NUM_NODES') or environ.get('SLURM_NNODES') or 1)}")
-    gpus = allocated_gpus(environ)
-    if gpus is not None:
-        out.append(f"launch.gpus_per_node={gpus}")
+    out.append(f"launch.gpus_per_node={allocated_gpus(environ) or 0}")
     return out
 
 

@@ -60,7 +60,7 @@ def test_sbatch_reads_hostile_directives_back_exactly(cluster, tmp_path):
     """The #SBATCH lines go through sbatch's own parser (quotes, and backslashes even inside
     single quotes): the job name, a --comment and the working directory must come back as given."""
     h = "a b'c\"d;$(touch CANARY)`touch CANARY`%j\\x #y"
-    raw, _, errors = compose(["recipe=tiny", "launch=slurm"])
+    raw, _, errors = compose(["recipe=tiny", "launch=slurm", "train.device=cpu"])
     cfg, more = validate(raw)
     assert not errors + more
     cfg.launch.job_name = h
@@ -86,14 +86,14 @@ def test_sbatch_reads_hostile_directives_back_exactly(cluster, tmp_path):
 
 @pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
 def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, nodes, strategy):
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", f"launch.nodes={nodes}", f"strategy={strategy}",
                       "train.max_steps=5", "eval.after_training=false", f"run.name={hydra_quoted(HOSTILE_NAME)}",
                       cwd=tmp_path, timeout=120)  # fmt: skip
     job_id = out.stdout.strip()
     assert job_id.isdigit(), out.stdout + out.stderr
     job = cluster.wait(job_id, timeout=150)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name == HOSTILE_NAME
+    assert run_dir.name == f"{HOSTILE_NAME}-slurm"
     assert job.state == "COMPLETED", dump(run_dir)
     assert_trained(run_dir, nodes, steps=5)
     batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
@@ -108,7 +108,7 @@ def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, node
 def test_plain_sbatch_of_train_sbatch_runs_to_completion(cluster, tmp_path, nodes, strategy):
     run_dir = tmp_path / "plain run"
     out = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={tmp_path}/batch-%j.out",
-                      "slurm/train.sbatch", "recipe=tiny", f"strategy={strategy}", f"run.dir={hydra_quoted(str(run_dir))}",
+                      "slurm/train.sbatch", "recipe=tiny", "train.device=cpu", f"strategy={strategy}", f"run.dir={hydra_quoted(str(run_dir))}",
                       "train.max_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
     job_id = out.stdout.strip()
     job = cluster.wait(job_id, timeout=150)
@@ -124,11 +124,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     the ranks on both nodes save and exit, the job requeues itself, resumes at the saved step and
     finishes, with the same W&B run id. (One node, single engine: the array test below.)"""
     nodes, strategy = 2, "ddp"
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", f"launch.nodes={nodes}", f"strategy={strategy}",
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", f"launch.nodes={nodes}", f"strategy={strategy}",
                       "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", "wandb.mode=offline",
                       "run.name=preempt", cwd=tmp_path, timeout=120)  # fmt: skip
     job_id = out.stdout.strip()
-    run_dir = tmp_path / "runs" / "preempt"
+    run_dir = tmp_path / "runs" / "preempt-slurm"
     ckpts = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
     while not any(int(p.name.split("-")[1]) >= 10 for p in ckpts.glob("step-*") if p.name.split("-")[1].isdigit()):
@@ -161,7 +161,7 @@ def test_array_tasks_get_their_own_runs_and_keep_their_task_id_when_requeued(clu
     """`sbatch --array=0-1 slurm/train.sbatch ... run.name='arr-${oc.env:SLURM_ARRAY_TASK_ID}'`: one
     run per task; task 1, stopped mid-run, requeues as task 1 and resumes its own run."""
     out = cluster.run("sbatch", "--parsable", "--array=0-1", "--nodes=1", f"--output={tmp_path}/batch-%A_%a.out",
-                      "slurm/train.sbatch", "recipe=tiny", f"run.dir='{tmp_path}/arr-${{oc.env:SLURM_ARRAY_TASK_ID}}'",
+                      "slurm/train.sbatch", "recipe=tiny", "train.device=cpu", f"run.dir='{tmp_path}/arr-${{oc.env:SLURM_ARRAY_TASK_ID}}'",
                       "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
     array_id = out.stdout.strip()
     ckpts = tmp_path / "arr-1" / "checkpoints"
@@ -186,12 +186,12 @@ def test_preprocessing_runs_as_its_own_job_before_training(cluster, tmp_path):
     """launch.preprocess_job=true: `ftl preprocess` runs first as a one-node CPU job filling the
     data cache; the training job, submitted with --dependency=afterok on it, starts after it ends."""
     cache = tmp_path / "cache"
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "launch.preprocess_job=true", "train.max_steps=3",
+    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", "launch.preprocess_job=true", "train.max_steps=3",
                       "eval.after_training=false", f"+launch.env.FTL_CACHE={cache}", "run.name=prep",
                       cwd=tmp_path, timeout=120)  # fmt: skip
     prep_id, train_id = out.stdout.split()
     prep, train = cluster.wait(prep_id, timeout=120), cluster.wait(train_id, timeout=150)
-    run_dir = tmp_path / "runs" / "prep"
+    run_dir = tmp_path / "runs" / "prep-slurm"
     assert (prep.state, train.state) == ("COMPLETED", "COMPLETED"), dump(run_dir)
     assert "data cache  built" in (run_dir / "logs" / f"preprocess-{prep_id}.out").read_text()
     assert prep.fields["EndTime"] <= train.fields["StartTime"]  # ISO timestamps sort as strings

@@ -44,7 +44,8 @@ SBATCH_FIELDS = ["job_name", "partition", "account", "qos", "constraint", "mem",
 
 
 def config(*overrides: str) -> FtlConfig:
-    raw, _, errors = compose(["recipe=tiny", "launch=slurm", *overrides])
+    """The tiny recipe as a SLURM CPU job (the scripts here run with recorders, on no GPU)."""
+    raw, _, errors = compose(["recipe=tiny", "launch=slurm", "train.device=cpu", *overrides])
     cfg, more = validate(raw)
     assert not errors + more, errors + more
     return cfg
@@ -62,7 +63,9 @@ def bash_n(text: str, tmp_path: Path) -> None:
 
 
 GOLDEN_CASES = {
-    "slurm-1node.sbatch": ["recipe=tiny", "launch=slurm"],
+    "slurm-1node.sbatch": ["recipe=tiny", "launch=slurm", "train.device=cpu"],
+    # What a login node with no GPU plans for `launch=slurm` with train.device=auto: a GPU job.
+    "slurm-gpu-2node.sbatch": ["recipe=tiny", "launch=slurm", "launch.nodes=2", "launch.nproc_per_node=8", "strategy=ddp"],
     "slurm-4node.sbatch": [
         "recipe=llama3-70b-full-zero3-multinode",
         "launch.partition=gpu",
@@ -88,7 +91,8 @@ def test_golden_script(name, tmp_path):
     cfg, more = validate(raw)
     assert not errors + more
     run_dir = Path("/runs/golden")
-    text = render_sbatch(cfg, run_dir, run_dir / "config.yaml", "/opt/ftl/.venv/bin/python", workdir=Path("/work/ftl"))
+    environ = {"FTL_CACHE": "/shared/ftl cache", "HF_HOME": "/shared/hf"}  # the submitting shell's
+    text = render_sbatch(cfg, run_dir, run_dir / "config.yaml", "/opt/ftl/.venv/bin/python", workdir=Path("/work/ftl"), environ=environ)
     bash_n(text, tmp_path)
     path = GOLDEN / name
     if os.environ.get("FTL_UPDATE_GOLDEN") == "1":
@@ -225,6 +229,7 @@ echo 4242
 # exits 0, as the trainer does; and like torchrun before 2.12 it kills that rank (here at once,
 # not after 30 s) when it gets a SIGTERM itself, then exits 1.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
+[[ $1 == -c ]] && exit 0  # the job script's check that this interpreter imports ftl
 printf '%s\0' "$@" > "$REC/python.args"
 printf '%s' "${HOSTILE-unset}" > "$REC/python.env"
 echo "rank output"
@@ -327,16 +332,41 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
     assert not rec.args("scancel") and not rec.args("sbatch")
 
 
-def test_setup_lines_run_verbatim_in_order(tmp_path):
+def test_setup_lines_run_verbatim_in_order_and_choose_the_interpreter(tmp_path):
+    """With launch.setup the job runs the python3 the setup lines put on the node's PATH (an
+    activated environment), not the interpreter that ran ftl on the login node."""
+    from launcher.shell import quote
+
     cfg = config()
-    cfg.launch.setup = ["echo one > setup.log", "echo \"$SLURM_JOB_ID\" >> setup.log"]
-    python = _executable(tmp_path / "python", FAKE_PYTHON)
+    venv = tmp_path / "node venv" / "bin"
+    _executable(venv / "python3", FAKE_PYTHON)
+    cfg.launch.setup = ["echo one > setup.log", "echo \"$SLURM_JOB_ID\" >> setup.log", f"PATH={quote(str(venv))}:$PATH"]
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    login_python = "/login/only/python"
+    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", login_python, workdir=tmp_path))
+    assert login_python not in script.read_text()
     rec = Recorder(tmp_path / "shim")
     out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
+    srun = rec.args("srun")
+    assert srun[srun.index("ftl_node") + 2 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["setup's-python3", "launch.python"])
+def test_an_interpreter_without_ftl_stops_the_job_before_srun(named, tmp_path):
+    """One clear line in the batch log instead of every rank failing on every node."""
+    cfg = config()
+    no_ftl = _executable(tmp_path / "bin" / "python3", "#!/usr/bin/env bash\nexit 1\n")
+    cfg.launch.setup = [f"PATH={tmp_path / 'bin'}:$PATH"]
+    if named:
+        cfg.launch.python = str(no_ftl)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", sys.executable, workdir=tmp_path))
+    rec = Recorder(tmp_path / "shim")
+    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"ftl: {no_ftl} cannot import ftl's launcher package on " in out.stderr, out.stderr
+    assert not rec.args("srun")
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +448,7 @@ def test_ftl_train_renders_and_submits_with_an_argument_list(tmp_path):
     out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", f"run.name='{name.replace(chr(39), chr(92) + chr(39))}'"],
                          env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    run_dir = tmp_path / "runs" / name
+    run_dir = tmp_path / "runs" / f"{name}-slurm"
     assert out.stdout.strip() == "4242", "the job id, alone on stdout"
     assert "submitted SLURM job 4242" in out.stderr
     assert rec.args("sbatch") == ["--parsable", str(run_dir / "job.sbatch")]
@@ -444,7 +474,9 @@ def test_submit_reports_a_missing_or_failing_sbatch(tmp_path):
 
 
 def test_allocation_overrides():
-    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2"}) == ["launch=slurm", "recipe=tiny", "launch.nodes=2"]
+    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2"}) == [
+        "launch=slurm", "recipe=tiny", "launch.nodes=2", "launch.gpus_per_node=0",
+    ], "an allocation without GPUs is a CPU job"  # fmt: skip
     assert allocation_overrides(["launch=slurm", "launch.nodes=8"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "h100:4"}) == [
         "launch=slurm", "launch.nodes=8", "launch.nodes=2", "launch.gpus_per_node=4",
     ]  # fmt: skip
@@ -545,7 +577,7 @@ def test_the_8b_recipe_on_two_slurm_nodes_asks_for_8_gpus_per_node(tmp_path):
     out = subprocess.run([*FTL, "plan", "recipe=llama3-8b-full-zero3", "launch=slurm", "launch.nodes=2"],
                          cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=8\n" in out.stdout
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --cpus-per-task=16\n#SBATCH --gpus-per-node=8\n" in out.stdout
     assert "2 node(s) × 8 process(es) = world size 16" in out.stdout and "export PYTORCH_CUDA_ALLOC_CONF=" in out.stdout
     assert "CPU training" not in out.stdout and "OMP_NUM_THREADS" not in out.stdout
 
@@ -555,6 +587,7 @@ def test_the_8b_recipe_on_two_slurm_nodes_asks_for_8_gpus_per_node(tmp_path):
     (["train.device=cpu", "launch.gpus_per_node=8"], "launch.gpus_per_node: 8 but train.device=cpu"),
     (["train.device=cuda", "launch.gpus_per_node=8", "launch.nproc_per_node=4"], "launch.nproc_per_node: 4 but launch.gpus_per_node=8"),
     (["launch.rdzv_port=40000"], "launch.rdzv_port: 40000 is in Linux's ephemeral port range"),
+    (["launch.python=' '"], "launch.python: got ' '; name the interpreter"),
 ])  # fmt: skip
 def test_gpus_asked_for_must_match_the_device_and_the_ranks(overrides, field):
     errors = slurm_errors("recipe=tiny", *overrides)
@@ -575,7 +608,7 @@ def test_gres_exclusive_memory_and_network_directives():
     assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0\n" in gres
     sized = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.mem=900G")
     assert "#SBATCH --mem=900G\n" in sized and "#SBATCH --mem=0\n" not in sized
-    cpu = job_script("recipe=tiny")
+    cpu = job_script("recipe=tiny", "train.device=cpu")
     assert "--gres" not in cpu and "--gpus-per-node" not in cpu and "--mem" not in cpu and "PYTORCH_CUDA_ALLOC_CONF" not in cpu
 
 
@@ -634,4 +667,162 @@ def test_rendezvous_port_of_a_job_stays_below_the_ephemeral_range(tmp_path):
 
 def test_train_sbatch_reads_gpus_given_as_gres():
     assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"})[-1] == "launch.gpus_per_node=4"
-    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "0"}) == ["launch=slurm", "recipe=tiny", "launch.nodes=1"]
+    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "0"})[-1] == "launch.gpus_per_node=0"
+
+
+# --------------------------------------------------------------------------------------------
+# a job planned on a login node: its resources, interpreter and paths are the compute nodes'
+
+
+def directives(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_a_login_node_without_a_gpu_plans_a_gpu_job(tmp_path):
+    """train.device=auto under launch=slurm: one GPU per rank, whatever the submitting machine
+    has (this one has none), with CPUs for the ranks and a memory request; a CPU job only when
+    train.device=cpu says so."""
+    assert not Path("/proc/driver/nvidia/version").exists(), "this test shows a GPU-less submitting machine"
+    args = [*FTL, "plan", "recipe=tiny", "launch=slurm", "launch.nodes=2", "launch.nproc_per_node=8", "strategy=ddp"]
+    out = subprocess.run(args, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    script = directives(out.stdout.split("/job.sbatch ---\n", 1)[1])
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --cpus-per-task=16" in script, script
+    assert any(line.startswith("#SBATCH --mem=") for line in script), script
+    assert "memory      fits: " in out.stdout and "per GPU" in out.stdout, "the planner checks the GPUs the job asks for"
+    cpu = subprocess.run([*args, "train.device=cpu"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert cpu.returncode == 0, cpu.stderr
+    cpu_script = cpu.stdout.split("/job.sbatch ---\n", 1)[1].split("\n---\n", 1)[0]
+    assert not [line for line in directives(cpu_script) if line.startswith(("#SBATCH --gpus", "#SBATCH --gres", "#SBATCH --mem"))]
+    assert "export OMP_NUM_THREADS=" in cpu_script and "a CPU job: no GPU requested" in cpu.stdout
+
+
+@pytest.mark.parametrize("driver", [False, True], ids=["no-gpu-here", "gpu-here"])
+def test_gpus_follow_the_launch_group_not_this_machine(driver, monkeypatch):
+    from launcher.config import topology
+
+    auto = config("train.device=auto", "launch.nproc_per_node=4", "strategy=ddp")
+    two = config("train.device=auto", "launch.gpus_per_node=2", "strategy=ddp")
+    none = config("train.device=auto", "launch.gpus_per_node=0")
+    cpu = config("launch.nproc_per_node=4", "strategy=ddp")  # train.device=cpu
+    exists = topology.os.path.exists
+    monkeypatch.setattr(topology.os.path, "exists", lambda path: driver if path == "/proc/driver/nvidia/version" else exists(path))
+    assert topology.gpus_per_node(auto) == 4 and topology.planned_device_type(auto) == "cuda"
+    assert topology.gpus_per_node(two) == 2
+    assert topology.gpus_per_node(none) == 0 and topology.planned_device_type(none) == "cpu"
+    assert topology.gpus_per_node(cpu) == 0 and topology.planned_device_type(cpu) == "cpu"
+
+
+def test_cpus_and_memory_of_a_gpu_job():
+    """--cpus-per-task: CPUS_PER_RANK for each rank; --mem: per rank RANK_HOST_BYTES and what the
+    planner offloads to host memory, plus the weights as read; launch.* and exclusive override."""
+    from launcher.launch.slurm import CPUS_PER_RANK, RANK_HOST_BYTES, host_memory_bytes
+    from launcher.plan.report import memory_report
+
+    def mem_gib(text: str) -> int:
+        (line,) = [line for line in directives(text) if line.startswith("#SBATCH --mem=")]
+        return int(line.removeprefix("#SBATCH --mem=").removesuffix("G"))
+
+    base = ["recipe=llama3-8b-full-zero3", "launch.nodes=2"]
+    zero3 = job_script(*base)
+    assert f"#SBATCH --cpus-per-task={8 * CPUS_PER_RANK}\n" in zero3
+    assert mem_gib(zero3) * 2**30 >= 8 * RANK_HOST_BYTES
+    raw, _, _ = compose(["launch=slurm", *base, "strategy=zero3_offload"])
+    offload_cfg, errors = validate(raw)
+    assert not errors
+    host = memory_report(offload_cfg).chosen.host
+    assert host > 0
+    offload = job_script(*base, "strategy=zero3_offload")
+    assert mem_gib(offload) * 2**30 >= host_memory_bytes(offload_cfg) > (mem_gib(zero3) - 1) * 2**30 + 8 * host * 0.99, \
+        "8 ranks' offloaded states come on top"  # fmt: skip
+    assert "#SBATCH --cpus-per-task=4\n" in job_script(*base, "launch.cpus_per_task=4")
+    assert "#SBATCH --mem=500G\n" in job_script(*base, "launch.mem=500G")
+    whole = job_script(*base, "launch.exclusive=true")
+    assert "#SBATCH --mem=0" in directives(whole) and not [d for d in directives(whole) if "--cpus-per-task" in d], \
+        "--exclusive grants the node's CPUs"  # fmt: skip
+
+
+def test_the_plan_names_the_interpreter_the_nodes_run(tmp_path):
+    plan = SlurmBackend().build(config(), tmp_path / "run", tmp_path / "run" / "config.yaml")
+    assert "#SBATCH --nodes=1" in plan.files["job.sbatch"] and f"\npython={sys.executable}\n" in plan.files["job.sbatch"]
+    assert any(n.startswith(f"the job runs {sys.executable}, the interpreter running ftl here") for n in plan.notes), plan.notes
+    cfg = config()
+    cfg.launch.setup = ["source /shared/venv/bin/activate"]
+    plan = SlurmBackend().build(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml")
+    assert sys.executable not in plan.files["job.sbatch"] and "python=$(command -v python3)" in plan.files["job.sbatch"]
+    assert any(n.startswith("the job runs python3 from the nodes' PATH after launch.setup") for n in plan.notes)
+    cfg.launch.python = "/shared/venv 2/bin/python"
+    named = SlurmBackend().build(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml")
+    assert "\npython='/shared/venv 2/bin/python'\n" in named.files["job.sbatch"]
+
+
+def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTL_CACHE", "/dev/shm/ftl-cache")
+    monkeypatch.setenv("HF_HOME", "/shared/hf")
+    cfg = config()
+    cfg.launch.python = "/var/tmp/venv/bin/python"
+    shared = Path("/shared/runs/x")
+    notes = [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
+    assert [n.split(" is under ")[0] for n in notes] == [
+        "warning: ftl's cache (FTL_CACHE) /dev/shm/ftl-cache", "warning: the interpreter /var/tmp/venv/bin/python",
+    ], notes  # fmt: skip
+    cfg.launch.hf_home = "/tmp/hf"
+    local = Path("/tmp/runs/x")
+    notes = [n for n in SlurmBackend().build(cfg, local, local / "config.yaml").notes if n.startswith("warning:")]
+    assert any(n.startswith("warning: the run dir /tmp/runs/x is under /tmp") for n in notes) and any("HF_HOME /tmp/hf" in n for n in notes)
+    monkeypatch.setenv("FTL_CACHE", "/shared/cache")
+    monkeypatch.setenv("HF_HOME", "/tmpfoo/hf")  # a prefix of a name is not its directory
+    cfg = config()
+    assert not [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
+
+
+@pytest.mark.parametrize("args,warned", [
+    (["--export=NONE"], "--export=NONE"),
+    (["--export", "FOO=1"], "--export=FOO=1"),
+    (["--export=ALL,FOO=1"], None),
+    (["--mail-type=END"], None),
+])  # fmt: skip
+def test_an_export_that_drops_the_environment_is_warned_about(args, warned, tmp_path, monkeypatch):
+    monkeypatch.delenv("SBATCH_EXPORT", raising=False)
+    monkeypatch.setenv("FTL_CACHE", "/shared/cache")
+    cfg = config()
+    cfg.launch.sbatch_args = args
+    cfg.launch.env = {"WANDB_API_KEY": SECRET}
+    notes = [n for n in SlurmBackend().build(cfg, Path("/shared/r"), Path("/shared/r/config.yaml")).notes if "--export" in n]
+    if warned is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and f"sbatch {warned} keeps the launch.env secrets WANDB_API_KEY from the job" in notes[0], notes
+
+
+def test_ftl_variables_are_written_into_the_script_not_left_to_export(tmp_path):
+    """FTL_CACHE and HF_HOME of the submitting shell reach the ranks even when the job's own
+    environment lacks them (sbatch --export=NONE); launch.env and launch.hf_home win."""
+    cache = "/shared/ftl cache; $(touch CANARY)"
+    python = _executable(tmp_path / "python", FAKE_PYTHON.replace('"${HOSTILE-unset}"', '"${FTL_CACHE-unset}|${HF_HOME-unset}"'))
+    script = tmp_path / "job.sbatch"
+    text = render_sbatch(config(), tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path,
+                         environ={"FTL_CACHE": cache, "HF_HOME": "/shared/hf", "OTHER": "x"})  # fmt: skip
+    script.write_text(text)
+    rec = Recorder(tmp_path / "shim")
+    env = {k: v for k, v in rec.env().items() if k not in ("FTL_CACHE", "HF_HOME")}
+    out = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (rec.rec / "python.env").read_text() == f"{cache}|/shared/hf"
+    _no_canary(tmp_path)
+    cfg = config("+launch.env.FTL_CACHE=/mine", "launch.hf_home=/hub")
+    given = render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", "/py", workdir=tmp_path,
+                          environ={"FTL_CACHE": "/x", "HF_HOME": "/y"})  # fmt: skip
+    assert "export FTL_CACHE=/mine\n" in given and "export HF_HOME=/hub\n" in given and "/x" not in given and "/y" not in given
+
+
+def test_a_slurm_run_never_lands_in_the_local_run_of_the_same_recipe(tmp_path, monkeypatch):
+    """The default run dir of a SLURM job is runs/<name>-slurm: `ftl train recipe=tiny` here and
+    the same recipe submitted with launch=slurm are two runs, never one continued by the other."""
+    from launcher.session import prepare_run
+
+    monkeypatch.chdir(tmp_path)
+    local = prepare_run(["recipe=tiny"]).run_dir
+    slurm = prepare_run(["recipe=tiny", "launch=slurm"]).run_dir
+    assert local == tmp_path / "runs" / "tiny" and slurm == tmp_path / "runs" / "tiny-slurm"
+    assert prepare_run(["recipe=tiny", "launch=slurm", f"run.dir={local}"]).run_dir == local, "an explicit run.dir is kept"

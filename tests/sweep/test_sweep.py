@@ -201,11 +201,11 @@ def test_two_trial_slurm_submission_runs_both_and_a_requeued_trial_keeps_its_run
     the job requeues, replays its recorded trial and resumes the same run dir and W&B run id.
     (The trials are drawn by W&B's search engine, not by a W&B server: see the module docstring.)"""
     spec = spec_file(tmp_path, "grid", {"train.lr": {"values": [0.001, 0.003]}}, ["recipe=tiny", "wandb.mode=offline"])
-    out = cluster.run(*FTL, "sweep", "agent", "--offline", str(spec), "count=2", "launch=slurm", "launch.nodes=2", "strategy=ddp",
+    out = cluster.run(*FTL, "sweep", "agent", "--offline", str(spec), "count=2", "launch=slurm", "train.device=cpu", "launch.nodes=2", "strategy=ddp",
                       "train.max_steps=30", "checkpoint.every_steps=5", "eval.max_batches=1", cwd=tmp_path, timeout=120)  # fmt: skip
     jobs = out.stdout.split()
     assert len(jobs) == 2 and all(j.isdigit() for j in jobs), out.stdout + out.stderr
-    (sweep_dir,) = (tmp_path / "runs").glob("tiny-sweep-offline-*")
+    (sweep_dir,) = (tmp_path / "runs").glob("tiny-slurm-sweep-offline-*")  # a SLURM run's default dir: runs/<name>-slurm
     record = sweep_dir / "jobs" / f"{jobs[0]}.json"
     deadline = time.monotonic() + 120
     while not (record.is_file() and list(Path(json.loads(record.read_text())["run_dir"]).glob("checkpoints/step-1[05]"))):
