@@ -43,6 +43,8 @@ IMAGE: dict[str, str | None] = {
     "sacrebleu": None, "portalocker": None, "tabulate": None, "colorama": None, "lxml": None,
     "matplotlib": None, "contourpy": None, "cycler": None, "fonttools": None, "kiwisolver": None,
     "pillow": None, "pyparsing": None,
+    # the gpu-marked tests' runner
+    "pytest": None, "pluggy": None, "iniconfig": None, "pytest-timeout": None, "pytest-xdist": None, "execnet": None,
 }  # fmt: skip
 
 # The image's interpreter, for environment markers.
