@@ -35,11 +35,13 @@ def _group_values(model_choice: str) -> dict[str, Any]:
     ``model.*`` holds when nothing else set it."""
     from omegaconf import OmegaConf
 
+    from launcher.safe_read import read_yaml_text
+
     file = options("model").get(model_choice)
     if file is None:
         return {}
     try:
-        node = OmegaConf.load(file)
+        node = OmegaConf.create(read_yaml_text(file))
         try:
             data = OmegaConf.to_container(node, resolve=True)
         except Exception:  # an interpolation of the whole config: compare the text as written
