@@ -61,11 +61,12 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
     path = model["path"]
     group = _group_values(model_choice)
     ours = path == group.get("path")  # the path the model group's numbers were written for
+    where = path
     try:
         config, where = read_hf_config(path, model.get("revision"))
         arch = arch_from_hf_config(config) if config is not None else None
-    except UnsupportedModel as e:
-        return [ConfigError("model.path", f"{path}: {e}")]
+    except UnsupportedModel as e:  # each bad value of the file, named
+        return [ConfigError("model.path", f"{where}: {problem}") for problem in e.problems]
     if arch is None:
         if ours:
             return []  # the model group's own numbers describe it
