@@ -90,22 +90,20 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")  # an option's name: what 
 
 def load_option(path: Path) -> tuple[Any, Optional[str]]:
     """One recipe or config-group option, read safely, with its defaults list checked: (the node,
-    the package its ``# @package`` header names, if any). Raises ConfigError naming the file."""
+    the package its ``# @package`` header names, if any). Raises UnreadableFile naming the file."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    text = read_yaml_text(path)
     try:
-        text = read_yaml_text(path)
         node = OmegaConf.create(text)
-    except UnreadableFile as e:
-        raise ConfigError("", str(e)) from None
     except OmegaConfBaseException as e:  # YAML that parses but OmegaConf refuses (a duplicate key)
-        raise ConfigError("", f"{path}: {_first_line(e)}") from None
+        raise UnreadableFile(f"{path}: {_first_line(e)}") from None
     if not OmegaConf.is_dict(node):
-        raise ConfigError("", f"{path}: expected a mapping of config keys, got a list")
+        raise UnreadableFile(f"{path}: expected a mapping of config keys, got a list")
     bad = _defaults_problem(node.get("defaults"))
     if bad:
-        raise ConfigError("", f"{path}: defaults: {bad}")
+        raise UnreadableFile(f"{path}: defaults: {bad}")
     header = _PACKAGE.search(text.split("\n\n", 1)[0])
     return node, header.group(1) if header else None
 
@@ -149,8 +147,8 @@ def _register_options(dirs: list[Path], files: dict[str, Path]) -> dict[str, Con
         for name, path in found.items():
             try:
                 node, header = load_option(path)
-            except ConfigError as e:
-                broken[f"{group}/{name}"] = ConfigError(group, e.message)
+            except UnreadableFile as e:
+                broken[f"{group}/{name}"] = ConfigError(group, str(e))
                 continue
             cs.store(group=group, name=name, node=node, package=package or header)
     return broken
