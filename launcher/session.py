@@ -153,16 +153,15 @@ def launch(overrides: list[str]) -> int:
 
 
 def check_data_rows(cfg: FtlConfig) -> None:
-    """Every row of the local data files read once, as the trainer will read them, before anything
-    is written or launched: a file or (with data.on_error=raise) a row that does not read is exit 2
-    here, naming the file and row, not a failed job later. Tokenizing is left to the trainer."""
+    """Every row of the local data files read and parsed once, as the trainer will, before anything
+    is written or launched: a file or (with data.on_error=raise) a row that does not read or parse
+    is exit 2 here, naming the file and row, not a failed job later. Tokenizing is the trainer's."""
     from launcher.config.errors import ConfigError
-    from launcher.data.errors import DataError
+    from launcher.data.rows import DataError
     from launcher.data.sources import check_local_rows
 
-    d = cfg.data
     try:
-        check_local_rows([*d.train_files, *d.eval_files, *(s.path for s in d.sources)], d.on_error)
+        check_local_rows(cfg.data)
     except DataError as e:
         raise ConfigErrors([ConfigError("data", str(e))]) from None
 

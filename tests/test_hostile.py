@@ -29,6 +29,7 @@ from launcher.cli import main as ftl_main
 from launcher.config.compose import compose
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.validate import validate
+from launcher.data.sources import check_local_rows
 from launcher.files import MARKERS, mark_dir
 from launcher.launch.base import LaunchPlan
 from launcher.launch.local import run_foreground
@@ -770,6 +771,8 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
         assert code == 0, out
         code, out = run_cli(capsys, "recipes", "--config-dir", str(conf))
         assert code == 0 and "pipe" in out and "named pipe (FIFO)" in out, out
+        code, out = run_cli(capsys, "recipes", "--config-dir", str(conf), "--copy", "pipe", str(tmp_path / "copy.yaml"))
+        assert code == 2 and "named pipe (FIFO)" in out and not (tmp_path / "copy.yaml").exists(), out
 
 
 @pytest.mark.parametrize("name, text, needle", [
@@ -815,6 +818,8 @@ def test_an_empty_config_dir_is_refused_not_read_as_the_working_directory(tmp_pa
     ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: invalid JSON (nested too deeply"),
     ('{"messages": [', "row 2: invalid JSON (Expecting value"),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "row 2: not valid UTF-8"),
+    ('{"text": "a completion row among chat rows"}', "row 2: missing 'messages'"),
+    ('{"messages": [{"role": "robot", "content": "beep"}]}', "row 2: message 1 has unknown role 'robot'"),
 ])  # fmt: skip
 def test_bad_data_rows_stop_train_before_the_run_dir_is_written(row, needle, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
@@ -824,6 +829,8 @@ def test_bad_data_rows_stop_train_before_the_run_dir_is_written(row, needle, tmp
         code, out = run_cli(capsys, "train", *TINY, f"run.dir={run}", f"data.train_files=[{data}]", "data.eval_fraction=0.5")
     assert code == 2 and f"data: {data}, {needle}" in out and "Traceback" not in out, out
     assert not run.exists()
+    raw, _, _ = compose(["recipe=tiny", f"data.train_files=[{data}]", "data.on_error=skip"])
+    check_local_rows(validate(raw)[0].data)  # skipped rows are the trainer's to count, not an error
 
 
 HF_CONFIG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -118,14 +118,13 @@ def _defaults_problem(defaults: Any) -> str:
     if not OmegaConf.is_list(defaults):
         return f"expected a list, got {defaults!r}"
     for entry in OmegaConf.to_container(defaults):
-        if isinstance(entry, dict):
-            bad = [f"{k}: {v}" for k, v in entry.items()
-                   if ".." in str(k).split("/") or any(not _NAME.match(str(x)) for x in (v if isinstance(v, list) else [v]) if x is not None)]  # fmt: skip
-        else:
-            bad = [str(entry)] if ".." in str(entry).split("/") else []
-        if bad:
-            return (f"{bad[0]!r} names a file by a path; an option is named by its file's stem in the group's folder "
-                    "(ftl's conf/ or a config dir), e.g. 'override /model: tiny-llama'")  # fmt: skip
+        pairs = entry.items() if isinstance(entry, dict) else [(entry, None)]  # `- name` or `- group: name(s)`
+        for key, value in pairs:
+            names = value if isinstance(value, list) else [value]
+            if ".." in str(key).split("/") or any(n is not None and not _NAME.match(str(n)) for n in names):
+                shown = str(key) if value is None else f"{key}: {value}"
+                return (f"{shown!r} names a file by a path; an option is named by its file's stem in the group's folder "
+                        "(ftl's conf/ or a config dir), e.g. 'override /model: tiny-llama'")  # fmt: skip
     return ""
 
 

@@ -9,8 +9,8 @@ ends on), the list index in a JSON file, the row index in a Parquet file or hub 
 
 Files are opened through :mod:`launcher.safe_read`: a FIFO, device or socket is refused before it
 is opened, a file read whole (.json, .csv) or one JSONL row is size-capped, and a row nested too
-deeply for Python is a bad row like any other. :func:`check_local_rows` reads every local row once
-without a tokenizer, so ``ftl train`` finds unreadable data before it writes or launches anything.
+deeply for Python is a bad row like any other. :func:`check_local_rows` reads and parses every local row
+once without a tokenizer, so ``ftl train`` finds unreadable data before it writes or launches anything.
 Imports no torch.
 
 Hub datasets (``hub:ORG/NAME``) are a thin, separate path through ``datasets.load_dataset``; they
@@ -25,9 +25,10 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
-from launcher.data.errors import DataError
+from launcher.config.schema import DataConfig, DataSource
+from launcher.data.rows import DataError, RowError
 from launcher.files import write_atomic
 from launcher.safe_read import MAX_DATA_BYTES, MAX_ROW_BYTES, UnreadableFile, decode_utf8, file_problem, open_regular, parse_json, read_bytes
 
@@ -85,17 +86,48 @@ def read_rows(path: str) -> Iterator[Row | DataError]:
         raise DataError(str(e)) from None
 
 
-def check_local_rows(paths: Iterable[str], on_error: str) -> None:
-    """Read every row of the local files and folders in ``paths`` (hub datasets are left to the
-    trainer); raise DataError for a file that cannot be read and, with ``on_error=raise``, for the
-    first row that does not read (bad UTF-8, bad JSON, nested too deeply, a CSV row of too many cells)."""
-    for path in paths:
-        if is_hub(path):
+def data_sources(data_cfg: DataConfig) -> list[DataSource]:
+    """Every source of the run: ``train_files`` and ``eval_files`` (each a source of weight 1 in
+    ``data.format``), then ``data.sources``."""
+    return (
+        [DataSource(path=f) for f in data_cfg.train_files]
+        + [DataSource(path=f, split="eval") for f in data_cfg.eval_files]
+        + list(data_cfg.sources)
+    )
+
+
+def check_local_rows(data_cfg: DataConfig) -> None:
+    """Read every row of the run's local files and folders as the trainer will, with no tokenizer
+    (hub datasets are left to the trainer). Raises DataError for a file that cannot be read and,
+    with ``on_error=raise``, for the first row that does not read (bad UTF-8 or JSON, nested too
+    deeply, a CSV row of too many cells) or does not parse as its format (chat, instruction,
+    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer)."""
+    from launcher.data.chat import parse_conversation
+    from launcher.data.completion import parse_text
+    from launcher.data.instruction import parse_instruction
+
+    parsers: dict[str, Callable[[Any], Any]] = {
+        "chat": parse_conversation,
+        "instruction": parse_instruction,
+        "completion": lambda row: parse_text(row, data_cfg.text_field),
+    }
+    for source in data_sources(data_cfg):
+        if is_hub(source.path):
             continue
-        for file in source_files(path):
+        parse = parsers.get(source.format or data_cfg.format)
+        for file in source_files(source.path):
             for row in read_rows(str(file)):
-                if isinstance(row, DataError) and on_error != "skip":
-                    raise row
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    if parse is not None:
+                        parse(row.value)
+                except RowError as e:
+                    if data_cfg.on_error != "skip":
+                        raise DataError(f"{row.path}, row {row.number}: {e}") from None
+                except DataError:
+                    if data_cfg.on_error != "skip":
+                        raise
 
 
 def _json_row_error(e: ValueError) -> str:

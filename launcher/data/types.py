@@ -1,5 +1,5 @@
 """The types every part of the data pipeline shares: a format's contract, a tokenized dataset, a
-parsed row, and the errors that name the file and row (defined in :mod:`launcher.data.errors`).
+parsed row, and the errors that name the file and row (defined in :mod:`launcher.data.rows`).
 Formats, packing, the cache and the trainer import these; nothing here imports them."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from typing import Any, Iterator, Optional, Protocol
 
 from torch.utils.data import Dataset
 
-from launcher.data.errors import DataError, RowError
-
-IGNORE_INDEX = -100  # the label torch's cross-entropy (and HF models) skip
+from launcher.data.rows import IGNORE_INDEX, DataError, RowError
 __all__ = ["DataError", "RowError", "IGNORE_INDEX", "Format", "TokenizedDataset", "Record", "Loaded"]
 
 
