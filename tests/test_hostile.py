@@ -792,6 +792,23 @@ def test_a_broken_recipe_in_a_config_dir_breaks_only_the_commands_that_use_it(na
         assert choices["recipe"] == "mine" and raw["train"]["lr"] == 2e-3 and errors == []
 
 
+@pytest.mark.parametrize("text", [None, BILLION_LAUGHS, "name: [x\n"], ids=["fifo", "bomb", "syntax"])
+def test_a_broken_option_of_a_config_dir_group_breaks_only_the_runs_that_choose_it(text, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    conf = config_dir(tmp_path, {})
+    (conf / "model").mkdir()
+    (conf / "model" / "mine.yaml").write_text((ROOT / "conf" / "model" / "tiny-llama.yaml").read_text().replace("name: tiny-llama", "name: mine"))
+    if text is None:
+        os.mkfifo(conf / "model" / "broken.yaml")
+    else:
+        (conf / "model" / "broken.yaml").write_text(text)
+    with within(20):
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny", "model=broken")
+        assert code == 2 and f"model: {conf / 'model' / 'broken.yaml'}" in out and "Traceback" not in out, out
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny", "model=mine")
+        assert code == 0 and "mine" in out, out
+
+
 @pytest.mark.parametrize("where", ["recipe", "override"])
 def test_an_option_named_by_a_path_outside_the_config_dirs_is_refused(where, tmp_path, capsys, monkeypatch):
     """`override /model: ../../x` in a recipe's defaults (or model=../../x) would read any YAML on disk."""
