@@ -165,10 +165,15 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         raise ConfigErrors([ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")])
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
+    from launcher.safe_read import UnreadableFile, read_text
     from launcher.shell import quote
 
+    try:
+        text = read_text(files[name])
+    except UnreadableFile as e:
+        raise ConfigErrors([ConfigError("recipe", str(e))]) from None
     # The header's command names the shipped recipe; the copy runs as a file.
-    lines = files[name].read_text().splitlines(keepends=True)
+    lines = text.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if not line.startswith("#"):
             break

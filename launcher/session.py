@@ -114,6 +114,7 @@ def launch(overrides: list[str]) -> int:
     if verdict is not None and verdict.finished:
         print(f"ftl: {finished_message(verdict, run.run_dir)}", file=sys.stderr)
         return 0
+    check_data_rows(run.cfg)
     for line in run.notes + _resume_notes(run, verdict):  # the trainer tells the rest
         print(f"ftl: {line}", file=sys.stderr)
     from launcher.config.search_path import config_dirs
@@ -149,6 +150,20 @@ def launch(overrides: list[str]) -> int:
     if run.cfg.launch.backend != "slurm":  # a submitted job is not done: sbatch's backend says where it logs
         print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
     return code
+
+
+def check_data_rows(cfg: FtlConfig) -> None:
+    """Every row of the local data files read and parsed once, as the trainer will, before anything
+    is written or launched: a file or (with data.on_error=raise) a row that does not read or parse
+    is exit 2 here, naming the file and row, not a failed job later. Tokenizing is the trainer's."""
+    from launcher.config.errors import ConfigError
+    from launcher.data.rows import DataError
+    from launcher.data.sources import check_local_rows
+
+    try:
+        check_local_rows(cfg.data)
+    except DataError as e:
+        raise ConfigErrors([ConfigError("data", str(e))]) from None
 
 
 def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:

@@ -10,6 +10,7 @@ run dir (real `ftl train` processes: the launcher, torchrun, signals); a kill du
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from launcher.cli import main as ftl_main
 from launcher.config.compose import compose
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.validate import validate
+from launcher.data.sources import check_local_rows
 from launcher.files import MARKERS, mark_dir
 from launcher.launch.base import LaunchPlan
 from launcher.launch.local import run_foreground
@@ -711,6 +713,186 @@ def test_a_checkpoint_marked_complete_that_does_not_load_is_skipped(tmp_path):
     warnings: list[str] = []
     path, state = resume_checkpoint("auto", tmp_path, tiny_engine(), DistInfo(), warnings.append)
     assert state.step == 1 and "does not load" in warnings[0]
+
+
+# --------------------------------------------------------------------------------------------
+# hostile files: every file ftl is given goes through launcher.safe_read (a FIFO is never opened,
+# nothing expands exponentially or recurses without bound, every parse error is exit 2 naming it)
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail, instead of hanging the suite, when the block blocks (a FIFO opened for reading)."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+
+
+def config_dir(root: Path, recipes: dict[str, str | bytes | None]) -> Path:
+    """A config dir whose recipes/ holds ``recipes`` (name -> text or bytes; None: a FIFO)."""
+    conf = root / "myconf"
+    (conf / "recipes").mkdir(parents=True)
+    for name, text in recipes.items():
+        path = conf / "recipes" / f"{name}.yaml"
+        if text is None:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return conf
+
+
+def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    os.mkfifo(tmp_path / "train.jsonl")
+    os.mkfifo(tmp_path / "given.yaml")
+    conf = config_dir(tmp_path, {"pipe": None})
+    with within(20):
+        code, out = run_cli(capsys, "plan", "recipe=tiny", f"data.train_files=[{tmp_path / 'train.jsonl'}]")
+        assert code == 2 and f"{tmp_path / 'train.jsonl'} is a named pipe (FIFO), not a regular file" in out, out
+        code, out = run_cli(capsys, "plan", str(tmp_path / "given.yaml"))
+        assert code == 2 and f"{tmp_path / 'given.yaml'} is a named pipe (FIFO)" in out, out
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=pipe")
+        assert code == 2 and f"{conf / 'recipes' / 'pipe.yaml'} is a named pipe (FIFO)" in out, out
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny")  # the FIFO beside it breaks nothing else
+        assert code == 0, out
+        code, out = run_cli(capsys, "recipes", "--config-dir", str(conf))
+        assert code == 0 and "pipe" in out and "named pipe (FIFO)" in out, out
+        code, out = run_cli(capsys, "recipes", "--config-dir", str(conf), "--copy", "pipe", str(tmp_path / "copy.yaml"))
+        assert code == 2 and "named pipe (FIFO)" in out and not (tmp_path / "copy.yaml").exists(), out
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("syntax", "train:\n  lr: [1e-3\n", "syntax.yaml, line 3, column 1: invalid YAML"),
+    ("latin1", b"# caf\xe9\ntrain:\n  lr: 1.0e-3\n", "latin1.yaml, line 1: not valid UTF-8"),
+    ("bomb", BILLION_LAUGHS, "bomb.yaml: its aliases (*name) expand to more than 100,000 YAML nodes"),
+    ("listed", "- a\n- b\n", "listed.yaml: expected a mapping of config keys"),
+])  # fmt: skip
+def test_a_broken_recipe_in_a_config_dir_breaks_only_the_commands_that_use_it(name, text, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    conf = config_dir(tmp_path, {name: text, "mine": "defaults:\n  - override /model: tiny-llama\ntrain:\n  lr: 2.0e-3\n"})
+    with within(20):
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), f"recipe={name}", "train.lr=1e-3")
+        assert code == 2 and needle in out and "Traceback" not in out, out
+        assert run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny")[0] == 0
+        raw, choices, errors = compose(["recipe=mine"])
+        assert choices["recipe"] == "mine" and raw["train"]["lr"] == 2e-3 and errors == []
+
+
+@pytest.mark.parametrize("text", [None, BILLION_LAUGHS, "name: [x\n"], ids=["fifo", "bomb", "syntax"])
+def test_a_broken_option_of_a_config_dir_group_breaks_only_the_runs_that_choose_it(text, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    conf = config_dir(tmp_path, {})
+    (conf / "model").mkdir()
+    (conf / "model" / "mine.yaml").write_text((ROOT / "conf" / "model" / "tiny-llama.yaml").read_text().replace("name: tiny-llama", "name: mine"))
+    if text is None:
+        os.mkfifo(conf / "model" / "broken.yaml")
+    else:
+        (conf / "model" / "broken.yaml").write_text(text)
+    with within(20):
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny", "model=broken")
+        assert code == 2 and f"model: {conf / 'model' / 'broken.yaml'}" in out and "Traceback" not in out, out
+        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny", "model=mine")
+        assert code == 0 and "mine" in out, out
+
+
+@pytest.mark.parametrize("where", ["recipe", "override"])
+def test_an_option_named_by_a_path_outside_the_config_dirs_is_refused(where, tmp_path, capsys, monkeypatch):
+    """`override /model: ../../x` in a recipe's defaults (or model=../../x) would read any YAML on disk."""
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    (tmp_path / "outside.yaml").write_text("name: outside\n")
+    escape = os.path.relpath(tmp_path / "outside", ROOT / "conf" / "model")
+    conf = config_dir(tmp_path, {"escape": f"defaults:\n  - override /model: {escape}\n"})
+    if where == "recipe":
+        args, needle = ["--config-dir", str(conf), "recipe=escape"], f"{conf / 'recipes' / 'escape.yaml'}: defaults: 'override /model: {escape}' names a file by a path"
+    else:
+        args, needle = ["recipe=tiny", f"model={escape}"], f"model: '{escape}': an option is named by its file's stem in model/"
+    code, out = run_cli(capsys, "plan", *args)
+    assert code == 2 and needle in out, out
+
+
+def test_an_empty_config_dir_is_refused_not_read_as_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(capsys, "plan", "--config-dir", "", "recipe=tiny")
+    assert code == 2 and "--config-dir: got an empty path" in out, out
+
+
+@pytest.mark.parametrize("row, needle", [
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: invalid JSON (nested too deeply"),
+    ('{"messages": [', "row 2: invalid JSON (Expecting value"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "row 2: not valid UTF-8"),
+    ('{"text": "a completion row among chat rows"}', "row 2: missing 'messages'"),
+    ('{"messages": [{"role": "robot", "content": "beep"}]}', "row 2: message 1 has unknown role 'robot'"),
+])  # fmt: skip
+def test_bad_data_rows_stop_train_before_the_run_dir_is_written(row, needle, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(GOOD_ROW.encode() + b"\n" + (row.encode() if isinstance(row, str) else row) + b"\n")
+    run = tmp_path / "run"
+    with within(60):
+        code, out = run_cli(capsys, "train", *TINY, f"run.dir={run}", f"data.train_files=[{data}]", "data.eval_fraction=0.5")
+    assert code == 2 and f"data: {data}, {needle}" in out and "Traceback" not in out, out
+    assert not run.exists()
+    raw, _, _ = compose(["recipe=tiny", f"data.train_files=[{data}]", "data.on_error=skip"])
+    check_local_rows(validate(raw)[0].data)  # skipped rows are the trainer's to count, not an error
+
+
+HF_CONFIG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5}  # fmt: skip
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_attention_heads": 0}, "num_attention_heads: got 0; allowed: an integer from 1 to 1024"),
+    ({"hidden_size": "64"}, "hidden_size: got '64'; allowed: an integer"),
+    ({"vocab_size": int("9" * 400)}, "vocab_size: got 99999999999999999999...(400 characters)"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000; allowed: an integer from 1 to 1024"),
+    ({"model_type": "qwen2_moe", "num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps: got nan; allowed: a finite number"),
+    ({"rope_theta": "ten thousand"}, "rope_theta: got 'ten thousand'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: got 'false'; allowed: true or false"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads 4"),
+    ({"hidden_size": 66}, "hidden_size: 66 is not a multiple of num_attention_heads 4"),
+    ({"intermediate_size": [128]}, "intermediate_size: got [128]"),
+    ({"model_type": ["llama"]}, "model_type ['llama'] is not a decoder family"),
+    ({"mlp_only_layers": "all", "model_type": "qwen2_moe"}, "mlp_only_layers: got 'all'"),
+])  # fmt: skip
+def test_a_malformed_config_json_is_exit_2_naming_the_file_and_key(change, needle, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**HF_CONFIG, **change}))
+    with within(30):
+        code, out = run_cli(capsys, "plan", "recipe=tiny", "model.source=hf", f"model.path={model}")
+    assert code == 2 and f"model.path: {model / 'config.json'}: {needle}" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[" * 100_000, "config.json, invalid JSON (nested too deeply"),
+    (None, "config.json is a named pipe (FIFO)"),
+    ('{"model_type": "llama",\n "hidden_size": }', "config.json, line 2: invalid JSON"),
+])  # fmt: skip
+def test_an_unreadable_config_json_is_exit_2_naming_it(content, needle, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    if content is None:
+        os.mkfifo(model / "config.json")
+    else:
+        (model / "config.json").write_text(content)
+    with within(30):
+        code, out = run_cli(capsys, "plan", "recipe=tiny", "model.source=hf", f"model.path={model}")
+    assert code == 2 and needle in out and "Traceback" not in out, out
 
 
 # ============================================================================================

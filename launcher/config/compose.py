@@ -5,27 +5,37 @@ architecture read from the model's own config.json (:mod:`launcher.config.hf_mod
 Composition uses plain YAML (no structured schema attached), so that *every* problem, bad types
 included, is reported at once by :func:`launcher.config.validate.validate` instead of one at a time
 by OmegaConf. Overrides are checked against the schema before Hydra sees them for the same reason.
+
+Hydra opens only ftl's own conf/. Every recipe and every option of the user's config dirs is read
+by :mod:`launcher.safe_read` (no FIFO, no alias bomb, no traceback) and served to Hydra from its
+ConfigStore; a file that cannot be read is left out and reported only by a command that uses it,
+naming the file, so one broken file breaks nothing else. A defaults list or an override that
+names an option by a path (``override /model: ../../x``) is refused: options are names.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from launcher.config.docs import suggest
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.hf_model import read_model_arch
 from launcher.config.schema import UNIONS, FtlConfig
 from launcher.config.search_path import (
+    OPTION_GROUPS,
     check_config_dirs,
     config_dirs,
     hydra_quote,
     is_recipe_path,
+    options,
     recipe_file_overrides,
     recipe_files,
 )
 from launcher.paths import CONF_DIR, asset
+from launcher.safe_read import UnreadableFile, file_problem, read_text, read_yaml_text
 
 GROUPS = ("model", "data", "strategy", "peft", "objective", "launch", "recipe")
 DEFAULT_RECIPE = "demo"
@@ -47,7 +57,11 @@ def register_resolvers() -> None:
 def recipe_description(path: Path) -> tuple[str, str]:
     """(one-line description, run command) from a recipe's header comment."""
     description, command = "", ""
-    for line in path.read_text().splitlines():
+    try:
+        text = read_text(path)
+    except UnreadableFile as e:
+        return f"(cannot be read: {e})", ""
+    for line in text.splitlines():
         if not line.startswith("#"):
             break
         text = line.lstrip("#").strip()
@@ -70,16 +84,73 @@ def register_schema() -> None:
             cs.store(group=f"schema/{group}", name=tag, node=cls)
 
 
-def _register_recipes(files: dict[str, Path]) -> None:
-    """Serve the recipes as Hydra's `recipe` group (package _global_), honouring their defaults
-    lists. The group is rebuilt on every call: which recipes exist depends on the config dirs."""
-    from hydra.core.config_store import ConfigStore
+_PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")  # an option's name: what a file in a group folder is called
+
+
+def load_option(path: Path) -> tuple[Any, Optional[str]]:
+    """One recipe or config-group option, read safely, with its defaults list checked: (the node,
+    the package its ``# @package`` header names, if any). Raises UnreadableFile naming the file."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = read_yaml_text(path)
+    try:
+        node = OmegaConf.create(text)
+    except OmegaConfBaseException as e:  # YAML that parses but OmegaConf refuses (a duplicate key)
+        raise UnreadableFile(f"{path}: {_first_line(e)}") from None
+    if not OmegaConf.is_dict(node):
+        raise UnreadableFile(f"{path}: expected a mapping of config keys, got a list")
+    bad = _defaults_problem(node.get("defaults"))
+    if bad:
+        raise UnreadableFile(f"{path}: defaults: {bad}")
+    header = _PACKAGE.search(text.split("\n\n", 1)[0])
+    return node, header.group(1) if header else None
+
+
+def _defaults_problem(defaults: Any) -> str:
+    """A defaults-list entry that names an option by a path rather than a name
+    (``override /model: ../../x`` would read any YAML on disk), or ""."""
     from omegaconf import OmegaConf
 
+    if defaults is None:
+        return ""
+    if not OmegaConf.is_list(defaults):
+        return f"expected a list, got {defaults!r}"
+    for entry in OmegaConf.to_container(defaults):
+        pairs = entry.items() if isinstance(entry, dict) else [(entry, None)]  # `- name` or `- group: name(s)`
+        for key, value in pairs:
+            names = value if isinstance(value, list) else [value]
+            if ".." in str(key).split("/") or any(n is not None and not _NAME.match(str(n)) for n in names):
+                shown = str(key) if value is None else f"{key}: {value}"
+                return (f"{shown!r} names a file by a path; an option is named by its file's stem in the group's folder "
+                        "(ftl's conf/ or a config dir), e.g. 'override /model: tiny-llama'")  # fmt: skip
+    return ""
+
+
+def _register_options(dirs: list[Path], files: dict[str, Path]) -> dict[str, ConfigError]:
+    """Serve the recipes (package _global_, honouring their defaults lists) and the config dirs'
+    options of each group from Hydra's ConfigStore, read safely; rebuilt on every call (which exist
+    depends on the config dirs). Returns the files that could not be read, as "group/name" -> error."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    cs.repo.pop("recipe", None)
-    for name, path in files.items():
-        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    broken: dict[str, ConfigError] = {}
+    served = {"recipe": ({**recipe_files(), **files}, "_global_")}
+    for group in OPTION_GROUPS:
+        if group in GROUPS:  # sweep/ is read by ftl sweep, not composed
+            own = {n: p for n, p in options(group, dirs).items() if not p.is_relative_to(CONF_DIR)}
+            served[group] = (own, None)
+    for group, (found, package) in served.items():
+        cs.repo.pop(group, None)
+        for name, path in found.items():
+            try:
+                node, header = load_option(path)
+            except UnreadableFile as e:
+                broken[f"{group}/{name}"] = ConfigError(group, str(e))
+                continue
+            cs.store(group=group, name=name, node=node, package=package or header)
+    return broken
 
 
 def _recipe_file(overrides: list[str]) -> tuple[list[str], dict[str, Path], list[ConfigError]]:
@@ -99,8 +170,9 @@ def _recipe_file(overrides: list[str]) -> tuple[list[str], dict[str, Path], list
         value = ov.value()
         if ov.key_or_group == "recipe" and isinstance(value, str) and is_recipe_path(value):
             path = Path(value).expanduser().resolve()
-            if not path.is_file():
-                errors.append(ConfigError("recipe", f"{value}: no such recipe file"))
+            problem = file_problem(path)
+            if problem:
+                errors.append(ConfigError("recipe", f"{value}: no such recipe file" if not path.exists() else problem))
                 continue
             files[path.stem] = path
             text = f"recipe={hydra_quote(path.stem)}"
@@ -146,6 +218,11 @@ def _check_override_keys(overrides: list[str]) -> tuple[list[ConfigError], list[
         key = ov.key_or_group
         parents = [".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)]
         # groups are checked by Hydra; `+k=v` keys by validate()
+        value = ov.value() if key in GROUPS and key != "recipe" and not ov.is_delete() else None
+        if isinstance(value, str) and not _NAME.match(value):
+            errors.append(ConfigError(key, f"{value!r}: an option is named by its file's stem in {key}/ (ftl's conf/ or a "
+                                      f"config dir), not by a path; available: {', '.join(options(key))}"))  # fmt: skip
+            continue
         if key in GROUPS or ov.is_add() or ov.is_force_add() or key in known or any(known.get(p) for p in parents):
             # A model group need not list every architecture field (head_dim, the MoE numbers):
             # setting one it leaves out is setting a schema field, not adding a key.
@@ -177,15 +254,12 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[
     errors += key_errors
     register_resolvers()
     register_schema()
-    _register_recipes({**recipe_files(), **files})
-    # The config dirs come after ftl's own conf/ (Hydra's --config-dir does the same); their
-    # option names are unique (check_config_dirs), so the order decides nothing.
-    search = [f"hydra.searchpath=[{','.join(hydra_quote(f'file://{d}') for d in dirs)}]"] if dirs else []
+    broken = _register_options(dirs, files)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ftl"):
-            cfg = hydra_compose("config", overrides=overrides + search, return_hydra_config=True)
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except HydraException as e:
-        raise ConfigErrors(errors + [_hydra_error(e)]) from None
+        raise ConfigErrors(errors + [_hydra_error(e, broken)]) from None
     except OmegaConfBaseException as e:
         raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
     choices = {g: str(cfg.hydra.runtime.choices.get(g)) for g in GROUPS}
@@ -211,10 +285,14 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _hydra_error(e: Exception) -> ConfigError:
-    """Hydra's messages, reworded where a user needs the list of what is allowed."""
+def _hydra_error(e: Exception, broken: dict[str, ConfigError]) -> ConfigError:
+    """Hydra's messages, reworded where a user needs the list of what is allowed; an option that
+    is missing because its file could not be read is that file's error."""
     from hydra.errors import MissingConfigException
 
+    missing = getattr(e, "missing_cfg_file", None) or ""
+    if missing in broken:
+        return broken[missing]
     msg = str(e).strip()
     if isinstance(e, MissingConfigException) and "recipe" in msg:
         names = ", ".join(recipe_files())

@@ -35,11 +35,13 @@ def _group_values(model_choice: str) -> dict[str, Any]:
     ``model.*`` holds when nothing else set it."""
     from omegaconf import OmegaConf
 
+    from launcher.safe_read import read_yaml_text
+
     file = options("model").get(model_choice)
     if file is None:
         return {}
     try:
-        node = OmegaConf.load(file)
+        node = OmegaConf.create(read_yaml_text(file))
         try:
             data = OmegaConf.to_container(node, resolve=True)
         except Exception:  # an interpolation of the whole config: compare the text as written
@@ -59,11 +61,12 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
     path = model["path"]
     group = _group_values(model_choice)
     ours = path == group.get("path")  # the path the model group's numbers were written for
+    where = path
     try:
         config, where = read_hf_config(path, model.get("revision"))
         arch = arch_from_hf_config(config) if config is not None else None
-    except UnsupportedModel as e:
-        return [ConfigError("model.path", f"{path}: {e}")]
+    except UnsupportedModel as e:  # each bad value of the file, named
+        return [ConfigError("model.path", f"{where}: {problem}") for problem in e.problems]
     if arch is None:
         if ours:
             return []  # the model group's own numbers describe it

@@ -33,7 +33,12 @@ def config_dirs(environ: Optional[Mapping[str, str]] = None) -> list[Path]:
 
 def add_config_dirs(dirs: list[str]) -> None:
     """``--config-dir``: put ``dirs`` (absolute) before those of $FTL_CONFIG_DIR, in this process's
-    environment, so every process it starts (ranks, sweep trials, SLURM jobs) composes alike."""
+    environment, so every process it starts (ranks, sweep trials, SLURM jobs) composes alike. An
+    empty ``DIR`` is refused: it would silently mean the working directory."""
+    from launcher.config.errors import ConfigErrors
+
+    if any(not d.strip() for d in dirs):
+        raise ConfigErrors([ConfigError("--config-dir", "got an empty path; give a directory (--config-dir . for the working directory)")])
     given = [str(Path(d).expanduser().resolve()) for d in dirs]
     known = [str(d) for d in config_dirs()]
     os.environ[CONFIG_DIR_ENV] = os.pathsep.join(dict.fromkeys(given + known))

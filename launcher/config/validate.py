@@ -406,9 +406,13 @@ def _data_path_problem(path: str) -> Optional[str]:
     if p.is_dir():
         found = next((f for f in p.rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file()), None)
         return None if found else f"{path}: folder holds no data files ({', '.join(DATA_SUFFIXES)})"
+    from launcher.safe_read import UnreadableFile, open_regular
+
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:  # stat first: a FIFO or a device is refused, never opened
             empty = not f.read(1)
+    except UnreadableFile as e:
+        return str(e)
     except OSError as e:
         return f"{path} cannot be read: {e.strerror}"
     return f"{path} is empty" if empty else None

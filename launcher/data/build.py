@@ -23,6 +23,7 @@ from launcher.data.chat import ChatFormat
 from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
 from launcher.data.preference import PreferenceFormat
+from launcher.data.sources import data_sources
 from launcher.data.types import IGNORE_INDEX, DataError, Format, Loaded, Record, RowError, TokenizedDataset
 from launcher.progress import phase
 
@@ -52,16 +53,6 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int, *, flatten: bool = F
         labels[i, :n] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def data_sources(data_cfg: DataConfig) -> list[DataSource]:
-    """Every source of the run: ``train_files`` and ``eval_files`` (each a source of weight 1 in
-    ``data.format``), then ``data.sources``."""
-    return (
-        [DataSource(path=f) for f in data_cfg.train_files]
-        + [DataSource(path=f, split="eval") for f in data_cfg.eval_files]
-        + list(data_cfg.sources)
-    )
 
 
 def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -> Loaded:

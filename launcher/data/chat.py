@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
 from launcher.data.templates import TEMPLATES, resolve_template
-from launcher.data.types import IGNORE_INDEX, DataError, RowError
+from launcher.data.rows import IGNORE_INDEX, DataError, RowError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}

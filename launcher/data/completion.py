@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
-from launcher.data.types import RowError
+from launcher.data.rows import RowError
 
 
 @dataclass
@@ -25,16 +25,7 @@ class CompletionFormat:
         return cls(tokenizer, data_cfg.text_field)
 
     def parse(self, row: Any) -> str:
-        if not isinstance(row, dict):
-            raise RowError(f"expected an object with a '{self.text_field}' field, got {type(row).__name__}")
-        if self.text_field not in row:
-            raise RowError(f"missing '{self.text_field}' (keys: {', '.join(sorted(map(str, row))) or 'none'})")
-        text = row[self.text_field]
-        if not isinstance(text, str):
-            raise RowError(f"'{self.text_field}' must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise RowError(f"empty '{self.text_field}'")
-        return text
+        return parse_text(row, self.text_field)
 
     def encode(self, text: str) -> tuple[list[int], list[int]]:
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -46,3 +37,17 @@ class CompletionFormat:
     def conversation(self, text: str) -> list[dict[str, str]]:
         """No assistant turn to generate: evaluation computes perplexity only."""
         return []
+
+
+def parse_text(row: Any, text_field: str) -> str:
+    """Validate one row; return the text in its ``text_field``."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object with a '{text_field}' field, got {type(row).__name__}")
+    if text_field not in row:
+        raise RowError(f"missing '{text_field}' (keys: {', '.join(sorted(map(str, row))) or 'none'})")
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise RowError(f"'{text_field}' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RowError(f"empty '{text_field}'")
+    return text

@@ -17,7 +17,7 @@ from typing import Any
 from launcher.config.schema import DataConfig
 from launcher.data.chat import ChatFormat, Message
 from launcher.data.templates import resolve_template
-from launcher.data.types import RowError
+from launcher.data.rows import RowError
 
 
 @dataclass
@@ -35,22 +35,27 @@ class InstructionFormat:
         return self.chat.chat_template
 
     def parse(self, row: Any) -> list[Message]:
-        if not isinstance(row, dict):
-            raise RowError(f"expected an object with 'instruction' and 'output', got {type(row).__name__}")
-        missing = [k for k in ("instruction", "output") if k not in row]
-        if missing:
-            keys = ", ".join(sorted(map(str, row))) or "none"
-            raise RowError(f"missing {' and '.join(repr(k) for k in missing)} (keys: {keys})")
-        instruction, output, extra = row["instruction"], row["output"], row.get("input")
-        for name, value in (("instruction", instruction), ("output", output), ("input", extra)):
-            if value is not None and not isinstance(value, str):
-                raise RowError(f"'{name}' must be a string, got {type(value).__name__}")
-        if not instruction or not instruction.strip():
-            raise RowError("empty 'instruction'")
-        if output is None:
-            raise RowError("'output' is null")
-        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return parse_instruction(row)
 
     def encode(self, messages: list[Message]) -> tuple[list[int], list[int]]:
         return self.chat.encode(messages)
+
+
+def parse_instruction(row: Any) -> list[Message]:
+    """Validate one row; return it as a user and an assistant message."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object with 'instruction' and 'output', got {type(row).__name__}")
+    missing = [k for k in ("instruction", "output") if k not in row]
+    if missing:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise RowError(f"missing {' and '.join(repr(k) for k in missing)} (keys: {keys})")
+    instruction, output, extra = row["instruction"], row["output"], row.get("input")
+    for name, value in (("instruction", instruction), ("output", output), ("input", extra)):
+        if value is not None and not isinstance(value, str):
+            raise RowError(f"'{name}' must be a string, got {type(value).__name__}")
+    if not instruction or not instruction.strip():
+        raise RowError("empty 'instruction'")
+    if output is None:
+        raise RowError("'output' is null")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]

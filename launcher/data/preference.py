@@ -22,7 +22,7 @@ from typing import Any, Optional
 from launcher.config.schema import DataConfig
 from launcher.data.chat import ChatFormat, Message, parse_conversation
 from launcher.data.templates import resolve_template
-from launcher.data.types import IGNORE_INDEX, RowError
+from launcher.data.rows import IGNORE_INDEX, RowError
 
 KEYS = ("chosen", "rejected")
 

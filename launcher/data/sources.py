@@ -7,6 +7,12 @@ that cannot be read, a :class:`~launcher.data.DataError` naming both, so the cal
 Row numbers are what a person looks up: the line in a JSONL or CSV file (CSV: the line the row
 ends on), the list index in a JSON file, the row index in a Parquet file or hub split.
 
+Files are opened through :mod:`launcher.safe_read`: a FIFO, device or socket is refused before it
+is opened, a file read whole (.json, .csv) or one JSONL row is size-capped, and a row nested too
+deeply for Python is a bad row like any other. :func:`check_local_rows` reads and parses every local row
+once without a tokenizer, so ``ftl train`` finds unreadable data before it writes or launches anything.
+Imports no torch.
+
 Hub datasets (``hub:ORG/NAME``) are a thin, separate path through ``datasets.load_dataset``; they
 need the network (or the datasets cache) and are not exercised by the test suite.
 """
@@ -19,10 +25,12 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from launcher.data.types import DataError
+from launcher.config.schema import DataConfig, DataSource
+from launcher.data.rows import DataError, RowError
 from launcher.files import write_atomic
+from launcher.safe_read import MAX_DATA_BYTES, MAX_ROW_BYTES, UnreadableFile, decode_utf8, file_problem, open_regular, parse_json, read_bytes
 
 HUB_PREFIX = "hub:"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -51,8 +59,6 @@ def source_files(path: str) -> list[Path]:
     """The data files behind a local source: the file itself, or a folder's files with a known
     suffix (recursively, sorted, hidden ones skipped)."""
     p = Path(path)
-    if p.is_file():
-        return [p]
     if p.is_dir():
         files = sorted(
             f for f in p.rglob("*")
@@ -61,22 +67,80 @@ def source_files(path: str) -> list[Path]:
         if not files:
             raise DataError(f"{path}: folder holds no data files ({', '.join(LOCAL_SUFFIXES)})")
         return files
-    raise DataError(f"{path}: data file not found")
+    problem = file_problem(p)
+    if problem:
+        raise DataError(f"{path}: data file not found" if not p.exists() else problem)
+    return [p]
 
 
 def read_rows(path: str) -> Iterator[Row | DataError]:
     """Rows of one local file, by suffix: .json (one top-level list), .parquet, .csv; anything else
     is read as JSONL."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: data file not found")
+    problem = file_problem(path)
+    if problem:
+        raise DataError(f"{path}: data file not found" if not Path(path).exists() else problem)
     readers = {".json": _read_json_list, ".parquet": _read_parquet, ".csv": _read_csv}
-    yield from readers.get(file.suffix, _read_jsonl)(path)
+    try:
+        yield from readers.get(Path(path).suffix, _read_jsonl)(path)
+    except UnreadableFile as e:
+        raise DataError(str(e)) from None
+
+
+def data_sources(data_cfg: DataConfig) -> list[DataSource]:
+    """Every source of the run: ``train_files`` and ``eval_files`` (each a source of weight 1 in
+    ``data.format``), then ``data.sources``."""
+    return (
+        [DataSource(path=f) for f in data_cfg.train_files]
+        + [DataSource(path=f, split="eval") for f in data_cfg.eval_files]
+        + list(data_cfg.sources)
+    )
+
+
+def check_local_rows(data_cfg: DataConfig) -> None:
+    """Read every row of the run's local files and folders as the trainer will, with no tokenizer
+    (hub datasets are left to the trainer). Raises DataError for a file that cannot be read and,
+    with ``on_error=raise``, for the first row that does not read (bad UTF-8 or JSON, nested too
+    deeply, a CSV row of too many cells) or does not parse as its format (chat, instruction,
+    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer)."""
+    from launcher.data.chat import parse_conversation
+    from launcher.data.completion import parse_text
+    from launcher.data.instruction import parse_instruction
+
+    parsers: dict[str, Callable[[Any], Any]] = {
+        "chat": parse_conversation,
+        "instruction": parse_instruction,
+        "completion": lambda row: parse_text(row, data_cfg.text_field),
+    }
+    for source in data_sources(data_cfg):
+        if is_hub(source.path):
+            continue
+        parse = parsers.get(source.format or data_cfg.format)
+        for file in source_files(source.path):
+            for row in read_rows(str(file)):
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    if parse is not None:
+                        parse(row.value)
+                except RowError as e:
+                    if data_cfg.on_error != "skip":
+                        raise DataError(f"{row.path}, row {row.number}: {e}") from None
+                except DataError:
+                    if data_cfg.on_error != "skip":
+                        raise
+
+
+def _json_row_error(e: ValueError) -> str:
+    return f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else f"invalid JSON ({e})"
 
 
 def _read_jsonl(path: str) -> Iterator[Row | DataError]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+    with open_regular(path) as f:
+        number = 0
+        while raw := f.readline(MAX_ROW_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_ROW_BYTES:
+                raise DataError(f"{path}, row {number}: longer than {MAX_ROW_BYTES >> 20} MiB, more than ftl reads as one row")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -85,22 +149,19 @@ def _read_jsonl(path: str) -> Iterator[Row | DataError]:
             if not line.strip():  # blank lines (a trailing newline, separators) are not rows
                 continue
             try:
-                yield Row(path, number, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield DataError(f"{path}, row {number}: invalid JSON ({e.msg} at column {e.colno})")
+                yield Row(path, number, parse_json(line))
+            except ValueError as e:
+                yield DataError(f"{path}, row {number}: {_json_row_error(e)}")
 
 
 def _read_json_list(path: str) -> Iterator[Row]:
-    data = Path(path).read_bytes()
+    text = decode_utf8(read_bytes(path, MAX_DATA_BYTES), path)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
-    try:
-        value = json.loads(text)
+        value = parse_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise DataError(f"{path}: {_json_row_error(e)}") from None
     if not isinstance(value, list):
         raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(value).__name__}")
     for number, item in enumerate(value, start=1):
@@ -125,7 +186,7 @@ def _read_parquet(path: str) -> Iterator[Row]:
 def _read_csv(path: str) -> Iterator[Row | DataError]:
     """A header line, then one row per record. Bytes that are not UTF-8 are kept as surrogates while
     parsing so one bad row is reported (and skippable) on its own."""
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    text = read_bytes(path, MAX_DATA_BYTES).decode("utf-8", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for value in reader:
@@ -167,7 +228,7 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
         if memo.is_file():
             return memo.read_text().strip()
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     value = digest.hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from launcher.data.types import DataError
+from launcher.data.rows import DataError
 
 # The format of Qwen, SmolLM2 and many others. Best with a tokenizer that has <|im_start|> and
 # <|im_end|> as special tokens; with others they are spelled out in ordinary tokens.

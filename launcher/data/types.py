@@ -1,6 +1,6 @@
 """The types every part of the data pipeline shares: a format's contract, a tokenized dataset, a
-parsed row, and the errors that name the file and row. Formats, packing, the cache and the trainer
-import these; nothing here imports them."""
+parsed row, and the errors that name the file and row (defined in :mod:`launcher.data.rows`).
+Formats, packing, the cache and the trainer import these; nothing here imports them."""
 
 from __future__ import annotations
 
@@ -10,15 +10,8 @@ from typing import Any, Iterator, Optional, Protocol
 
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100  # the label torch's cross-entropy (and HF models) skip
-
-
-class DataError(ValueError):
-    """Unusable training data; the message names the file and, where there is one, the 1-based row."""
-
-
-class RowError(ValueError):
-    """Raised by a format for one bad row; the reader adds the file and row and applies `on_error`."""
+from launcher.data.rows import IGNORE_INDEX, DataError, RowError
+__all__ = ["DataError", "RowError", "IGNORE_INDEX", "Format", "TokenizedDataset", "Record", "Loaded"]
 
 
 class Format(Protocol):

@@ -21,7 +21,7 @@ instantiated models with transformers 5.24, ``tests/model/test_families.py``):
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -86,7 +86,35 @@ TUNABLE_FIELDS = ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_
 
 
 class UnsupportedModel(ValueError):
-    """A config.json ftl cannot train: its message says why and what ftl does train."""
+    """A config.json ftl cannot train: its message says why and what ftl does train; ``problems``
+    lists each thing wrong with it (one key each), for a report of them all."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__("; ".join(problems))
+
+
+# The config.json values ftl computes with, checked before any arithmetic: (lowest, highest)
+# allowed. The bounds are far beyond any released model (405B Llama: 126 layers, hidden 16384;
+# the largest vocabularies ~262k; context lengths of 10M), so only nonsense is refused.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 27),
+    "num_experts": (0, 4096),
+    "num_local_experts": (1, 4096),
+    "num_experts_per_tok": (1, 4096),
+    "moe_intermediate_size": (1, 1 << 20),
+    "shared_expert_intermediate_size": (0, 1 << 20),
+    "decoder_sparse_step": (1, 1024),
+}
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"rope_theta": (0.0, 1e12), "rms_norm_eps": (0.0, 1.0)}  # exclusive
+BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias")
 
 
 def layout(model_type: str) -> Layout:
@@ -138,7 +166,7 @@ def _text_part(config: dict[str, Any]) -> dict[str, Any]:
     if model_type == "gemma3" and "text_config" in config:
         raise UnsupportedModel("model_type 'gemma3' is multimodal Gemma 3 (a vision tower and a language model); ftl trains "
                                "text decoders: use a text-only checkpoint (model_type gemma3_text, e.g. google/gemma-3-1b-it)")  # fmt: skip
-    if model_type not in LAYOUTS:
+    if not isinstance(model_type, str) or model_type not in LAYOUTS:
         raise UnsupportedModel(f"model_type {model_type!r} is not a decoder family ftl trains; supported: {', '.join(MODEL_TYPES)}")
     return config
 
@@ -149,19 +177,60 @@ def _get(config: dict[str, Any], key: str) -> Any:
     return FAMILY_DEFAULTS[config["model_type"]].get(key)
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
+def _rope_theta(config: dict[str, Any]) -> Any:
     """transformers 5 writes ``rope_parameters`` (per layer type for gemma3: the full-attention
     layers' base is the one reported); hub files from transformers 4 have ``rope_theta``."""
     rp = config.get("rope_parameters") or {}
-    if isinstance(rp.get("full_attention"), dict):
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
         rp = rp["full_attention"]
     theta = rp.get("rope_theta") if isinstance(rp, dict) else None
-    return float(theta or config.get("rope_theta") or FAMILY_DEFAULTS[config["model_type"]]["rope_theta"])
+    return theta or config.get("rope_theta") or FAMILY_DEFAULTS[config["model_type"]]["rope_theta"]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def config_problems(cfg: dict[str, Any]) -> list[str]:
+    """Every value of a (supported) config.json that ftl would compute with and that is of the
+    wrong type or out of range, each as "key: got V; allowed: ..."; the cross-key rules (heads
+    divide the width, kv heads divide heads) once the keys themselves are sound."""
+    out: list[str] = []
+    for key, (low, high) in INT_BOUNDS.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        if type(value) is not int or not low <= value <= high:
+            out.append(f"{key}: got {_shown(value)}; allowed: an integer from {low} to {high}")
+    values = {**{k: _get(cfg, k) for k in FLOAT_BOUNDS}, "rope_theta": _rope_theta(cfg)}
+    for key, (low, high) in FLOAT_BOUNDS.items():
+        value = values[key]
+        if type(value) not in (int, float) or not (math.isfinite(value) and low < value < high):
+            out.append(f"{key}: got {_shown(value)}; allowed: a finite number above {low:g} and below {high:g}")
+    for key in BOOL_KEYS:
+        if cfg.get(key) is not None and type(cfg[key]) is not bool:
+            out.append(f"{key}: got {_shown(cfg[key])}; allowed: true or false")
+    only = _get(cfg, "mlp_only_layers")
+    if only is not None and not (isinstance(only, list) and all(type(i) is int and 0 <= i < 1 << 10 for i in only)):
+        out.append(f"mlp_only_layers: got {_shown(only)}; allowed: a list of layer indices")
+    if out:
+        return out
+    heads, hidden, kv = _get(cfg, "num_attention_heads"), _get(cfg, "hidden_size"), _get(cfg, "num_key_value_heads")
+    if not _get(cfg, "head_dim") and hidden % heads:
+        out.append(f"hidden_size: {hidden} is not a multiple of num_attention_heads {heads} (and there is no head_dim)")
+    if kv and heads % kv:
+        out.append(f"num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
+    return out
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
-    """ArchConfig fields from a config.json dict (transformers 4 or 5 keys). Raises UnsupportedModel."""
+    """ArchConfig fields from a config.json dict (transformers 4 or 5 keys). Raises UnsupportedModel,
+    listing every bad value, before computing with any of them."""
     cfg = _text_part(config)
+    problems = config_problems(cfg)
+    if problems:
+        raise UnsupportedModel(*problems)
     mt = cfg["model_type"]
     lay = LAYOUTS[mt]
     heads = _get(cfg, "num_attention_heads")
@@ -178,7 +247,7 @@ def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
         "head_dim": _get(cfg, "head_dim") or hidden // heads,
         "max_position_embeddings": _get(cfg, "max_position_embeddings"),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", FAMILY_DEFAULTS[mt].get("tie_word_embeddings", False))),
-        "rope_theta": _rope_theta(cfg),
+        "rope_theta": float(_rope_theta(cfg)),
         "rms_norm_eps": float(_get(cfg, "rms_norm_eps")),
         "attention_bias": lay.qkv_bias == "always" or bool(lay.qkv_bias and _get(cfg, lay.qkv_bias)),
         "mlp_bias": lay.mlp_bias and bool(_get(cfg, "mlp_bias")),
@@ -233,7 +302,7 @@ def read_hf_config(path: str, revision: Optional[str] = None) -> tuple[Optional[
     local = Path(path).expanduser()
     if local.is_dir():
         file = local / "config.json"
-        if not file.is_file():
+        if not file.exists():
             return None, f"{local} has no config.json"
         return _load_json(file), str(file)
     if path.startswith(("/", "./", "../", "~")) or local.exists():
@@ -245,10 +314,12 @@ def read_hf_config(path: str, revision: Optional[str] = None) -> tuple[Optional[
 
 
 def _load_json(file: Path) -> dict[str, Any]:
+    from launcher.safe_read import UnreadableFile, load_json
+
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnsupportedModel(f"{file}: not readable as JSON ({e})") from None
+        data = load_json(file)
+    except UnreadableFile as e:
+        raise UnsupportedModel(str(e)) from None
     if not isinstance(data, dict):
         raise UnsupportedModel(f"{file}: expected a JSON object")
     return data

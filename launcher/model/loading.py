@@ -117,10 +117,13 @@ def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
 
     from transformers import AutoConfig
 
-    from launcher.model.families import UnsupportedModel, arch_differences, arch_fields, arch_from_hf_config
+    from launcher.model.families import UnsupportedModel, arch_differences, arch_fields, arch_from_hf_config, read_hf_config
 
-    config = AutoConfig.from_pretrained(path, **source)
     try:
+        raw, _ = read_hf_config(path, source.get("revision"))  # read safely and checked before transformers reads it
+        if raw is not None:
+            arch_from_hf_config(raw)
+        config = AutoConfig.from_pretrained(path, **source)
         weights = arch_from_hf_config(config.to_dict())
     except UnsupportedModel as e:
         raise ValueError(f"model.path {path}: {e}") from None
