@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
 from launcher.config.topology import global_batch, nodes, planned_device_type, procs_per_node, resolve_precision, world_size
 from launcher.engines.traits import engine_traits
+from launcher.model.compile import compile_choice
 from launcher.plan.memory import (
     STRATEGY_ROWS,
     Alternative,
@@ -53,6 +54,7 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
         ("data", f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
                  f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}"),
         ("strategy", f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}"),
+        ("compile", compile_choice(cfg, planned_device_type(cfg))[1]),
         ("objective", objective_text(cfg)),
         ("topology", f"{nodes(cfg)} node(s) × {procs_per_node(cfg)} process(es) = world size {world}; data-parallel size {world}"),
         ("batch", f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "

@@ -34,7 +34,7 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths
-from launcher.model.compile import compile_decoder_layers, compiles, eager, first_step_note
+from launcher.model.compile import compile_choice, compile_decoder_layers, eager, first_step_note
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
@@ -138,7 +138,7 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
-            if self.step == first and compiles(self.cfg.train.compile, self.device, engine_traits(self.cfg.strategy).compiles_layers):
+            if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
             if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
                 self.evaluate(f"step_{self.step}")
@@ -360,7 +360,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
         model = apply_peft(model, cfg.peft)
     set_residual_stream(model, cfg.train, compute)
-    if compiles(cfg.train.compile, device, engine_traits(cfg.strategy).compiles_layers):  # before any engine wraps or shards it (see launcher.model.compile)
+    if compile_choice(cfg, device.type)[0]:  # before any engine wraps or shards it (see launcher.model.compile)
         compile_decoder_layers(model, device)
     return model, tokenizer
 

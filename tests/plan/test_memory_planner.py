@@ -272,3 +272,15 @@ def test_planner_validation_quick_subset():
     print(out.stdout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("tiny ") == 3
+
+
+def test_plan_says_qlora_runs_eager_by_default_and_why():
+    """A QLoRA recipe on CUDA (train.compile null): the plan says compile is off and why; asked
+    for, it is on and marked unproven (no GPU run has compiled bitsandbytes' 4-bit layers yet)."""
+    default = ftl("plan", "recipe=qwen2.5-7b-qlora")
+    assert default.returncode == 0, default.stderr
+    line = next(ln for ln in default.stdout.splitlines() if ln.startswith("compile"))
+    assert "off (train.compile=null: QLoRA stays eager" in line and "re-wraps each 4-bit weight" in line, line
+    asked = ftl("plan", "recipe=qwen2.5-7b-qlora", "train.compile=true")
+    line = next(ln for ln in asked.stdout.splitlines() if ln.startswith("compile"))
+    assert asked.returncode == 0 and "on (train.compile=true; unproven with QLoRA" in line, asked.stdout + asked.stderr
