@@ -103,7 +103,7 @@ def workload_of(cfg: FtlConfig, precision: str) -> Workload:
     peft = Peft() if p.method == "none" else Peft(
         p.method, p.r, tuple(p.target_modules), tuple(p.modules_to_save), p.dropout, getattr(p, "double_quant", True)
     )  # fmt: skip
-    loss = t.loss if cfg.objective.method == "sft" else "logits"  # preference objectives need every token's log-prob
+    loss = t.loss if cfg.objective.method == "sft" else "chunked"  # preference objectives: per-token log-probs, chunked
     return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft,
                     cfg.strategy.activation_offloading, loss, t.fp32_residual)  # fmt: skip
 
