@@ -322,6 +322,39 @@ def test_liger_fused_loss_equals_the_logits_loss_on_cuda() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_liger_and_the_cuda_chunked_loss_match_fp32_under_bf16_autocast() -> None:
+    """As the trainer runs them (fp32 weights, bf16 autocast), 8,192 positions of a 32k vocabulary:
+    the CUDA-shaped chunked loss (2 chunks, each adding its head gradient into fp32 in one addmm)
+    and liger (its head gradient accumulated in fp32: accum_dtype) give the fp32 loss to 1e-3
+    relative and the head's and the hidden states' gradients to 1e-2 of their largest entry (bf16
+    keeps 8 bits of mantissa), and each other's to the same bounds."""
+    from helpers import need_gpus
+
+    need_gpus(1)
+    pytest.importorskip("liger_kernel", reason="train.loss=liger needs pip install 'ftl[liger]'")
+    from launcher.train.loss import liger_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden_size, vocab = 8192, 1024, 32000
+    h = torch.randn(n, hidden_size, device="cuda", generator=g).requires_grad_()
+    w = (0.05 * torch.randn(vocab, hidden_size, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    assert ChunkShape.of("cuda", vocab).rows == 4194  # two chunks
+    want = F.cross_entropy(h @ w.t(), targets, reduction="sum")
+    results = {"fp32": (want.detach(), *torch.autograd.grad(want, (h, w)))}
+    for name, fn in (("chunked", chunked_head_loss), ("liger", liger_loss)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, None, targets)
+        assert loss.dtype == torch.float32
+        results[name] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    for got, ref in (("chunked", "fp32"), ("liger", "fp32"), ("liger", "chunked")):
+        (loss, grad_h, grad_w), (want_loss, want_h, want_w) = results[got], results[ref]
+        torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
+        for a, b in ((grad_h, want_h), (grad_w, want_w)):
+            assert a.dtype == torch.float32 and float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), (got, ref)
+
+
 def test_the_head_sees_only_labelled_positions_and_is_unhooked_after(model: Any) -> None:
     b = batch()
     n = count_label_tokens(b["labels"])
