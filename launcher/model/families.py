@@ -122,13 +122,19 @@ def layout(model_type: str) -> Layout:
 
 
 # The chunked loss (launcher/train/loss.py) runs the output layer over this many logits at a time
-# at most: 2**24 fp32 logits is 64 MB (341 positions of SmolLM2's 49k vocabulary, 130 of Llama 3's 128k).
-LOGITS_PER_CHUNK = 2**24
+# at most. CPU: 2**24 fp32 logits, 64 MB (341 positions of SmolLM2's 49k vocabulary, 130 of Llama
+# 3's 128k), tuned on the project's CPUs. CUDA: 2**27, 512 MB (1,046 positions of 128k, 2,730 of
+# 49k): each chunk reads and writes the head's fp32 weight gradient once ([vocab, hidden], 2 GB
+# for Llama 3 8B), so few large chunks keep that traffic to ~34 GB per 8k-token micro-batch where
+# 130-row chunks made ~0.4 TB of it.
+LOGITS_PER_CHUNK = {"cpu": 2**24, "cuda": 2**27}
 
 
-def loss_chunk_rows(vocab_size: int) -> int:
-    """Labelled positions per chunk of the chunked loss: :data:`LOGITS_PER_CHUNK` logits at most, at least 64 rows."""
-    return max(64, LOGITS_PER_CHUNK // max(1, vocab_size))
+def loss_chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    """Labelled positions per chunk of the chunked loss on ``device_type`` (cuda, else the CPU's):
+    :data:`LOGITS_PER_CHUNK` logits at most, at least 64 rows."""
+    budget = LOGITS_PER_CHUNK["cuda" if device_type == "cuda" else "cpu"]
+    return max(64, budget // max(1, vocab_size))
 
 
 def plain_head(model_type: Optional[str], config: Any = None) -> bool:

@@ -34,3 +34,23 @@ class Objective(ABC):
     def eval_metrics(self, trainer: Any) -> Optional[dict[str, float]]:
         """The loss-based eval metrics, when not perplexity (None: perplexity)."""
         return None
+
+
+class StatSums:
+    """An optimizer step's sums of the statistics :meth:`Objective.loss` returns, kept as float64
+    tensors where they were made and read once, when logged: a ``float()`` per statistic per
+    micro-batch waits for the device each time. The same sums as adding their floats."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            value = value.detach().double()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def read(self) -> dict[str, float]:
+        """The sums as floats: one transfer from the device for all of them."""
+        if not self.sums:
+            return {}
+        return dict(zip(self.sums, torch.stack(list(self.sums.values())).tolist()))

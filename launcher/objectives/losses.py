@@ -3,7 +3,8 @@
 A batch holds whole pairs, each as two sequences (chosen, then rejected) with restarting
 ``position_ids`` (see :mod:`launcher.data.preference`), one or several pairs per row. One forward
 pass gives the log-probability of every labelled token (the output layer runs at those positions
-only, as for SFT); :func:`sequence_logps` sums them per sequence. The losses follow the papers:
+only and, where the model allows, chunk by chunk without the fp32 logits, as for SFT:
+:func:`launcher.train.loss.next_token_logps`); :func:`sequence_logps` sums them per sequence. The losses follow the papers:
 
 * DPO (Rafailov et al. 2023): ``z = β·((π_c − ref_c) − (π_r − ref_r))`` over summed log-probs,
   loss ``−(1−ε)·log σ(z) − ε·log σ(−z)`` (ε: ``label_smoothing``, the conservative variant);
@@ -17,15 +18,13 @@ averaged log-probs); accuracy counts chosen above rejected, a tie as one half.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from launcher.data.packing import model_inputs
-from launcher.data.types import IGNORE_INDEX
-from launcher.train.loss import logits_at_labels
+from launcher.train.loss import next_token_logps, positions_of
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
 
@@ -45,24 +44,26 @@ def count_sequences(batch: dict[str, torch.Tensor]) -> int:
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor], autocast: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the labelled tokens' log-probs, number of labelled tokens) per sequence, float64."""
-    labels = batch["labels"]
-    owner = sequence_ids(batch["position_ids"], batch["attention_mask"])[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    positions = positions_of(batch)
+    owner = label_owners(batch, positions)
     n = count_sequences(batch)
-    with logits_at_labels(model, labels) as targets, autocast or contextlib.nullcontext():
-        logits = model(**model_inputs(batch), use_cache=False).logits
     # Summed in float64: a sequence's log-prob is a sum of ~100-1000 terms, and a reward is the
     # difference of two such sums.
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none").double()
+    token_logps = next_token_logps(model, model_inputs(batch), batch["labels"], autocast=autocast, positions=positions).double()
     sums = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, token_logps)
     counts = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
     return sums, counts
 
 
+def label_owners(batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """The sequence of each labelled token (at ``positions + 1``: position t predicts label t + 1)."""
+    ids = sequence_ids(batch["position_ids"], batch["attention_mask"])
+    return ids.flatten().index_select(0, positions + 1)
+
+
 def label_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Labelled tokens per sequence, from the labels alone (what :func:`sequence_logps` counts)."""
-    labels = batch["labels"]
-    owner = sequence_ids(batch["position_ids"], batch["attention_mask"])[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    return torch.bincount(owner, minlength=count_sequences(batch)).double()
+    return torch.bincount(label_owners(batch, positions_of(batch)), minlength=count_sequences(batch)).double()
 
 
 def preference_losses(

@@ -8,7 +8,7 @@ import torch
 
 from launcher.data.packing import model_inputs
 from launcher.objectives.base import Objective
-from launcher.train.loss import count_label_tokens, next_token_loss
+from launcher.train.loss import count_label_tokens, next_token_loss, positions_of
 
 
 class SftObjective(Objective):
@@ -21,4 +21,6 @@ class SftObjective(Objective):
         return count_label_tokens(batch["labels"])
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast(), impl=self.loss_impl), {}
+        loss = next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast(), impl=self.loss_impl,
+                               positions=positions_of(batch))  # fmt: skip
+        return loss, {}

@@ -226,7 +226,7 @@ class Workload:
     activation_checkpointing: bool = False
     peft: Peft = field(default_factory=Peft)
     activation_offloading: bool = False  # saved activations in host memory (CUDA)
-    loss: str = "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: logits)
+    loss: str = "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: chunked)
     fp32_residual: bool = False  # train.fp32_residual: bf16 autocast keeps the residual stream in fp32
 
     @property
@@ -342,7 +342,7 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
         if unknown:
             notes.append(f"LoRA targets that are no linear layer of a {w.arch.model_type} model, not counted: {', '.join(unknown)}")
     st = _model_states(w, lay)
-    act, act_detail, act_host = _activations(w, lay)
+    act, act_detail, act_host = _activations(w, lay, on_gpu)
     fixed = FIXED_GPU_OVERHEAD if on_gpu else 0.0
     working = max(st.working, st.step - act)
     base = st.params + st.grads + st.optimizer + act + st.persistent + working
@@ -498,7 +498,7 @@ def _autocasts(lay: Layout) -> bool:
     return lay.replicated
 
 
-def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
+def _activations(w: Workload, lay: Layout, on_gpu: bool) -> tuple[float, str, float]:
     """(device bytes, how they add up, bytes offloaded to host memory)."""
     a = w.arch
     pc = param_counts(a)
@@ -531,7 +531,7 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
         layers -= host
         layers_text = f"{kept} layers on the device {fmt_bytes(layers)} (the rest offloaded: {fmt_bytes(host)})"
     outside = (FP32 + r + c) * t * h
-    logits, logits_text = _loss_bytes(w, r, full_ft)
+    logits, logits_text = _loss_bytes(w, r, full_ft, on_gpu)
     copies = 0.0
     if _autocasts(lay) and full_ft and c < FP32:
         head = pc.head or pc.embed
@@ -542,19 +542,22 @@ def _activations(w: Workload, lay: Layout) -> tuple[float, str, float]:
     return layers + outside + logits + copies, text, host
 
 
-def _loss_bytes(w: Workload, r: int, head_trains: bool) -> tuple[float, str]:
+def _loss_bytes(w: Workload, r: int, head_trains: bool, on_gpu: bool) -> tuple[float, str]:
     """The output layer's and the loss's buffers at the step's peak. ``logits``: three fp32
     [tokens, vocab] tensors alive together in backward (log-softmax's output, its gradient, the
     upcast logits' gradient; the compute-dtype logits are freed after the forward). ``chunked``
     (and Liger's kernel, the same scheme), whose peak is in the head's forward: one chunk's fp32
     logits and logsumexp's fp32 temporary, the head's fp32 weight gradient (made in forward, when
     the head trains) and the hidden states' gradient (``r``: the residual stream's dtype). Every
-    position is charged as labelled. ``bench/loss_memory.py`` measures both, phase by phase."""
+    position is charged as labelled; chunks are the device's (``on_gpu``: CUDA's, thousands of rows;
+    :func:`launcher.model.families.loss_chunk_rows`). Preference objectives' chunked log-probs hold
+    the same, their head gradients made in backward. ``bench/loss_memory.py`` measures both, phase
+    by phase."""
     a, t = w.arch, w.tokens
     if w.loss == "logits":
         whole = t * a.vocab_size * LOGITS_LOSS_PER_LOGIT
         return whole, f"logits/loss {fmt_bytes(whole)} ({t} tokens × {a.vocab_size} vocab × {LOGITS_LOSS_PER_LOGIT} B)"
-    rows = min(t, loss_chunk_rows(a.vocab_size))
+    rows = min(t, loss_chunk_rows(a.vocab_size, "cuda" if on_gpu else "cpu"))
     chunk = rows * a.vocab_size * CHUNK_PER_LOGIT
     grads = (FP32 * a.vocab_size * a.hidden_size if head_trains else 0) + r * t * a.hidden_size
     return chunk + grads, f"chunked loss {fmt_bytes(chunk + grads)} ({rows} of {t} tokens × {a.vocab_size} vocab at a time + head gradients)"

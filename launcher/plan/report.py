@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
 from launcher.config.topology import global_batch, nodes, planned_device_type, procs_per_node, resolve_precision, world_size
 from launcher.engines.traits import engine_traits
+from launcher.model.compile import compile_choice
 from launcher.plan.memory import (
     STRATEGY_ROWS,
     Alternative,
@@ -53,6 +54,7 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
         ("data", f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
                  f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}"),
         ("strategy", f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}"),
+        ("compile", compile_choice(cfg, planned_device_type(cfg))[1]),
         ("objective", objective_text(cfg)),
         ("topology", f"{nodes(cfg)} node(s) × {procs_per_node(cfg)} process(es) = world size {world}; data-parallel size {world}"),
         ("batch", f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "
@@ -101,7 +103,7 @@ def workload_of(cfg: FtlConfig, precision: str) -> Workload:
     peft = Peft() if p.method == "none" else Peft(
         p.method, p.r, tuple(p.target_modules), tuple(p.modules_to_save), p.dropout, getattr(p, "double_quant", True)
     )  # fmt: skip
-    loss = t.loss if cfg.objective.method == "sft" else "logits"  # preference objectives need every token's log-prob
+    loss = t.loss if cfg.objective.method == "sft" else "chunked"  # preference objectives: per-token log-probs, chunked
     return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft,
                     cfg.strategy.activation_offloading, loss, t.fp32_residual)  # fmt: skip
 

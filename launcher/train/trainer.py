@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths, note_host_copy
-from launcher.model.compile import compile_decoder_layers, compiles, eager, first_step_note
+from launcher.model.compile import compile_choice, compile_decoder_layers, eager, first_step_note
 from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
+from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
@@ -54,7 +54,7 @@ from launcher.train.distributed import (
     reduce_sum,
     set_collective_timeout,
 )
-from launcher.train.loss import count_label_tokens, output_layer
+from launcher.train.loss import count_label_tokens, label_positions, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
@@ -140,7 +140,7 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
-            if self.step == first and compiles(self.cfg.train.compile, self.device, engine_traits(self.cfg.strategy).compiles_layers):
+            if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
             if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
                 self.evaluate(f"step_{self.step}")
@@ -169,7 +169,7 @@ class Trainer:
         window = reduce_sum(sum(self.objective.weight(b) for b in batches))
         norm = max(1.0, window) / self.dist.world_size
         real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        loss_sum, stat_sums = torch.zeros((), device=self.device), Counter()
+        loss_sum, stat_sums = torch.zeros((), device=self.device), StatSums()
         for i, host in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
             note_host_copy(batch.get("position_ids"), host.get("position_ids"))  # packed attention reads the host copy
@@ -178,7 +178,7 @@ class Trainer:
                     loss, stats = self.objective.loss(self.engine, batch)
                 self.engine.backward(loss / norm)
             loss_sum += loss.detach() / norm
-            stat_sums.update({k: float(v) for k, v in stats.items()})
+            stat_sums.add(stats)  # tensors until logged: no wait for the device per micro-batch
             del loss  # or this micro-batch's graph lives on through the next forward
         lr = self.engine.lr
         grad_norm = self.engine.step()
@@ -190,7 +190,7 @@ class Trainer:
             "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
             "elapsed": time.perf_counter() - self.started, **attention_paths(self.device),
         }  # fmt: skip
-        metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.items()})
+        metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.read().items()})
         labelled = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))  # where the output layer ran
         mfu = model_flops_utilization(self.flops.step(tokens, labelled) / seconds, self.dist.world_size, self.device)
         if mfu is not None:
@@ -207,7 +207,10 @@ class Trainer:
         indices = self.order.take(self.cfg.train.micro_batch_size)
         flatten = flattens_packs(self.cfg.model.attn_implementation)  # flash attention reads packs from one row
         batch = collate([self.train_ds[i] for i in indices], self.tokenizer.pad_token_id, flatten=flatten)
-        return {**batch, "index": torch.tensor(indices)}, (self.order.epoch, self.order.position)  # index: per-example data (reference log-probs)
+        # index: per-example data (reference log-probs); label_positions: where the loss runs, made
+        # here on the host (on the device its data-dependent size would wait for the device)
+        extra = {"index": torch.tensor(indices), "label_positions": label_positions(batch["labels"])}
+        return {**batch, **extra}, (self.order.epoch, self.order.position)
 
     def evaluate(self, name: str) -> None:
         if self.eval_ds is None or len(self.eval_ds) == 0:
@@ -364,7 +367,7 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
         model = apply_peft(model, cfg.peft)
     set_residual_stream(model, cfg.train, compute)
-    if compiles(cfg.train.compile, device, engine_traits(cfg.strategy).compiles_layers):  # before any engine wraps or shards it (see launcher.model.compile)
+    if compile_choice(cfg, device.type)[0]:  # before any engine wraps or shards it (see launcher.model.compile)
         compile_decoder_layers(model, device)
     return model, tokenizer
 

@@ -223,3 +223,30 @@ def test_lora_reference_with_adapters_off_equals_a_frozen_copy(tok: Any, fmt: Pr
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     assert float((policy - want).abs().max()) > 1e-2  # and the adapters were really on for the policy
     assert float(F.mse_loss(policy, got)) > 0
+
+
+@pytest.mark.parametrize("objective", [DpoObjective(beta=0.1), SimpoObjective(beta=2.0, gamma=0.5)], ids=["dpo", "simpo"])
+def test_chunked_log_probs_train_the_numbers_of_the_full_logits(tok: Any, fmt: PreferenceFormat, objective: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Preference objectives compute their log-probs chunk by chunk (never the [labels, vocab]
+    fp32 logits): the per-sequence log-probs, the losses and every gradient are the full logits'."""
+    import launcher.train.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": 7)  # many chunks, the last one short
+    model = tiny(tok, "sdpa_varlen")
+    batch, _ = batch_of(encoded(fmt, 6), 512, tok.pad_token_id, alone=False)
+    results = {}
+    for chunked in (True, False):
+        if not chunked:  # what preference objectives computed before: the logits at the labels, then log-softmax
+            monkeypatch.setattr(loss_module, "fused_head_ok", lambda m: False)
+        model.zero_grad()
+        policy, counts = sequence_logps(model, batch)
+        reference = policy.detach() - 0.3 * torch.arange(len(policy))  # rewards not all zero
+        losses, _, _ = preference_losses(objective, policy, counts, reference)
+        losses.sum().backward()
+        results[chunked] = (policy.detach(), losses.detach(), [p.grad.clone() for p in model.parameters()])
+    (p1, l1, g1), (p0, l0, g0) = results[True], results[False]
+    torch.testing.assert_close(p1, p0, rtol=1e-7, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

@@ -3,6 +3,7 @@ or in chunks, gives the full-logits loss and gradients."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -11,7 +12,18 @@ import torch.nn.functional as F
 
 from launcher.data.types import IGNORE_INDEX
 import launcher.train.loss as loss_module
-from launcher.train.loss import chunked_head_loss, count_label_tokens, fused_head_ok, logits_at_labels, next_token_loss, output_layer
+from launcher.train.loss import (
+    ChunkShape,
+    chunked_head_loss,
+    chunked_token_logps,
+    count_label_tokens,
+    fused_head_ok,
+    label_positions,
+    logits_at_labels,
+    next_token_logps,
+    next_token_loss,
+    output_layer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,10 +53,14 @@ def full_logits_loss(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("impl, rows, block", [("logits", None, None), ("chunked", None, None), ("chunked", 1, None), ("chunked", 7, None),
-                                               ("chunked", 1000, None), ("chunked", 7, 100)])  # fmt: skip
+                                               ("chunked", 1000, None), ("chunked", 7, 100), ("chunked-cuda", None, None),
+                                               ("chunked-cuda", 7, None)])  # fmt: skip
 def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, rows: Any, block: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    if impl == "chunked-cuda":  # the CUDA chunking (large chunks, one fp32 weight-gradient matmul each) run here
+        monkeypatch.setattr(loss_module, "chunked_head_loss", functools.partial(chunked_head_loss, shape="cuda"))
+        impl = "chunked"
     if rows is not None:  # the tiny vocabulary fits one chunk by default: force several (or one row each)
-        monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows)
+        monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": rows)
     if block is not None:  # and one block of the head's weight gradient: force several, the last one short (512 = 5 × 100 + 12)
         monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", block)
     b = batch()
@@ -72,7 +88,7 @@ def test_chunked_loss_never_makes_the_full_logits(model: Any, monkeypatch: pytes
             shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows)
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": rows)
     monkeypatch.setattr(loss_module.F, "linear", spy)
     b = batch()
     next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"]).backward()
@@ -80,23 +96,33 @@ def test_chunked_loss_never_makes_the_full_logits(model: Any, monkeypatch: pytes
     assert len(shapes) == -(-n // rows) and all(s[0] <= rows and s[1] == 512 for s in shapes)
 
 
+class MatmulShapes:
+    """The output shapes of every matmul run within the block."""
+
+    def __enter__(self) -> list[tuple[int, ...]]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes: list[tuple[int, ...]] = []
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+                    shapes.append(tuple(out.shape))
+                return out
+
+        self.mode = Spy()
+        self.mode.__enter__()
+        return shapes
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+
 def test_the_head_weight_gradient_is_never_one_whole_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each chunk's weight-gradient product is made WEIGHT_GRAD_BLOCK vocabulary rows at a time, so
-    under bf16 autocast no [vocab, hidden] product (nor its fp32 upcast on CPU) exists beside the
-    fp32 accumulator: every matmul the chunked head runs has at most max(block, rows) rows."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulShapes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.shapes: list[tuple[int, ...]] = []
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                self.shapes.append(tuple(out.shape))
-            return out
-
+    """On CPU each chunk's weight-gradient product is made WEIGHT_GRAD_BLOCK vocabulary rows at a
+    time, so under bf16 autocast no [vocab, hidden] product (nor its fp32 upcast on CPU) exists beside
+    the fp32 accumulator: every matmul the chunked head runs has at most max(block, rows) rows."""
     vocab, hidden, rows, block = 512, 16, 7, 100
     monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", block)
     g = torch.Generator().manual_seed(0)
@@ -105,13 +131,34 @@ def test_the_head_weight_gradient_is_never_one_whole_product(monkeypatch: pytest
     targets = torch.randint(0, vocab, (30,), generator=g)
     with MatmulShapes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
         chunked_head_loss(h, w, None, targets, rows=rows)
-    weight_grads = [s for s in seen.shapes if s[1] == hidden and s[0] > rows]
-    assert weight_grads and all(s[0] <= block for s in weight_grads), seen.shapes
+    weight_grads = [s for s in seen if s[1] == hidden and s[0] > rows]
+    assert weight_grads and all(s[0] <= block for s in weight_grads), seen
     assert len(weight_grads) == -(-30 // rows) * -(-vocab // block)  # every chunk, every block
 
 
-def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: 16)
+def test_cuda_chunks_are_thousands_of_rows_with_one_fp32_head_gradient_matmul_each() -> None:
+    """The CUDA shape run here (fp32): chunks sized from 2**27 logits (1,046 rows of Llama 3's
+    128k vocabulary; the CPU's stay 130), and each chunk adds its whole [vocab, hidden] weight
+    gradient into the fp32 accumulator in one matmul (addmm_), not in vocabulary blocks."""
+    assert ChunkShape.of("cuda", 128_256).rows == 1046 and ChunkShape.of("cpu", 128_256).rows == 130
+    vocab, hidden, rows = 512, 16, 7
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(30, hidden, generator=g, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (30,), generator=g)
+    with MatmulShapes() as seen:
+        got = chunked_head_loss(h, w, None, targets, rows=rows, shape="cuda")
+    assert [s for s in seen if s == (vocab, hidden)] == [(vocab, hidden)] * -(-30 // rows), seen  # one per chunk
+    want = F.cross_entropy(h @ w.t(), targets, reduction="sum")
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["cpu", "cuda"])
+def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "chunked_head_loss", functools.partial(chunked_head_loss, shape=shape))
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": 16)
     monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", 100)  # bf16 blocks added into the fp32 weight gradient
     b, results = batch(), {}
     for impl in ("logits", "chunked"):
@@ -144,6 +191,82 @@ def test_chunked_head_with_a_bias_a_frozen_weight_and_no_grad() -> None:
         loss = chunked_head_loss(hidden, weight, bias, targets, rows=4)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, want.detach())
+
+
+@pytest.mark.parametrize("shape", ["cpu", "cuda"])
+def test_chunked_token_logps_and_their_gradients_equal_the_logits_path(shape: str) -> None:
+    """Per-position log-probs, weighted in backward by what the loss makes of each (a preference
+    loss weighs each sequence differently): values and gradients equal log_softmax's, with a bias,
+    a frozen weight and without gradients."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(13, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (13,), generator=g)
+    upstream = torch.randn(13, generator=g)
+    want = -F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="none")
+    got = chunked_token_logps(hidden, weight, bias, targets, rows=4, shape=shape)
+    torch.testing.assert_close(got, want)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight, bias))
+    for g_got, g_want in zip(torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias)), want_grads):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+    frozen = weight.detach()
+    (g_hidden,) = torch.autograd.grad((chunked_token_logps(hidden, frozen, None, targets, rows=4, shape=shape) * upstream).sum(), (hidden,))
+    want_frozen = -F.cross_entropy(hidden @ frozen.t(), targets, reduction="none")
+    torch.testing.assert_close(g_hidden, torch.autograd.grad((want_frozen * upstream).sum(), hidden)[0])
+    with torch.no_grad():
+        loss = chunked_token_logps(hidden, weight, bias, targets, rows=4, shape=shape)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, want.detach())
+
+
+def test_next_token_logps_chunked_equal_the_logits_path(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": 7)
+    b = batch()
+    upstream = torch.randn(count_label_tokens(b["labels"]), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for chunked in (False, True):
+        monkeypatch.setattr(loss_module, "fused_head_ok", lambda m: chunked)
+        model.zero_grad()
+        logps = next_token_logps(model, {"input_ids": b["input_ids"]}, b["labels"])
+        (logps * upstream).sum().backward()
+        results[chunked] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for got, want in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_label_positions_select_what_the_mask_did_and_the_loss_needs_no_data_dependent_op() -> None:
+    """With the positions made beforehand (the trainer makes them on the host with the batch), the
+    loss runs no operator whose output size depends on the data (on a GPU: a host sync)."""
+    from helpers import tiny
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoTokenizer
+
+    from launcher.paths import asset
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.data_dependent = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            bool_index = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+            self.data_dependent += func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default) or bool_index
+            return func(*args, **(kwargs or {}))
+
+    model = tiny(AutoTokenizer.from_pretrained(asset("tiny-tokenizer")), "sdpa")  # padded batches: no split of packs
+    b = batch()
+    keep = b["labels"][:, 1:] != IGNORE_INDEX
+    positions = label_positions(b["labels"])
+    hidden = torch.randn(3, 40, 5)
+    torch.testing.assert_close(hidden.flatten(0, 1)[positions], hidden[:, :-1][keep])
+    for impl in ("chunked", "logits"):
+        with Ops() as given:
+            next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl, positions=positions).backward()
+        with Ops() as made:
+            next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl).backward()
+        assert given.data_dependent == 0 and made.data_dependent == 1, (impl, given.data_dependent, made.data_dependent)
 
 
 def test_families_that_transform_their_logits_keep_the_logits_path() -> None:
@@ -197,6 +320,39 @@ def test_liger_fused_loss_equals_the_logits_loss_on_cuda() -> None:
         torch.testing.assert_close(results[impl][0], results["logits"][0], rtol=1e-5, atol=1e-4)
         for got, want in zip(results[impl][1], results["logits"][1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_liger_and_the_cuda_chunked_loss_match_fp32_under_bf16_autocast() -> None:
+    """As the trainer runs them (fp32 weights, bf16 autocast), 8,192 positions of a 32k vocabulary:
+    the CUDA-shaped chunked loss (2 chunks, each adding its head gradient into fp32 in one addmm)
+    and liger (its head gradient accumulated in fp32: accum_dtype) give the fp32 loss to 1e-3
+    relative and the head's and the hidden states' gradients to 1e-2 of their largest entry (bf16
+    keeps 8 bits of mantissa), and each other's to the same bounds."""
+    from helpers import need_gpus
+
+    need_gpus(1)
+    pytest.importorskip("liger_kernel", reason="train.loss=liger needs pip install 'ftl[liger]'")
+    from launcher.train.loss import liger_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden_size, vocab = 8192, 1024, 32000
+    h = torch.randn(n, hidden_size, device="cuda", generator=g).requires_grad_()
+    w = (0.05 * torch.randn(vocab, hidden_size, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    assert ChunkShape.of("cuda", vocab).rows == 4194  # two chunks
+    want = F.cross_entropy(h @ w.t(), targets, reduction="sum")
+    results = {"fp32": (want.detach(), *torch.autograd.grad(want, (h, w)))}
+    for name, fn in (("chunked", chunked_head_loss), ("liger", liger_loss)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, None, targets)
+        assert loss.dtype == torch.float32
+        results[name] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    for got, ref in (("chunked", "fp32"), ("liger", "fp32"), ("liger", "chunked")):
+        (loss, grad_h, grad_w), (want_loss, want_h, want_w) = results[got], results[ref]
+        torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
+        for a, b in ((grad_h, want_h), (grad_w, want_w)):
+            assert a.dtype == torch.float32 and float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), (got, ref)
 
 
 def test_the_head_sees_only_labelled_positions_and_is_unhooked_after(model: Any) -> None:
