@@ -558,7 +558,8 @@ class TrainConfig:
     )
     log_every: int = ranged(1, 1, doc="optimizer steps between log lines (console and W&B)")
     compile: Optional[bool] = plain(
-        None, doc="torch.compile each decoder layer; null: on CUDA yes, on CPU no (never under ZeRO-3, which cannot run them)"
+        None, doc="torch.compile each decoder layer; null: on CUDA yes, except ZeRO-3 (which cannot run them) and QLoRA "
+        "(until a GPU run proves it: `ftl plan` says why), on CPU no"
     )
     loss: str = choice("chunked", "chunked", "logits", "liger", doc="output layer + cross-entropy: chunked (never the full logits), "
                        "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)")  # fmt: skip
