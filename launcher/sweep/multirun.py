@@ -1,12 +1,28 @@
 """`ftl train -m a=1,2 b=x,y`: Hydra's basic sweeper semantics (the cartesian product of the
-comma-separated values), one run dir per trial under <run dir>-multirun/, and a table at the end."""
+comma-separated values), one run dir per trial under <run dir>-multirun/, and a table at the end.
+
+A trial's dir is named by its overrides (:func:`trial_dir_name`), so a sweep run again with other
+values runs its own trials, and the same values find their own earlier trial: complete, it is
+reported as it is; cut short, it resumes. Before any trial runs, every existing trial dir's
+config.yaml must equal the config its trial composes now (an edited recipe, another config dir,
+a default changed by an upgrade would differ): otherwise the sweep is refused, exit 2, naming the
+trial and the differing keys. Refused, not rerun: rerunning would mean starting over in a run dir
+whose checkpoints, metrics and evaluation are a finished experiment; the user chooses (a new
+run.name for the sweep, or moving that dir away), and nothing is lost.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Callable
+
+from launcher.config.errors import EXIT_INVALID
+from launcher.sweep.spec import safe_name
+
+NAME_CHARS = 80  # the readable part of a trial dir's name; the hash after it tells trials apart
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -83,6 +99,35 @@ def shown(overrides: list[str]) -> str:
     return join(redact_overrides(overrides, known_secrets()))
 
 
+def trial_dir_name(trial: list[str], swept: list[str]) -> str:
+    """``<swept overrides, sanitised>-<hash of all the trial's overrides>``: the same overrides
+    always name the same dir, other ones never do. The readable part is cut to NAME_CHARS and has
+    secret values blanked (the hash stands for them)."""
+    from launcher.redact import known_secrets, redact_overrides
+
+    digest = hashlib.sha256(json.dumps(trial).encode()).hexdigest()[:10]
+    readable = safe_name(",".join(redact_overrides(swept, known_secrets())))[:NAME_CHARS]
+    return f"{readable}-{digest}" if swept else digest
+
+
+def stale_trials(trials: list[tuple[str, list[str]]]) -> list[str]:
+    """For each (label, overrides with its run.dir) whose run dir holds a config.yaml other than
+    the one the trial composes now: what to tell the user (the trial, its dir, the differing keys)."""
+    from launcher.launch.run_dir import _config_changes
+    from launcher.redact import known_secrets, redact
+    from launcher.session import prepare_run
+
+    out = []
+    for label, overrides in trials:
+        run = prepare_run(overrides)  # bad config: ConfigErrors, naming every field, before any trial runs
+        if run.config_path.is_file():
+            changes = _config_changes(run.config_path, redact(run.raw, known_secrets()))
+            if changes:
+                out.append(f"trial {label} ({run.run_dir}) holds a run with other settings than this trial's:")
+                out += [f"  {c}" for c in changes]
+    return out
+
+
 def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -> int:
     from launcher.config.compose import compose
     from launcher.config.search_path import hydra_quote
@@ -91,14 +136,24 @@ def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -
     trials = expand(overrides)
     raw, _, _ = compose([o for o in trials[0] if not o.startswith("run.dir=")])
     base = Path(str(choose_run_dir(raw)) + "-multirun")
+    planned = []  # (label, the overrides it sweeps, its overrides with its run dir, the run dir)
+    for i, trial in enumerate(trials):
+        swept = [o for o in trial if o not in overrides]
+        run_dir = base / trial_dir_name(trial, swept)
+        planned.append((str(i), swept, [*trial, f"run.dir={hydra_quote(str(run_dir))}"], run_dir))
+    stale = stale_trials([(label, full) for label, _, full, _ in planned])
+    if stale:
+        print("ftl train -m: " + "\n".join(stale), file=sys.stderr)
+        print(f"Nothing was run: those results are not this sweep's. Choose one: a new run.name for this sweep, "
+              f"or move those trial dirs out of {base}.", file=sys.stderr)  # fmt: skip
+        return EXIT_INVALID
     rows = []
     worst = 0
-    for i, trial in enumerate(trials):
-        run_dir = base / str(i)
-        print(f"ftl: trial {i}/{len(trials)}: {shown(trial)}", file=sys.stderr)
-        code = train_once([*trial, f"run.dir={hydra_quote(str(run_dir))}"])
+    for label, swept, full, run_dir in planned:
+        print(f"ftl: trial {label}/{len(trials)}: {shown(swept)} in {run_dir}", file=sys.stderr)
+        code = train_once(full)
         worst = worst or code
-        rows.append((str(i), code, shown([o for o in trial if o not in overrides]), run_dir))
+        rows.append((label, code, shown(swept), run_dir))
     print_trial_table(rows)
-    print(f"run dirs: {base}/<trial>")
+    print(f"run dirs: {base}/<trial>, each named by its overrides")
     return worst
