@@ -231,6 +231,15 @@ def test_a_trial_dir_holding_other_settings_is_refused_before_anything_runs(firs
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*") if p.is_file()} == before
 
 
+def test_an_optuna_study_started_in_the_same_second_gets_a_dir_of_its_own(tmp_path):
+    from launcher.sweep.optuna_search import new_dir
+
+    first = new_dir(tmp_path / "runs" / "tiny-optuna-t-20260101-000000")
+    (first / "0").mkdir()
+    second = new_dir(first)
+    assert second.name == first.name + "-2" and list(second.iterdir()) == [] and (first / "0").is_dir()
+
+
 def test_optuna_two_trials_on_the_tiny_model(tmp_path):
     spec = spec_file(tmp_path, "bayes", {"train.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
                                          "train.warmup_steps": {"values": [0, 2]}}, ["recipe=tiny", "wandb.mode=disabled"])  # fmt: skip
