@@ -27,7 +27,7 @@ from slurm_cluster import local_cluster
 from launcher.config.errors import ConfigErrors
 from launcher.config.search_path import hydra_quote
 from launcher.sweep.agents import render_sweep_script
-from launcher.sweep.multirun import trial_dir_name
+from launcher.sweep.multirun import trial_dir, trial_dir_name
 from launcher.sweep.spec import SWEEP_DIR, load_spec
 from launcher.sweep.trial import sweep_trial
 from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_sweep_config
@@ -169,7 +169,7 @@ def test_multirun_two_trials_write_two_run_dirs_and_a_table(tmp_path):
     assert re.search(r"^best: trial [01] \(eval/loss=\d", out.stdout, re.MULTILINE)
 
 
-def test_a_trial_dir_is_named_by_its_overrides_sanitised_bounded_and_hashed():
+def test_a_trial_dir_is_named_by_its_overrides_sanitised_bounded_and_hashed(tmp_path):
     fixed = ["recipe=tiny"]
     hostile = ["data.train_files=[\"a'; echo x/../y\"]", "+launch.env.HF_TOKEN=hf_abcdefgh12345678", "train.lr=" + "9" * 200]
     name = trial_dir_name([*fixed, *hostile], hostile)
@@ -177,7 +177,10 @@ def test_a_trial_dir_is_named_by_its_overrides_sanitised_bounded_and_hashed():
     assert trial_dir_name([*fixed, "train.lr=0.001"], ["train.lr=0.001"]).startswith("train.lr_0.001-")
     names = {trial_dir_name(t, t[1:]) for t in (["recipe=tiny", "a=1"], ["recipe=tiny", "a=2"], ["recipe=other", "a=1"])}
     assert len(names) == 3  # other values, or other fixed overrides: another dir
-    assert trial_dir_name(["recipe=tiny", "a=1"], ["a=1"]) == trial_dir_name(["recipe=tiny", "a=1"], ["a=1"])
+    # swept alone (a=1) or beside other values (a=1,2): the same trial finds the same dir
+    (tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])).mkdir()
+    assert trial_dir(tmp_path, ["recipe=tiny", "a=1"], ["a=1"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])
+    assert trial_dir(tmp_path, ["recipe=tiny", "a=2"], ["a=2"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=2"], ["a=2"])
 
 
 ROW = re.compile(r"^\s+(\d)\s+(\d+)\s+eval/loss=(\d+\.\d+)\s+(\d+\.\d+)\s.*train\.lr=(\S+)$", re.MULTILINE)
@@ -206,7 +209,7 @@ def test_a_sweep_with_other_values_runs_its_own_trials_and_reports_only_them(fir
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("is complete: step 2 of 2") == 1  # lr 0.001's own trial, run with these very settings
     dirs = {yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"]: d for d in (work / "runs" / "mine-multirun").iterdir()}
-    assert sorted(dirs) == [0.001, 0.002]
+    assert sorted(dirs) == [0.001, 0.002] and len(list((work / "runs" / "mine-multirun").iterdir())) == 2
     rows = ROW.findall(out.stdout)
     assert [(r[0], r[1], r[4]) for r in rows] == [("0", "0", "0.002"), ("1", "0", "0.001")], out.stdout
     for _, _, metric, loss, lr in rows:  # every number shown is its own trial's
@@ -225,7 +228,7 @@ def test_a_trial_dir_holding_other_settings_is_refused_before_anything_runs(firs
     finally:
         recipe.write_text(text)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"trial 0 \(\S*mine-multirun/train\.lr_0\.001-[0-9a-f]{10}\) holds a run with other settings", out.stderr), out.stderr
+    assert re.search(r"trial 0 \(train\.lr=0\.001\) in \S*mine-multirun/[0-9a-f]{10} holds a run with other settings", out.stderr), out.stderr
     assert "train.max_steps: 2 -> 3" in out.stderr and "Nothing was run" in out.stderr
     assert "best:" not in out.stdout and "eval/loss=" not in out.stdout
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*") if p.is_file()} == before
