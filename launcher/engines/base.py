@@ -37,8 +37,8 @@ class Engine(ABC):
     """Wraps one rank's model and its optimizer.
 
     Call order: ``Engine(cfg, model, dist, device)`` → optionally ``load_weights(read)`` (another
-    engine's checkpoint) → ``setup(total_steps)`` → optionally ``load(ckpt_dir)`` (its own) or
-    ``start_at(step)`` (after ``load_weights``) → per optimizer step, for each micro-batch
+    engine's checkpoint) → ``setup(total_steps)`` → a resume: ``load(ckpt_dir)`` (its own
+    checkpoint; not after ``load_weights``) then ``start_at(step)`` → per optimizer step, for each micro-batch
     ``with grad_sync(last): with autocast(): loss = f(model); backward(loss)`` then ``step()``.
     ``save``/``load``/``consolidated_state_dict`` are collective: call them on every rank.
     """
@@ -91,8 +91,10 @@ class Engine(ABC):
 
     @abstractmethod
     def start_at(self, step: int) -> None:
-        """After ``setup``, in a run resumed from another engine's weights (:meth:`load_weights`):
-        put the LR schedule at ``step``; the optimizer state starts fresh."""
+        """After ``setup`` (and ``load``), in a resumed run: put the LR schedule at ``step`` as this
+        run's config has it (lr, warmup, run length, kind, floor), whatever a loaded checkpoint's
+        schedule state and param groups held. After another engine's weights (:meth:`load_weights`)
+        the optimizer state starts fresh."""
 
     def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Before ``setup``: give the model full (unsharded) weights by name, read from another

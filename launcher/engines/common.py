@@ -65,13 +65,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """The schedule (and its optimizer's learning rates) as after ``step`` optimizer steps, without
-    stepping anything: a run resumed from weights alone continues its schedule, not restarts it."""
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int, peak_lr: float) -> None:
+    """The schedule (and its optimizer's learning rates) as this run's config has it after ``step``
+    optimizer steps, without stepping anything: a run resumed from weights alone continues its
+    schedule, not restarts it, and a run resumed from its own checkpoint follows its current config,
+    not the state it restored (the scheduler's ``base_lrs`` and each param group's ``lr`` and
+    ``initial_lr`` are the lr the checkpoint was saved under). ``peak_lr``: train.lr, every group's.
+    With nothing changed, these are the very values the checkpoint held."""
     scheduler.last_epoch = step
+    scheduler.base_lrs = [peak_lr] * len(scheduler.optimizer.param_groups)
     lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
+        group["initial_lr"], group["lr"] = peak_lr, lr
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 

@@ -211,7 +211,7 @@ class DeepSpeedEngine(Engine):
                     params[name].data.copy_(full[name])
 
     def start_at(self, step: int) -> None:
-        seek_schedule(self._require_setup().lr_scheduler, step)
+        seek_schedule(self._require_setup().lr_scheduler, step, self.cfg.train.lr)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights, gathered one parameter at a time (collective). Complete on every

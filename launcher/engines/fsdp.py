@@ -156,7 +156,7 @@ class FSDPEngine(Engine):
         set_model_state_dict(self._model, full, options=options)
 
     def start_at(self, step: int) -> None:
-        seek_schedule(self._require_setup()[1], step)
+        seek_schedule(self._require_setup()[1], step, self.cfg.train.lr)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -114,7 +114,7 @@ class SingleEngine(Engine):
             self.scaler.load_state_dict(state["scaler"])
 
     def start_at(self, step: int) -> None:
-        seek_schedule(self._require_setup()[1], step)
+        seek_schedule(self._require_setup()[1], step, self.cfg.train.lr)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}

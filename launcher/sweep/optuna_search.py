@@ -103,6 +103,18 @@ def parse_seed(tokens: list[str]) -> tuple[int, list[str]]:
     return seed, rest
 
 
+def new_dir(path: Path) -> Path:
+    """``path``, else ``path-2``, ``path-3``, ...: the first that did not exist, created now."""
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
 def run_optuna(spec_arg: str, tokens: list[str], train_once: Callable[[list[str]], int]) -> int:
     from hydra.types import HydraContext
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -117,9 +129,9 @@ def run_optuna(spec_arg: str, tokens: list[str], train_once: Callable[[list[str]
     check_no_conflict(args.overrides, spec.overrides + list(spec.parameters))
     raw, _ = check_trials(spec, args.overrides)
     base = choose_run_dir(raw)
-    # A new study each time (in memory): its trials must not resume an earlier study's run dirs.
-    sweep_dir = base.with_name(f"{base.name}-optuna-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # A new study each time (in memory), in a dir of its own: its trials (numbered) must not
+    # resume an earlier study's run dirs, nor report their results, even one started in the same second.
+    sweep_dir = new_dir(base.with_name(f"{base.name}-optuna-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     count = args.count or 10
     sweeper = OptunaSweeper(
         sampler=sampler(spec.method, seed), direction=spec.metric.goal, storage=None, study_name=f"ftl-{spec.name}",

@@ -169,12 +169,13 @@ def load_checkpoint(path: Path, engine: Engine, dist: DistInfo, *, engine_state:
     """Collective. Restores the engine, this rank's RNG, and returns the trainer state, with the
     data position rescaled when the data-parallel size changed since the save. ``engine_state=False``:
     a checkpoint of another engine, whose weights the engine already loaded
-    (:meth:`Engine.load_weights`): only the LR schedule is moved to the checkpoint's step."""
+    (:meth:`Engine.load_weights`). Either way the LR schedule is this run's config's at the
+    checkpoint's step, never the one the checkpoint saved: a changed lr, warmup, run length,
+    schedule kind or floor applies from the first resumed step (nothing changed: the same values)."""
     state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
     if engine_state:
         engine.load(path)
-    else:
-        engine.start_at(state.step)
+    engine.start_at(state.step)
     rng_file = path / f"rng-rank{dist.rank}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=True))

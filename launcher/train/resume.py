@@ -13,10 +13,13 @@ training samples an epoch had. Against the new config:
 * **refused**: a run length (``train.max_steps``, or ``train.epochs``) that ends before the step
   the checkpoint is at;
 * **finished**: the checkpoint is the run's last step and the evaluation after training is in
-  ``eval.json``: nothing to do, exit 0;
+  ``eval.json``: nothing to do, exit 0, naming every setting that differs from the checkpoint's
+  (nothing trains, so none of them is applied) and how to apply them;
 * **resumed exactly** (weights, optimizer, schedule, RNG, data position): the same checkpoint format
   (single and ddp share one; fsdp; deepspeed with the same stage, offload and precision), on any
-  world size, with any other setting changed (lr, batch, accumulation, evaluation, ...);
+  world size, with any other setting changed (lr, batch, accumulation, evaluation, ...). The LR
+  schedule is the new config's at the checkpoint's step (a changed lr, warmup, run length,
+  schedule kind or floor applies from the first resumed step), never the one the checkpoint saved;
 * **resumed across engines**: another checkpoint format. The weights carry over (the old engine
   consolidates its checkpoint offline, the new one loads it; LoRA/QLoRA: the adapter), as do the
   step and LR schedule, the position in the data, the RNG and the W&B run; the optimizer state
@@ -171,6 +174,7 @@ class Verdict:
     errors: list[ConfigError] = field(default_factory=list)  # refused; changes included
     cross_engine: Optional[tuple[str, str]] = None  # (checkpoint format, this run's) when they differ
     finished: bool = False
+    ignored: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, old, new): finished, so not applied
 
     @property
     def refused(self) -> bool:
@@ -214,7 +218,17 @@ def resume_verdict(ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, eva
                                               f"step {ckpt.step}; allowed: a run of {ckpt.step} steps or more"))  # fmt: skip
     eval_after = bool(get(new, "eval.after_training"))
     verdict.finished = not verdict.errors and total == ckpt.step and (evaluated or not eval_after)
+    if verdict.finished and old:
+        verdict.ignored = changed_settings(old, new)
     return verdict
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Every key whose value differs between the checkpoint's config (stored redacted) and the new one."""
+    from launcher.launch.run_dir import _diff
+    from launcher.redact import known_secrets, redact
+
+    return _diff(_norm(old), _norm(redact(new, known_secrets())), "")
 
 
 def total_steps(cfg: dict[str, Any], train_samples: int, world: int) -> Optional[int]:
@@ -328,14 +342,18 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
 def finished_message(verdict: Verdict, run_dir: Path) -> str:
     ckpt = verdict.checkpoint
     other = f" (this config's strategy, {verdict.cross_engine[1]}, would continue it from there)" if verdict.cross_engine else ""
-    return (
-        f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
-        + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
-        + ". Nothing to do.\n"
-        f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}\n"
-        f"  evaluate again:  ftl eval {quote(str(run_dir))}\n"
-        f"  a new run:       run.name={_new_name(run_dir)}, or checkpoint.resume=never to start over here (its checkpoints are moved aside, not deleted)"
-    )
+    lines = [f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
+             + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "") + ". Nothing to do."]  # fmt: skip
+    if verdict.ignored:
+        lines.append("  not applied, the run being complete (a longer run applies them from its next step, a new run from step 0):")
+        lines += [f"    {key}: {_show(a)} -> {_show(b)}" for key, a, b in verdict.ignored]
+    new_run = quote(f"run.name={_new_name(run_dir)}")
+    lines += [
+        f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}",
+        f"  evaluate again:  ftl eval {quote(str(run_dir))}",
+        f"  a new run:       {new_run}, or checkpoint.resume=never to start over here (its checkpoints are moved aside, not deleted)",
+    ]
+    return "\n".join(lines)
 
 
 def cross_engine_notice(verdict: Verdict) -> str:

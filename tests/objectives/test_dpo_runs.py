@@ -143,7 +143,7 @@ def test_a_beta_sweep_runs_one_trial_per_value(tmp_path: Path) -> None:
                           "objective.beta=0.1,0.5", "eval.after_training=false"],
                          cwd=tmp_path, env=ftl_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    margins = [metrics(tmp_path / "runs" / "tiny-multirun" / str(i))[-1]["rewards/margin"] for i in range(2)]
+    margins = [metrics(next((tmp_path / "runs" / "tiny-multirun").glob(f"objective.beta_{b}-*")))[-1]["rewards/margin"] for b in ("0.1", "0.5")]
     assert margins[0] != 0 and margins[1] / margins[0] > 2  # beta scales the rewards
     assert "objective.beta=0.5" in out.stdout
 

@@ -27,6 +27,7 @@ from slurm_cluster import local_cluster
 from launcher.config.errors import ConfigErrors
 from launcher.config.search_path import hydra_quote
 from launcher.sweep.agents import render_sweep_script
+from launcher.sweep.multirun import trial_dir, trial_dir_name
 from launcher.sweep.spec import SWEEP_DIR, load_spec
 from launcher.sweep.trial import sweep_trial
 from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_sweep_config
@@ -159,12 +160,87 @@ def test_multirun_two_trials_write_two_run_dirs_and_a_table(tmp_path):
     out = run_ftl("train", "-m", "recipe=tiny", "wandb.mode=disabled", *FAST, "train.lr=1e-3,3e-3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     base = tmp_path / "runs" / "tiny-multirun"
-    assert sorted(p.name for p in base.iterdir()) == ["0", "1"]
-    for i, lr in enumerate([0.001, 0.003]):
-        assert yaml.safe_load((base / str(i) / "config.yaml").read_text())["train"]["lr"] == lr
+    names = sorted(p.name for p in base.iterdir())
+    assert [re.fullmatch(r"train\.lr_(0\.00[13])-[0-9a-f]{10}", n).group(1) for n in names] == ["0.001", "0.003"], names  # type: ignore[union-attr]
+    for name, lr in zip(names, [0.001, 0.003]):
+        assert yaml.safe_load((base / name / "config.yaml").read_text())["train"]["lr"] == lr
     rows = re.findall(r"^\s+(\d)\s+0\s+eval/loss=(\d+\.\d+)\s.*(train\.lr=\S+)$", out.stdout, re.MULTILINE)
     assert [(r[0], r[2]) for r in rows] == [("0", "train.lr=0.001"), ("1", "train.lr=0.003")], out.stdout
     assert re.search(r"^best: trial [01] \(eval/loss=\d", out.stdout, re.MULTILINE)
+
+
+def test_a_trial_dir_is_named_by_its_overrides_sanitised_bounded_and_hashed(tmp_path):
+    fixed = ["recipe=tiny"]
+    hostile = ["data.train_files=[\"a'; echo x/../y\"]", "+launch.env.HF_TOKEN=hf_abcdefgh12345678", "train.lr=" + "9" * 200]
+    name = trial_dir_name([*fixed, *hostile], hostile)
+    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,80}-[0-9a-f]{10}", name) and "hf_abcdefgh" not in name and "/" not in name, name
+    assert trial_dir_name([*fixed, "train.lr=0.001"], ["train.lr=0.001"]).startswith("train.lr_0.001-")
+    names = {trial_dir_name(t, t[1:]) for t in (["recipe=tiny", "a=1"], ["recipe=tiny", "a=2"], ["recipe=other", "a=1"])}
+    assert len(names) == 3  # other values, or other fixed overrides: another dir
+    # swept alone (a=1) or beside other values (a=1,2): the same trial finds the same dir
+    (tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])).mkdir()
+    assert trial_dir(tmp_path, ["recipe=tiny", "a=1"], ["a=1"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])
+    assert trial_dir(tmp_path, ["recipe=tiny", "a=2"], ["a=2"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=2"], ["a=2"])
+
+
+ROW = re.compile(r"^\s+(\d)\s+(\d+)\s+eval/loss=(\d+\.\d+)\s+(\d+\.\d+)\s.*train\.lr=(\S+)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def first_sweep(tmp_path_factory):
+    """`ftl train -m RECIPE train.lr=0.001` with a recipe file of 2 steps: one trial, complete."""
+    work = tmp_path_factory.mktemp("sweeps")
+    recipe = work / "mine.yaml"
+    recipe.write_text((Path(__file__).parents[2] / "recipes" / "tiny.yaml").read_text().replace("max_steps: 20", "max_steps: 2"))
+    out = run_ftl("train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", "train.lr=1e-3", cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, recipe
+
+
+def sweep_again(work: Path, recipe: Path, lrs: str) -> subprocess.CompletedProcess[str]:
+    return run_ftl("train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", f"train.lr={lrs}", cwd=work)
+
+
+def test_a_sweep_with_other_values_runs_its_own_trials_and_reports_only_them(first_sweep):
+    """The trial dirs used to be numbered: this sweep's trial 0 (lr 0.002) found the first
+    sweep's trial 0 (lr 0.001) complete and reported its loss as lr 0.002's."""
+    work, recipe = first_sweep
+    out = sweep_again(work, recipe, "2e-3,1e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("is complete: step 2 of 2") == 1  # lr 0.001's own trial, run with these very settings
+    dirs = {yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"]: d for d in (work / "runs" / "mine-multirun").iterdir()}
+    assert sorted(dirs) == [0.001, 0.002] and len(list((work / "runs" / "mine-multirun").iterdir())) == 2
+    rows = ROW.findall(out.stdout)
+    assert [(r[0], r[1], r[4]) for r in rows] == [("0", "0", "0.002"), ("1", "0", "0.001")], out.stdout
+    for _, _, metric, loss, lr in rows:  # every number shown is its own trial's
+        trained = [json.loads(x) for x in (dirs[float(lr)] / "metrics.jsonl").read_text().splitlines()]
+        assert [m["lr"] for m in trained][-1] == float(lr) and f"{trained[-1]['loss']:.4f}" == loss
+        assert f"{json.loads((dirs[float(lr)] / 'eval.json').read_text())['after']['loss']:.4f}" == metric
+
+
+def test_a_trial_dir_holding_other_settings_is_refused_before_anything_runs(first_sweep):
+    work, recipe = first_sweep
+    before = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*") if p.is_file()}
+    text = recipe.read_text()
+    recipe.write_text(text.replace("max_steps: 2", "max_steps: 3"))  # the recipe edited: same overrides, other settings
+    try:
+        out = sweep_again(work, recipe, "1e-3,5e-4")
+    finally:
+        recipe.write_text(text)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.search(r"trial 0 \(train\.lr=0\.001\) in \S*mine-multirun/[0-9a-f]{10} holds a run with other settings", out.stderr), out.stderr
+    assert "train.max_steps: 2 -> 3" in out.stderr and "Nothing was run" in out.stderr
+    assert "best:" not in out.stdout and "eval/loss=" not in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*") if p.is_file()} == before
+
+
+def test_an_optuna_study_started_in_the_same_second_gets_a_dir_of_its_own(tmp_path):
+    from launcher.sweep.optuna_search import new_dir
+
+    first = new_dir(tmp_path / "runs" / "tiny-optuna-t-20260101-000000")
+    (first / "0").mkdir()
+    second = new_dir(first)
+    assert second.name == first.name + "-2" and list(second.iterdir()) == [] and (first / "0").is_dir()
 
 
 def test_optuna_two_trials_on_the_tiny_model(tmp_path):

@@ -140,6 +140,18 @@ def test_a_finished_run_says_so_and_does_nothing(four_steps: Path) -> None:
     before = snapshot(four_steps)
     proc = ftl(*run_cmd(four_steps, "train.max_steps=4"))
     assert "is complete: step 4 of 4" in proc.stderr and "launching" not in proc.stderr
+    assert "not applied" not in proc.stderr  # the same command: nothing differs
+    assert snapshot(four_steps) == before
+
+
+def test_a_finished_run_names_the_changes_it_did_not_apply(four_steps: Path) -> None:
+    before = snapshot(four_steps)
+    proc = ftl(*run_cmd(four_steps, "train.max_steps=4", "train.lr=1e-3", "train.warmup_steps=1"))
+    assert "is complete: step 4 of 4" in proc.stderr and "launching" not in proc.stderr
+    named = proc.stderr.split("not applied", 1)[1].split("train longer", 1)[0]
+    assert "train.lr: 0.003 -> 0.001" in named and "train.warmup_steps: 2 -> 1" in named, proc.stderr
+    assert len(named.strip().splitlines()) == 3, named  # the heading and the two changes, nothing else
+    assert "train.max_steps=N with N > 4" in proc.stderr and "run.name=run-2" in proc.stderr
     assert snapshot(four_steps) == before
 
 
@@ -156,6 +168,33 @@ def test_refusals_come_before_anything_is_written(four_steps: Path) -> None:
         assert snapshot(four_steps) == before
     plan = ftl("plan", *run_cmd(four_steps, "train.max_steps=2")[1:], check=False)
     assert plan.returncode == 2 and "train.max_steps: 2 is below" in plan.stderr
+
+
+def lrs(run_dir: Path, steps: range) -> list[float]:
+    """The lr each step trained with, from metrics.jsonl (step s: optimizer step s - 1 of lr_at)."""
+    by_step = {r["step"]: r["lr"] for r in metrics(run_dir)}
+    return [by_step[s] for s in steps]
+
+
+def test_a_longer_run_follows_its_own_schedule_from_the_first_resumed_step(continued: Path) -> None:
+    """train.max_steps 4 -> 6: step 5 trains at the 6-step cosine's lr, not at the floor the
+    4-step schedule had reached when the checkpoint was saved."""
+    from launcher.train.schedule import lr_at
+
+    train = tiny(continued, max_steps=6).train
+    assert lrs(continued, range(5, 7)) == pytest.approx([lr_at(s - 1, train, 6) for s in range(5, 7)], rel=1e-12)
+
+
+def test_a_changed_lr_is_the_lr_trained_with_from_the_resumed_step(four_steps: Path, tmp_path: Path) -> None:
+    from launcher.train.schedule import lr_at
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(four_steps, run_dir)
+    proc = ftl(*run_cmd(run_dir, "train.max_steps=6", "train.lr=1e-3", "train.schedule=linear", "eval.after_training=false"))
+    assert "train.lr: 0.003 -> 0.001" in proc.stderr  # announced, and applied:
+    train = replace(tiny(run_dir, max_steps=6).train, lr=1e-3, schedule="linear")
+    assert lrs(run_dir, range(5, 7)) == pytest.approx([lr_at(s - 1, train, 6) for s in range(5, 7)], rel=1e-12)
+    assert lrs(run_dir, range(1, 5)) == lrs(four_steps, range(1, 5))
 
 
 def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) -> None:

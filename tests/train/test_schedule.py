@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launcher.config.schema import TrainConfig
-from launcher.engines.common import build_optimizer, build_scheduler
+from launcher.engines.common import build_optimizer, build_scheduler, seek_schedule
 from launcher.train.schedule import lr_at
 
 PEAK, FLOOR = 3e-3, 3e-4  # min_lr_ratio 0.1
@@ -87,6 +87,50 @@ def test_torch_scheduler_follows_lr_at() -> None:
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([lr_at(s, cfg, 12) for s in range(15)])
+
+
+def saved_at(cfg: TrainConfig, total: int, steps: int) -> tuple[dict, dict, list[float]]:
+    """An optimizer and schedule stepped `steps` times: their state dicts (what a checkpoint holds)
+    and the lrs they would train the next step with."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.state_dict(), scheduler.state_dict(), [g["lr"] for g in optimizer.param_groups]
+
+
+def restored(cfg: TrainConfig, total: int, saved: tuple[dict, dict, list[float]], step: int, more: int = 0) -> list[float]:
+    """A resume as an engine does it (build from the current config, load the checkpoint's state,
+    seek), then `more` steps: the lrs the next step trains with."""
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    seek_schedule(scheduler, step, cfg.lr)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [cfg.lr] * len(optimizer.param_groups)
+    for _ in range(more):
+        optimizer.step()
+        scheduler.step()
+    return [g["lr"] for g in optimizer.param_groups]
+
+
+def test_a_restored_schedule_follows_the_current_config() -> None:
+    """The checkpoint's scheduler state (base_lrs) and param groups (lr, initial_lr) hold the old
+    lr and run length; the resumed run trains with the new ones from its first step on."""
+    old = train("cosine", warmup=2)
+    saved = saved_at(old, 10, 6)
+    for new, total in ((TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 10), (old, 20),
+                       (TrainConfig(lr=PEAK, schedule="linear", warmup_steps=8, min_lr_ratio=0.5), 10)):  # fmt: skip
+        for more in (0, 2):
+            assert restored(new, total, saved, 6, more) == pytest.approx([lr_at(6 + more, new, total)] * 2, rel=1e-12)
+
+
+def test_a_restored_schedule_with_nothing_changed_is_bit_exact() -> None:
+    cfg = train("cosine", warmup=2)
+    assert restored(cfg, 10, saved_at(cfg, 10, 6), 6) == saved_at(cfg, 10, 6)[2]
+    assert restored(cfg, 10, saved_at(cfg, 10, 6), 6, more=3) == saved_at(cfg, 10, 9)[2]
 
 
 def test_no_weight_decay_on_biases_and_norms() -> None:
