@@ -62,7 +62,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     def factor(step: int) -> float:
         return lr_factor(step, train, total_steps)
 
+    # The optimizer's other hyperparameters as this config built them: a checkpoint's param groups
+    # bring back the values they were saved under, and seek_schedule puts these back. Kept on the
+    # closure for the same reason: LambdaLR's state_dict leaves a plain function's attributes alone.
+    factor.configured = [{k: g[k] for k in CONFIGURED_KEYS if k in g} for g in optimizer.param_groups]  # type: ignore[attr-defined]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+CONFIGURED_KEYS = ("weight_decay", "betas", "eps")
 
 
 def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int, peak_lr: float) -> None:
@@ -71,12 +78,15 @@ def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int, peak_
     schedule, not restarts it, and a run resumed from its own checkpoint follows its current config,
     not the state it restored (the scheduler's ``base_lrs`` and each param group's ``lr`` and
     ``initial_lr`` are the lr the checkpoint was saved under). ``peak_lr``: train.lr, every group's.
+    The groups' weight decay and betas go back to the config's too (``build_scheduler`` kept them).
     With nothing changed, these are the very values the checkpoint held."""
     scheduler.last_epoch = step
     scheduler.base_lrs = [peak_lr] * len(scheduler.optimizer.param_groups)
     lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    configured = getattr(scheduler.lr_lambdas[0], "configured", None) or [{}] * len(lrs)
+    for group, lr, values in zip(scheduler.optimizer.param_groups, lrs, configured):
         group["initial_lr"], group["lr"] = peak_lr, lr
+        group.update(values)
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 

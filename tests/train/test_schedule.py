@@ -164,3 +164,22 @@ def test_shortening_the_demo_recipe_plans_with_the_notice() -> None:
                           cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "warming up over 3 step(s) instead" in proc.stdout
+
+
+def test_a_restored_optimizer_takes_the_current_weight_decay_and_betas() -> None:
+    """The checkpoint's param groups hold the weight decay and betas they were saved under; the
+    resumed run trains with the config's (decayed matrices only), as it says it does."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    old = TrainConfig(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.95])
+    optimizer = build_optimizer(model, old)
+    scheduler = build_scheduler(optimizer, old, 10)
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    new = TrainConfig(lr=1e-3, weight_decay=0.1, betas=[0.8, 0.99])
+    optimizer = build_optimizer(model, new)
+    scheduler = build_scheduler(optimizer, new, 10)
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]  # what the checkpoint brought back
+    seek_schedule(scheduler, 3, new.lr)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # the matrix decays, the norm does not
+    assert all(tuple(g["betas"]) == (0.8, 0.99) for g in optimizer.param_groups)
