@@ -1019,3 +1019,15 @@ def test_a_kill_while_a_step_is_saved_again_always_leaves_a_complete_checkpoint(
         assert state.step == 5
     save_checkpoint(tmp_path, TrainerState(step=5), tiny_engine(), DistInfo(), keep=1, barrier=lambda: None)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-5"], "leftovers pruned"
+
+
+def test_a_sweep_spec_that_is_a_fifo_or_an_alias_bomb_is_refused(tmp_path, capsys, monkeypatch):
+    """Sweep specs go through the same reader as recipes: no hang, no expansion, exit 2 naming the file."""
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS)
+    with within(20):
+        code, out = run_cli(capsys, "sweep", "create", str(tmp_path / "pipe.yaml"), "--offline", "--out", str(tmp_path / "s.yaml"))
+        assert code == 2 and "named pipe (FIFO)" in out and not (tmp_path / "s.yaml").exists(), out
+        code, out = run_cli(capsys, "sweep", "create", str(tmp_path / "bomb.yaml"), "--offline", "--out", str(tmp_path / "s.yaml"))
+        assert code == 2 and "expand to more than 100,000 YAML nodes" in out and not (tmp_path / "s.yaml").exists(), out

@@ -49,10 +49,15 @@ def spec_path(spec: str) -> Path:
     named = options("sweep")
     if "/" not in spec and not spec.endswith((".yaml", ".yml")) and spec in named:
         return named[spec]
+    from launcher.safe_read import file_problem
+
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if not path.exists():
         names = ", ".join(sorted(named))
         raise ConfigErrors([ConfigError("spec", f"{spec!r}: no such file, nor a sweep in conf/sweep/ or a config dir (available: {names})")])
+    problem = file_problem(path)
+    if problem:
+        raise ConfigErrors([ConfigError("spec", problem)])
     return path
 
 
@@ -61,9 +66,13 @@ def load_spec(spec: str, extra: list[str] = ()) -> SweepSpec:  # type: ignore[as
     ConfigErrors naming every bad field at once (exit 2)."""
     import yaml
 
+    from launcher.safe_read import UnreadableFile, read_yaml_text
+
     path = spec_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_yaml_text(path))
+    except UnreadableFile as e:
+        raise ConfigErrors([ConfigError("spec", str(e))]) from None
     except yaml.YAMLError as e:
         raise ConfigErrors([ConfigError("spec", f"{path}: not YAML: {e}")]) from None
     if not isinstance(data, dict):
