@@ -124,6 +124,14 @@ class ScalePlan:
     def over_budget(self) -> bool:
         return self.waste is not None and self.waste > self.max_waste
 
+    @property
+    def refused(self) -> bool:
+        """Over the budget by saving too rarely (failures lose more work than checkpoint.max_waste
+        allows), or at any interval when none fits. Saving more often than the budget allows is
+        shown, not refused: a run may save often for reasons the plan cannot see (evaluating
+        checkpoints, a preemptible partition)."""
+        return self.over_budget and (self.fitting_steps is None or (self.interval_s or 0.0) > self.optimal_interval_s)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -217,25 +225,24 @@ def resolved_every_steps(cfg: FtlConfig) -> int:
 
 def waste_problems(cfg: FtlConfig) -> list[tuple[str, str]]:
     """(field, message): a GPU job whose checkpoint interval costs more than checkpoint.max_waste,
-    with the interval that would fit; ``auto`` on a job with no step time to plan it by."""
-    ck, c = cfg.checkpoint, cfg.launch.cluster
-    if peak_for_name(c.gpu) is None:
-        known = ", ".join(k for k, _ in PEAK_BF16_FLOPS)
-        return [("launch.cluster.gpu", f"got {c.gpu!r}; no dense bf16 peak known for it: one of {known}")]
+    with the interval that would fit (:attr:`ScalePlan.refused`); ``auto`` on a CPU job, which has
+    no step time to plan it by."""
+    ck = cfg.checkpoint
     plan = scale_plan(cfg)
     if plan is None:
-        if ck.every_steps == "auto":
+        if ck.every_steps == "auto" and planned_device_type(cfg) != "cuda":
             return [("checkpoint.every_steps", "auto sizes the interval from a GPU job's planned step time, but this job trains "
                      f"on {planned_device_type(cfg)}; give a number of steps (0: only at the end)")]  # fmt: skip
         return []
-    if not plan.over_budget:
+    if not plan.refused:
         return []
     assert plan.waste is not None
-    what = {0: "0 (saving only at the end)", "auto": "auto"}.get(ck.every_steps, f"every {ck.every_steps} steps ({duration(plan.interval_s)})")
+    what = {0: "0 (saving only at the end)", "auto": f"auto, the best interval (every {plan.optimal_every_steps} steps),"}.get(ck.every_steps, f"every {ck.every_steps} steps ({duration(plan.interval_s)})")
     head = (f"{what} costs {plan.waste:.1%} of the run (saves of {duration(plan.save_s)} and the work a failure every "
             f"{duration(plan.mtbf_s)} loses), over checkpoint.max_waste={ck.max_waste:g}")  # fmt: skip
     if plan.fitting_steps is None:
-        fix = (f"; no interval fits: the best, every {plan.optimal_every_steps} steps, costs {plan.optimal_waste:.1%}. Write "
+        best = "" if ck.every_steps == "auto" else f": the best, every {plan.optimal_every_steps} steps, costs {plan.optimal_waste:.1%}"
+        fix = (f"; no interval fits{best}. Write "
                "checkpoints faster (launch.cluster.checkpoint_gb_per_s, launch.io_gb_per_s), use fewer nodes, or raise "
                "checkpoint.max_waste")  # fmt: skip
     else:
@@ -307,7 +314,7 @@ def scale_lines(p: ScalePlan, cfg: FtlConfig) -> list[str]:
     if p.waste is None:
         row(label, "waste unknown: the run's length is not known")
     else:
-        verdict = "OVER" if p.over_budget else "within"
+        verdict = "OVER" if p.refused else "over (saving more often than failures call for: not refused)" if p.over_budget else "within"
         row(label, f"interval {duration(p.interval_s)}: {p.waste:.1%} lost, {verdict} checkpoint.max_waste={p.max_waste:g}")
     if p.wall_s is not None:
         assert p.gpu_hours is not None and p.cost is not None and p.interruptions is not None
