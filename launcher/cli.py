@@ -21,36 +21,23 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.launch.lock import check_free
-    from launcher.plan.report import deepspeed_lines, memory_lines, memory_report, memory_verdict, summary_lines
-    from launcher.session import launch_notes, prepare_run, resume_verdict_for, writes_run_dir
+    from launcher.plan.report import memory_report, memory_verdict
+    from launcher.plan.scale import scale_plan
+    from launcher.session import prepare_run, resume_verdict_for, writes_run_dir
     from launcher.shell import ftl_command
-    from launcher.train.resume import finished_message, refusal
+    from launcher.train.resume import refusal
 
     if args.explain is not None:
         return _explain(args.explain, args.overrides)
     run = prepare_run(args.overrides)  # a recipe file given as a bare path is composed as recipe=PATH
     cfg, plan = run.cfg, run.plan
     report = memory_report(cfg)
-    width = 11
-    for label, text in summary_lines(cfg, run.choices):
-        print(f"{label:<{width}} {text}")
-    print(f"{'memory':<{width}} {memory_verdict(report)}")
-    print(f"{'run dir':<{width}} {plan.run_dir}")
+    scale = scale_plan(cfg)
     verdict = resume_verdict_for(run)
-    if verdict is not None and verdict.finished:
-        print(f"{'resume':<{width}} {finished_message(verdict, run.run_dir).splitlines()[0]}")
-    elif verdict is None or not verdict.refused:
-        for line in launch_notes(run, verdict):
-            print(f"{'note':<{width}} {line}")
-    for name, text in plan.files.items():
-        print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
-    if deepspeed_lines(cfg):
-        print("\n" + "\n".join(deepspeed_lines(cfg)))
-    print("\n" + "\n".join(memory_lines(report)) + "\n")
-    for i, line in enumerate(plan.shell_lines()):
-        print(f"{'command' if i == 0 else '':<{width}} {line}")
-    for note in plan.notes:
-        print(f"{'note':<{width}} {note}")
+    if args.json:
+        _print_plan_json(run, report, scale)
+    else:
+        _print_plan(run, report, scale, verdict)
     busy = check_free(plan.run_dir) if writes_run_dir(cfg) else None
     if busy:
         print(f"ftl plan: {busy}", file=sys.stderr)
@@ -64,8 +51,54 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.config.search_path import config_dirs
 
     again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
-    print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
+    if not args.json:
+        print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
     return 0
+
+
+def _print_plan(run: Any, report: Any, scale: Any, verdict: Any) -> None:
+    from launcher.plan.report import deepspeed_lines, memory_lines, memory_verdict, summary_lines
+    from launcher.plan.scale import scale_lines
+    from launcher.session import launch_notes
+    from launcher.train.resume import finished_message
+
+    cfg, plan = run.cfg, run.plan
+    width = 11
+    for label, text in summary_lines(cfg, run.choices):
+        print(f"{label:<{width}} {text}")
+    print(f"{'memory':<{width}} {memory_verdict(report)}")
+    print(f"{'run dir':<{width}} {plan.run_dir}")
+    if verdict is not None and verdict.finished:
+        print(f"{'resume':<{width}} {finished_message(verdict, run.run_dir).splitlines()[0]}")
+    elif verdict is None or not verdict.refused:
+        for line in launch_notes(run, verdict):
+            print(f"{'note':<{width}} {line}")
+    for name, text in plan.files.items():
+        print(f"\n--- {plan.run_dir / name} ---\n{text.rstrip()}\n---")
+    if deepspeed_lines(cfg):
+        print("\n" + "\n".join(deepspeed_lines(cfg)))
+    print("\n" + "\n".join(memory_lines(report)) + "\n")
+    if scale is not None and scale.nodes > 1:
+        print("\n".join(scale_lines(scale, cfg)) + "\n")
+    for i, line in enumerate(plan.shell_lines()):
+        print(f"{'command' if i == 0 else '':<{width}} {line}")
+    for note in plan.notes:
+        print(f"{'note':<{width}} {note}")
+
+
+def _print_plan_json(run: Any, report: Any, scale: Any) -> None:
+    """`ftl plan --json`: the summary, the layout, the memory estimate and the scale figures as one
+    JSON document on stdout (bytes, seconds and fractions, unrounded); refusals still exit 2."""
+    import json
+
+    from launcher.plan.report import layout_json, memory_json, summary_lines
+
+    doc = {
+        "summary": dict(summary_lines(run.cfg, run.choices)), "run_dir": str(run.plan.run_dir), "layout": layout_json(run.cfg),
+        "memory": memory_json(report), "scale": None if scale is None else scale.as_dict(),
+        "command": run.plan.shell_lines(), "files": sorted(run.plan.files), "notes": list(run.plan.notes),
+    }  # fmt: skip
+    print(json.dumps(doc, indent=1))
 
 
 def _explain(key: str, overrides: list[str]) -> int:
@@ -389,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
     p.add_argument("--explain", nargs="?", const="", metavar="KEY", help="print a config key's type, default, allowed values "
                    "and doc (a group: each of its fields; no KEY: the groups) and exit; docs/CONFIG.md lists them all")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the whole plan (summary, layout, memory, scale) as JSON instead")
     p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
     p.add_argument("--fetch-model", action="store_true", help="also stage the model: download a hub model into HF_HOME "

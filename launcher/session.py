@@ -72,6 +72,12 @@ def prepare_run(overrides: list[str]) -> PreparedRun:
     from launcher.launch.run_dir import choose_run_dir, config_path_for
 
     loaded = load_config(overrides, check_run_dir=True)
+    if loaded.cfg.checkpoint.every_steps == "auto":  # fixed here, once: every rank reads the number
+        from launcher.plan.scale import resolved_every_steps
+
+        every = resolved_every_steps(loaded.cfg)
+        loaded.raw["checkpoint"]["every_steps"] = loaded.cfg.checkpoint.every_steps = every
+        loaded.notes.append(f"checkpoint.every_steps=auto: every {every} steps (the Young/Daly interval; ftl plan's scale section)")
     run_dir = choose_run_dir(loaded.raw)
     loaded.raw["run"]["dir"] = str(run_dir)
     loaded.cfg.run.dir = str(run_dir)

@@ -19,15 +19,16 @@ discriminator (``strategy.engine`` ...) is the one field documented there, from 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 def choice(default: Any, *choices: Any, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
-def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False) -> Any:
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc})
+def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False, words: tuple[str, ...] = ()) -> Any:
+    """A number in [lo, hi] (lo excluded with ``lo_open``), or one of the ``words`` (``auto``)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc, "words": words})
 
 
 def plain(default: Any = MISSING, *, factory: Any = MISSING, doc: str) -> Any:
@@ -371,6 +372,37 @@ PEFT_METHODS: dict[str, type] = {"none": NoPeft, "lora": LoraConfig, "qlora": QL
 
 
 @dataclass
+class ClusterConfig:
+    """Facts about the cluster that `ftl plan`'s scale section plans a long multi-node job with
+    (docs/SCALE.md gives each default's source). State your own: they decide the checkpoint interval."""
+
+    gpu: str = plain(
+        "H100", doc="the GPU model, for its dense bf16 peak (launcher/plan/scale.py's table: GB200, B200, H200, H100, "
+        "H100 PCIe, H100 NVL, H800, A100, L40S, L40, L4)"
+    )
+    mfu: float = ranged(
+        0.35, 0.0, 1.0, lo_open=True,
+        doc="expected model FLOPs utilisation (6 FLOPs per trained weight and token, 4 per frozen one, over the GPUs' "
+        "peak): sizes a step's time. Llama 3 reports 38-43% with 4-D parallelism; ZeRO-3/FSDP alone does less",
+    )  # fmt: skip
+    node_failures_per_1000_node_days: float = ranged(
+        5.0, 0.0, lo_open=True,
+        doc="job-stopping failures per 1,000 node-days (Meta's research clusters: about 5; Llama 3's 16k-GPU run: 3.8): "
+        "the job's mean time between failures is 1000 / (rate × nodes) days",
+    )  # fmt: skip
+    checkpoint_gb_per_s: Optional[float] = ranged(
+        None, 0.0, lo_open=True,
+        doc="GB/s at which the job writes a checkpoint while training waits (all ranks together); null: launch.io_gb_per_s",
+    )
+    restart_s: float = ranged(
+        600.0, 0.0,
+        doc="seconds from a failure to training again (requeue, node replacement, process start, rendezvous), "
+        "besides reading the checkpoint back",
+    )
+    price_per_gpu_hour: float = ranged(2.0, 0.0, doc="what one GPU-hour costs, in your currency: the plan's cost line")
+
+
+@dataclass
 class LaunchBase:
     backend: str = "local"
     nproc_per_node: int = ranged(
@@ -393,6 +425,9 @@ class LaunchBase:
         doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
         "and, under SLURM, the warning a checkpoint needs before the time limit",
     )  # fmt: skip
+    cluster: ClusterConfig = plain(
+        factory=ClusterConfig, doc="cluster facts for the scale section of `ftl plan`: failures, bandwidth, GPU, MFU, price"
+    )
     env: dict[str, str] = plain(
         factory=dict,
         doc="environment variables of the training processes; a secret-looking one (a token, an API key) reaches them "
@@ -567,7 +602,16 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = ranged(0, 0, doc="save a checkpoint every N optimizer steps; 0: only at the end (save_final)")
+    every_steps: Union[int, str] = ranged(
+        0, 0, words=("auto",),
+        doc="save a checkpoint every N optimizer steps; 0: only at the end (save_final); auto: the Young/Daly interval "
+        "`ftl plan` shows (GPU jobs), fixed once by the launcher",
+    )  # fmt: skip
+    max_waste: float = ranged(
+        0.05, 0.0, 1.0, lo_open=True,
+        doc="the share of a GPU job's time that checkpoints may cost (saving, and work lost to failures since the last "
+        "one); an every_steps that costs more is refused with an interval that fits",
+    )  # fmt: skip
     keep: int = ranged(2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved")
     resume: str = plain(
         "auto",

@@ -27,6 +27,7 @@ from launcher.config.topology import global_batch, gpus_per_node, nodes, planned
 from launcher.engines.traits import engine_traits
 from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
+from launcher.plan.scale import PEAK_BF16_FLOPS, peak_for_name, waste_problems
 from launcher.plan.timing import signal_lead_problems
 from launcher.shell import has_control_chars
 
@@ -57,6 +58,13 @@ def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
         value = data[f.name]
         if path == "" and f.name in UNIONS:
             kwargs[f.name] = _bind_union(f.name, value, errors)
+            continue
+        words = f.metadata.get("words", ())
+        if words and isinstance(value, str):  # a number field that also takes a word (every_steps=auto)
+            if value in words:
+                kwargs[f.name] = value
+            else:
+                errors.append(ConfigError(sub, f"got {value!r}; expected an integer or {' or '.join(words)}"))
             continue
         before = len(errors)
         coerced = _coerce(hints[f.name], value, sub, errors)
@@ -232,6 +240,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _data_checks(cfg)
     errs += _launch_checks(cfg)
 
+    errs += [_x(f, m, "checkpoint", "launch", "train", "model", "strategy", "peft") for f, m in waste_problems(cfg)]
     errs += _resume_errors(cfg.checkpoint.resume)
     errs += _cache_errors(cfg)
     errs += _peft_checks(cfg)
@@ -453,6 +462,9 @@ def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
             errs.append(ConfigError("launch.rdzv_port", f"{launch.rdzv_port} is in Linux's ephemeral port range 32768-60999, "
                                     "where an outgoing connection may already hold it; use a port below 32768, or 0 (one per job)"))
         errs += [ConfigError(field, message) for field, message in signal_lead_problems(cfg)]
+    if peak_for_name(launch.cluster.gpu) is None:
+        known = ", ".join(k for k, _ in PEAK_BF16_FLOPS)
+        errs.append(ConfigError("launch.cluster.gpu", f"got {launch.cluster.gpu!r}; no dense bf16 peak is known for it: one of {known}"))
     for k in launch.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             errs.append(ConfigError(f"launch.env.{k}", "is not a valid environment variable name"))

@@ -4,6 +4,7 @@ No torch: the memory model itself is :mod:`launcher.plan.memory`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
 from launcher.config.topology import global_batch, nodes, planned_device_type, procs_per_node, resolve_precision, world_size
@@ -197,3 +198,28 @@ def deepspeed_lines(cfg: FtlConfig) -> list[str]:
     precision = resolve_precision(cfg.train.precision, device)
     body = json.dumps(build_deepspeed_config(cfg, world_size(cfg), precision), indent=2)
     return [f"--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---", body, "---"]
+
+
+# --------------------------------------------------------------------------------------------
+# the whole plan as JSON (`ftl plan --json`): for a scheduler or a notebook
+
+
+def memory_json(report: MemoryReport) -> dict[str, Any]:
+    """The memory estimate in bytes per device: the chosen strategy, every row of the table, the verdict."""
+
+    def row(e: Estimate) -> dict[str, Any]:
+        keys = ("params", "grads", "optimizer", "activations", "buffers", "total", "host")
+        return {"label": e.label, **{k: getattr(e, k) for k in keys}, "fits": e.fits(report.limit), "notes": list(e.notes)}
+
+    return {
+        "precision": report.precision, "limit_bytes": report.limit, "on_gpu": report.on_gpu, "checked": report.checked,
+        "fits": report.fits, "verdict": memory_verdict(report), "chosen": row(report.chosen),
+        "rows": [{**row(e), "chosen": chosen} for e, chosen in report.rows],
+        "alternatives": [{"overrides": list(a.overrides), "total": a.estimate.total} for a in report.alternatives],
+    }  # fmt: skip
+
+
+def layout_json(cfg: FtlConfig) -> dict[str, Any]:
+    lay = layout_for(cfg)
+    return {"engine": lay.traits.engine, "strategy": lay.name, "nodes": nodes(cfg), "procs_per_node": procs_per_node(cfg),
+            "world_size": lay.world, "shard_size": lay.n, "global_batch": global_batch(cfg)}  # fmt: skip

@@ -12,32 +12,13 @@ left out, as in the 6·N estimate: the MFU is a slight underestimate at long seq
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-# Dense bf16 peak FLOP/s by the model name torch reports for a GPU, matched as whole words ("L4"
-# is not "L40", "B200" is not "GB200"), more specific names first; no entry (any CPU) means no MFU.
-# Source: NVIDIA's datasheets, dense (the sparse figures halved). B200: 2.25 PFLOPS (HGX B200, 36
-# sparse over 8 GPUs); GB200: 2.5 PFLOPS per GPU (GB200 NVL72, 360 sparse over 72 GPUs); H800: the
-# H100's compute at a lower interconnect bandwidth, so its SXM and PCIe parts take the H100's peaks.
-PEAK_BF16_FLOPS = (
-    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-)  # fmt: skip
-
-
-def peak_for_name(name: str) -> Optional[float]:
-    """The dense bf16 peak of a GPU called ``name`` ("NVIDIA A100-SXM4-80GB"), or None."""
-    words = re.split(r"[\s_\-]+", name.upper())
-    for key, flops in PEAK_BF16_FLOPS:
-        want = key.upper().split()
-        if any(words[i : i + len(want)] == want for i in range(len(words))):
-            return flops
-    return None
+from launcher.plan.scale import peak_for_name  # the table lives with the planner: `ftl plan` imports no torch
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
