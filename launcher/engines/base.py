@@ -157,3 +157,40 @@ def unwrap(module: nn.Module) -> nn.Module:
     while not hasattr(module, "peft_config") and isinstance(getattr(module, "module", None), nn.Module):
         module = module.module
     return module
+
+
+class TorchEngine(Engine):
+    """An engine whose optimizer and schedule are plain torch objects it builds itself (single, ddp,
+    fsdp; DeepSpeed builds its own inside ``deepspeed.initialize``). Subclasses set ``self._model``."""
+
+    _model: nn.Module
+
+    def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, model, dist, device)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def setup(self, total_steps: int) -> None:
+        from launcher.engines.common import build_optimizer, build_scheduler
+
+        # Built on the parameters the engine trains: under FSDP2 each rank's AdamW states are its shards only.
+        self.optimizer = build_optimizer(self._model, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self._require_setup()[0].param_groups[0]["lr"])
+
+    def start_at(self, step: int) -> None:
+        from launcher.engines.common import seek_schedule
+
+        seek_schedule(self._require_setup()[1], step, self.cfg.train.lr)
+
+    def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("Engine.setup(total_steps) must be called first")
+        return self.optimizer, self.scheduler

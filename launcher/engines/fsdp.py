@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.engines.base import Engine, ModelLoading
-from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_scheduler, finish_step, seek_schedule
+from launcher.engines.base import ModelLoading, TorchEngine
+from launcher.engines.common import apply_activation_checkpointing, finish_step
 from launcher.model.compile import decoder_layers
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
@@ -42,7 +42,7 @@ STATE_FILE = "engine_state.pt"
 MODEL_KEY, OPTIM_KEY = "model", "optimizer"
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     name = "fsdp"
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
@@ -66,21 +66,10 @@ class FSDPEngine(Engine):
         else:
             model.to(device)
         self._model = model
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
 
     @classmethod
     def model_loading(cls, cfg: FtlConfig, dist: DistInfo, device: torch.device) -> ModelLoading:
         return ModelLoading(empty=_loads_on_rank0(cfg, dist) and not dist.is_main)
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    def setup(self, total_steps: int) -> None:
-        # Built on the sharded parameters: each rank's AdamW states are its shards only.
-        self.optimizer = build_optimizer(self._model, self.cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
     def autocast(self) -> ContextManager[object]:
         if self.sharded:
@@ -107,10 +96,6 @@ class FSDPEngine(Engine):
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         optimizer.step()
         return finish_step(optimizer, scheduler, norm)
-
-    @property
-    def lr(self) -> float:
-        return float(self._require_setup()[0].param_groups[0]["lr"])
 
     def save(self, ckpt_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -155,9 +140,6 @@ class FSDPEngine(Engine):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self._model, full, options=options)
 
-    def start_at(self, step: int) -> None:
-        seek_schedule(self._require_setup()[1], step, self.cfg.train.lr)
-
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -172,11 +154,6 @@ class FSDPEngine(Engine):
             if p.requires_grad:
                 out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
         return out
-
-    def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        if self.optimizer is None or self.scheduler is None:
-            raise RuntimeError("Engine.setup(total_steps) must be called first")
-        return self.optimizer, self.scheduler
 
     @staticmethod
     def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,23 +10,15 @@ read by every rank: a single or ddp checkpoint resumes on any number of ranks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.engines.base import Engine
-from launcher.engines.common import (
-    apply_activation_checkpointing,
-    build_optimizer,
-    build_scheduler,
-    check_loaded,
-    finish_step,
-    seek_schedule,
-    trainable_parameters,
-)
+from launcher.engines.base import TorchEngine
+from launcher.engines.common import apply_activation_checkpointing, check_loaded, finish_step, trainable_parameters
 from launcher.train.device import autocast_dtype
 from launcher.train.distributed import DistInfo
 
@@ -34,7 +26,7 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "engine_state.pt"
 
 
-class SingleEngine(Engine):
+class SingleEngine(TorchEngine):
     name = "single"
 
     def __init__(self, cfg: FtlConfig, model: nn.Module, dist: DistInfo, device: torch.device) -> None:
@@ -44,8 +36,6 @@ class SingleEngine(Engine):
             apply_activation_checkpointing(model)
         self._model = model.to(device)
         self._model.train()
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -55,14 +45,6 @@ class SingleEngine(Engine):
             raise ValueError(
                 f"strategy=single runs one process, but WORLD_SIZE={dist.world_size}: use strategy=ddp, fsdp or zero*"
             )
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    def setup(self, total_steps: int) -> None:
-        self.optimizer = build_optimizer(self._model, self.cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -79,10 +61,6 @@ class SingleEngine(Engine):
         self.scaler.step(optimizer)
         self.scaler.update()
         return finish_step(optimizer, scheduler, norm)
-
-    @property
-    def lr(self) -> float:
-        return float(self._require_setup()[0].param_groups[0]["lr"])
 
     def save(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
@@ -113,16 +91,8 @@ class SingleEngine(Engine):
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def start_at(self, step: int) -> None:
-        seek_schedule(self._require_setup()[1], step, self.cfg.train.lr)
-
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()}
-
-    def _require_setup(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        if self.optimizer is None or self.scheduler is None:
-            raise RuntimeError("Engine.setup(total_steps) must be called first")
-        return self.optimizer, self.scheduler
 
     @staticmethod
     def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
