@@ -17,7 +17,7 @@ Configurations (each adds one change to the one before):
 8. + the packed attention as one operator inside each layer's graph
    (:mod:`launcher.model.attention_op`: one graph per layer, no break);
 9. + the residual stream in bf16 (the embeddings' output cast, ``train.fp32_residual=false``,
-   :func:`launcher.train.device.bf16_residual_stream`): what ``ftl train`` runs.
+   :func:`launcher.runtime.device.bf16_residual_stream`): what ``ftl train`` runs.
 
 A step is forward + backward + optimizer step on 4 packs under bf16 autocast. The configurations
 take turns on one model, round by round on the same packs (a slow spell of a shared machine hits
@@ -72,7 +72,7 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], dict[st
     from launcher.model.compile import compile_decoder_layers, eager
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import load_config
-    from launcher.train.device import bf16_residual_stream
+    from launcher.runtime.device import bf16_residual_stream
     from launcher.train.loss import next_token_loss
 
     from transformers import AttentionInterface

@@ -69,7 +69,7 @@ def worker(variant: str, device_type: str, seq_len: int, steps: int) -> dict[str
     from launcher.model.compile import decoder_layers
     from launcher.objectives import build_objective
     from launcher.session import load_config
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
     from launcher.train.trainer import build_model, seed_everything
 
     with tempfile.TemporaryDirectory(prefix="ftl-engines-") as tmp:

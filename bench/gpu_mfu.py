@@ -126,7 +126,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from launcher.model import attention
     from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
     from launcher.session import load_config
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
     from launcher.train.loss import next_token_loss
     from launcher.train.mfu import peak_flops
 

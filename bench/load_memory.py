@@ -36,7 +36,7 @@ WORKER = """
 import json, os, sys
 import torch
 from launcher.session import load_config
-from launcher.train.distributed import init_distributed
+from launcher.runtime.distributed import init_distributed
 from launcher.engines import build_engine
 from launcher.train.trainer import build_model, seed_everything
 

@@ -121,7 +121,7 @@ def measure(cfg: Any, precision: str) -> dict[str, float]:
 
     from launcher.engines import build_engine
     from launcher.model.loading import load_model_and_tokenizer
-    from launcher.train.distributed import read_dist_env
+    from launcher.runtime.distributed import read_dist_env
     from launcher.train.telemetry import local_param_bytes
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def _micro_batch(engine: Any, batch: dict[str, Any], last: bool) -> None:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from launcher.train.distributed import destroy, init_distributed, read_dist_env
+    from launcher.runtime.distributed import destroy, init_distributed, read_dist_env
 
     torch.set_num_threads(1)
     dist = read_dist_env()

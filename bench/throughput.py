@@ -287,7 +287,7 @@ def checkpoint_throughput(cfg: Any, reps: int, tmp: Path) -> dict[str, float]:
     from launcher.engines.single import SingleEngine
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     dist = DistInfo()
     model, _ = load_model_and_tokenizer(cfg.model)

@@ -205,7 +205,7 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
 def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     """What `ftl train` will do that the config alone does not say (ftl plan, ftl train): with the
     run dir's checkpoints, and with a warmup longer than the run."""
-    from launcher.train.schedule import warmup_notice
+    from launcher.runtime.schedule import warmup_notice
 
     total = run.cfg.train.max_steps if run.cfg.train.max_steps > 0 else verdict.total_steps if verdict else None
     notice = warmup_notice(run.cfg.train, total) if total else None

@@ -666,7 +666,7 @@ def tiny_engine():
 
     from launcher.config.schema import FtlConfig, TrainConfig
     from launcher.engines import build_engine
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     torch.manual_seed(0)
     cfg = FtlConfig(train=TrainConfig(lr=1e-2, precision="fp32"))
@@ -678,7 +678,7 @@ def tiny_engine():
 @pytest.mark.parametrize("damage", ["truncate", "delete", "marker", "state"])
 def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumes(damage, tmp_path):
     from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     engine = tiny_engine()
     for step in (2, 4):
@@ -703,7 +703,7 @@ def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumes(
 
 def test_a_checkpoint_marked_complete_that_does_not_load_is_skipped(tmp_path):
     from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     engine = tiny_engine()
     for step in (1, 3):
@@ -977,7 +977,7 @@ RESAVE = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from test_hostile import tiny_engine
     from launcher.train import checkpoint
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
     run_dir, mode = sys.argv[1], sys.argv[3]
     engine = tiny_engine()
     if mode == "window":  # killed in the one moment a re-saved step has its old copy moved aside
@@ -993,7 +993,7 @@ RESAVE = textwrap.dedent("""
 
 def test_a_kill_while_a_step_is_saved_again_always_leaves_a_complete_checkpoint(tmp_path):
     from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint, verify
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     save_checkpoint(tmp_path, TrainerState(step=5), tiny_engine(), DistInfo(), keep=1, barrier=lambda: None)
     script = tmp_path / "resave.py"

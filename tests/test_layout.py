@@ -79,6 +79,19 @@ def test_the_command_line_is_a_leaf() -> None:
     assert importers == [f"{PACKAGE}.__main__"], importers
 
 
+def test_the_rank_runtime_and_the_engines_import_nothing_above_them() -> None:
+    """Floors: the rank runtime (device, process groups, collectives, schedule) sits below the
+    engines, and both below the training loop and the launcher: neither imports from train/,
+    launch/ or sweep/ (the engines may use the runtime, never the reverse)."""
+    above = {"runtime": ("train", "engines", "launch", "sweep", "cli"), "engines": ("train", "launch", "sweep", "cli")}
+    offenders = []
+    for name, targets in graph().items():
+        for floor, higher in above.items():
+            if name == f"{PACKAGE}.{floor}" or name.startswith(f"{PACKAGE}.{floor}."):
+                offenders += [f"{name} -> {t}" for t in sorted(targets) if any(t == f"{PACKAGE}.{h}" or t.startswith(f"{PACKAGE}.{h}.") for h in higher)]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_only_the_engine_traits_name_engines() -> None:
     """Engine-specific facts come from launcher.engines.traits, not from comparing names elsewhere."""
     offenders = []

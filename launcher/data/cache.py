@@ -68,7 +68,7 @@ def prepare_datasets(
     data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, dist: Any = None
 ) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
     """(train, eval) for the trainer: from the cache, built first by one rank if needed (``dist``:
-    a :class:`launcher.train.distributed.DistInfo`; None for a single process). Train is packed with
+    a :class:`launcher.runtime.distributed.DistInfo`; None for a single process). Train is packed with
     ``data.packing``; eval never is (generation needs the conversations one by one)."""
     prepared = prepare(data_cfg, tokenizer, seq_len, seed, dist)
     return prepared.train, prepared.eval

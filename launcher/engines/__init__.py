@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from launcher.config.schema import FtlConfig
     from launcher.engines.base import Engine
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
 ENGINE_NAMES = ("single", "ddp", "deepspeed", "fsdp")
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from launcher.config.schema import FtlConfig
-from launcher.train.device import autocast_dtype
-from launcher.train.distributed import DistInfo
+from launcher.runtime.device import autocast_dtype
+from launcher.runtime.distributed import DistInfo
 
 
 @dataclass(frozen=True)

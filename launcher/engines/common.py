@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from launcher.config.schema import TrainConfig
-from launcher.train.schedule import lr_factor
+from launcher.runtime.schedule import lr_factor
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launcher.config.schema import FtlConfig
 from launcher.engines.single import SingleEngine
-from launcher.train.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo
 
 
 class DDPEngine(SingleEngine):

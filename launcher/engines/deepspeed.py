@@ -5,7 +5,7 @@ The DeepSpeed JSON comes from :func:`launcher.config.deepspeed_config.build_deep
 
 How the Engine interface maps onto DeepSpeed:
 
-* **Process group.** :mod:`launcher.train.distributed` creates it; ``deepspeed.initialize`` runs with
+* **Process group.** :mod:`launcher.runtime.distributed` creates it; ``deepspeed.initialize`` runs with
   ``dist_init_required=False`` and wraps that group (gloo on CPU, nccl on GPU) instead of creating one.
 * **Optimizer and schedule.** ftl's own AdamW and LambdaLR objects go to ``deepspeed.initialize``,
   so ZeRO trains with the numbers of every other engine. With ``strategy.offload_optimizer`` the
@@ -58,8 +58,8 @@ from launcher.config.deepspeed_config import build_deepspeed_config
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.engines.base import Engine, ModelLoading
 from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, seek_schedule, trainable_parameters
-from launcher.train.device import autocast_dtype
-from launcher.train.distributed import DistInfo
+from launcher.runtime.device import autocast_dtype
+from launcher.runtime.distributed import DistInfo
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
@@ -290,7 +290,7 @@ def _zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
 
 
 def ensure_process_group(device: torch.device) -> None:
-    """DeepSpeed needs a process group even for one process; launcher.train.distributed creates one only
+    """DeepSpeed needs a process group even for one process; launcher.runtime.distributed creates one only
     for WORLD_SIZE > 1, so a single rank gets a private in-memory group here (no network), and the
     LOCAL_RANK that DeepSpeed insists on reading (torchrun sets it for real ranks)."""
     if torch_dist.is_initialized():

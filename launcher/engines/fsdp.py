@@ -34,8 +34,8 @@ from launcher.config.schema import FtlConfig
 from launcher.engines.base import ModelLoading, TorchEngine
 from launcher.engines.common import apply_activation_checkpointing, finish_step
 from launcher.model.compile import decoder_layers
-from launcher.train.device import autocast_dtype
-from launcher.train.distributed import DistInfo
+from launcher.runtime.device import autocast_dtype
+from launcher.runtime.distributed import DistInfo
 
 DCP_DIR = "dcp"
 STATE_FILE = "engine_state.pt"

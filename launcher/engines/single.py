@@ -19,8 +19,8 @@ from torch import nn
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import TorchEngine
 from launcher.engines.common import apply_activation_checkpointing, check_loaded, finish_step, trainable_parameters
-from launcher.train.device import autocast_dtype
-from launcher.train.distributed import DistInfo
+from launcher.runtime.device import autocast_dtype
+from launcher.runtime.distributed import DistInfo
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "engine_state.pt"

@@ -150,8 +150,8 @@ def run_job(job_path: Path) -> int:
     from launcher.config.validate import validated
     from launcher.plan.timing import io_timeout_s
     from launcher.progress import phase
-    from launcher.train.device import autocast_dtype, select_device, set_residual_stream
-    from launcher.train.distributed import all_reduce_sum, barrier, destroy, init_distributed
+    from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
+    from launcher.runtime.distributed import all_reduce_sum, barrier, destroy, init_distributed
 
     job = json.loads(Path(job_path).read_text())
     cfg = validated(job["config"])
@@ -200,8 +200,8 @@ def _preference_metrics(cfg: Any, eval_ds: Any, loaded: Any, device: Any, dist: 
     from launcher.eval.preference import preference_metrics
     from launcher.objectives.losses import sequence_logps
     from launcher.objectives.preference import reference_mode
-    from launcher.train.device import autocast_dtype
-    from launcher.train.distributed import all_reduce_sum
+    from launcher.runtime.device import autocast_dtype
+    from launcher.runtime.distributed import all_reduce_sum
 
     dtype = autocast_dtype(cfg.train.precision, device)
 

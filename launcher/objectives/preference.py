@@ -51,7 +51,7 @@ class PreferenceObjective(Objective):
         """Preference metrics on the eval pairs, against this run's reference."""
         from launcher.data.packing import flattens_packs
         from launcher.eval.preference import preference_metrics
-        from launcher.train.distributed import all_reduce_sum
+        from launcher.runtime.distributed import all_reduce_sum
 
         engine = trainer.engine
         return preference_metrics(

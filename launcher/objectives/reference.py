@@ -34,7 +34,7 @@ from launcher.data.types import DataError
 from launcher.eval.metrics import eval_mode, rank_batches
 from launcher.objectives.losses import sequence_logps
 from launcher.paths import cache_dir
-from launcher.train.distributed import all_reduce_sum, any_rank
+from launcher.runtime.distributed import all_reduce_sum, any_rank
 
 RUN_FILE = "reference_logps.pt"
 VERSION = 1

@@ -506,7 +506,7 @@ def _activations(w: Workload, lay: Layout, on_gpu: bool) -> tuple[float, str, fl
     t, h, i = w.tokens, a.hidden_size, mlp_width(a)
     full_ft = w.peft.method == "none"
     # fp32 weights under autocast give an fp32 residual stream unless the trainer casts it to bf16
-    # (launcher.train.device.bf16_residual_stream); a cast model gives a c one.
+    # (launcher.runtime.device.bf16_residual_stream); a cast model gives a c one.
     r = FP32 if (_autocasts(lay) and full_ft and (w.precision != "bf16" or w.fp32_residual)) else c
     mask = c * w.micro_batch * w.seq_len**2
     layer = c * t * (7 * h + 4 * i) + 2 * (FP32 + r) * t * h + mask

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from launcher.files import checkpoint_problem
-from launcher.train import distributed
-from launcher.train.distributed import DistInfo
+from launcher.runtime import distributed
+from launcher.runtime.distributed import DistInfo
 from launcher.train.resume import MARKER, REPLACED, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
 from launcher.progress import attach
 from launcher.redact import known_secrets, redact
-from launcher.train.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo
 from launcher.wandb_auth import resolve_wandb_mode
 
 METRICS_FILE = "metrics.jsonl"

@@ -40,8 +40,8 @@ from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
-from launcher.train.device import autocast_dtype, select_device, set_residual_stream
-from launcher.train.distributed import (
+from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
+from launcher.runtime.distributed import (
     DistInfo,
     any_rank,
     barrier,
@@ -71,7 +71,7 @@ from launcher.train.resume import (
     resume_verdict,
     set_aside_checkpoints,
 )
-from launcher.train.schedule import warmup_notice
+from launcher.runtime.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
 StepHook = Callable[["Trainer"], None]
@@ -216,7 +216,7 @@ class Trainer:
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return
         from launcher.eval.metrics import evaluate
-        from launcher.train.distributed import all_reduce_sum
+        from launcher.runtime.distributed import all_reduce_sum
 
         with preserved_rng(), eager():  # evaluating must not change what training draws next; compiled layers run eagerly
             results = evaluate(

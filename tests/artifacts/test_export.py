@@ -66,7 +66,7 @@ def test_single_checkpoint_with_tied_embeddings_exports_in_bf16(tmp_path: Path) 
     from launcher.config.validate import validated
     from launcher.engines.single import SingleEngine
     from launcher.model.loading import load_model_and_tokenizer
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     run = tmp_path / "run"
     raw, _, errors = compose(["recipe=tiny", "model.arch.tie_embeddings=true", f"run.dir={run}"])

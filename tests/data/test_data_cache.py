@@ -247,7 +247,7 @@ def test_stale_locks_are_broken_and_waiting_times_out(tmp_path: Path) -> None:
 
 
 def test_builder_is_local_rank_zero_or_rank_zero_when_shared() -> None:
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     node1_rank0 = DistInfo(rank=2, local_rank=0, world_size=4, local_world_size=2)
     assert data_cache.is_builder(DataConfig(), node1_rank0)

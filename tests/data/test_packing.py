@@ -22,7 +22,7 @@ from launcher.data.packing import (
 )
 from launcher.data.types import IGNORE_INDEX
 from launcher.paths import asset
-from launcher.train.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo
 from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.trainer import DataOrder
 

@@ -116,8 +116,8 @@ import torch
 import torch.distributed as dist
 from launcher.config.compose import compose
 from launcher.config.validate import validated
-from launcher.train.distributed import destroy, init_distributed
-from launcher.train.device import select_device
+from launcher.runtime.distributed import destroy, init_distributed
+from launcher.runtime.device import select_device
 from launcher.engines.deepspeed import DeepSpeedEngine
 from launcher.model.loading import load_model_and_tokenizer
 
@@ -222,8 +222,8 @@ from launcher.config.validate import validated
 from launcher.engines.deepspeed import DeepSpeedEngine
 from launcher.eval.metrics import generate_answers
 from launcher.model.loading import load_model_and_tokenizer
-from launcher.train.device import select_device
-from launcher.train.distributed import destroy, init_distributed
+from launcher.runtime.device import select_device
+from launcher.runtime.distributed import destroy, init_distributed
 
 raw, _, _ = compose(["recipe=tiny", "strategy=zero3", "launch.nproc_per_node=2"])
 cfg = validated(raw)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from launcher.engines.fsdp import apply_fully_shard, reduce_dtype
-from launcher.train.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo
 
 
 def test_reduce_dtype_is_fp32_unless_bf16_is_asked_over_bf16_compute() -> None:

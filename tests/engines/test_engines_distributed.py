@@ -149,7 +149,7 @@ def live_fsdp_model(run_dir: Path) -> tuple[Any, Any]:
     from launcher.config.validate import load_run_config
     from launcher.engines.fsdp import FSDPEngine
     from launcher.model.loading import load_model_and_tokenizer
-    from launcher.train.distributed import DistInfo
+    from launcher.runtime.distributed import DistInfo
 
     cfg = load_run_config(run_dir / "config.yaml")
     torch.manual_seed(1234)  # a different random init: every weight must come from the checkpoint

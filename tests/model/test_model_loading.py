@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from launcher.session import load_config
-from launcher.train.distributed import init_distributed
+from launcher.runtime.distributed import init_distributed
 from launcher.engines import build_engine
 from launcher.model.loading import load_model_and_tokenizer
 from launcher.model.adapters import apply_peft

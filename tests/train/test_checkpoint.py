@@ -24,8 +24,8 @@ from launcher.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from launcher.train.distributed import DistInfo
-from launcher.train.schedule import lr_at
+from launcher.runtime.distributed import DistInfo
+from launcher.runtime.schedule import lr_at
 
 DIST = DistInfo()
 

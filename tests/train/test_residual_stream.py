@@ -1,5 +1,5 @@
 """train.fp32_residual: under bf16 autocast over fp32 weights the trainer keeps the hidden states
-between decoder layers in bf16 (launcher.train.device.bf16_residual_stream) unless told to keep
+between decoder layers in bf16 (launcher.runtime.device.bf16_residual_stream) unless told to keep
 them in fp32, as HF Trainer's autocast does."""
 
 from __future__ import annotations

@@ -179,14 +179,14 @@ def lrs(run_dir: Path, steps: range) -> list[float]:
 def test_a_longer_run_follows_its_own_schedule_from_the_first_resumed_step(continued: Path) -> None:
     """train.max_steps 4 -> 6: step 5 trains at the 6-step cosine's lr, not at the floor the
     4-step schedule had reached when the checkpoint was saved."""
-    from launcher.train.schedule import lr_at
+    from launcher.runtime.schedule import lr_at
 
     train = tiny(continued, max_steps=6).train
     assert lrs(continued, range(5, 7)) == pytest.approx([lr_at(s - 1, train, 6) for s in range(5, 7)], rel=1e-12)
 
 
 def test_a_changed_lr_is_the_lr_trained_with_from_the_resumed_step(four_steps: Path, tmp_path: Path) -> None:
-    from launcher.train.schedule import lr_at
+    from launcher.runtime.schedule import lr_at
 
     run_dir = tmp_path / "run"
     shutil.copytree(four_steps, run_dir)
@@ -270,7 +270,7 @@ def continued(four_steps: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_resume_in_process_on_another_engine_keeps_weights_and_schedule(four_steps: Path, tmp_path: Path, continued: Path) -> None:
     from safetensors.torch import load_file
 
-    from launcher.train.schedule import lr_at
+    from launcher.runtime.schedule import lr_at
     from launcher.train.trainer import Trainer
 
     run_dir = tmp_path / "run"

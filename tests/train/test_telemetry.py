@@ -14,7 +14,7 @@ from rich.console import Console
 
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
 from launcher.paths import ROOT
-from launcher.train.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo
 from launcher.train.telemetry import (
     CLEAR_REFS,
     JsonlSink,
@@ -65,7 +65,7 @@ def test_disabled_wandb_imports_nothing_from_wandb(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from launcher.config.schema import FtlConfig, RunConfig, WandbConfig\n"
-        "from launcher.train.distributed import DistInfo\n"
+        "from launcher.runtime.distributed import DistInfo\n"
         "from launcher.train.telemetry import build_telemetry\n"
         f"cfg = FtlConfig(wandb=WandbConfig(mode='disabled'), run=RunConfig(dir={str(tmp_path)!r}))\n"
         f"t = build_telemetry(cfg, __import__('pathlib').Path({str(tmp_path)!r}), DistInfo(), 3, 0)\n"

@@ -11,7 +11,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from launcher.config.schema import TrainConfig
-from launcher.train.distributed import read_dist_env
+from launcher.runtime.distributed import read_dist_env
 
 
 def select_device(train: TrainConfig, environ: Mapping[str, str] = os.environ) -> torch.device:

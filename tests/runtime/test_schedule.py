@@ -10,7 +10,7 @@ import torch
 
 from launcher.config.schema import TrainConfig
 from launcher.engines.common import build_optimizer, build_scheduler, seek_schedule
-from launcher.train.schedule import lr_at
+from launcher.runtime.schedule import lr_at
 
 PEAK, FLOOR = 3e-3, 3e-4  # min_lr_ratio 0.1
 
@@ -142,7 +142,7 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
 
 
 def test_a_warmup_longer_than_the_run_is_clipped_with_a_notice() -> None:
-    from launcher.train.schedule import warmup_notice, warmup_steps
+    from launcher.runtime.schedule import warmup_notice, warmup_steps
 
     cfg = train("cosine", warmup=8)  # recipe=demo's warmup
     assert warmup_steps(cfg, 84) == 8 and warmup_notice(cfg, 84) is None

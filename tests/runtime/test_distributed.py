@@ -14,9 +14,9 @@ import torch
 
 from launcher.config.schema import LocalLaunch, TrainConfig
 from launcher.paths import ROOT
-from launcher.train import distributed
-from launcher.train.device import autocast_dtype, cpu_has_native_bf16, select_device
-from launcher.train.distributed import DistInfo, init_distributed, read_dist_env
+from launcher.runtime import distributed
+from launcher.runtime.device import autocast_dtype, cpu_has_native_bf16, select_device
+from launcher.runtime.distributed import DistInfo, init_distributed, read_dist_env
 
 CPU = torch.device("cpu")
 
@@ -68,7 +68,7 @@ import sys
 from pathlib import Path
 import torch.distributed as dist
 from launcher.config.schema import LocalLaunch
-from launcher.train import distributed
+from launcher.runtime import distributed
 import torch
 info = distributed.init_distributed(LocalLaunch(dist_timeout_s=30), torch.device("cpu"))
 assert dist.is_initialized() and dist.get_backend() == "gloo" and info.world_size == 2
@@ -94,7 +94,7 @@ def test_two_rank_gloo_group(tmp_path: Path) -> None:
 HUNG_TEARDOWN = """
 import time
 import torch.distributed as dist
-from launcher.train import distributed
+from launcher.runtime import distributed
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 distributed.destroy(clean=False)  # after a failure: the group is left alone
 assert dist.is_initialized()
@@ -120,7 +120,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from launcher.config.schema import LocalLaunch
-from launcher.train import distributed
+from launcher.runtime import distributed
 out = Path(sys.argv[1])
 # Set up under the long I/O-phase timeout: rank 1 "loads the model" for 4 s, longer than a step's 2 s.
 info = distributed.init_distributed(LocalLaunch(dist_timeout_s=2), torch.device("cpu"), timeout_s=60)
