@@ -38,7 +38,7 @@ from launcher.artifacts.weights import (
     resolve_source,
     set_chat_template,
 )
-from launcher.files import mark_dir, output_dir_problems
+from launcher.files import apply_umask, mark_dir, output_dir_problems
 from launcher.progress import phase
 
 EXPORT_DIR = "export"
@@ -146,7 +146,8 @@ def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engin
 
 def _replace(tmp: Path, out: Path) -> None:
     """Put the finished export in place; an earlier one (checked by :func:`check_out` to be an ftl
-    export, or empty) goes only once the new one is complete beside it."""
+    export, or empty) goes only once the new one is complete beside it. It gets the user's umask."""
+    apply_umask(tmp)
     if out.exists():
         old = out.with_name(f"{tmp.name}-old")
         os.rename(out, old)
