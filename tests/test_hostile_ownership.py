@@ -15,6 +15,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from test_hostile import HOSTILE, run_cli
 from launcher.files import mark_dir
 from launcher.launch.lock import LockInfo, RunDirBusy, RunDirLock, check_free, lock_path, stale_reason
 from launcher.launch.run_dir import launch_script
+from launcher.paths import ROOT
 from launcher.train.resume import CheckpointInfo, Verdict, finished_message, refusal, set_aside_earlier_run
 
 # A planted value: spaces, command substitution, both quotes, a semicolon.
@@ -201,10 +203,12 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     env.pop("WANDB_API_KEY", None)
     common = [f"data.eval_files=[{data}]", "eval.generate=true", "eval.num_generate=2", "eval.max_new_tokens=4",
               "eval.show_samples=2", "eval.max_batches=1", "wandb.mode=offline", f"+launch.env.MY_API_TOKEN={LAUNCH_SECRET}"]  # fmt: skip
-    train = ftl("train", *[a for a in TINY if not a.startswith("wandb.")], f"run.dir={run_dir}", "train.max_steps=2",
-                "eval.before_training=true", *common, env=env)  # fmt: skip
+    train = ftl("train", *[a for a in TINY if not a.startswith("wandb.")], f"run.dir={run_dir}", "eval.before_training=true",
+                *common, "train.max_steps=2", env=env)  # fmt: skip
     evaluated = ftl("eval", str(run_dir), *common, "--out", str(root / "eval-out"), env=env)
-    return {"root": root, "run_dir": run_dir, "outputs": [train.stdout, train.stderr, evaluated.stdout, evaluated.stderr]}
+    return {"root": root, "run_dir": run_dir, "outputs": [train.stdout, train.stderr, evaluated.stdout, evaluated.stderr],
+            "train": ["train", *[a for a in TINY if not a.startswith("wandb.")], f"run.dir={run_dir}", "eval.before_training=true", *common],
+            "env": env}  # fmt: skip
 
 
 def test_no_secret_in_anything_the_run_and_ftl_eval_print_or_write(secret_run):
@@ -233,7 +237,30 @@ def test_an_export_gets_the_users_umask(secret_run):
         ftl("export", str(run_dir), "--out", str(out))
     finally:
         os.umask(old)
+    again = ftl("export", str(run_dir), "--out", str(out), "--overwrite")
+    assert f"{out} holds an earlier export: replacing it once the new one is complete" in again.stdout + again.stderr
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert all(mode == (0o755 if p.is_dir() else 0o644) for p, mode in modes.items()), {str(p): oct(m) for p, m in modes.items()}
     assert any(p.suffix == ".safetensors" for p in modes)
 
+
+
+@pytest.mark.parametrize("entry", [["launcher.train", "--config"], ["launcher.eval.job", "--job"]], ids=["trainer", "eval-rank"])
+def test_the_trainer_and_eval_ranks_print_no_secret(entry, tmp_path):
+    """What the processes `ftl train` and `ftl eval` start print (here: the path they could not
+    read, which holds the token) is cut of secrets, as the launcher's console is."""
+    missing = tmp_path / ENV_SECRET / "file"
+    proc = subprocess.run([sys.executable, "-m", entry[0], entry[1], str(missing)], cwd=ROOT, env=ftl_env(HF_TOKEN=ENV_SECRET),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "<redacted>" in proc.stderr, proc.stderr
+    assert ENV_SECRET not in proc.stdout + proc.stderr
+
+
+def test_ftl_says_before_it_rewrites_an_earlier_runs_config_and_launch_sh(secret_run):
+    """Run last on the shared run: it continues it for one more step."""
+    run_dir = secret_run["run_dir"]
+    assert isinstance(run_dir, Path)
+    proc = ftl(*secret_run["train"], "train.max_steps=3", env=secret_run["env"])  # type: ignore[misc]
+    said = proc.stderr
+    assert f"ftl: {run_dir} holds an earlier run: replacing its config.yaml and launch.sh" in said, said
+    assert "train.max_steps: 2 -> 3" in said and said.index("replacing its config.yaml") < said.index("ftl: launching")

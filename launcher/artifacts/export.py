@@ -97,6 +97,8 @@ def export_checkpoint(
     log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})")
     if merge_lora and peft == "none":
         log("ftl export: merge_lora ignored: this run trained every weight (peft.method=none)")
+    if out.is_dir() and any(out.iterdir()):  # check_out allowed it: an earlier ftl export, with --overwrite
+        log(f"ftl export: {out} holds an earlier export: replacing it once the new one is complete")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no other file is touched
     try:
