@@ -195,15 +195,16 @@ def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
 
 def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     from launcher.config.topology import world_size
+    from launcher.files import CHECKPOINTS_DIR
     from launcher.train.resume import EARLIER_PREFIX, cross_engine_notice, earlier_run_files, list_complete
 
     if run.cfg.checkpoint.resume == "never":
         names = earlier_run_files(run.run_dir)
         if not names:
             return []
-        steps = [path.name for _, path in list_complete(run.run_dir)]
-        held = f" (checkpoints {', '.join(steps)})" if steps else ""
-        return [f"checkpoint.resume=never: starting over; the earlier run's {', '.join(names)}{held} in {run.run_dir} "
+        steps = ", ".join(path.name for _, path in list_complete(run.run_dir))
+        shown = [f"{n} ({steps})" if n == CHECKPOINTS_DIR and steps else n for n in names]
+        return [f"checkpoint.resume=never: starting over; the earlier run's {', '.join(shown)} in {run.run_dir} "
                 f"will be moved aside into {EARLIER_PREFIX}<time>/ (nothing is deleted)"]  # fmt: skip
     if verdict is None:
         return []

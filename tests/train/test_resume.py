@@ -162,7 +162,7 @@ def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) 
     run_dir = tmp_path / "run"
     ftl(*run_cmd(run_dir, "train.max_steps=4", "eval.after_training=false"))
     proc = ftl(*run_cmd(run_dir, "train.max_steps=2", "eval.after_training=false", "checkpoint.resume=never"))
-    assert "(checkpoints step-2, step-4)" in proc.stderr and "moved the earlier run's checkpoints, metrics.jsonl" in proc.stderr
+    assert "the earlier run's checkpoints (step-2, step-4), metrics.jsonl" in proc.stderr and "moved the earlier run's checkpoints, metrics.jsonl" in proc.stderr
     assert [s for s, _ in list_complete(run_dir)] == [2]
     (aside,) = run_dir.glob("earlier-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing deleted
