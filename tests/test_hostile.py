@@ -232,7 +232,8 @@ def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothin
     (run / "checkpoints" / "step-3" / "weights").write_text("w")
     (run / "checkpoints" / "step-3" / "COMPLETE").write_text("{}")
     code, out = run_cli(capsys, "plan", "recipe=tiny", f"run.dir={run}", "checkpoint.resume=never")
-    assert code == 0 and "checkpoints (step-3) in" in out and "moved aside into earlier-<time>/ (nothing is deleted)" in out and (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
+    assert code == 0 and "checkpoints (step-3) in" in out and "moved aside into earlier-<time>/ (nothing is deleted)" in out
+    assert (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
     aside, _ = set_aside_earlier_run(run)
     assert (aside / "checkpoints" / "step-3" / "weights").read_text() == "w" and not (run / "checkpoints").exists()
     assert set_aside_earlier_run(run) is None  # nothing left to move
