@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -20,6 +20,18 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain mkdir/open would have under this
+    process's umask. Before a finished temporary directory is renamed into place: mkdtemp creates
+    it 0700 and mkstemp-style writers (safetensors among them) make files 0600, which would hide
+    the result from the group on a shared filesystem."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,23 +87,18 @@ def dir_kind(path: Path) -> Optional[str]:
     return None
 
 
-def is_legacy_run_dir(path: Path) -> bool:
-    """A run dir written before ftl marked its dirs: the config and launch script it always wrote."""
-    return (path / "config.yaml").is_file() and (path / "launch.sh").is_file()
-
-
 def is_run_dir(path: Path) -> bool:
-    return dir_kind(path) == "run" or is_legacy_run_dir(path)
+    """Only the marker says so: a folder that merely holds a config.yaml and a launch.sh may be
+    anyone's, and ftl would overwrite both."""
+    return dir_kind(path) == "run"
 
 
-def output_dir_problems(
-    path: Path, kind: str, protect: Mapping[str, Path] = {}, legacy: Optional[Callable[[Path], bool]] = None
-) -> list[str]:
+def output_dir_problems(path: Path, kind: str, protect: Mapping[str, Path] = {}) -> list[str]:
     """Why ftl must not write an ftl ``kind`` dir at ``path`` (and later overwrite or prune what is
     in it), or [] when it may. Refused: the working or home directory or anything containing one,
     the paths in ``protect`` (label -> path: a source run, a checkpoint) or anything containing
-    them, a file, a non-empty directory without this kind's marker (``legacy`` may recognise
-    older ftl dirs), anything inside a run's checkpoints/, a run dir inside another run dir, and
+    them, a file, a non-empty directory without this kind's marker (whatever it holds: only the marker
+    says ftl made it), anything inside a run's checkpoints/, a run dir inside another run dir, and
     a place this user cannot write."""
     path = Path(path).expanduser().absolute()
     real = path.resolve()
@@ -107,13 +114,13 @@ def output_dir_problems(
         return out
     if real.exists() and not real.is_dir():
         return ["is a file, not a directory"]
-    if real.is_dir() and any(real.iterdir()) and dir_kind(real) != kind and not (legacy and legacy(real)):
+    if real.is_dir() and any(real.iterdir()) and dir_kind(real) != kind:
         other = dir_kind(real)
         if other:
             out.append(f"is an ftl {other} dir, not an {kind} dir")
         else:
             out.append(f"exists and holds files ftl did not write (no {MARKERS[kind]} marker); ftl writes only into "
-                       "a new or empty directory or one it made: choose another")  # fmt: skip
+                       "a new or empty directory or one it made: choose another, or move these files away")  # fmt: skip
     for parent in real.parents:
         if parent.name == CHECKPOINTS_DIR and is_run_dir(parent.parent):
             out.append(f"sits inside the checkpoints of the run {parent.parent} (ftl prunes what it finds there)")

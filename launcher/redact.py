@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Iterable, Mapping, Optional, TextIO
 
 SECRET_KEY = re.compile(
@@ -101,3 +102,13 @@ class RedactingStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def redact_output() -> None:
+    """Pass everything this process prints through :class:`RedactingStream`, as the ftl command
+    line does: for the processes it starts (the trainers, ``ftl eval``'s ranks), whose console and
+    logs are the user's too."""
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, RedactingStream):
+        sys.stderr = RedactingStream(sys.stderr)  # type: ignore[assignment]

@@ -99,9 +99,9 @@ def launch(overrides: list[str]) -> int:
 
     from launcher.launch import get_backend
     from launcher.launch.lock import LOCK_ENV, RunDirBusy, RunDirLock
-    from launcher.launch.run_dir import write_run_dir
+    from launcher.launch.run_dir import COMMAND_NAME, write_run_dir
     from launcher.plan.report import memory_report, memory_verdict
-    from launcher.train.resume import finished_message, refusal, set_aside_checkpoints
+    from launcher.train.resume import finished_message, moved_message, refusal, set_aside_earlier_run
 
     run = prepare_run(overrides)
     report = memory_report(run.cfg)
@@ -135,12 +135,14 @@ def launch(overrides: list[str]) -> int:
         return EXIT_INVALID
     try:
         if run.cfg.checkpoint.resume == "never":
-            aside = set_aside_checkpoints(run.run_dir)  # under the lock: no other writer is using them
-            if aside is not None:
-                print(f"ftl: checkpoint.resume=never: moved the earlier run's checkpoints to {aside} (nothing deleted)", file=sys.stderr)
+            moved = set_aside_earlier_run(run.run_dir)  # under the lock: no other writer is using them
+            if moved is not None:
+                print(f"ftl: {moved_message(*moved)}", file=sys.stderr)
+        if run.config_path.is_file():
+            print(f"ftl: {run.run_dir} holds an earlier run: replacing its {run.config_path.name} and {COMMAND_NAME}", file=sys.stderr)
         changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
         if changes:
-            print(f"ftl: {run.run_dir} holds an earlier run; config changes since then:", file=sys.stderr)
+            print("ftl: config changes since the earlier run:", file=sys.stderr)
             for c in changes:
                 print(f"  {c}", file=sys.stderr)
         print(f"ftl: run dir {run.run_dir}", file=sys.stderr)
@@ -214,14 +216,17 @@ def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
 
 def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     from launcher.config.topology import world_size
-    from launcher.train.resume import cross_engine_notice, list_complete
+    from launcher.files import CHECKPOINTS_DIR
+    from launcher.train.resume import EARLIER_PREFIX, cross_engine_notice, earlier_run_files, list_complete
 
     if run.cfg.checkpoint.resume == "never":
-        steps = [path.name for _, path in list_complete(run.run_dir)]
-        if not steps:
+        names = earlier_run_files(run.run_dir)
+        if not names:
             return []
-        return [f"checkpoint.resume=never: starting over; the earlier run's checkpoints {', '.join(steps)} "
-                f"in {run.run_dir / 'checkpoints'} will be moved aside (nothing is deleted)"]  # fmt: skip
+        steps = ", ".join(path.name for _, path in list_complete(run.run_dir))
+        shown = [f"{n} ({steps})" if n == CHECKPOINTS_DIR and steps else n for n in names]
+        return [f"checkpoint.resume=never: starting over; the earlier run's {', '.join(shown)} in {run.run_dir} "
+                f"will be moved aside into {EARLIER_PREFIX}<time>/ (nothing is deleted)"]  # fmt: skip
     if verdict is None:
         return []
     ckpt = verdict.checkpoint

@@ -225,7 +225,7 @@ def test_run_dir_that_ftl_must_not_write_is_refused(where, needle, tmp_path, cap
 
 def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothing(tmp_path, capsys, monkeypatch):
     """Its saves would replace and prune the earlier run's checkpoints: they are moved aside whole."""
-    from launcher.train.resume import set_aside_checkpoints
+    from launcher.train.resume import set_aside_earlier_run
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -234,10 +234,11 @@ def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothin
     (run / "checkpoints" / "step-3" / "weights").write_text("w")
     (run / "checkpoints" / "step-3" / "COMPLETE").write_text("{}")
     code, out = run_cli(capsys, "plan", "recipe=tiny", f"run.dir={run}", "checkpoint.resume=never")
-    assert code == 0 and "moved aside (nothing is deleted)" in out and (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
-    aside = set_aside_checkpoints(run)
-    assert aside is not None and (aside / "step-3" / "weights").read_text() == "w" and not (run / "checkpoints").exists()
-    assert set_aside_checkpoints(run) is None  # nothing left to move
+    assert code == 0 and "checkpoints (step-3) in" in out and "moved aside into earlier-<time>/ (nothing is deleted)" in out
+    assert (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
+    aside, _ = set_aside_earlier_run(run)
+    assert (aside / "checkpoints" / "step-3" / "weights").read_text() == "w" and not (run / "checkpoints").exists()
+    assert set_aside_earlier_run(run) is None  # nothing left to move
 
 
 def test_run_dir_whose_path_holds_a_secret_is_refused(tmp_path, capsys, monkeypatch):

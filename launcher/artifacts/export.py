@@ -38,7 +38,7 @@ from launcher.artifacts.weights import (
     resolve_source,
     set_chat_template,
 )
-from launcher.files import mark_dir, output_dir_problems
+from launcher.files import apply_umask, mark_dir, output_dir_problems
 from launcher.progress import phase
 
 EXPORT_DIR = "export"
@@ -97,6 +97,8 @@ def export_checkpoint(
     log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})")
     if merge_lora and peft == "none":
         log("ftl export: merge_lora ignored: this run trained every weight (peft.method=none)")
+    if out.is_dir() and any(out.iterdir()):  # check_out allowed it: an earlier ftl export, with --overwrite
+        log(f"ftl export: {out} holds an earlier export: replacing it once the new one is complete")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no other file is touched
     try:
@@ -146,7 +148,8 @@ def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engin
 
 def _replace(tmp: Path, out: Path) -> None:
     """Put the finished export in place; an earlier one (checked by :func:`check_out` to be an ftl
-    export, or empty) goes only once the new one is complete beside it."""
+    export, or empty) goes only once the new one is complete beside it. It gets the user's umask."""
+    apply_umask(tmp)
     if out.exists():
         old = out.with_name(f"{tmp.name}-old")
         os.rename(out, old)

@@ -615,8 +615,9 @@ class CheckpointConfig:
     keep: int = ranged(2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved")
     resume: str = plain(
         "auto",
-        doc="auto: continue from the run dir's newest sound checkpoint, if any; never: start over (earlier checkpoints "
-        "are moved aside, not deleted); or a checkpoint directory RUN_DIR/checkpoints/step-N",
+        doc="auto: continue from the run dir's newest sound checkpoint, if any; never: start over (the earlier run's "
+        "checkpoints, metrics and eval results are moved into RUN_DIR/earlier-<time>/, not deleted); or a checkpoint "
+        "directory RUN_DIR/checkpoints/step-N",
     )
     save_final: bool = plain(True, doc="save a checkpoint when training ends")
 

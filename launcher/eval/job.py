@@ -93,7 +93,7 @@ def write_job(out: Path, model: Path, raw: dict[str, Any], baseline: Optional[st
     protect = {"the evaluated model": Path(model).expanduser().resolve()}
     if run_dir is not None:
         protect["the evaluated run"] = run_dir
-    problems = output_dir_problems(out, "eval", protect=protect, legacy=lambda p: (p / JOB_FILE).is_file())
+    problems = output_dir_problems(out, "eval", protect=protect)
     if problems:
         raise EvalInputError(f"--out {out} " + "; ".join(problems))
     mark_dir(out, "eval")
@@ -269,9 +269,11 @@ def _all_gather(items: list[Any]) -> list[list[Any]]:
 def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, Any]) -> None:
     """eval.json, the console and W&B (rank 0)."""
     from launcher.progress import make_console
+    from launcher.redact import known_secrets, redact
     from launcher.train.telemetry import render_eval_report, scalar_metrics
     from launcher.wandb_auth import resolve_wandb_mode
 
+    results = redact(results, known_secrets())  # generated samples may quote a secret from the eval data
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
     write_atomic(out / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
@@ -305,9 +307,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     from launcher.artifacts.weights import ArtifactInputError
     from launcher.quiet import install
+    from launcher.redact import redact_output
 
     install()
-
+    redact_output()
     try:
         return run_job(Path(args.job))
     except (EvalInputError, ArtifactInputError) as e:

@@ -64,13 +64,25 @@ def _pid_start(pid: int) -> str:
 
 
 def _alive(pid: int, start: str) -> bool:
+    """The pid runs and is the holder: not gone, not a zombie (exited, not yet reaped by its
+    parent: it can write nothing more), not a reused pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # someone else's process: it exists
+    if _pid_state(pid) == "Z":
+        return False
     return not start or _pid_start(pid) in ("", start)
+
+
+def _pid_state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, D, Z...), '' where /proc cannot tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def read_lock(run_dir: Path) -> Optional[LockInfo]:
@@ -104,8 +116,22 @@ def busy_message(run_dir: Path, info: LockInfo) -> str:
             f"another run.dir; if that process is gone for good, delete {lock_path(run_dir)}")  # fmt: skip
 
 
+def not_a_lock(run_dir: Path) -> Optional[str]:
+    """Why ``.ftl-lock`` cannot be ftl's lock (a directory, say), or None. ftl never removes what it
+    did not write, so it cannot take such a lock over: the user decides."""
+    path = lock_path(run_dir)
+    if not path.is_symlink() and (path.is_file() or not path.exists()):
+        return None
+    what = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    return (f"run dir {run_dir}: {path} is {what}, not the lock file ftl writes, so ftl cannot tell whether another "
+            f"run uses this dir. If none does, remove it; or choose another run.dir")  # fmt: skip
+
+
 def check_free(run_dir: Path) -> Optional[str]:
     """Read-only: why a writer would be refused now (for `ftl plan`), or None."""
+    problem = not_a_lock(run_dir)
+    if problem:
+        return problem
     info = read_lock(run_dir)
     if info is None or stale_reason(info, run_dir) is not None:
         return None
@@ -127,6 +153,9 @@ class RunDirLock:
 
     def acquire(self) -> "RunDirLock":
         """Hold the lock, taking over a stale one; raises RunDirBusy naming the holder."""
+        problem = not_a_lock(self.run_dir)
+        if problem:
+            raise RunDirBusy(problem)
         inherited = os.environ.get(LOCK_ENV)
         current = read_lock(self.run_dir)
         if current is not None and inherited and current.token == inherited:

@@ -9,12 +9,14 @@ and with more steps continue, a run made on this machine (another world size, an
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from launcher.config.errors import ConfigError
-from launcher.files import is_legacy_run_dir, mark_dir, output_dir_problems, write_atomic
+from launcher.files import mark_dir, output_dir_problems, write_atomic
 from launcher.launch.base import CONFIG_NAME, LaunchPlan
 from launcher.redact import known_secrets, redact, redact_overrides
 from launcher.shell import comment, join, quote
@@ -48,7 +50,7 @@ def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
     where = "run.dir" if raw["run"].get("dir") else "run.name"
     if redact(str(run_dir), known_secrets()) != str(run_dir):
         return [ConfigError(where, "the run dir's path would hold a secret (the value of an API key or token)")]
-    errors = [ConfigError(where, f"{run_dir} {p}") for p in output_dir_problems(run_dir, "run", legacy=is_legacy_run_dir)]
+    errors = [ConfigError(where, f"{run_dir} {p}") for p in output_dir_problems(run_dir, "run")]
     if errors or not run_dir.is_dir():
         return errors
     config = run_dir / CONFIG_NAME
@@ -92,7 +94,24 @@ def launch_script(plan: LaunchPlan, argv: list[str]) -> str:
     """launch.sh: the command that made the run (a comment: quoted words, one line, secrets
     blanked), then the job's commands. Secrets are read from the caller's environment."""
     head = comment(join(["ftl", *redact_overrides(argv, known_secrets())]))
-    return "\n".join(["#!/usr/bin/env bash", head, f"cd {quote(os.getcwd())}", *plan.shell_lines(), ""])
+    return "\n".join(["#!/usr/bin/env bash", head, f"cd {quote(os.getcwd())}", *_script_commands(plan), ""])
+
+
+def _script_commands(plan: LaunchPlan) -> list[str]:
+    """The plan's commands as launch.sh runs them: a job that depends on the one submitted before it
+    (launch.preprocess_job's training job) reads that job's id from the first sbatch's --parsable
+    output when the script runs, where `submit` fills in the placeholder. A random token stands in
+    for the placeholder while the words are quoted, so no user text can be mistaken for it."""
+    from launcher.launch.slurm import PREVIOUS_JOB
+
+    token = "ftlpreviousjob" + secrets.token_hex(8)  # a plain word: quoting leaves it as is
+    commands = [[w.replace(PREVIOUS_JOB, token) if w.startswith("--dependency=") else w for w in argv] for argv in plan.commands]
+    lines = dataclasses.replace(plan, commands=commands).shell_lines()
+    out = []
+    for line, following in zip(lines, [*lines[1:], ""]):
+        line = line.replace(token, '"${previous_job%%;*}"')
+        out.append(f"previous_job=$({line}) || exit" if token in following else line)
+    return out
 
 
 def _config_changes(path: Path, new: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from launcher.files import apply_umask
 from launcher.paths import cache_dir
 from launcher.progress import phase
 
@@ -86,23 +87,13 @@ def _convert_atomically(source: Path, target: Path) -> None:
         with phase(f"SmolLM2-135M-Instruct: converting {source.name} into {target} (once; ~20 s)"):
             convert_gguf(source, tmp)
         (tmp / COMPLETE_MARKER).write_text(f"converted from {source.name}\n")
-        _apply_umask(tmp)
+        apply_umask(tmp)
         if target.exists():  # a leftover without the marker (e.g. an interrupted older layout)
             shutil.rmtree(target)
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp creates 0700 and safetensors may write 0600; give the result the modes a plain
-    mkdir/open would have, so a cache shared between users stays readable where umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def convert_gguf(source: Path, out_dir: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.shell import join
+from launcher.shell import join, quote
 from launcher.sweep.spec import agent_args, check_no_conflict, check_trials, fixed_overrides, load_spec, merge_overrides, secret_overrides, sweep_dir_for
 from launcher.sweep.trial import OVERRIDES_ENV
 from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_online, wandb_sweep_config
@@ -201,8 +201,14 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
         got = trial_metric(sweep_dir / run_id, spec.metric.name)
         print(f"ftl: trial {run_id} exited {code}; {got[0] + '=' + format(got[1], '.4f') if got else 'no metric'}", file=sys.stderr)
     print_trial_table(rows, spec.metric.name, spec.metric.goal)
-    print(f"sweep {sweep_id}: {sweep_dir}/<run id>; W&B offline runs: wandb sync {sweep_dir}/*/wandb/offline-run-*")
+    print(f"sweep {sweep_id}: {sweep_dir}/<run id>; W&B offline runs: {wandb_sync_command(sweep_dir)}")
     return max((code for _, code, _, _ in rows), default=0) and 1
+
+
+def wandb_sync_command(sweep_dir: Path) -> str:
+    """The command that uploads an offline sweep's runs: the sweep dir one quoted word, the pattern
+    after it left for the shell to expand."""
+    return f"wandb sync {quote(str(sweep_dir))}/*/wandb/offline-run-*"
 
 
 def next_run(config: dict[str, Any], runs: list[Any]) -> Any:

@@ -70,8 +70,10 @@ def default_cuda_allocator(environ: MutableMapping[str, str]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from launcher.quiet import install
+    from launcher.redact import redact_output
 
     install()
+    redact_output()  # what the trainer prints is cut of secrets, as the launcher's console is
     args = parse_args(argv)
     default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
@@ -98,6 +100,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as e:
         print(f"ftl: cannot read {args.config}: {e}", file=sys.stderr)
         return EXIT_INVALID
+    from launcher.redact import declare, is_secret_key
+
+    # launch.env's secrets reach this process as variables of those names (config.yaml has them blanked)
+    declare(os.environ[k] for k in cfg.launch.env if is_secret_key(k) and os.environ.get(k))
     try:
         return train(cfg, lambda code: record_exit(run_dir_of(cfg), rank, world, code))
     finally:

@@ -44,6 +44,10 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
 EVAL_FILE = "eval.json"
 CONFIG_NAME = "config.yaml"
+# An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
+# files, `ftl eval` of its checkpoints the eval/ folder).
+EARLIER_RUN_FILES = (CHECKPOINTS_DIR, "metrics.jsonl", EVAL_FILE, "loss_curve.png", "eval")
+EARLIER_PREFIX = "earlier-"
 
 # What the weights are: another model or other adapters cannot continue them.
 MODEL_KEYS = ("model.source", "model.path", "model.revision", "model.tokenizer", "model.arch")
@@ -141,25 +145,44 @@ def evaluated_after(run_dir: Path, step: int) -> bool:
     return isinstance(after, dict) and after.get("step") == step
 
 
-def set_aside_checkpoints(run_dir: Path) -> Optional[Path]:
-    """``checkpoint.resume=never`` in a run dir that holds an earlier run's checkpoints: move its
-    ``checkpoints/`` to ``checkpoints.earlier-<time>/``, whole. Nothing is deleted, the new run
-    starts with no checkpoint to prune in favour of older steps, and a later ``resume=auto``
-    continues the new run. Returns where they went (None: there was nothing to move)."""
+def earlier_run_files(run_dir: Path) -> list[str]:
+    """What an earlier run left in ``run_dir`` that a new one would replace, prune or append to:
+    its checkpoints (any step, or one being saved), metrics.jsonl, eval.json, the loss curve and
+    its ``ftl eval`` results."""
+    root = checkpoints_dir(run_dir)
+    found = []
+    for name in EARLIER_RUN_FILES:
+        path = Path(run_dir) / name
+        if name == CHECKPOINTS_DIR:
+            if root.is_dir() and any(step_of(p.name) is not None or p.name.startswith(".tmp-") for p in root.iterdir()):
+                found.append(name)
+        elif path.exists():
+            found.append(name)
+    return found
+
+
+def set_aside_earlier_run(run_dir: Path) -> Optional[tuple[Path, list[str]]]:
+    """``checkpoint.resume=never`` in a run dir that holds an earlier run: move its files
+    (:func:`earlier_run_files`) into ``earlier-<time>/``, whole. Nothing is deleted or truncated,
+    the new run starts with no checkpoint to prune in favour of older steps, and a later
+    ``resume=auto`` continues the new run. Returns where they went and what moved (None: there
+    was nothing to move)."""
     import os
     import time
 
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir() or not any(step_of(p.name) is not None or p.name.startswith(".tmp-") for p in root.iterdir()):
+    names = earlier_run_files(run_dir)
+    if not names:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = root.with_name(f"{CHECKPOINTS_DIR}.earlier-{stamp}")
+    aside = Path(run_dir) / f"{EARLIER_PREFIX}{stamp}"
     n = 1
     while aside.exists():
         n += 1
-        aside = root.with_name(f"{CHECKPOINTS_DIR}.earlier-{stamp}-{n}")
-    os.rename(root, aside)
-    return aside
+        aside = Path(run_dir) / f"{EARLIER_PREFIX}{stamp}-{n}"
+    aside.mkdir()
+    for name in names:
+        os.rename(Path(run_dir) / name, aside / name)
+    return aside, names
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +344,7 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
 
     def command(*extra: str) -> str:
         if argv is None:
-            return " ".join(extra)
+            return join(extra)
         kept = [a for a in argv if not a.startswith(("run.name=", "checkpoint.resume="))]
         return join(["ftl", *kept, *extra])
 
@@ -330,13 +353,17 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
     lines += [
         "Choose one:",
         f"  a new run:          {command(f'run.name={_new_name(run_dir)}')}",
-        f"  start over here:    {command('checkpoint.resume=never')}   (moves {checkpoints_dir(run_dir)} aside first, deleting nothing)",
+        f"  start over here:    {command('checkpoint.resume=never')}   (moves the earlier run's files into {EARLIER_PREFIX}<time>/ first, deleting nothing)",
     ]
     if all(e.path in ("train.max_steps", "train.epochs") for e in verdict.errors):
         lines.append(f"  continue this run:  train.max_steps={ckpt.step} or more, or the run length it had")
     else:
         lines.append(f"  keep its weights:   ftl export {quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
     return "\n".join(lines)
+
+
+def moved_message(aside: Path, names: list[str]) -> str:
+    return f"checkpoint.resume=never: moved the earlier run's {', '.join(names)} to {aside} (nothing deleted)"
 
 
 def finished_message(verdict: Verdict, run_dir: Path) -> str:
@@ -351,7 +378,7 @@ def finished_message(verdict: Verdict, run_dir: Path) -> str:
     lines += [
         f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}",
         f"  evaluate again:  ftl eval {quote(str(run_dir))}",
-        f"  a new run:       {new_run}, or checkpoint.resume=never to start over here (its checkpoints are moved aside, not deleted)",
+        f"  a new run:       {new_run}, or checkpoint.resume=never to start over here (its files are moved aside, not deleted)",
     ]
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ so the training loop calls it unconditionally and never tests the rank.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +17,8 @@ import re
 import resource
 import secrets
 import string
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -24,7 +27,7 @@ import torch
 from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
 from launcher.progress import attach
-from launcher.redact import known_secrets, redact
+from launcher.redact import known_secrets, redact, redact_overrides
 from launcher.runtime.distributed import DistInfo
 from launcher.wandb_auth import resolve_wandb_mode
 
@@ -58,6 +61,7 @@ class Telemetry:
             sink.log_step(step, metrics)
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        results = redact(results, known_secrets())  # generated samples may quote a secret from the eval data
         for sink in self.sinks:
             sink.log_eval(name, step, results)
 
@@ -317,6 +321,19 @@ def read_or_create_run_id(run_dir: Path, fresh: bool) -> str:
     return run_id
 
 
+@contextlib.contextmanager
+def _argv_for_wandb() -> Iterator[None]:
+    """W&B records the process's command line (``sys.argv``) in the run's metadata, in the .wandb
+    file and online: while it starts, the line has its secrets cut out (``ftl eval`` runs in
+    process with the user's overrides, ``+launch.env.HF_TOKEN=...`` among them)."""
+    saved = sys.argv
+    sys.argv = redact_overrides(list(saved), known_secrets())
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 class WandbSink:
     def __init__(self, cfg: FtlConfig, run_dir: Path, mode: str, log_every: int) -> None:
         import wandb
@@ -328,12 +345,13 @@ class WandbSink:
         # A sweep trial: W&B takes the sweep's project and the agent's run id (WANDB_RUN_ID, the same id
         # the trial's run dir records) from the environment, and warns about any passed in.
         in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
-        self.run = wandb.init(
-            project=None if in_sweep else cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
-            name=cfg.run.name, id=None if in_sweep else run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
-            # console capture would wrap stdout (and the progress bar); code saving copies files.
-            settings=wandb.Settings(console="off", save_code=False),
-        )  # fmt: skip
+        with _argv_for_wandb():
+            self.run = wandb.init(
+                project=None if in_sweep else cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
+                name=cfg.run.name, id=None if in_sweep else run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
+                # console capture would wrap stdout (and the progress bar); code saving copies files.
+                settings=wandb.Settings(console="off", save_code=False),
+            )  # fmt: skip
         # Our step, not W&B's internal counter, is the x axis: after a resume the steps repeat.
         self.run.define_metric("train/step")
         self.run.define_metric("train/*", step_metric="train/step")

@@ -66,10 +66,11 @@ from launcher.train.resume import (
     finished_message,
     get,
     latest_sound,
+    moved_message,
     read_checkpoint_info,
     refusal,
     resume_verdict,
-    set_aside_checkpoints,
+    set_aside_earlier_run,
 )
 from launcher.runtime.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
@@ -278,9 +279,9 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     if cfg.checkpoint.resume == "never":
         # `ftl train` moved them aside before launch; a run started otherwise (your torchrun, a
         # requeued job) starts over the same way, or its first saves would be pruned in favour of older steps.
-        aside = set_aside_checkpoints(run_dir) if dist.is_main else None
-        if aside is not None:
-            print(f"ftl: checkpoint.resume=never: moved the earlier run's checkpoints to {aside} (nothing deleted)", file=sys.stderr, flush=True)
+        moved = set_aside_earlier_run(run_dir) if dist.is_main else None
+        if moved is not None:
+            print(f"ftl: {moved_message(*moved)}", file=sys.stderr, flush=True)
         barrier()
         return None
     path = resolve_resume(cfg.checkpoint.resume, run_dir)

@@ -25,7 +25,7 @@ from launcher.train.resume import (
     list_complete,
     read_checkpoint_info,
     resume_verdict,
-    set_aside_checkpoints,
+    set_aside_earlier_run,
     total_steps,
 )
 
@@ -201,11 +201,12 @@ def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) 
     run_dir = tmp_path / "run"
     ftl(*run_cmd(run_dir, "train.max_steps=4", "eval.after_training=false"))
     proc = ftl(*run_cmd(run_dir, "train.max_steps=2", "eval.after_training=false", "checkpoint.resume=never"))
-    assert "the earlier run's checkpoints step-2, step-4" in proc.stderr and "moved the earlier run's checkpoints to" in proc.stderr
+    assert "the earlier run's checkpoints (step-2, step-4), metrics.jsonl" in proc.stderr and "moved the earlier run's checkpoints, metrics.jsonl" in proc.stderr
     assert [s for s, _ in list_complete(run_dir)] == [2]
-    (aside,) = run_dir.glob("checkpoints.earlier-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["step-2", "step-4"]  # nothing deleted
+    (aside,) = run_dir.glob("earlier-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing deleted
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert [r["step"] for r in metrics(aside)] == [1, 2, 3, 4]  # the earlier run's metrics, whole
 
 
 def test_a_run_started_without_ftl_train_starts_over_the_same_way(four_steps: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -217,7 +218,7 @@ def test_a_run_started_without_ftl_train_starts_over_the_same_way(four_steps: Pa
     shutil.copytree(four_steps, run_dir)
     cfg = tiny(run_dir, max_steps=2)
     trainer = Trainer(replace(cfg, checkpoint=replace(cfg.checkpoint, resume="never", keep=1)))
-    assert "moved the earlier run's checkpoints to" in capfd.readouterr().err
+    assert "moved the earlier run's checkpoints" in capfd.readouterr().err
     assert trainer.step == 0 and list_complete(run_dir) == []
     assert trainer.run() == "completed" and [s for s, _ in list_complete(run_dir)] == [2]
 
@@ -227,12 +228,13 @@ def test_setting_aside_moves_the_whole_checkpoints_dir(tmp_path: Path) -> None:
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / "COMPLETE").write_text("{}")
     (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
-    first = set_aside_checkpoints(tmp_path)
-    assert first is not None and sorted(p.name for p in first.iterdir()) == [".tmp-step-6", "notes.txt", "step-2", "step-4"]
+    first = set_aside_earlier_run(tmp_path)
+    assert first is not None and first[1] == ["checkpoints"]
+    assert sorted(p.name for p in (first[0] / "checkpoints").iterdir()) == [".tmp-step-6", "notes.txt", "step-2", "step-4"]
     assert list_complete(tmp_path) == []
     (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
-    second = set_aside_checkpoints(tmp_path)  # the same second: another name, nothing overwritten
-    assert second is not None and second != first and first.is_dir()
+    second = set_aside_earlier_run(tmp_path)  # the same second: another name, nothing overwritten
+    assert second is not None and second[0] != first[0] and first[0].is_dir()
 
 
 def test_a_checkpoint_records_what_resume_checks(four_steps: Path) -> None:
