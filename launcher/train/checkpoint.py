@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from launcher.files import HASH, checkpoint_problem, file_hash, hash_problem
+from launcher.files import HASH, checkpoint_problem, file_hashes, hash_problem
 from launcher.train import distributed
 from launcher.train.distributed import DistInfo
 from launcher.train.resume import MARKER, REPLACED, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
@@ -161,7 +161,7 @@ def save_checkpoint(
         _fsync_tree(tmp)
         files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
-        hashes = {str(f.relative_to(tmp)): file_hash(f) for f in files}  # read back from the page cache just written
+        hashes = dict(zip(sizes, file_hashes(files)))  # read back from the page cache they were just written to
         _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__,
                                    "files": sizes, HASH: hashes})  # fmt: skip
         _replace_dir(tmp, final)
