@@ -253,7 +253,7 @@ def build_datasets(
     train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
     if len(train_ds) == 0:
         names = ", ".join(s.path for _, s in train_sources)
-        why = "every preference pair has chosen identical to rejected; " if train_ds.stats.get("identical") else ""
+        why = "every preference pair has chosen identical to rejected; " if train_ds.stats.get("identical") == len(train_records) else ""
         raise DataError(f"no usable training examples in {names} ({why}stats: {train_ds.stats})")
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None

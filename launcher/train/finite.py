@@ -32,7 +32,7 @@ def check_step(step: int, metrics: dict[str, float], *, loss_scaled: bool, run_d
         saved = list_complete(run_dir)
         resume = f"the last good checkpoint, {saved[-1][1]}, stays the resume point" if saved else "no checkpoint was written before it"
         raise NonFiniteError(f"training diverged at step {step} ({values}); stopped without saving that state; {resume}. "
-                             "Lower train.lr, raise train.warmup_steps or set train.grad_clip")  # fmt: skip
+                             "Lower train.lr or raise train.warmup_steps, or check the objective's settings (objective.beta) and the data")  # fmt: skip
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> Optional[str]:
