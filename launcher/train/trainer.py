@@ -39,7 +39,17 @@ from launcher.model.loading import count_parameters
 from launcher.objectives import build_objective
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
+from launcher.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    capture_rng,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    verify,
+)
 from launcher.train.device import autocast_dtype, select_device, set_residual_stream
 from launcher.train.distributed import (
     DistInfo,
@@ -307,6 +317,10 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
                                           f"was written with {info.train_samples}: the training data changed"))  # fmt: skip
     if verdict.refused:
         raise ResumeError(refusal(verdict, run_dir))
+    if verdict.cross_engine:  # another engine's reader loads it, checking no hash: check the contents here
+        problem = verify(path, dist)
+        if any_rank(problem is not None):
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'on another rank'}; resume from an earlier one")
     notes = [cross_engine_notice(verdict)] if verdict.cross_engine else []
     if info.world_size != dist.world_size:
         notes.append(f"checkpoint step {info.step} was written by {info.world_size} rank(s); continuing on {dist.world_size}")
