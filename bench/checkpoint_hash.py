@@ -51,7 +51,7 @@ def main() -> None:
     engine.backward(engine.model(input_ids=ids, labels=ids).loss)
     engine.step()
     saves, hashes, verifies = [], [], []
-    with tempfile.TemporaryDirectory(dir=".") as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir:
         for step in range(1, args.rounds + 1):
             start = time.perf_counter()
             path = save_checkpoint(Path(run_dir), TrainerState(step=step), engine, DistInfo(), keep=1, barrier=lambda: None)
