@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -43,13 +46,24 @@ CHECKPOINT_MARKER = "COMPLETE"  # a checkpoint dir is complete once it holds thi
 
 
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: the step and the position in the data order
+STEP_DIR = re.compile(r"^step-(\d+)$")
+REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
+HASH = "sha256"  # the marker's per-file content hashes (hashlib's name; sha256 runs on the CPU's SHA extensions)
+
+
+def step_of(name: str) -> Optional[int]:
+    """N for ``step-N`` (and for ``.replaced-step-N``, a complete checkpoint a new save of its step moved aside)."""
+    match = STEP_DIR.match(name.removeprefix(REPLACED))
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
     """What is wrong with a checkpoint dir that has its marker, or None: every file the marker
-    lists must be there with the size it had when saved (a truncated or lost file fails), and the
-    trainer state must read back. (Checkpoints saved before markers listed files are checked for
-    the trainer state alone.) Pure: ``ftl plan`` checks ``checkpoint.resume`` with it."""
+    lists must be there with the size it had when saved (a truncated or lost file fails), the
+    trainer state must read back, and the step in it, the step the marker recorded and the step
+    the directory's name says must agree (a renamed dir or a hand-edited state fails). (Checkpoints
+    saved before markers listed files are checked for the trainer state alone.) Cheap and pure:
+    ``ftl plan`` checks ``checkpoint.resume`` with it; :func:`hash_problem` reads the contents."""
     try:
         marker = json.loads((path / CHECKPOINT_MARKER).read_text() or "{}")
         listed = dict(marker.get("files") or {})
@@ -67,7 +81,42 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         return f"{TRAINER_STATE} does not read back ({type(e).__name__})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return f"{TRAINER_STATE} holds no step"
+    named, recorded = step_of(Path(path).name), marker.get("step")
+    if recorded is not None and recorded != state["step"]:
+        return f"{TRAINER_STATE} says step {state['step']}, its {CHECKPOINT_MARKER} marker step {recorded} (edited by hand?)"
+    if named is not None and named != state["step"]:
+        return f"it holds step {state['step']}, not the step {named} its name says (a renamed directory?)"
     return None
+
+
+def file_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH).hexdigest()
+
+
+def file_hashes(paths: Sequence[Path]) -> list[str]:
+    """:func:`file_hash` of each path, several files at once (hashlib releases the GIL while it
+    hashes: a checkpoint's weights and optimizer files hash on as many cores)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:
+        return list(pool.map(file_hash, paths))
+
+
+def hash_problem(path: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """The first file of a checkpoint whose contents differ from the hash its marker recorded when
+    saved (a file damaged, or swapped for another of the same size), or None. Each of ``world``
+    ranks checks every ``world``-th file from ``rank`` on. Checkpoints saved before markers held
+    hashes pass."""
+    try:
+        hashes = dict(json.loads((path / CHECKPOINT_MARKER).read_text() or "{}").get(HASH) or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"its {CHECKPOINT_MARKER} marker does not read back ({type(e).__name__})"
+    names = sorted(hashes)[rank::world]
+    try:
+        found = file_hashes([path / name for name in names])
+    except OSError as e:
+        return f"a file does not read back ({type(e).__name__}: {e})"
+    return next((f"{name} does not hold what was saved (its {HASH} differs from the marker's)"
+                 for name, digest in zip(names, found) if digest != hashes[name]), None)  # fmt: skip
 
 
 def mark_dir(path: Path, kind: str) -> None:

@@ -30,7 +30,7 @@ from launcher.config.compose import compose
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.validate import validate
 from launcher.data.sources import check_local_rows
-from launcher.files import MARKERS, mark_dir
+from launcher.files import MARKERS, file_hash, mark_dir
 from launcher.launch.base import LaunchPlan
 from launcher.launch.local import run_foreground
 from launcher.launch.lock import LOCK_ENV, RunDirBusy, RunDirLock, check_free, lock_path
@@ -710,7 +710,10 @@ def test_a_checkpoint_marked_complete_that_does_not_load_is_skipped(tmp_path):
     for step in (1, 3):
         save_checkpoint(tmp_path, TrainerState(step=step), engine, DistInfo(), keep=5, barrier=lambda: None)
     bad = tmp_path / "checkpoints" / "step-3" / "model.safetensors"
-    bad.write_bytes(b"\0" * bad.stat().st_size)  # the same size, garbage inside: only loading can tell
+    bad.write_bytes(b"\0" * bad.stat().st_size)  # the same size, garbage inside, and garbage when hashed: only loading can tell
+    marker = json.loads((bad.parent / "COMPLETE").read_text())
+    marker["sha256"]["model.safetensors"] = file_hash(bad)
+    (bad.parent / "COMPLETE").write_text(json.dumps(marker))
     warnings: list[str] = []
     path, state = resume_checkpoint("auto", tmp_path, tiny_engine(), DistInfo(), warnings.append)
     assert state.step == 1 and "does not load" in warnings[0]
@@ -894,6 +897,39 @@ def test_an_unreadable_config_json_is_exit_2_naming_it(content, needle, tmp_path
     with within(30):
         code, out = run_cli(capsys, "plan", "recipe=tiny", "model.source=hf", f"model.path={model}")
     assert code == 2 and needle in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("swap", "model.safetensors does not hold what was saved (its sha256 differs"),
+    ("rename", "it holds step 2, not the step 9 its name says (a renamed directory?)"),
+    ("edit", "trainer_state.json says step 7, its COMPLETE marker step 4 (edited by hand?)"),
+])  # fmt: skip
+def test_a_checkpoint_is_trusted_by_content_and_step_not_by_size_or_name(damage, needle, tmp_path):
+    """A shard swapped for another of the same size, a step dir renamed to outrank the newer ones,
+    a step edited in trainer_state.json: each is named, moved aside, and the newest sound one resumes."""
+    from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
+    from launcher.runtime.distributed import DistInfo
+
+    engine = tiny_engine()
+    for step in (2, 4):
+        save_checkpoint(tmp_path, TrainerState(step=step), engine, DistInfo(), keep=5, barrier=lambda: None)
+        engine.model.weight.data += 1  # another state each time: same sizes, other bytes
+    root = tmp_path / "checkpoints"
+    if damage == "swap":
+        shutil.copy(root / "step-2" / "model.safetensors", root / "step-4" / "model.safetensors")
+        bad, good = root / "step-4", 2
+    elif damage == "rename":
+        os.rename(root / "step-2", root / "step-9")
+        bad, good = root / "step-9", 4
+    else:
+        state = root / "step-4" / "trainer_state.json"
+        state.write_text(state.read_text().replace('"step": 4', '"step": 7'))
+        bad, good = root / "step-4", 2
+    warnings: list[str] = []
+    path, state = resume_checkpoint("auto", tmp_path, tiny_engine(), DistInfo(), warnings.append)
+    assert state.step == good and path.name == f"step-{good}", warnings
+    assert len(warnings) == 1 and str(bad) in warnings[0] and needle in warnings[0], warnings
+    assert len(list(root.glob(f"{bad.name}.corrupt-*"))) == 1, "moved aside, never deleted"
 
 
 # ============================================================================================

@@ -35,6 +35,7 @@ from launcher.artifacts.weights import (
     hf_config_and_tokenizer,
     load_checkpoint_config,
     read_checkpoint,
+    refuse_nonfinite,
     resolve_source,
     set_chat_template,
 )
@@ -82,15 +83,9 @@ def export_checkpoint(
     shard_bytes = parse_size(max_shard_size)
     if dtype not in DTYPES:
         raise ArtifactInputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    source = resolve_source(path, config)
+    source = resolve_source(path, config)  # verified: names, sizes and hashes
     out = Path(out).expanduser().absolute() if out else default_out(source)
     check_out(out, source, overwrite)
-    from launcher.train.checkpoint import verify
-
-    problem = verify(source.ckpt_dir)
-    if problem:
-        raise ArtifactInputError(f"checkpoint {source.ckpt_dir} is damaged: {problem}; export an earlier one (RUN_DIR/checkpoints/step-N)")
-
     cfg = load_checkpoint_config(source.config_path)
     engine = source.engine or cfg.strategy.engine
     peft = cfg.peft.method
@@ -132,10 +127,12 @@ def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engin
     with phase(f"export: reading {source.ckpt_dir.name} ({engine})"):
         if peft == "none":
             state_dict = read_checkpoint(source, engine)
+            refuse_nonfinite(state_dict.items(), source.ckpt_dir)
             model, tokenizer = build_hf_model(cfg, state_dict, dtype)
             del state_dict
         else:
             model, tokenizer = merged_peft_model(source.ckpt_dir, dtype)
+            refuse_nonfinite(model.named_parameters(), source.ckpt_dir)
     with phase(f"export: writing {out}"):
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
         tokenizer.save_pretrained(tmp)
@@ -176,11 +173,12 @@ def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:
 def export_adapter(source: CheckpointSource, cfg: Any, engine: str, tmp: Path, *, final_dir: Path, max_shard_size: int) -> str:
     """The checkpoint's ``adapter/`` and the run's tokenizer into ``tmp`` (renamed to ``final_dir``
     afterwards), ``base_model_name_or_path`` pointing at the base. Returns that reference."""
-    from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, set_adapter_base, split_peft_state_dict
+    from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, load_adapter_weights, set_adapter_base, split_peft_state_dict
 
     adapter_dir = source.ckpt_dir / ADAPTER_DIR
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise ArtifactInputError(f"{source.ckpt_dir} has no {ADAPTER_DIR}/{ADAPTER_CONFIG}: written before ftl saved adapters?")
+    refuse_nonfinite(load_adapter_weights(adapter_dir).items(), source.ckpt_dir)
     shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
     _, tokenizer, _ = hf_config_and_tokenizer(cfg.model)
     set_chat_template(tokenizer, cfg)

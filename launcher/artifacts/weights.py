@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,7 @@ import torch
 from launcher.launch.base import CONFIG_NAME
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, split_peft_state_dict
 from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
+from launcher.train.finite import first_nonfinite
 
 
 class ArtifactInputError(ValueError):
@@ -93,6 +95,15 @@ def read_checkpoint(source: CheckpointSource, engine: str) -> dict[str, Any]:
     except ValueError as e:
         raise ArtifactInputError(f"{source.ckpt_dir}: {e}") from None
     return cls.consolidate_checkpoint(source.ckpt_dir)
+
+
+def refuse_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]], ckpt_dir: Path) -> None:
+    """A checkpoint whose weights hold a NaN or an infinity is no model (training stops before
+    saving one; this is the backstop for one that diverged before ftl checked)."""
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise ArtifactInputError(f"checkpoint {ckpt_dir} holds non-finite weights (NaN or inf, first in {name}): nothing exported; "
+                                 "export an earlier one (RUN_DIR/checkpoints/step-N)")  # fmt: skip
 
 
 def load_checkpoint_config(path: Path) -> Any:

@@ -129,7 +129,7 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
             stats["skipped"] += 1
             continue
         for outcome in outcomes:
-            stats[outcome] += 1
+            stats[outcome] = stats.get(outcome, 0) + 1  # "empty" and "identical" only where there are some
         if example is None:
             continue
         examples.append(example)
@@ -143,7 +143,10 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
 
 
 def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
-    """(example or None, what happened to it on the way: "truncated" and/or "dropped")."""
+    """(example or None, what happened to it on the way: "truncated" and/or "dropped", or "empty":
+    a format's ``is_empty`` row, e.g. a conversation whose answers have no content, is no example)."""
+    if getattr(record.fmt, "is_empty", lambda value: False)(record.value):
+        return None, ("empty",)
     input_ids, labels = _call(record.fmt.encode, record.value, record.path, record.number)
     outcomes: tuple[str, ...] = ()
     if len(input_ids) > seq_len:
@@ -157,13 +160,17 @@ def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional
 
 def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
     """A preference pair as one example: chosen then rejected, ``lengths`` [chosen, rejected]. Both
-    must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens."""
+    must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens. A pair
+    whose two sequences are the same teaches nothing (its DPO loss is log 2 whatever the weights):
+    dropped, counted as "identical"."""
     pair = _call(record.fmt.encode_pair, record.value, record.path, record.number)
     outcomes: tuple[str, ...] = ()
     if sum(len(ids) for ids, _ in pair) > seq_len:
         if truncation == "drop":
             return None, ("dropped",)
         pair, outcomes = tuple((ids[: seq_len // 2], labels[: seq_len // 2]) for ids, labels in pair), ("truncated",)
+    if pair[0] == pair[1]:
+        return None, (*outcomes, "identical")
     if any(count_trainable(labels) == 0 for _, labels in pair):  # a completion truncated away
         return None, (*outcomes, "dropped")
     (chosen, chosen_labels), (rejected, rejected_labels) = pair
@@ -237,7 +244,8 @@ def build_datasets(
     train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
     if len(train_ds) == 0:
         names = ", ".join(s.path for _, s in train_sources)
-        raise DataError(f"no usable training examples in {names} (stats: {train_ds.stats})")
+        why = "every preference pair has chosen identical to rejected; " if train_ds.stats.get("identical") == len(train_records) else ""
+        raise DataError(f"no usable training examples in {names} ({why}stats: {train_ds.stats})")
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None
     if eval_records is not None:

@@ -43,7 +43,7 @@ from launcher.data.build import build_datasets, build_formats, data_sources
 from launcher.data.types import DataError, TokenizedDataset
 from launcher.paths import cache_dir
 
-CACHE_VERSION = 1  # bump when the cached layout or what the code writes into it changes
+CACHE_VERSION = 2  # bump when the cached layout or what the code writes into it changes
 COMPLETE = "COMPLETE"
 STALE_LOCK_S = 120.0  # a lock without a heartbeat for this long belongs to a dead process
 HEARTBEAT_S = 10.0

@@ -98,6 +98,11 @@ class ChatFormat:
     def parse(self, row: Any) -> list[Message]:
         return parse_conversation(row)
 
+    def is_empty(self, messages: list[Message]) -> bool:
+        """Nothing to learn: every answer (assistant turn) is empty, or, with none, every turn."""
+        answers = [m for m in messages if m["role"] == "assistant"]
+        return not any(m["content"].strip() for m in answers or messages)
+
     def encode(self, messages: list[Message], *, from_turn: int = 0) -> tuple[list[int], list[int]]:
         """Token ids and labels; with ``from_turn`` only assistant messages from that index on are
         labelled (a preference pair's completion, not the assistant turns of its prompt)."""

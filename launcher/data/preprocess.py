@@ -19,6 +19,8 @@ COLUMNS = (
     ("truncated", "clipped"),
     ("dropped", "dropped"),
     ("skipped", "skipped"),
+    ("empty", "empty"),
+    ("identical", "chosen=rejected"),
     ("packing_efficiency", "packing eff."),
 )
 

@@ -2,14 +2,15 @@
 
 A checkpoint is a directory ``step-N`` holding the engine's own files (its format), the trainer
 state (``trainer_state.json``: step and position in the data order), one RNG file per rank, and a
-``COMPLETE`` marker listing every file with its size. It is written as ``.tmp-step-N``; rank 0
-writes the marker last and renames the directory, so a directory named ``step-N`` with a marker is
-always whole, and anything else (a ``.tmp-*`` left by a killed job, a half-deleted directory) is
-ignored and later pruned.
+``COMPLETE`` marker listing every file with its size and sha256 and the step. It is written as
+``.tmp-step-N``; rank 0 writes the marker last and renames the directory, so a directory named
+``step-N`` with a marker is always whole, and anything else (a ``.tmp-*`` left by a killed job, a
+half-deleted directory) is ignored and later pruned.
 
 Saving a step that already has a checkpoint moves the old one to ``.replaced-step-N`` (still
 complete, still found) before the new one takes its name, so there is never a moment without a
-complete step N. Loading checks the files against the marker first; a checkpoint that fails the
+complete step N. Loading checks the files against the marker first (the step in the name, the
+marker and the trainer state agree; every file has its size and its hash); a checkpoint that fails the
 check or does not load is moved aside to ``step-N.corrupt-*`` (never deleted) with a warning
 naming it, and the run resumes from the previous complete one.
 """
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from launcher.files import checkpoint_problem
+from launcher.files import HASH, checkpoint_problem, file_hashes, hash_problem
 from launcher.runtime import distributed
 from launcher.runtime.distributed import DistInfo
-from launcher.train.resume import MARKER, REPLACED, STEP_DIR, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
+from launcher.files import STEP_DIR
+from launcher.train.resume import MARKER, REPLACED, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:
     from launcher.engines.base import Engine
@@ -78,9 +80,10 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path, dist: DistInfo = DistInfo()) -> Optional[str]:
     """What is wrong with a complete checkpoint's files, or None (:func:`launcher.files.checkpoint_problem`,
-    and the trainer state must bind)."""
+    the trainer state must bind, and the files must hold what was saved: :func:`launcher.files.hash_problem`,
+    each of ``dist``'s ranks hashing its share of the files)."""
     problem = checkpoint_problem(path)
     if problem:
         return problem
@@ -88,7 +91,7 @@ def verify(path: Path) -> Optional[str]:
         TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return f"{TRAINER_STATE} does not read back ({type(e).__name__}: {e})"
-    return None
+    return hash_problem(path, dist.rank, dist.world_size)
 
 
 def resume_checkpoint(resume: str, run_dir: Path, engine: Engine, dist: DistInfo, warn: Callable[[str], None]) -> Optional[tuple[Path, TrainerState]]:
@@ -101,12 +104,12 @@ def resume_checkpoint(resume: str, run_dir: Path, engine: Engine, dist: DistInfo
     if resume != "auto":
         path = resolve_resume(resume, run_dir)
         assert path is not None
-        problem = verify(path)
-        if problem:
-            raise CheckpointError(f"checkpoint.resume={resume!r} is damaged: {problem}")
+        problem = verify(path, dist)
+        if distributed.any_rank(problem is not None):
+            raise CheckpointError(f"checkpoint.resume={resume!r} is damaged: {problem or 'on another rank'}")
         return path, load_checkpoint(path, engine, dist)
     for _, path in reversed(list_complete(run_dir)):
-        problem = verify(path)
+        problem = verify(path, dist)
         state = None
         if problem is None:
             try:
@@ -157,8 +160,11 @@ def save_checkpoint(
     if dist.is_main:
         _write_json(tmp / TRAINER_STATE, asdict(state))
         _fsync_tree(tmp)
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__, "files": sizes})
+        files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
+        hashes = dict(zip(sizes, file_hashes(files)))  # read back from the page cache they were just written to
+        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__,
+                                   "files": sizes, HASH: hashes})  # fmt: skip
         _replace_dir(tmp, final)
         prune(run_dir, keep)
     barrier()

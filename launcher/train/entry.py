@@ -121,6 +121,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
     from launcher.train.checkpoint import CheckpointError
+    from launcher.train.finite import NonFiniteError
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
@@ -141,6 +142,9 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
+        except NonFiniteError:  # every rank stopped at the same step; rank 0 has said so (Trainer.run)
+            done()
+            code = EXIT_FAILED
         except KeyboardInterrupt:
             done()
             print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)

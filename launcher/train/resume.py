@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
-from launcher.files import CHECKPOINTS_DIR, TRAINER_STATE, checkpoint_problem
+from launcher.files import CHECKPOINTS_DIR, REPLACED, STEP_DIR, TRAINER_STATE, checkpoint_problem, step_of
 from launcher.shell import join, quote
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
 EVAL_FILE = "eval.json"
 CONFIG_NAME = "config.yaml"
 # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
@@ -65,12 +62,6 @@ DATA_KEYS = (
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def step_of(name: str) -> Optional[int]:
-    """N for ``step-N`` (and for ``.replaced-step-N``, a complete checkpoint a new save of its step moved aside)."""
-    match = STEP_DIR.match(name.removeprefix(REPLACED))
-    return int(match.group(1)) if match else None
 
 
 def is_complete(path: Path) -> bool:

@@ -39,7 +39,17 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
-from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
+from launcher.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    capture_rng,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    verify,
+)
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
     DistInfo,
@@ -54,6 +64,7 @@ from launcher.runtime.distributed import (
     reduce_sum,
     set_collective_timeout,
 )
+from launcher.train.finite import NonFiniteError, check_step, refuse_nonfinite_weights
 from launcher.train.loss import count_label_tokens, label_positions, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
@@ -84,6 +95,7 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
+        self.loss_scaled = autocast_dtype(cfg.train.precision, self.device) == torch.float16  # fp16: the scaler skips overflowed steps
         if cfg.strategy.activation_offloading and self.device.type != "cuda":
             raise ConfigErrors([ConfigError("strategy.activation_offloading", f"needs a CUDA GPU; this rank trains on {self.device.type}")])
         self.io_timeout_s = io_timeout_s(cfg)  # loading, conversion, checkpoints: see launcher.plan.timing
@@ -92,6 +104,7 @@ class Trainer:
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
         self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
+        check_micro_batch(cfg.train, self.order, self.train_ds.stats)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
         self.start = resume_point(cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist)  # refuses what it cannot continue
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
@@ -118,18 +131,26 @@ class Trainer:
                 self.telemetry.info(f"ftl: {note}")
 
     def run(self) -> str:
-        """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint)."""
-        exit_code = 1
+        """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint); a
+        non-finite loss or gradient norm raises NonFiniteError on every rank at the same step."""
+        exit_code, diverged = 1, False
         try:
             with stop_on_signals() as stop:
                 outcome = self.train(stop)
             barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
+        except NonFiniteError as e:  # raised on every rank at this step (the same reduced values): none is in a collective
+            diverged = True
+            if self.dist.is_main:
+                warn(f"ftl: {e}")
+            raise
         finally:
             self.batches.close()
             self.telemetry.close(exit_code)
-            destroy(clean=exit_code == 0)
+            if diverged:
+                barrier()  # leave together: once one rank exits non-zero, torchrun stops the others wherever they are
+            destroy(clean=exit_code == 0 or diverged)
 
     def train(self, stop: StopFlag) -> str:
         if self.start is not None and self.start.verdict.finished:
@@ -141,6 +162,7 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
+            check_step(self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir)  # a NaN stops the run unsaved
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
             if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
@@ -249,6 +271,7 @@ class Trainer:
             if found is None:
                 return 0
             path, state = found
+        refuse_nonfinite_weights(self.engine.model, path)
         self.order.seek(state.epoch, state.epoch_position)
         self.resumed_from = path
         return state.step
@@ -298,6 +321,10 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
                                           f"was written with {info.train_samples}: the training data changed"))  # fmt: skip
     if verdict.refused:
         raise ResumeError(refusal(verdict, run_dir))
+    if verdict.cross_engine:  # another engine's reader loads it, checking no hash: check the contents here
+        problem = verify(path, dist)
+        if any_rank(problem is not None):
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'on another rank'}; resume from an earlier one")
     notes = [cross_engine_notice(verdict)] if verdict.cross_engine else []
     if info.world_size != dist.world_size:
         notes.append(f"checkpoint step {info.step} was written by {info.world_size} rank(s); continuing on {dist.world_size}")
@@ -387,6 +414,14 @@ def compute_total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
 
 
+def check_micro_batch(train: TrainConfig, order: DataOrder, stats: dict[str, Any]) -> None:
+    """A micro-batch larger than what a rank reads in an epoch would be clipped to it without a word."""
+    if train.micro_batch_size > order.per_rank:
+        samples = "packs" if stats.get("packs") else "examples"
+        raise ConfigErrors([ConfigError("train.micro_batch_size", f"{train.micro_batch_size} is larger than the training data: {order.size} "
+                                        f"{samples} give each of {order.world} rank(s) {order.per_rank}; allowed: 1 to {order.per_rank}")])  # fmt: skip
+
+
 def describe_run(trainer: Trainer) -> str:
     n_params = trainer.n_params
     trainable = count_parameters(trainer.engine.model, trainable_only=True)
@@ -406,7 +441,8 @@ def describe_data(stats: dict[str, Any], samples: int, seq_len: int) -> str:
     examples = int(stats.get("examples", samples))
     text = f"{examples:,} train examples" + (f" in {stats['packs']:,} packs of {seq_len} tokens" if stats.get("packs") else "")
     counts = [f"{stats[k]:,} {label}" for k, label in (("tokens", "tokens"), ("trainable_tokens", "trainable"), ("truncated", "clipped"),
-                                                       ("dropped", "dropped"), ("skipped", "skipped")) if stats.get(k)]  # fmt: skip
+                                                       ("dropped", "dropped"), ("skipped", "skipped"), ("empty", "empty, not counted"),
+                                                       ("identical", "pairs with chosen = rejected, dropped")) if stats.get(k)]  # fmt: skip
     return text + (f" ({', '.join(counts)})" if counts else "")
 
 

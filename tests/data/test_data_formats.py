@@ -277,3 +277,28 @@ def test_validate_reports_sources() -> None:
     assert "data.train_files" not in messages  # the sources are training data
     assert "must be > 0" in errors("data.sources=[{path: hub:org/ds, weight: 0}]")["data.sources[0].weight"]
     assert "data.train_files" in errors()
+
+
+# --------------------------------------------------------------------------------------------
+# rows that teach nothing are no examples, and are counted
+
+
+def test_preference_pairs_with_chosen_identical_to_rejected_are_dropped_and_counted(tok: Any, tmp_path: Path) -> None:
+    good = {"prompt": "Name the launcher.", "chosen": "It is ftl.", "rejected": "I do not know."}
+    same = {"prompt": "Name the launcher.", "chosen": "It is ftl.", "rejected": "It is ftl."}
+    same_chat = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+                 "rejected": [{"role": "assistant", "content": "Hello."}]}  # fmt: skip
+    train = build(tok, tmp_path, [good, same, good, same_chat], format="preference")
+    assert len(train) == 2 and train.stats["examples"] == 2 and train.stats["identical"] == 2
+    with pytest.raises(DataError, match="every preference pair has chosen identical to rejected"):
+        build(tok, tmp_path, [same, same_chat], format="preference")
+
+
+def test_conversations_whose_answers_are_empty_are_not_counted_as_examples(tok: Any, tmp_path: Path) -> None:
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    empty_answer = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}
+    all_empty = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
+    train = build(tok, tmp_path, [good, empty_answer, all_empty, good])
+    assert len(train) == 2 and train.stats["examples"] == 2 and train.stats["empty"] == 2
+    no_mask = build(tok, tmp_path, [good, all_empty], assistant_only_loss=False)  # every token trains: still nothing in it
+    assert len(no_mask) == 1 and no_mask.stats["empty"] == 1

@@ -146,3 +146,25 @@ def test_position_rescaled_when_world_size_changes(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, TrainerState(step=4, epoch=0, epoch_position=10, world_size=1), engine, DIST, keep=1)
     state = load_checkpoint(path, engine, DistInfo(rank=0, world_size=2, local_world_size=2))
     assert (state.epoch_position, state.world_size) == (5, 2)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_resume_across_engines_checks_the_contents_too(tmp_path: Path) -> None:
+    """Another engine's offline reader loads a cross-engine resume: the hashes are checked before it does."""
+    from dataclasses import replace
+
+    from test_trainer_tiny import tiny_config
+
+    from launcher.config.schema import FSDPStrategy
+    from launcher.train.checkpoint import CheckpointError
+    from launcher.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=1), eval=replace(cfg.eval, after_training=False))
+    assert Trainer(cfg).run() == "completed"
+    weights = checkpoints_dir(tmp_path / "run") / "step-1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: the same size, the header intact, only the hash can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step-1 is damaged: model.safetensors does not hold what was saved"):
+        Trainer(replace(cfg, train=replace(cfg.train, max_steps=2), strategy=FSDPStrategy()))
