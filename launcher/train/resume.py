@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
-from launcher.files import CHECKPOINTS_DIR, REPLACED, STEP_DIR, TRAINER_STATE, checkpoint_problem, step_of
+from launcher.files import CHECKPOINTS_DIR, REPLACED, TRAINER_STATE, checkpoint_problem, step_of
 from launcher.shell import join, quote
 
 EVAL_FILE = "eval.json"
