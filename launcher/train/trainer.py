@@ -39,6 +39,7 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
+from launcher.rundir import run_dir_of
 from launcher.train.checkpoint import TrainerState, capture_rng, load_checkpoint, resolve_resume, restore_rng, resume_checkpoint, save_checkpoint
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
@@ -256,11 +257,6 @@ class Trainer:
 
 # --------------------------------------------------------------------------------------------
 # setup
-
-
-def run_dir_of(cfg: FtlConfig) -> Path:
-    """The launcher chooses the run dir once and writes it into the config every rank reads."""
-    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
 
 @dataclass
