@@ -38,7 +38,7 @@ class RunPaths:
     # files, `ftl eval` of its checkpoints the eval/ folder).
     EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR)
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     @classmethod
