@@ -20,7 +20,7 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.launch.lock import check_free
+    from launcher.rundir.lock import check_free
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.plan.scale import scale_plan
     from launcher.session import prepare_run, resume_verdict_for, writes_run_dir

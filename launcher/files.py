@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from launcher.rundir import RunPaths
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` (named per process: nodes and ranks may
@@ -40,8 +42,7 @@ def apply_umask(root: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # what ftl made: a marker file in each directory it creates and may later overwrite or prune
 
-MARKERS = {"run": ".ftl-run", "export": ".ftl-export", "eval": ".ftl-eval"}
-CHECKPOINTS_DIR = "checkpoints"  # a run dir's checkpoints: ftl prunes what it finds there
+MARKERS = {"run": RunPaths.MARKER, "export": ".ftl-export", "eval": ".ftl-eval"}
 CHECKPOINT_MARKER = "COMPLETE"  # a checkpoint dir is complete once it holds this file
 
 
@@ -171,7 +172,7 @@ def output_dir_problems(path: Path, kind: str, protect: Mapping[str, Path] = {})
             out.append(f"exists and holds files ftl did not write (no {MARKERS[kind]} marker); ftl writes only into "
                        "a new or empty directory or one it made: choose another, or move these files away")  # fmt: skip
     for parent in real.parents:
-        if parent.name == CHECKPOINTS_DIR and is_run_dir(parent.parent):
+        if parent.name == RunPaths.CHECKPOINTS and is_run_dir(parent.parent):
             out.append(f"sits inside the checkpoints of the run {parent.parent} (ftl prunes what it finds there)")
             break
         if kind == "run" and is_run_dir(parent):

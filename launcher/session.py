@@ -57,7 +57,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
     cfg, more = validate(raw)
     errors += more
     if check_run_dir and not any(e.path == "run" or e.path.startswith("run.") for e in errors):
-        from launcher.launch.run_dir import choose_run_dir, run_dir_errors
+        from launcher.rundir.write import choose_run_dir, run_dir_errors
 
         errors += run_dir_errors(raw, choose_run_dir(raw))
     if errors:
@@ -69,7 +69,7 @@ def prepare_run(overrides: list[str]) -> PreparedRun:
     """The validated config with its run dir fixed and checked, and the launch plan its backend
     builds (pure)."""
     from launcher.launch import get_backend
-    from launcher.launch.run_dir import choose_run_dir, config_path_for
+    from launcher.rundir.write import choose_run_dir, config_path_for
 
     loaded = load_config(overrides, check_run_dir=True)
     if loaded.cfg.checkpoint.every_steps == "auto":  # fixed here, once: every rank reads the number
@@ -98,8 +98,9 @@ def launch(overrides: list[str]) -> int:
     import os
 
     from launcher.launch import get_backend
-    from launcher.launch.lock import LOCK_ENV, RunDirBusy, RunDirLock
-    from launcher.launch.run_dir import COMMAND_NAME, write_run_dir
+    from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock
+    from launcher.rundir import RunPaths
+    from launcher.rundir.write import write_run_dir
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.train.resume import finished_message, moved_message, refusal, set_aside_earlier_run
 
@@ -139,7 +140,7 @@ def launch(overrides: list[str]) -> int:
             if moved is not None:
                 print(f"ftl: {moved_message(*moved)}", file=sys.stderr)
         if run.config_path.is_file():
-            print(f"ftl: {run.run_dir} holds an earlier run: replacing its {run.config_path.name} and {COMMAND_NAME}", file=sys.stderr)
+            print(f"ftl: {run.run_dir} holds an earlier run: replacing its {run.config_path.name} and {RunPaths.LAUNCH_SCRIPT}", file=sys.stderr)
         changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
         if changes:
             print("ftl: config changes since the earlier run:", file=sys.stderr)
@@ -216,17 +217,17 @@ def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
 
 def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     from launcher.config.topology import world_size
-    from launcher.files import CHECKPOINTS_DIR
-    from launcher.train.resume import EARLIER_PREFIX, cross_engine_notice, earlier_run_files, list_complete
+    from launcher.rundir import RunPaths
+    from launcher.train.resume import cross_engine_notice, earlier_run_files, list_complete
 
     if run.cfg.checkpoint.resume == "never":
         names = earlier_run_files(run.run_dir)
         if not names:
             return []
         steps = ", ".join(path.name for _, path in list_complete(run.run_dir))
-        shown = [f"{n} ({steps})" if n == CHECKPOINTS_DIR and steps else n for n in names]
+        shown = [f"{n} ({steps})" if n == RunPaths.CHECKPOINTS and steps else n for n in names]
         return [f"checkpoint.resume=never: starting over; the earlier run's {', '.join(shown)} in {run.run_dir} "
-                f"will be moved aside into {EARLIER_PREFIX}<time>/ (nothing is deleted)"]  # fmt: skip
+                f"will be moved aside into {RunPaths.EARLIER_PREFIX}<time>/ (nothing is deleted)"]  # fmt: skip
     if verdict is None:
         return []
     ckpt = verdict.checkpoint

@@ -30,14 +30,15 @@ from launcher.config.compose import compose
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.validate import validate
 from launcher.data.sources import check_local_rows
-from launcher.files import MARKERS, file_hash, mark_dir
+from launcher.files import file_hash, mark_dir
 from launcher.launch.base import LaunchPlan
 from launcher.launch.local import run_foreground
-from launcher.launch.lock import LOCK_ENV, RunDirBusy, RunDirLock, check_free, lock_path
-from launcher.launch.outcome import EXITS_DIR, summarize
-from launcher.launch.run_dir import launch_script
+from launcher.launch.outcome import summarize
 from launcher.paths import ROOT
 from launcher.redact import REDACTED, declare, known_secrets, redact
+from launcher.rundir import RunPaths
+from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock, check_free, lock_path
+from launcher.rundir.write import launch_script
 from launcher.shell import comment, ftl_command, join, quote
 
 # Strings an attacker puts in a value: shell metacharacters, command substitution, a newline or a
@@ -358,7 +359,7 @@ def test_sweep_config_holds_no_secret(tmp_path, capsys, monkeypatch):
 
 
 def test_config_changes_notice_never_shows_a_secret(tmp_path):
-    from launcher.launch.run_dir import write_run_dir
+    from launcher.rundir.write import write_run_dir
 
     declare([SECRET, SECRET + "-new"])
     for value in (SECRET, SECRET + "-new"):
@@ -543,7 +544,7 @@ def test_run_dir_lock_refuses_a_second_writer_and_recovers_stale_ones(tmp_path, 
 
 def test_exit_codes_are_0_1_2_130_and_never_a_raw_signal(tmp_path):
     run = tmp_path
-    (run / EXITS_DIR).mkdir()
+    RunPaths(run).exits.mkdir()
     assert summarize(0, run, None)[0] == 0
     assert summarize(130, run, "SIGINT") == (130, "stopped by SIGINT after a checkpoint; run the same command again to resume")
     assert summarize(2, run, None)[0] == 2
@@ -553,9 +554,9 @@ def test_exit_codes_are_0_1_2_130_and_never_a_raw_signal(tmp_path):
     assert summarize(137, run, None)[0] == 1
     assert summarize(1, run, "SIGTERM")[0] == 1  # interrupted before the checkpoint
     for rank, code in ((0, 130), (1, 130)):
-        (run / EXITS_DIR / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": 2, "code": code}))
+        (RunPaths(run).exits / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": 2, "code": code}))
     assert summarize(1, run, "SIGTERM")[0] == 130  # torchrun says 1; both ranks say: stopped after a checkpoint
-    (run / EXITS_DIR / "rank-1.json").unlink()
+    (RunPaths(run).exits / "rank-1.json").unlink()
     code, message = summarize(1, run, None)
     assert code == 1 and "rank(s) 1 ended without an exit status" in message and "out of memory" in message
 
@@ -960,7 +961,7 @@ def test_a_hostile_run_writes_and_prints_no_secret_and_its_launch_sh_runs_nothin
     assert script.splitlines()[1].startswith("# ftl train ") and len(script.splitlines()) == 4
     assert 'HF_TOKEN="${HF_TOKEN:?' in script and REDACTED not in script.splitlines()[3], "launch.sh reads the token from the environment"
     assert subprocess.run(["bash", "-n", str(run / "launch.sh")]).returncode == 0
-    assert (run / MARKERS["run"]).is_file() and not lock_path(run).exists()
+    assert RunPaths(run).marker.is_file() and not lock_path(run).exists()
     # launch.sh run without the token stops before anything starts
     out = subprocess.run(["bash", str(run / "launch.sh")], env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, capture_output=True, text=True)
     assert out.returncode != 0 and "HF_TOKEN is a secret ftl never writes down" in out.stderr

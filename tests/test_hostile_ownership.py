@@ -24,9 +24,9 @@ from helpers import TINY, ftl, ftl_env
 from test_hostile import HOSTILE, run_cli
 
 from launcher.files import mark_dir
-from launcher.launch.lock import LockInfo, RunDirBusy, RunDirLock, check_free, lock_path, stale_reason
-from launcher.launch.run_dir import launch_script
 from launcher.paths import ROOT
+from launcher.rundir.lock import LockInfo, RunDirBusy, RunDirLock, check_free, lock_path, stale_reason
+from launcher.rundir.write import launch_script
 from launcher.train.resume import CheckpointInfo, Verdict, finished_message, refusal, set_aside_earlier_run
 
 # A planted value: spaces, command substitution, both quotes, a semicolon.

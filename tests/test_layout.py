@@ -4,6 +4,8 @@ is a leaf that nothing imports."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,60 @@ def test_only_the_engine_traits_name_engines() -> None:
             if ".engine ==" in line or ".engine !=" in line or ".engine in (" in line:
                 offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+# A run-dir file name spelled outside launcher/rundir, allowed where it names something else:
+# (module, name) -> why.
+RUN_DIR_NAME_ELSEWHERE = {
+    ("launcher.paths", "config.yaml"): "conf/config.yaml, the root of the shipped config tree, not a run dir's file",
+}
+
+
+def run_dir_name_literals(source: str) -> list[tuple[int, str]]:
+    """(line, name) for each run-dir file name that ``source`` spells (:class:`RunPaths`' names): a
+    string or f-string piece that is a file-like name (config.yaml, .ftl-lock, earlier-), or any
+    name, plain words included, joined onto a path (``run_dir / "logs"``) or made a constant
+    (``LOG_DIR = "logs"``). A plain word elsewhere (the eval split, the `ftl eval` command) and
+    prose in messages and docstrings are not names."""
+    from launcher.rundir import RunPaths
+
+    names = set(RunPaths.names().values())
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in names and any(c in node.value for c in "._-"):
+            out.append((node.lineno, node.value))
+        joined = node.value if isinstance(node, ast.Assign) else None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            joined = node.right
+        if isinstance(joined, ast.Constant) and joined.value in names and not any(c in joined.value for c in "._-"):
+            out.append((node.lineno, joined.value))
+    return sorted(out)
+
+
+def test_the_run_dir_name_finder_finds_names() -> None:
+    source = 'a = run_dir / "metrics.jsonl"\nb = run_dir / "logs"\nc = x == "eval"\nLOG_DIR = "logs"\nd = "see eval.json"\ne = f"{x}.ftl-lock"\nf = ".ftl-run"\n'
+    assert run_dir_name_literals(source) == [(1, "metrics.jsonl"), (2, "logs"), (4, "logs"), (6, ".ftl-lock"), (7, ".ftl-run")]
+
+
+def test_only_the_run_dir_package_spells_run_dir_file_names() -> None:
+    """One owner per on-disk layout (submitit's JobPaths): every other module asks
+    launcher.rundir.RunPaths for a run dir's files."""
+    offenders = []
+    for name, path in modules().items():
+        if name == f"{PACKAGE}.rundir" or name.startswith(f"{PACKAGE}.rundir."):
+            continue
+        for line, found in run_dir_name_literals(path.read_text()):
+            if (name, found) not in RUN_DIR_NAME_ELSEWHERE:
+                offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {found!r} (use launcher.rundir.RunPaths)")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_run_dir_package_imports_nothing_heavy() -> None:
+    """The ranks and the CLI import it: it imports no torch (and nothing else heavy)."""
+    code = ("import sys, launcher.rundir, launcher.rundir.lock, launcher.rundir.write; "
+            "print('HEAVY', [m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE_DIR.parent)
+    assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
 def test_make_tests_workers_get_whole_files_and_the_slurm_files_together(request: pytest.FixtureRequest) -> None:

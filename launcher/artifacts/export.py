@@ -41,8 +41,8 @@ from launcher.artifacts.weights import (
 )
 from launcher.files import apply_umask, mark_dir, output_dir_problems
 from launcher.progress import phase
+from launcher.rundir import RunPaths
 
-EXPORT_DIR = "export"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -62,7 +62,7 @@ def parse_size(text: str) -> int:
 
 
 def default_out(source: CheckpointSource) -> Path:
-    return source.run_dir / EXPORT_DIR / source.ckpt_dir.name
+    return RunPaths(source.run_dir).export_of(source.ckpt_dir.name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from launcher.launch.base import CONFIG_NAME
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, split_peft_state_dict
+from launcher.rundir import RunPaths
 from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
+from launcher.train.resume import engine_name
 from launcher.train.finite import first_nonfinite
 
 
@@ -41,12 +42,6 @@ class CheckpointSource:
     step: int
 
 
-def engine_from_marker(name: str) -> str:
-    """The marker holds the engine's ``name`` ("fsdp") or its class name ("FSDPEngine")."""
-    name = name.strip().lower()
-    return name[: -len("engine")] if name.endswith("engine") and name != "engine" else name
-
-
 def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSource:
     """A run dir (its latest complete checkpoint) or one complete ``step-N`` checkpoint dir."""
     path = Path(path).expanduser().resolve()
@@ -57,7 +52,7 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
         problem = verify(ckpt)
         if problem:
             raise ArtifactInputError(f"checkpoint {ckpt} is damaged: {problem}; use an earlier one (RUN_DIR/checkpoints/step-N)")
-    elif (path / CONFIG_NAME).is_file():
+    elif RunPaths(path).config.is_file():
         run_dir = path
         complete = list_complete(run_dir)
         if not complete:
@@ -76,12 +71,12 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
     elif path.name.startswith(".tmp-") or (path.name.startswith("step-") and not (path / MARKER).is_file()):
         raise ArtifactInputError(f"{path} is an incomplete checkpoint (no {MARKER} marker): a save that did not finish")
     else:
-        raise ArtifactInputError(f"{path} is neither a run dir (with {CONFIG_NAME}) nor a checkpoint dir (step-N with a {MARKER} marker)")
-    config_path = Path(config).expanduser().resolve() if config else run_dir / CONFIG_NAME
+        raise ArtifactInputError(f"{path} is neither a run dir (with {RunPaths.CONFIG}) nor a checkpoint dir (step-N with a {MARKER} marker)")
+    config_path = Path(config).expanduser().resolve() if config else RunPaths(run_dir).config
     if not config_path.is_file():
-        raise ArtifactInputError(f"cannot find the run's config: {config_path} does not exist (pass --config RUN_DIR/{CONFIG_NAME})")
+        raise ArtifactInputError(f"cannot find the run's config: {config_path} does not exist (pass --config RUN_DIR/{RunPaths.CONFIG})")
     marker = json.loads((ckpt / MARKER).read_text() or "{}")
-    engine = engine_from_marker(str(marker.get("engine", "")))
+    engine = engine_name(str(marker.get("engine", "")))
     return CheckpointSource(run_dir, ckpt, config_path, engine, int(marker.get("step", ckpt.name.split("-")[-1])))
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.files import write_atomic
+from launcher.rundir import RunPaths
 
-EVAL_DIR = "eval"
-EVAL_FILE = "eval.json"
 JOB_FILE = "eval_job.json"
 ENTRY = "launcher.eval.job"
 
@@ -81,7 +80,7 @@ def as_eval_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def default_out(model_path: Path, run_dir: Optional[Path], step: int) -> Path:
     path = Path(model_path).expanduser().resolve()
-    return run_dir / EVAL_DIR / f"step-{step}" if run_dir is not None else path / EVAL_DIR
+    return RunPaths(run_dir).eval_of_step(step) if run_dir is not None else path / RunPaths.EVAL_DIR
 
 
 def write_job(out: Path, model: Path, raw: dict[str, Any], baseline: Optional[str], run_dir: Optional[Path], step: int) -> Path:
@@ -276,7 +275,7 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     results = redact(results, known_secrets())  # generated samples may quote a secret from the eval data
     out = Path(job["out"])
     payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
-    write_atomic(out / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
+    write_atomic(out / RunPaths.EVAL, json.dumps(payload, indent=2) + "\n")
     console = make_console()
     console.print(f"ftl eval: {description}", highlight=False)
     for name in ("before", "after"):
@@ -289,7 +288,7 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     else:
         for sample in results["after"]["samples"][: cfg.eval.show_samples]:
             console.print(f"\nQ: {sample['question']}\nreference: {sample['reference']}\nmodel:     {sample['prediction']}", highlight=False)
-    console.print(f"ftl eval: wrote {out / EVAL_FILE}", highlight=False)
+    console.print(f"ftl eval: wrote {out / RunPaths.EVAL}", highlight=False)
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":
         from launcher.train.telemetry import WandbSink

@@ -14,8 +14,6 @@ from launcher.config.schema import FtlConfig
 from launcher.redact import known_secrets, redact, secret_env_names
 from launcher.shell import env_prefix, join
 
-CONFIG_NAME = "config.yaml"
-
 
 @dataclass(frozen=True)
 class LaunchPlan:

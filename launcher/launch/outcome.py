@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from launcher.rundir import RunPaths
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
-EXITS_DIR = ".ftl-exit"
 OOM_HINT = "SIGKILL is what the kernel's out-of-memory killer sends: it may have run out of memory (see `dmesg`)"
 
 
 def record_exit(run_dir: Path, rank: int, world_size: int, code: int) -> None:
     try:
-        folder = Path(run_dir) / EXITS_DIR
+        folder = RunPaths(run_dir).exits
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time()}))
     except OSError:
@@ -30,7 +31,7 @@ def record_exit(run_dir: Path, rank: int, world_size: int, code: int) -> None:
 
 
 def clear_exits(run_dir: Path) -> None:
-    folder = Path(run_dir) / EXITS_DIR
+    folder = RunPaths(run_dir).exits
     if folder.is_dir():
         for path in folder.glob("rank-*.json"):
             path.unlink(missing_ok=True)
@@ -39,7 +40,7 @@ def clear_exits(run_dir: Path) -> None:
 def read_exits(run_dir: Path) -> tuple[dict[int, int], int]:
     """{rank: code} of the records left, and the world size they report (0: no record)."""
     codes, world = {}, 0
-    for path in (Path(run_dir) / EXITS_DIR).glob("rank-*.json"):
+    for path in RunPaths(run_dir).exits.glob("rank-*.json"):
         try:
             data = json.loads(path.read_text())
             codes[int(data["rank"])] = int(data["code"])

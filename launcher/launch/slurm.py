@@ -26,13 +26,11 @@ from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
 from launcher.paths import SLURM_DIR
+from launcher.rundir import RunPaths
 
 TEMPLATE = "job.sbatch.j2"
-SCRIPT_NAME = "job.sbatch"
 PREPROCESS_TEMPLATE = "preprocess.sbatch.j2"
-PREPROCESS_SCRIPT_NAME = "preprocess.sbatch"
 PREVIOUS_JOB = "{previous_job}"  # in a plan's command: the id of the job submitted just before
-LOG_DIR = "logs"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # torchrun >= 2.12 waits this long (at least) for its ranks to save after a SIGTERM of its own
 # (SLURM's, to every process of the step) before it kills them; older torchruns wait 30 s.
@@ -115,7 +113,7 @@ def log_dir(run_dir: Path) -> Path:
     """The run's logs/, which SLURM's --output takes as a filename pattern: ``%`` starts a
     replacement (and SLURM 22.05 mangles ``%%`` escapes after the first) and a backslash turns
     them all off, so a run dir holding either cannot name the job's log."""
-    logs = Path(run_dir) / LOG_DIR
+    logs = RunPaths(run_dir).logs
     if "%" in str(logs) or "\\" in str(logs):
         raise UnsafeValue(f"{str(run_dir)!r}: with launch=slurm the run dir must not contain '%' or '\\' "
                           "(SLURM reads the log path as a filename pattern); choose another run.name or run.dir", "run.dir")
@@ -309,7 +307,7 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
         "secret_names": sorted(secrets),
         "setup": list(launch.setup),
         "run_dir": str(run_dir),
-        "script_path": str(Path(run_dir) / SCRIPT_NAME),
+        "script_path": str(RunPaths(run_dir).job_script),
         "log_dir": str(logs),
         "batch_log": f"{logs}/slurm-%j.out",  # %j: the job id
         "workdir": str(workdir),
@@ -337,7 +335,7 @@ def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, p
     values.update(
         job_name=f"{values['job_name']}-prep", nodes=1, gpus_per_node=0, exclusive=False,
         cpus_per_task=cfg.launch.cpus_per_task, mem=cfg.launch.mem,
-        batch_log=f"{values['log_dir']}/preprocess-%j.out", script_path=str(Path(run_dir) / PREPROCESS_SCRIPT_NAME),
+        batch_log=f"{values['log_dir']}/preprocess-%j.out", script_path=str(RunPaths(run_dir).preprocess_script),
     )  # fmt: skip
     return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
 
@@ -434,26 +432,26 @@ class SlurmBackend:
         files = {}
         try:
             if cfg.launch.preprocess_job:
-                files[PREPROCESS_SCRIPT_NAME] = render_preprocess_sbatch(cfg, run_dir, config_path, python())
-            files[SCRIPT_NAME] = render_sbatch(cfg, run_dir, config_path, python())
+                files[RunPaths.PREPROCESS_SCRIPT] = render_preprocess_sbatch(cfg, run_dir, config_path, python())
+            files[RunPaths.JOB_SCRIPT] = render_sbatch(cfg, run_dir, config_path, python())
         except UnsafeValue as e:
             raise ConfigErrors([ConfigError(e.field, str(e))]) from None
         n, per = cfg.launch.nodes, nproc_per_node(cfg)
         (sig, lead), requeues = warning_signal(cfg), cfg.launch.max_requeues
         notes = [
-            f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {run_dir / LOG_DIR}",
+            f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {RunPaths(run_dir).logs}",
             f"SIG{sig} {lead} s before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
             *staging_notes(cfg),
             interpreter_note(cfg, python()),
             *shared_path_warnings(cfg, run_dir, Path.cwd(), python(), os.environ),
             *export_warnings(cfg, os.environ),
         ]
-        commands = [["sbatch", "--parsable", str(run_dir / SCRIPT_NAME)]]
+        commands = [["sbatch", "--parsable", str(RunPaths(run_dir).job_script)]]
         if cfg.launch.preprocess_job:
             # The training job's dependency is the first job's id, known only once it is submitted:
             # `submit` fills in the JOB placeholder.
-            commands = [["sbatch", "--parsable", str(run_dir / PREPROCESS_SCRIPT_NAME)],
-                        ["sbatch", "--parsable", f"--dependency=afterok:{PREVIOUS_JOB}", str(run_dir / SCRIPT_NAME)]]  # fmt: skip
+            commands = [["sbatch", "--parsable", str(RunPaths(run_dir).preprocess_script)],
+                        ["sbatch", "--parsable", f"--dependency=afterok:{PREVIOUS_JOB}", str(RunPaths(run_dir).job_script)]]  # fmt: skip
             notes.insert(0, "data preparation first, as a one-node CPU job; training starts when it succeeds")
         return LaunchPlan(run_dir=run_dir, commands=commands, env=secret_env(cfg), files=files, notes=notes)
 
@@ -463,14 +461,14 @@ class SlurmBackend:
     def submit(self, plan: LaunchPlan) -> int:
         for note in plan.notes:  # `ftl plan` shows them too
             print(f"ftl: {note}", file=sys.stderr)
-        (plan.run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
+        RunPaths(plan.run_dir).logs.mkdir(parents=True, exist_ok=True)  # SLURM will not create it
         code, job_id = 0, ""
         for argv in plan.commands:
             code, job_id = run_sbatch([a.replace(PREVIOUS_JOB, job_id) for a in argv], plan.env)
             if code:
                 return code
             print(job_id)
-            print(f"ftl: submitted SLURM job {job_id}; logs in {plan.run_dir / LOG_DIR} "
+            print(f"ftl: submitted SLURM job {job_id}; logs in {RunPaths(plan.run_dir).logs} "
                   f"(squeue -j {job_id}, scancel {job_id})", file=sys.stderr)  # fmt: skip
         return code
 

@@ -53,9 +53,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
               "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
         return 1
-    from launcher.launch.lock import check_free
-    from launcher.launch.run_dir import write_run_dir
-    from launcher.launch.slurm import SCRIPT_NAME
+    from launcher.rundir.lock import check_free
+    from launcher.rundir.write import write_run_dir
+    from launcher.rundir import RunPaths
     from launcher.session import prepare_run
 
     try:
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"ftl: run dir {plan.run_dir}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    script = str(plan.run_dir / SCRIPT_NAME)
+    script = str(RunPaths(plan.run_dir).job_script)
     # plan.env: launch.env secrets, which job.sbatch does not hold
     os.execvpe("bash", ["bash", script], {**os.environ, **plan.env})
 

@@ -34,9 +34,9 @@ from launcher.data.types import DataError
 from launcher.eval.metrics import eval_mode, rank_batches
 from launcher.objectives.losses import sequence_logps
 from launcher.paths import cache_dir
+from launcher.rundir import RunPaths
 from launcher.runtime.distributed import all_reduce_sum, any_rank
 
-RUN_FILE = "reference_logps.pt"
 VERSION = 1
 
 
@@ -88,7 +88,7 @@ def reference_key(trainer: Any) -> str:
 
 def prepare_reference(trainer: Any) -> ReferenceLogps:
     """The run dir's copy (a resumed run), the cache's, or a pass over the data now."""
-    run_file = trainer.run_dir / RUN_FILE
+    run_file = RunPaths(trainer.run_dir).reference_logps
     key = reference_key(trainer)
     if trainer.resumed_from is not None:  # the resume check has refused other data or another model
         found = ReferenceLogps.load(run_file)

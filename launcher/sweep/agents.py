@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.rundir import RunPaths
 from launcher.shell import join, quote
 from launcher.sweep.spec import agent_args, check_no_conflict, check_trials, fixed_overrides, load_spec, merge_overrides, secret_overrides, sweep_dir_for
 from launcher.sweep.trial import OVERRIDES_ENV
@@ -94,7 +95,7 @@ def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[st
     """Pure: the SLURM script of a sweep's trial jobs (slurm/sweep.sbatch.j2)."""
     from launcher.launch.slurm import jinja_env, template_values
 
-    values = template_values(cfg, sweep_dir, sweep_dir / "config.yaml", python, workdir)
+    values = template_values(cfg, sweep_dir, RunPaths(sweep_dir).config, python, workdir)
     # launch.env secrets among the agent's overrides stay out of the script: sbatch hands them to
     # the job in its environment (launcher.launch.slurm.secret_env), and the trials inherit them.
     values.update(sweep_id=sweep_id, jobs_dir=str(sweep_dir / "jobs"), agent_overrides=json.dumps(secret_overrides(extra)[0]),
@@ -106,8 +107,8 @@ def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[st
 
 def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], trial_files: list[Optional[Path]]) -> int:
     """One SLURM job per trial, all from one script rendered into the sweep dir."""
-    from launcher.launch.run_dir import choose_run_dir
-    from launcher.launch.slurm import LOG_DIR, UnsafeValue, run_sbatch, secret_env
+    from launcher.rundir.write import choose_run_dir
+    from launcher.launch.slurm import UnsafeValue, run_sbatch, secret_env
 
     sweep_dir = sweep_dir_for(choose_run_dir(raw), sweep_id)
     script = sweep_dir / "sweep.sbatch"
@@ -115,7 +116,7 @@ def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], 
         text = render_sweep_script(cfg, sweep_dir, sweep_id, extra, trial_files[0] is not None, sys.executable, Path.cwd())
     except UnsafeValue as e:
         raise ConfigErrors([ConfigError(e.field, str(e))]) from None
-    (sweep_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)  # SLURM will not create it
+    RunPaths(sweep_dir).logs.mkdir(parents=True, exist_ok=True)  # SLURM will not create it
     script.write_text(text)
     for trial_file in trial_files:
         argv = ["sbatch", "--parsable", str(script), *([str(trial_file)] if trial_file else [])]
@@ -123,7 +124,7 @@ def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], 
         if code:
             return code
         print(job_id)
-    print(f"ftl: submitted {len(trial_files)} trial job(s) of sweep {sweep_id}; logs in {sweep_dir / LOG_DIR}, "
+    print(f"ftl: submitted {len(trial_files)} trial job(s) of sweep {sweep_id}; logs in {RunPaths(sweep_dir).logs}, "
           f"trials in {sweep_dir}/<run id>", file=sys.stderr)  # fmt: skip
     return 0
 
@@ -132,7 +133,7 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
     """`ftl sweep agent --offline SPEC count=K [overrides]`: W&B's search engine, no server."""
     import yaml
 
-    from launcher.launch.run_dir import choose_run_dir
+    from launcher.rundir.write import choose_run_dir
     from launcher.sweep.multirun import print_trial_table, trial_metric
 
     args = parse_agent_args(tokens)

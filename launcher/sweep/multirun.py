@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher.config.errors import EXIT_INVALID
+from launcher.rundir import RunPaths
 from launcher.sweep.spec import override_key, safe_name
 
 NAME_CHARS = 80  # the readable part of a trial dir's name; the hash after it tells trials apart
@@ -39,13 +40,13 @@ def expand(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
 def trial_result(run_dir: Path) -> dict[str, object]:
     """The last logged loss and the final eval, read back from the trial's run dir."""
     out: dict[str, object] = {}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunPaths(run_dir).metrics
     if metrics.exists():
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         steps = [m for m in lines if "loss" in m]
         if steps:
             out["step"], out["loss"] = steps[-1].get("step"), steps[-1]["loss"]
-    evals = run_dir / "eval.json"
+    evals = RunPaths(run_dir).eval
     if evals.exists():
         after = json.loads(evals.read_text()).get("after") or {}
         if "perplexity" in after:
@@ -62,14 +63,14 @@ def trial_metric(run_dir: Path, name: str = DEFAULT_METRIC) -> tuple[str, float]
     line of metrics.jsonl. A run without that eval (eval.after_training=false) reports its last
     train loss instead, named so: (name actually read, value), or None when the run logged nothing."""
     section, _, key = name.partition("/")
-    evals = run_dir / "eval.json"
+    evals = RunPaths(run_dir).eval
     if section == "eval" and evals.is_file():
         results = json.loads(evals.read_text())
         final = results.get("after") or max((v for k, v in results.items() if k.startswith("step_")),
                                             key=lambda v: v.get("step", 0), default={})  # fmt: skip
         if isinstance(final.get(key), (int, float)):
             return name, float(final[key])
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunPaths(run_dir).metrics
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
     key = key if section == "train" else "loss"
     rows = [r for r in rows if isinstance(r.get(key), (int, float))]
@@ -127,7 +128,7 @@ def stale_trials(trials: list[tuple[str, list[str], Path]]) -> list[str]:
     """For each (label, overrides with its run.dir, run dir) whose run dir exists and holds a
     config.yaml other than the one the trial composes now: what to tell the user (the trial, its
     dir, the differing keys). A trial with no dir yet is composed when it runs, as any run is."""
-    from launcher.launch.run_dir import _config_changes
+    from launcher.rundir.write import _config_changes
     from launcher.redact import known_secrets, redact
     from launcher.session import prepare_run
 
@@ -147,7 +148,7 @@ def stale_trials(trials: list[tuple[str, list[str], Path]]) -> list[str]:
 def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -> int:
     from launcher.config.compose import compose
     from launcher.config.search_path import hydra_quote
-    from launcher.launch.run_dir import choose_run_dir
+    from launcher.rundir.write import choose_run_dir
 
     trials, swept_keys = expand(overrides)
     raw, _, _ = compose([o for o in trials[0] if not o.startswith("run.dir=")])

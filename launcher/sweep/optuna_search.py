@@ -120,7 +120,7 @@ def run_optuna(spec_arg: str, tokens: list[str], train_once: Callable[[list[str]
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
     from omegaconf import OmegaConf
 
-    from launcher.launch.run_dir import choose_run_dir
+    from launcher.rundir.write import choose_run_dir
     from launcher.sweep.multirun import print_trial_table
 
     seed, tokens = parse_seed(tokens)

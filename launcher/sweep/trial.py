@@ -54,7 +54,7 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
     if not (sweep_id and run_id):
         return None
     from launcher.config.compose import compose
-    from launcher.launch.run_dir import choose_run_dir
+    from launcher.rundir.write import choose_run_dir
 
     extra = agent_overrides(environ)
     check_no_conflict(extra, overrides)
@@ -70,7 +70,7 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
 def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
     """Train the trial: here (train_once), or, inside a SLURM sweep job, across its allocation."""
     from launcher.sweep.multirun import shown
-    from launcher.train.telemetry import WANDB_ID_FILE
+    from launcher.rundir import RunPaths
 
     print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {shown(trial.argv_overrides)}", file=sys.stderr)
     if trial.backend == "slurm" and trial.job_record is None:
@@ -78,7 +78,7 @@ def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
                                         "`ftl sweep agent SWEEP_ID count=K launch=slurm ...` submits them")])  # fmt: skip
     mark_dir(trial.run_dir, "run")
     # The W&B run the agent made is this run dir's run: a restart (requeue, resume) continues it.
-    write_atomic(trial.run_dir / WANDB_ID_FILE, trial.run_id + "\n")
+    write_atomic(RunPaths(trial.run_dir).wandb_id, trial.run_id + "\n")
     if trial.job_record is None:
         return train_once(trial.overrides)
     record_trial(trial, environ)

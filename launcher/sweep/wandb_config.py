@@ -91,7 +91,7 @@ def is_sweep_file(path: Path) -> bool:
 
 
 def sweep_file(raw: dict[str, Any], name: str) -> Path:
-    from launcher.launch.run_dir import choose_run_dir
+    from launcher.rundir.write import choose_run_dir
 
     return choose_run_dir(raw).parent / f"sweep-{safe_name(name)}.yaml"
 

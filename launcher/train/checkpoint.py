@@ -39,7 +39,7 @@ from launcher.train.resume import MARKER, REPLACED, TRAINER_STATE, checkpoints_d
 if TYPE_CHECKING:
     from launcher.engines.base import Engine
 
-# The layout's names and readers (CHECKPOINTS_DIR, MARKER, ..., list_complete) live in launcher.train.resume,
+# The layout's names and readers (the checkpoints dir via launcher.rundir.RunPaths; MARKER, ..., list_complete in launcher.train.resume)
 # which reads checkpoints without torch before a run is launched.
 
 

@@ -19,7 +19,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, MutableMapping
-from pathlib import Path
 from typing import Any, Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
@@ -56,10 +55,6 @@ def config_from_overrides(overrides: list[str]):  # -> (FtlConfig, PreparedRun)
     return run.cfg, run
 
 
-def run_dir_of(cfg) -> Path:
-    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
-
-
 def default_cuda_allocator(environ: MutableMapping[str, str]) -> None:
     """Expandable segments for CUDA's caching allocator (it grows a segment in place instead of
     leaving differently sized blocks stranded), unless the allocator is configured already. Read
@@ -78,8 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
-    from launcher.launch.lock import RunDirBusy, RunDirLock
+    from launcher.rundir.lock import RunDirBusy, RunDirLock
     from launcher.launch.outcome import record_exit
+    from launcher.rundir import run_dir_of
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     lock = None
@@ -88,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rank == 0:  # the run dir's one writer: holds its lock (inherited from `ftl train` when it started us)
             lock = RunDirLock(run_dir_of(cfg), "trainer rank 0").acquire()
             if run is not None:
-                from launcher.launch.run_dir import write_run_dir
+                from launcher.rundir.write import write_run_dir
 
                 write_run_dir(run.raw, run.plan, run.config_path, ["(torchrun) -m launcher.train", *args.overrides])
     except ConfigErrors as e:

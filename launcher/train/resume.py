@@ -36,15 +36,9 @@ from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
-from launcher.files import CHECKPOINTS_DIR, REPLACED, TRAINER_STATE, checkpoint_problem, step_of
+from launcher.files import REPLACED, TRAINER_STATE, checkpoint_problem, step_of
+from launcher.rundir import RunPaths
 from launcher.shell import join, quote
-
-EVAL_FILE = "eval.json"
-CONFIG_NAME = "config.yaml"
-# An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
-# files, `ftl eval` of its checkpoints the eval/ folder).
-EARLIER_RUN_FILES = (CHECKPOINTS_DIR, "metrics.jsonl", EVAL_FILE, "loss_curve.png", "eval")
-EARLIER_PREFIX = "earlier-"
 
 # What the weights are: another model or other adapters cannot continue them.
 MODEL_KEYS = ("model.source", "model.path", "model.revision", "model.tokenizer", "model.arch")
@@ -61,7 +55,7 @@ DATA_KEYS = (
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
+    return RunPaths(run_dir).checkpoints
 
 
 def is_complete(path: Path) -> bool:
@@ -99,8 +93,8 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
     state = _read_json(path / TRAINER_STATE)
     config = state.get("config") or {}
     if not config:  # written before checkpoints recorded their config: the run dir's, if this is its own
-        run_config = path.parent.parent / CONFIG_NAME
-        if path.parent.name == CHECKPOINTS_DIR and run_config.is_file():
+        run_config = RunPaths(path.parent.parent).config
+        if path.parent.name == RunPaths.CHECKPOINTS and run_config.is_file():
             config = _read_yaml(run_config)
     return CheckpointInfo(
         path=path,
@@ -132,7 +126,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[CheckpointInfo]:
 
 def evaluated_after(run_dir: Path, step: int) -> bool:
     """eval.json holds the evaluation after training, made at ``step``."""
-    after = _read_json(Path(run_dir) / EVAL_FILE).get("after")
+    after = _read_json(RunPaths(run_dir).eval).get("after")
     return isinstance(after, dict) and after.get("step") == step
 
 
@@ -142,9 +136,9 @@ def earlier_run_files(run_dir: Path) -> list[str]:
     its ``ftl eval`` results."""
     root = checkpoints_dir(run_dir)
     found = []
-    for name in EARLIER_RUN_FILES:
+    for name in RunPaths.EARLIER_RUN_FILES:
         path = Path(run_dir) / name
-        if name == CHECKPOINTS_DIR:
+        if name == RunPaths.CHECKPOINTS:
             if root.is_dir() and any(step_of(p.name) is not None or p.name.startswith(".tmp-") for p in root.iterdir()):
                 found.append(name)
         elif path.exists():
@@ -165,11 +159,11 @@ def set_aside_earlier_run(run_dir: Path) -> Optional[tuple[Path, list[str]]]:
     if not names:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = Path(run_dir) / f"{EARLIER_PREFIX}{stamp}"
+    aside = RunPaths(run_dir).earlier(stamp)
     n = 1
     while aside.exists():
         n += 1
-        aside = Path(run_dir) / f"{EARLIER_PREFIX}{stamp}-{n}"
+        aside = RunPaths(run_dir).earlier(f"{stamp}-{n}")
     aside.mkdir()
     for name in names:
         os.rename(Path(run_dir) / name, aside / name)
@@ -239,7 +233,7 @@ def resume_verdict(ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, eva
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Every key whose value differs between the checkpoint's config (stored redacted) and the new one."""
-    from launcher.launch.run_dir import _diff
+    from launcher.rundir.write import _diff
     from launcher.redact import known_secrets, redact
 
     return _diff(_norm(old), _norm(redact(new, known_secrets())), "")
@@ -344,7 +338,7 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
     lines += [
         "Choose one:",
         f"  a new run:          {command(f'run.name={_new_name(run_dir)}')}",
-        f"  start over here:    {command('checkpoint.resume=never')}   (moves the earlier run's files into {EARLIER_PREFIX}<time>/ first, deleting nothing)",
+        f"  start over here:    {command('checkpoint.resume=never')}   (moves the earlier run's files into {RunPaths.EARLIER_PREFIX}<time>/ first, deleting nothing)",
     ]
     if all(e.path in ("train.max_steps", "train.epochs") for e in verdict.errors):
         lines.append(f"  continue this run:  train.max_steps={ckpt.step} or more, or the run length it had")

@@ -28,13 +28,10 @@ from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
 from launcher.progress import attach
 from launcher.redact import known_secrets, redact, redact_overrides
+from launcher.rundir import RunPaths
 from launcher.runtime.distributed import DistInfo
 from launcher.wandb_auth import resolve_wandb_mode
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-LOSS_CURVE_FILE = "loss_curve.png"
-WANDB_ID_FILE = "wandb_run_id"
 CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "elapsed")
 
@@ -82,9 +79,9 @@ def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: 
     from launcher.progress import make_console
 
     console = make_console()  # plain, unwrapped lines in a log file (SLURM)
-    evals = EvalFileSink(run_dir / EVAL_FILE, start_step)
+    evals = EvalFileSink(RunPaths(run_dir).eval, start_step)
     sinks: list[Sink] = [
-        JsonlSink(run_dir / METRICS_FILE, start_step, run_dir / LOSS_CURVE_FILE),
+        JsonlSink(RunPaths(run_dir).metrics, start_step, RunPaths(run_dir).loss_curve),
         evals,
         ConsoleSink(console, total_steps, start_step, cfg.train.log_every, cfg.eval.show_samples, evals.results),
     ]
@@ -312,7 +309,7 @@ def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_sampl
 
 def read_or_create_run_id(run_dir: Path, fresh: bool) -> str:
     """The W&B run id lives in the run dir, so a restart of the same command resumes the same run."""
-    path = run_dir / WANDB_ID_FILE
+    path = RunPaths(run_dir).wandb_id
     if path.is_file() and not fresh:
         return path.read_text().strip()
     # W&B ids are [a-z0-9]; made here so that choosing one imports nothing from wandb.

@@ -39,6 +39,7 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
+from launcher.rundir import run_dir_of
 from launcher.train.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -279,11 +280,6 @@ class Trainer:
 
 # --------------------------------------------------------------------------------------------
 # setup
-
-
-def run_dir_of(cfg: FtlConfig) -> Path:
-    """The launcher chooses the run dir once and writes it into the config every rank reads."""
-    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
 
 @dataclass

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from launcher.artifacts.export import export_checkpoint, parse_size
-from launcher.artifacts.weights import ArtifactInputError, engine_from_marker, resolve_source
+from launcher.artifacts.weights import ArtifactInputError, resolve_source
 from launcher.train.checkpoint import MARKER, TrainerState, save_checkpoint
+from launcher.train.resume import engine_name
 
 
 def test_parse_size() -> None:
@@ -25,8 +26,8 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
-def test_engine_from_marker() -> None:
-    assert [engine_from_marker(n) for n in ("FSDPEngine", "DDPEngine", "SingleEngine", "DeepSpeedEngine", "fsdp")] == [
+def test_engine_name() -> None:
+    assert [engine_name(n) for n in ("FSDPEngine", "DDPEngine", "SingleEngine", "DeepSpeedEngine", "fsdp")] == [
         "fsdp", "ddp", "single", "deepspeed", "fsdp",
     ]  # fmt: skip
 

@@ -100,7 +100,7 @@ def test_family_trains_packed_exports_and_reloads(family: str, models: Path, tmp
     from transformers import AutoModelForCausalLM
 
     from launcher.artifacts.export import export_checkpoint
-    from launcher.launch.run_dir import write_run_dir
+    from launcher.rundir.write import write_run_dir
     from launcher.model.loading import load_model_and_tokenizer
     from launcher.session import prepare_run
     from launcher.train.trainer import Trainer

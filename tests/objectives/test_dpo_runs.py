@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import TINY, TWO_RANKS, copy_interrupted, ftl, ftl_env, max_abs_diff, metrics, step_dir
 
-from launcher.objectives.reference import RUN_FILE, ReferenceLogps
+from launcher.objectives.reference import ReferenceLogps
+from launcher.rundir import RunPaths
 
 DPO = [*TINY, "objective=dpo", "data=demo_preferences", "train.seq_len=512", "train.precision=fp32", "train.warmup_steps=1",
        "eval.max_batches=1"]  # fmt: skip
@@ -57,7 +58,7 @@ def test_precomputed_reference_equals_the_starting_models_live_log_probs(single:
     from launcher.objectives.losses import sequence_logps
     from launcher.train.trainer import build_model, seed_everything
 
-    stored = ReferenceLogps.load(single / RUN_FILE)
+    stored = ReferenceLogps.load(single / RunPaths.REFERENCE_LOGPS)
     assert stored is not None and set(stored.splits) == {"train", "eval"}
     cfg = load_run_config(single / "config.yaml")
     seed_everything(cfg.train.seed)  # as the trainer does before building the model
@@ -78,7 +79,7 @@ def test_resume_is_exact(single: Path, tmp_path: Path) -> None:
     from launcher.engines import engine_class
 
     resumed = copy_interrupted(single, tmp_path / "resumed", step=2)
-    shutil.copy(single / RUN_FILE, resumed / RUN_FILE)
+    shutil.copy(single / RunPaths.REFERENCE_LOGPS, resumed / RunPaths.REFERENCE_LOGPS)
     ftl("train", *DPO, f"train.max_steps={STEPS}", "train.micro_batch_size=4", "checkpoint.every_steps=2", f"run.dir={resumed}")
     read = engine_class("single").consolidate_checkpoint
     assert max_abs_diff(read(step_dir(resumed, STEPS)), read(step_dir(single, STEPS))) <= 1e-6
@@ -88,7 +89,7 @@ def test_resume_is_exact(single: Path, tmp_path: Path) -> None:
 def test_a_resumed_run_without_its_reference_file_stops_clearly(single: Path, tmp_path: Path) -> None:
     resumed = copy_interrupted(single, tmp_path / "lost", step=2)
     out = ftl("train", *DPO, f"train.max_steps={STEPS}", "train.micro_batch_size=4", f"run.dir={resumed}", check=False)
-    assert out.returncode == 2 and RUN_FILE in out.stderr and "checkpoint.resume=never" in out.stderr
+    assert out.returncode == 2 and RunPaths.REFERENCE_LOGPS in out.stderr and "checkpoint.resume=never" in out.stderr
 
 
 def test_ftl_eval_reports_preference_metrics_against_the_starting_model(single: Path, tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_lora_dpo_uses_the_base_as_reference_and_exports(tmp_path: Path) -> None
     rows = metrics(lora)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy = base
     assert rows[-1]["rewards/margin"] != 0
-    assert not (lora / RUN_FILE).exists()  # adapters_off: nothing precomputed
+    assert not (lora / RunPaths.REFERENCE_LOGPS).exists()  # adapters_off: nothing precomputed
     ftl("export", str(lora), "merge_lora=true", "--out", str(tmp_path / "merged"))
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     logits = plain_transformers_logits(tmp_path / "merged", ids, tmp_path)
@@ -132,7 +133,7 @@ def test_simpo_trains_without_a_reference(tmp_path: Path) -> None:
     simpo = run(tmp_path, "simpo", "objective=simpo", "train.micro_batch_size=4")
     rows = metrics(simpo)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
-    assert not (simpo / RUN_FILE).exists()
+    assert not (simpo / RunPaths.REFERENCE_LOGPS).exists()
 
 
 def test_a_beta_sweep_runs_one_trial_per_value(tmp_path: Path) -> None:

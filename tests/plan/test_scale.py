@@ -160,7 +160,7 @@ def test_a_bad_every_steps_word_and_an_unknown_gpu_are_named() -> None:
 
 def test_auto_is_resolved_once_into_the_config_the_ranks_read(tmp_path) -> None:
     from launcher.config.validate import load_run_config
-    from launcher.launch.run_dir import write_run_dir
+    from launcher.rundir.write import write_run_dir
 
     run = prepare_run([R405, f"run.dir={tmp_path / 'run'}"])
     _, p = plan_at()

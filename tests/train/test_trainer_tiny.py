@@ -30,8 +30,9 @@ from launcher.config.schema import (
     WandbConfig,
 )
 from launcher.paths import ROOT, asset
+from launcher.rundir import RunPaths
 from launcher.train.checkpoint import MARKER, checkpoints_dir, list_complete
-from launcher.train.telemetry import STEP_FIELDS, WANDB_ID_FILE
+from launcher.train.telemetry import STEP_FIELDS
 from launcher.train.trainer import Trainer
 
 FAKE_KEY = "f4ke0api0key0" + "x" * 27  # 40 characters, like a real W&B key
@@ -139,7 +140,7 @@ def test_killed_run_resumes_exactly_with_same_wandb_run(
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 21))  # the killed attempt's 11-12 replaced
     assert [r["loss"] for r in metrics(run_dir)] == pytest.approx([r["loss"] for r in metrics(reference_run)], abs=1e-5)
 
-    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    run_id = RunPaths(run_dir).wandb_id.read_text().strip()
     assert len(wandb_offline_attempts(run_dir, run_id)) == 2
     leaks = [p for p in run_dir.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == []

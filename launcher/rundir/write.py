@@ -17,12 +17,10 @@ from typing import Any
 
 from launcher.config.errors import ConfigError
 from launcher.files import mark_dir, output_dir_problems, write_atomic
-from launcher.launch.base import CONFIG_NAME, LaunchPlan
+from launcher.launch.base import LaunchPlan
 from launcher.redact import known_secrets, redact, redact_overrides
+from launcher.rundir.paths import RunPaths
 from launcher.shell import comment, join, quote
-
-COMMAND_NAME = "launch.sh"
-
 
 SLURM_SUFFIX = "-slurm"
 
@@ -39,7 +37,7 @@ def choose_run_dir(raw: dict[str, Any]) -> Path:
 def config_path_for(raw: dict[str, Any], run_dir: Path) -> Path:
     """Every node of a multi-node torchrun job writes its own copy: only node_rank differs."""
     node_rank = raw["launch"].get("node_rank", 0) if raw["launch"].get("backend") == "torchrun" else 0
-    return run_dir / (CONFIG_NAME if not node_rank else f"config.node{node_rank}.yaml")
+    return RunPaths(run_dir).node_config(node_rank)
 
 
 def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
@@ -53,7 +51,7 @@ def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
     errors = [ConfigError(where, f"{run_dir} {p}") for p in output_dir_problems(run_dir, "run")]
     if errors or not run_dir.is_dir():
         return errors
-    config = run_dir / CONFIG_NAME
+    config = RunPaths(run_dir).config
     if config.exists():
         problem = _unreadable_config(config)
         if problem:
@@ -84,7 +82,7 @@ def write_run_dir(raw: dict[str, Any], plan: LaunchPlan, config_path: Path, argv
     stored = redact(raw, secrets)
     changes = _config_changes(config_path, stored) if config_path.exists() else []
     write_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(stored)))
-    write_atomic(run_dir / COMMAND_NAME, launch_script(plan, argv))
+    write_atomic(RunPaths(run_dir).launch_script, launch_script(plan, argv))
     for name, text in plan.files.items():
         write_atomic(run_dir / name, redact(text, secrets))
     return changes

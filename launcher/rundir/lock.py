@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.files import mark_dir
+from launcher.rundir.paths import RunPaths
 
-LOCK_NAME = ".ftl-lock"
 LOCK_ENV = "FTL_RUN_LOCK"  # the token of a lock the launcher holds for its trainers
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
@@ -50,7 +50,7 @@ class LockInfo:
 
 
 def lock_path(run_dir: Path) -> Path:
-    return Path(run_dir) / LOCK_NAME
+    return RunPaths(run_dir).lock
 
 
 def _pid_start(pid: int) -> str:
@@ -189,7 +189,7 @@ class RunDirLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "role": self.role,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
                 "pid_start": _pid_start(os.getpid())}  # fmt: skip
-        tmp = self.run_dir / f".ftl-lock.{os.getpid()}.{self.token}.tmp"
+        tmp = self.run_dir / f"{RunPaths.LOCK}.{os.getpid()}.{self.token}.tmp"
         tmp.write_text(json.dumps(info) + "\n")
         try:
             if replace:

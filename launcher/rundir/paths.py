@@ -1,0 +1,128 @@
+"""Every file of a run directory, named in one place (submitit's ``JobPaths`` is the model): the
+launcher, the ranks, ``ftl eval``, ``ftl export`` and the sweeps ask :class:`RunPaths` and spell
+no name themselves (tests/test_layout.py checks). Pure: imports nothing but pathlib, so a rank
+imports it for free.
+
+What is inside a checkpoint's ``step-N`` dir (its marker, the engine's state, the weights) is the
+checkpoint code's and the engines' business; the ``checkpoints/`` dir itself is named here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class RunPaths:
+    """The files of the run dir ``root``. The class attributes are the names, the properties the
+    paths: ``RunPaths(run_dir).metrics`` is ``run_dir/metrics.jsonl``."""
+
+    CONFIG = "config.yaml"  # the resolved config every rank reads (secrets blanked)
+    LAUNCH_SCRIPT = "launch.sh"  # the command that made the run, and the job's commands
+    JOB_SCRIPT = "job.sbatch"  # launch=slurm: the training job
+    PREPROCESS_SCRIPT = "preprocess.sbatch"  # launch=slurm with launch.preprocess_job: the data job before it
+    LOGS = "logs"  # launch=slurm: slurm-<job>.out and node-<index>.log
+    METRICS = "metrics.jsonl"  # one line per optimizer step
+    EVAL = "eval.json"  # the trainer's evaluations (before, step_N, after); also ftl eval's result file
+    EVAL_DIR = "eval"  # ftl eval of the run's checkpoints: eval/step-N/eval.json
+    EXPORT_DIR = "export"  # ftl export of the run's checkpoints: export/step-N/
+    LOSS_CURVE = "loss_curve.png"
+    WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
+    CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
+    REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
+    LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
+    MARKER = ".ftl-run"  # ftl made this dir: only this says so
+    EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code
+    EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
+    # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
+    # files, `ftl eval` of its checkpoints the eval/ folder).
+    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR)
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def names(cls) -> dict[str, str]:
+        """Attribute -> file name, every one (tests/test_layout.py builds its check from these)."""
+        return {k: v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    def node_config(self, node_rank: int) -> Path:
+        """A multi-node torchrun job: every node writes its own copy; only node_rank differs."""
+        return self.config if not node_rank else self.root / f"config.node{node_rank}.yaml"
+
+    @property
+    def launch_script(self) -> Path:
+        return self.root / self.LAUNCH_SCRIPT
+
+    @property
+    def job_script(self) -> Path:
+        return self.root / self.JOB_SCRIPT
+
+    @property
+    def preprocess_script(self) -> Path:
+        return self.root / self.PREPROCESS_SCRIPT
+
+    @property
+    def logs(self) -> Path:
+        return self.root / self.LOGS
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def eval(self) -> Path:
+        return self.root / self.EVAL
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / self.EVAL_DIR
+
+    def eval_of_step(self, step: int) -> Path:
+        """Where ``ftl eval`` of the run's step-N checkpoint writes its results."""
+        return self.eval_dir / f"step-{step}"
+
+    def export_of(self, checkpoint: str) -> Path:
+        """Where ``ftl export`` of the run's checkpoint dir named ``checkpoint`` writes by default."""
+        return self.root / self.EXPORT_DIR / checkpoint
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / self.LOSS_CURVE
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / self.WANDB_ID
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    @property
+    def reference_logps(self) -> Path:
+        return self.root / self.REFERENCE_LOGPS
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
+
+    @property
+    def marker(self) -> Path:
+        return self.root / self.MARKER
+
+    @property
+    def exits(self) -> Path:
+        return self.root / self.EXITS
+
+    def earlier(self, stamp: str) -> Path:
+        """Where ``checkpoint.resume=never`` moves an earlier run's outputs."""
+        return self.root / f"{self.EARLIER_PREFIX}{stamp}"
+
+
+def run_dir_of(cfg: Any) -> Path:
+    """The launcher chooses the run dir once and writes it into the config every rank reads."""
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
