@@ -132,7 +132,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, timeout: float) -> dict[str, tu
                 rc = 124
         seconds = time.monotonic() - start
         tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] if rc else []
-        print(f"{job.name}: exit {rc} after {seconds:.0f} s" + (f" (timed out)" if rc == 124 else "") + (f": {tail[0][:200]}" if tail else ""), flush=True)
+        print(f"{job.name}: exit {rc} after {seconds:.0f} s" + (" (timed out)" if rc == 124 else "") + (f": {tail[0][:200]}" if tail else ""), flush=True)
         return job.name, (rc, seconds)
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
