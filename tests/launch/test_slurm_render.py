@@ -757,6 +757,7 @@ def test_the_plan_names_the_interpreter_the_nodes_run(tmp_path):
 
 
 def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")  # the job's --chdir: a checkout under /tmp (as CI's may be) would be warned about too
     monkeypatch.setenv("FTL_CACHE", "/dev/shm/ftl-cache")
     monkeypatch.setenv("HF_HOME", "/shared/hf")
     cfg = config()

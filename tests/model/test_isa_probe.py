@@ -99,7 +99,8 @@ def test_compiling_for_the_cpu_reuses_the_probe_and_nothing_else_does(monkeypatc
     from launcher.paths import asset
 
     calls: list[str] = []
-    monkeypatch.setattr(compile_mod, "reuse_isa_probe", lambda: calls.append("probe") or "reused")
+    # compile.py imports the probe when it compiles (it keeps torch out of `ftl plan`): patch it at its source
+    monkeypatch.setattr(isa_probe, "reuse_isa_probe", lambda: calls.append("probe") or "reused")
     tok = AutoTokenizer.from_pretrained(asset("tiny-tokenizer"))
     compile_mod.compile_decoder_layers(tiny(tok, "sdpa_varlen"), torch.device("cpu"))
     assert calls == ["probe"]
