@@ -774,6 +774,7 @@ def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
     monkeypatch.setenv("FTL_CACHE", "/shared/cache")
     monkeypatch.setenv("HF_HOME", "/tmpfoo/hf")  # a prefix of a name is not its directory
     cfg = config()
+    cfg.launch.python = "/shared/venv/bin/python"  # not this test's own interpreter, which may live under /tmp
     assert not [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
 
 
