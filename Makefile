@@ -19,7 +19,7 @@ PYTEST_WORKERS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export FTL_CACHE ?= $(CURDIR)/.cache/ftl
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -43,6 +43,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+# One formatter and linter, configured in pyproject.toml ([tool.ruff]); `.ci/run` runs `lint`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

@@ -63,6 +63,8 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], dict[st
     hits them alike; the first round is left out."""
     import torch
     import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     from launcher.data.build import build_datasets, collate
     from launcher.data.packing import model_inputs, pack_dataset
@@ -71,12 +73,9 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], dict[st
     from launcher.model import attention
     from launcher.model.compile import compile_decoder_layers, eager
     from launcher.model.loading import load_model_and_tokenizer
-    from launcher.session import load_config
     from launcher.runtime.device import bf16_residual_stream
+    from launcher.session import load_config
     from launcher.train.loss import next_token_loss
-
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     cfg = load_config([f"recipe={recipe}", "train.seq_len=512"]).cfg
     torch.manual_seed(0)
@@ -135,7 +134,9 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], dict[st
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps: checks the script, not a result")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random model, 3 steps: checks the script, not a result"
+    )
     parser.add_argument("--steps", type=int, default=None, help="rounds (default 8; quick 3)")
     args = parser.parse_args(argv)
     recipe = "tiny" if args.quick else "demo"
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     times, first_compiled = step_times(recipe, steps)
     rows = [{"config": name, "median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()]
     base = rows[0]["median_s"]
-    print(f"recipe={recipe}, 4 packs of 512 slots, bf16 autocast, {steps - 1} timed rounds" + (" (QUICK: not a result)" if args.quick else ""))
+    print(
+        f"recipe={recipe}, 4 packs of 512 slots, bf16 autocast, {steps - 1} timed rounds"
+        + (" (QUICK: not a result)" if args.quick else "")
+    )
     print(f"{'configuration':<52} | {'median s':>8} | {'min s':>6} | {'speed-up':>8}")
     print(f"{'-' * 52}-|-{'-' * 8}-|-{'-' * 6}-|-{'-' * 8}")
     for r in rows:

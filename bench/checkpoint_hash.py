@@ -27,10 +27,9 @@ from launcher.config.compose import compose  # noqa: E402
 from launcher.config.validate import validate  # noqa: E402
 from launcher.engines import build_engine  # noqa: E402
 from launcher.files import file_hashes  # noqa: E402
-from launcher.train.checkpoint import TrainerState, save_checkpoint, verify  # noqa: E402
 from launcher.runtime.distributed import DistInfo  # noqa: E402
+from launcher.train.checkpoint import TrainerState, save_checkpoint, verify  # noqa: E402
 from launcher.train.trainer import build_model  # noqa: E402
-
 
 ROWS = ("save (engine files, fsync, sha256, marker)", "sha256 of every file (threads)", "verify (sizes, steps, sha256)")
 
@@ -54,7 +53,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         for step in range(1, args.rounds + 1):
             start = time.perf_counter()
-            path = save_checkpoint(Path(run_dir), TrainerState(step=step), engine, DistInfo(), keep=1, barrier=lambda: None)
+            path = save_checkpoint(
+                Path(run_dir), TrainerState(step=step), engine, DistInfo(), keep=1, barrier=lambda: None
+            )
             saves.append(time.perf_counter() - start)
             files = [f for f in sorted(path.rglob("*")) if f.is_file()]
             start = time.perf_counter()
@@ -66,9 +67,13 @@ def main() -> None:
         size = sum(f.stat().st_size for f in files)
     save, hashed, verified = (statistics.median(x) for x in (saves, hashes, verifies))
     quick = " QUICK (tiny model): not a result" if args.quick else ""
-    print(f"checkpoint: {len(files)} files, {size / 1e9:.2f} GB ({cfg.model.name}, {args.rounds} rounds, medians){quick}")
+    print(
+        f"checkpoint: {len(files)} files, {size / 1e9:.2f} GB ({cfg.model.name}, {args.rounds} rounds, medians){quick}"
+    )
     print(f"{ROWS[0]:45} {save:7.2f} s")
-    print(f"{ROWS[1]:45} {hashed:7.2f} s  {hashed / save:5.1%} of the save (which includes it), {size / max(hashed, 1e-9) / 1e9:.2f} GB/s")
+    print(
+        f"{ROWS[1]:45} {hashed:7.2f} s  {hashed / save:5.1%} of the save (which includes it), {size / max(hashed, 1e-9) / 1e9:.2f} GB/s"
+    )
     print(f"{ROWS[2]:45} {verified:7.2f} s")
 
 

@@ -64,16 +64,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     rounds = args.rounds or (2 if args.quick else 12)
     lengths = packed_lengths(rows, width, longest=min(150, width // 3))
     g = torch.Generator().manual_seed(0)
-    q0, k0, v0 = (torch.randn(rows, h, width, dim, generator=g, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    q0, k0, v0 = (
+        torch.randn(rows, h, width, dim, generator=g, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads)
+    )
     grad = torch.randn(1, heads, rows * width, dim, generator=g, dtype=torch.bfloat16)
     positions = torch.cat([torch.arange(n) for n in lengths]).view(rows, width)
 
     def one_operator(q: Any, k: Any, v: Any, lengths: list[int], *, scale: float, **_: Any) -> Any:
         return attention_op.packed_attention(q, k, v, positions, scale)[0]
 
-    sides: dict[str, Callable[..., Any]] = dict(zip(SIDES, (attention.sdpa_per_example, attention.per_example, one_operator)))
+    sides: dict[str, Callable[..., Any]] = dict(
+        zip(SIDES, (attention.sdpa_per_example, attention.per_example, one_operator))
+    )
     # the operator's output and its gradient are [b, L, heads, d]; the loops' [1, heads, b·L, d]
-    grads = {f: grad[0].reshape(heads, rows, width, dim).permute(1, 2, 0, 3).contiguous() if f is one_operator else grad for f in sides.values()}
+    grads = {
+        f: grad[0].reshape(heads, rows, width, dim).permute(1, 2, 0, 3).contiguous() if f is one_operator else grad
+        for f in sides.values()
+    }
 
     def run(f: Callable[..., Any]) -> Any:
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
@@ -95,8 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             wall[side].append((time.perf_counter() - start) / 3 * 1e3)
             cpu[side].append((time.process_time() - start_cpu) / 3 * 1e3)
     result = {s: {"wall_ms": statistics.median(wall[s]), "cpu_ms": statistics.median(cpu[s])} for s in SIDES}
-    print(f"{rows} packs of {width} tokens, {len(lengths)} examples, {heads} query / {kv_heads} key-value heads of {dim}, bf16, "
-          f"bf16 autocast, forward + backward, {rounds} rounds taking turns, {torch.get_num_threads()} threads" + (" (QUICK: not a result)" if args.quick else ""))  # fmt: skip
+    print(
+        f"{rows} packs of {width} tokens, {len(lengths)} examples, {heads} query / {kv_heads} key-value heads of {dim}, bf16, "
+        f"bf16 autocast, forward + backward, {rounds} rounds taking turns, {torch.get_num_threads()} threads"
+        + (" (QUICK: not a result)" if args.quick else "")
+    )
     print(f"{'path':<20} | {'wall ms':>8} | {'CPU ms':>8}")
     print(f"{'-' * 20}-|-{'-' * 8}-|-{'-' * 8}")
     for side in SIDES:
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     base = result[SIDES[0]]
     for side in SIDES[1:]:
         new = result[side]
-        print(f"speed-up of {side}: {base['wall_ms'] / new['wall_ms']:.2f}x wall, {base['cpu_ms'] / new['cpu_ms']:.2f}x CPU time")
+        print(
+            f"speed-up of {side}: {base['wall_ms'] / new['wall_ms']:.2f}x wall, {base['cpu_ms'] / new['cpu_ms']:.2f}x CPU time"
+        )
     return result
 
 

@@ -46,8 +46,10 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     def text(mu: float, sigma: float) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.lognormvariate(mu, sigma)))))
 
-    return [{"instruction": text(3.0, 0.7), "input": text(2.0, 1.0) if rng.random() < 0.3 else "", "output": text(4.0, 0.8)}
-            for _ in range(n)]  # fmt: skip
+    return [
+        {"instruction": text(3.0, 0.7), "input": text(2.0, 1.0) if rng.random() < 0.3 else "", "output": text(4.0, 0.8)}
+        for _ in range(n)
+    ]
 
 
 def measure(name: str, cfg: DataConfig, tokenizer: Any, seq_lens: list[int], max_len: int) -> list[dict[str, Any]]:
@@ -64,13 +66,23 @@ def measure(name: str, cfg: DataConfig, tokenizer: Any, seq_lens: list[int], max
         packs = pack_lengths(fitted, seq_len)
         pack_seconds = time.perf_counter() - start
         total = sum(fitted)
-        rows.append({
-            "data": name, "format": cfg.format, "examples": len(lengths), "tokens": tokens,
-            "tokenize_s": seconds, "examples_per_s": len(lengths) / seconds, "tokens_per_s": tokens / seconds,
-            "seq_len": seq_len, "clipped": len(lengths) - len(fits), "packs": len(packs),
-            "efficiency": packing_efficiency(total, len(packs), seq_len),
-            "bound": total / (math.ceil(total / seq_len) * seq_len), "pack_ms": pack_seconds * 1e3,
-        })  # fmt: skip
+        rows.append(
+            {
+                "data": name,
+                "format": cfg.format,
+                "examples": len(lengths),
+                "tokens": tokens,
+                "tokenize_s": seconds,
+                "examples_per_s": len(lengths) / seconds,
+                "tokens_per_s": tokens / seconds,
+                "seq_len": seq_len,
+                "clipped": len(lengths) - len(fits),
+                "packs": len(packs),
+                "efficiency": packing_efficiency(total, len(packs), seq_len),
+                "bound": total / (math.ceil(total / seq_len) * seq_len),
+                "pack_ms": pack_seconds * 1e3,
+            }
+        )
     return rows
 
 
@@ -84,19 +96,35 @@ def run(quick: bool, n_synthetic: Optional[int] = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n)))
-        rows += measure(f"synthetic {n // 1000}k", DataConfig(format="instruction", train_files=[str(path)]), tokenizer, [2048, 4096], 4096)
+        rows += measure(
+            f"synthetic {n // 1000}k",
+            DataConfig(format="instruction", train_files=[str(path)]),
+            tokenizer,
+            [2048, 4096],
+            4096,
+        )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     columns = [
-        ("data", "data", "{}"), ("format", "format", "{}"), ("examples", "examples", "{:,}"), ("tokens", "tokens", "{:,}"),
-        ("examples_per_s", "ex/s", "{:,.0f}"), ("tokens_per_s", "tok/s", "{:,.0f}"), ("seq_len", "seq_len", "{}"),
-        ("packs", "packs", "{:,}"), ("efficiency", "efficiency", "{:.2%}"), ("bound", "bound", "{:.2%}"), ("pack_ms", "pack ms", "{:,.0f}"),
-    ]  # fmt: skip
+        ("data", "data", "{}"),
+        ("format", "format", "{}"),
+        ("examples", "examples", "{:,}"),
+        ("tokens", "tokens", "{:,}"),
+        ("examples_per_s", "ex/s", "{:,.0f}"),
+        ("tokens_per_s", "tok/s", "{:,.0f}"),
+        ("seq_len", "seq_len", "{}"),
+        ("packs", "packs", "{:,}"),
+        ("efficiency", "efficiency", "{:.2%}"),
+        ("bound", "bound", "{:.2%}"),
+        ("pack_ms", "pack ms", "{:,.0f}"),
+    ]
     cells = [[title for _, title, _ in columns]] + [[fmt.format(r[key]) for key, _, fmt in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = [
+        " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -41,13 +41,19 @@ sys.path.insert(0, str(BENCH))
 from throughput import ROOT, bench_env, combine, compose, model_dir_for, render  # noqa: E402
 
 GOAL_RATIO = 1.5
-SIDES = {"ftl": "ftl (pairs packed, bf16, precomputed reference)", "trl_pre": "TRL DPOTrainer (precompute_ref_log_probs)",
-         "trl": "TRL DPOTrainer (default: reference model each step)"}  # fmt: skip
+SIDES = {
+    "ftl": "ftl (pairs packed, bf16, precomputed reference)",
+    "trl_pre": "TRL DPOTrainer (precompute_ref_log_probs)",
+    "trl": "TRL DPOTrainer (default: reference model each step)",
+}
 
 
 def settings(quick: bool, steps: int | None, rounds: int | None) -> dict[str, Any]:
-    s = {"recipe": "tiny", "micro_batch_size": 4, "seq_len": 512, "steps": 3, "pairs": 48} if quick else \
-        {"recipe": "demo-dpo", "micro_batch_size": 2, "seq_len": 512, "steps": 10, "pairs": None}  # fmt: skip
+    s = (
+        {"recipe": "tiny", "micro_batch_size": 4, "seq_len": 512, "steps": 3, "pairs": 48}
+        if quick
+        else {"recipe": "demo-dpo", "micro_batch_size": 2, "seq_len": 512, "steps": 10, "pairs": None}
+    )
     s["rounds"] = rounds or (1 if quick else 3)
     s["steps"] = steps or s["steps"]
     if s["steps"] < 2:
@@ -57,8 +63,17 @@ def settings(quick: bool, steps: int | None, rounds: int | None) -> dict[str, An
 
 def overrides(s: dict[str, Any]) -> list[str]:
     """Both sides train on ``s["data"]``: the demo pairs (quick: the first ``pairs`` of them)."""
-    return [f"recipe={s['recipe']}", "objective=dpo", "data=demo_preferences", "data.packing=true", f"train.seq_len={s['seq_len']}",
-            f"data.train_files=[{s['data']}]", "data.eval_files=[]", "eval.before_training=false", "eval.after_training=false"]  # fmt: skip
+    return [
+        f"recipe={s['recipe']}",
+        "objective=dpo",
+        "data=demo_preferences",
+        "data.packing=true",
+        f"train.seq_len={s['seq_len']}",
+        f"data.train_files=[{s['data']}]",
+        "data.eval_files=[]",
+        "eval.before_training=false",
+        "eval.after_training=false",
+    ]
 
 
 def training_pairs(s: dict[str, Any], tmp: Path) -> str:
@@ -86,20 +101,38 @@ def batch_budget(cfg: Any, model_dir: Path, s: dict[str, Any]) -> dict[str, Any]
     tokens = sum(len(e["input_ids"]) for e in train.examples)
     ftl_tokens = s["micro_batch_size"] * tokens / packs
     pair = tokens / len(train)
-    return {"ftl_tokens_per_step": ftl_tokens, "pairs": len(train), "pair_tokens": pair, "trl_batch_size": max(1, round(ftl_tokens / pair)),
-            "packing_efficiency": tokens / (packs * s["seq_len"])}  # fmt: skip
+    return {
+        "ftl_tokens_per_step": ftl_tokens,
+        "pairs": len(train),
+        "pair_tokens": pair,
+        "trl_batch_size": max(1, round(ftl_tokens / pair)),
+        "packing_efficiency": tokens / (packs * s["seq_len"]),
+    }
 
 
 def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="ftl-dpo-", dir=tmp))
-    args = [*overrides(s), f"run.dir={run_dir}", f"train.max_steps={s['steps']}", "train.precision=bf16", "train.grad_accum=1",
-            f"train.micro_batch_size={s['micro_batch_size']}", "eval.before_training=false", "eval.after_training=false",
-            "checkpoint.every_steps=0", "checkpoint.save_final=false", "wandb.mode=disabled", "train.log_every=1"]  # fmt: skip
+    args = [
+        *overrides(s),
+        f"run.dir={run_dir}",
+        f"train.max_steps={s['steps']}",
+        "train.precision=bf16",
+        "train.grad_accum=1",
+        f"train.micro_batch_size={s['micro_batch_size']}",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "wandb.mode=disabled",
+        "train.log_every=1",
+    ]
     env = {**bench_env(), "FTL_CACHE": str(run_dir / "cache")}  # its own cache: the reference pass runs every round
     metrics_path, log = run_dir / "metrics.jsonl", run_dir.with_suffix(".log")
     start = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "train", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         first: float | None = None
         while proc.poll() is None:
             if first is None and metrics_path.is_file() and metrics_path.read_text().strip():
@@ -108,21 +141,45 @@ def run_ftl(s: dict[str, Any], tmp: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"ftl train exited {proc.returncode}:\n{log.read_text()[-4000:]}")
     rates = [json.loads(line)["tokens_per_s"] for line in metrics_path.read_text().splitlines()[1:] if line.strip()]
-    return {"tokens_per_s": len(rates) / sum(1 / r for r in rates), "first_step_s": first or float("nan"), "steps": len(rates) + 1}
+    return {
+        "tokens_per_s": len(rates) / sum(1 / r for r in rates),
+        "first_step_s": first or float("nan"),
+        "steps": len(rates) + 1,
+    }
 
 
-def run_trl(s: dict[str, Any], budget: dict[str, Any], model_dir: Path, data: str, precompute: bool, tmp: Path) -> dict[str, Any]:
+def run_trl(
+    s: dict[str, Any], budget: dict[str, Any], model_dir: Path, data: str, precompute: bool, tmp: Path
+) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="trl-", dir=tmp)) / "result.json"
-    args = {"model_dir": str(model_dir), "data": data, "batch_size": budget["trl_batch_size"], "seq_len": s["seq_len"],
-            "steps": s["steps"], "precompute": precompute, "out": str(out), "output_dir": str(out.parent / "out")}  # fmt: skip
+    args = {
+        "model_dir": str(model_dir),
+        "data": data,
+        "batch_size": budget["trl_batch_size"],
+        "seq_len": s["seq_len"],
+        "steps": s["steps"],
+        "precompute": precompute,
+        "out": str(out),
+        "output_dir": str(out.parent / "out"),
+    }
     start = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(args)], cwd=ROOT, env=bench_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trl-worker", json.dumps(args)],
+        cwd=ROOT,
+        env=bench_env(),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"TRL worker exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(out.read_text())
     ends, tokens = result["step_ends"], result["tokens"]
-    return {"tokens_per_s": sum(tokens[1 : len(ends)]) / (ends[-1] - ends[0]), "first_step_s": ends[0] - start, "steps": len(ends),
-            "tokens_per_step": statistics.mean(tokens[: len(ends)])}  # fmt: skip
+    return {
+        "tokens_per_s": sum(tokens[1 : len(ends)]) / (ends[-1] - ends[0]),
+        "first_step_s": ends[0] - start,
+        "steps": len(ends),
+        "tokens_per_step": statistics.mean(tokens[: len(ends)]),
+    }
 
 
 def trl_worker(args: dict[str, Any]) -> None:
@@ -138,11 +195,23 @@ def trl_worker(args: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines() if line.strip()]
     config = DPOConfig(
-        output_dir=args["output_dir"], per_device_train_batch_size=args["batch_size"], gradient_accumulation_steps=1,
-        max_steps=args["steps"], learning_rate=5e-6, beta=0.1, bf16=True, use_cpu=True, max_length=args["seq_len"],
-        precompute_ref_log_probs=args["precompute"], logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        output_dir=args["output_dir"],
+        per_device_train_batch_size=args["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=args["steps"],
+        learning_rate=5e-6,
+        beta=0.1,
+        bf16=True,
+        use_cpu=True,
+        max_length=args["seq_len"],
+        precompute_ref_log_probs=args["precompute"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     step_ends: list[float] = []
     tokens: list[int] = []
 
@@ -153,8 +222,13 @@ def trl_worker(args: dict[str, Any]) -> None:
         def on_step_end(self, *_: Any, **__: Any) -> None:
             step_ends.append(time.time())
 
-    trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepClock()])  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
     collate = trainer.data_collator
 
     def counting(batch: list[Any]) -> Any:
@@ -171,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps, one round")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (>= 2)")
-    parser.add_argument("--rounds", type=int, help="training runs per side, taking turns (default 3; quick 1); the median counts")
+    parser.add_argument(
+        "--rounds", type=int, help="training runs per side, taking turns (default 3; quick 1); the median counts"
+    )
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:
@@ -194,17 +270,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[key].append(run_trl(s, budget, model_dir, cfg.data.train_files[0], precompute, tmp))
         results = {key: combine(side) for key, side in runs.items()}
     ftl = results["ftl"]
-    rows = [[SIDES["ftl"], f"{ftl['tokens_per_s']:,.0f}", f"{budget['ftl_tokens_per_step']:,.0f}", f"{s['micro_batch_size']} packs",
-             f"{ftl['first_step_s']:.1f}", ", ".join(f"{x:.0f}" for x in ftl["round_rates"])]]  # fmt: skip
+    rows = [
+        [
+            SIDES["ftl"],
+            f"{ftl['tokens_per_s']:,.0f}",
+            f"{budget['ftl_tokens_per_step']:,.0f}",
+            f"{s['micro_batch_size']} packs",
+            f"{ftl['first_step_s']:.1f}",
+            ", ".join(f"{x:.0f}" for x in ftl["round_rates"]),
+        ]
+    ]
     for key in ("trl_pre", "trl"):
         r = results[key]
-        rows.append([SIDES[key], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_step']:,.0f}", f"{budget['trl_batch_size']} pairs",
-                     f"{r['first_step_s']:.1f}", ", ".join(f"{x:.0f}" for x in r["round_rates"])])  # fmt: skip
-    ratios = [[f"real tokens/s ftl / {SIDES[k]}", f"{ftl['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x", f">= {GOAL_RATIO}x",
-               "yes" if ftl["tokens_per_s"] / results[k]["tokens_per_s"] >= GOAL_RATIO else "NO"] for k in ("trl_pre", "trl")]  # fmt: skip
-    print(f"model {cfg.model.name}, {budget['pairs']} pairs (mean {budget['pair_tokens']:.0f} tokens), seq_len {s['seq_len']}, "
-          f"{s['steps']} steps (rates over steps 2..{s['steps']}), packing efficiency {budget['packing_efficiency']:.1%}; "
-          f"{os.cpu_count()} CPU(s); median of {s['rounds']} round(s)\n")  # fmt: skip
+        rows.append(
+            [
+                SIDES[key],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_step']:,.0f}",
+                f"{budget['trl_batch_size']} pairs",
+                f"{r['first_step_s']:.1f}",
+                ", ".join(f"{x:.0f}" for x in r["round_rates"]),
+            ]
+        )
+    ratios = [
+        [
+            f"real tokens/s ftl / {SIDES[k]}",
+            f"{ftl['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x",
+            f">= {GOAL_RATIO}x",
+            "yes" if ftl["tokens_per_s"] / results[k]["tokens_per_s"] >= GOAL_RATIO else "NO",
+        ]
+        for k in ("trl_pre", "trl")
+    ]
+    print(
+        f"model {cfg.model.name}, {budget['pairs']} pairs (mean {budget['pair_tokens']:.0f} tokens), seq_len {s['seq_len']}, "
+        f"{s['steps']} steps (rates over steps 2..{s['steps']}), packing efficiency {budget['packing_efficiency']:.1%}; "
+        f"{os.cpu_count()} CPU(s); median of {s['rounds']} round(s)\n"
+    )
     print(render(["run", "real tok/s", "real tok/step", "batch", "1st step s", "per round"], rows))
     print()
     print(render(["measure", "value", "goal", "met"], ratios))

@@ -63,7 +63,9 @@ def measure(fn: Callable[[], Any], repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024-token packs, 2 rounds of 2 calls: checks the path, measures nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="1024-token packs, 2 rounds of 2 calls: checks the path, measures nothing"
+    )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--rows", type=int, default=2, help="packs per micro-batch")
     parser.add_argument("--mean-len", type=int, default=85, help="mean example length in tokens")
@@ -72,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="calls per side per round")
-    parser.add_argument("--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU")
-    parser.add_argument("--require-flash", action="store_true", help="exit 1 when torch's flash varlen kernel is not there")
+    parser.add_argument(
+        "--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU"
+    )
+    parser.add_argument(
+        "--require-flash", action="store_true", help="exit 1 when torch's flash varlen kernel is not there"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -88,20 +94,31 @@ def main(argv: list[str] | None = None) -> int:
     seq_len, rounds, repeats = (1024, 2, 2) if args.quick else (args.seq_len, args.rounds, args.repeats)
     lengths = example_lengths(args.rows, seq_len, args.mean_len)
     position_ids = torch.cat([torch.arange(n) for row in lengths for n in row]).view(args.rows, seq_len).cuda()
-    owner = torch.cat([torch.full((n,), i) for row in lengths for i, n in enumerate(row)]).view(args.rows, seq_len).cuda()
+    owner = (
+        torch.cat([torch.full((n,), i) for row in lengths for i, n in enumerate(row)]).view(args.rows, seq_len).cuda()
+    )
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device="cuda").tril()
-    block_mask = ((owner[:, :, None] == owner[:, None, :]) & causal)[:, None]  # [rows, 1, L, L], as transformers builds it
+    block_mask = ((owner[:, :, None] == owner[:, None, :]) & causal)[
+        :, None
+    ]  # [rows, 1, L, L], as transformers builds it
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = args.heads // args.kv_heads, True
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(args.rows, h, seq_len, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for h in (args.heads, args.kv_heads, args.kv_heads))  # fmt: skip
+    q, k, v = (
+        torch.randn(
+            args.rows, h, seq_len, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g
+        ).requires_grad_()
+        for h in (args.heads, args.kv_heads, args.kv_heads)
+    )
     grad = torch.randn(args.rows, seq_len, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
     kernel = attention.varlen_attn
     no_flash = kernel is None or not attention.one_kernel(q, 0.0)
     if no_flash:
-        print(f"gpu_attention: no flash varlen kernel here (torch {torch.__version__}, {torch.cuda.get_device_name(0)}); "
-              "the one-call side runs the loop", file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_attention: no flash varlen kernel here (torch {torch.__version__}, {torch.cuda.get_device_name(0)}); "
+            "the one-call side runs the loop",
+            file=sys.stderr,
+        )
 
     def step(side: int) -> torch.Tensor:
         q.grad = k.grad = v.grad = None
@@ -109,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             out, _ = sdpa_attention_forward(module, q, k, v, block_mask, scaling=args.head_dim**-0.5)
         else:
             attention.varlen_attn = None if side == 1 else kernel
-            out, _ = attention.varlen_attention_forward(module, q, k, v, None, scaling=args.head_dim**-0.5, position_ids=position_ids)
+            out, _ = attention.varlen_attention_forward(
+                module, q, k, v, None, scaling=args.head_dim**-0.5, position_ids=position_ids
+            )
         out.backward(grad)
         return out.detach()
 
@@ -119,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [float((step(side) - reference).abs().max() / reference.abs().max()) for side in range(len(SIDES))]
         for _ in range(rounds):
             for side in range(len(SIDES)):
-                times[side].append(measure(lambda: step(side), repeats))
+                times[side].append(measure(lambda side=side: step(side), repeats))
     finally:
         attention.varlen_attn = kernel
     examples = sum(len(row) for row in lengths)
-    print(f"gpu_attention: {torch.cuda.get_device_name(0)}, {args.rows} x {seq_len} tokens in {examples} examples "
-          f"(mean {args.rows * seq_len / examples:.0f}), {args.heads}/{args.kv_heads} heads x {args.head_dim}, bf16, "
-          f"forward + backward, median of {rounds} rounds x {repeats} calls")  # fmt: skip
+    print(
+        f"gpu_attention: {torch.cuda.get_device_name(0)}, {args.rows} x {seq_len} tokens in {examples} examples "
+        f"(mean {args.rows * seq_len / examples:.0f}), {args.heads}/{args.kv_heads} heads x {args.head_dim}, bf16, "
+        f"forward + backward, median of {rounds} rounds x {repeats} calls"
+    )
     base = statistics.median(times[0])
     width = max(map(len, SIDES))
     print(f"{'attention'.ljust(width)} | ms/call | vs sdpa | max |out - sdpa out| / max |sdpa out|")
@@ -135,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name.ljust(width)} | {ms:7.2f} | {base / ms:6.2f}x | {diff:.2e}")
     if args.quick:
         print("quick mode: small packs and few calls; these numbers are no result.")
-    speedups = ", ".join(f"{name.split(', ')[-1]} {base / statistics.median(ts):.2f}x" for name, ts in zip(SIDES[1:], times[1:]))
+    speedups = ", ".join(
+        f"{name.split(', ')[-1]} {base / statistics.median(ts):.2f}x" for name, ts in zip(SIDES[1:], times[1:])
+    )
     print(f"SUMMARY vs sdpa's mask: {speedups}; max output difference {max(diffs):.1e} (limit {DIFF_LIMIT})")
     if max(diffs) > DIFF_LIMIT:
-        print(f"gpu_attention: outputs differ by more than {DIFF_LIMIT:.0%} of their largest value (bf16 rounding): "
-              "not the same attention", file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_attention: outputs differ by more than {DIFF_LIMIT:.0%} of their largest value (bf16 rounding): "
+            "not the same attention",
+            file=sys.stderr,
+        )
         return 1
     if no_flash and args.require_flash:
         print("gpu_attention: --require-flash, and the one flash varlen call did not run", file=sys.stderr)

@@ -56,7 +56,13 @@ MICRO_BATCH = 2
 
 def variant_overrides(variant: str, device: str, seq_len: int) -> list[str]:
     model = [*NARROW_LLAMA, "train.precision=bf16"] if device == "cuda" else ["recipe=tiny", "train.precision=fp32"]
-    run = [f"train.device={device}", f"train.seq_len={seq_len}", f"train.micro_batch_size={MICRO_BATCH}", "train.compile=false", "wandb.mode=disabled"]
+    run = [
+        f"train.device={device}",
+        f"train.seq_len={seq_len}",
+        f"train.micro_batch_size={MICRO_BATCH}",
+        "train.compile=false",
+        "wandb.mode=disabled",
+    ]
     return [*model, *run, *VARIANTS[variant]]
 
 
@@ -68,8 +74,8 @@ def worker(variant: str, device_type: str, seq_len: int, steps: int) -> dict[str
     from launcher.engines.fsdp import FSDPEngine, apply_fully_shard
     from launcher.model.compile import decoder_layers
     from launcher.objectives import build_objective
-    from launcher.session import load_config
     from launcher.runtime.distributed import DistInfo
+    from launcher.session import load_config
     from launcher.train.trainer import build_model, seed_everything
 
     with tempfile.TemporaryDirectory(prefix="ftl-engines-") as tmp:
@@ -83,12 +89,18 @@ def worker(variant: str, device_type: str, seq_len: int, steps: int) -> dict[str
     model, _ = build_model(cfg, device, dist)
     engine = build_engine(cfg, model, dist, device)
     if isinstance(engine, FSDPEngine):
-        apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, engine.compute_dtype)
-        engine.sharded = True  # as FSDPEngine.__init__ sets it at more ranks: FSDP's MixedPrecisionPolicy casts, no autocast
+        apply_fully_shard(
+            model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, engine.compute_dtype
+        )
+        engine.sharded = (
+            True  # as FSDPEngine.__init__ sets it at more ranks: FSDP's MixedPrecisionPolicy casts, no autocast
+        )
     engine.setup(steps)
     wrapped = describe_wrapping(engine.model, model)
     objective = build_objective(cfg)
-    ids = torch.randint(0, cfg.model.arch.vocab_size, (MICRO_BATCH, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        0, cfg.model.arch.vocab_size, (MICRO_BATCH, seq_len), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     units = objective.weight(batch)
     losses, norms = [], []
@@ -101,12 +113,19 @@ def worker(variant: str, device_type: str, seq_len: int, steps: int) -> dict[str
     adapter = {}
     if engine.peft_model is not None:
         tensors = engine.trainable_state_dict()  # gathered from the shards, as a checkpoint's adapter/ is written
-        adapter = {"tensors": len(tensors), "lora_B_nonzero": any(bool(t.abs().sum() > 0) for k, t in tensors.items() if "lora_B" in k)}
+        adapter = {
+            "tensors": len(tensors),
+            "lora_B_nonzero": any(bool(t.abs().sum() > 0) for k, t in tensors.items() if "lora_B" in k),
+        }
     return {
-        "variant": variant, "wrapped": wrapped, "losses": losses, "grad_norms": norms, "adapter": adapter,
+        "variant": variant,
+        "wrapped": wrapped,
+        "losses": losses,
+        "grad_norms": norms,
+        "adapter": adapter,
         "compiled_layers": sum("forward" in vars(layer) for layer in decoder_layers(model)),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }  # fmt: skip
+    }
 
 
 def describe_wrapping(outer: Any, model: Any) -> str:
@@ -144,7 +163,9 @@ def problems(result: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, help="tokens per row (default: cuda 1024, cpu 64)")
     parser.add_argument("--parallel", type=int, default=3, help="variants at a time")
@@ -164,21 +185,37 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("no GPU: skipped (bench/gpu_engines.py wraps FSDP2 and DDP on a CUDA GPU; torch sees none here; --device cpu runs gloo)")
+        print(
+            "no GPU: skipped (bench/gpu_engines.py wraps FSDP2 and DDP on a CUDA GPU; torch sees none here; --device cpu runs gloo)"
+        )
         return NO_GPU_EXIT
     seq_len = args.seq_len or (1024 if args.device == "cuda" else 64)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory(prefix="ftl-engines-") as tmp:
-        jobs = [Job(v, [sys.executable, __file__, "--worker", json.dumps({"variant": v, "device": args.device, "seq_len": seq_len,
-                                                                            "steps": args.steps})], Path(tmp) / f"{v}.log", env)
-                for v in variants]  # fmt: skip
+        jobs = [
+            Job(
+                v,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    json.dumps({"variant": v, "device": args.device, "seq_len": seq_len, "steps": args.steps}),
+                ],
+                Path(tmp) / f"{v}.log",
+                env,
+            )
+            for v in variants
+        ]
         exits = run_jobs(jobs, args.parallel, args.timeout)
         results = {}
         for job in jobs:
             text = job.log.read_text(errors="replace")
             lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
             if exits[job.name][0] != 0 or not lines:
-                print(f"--- {job.name} (exit {exits[job.name][0]}), the end of its output:\n{text[-3000:]}", file=sys.stderr)
+                print(
+                    f"--- {job.name} (exit {exits[job.name][0]}), the end of its output:\n{text[-3000:]}",
+                    file=sys.stderr,
+                )
                 results[job.name] = {"variant": job.name, "error": f"exit {exits[job.name][0]}"}
             else:
                 results[job.name] = json.loads(lines[-1][len("RESULT ") :])
@@ -190,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         losses = r.get("losses") or [math.nan]
         peak = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
         norm = f"{r['grad_norms'][0]:.3g}" if r.get("grad_norms") else "-"
-        print(f"{name:<14} {losses[0]:>8.4f} {losses[-1]:>8.4f} {norm:>11} {peak:>9}  {r.get('wrapped') or '-'}; {'; '.join(found) or 'ok'}")
+        print(
+            f"{name:<14} {losses[0]:>8.4f} {losses[-1]:>8.4f} {norm:>11} {peak:>9}  {r.get('wrapped') or '-'}; {'; '.join(found) or 'ok'}"
+        )
     same = {n: r["losses"][0] for n, r in results.items() if r.get("losses") and n != "fsdp-qlora"}
     spread = max(same.values()) - min(same.values()) if same else math.nan
     if same and spread > LOSS_TOLERANCE:
         failures.append(f"step-1 losses differ by {spread:.4f} > {LOSS_TOLERANCE}: {same}")
     ok = sum(not problems(r) for r in results.values())
-    print(f"SUMMARY {ok}/{len(results)} variants wrap and train on {args.device}; step-1 loss spread {spread:.4f} over {len(same)}")
+    print(
+        f"SUMMARY {ok}/{len(results)} variants wrap and train on {args.device}; step-1 loss spread {spread:.4f} over {len(same)}"
+    )
     return 1 if failures else 0
 
 

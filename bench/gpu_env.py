@@ -15,15 +15,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PACKAGES = ("torch", "transformers", "deepspeed", "peft", "hydra-core", "omegaconf", "liger-kernel", "bitsandbytes", "triton",
-            "safetensors", "datasets", "rouge_score", "sacrebleu", "pytest")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "transformers",
+    "deepspeed",
+    "peft",
+    "hydra-core",
+    "omegaconf",
+    "liger-kernel",
+    "bitsandbytes",
+    "triton",
+    "safetensors",
+    "datasets",
+    "rouge_score",
+    "sacrebleu",
+    "pytest",
+)
 IMPORTS = (  # the packages, then ftl's modules the check's steps load (engines, model paths, objectives, eval, planner)
-    "torch", "transformers", "deepspeed", "peft", "hydra", "omegaconf", "liger_kernel.transformers", "bitsandbytes", "triton",
-    "safetensors", "datasets", "rouge_score.rouge_scorer", "sacrebleu", "pytest",
-    "launcher.train.trainer", "launcher.engines.single", "launcher.engines.ddp", "launcher.engines.deepspeed", "launcher.engines.fsdp",
-    "launcher.model.attention", "launcher.model.adapters", "launcher.model.compile", "launcher.train.loss",
-    "launcher.objectives.preference", "launcher.objectives.reference", "launcher.eval.metrics", "launcher.plan.report",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "deepspeed",
+    "peft",
+    "hydra",
+    "omegaconf",
+    "liger_kernel.transformers",
+    "bitsandbytes",
+    "triton",
+    "safetensors",
+    "datasets",
+    "rouge_score.rouge_scorer",
+    "sacrebleu",
+    "pytest",
+    "launcher.train.trainer",
+    "launcher.engines.single",
+    "launcher.engines.ddp",
+    "launcher.engines.deepspeed",
+    "launcher.engines.fsdp",
+    "launcher.model.attention",
+    "launcher.model.adapters",
+    "launcher.model.compile",
+    "launcher.train.loss",
+    "launcher.objectives.preference",
+    "launcher.objectives.reference",
+    "launcher.eval.metrics",
+    "launcher.plan.report",
+)
 
 
 def package_version(name: str) -> str:
@@ -34,7 +70,11 @@ def package_version(name: str) -> str:
 
 
 def main() -> int:
-    print("versions: " + ", ".join(f"{name} {package_version(name)}" for name in PACKAGES) + f", python {sys.version.split()[0]}")
+    print(
+        "versions: "
+        + ", ".join(f"{name} {package_version(name)}" for name in PACKAGES)
+        + f", python {sys.version.split()[0]}"
+    )
     failed = []
     for module in IMPORTS:
         try:
@@ -51,9 +91,13 @@ def main() -> int:
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name} {props.total_memory / 2**30:.0f} GiB sm_{props.major}{props.minor}"
     varlen = "available" if attention.varlen_attn is not None else "MISSING"
-    print(f"torch {torch.__version__} cuda {torch.version.cuda}; {gpu}; varlen_attn {varlen}, native GQA {attention.VARLEN_GQA}")
+    print(
+        f"torch {torch.__version__} cuda {torch.version.cuda}; {gpu}; varlen_attn {varlen}, native GQA {attention.VARLEN_GQA}"
+    )
     missing = f" (failed: {', '.join(failed)})" if failed else ""
-    print(f"SUMMARY torch {torch.__version__}, {gpu}, varlen_attn {varlen}; imports {len(IMPORTS) - len(failed)}/{len(IMPORTS)}{missing}")
+    print(
+        f"SUMMARY torch {torch.__version__}, {gpu}, varlen_attn {varlen}; imports {len(IMPORTS) - len(failed)}/{len(IMPORTS)}{missing}"
+    )
     return 1 if failed or not torch.cuda.is_available() else 0
 
 

@@ -88,15 +88,26 @@ LOGIT_BYTES_PER_TOKEN_VOCAB = 14  # bf16 logits, their fp32 upcast, softmax and 
 RESERVED_BYTES = 4e9  # CUDA context, cuBLAS/NCCL workspaces, allocator slack
 
 
-def model_overrides(layers: int, strategy: str, seq_len: int, micro_batch: int, run_dir: Path, ac: bool = False) -> list[str]:
+def model_overrides(
+    layers: int, strategy: str, seq_len: int, micro_batch: int, run_dir: Path, ac: bool = False
+) -> list[str]:
     return [
         # source=random validates only with a tokenizer named; it is read for its special ids alone.
-        "model=llama3-8b", "model.source=random", f"model.tokenizer={asset('tiny-tokenizer')}", f"model.arch.num_layers={layers}",
+        "model=llama3-8b",
+        "model.source=random",
+        f"model.tokenizer={asset('tiny-tokenizer')}",
+        f"model.arch.num_layers={layers}",
         f"strategy={strategy}",
-        "train.precision=bf16", "train.device=cuda", f"train.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
-        "train.grad_accum=1", "train.grad_clip=1.0", f"run.dir={run_dir}", "wandb.mode=disabled",
+        "train.precision=bf16",
+        "train.device=cuda",
+        f"train.seq_len={seq_len}",
+        f"train.micro_batch_size={micro_batch}",
+        "train.grad_accum=1",
+        "train.grad_clip=1.0",
+        f"run.dir={run_dir}",
+        "wandb.mode=disabled",
         f"strategy.activation_checkpointing={str(ac).lower()}",
-    ]  # fmt: skip
+    ]
 
 
 def layer_params(arch: Any) -> int:
@@ -125,13 +136,15 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from launcher.engines.fsdp import apply_fully_shard
     from launcher.model import attention
     from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
-    from launcher.session import load_config
     from launcher.runtime.distributed import DistInfo
+    from launcher.session import load_config
     from launcher.train.loss import next_token_loss
     from launcher.train.mfu import peak_flops
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
-    cfg = load_config(model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"]), args.get("ac", False))).cfg
+    cfg = load_config(
+        model_overrides(layers, strategy, seq_len, micro_batch, Path(args["run_dir"]), args.get("ac", False))
+    ).cfg
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     torch.manual_seed(0)
@@ -140,7 +153,9 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     config = arch_to_hf_config(cfg.model.arch, tokenizer)
     attention.register()  # model.attn_implementation is ftl's sdpa_varlen by default
     with torch.device(device):  # initialise on the GPU: seconds, where the CPU would take minutes
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+        )
     n_all = sum(p.numel() for p in model.parameters())
     n_compute = n_all - model.get_input_embeddings().weight.numel()
     dist = DistInfo()
@@ -151,7 +166,9 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
 
         compile_decoder_layers(model, device)
     if strategy == "fsdp":
-        if cfg.strategy.activation_checkpointing:  # before sharding, as FSDPEngine applies it (DeepSpeedEngine applies its own)
+        if (
+            cfg.strategy.activation_checkpointing
+        ):  # before sharding, as FSDPEngine applies it (DeepSpeedEngine applies its own)
             apply_activation_checkpointing(model)
         apply_fully_shard(model, dist, device, reshard_after_forward=True, hybrid=False, compute_dtype=torch.bfloat16)
         optimizer = build_optimizer(model, cfg.train)
@@ -193,12 +210,23 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     tokens_per_s = tokens * len(measured) / sum(measured)
     peak = peak_flops(device)
     return {
-        "strategy": strategy, "compile": bool(args.get("compile")), "ac": bool(args.get("ac")), "gpu": torch.cuda.get_device_name(device), "layers": layers, "n_compute": n_compute,
-        "n_all": n_all, "tokens_per_step": tokens, "step_s": sum(measured) / len(measured), "fb_s": sum(fb) / len(fb), "tokens_per_s": tokens_per_s,
-        "peak_flops": peak, "mfu": 6 * n_compute * tokens_per_s / peak if peak else None,
+        "strategy": strategy,
+        "compile": bool(args.get("compile")),
+        "ac": bool(args.get("ac")),
+        "gpu": torch.cuda.get_device_name(device),
+        "layers": layers,
+        "n_compute": n_compute,
+        "n_all": n_all,
+        "tokens_per_step": tokens,
+        "step_s": sum(measured) / len(measured),
+        "fb_s": sum(fb) / len(fb),
+        "tokens_per_s": tokens_per_s,
+        "peak_flops": peak,
+        "mfu": 6 * n_compute * tokens_per_s / peak if peak else None,
         "mfu_all": 6 * n_all * tokens_per_s / peak if peak else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30, "loss": float(loss),
-    }  # fmt: skip
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "loss": float(loss),
+    }
 
 
 def head_only(hidden_size: int, vocab: int, device: Any, dtype: Any) -> Any:
@@ -242,7 +270,7 @@ def head_worker(args: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for impl in args["impls"]:
 
-        def once() -> float:
+        def once(impl=impl) -> float:
             head.zero_grad(set_to_none=True)
             hidden.grad = None
             loss = next_token_loss(head, {"inputs_embeds": hidden}, labels, impl=impl)
@@ -265,8 +293,14 @@ def head_worker(args: dict[str, Any]) -> dict[str, Any]:
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
-            rows.append({"impl": impl, "s": statistics.median(times), "peak_gb": (torch.cuda.max_memory_allocated(device) - before) / 2**30,
-                         "loss": loss / (micro_batch * (seq_len - 1))})  # fmt: skip
+            rows.append(
+                {
+                    "impl": impl,
+                    "s": statistics.median(times),
+                    "peak_gb": (torch.cuda.max_memory_allocated(device) - before) / 2**30,
+                    "loss": loss / (micro_batch * (seq_len - 1)),
+                }
+            )
         except Exception as e:  # liger-kernel missing, or a kernel failing: its row says so, the others still run
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {str(e)[:150]}"})
     return {"head": rows, "tokens": micro_batch * seq_len}
@@ -292,39 +326,81 @@ def free_port() -> int:
 
 
 def run_worker(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+    }
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], check=False, cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(args)],
+            check=False,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {**args, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"gpu_mfu: {args.get('strategy', 'head')} exited {proc.returncode}:\n{proc.stderr[-4000:]}", file=sys.stderr)
+        print(
+            f"gpu_mfu: {args.get('strategy', 'head')} exited {proc.returncode}:\n{proc.stderr[-4000:]}", file=sys.stderr
+        )
         return {**args, "error": f"exit {proc.returncode}: {tail[0][:120]}"}
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 def row_name(r: dict[str, Any]) -> str:
-    return ROW_NAMES[r["strategy"]] + (" + compiled layers" if r.get("compile") else "") + (" + AC" if r.get("ac") else "")
+    return (
+        ROW_NAMES[r["strategy"]] + (" + compiled layers" if r.get("compile") else "") + (" + AC" if r.get("ac") else "")
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    headers = ["strategy", "layers", "N (no emb)", "tokens/step", "step s", "tokens/s", "MFU", "MFU (N all)", "peak GiB", "projected 8B MFU"]
+    headers = [
+        "strategy",
+        "layers",
+        "N (no emb)",
+        "tokens/step",
+        "step s",
+        "tokens/s",
+        "MFU",
+        "MFU (N all)",
+        "peak GiB",
+        "projected 8B MFU",
+    ]
     cells = [headers]
     for r in rows:
         if "error" in r:
             cells.append([row_name(r), "-", "-", "-", "-", "-", "failed", r["error"], "-", "-"])
             continue
-        pct = lambda v: f"{v:.1%}" if v is not None else "peak unknown"
-        cells.append([
-            row_name(r), str(r["layers"]), f"{r['n_compute'] / 1e9:.2f}B", f"{r['tokens_per_step']:,}", f"{r['step_s']:.3f}",
-            f"{r['tokens_per_s']:,.0f}", pct(r["mfu"]), pct(r["mfu_all"]), f"{r['peak_mem_gb']:.1f}",
-            pct(r["projected"]) if "projected" in r else "-",
-        ])  # fmt: skip
+
+        def pct(v):
+            return f"{v:.1%}" if v is not None else "peak unknown"
+
+        cells.append(
+            [
+                row_name(r),
+                str(r["layers"]),
+                f"{r['n_compute'] / 1e9:.2f}B",
+                f"{r['tokens_per_step']:,}",
+                f"{r['step_s']:.3f}",
+                f"{r['tokens_per_s']:,.0f}",
+                pct(r["mfu"]),
+                pct(r["mfu_all"]),
+                f"{r['peak_mem_gb']:.1f}",
+                pct(r["projected"]) if "projected" in r else "-",
+            ]
+        )
     return aligned(cells)
 
 
@@ -342,7 +418,9 @@ def head_table(result: dict[str, Any]) -> str:
 
 def aligned(cells: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = [
+        " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -352,30 +430,54 @@ def parse_rows(text: str) -> list[tuple[str, bool, bool]]:
     out = []
     for name in (n.strip() for n in text.split(",") if n.strip()):
         strategy, *flags = name.split("-")
-        if strategy not in STRATEGIES or not set(flags) <= {"compiled", "ac"} or (strategy == "zero3" and "compiled" in flags):
-            raise ValueError(f"row {name!r}: expected STRATEGY[-compiled][-ac] with STRATEGY in {', '.join(STRATEGIES)} (zero3 never compiled)")
+        if (
+            strategy not in STRATEGIES
+            or not set(flags) <= {"compiled", "ac"}
+            or (strategy == "zero3" and "compiled" in flags)
+        ):
+            raise ValueError(
+                f"row {name!r}: expected STRATEGY[-compiled][-ac] with STRATEGY in {', '.join(STRATEGIES)} (zero3 never compiled)"
+            )
         out.append((strategy, "compiled" in flags, "ac" in flags))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 layers, seq 1024, 4 steps: checks the path, measures nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 layers, seq 1024, 4 steps: checks the path, measures nothing"
+    )
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of fsdp,zero3")
-    parser.add_argument("--rows", help="the rows by name, STRATEGY[-compiled][-ac] (e.g. fsdp,fsdp-compiled-ac,zero3): instead of "
-                        "--strategies and --compile")
-    parser.add_argument("--head", action="store_true", help="the output layer + loss alone (chunked, logits, liger), and the projected 8B MFU")
+    parser.add_argument(
+        "--rows",
+        help="the rows by name, STRATEGY[-compiled][-ac] (e.g. fsdp,fsdp-compiled-ac,zero3): instead of "
+        "--strategies and --compile",
+    )
+    parser.add_argument(
+        "--head",
+        action="store_true",
+        help="the output layer + loss alone (chunked, logits, liger), and the projected 8B MFU",
+    )
     parser.add_argument("--layers", type=int, help="decoder layers (default: as many as fit, at most 32)")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 4096; quick 1024)")
     parser.add_argument("--micro-batch", type=int, default=1, help="rows per step")
     parser.add_argument("--steps", type=int, help="steps per strategy (default 10; quick 4)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the rate (default 3; quick 2)")
-    parser.add_argument("--compile", choices=("off", "on", "both"), help="FSDP2 with compiled decoder layers: not, only, or beside "
-                        "the eager row (default both; quick off)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        help="FSDP2 with compiled decoder layers: not, only, or beside the eager row (default both; quick off)",
+    )
     parser.add_argument("--timeout", type=float, default=240, help="seconds per strategy")
-    parser.add_argument("--budget", type=float, help="seconds for all rows: a row that would start with less than 15 s left is "
-                        "not run (its row says so), and a row's limit is what is left (default: no limit)")
-    parser.add_argument("--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for all rows: a row that would start with less than 15 s left is "
+        "not run (its row says so), and a row's limit is what is left (default: no limit)",
+    )
+    parser.add_argument(
+        "--require-gpu", action="store_true", help=f"exit {NO_GPU_EXIT} instead of 0 when there is no GPU"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -389,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
             compile_setting = args.compile or ("off" if args.quick else "both")
             compiles = {"off": [False], "on": [True], "both": [False, True]}[compile_setting]
             strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-            variants = parse_rows(",".join(f"{s}-compiled" if c else s for s in strategies for c in (compiles if s == "fsdp" else [False])))
+            variants = parse_rows(
+                ",".join(
+                    f"{s}-compiled" if c else s for s in strategies for c in (compiles if s == "fsdp" else [False])
+                )
+            )
     except ValueError as e:
         parser.error(str(e))
 
@@ -409,9 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         arch = load_config(model_overrides(32, "fsdp", seq_len, args.micro_batch, Path(tmp))).cfg.model.arch
         total = torch.cuda.get_device_properties(0).total_memory
         layers = args.layers or (2 if args.quick else layers_that_fit(arch, total, args.micro_batch * seq_len))
-        print(f"gpu_mfu: {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB), Llama-3-8B shape with {layers} of "
-              f"{arch.num_layers} layers, {args.micro_batch} x {seq_len} tokens per step, {steps} steps "
-              f"({warmup} warm-up)", file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_mfu: {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB), Llama-3-8B shape with {layers} of "
+            f"{arch.num_layers} layers, {args.micro_batch} x {seq_len} tokens per step, {steps} steps "
+            f"({warmup} warm-up)",
+            file=sys.stderr,
+        )
         deadline = time.monotonic() + args.budget if args.budget else math.inf
 
         def limit() -> float:
@@ -419,19 +528,40 @@ def main(argv: list[str] | None = None) -> int:
 
         head: dict[str, Any] = {}
         if args.head:  # first: the projection needs it, and it is the shortest
-            head = run_worker({"kind": "head", "impls": list(HEAD_IMPLS), "hidden": arch.hidden_size, "vocab": arch.vocab_size,
-                               "micro_batch": args.micro_batch, "seq_len": seq_len, "repeats": 5}, limit())  # fmt: skip
+            head = run_worker(
+                {
+                    "kind": "head",
+                    "impls": list(HEAD_IMPLS),
+                    "hidden": arch.hidden_size,
+                    "vocab": arch.vocab_size,
+                    "micro_batch": args.micro_batch,
+                    "seq_len": seq_len,
+                    "repeats": 5,
+                },
+                limit(),
+            )
             print(f"gpu_mfu: head: {json.dumps(head)}", file=sys.stderr, flush=True)
         rows = []
         for strategy, compiled, ac in variants:
             tag = f"{strategy}{'-compiled' if compiled else ''}{'-ac' if ac else ''}"
-            job = {"strategy": strategy, "compile": compiled, "ac": ac, "layers": layers, "seq_len": seq_len, "micro_batch": args.micro_batch,
-                   "steps": steps, "warmup": warmup, "run_dir": str(Path(tmp) / tag)}  # fmt: skip
+            job = {
+                "strategy": strategy,
+                "compile": compiled,
+                "ac": ac,
+                "layers": layers,
+                "seq_len": seq_len,
+                "micro_batch": args.micro_batch,
+                "steps": steps,
+                "warmup": warmup,
+                "run_dir": str(Path(tmp) / tag),
+            }
             rows.append(run_worker(job, limit()) if limit() >= 15 else {**job, "error": "not run: --budget spent"})
             print(f"gpu_mfu: {tag}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # what a cut call still shows
     chunked = next((r for r in head.get("head", []) if r["impl"] == "chunked" and "s" in r), None)
     if chunked:
-        n_8b_compute = arch.num_layers * layer_params(arch) + arch.hidden_size * (1 + arch.vocab_size)  # layers, final norm, head
+        n_8b_compute = arch.num_layers * layer_params(arch) + arch.hidden_size * (
+            1 + arch.vocab_size
+        )  # layers, final norm, head
         n_8b_all = n_8b_compute + arch.vocab_size * arch.hidden_size
         for r in rows:
             if "error" not in r:
@@ -443,20 +573,30 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     if done:
         best = max(done, key=lambda r: r["mfu"])
-        print(f"\nMFU >= {GOAL_MFU:.0%} (6·N without the input embedding): {'yes' if best['mfu'] >= GOAL_MFU else 'NO'} (best {best['mfu']:.1%})")
+        print(
+            f"\nMFU >= {GOAL_MFU:.0%} (6·N without the input embedding): {'yes' if best['mfu'] >= GOAL_MFU else 'NO'} (best {best['mfu']:.1%})"
+        )
         summary.append(f"best measured MFU {best['mfu']:.1%} ({row_name(best)}, {layers} layers)")
     projected = [r for r in done if r.get("projected") is not None]
     if projected:
         best = max(projected, key=lambda r: r["projected"])
-        print(f"projected 8B MFU (32 layers, optimizer over {PROJECT_WORLD} GPUs): best {best['projected']:.1%} ({row_name(best)}) "
-              f"against the {GOAL_MFU:.0%} goal: {'met' if best['projected'] >= GOAL_MFU else 'NOT met'}")  # fmt: skip
+        print(
+            f"projected 8B MFU (32 layers, optimizer over {PROJECT_WORLD} GPUs): best {best['projected']:.1%} ({row_name(best)}) "
+            f"against the {GOAL_MFU:.0%} goal: {'met' if best['projected'] >= GOAL_MFU else 'NOT met'}"
+        )
         summary.append(f"projected 8B {best['projected']:.1%} vs goal {GOAL_MFU:.0%}")
     heads = {r["impl"]: r for r in head.get("head", []) if "s" in r}
     if heads:
-        summary.append("head " + ", ".join(f"{k} {v['s'] * 1e3:.1f} ms {v['peak_gb']:.1f} GiB" for k, v in heads.items()))
+        summary.append(
+            "head " + ", ".join(f"{k} {v['s'] * 1e3:.1f} ms {v['peak_gb']:.1f} GiB" for k, v in heads.items())
+        )
     if args.quick:
         print("quick mode: 2 layers and few steps; these numbers are no result.")
-    failed = [row_name(r) for r in rows if "error" in r] + [r["impl"] for r in head.get("head", []) if "error" in r] + (["head"] if "error" in head else [])
+    failed = (
+        [row_name(r) for r in rows if "error" in r]
+        + [r["impl"] for r in head.get("head", []) if "error" in r]
+        + (["head"] if "error" in head else [])
+    )
     print("SUMMARY " + "; ".join(summary + ([f"failed: {', '.join(failed)}"] if failed else [])))
     return 1 if failed else 0
 

@@ -51,16 +51,35 @@ from launcher.paths import asset
 STEPS = 5
 LOSS_TOLERANCE = 2e-2
 NARROW_LLAMA = [  # Llama-3-8B's layout (GQA 4:1, head_dim 128, vocab 128,256), narrow and 2 layers deep
-    "model=llama3-8b", "model.name=llama3-narrow", "model.source=random", f"model.tokenizer={asset('tiny-tokenizer')}",
-    "model.arch.hidden_size=1024", "model.arch.intermediate_size=3584", "model.arch.num_heads=8", "model.arch.num_kv_heads=2",
+    "model=llama3-8b",
+    "model.name=llama3-narrow",
+    "model.source=random",
+    f"model.tokenizer={asset('tiny-tokenizer')}",
+    "model.arch.hidden_size=1024",
+    "model.arch.intermediate_size=3584",
+    "model.arch.num_heads=8",
+    "model.arch.num_kv_heads=2",
     "model.arch.num_layers=2",
-]  # fmt: skip
+]
 BASE = [
-    "recipe=tiny", *NARROW_LLAMA, "train.device=cuda", "train.precision=bf16", "train.compile=false", "data.packing=true",
-    "train.seq_len=2048", "train.micro_batch_size=2", "train.grad_accum=2", f"train.max_steps={STEPS}", "train.warmup_steps=1",
-    "checkpoint.every_steps=0", "checkpoint.save_final=false", "eval.max_batches=1", "eval.generate=false",
-    "wandb.mode=disabled", "launch.dist_timeout_s=120",
-]  # fmt: skip
+    "recipe=tiny",
+    *NARROW_LLAMA,
+    "train.device=cuda",
+    "train.precision=bf16",
+    "train.compile=false",
+    "data.packing=true",
+    "train.seq_len=2048",
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=1",
+    "checkpoint.every_steps=0",
+    "checkpoint.save_final=false",
+    "eval.max_batches=1",
+    "eval.generate=false",
+    "wandb.mode=disabled",
+    "launch.dist_timeout_s=120",
+]
 ADAPTER = ["checkpoint.save_final=true"]  # the adapter is checked in the final checkpoint
 DPO = ["data=demo_preferences", "objective=dpo", "peft=lora", *ADAPTER]
 
@@ -76,7 +95,9 @@ class Run:
 RUNS: dict[str, Run] = {  # in bench/gpu_check.sh's order of value
     "single": Run("sft", ("strategy=single",)),
     "single-compiled": Run("sft", ("strategy=single", "train.compile=true")),
-    "zero3-generate": Run("sft", ("strategy=zero3", "eval.generate=true", "eval.num_generate=2", "eval.max_new_tokens=8"), generates=True),
+    "zero3-generate": Run(
+        "sft", ("strategy=zero3", "eval.generate=true", "eval.num_generate=2", "eval.max_new_tokens=8"), generates=True
+    ),
     "lora-liger": Run("sft", ("peft=lora", "train.loss=liger", *ADAPTER), adapters=True),
     "qlora": Run("qlora", ("peft=qlora", *ADAPTER), adapters=True),
     "dpo-adapters-off": Run("dpo", (*DPO, "objective.reference=adapters_off"), adapters=True),
@@ -86,8 +107,11 @@ RUNS: dict[str, Run] = {  # in bench/gpu_check.sh's order of value
     "qlora-zero3": Run("qlora", ("strategy=zero3", "peft=qlora", *ADAPTER), adapters=True),
     # LoRA keeps the optimizer's memory small, so what the forward saves for backward shows in the peak.
     "lora-ac": Run("sft", ("peft=lora", "strategy.activation_checkpointing=true", *ADAPTER), adapters=True),
-    "lora-ac-offload": Run("sft", ("peft=lora", "strategy.activation_checkpointing=true", "strategy.activation_offloading=true", *ADAPTER),
-                           adapters=True),  # fmt: skip
+    "lora-ac-offload": Run(
+        "sft",
+        ("peft=lora", "strategy.activation_checkpointing=true", "strategy.activation_offloading=true", *ADAPTER),
+        adapters=True,
+    ),
     "dpo-precomputed": Run("dpo", (*DPO, "objective.reference=precomputed"), adapters=True),
 }
 LOWER_PEAK = {"lora-ac-offload": "lora-ac"}  # this run's peak memory must be below that one's
@@ -132,7 +156,12 @@ def run_jobs(jobs: Sequence[Job], parallel: int, timeout: float) -> dict[str, tu
                 rc = 124
         seconds = time.monotonic() - start
         tail = job.log.read_text(errors="replace").strip().splitlines()[-1:] if rc else []
-        print(f"{job.name}: exit {rc} after {seconds:.0f} s" + (" (timed out)" if rc == 124 else "") + (f": {tail[0][:200]}" if tail else ""), flush=True)
+        print(
+            f"{job.name}: exit {rc} after {seconds:.0f} s"
+            + (" (timed out)" if rc == 124 else "")
+            + (f": {tail[0][:200]}" if tail else ""),
+            flush=True,
+        )
         return job.name, (rc, seconds)
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
@@ -141,8 +170,15 @@ def run_jobs(jobs: Sequence[Job], parallel: int, timeout: float) -> dict[str, tu
 
 def train(runs_dir: Path, names: list[str], parallel: int, timeout: float) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [Job(name, [sys.executable, "-m", "launcher", "train", *overrides(name, runs_dir)], runs_dir / f"{name}.log",
-                {**os.environ, "FTL_CACHE": str(runs_dir / ".cache" / name)}) for name in names]  # fmt: skip
+    jobs = [
+        Job(
+            name,
+            [sys.executable, "-m", "launcher", "train", *overrides(name, runs_dir)],
+            runs_dir / f"{name}.log",
+            {**os.environ, "FTL_CACHE": str(runs_dir / ".cache" / name)},
+        )
+        for name in names
+    ]
     results = run_jobs(jobs, parallel, timeout)
     ok = [n for n, (rc, _) in results.items() if rc == 0]
     times = ", ".join(f"{n} {s:.0f}s" for n, (_, s) in results.items())
@@ -164,7 +200,9 @@ def run_problems(run_dir: Path, spec: Run) -> list[str]:
     if not rows:
         return ["no metrics.jsonl rows"]
     problems = [] if len(rows) >= STEPS else [f"{len(rows)} of {STEPS} steps logged"]
-    bad_loss = [r.get("step") for r in rows if not (isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]))]
+    bad_loss = [
+        r.get("step") for r in rows if not (isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]))
+    ]
     if bad_loss:
         problems.append(f"loss not finite at steps {bad_loss}")
     for key in REQUIRED:
@@ -210,13 +248,20 @@ def step1_losses(runs: dict[str, Path]) -> dict[str, dict[str, float]]:
 
 
 def peak(run_dir: Path) -> float | None:
-    return max((r["peak_mem_gb"] for r in read_metrics(run_dir) if isinstance(r.get("peak_mem_gb"), (int, float))), default=None)
+    return max(
+        (r["peak_mem_gb"] for r in read_metrics(run_dir) if isinstance(r.get("peak_mem_gb"), (int, float))),
+        default=None,
+    )
 
 
 def metrics(runs_dir: Path) -> int:
-    runs = {name: runs_dir / name for name in RUNS if (runs_dir / f"{name}.log").is_file() or (runs_dir / name).is_dir()}
+    runs = {
+        name: runs_dir / name for name in RUNS if (runs_dir / f"{name}.log").is_file() or (runs_dir / name).is_dir()
+    }
     failures, passing = [], 0
-    print(f"{'run':<18} {'steps':>5} {'loss 1':>8} {'loss 5':>8} {'tokens/s':>10} {'peak GiB':>9} {'flash':>6}  problems")
+    print(
+        f"{'run':<18} {'steps':>5} {'loss 1':>8} {'loss 5':>8} {'tokens/s':>10} {'peak GiB':>9} {'flash':>6}  problems"
+    )
     for name, run_dir in runs.items():
         rows, problems = read_metrics(run_dir), run_problems(run_dir, RUNS[name])
         first, last = (rows[0] if rows else {}), (rows[-1] if rows else {})
@@ -224,8 +269,10 @@ def metrics(runs_dir: Path) -> int:
         def cell(row: dict[str, Any], key: str, fmt: str) -> str:
             return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
 
-        print(f"{name:<18} {len(rows):>5} {cell(first, 'loss', '.4f'):>8} {cell(last, 'loss', '.4f'):>8} {cell(last, 'tokens_per_s', ',.0f'):>10} "
-              f"{cell(last, 'peak_mem_gb', '.2f'):>9} {cell(last, 'attn_varlen_flash', '.2f'):>6}  {'; '.join(problems) or 'ok'}")  # fmt: skip
+        print(
+            f"{name:<18} {len(rows):>5} {cell(first, 'loss', '.4f'):>8} {cell(last, 'loss', '.4f'):>8} {cell(last, 'tokens_per_s', ',.0f'):>10} "
+            f"{cell(last, 'peak_mem_gb', '.2f'):>9} {cell(last, 'attn_varlen_flash', '.2f'):>6}  {'; '.join(problems) or 'ok'}"
+        )
         failures += [f"{name}: {p}" for p in problems]
         passing += not problems
     spreads = []
@@ -241,13 +288,22 @@ def metrics(runs_dir: Path) -> int:
             peaks.append(f"{low} {a if a is None else round(a, 3)} < {high} {b if b is None else round(b, 3)} GiB")
             if a is None or b is None or not a < b:
                 failures.append(f"peak memory of {low} ({a}) is not below {high}'s ({b})")
-    print("(tokens/s of runs sharing the GPU: no result; step-1 loss spread per group: " + ", ".join(spreads or ["none"]) + ")")
+    print(
+        "(tokens/s of runs sharing the GPU: no result; step-1 loss spread per group: "
+        + ", ".join(spreads or ["none"])
+        + ")"
+    )
     for failure in failures:
         print("FAIL", failure)
     missing = [name for name in RUNS if name not in runs]
-    print(f"SUMMARY {passing}/{len(runs)} runs pass"
-          + (f" ({len(missing)} not run)" if missing else "") + "; step-1 loss spread " + (", ".join(spreads) or "-")
-          + "; " + ("; ".join(peaks) or "no offload pair"))  # fmt: skip
+    print(
+        f"SUMMARY {passing}/{len(runs)} runs pass"
+        + (f" ({len(missing)} not run)" if missing else "")
+        + "; step-1 loss spread "
+        + (", ".join(spreads) or "-")
+        + "; "
+        + ("; ".join(peaks) or "no offload pair")
+    )
     return 1 if failures or not runs else 0
 
 
@@ -275,8 +331,10 @@ def planner(runs_dir: Path) -> int:
             ratios.append(allocated / GiB / measured)
         shown = f"{measured:.2f}" if measured is not None else "no steps"
         print(f"{name:<18} {e.total / GiB:>11.2f} {allocated / GiB:>24.2f} {shown:>23}")
-    print("(planned: launcher/plan/memory.py for the run's config; allocated part: without the 1 GiB CUDA context and the 10% "
-          "fragmentation allowance, which torch.cuda.max_memory_allocated does not count)")  # fmt: skip
+    print(
+        "(planned: launcher/plan/memory.py for the run's config; allocated part: without the 1 GiB CUDA context and the 10% "
+        "fragmentation allowance, which torch.cuda.max_memory_allocated does not count)"
+    )
     span = f"planned/measured {min(ratios):.2f}-{max(ratios):.2f}" if ratios else "nothing measured"
     print(f"SUMMARY {len(RUNS) - missing}/{len(RUNS)} runs; {span}")
     return 1 if missing else 0

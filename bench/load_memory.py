@@ -69,7 +69,17 @@ def measure(model_overrides: list[str], overrides: list[str], tmp: Path) -> list
     script = tmp / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp), *model_overrides, *overrides]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp),
+        *model_overrides,
+        *overrides,
+    ]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stderr[-4000:]}")
@@ -101,8 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             ranks = measure(model_overrides, overrides, Path(tmp) / f"run{i}")
             rows.append({"config": name, "ranks": ranks, "model_mb": ranks[0]["params"] * 4 / 2**20})
-    print(("QUICK (tiny model): not a result\n" if args.quick else "") + f"model: {rows[0]['model_mb']:.0f} MB in fp32, "
-          f"read from a bf16 checkpoint in {shards} shards; 2 gloo ranks")
+    print(
+        ("QUICK (tiny model): not a result\n" if args.quick else "") + f"model: {rows[0]['model_mb']:.0f} MB in fp32, "
+        f"read from a bf16 checkpoint in {shards} shards; 2 gloo ranks"
+    )
     print(f"{'configuration':<32} | {'rank 0 build MB':>15} | {'rank 1 build MB':>15} | {'rank 1 ready MB':>15}")
     print(f"{'-' * 32}-|-{'-' * 15}-|-{'-' * 15}-|-{'-' * 15}")
     for r in rows:

@@ -71,7 +71,9 @@ def worker(recipe: str, impl: str, rows: int, seq_len: int) -> dict[str, Any]:
 
     def step(update: bool) -> None:
         phase[0] = "forward, layers"
-        loss = next_token_loss(model, {"input_ids": ids}, labels, autocast=torch.autocast("cpu", dtype=torch.bfloat16), impl=impl)
+        loss = next_token_loss(
+            model, {"input_ids": ids}, labels, autocast=torch.autocast("cpu", dtype=torch.bfloat16), impl=impl
+        )
         phase[0] = "backward"
         loss.backward()
         if update:
@@ -107,7 +109,9 @@ def planned(recipe: str, impl: str, rows: int, seq_len: int) -> float:
 
     cfg = load_config([f"recipe={recipe}"]).cfg
     w = Workload(cfg.model.arch, micro_batch=rows, seq_len=seq_len, precision="bf16", loss=impl)
-    return estimate(replace(w), layout_named("single", 1), on_gpu=False).activations / 2**20  # measured on CPU: its chunks
+    return (
+        estimate(replace(w), layout_named("single", 1), on_gpu=False).activations / 2**20
+    )  # measured on CPU: its chunks
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -123,24 +127,47 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for impl in ("logits", "chunked"):
         print(f"bench: train.loss={impl} ...", file=sys.stderr, flush=True)
         spec = json.dumps({"recipe": recipe, "impl": impl, "rows": rows, "seq_len": seq_len})
-        out = subprocess.run([sys.executable, __file__, "--worker", spec], check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", spec],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=MALLOC_ENV,
+        )
         measured = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append({"loss": impl, "measured_mib": measured["peak_mib"], "planned_mib": planned(recipe, impl, rows, seq_len),
-                        "phases": measured["phases"]})  # fmt: skip
+        results.append(
+            {
+                "loss": impl,
+                "measured_mib": measured["peak_mib"],
+                "planned_mib": planned(recipe, impl, rows, seq_len),
+                "phases": measured["phases"],
+            }
+        )
     logits, chunked = results
     drop_measured = logits["measured_mib"] - chunked["measured_mib"]
     drop_planned = logits["planned_mib"] - chunked["planned_mib"]
     off = abs(drop_measured - drop_planned) / drop_planned
-    print(f"recipe={recipe}, {rows} rows × {seq_len} tokens, every position labelled, bf16 autocast" + (" (QUICK: not a result)" if args.quick else ""))
+    print(
+        f"recipe={recipe}, {rows} rows × {seq_len} tokens, every position labelled, bf16 autocast"
+        + (" (QUICK: not a result)" if args.quick else "")
+    )
     print(f"{'train.loss':<10} | {'step peak MiB (measured)':>24} | {'activations MiB (planner)':>25}")
     print(f"{'-' * 10}-|-{'-' * 24}-|-{'-' * 25}")
     for r in results:
         print(f"{r['loss']:<10} | {r['measured_mib']:>24,.0f} | {r['planned_mib']:>25,.0f}")
     names = list(dict.fromkeys(name for r in results for name in r["phases"]))
-    print("where the peak is (resident MiB above the step's start, sampled every 0.5 ms): " + "; ".join(
-        f"{r['loss']}: " + ", ".join(f"{n} {r['phases'][n]:,.0f}" for n in names if n in r["phases"]) for r in results))
-    print(f"drop: measured {drop_measured:,.0f} MiB, planned {drop_planned:,.0f} MiB: {off:.1%} apart "
-          f"(goal <= {GOAL:.0%}: {'yes' if off <= GOAL else 'NO'})")  # fmt: skip
+    print(
+        "where the peak is (resident MiB above the step's start, sampled every 0.5 ms): "
+        + "; ".join(
+            f"{r['loss']}: " + ", ".join(f"{n} {r['phases'][n]:,.0f}" for n in names if n in r["phases"])
+            for r in results
+        )
+    )
+    print(
+        f"drop: measured {drop_measured:,.0f} MiB, planned {drop_planned:,.0f} MiB: {off:.1%} apart "
+        f"(goal <= {GOAL:.0%}: {'yes' if off <= GOAL else 'NO'})"
+    )
     return results
 
 

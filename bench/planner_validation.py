@@ -58,11 +58,21 @@ def compose_cfg(model: str, case: str, precision: str, world: int) -> Any:
     from launcher.config.validate import validate
 
     overrides, accum = CASES[case]
-    raw, _, errors = compose([
-        *MODELS[model], *overrides, f"launch.nproc_per_node={world}", f"train.precision={precision}",
-        "train.device=cpu", f"train.micro_batch_size={MICRO_BATCH}", f"train.seq_len={SEQ_LEN}",
-        f"train.grad_accum={accum}", "wandb.mode=disabled", "eval.after_training=false", "eval.before_training=false",
-    ])  # fmt: skip
+    raw, _, errors = compose(
+        [
+            *MODELS[model],
+            *overrides,
+            f"launch.nproc_per_node={world}",
+            f"train.precision={precision}",
+            "train.device=cpu",
+            f"train.micro_batch_size={MICRO_BATCH}",
+            f"train.seq_len={SEQ_LEN}",
+            f"train.grad_accum={accum}",
+            "wandb.mode=disabled",
+            "eval.after_training=false",
+            "eval.before_training=false",
+        ]
+    )
     cfg, more = validate(raw)
     if errors or more:
         raise SystemExit(f"{model}/{case}: invalid config: {[str(e) for e in errors + more]}")
@@ -76,7 +86,9 @@ def predicted(cfg: Any, precision: str) -> dict[str, float]:
     w, lay = workload_of(cfg, precision), layout_for(cfg)
     e = estimate(w, lay, on_gpu=False)
     # params: the partition each rank owns, wherever it lives (offload puts it in host memory)
-    partition = estimate(w, replace(lay, traits=replace(lay.traits, offload_params=False, offload_optimizer=False)), on_gpu=False)
+    partition = estimate(
+        w, replace(lay, traits=replace(lay.traits, offload_params=False, offload_optimizer=False)), on_gpu=False
+    )
     return {"params": partition.params, "states": e.model_states + e.host}
 
 
@@ -174,8 +186,16 @@ def worker(args: argparse.Namespace) -> None:
         cfg = compose_cfg(args.model, case, args.precision, dist.world_size)
         init_distributed(cfg.launch, torch.device("cpu"))
         got = measure(cfg, args.precision)
-        rows.append({"model": args.model, "case": case, "precision": args.precision, "world": dist.world_size,
-                     "measured": got, "predicted": predicted(cfg, args.precision)})  # fmt: skip
+        rows.append(
+            {
+                "model": args.model,
+                "case": case,
+                "precision": args.precision,
+                "world": dist.world_size,
+                "measured": got,
+                "predicted": predicted(cfg, args.precision),
+            }
+        )
     if dist.is_main:
         with open(args.out, "a") as f:
             for row in rows:
@@ -190,7 +210,18 @@ def worker(args: argparse.Namespace) -> None:
 def run_ranks(model: str, cases: list[str], precision: str, world: int, out: Path, timeout: float) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    script = [str(Path(__file__).resolve()), "--worker", "--model", model, "--precision", precision, "--out", str(out), "--cases", *cases]
+    script = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--model",
+        model,
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        "--cases",
+        *cases,
+    ]
     if world == 1:
         cmd = [sys.executable, *script]
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -199,7 +230,9 @@ def run_ranks(model: str, cases: list[str], precision: str, world: int, out: Pat
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *script]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise SystemExit(f"{model} {precision} {cases} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(
+            f"{model} {precision} {cases} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
 
 
 @dataclass
@@ -220,11 +253,16 @@ class Row:
 
 def table(rows: list[Row]) -> str:
     mib = 2**20
-    head = f"{'model':<8} {'strategy':<14} {'prec':<5} {'ranks':>5} {'params pred':>12} {'params meas':>12} {'states pred':>12} {'states meas':>12} {'error':>7}"
+    head = (
+        f"{'model':<8} {'strategy':<14} {'prec':<5} {'ranks':>5} {'params pred':>12} {'params meas':>12} "
+        f"{'states pred':>12} {'states meas':>12} {'error':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.model:<8} {r.case:<14} {r.precision:<5} {r.world:>5} {r.pred_params / mib:>10.3f}Mi {r.meas_params / mib:>10.3f}Mi "
-                     f"{r.pred_states / mib:>10.3f}Mi {r.meas_states / mib:>10.3f}Mi {r.error:>+7.1%}")  # fmt: skip
+        lines.append(
+            f"{r.model:<8} {r.case:<14} {r.precision:<5} {r.world:>5} {r.pred_params / mib:>10.3f}Mi {r.meas_params / mib:>10.3f}Mi "
+            f"{r.pred_states / mib:>10.3f}Mi {r.meas_states / mib:>10.3f}Mi {r.error:>+7.1%}"
+        )
     lines.append("(per rank; states = params + grads + optimizer states, measured at their peak within a step)")
     return "\n".join(lines)
 
@@ -260,14 +298,28 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if multi:
                     run_ranks(model, multi, precision, 2, out, args.timeout)
         raw = [json.loads(line) for line in out.read_text().splitlines()]
-    rows = [Row(r["model"], r["case"], r["precision"], r["world"], r["predicted"]["params"], r["measured"]["params"],
-                r["predicted"]["states"], r["measured"]["states"]) for r in raw]  # fmt: skip
+    rows = [
+        Row(
+            r["model"],
+            r["case"],
+            r["precision"],
+            r["world"],
+            r["predicted"]["params"],
+            r["measured"]["params"],
+            r["predicted"]["states"],
+            r["measured"]["states"],
+        )
+        for r in raw
+    ]
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
     bad = [r for r in rows if abs(r.error) > args.tolerance]
     if bad:
-        print(f"\n{len(bad)} row(s) off by more than {args.tolerance:.0%}: " + ", ".join(f"{r.model}/{r.case}/{r.precision}" for r in bad))
+        print(
+            f"\n{len(bad)} row(s) off by more than {args.tolerance:.0%}: "
+            + ", ".join(f"{r.model}/{r.case}/{r.precision}" for r in bad)
+        )
         return 1
     return 0
 

@@ -76,12 +76,24 @@ sys.path.insert(0, str(ROOT))
 GOAL_RATIO = 2.5  # against HF bf16, median of the rounds
 GOAL_ROUND_RATIO = 2.0  # and in every round
 GOAL_PLAN_S = 0.5
-TRAIN_ROWS = ("ftl (packing, bf16 autocast)", "ftl compiled (train.compile=true)", "HF Trainer fp32 (default)", "HF Trainer bf16")
+TRAIN_ROWS = (
+    "ftl (packing, bf16 autocast)",
+    "ftl compiled (train.compile=true)",
+    "HF Trainer fp32 (default)",
+    "HF Trainer bf16",
+)
 OTHER_ROWS = (
-    "real tokens/s ftl / HF fp32", "real tokens/s ftl / HF bf16", "real tokens/s ftl compiled / HF bf16",
-    "lowest round, best ftl / HF bf16", "1st step s, ftl compiled - HF bf16", "ftl plan (median)",
-    'python -c "import torch" (median)', "checkpoint size", "checkpoint save", "checkpoint load",
-)  # fmt: skip
+    "real tokens/s ftl / HF fp32",
+    "real tokens/s ftl / HF bf16",
+    "real tokens/s ftl compiled / HF bf16",
+    "lowest round, best ftl / HF bf16",
+    "1st step s, ftl compiled - HF bf16",
+    "ftl plan (median)",
+    'python -c "import torch" (median)',
+    "checkpoint size",
+    "checkpoint save",
+    "checkpoint load",
+)
 
 
 def settings(quick: bool, steps: int | None, reps: int | None, rounds: int | None = None) -> dict[str, Any]:
@@ -103,8 +115,12 @@ def settings(quick: bool, steps: int | None, reps: int | None, rounds: int | Non
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One side's rounds as one row: the median rate and time to first step; every round's rate kept."""
     rates = [r["tokens_per_s"] for r in rounds]
-    return {**rounds[0], "tokens_per_s": statistics.median(rates), "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
-            "round_rates": rates}  # fmt: skip
+    return {
+        **rounds[0],
+        "tokens_per_s": statistics.median(rates),
+        "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
+        "round_rates": rates,
+    }
 
 
 def bench_env() -> dict[str, str]:
@@ -158,10 +174,13 @@ def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int)
     lengths = [min(seq_len, len(chat_ids(tokenizer, r["messages"]))) for r in rows]
     ftl_tokens = micro_batch_size * tokens / packs
     return {
-        "ftl_tokens_per_step": ftl_tokens, "ftl_slots_per_step": micro_batch_size * seq_len,
-        "packing_efficiency": tokens / (packs * seq_len), "hf_mean_len": statistics.mean(lengths),
-        "hf_batch_size": max(1, round(ftl_tokens / statistics.mean(lengths))), "examples": len(rows),
-    }  # fmt: skip
+        "ftl_tokens_per_step": ftl_tokens,
+        "ftl_slots_per_step": micro_batch_size * seq_len,
+        "packing_efficiency": tokens / (packs * seq_len),
+        "hf_mean_len": statistics.mean(lengths),
+        "hf_batch_size": max(1, round(ftl_tokens / statistics.mean(lengths))),
+        "examples": len(rows),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,18 +190,35 @@ def batch_budget(cfg: Any, model_dir: Path, micro_batch_size: int, seq_len: int)
 def run_ftl(s: dict[str, Any], tmp: Path, compiled: bool = False) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="ftl-run-", dir=tmp))  # a fresh run per round: no resume, no old metrics
     overrides = [
-        f"recipe={s['recipe']}", f"run.dir={run_dir}", f"train.max_steps={s['steps']}", "data.packing=true",
-        f"train.warmup_steps={min(s['warmup'], s['steps'] - 1)}", f"train.compile={str(compiled).lower()}",
-        "data.cache=false", "train.precision=bf16", f"train.micro_batch_size={s['micro_batch_size']}", "train.grad_accum=1",
-        f"train.seq_len={s['seq_len']}", "train.log_every=1", "eval.before_training=false", "eval.after_training=false",
-        "checkpoint.every_steps=0", "checkpoint.save_final=false", "wandb.mode=disabled",
-    ]  # fmt: skip
+        f"recipe={s['recipe']}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={s['steps']}",
+        "data.packing=true",
+        f"train.warmup_steps={min(s['warmup'], s['steps'] - 1)}",
+        f"train.compile={str(compiled).lower()}",
+        "data.cache=false",
+        "train.precision=bf16",
+        f"train.micro_batch_size={s['micro_batch_size']}",
+        "train.grad_accum=1",
+        f"train.seq_len={s['seq_len']}",
+        "train.log_every=1",
+        "eval.before_training=false",
+        "eval.after_training=false",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "wandb.mode=disabled",
+    ]
     metrics_path = run_dir / "metrics.jsonl"
     log = run_dir.with_suffix(".log")
     start = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", *overrides], cwd=ROOT, env=bench_env(),
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "train", *overrides],
+            cwd=ROOT,
+            env=bench_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         first_step: float | None = None
         while proc.poll() is None:
             if first_step is None and metrics_path.is_file() and metrics_path.read_text().strip():
@@ -194,30 +230,49 @@ def run_ftl(s: dict[str, Any], tmp: Path, compiled: bool = False) -> dict[str, A
     rates = [m["tokens_per_s"] for m in steps[1:]]
     return {
         "tokens_per_s": len(rates) / sum(1.0 / r for r in rates),  # harmonic mean: see the module docstring
-        "first_step_s": first_step if first_step is not None else float("nan"), "steps": len(steps),
-    }  # fmt: skip
+        "first_step_s": first_step if first_step is not None else float("nan"),
+        "steps": len(steps),
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face Trainer (a separate process: it pays its own imports, as a user's script would)
 
 
-def run_hf(s: dict[str, Any], budget: dict[str, Any], model_dir: Path, data: str, bf16: bool, tmp: Path) -> dict[str, Any]:
+def run_hf(
+    s: dict[str, Any], budget: dict[str, Any], model_dir: Path, data: str, bf16: bool, tmp: Path
+) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix=f"hf-{'bf16' if bf16 else 'fp32'}-", dir=tmp)) / "result.json"
-    args = {"model_dir": str(model_dir), "data": data, "batch_size": budget["hf_batch_size"], "seq_len": s["seq_len"],
-            "steps": s["steps"], "bf16": bf16, "out": str(out), "output_dir": str(out.parent / "out")}  # fmt: skip
+    args = {
+        "model_dir": str(model_dir),
+        "data": data,
+        "batch_size": budget["hf_batch_size"],
+        "seq_len": s["seq_len"],
+        "steps": s["steps"],
+        "bf16": bf16,
+        "out": str(out),
+        "output_dir": str(out.parent / "out"),
+    }
     start = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--hf-worker", json.dumps(args)], check=False, cwd=ROOT, env=bench_env(),
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--hf-worker", json.dumps(args)],
+        check=False,
+        cwd=ROOT,
+        env=bench_env(),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"HF worker exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(out.read_text())
     ends, tokens, slots = result["step_ends"], result["tokens"], result["slots"]
     return {
-        "tokens_per_s": sum(tokens[1 : len(ends)]) / (ends[-1] - ends[0]), "first_step_s": ends[0] - start,
-        "steps": len(ends), "tokens_per_step": statistics.mean(tokens[: len(ends)]),
+        "tokens_per_s": sum(tokens[1 : len(ends)]) / (ends[-1] - ends[0]),
+        "first_step_s": ends[0] - start,
+        "steps": len(ends),
+        "tokens_per_step": statistics.mean(tokens[: len(ends)]),
         "slots_per_step": statistics.mean(slots[: len(ends)]),
-    }  # fmt: skip
+    }
 
 
 def hf_worker(args: dict[str, Any]) -> None:
@@ -259,12 +314,25 @@ def hf_worker(args: dict[str, Any]) -> None:
             step_ends.append(time.time())
 
     training_args = TrainingArguments(
-        output_dir=args["output_dir"], per_device_train_batch_size=args["batch_size"], gradient_accumulation_steps=1,
-        max_steps=args["steps"], learning_rate=5e-5, lr_scheduler_type="cosine", bf16=args["bf16"], use_cpu=True,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        remove_unused_columns=False, seed=0,
-    )  # fmt: skip
-    Trainer(model=model, args=training_args, train_dataset=features, data_collator=collate, callbacks=[StepClock()]).train()
+        output_dir=args["output_dir"],
+        per_device_train_batch_size=args["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=args["steps"],
+        learning_rate=5e-5,
+        lr_scheduler_type="cosine",
+        bf16=args["bf16"],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    Trainer(
+        model=model, args=training_args, train_dataset=features, data_collator=collate, callbacks=[StepClock()]
+    ).train()
     Path(args["out"]).write_text(json.dumps({"step_ends": step_ends, "tokens": tokens, "slots": slots}))
 
 
@@ -286,8 +354,8 @@ def checkpoint_throughput(cfg: Any, reps: int, tmp: Path) -> dict[str, float]:
 
     from launcher.engines.single import SingleEngine
     from launcher.model.loading import load_model_and_tokenizer
-    from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
     from launcher.runtime.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 
     dist = DistInfo()
     model, _ = load_model_and_tokenizer(cfg.model)
@@ -306,7 +374,11 @@ def checkpoint_throughput(cfg: Any, reps: int, tmp: Path) -> dict[str, float]:
         start = time.perf_counter()
         load_checkpoint(path, engine, dist)
         loads.append(time.perf_counter() - start)
-    return {"size_gb": size / 1e9, "save_gbps": size / 1e9 / statistics.median(saves), "load_gbps": size / 1e9 / statistics.median(loads)}
+    return {
+        "size_gb": size / 1e9,
+        "save_gbps": size / 1e9 / statistics.median(saves),
+        "load_gbps": size / 1e9 / statistics.median(loads),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,24 +396,53 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
 def report(s: dict[str, Any], budget: dict[str, Any], results: dict[str, Any]) -> str:
     ftl, ftlc, fp32, bf16 = results["ftl"], results["ftl_compiled"], results["hf_fp32"], results["hf_bf16"]
     train_rows = [
-        [name, f"{r['tokens_per_s']:,.0f}", f"{budget['ftl_tokens_per_step']:,.0f}", f"{budget['ftl_slots_per_step']:,}",
-         f"{s['micro_batch_size']} packs", f"{r['first_step_s']:.1f}", str(r["steps"])]
+        [
+            name,
+            f"{r['tokens_per_s']:,.0f}",
+            f"{budget['ftl_tokens_per_step']:,.0f}",
+            f"{budget['ftl_slots_per_step']:,}",
+            f"{s['micro_batch_size']} packs",
+            f"{r['first_step_s']:.1f}",
+            str(r["steps"]),
+        ]
         for name, r in ((TRAIN_ROWS[0], ftl), (TRAIN_ROWS[1], ftlc))
     ] + [
-        [name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_step']:,.0f}", f"{r['slots_per_step']:,.0f}",
-         f"{budget['hf_batch_size']} rows", f"{r['first_step_s']:.1f}", str(r["steps"])]
+        [
+            name,
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens_per_step']:,.0f}",
+            f"{r['slots_per_step']:,.0f}",
+            f"{budget['hf_batch_size']} rows",
+            f"{r['first_step_s']:.1f}",
+            str(r["steps"]),
+        ]
         for name, r in ((TRAIN_ROWS[2], fp32), (TRAIN_ROWS[3], bf16))
-    ]  # fmt: skip
+    ]
     ckpt = results["checkpoint"]
-    ratio = lambda side, hf: side["tokens_per_s"] / hf["tokens_per_s"]
-    verdict = lambda ok: "yes" if ok else "NO"
+
+    def ratio(side, hf):
+        return side["tokens_per_s"] / hf["tokens_per_s"]
+
+    def verdict(ok):
+        return "yes" if ok else "NO"
+
     best = max(ratio(ftl, bf16), ratio(ftlc, bf16))
     lowest = lowest_round_ratio(results)
     first_gap = ftlc["first_step_s"] - bf16["first_step_s"]
     other_rows = [
         [OTHER_ROWS[0], f"{ratio(ftl, fp32):.2f}x", "", ""],
-        [OTHER_ROWS[1], f"{ratio(ftl, bf16):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(ftl, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftl, bf16) else "")],
-        [OTHER_ROWS[2], f"{ratio(ftlc, bf16):.2f}x", f">= {GOAL_RATIO:.1f}x", verdict(ratio(ftlc, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftlc, bf16) else "")],
+        [
+            OTHER_ROWS[1],
+            f"{ratio(ftl, bf16):.2f}x",
+            f">= {GOAL_RATIO:.1f}x",
+            verdict(ratio(ftl, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftl, bf16) else ""),
+        ],
+        [
+            OTHER_ROWS[2],
+            f"{ratio(ftlc, bf16):.2f}x",
+            f">= {GOAL_RATIO:.1f}x",
+            verdict(ratio(ftlc, bf16) >= GOAL_RATIO) + (" (best)" if best == ratio(ftlc, bf16) else ""),
+        ],
         [OTHER_ROWS[3], f"{lowest:.2f}x", f">= {GOAL_ROUND_RATIO:.1f}x", verdict(lowest >= GOAL_ROUND_RATIO)],
         [OTHER_ROWS[4], f"{first_gap:+.1f} s", "<= 0 s", verdict(first_gap <= 0)],
         [OTHER_ROWS[5], f"{results['plan_s']:.3f} s", f"<= {GOAL_PLAN_S} s", verdict(results["plan_s"] <= GOAL_PLAN_S)],
@@ -349,26 +450,31 @@ def report(s: dict[str, Any], budget: dict[str, Any], results: dict[str, Any]) -
         [OTHER_ROWS[7], f"{ckpt['size_gb']:.3f} GB", "", ""],
         [OTHER_ROWS[8], f"{ckpt['save_gbps']:.2f} GB/s", "", ""],
         [OTHER_ROWS[9], f"{ckpt['load_gbps']:.2f} GB/s", "", "page cache"],
-    ]  # fmt: skip
+    ]
     head = (
         f"model {results['model']}, data {budget['examples']} demo conversations, seq_len {s['seq_len']}, {s['steps']} steps "
         f"(rates over steps 2..{s['steps']}), packing efficiency {budget['packing_efficiency']:.1%}, "
         f"HF mean row {budget['hf_mean_len']:.0f} tokens; {os.cpu_count()} CPU(s); median of {s['rounds']} round(s), "
-        "real tok/s per round: " + "; ".join(
+        "real tok/s per round: "
+        + "; ".join(
             f"{name} {', '.join(f'{x:.0f}' for x in r['round_rates'])}"
             for name, r in (("ftl", ftl), ("ftl compiled", ftlc), ("HF fp32", fp32), ("HF bf16", bf16))
         )
     )
-    return "\n\n".join([
-        head,
-        render(["run", "real tok/s", "real tok/step", "slots/step", "batch", "1st step s", "steps"], train_rows),
-        render(["measure", "value", "goal", "met"], other_rows),
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            head,
+            render(["run", "real tok/s", "real tok/step", "slots/step", "batch", "1st step s", "steps"], train_rows),
+            render(["measure", "value", "goal", "met"], other_rows),
+        ]
+    )
 
 
 def lowest_round_ratio(results: dict[str, Any]) -> float:
     """Round by round, the faster ftl side's rate over HF bf16's in the same round; the lowest."""
-    sides = zip(results["ftl"]["round_rates"], results["ftl_compiled"]["round_rates"], results["hf_bf16"]["round_rates"])
+    sides = zip(
+        results["ftl"]["round_rates"], results["ftl_compiled"]["round_rates"], results["hf_bf16"]["round_rates"]
+    )
     return min(max(a, b) / hf for a, b, hf in sides)
 
 
@@ -377,7 +483,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny random model, 4 steps, 2 repetitions")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (>= 2)")
     parser.add_argument("--reps", type=int, help="repetitions of the latency and checkpoint measures")
-    parser.add_argument("--rounds", type=int, help="training runs per side, taking turns (default 3; quick 1); the median counts")
+    parser.add_argument(
+        "--rounds", type=int, help="training runs per side, taking turns (default 3; quick 1); the median counts"
+    )
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hf_worker:
@@ -396,7 +504,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {"ftl": [], "ftl_compiled": [], "hf_fp32": [], "hf_bf16": []}
         for r in range(1, s["rounds"] + 1):  # the sides take turns, so a slow spell of the machine hits them alike
             for key, compiled in (("ftl", False), ("ftl_compiled", True)):
-                print(f"bench: round {r}/{s['rounds']}: ftl train{' compiled' if compiled else ''} ({s['steps']} steps) ...", file=sys.stderr)
+                print(
+                    f"bench: round {r}/{s['rounds']}: ftl train{' compiled' if compiled else ''} ({s['steps']} steps) ...",
+                    file=sys.stderr,
+                )
                 runs[key].append(run_ftl(s, tmp, compiled))
             for key, bf16 in (("hf_fp32", False), ("hf_bf16", True)):
                 print(f"bench: round {r}/{s['rounds']}: HF Trainer {key[3:]} ({s['steps']} steps) ...", file=sys.stderr)

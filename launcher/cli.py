@@ -20,9 +20,9 @@ OVERRIDES_HELP = "Hydra overrides: recipe=NAME, key=value, +key=value, ~key, gro
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.rundir.lock import check_free
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.plan.scale import scale_plan
+    from launcher.rundir.lock import check_free
     from launcher.session import prepare_run, resume_verdict_for, writes_run_dir
     from launcher.shell import ftl_command
     from launcher.train.resume import refusal
@@ -94,10 +94,15 @@ def _print_plan_json(run: Any, report: Any, scale: Any) -> None:
     from launcher.plan.report import layout_json, memory_json, summary_lines
 
     doc = {
-        "summary": dict(summary_lines(run.cfg, run.choices)), "run_dir": str(run.plan.run_dir), "layout": layout_json(run.cfg),
-        "memory": memory_json(report), "scale": None if scale is None else scale.as_dict(),
-        "command": run.plan.shell_lines(), "files": sorted(run.plan.files), "notes": list(run.plan.notes),
-    }  # fmt: skip
+        "summary": dict(summary_lines(run.cfg, run.choices)),
+        "run_dir": str(run.plan.run_dir),
+        "layout": layout_json(run.cfg),
+        "memory": memory_json(report),
+        "scale": None if scale is None else scale.as_dict(),
+        "command": run.plan.shell_lines(),
+        "files": sorted(run.plan.files),
+        "notes": list(run.plan.notes),
+    }
     print(json.dumps(doc, indent=1))
 
 
@@ -108,8 +113,15 @@ def _explain(key: str, overrides: list[str]) -> int:
     from launcher.config.errors import ConfigError
 
     if overrides:
-        raise ConfigErrors([ConfigError("--explain", "shows the schema, not a composed config, and takes no overrides; "
-                                        "`ftl train --cfg job OVERRIDES` prints the values a run would use")])  # fmt: skip
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "--explain",
+                    "shows the schema, not a composed config, and takes no overrides; "
+                    "`ftl train --cfg job OVERRIDES` prints the values a run would use",
+                )
+            ]
+        )
     print(explain(key))
     return 0
 
@@ -193,9 +205,13 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
     if target.is_dir():
         target = target / f"{name}.yaml"
     if target.suffix not in (".yaml", ".yml"):
-        raise ConfigErrors([ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")])
+        raise ConfigErrors(
+            [ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")]
+        )
     if target.exists():
-        raise ConfigErrors([ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")])
+        raise ConfigErrors(
+            [ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")]
+        )
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
     from launcher.safe_read import UnreadableFile, read_text
@@ -253,8 +269,12 @@ def composed_model(overrides: list[str]) -> Any:
     from launcher.config.compose import compose
 
     model = compose(overrides)[0].get("model") or {}
-    return SimpleNamespace(source=model.get("source"), path=str(model.get("path") or ""), revision=model.get("revision"),
-                           trust_remote_code=bool(model.get("trust_remote_code")))  # fmt: skip
+    return SimpleNamespace(
+        source=model.get("source"),
+        path=str(model.get("path") or ""),
+        revision=model.get("revision"),
+        trust_remote_code=bool(model.get("trust_remote_code")),
+    )
 
 
 def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]:
@@ -278,10 +298,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
         export_checkpoint(
-            Path(args.path), Path(args.out) if args.out else None, max_shard_size=args.max_shard_size,
-            dtype=args.dtype, overwrite=args.overwrite, config=Path(args.config) if args.config else None,
+            Path(args.path),
+            Path(args.out) if args.out else None,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            config=Path(args.config) if args.config else None,
             merge_lora=merge,
-        )  # fmt: skip
+        )
     except ArtifactInputError as e:
         print(f"ftl export: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -327,16 +351,25 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     errors = []
     if args.max_new_tokens < 1:
-        errors.append(ConfigError("--max-new-tokens", f"got {args.max_new_tokens}; expected a positive number of tokens"))
+        errors.append(
+            ConfigError("--max-new-tokens", f"got {args.max_new_tokens}; expected a positive number of tokens")
+        )
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        errors.append(ConfigError("--temperature", f"got {args.temperature}; expected a finite number >= 0 (0: greedy)"))
+        errors.append(
+            ConfigError("--temperature", f"got {args.temperature}; expected a finite number >= 0 (0: greedy)")
+        )
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         errors.append(ConfigError("--top-p", f"got {args.top_p}; expected a number in (0, 1]"))
     if args.seed is not None and not 0 <= args.seed < 2**32:
         errors.append(ConfigError("--seed", f"got {args.seed}; expected an integer in [0, 2^32)"))
     if errors:
         raise ConfigErrors(errors)
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -346,7 +379,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
         stream_reply(loaded, messages, **settings)
     except ArtifactInputError as e:
         print(f"ftl generate: {e}", file=sys.stderr)
@@ -366,8 +401,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"ftl chat: {loaded.description}\nType a message. /help lists commands; Ctrl-C stops a reply; "
-              "Ctrl-D or /exit ends.", file=sys.stderr)  # fmt: skip
+        print(
+            f"ftl chat: {loaded.description}\nType a message. /help lists commands; Ctrl-C stops a reply; "
+            "Ctrl-D or /exit ends.",
+            file=sys.stderr,
+        )
 
     def read_line() -> str | None:
         try:
@@ -402,14 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftl", description="Distributed fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, overrides: bool = True, config_dir: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, overrides: bool = True, config_dir: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if overrides:
-            p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; or a recipe file: ftl train path/to/recipe.yaml [overrides]")
+            p.add_argument(
+                "overrides",
+                nargs="*",
+                help=OVERRIDES_HELP + "; or a recipe file: ftl train path/to/recipe.yaml [overrides]",
+            )
         if config_dir:
-            p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                           help="a project config dir whose recipes/, model/, data/, strategy/, peft/, launch/, sweep/ options "
-                           f"are added to ftl's (repeatable; also ${CONFIG_DIR_ENV}, several separated by ':')")  # fmt: skip
+            p.add_argument(
+                "--config-dir",
+                action="append",
+                default=[],
+                metavar="DIR",
+                help="a project config dir whose recipes/, model/, data/, strategy/, peft/, launch/, sweep/ options "
+                f"are added to ftl's (repeatable; also ${CONFIG_DIR_ENV}, several separated by ':')",
+            )
         p.set_defaults(fn=fn)
         subparsers[name] = p
         return p
@@ -418,49 +467,138 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "compose, validate and launch a training run")
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit (as Hydra's --cfg job)")
-    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values, one run each (Hydra's basic sweeper)")
+    p.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep comma-separated values, one run each (Hydra's basic sweeper)",
+    )
     p = add("plan", cmd_plan, "validate and show what `train` would run; launches nothing, imports no torch")
-    p.add_argument("--explain", nargs="?", const="", metavar="KEY", help="print a config key's type, default, allowed values "
-                   "and doc (a group: each of its fields; no KEY: the groups) and exit; docs/CONFIG.md lists them all")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the whole plan (summary, layout, memory, scale) as JSON instead")
-    p = add("preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts")
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        metavar="KEY",
+        help="print a config key's type, default, allowed values "
+        "and doc (a group: each of its fields; no KEY: the groups) and exit; docs/CONFIG.md lists them all",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the whole plan (summary, layout, memory, scale) as JSON instead"
+    )
+    p = add(
+        "preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts"
+    )
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
-    p.add_argument("--fetch-model", action="store_true", help="also stage the model: download a hub model into HF_HOME "
-                   "(the training job reads it offline), convert SmolLM2 into ftl's cache")  # fmt: skip
-    p = add("export", cmd_export, "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU", overrides=False, config_dir=False)
-    p.add_argument("path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir")
+    p.add_argument(
+        "--fetch-model",
+        action="store_true",
+        help="also stage the model: download a hub model into HF_HOME "
+        "(the training job reads it offline), convert SmolLM2 into ftl's cache",
+    )
+    p = add(
+        "export",
+        cmd_export,
+        "consolidate a run's checkpoint (any engine) into a Hugging Face directory, on CPU",
+        overrides=False,
+        config_dir=False,
+    )
+    p.add_argument(
+        "path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir"
+    )
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)")
+    p.add_argument(
+        "--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)"
+    )
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--config", help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
-    p.add_argument("--merge-lora", action="store_true", help="LoRA/QLoRA runs: merge the adapter into the base weights "
-                   "(default: export the adapter with a reference to its base)")  # fmt: skip
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA/QLoRA runs: merge the adapter into the base weights "
+        "(default: export the adapter with a reference to its base)",
+    )
     p.add_argument("settings", nargs="*", metavar="merge_lora=true", help="the same as --merge-lora, in override form")
-    p = add("eval", cmd_eval, "perplexity, ROUGE and BLEU of a run, checkpoint or export on held-out data (optionally vs its base)", overrides=False)
-    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (eval.max_batches=4, launch.nproc_per_node=2); "
-                   "for an export, " + OVERRIDES_HELP)  # fmt: skip
-    p.add_argument("--baseline", nargs="?", const="auto", metavar="PATH",
-                   help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
-                   "base by default, or the model at PATH")  # fmt: skip
+    p = add(
+        "eval",
+        cmd_eval,
+        "perplexity, ROUGE and BLEU of a run, checkpoint or export on held-out data (optionally vs its base)",
+        overrides=False,
+    )
+    p.add_argument(
+        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the run's config (eval.max_batches=4, launch.nproc_per_node=2); "
+        "for an export, " + OVERRIDES_HELP,
+    )
+    p.add_argument(
+        "--baseline",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
+        "base by default, or the model at PATH",
+    )
     p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
-    p = add("generate", cmd_generate, "answer one prompt with a run, checkpoint or export, streaming tokens", overrides=False, config_dir=False)
-    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
+    p = add(
+        "generate",
+        cmd_generate,
+        "answer one prompt with a run, checkpoint or export, streaming tokens",
+        overrides=False,
+        config_dir=False,
+    )
+    p.add_argument(
+        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+    )
     p.add_argument("prompt", help="the user message")
     _add_generation_args(p)
-    p = add("chat", cmd_chat, "chat with a run, checkpoint or export: one user turn per line of stdin", overrides=False, config_dir=False)
-    p.add_argument("model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output")
+    p = add(
+        "chat",
+        cmd_chat,
+        "chat with a run, checkpoint or export: one user turn per line of stdin",
+        overrides=False,
+        config_dir=False,
+    )
+    p.add_argument(
+        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+    )
     _add_generation_args(p)
     p = add("recipes", cmd_recipes, "list the recipes (shipped, and those of the config dirs)", overrides=False)
     p.add_argument("-v", "--verbose", action="store_true", help="show each recipe's command")
-    p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="write recipe NAME to the file DEST (or into the directory DEST) "
-                   "as a starting point of your own; never overwrites")  # fmt: skip
-    p = add("sweep", cmd_sweep, "hyperparameter sweeps: W&B (create, agent; trials as SLURM jobs) or offline (agent --offline, optuna)", overrides=False)
-    p.add_argument("action", choices=["create", "agent", "optuna"], help="create SPEC | agent SWEEP_ID count=K | agent --offline SPEC count=K | optuna SPEC count=K")
-    p.add_argument("target", metavar="SPEC_OR_SWEEP_ID", help="a sweep in conf/sweep/ or a spec file; for `agent`, a W&B sweep id")
-    p.add_argument("overrides", nargs="*", help="count=K (agent, optuna), seed=N (optuna), and Hydra overrides every trial adds")
-    p.add_argument("--offline", action="store_true", help="create: only write the config; agent: draw trials with W&B's search engine, no server")
+    p.add_argument(
+        "--copy",
+        nargs=2,
+        metavar=("NAME", "DEST"),
+        help="write recipe NAME to the file DEST (or into the directory DEST) "
+        "as a starting point of your own; never overwrites",
+    )
+    p = add(
+        "sweep",
+        cmd_sweep,
+        "hyperparameter sweeps: W&B (create, agent; trials as SLURM jobs) or offline (agent --offline, optuna)",
+        overrides=False,
+    )
+    p.add_argument(
+        "action",
+        choices=["create", "agent", "optuna"],
+        help="create SPEC | agent SWEEP_ID count=K | agent --offline SPEC count=K | optuna SPEC count=K",
+    )
+    p.add_argument(
+        "target", metavar="SPEC_OR_SWEEP_ID", help="a sweep in conf/sweep/ or a spec file; for `agent`, a W&B sweep id"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="count=K (agent, optuna), seed=N (optuna), and Hydra overrides every trial adds"
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="create: only write the config; agent: draw trials with W&B's search engine, no server",
+    )
     p.add_argument("--out", help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)")
     parser.set_defaults(subparsers=subparsers)
     return parser

@@ -116,8 +116,14 @@ def hash_problem(path: Path, rank: int = 0, world: int = 1) -> Optional[str]:
         found = file_hashes([path / name for name in names])
     except OSError as e:
         return f"a file does not read back ({type(e).__name__}: {e})"
-    return next((f"{name} does not hold what was saved (its {HASH} differs from the marker's)"
-                 for name, digest in zip(names, found) if digest != hashes[name]), None)  # fmt: skip
+    return next(
+        (
+            f"{name} does not hold what was saved (its {HASH} differs from the marker's)"
+            for name, digest in zip(names, found)
+            if digest != hashes[name]
+        ),
+        None,
+    )
 
 
 def mark_dir(path: Path, kind: str) -> None:
@@ -169,8 +175,10 @@ def output_dir_problems(path: Path, kind: str, protect: Mapping[str, Path] = {})
         if other:
             out.append(f"is an ftl {other} dir, not an {kind} dir")
         else:
-            out.append(f"exists and holds files ftl did not write (no {MARKERS[kind]} marker); ftl writes only into "
-                       "a new or empty directory or one it made: choose another, or move these files away")  # fmt: skip
+            out.append(
+                f"exists and holds files ftl did not write (no {MARKERS[kind]} marker); ftl writes only into "
+                "a new or empty directory or one it made: choose another, or move these files away"
+            )
     for parent in real.parents:
         if parent.name == RunPaths.CHECKPOINTS and is_run_dir(parent.parent):
             out.append(f"sits inside the checkpoints of the run {parent.parent} (ftl prunes what it finds there)")

@@ -87,14 +87,28 @@ class Phase:
             self._printed_at = time.monotonic()
 
     def _start_bar(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         if _live is not None:
             self._bar = _live
         else:
             columns = [SpinnerColumn(), TextColumn("{task.description}")]
             if self.total:
-                columns += [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+                columns += [
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                ]
             else:
                 columns += [TimeElapsedColumn()]
             self._own = self._bar = Progress(*columns, console=self.console, transient=True)
@@ -133,7 +147,9 @@ class _Silent:
 
 
 @contextlib.contextmanager
-def phase(description: str, total: Optional[int] = None, *, console: Any = None, every_s: float = LOG_EVERY_S) -> Iterator[Any]:
+def phase(
+    description: str, total: Optional[int] = None, *, console: Any = None, every_s: float = LOG_EVERY_S
+) -> Iterator[Any]:
     """``with phase("eval: answers", total=40) as p: ... p.advance()``; see the module docstring.
     ``total`` None: one long call (loading a model), shown with its elapsed time. ``console``: where
     to show it (default: stderr, plain when not a terminal)."""

@@ -106,7 +106,9 @@ def parse_json(text: Union[str, bytes]) -> Any:
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError("nested too deeply (arrays or objects within each other past Python's recursion limit)") from None
+        raise ValueError(
+            "nested too deeply (arrays or objects within each other past Python's recursion limit)"
+        ) from None
 
 
 def json_problem(e: ValueError) -> str:
@@ -142,8 +144,10 @@ def read_yaml_text(path: PathLike) -> str:
     except RecursionError:
         raise UnreadableFile(f"{path}: invalid YAML (nested too deeply)") from None
     if node is not None and _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-        raise UnreadableFile(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} YAML nodes; "
-                             "ftl reads no YAML that large (a 'billion laughs' file?)")  # fmt: skip
+        raise UnreadableFile(
+            f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} YAML nodes; "
+            "ftl reads no YAML that large (a 'billion laughs' file?)"
+        )
     return text
 
 

@@ -77,7 +77,9 @@ def prepare_run(overrides: list[str]) -> PreparedRun:
 
         every = resolved_every_steps(loaded.cfg)
         loaded.raw["checkpoint"]["every_steps"] = loaded.cfg.checkpoint.every_steps = every
-        loaded.notes.append(f"checkpoint.every_steps=auto: every {every} steps (the Young/Daly interval; ftl plan's scale section)")
+        loaded.notes.append(
+            f"checkpoint.every_steps=auto: every {every} steps (the Young/Daly interval; ftl plan's scale section)"
+        )
     run_dir = choose_run_dir(loaded.raw)
     loaded.raw["run"]["dir"] = str(run_dir)
     loaded.cfg.run.dir = str(run_dir)
@@ -98,17 +100,20 @@ def launch(overrides: list[str]) -> int:
     import os
 
     from launcher.launch import get_backend
-    from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock
-    from launcher.rundir import RunPaths
-    from launcher.rundir.write import write_run_dir
     from launcher.plan.report import memory_report, memory_verdict
+    from launcher.rundir import RunPaths
+    from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock
+    from launcher.rundir.write import write_run_dir
     from launcher.train.resume import finished_message, moved_message, refusal, set_aside_earlier_run
 
     run = prepare_run(overrides)
     report = memory_report(run.cfg)
     if report.checked and not report.fits:
-        print(f"ftl train: {memory_verdict(report)}; `ftl plan` shows the estimate "
-              "(launch.check_memory=false skips this check)", file=sys.stderr)  # fmt: skip
+        print(
+            f"ftl train: {memory_verdict(report)}; `ftl plan` shows the estimate "
+            "(launch.check_memory=false skips this check)",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     backend = get_backend(run.cfg.launch.backend)
     errors = backend.preflight(run.cfg)  # what only this machine can tell, e.g. how many GPUs it has
@@ -140,7 +145,10 @@ def launch(overrides: list[str]) -> int:
             if moved is not None:
                 print(f"ftl: {moved_message(*moved)}", file=sys.stderr)
         if run.config_path.is_file():
-            print(f"ftl: {run.run_dir} holds an earlier run: replacing its {run.config_path.name} and {RunPaths.LAUNCH_SCRIPT}", file=sys.stderr)
+            print(
+                f"ftl: {run.run_dir} holds an earlier run: replacing its {run.config_path.name} and {RunPaths.LAUNCH_SCRIPT}",
+                file=sys.stderr,
+            )
         changes = write_run_dir(run.raw, run.plan, run.config_path, argv)
         if changes:
             print("ftl: config changes since the earlier run:", file=sys.stderr)
@@ -181,7 +189,13 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
     import dataclasses
 
     from launcher.config.topology import world_size
-    from launcher.train.resume import evaluated_after, is_complete, latest_checkpoint, read_checkpoint_info, resume_verdict
+    from launcher.train.resume import (
+        evaluated_after,
+        is_complete,
+        latest_checkpoint,
+        read_checkpoint_info,
+        resume_verdict,
+    )
 
     resume = run.cfg.checkpoint.resume
     if resume == "never":
@@ -193,8 +207,15 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
         if not is_complete(path):
             from launcher.config.errors import ConfigError
 
-            raise ConfigErrors([ConfigError("checkpoint.resume", f"{resume!r} is not a complete checkpoint (a step-N directory with "
-                                                                 "a COMPLETE marker); allowed: auto, never, or such a directory")])  # fmt: skip
+            raise ConfigErrors(
+                [
+                    ConfigError(
+                        "checkpoint.resume",
+                        f"{resume!r} is not a complete checkpoint (a step-N directory with "
+                        "a COMPLETE marker); allowed: auto, never, or such a directory",
+                    )
+                ]
+            )
         info = read_checkpoint_info(path)
     if info is None:
         return None
@@ -226,8 +247,10 @@ def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
             return []
         steps = ", ".join(path.name for _, path in list_complete(run.run_dir))
         shown = [f"{n} ({steps})" if n == RunPaths.CHECKPOINTS and steps else n for n in names]
-        return [f"checkpoint.resume=never: starting over; the earlier run's {', '.join(shown)} in {run.run_dir} "
-                f"will be moved aside into {RunPaths.EARLIER_PREFIX}<time>/ (nothing is deleted)"]  # fmt: skip
+        return [
+            f"checkpoint.resume=never: starting over; the earlier run's {', '.join(shown)} in {run.run_dir} "
+            f"will be moved aside into {RunPaths.EARLIER_PREFIX}<time>/ (nothing is deleted)"
+        ]
     if verdict is None:
         return []
     ckpt = verdict.checkpoint
@@ -236,5 +259,7 @@ def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     if verdict.cross_engine:
         lines.append(cross_engine_notice(verdict))
     if ckpt.world_size != world_size(run.cfg):
-        lines.append(f"checkpoint step {ckpt.step} was written by {ckpt.world_size} rank(s); continuing on {world_size(run.cfg)}")
+        lines.append(
+            f"checkpoint step {ckpt.step} was written by {ckpt.world_size} rank(s); continuing on {world_size(run.cfg)}"
+        )
     return lines

@@ -25,8 +25,15 @@ TINY = ["recipe=tiny", "wandb.mode=disabled", "launch.dist_timeout_s=60"]
 
 # The distributed-engine tests' reference runs (test_engines_distributed, test_engine_deepspeed):
 # 10 steps with checkpoints at 5 and 10, so an "interrupted" copy resumes from step 5.
-TEN_STEPS = ["recipe=tiny", "train.max_steps=10", "checkpoint.every_steps=5", "checkpoint.keep=2",
-             "eval.after_training=false", "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
+TEN_STEPS = [
+    "recipe=tiny",
+    "train.max_steps=10",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep=2",
+    "eval.after_training=false",
+    "wandb.mode=disabled",
+    "launch.dist_timeout_s=60",
+]
 TWO_RANKS = ["launch.nproc_per_node=2"]
 
 
@@ -36,22 +43,34 @@ def ftl_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def ftl(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def ftl(
+    *args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     # Its own session, so that a run past the timeout is killed with its torchrun agent and ranks
     # (left running, they would slow every later test), and the failure shows what it printed.
-    child = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env or ftl_env(), text=True,
-                             stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=ROOT,
+        env=env or ftl_env(),
+        text=True,
+        stdin=None if stdin is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = child.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
-        pytest.fail(f"ftl {' '.join(args)} ran past {timeout} s; killed with its process group\n{out[-3000:]}\n{err[-6000:]}")
+        pytest.fail(
+            f"ftl {' '.join(args)} ran past {timeout} s; killed with its process group\n{out[-3000:]}\n{err[-6000:]}"
+        )
     proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     if check:
-        assert proc.returncode == 0, f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        assert proc.returncode == 0, (
+            f"ftl {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -109,7 +128,9 @@ def assert_losses_close(rows: list[dict[str, Any]], reference: list[dict[str, An
         assert row["loss"] == pytest.approx(ref["loss"], rel=rel), (row["step"], row["loss"], ref["loss"])
 
 
-def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, check_tokenizer_and_dtype: bool = False) -> torch.Tensor:
+def plain_transformers_logits(
+    model_dir: Path, ids: torch.Tensor, work: Path, check_tokenizer_and_dtype: bool = False
+) -> torch.Tensor:
     """The logits for `ids` of the model in `model_dir` as transformers alone computes them: a fresh
     process loads it, imports nothing of ftl (it asserts so), and leaves its files in `work`. With
     check_tokenizer_and_dtype it also loads the tokenizer, which must have a chat template, and
@@ -117,11 +138,15 @@ def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, ch
     import torch
 
     checks = (
-        "from transformers import AutoTokenizer\n"
-        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "assert tokenizer.chat_template, 'no chat template'\n"
-        "assert model.dtype == torch.float32, model.dtype\n"
-    ) if check_tokenizer_and_dtype else ""  # fmt: skip
+        (
+            "from transformers import AutoTokenizer\n"
+            "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "assert tokenizer.chat_template, 'no chat template'\n"
+            "assert model.dtype == torch.float32, model.dtype\n"
+        )
+        if check_tokenizer_and_dtype
+        else ""
+    )
     plain = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -130,10 +155,15 @@ def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, work: Path, ch
         "with torch.no_grad():\n"
         "    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
         "assert not [m for m in sys.modules if m == 'launcher' or m.startswith('launcher.')]\n"
-    )  # fmt: skip
+    )
     torch.save(ids, work / "ids.pt")
-    subprocess.run([sys.executable, "-c", plain, str(model_dir), str(work / "ids.pt"), str(work / "logits.pt")],
-                   cwd=work, env=ftl_env(), check=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", plain, str(model_dir), str(work / "ids.pt"), str(work / "logits.pt")],
+        cwd=work,
+        env=ftl_env(),
+        check=True,
+        timeout=120,
+    )
     return torch.load(work / "logits.pt")
 
 
@@ -157,8 +187,16 @@ def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
     from launcher.model.loading import arch_to_hf_config
 
     attention.register()
-    arch = ArchConfig(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=1024)  # fmt: skip
+    arch = ArchConfig(
+        model_type=model_type,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    )
     config = arch_to_hf_config(arch, tok)
     for k, v in extra.items():
         setattr(config, k, v)

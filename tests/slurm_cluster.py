@@ -20,7 +20,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ROOT = Path(os.environ.get("FTL_SLURM_ROOT") or "/tmp/ftl-slurm")
 START = "slurm/local-cluster.sh start"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,12 @@ class Job:
 class LocalCluster:
     env: dict[str, str]  # os.environ + SLURM_CONF
 
-    def run(self, *argv: str, cwd: Optional[Path] = None, timeout: float = 60, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(argv), env=self.env, cwd=cwd, check=False, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    def run(
+        self, *argv: str, cwd: Optional[Path] = None, timeout: float = 60, check: bool = True, **kw: object
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(argv), env=self.env, cwd=cwd, check=False, capture_output=True, text=True, timeout=timeout, **kw
+        )  # type: ignore[call-overload]
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
@@ -45,7 +59,10 @@ class LocalCluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout.strip()
         # Values hold spaces (names, paths), so split on the known `Key=` starts instead of blanks.
         keys = list(re.finditer(r"(?:^|\s)([A-Za-z/:]+)=", out))
-        fields = {m.group(1): out[m.end() : keys[i + 1].start() if i + 1 < len(keys) else len(out)].rstrip() for i, m in enumerate(keys)}
+        fields = {
+            m.group(1): out[m.end() : keys[i + 1].start() if i + 1 < len(keys) else len(out)].rstrip()
+            for i, m in enumerate(keys)
+        }
         return Job(job_id, fields.get("JobState", "?"), int(fields.get("Restarts", "0") or 0), fields)
 
     def wait(self, job_id: str, timeout: float) -> Job:
@@ -70,7 +87,9 @@ def _unavailable() -> tuple[Optional[str], dict[str, str]]:
         return f"{env_file} names no SLURM_CONF", {}
     env = {**os.environ, "SLURM_CONF": match.group(1)}
     try:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, check=False, capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, check=False, capture_output=True, text=True, timeout=20
+        )
     except FileNotFoundError:
         return f"sinfo not found; `{START}` installs SLURM", {}
     except subprocess.TimeoutExpired:

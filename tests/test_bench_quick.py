@@ -29,19 +29,38 @@ def bench_module(name: str) -> ModuleType:
 
 
 def run_script(name: str, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], check=False, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+    )
 
 
 QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers as no result, seconds)
     "throughput": (lambda m: [*m.TRAIN_ROWS, *m.OTHER_ROWS], "quick mode", 200),
     "ablate_cpu_step": (lambda m: [name for name, *_ in m.CONFIGS], "QUICK: not a result", 200),
-    "cpu_allocator": (lambda m: [*m.SIDES, "later steps, glibc default / ftl", "losses identical across all runs: yes"], "QUICK (tiny model): not a result", 200),
-    "cpu_attention": (lambda m: [*m.SIDES, "speed-up of short-example path", "speed-up of one operator"], "QUICK: not a result", 120),
+    "cpu_allocator": (
+        lambda m: [*m.SIDES, "later steps, glibc default / ftl", "losses identical across all runs: yes"],
+        "QUICK (tiny model): not a result",
+        200,
+    ),
+    "cpu_attention": (
+        lambda m: [*m.SIDES, "speed-up of short-example path", "speed-up of one operator"],
+        "QUICK: not a result",
+        120,
+    ),
     "load_memory": (lambda m: [name for name, _ in m.CONFIGS], "QUICK (tiny model): not a result", 360),
     "dpo_throughput": (lambda m: list(m.SIDES.values()), "quick mode", 360),
     "checkpoint_hash": (lambda m: list(m.ROWS), "QUICK (tiny model): not a result", 200),
-    "loss_memory": (lambda m: ["logits", "chunked", "drop: measured", "where the peak is", "forward, head and loss", "backward"], "QUICK: not a result", 200),
+    "loss_memory": (
+        lambda m: ["logits", "chunked", "drop: measured", "where the peak is", "forward, head and loss", "backward"],
+        "QUICK: not a result",
+        200,
+    ),
 }
 
 
@@ -60,7 +79,9 @@ def test_quick_mode_prints_every_row(script: str) -> None:
 def test_gpu_benches_say_they_skipped_without_a_gpu(script: str) -> None:
     proc = run_script(script, "--quick", timeout=120, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.startswith("no GPU: skipped") and len(proc.stdout.splitlines()) == 1, proc.stdout  # no table, no numbers
+    assert proc.stdout.startswith("no GPU: skipped") and len(proc.stdout.splitlines()) == 1, (
+        proc.stdout
+    )  # no table, no numbers
     strict = run_script(script, "--require-gpu", timeout=120, CUDA_VISIBLE_DEVICES="")
     assert strict.returncode == bench_module(script).NO_GPU_EXIT
 
@@ -104,9 +125,17 @@ def test_gpu_quick_mode_prints_every_row(script: str) -> None:
 
 def gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "wheels").mkdir(exist_ok=True)  # none to install: this machine's venv has the packages
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "FTL_WHEELS": str(tmp_path / "wheels"), "CUDA_VISIBLE_DEVICES": "",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **env}  # fmt: skip
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "FTL_WHEELS": str(tmp_path / "wheels"),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280
+    )
 
 
 def dry_steps(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[tuple[str, int, str]]]:
@@ -172,7 +201,10 @@ def fake_run(runs_dir: Path, name: str, rows: list[dict[str, Any]], lora_b: floa
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "eval.json").write_text(json.dumps({"after": {"loss": 1.0, "rougeL": 0.1}}))
     if lora_b is not None:
-        tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.ones(8, 64), "base_model.model.layers.0.q_proj.lora_B.weight": torch.full((64, 8), lora_b)}
+        tensors = {
+            "base_model.model.layers.0.q_proj.lora_A.weight": torch.ones(8, 64),
+            "base_model.model.layers.0.q_proj.lora_B.weight": torch.full((64, 8), lora_b),
+        }
         save_file(tensors, str(run / "checkpoints" / "step-5" / "adapter" / "adapter_model.safetensors"))
 
 
@@ -185,8 +217,13 @@ def test_gpu_runs_metrics_checks_each_run_and_across_runs(tmp_path: Path) -> Non
     """bench/gpu_runs.py metrics on run dirs as CUDA runs write them: passes a good set, and fails
     each criterion broken alone."""
     gpu_runs = bench_module("gpu_runs")
-    good = {"single": (steps_of(), None), "zero3-generate": (steps_of(11.765), None), "lora-ac": (steps_of(peak=3.0), 0.01),
-            "lora-ac-offload": (steps_of(peak=2.0), 0.01), "qlora": (steps_of(11.9), 0.02)}  # fmt: skip
+    good = {
+        "single": (steps_of(), None),
+        "zero3-generate": (steps_of(11.765), None),
+        "lora-ac": (steps_of(peak=3.0), 0.01),
+        "lora-ac-offload": (steps_of(peak=2.0), 0.01),
+        "qlora": (steps_of(11.9), 0.02),
+    }
     broken = {
         "the per-example loop": {"single": (steps_of(attn_varlen_flash=0.5), None)},
         "no MFU": {"single": ([{k: v for k, v in r.items() if k != "mfu"} for r in steps_of()], None)},
@@ -217,9 +254,16 @@ def test_gpu_runs_matrix_configs_validate() -> None:
         try:
             cfg = load_config(gpu_runs.overrides(name, ROOT / "runs" / "unused")).cfg
         except ConfigErrors as e:
-            assert name == "lora-liger" and importlib.util.find_spec("liger_kernel") is None and "liger-kernel" in str(e), (name, e)
+            assert (
+                name == "lora-liger" and importlib.util.find_spec("liger_kernel") is None and "liger-kernel" in str(e)
+            ), (name, e)
             continue
-        assert (cfg.model.arch.hidden_size, cfg.model.arch.num_heads, cfg.model.arch.num_kv_heads, cfg.model.arch.vocab_size) == (1024, 8, 2, 128256)
+        assert (
+            cfg.model.arch.hidden_size,
+            cfg.model.arch.num_heads,
+            cfg.model.arch.num_kv_heads,
+            cfg.model.arch.vocab_size,
+        ) == (1024, 8, 2, 128256)
         assert (cfg.peft.method != "none") == spec.adapters, name
 
 
@@ -244,7 +288,11 @@ def test_gpu_mfu_projection_and_rows() -> None:
     step = head_s + (0.5 - head_s) * 32 / 4 + 0.1 * (n_all / 2e9) / gpu_mfu.PROJECT_WORLD
     assert gpu_mfu.project_8b(row, head_s, 32, n_compute, n_all) == pytest.approx(6 * n_compute * 4096 / step / 1e15)
     assert gpu_mfu.project_8b({**row, "peak_flops": None}, head_s, 32, n_compute, n_all) is None
-    assert gpu_mfu.parse_rows("fsdp,fsdp-compiled-ac,zero3-ac") == [("fsdp", False, False), ("fsdp", True, True), ("zero3", False, True)]
+    assert gpu_mfu.parse_rows("fsdp,fsdp-compiled-ac,zero3-ac") == [
+        ("fsdp", False, False),
+        ("fsdp", True, True),
+        ("zero3", False, True),
+    ]
     for bad in ("zero3-compiled", "ddp", "fsdp-fast"):
         with pytest.raises(ValueError):
             gpu_mfu.parse_rows(bad)
@@ -278,8 +326,10 @@ def test_gpu_runs_jobs_side_by_side_each_under_its_limit(tmp_path: Path) -> None
     import time
 
     gpu_runs = bench_module("gpu_runs")
-    jobs = [gpu_runs.Job(name, ["bash", "-c", script], tmp_path / f"{name}.log", dict(os.environ))
-            for name, script in {"ok": "echo done", "fails": "echo bad; exit 3", "hangs": "sleep 60"}.items()]  # fmt: skip
+    jobs = [
+        gpu_runs.Job(name, ["bash", "-c", script], tmp_path / f"{name}.log", dict(os.environ))
+        for name, script in {"ok": "echo done", "fails": "echo bad; exit 3", "hangs": "sleep 60"}.items()
+    ]
     start = time.monotonic()
     results = gpu_runs.run_jobs(jobs, parallel=3, timeout=2)
     assert time.monotonic() - start < 20

@@ -13,12 +13,25 @@ from launcher.config.compose import recipe_files
 
 # An HTTP client among them: huggingface_hub's cache lookup brings one, and a model that is not in
 # the local cache (the empty one below) must not pay for it.
-HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "wandb", "datasets", "httpx", "httpx2", "requests",
-         "huggingface_hub.file_download")  # fmt: skip
+HEAVY = (
+    "torch",
+    "transformers",
+    "deepspeed",
+    "peft",
+    "bitsandbytes",
+    "wandb",
+    "datasets",
+    "httpx",
+    "httpx2",
+    "requests",
+    "huggingface_hub.file_download",
+)
 
 
 def ftl(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 @pytest.mark.parametrize("recipe", ["llama3-70b-full-zero3-multinode", "llama3-8b-full-zero3", "demo"])
@@ -96,11 +109,15 @@ def test_a_reader_that_stops_early_gets_no_traceback():
 
     read, write = os.pipe()
     os.close(read)  # a reader that is already gone: every write fails with EPIPE
-    out = subprocess.run([sys.executable, "-m", "launcher", "recipes"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "recipes"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+    )
     os.close(write)
     assert out.returncode == 141, out.stderr
     assert out.stderr == ""
-    shell = subprocess.run(f"{sys.executable} -m launcher recipes | head -n 1", shell=True, capture_output=True, text=True, timeout=60)
+    shell = subprocess.run(
+        f"{sys.executable} -m launcher recipes | head -n 1", shell=True, capture_output=True, text=True, timeout=60
+    )
     assert shell.stdout.startswith("demo ") and len(shell.stdout.splitlines()) == 1 and "Traceback" not in shell.stderr
 
 
@@ -108,11 +125,17 @@ def test_options_and_overrides_mix_in_any_order(tmp_path):
     out = ftl("eval", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), "eval.max_batches=1", cwd=tmp_path)
     assert out.returncode == 2 and "unrecognized arguments" not in out.stderr
     assert f"{tmp_path / 'nope'}: no such directory" in out.stderr  # parsed, then refused for what it is
-    out = ftl("sweep", "create", "lr", "--offline", "wandb.project=mine", "--out", str(tmp_path / "s.yaml"), cwd=tmp_path)
+    out = ftl(
+        "sweep", "create", "lr", "--offline", "wandb.project=mine", "--out", str(tmp_path / "s.yaml"), cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "project: mine" in (tmp_path / "s.yaml").read_text()
-    out = ftl("plan", "train.lr=1e-3", f"run.dir={tmp_path / 'r'}", "--config-dir", str(tmp_path), "recipe=tiny", cwd=tmp_path)
-    assert out.returncode == 2 and "holds none of ftl's config folders" in out.stderr  # the option was read where it stood
+    out = ftl(
+        "plan", "train.lr=1e-3", f"run.dir={tmp_path / 'r'}", "--config-dir", str(tmp_path), "recipe=tiny", cwd=tmp_path
+    )
+    assert (
+        out.returncode == 2 and "holds none of ftl's config folders" in out.stderr
+    )  # the option was read where it stood
 
 
 def test_plan_explain_prints_a_keys_doc_and_imports_no_heavy_module():
@@ -134,7 +157,10 @@ def test_plan_explain_prints_a_keys_doc_and_imports_no_heavy_module():
     "args, needle",
     [
         (["plan", "--explain", "train.lrr"], "train.lrr: unknown config key; did you mean train.lr"),
-        (["plan", "--explain", "train.lr", "recipe=tiny"], "--explain: shows the schema, not a composed config, and takes no overrides"),
+        (
+            ["plan", "--explain", "train.lr", "recipe=tiny"],
+            "--explain: shows the schema, not a composed config, and takes no overrides",
+        ),
     ],
 )
 def test_plan_explain_bad_input_exits_2(args, needle):

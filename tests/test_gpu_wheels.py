@@ -36,7 +36,9 @@ REHEARSAL = ROOT / ".cache" / "gpu-rehearsal"
 def fake_wheel(folder: Path, name: str, version: str, *requires: str, size: int = 0) -> Path:
     """A wheel holding only its METADATA, and `size` bytes of padding."""
     wheel = folder / f"{name}-{version}-py3-none-any.whl"
-    meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)])
+    meta = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+    )
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
         if size:
@@ -47,7 +49,9 @@ def fake_wheel(folder: Path, name: str, version: str, *requires: str, size: int 
 def test_requirements_guard_passes_a_met_set_and_names_each_unmet_requirement(tmp_path: Path) -> None:
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir(), bad.mkdir()
-    fake_wheel(good, "peft", "0.21.2", "torch>=2.4", "transformers", "huggingface-hub>=0.25", "tomli; python_version < '3.11'")
+    fake_wheel(
+        good, "peft", "0.21.2", "torch>=2.4", "transformers", "huggingface-hub>=0.25", "tomli; python_version < '3.11'"
+    )
     fake_wheel(good, "lib", "1.0", "peft==0.21.2", "nosuch; extra == 'unasked'", "pyyaml")
     assert check.unmet(good) == []
     fake_wheel(bad, "needs-newer-torch", "1.0", "torch>=2.12")  # the image has 2.11.0
@@ -100,8 +104,14 @@ def _carried_site(py: Path, pip_env: dict[str, str]) -> Path:
     stamp = site / _key((ROOT / "bench" / "gpu_wheels.sh").read_text())
     if stamp.exists():
         return site
-    proc = subprocess.run(["bash", "bench/gpu_wheels.sh"], cwd=ROOT, env={**pip_env, "PYTHON": sys.executable, "FTL_WHEELS": str(wheels)},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_wheels.sh"],
+        cwd=ROOT,
+        env={**pip_env, "PYTHON": sys.executable, "FTL_WHEELS": str(wheels)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "requirements: every Requires-Dist" in proc.stdout and "(at most 60 MiB)" in proc.stdout, proc.stdout
     # Wheels only the image's Python 3.12 can install: the same versions for this Python.
@@ -113,13 +123,43 @@ def _carried_site(py: Path, pip_env: dict[str, str]) -> Path:
     for wheel in sorted(wheels.glob("*.whl")):
         if "-cp312-" in wheel.name or "-py312-" in wheel.name:
             name, version = wheel.name.split("-")[:2]
-            subprocess.run([py, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(here), f"{name}=={version}"],
-                           check=True, env=pip_env)  # fmt: skip
+            subprocess.run(
+                [
+                    py,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-d",
+                    str(here),
+                    f"{name}=={version}",
+                ],
+                check=True,
+                env=pip_env,
+            )
         else:
             carried.append(wheel)
     carried += sorted(here.glob("*.whl"))
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
-                    "--target", str(site), *map(str, carried)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(site),
+            *map(str, carried),
+        ],
+        check=True,
+    )
     stamp.touch()
     return site
 
@@ -131,8 +171,14 @@ def test_cpu_rehearsal_of_the_gpu_machines_environment(tmp_path: Path) -> None:
     py = _image_venv(pip_env) / "bin" / "python"
     site = _carried_site(py, pip_env)
     assert check.main([str(REHEARSAL / "whl")]) == 0  # bench/gpu_wheels.sh's set passes both guards
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+    }
     env.pop("VIRTUAL_ENV", None)
     imports = """
 import importlib, pkgutil, launcher
@@ -148,16 +194,50 @@ print("imported", len(mods), "launcher modules;", *(f"{p} {version(p)}" for p in
     assert "transformers 5.17.0 huggingface_hub 1.33.0 peft 0.21.2" in proc.stdout, proc.stdout
 
     # The gpu-marked tests (bench/gpu_check.sh runs them there), skipping here: their modules import under the image's versions.
-    gpu_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text() and p.name != Path(__file__).name)
-    proc = subprocess.run([py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_files], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    gpu_files = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if "mark.gpu" in p.read_text() and p.name != Path(__file__).name
+    )
+    proc = subprocess.run(
+        [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_files],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and " skipped" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # A 2-step run like gpu_check.sh's train-zero3 (DeepSpeed, packed rows, generation and its metrics), on the tiny model.
     run = tmp_path / "run"
-    proc = subprocess.run([py, "-m", "launcher", "train", "recipe=tiny", "strategy=zero3", "data.packing=true", "train.max_steps=2",
-                           "checkpoint.every_steps=0", "checkpoint.save_final=false", "eval.max_batches=1", "eval.generate=true",
-                           "eval.num_generate=2", "eval.max_new_tokens=8", "wandb.mode=disabled", "launch.dist_timeout_s=60",
-                           f"run.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            py,
+            "-m",
+            "launcher",
+            "train",
+            "recipe=tiny",
+            "strategy=zero3",
+            "data.packing=true",
+            "train.max_steps=2",
+            "checkpoint.every_steps=0",
+            "checkpoint.save_final=false",
+            "eval.max_batches=1",
+            "eval.generate=true",
+            "eval.num_generate=2",
+            "eval.max_new_tokens=8",
+            "wandb.mode=disabled",
+            "launch.dist_timeout_s=60",
+            f"run.dir={run}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "engine deepspeed" in proc.stdout and "step 2 " in proc.stdout and " rougeL " in proc.stdout, proc.stdout[-3000:]
+    assert "engine deepspeed" in proc.stdout and "step 2 " in proc.stdout and " rougeL " in proc.stdout, proc.stdout[
+        -3000:
+    ]

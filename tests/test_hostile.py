@@ -108,7 +108,11 @@ def test_a_quoted_word_reads_back_exactly_and_is_one_printable_line(text, tmp_pa
 
 def test_shell_quoting_lives_in_one_place():
     """launcher/shell.py is the one module that quotes for the shell: no other uses shlex."""
-    users = [str(p.relative_to(ROOT)) for p in (ROOT / "launcher").rglob("*.py") if "shlex" in p.read_text() and p.name != "shell.py"]
+    users = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "launcher").rglob("*.py")
+        if "shlex" in p.read_text() and p.name != "shell.py"
+    ]
     assert users == []
 
 
@@ -126,10 +130,12 @@ def test_launch_sh_comment_and_commands_never_run_injected_text(tmp_path, monkey
     work = tmp_path / "work $(touch CANARY)"
     work.mkdir()
     recorder = tmp_path / "python"
-    recorder.write_text("#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$REC\"\nprintf %s \"$HOSTILE\" > \"$REC.env\"\n")
+    recorder.write_text('#!/usr/bin/env bash\nprintf \'%s\\0\' "$@" > "$REC"\nprintf %s "$HOSTILE" > "$REC.env"\n')
     recorder.chmod(0o755)
     for text in HOSTILE:
-        plan = LaunchPlan(tmp_path / "run", [[str(recorder), "-m", "launcher.train", "--config", text]], env={"HOSTILE": text})
+        plan = LaunchPlan(
+            tmp_path / "run", [[str(recorder), "-m", "launcher.train", "--config", text]], env={"HOSTILE": text}
+        )
         monkeypatch.chdir(work)
         script = launch_script(plan, ["train", f"wandb.project={text}", f"run.name={text}"])
         lines = script.split("\n")
@@ -161,19 +167,29 @@ def test_sweep_create_hints_are_quoted(tmp_path, capsys, monkeypatch):
     out_file = tmp_path / "sw $(touch CANARY)" / "x'y.yaml"
     code, out = run_cli(capsys, "sweep", "create", "lr", "--offline", "--out", str(out_file))
     assert code == 0, out
-    commands = [ln.strip().split("    (")[0] for ln in out.splitlines() if ln.strip().startswith(("wandb sweep", "ftl sweep agent --offline", "ftl sweep optuna"))]
+    commands = [
+        ln.strip().split("    (")[0]
+        for ln in out.splitlines()
+        if ln.strip().startswith(("wandb sweep", "ftl sweep agent --offline", "ftl sweep optuna"))
+    ]
     assert len(commands) == 3
     for line in commands:
         assert str(out_file) in bash_words(line.replace("wandb sweep", "ftl sweep", 1), tmp_path)
 
 
-@pytest.mark.parametrize("override, field", [
-    ("+launch.env.X='a\nb'", "launch.env"),  # a real string: the old check printed (key, value) tuples, which escape it
-    ("launch.sbatch_args=['--comment', 'a\nb']", "launch.sbatch_args[1]"),
-    ("launch.partition='gpu\tx'", "launch.partition"),
-    ("launch.setup=['module load x\rtouch CANARY']", "launch.setup[0]"),
-    ("launch.job_name='x\x1b[2J'", "launch.job_name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (
+            "+launch.env.X='a\nb'",
+            "launch.env",
+        ),  # a real string: the old check printed (key, value) tuples, which escape it
+        ("launch.sbatch_args=['--comment', 'a\nb']", "launch.sbatch_args[1]"),
+        ("launch.partition='gpu\tx'", "launch.partition"),
+        ("launch.setup=['module load x\rtouch CANARY']", "launch.setup[0]"),
+        ("launch.job_name='x\x1b[2J'", "launch.job_name"),
+    ],
+)
 def test_slurm_refuses_control_characters_in_real_strings(override, field):
     raw, _, errors = compose(["recipe=tiny", "launch=slurm", override])
     _, more = validate(raw)
@@ -181,12 +197,16 @@ def test_slurm_refuses_control_characters_in_real_strings(override, field):
     assert "control characters" in str(more[0])
 
 
-@pytest.mark.parametrize("field", ["wandb.project", "run.name", "model.name", "wandb.tags", "data.train_files", "launch.rdzv_id"])
+@pytest.mark.parametrize(
+    "field", ["wandb.project", "run.name", "model.name", "wandb.tags", "data.train_files", "launch.rdzv_id"]
+)
 @pytest.mark.parametrize("text", [h for h in HOSTILE if re.search(r"[\x00-\x1f\u2028]", h)], ids=repr)
 def test_control_characters_are_refused_in_names_paths_and_words(field, text, capsys):
     value = hostile_override(text)
     override = f"{field}=[{value}]" if field in ("wandb.tags", "data.train_files") else f"{field}={value}"
-    code, out = run_cli(capsys, "plan", "recipe=tiny", "launch=torchrun" if "rdzv" in field else "launch=local", override)
+    code, out = run_cli(
+        capsys, "plan", "recipe=tiny", "launch=torchrun" if "rdzv" in field else "launch=local", override
+    )
     assert code == 2 and "control characters are not allowed here" in out, out
     assert not re.search(r"[\x00-\x09\x0b-\x1f\u2028]", out), "the error echoes the value escaped"
 
@@ -200,17 +220,20 @@ def test_an_error_never_sends_escape_sequences_to_the_terminal():
 # deletion: ftl writes only where it may, and replaces only what it made
 
 
-@pytest.mark.parametrize("where, needle", [
-    (".", "is the working directory"),
-    ("..", "contains the working directory"),
-    ("/", "contains the working directory"),
-    ("~", "is your home directory"),
-    ("a-file", "is a file"),
-    ("a-file/below", "cannot be created: "),
-    ("foreign", "holds files ftl did not write"),
-    ("run/checkpoints/step-1", "sits inside the checkpoints of the run"),
-    ("run/nested", "sits inside the ftl run dir"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "where, needle",
+    [
+        (".", "is the working directory"),
+        ("..", "contains the working directory"),
+        ("/", "contains the working directory"),
+        ("~", "is your home directory"),
+        ("a-file", "is a file"),
+        ("a-file/below", "cannot be created: "),
+        ("foreign", "holds files ftl did not write"),
+        ("run/checkpoints/step-1", "sits inside the checkpoints of the run"),
+        ("run/nested", "sits inside the ftl run dir"),
+    ],
+)
 def test_run_dir_that_ftl_must_not_write_is_refused(where, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("mine")
@@ -235,7 +258,11 @@ def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothin
     (run / "checkpoints" / "step-3" / "weights").write_text("w")
     (run / "checkpoints" / "step-3" / "COMPLETE").write_text("{}")
     code, out = run_cli(capsys, "plan", "recipe=tiny", f"run.dir={run}", "checkpoint.resume=never")
-    assert code == 0 and "checkpoints (step-3) in" in out and "moved aside into earlier-<time>/ (nothing is deleted)" in out
+    assert (
+        code == 0
+        and "checkpoints (step-3) in" in out
+        and "moved aside into earlier-<time>/ (nothing is deleted)" in out
+    )
     assert (run / "checkpoints" / "step-3").is_dir()  # plan moves nothing
     aside, _ = set_aside_earlier_run(run)
     assert (aside / "checkpoints" / "step-3" / "weights").read_text() == "w" and not (run / "checkpoints").exists()
@@ -263,17 +290,20 @@ def fake_run(root: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("out, overwrite, needle", [
-    (".", True, "is the working directory"),
-    ("..", True, "contains the working directory"),
-    ("run", True, "is the run being exported"),
-    ("run/checkpoints/step-2", True, "is the checkpoint being exported"),
-    ("run/checkpoints/step-2/hf", True, "sits inside the checkpoints of the run"),
-    ("foreign", True, "holds files ftl did not write"),
-    ("a-file", True, "is a file"),
-    ("~", True, "is your home directory"),
-    ("old-export", False, "pass --overwrite"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "out, overwrite, needle",
+    [
+        (".", True, "is the working directory"),
+        ("..", True, "contains the working directory"),
+        ("run", True, "is the run being exported"),
+        ("run/checkpoints/step-2", True, "is the checkpoint being exported"),
+        ("run/checkpoints/step-2/hf", True, "sits inside the checkpoints of the run"),
+        ("foreign", True, "holds files ftl did not write"),
+        ("a-file", True, "is a file"),
+        ("~", True, "is your home directory"),
+        ("old-export", False, "pass --overwrite"),
+    ],
+)
 def test_export_never_replaces_what_it_did_not_write(out, overwrite, needle, tmp_path, monkeypatch):
     from launcher.artifacts.export import export_checkpoint
     from launcher.artifacts.weights import ArtifactInputError
@@ -332,7 +362,11 @@ def test_plan_cfg_job_and_errors_never_print_a_secret(tmp_path, capsys, monkeypa
     code, out = run_cli(capsys, "train", "--cfg", "job", "recipe=tiny", secret_env)
     assert code == 0 and SECRET not in out and f"HF_TOKEN: {REDACTED}" in out
     # errors that echo the value, or the whole override
-    for bad in ([secret_env, f"train.lr={SECRET}"], [f"+launch.env.HF_TOKEN={SECRET}'"], [secret_env, "wandb.project=${oc.env:WANDB_API_KEY}", "train.lrr=1"]):
+    for bad in (
+        [secret_env, f"train.lr={SECRET}"],
+        [f"+launch.env.HF_TOKEN={SECRET}'"],
+        [secret_env, "wandb.project=${oc.env:WANDB_API_KEY}", "train.lrr=1"],
+    ):
         code, out = run_cli(capsys, "plan", "recipe=tiny", *bad)
         assert code == 2 and SECRET not in out and ENV_SECRET not in out, out
 
@@ -348,13 +382,17 @@ def test_sweep_config_holds_no_secret(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_API_KEY", ENV_SECRET)
     out_file = tmp_path / "sweep.yaml"
-    code, out = run_cli(capsys, "sweep", "create", "lr", f"+launch.env.HF_TOKEN={SECRET}", "--offline", "--out", str(out_file))
+    code, out = run_cli(
+        capsys, "sweep", "create", "lr", f"+launch.env.HF_TOKEN={SECRET}", "--offline", "--out", str(out_file)
+    )
     assert code == 0, out
     text = out_file.read_text()
     assert SECRET not in text and "HF_TOKEN" not in text and SECRET not in out
     assert "left out of the sweep's command (secrets): HF_TOKEN" in out
     # a secret under a key that does not say so cannot be left out: refused
-    code, out = run_cli(capsys, "sweep", "create", "lr", "wandb.project=${oc.env:WANDB_API_KEY}", "--offline", "--out", str(out_file))
+    code, out = run_cli(
+        capsys, "sweep", "create", "lr", "wandb.project=${oc.env:WANDB_API_KEY}", "--offline", "--out", str(out_file)
+    )
     assert code == 2 and "secret" in out and ENV_SECRET not in out
 
 
@@ -363,7 +401,9 @@ def test_config_changes_notice_never_shows_a_secret(tmp_path):
 
     declare([SECRET, SECRET + "-new"])
     for value in (SECRET, SECRET + "-new"):
-        raw, _, _ = compose(["recipe=tiny", f"run.dir={tmp_path}", f"+launch.env.HF_TOKEN={value}", f"+launch.env.MIRROR={value}"])
+        raw, _, _ = compose(
+            ["recipe=tiny", f"run.dir={tmp_path}", f"+launch.env.HF_TOKEN={value}", f"+launch.env.MIRROR={value}"]
+        )
         plan = LaunchPlan(tmp_path, [["python"]], env={"HF_TOKEN": value})
         changes = write_run_dir(raw, plan, tmp_path / "config.yaml", ["train"])
         assert not any(SECRET in c for c in changes), changes
@@ -381,8 +421,19 @@ def test_redaction_cuts_the_longer_secret_first_and_declared_values_anywhere():
 # numbers: finite and in range, every one
 
 
-FLOAT_FIELDS = ["train.lr", "train.weight_decay", "train.min_lr_ratio", "train.epochs", "train.grad_clip", "data.eval_fraction",
-                "model.arch.rope_theta", "model.arch.rms_norm_eps", "launch.gpu_mem_gb", "peft.alpha", "peft.dropout"]  # fmt: skip
+FLOAT_FIELDS = [
+    "train.lr",
+    "train.weight_decay",
+    "train.min_lr_ratio",
+    "train.epochs",
+    "train.grad_clip",
+    "data.eval_fraction",
+    "model.arch.rope_theta",
+    "model.arch.rms_norm_eps",
+    "launch.gpu_mem_gb",
+    "peft.alpha",
+    "peft.dropout",
+]
 
 
 @pytest.mark.parametrize("field", FLOAT_FIELDS)
@@ -393,42 +444,51 @@ def test_every_float_must_be_finite(field, value):
     assert [(e.path, "finite" in e.message) for e in errors + more] == [(field, True)], errors + more
 
 
-@pytest.mark.parametrize("override, field", [
-    ("data.max_train_examples=-3", "data.max_train_examples"),
-    ("train.global_batch_size=-4", "train.global_batch_size"),
-    ("eval.max_batches=0", "eval.max_batches"),
-    ("train.seed=-1", "train.seed"),
-    ("train.seed=4294967296", "train.seed"),
-    ("train.max_steps=-2", "train.max_steps"),
-    ("checkpoint.keep=0", "checkpoint.keep"),
-    ("launch.dist_timeout_s=99999999999", "launch.dist_timeout_s"),
-    ("+data.sources=[{path: x.jsonl, weight: -1}]", "data.sources[0].weight"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("data.max_train_examples=-3", "data.max_train_examples"),
+        ("train.global_batch_size=-4", "train.global_batch_size"),
+        ("eval.max_batches=0", "eval.max_batches"),
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=4294967296", "train.seed"),
+        ("train.max_steps=-2", "train.max_steps"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("launch.dist_timeout_s=99999999999", "launch.dist_timeout_s"),
+        ("+data.sources=[{path: x.jsonl, weight: -1}]", "data.sources[0].weight"),
+    ],
+)
 def test_negative_and_out_of_range_counts_are_refused(override, field):
     raw, _, errors = compose(["recipe=tiny", override])
     _, more = validate(raw)
     assert field in [e.path for e in errors + more], errors + more
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.micro_batch_size=abc", "train.global_batch_size=8"], ["train.micro_batch_size"]),
-    (["model.arch.num_heads=x"], ["model.arch.num_heads"]),
-    (["launch.nproc_per_node=two"], ["launch.nproc_per_node"]),
-    (["train.grad_accum=x", "train.global_batch_size=8"], ["train.grad_accum"]),
-    (["+data.sources=[{path: /no/such, weight: nan}]"], ["data.sources[0].weight", "data.sources[0].path"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.micro_batch_size=abc", "train.global_batch_size=8"], ["train.micro_batch_size"]),
+        (["model.arch.num_heads=x"], ["model.arch.num_heads"]),
+        (["launch.nproc_per_node=two"], ["launch.nproc_per_node"]),
+        (["train.grad_accum=x", "train.global_batch_size=8"], ["train.grad_accum"]),
+        (["+data.sources=[{path: /no/such, weight: nan}]"], ["data.sources[0].weight", "data.sources[0].path"]),
+    ],
+)
 def test_one_bad_field_causes_no_false_errors_about_the_others(overrides, expected):
     raw, _, errors = compose(["recipe=tiny", *overrides])
     _, more = validate(raw)
     assert sorted(e.path for e in errors + more) == sorted(expected), errors + more
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["--temperature", "nan"], "--temperature"),
-    (["--top-p", "2"], "--top-p"),
-    (["--seed", "-5"], "--seed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--top-p", "2"], "--top-p"),
+        (["--seed", "-5"], "--seed"),
+    ],
+)
 def test_generate_settings_are_checked_before_any_model_loads(args, needle, tmp_path, capsys):
     code, out = run_cli(capsys, "generate", str(tmp_path / "no-such-model"), "hi", *args)
     assert code == 2 and needle in out and "no such directory" not in out
@@ -446,13 +506,27 @@ def readonly(path: Path) -> list[str]:
         return []
     if not shutil.which("unshare"):
         pytest.skip("needs unshare(1) to make a read-only directory as root")
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(path)]  # fmt: skip
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"',
+        str(path),
+    ]
 
 
 def plan_in(prefix: list[str], cwd: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, sys.executable, "-m", "launcher", "plan", "recipe=tiny", *overrides], cwd=cwd,
-                          env=ftl_env(PYTHONPATH=str(ROOT), **env), capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "launcher", "plan", "recipe=tiny", *overrides],
+        cwd=cwd,
+        env=ftl_env(PYTHONPATH=str(ROOT), **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_unwritable_run_dir_and_cache_are_caught_by_plan(tmp_path):
@@ -464,17 +538,24 @@ def test_unwritable_run_dir_and_cache_are_caught_by_plan(tmp_path):
     assert "data.cache: ftl's cache" in out.stderr and "is not writable" in out.stderr
 
 
-@pytest.mark.parametrize("setup, overrides, needle", [
-    ("run-file", ["run.dir=RUN"], "is a file, not a directory"),
-    ("bad-yaml", ["run.dir=RUN"], "config.yaml is not valid YAML"),
-    ("list-yaml", ["run.dir=RUN"], "config.yaml is not a mapping"),
-    ("not-ckpt", ["checkpoint.resume=TMP/notckpt/step-1"], "is not a complete checkpoint"),
-    ("damaged-ckpt", ["checkpoint.resume=TMP/run/checkpoints/step-2"], "is damaged: trainer_state.json has 3 bytes"),
-    ("empty-data", ["data.train_files=[TMP/empty.jsonl]"], "data.train_files[0]: TMP/empty.jsonl is empty"),
-    ("no-data-folder", ["data.train_files=[TMP/docs]"], "folder holds no data files"),
-    ("model-dir", ["model.source=hf", "model.path=TMP/docs"], "holds no config.json"),
-    ("model-file", ["model.source=hf", "model.path=TMP/empty.jsonl"], "is a file"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setup, overrides, needle",
+    [
+        ("run-file", ["run.dir=RUN"], "is a file, not a directory"),
+        ("bad-yaml", ["run.dir=RUN"], "config.yaml is not valid YAML"),
+        ("list-yaml", ["run.dir=RUN"], "config.yaml is not a mapping"),
+        ("not-ckpt", ["checkpoint.resume=TMP/notckpt/step-1"], "is not a complete checkpoint"),
+        (
+            "damaged-ckpt",
+            ["checkpoint.resume=TMP/run/checkpoints/step-2"],
+            "is damaged: trainer_state.json has 3 bytes",
+        ),
+        ("empty-data", ["data.train_files=[TMP/empty.jsonl]"], "data.train_files[0]: TMP/empty.jsonl is empty"),
+        ("no-data-folder", ["data.train_files=[TMP/docs]"], "folder holds no data files"),
+        ("model-dir", ["model.source=hf", "model.path=TMP/docs"], "holds no config.json"),
+        ("model-file", ["model.source=hf", "model.path=TMP/empty.jsonl"], "is a file"),
+    ],
+)
 def test_plan_catches_what_train_would_fail_on(setup, overrides, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -525,7 +606,11 @@ def test_run_dir_lock_refuses_a_second_writer_and_recovers_stale_ones(tmp_path, 
         assert "in use" in str(check_free(run))
     assert not lock_path(run).exists() and check_free(run) is None
     # stale: a dead pid on this host; a silent holder elsewhere; this same SLURM job, requeued
-    for fields, age, env in (({"host": socket.gethostname(), "pid": dead_pid()}, 0, {}), ({}, 3600, {}), ({"slurm_job": "77"}, 0, {"SLURM_JOB_ID": "77"})):
+    for fields, age, env in (
+        ({"host": socket.gethostname(), "pid": dead_pid()}, 0, {}),
+        ({}, 3600, {}),
+        ({"slurm_job": "77"}, 0, {"SLURM_JOB_ID": "77"}),
+    ):
         write_lock(run, age, **fields)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -546,7 +631,10 @@ def test_exit_codes_are_0_1_2_130_and_never_a_raw_signal(tmp_path):
     run = tmp_path
     RunPaths(run).exits.mkdir()
     assert summarize(0, run, None)[0] == 0
-    assert summarize(130, run, "SIGINT") == (130, "stopped by SIGINT after a checkpoint; run the same command again to resume")
+    assert summarize(130, run, "SIGINT") == (
+        130,
+        "stopped by SIGINT after a checkpoint; run the same command again to resume",
+    )
     assert summarize(2, run, None)[0] == 2
     code, message = summarize(-9, run, None)
     assert code == 1 and "SIGKILL" in message and "out of memory" in message
@@ -554,7 +642,9 @@ def test_exit_codes_are_0_1_2_130_and_never_a_raw_signal(tmp_path):
     assert summarize(137, run, None)[0] == 1
     assert summarize(1, run, "SIGTERM")[0] == 1  # interrupted before the checkpoint
     for rank, code in ((0, 130), (1, 130)):
-        (RunPaths(run).exits / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": 2, "code": code}))
+        (RunPaths(run).exits / f"rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "world_size": 2, "code": code})
+        )
     assert summarize(1, run, "SIGTERM")[0] == 130  # torchrun says 1; both ranks say: stopped after a checkpoint
     (RunPaths(run).exits / "rank-1.json").unlink()
     code, message = summarize(1, run, None)
@@ -590,8 +680,12 @@ LAUNCHER = textwrap.dedent("""
 def test_the_launcher_hands_a_stop_signal_on_once_and_waits(sig, tmp_path):
     (tmp_path / "child.py").write_text(FORWARD_CHILD)
     (tmp_path / "run_job.py").write_text(LAUNCHER)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "run_job.py"), str(tmp_path), str(tmp_path / "child.py")],
-                            env=ftl_env(PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "run_job.py"), str(tmp_path), str(tmp_path / "child.py")],
+        env=ftl_env(PYTHONPATH=str(ROOT)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "child.pid").exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -613,7 +707,10 @@ def test_a_launcher_killed_outright_still_stops_its_job(tmp_path):
     when its launcher dies, and stops as it would on a forwarded one."""
     (tmp_path / "child.py").write_text(FORWARD_CHILD)
     (tmp_path / "run_job.py").write_text(LAUNCHER)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "run_job.py"), str(tmp_path), str(tmp_path / "child.py")], env=ftl_env(PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "run_job.py"), str(tmp_path), str(tmp_path / "child.py")],
+        env=ftl_env(PYTHONPATH=str(ROOT)),
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "child.pid").exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -653,7 +750,15 @@ def test_under_torchrun_the_killed_rank_is_named(tmp_path, capsys):
     ranks' exit records and names the rank that left none."""
     worker = tmp_path / "worker.py"
     worker.write_text(TORCHRUN_WORKER)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path),
+    ]
     assert run_foreground(LaunchPlan(tmp_path, [argv])) == 1
     err = capsys.readouterr().err
     assert "rank(s) 1 ended without an exit status" in err and "out of memory" in err
@@ -679,8 +784,8 @@ def tiny_engine():
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "marker", "state"])
 def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumes(damage, tmp_path):
-    from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint
     from launcher.runtime.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint
 
     engine = tiny_engine()
     for step in (2, 4):
@@ -704,14 +809,16 @@ def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumes(
 
 
 def test_a_checkpoint_marked_complete_that_does_not_load_is_skipped(tmp_path):
-    from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
     from launcher.runtime.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
 
     engine = tiny_engine()
     for step in (1, 3):
         save_checkpoint(tmp_path, TrainerState(step=step), engine, DistInfo(), keep=5, barrier=lambda: None)
     bad = tmp_path / "checkpoints" / "step-3" / "model.safetensors"
-    bad.write_bytes(b"\0" * bad.stat().st_size)  # the same size, garbage inside, and garbage when hashed: only loading can tell
+    bad.write_bytes(
+        b"\0" * bad.stat().st_size
+    )  # the same size, garbage inside, and garbage when hashed: only loading can tell
     marker = json.loads((bad.parent / "COMPLETE").read_text())
     marker["sha256"]["model.safetensors"] = file_hash(bad)
     (bad.parent / "COMPLETE").write_text(json.dumps(marker))
@@ -772,7 +879,9 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
         assert code == 2 and f"{tmp_path / 'given.yaml'} is a named pipe (FIFO)" in out, out
         code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=pipe")
         assert code == 2 and f"{conf / 'recipes' / 'pipe.yaml'} is a named pipe (FIFO)" in out, out
-        code, out = run_cli(capsys, "plan", "--config-dir", str(conf), "recipe=tiny")  # the FIFO beside it breaks nothing else
+        code, out = run_cli(
+            capsys, "plan", "--config-dir", str(conf), "recipe=tiny"
+        )  # the FIFO beside it breaks nothing else
         assert code == 0, out
         code, out = run_cli(capsys, "recipes", "--config-dir", str(conf))
         assert code == 0 and "pipe" in out and "named pipe (FIFO)" in out, out
@@ -780,15 +889,22 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
         assert code == 2 and "named pipe (FIFO)" in out and not (tmp_path / "copy.yaml").exists(), out
 
 
-@pytest.mark.parametrize("name, text, needle", [
-    ("syntax", "train:\n  lr: [1e-3\n", "syntax.yaml, line 3, column 1: invalid YAML"),
-    ("latin1", b"# caf\xe9\ntrain:\n  lr: 1.0e-3\n", "latin1.yaml, line 1: not valid UTF-8"),
-    ("bomb", BILLION_LAUGHS, "bomb.yaml: its aliases (*name) expand to more than 100,000 YAML nodes"),
-    ("listed", "- a\n- b\n", "listed.yaml: expected a mapping of config keys"),
-])  # fmt: skip
-def test_a_broken_recipe_in_a_config_dir_breaks_only_the_commands_that_use_it(name, text, needle, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("syntax", "train:\n  lr: [1e-3\n", "syntax.yaml, line 3, column 1: invalid YAML"),
+        ("latin1", b"# caf\xe9\ntrain:\n  lr: 1.0e-3\n", "latin1.yaml, line 1: not valid UTF-8"),
+        ("bomb", BILLION_LAUGHS, "bomb.yaml: its aliases (*name) expand to more than 100,000 YAML nodes"),
+        ("listed", "- a\n- b\n", "listed.yaml: expected a mapping of config keys"),
+    ],
+)
+def test_a_broken_recipe_in_a_config_dir_breaks_only_the_commands_that_use_it(
+    name, text, needle, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("FTL_CONFIG_DIR", "")
-    conf = config_dir(tmp_path, {name: text, "mine": "defaults:\n  - override /model: tiny-llama\ntrain:\n  lr: 2.0e-3\n"})
+    conf = config_dir(
+        tmp_path, {name: text, "mine": "defaults:\n  - override /model: tiny-llama\ntrain:\n  lr: 2.0e-3\n"}
+    )
     with within(20):
         code, out = run_cli(capsys, "plan", "--config-dir", str(conf), f"recipe={name}", "train.lr=1e-3")
         assert code == 2 and needle in out and "Traceback" not in out, out
@@ -802,7 +918,9 @@ def test_a_broken_option_of_a_config_dir_group_breaks_only_the_runs_that_choose_
     monkeypatch.setenv("FTL_CONFIG_DIR", "")
     conf = config_dir(tmp_path, {})
     (conf / "model").mkdir()
-    (conf / "model" / "mine.yaml").write_text((ROOT / "conf" / "model" / "tiny-llama.yaml").read_text().replace("name: tiny-llama", "name: mine"))
+    (conf / "model" / "mine.yaml").write_text(
+        (ROOT / "conf" / "model" / "tiny-llama.yaml").read_text().replace("name: tiny-llama", "name: mine")
+    )
     if text is None:
         os.mkfifo(conf / "model" / "broken.yaml")
     else:
@@ -822,9 +940,15 @@ def test_an_option_named_by_a_path_outside_the_config_dirs_is_refused(where, tmp
     escape = os.path.relpath(tmp_path / "outside", ROOT / "conf" / "model")
     conf = config_dir(tmp_path, {"escape": f"defaults:\n  - override /model: {escape}\n"})
     if where == "recipe":
-        args, needle = ["--config-dir", str(conf), "recipe=escape"], f"{conf / 'recipes' / 'escape.yaml'}: defaults: 'override /model: {escape}' names a file by a path"
+        args, needle = (
+            ["--config-dir", str(conf), "recipe=escape"],
+            f"{conf / 'recipes' / 'escape.yaml'}: defaults: 'override /model: {escape}' names a file by a path",
+        )
     else:
-        args, needle = ["recipe=tiny", f"model={escape}"], f"model: '{escape}': an option is named by its file's stem in model/"
+        args, needle = (
+            ["recipe=tiny", f"model={escape}"],
+            f"model: '{escape}': an option is named by its file's stem in model/",
+        )
     code, out = run_cli(capsys, "plan", *args)
     assert code == 2 and needle in out, out
 
@@ -836,44 +960,61 @@ def test_an_empty_config_dir_is_refused_not_read_as_the_working_directory(tmp_pa
     assert code == 2 and "--config-dir: got an empty path" in out, out
 
 
-@pytest.mark.parametrize("row, needle", [
-    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: invalid JSON (nested too deeply"),
-    ('{"messages": [', "row 2: invalid JSON (Expecting value"),
-    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "row 2: not valid UTF-8"),
-    ('{"text": "a completion row among chat rows"}', "row 2: missing 'messages'"),
-    ('{"messages": [{"role": "robot", "content": "beep"}]}', "row 2: message 1 has unknown role 'robot'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: invalid JSON (nested too deeply"),
+        ('{"messages": [', "row 2: invalid JSON (Expecting value"),
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "row 2: not valid UTF-8"),
+        ('{"text": "a completion row among chat rows"}', "row 2: missing 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "beep"}]}', "row 2: message 1 has unknown role 'robot'"),
+    ],
+)
 def test_bad_data_rows_stop_train_before_the_run_dir_is_written(row, needle, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_bytes(GOOD_ROW.encode() + b"\n" + (row.encode() if isinstance(row, str) else row) + b"\n")
     run = tmp_path / "run"
     with within(60):
-        code, out = run_cli(capsys, "train", *TINY, f"run.dir={run}", f"data.train_files=[{data}]", "data.eval_fraction=0.5")
+        code, out = run_cli(
+            capsys, "train", *TINY, f"run.dir={run}", f"data.train_files=[{data}]", "data.eval_fraction=0.5"
+        )
     assert code == 2 and f"data: {data}, {needle}" in out and "Traceback" not in out, out
     assert not run.exists()
     raw, _, _ = compose(["recipe=tiny", f"data.train_files=[{data}]", "data.on_error=skip"])
     check_local_rows(validate(raw)[0].data)  # skipped rows are the trainer's to count, not an error
 
 
-HF_CONFIG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5}  # fmt: skip
+HF_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+}
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"num_attention_heads": 0}, "num_attention_heads: got 0; allowed: an integer from 1 to 1024"),
-    ({"hidden_size": "64"}, "hidden_size: got '64'; allowed: an integer"),
-    ({"vocab_size": int("9" * 400)}, "vocab_size: got 99999999999999999999...(400 characters)"),
-    ({"num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000; allowed: an integer from 1 to 1024"),
-    ({"model_type": "qwen2_moe", "num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps: got nan; allowed: a finite number"),
-    ({"rope_theta": "ten thousand"}, "rope_theta: got 'ten thousand'"),
-    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: got 'false'; allowed: true or false"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads 4"),
-    ({"hidden_size": 66}, "hidden_size: 66 is not a multiple of num_attention_heads 4"),
-    ({"intermediate_size": [128]}, "intermediate_size: got [128]"),
-    ({"model_type": ["llama"]}, "model_type ['llama'] is not a decoder family"),
-    ({"mlp_only_layers": "all", "model_type": "qwen2_moe"}, "mlp_only_layers: got 'all'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads: got 0; allowed: an integer from 1 to 1024"),
+        ({"hidden_size": "64"}, "hidden_size: got '64'; allowed: an integer"),
+        ({"vocab_size": int("9" * 400)}, "vocab_size: got 99999999999999999999...(400 characters)"),
+        ({"num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000; allowed: an integer from 1 to 1024"),
+        ({"model_type": "qwen2_moe", "num_hidden_layers": 10**12}, "num_hidden_layers: got 1000000000000"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps: got nan; allowed: a finite number"),
+        ({"rope_theta": "ten thousand"}, "rope_theta: got 'ten thousand'"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings: got 'false'; allowed: true or false"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads 4"),
+        ({"hidden_size": 66}, "hidden_size: 66 is not a multiple of num_attention_heads 4"),
+        ({"intermediate_size": [128]}, "intermediate_size: got [128]"),
+        ({"model_type": ["llama"]}, "model_type ['llama'] is not a decoder family"),
+        ({"mlp_only_layers": "all", "model_type": "qwen2_moe"}, "mlp_only_layers: got 'all'"),
+    ],
+)
 def test_a_malformed_config_json_is_exit_2_naming_the_file_and_key(change, needle, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
@@ -883,11 +1024,14 @@ def test_a_malformed_config_json_is_exit_2_naming_the_file_and_key(change, needl
     assert code == 2 and f"model.path: {model / 'config.json'}: {needle}" in out and "Traceback" not in out, out
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("[" * 100_000, "config.json, invalid JSON (nested too deeply"),
-    (None, "config.json is a named pipe (FIFO)"),
-    ('{"model_type": "llama",\n "hidden_size": }', "config.json, line 2: invalid JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("[" * 100_000, "config.json, invalid JSON (nested too deeply"),
+        (None, "config.json is a named pipe (FIFO)"),
+        ('{"model_type": "llama",\n "hidden_size": }', "config.json, line 2: invalid JSON"),
+    ],
+)
 def test_an_unreadable_config_json_is_exit_2_naming_it(content, needle, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
@@ -900,16 +1044,19 @@ def test_an_unreadable_config_json_is_exit_2_naming_it(content, needle, tmp_path
     assert code == 2 and needle in out and "Traceback" not in out, out
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ("swap", "model.safetensors does not hold what was saved (its sha256 differs"),
-    ("rename", "it holds step 2, not the step 9 its name says (a renamed directory?)"),
-    ("edit", "trainer_state.json says step 7, its COMPLETE marker step 4 (edited by hand?)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("swap", "model.safetensors does not hold what was saved (its sha256 differs"),
+        ("rename", "it holds step 2, not the step 9 its name says (a renamed directory?)"),
+        ("edit", "trainer_state.json says step 7, its COMPLETE marker step 4 (edited by hand?)"),
+    ],
+)
 def test_a_checkpoint_is_trusted_by_content_and_step_not_by_size_or_name(damage, needle, tmp_path):
     """A shard swapped for another of the same size, a step dir renamed to outrank the newer ones,
     a step edited in trainer_state.json: each is named, moved aside, and the newest sound one resumes."""
-    from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
     from launcher.runtime.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, resume_checkpoint, save_checkpoint
 
     engine = tiny_engine()
     for step in (2, 4):
@@ -944,10 +1091,24 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
     work = tmp_path_factory.mktemp("hostile work $(touch CANARY)")
     run = work / "run"
     note = hostile_override("p\ntouch CANARY #")
-    argv = [*TINY, "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep=5", "eval.after_training=false",
-            f"+launch.env.NOTE={note}", f"+launch.env.HF_TOKEN={SECRET}", f"run.dir={hostile_override(str(run))}"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "launcher", "train", *argv], cwd=work, capture_output=True, text=True, timeout=600,
-                          env=ftl_env(PYTHONPATH=str(ROOT), WANDB_API_KEY=ENV_SECRET))  # fmt: skip
+    argv = [
+        *TINY,
+        "train.max_steps=3",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=5",
+        "eval.after_training=false",
+        f"+launch.env.NOTE={note}",
+        f"+launch.env.HF_TOKEN={SECRET}",
+        f"run.dir={hostile_override(str(run))}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", *argv],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ftl_env(PYTHONPATH=str(ROOT), WANDB_API_KEY=ENV_SECRET),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run, proc
 
@@ -959,11 +1120,18 @@ def test_a_hostile_run_writes_and_prints_no_secret_and_its_launch_sh_runs_nothin
         assert not [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     script = (run / "launch.sh").read_text()
     assert script.splitlines()[1].startswith("# ftl train ") and len(script.splitlines()) == 4
-    assert 'HF_TOKEN="${HF_TOKEN:?' in script and REDACTED not in script.splitlines()[3], "launch.sh reads the token from the environment"
+    assert 'HF_TOKEN="${HF_TOKEN:?' in script and REDACTED not in script.splitlines()[3], (
+        "launch.sh reads the token from the environment"
+    )
     assert subprocess.run(["bash", "-n", str(run / "launch.sh")]).returncode == 0
     assert RunPaths(run).marker.is_file() and not lock_path(run).exists()
     # launch.sh run without the token stops before anything starts
-    out = subprocess.run(["bash", str(run / "launch.sh")], env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(run / "launch.sh")],
+        env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "HF_TOKEN is a secret ftl never writes down" in out.stderr
     no_canary(run.parent)
 
@@ -972,10 +1140,24 @@ def test_rerun_skips_a_truncated_checkpoint_and_shows_no_secret_among_the_change
     run, _ = hostile_run
     bad = run / "checkpoints" / "step-3" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[:100])
-    argv = [*TINY, "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep=5", "eval.after_training=false",
-            "+launch.env.NOTE=calm", f"+launch.env.HF_TOKEN={SECRET}x", f"run.dir={hostile_override(str(run))}"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "launcher", "train", *argv], cwd=run.parent, capture_output=True, text=True,
-                          timeout=600, env=ftl_env(PYTHONPATH=str(ROOT), WANDB_API_KEY=ENV_SECRET))  # fmt: skip
+    argv = [
+        *TINY,
+        "train.max_steps=3",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=5",
+        "eval.after_training=false",
+        "+launch.env.NOTE=calm",
+        f"+launch.env.HF_TOKEN={SECRET}x",
+        f"run.dir={hostile_override(str(run))}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", *argv],
+        cwd=run.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ftl_env(PYTHONPATH=str(ROOT), WANDB_API_KEY=ENV_SECRET),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"checkpoint {run / 'checkpoints' / 'step-3'} is damaged (model.safetensors has 100 bytes" in proc.stderr
     assert "resuming from" in proc.stdout + proc.stderr and "(step 2)" in proc.stdout + proc.stderr
@@ -985,17 +1167,30 @@ def test_rerun_skips_a_truncated_checkpoint_and_shows_no_secret_among_the_change
 
 def test_sigterm_to_the_launcher_stops_the_trainer_after_a_checkpoint_and_a_second_writer_is_refused(tmp_path):
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "launcher", "train", *TINY, "train.max_steps=100000", "eval.after_training=false", f"run.dir={run}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "train",
+        *TINY,
+        "train.max_steps=100000",
+        "eval.after_training=false",
+        f"run.dir={run}",
+    ]
     log = tmp_path / "log"
     with open(log, "w") as f:
-        launcher = subprocess.Popen(argv, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=ftl_env(PYTHONPATH=str(ROOT)))
+        launcher = subprocess.Popen(
+            argv, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=ftl_env(PYTHONPATH=str(ROOT))
+        )
     deadline = time.monotonic() + 300
     while "step 2 " not in log.read_text():
         assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     holder = json.loads(lock_path(run).read_text())
     assert holder["role"] == "trainer rank 0" and holder["pid"] != launcher.pid
-    second = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=ftl_env(PYTHONPATH=str(ROOT)))
+    second = subprocess.run(
+        argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=ftl_env(PYTHONPATH=str(ROOT))
+    )
     assert second.returncode == 2 and f"is in use by pid {holder['pid']}" in second.stderr
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=300) == 130, log.read_text()[-3000:]
@@ -1030,15 +1225,18 @@ RESAVE = textwrap.dedent("""
 
 
 def test_a_kill_while_a_step_is_saved_again_always_leaves_a_complete_checkpoint(tmp_path):
-    from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint, verify
     from launcher.runtime.distributed import DistInfo
+    from launcher.train.checkpoint import TrainerState, list_complete, resume_checkpoint, save_checkpoint, verify
 
     save_checkpoint(tmp_path, TrainerState(step=5), tiny_engine(), DistInfo(), keep=1, barrier=lambda: None)
     script = tmp_path / "resave.py"
     script.write_text(RESAVE)
     env = ftl_env(PYTHONPATH=str(ROOT))
     here = str(Path(__file__).parent)
-    assert subprocess.run([sys.executable, str(script), str(tmp_path), here, "window"], env=env).returncode == -signal.SIGKILL
+    assert (
+        subprocess.run([sys.executable, str(script), str(tmp_path), here, "window"], env=env).returncode
+        == -signal.SIGKILL
+    )
     found = list_complete(tmp_path)
     assert [s for s, _ in found] == [5] and found[0][1].name == ".replaced-step-5" and verify(found[0][1]) is None
     for delay in (0.3, 0.7, 1.1):  # kills at arbitrary moments of a re-save loop
@@ -1065,7 +1263,11 @@ def test_a_sweep_spec_that_is_a_fifo_or_an_alias_bomb_is_refused(tmp_path, capsy
     os.mkfifo(tmp_path / "pipe.yaml")
     (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS)
     with within(20):
-        code, out = run_cli(capsys, "sweep", "create", str(tmp_path / "pipe.yaml"), "--offline", "--out", str(tmp_path / "s.yaml"))
+        code, out = run_cli(
+            capsys, "sweep", "create", str(tmp_path / "pipe.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
+        )
         assert code == 2 and "named pipe (FIFO)" in out and not (tmp_path / "s.yaml").exists(), out
-        code, out = run_cli(capsys, "sweep", "create", str(tmp_path / "bomb.yaml"), "--offline", "--out", str(tmp_path / "s.yaml"))
+        code, out = run_cli(
+            capsys, "sweep", "create", str(tmp_path / "bomb.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
+        )
         assert code == 2 and "expand to more than 100,000 YAML nodes" in out and not (tmp_path / "s.yaml").exists(), out

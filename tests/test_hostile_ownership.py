@@ -46,7 +46,9 @@ def test_a_folder_with_config_and_launch_sh_but_no_marker_is_refused_and_untouch
     before = {p.name: p.read_text() for p in mine.iterdir()}
     for command in ("plan", "train"):
         code, out = run_cli(capsys, command, *TINY, f"run.dir={mine}")
-        assert code == 2 and f"run.dir: {mine} exists and holds files ftl did not write (no .ftl-run marker)" in out, out
+        assert code == 2 and f"run.dir: {mine} exists and holds files ftl did not write (no .ftl-run marker)" in out, (
+            out
+        )
         assert "move these files away" in out and "Traceback" not in out
     assert {p.name: p.read_text() for p in mine.iterdir()} == before, "nothing written into the user's folder"
 
@@ -74,7 +76,9 @@ def test_resume_never_moves_the_earlier_runs_metrics_aside_too(tmp_path, capsys,
     assert (run / "metrics.jsonl").is_file(), "plan moves nothing"
     aside, names = set_aside_earlier_run(run)
     assert names == ["metrics.jsonl", "eval.json"] and aside.parent == run
-    assert (aside / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n' and not (run / "metrics.jsonl").exists()
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n' and not (
+        run / "metrics.jsonl"
+    ).exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +86,15 @@ def test_resume_never_moves_the_earlier_runs_metrics_aside_too(tmp_path, capsys,
 
 
 def _verdict(run_dir: Path) -> Verdict:
-    ckpt = CheckpointInfo(path=run_dir / "checkpoints" / "step-4", step=4, world_size=1, engine="single",
-                          total_steps=4, train_samples=8, config={})  # fmt: skip
+    ckpt = CheckpointInfo(
+        path=run_dir / "checkpoints" / "step-4",
+        step=4,
+        world_size=1,
+        engine="single",
+        total_steps=4,
+        train_samples=8,
+        config={},
+    )
     return Verdict(ckpt, total_steps=4)
 
 
@@ -103,7 +114,9 @@ def test_the_new_run_name_hints_are_one_safe_shell_word(text, tmp_path):
     run_dir = tmp_path / text.replace("/", "_")
     want = [f"run.name={run_dir.name}-2"]
     hint = finished_message(_verdict(run_dir), run_dir).split("a new run:", 1)[1].strip().split(", or ", 1)[0]
-    line = next(ln for ln in refusal(_verdict(run_dir), run_dir).splitlines() if "a new run:" in ln).split("a new run:", 1)[1]
+    line = next(ln for ln in refusal(_verdict(run_dir), run_dir).splitlines() if "a new run:" in ln).split(
+        "a new run:", 1
+    )[1]
     for shown in (hint, line):
         assert bash_words(shown, tmp_path) == want, shown
         assert not printable(text) or shlex.split(shown) == want
@@ -117,7 +130,10 @@ def test_the_wandb_sync_hint_quotes_the_sweep_dir(text, tmp_path):
     command = wandb_sync_command(sweep_dir)
     assert not printable(text) or shlex.split(command) == ["wandb", "sync", f"{sweep_dir}/*/wandb/offline-run-*"]
     (sweep_dir / "t1" / "wandb" / "offline-run-1").mkdir(parents=True)  # the shell expands the pattern, not the name
-    assert bash_words(command.removeprefix("wandb "), tmp_path) == ["sync", str(sweep_dir / "t1" / "wandb" / "offline-run-1")]
+    assert bash_words(command.removeprefix("wandb "), tmp_path) == [
+        "sync",
+        str(sweep_dir / "t1" / "wandb" / "offline-run-1"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +148,11 @@ def test_a_lock_held_by_a_zombie_is_stale(tmp_path):
                 break
             time.sleep(0.01)
         mark_dir(tmp_path, "run")
-        lock_path(tmp_path).write_text(json.dumps({"pid": child.pid, "host": os.uname().nodename, "token": "t",
-                                                   "since": "then", "role": "trainer rank 0"}))  # fmt: skip
+        lock_path(tmp_path).write_text(
+            json.dumps(
+                {"pid": child.pid, "host": os.uname().nodename, "token": "t", "since": "then", "role": "trainer rank 0"}
+            )
+        )
         info = LockInfo(pid=child.pid, host=os.uname().nodename, token="t", since="then", role="trainer rank 0")
         assert stale_reason(info, tmp_path) == f"pid {child.pid} is gone"
         assert check_free(tmp_path) is None
@@ -171,7 +190,9 @@ def test_a_replayed_launch_sh_of_a_preprocess_job_run_chains_the_jobs(tmp_path, 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"  # records its words, answers as `sbatch --parsable` does: "id;cluster"
-    fake.write_text('#!/usr/bin/env bash\nn=$(( $(ls "$REC" | wc -l) + 41 ))\nprintf \'%s\\0\' "$@" > "$REC/$n"\necho "$n;cluster"\n')
+    fake.write_text(
+        '#!/usr/bin/env bash\nn=$(( $(ls "$REC" | wc -l) + 41 ))\nprintf \'%s\\0\' "$@" > "$REC/$n"\necho "$n;cluster"\n'
+    )
     fake.chmod(0o755)
     (tmp_path / "rec").mkdir()
     (tmp_path / "launch.sh").write_text(script)
@@ -179,7 +200,11 @@ def test_a_replayed_launch_sh_of_a_preprocess_job_run_chains_the_jobs(tmp_path, 
     subprocess.run(["bash", str(tmp_path / "launch.sh")], cwd=tmp_path, env=env, check=True, capture_output=True)
     first, second = (tmp_path / "rec" / "41").read_bytes(), (tmp_path / "rec" / "42").read_bytes()
     assert first.decode().split("\0")[:-1] == ["--parsable", str(tmp_path / "run x" / "preprocess.sbatch")]
-    assert second.decode().split("\0")[:-1] == ["--parsable", "--dependency=afterok:41", str(tmp_path / "run x" / "job.sbatch")]
+    assert second.decode().split("\0")[:-1] == [
+        "--parsable",
+        "--dependency=afterok:41",
+        str(tmp_path / "run x" / "job.sbatch"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,20 +220,49 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     (in process), W&B offline, the secret given in +launch.env to both."""
     root = tmp_path_factory.mktemp("secret")
     data = root / "eval.jsonl"
-    rows = [[{"role": "user", "content": f"my token is {ENV_SECRET} and {LAUNCH_SECRET}"},
-             {"role": "assistant", "content": f"ok {ENV_SECRET} {LAUNCH_SECRET}"}]] * 2  # fmt: skip
+    rows = [
+        [
+            {"role": "user", "content": f"my token is {ENV_SECRET} and {LAUNCH_SECRET}"},
+            {"role": "assistant", "content": f"ok {ENV_SECRET} {LAUNCH_SECRET}"},
+        ]
+    ] * 2
     data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
     run_dir = root / "run"
     env = ftl_env(HF_TOKEN=ENV_SECRET, WANDB_MODE="offline")
     env.pop("WANDB_API_KEY", None)
-    common = [f"data.eval_files=[{data}]", "eval.generate=true", "eval.num_generate=2", "eval.max_new_tokens=4",
-              "eval.show_samples=2", "eval.max_batches=1", "wandb.mode=offline", f"+launch.env.MY_API_TOKEN={LAUNCH_SECRET}"]  # fmt: skip
-    train = ftl("train", *[a for a in TINY if not a.startswith("wandb.")], f"run.dir={run_dir}", "eval.before_training=true",
-                *common, "train.max_steps=2", env=env)  # fmt: skip
+    common = [
+        f"data.eval_files=[{data}]",
+        "eval.generate=true",
+        "eval.num_generate=2",
+        "eval.max_new_tokens=4",
+        "eval.show_samples=2",
+        "eval.max_batches=1",
+        "wandb.mode=offline",
+        f"+launch.env.MY_API_TOKEN={LAUNCH_SECRET}",
+    ]
+    train = ftl(
+        "train",
+        *[a for a in TINY if not a.startswith("wandb.")],
+        f"run.dir={run_dir}",
+        "eval.before_training=true",
+        *common,
+        "train.max_steps=2",
+        env=env,
+    )
     evaluated = ftl("eval", str(run_dir), *common, "--out", str(root / "eval-out"), env=env)
-    return {"root": root, "run_dir": run_dir, "outputs": [train.stdout, train.stderr, evaluated.stdout, evaluated.stderr],
-            "train": ["train", *[a for a in TINY if not a.startswith("wandb.")], f"run.dir={run_dir}", "eval.before_training=true", *common],
-            "env": env}  # fmt: skip
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "outputs": [train.stdout, train.stderr, evaluated.stdout, evaluated.stderr],
+        "train": [
+            "train",
+            *[a for a in TINY if not a.startswith("wandb.")],
+            f"run.dir={run_dir}",
+            "eval.before_training=true",
+            *common,
+        ],
+        "env": env,
+    }
 
 
 def test_no_secret_in_anything_the_run_and_ftl_eval_print_or_write(secret_run):
@@ -240,18 +294,27 @@ def test_an_export_gets_the_users_umask(secret_run):
     again = ftl("export", str(run_dir), "--out", str(out), "--overwrite")
     assert f"{out} holds an earlier export: replacing it once the new one is complete" in again.stdout + again.stderr
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
-    assert all(mode == (0o755 if p.is_dir() else 0o644) for p, mode in modes.items()), {str(p): oct(m) for p, m in modes.items()}
+    assert all(mode == (0o755 if p.is_dir() else 0o644) for p, mode in modes.items()), {
+        str(p): oct(m) for p, m in modes.items()
+    }
     assert any(p.suffix == ".safetensors" for p in modes)
 
 
-
-@pytest.mark.parametrize("entry", [["launcher.train", "--config"], ["launcher.eval.job", "--job"]], ids=["trainer", "eval-rank"])
+@pytest.mark.parametrize(
+    "entry", [["launcher.train", "--config"], ["launcher.eval.job", "--job"]], ids=["trainer", "eval-rank"]
+)
 def test_the_trainer_and_eval_ranks_print_no_secret(entry, tmp_path):
     """What the processes `ftl train` and `ftl eval` start print (here: the path they could not
     read, which holds the token) is cut of secrets, as the launcher's console is."""
     missing = tmp_path / ENV_SECRET / "file"
-    proc = subprocess.run([sys.executable, "-m", entry[0], entry[1], str(missing)], cwd=ROOT, env=ftl_env(HF_TOKEN=ENV_SECRET),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", entry[0], entry[1], str(missing)],
+        cwd=ROOT,
+        env=ftl_env(HF_TOKEN=ENV_SECRET),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "<redacted>" in proc.stderr, proc.stderr
     assert ENV_SECRET not in proc.stdout + proc.stderr
 

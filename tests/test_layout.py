@@ -90,7 +90,11 @@ def test_the_rank_runtime_and_the_engines_import_nothing_above_them() -> None:
     for name, targets in graph().items():
         for floor, higher in above.items():
             if name == f"{PACKAGE}.{floor}" or name.startswith(f"{PACKAGE}.{floor}."):
-                offenders += [f"{name} -> {t}" for t in sorted(targets) if any(t == f"{PACKAGE}.{h}" or t.startswith(f"{PACKAGE}.{h}.") for h in higher)]
+                offenders += [
+                    f"{name} -> {t}"
+                    for t in sorted(targets)
+                    if any(t == f"{PACKAGE}.{h}" or t.startswith(f"{PACKAGE}.{h}.") for h in higher)
+                ]
     assert not offenders, "\n".join(offenders)
 
 
@@ -135,8 +139,17 @@ def run_dir_name_literals(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_run_dir_name_finder_finds_names() -> None:
-    source = 'a = run_dir / "metrics.jsonl"\nb = run_dir / "logs"\nc = x == "eval"\nLOG_DIR = "logs"\nd = "see eval.json"\ne = f"{x}.ftl-lock"\nf = ".ftl-run"\n'
-    assert run_dir_name_literals(source) == [(1, "metrics.jsonl"), (2, "logs"), (4, "logs"), (6, ".ftl-lock"), (7, ".ftl-run")]
+    source = (
+        'a = run_dir / "metrics.jsonl"\nb = run_dir / "logs"\nc = x == "eval"\nLOG_DIR = "logs"\n'
+        'd = "see eval.json"\ne = f"{x}.ftl-lock"\nf = ".ftl-run"\n'
+    )
+    assert run_dir_name_literals(source) == [
+        (1, "metrics.jsonl"),
+        (2, "logs"),
+        (4, "logs"),
+        (6, ".ftl-lock"),
+        (7, ".ftl-run"),
+    ]
 
 
 def test_only_the_run_dir_package_spells_run_dir_file_names() -> None:
@@ -148,15 +161,21 @@ def test_only_the_run_dir_package_spells_run_dir_file_names() -> None:
             continue
         for line, found in run_dir_name_literals(path.read_text()):
             if (name, found) not in RUN_DIR_NAME_ELSEWHERE:
-                offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {found!r} (use launcher.rundir.RunPaths)")
+                offenders.append(
+                    f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {found!r} (use launcher.rundir.RunPaths)"
+                )
     assert not offenders, "\n".join(offenders)
 
 
 def test_the_run_dir_package_imports_nothing_heavy() -> None:
     """The ranks and the CLI import it: it imports no torch (and nothing else heavy)."""
-    code = ("import sys, launcher.rundir, launcher.rundir.lock, launcher.rundir.write; "
-            "print('HEAVY', [m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules])")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE_DIR.parent)
+    code = (
+        "import sys, launcher.rundir, launcher.rundir.lock, launcher.rundir.write; "
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE_DIR.parent
+    )
     assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
@@ -175,4 +194,6 @@ def test_make_tests_workers_get_whole_files_and_the_slurm_files_together(request
     if request.config.getoption("loadgroup", default=False):  # an xdist worker under --dist loadgroup
         # xdist passes a test's group to its scheduler as a nodeid suffix; where pytest ignores that
         # (pytest 9.2 with xdist 3.8: pytest-dev/pytest-xdist#1386) every test is scheduled alone.
-        assert request.node.nodeid.endswith("@tests/test_layout.py"), f"{request.node.nodeid}: xdist did not get the group"
+        assert request.node.nodeid.endswith("@tests/test_layout.py"), (
+            f"{request.node.nodeid}: xdist did not get the group"
+        )

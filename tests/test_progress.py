@@ -58,9 +58,11 @@ def test_log_lines_count_elapsed_and_what_is_left(clock: Clock) -> None:
         clock.now += 2.0
         shown.advance(8)
     lines = out.getvalue().splitlines()
-    assert lines == ["eval: answers: 16/40 (40%), 0:06 elapsed, ~0:09 left",
-                     "eval: answers: 32/40 (80%), 0:16 elapsed, ~0:04 left",
-                     "eval: answers: done in 0:18"]  # fmt: skip
+    assert lines == [
+        "eval: answers: 16/40 (40%), 0:06 elapsed, ~0:09 left",
+        "eval: answers: 32/40 (80%), 0:16 elapsed, ~0:04 left",
+        "eval: answers: done in 0:18",
+    ]
 
 
 def test_a_long_call_without_steps_still_shows_it_is_alive(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,5 +117,3 @@ def test_a_piped_console_neither_colours_nor_wraps(monkeypatch: pytest.MonkeyPat
 
 def test_the_clock_format() -> None:
     assert [progress._clock(s) for s in (0, 59.6, 61, 3600 + 62)] == ["0:00", "1:00", "1:01", "1:01:02"]
-
-

@@ -36,16 +36,30 @@ warnings.warn_explicit("Could not find a config file in /home/me/my-base - will 
 warnings.warn("an ftl user's own warning")
 """
 
-NOISE = ("Setting accelerator to CPU", "Failed to load CPU gemm_4bit_forward", "`is_gradient_checkpointing` is deprecated",
-         "lbfgs failed to converge", "The optimal value found", "config file in /tmp/ftl-random-")  # fmt: skip
-REAL = ("a real DeepSpeed warning", "a real bitsandbytes warning", "a real transformers FutureWarning", "a real sklearn warning",
-        "an ftl user's own warning", "config file in /home/me/my-base")  # fmt: skip
+NOISE = (
+    "Setting accelerator to CPU",
+    "Failed to load CPU gemm_4bit_forward",
+    "`is_gradient_checkpointing` is deprecated",
+    "lbfgs failed to converge",
+    "The optimal value found",
+    "config file in /tmp/ftl-random-",
+)
+REAL = (
+    "a real DeepSpeed warning",
+    "a real bitsandbytes warning",
+    "a real transformers FutureWarning",
+    "a real sklearn warning",
+    "an ftl user's own warning",
+    "config file in /home/me/my-base",
+)
 
 
 def run(mode: str) -> str:
     env = ftl_env()
     env.pop("PYTHONWARNINGS", None)  # Python's default filters, as a user's shell has them
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout + proc.stderr
 
@@ -55,7 +69,9 @@ def test_noise_is_silenced_at_its_source_and_real_warnings_stay() -> None:
 
     loud, quiet = run("loud"), run("quiet")
     expected_noise = [n for n in NOISE if n != "Setting accelerator to CPU" or not torch.cuda.is_available()]
-    expected_noise = [n for n in expected_noise if n != "Failed to load CPU gemm_4bit_forward" or n in loud]  # AVX512-BF16 CPUs only
+    expected_noise = [
+        n for n in expected_noise if n != "Failed to load CPU gemm_4bit_forward" or n in loud
+    ]  # AVX512-BF16 CPUs only
     assert all(n in loud for n in expected_noise), loud
     assert not [n for n in NOISE if n in quiet], quiet
     assert all(r in quiet for r in REAL), quiet

@@ -104,16 +104,30 @@ def test_every_train_line_composes_and_validates(tmp_path: Path) -> None:
         words = on_cpu(command).split()
         if words[:2] != ["ftl", "train"] or "-m" in words:
             continue  # other commands need a run first; a multirun line composes like the lines around it
-        proc = subprocess.run([sys.executable, "-m", "launcher", "train", "--cfg", "job", *words[2:]], cwd=clone,
-                              env=ftl_env(PYTHONPATH=str(clone)), capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher", "train", "--cfg", "job", *words[2:]],
+            cwd=clone,
+            env=ftl_env(PYTHONPATH=str(clone)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, f"{command}\n{proc.stderr}"
         checked += 1
     assert checked >= 5
 
 
 def fresh_copy(dest: Path) -> Path:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -128,14 +142,16 @@ def test_readme_commands_run_in_order_in_a_fresh_copy(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "ftl"  # the console script, running this copy's code
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m launcher \"$@\"\n")
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m launcher "$@"\n')
     shim.chmod(0o755)
     env = ftl_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(clone))
     env.pop("PYTHONWARNINGS", None)  # README's output as a user sees it
     transcript = []
     for block in page_blocks(clone):
         for command in block:
-            proc = subprocess.run(["bash", "-c", on_cpu(command)], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(
+                ["bash", "-c", on_cpu(command)], cwd=clone, env=env, capture_output=True, text=True, timeout=900
+            )
             transcript.append(f"$ {on_cpu(command)}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
             assert proc.returncode == 0, "\n".join(transcript[-3:])
             assert "Traceback" not in proc.stdout + proc.stderr, transcript[-1]

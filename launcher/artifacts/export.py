@@ -45,8 +45,18 @@ from launcher.rundir import RunPaths
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +99,9 @@ def export_checkpoint(
     cfg = load_checkpoint_config(source.config_path)
     engine = source.engine or cfg.strategy.engine
     peft = cfg.peft.method
-    log(f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})")
+    log(
+        f"ftl export: {source.ckpt_dir} (engine {engine}, step {source.step}{f', peft {peft}' if peft != 'none' else ''})"
+    )
     if merge_lora and peft == "none":
         log("ftl export: merge_lora ignored: this run trained every weight (peft.method=none)")
     if out.is_dir() and any(out.iterdir()):  # check_out allowed it: an earlier ftl export, with --overwrite
@@ -106,23 +118,38 @@ def check_out(out: Path, source: CheckpointSource, overwrite: bool) -> None:
     """``--out`` may be a new or empty directory, or with ``--overwrite`` an earlier ftl export
     (its marker says so); never the working or home directory, the run or checkpoint being
     exported or anything holding them, a checkpoint dir, or a directory ftl did not write."""
-    problems = output_dir_problems(out, "export", protect={"the run being exported": source.run_dir,
-                                                           "the checkpoint being exported": source.ckpt_dir})  # fmt: skip
+    problems = output_dir_problems(
+        out,
+        "export",
+        protect={"the run being exported": source.run_dir, "the checkpoint being exported": source.ckpt_dir},
+    )
     if problems:
         raise ArtifactInputError(f"--out {out} " + "; ".join(problems))
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ArtifactInputError(f"{out} exists: an earlier export (pass --overwrite to replace it, or another --out)")
 
 
-def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engine: str, peft: str, merge_lora: bool,
-                 dtype: str, shard_bytes: int, log: Callable[[str], None]) -> Path:  # fmt: skip
+def _export_into(
+    tmp: Path,
+    out: Path,
+    source: CheckpointSource,
+    cfg: Any,
+    engine: str,
+    peft: str,
+    merge_lora: bool,
+    dtype: str,
+    shard_bytes: int,
+    log: Callable[[str], None],
+) -> Path:
     mark_dir(tmp, "export")
     if peft != "none" and not merge_lora:
         with phase(f"export: writing the adapter to {out}"):
             base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
         _replace(tmp, out)
-        log(f"ftl export: wrote the {peft} adapter to {out} (base: {base}); load it with "
-            f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")  # fmt: skip
+        log(
+            f"ftl export: wrote the {peft} adapter to {out} (base: {base}); load it with "
+            f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})"
+        )
         return out
     with phase(f"export: reading {source.ckpt_dir.name} ({engine})"):
         if peft == "none":
@@ -138,8 +165,10 @@ def _export_into(tmp: Path, out: Path, source: CheckpointSource, cfg: Any, engin
         tokenizer.save_pretrained(tmp)
     _replace(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"ftl export: wrote {out} ({n_params / 1e6:.2f}M params, {model.dtype}); load it with "
-        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")  # fmt: skip
+    log(
+        f"ftl export: wrote {out} ({n_params / 1e6:.2f}M params, {model.dtype}); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    )
     return out
 
 
@@ -170,14 +199,24 @@ def merged_peft_model(ckpt_dir: Path, dtype: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def export_adapter(source: CheckpointSource, cfg: Any, engine: str, tmp: Path, *, final_dir: Path, max_shard_size: int) -> str:
+def export_adapter(
+    source: CheckpointSource, cfg: Any, engine: str, tmp: Path, *, final_dir: Path, max_shard_size: int
+) -> str:
     """The checkpoint's ``adapter/`` and the run's tokenizer into ``tmp`` (renamed to ``final_dir``
     afterwards), ``base_model_name_or_path`` pointing at the base. Returns that reference."""
-    from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, load_adapter_weights, set_adapter_base, split_peft_state_dict
+    from launcher.model.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_DIR,
+        load_adapter_weights,
+        set_adapter_base,
+        split_peft_state_dict,
+    )
 
     adapter_dir = source.ckpt_dir / ADAPTER_DIR
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise ArtifactInputError(f"{source.ckpt_dir} has no {ADAPTER_DIR}/{ADAPTER_CONFIG}: written before ftl saved adapters?")
+        raise ArtifactInputError(
+            f"{source.ckpt_dir} has no {ADAPTER_DIR}/{ADAPTER_CONFIG}: written before ftl saved adapters?"
+        )
     refuse_nonfinite(load_adapter_weights(adapter_dir).items(), source.ckpt_dir)
     shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
     _, tokenizer, _ = hf_config_and_tokenizer(cfg.model)
@@ -204,5 +243,3 @@ def export_adapter(source: CheckpointSource, cfg: Any, engine: str, tmp: Path, *
         base = str(final_dir / "base")
     set_adapter_base(tmp, base, revision)
     return base
-
-

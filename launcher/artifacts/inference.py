@@ -45,7 +45,9 @@ class LoadedModel:
         """Context in which ``model`` is its base model: PEFT adapters disabled."""
         if is_peft_model(self.model):
             return self.model.disable_adapter()
-        raise ArtifactInputError(f"{self.description} has no adapter to switch off: give the base model with --baseline PATH")
+        raise ArtifactInputError(
+            f"{self.description} has no adapter to switch off: give the base model with --baseline PATH"
+        )
 
 
 def model_kind(path: Path) -> str:
@@ -59,7 +61,9 @@ def model_kind(path: Path) -> str:
     return "checkpoint"
 
 
-def load_model(path: Path | str, *, device: torch.device | str = "cpu", merge: bool = False, quantized: bool = True) -> LoadedModel:
+def load_model(
+    path: Path | str, *, device: torch.device | str = "cpu", merge: bool = False, quantized: bool = True
+) -> LoadedModel:
     path = Path(path).expanduser().resolve()
     kind = model_kind(path)
     cfg = None
@@ -115,7 +119,9 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], chat_template: Op
     from launcher.eval.metrics import render_prompt
 
     if chat_template is None and tokenizer.chat_template is None:
-        raise ArtifactInputError("the tokenizer has no chat template (set data.chat_template in the run, or export with one)")
+        raise ArtifactInputError(
+            "the tokenizer has no chat template (set data.chat_template in the run, or export with one)"
+        )
     return render_prompt(tokenizer, messages, chat_template)
 
 
@@ -142,15 +148,22 @@ def stream_reply(
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     streamer = text_streamer(tokenizer, out)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
         output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None, **sampling,
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_token_ids(model, tokenizer),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None,
+            **sampling,
+        )
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
 
 
@@ -240,4 +253,3 @@ def chat_loop(
             out.flush()
         history.append({"role": "assistant", "content": reply.strip()})
         replies += 1
-

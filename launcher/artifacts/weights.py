@@ -24,8 +24,8 @@ import torch
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, split_peft_state_dict
 from launcher.rundir import RunPaths
 from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
-from launcher.train.resume import engine_name
 from launcher.train.finite import first_nonfinite
+from launcher.train.resume import engine_name
 
 
 class ArtifactInputError(ValueError):
@@ -51,12 +51,16 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
         ckpt, run_dir = path, path.parent.parent
         problem = verify(ckpt)
         if problem:
-            raise ArtifactInputError(f"checkpoint {ckpt} is damaged: {problem}; use an earlier one (RUN_DIR/checkpoints/step-N)")
+            raise ArtifactInputError(
+                f"checkpoint {ckpt} is damaged: {problem}; use an earlier one (RUN_DIR/checkpoints/step-N)"
+            )
     elif RunPaths(path).config.is_file():
         run_dir = path
         complete = list_complete(run_dir)
         if not complete:
-            raise ArtifactInputError(f"{run_dir} is a run dir with no complete checkpoint under checkpoints/ (train first)")
+            raise ArtifactInputError(
+                f"{run_dir} is a run dir with no complete checkpoint under checkpoints/ (train first)"
+            )
         ckpt, problems = None, []
         for _, candidate in reversed(complete):  # the newest sound one; a damaged one is named
             problem = verify(candidate)
@@ -67,14 +71,20 @@ def resolve_source(path: Path, config: Optional[Path] = None) -> CheckpointSourc
             if candidate != complete[0][1]:
                 print(f"ftl: checkpoint {candidate} is damaged ({problem}); using the one before it", file=sys.stderr)
         if ckpt is None:
-            raise ArtifactInputError(f"{run_dir}: every checkpoint under checkpoints/ is damaged ({'; '.join(problems)})")
+            raise ArtifactInputError(
+                f"{run_dir}: every checkpoint under checkpoints/ is damaged ({'; '.join(problems)})"
+            )
     elif path.name.startswith(".tmp-") or (path.name.startswith("step-") and not (path / MARKER).is_file()):
         raise ArtifactInputError(f"{path} is an incomplete checkpoint (no {MARKER} marker): a save that did not finish")
     else:
-        raise ArtifactInputError(f"{path} is neither a run dir (with {RunPaths.CONFIG}) nor a checkpoint dir (step-N with a {MARKER} marker)")
+        raise ArtifactInputError(
+            f"{path} is neither a run dir (with {RunPaths.CONFIG}) nor a checkpoint dir (step-N with a {MARKER} marker)"
+        )
     config_path = Path(config).expanduser().resolve() if config else RunPaths(run_dir).config
     if not config_path.is_file():
-        raise ArtifactInputError(f"cannot find the run's config: {config_path} does not exist (pass --config RUN_DIR/{RunPaths.CONFIG})")
+        raise ArtifactInputError(
+            f"cannot find the run's config: {config_path} does not exist (pass --config RUN_DIR/{RunPaths.CONFIG})"
+        )
     marker = json.loads((ckpt / MARKER).read_text() or "{}")
     engine = engine_name(str(marker.get("engine", "")))
     return CheckpointSource(run_dir, ckpt, config_path, engine, int(marker.get("step", ckpt.name.split("-")[-1])))
@@ -97,8 +107,10 @@ def refuse_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]], ckpt_dir: Path
     saving one; this is the backstop for one that diverged before ftl checked)."""
     name = first_nonfinite(tensors)
     if name is not None:
-        raise ArtifactInputError(f"checkpoint {ckpt_dir} holds non-finite weights (NaN or inf, first in {name}): nothing exported; "
-                                 "export an earlier one (RUN_DIR/checkpoints/step-N)")  # fmt: skip
+        raise ArtifactInputError(
+            f"checkpoint {ckpt_dir} holds non-finite weights (NaN or inf, first in {name}): nothing exported; "
+            "export an earlier one (RUN_DIR/checkpoints/step-N)"
+        )
 
 
 def load_checkpoint_config(path: Path) -> Any:
@@ -112,7 +124,11 @@ def load_checkpoint_config(path: Path) -> Any:
     if not isinstance(raw, dict):
         raise ArtifactInputError(f"{path} is not a config mapping")
     cfg, errors = validate(raw)
-    relevant = [str(e) for e in errors if e.path.split(".")[0] in ("model", "peft", "strategy") or e.path == "data.chat_template"]
+    relevant = [
+        str(e)
+        for e in errors
+        if e.path.split(".")[0] in ("model", "peft", "strategy") or e.path == "data.chat_template"
+    ]
     if relevant:
         raise ArtifactInputError(f"{path}: " + "; ".join(relevant))
     return cfg
@@ -188,7 +204,9 @@ def hf_config_and_tokenizer(model_cfg: Any) -> tuple[Any, Any, Optional[str]]:
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != path
     tokenizer = load_tokenizer(
-        model_cfg.tokenizer or path, revision=None if separate else revision, trust_remote_code=model_cfg.trust_remote_code
+        model_cfg.tokenizer or path,
+        revision=None if separate else revision,
+        trust_remote_code=model_cfg.trust_remote_code,
     )
     return config, tokenizer, path
 
@@ -203,7 +221,9 @@ def _source_generation_config(path: str, default: Any) -> Any:
         return default
 
 
-def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", quantized: bool = True) -> tuple[Any, Any, Any, str]:
+def load_checkpoint_model(
+    path: Path, *, device: torch.device | str = "cpu", quantized: bool = True
+) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, run config, description) of a run dir or checkpoint dir."""
     source = resolve_source(path)
     cfg = load_checkpoint_config(source.config_path)
@@ -223,7 +243,9 @@ def load_checkpoint_model(path: Path, *, device: torch.device | str = "cpu", qua
     if cfg.peft.method != "none":
         adapter_dir = source.ckpt_dir / ADAPTER_DIR
         if not (adapter_dir / ADAPTER_CONFIG).is_file():
-            raise ArtifactInputError(f"{source.ckpt_dir} is a checkpoint of a {cfg.peft.method} run without {ADAPTER_DIR}/")
+            raise ArtifactInputError(
+                f"{source.ckpt_dir} is a checkpoint of a {cfg.peft.method} run without {ADAPTER_DIR}/"
+            )
         model = attach_adapter(model, adapter_dir)
     return model.to(device), tokenizer, cfg, description
 

@@ -123,8 +123,10 @@ def _defaults_problem(defaults: Any) -> str:
             names = value if isinstance(value, list) else [value]
             if ".." in str(key).split("/") or any(n is not None and not _NAME.match(str(n)) for n in names):
                 shown = str(key) if value is None else f"{key}: {value}"
-                return (f"{shown!r} names a file by a path; an option is named by its file's stem in the group's folder "
-                        "(ftl's conf/ or a config dir), e.g. 'override /model: tiny-llama'")  # fmt: skip
+                return (
+                    f"{shown!r} names a file by a path; an option is named by its file's stem in the group's folder "
+                    "(ftl's conf/ or a config dir), e.g. 'override /model: tiny-llama'"
+                )
     return ""
 
 
@@ -220,8 +222,13 @@ def _check_override_keys(overrides: list[str]) -> tuple[list[ConfigError], list[
         # groups are checked by Hydra; `+k=v` keys by validate()
         value = ov.value() if key in GROUPS and key != "recipe" and not ov.is_delete() else None
         if isinstance(value, str) and not _NAME.match(value):
-            errors.append(ConfigError(key, f"{value!r}: an option is named by its file's stem in {key}/ (ftl's conf/ or a "
-                                      f"config dir), not by a path; available: {', '.join(options(key))}"))  # fmt: skip
+            errors.append(
+                ConfigError(
+                    key,
+                    f"{value!r}: an option is named by its file's stem in {key}/ (ftl's conf/ or a "
+                    f"config dir), not by a path; available: {', '.join(options(key))}",
+                )
+            )
             continue
         if key in GROUPS or ov.is_add() or ov.is_force_add() or key in known or any(known.get(p) for p in parents):
             # A model group need not list every architecture field (head_dim, the MoE numbers):

@@ -52,18 +52,31 @@ def _derived(cfg: FtlConfig, world_size: int, precision: str) -> dict[str, tuple
     offload_par = "cpu" if s.offload_params else "none"
     precision_src = f"train.precision={t.precision}" + (f" (resolved to {precision})" if t.precision == "auto" else "")
     return {
-        "train_batch_size": (batch, f"train.micro_batch_size={t.micro_batch_size} × train.grad_accum={t.grad_accum} "
-                                    f"× world size {world_size} = {batch}"),
+        "train_batch_size": (
+            batch,
+            f"train.micro_batch_size={t.micro_batch_size} × train.grad_accum={t.grad_accum} "
+            f"× world size {world_size} = {batch}",
+        ),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}"),
         "gradient_accumulation_steps": (t.grad_accum, f"train.grad_accum={t.grad_accum}"),
         "gradient_clipping": (float(t.grad_clip), f"train.grad_clip={t.grad_clip:g}"),
         "bf16.enabled": (precision == "bf16", precision_src),
         "fp16.enabled": (precision == "fp16", precision_src),
         "zero_optimization.stage": (s.zero_stage, f"strategy.zero_stage={s.zero_stage}"),
-        "zero_optimization.offload_optimizer.device": (offload_opt, f"strategy.offload_optimizer={str(s.offload_optimizer).lower()}"),
-        "zero_optimization.offload_param.device": (offload_par, f"strategy.offload_params={str(s.offload_params).lower()}"),
-        **({"communication_data_type": (s.reduce_dtype, f"strategy.reduce_dtype={s.reduce_dtype}")} if reduces_in(s, precision) else {}),
-    }  # fmt: skip
+        "zero_optimization.offload_optimizer.device": (
+            offload_opt,
+            f"strategy.offload_optimizer={str(s.offload_optimizer).lower()}",
+        ),
+        "zero_optimization.offload_param.device": (
+            offload_par,
+            f"strategy.offload_params={str(s.offload_params).lower()}",
+        ),
+        **(
+            {"communication_data_type": (s.reduce_dtype, f"strategy.reduce_dtype={s.reduce_dtype}")}
+            if reduces_in(s, precision)
+            else {}
+        ),
+    }
 
 
 def reduces_in(s: DeepSpeedStrategy, precision: str) -> bool:
@@ -98,7 +111,13 @@ def _defaults(cfg: FtlConfig, precision: str) -> dict[str, Any]:
     if reduces_in(s, precision):
         out.update(gradient_dtypes(s.zero_stage))
     if precision == "fp16":
-        out["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        out["fp16"] = {
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return out
 
 
@@ -116,26 +135,43 @@ def gradient_dtypes(stage: int) -> dict[str, Any]:
 
 
 def _contradictions(derived: dict[str, tuple[Any, str]], extra: dict[str, Any]) -> list[ConfigError]:
-    errors = [ConfigError(f"strategy.extra.{key}", f"{why}; set the ftl fields instead of this key")
-              for key, why in OWNED_SECTIONS.items() if key in extra]  # fmt: skip
+    errors = [
+        ConfigError(f"strategy.extra.{key}", f"{why}; set the ftl fields instead of this key")
+        for key, why in OWNED_SECTIONS.items()
+        if key in extra
+    ]
     for given, value in _flatten(extra).items():
         key = ALIASES.get(given, given)
         above = [d for d in derived if key.startswith(d + ".")]
         if above:  # a section where ftl sets a value (extra.train_batch_size.x)
             want, source = derived[above[0]]
-            errors.append(ConfigError(f"strategy.extra.{given}", f"nests under {above[0]}={_show(want)} from {source}; remove the key"))
+            errors.append(
+                ConfigError(
+                    f"strategy.extra.{given}", f"nests under {above[0]}={_show(want)} from {source}; remove the key"
+                )
+            )
         elif key in derived:
             want, source = derived[key]
             if value != "auto" and not _same(value, want):
-                errors.append(ConfigError(f"strategy.extra.{given}", f"{_show(value)} contradicts {source} "
-                                          f"(ftl sets {key}={_show(want)} from it); remove the key or change the ftl field"))
+                errors.append(
+                    ConfigError(
+                        f"strategy.extra.{given}",
+                        f"{_show(value)} contradicts {source} "
+                        f"(ftl sets {key}={_show(want)} from it); remove the key or change the ftl field",
+                    )
+                )
         elif not isinstance(value, dict):
             # A scalar where ftl needs a section (extra.bf16=true) hides a derived value below it.
             below = [d for d in derived if d.startswith(key + ".")]
             if below:
                 want, source = derived[below[0]]
-                errors.append(ConfigError(f"strategy.extra.{given}", f"{_show(value)} replaces the section holding "
-                                          f"{below[0]}={_show(want)} from {source}; give a mapping or remove the key"))
+                errors.append(
+                    ConfigError(
+                        f"strategy.extra.{given}",
+                        f"{_show(value)} replaces the section holding "
+                        f"{below[0]}={_show(want)} from {source}; give a mapping or remove the key",
+                    )
+                )
     return errors
 
 
@@ -200,9 +236,14 @@ def deepspeed_config_errors(cfg: FtlConfig, world_size: Optional[int] = None) ->
         # Stage 0 in bf16/fp16 runs DeepSpeed's FP16_UnfusedOptimizer. Measured on deepspeed 0.19.8
         # (tiny Llama, 2 ranks): the loss after one step is 1.5e-3 off (relative), where stages 1-3
         # and ddp in bf16 agree to 1e-5; its updates are not AdamW's.
-        errors.append(ConfigError("strategy.zero_stage", f"0 with train.precision={cfg.train.precision} ({precision}) "
-                                  "trains different numbers from AdamW in DeepSpeed; use zero_stage 1-3, strategy=ddp, "
-                                  "or train.precision=fp32"))  # fmt: skip
+        errors.append(
+            ConfigError(
+                "strategy.zero_stage",
+                f"0 with train.precision={cfg.train.precision} ({precision}) "
+                "trains different numbers from AdamW in DeepSpeed; use zero_stage 1-3, strategy=ddp, "
+                "or train.precision=fp32",
+            )
+        )
     return errors
 
 
@@ -214,7 +255,9 @@ def build_deepspeed_config(cfg: FtlConfig, world_size: int, precision: Optional[
     ``strategy.extra`` contradicts a derived value.
     """
     if not isinstance(cfg.strategy, DeepSpeedStrategy):
-        raise ValueError(f"strategy.engine={cfg.strategy.engine!r}: a DeepSpeed config is built for engine deepspeed only")
+        raise ValueError(
+            f"strategy.engine={cfg.strategy.engine!r}: a DeepSpeed config is built for engine deepspeed only"
+        )
     if precision is None:
         precision = resolve_precision(cfg.train.precision, planned_device_type(cfg))
     elif precision not in PRECISIONS:
@@ -222,9 +265,16 @@ def build_deepspeed_config(cfg: FtlConfig, world_size: int, precision: Optional[
     derived = _derived(cfg, world_size, precision)
     extra = dict(cfg.strategy.extra)
     errors = _contradictions(derived, extra)
-    if cfg.strategy.reduce_dtype != "fp32" and not reduces_in(cfg.strategy, precision):  # e.g. auto found no bf16 on this GPU
-        errors.append(ConfigError("strategy.reduce_dtype", f"{cfg.strategy.reduce_dtype} needs bf16 training with ZeRO stage 1-3; "
-                                  f"this run trains in {precision} at stage {cfg.strategy.zero_stage}"))  # fmt: skip
+    if cfg.strategy.reduce_dtype != "fp32" and not reduces_in(
+        cfg.strategy, precision
+    ):  # e.g. auto found no bf16 on this GPU
+        errors.append(
+            ConfigError(
+                "strategy.reduce_dtype",
+                f"{cfg.strategy.reduce_dtype} needs bf16 training with ZeRO stage 1-3; "
+                f"this run trains in {precision} at stage {cfg.strategy.zero_stage}",
+            )
+        )
     if errors:
         raise ConfigErrors(errors)
     config: dict[str, Any] = {}

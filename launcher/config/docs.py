@@ -83,9 +83,16 @@ def _union(group: str, default_variant: Any) -> list[FieldDoc]:
     per distinct doc, type or default where variants differ)."""
     key, variants = UNIONS[group]
     tag = next(t for t, cls in variants.items() if type(default_variant) is cls)
-    out = [FieldDoc(f"{group}.{key}", "str", tag, "one of " + ", ".join(variants),
-                    f"which {group} variant this is, and so which {group}.* fields apply; set by choosing {group}=NAME "
-                    f"(an option in conf/{group}/ or a config dir), not by hand")]  # fmt: skip
+    out = [
+        FieldDoc(
+            f"{group}.{key}",
+            "str",
+            tag,
+            "one of " + ", ".join(variants),
+            f"which {group} variant this is, and so which {group}.* fields apply; set by choosing {group}=NAME "
+            f"(an option in conf/{group}/ or a config dir), not by hand",
+        )
+    ]
     seen: dict[FieldDoc, list[str]] = {}
     for tag, cls in variants.items():
         for f in fields(cls):
@@ -161,11 +168,13 @@ def _canonical(key: str) -> str:
 
 def describe(path: str) -> list[str]:
     """A documented key's head and doc, one line per variant that has it; [] for an unknown key."""
-    return [f"{d.head()}: {d.doc}" if d.section else f"{d.head()} — {d.doc}" for d in _by_path().get(_canonical(path), [])]
+    return [
+        f"{d.head()}: {d.doc}" if d.section else f"{d.head()} — {d.doc}" for d in _by_path().get(_canonical(path), [])
+    ]
 
 
 def suggest(key: str, known: Any, docs: bool = False) -> str:
-    """"; did you mean a.b?" for an unknown ``key`` among the dotted ``known`` keys (else the valid
+    """ "; did you mean a.b?" for an unknown ``key`` among the dotted ``known`` keys (else the valid
     keys beside it); with ``docs``, the closest config key's doc on a line of its own."""
     parent, _, leaf = key.rpartition(".")
     siblings = [k for k in known if k.rpartition(".")[0] == parent]

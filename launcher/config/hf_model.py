@@ -53,10 +53,22 @@ def _group_values(model_choice: str) -> dict[str, Any]:
 
 def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]) -> list[ConfigError]:
     """Fill ``raw["model"]`` from the model's config.json, in place; the errors found."""
-    from launcher.model.families import UnsupportedModel, arch_differences, arch_from_hf_config, has_tokenizer, name_from_path, read_hf_config
+    from launcher.model.families import (
+        UnsupportedModel,
+        arch_differences,
+        arch_from_hf_config,
+        has_tokenizer,
+        name_from_path,
+        read_hf_config,
+    )
 
     model = raw.get("model")
-    if not isinstance(model, dict) or model.get("source") != "hf" or not isinstance(model.get("path"), str) or not model["path"]:
+    if (
+        not isinstance(model, dict)
+        or model.get("source") != "hf"
+        or not isinstance(model.get("path"), str)
+        or not model["path"]
+    ):
         return []
     path = model["path"]
     group = _group_values(model_choice)
@@ -70,16 +82,30 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
     if arch is None:
         if ours:
             return []  # the model group's own numbers describe it
-        fix = f"download it first (huggingface-cli download {quote(path)})" if where.startswith("hub id") else "check model.path"
-        return [ConfigError("model.path", f"cannot read the architecture of {path!r}: {where}. ftl plans and checks a run "
-                            f"with the model's own numbers: {fix}, or describe the model in a model group of your config dir "
-                            "(model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)")]  # fmt: skip
+        fix = (
+            f"download it first (huggingface-cli download {quote(path)})"
+            if where.startswith("hub id")
+            else "check model.path"
+        )
+        return [
+            ConfigError(
+                "model.path",
+                f"cannot read the architecture of {path!r}: {where}. ftl plans and checks a run "
+                f"with the model's own numbers: {fix}, or describe the model in a model group of your config dir "
+                "(model/NAME.yaml with source, path and arch, as conf/model/llama3-8b.yaml)",
+            )
+        ]
     given = model.get("arch") if isinstance(model.get("arch"), dict) else {}
     explicit = {k: given[k] for k in _explicit(overrides, "model.arch.") if k in given}
     shapes, _ = arch_differences(explicit, arch)
     if shapes:
-        return [ConfigError("model.arch", f"overrides contradict the weights in {path} ({where}), override vs config.json: "
-                            f"{'; '.join(shapes)}; drop them, or point model.path at the model they describe")]  # fmt: skip
+        return [
+            ConfigError(
+                "model.arch",
+                f"overrides contradict the weights in {path} ({where}), override vs config.json: "
+                f"{'; '.join(shapes)}; drop them, or point model.path at the model they describe",
+            )
+        ]
     model["arch"] = {**arch, **explicit}
     if not ours:  # the model group's name and tokenizer belong to its own model, unless set again
         explicit_model = _explicit(overrides, "model.")
@@ -89,6 +115,11 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
             model["tokenizer"] = ""  # the model's own, from model.path
         local = Path(path).expanduser()
         if not model.get("tokenizer") and local.is_dir() and not has_tokenizer(local):
-            return [ConfigError("model.tokenizer", f"{local} holds no tokenizer (tokenizer.json, tokenizer_config.json, ...); "
-                                "set model.tokenizer to a directory or hub id that has one")]  # fmt: skip
+            return [
+                ConfigError(
+                    "model.tokenizer",
+                    f"{local} holds no tokenizer (tokenizer.json, tokenizer_config.json, ...); "
+                    "set model.tokenizer to a directory or hub id that has one",
+                )
+            ]
     return []

@@ -26,7 +26,9 @@ def choice(default: Any, *choices: Any, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
-def ranged(default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False, words: tuple[str, ...] = ()) -> Any:
+def ranged(
+    default: Any, lo: Any = None, hi: Any = None, doc: str = "", lo_open: bool = False, words: tuple[str, ...] = ()
+) -> Any:
     """A number in [lo, hi] (lo excluded with ``lo_open``), or one of the ``words`` (``auto``)."""
     return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc, "words": words})
 
@@ -41,7 +43,19 @@ def plain(default: Any = MISSING, *, factory: Any = MISSING, doc: str) -> Any:
 
 
 # Decoder families ftl trains (transformers' model_type); launcher/model/families.py knows each one's layout.
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen2_moe", "mixtral", "olmo2", "granite")
+MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "qwen2_moe",
+    "mixtral",
+    "olmo2",
+    "granite",
+)
 
 
 @dataclass
@@ -51,7 +65,9 @@ class ArchConfig:
     config.json, ftl fills them in from it."""
 
     model_type: str = choice(
-        "llama", *MODEL_TYPES, doc="the decoder family (transformers' model_type): the layer layout ftl builds, shards and plans"
+        "llama",
+        *MODEL_TYPES,
+        doc="the decoder family (transformers' model_type): the layer layout ftl builds, shards and plans",
     )
     vocab_size: int = ranged(32000, 1, doc="tokens in the vocabulary: rows of the embedding and of the output layer")
     hidden_size: int = ranged(4096, 1, doc="width of the residual stream (the embedding size)")
@@ -61,7 +77,9 @@ class ArchConfig:
     num_kv_heads: int = ranged(
         32, 1, doc="key/value heads: num_heads for multi-head attention, fewer for grouped-query attention"
     )
-    head_dim: Optional[int] = ranged(None, 1, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)")
+    head_dim: Optional[int] = ranged(
+        None, 1, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)"
+    )
     max_position_embeddings: int = ranged(
         4096, 1, doc="the longest sequence the model is built for, in tokens; train.seq_len may not exceed it"
     )
@@ -73,11 +91,14 @@ class ArchConfig:
     attention_bias: bool = plain(False, doc="q/k/v/o biases (qwen2_moe: its qkv_bias; qwen2 always has q/k/v biases)")
     mlp_bias: bool = plain(False, doc="biases in the MLP projections")
     num_experts: int = ranged(0, 0, doc="experts per mixture-of-experts layer (mixtral, qwen2_moe); 0: a dense model")
-    num_experts_per_tok: int = ranged(0, 0, doc="experts each token is routed to, 1 to num_experts (0 in a dense model)")
+    num_experts_per_tok: int = ranged(
+        0, 0, doc="experts each token is routed to, 1 to num_experts (0 in a dense model)"
+    )
     moe_intermediate_size: Optional[int] = ranged(None, 1, doc="each expert's width; null: intermediate_size")
     shared_expert_intermediate_size: int = ranged(0, 0, doc="width of qwen2_moe's always-on shared expert; 0: none")
     dense_layers: list[int] = plain(
-        factory=list, doc="indices (from 0) of the layers with a dense MLP in an MoE model (qwen2_moe's mlp_only_layers)"
+        factory=list,
+        doc="indices (from 0) of the layers with a dense MLP in an MoE model (qwen2_moe's mlp_only_layers)",
     )
 
 
@@ -109,10 +130,15 @@ class ModelConfig:
         "null: the default branch",
     )
     trust_remote_code: bool = plain(
-        False, doc="let transformers run the Python code a hub model ships with it: only for a model whose code you trust"
+        False,
+        doc="let transformers run the Python code a hub model ships with it: only for a model whose code you trust",
     )
     attn_implementation: str = choice(
-        "sdpa_varlen", "sdpa_varlen", "sdpa", "eager", "flash_attention_2",
+        "sdpa_varlen",
+        "sdpa_varlen",
+        "sdpa",
+        "eager",
+        "flash_attention_2",
         doc="sdpa_varlen: sdpa that attends within each packed example (no seq_len² mask; on CUDA one "
         "flash varlen call; ftl's default); sdpa/eager: transformers' own; flash_attention_2: the flash-attn varlen kernel (GPU)",
     )
@@ -137,9 +163,11 @@ class DataSource:
     path: str = plain("", doc="a file or folder (JSONL, JSON, Parquet, CSV), or hub:ORG/NAME")
     format: Optional[str] = choice(None, None, *DATA_FORMATS, doc="the format of its rows; null: data.format")
     weight: float = ranged(
-        1.0, 0.0, lo_open=True,
+        1.0,
+        0.0,
+        lo_open=True,
         doc="passes over this source per epoch of the mix: 2 repeats it, 0.5 takes a seeded half",
-    )  # fmt: skip
+    )
     split: str = choice("train", "train", "eval", doc="which part of the run this source feeds")
     hub_args: dict[str, str] = plain(
         factory=dict, doc="hub sources only: keyword arguments of datasets.load_dataset (split, name, revision)"
@@ -149,11 +177,12 @@ class DataSource:
 @dataclass
 class DataConfig:
     format: str = choice(
-        "chat", *DATA_FORMATS,
+        "chat",
+        *DATA_FORMATS,
         doc="chat: {'messages': [{'role', 'content'}]} (or ShareGPT {'conversations': [{'from', 'value'}]}); "
         "instruction: {'instruction', 'input', 'output'} (alpaca); completion: raw text in `text_field`; "
         "preference: {'prompt' (or 'messages'), 'chosen', 'rejected'}, for objective=dpo|simpo",
-    )  # fmt: skip
+    )
     train_files: list[str] = plain(
         factory=list, doc="training files or folders in data.format: shorthand for sources of weight 1"
     )
@@ -164,10 +193,12 @@ class DataConfig:
         "eval_files",
     )
     eval_fraction: float = ranged(
-        0.0, 0.0, 0.5,
+        0.0,
+        0.0,
+        0.5,
         doc="share of the training rows held out for evaluation (chosen by train.seed) when there are no eval files "
         "or eval sources; 0: none",
-    )  # fmt: skip
+    )
     chat_template: Optional[str] = plain(
         None,
         doc="a Jinja chat template, or a named one (chatml, alpaca), rendered instead of the tokenizer's; null: the "
@@ -181,24 +212,30 @@ class DataConfig:
     text_field: str = plain("text", doc="format=completion: the field of each row that holds the text")
     truncation: str = choice("clip", "clip", "drop", doc="an example longer than train.seq_len: clip it, or drop it")
     on_error: str = choice(
-        "raise", "raise", "skip",
+        "raise",
+        "raise",
+        "skip",
         doc="a row that does not parse or encode: raise stops with an error naming the file and row; skip leaves it out "
         "and counts it (a file that cannot be read stops the run either way)",
-    )  # fmt: skip
+    )
     max_train_examples: Optional[int] = ranged(
         None, 1, doc="train on the first N training rows only (taken after the eval split); null: all"
     )
     shuffle: bool = plain(
-        True, doc="shuffle the training examples (packs, with packing) each epoch, seeded by train.seed; false: file order"
+        True,
+        doc="shuffle the training examples (packs, with packing) each epoch, seeded by train.seed; false: file order",
     )
     packing: bool = plain(False, doc="pack examples into train.seq_len sequences; attention never crosses examples")
     cache: bool = plain(
-        True, doc="tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs; false: every run tokenizes again"
+        True,
+        doc="tokenize (and pack) once into $FTL_CACHE/data/<key>, reused by later runs; false: every run tokenizes again",
     )
     cache_shared: bool = plain(
         False, doc="the cache is on a filesystem every node sees: one rank per job prepares the data, not one per node"
     )
-    prepare_timeout_s: int = ranged(7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data, in seconds")
+    prepare_timeout_s: int = ranged(
+        7200, 1, 7 * 24 * 3600, doc="how long ranks wait for the one preparing the data, in seconds"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,10 +259,13 @@ class DpoObjective:
     loss: str = choice("sigmoid", "sigmoid", "ipo", doc="sigmoid: DPO's log-sigmoid loss; ipo: IPO's squared loss")
     label_smoothing: float = ranged(0.0, 0.0, 0.5, doc="assumed share of flipped preference labels (conservative DPO)")
     reference: str = choice(
-        "auto", "auto", "adapters_off", "precomputed",
+        "auto",
+        "auto",
+        "adapters_off",
+        "precomputed",
         doc="auto: adapters_off under LoRA/QLoRA (the base with the adapters switched off, no second copy), "
         "precomputed otherwise (the starting model's log-probs computed once before training, cached with the data)",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -233,7 +273,9 @@ class SimpoObjective:
     """SimPO (Meng et al. 2024): reference-free, length-normalised log-probs with a target margin."""
 
     method: str = "simpo"
-    beta: float = ranged(2.0, 0.0, lo_open=True, doc="scale of the reward, the length-normalised log-prob of a response")
+    beta: float = ranged(
+        2.0, 0.0, lo_open=True, doc="scale of the reward, the length-normalised log-prob of a response"
+    )
     gamma: float = ranged(0.5, 0.0, doc="the target reward margin")
     label_smoothing: float = ranged(0.0, 0.0, 0.5, doc="assumed share of flipped preference labels, as in DPO")
 
@@ -273,16 +315,22 @@ class DDPStrategy(StrategyBase):
 class DeepSpeedStrategy(StrategyBase):
     engine: str = "deepspeed"
     zero_stage: int = choice(
-        3, 0, 1, 2, 3,
-        doc="what ZeRO partitions across ranks: 0 nothing, 1 the optimizer state, "
-        "2 also gradients, 3 also parameters",
+        3,
+        0,
+        1,
+        2,
+        3,
+        doc="what ZeRO partitions across ranks: 0 nothing, 1 the optimizer state, 2 also gradients, 3 also parameters",
     )
     offload_optimizer: bool = plain(
-        False, doc="stages 1-3: the optimizer state lives in host memory and the optimizer steps on the CPU (DeepSpeedCPUAdam)"
+        False,
+        doc="stages 1-3: the optimizer state lives in host memory and the optimizer steps on the CPU (DeepSpeedCPUAdam)",
     )
     offload_params: bool = plain(False, doc="stage 3: the partitioned parameters wait in host memory between uses")
     reduce_dtype: str = choice(
-        "fp32", "fp32", "bf16",
+        "fp32",
+        "fp32",
+        "bf16",
         doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 trains the same numbers "
         "on every engine; bf16 halves the bytes on the wire",
     )
@@ -307,7 +355,9 @@ class FSDPStrategy(StrategyBase):
         "false: keep them until backward (less communication)",
     )
     reduce_dtype: str = choice(
-        "fp32", "fp32", "bf16",
+        "fp32",
+        "fp32",
+        "bf16",
         doc="under train.precision=bf16, the dtype gradients cross ranks in: fp32 trains the same numbers "
         "on every engine; bf16 halves the bytes on the wire",
     )
@@ -356,12 +406,19 @@ class QLoraConfig(LoraConfig):
     method: str = "qlora"
     quant_type: str = choice("nf4", "nf4", "fp4", doc="the 4-bit data type of the frozen base weights (bitsandbytes)")
     double_quant: bool = plain(True, doc="quantize the quantization constants too (bitsandbytes' double quantization)")
-    compute_dtype: str = choice("bf16", "bf16", "fp32", "fp16", doc="the dtype 4-bit weights are dequantized to for each matmul")
+    compute_dtype: str = choice(
+        "bf16", "bf16", "fp32", "fp16", doc="the dtype 4-bit weights are dequantized to for each matmul"
+    )
     quant_storage: str = choice(
-        "auto", "auto", "uint8", "bf16", "fp16", "fp32",
+        "auto",
+        "auto",
+        "uint8",
+        "bf16",
+        "fp16",
+        "fp32",
         doc="dtype the packed 4-bit weights are stored in; auto: uint8, or under fsdp and ZeRO-3 (which "
         "shard float tensors) the training dtype, so they are sharded too",
-    )  # fmt: skip
+    )
 
 
 PEFT_METHODS: dict[str, type] = {"none": NoPeft, "lora": LoraConfig, "qlora": QLoraConfig}
@@ -377,25 +434,34 @@ class ClusterConfig:
     (docs/SCALE.md gives each default's source). State your own: they decide the checkpoint interval."""
 
     gpu: str = plain(
-        "H100", doc="the GPU model, for its dense bf16 peak (launcher/plan/scale.py's table: GB200, B200, H200, H100, "
-        "H100 PCIe, H100 NVL, H800, A100, L40S, L40, L4)"
+        "H100",
+        doc="the GPU model, for its dense bf16 peak (launcher/plan/scale.py's table: GB200, B200, H200, H100, "
+        "H100 PCIe, H100 NVL, H800, A100, L40S, L40, L4)",
     )
     mfu: float = ranged(
-        0.35, 0.0, 1.0, lo_open=True,
+        0.35,
+        0.0,
+        1.0,
+        lo_open=True,
         doc="expected model FLOPs utilisation (6 FLOPs per trained weight and token, 4 per frozen one, over the GPUs' "
         "peak): sizes a step's time. Llama 3 reports 38-43% with 4-D parallelism; ZeRO-3/FSDP alone does less",
-    )  # fmt: skip
+    )
     node_failures_per_1000_node_days: float = ranged(
-        5.0, 0.0, lo_open=True,
+        5.0,
+        0.0,
+        lo_open=True,
         doc="job-stopping failures per 1,000 node-days (Meta's research clusters: about 5; Llama 3's 16k-GPU run: 3.8): "
         "the job's mean time between failures is 1000 / (rate × nodes) days",
-    )  # fmt: skip
+    )
     checkpoint_gb_per_s: Optional[float] = ranged(
-        None, 0.0, lo_open=True,
+        None,
+        0.0,
+        lo_open=True,
         doc="GB/s at which the job writes a checkpoint while training waits (all ranks together); null: launch.io_gb_per_s",
     )
     restart_s: float = ranged(
-        600.0, 0.0,
+        600.0,
+        0.0,
         doc="seconds from a failure to training again (requeue, node replacement, process start, rendezvous), "
         "besides reading the checkpoint back",
     )
@@ -406,27 +472,36 @@ class ClusterConfig:
 class LaunchBase:
     backend: str = "local"
     nproc_per_node: int = ranged(
-        1, 1, doc="processes (ranks) per node, one per GPU on CUDA; launch=slurm with gpus_per_node set: one per GPU asked for"
+        1,
+        1,
+        doc="processes (ranks) per node, one per GPU on CUDA; launch=slurm with gpus_per_node set: one per GPU asked for",
     )
     gpu_mem_gb: float = ranged(
         80.0, 0.0, lo_open=True, doc="memory of one GPU in GiB: what the memory planner checks a GPU run against"
     )
-    check_memory: bool = plain(True, doc="refuse (exit 2) a GPU job the memory planner says won't fit; false: only warn")
+    check_memory: bool = plain(
+        True, doc="refuse (exit 2) a GPU job the memory planner says won't fit; false: only warn"
+    )
     dist_timeout_s: int = ranged(
         600, 10, 7 * 24 * 3600, doc="collective timeout during steps, in seconds: a dead rank never hangs the rest"
     )
     io_timeout_s: Optional[int] = ranged(
-        None, 60, 7 * 24 * 3600,
+        None,
+        60,
+        7 * 24 * 3600,
         doc="collective timeout while the model loads, a checkpoint converts, saves or resumes; default: sized "
         "from the model's checkpoint bytes at io_gb_per_s (at least 1800 s)",
-    )  # fmt: skip
+    )
     io_gb_per_s: float = ranged(
-        1.0, 0.0, lo_open=True,
+        1.0,
+        0.0,
+        lo_open=True,
         doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
         "and, under SLURM, the warning a checkpoint needs before the time limit",
-    )  # fmt: skip
+    )
     cluster: ClusterConfig = plain(
-        factory=ClusterConfig, doc="cluster facts for the scale section of `ftl plan`: failures, bandwidth, GPU, MFU, price"
+        factory=ClusterConfig,
+        doc="cluster facts for the scale section of `ftl plan`: failures, bandwidth, GPU, MFU, price",
     )
     env: dict[str, str] = plain(
         factory=dict,
@@ -452,21 +527,28 @@ class TorchrunLaunch(LaunchBase):
     backend: str = "torchrun"
     nnodes: int = ranged(1, 1, doc="nodes in the job, each running this command")
     node_rank: int = ranged(
-        0, 0, doc="this node's index, 0 to nnodes - 1 (torchrun is given it with rdzv_backend=static; c10d assigns ranks itself)"
+        0,
+        0,
+        doc="this node's index, 0 to nnodes - 1 (torchrun is given it with rdzv_backend=static; c10d assigns ranks itself)",
     )
     rdzv_endpoint: str = plain(
         "127.0.0.1:29500", doc="HOST:PORT of the rendezvous, the same on every node (usually node 0's address)"
     )
     rdzv_backend: str = choice(
-        "c10d", "c10d", "static",
+        "c10d",
+        "c10d",
+        "static",
         doc="c10d: torchrun's rendezvous store at rdzv_endpoint; "
         "static: fixed node ranks (node_rank), rdzv_endpoint is the master",
-    )  # fmt: skip
+    )
     rdzv_id: str = plain("ftl", doc="the job's rendezvous id, the same on every node")
     max_restarts: int = ranged(0, 0, doc="times torchrun restarts the ranks after one fails; 0: the job fails at once")
-    local_addr: Optional[str] = plain(None, doc="this node's address, when the hostname resolves elsewhere; null: torchrun's own")
+    local_addr: Optional[str] = plain(
+        None, doc="this node's address, when the hostname resolves elsewhere; null: torchrun's own"
+    )
     socket_ifname: Optional[str] = plain(
-        None, doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice"
+        None,
+        doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice",
     )
 
 
@@ -475,28 +557,39 @@ class SlurmLaunch(LaunchBase):
     backend: str = "slurm"
     nodes: int = ranged(1, 1, doc="nodes the job asks for (--nodes); one torchrun per node")
     gpus_per_node: Optional[int] = ranged(
-        None, 0, doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) unless train.device=cpu, decided by the launch group, never by the machine ftl runs on"
+        None,
+        0,
+        doc="GPUs the job asks for per node; null: one per rank (nproc_per_node) unless train.device=cpu, "
+        "decided by the launch group, never by the machine ftl runs on",
     )
     gpu_request: str = choice(
-        "gpus-per-node", "gpus-per-node", "gres",
+        "gpus-per-node",
+        "gpus-per-node",
+        "gres",
         doc="how the job asks for GPUs: --gpus-per-node=N (needs select/cons_tres) or --gres=gpu:N",
-    )  # fmt: skip
+    )
     cpus_per_task: Optional[int] = ranged(
-        None, 1, doc="CPUs of each node's one task (torchrun and its ranks; --cpus-per-task); null: 2 per rank for a GPU job "
-        "(each rank and its prefetch thread), the partition's default for a CPU job"
+        None,
+        1,
+        doc="CPUs of each node's one task (torchrun and its ranks; --cpus-per-task); null: 2 per rank for a GPU job "
+        "(each rank and its prefetch thread), the partition's default for a CPU job",
     )
     mem: Optional[str] = plain(
-        None, doc="memory per node (--mem, e.g. 200G); null: for a GPU job sized by the planner (8 GiB per rank plus its "
-        "offloaded states and the weights as read), all of it with exclusive=true, else the partition's default"
+        None,
+        doc="memory per node (--mem, e.g. 200G); null: for a GPU job sized by the planner (8 GiB per rank plus its "
+        "offloaded states and the weights as read), all of it with exclusive=true, else the partition's default",
     )
     partition: Optional[str] = plain(None, doc="--partition; null: the cluster's default")
     account: Optional[str] = plain(None, doc="--account the job is charged to; null: your default")
     qos: Optional[str] = plain(None, doc="--qos; null: the default")
     time: str = plain(
-        "04:00:00", doc="the time limit (--time, e.g. 04:00:00 or 1-00:00:00); before it the job checkpoints and requeues itself"
+        "04:00:00",
+        doc="the time limit (--time, e.g. 04:00:00 or 1-00:00:00); before it the job checkpoints and requeues itself",
     )
     constraint: Optional[str] = plain(None, doc="--constraint: node features the job needs (e.g. a100); null: none")
-    exclusive: bool = plain(False, doc="the nodes to this job alone (--exclusive), with all their memory unless mem is set")
+    exclusive: bool = plain(
+        False, doc="the nodes to this job alone (--exclusive), with all their memory unless mem is set"
+    )
     job_name: Optional[str] = plain(None, doc="--job-name; null: ftl-<run.name>")
     sbatch_args: list[str] = plain(
         factory=list, doc="more #SBATCH options, one argument each (e.g. [--reservation=R]); array jobs are refused"
@@ -522,12 +615,15 @@ class SlurmLaunch(LaunchBase):
         False, doc="submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok)"
     )
     rdzv_port: int = ranged(
-        0, 0, 65535,
+        0,
+        0,
+        65535,
         doc="the rendezvous port; 0: derived from the job id (20000 + id % 10000, below Linux's ephemeral ports), "
         "so jobs that share a node never collide",
-    )  # fmt: skip
+    )
     socket_ifname: Optional[str] = plain(
-        None, doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice"
+        None,
+        doc="the network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: their own choice",
     )
     hf_home: Optional[str] = plain(
         None, doc="HF_HOME in the jobs: a shared path where the model is staged once; null: the jobs' own HF_HOME"
@@ -552,35 +648,51 @@ class TrainConfig:
     )
     betas: list[float] = plain(factory=lambda: [0.9, 0.95], doc="AdamW's [beta1, beta2], each in [0, 1)")
     schedule: str = choice(
-        "cosine", "cosine", "linear", "constant",
+        "cosine",
+        "cosine",
+        "linear",
+        "constant",
         doc="the learning rate after warmup: cosine or linear decay to min_lr_ratio × lr at the last step, or constant",
-    )  # fmt: skip
+    )
     warmup_steps: int = ranged(
         0, 0, doc="optimizer steps of linear warmup up to lr (shortened to fit a shorter run); 0: start at lr"
     )
     min_lr_ratio: float = ranged(0.1, 0.0, 1.0, doc="where cosine and linear decay end, as a fraction of lr")
     max_steps: int = ranged(-1, -1, doc="optimizer steps; -1: run `epochs` epochs")
     epochs: float = ranged(
-        1.0, 0.0, lo_open=True, doc="passes over the training data when max_steps is -1; a fraction stops partway (whole steps)"
+        1.0,
+        0.0,
+        lo_open=True,
+        doc="passes over the training data when max_steps is -1; a fraction stops partway (whole steps)",
     )
-    micro_batch_size: int = ranged(1, 1, doc="sequences (packs, with data.packing) per rank in each forward and backward")
+    micro_batch_size: int = ranged(
+        1, 1, doc="sequences (packs, with data.packing) per rank in each forward and backward"
+    )
     grad_accum: int = ranged(1, 1, doc="micro-batches per optimizer step on each rank")
     global_batch_size: Optional[int] = ranged(
         None, 1, doc="optional check: must equal micro_batch_size × grad_accum × data-parallel ranks; null: not checked"
     )
     seq_len: int = ranged(
-        1024, 8,
+        1024,
+        8,
         doc="the longest sequence in tokens: longer examples are clipped or dropped (data.truncation); with data.packing, each "
         "pack's length",
     )
     seed: int = ranged(
-        42, 0, 2**32 - 1, doc="seeds random weights, adapters, data shuffling and the eval split (32 bits: numpy takes no more)"
+        42,
+        0,
+        2**32 - 1,
+        doc="seeds random weights, adapters, data shuffling and the eval split (32 bits: numpy takes no more)",
     )
     precision: str = choice(
-        "auto", "auto", "fp32", "bf16", "fp16",
+        "auto",
+        "auto",
+        "fp32",
+        "bf16",
+        "fp16",
         doc="auto: bf16 where the device has it natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32; "
         "fp16 needs CUDA",
-    )  # fmt: skip
+    )
     fp32_residual: bool = plain(
         False,
         doc="bf16 over fp32 weights (single, ddp): true keeps the hidden states between decoder layers in fp32, as HF "
@@ -588,31 +700,48 @@ class TrainConfig:
     )
     grad_clip: float = ranged(1.0, 0.0, doc="max grad norm; 0 disables clipping")
     device: str = choice(
-        "auto", "auto", "cpu", "cuda", doc="auto: cuda when torch sees a GPU, else cpu; on cuda each rank takes the GPU of its "
-        "local rank",
+        "auto",
+        "auto",
+        "cpu",
+        "cuda",
+        doc="auto: cuda when torch sees a GPU, else cpu; on cuda each rank takes the GPU of its local rank",
     )
     log_every: int = ranged(1, 1, doc="optimizer steps between log lines (console and W&B)")
     compile: Optional[bool] = plain(
-        None, doc="torch.compile each decoder layer; null: on CUDA yes, except ZeRO-3 (which cannot run them) and QLoRA "
-        "(until a GPU run proves it: `ftl plan` says why), on CPU no"
+        None,
+        doc="torch.compile each decoder layer; null: on CUDA yes, except ZeRO-3 (which cannot run them) and QLoRA "
+        "(until a GPU run proves it: `ftl plan` says why), on CPU no",
     )
-    loss: str = choice("chunked", "chunked", "logits", "liger", doc="output layer + cross-entropy: chunked (never the full logits), "
-                       "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)")  # fmt: skip
+    loss: str = choice(
+        "chunked",
+        "chunked",
+        "logits",
+        "liger",
+        doc="output layer + cross-entropy: chunked (never the full logits), "
+        "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)",
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: Union[int, str] = ranged(
-        0, 0, words=("auto",),
+        0,
+        0,
+        words=("auto",),
         doc="save a checkpoint every N optimizer steps; 0: only at the end (save_final); auto: the Young/Daly interval "
         "`ftl plan` shows (GPU jobs), fixed once by the launcher",
-    )  # fmt: skip
+    )
     max_waste: float = ranged(
-        0.05, 0.0, 1.0, lo_open=True,
+        0.05,
+        0.0,
+        1.0,
+        lo_open=True,
         doc="the share of a GPU job's time that checkpoints may cost (saving, and work lost to failures since the last "
         "one); an every_steps that costs more is refused with an interval that fits",
-    )  # fmt: skip
-    keep: int = ranged(2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved")
+    )
+    keep: int = ranged(
+        2, 1, doc="complete checkpoints kept in the run dir; older ones are deleted as new ones are saved"
+    )
     resume: str = plain(
         "auto",
         doc="auto: continue from the run dir's newest sound checkpoint, if any; never: start over (the earlier run's "
@@ -624,7 +753,9 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    before_training: bool = plain(False, doc="evaluate the starting model before the first step (the before/after table)")
+    before_training: bool = plain(
+        False, doc="evaluate the starting model before the first step (the before/after table)"
+    )
     after_training: bool = plain(True, doc="evaluate when training ends")
     every_steps: int = ranged(0, 0, doc="evaluate every N optimizer steps; 0: never during training")
     batch_size: int = ranged(4, 1, doc="sequences per evaluation batch on each rank")
@@ -635,15 +766,18 @@ class EvalConfig:
     max_new_tokens: int = ranged(64, 1, doc="the longest generated answer, in tokens")
     num_generate: int = ranged(16, 0, doc="eval conversations to generate answers for")
     show_samples: int = ranged(
-        1, 0,
+        1,
+        0,
         doc="generated answers printed beside their reference: by `ftl eval`, and in training's before/after table "
         "(eval.before_training=true); 0: none",
-    )  # fmt: skip
+    )
 
 
 @dataclass
 class WandbConfig:
-    mode: str = choice("auto", "auto", "online", "offline", "disabled", doc="auto: online with an API key, else offline")
+    mode: str = choice(
+        "auto", "auto", "online", "offline", "disabled", doc="auto: online with an API key, else offline"
+    )
     project: str = plain("ftl", doc="the W&B project runs log to")
     entity: Optional[str] = plain(None, doc="the W&B user or team; null: the API key's default")
     group: Optional[str] = plain(None, doc="a W&B run group, to see related runs together; null: none")
@@ -664,26 +798,35 @@ class RunConfig:
 
 @dataclass
 class FtlConfig:
-    model: ModelConfig = plain(factory=ModelConfig, doc="the model to fine-tune; a model group (model=NAME, conf/model/) sets it")
-    data: DataConfig = plain(factory=DataConfig, doc="the training and eval data; a data group (data=NAME, conf/data/) sets it")
+    model: ModelConfig = plain(
+        factory=ModelConfig, doc="the model to fine-tune; a model group (model=NAME, conf/model/) sets it"
+    )
+    data: DataConfig = plain(
+        factory=DataConfig, doc="the training and eval data; a data group (data=NAME, conf/data/) sets it"
+    )
     strategy: Any = plain(
         factory=SingleStrategy,
         doc="how the model is spread over the ranks; a strategy group (strategy=single|ddp|zero1|zero2|zero3|zero3_offload|fsdp) "
         "picks the engine",
     )
-    peft: Any = plain(factory=NoPeft, doc="parameter-efficient fine-tuning: peft=none (full fine-tuning), lora or qlora")
+    peft: Any = plain(
+        factory=NoPeft, doc="parameter-efficient fine-tuning: peft=none (full fine-tuning), lora or qlora"
+    )
     objective: Any = plain(
-        factory=SftObjective, doc="the training objective: objective=sft, dpo or simpo (dpo, simpo: data.format=preference)"
+        factory=SftObjective,
+        doc="the training objective: objective=sft, dpo or simpo (dpo, simpo: data.format=preference)",
     )
     launch: Any = plain(
-        factory=LocalLaunch, doc="where the ranks run: launch=local (this machine), torchrun (nodes you start) or slurm (a "
-        "batch job)",
+        factory=LocalLaunch,
+        doc="where the ranks run: launch=local (this machine), torchrun (nodes you start) or slurm (a batch job)",
     )
     train: TrainConfig = plain(factory=TrainConfig, doc="optimizer, schedule, batch, precision and length of the run")
     checkpoint: CheckpointConfig = plain(
         factory=CheckpointConfig, doc="when checkpoints are saved and kept, and what a run resumes from"
     )
-    eval: EvalConfig = plain(factory=EvalConfig, doc="evaluation on the held-out split: when, on how much, and generated answers")
+    eval: EvalConfig = plain(
+        factory=EvalConfig, doc="evaluation on the held-out split: when, on how much, and generated answers"
+    )
     wandb: WandbConfig = plain(factory=WandbConfig, doc="Weights & Biases logging")
     run: RunConfig = plain(factory=RunConfig, doc="the run's name and directory")
     recipe: str = plain(

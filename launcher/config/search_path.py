@@ -38,7 +38,13 @@ def add_config_dirs(dirs: list[str]) -> None:
     from launcher.config.errors import ConfigErrors
 
     if any(not d.strip() for d in dirs):
-        raise ConfigErrors([ConfigError("--config-dir", "got an empty path; give a directory (--config-dir . for the working directory)")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "--config-dir", "got an empty path; give a directory (--config-dir . for the working directory)"
+                )
+            ]
+        )
     given = [str(Path(d).expanduser().resolve()) for d in dirs]
     known = [str(d) for d in config_dirs()]
     os.environ[CONFIG_DIR_ENV] = os.pathsep.join(dict.fromkeys(given + known))
@@ -74,15 +80,26 @@ def check_config_dirs(dirs: list[Path]) -> list[ConfigError]:
     seen = {g: {n: p for n, p in shipped_options(g).items()} for g in folders}
     for d in dirs:
         if not d.is_dir():
-            errors.append(ConfigError(CONFIG_DIR_ENV, f"{d}: no such directory (from --config-dir or ${CONFIG_DIR_ENV})"))
+            errors.append(
+                ConfigError(CONFIG_DIR_ENV, f"{d}: no such directory (from --config-dir or ${CONFIG_DIR_ENV})")
+            )
             continue
         if not any((d / g).is_dir() for g in folders):
-            errors.append(ConfigError(CONFIG_DIR_ENV, f"{d} holds none of ftl's config folders ({', '.join(f + '/' for f in folders)})"))
+            errors.append(
+                ConfigError(
+                    CONFIG_DIR_ENV, f"{d} holds none of ftl's config folders ({', '.join(f + '/' for f in folders)})"
+                )
+            )
         for group in folders:
             for name, path in _options(d / group).items():
                 if name in seen[group]:
-                    errors.append(ConfigError(CONFIG_DIR_ENV, f"{path} is named like {seen[group][name]}; option names must be unique: "
-                                              f"rename it (e.g. {group}/my-{name}.yaml)"))  # fmt: skip
+                    errors.append(
+                        ConfigError(
+                            CONFIG_DIR_ENV,
+                            f"{path} is named like {seen[group][name]}; option names must be unique: "
+                            f"rename it (e.g. {group}/my-{name}.yaml)",
+                        )
+                    )
                 else:
                     seen[group][name] = path
     return errors

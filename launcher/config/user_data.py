@@ -48,14 +48,18 @@ def follow_user_data(raw: dict[str, Any], choices: dict[str, str], overrides: li
         return []
     notes = []
     if own_sources and not own_files and data.get("train_files"):
-        notes.append(f"data: training on data.sources only (the demo's data.train_files {data['train_files']} dropped; "
-                     "name them in data.train_files to mix them in)")  # fmt: skip
+        notes.append(
+            f"data: training on data.sources only (the demo's data.train_files {data['train_files']} dropped; "
+            "name them in data.train_files to mix them in)"
+        )
         data["train_files"] = []
     if not keys & {"data.eval_files", "data.eval_fraction"}:
         own_eval = any(isinstance(s, dict) and s.get("split") == "eval" for s in data.get("sources") or [])
         data["eval_files"] = []
         if not own_eval:
             data["eval_fraction"] = EVAL_FRACTION
-            notes.append(f"data: evaluating on a held-out {EVAL_FRACTION:.0%} of your training rows, not on the demo's eval set "
-                         "(set data.eval_files=[...] for your own held-out file)")  # fmt: skip
+            notes.append(
+                f"data: evaluating on a held-out {EVAL_FRACTION:.0%} of your training rows, not on the demo's eval set "
+                "(set data.eval_files=[...] for your own held-out file)"
+            )
     return notes

@@ -23,7 +23,14 @@ from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.docs import doc_lines
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
-from launcher.config.topology import global_batch, gpus_per_node, nodes, planned_device_type, resolve_precision, world_size
+from launcher.config.topology import (
+    global_batch,
+    gpus_per_node,
+    nodes,
+    planned_device_type,
+    resolve_precision,
+    world_size,
+)
 from launcher.engines.traits import engine_traits
 from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
@@ -48,7 +55,9 @@ def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
             near = [_join(path, c) for c in close]
-            hint = f"did you mean {', '.join(near)}?{doc_lines(near[:1])}" if close else f"valid keys: {', '.join(names)}"
+            hint = (
+                f"did you mean {', '.join(near)}?{doc_lines(near[:1])}" if close else f"valid keys: {', '.join(names)}"
+            )
             errors.append(ConfigError(_join(path, key), f"unknown key; {hint}"))
     kwargs = {}
     for f in fields(cls):
@@ -72,7 +81,9 @@ def _bind(cls: type, data: Any, path: str, errors: list[ConfigError]) -> Any:
             _check_meta(f.metadata, coerced, sub, errors)
             kwargs[f.name] = coerced
         elif is_dataclass(coerced) or isinstance(coerced, (list, dict)):
-            kwargs[f.name] = coerced  # a section or list binds field by field: one bad field keeps its default, not the whole node
+            kwargs[f.name] = (
+                coerced  # a section or list binds field by field: one bad field keeps its default, not the whole node
+            )
     return cls(**kwargs)
 
 
@@ -195,23 +206,47 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
 
     traits = engine_traits(s)
     if traits.one_process and world > 1:
-        errs.append(_x("strategy", f"'{traits.engine}' runs one process but launch gives world size {world}; "
-                       "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1", "launch"))
+        errs.append(
+            _x(
+                "strategy",
+                f"'{traits.engine}' runs one process but launch gives world size {world}; "
+                "use strategy=ddp, zero1, zero2, zero3 or fsdp, or launch.nproc_per_node=1",
+                "launch",
+            )
+        )
     if isinstance(s, DeepSpeedStrategy):
         if s.offload_params and s.zero_stage != 3:
-            errs.append(ConfigError("strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"))
+            errs.append(
+                ConfigError(
+                    "strategy.offload_params", f"needs zero_stage 3 (got {s.zero_stage}); use strategy=zero3_offload"
+                )
+            )
         if s.offload_optimizer and s.zero_stage == 0:
             errs.append(ConfigError("strategy.offload_optimizer", "needs zero_stage 1, 2 or 3"))
         errs += [_x(e.path, e.message, "strategy", "train", "launch") for e in deepspeed_config_errors(cfg)]
     if isinstance(s, (DeepSpeedStrategy, FSDPStrategy)) and s.reduce_dtype == "bf16":
         precision = resolve_precision(t.precision, planned_device_type(cfg))
         if precision != "bf16":
-            errs.append(_x("strategy.reduce_dtype", f"bf16 reduces the gradients of bf16 training, but train.precision={t.precision} "
-                           f"trains in {precision}; use train.precision=bf16 or strategy.reduce_dtype=fp32", "train.precision"))  # fmt: skip
+            errs.append(
+                _x(
+                    "strategy.reduce_dtype",
+                    f"bf16 reduces the gradients of bf16 training, but train.precision={t.precision} "
+                    f"trains in {precision}; use train.precision=bf16 or strategy.reduce_dtype=fp32",
+                    "train.precision",
+                )
+            )
     if isinstance(s, FSDPStrategy) and s.hybrid_shard and nodes(cfg) < 2:
-        errs.append(_x("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes", "launch"))
+        errs.append(
+            _x("strategy.hybrid_shard", "shards within a node and replicates across nodes: needs 2+ nodes", "launch")
+        )
     if t.precision == "fp16" and not traits.fp16:
-        errs.append(_x("train.precision", f"fp16 is not supported with engine {traits.engine} (no loss scaler); use bf16", "strategy"))
+        errs.append(
+            _x(
+                "train.precision",
+                f"fp16 is not supported with engine {traits.engine} (no loss scaler); use bf16",
+                "strategy",
+            )
+        )
     if t.precision == "fp16" and t.device == "cpu":
         errs.append(ConfigError("train.precision", "fp16 needs a GPU (train.device=cpu); use bf16 or fp32"))
     if t.max_steps == 0:
@@ -222,10 +257,23 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     if t.global_batch_size is not None and t.global_batch_size != global_batch(cfg):
         need, rem = divmod(t.global_batch_size, t.micro_batch_size * world)
         hint = f"; set train.grad_accum={need}" if need and not rem else ""
-        errs.append(_x("train.global_batch_size", f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
-                       f"× grad_accum {t.grad_accum} × data-parallel size {world} = {global_batch(cfg)}{hint}", "launch", "strategy"))
+        errs.append(
+            _x(
+                "train.global_batch_size",
+                f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
+                f"× grad_accum {t.grad_accum} × data-parallel size {world} = {global_batch(cfg)}{hint}",
+                "launch",
+                "strategy",
+            )
+        )
     if t.seq_len > m.arch.max_position_embeddings:
-        errs.append(_x("train.seq_len", f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}", "model.arch"))
+        errs.append(
+            _x(
+                "train.seq_len",
+                f"{t.seq_len} > model.arch.max_position_embeddings {m.arch.max_position_embeddings}",
+                "model.arch",
+            )
+        )
 
     errs += _arch_checks(m)
     if m.source == "hf" and not m.path:
@@ -233,7 +281,9 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     elif m.source == "hf":
         errs += _model_dir_errors("model.path", m.path, "config.json")
     if m.source == "random" and not (m.tokenizer and Path(m.tokenizer).is_dir()):
-        errs.append(ConfigError("model.tokenizer", f"model.source=random needs a tokenizer directory; got {m.tokenizer!r}"))
+        errs.append(
+            ConfigError("model.tokenizer", f"model.source=random needs a tokenizer directory; got {m.tokenizer!r}")
+        )
     elif m.tokenizer:
         errs += _model_dir_errors("model.tokenizer", m.tokenizer, None)
 
@@ -247,7 +297,12 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _objective_checks(cfg)
     name = cfg.run.name
     if not name or "/" in name or name in (".", "..") or has_control_chars(name):
-        errs.append(_own("run.name", f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters"))
+        errs.append(
+            _own(
+                "run.name",
+                f"got {name!r}; use a non-empty name, not . or .., without '/', newlines or other control characters",
+            )
+        )
     return errs
 
 
@@ -256,21 +311,48 @@ def _speed_checks(cfg: FtlConfig) -> list[ConfigError]:
     t, s = cfg.train, cfg.strategy
     errs = []
     if t.compile and not engine_traits(s).compiles_layers:
-        errs.append(_x("train.compile", f"compiled layers do not work with {engine_traits(s).title}: it frees each layer's gathered "
-                       "weights after forward, which the compiled backward still reads; use train.compile=false (or null), "
-                       "or strategy=fsdp, zero2", "strategy"))  # fmt: skip
+        errs.append(
+            _x(
+                "train.compile",
+                f"compiled layers do not work with {engine_traits(s).title}: it frees each layer's gathered "
+                "weights after forward, which the compiled backward still reads; use train.compile=false (or null), "
+                "or strategy=fsdp, zero2",
+                "strategy",
+            )
+        )
     if s.activation_offloading and t.device == "cpu":
-        errs.append(_x("strategy.activation_offloading", "moves activations from GPU memory to host memory, but train.device=cpu "
-                       "keeps them in host memory already; leave it false on CPU", "train.device"))  # fmt: skip
+        errs.append(
+            _x(
+                "strategy.activation_offloading",
+                "moves activations from GPU memory to host memory, but train.device=cpu "
+                "keeps them in host memory already; leave it false on CPU",
+                "train.device",
+            )
+        )
     if t.loss == "liger":
         if t.device == "cpu":
-            errs.append(_x("train.loss", "liger runs Triton kernels on a CUDA GPU, but train.device=cpu; use train.loss=chunked", "train.device"))
+            errs.append(
+                _x(
+                    "train.loss",
+                    "liger runs Triton kernels on a CUDA GPU, but train.device=cpu; use train.loss=chunked",
+                    "train.device",
+                )
+            )
         if importlib.util.find_spec("liger_kernel") is None:
-            errs.append(ConfigError("train.loss", "liger needs the liger-kernel package (pip install 'ftl[liger]'); or use train.loss=chunked"))
+            errs.append(
+                ConfigError(
+                    "train.loss",
+                    "liger needs the liger-kernel package (pip install 'ftl[liger]'); or use train.loss=chunked",
+                )
+            )
     return errs
 
 
-RANDOM_MODEL_TYPES = ("llama", "mistral", "qwen2")  # what model.source=random builds (launcher.model.loading.arch_to_hf_config)
+RANDOM_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+)  # what model.source=random builds (launcher.model.loading.arch_to_hf_config)
 SOFTCAP_MODEL_TYPES = ("gemma2",)  # attention logit softcapping: transformers refuses sdpa for them
 
 
@@ -278,21 +360,43 @@ def _arch_checks(m: ModelConfig) -> list[ConfigError]:
     errs: list[ConfigError] = []
     a = m.arch
     if a.head_dim is None and a.hidden_size % a.num_heads:
-        errs.append(ConfigError("model.arch.num_heads", f"{a.num_heads} does not divide hidden_size {a.hidden_size}; "
-                                "set model.arch.head_dim if the model's heads are not hidden_size / num_heads wide"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "model.arch.num_heads",
+                f"{a.num_heads} does not divide hidden_size {a.hidden_size}; "
+                "set model.arch.head_dim if the model's heads are not hidden_size / num_heads wide",
+            )
+        )
     if a.num_heads % a.num_kv_heads:
         errs.append(ConfigError("model.arch.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads {a.num_heads}"))
     if a.num_experts and not 1 <= a.num_experts_per_tok <= a.num_experts:
-        errs.append(ConfigError("model.arch.num_experts_per_tok", f"got {a.num_experts_per_tok}; must be 1 to num_experts ({a.num_experts})"))
+        errs.append(
+            ConfigError(
+                "model.arch.num_experts_per_tok",
+                f"got {a.num_experts_per_tok}; must be 1 to num_experts ({a.num_experts})",
+            )
+        )
     if a.dense_layers and not all(0 <= i < a.num_layers for i in a.dense_layers):
-        errs.append(ConfigError("model.arch.dense_layers", f"got {a.dense_layers}; layer indices are 0 to {a.num_layers - 1}"))
+        errs.append(
+            ConfigError("model.arch.dense_layers", f"got {a.dense_layers}; layer indices are 0 to {a.num_layers - 1}")
+        )
     if m.source == "random" and a.model_type not in RANDOM_MODEL_TYPES:
-        errs.append(ConfigError("model.arch.model_type", f"model.source=random builds {', '.join(RANDOM_MODEL_TYPES)}, not {a.model_type!r}; "
-                                "load a Hugging Face directory of it with model.source=hf model.path=DIR"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "model.arch.model_type",
+                f"model.source=random builds {', '.join(RANDOM_MODEL_TYPES)}, not {a.model_type!r}; "
+                "load a Hugging Face directory of it with model.source=hf model.path=DIR",
+            )
+        )
     if a.model_type in SOFTCAP_MODEL_TYPES and m.attn_implementation in ("sdpa", "sdpa_varlen"):
-        errs.append(ConfigError("model.attn_implementation", f"{m.attn_implementation!r} cannot cap attention logits, which "
-                                f"{a.model_type} does (attn_logit_softcapping); use model.attn_implementation=eager "
-                                "(or flash_attention_2 on a GPU)"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "model.attn_implementation",
+                f"{m.attn_implementation!r} cannot cap attention logits, which "
+                f"{a.model_type} does (attn_logit_softcapping); use model.attn_implementation=eager "
+                "(or flash_attention_2 on a GPU)",
+            )
+        )
     return errs
 
 
@@ -321,10 +425,18 @@ def _resume_errors(resume: str) -> list[ConfigError]:
     if not p.is_dir():
         return [_own("checkpoint.resume", f"{resume!r} is not a directory; {allowed}")]
     if not re.fullmatch(r"step-\d+", p.name) or not (p / CHECKPOINT_MARKER).is_file():
-        return [_own("checkpoint.resume", f"{resume!r} is not a complete checkpoint (a step-N dir with a {CHECKPOINT_MARKER} "
-                            f"marker); {allowed}")]  # fmt: skip
+        return [
+            _own(
+                "checkpoint.resume",
+                f"{resume!r} is not a complete checkpoint (a step-N dir with a {CHECKPOINT_MARKER} marker); {allowed}",
+            )
+        ]
     problem = checkpoint_problem(p)
-    return [_own("checkpoint.resume", f"{resume!r} is damaged: {problem}; resume from another checkpoint")] if problem else []
+    return (
+        [_own("checkpoint.resume", f"{resume!r} is damaged: {problem}; resume from another checkpoint")]
+        if problem
+        else []
+    )
 
 
 def _cache_errors(cfg: FtlConfig) -> list[ConfigError]:
@@ -351,11 +463,22 @@ def _peft_checks(cfg: FtlConfig) -> list[ConfigError]:
     if p.method == "none":
         return errs
     if not p.target_modules:
-        errs.append(ConfigError("peft.target_modules", "is empty; name the modules to adapt, e.g. [q_proj, v_proj], or [all-linear]"))
+        errs.append(
+            ConfigError(
+                "peft.target_modules", "is empty; name the modules to adapt, e.g. [q_proj, v_proj], or [all-linear]"
+            )
+        )
     elif "all-linear" in p.target_modules and len(p.target_modules) > 1:
-        errs.append(ConfigError("peft.target_modules", f"got {p.target_modules}; all-linear already takes every linear layer: use it alone"))
+        errs.append(
+            ConfigError(
+                "peft.target_modules",
+                f"got {p.target_modules}; all-linear already takes every linear layer: use it alone",
+            )
+        )
     if p.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        errs.append(ConfigError("peft.method", "qlora needs bitsandbytes, which is not installed: pip install 'ftl[qlora]'"))
+        errs.append(
+            ConfigError("peft.method", "qlora needs bitsandbytes, which is not installed: pip install 'ftl[qlora]'")
+        )
     return errs
 
 
@@ -365,15 +488,28 @@ def _objective_checks(cfg: FtlConfig) -> list[ConfigError]:
     o, d = cfg.objective, cfg.data
     formats = {d.format, *(s.format or d.format for s in d.sources)}
     if o.method == "sft" and "preference" in formats:
-        errs.append(ConfigError("objective", "preference pairs (data.format=preference) train with objective=dpo or "
-                                "objective=simpo, not sft"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "objective",
+                "preference pairs (data.format=preference) train with objective=dpo or objective=simpo, not sft",
+            )
+        )
     if o.method != "sft" and formats != {"preference"}:
         other = ", ".join(sorted(f for f in formats if f != "preference"))
-        errs.append(ConfigError("data.format", f"objective={o.method} needs preference pairs ({{prompt, chosen, rejected}} "
-                                f"rows, data.format=preference); got {other}"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "data.format",
+                f"objective={o.method} needs preference pairs ({{prompt, chosen, rejected}} "
+                f"rows, data.format=preference); got {other}",
+            )
+        )
     if o.method == "dpo" and o.reference == "adapters_off" and cfg.peft.method == "none":
-        errs.append(ConfigError("objective.reference", "adapters_off needs LoRA or QLoRA (peft=lora|qlora); a full fine-tune "
-                                "uses reference=precomputed"))  # fmt: skip
+        errs.append(
+            ConfigError(
+                "objective.reference",
+                "adapters_off needs LoRA or QLoRA (peft=lora|qlora); a full fine-tune uses reference=precomputed",
+            )
+        )
     return errs
 
 
@@ -381,8 +517,13 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs: list[ConfigError] = []
     d, e = cfg.data, cfg.eval
     if not d.train_files and not any(s.split == "train" for s in d.sources):
-        errs.append(ConfigError("data.train_files", "is empty; give one or more files, e.g. data.train_files=[train.jsonl], "
-                                "or training sources in data.sources"))
+        errs.append(
+            ConfigError(
+                "data.train_files",
+                "is empty; give one or more files, e.g. data.train_files=[train.jsonl], "
+                "or training sources in data.sources",
+            )
+        )
     for key in ("train_files", "eval_files"):
         for i, f in enumerate(getattr(d, key)):
             problem = _data_path_problem(f)
@@ -395,16 +536,29 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
         elif not hub and _data_path_problem(s.path):
             errs.append(_own(f"data.sources[{i}].path", str(_data_path_problem(s.path))))
         if s.hub_args and not hub:
-            errs.append(ConfigError(f"data.sources[{i}].hub_args", f"only applies to hub:ORG/NAME sources, not {s.path!r}"))
+            errs.append(
+                ConfigError(f"data.sources[{i}].hub_args", f"only applies to hub:ORG/NAME sources, not {s.path!r}")
+            )
     has_eval = bool(d.eval_files) or any(s.split == "eval" for s in d.sources)
     wants_eval = e.before_training or e.after_training or e.every_steps > 0
     if wants_eval and not has_eval and d.eval_fraction == 0:
-        errs.append(_x("eval", "evaluation is on but there is no eval data; set data.eval_files, an eval "
-                       "source in data.sources or data.eval_fraction, or eval.after_training=false", "data"))
+        errs.append(
+            _x(
+                "eval",
+                "evaluation is on but there is no eval data; set data.eval_files, an eval "
+                "source in data.sources or data.eval_fraction, or eval.after_training=false",
+                "data",
+            )
+        )
     return errs
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # launcher.data.sources.LOCAL_SUFFIXES (that module imports torch)
+DATA_SUFFIXES = (
+    ".jsonl",
+    ".json",
+    ".parquet",
+    ".csv",
+)  # launcher.data.sources.LOCAL_SUFFIXES (that module imports torch)
 
 
 def _data_path_problem(path: str) -> Optional[str]:
@@ -442,29 +596,57 @@ def _launch_checks(cfg: FtlConfig) -> list[ConfigError]:
         if not match or not 0 < int(match["port"]) < 65536:
             errs.append(ConfigError("launch.rdzv_endpoint", f"got {launch.rdzv_endpoint!r}; expected HOST:PORT"))
         elif not _resolves(match["host"].strip("[]")):
-            errs.append(ConfigError("launch.rdzv_endpoint", f"host {match['host']!r} does not resolve from this machine"))
+            errs.append(
+                ConfigError("launch.rdzv_endpoint", f"host {match['host']!r} does not resolve from this machine")
+            )
     if launch.backend == "slurm":
         for f in fields(launch):
             value = getattr(launch, f.name)
-            items = value if isinstance(value, list) else [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+            items = (
+                value
+                if isinstance(value, list)
+                else [*value.keys(), *value.values()]
+                if isinstance(value, dict)
+                else [value]
+            )
             bad = [v for v in items if isinstance(v, str) and has_control_chars(v)]
             if bad:
-                errs.append(ConfigError(f"launch.{f.name}", f"got {bad[0]!r}: a value in the sbatch script must not contain "
-                                        "newlines or other control characters"))  # fmt: skip
+                errs.append(
+                    ConfigError(
+                        f"launch.{f.name}",
+                        f"got {bad[0]!r}: a value in the sbatch script must not contain "
+                        "newlines or other control characters",
+                    )
+                )
         if launch.python is not None and not launch.python.strip():
-            errs.append(ConfigError("launch.python", f"got {launch.python!r}; name the interpreter every node runs, or leave it null"))
+            errs.append(
+                ConfigError(
+                    "launch.python", f"got {launch.python!r}; name the interpreter every node runs, or leave it null"
+                )
+            )
         if not _SLURM_TIME.match(launch.time):
-            errs.append(ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00"))
+            errs.append(
+                ConfigError("launch.time", f"got {launch.time!r}; expected SLURM's format, e.g. 04:00:00 or 2-00:00:00")
+            )
         if launch.signal is not None and not _SIGNAL.match(launch.signal):
             errs.append(ConfigError("launch.signal", f"got {launch.signal!r}; expected SIG@SECONDS, e.g. USR1@120"))
         errs += _slurm_gpu_checks(cfg)
         if 32768 <= launch.rdzv_port <= 60999:
-            errs.append(ConfigError("launch.rdzv_port", f"{launch.rdzv_port} is in Linux's ephemeral port range 32768-60999, "
-                                    "where an outgoing connection may already hold it; use a port below 32768, or 0 (one per job)"))
+            errs.append(
+                ConfigError(
+                    "launch.rdzv_port",
+                    f"{launch.rdzv_port} is in Linux's ephemeral port range 32768-60999, "
+                    "where an outgoing connection may already hold it; use a port below 32768, or 0 (one per job)",
+                )
+            )
         errs += [ConfigError(field, message) for field, message in signal_lead_problems(cfg)]
     if peak_for_name(launch.cluster.gpu) is None:
         known = ", ".join(k for k, _ in PEAK_BF16_FLOPS)
-        errs.append(ConfigError("launch.cluster.gpu", f"got {launch.cluster.gpu!r}; no dense bf16 peak is known for it: one of {known}"))
+        errs.append(
+            ConfigError(
+                "launch.cluster.gpu", f"got {launch.cluster.gpu!r}; no dense bf16 peak is known for it: one of {known}"
+            )
+        )
     for k in launch.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             errs.append(ConfigError(f"launch.env.{k}", "is not a valid environment variable name"))
@@ -476,14 +658,29 @@ def _slurm_gpu_checks(cfg: FtlConfig) -> list[ConfigError]:
     launch, device, gpus = cfg.launch, cfg.train.device, gpus_per_node(cfg)
     errs = []
     if device == "cuda" and gpus == 0:
-        errs.append(ConfigError("launch.gpus_per_node", "0 but train.device=cuda: the job would get no GPU; leave it unset "
-                                "(one per rank) or ask for them, e.g. launch.gpus_per_node=8"))
+        errs.append(
+            ConfigError(
+                "launch.gpus_per_node",
+                "0 but train.device=cuda: the job would get no GPU; leave it unset "
+                "(one per rank) or ask for them, e.g. launch.gpus_per_node=8",
+            )
+        )
     if device == "cpu" and gpus > 0:
-        errs.append(ConfigError("launch.gpus_per_node", f"{gpus} but train.device=cpu: the job would hold GPUs it never uses; "
-                                "use train.device=cuda, or launch.gpus_per_node=0"))
+        errs.append(
+            ConfigError(
+                "launch.gpus_per_node",
+                f"{gpus} but train.device=cpu: the job would hold GPUs it never uses; "
+                "use train.device=cuda, or launch.gpus_per_node=0",
+            )
+        )
     if launch.gpus_per_node and launch.nproc_per_node not in (1, launch.gpus_per_node):
-        errs.append(ConfigError("launch.nproc_per_node", f"{launch.nproc_per_node} but launch.gpus_per_node={launch.gpus_per_node}: "
-                                "a GPU job runs one rank per GPU; set only one of them"))
+        errs.append(
+            ConfigError(
+                "launch.nproc_per_node",
+                f"{launch.nproc_per_node} but launch.gpus_per_node={launch.gpus_per_node}: "
+                "a GPU job runs one rank per GPU; set only one of them",
+            )
+        )
     return errs
 
 

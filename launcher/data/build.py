@@ -103,7 +103,13 @@ def carve_eval_split(records: list[Record], fraction: float, seed: int) -> tuple
 
 
 def encode_records(
-    records: list[Record], seq_len: int, on_error: str, *, skipped: int = 0, truncation: str = "clip", split: str = "train"
+    records: list[Record],
+    seq_len: int,
+    on_error: str,
+    *,
+    skipped: int = 0,
+    truncation: str = "clip",
+    split: str = "train",
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
     ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted).
@@ -112,7 +118,9 @@ def encode_records(
         return _encode_records(records, seq_len, on_error, skipped, truncation, shown)
 
 
-def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped: int, truncation: str, shown: Any) -> tuple[TokenizedDataset, list[int]]:
+def _encode_records(
+    records: list[Record], seq_len: int, on_error: str, skipped: int, truncation: str, shown: Any
+) -> tuple[TokenizedDataset, list[int]]:
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
     source_of: list[int] = []
@@ -142,7 +150,9 @@ def _encode_records(records: list[Record], seq_len: int, on_error: str, skipped:
     return TokenizedDataset(examples, kept, stats, template), source_of
 
 
-def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
+def _encode_one(
+    record: Record, seq_len: int, truncation: str
+) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
     """(example or None, what happened to it on the way: "truncated" and/or "dropped", or "empty":
     a format's ``is_empty`` row, e.g. a conversation whose answers have no content, is no example)."""
     if getattr(record.fmt, "is_empty", lambda value: False)(record.value):
@@ -158,7 +168,9 @@ def _encode_one(record: Record, seq_len: int, truncation: str) -> tuple[Optional
     return {"input_ids": input_ids, "labels": labels}, outcomes
 
 
-def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
+def _encode_pair(
+    record: Record, seq_len: int, truncation: str
+) -> tuple[Optional[dict[str, list[int]]], tuple[str, ...]]:
     """A preference pair as one example: chosen then rejected, ``lengths`` [chosen, rejected]. Both
     must fit in ``seq_len`` together; ``clip`` cuts each to its first seq_len // 2 tokens. A pair
     whose two sequences are the same teaches nothing (its DPO loss is log 2 whatever the weights):
@@ -174,7 +186,11 @@ def _encode_pair(record: Record, seq_len: int, truncation: str) -> tuple[Optiona
     if any(count_trainable(labels) == 0 for _, labels in pair):  # a completion truncated away
         return None, (*outcomes, "dropped")
     (chosen, chosen_labels), (rejected, rejected_labels) = pair
-    return {"input_ids": chosen + rejected, "labels": chosen_labels + rejected_labels, "lengths": [len(chosen), len(rejected)]}, outcomes
+    return {
+        "input_ids": chosen + rejected,
+        "labels": chosen_labels + rejected_labels,
+        "lengths": [len(chosen), len(rejected)],
+    }, outcomes
 
 
 def _same(value: Any) -> Any:
@@ -186,7 +202,9 @@ def count_trainable(labels: Sequence[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
-def mix_by_weight(dataset: TokenizedDataset, source_of: list[int], weights: dict[int, float], seed: int) -> TokenizedDataset:
+def mix_by_weight(
+    dataset: TokenizedDataset, source_of: list[int], weights: dict[int, float], seed: int
+) -> TokenizedDataset:
     """Each source's examples repeated ``weight`` times per epoch: whole passes, then a seeded
     subset for the fraction (weight 0.5: a fixed random half). Counts are of the mixed epoch."""
     if all(weights.get(s, 1.0) == 1.0 for s in set(source_of)):
@@ -244,7 +262,11 @@ def build_datasets(
     train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
     if len(train_ds) == 0:
         names = ", ".join(s.path for _, s in train_sources)
-        why = "every preference pair has chosen identical to rejected; " if train_ds.stats.get("identical") == len(train_records) else ""
+        why = (
+            "every preference pair has chosen identical to rejected; "
+            if train_ds.stats.get("identical") == len(train_records)
+            else ""
+        )
         raise DataError(f"no usable training examples in {names} ({why}stats: {train_ds.stats})")
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None

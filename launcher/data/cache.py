@@ -137,7 +137,12 @@ def cache_key(data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> 
     material = {
         "version": CACHE_VERSION,
         "sources": [
-            {"split": s.split, "format": s.format or data_cfg.format, "weight": s.weight, "content": content(s.path, s.hub_args)}
+            {
+                "split": s.split,
+                "format": s.format or data_cfg.format,
+                "weight": s.weight,
+                "content": content(s.path, s.hub_args),
+            }
             for s in sources
         ],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -173,7 +178,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 # Arrow on disk
 
 
-def write_datasets(directory: Path, train: TokenizedDataset, evals: Optional[TokenizedDataset], material: dict[str, Any]) -> None:
+def write_datasets(
+    directory: Path, train: TokenizedDataset, evals: Optional[TokenizedDataset], material: dict[str, Any]
+) -> None:
     from launcher.data.packing import PackedExamples
 
     def rows_and_columns(ds: TokenizedDataset) -> tuple[list[dict[str, list[int]]], tuple[str, ...]]:
@@ -195,12 +202,19 @@ def write_datasets(directory: Path, train: TokenizedDataset, evals: Optional[Tok
     (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _write_table(path: Path, rows: Sequence[dict[str, list[int]]], columns: tuple[str, ...], conversations: Optional[list[Any]] = None) -> None:
+def _write_table(
+    path: Path,
+    rows: Sequence[dict[str, list[int]]],
+    columns: tuple[str, ...],
+    conversations: Optional[list[Any]] = None,
+) -> None:
     import pyarrow as pa
 
     data = {name: pa.array([row[name] for row in rows], type=pa.large_list(pa.int32())) for name in columns}
     if conversations is not None:
-        data["conversation"] = pa.array([json.dumps(c, ensure_ascii=False) for c in conversations], type=pa.large_string())
+        data["conversation"] = pa.array(
+            [json.dumps(c, ensure_ascii=False) for c in conversations], type=pa.large_string()
+        )
     table = pa.table(data)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -208,7 +222,9 @@ def _write_table(path: Path, rows: Sequence[dict[str, list[int]]], columns: tupl
 
 def read_datasets(directory: Path) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
     meta = json.loads((directory / "meta.json").read_text())
-    train = TokenizedDataset(ArrowExamples(directory / "train.arrow"), [], meta["train"]["stats"], meta["train"]["chat_template"])
+    train = TokenizedDataset(
+        ArrowExamples(directory / "train.arrow"), [], meta["train"]["stats"], meta["train"]["chat_template"]
+    )
     evals = None
     if meta["eval"] is not None:
         examples = ArrowExamples(directory / "eval.arrow")
@@ -227,8 +243,9 @@ class ArrowExamples(Sequence):
         self.table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         self._columns = {
             name: _offsets_and_values(self.table.column(name))
-            for name in ("input_ids", "labels", "lengths") if name in self.table.column_names
-        }  # fmt: skip
+            for name in ("input_ids", "labels", "lengths")
+            if name in self.table.column_names
+        }
         self.packed = "lengths" in self._columns
 
     def __len__(self) -> int:
@@ -238,7 +255,10 @@ class ArrowExamples(Sequence):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         index %= len(self)
-        row = {name: values[offsets[index] : offsets[index + 1]].tolist() for name, (offsets, values) in self._columns.items()}
+        row = {
+            name: values[offsets[index] : offsets[index + 1]].tolist()
+            for name, (offsets, values) in self._columns.items()
+        }
         if self.packed:
             from launcher.data.packing import position_ids_of
 
@@ -290,7 +310,9 @@ def build_once(
                 if marker.is_file():
                     return False
                 failed.unlink(missing_ok=True)
-                for leftover in directory.parent.glob(f".{directory.name}.tmp-*"):  # a killed builder's; we hold the lock
+                for leftover in directory.parent.glob(
+                    f".{directory.name}.tmp-*"
+                ):  # a killed builder's; we hold the lock
                     shutil.rmtree(leftover, ignore_errors=True)
                 _build_atomically(directory, build, failed)
                 return True

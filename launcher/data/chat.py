@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
-from launcher.data.templates import TEMPLATES, resolve_template
 from launcher.data.rows import IGNORE_INDEX, DataError, RowError
+from launcher.data.templates import TEMPLATES, resolve_template
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
@@ -37,8 +37,10 @@ def parse_conversation(row: Any) -> list[Message]:
     elif "conversations" in row:  # ShareGPT
         key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
-        raise RowError(f"missing 'messages' (or ShareGPT 'conversations'; keys: {', '.join(sorted(map(str, row))) or 'none'})"
-                       + format_hint(row))  # fmt: skip
+        raise RowError(
+            f"missing 'messages' (or ShareGPT 'conversations'; keys: {', '.join(sorted(map(str, row))) or 'none'})"
+            + format_hint(row)
+        )
     messages = row[key]
     if not isinstance(messages, list):
         raise RowError(f"'{key}' must be a list, got {type(messages).__name__}")
@@ -60,7 +62,9 @@ def format_hint(row: dict[str, Any]) -> str:
 
 def _parse_message(message: Any, index: int, role_key: str, content_key: str, roles: dict[str, str]) -> Message:
     if not isinstance(message, dict):
-        raise RowError(f"message {index} must be an object with '{role_key}' and '{content_key}', got {type(message).__name__}")
+        raise RowError(
+            f"message {index} must be an object with '{role_key}' and '{content_key}', got {type(message).__name__}"
+        )
     role = message.get(role_key)
     if role not in roles:
         raise RowError(f"message {index} has unknown role {role!r}; expected one of {', '.join(roles)}")

@@ -16,8 +16,8 @@ from typing import Any
 
 from launcher.config.schema import DataConfig
 from launcher.data.chat import ChatFormat, Message
-from launcher.data.templates import resolve_template
 from launcher.data.rows import RowError
+from launcher.data.templates import resolve_template
 
 
 @dataclass

@@ -70,7 +70,9 @@ def position_ids_of(lengths: Sequence[int]) -> list[int]:
     return [p for n in lengths for p in range(n)]
 
 
-def pack_examples(examples: Sequence[dict[str, list[int]]], seq_len: int, *, alone: bool = False) -> list[dict[str, list[int]]]:
+def pack_examples(
+    examples: Sequence[dict[str, list[int]]], seq_len: int, *, alone: bool = False
+) -> list[dict[str, list[int]]]:
     """Packs of ``examples`` (each at most ``seq_len`` long): ``input_ids``, ``labels`` (-100 at
     each sequence's first position) and ``lengths`` (of the sequences, in order). An example that
     is itself several sequences (a preference pair: ``lengths``) stays whole and in order.
@@ -104,7 +106,11 @@ def packed_stats(stats: dict[str, Any], packs: Sequence[dict[str, list[int]]], s
     """The unpacked counts (tokens and trainable tokens do not change: an example's first label
     never entered the loss) plus the number of packs and the packing efficiency."""
     tokens = sum(len(p["input_ids"]) for p in packs)
-    return {**stats, "packs": len(packs), "packing_efficiency": round(packing_efficiency(tokens, len(packs), seq_len), 6)}
+    return {
+        **stats,
+        "packs": len(packs),
+        "packing_efficiency": round(packing_efficiency(tokens, len(packs), seq_len), 6),
+    }
 
 
 class PackedExamples(Sequence):
@@ -118,7 +124,11 @@ class PackedExamples(Sequence):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:  # type: ignore[override]
         pack = self.packs[index]
-        return {"input_ids": pack["input_ids"], "labels": pack["labels"], "position_ids": position_ids_of(pack["lengths"])}
+        return {
+            "input_ids": pack["input_ids"],
+            "labels": pack["labels"],
+            "position_ids": position_ids_of(pack["lengths"]),
+        }
 
 
 def pack_dataset(dataset: TokenizedDataset, seq_len: int, *, alone: bool = False) -> TokenizedDataset:

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from launcher.config.schema import DataConfig
 from launcher.data.chat import ChatFormat, Message, parse_conversation
-from launcher.data.templates import resolve_template
 from launcher.data.rows import IGNORE_INDEX, RowError
+from launcher.data.templates import resolve_template
 
 KEYS = ("chosen", "rejected")
 
@@ -55,8 +55,14 @@ class PreferenceFormat:
             raise RowError(f"expected an object with 'prompt', 'chosen' and 'rejected', got {type(row).__name__}")
         missing = [k for k in ("prompt", *KEYS) if k not in row and not (k == "prompt" and "messages" in row)]
         if missing:
-            hint = " (this looks like a chat row: use data.format=chat)" if "messages" in row and missing == list(KEYS) else ""
-            raise RowError(f"missing {', '.join(repr(k) for k in missing)} (keys: {', '.join(sorted(map(str, row))) or 'none'}){hint}")
+            hint = (
+                " (this looks like a chat row: use data.format=chat)"
+                if "messages" in row and missing == list(KEYS)
+                else ""
+            )
+            raise RowError(
+                f"missing {', '.join(repr(k) for k in missing)} (keys: {', '.join(sorted(map(str, row))) or 'none'}){hint}"
+            )
         prompt = row["prompt"] if "prompt" in row else row["messages"]
         if isinstance(prompt, str) and all(isinstance(row[k], str) for k in KEYS):
             for key in ("prompt", *KEYS):
@@ -64,11 +70,15 @@ class PreferenceFormat:
                     raise RowError(f"empty {key!r}")
             return Pair(prompt, row["chosen"], row["rejected"])
         if self.chat is None:
-            raise RowError("a conversational preference row needs a chat template: the tokenizer has none and "
-                           "data.chat_template is not set")  # fmt: skip
+            raise RowError(
+                "a conversational preference row needs a chat template: the tokenizer has none and "
+                "data.chat_template is not set"
+            )
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
         if messages[-1]["role"] == "assistant":
-            raise RowError("the prompt ends with an assistant message: the completion to prefer goes in 'chosen'/'rejected'")
+            raise RowError(
+                "the prompt ends with an assistant message: the completion to prefer goes in 'chosen'/'rejected'"
+            )
         return Pair(messages, *(_completion(row[k], k) for k in KEYS))
 
     def encode_pair(self, pair: Pair) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:

@@ -73,7 +73,9 @@ def stage_model(model_cfg: ModelConfig) -> str:
         path = snapshot_download(model_cfg.path, revision=model_cfg.revision, ignore_patterns=skip)
     except Exception as e:  # network, authentication, a repo or revision that does not exist, offline without a copy
         where = os.environ.get("HF_HOME", "the Hugging Face cache (HF_HOME)")
-        raise ModelStagingError(f"cannot stage model.path={model_cfg.path!r} into {where}: {type(e).__name__}: {e}") from None
+        raise ModelStagingError(
+            f"cannot stage model.path={model_cfg.path!r} into {where}: {type(e).__name__}: {e}"
+        ) from None
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return f"model       {model_cfg.path} staged in {path} ({size / 1e9:,.1f} GB)"
 
@@ -99,7 +101,9 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False) -> list[str]:
     lines += stats_table({"train": prepared.train.stats, **({"eval": prepared.eval.stats} if prepared.eval else {})})
     efficiency = prepared.train.stats.get("packing_efficiency")
     if efficiency is not None:
-        lines.append(f"packing     {efficiency:.2%} of train tokens are real (non-pad), in sequences of {cfg.train.seq_len}")
+        lines.append(
+            f"packing     {efficiency:.2%} of train tokens are real (non-pad), in sequences of {cfg.train.seq_len}"
+        )
     else:
         lines.append("packing     off (data.packing=false): batches are padded to their longest example")
     return lines
@@ -111,7 +115,9 @@ def stats_table(splits: dict[str, dict[str, Any]]) -> list[str]:
     for name, stats in splits.items():
         rows.append([name, *(_cell(stats.get(key)) for key, _ in columns)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    return [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+    ]
 
 
 def _cell(value: Any) -> str:

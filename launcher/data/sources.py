@@ -30,7 +30,16 @@ from typing import Any, Callable, Iterator
 from launcher.config.schema import DataConfig, DataSource
 from launcher.data.rows import DataError, RowError
 from launcher.files import write_atomic
-from launcher.safe_read import MAX_DATA_BYTES, MAX_ROW_BYTES, UnreadableFile, decode_utf8, file_problem, open_regular, parse_json, read_bytes
+from launcher.safe_read import (
+    MAX_DATA_BYTES,
+    MAX_ROW_BYTES,
+    UnreadableFile,
+    decode_utf8,
+    file_problem,
+    open_regular,
+    parse_json,
+    read_bytes,
+)
 
 HUB_PREFIX = "hub:"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -61,9 +70,12 @@ def source_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         files = sorted(
-            f for f in p.rglob("*")
-            if f.is_file() and f.suffix in LOCAL_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts)
-        )  # fmt: skip
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix in LOCAL_SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise DataError(f"{path}: folder holds no data files ({', '.join(LOCAL_SUFFIXES)})")
         return files
@@ -131,7 +143,9 @@ def check_local_rows(data_cfg: DataConfig) -> None:
 
 
 def _json_row_error(e: ValueError) -> str:
-    return f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else f"invalid JSON ({e})"
+    return (
+        f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else f"invalid JSON ({e})"
+    )
 
 
 def _read_jsonl(path: str) -> Iterator[Row | DataError]:
@@ -140,7 +154,9 @@ def _read_jsonl(path: str) -> Iterator[Row | DataError]:
         while raw := f.readline(MAX_ROW_BYTES + 1):
             number += 1
             if len(raw) > MAX_ROW_BYTES:
-                raise DataError(f"{path}, row {number}: longer than {MAX_ROW_BYTES >> 20} MiB, more than ftl reads as one row")
+                raise DataError(
+                    f"{path}, row {number}: longer than {MAX_ROW_BYTES >> 20} MiB, more than ftl reads as one row"
+                )
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -196,7 +212,9 @@ def _read_csv(path: str) -> Iterator[Row | DataError]:
                 continue
             bad = next((k for k, v in value.items() if _has_surrogates(k) or _has_surrogates(v)), None)
             if bad is not None:
-                yield DataError(f"{path}, row {number}: not valid UTF-8 (in column {bad.encode('utf-8', 'replace').decode()!r})")
+                yield DataError(
+                    f"{path}, row {number}: not valid UTF-8 (in column {bad.encode('utf-8', 'replace').decode()!r})"
+                )
                 continue
             yield Row(path, number, value)
     except csv.Error as e:

@@ -41,6 +41,8 @@ def resolve_template(configured: Optional[str], tokenizer: Any, fallback: Option
         if configured in TEMPLATES:
             return TEMPLATES[configured]
         if "{" not in configured:  # not Jinja: a misspelt name
-            raise DataError(f"data.chat_template={configured!r} is neither Jinja nor a named template ({', '.join(TEMPLATES)})")
+            raise DataError(
+                f"data.chat_template={configured!r} is neither Jinja nor a named template ({', '.join(TEMPLATES)})"
+            )
         return configured
     return getattr(tokenizer, "chat_template", None) or (TEMPLATES[fallback] if fallback else None)

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional, Protocol
 from torch.utils.data import Dataset
 
 from launcher.data.rows import IGNORE_INDEX, DataError, RowError
+
 __all__ = ["DataError", "RowError", "IGNORE_INDEX", "Format", "TokenizedDataset", "Record", "Loaded"]
 
 

@@ -47,7 +47,9 @@ def fused_adamw_ok(groups: list[dict[str, object]]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
 
 
-def finish_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, grad_norm: torch.Tensor) -> float:
+def finish_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, grad_norm: torch.Tensor
+) -> float:
     """After the optimizer stepped: advance the schedule, drop the gradients, and return the
     pre-clip gradient norm as a float (nan when it was not finite)."""
     scheduler.step()
@@ -56,7 +58,9 @@ def finish_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sche
     return value if math.isfinite(value) else float("nan")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     # A closure, not a partial: LambdaLR saves no state for plain functions, so a checkpoint
     # restores only `last_epoch` and the schedule itself always comes from the current config.
     def factor(step: int) -> float:
@@ -115,4 +119,6 @@ def check_loaded(ckpt_dir: Path, missing: Iterable[str], unexpected: Iterable[st
     unexpected = sorted(k for k in unexpected if not any(part in k for part in _QUANT_STATE_KEY))
     missing = sorted(missing)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -57,7 +57,14 @@ from torch import nn
 from launcher.config.deepspeed_config import build_deepspeed_config
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.engines.base import Engine, ModelLoading
-from launcher.engines.common import apply_activation_checkpointing, build_optimizer, build_param_groups, build_scheduler, seek_schedule, trainable_parameters
+from launcher.engines.common import (
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    seek_schedule,
+    trainable_parameters,
+)
 from launcher.runtime.device import autocast_dtype
 from launcher.runtime.distributed import DistInfo
 
@@ -92,7 +99,9 @@ class DeepSpeedEngine(Engine):
         zero3 = cfg.strategy.zero_stage == 3 and cfg.strategy.zero3_init and dist.world_size > 1
         if not zero3 or cfg.peft.method == "qlora" or cfg.model.source == "random":
             return ModelLoading()
-        ds_config = build_deepspeed_config(cfg, dist.world_size, _PRECISION_OF[autocast_dtype(cfg.train.precision, device)])
+        ds_config = build_deepspeed_config(
+            cfg, dist.world_size, _PRECISION_OF[autocast_dtype(cfg.train.precision, device)]
+        )
         return ModelLoading(context=lambda: _zero3_init(ds_config))
 
     @property
@@ -143,8 +152,10 @@ class DeepSpeedEngine(Engine):
     def step(self) -> float:
         ds = self._require_setup()
         if not self._last_was_boundary:
-            raise RuntimeError("DeepSpeedEngine.step() after a backward outside the accumulation boundary: "
-                               "run the window's last micro-batch inside grad_sync(True)")  # fmt: skip
+            raise RuntimeError(
+                "DeepSpeedEngine.step() after a backward outside the accumulation boundary: "
+                "run the window's last micro-batch inside grad_sync(True)"
+            )
         # DeepSpeed's optimizer wrappers (ZeRO, bf16) compute the pre-clip global norm; plain stage 0
         # in fp32 steps the torch optimizer directly, so measure the (already reduced) grads here.
         own_norm = None if hasattr(ds.optimizer, "_global_grad_norm") else _total_norm(self._module)
@@ -166,15 +177,22 @@ class DeepSpeedEngine(Engine):
         self.save_adapter(ckpt_dir)
         ds.save_checkpoint(str(ckpt_dir), tag=TAG)
         if self.dist.is_main:
-            meta = {"tag": TAG, "zero_stage": self.stage, "world_size": self.dist.world_size, "precision": self.precision}
+            meta = {
+                "tag": TAG,
+                "zero_stage": self.stage,
+                "world_size": self.dist.world_size,
+                "precision": self.precision,
+            }
             (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def load(self, ckpt_dir: Path) -> None:
         ds = self._require_setup()
         meta = read_meta(ckpt_dir)
         if meta["zero_stage"] != self.stage:
-            raise RuntimeError(f"checkpoint {ckpt_dir} is ZeRO stage {meta['zero_stage']} but strategy.zero_stage={self.stage}: "
-                               "resume with the same stage, or export it and start from the weights")  # fmt: skip
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} is ZeRO stage {meta['zero_stage']} but strategy.zero_stage={self.stage}: "
+                "resume with the same stage, or export it and start from the weights"
+            )
         tag = TAG
         if meta["world_size"] != self.dist.world_size and self.stage > 0:
             tag = UNIVERSAL_TAG
@@ -185,7 +203,9 @@ class DeepSpeedEngine(Engine):
             # serve both a fresh start and a resume on another world size.
             ds._config.load_universal_checkpoint = True
         try:
-            path, _ = ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            path, _ = ds.load_checkpoint(
+                str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         finally:
             ds._config.load_universal_checkpoint = False
         if path is None:
@@ -259,7 +279,9 @@ class DeepSpeedEngine(Engine):
         if meta["zero_stage"] == 0:
             # get_fp32_state_dict_from_zero_checkpoint fails on stage 0 (nothing is partitioned):
             # the full module sits in the model-states file.
-            state = torch.load(ckpt_dir / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = torch.load(
+                ckpt_dir / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            )
             return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -346,12 +368,25 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     workers = conversion_workers()
     # Its own process: the worker pool forks from a clean interpreter, not from a rank holding a
     # CUDA context and NCCL threads, and the conversion's memory is returned when it ends.
-    argv = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(ckpt_dir) / TAG),
-            "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
-            "--inject_missing_state"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(Path(ckpt_dir) / TAG),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+        "--inject_missing_state",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"converting {ckpt_dir / TAG} to a universal checkpoint failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"converting {ckpt_dir / TAG} to a universal checkpoint failed ({done.returncode}):\n{done.stderr[-4000:]}"
+        )
     os.rename(tmp, out)
     return out
 

@@ -49,7 +49,9 @@ class FSDPEngine(TorchEngine):
         super().__init__(cfg, model, dist, device)
         self.compute_dtype = autocast_dtype(cfg.train.precision, device)
         if self.compute_dtype == torch.float16:
-            raise ValueError("strategy=fsdp trains in fp32 or bf16 (train.precision=bf16); fp16 needs loss scaling it does not do")
+            raise ValueError(
+                "strategy=fsdp trains in fp32 or bf16 (train.precision=bf16); fp16 needs loss scaling it does not do"
+            )
         if cfg.strategy.activation_checkpointing:
             # Before sharding: each layer's forward (FSDP's all-gather hooks included) is recomputed in backward.
             apply_activation_checkpointing(model)
@@ -58,8 +60,15 @@ class FSDPEngine(TorchEngine):
         if self.sharded:
             from_rank0 = _loads_on_rank0(cfg, dist)
             full = model.state_dict() if from_rank0 and dist.is_main else {}  # before sharding replaces the tensors
-            apply_fully_shard(model, dist, device, cfg.strategy.reshard_after_forward, cfg.strategy.hybrid_shard, self.compute_dtype,
-                              reduce_dtype(cfg.strategy.reduce_dtype, self.compute_dtype))  # fmt: skip
+            apply_fully_shard(
+                model,
+                dist,
+                device,
+                cfg.strategy.reshard_after_forward,
+                cfg.strategy.hybrid_shard,
+                self.compute_dtype,
+                reduce_dtype(cfg.strategy.reduce_dtype, self.compute_dtype),
+            )
             if from_rank0:
                 fill_from_rank0(model, full, device, is_main=dist.is_main)
                 del full
@@ -105,7 +114,11 @@ class FSDPEngine(TorchEngine):
         self.save_adapter(ckpt_dir)
         model_sd, optim_sd = get_state_dict(self._model, optimizer)
         with _single_process_ok():
-            dcp.save({MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
+            dcp.save(
+                {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd},
+                checkpoint_id=str(ckpt_dir / DCP_DIR),
+                no_dist=not self.sharded,
+            )
         if self.dist.is_main:
             torch.save({"scheduler": scheduler.state_dict()}, ckpt_dir / STATE_FILE)
 
@@ -196,7 +209,11 @@ def apply_fully_shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_mesh(dist, device, hybrid)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce) if compute_dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce)
+        if compute_dtype
+        else MixedPrecisionPolicy()
+    )
     # FSDP2 shards floating-point tensors only: QLoRA's packed 4-bit weights are sharded when stored
     # in the training dtype (peft.quant_storage=auto), and stay whole on every rank in uint8.
     ignored = {p for p in model.parameters() if not p.is_floating_point()} or None
@@ -216,7 +233,9 @@ def reduce_dtype(name: str, compute_dtype: Optional[torch.dtype]) -> torch.dtype
     if name == "fp32":
         return torch.float32
     if compute_dtype != torch.bfloat16:
-        raise ValueError(f"strategy.reduce_dtype={name} needs bf16 training; this rank trains in {compute_dtype or torch.float32}")
+        raise ValueError(
+            f"strategy.reduce_dtype={name} needs bf16 training; this rank trains in {compute_dtype or torch.float32}"
+        )
     return torch.bfloat16
 
 
@@ -245,7 +264,9 @@ def build_mesh(dist: DistInfo, device: torch.device, hybrid: bool) -> Any:
         return init_device_mesh(device.type, (dist.world_size,), mesh_dim_names=("shard",))
     per_node = dist.local_world_size
     if dist.world_size % per_node:
-        raise ValueError(f"strategy.hybrid_shard: world size {dist.world_size} is not a multiple of {per_node} ranks per node")
+        raise ValueError(
+            f"strategy.hybrid_shard: world size {dist.world_size} is not a multiple of {per_node} ranks per node"
+        )
     return init_device_mesh(device.type, (dist.world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 

@@ -102,5 +102,3 @@ class SingleEngine(TorchEngine):
         if not weights.is_file():
             raise FileNotFoundError(f"{ckpt_dir} has no {WEIGHTS_FILE}")
         return load_file(weights, device="cpu")
-
-

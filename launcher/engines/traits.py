@@ -38,20 +38,51 @@ def engine_traits(strategy: StrategyBase) -> EngineTraits:
         if strategy.offload_params and not strategy.offload_optimizer:
             row += "+offload_params"
         title = f"deepspeed ZeRO-{s}"
-        offloaded = [k for k, v in (("optimizer", strategy.offload_optimizer), ("params", strategy.offload_params)) if v]
+        offloaded = [
+            k for k, v in (("optimizer", strategy.offload_optimizer), ("params", strategy.offload_params)) if v
+        ]
         if offloaded:
             title += f" + offload ({', '.join(offloaded)})"
         return EngineTraits(
-            "deepspeed", row, title, one_process=False, shards_params=s >= 3, shards_grads=s >= 2, shards_optimizer=s >= 1,
-            autocasts_fp32_weights=False, fp16=True, zero_stage=s, offload_optimizer=strategy.offload_optimizer,
-            offload_params=strategy.offload_params, compiles_layers=s < 3,
-        )  # fmt: skip
+            "deepspeed",
+            row,
+            title,
+            one_process=False,
+            shards_params=s >= 3,
+            shards_grads=s >= 2,
+            shards_optimizer=s >= 1,
+            autocasts_fp32_weights=False,
+            fp16=True,
+            zero_stage=s,
+            offload_optimizer=strategy.offload_optimizer,
+            offload_params=strategy.offload_params,
+            compiles_layers=s < 3,
+        )
     if isinstance(strategy, FSDPStrategy):
-        return EngineTraits("fsdp", "fsdp", "fsdp", one_process=False, shards_params=True, shards_grads=True,
-                            shards_optimizer=True, autocasts_fp32_weights=True, fp16=False)  # fmt: skip
+        return EngineTraits(
+            "fsdp",
+            "fsdp",
+            "fsdp",
+            one_process=False,
+            shards_params=True,
+            shards_grads=True,
+            shards_optimizer=True,
+            autocasts_fp32_weights=True,
+            fp16=False,
+        )
     engine = strategy.engine  # single or ddp: a full replica per rank
-    return EngineTraits(engine, engine, engine, one_process=engine == "single", shards_params=False, shards_grads=False,
-                        shards_optimizer=False, autocasts_fp32_weights=True, fp16=True, reducer_buckets=engine == "ddp")  # fmt: skip
+    return EngineTraits(
+        engine,
+        engine,
+        engine,
+        one_process=engine == "single",
+        shards_params=False,
+        shards_grads=False,
+        shards_optimizer=False,
+        autocasts_fp32_weights=True,
+        fp16=True,
+        reducer_buckets=engine == "ddp",
+    )
 
 
 def strategy_named(name: str) -> StrategyBase:

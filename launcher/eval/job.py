@@ -61,8 +61,16 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
     base = OmegaConf.load(source.config_path)
     bad = [o for o in overrides if "=" not in o or "." not in o.split("=", 1)[0].lstrip("+~")]
     if bad:
-        raise ConfigErrors([ConfigError(o, "a run's config takes key=value overrides (e.g. eval.max_batches=4); "
-                                        "group choices such as data=NAME apply to exports only") for o in bad])  # fmt: skip
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    o,
+                    "a run's config takes key=value overrides (e.g. eval.max_batches=4); "
+                    "group choices such as data=NAME apply to exports only",
+                )
+                for o in bad
+            ]
+        )
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         raw = OmegaConf.to_container(merged, resolve=True)
@@ -83,7 +91,9 @@ def default_out(model_path: Path, run_dir: Optional[Path], step: int) -> Path:
     return RunPaths(run_dir).eval_of_step(step) if run_dir is not None else path / RunPaths.EVAL_DIR
 
 
-def write_job(out: Path, model: Path, raw: dict[str, Any], baseline: Optional[str], run_dir: Optional[Path], step: int) -> Path:
+def write_job(
+    out: Path, model: Path, raw: dict[str, Any], baseline: Optional[str], run_dir: Optional[Path], step: int
+) -> Path:
     """The job every rank reads, in ``out``: a new or empty directory, or an earlier ftl eval's
     (see :func:`launcher.files.output_dir_problems`). Its config holds no secret."""
     from launcher.files import mark_dir, output_dir_problems
@@ -96,8 +106,14 @@ def write_job(out: Path, model: Path, raw: dict[str, Any], baseline: Optional[st
     if problems:
         raise EvalInputError(f"--out {out} " + "; ".join(problems))
     mark_dir(out, "eval")
-    job = {"model": str(Path(model).expanduser().resolve()), "baseline": baseline, "out": str(out),
-           "run_dir": str(run_dir) if run_dir else None, "step": step, "config": redact(raw, known_secrets())}  # fmt: skip
+    job = {
+        "model": str(Path(model).expanduser().resolve()),
+        "baseline": baseline,
+        "out": str(out),
+        "run_dir": str(run_dir) if run_dir else None,
+        "step": step,
+        "config": redact(raw, known_secrets()),
+    }
     path = out / JOB_FILE
     path.write_text(json.dumps(job, indent=2) + "\n")
     return path
@@ -127,7 +143,9 @@ def launch(job_path: Path, cfg: Any) -> int:
             torch.set_num_threads(threads)
         return run_job(job_path)
     if cfg.launch.backend == "slurm":
-        raise EvalInputError("ftl eval runs on this machine: inside a SLURM allocation use launch=local launch.nproc_per_node=N")
+        raise EvalInputError(
+            "ftl eval runs on this machine: inside a SLURM allocation use launch=local launch.nproc_per_node=N"
+        )
     from launcher.launch import get_backend
     from launcher.launch.local import run_foreground
 
@@ -165,20 +183,35 @@ def run_job(job_path: Path) -> int:
         compute = autocast_dtype(cfg.train.precision, device)
         set_residual_stream(loaded.model, cfg.train, compute)
         eval_ds = _eval_split(cfg, loaded, dist)
-        kwargs = dict(device=device, autocast_dtype=compute, reduce_fn=all_reduce_sum,
-                      rank=dist.rank, world_size=dist.world_size, gather_fn=_all_gather if dist.world_size > 1 else None)  # fmt: skip
+        kwargs = dict(
+            device=device,
+            autocast_dtype=compute,
+            reduce_fn=all_reduce_sum,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            gather_fn=_all_gather if dist.world_size > 1 else None,
+        )
         from launcher.eval.metrics import evaluate
 
         pairs = _preference_metrics(cfg, eval_ds, loaded, device, dist) if cfg.objective.method != "sft" else None
-        results = {"after": evaluate(loaded.model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
-                                     loss_metrics=pairs and (lambda: pairs(loaded.model)))}  # fmt: skip
+        results = {
+            "after": evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                eval_ds,
+                cfg.eval,
+                **kwargs,
+                loss_metrics=pairs and (lambda: pairs(loaded.model)),
+            )
+        }
         if job["baseline"]:
             with phase("eval: loading the baseline"):
                 model, context = _baseline(job["baseline"], loaded, cfg, device)
                 set_residual_stream(model, cfg.train, compute)
             with context:
-                results["before"] = evaluate(model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs,
-                                             loss_metrics=pairs and (lambda: pairs(model)))  # fmt: skip
+                results["before"] = evaluate(
+                    model, loaded.tokenizer, eval_ds, cfg.eval, **kwargs, loss_metrics=pairs and (lambda: pairs(model))
+                )
         barrier()  # every rank is past its last collective before any leaves the group
         clean = True
         if dist.is_main:
@@ -219,10 +252,20 @@ def _preference_metrics(cfg: Any, eval_ds: Any, loaded: Any, device: Any, dist: 
 
     def metrics(model: Any) -> dict[str, float]:
         return preference_metrics(
-            model, eval_ds, cfg.objective, reference, batch_size=cfg.eval.batch_size, pad_id=loaded.tokenizer.pad_token_id,
-            device=device, autocast=autocast, max_batches=cfg.eval.max_batches, rank=dist.rank, world_size=dist.world_size,
-            reduce_fn=all_reduce_sum, flatten=flattens_packs(cfg.model.attn_implementation),
-        )  # fmt: skip
+            model,
+            eval_ds,
+            cfg.objective,
+            reference,
+            batch_size=cfg.eval.batch_size,
+            pad_id=loaded.tokenizer.pad_token_id,
+            device=device,
+            autocast=autocast,
+            max_batches=cfg.eval.max_batches,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            reduce_fn=all_reduce_sum,
+            flatten=flattens_packs(cfg.model.attn_implementation),
+        )
 
     return metrics
 
@@ -274,7 +317,11 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
 
     results = redact(results, known_secrets())  # generated samples may quote a secret from the eval data
     out = Path(job["out"])
-    payload = {"model": job["model"], "step": job["step"], **{k: results[k] for k in ("before", "after") if k in results}}
+    payload = {
+        "model": job["model"],
+        "step": job["step"],
+        **{k: results[k] for k in ("before", "after") if k in results},
+    }
     write_atomic(out / RunPaths.EVAL, json.dumps(payload, indent=2) + "\n")
     console = make_console()
     console.print(f"ftl eval: {description}", highlight=False)
@@ -287,7 +334,10 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
             console.print(renderable)
     else:
         for sample in results["after"]["samples"][: cfg.eval.show_samples]:
-            console.print(f"\nQ: {sample['question']}\nreference: {sample['reference']}\nmodel:     {sample['prediction']}", highlight=False)
+            console.print(
+                f"\nQ: {sample['question']}\nreference: {sample['reference']}\nmodel:     {sample['prediction']}",
+                highlight=False,
+            )
     console.print(f"ftl eval: wrote {out / RunPaths.EVAL}", highlight=False)
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":

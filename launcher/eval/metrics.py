@@ -153,7 +153,9 @@ def generate_answers(
     answers: list[str] = []
     with eval_mode(model), phase("eval: answers for ROUGE/BLEU", total=len(prompts)) as shown:
         for start in range(0, len(prompts), batch_size):
-            answers += _generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced)
+            answers += _generate_batch(
+                model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced
+            )
             shown.advance(len(prompts[start : start + batch_size]))
     return answers
 
@@ -175,7 +177,12 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], chat_template:
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, device: torch.device, synced: bool = False
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device: torch.device,
+    synced: bool = False,
 ) -> list[str]:
     # Left padding: every prompt then ends at the last column, where generation continues.
     width = max(len(p) for p in prompts)
@@ -250,17 +257,21 @@ def evaluate(
     every rank in each forward: ``synced`` keeps them stepping together, see :func:`generate_answers`).
     ``loss_metrics`` replaces perplexity where the objective has its own (preference pairs)."""
     results: Optional[dict[str, Any]] = loss_metrics() if loss_metrics is not None else None
-    results = results if results is not None else perplexity(
-        model,
-        eval_ds,
-        batch_size=eval_cfg.batch_size,
-        pad_id=tokenizer.pad_token_id,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        max_batches=eval_cfg.max_batches,
-        reduce_fn=reduce_fn,
-        rank=rank,
-        world_size=world_size,
+    results = (
+        results
+        if results is not None
+        else perplexity(
+            model,
+            eval_ds,
+            batch_size=eval_cfg.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            max_batches=eval_cfg.max_batches,
+            reduce_fn=reduce_fn,
+            rank=rank,
+            world_size=world_size,
+        )
     )
     results["samples"] = []
     if not eval_cfg.generate:
@@ -270,16 +281,20 @@ def evaluate(
         return results
     mine = conversations[rank::world_size] if gather_fn is not None else conversations
     with _autocast(torch.device(device), autocast_dtype):
-        predictions = generate_answers(
-            model,
-            tokenizer,
-            mine,
-            max_new_tokens=eval_cfg.max_new_tokens,
-            device=device,
-            batch_size=eval_cfg.batch_size,
-            chat_template=eval_ds.chat_template,
-            synced=synced,
-        ) if mine else []  # fmt: skip
+        predictions = (
+            generate_answers(
+                model,
+                tokenizer,
+                mine,
+                max_new_tokens=eval_cfg.max_new_tokens,
+                device=device,
+                batch_size=eval_cfg.batch_size,
+                chat_template=eval_ds.chat_template,
+                synced=synced,
+            )
+            if mine
+            else []
+        )
     if gather_fn is not None:  # rank r answered conversations r, r+W, ...: interleave them back
         shares = gather_fn(predictions)
         predictions = [shares[i % world_size][i // world_size] for i in range(len(conversations))]

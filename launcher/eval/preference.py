@@ -51,7 +51,9 @@ def preference_metrics(
             per_token = policy / label_counts(batch)
             prefers = (per_token[0::2] > per_token[1::2]).double().sum()
             pairs = torch.tensor(float(len(losses)), dtype=torch.float64, device=device)
-            totals += torch.stack([losses.sum().double(), *(v.double() for v in pair_stats(good, bad, policy).values()), prefers, pairs])
+            totals += torch.stack(
+                [losses.sum().double(), *(v.double() for v in pair_stats(good, bad, policy).values()), prefers, pairs]
+            )
     totals = reduce_fn(totals)
     pairs = float(totals[-1])
     if pairs == 0:

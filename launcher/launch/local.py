@@ -92,26 +92,32 @@ class TorchrunBackend:
     def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
         launch = cfg.launch
         argv = [
-            python(), "-m", "torch.distributed.run",
+            python(),
+            "-m",
+            "torch.distributed.run",
             f"--nnodes={launch.nnodes}",
             f"--nproc_per_node={launch.nproc_per_node}",
             f"--rdzv_backend={launch.rdzv_backend}",
             f"--rdzv_endpoint={launch.rdzv_endpoint}",
             f"--rdzv_id={launch.rdzv_id}",
             f"--max_restarts={launch.max_restarts}",
-        ]  # fmt: skip
+        ]
         if launch.rdzv_backend == "static":
             argv.append(f"--node_rank={launch.node_rank}")
         if launch.local_addr:
             argv.append(f"--local_addr={launch.local_addr}")
-            if launch.rdzv_backend == "c10d" and launch.local_addr == launch.rdzv_endpoint.rsplit(":", 1)[0].strip("[]"):
+            if launch.rdzv_backend == "c10d" and launch.local_addr == launch.rdzv_endpoint.rsplit(":", 1)[0].strip(
+                "[]"
+            ):
                 # c10d elects the store host by matching the endpoint against the hostname, which
                 # fails when the node is known by an address its hostname does not resolve to.
                 argv.append("--rdzv_conf=is_host=1")
         argv += trainer_argv(config_path)
         notes = []
         if launch.nnodes > 1:
-            notes.append(f"run the same `ftl train` on each of the {launch.nnodes} nodes with launch.node_rank=0..{launch.nnodes - 1}")
+            notes.append(
+                f"run the same `ftl train` on each of the {launch.nnodes} nodes with launch.node_rank=0..{launch.nnodes - 1}"
+            )
         return LaunchPlan(run_dir=run_dir, commands=[argv], env=_env(cfg), notes=notes)
 
     def submit(self, plan: LaunchPlan) -> int:
@@ -136,7 +142,11 @@ def gpu_errors(cfg: FtlConfig, gpus: int) -> list[ConfigError]:
     if cfg.train.device == "cuda" and gpus == 0:
         return [ConfigError("train.device", "cuda, but this machine shows no GPU (use train.device=auto or cpu)")]
     if cfg.train.device != "cpu" and 0 < gpus < nproc:
-        return [ConfigError("launch.nproc_per_node", f"{nproc} processes but only {gpus} GPU(s) are visible on this machine")]
+        return [
+            ConfigError(
+                "launch.nproc_per_node", f"{nproc} processes but only {gpus} GPU(s) are visible on this machine"
+            )
+        ]
     return []
 
 
@@ -192,7 +202,10 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, 
         try:
             if len(received) == 1:
                 proc.send_signal(signum)
-                print(f"ftl: {name}: the job finishes its step, saves a checkpoint and stops ({name} again: stop at once)", file=sys.stderr)
+                print(
+                    f"ftl: {name}: the job finishes its step, saves a checkpoint and stops ({name} again: stop at once)",
+                    file=sys.stderr,
+                )
             else:
                 os.killpg(proc.pid, signum)
         except ProcessLookupError:

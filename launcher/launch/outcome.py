@@ -25,7 +25,9 @@ def record_exit(run_dir: Path, rank: int, world_size: int, code: int) -> None:
     try:
         folder = RunPaths(run_dir).exits
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time()}))
+        (folder / f"rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time()})
+        )
     except OSError:
         pass  # a record is a courtesy to the launcher; never fail a finished run over it
 
@@ -69,14 +71,18 @@ def summarize(code: int, run_dir: Optional[Path], interrupted: Optional[str]) ->
     killed = signal_name(code)
     if code == 0:
         return EXIT_OK, "done"
-    if (codes and not missing and all(c == EXIT_STOPPED for c in codes.values())) or (not codes and code == EXIT_STOPPED):
+    if (codes and not missing and all(c == EXIT_STOPPED for c in codes.values())) or (
+        not codes and code == EXIT_STOPPED
+    ):
         by = f" by {interrupted}" if interrupted else ""
         return EXIT_STOPPED, f"stopped{by} after a checkpoint; run the same command again to resume"
     if EXIT_INVALID in codes.values() or (not codes and code == EXIT_INVALID):
         return EXIT_INVALID, "the config or the training data is unusable (see above)"
     if interrupted:
-        return EXIT_FAILED, (f"interrupted by {interrupted} before a checkpoint of the current step was written; "
-                             "running the same command again resumes from the last complete one")  # fmt: skip
+        return EXIT_FAILED, (
+            f"interrupted by {interrupted} before a checkpoint of the current step was written; "
+            "running the same command again resumes from the last complete one"
+        )
     if missing:
         ranks = ", ".join(map(str, missing))
         return EXIT_FAILED, (f"rank(s) {ranks} ended without an exit status: killed by a signal. {OOM_HINT}")
@@ -84,4 +90,3 @@ def summarize(code: int, run_dir: Optional[Path], interrupted: Optional[str]) ->
         hint = f"; {OOM_HINT}" if killed == "SIGKILL" else ""
         return EXIT_FAILED, f"the trainer was killed by {killed}{hint}"
     return EXIT_FAILED, f"failed (exit code {code}; see above)"
-

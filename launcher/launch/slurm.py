@@ -80,7 +80,9 @@ def _str(value: Any) -> str:
 def _no_newline(text: str) -> str:
     """One line of plain text: sbatch's own parser of #SBATCH lines knows no escapes for the rest."""
     if shell.has_control_chars(text):
-        raise UnsafeValue(f"{text!r}: a value in an sbatch script must not contain newlines, NUL or other control characters")
+        raise UnsafeValue(
+            f"{text!r}: a value in an sbatch script must not contain newlines, NUL or other control characters"
+        )
     return text
 
 
@@ -115,8 +117,11 @@ def log_dir(run_dir: Path) -> Path:
     them all off, so a run dir holding either cannot name the job's log."""
     logs = RunPaths(run_dir).logs
     if "%" in str(logs) or "\\" in str(logs):
-        raise UnsafeValue(f"{str(run_dir)!r}: with launch=slurm the run dir must not contain '%' or '\\' "
-                          "(SLURM reads the log path as a filename pattern); choose another run.name or run.dir", "run.dir")
+        raise UnsafeValue(
+            f"{str(run_dir)!r}: with launch=slurm the run dir must not contain '%' or '\\' "
+            "(SLURM reads the log path as a filename pattern); choose another run.name or run.dir",
+            "run.dir",
+        )
     return logs
 
 
@@ -133,7 +138,9 @@ def verbatim(value: Any) -> Quoted:
 def _finalize(value: Any) -> Any:
     if isinstance(value, Quoted):
         return value
-    raise UnsafeValue(f"template bug: {value!r} reached the script without a quoting filter (q, sbatch, comment, verbatim)")
+    raise UnsafeValue(
+        f"template bug: {value!r} reached the script without a quoting filter (q, sbatch, comment, verbatim)"
+    )
 
 
 _ENV: Any = None
@@ -155,7 +162,9 @@ def jinja_env() -> Any:
             lstrip_blocks=True,
             finalize=_finalize,
         )
-        env.filters.update(q=quote, qwords=qwords, sbatch=sbatch_value, sbatch_words=sbatch_words, comment=comment, verbatim=verbatim)
+        env.filters.update(
+            q=quote, qwords=qwords, sbatch=sbatch_value, sbatch_words=sbatch_words, comment=comment, verbatim=verbatim
+        )
         _ENV = env
     return _ENV
 
@@ -255,8 +264,14 @@ def passed_env(cfg: FtlConfig, environ: Mapping[str, str]) -> dict[str, str]:
     return {k: environ[k] for k in PASSED_ENV if environ.get(k) and k not in given}
 
 
-def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Path,
-                    environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:  # fmt: skip
+def template_values(
+    cfg: FtlConfig,
+    run_dir: Path,
+    config_path: Path,
+    python: str,
+    workdir: Path,
+    environ: Optional[Mapping[str, str]] = None,
+) -> dict[str, Any]:
     """``python``: the interpreter running ftl (:func:`job_python` decides whether the job runs
     it); ``environ``: the submitting shell's environment (default: this process's)."""
     from launcher.config.topology import gpus_per_node, planned_device_type
@@ -317,8 +332,14 @@ def template_values(cfg: FtlConfig, run_dir: Path, config_path: Path, python: st
     }
 
 
-def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None,
-                  environ: Optional[Mapping[str, str]] = None) -> str:  # fmt: skip
+def render_sbatch(
+    cfg: FtlConfig,
+    run_dir: Path,
+    config_path: Path,
+    python: str,
+    workdir: Optional[Path] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> str:
     """Pure: the job script for this config. ``python`` is the interpreter running ftl (the job
     runs it when neither launch.python nor launch.setup says otherwise), ``workdir`` the job's
     working directory (default: the current one), ``environ`` the submitting shell's environment
@@ -327,16 +348,27 @@ def render_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str,
     return jinja_env().get_template(TEMPLATE).render(**values)
 
 
-def render_preprocess_sbatch(cfg: FtlConfig, run_dir: Path, config_path: Path, python: str, workdir: Optional[Path] = None,
-                             environ: Optional[Mapping[str, str]] = None) -> str:  # fmt: skip
+def render_preprocess_sbatch(
+    cfg: FtlConfig,
+    run_dir: Path,
+    config_path: Path,
+    python: str,
+    workdir: Optional[Path] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> str:
     """Pure: the one-node CPU job that prepares the data cache before training: the partition's
     default CPUs and memory, unless launch.cpus_per_task or launch.mem say otherwise."""
     values = template_values(cfg, run_dir, config_path, python, Path.cwd() if workdir is None else workdir, environ)
     values.update(
-        job_name=f"{values['job_name']}-prep", nodes=1, gpus_per_node=0, exclusive=False,
-        cpus_per_task=cfg.launch.cpus_per_task, mem=cfg.launch.mem,
-        batch_log=f"{values['log_dir']}/preprocess-%j.out", script_path=str(RunPaths(run_dir).preprocess_script),
-    )  # fmt: skip
+        job_name=f"{values['job_name']}-prep",
+        nodes=1,
+        gpus_per_node=0,
+        exclusive=False,
+        cpus_per_task=cfg.launch.cpus_per_task,
+        mem=cfg.launch.mem,
+        batch_log=f"{values['log_dir']}/preprocess-%j.out",
+        script_path=str(RunPaths(run_dir).preprocess_script),
+    )
     return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
 
 
@@ -348,15 +380,23 @@ def staging_notes(cfg: FtlConfig) -> list[str]:
     notes = []
     on_hub = model.source == "hf" and not Path(model.path).is_dir()
     if on_hub and launch.hub_offline and not launch.preprocess_job:
-        where = f"launch.hf_home={launch.hf_home}" if launch.hf_home else "HF_HOME (set launch.hf_home to a shared path)"
-        notes.append(f"the ranks read {model.path} offline (HF_HUB_OFFLINE=1) from {where}: stage it first with "
-                     "`ftl preprocess --fetch-model <these overrides>` or launch.preprocess_job=true")  # fmt: skip
+        where = (
+            f"launch.hf_home={launch.hf_home}" if launch.hf_home else "HF_HOME (set launch.hf_home to a shared path)"
+        )
+        notes.append(
+            f"the ranks read {model.path} offline (HF_HUB_OFFLINE=1) from {where}: stage it first with "
+            "`ftl preprocess --fetch-model <these overrides>` or launch.preprocess_job=true"
+        )
     gpus = gpus_per_node(cfg)
     if gpus == 0:
         notes.append("a CPU job: no GPU requested (train.device=cpu or launch.gpus_per_node=0)")
     else:
         cpus, mem = cpus_per_task(cfg), mem_request(cfg)
-        why = f" ({nproc_per_node(cfg)} rank(s) × {CPUS_PER_RANK}: each rank and its prefetch thread)" if launch.cpus_per_task is None else ""
+        why = (
+            f" ({nproc_per_node(cfg)} rank(s) × {CPUS_PER_RANK}: each rank and its prefetch thread)"
+            if launch.cpus_per_task is None
+            else ""
+        )
         cpu_text = "all of the node's CPUs (launch.exclusive)" if cpus is None else f"{cpus} CPU(s){why}"
         mem_text = "all of the node's memory" if mem == "0" else f"{mem} of host memory"
         sized = "" if launch.mem is not None or launch.exclusive else " (sized by the planner; launch.mem sets it)"
@@ -370,17 +410,23 @@ def interpreter_note(cfg: FtlConfig, submitting: str) -> str:
         return "the job runs python3 from the nodes' PATH after launch.setup (launch.python names another)"
     if cfg.launch.python is not None:
         return f"the job runs launch.python={python}"
-    return (f"the job runs {python}, the interpreter running ftl here (no launch.setup): it must exist at that path "
-            "on the compute nodes; launch.setup (e.g. `source VENV/bin/activate`) or launch.python choose another")  # fmt: skip
+    return (
+        f"the job runs {python}, the interpreter running ftl here (no launch.setup): it must exist at that path "
+        "on the compute nodes; launch.setup (e.g. `source VENV/bin/activate`) or launch.python choose another"
+    )
 
 
 def node_local_prefix(path: str) -> Optional[str]:
     """The :data:`NODE_LOCAL` prefix ``path`` lies under, if any."""
     p = PurePosixPath(os.path.abspath(os.path.expanduser(path)))
-    return next((prefix for prefix in NODE_LOCAL if p == PurePosixPath(prefix) or PurePosixPath(prefix) in p.parents), None)
+    return next(
+        (prefix for prefix in NODE_LOCAL if p == PurePosixPath(prefix) or PurePosixPath(prefix) in p.parents), None
+    )
 
 
-def shared_path_warnings(cfg: FtlConfig, run_dir: Path, workdir: Path, submitting: str, environ: Mapping[str, str]) -> list[str]:
+def shared_path_warnings(
+    cfg: FtlConfig, run_dir: Path, workdir: Path, submitting: str, environ: Mapping[str, str]
+) -> list[str]:
     """Paths every node must see that lie on storage usually local to each node: they pass on the
     submitting machine and are missing, or another directory, on the nodes."""
     from launcher.paths import cache_dir
@@ -388,7 +434,11 @@ def shared_path_warnings(cfg: FtlConfig, run_dir: Path, workdir: Path, submittin
     launch = cfg.launch
     cache = launch.env.get("FTL_CACHE") or environ.get("FTL_CACHE") or str(cache_dir())
     hf_home = launch.hf_home or launch.env.get("HF_HOME") or environ.get("HF_HOME")
-    paths = [("the run dir", str(run_dir)), ("the working directory (--chdir)", str(workdir)), ("ftl's cache (FTL_CACHE)", cache)]
+    paths = [
+        ("the run dir", str(run_dir)),
+        ("the working directory (--chdir)", str(workdir)),
+        ("ftl's cache (FTL_CACHE)", cache),
+    ]
     if hf_home:
         paths.append(("HF_HOME", hf_home))
     python = job_python(cfg, submitting)
@@ -398,8 +448,10 @@ def shared_path_warnings(cfg: FtlConfig, run_dir: Path, workdir: Path, submittin
     for what, path in paths:
         prefix = node_local_prefix(path)
         if prefix:
-            out.append(f"warning: {what} {path} is under {prefix}, on most clusters local to each node: the compute nodes "
-                       "see another directory there, or none; use a path on a filesystem every node mounts")  # fmt: skip
+            out.append(
+                f"warning: {what} {path} is under {prefix}, on most clusters local to each node: the compute nodes "
+                "see another directory there, or none; use a path on a filesystem every node mounts"
+            )
     return out
 
 
@@ -416,9 +468,15 @@ def export_warnings(cfg: FtlConfig, environ: Mapping[str, str]) -> list[str]:
     if value is None or value == "ALL" or value.startswith("ALL,"):
         return []
     secrets = sorted(secret_env(cfg))
-    lost = f"the launch.env secrets {', '.join(secrets)}" if secrets else "this shell's variables (PATH, W&B keys, module settings)"
-    return [f"warning: sbatch --export={value} keeps {lost} from the job; ftl writes {', '.join(PASSED_ENV)} and launch.env's other "
-            "values into the script itself; use --export=ALL,... or set them on the nodes (launch.setup)"]  # fmt: skip
+    lost = (
+        f"the launch.env secrets {', '.join(secrets)}"
+        if secrets
+        else "this shell's variables (PATH, W&B keys, module settings)"
+    )
+    return [
+        f"warning: sbatch --export={value} keeps {lost} from the job; ftl writes {', '.join(PASSED_ENV)} and launch.env's other "
+        "values into the script itself; use --export=ALL,... or set them on the nodes (launch.setup)"
+    ]
 
 
 class SlurmBackend:
@@ -426,9 +484,16 @@ class SlurmBackend:
 
     def build(self, cfg: FtlConfig, run_dir: Path, config_path: Path) -> LaunchPlan:
         if any(arg == "-a" or arg.startswith(("--array", "-a")) for arg in cfg.launch.sbatch_args):
-            raise ConfigErrors([ConfigError("launch.sbatch_args", "an array job from `ftl train` would run every task in this one "
-                                            "run dir; submit slurm/train.sbatch with --array and e.g. "
-                                            "run.name='NAME-${oc.env:SLURM_ARRAY_TASK_ID}' instead")])  # fmt: skip
+            raise ConfigErrors(
+                [
+                    ConfigError(
+                        "launch.sbatch_args",
+                        "an array job from `ftl train` would run every task in this one "
+                        "run dir; submit slurm/train.sbatch with --array and e.g. "
+                        "run.name='NAME-${oc.env:SLURM_ARRAY_TASK_ID}' instead",
+                    )
+                ]
+            )
         files = {}
         try:
             if cfg.launch.preprocess_job:
@@ -450,8 +515,10 @@ class SlurmBackend:
         if cfg.launch.preprocess_job:
             # The training job's dependency is the first job's id, known only once it is submitted:
             # `submit` fills in the JOB placeholder.
-            commands = [["sbatch", "--parsable", str(RunPaths(run_dir).preprocess_script)],
-                        ["sbatch", "--parsable", f"--dependency=afterok:{PREVIOUS_JOB}", str(RunPaths(run_dir).job_script)]]  # fmt: skip
+            commands = [
+                ["sbatch", "--parsable", str(RunPaths(run_dir).preprocess_script)],
+                ["sbatch", "--parsable", f"--dependency=afterok:{PREVIOUS_JOB}", str(RunPaths(run_dir).job_script)],
+            ]
             notes.insert(0, "data preparation first, as a one-node CPU job; training starts when it succeeds")
         return LaunchPlan(run_dir=run_dir, commands=commands, env=secret_env(cfg), files=files, notes=notes)
 
@@ -468,8 +535,11 @@ class SlurmBackend:
             if code:
                 return code
             print(job_id)
-            print(f"ftl: submitted SLURM job {job_id}; logs in {RunPaths(plan.run_dir).logs} "
-                  f"(squeue -j {job_id}, scancel {job_id})", file=sys.stderr)  # fmt: skip
+            print(
+                f"ftl: submitted SLURM job {job_id}; logs in {RunPaths(plan.run_dir).logs} "
+                f"(squeue -j {job_id}, scancel {job_id})",
+                file=sys.stderr,
+            )
         return code
 
 
@@ -479,8 +549,11 @@ def run_sbatch(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     try:
         proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        print(f"ftl: `{argv[0]}` not found: launch=slurm needs the SLURM client commands on PATH "
-              "(use `ftl plan` to only see the job script)", file=sys.stderr)  # fmt: skip
+        print(
+            f"ftl: `{argv[0]}` not found: launch=slurm needs the SLURM client commands on PATH "
+            "(use `ftl plan` to only see the job script)",
+            file=sys.stderr,
+        )
         return 1, ""
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"

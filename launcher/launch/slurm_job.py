@@ -50,12 +50,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args and args[0] == "--":
         args = args[1:]
     if not os.environ.get("SLURM_JOB_ID"):
-        print("ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
-              "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`", file=sys.stderr)  # fmt: skip
+        print(
+            "ftl: launcher.launch.slurm_job runs inside a SLURM job: sbatch --nodes=N slurm/train.sbatch "
+            "recipe=NAME key=value ...; outside SLURM use `ftl train ... launch=slurm`",
+            file=sys.stderr,
+        )
         return 1
+    from launcher.rundir import RunPaths
     from launcher.rundir.lock import check_free
     from launcher.rundir.write import write_run_dir
-    from launcher.rundir import RunPaths
     from launcher.session import prepare_run
 
     try:
@@ -73,9 +76,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     lead = warning_signal(run.cfg)[1]
     if run.cfg.launch.signal is None and lead > TRAIN_SBATCH_LEAD_S:
-        print(f"ftl: slurm/train.sbatch asks for its warning {TRAIN_SBATCH_LEAD_S} s before the time limit, but a step and a "
-              f"checkpoint of this run take about {lead} s: submit with --signal=B:USR1@{lead} launch.signal=USR1@{lead}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ftl: slurm/train.sbatch asks for its warning {TRAIN_SBATCH_LEAD_S} s before the time limit, but a step and a "
+            f"checkpoint of this run take about {lead} s: submit with --signal=B:USR1@{lead} launch.signal=USR1@{lead}",
+            file=sys.stderr,
+        )
     changes = write_run_dir(run.raw, plan, run.config_path, ["train", *overrides])
     for c in changes:
         print(f"ftl: config changed since the last run in {plan.run_dir}: {c}", file=sys.stderr)

@@ -145,8 +145,10 @@ def write_adapter(peft_model: Any, tensors: dict[str, torch.Tensor], out_dir: Pa
     adapter = get_peft_model_state_dict(peft_model, state_dict=tensors, adapter_name=ADAPTER_NAME)
     empty = [k for k, v in adapter.items() if v.numel() == 0]
     if not adapter or empty:
-        raise RuntimeError(f"refusing to write an adapter with {'no tensors' if not adapter else f'empty tensors {empty[:3]}'}: "
-                           "the engine did not gather the trainable parameters")  # fmt: skip
+        raise RuntimeError(
+            f"refusing to write an adapter with {'no tensors' if not adapter else f'empty tensors {empty[:3]}'}: "
+            "the engine did not gather the trainable parameters"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     config = peft_model.peft_config[ADAPTER_NAME]
     inference_mode = config.inference_mode
@@ -155,7 +157,11 @@ def write_adapter(peft_model: Any, tensors: dict[str, torch.Tensor], out_dir: Pa
         config.save_pretrained(str(out_dir))
     finally:
         config.inference_mode = inference_mode
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()},
+        str(out_dir / ADAPTER_WEIGHTS),
+        metadata={"format": "pt"},
+    )
     return out_dir
 
 

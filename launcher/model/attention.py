@@ -58,7 +58,9 @@ if not {"window_size", "scale"} <= _VARLEN_PARAMS:  # PyTorch 2.9/2.10's prototy
 VARLEN_GQA = varlen_attn is not None and "enable_gqa" in _VARLEN_PARAMS
 
 NAME = "sdpa_varlen"
-MATH_BELOW = 256  # CPU: examples shorter than this take short_causal, longer ones SDPA's flash kernel (module docstring)
+MATH_BELOW = (
+    256  # CPU: examples shorter than this take short_causal, longer ones SDPA's flash kernel (module docstring)
+)
 # Packed attention calls since the last take_calls(), by path: "flash" (one varlen kernel call for
 # the micro-batch) or "loop" (one SDPA call per example).
 CALLS: Counter[str] = Counter()
@@ -158,7 +160,9 @@ def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor
     return (distance >= 0) & (distance < window)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float], dropout: float, window: Optional[int]) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float], dropout: float, window: Optional[int]
+) -> torch.Tensor:
     length = q.shape[2]
     mask = _window_mask(length, window, q.device) if window is not None and length > window else None
     kwargs: dict[str, Any] = {"scale": scale, "dropout_p": dropout, "enable_gqa": q.shape[1] != k.shape[1]}
@@ -187,43 +191,83 @@ def varlen_attention_forward(
     ([b, L, heads, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    packed_forward = attention_mask is None and query.shape[2] == key.shape[2] > 1 and kwargs.get("position_bias") is None
+    packed_forward = (
+        attention_mask is None and query.shape[2] == key.shape[2] > 1 and kwargs.get("position_bias") is None
+    )
     if not packed_forward:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_ids=position_ids, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     if position_ids is None:
-        raise RuntimeError(f"{NAME}: {type(module).__name__} does not pass position_ids to its attention; use model.attn_implementation=sdpa")
+        raise RuntimeError(
+            f"{NAME}: {type(module).__name__} does not pass position_ids to its attention; use model.attn_implementation=sdpa"
+        )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} does not support attention logit softcapping; use model.attn_implementation=eager")
     window = kwargs.get("sliding_window")
     segments = packed_segments(position_ids, query.shape[0])
     if all(len(row) == 1 for row in segments.spans):  # no packing: one causal attention for the batch
-        return _attend(query, key, value, scale=scaling, dropout=dropout, window=window).transpose(1, 2).contiguous(), None
+        return _attend(query, key, value, scale=scaling, dropout=dropout, window=window).transpose(
+            1, 2
+        ).contiguous(), None
     query, key, value = autocast_inputs(query, key, value)
     # One autograd split per tensor (its backward is one concatenation); slicing per example
     # would zero-fill a full-size gradient for every slice in backward.
     lengths = segments.lengths
-    if one_kernel(query, dropout, gqa=key.shape[1] != query.shape[1], window=window is not None and window < max(lengths)):
+    if one_kernel(
+        query, dropout, gqa=key.shape[1] != query.shape[1], window=window is not None and window < max(lengths)
+    ):
         CALLS["flash"] += 1
-        return packed_flash(query, key, value, lengths, scale=scaling, window=window, kernel=varlen_attn, native_gqa=VARLEN_GQA,
-                            offsets=segments.offsets(query.device)), None  # fmt: skip
+        return packed_flash(
+            query,
+            key,
+            value,
+            lengths,
+            scale=scaling,
+            window=window,
+            kernel=varlen_attn,
+            native_gqa=VARLEN_GQA,
+            offsets=segments.offsets(query.device),
+        ), None
     CALLS["loop"] += 1
     batch, heads, width, dim = query.shape
     out = per_example(query, key, value, lengths, scale=scaling, dropout=dropout, window=window)
     return out[0].reshape(heads, batch, width, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
-def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
-                dropout: float, window: Optional[int]) -> torch.Tensor:  # fmt: skip
+def per_example(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: list[int],
+    *,
+    scale: Optional[float],
+    dropout: float,
+    window: Optional[int],
+) -> torch.Tensor:
     """[b, heads, L, d] rows of packed examples (``lengths``, rows end to end) → [1, heads, b·L, d]:
     one causal attention per example. On CPU the short ones go to :func:`short_causal`, on fp32
     copies of the batch made once (key/value heads repeated once too); the rest to SDPA one by one
     (:func:`_attend`)."""
-    short = [query.device.type == "cpu" and n < MATH_BELOW and not dropout and (window is None or n <= window) for n in lengths]
+    short = [
+        query.device.type == "cpu" and n < MATH_BELOW and not dropout and (window is None or n <= window)
+        for n in lengths
+    ]
     if not any(short):
         return sdpa_per_example(query, key, value, lengths, scale=scale, dropout=dropout, window=window)
     parts: list[Optional[torch.Tensor]] = [None] * len(lengths)
     if not all(short):
-        for i, (q, k, v) in enumerate(zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))):
+        for i, (q, k, v) in enumerate(
+            zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
+        ):
             if not short[i]:
                 parts[i] = _attend(q, k, v, scale=scale, dropout=dropout, window=window)
     groups = query.shape[1] // key.shape[1]
@@ -231,7 +275,9 @@ def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, len
 
     work = torch.promote_types(query.dtype, torch.float32)  # fp32 (fp64 stays fp64)
 
-    def wide(t: torch.Tensor) -> torch.Tensor:  # [b, heads, L, d] → [heads, b·L, d] in ``work``, layout and dtype in one copy
+    def wide(
+        t: torch.Tensor,
+    ) -> torch.Tensor:  # [b, heads, L, d] → [heads, b·L, d] in ``work``, layout and dtype in one copy
         return t.transpose(0, 1).to(work, memory_format=torch.contiguous_format).reshape(t.shape[1], -1, t.shape[3])
 
     q32 = (wide(query) * scale).split(lengths, dim=1)  # scaled once here, not in every example's backward
@@ -244,8 +290,16 @@ def per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, len
     return torch.cat(parts, dim=1).to(query.dtype)[None]
 
 
-def sdpa_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
-                     dropout: float, window: Optional[int]) -> torch.Tensor:  # fmt: skip
+def sdpa_per_example(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: list[int],
+    *,
+    scale: Optional[float],
+    dropout: float,
+    window: Optional[int],
+) -> torch.Tensor:
     """:func:`per_example`'s contract, every example through SDPA (GPUs; and on CPU the reference
     that the short path is tested and benchmarked against)."""
     examples = zip(_examples(query, lengths), _examples(key, lengths), _examples(value, lengths))
@@ -313,9 +367,18 @@ def routes_to_cudnn(device_index: int) -> bool:
     return bool(choose(device_index))
 
 
-def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], *, scale: Optional[float],
-                 window: Optional[int], kernel: Callable[..., torch.Tensor], native_gqa: bool = True,
-                 offsets: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+def packed_flash(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: list[int],
+    *,
+    scale: Optional[float],
+    window: Optional[int],
+    kernel: Callable[..., torch.Tensor],
+    native_gqa: bool = True,
+    offsets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """[b, heads, L, d] rows of packed examples (``lengths``, rows end to end) → [b, L, heads, d]
     through ``kernel``, which has ``torch.nn.attention.varlen.varlen_attn``'s contract: tokens
     concatenated as [T, heads, d], example boundaries as int32 cumulative offsets, ``window_size``
@@ -338,8 +401,18 @@ def packed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, le
     longest = max(lengths)
     # transformers' sliding window covers the token itself and window - 1 before it
     window_size = (-1, 0) if window is None or window >= longest else (window - 1, 0)
-    out = kernel(tokens(query), tokens(key), tokens(value), offsets, offsets, longest, longest,
-                 scale=scale, window_size=window_size, **gqa)  # fmt: skip
+    out = kernel(
+        tokens(query),
+        tokens(key),
+        tokens(value),
+        offsets,
+        offsets,
+        longest,
+        longest,
+        scale=scale,
+        window_size=window_size,
+        **gqa,
+    )
     return out.reshape(batch, width, heads, dim)
 
 

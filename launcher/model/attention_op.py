@@ -32,7 +32,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from launcher.model.attention import CALLS, MATH_BELOW, autocast_inputs, causal_bias, packed_segments, varlen_attention_forward
+from launcher.model.attention import (
+    CALLS,
+    MATH_BELOW,
+    autocast_inputs,
+    causal_bias,
+    packed_segments,
+    varlen_attention_forward,
+)
 
 # The operators' names carry a version. Inductor's and AOTAutograd's on-disk caches keep compiled
 # graphs that call an operator by its name, with nothing of its schema or of the backward formula
@@ -55,7 +62,9 @@ def _heads_first(t: Tensor, groups: int, dtype: torch.dtype, out: Tensor) -> Ten
     """[b, kv_heads, L, d] → ``out`` [kv_heads·groups, b·L, d] in ``dtype``, each head repeated
     ``groups`` times (as transformers' repeat_kv does): layout, repeat and dtype in one copy."""
     batch, heads, width, dim = t.shape
-    out.view(heads, groups, batch, width, dim).copy_(t.transpose(0, 1)[:, None].expand(heads, groups, batch, width, dim))
+    out.view(heads, groups, batch, width, dim).copy_(
+        t.transpose(0, 1)[:, None].expand(heads, groups, batch, width, dim)
+    )
     return out
 
 
@@ -65,7 +74,9 @@ def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 @torch.library.custom_op(FORWARD, mutates_args=())
-def packed_attention(query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def packed_attention(
+    query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q [b, heads, L, d], k/v [b, kv_heads, L, d] of one dtype, rows of packed examples
     (``position_ids`` restarting at 0 for each) → causal attention within each example, scores
     scaled by ``scale``: (output [b, L, heads, d] in q's dtype; for the backward: q, k, v
@@ -79,18 +90,24 @@ def packed_attention(query: Tensor, key: Tensor, value: Tensor, position_ids: Te
         work = torch.promote_types(query.dtype, torch.float32)
         groups = heads // key.shape[1]
         saved = query.new_empty(3, heads, batch * width, dim, dtype=work)
-        q32, k32, v32 = (_heads_first(t, g, work, buf) for t, g, buf in zip((query, key, value), (1, groups, groups), saved))
+        q32, k32, v32 = (
+            _heads_first(t, g, work, buf) for t, g, buf in zip((query, key, value), (1, groups, groups), saved)
+        )
         probs = q32.new_empty(heads * sum(n * n for n in lengths if n < MATH_BELOW))
         lse = q32.new_zeros(heads, batch * width)  # the rows of short examples stay 0
-        out = query.new_empty(batch * width, heads, dim)  # the layer's next layout, [b, L, heads, d], filled one example at a time
+        out = query.new_empty(
+            batch * width, heads, dim
+        )  # the layer's next layout, [b, L, heads, d], filled one example at a time
         start = offset = 0
         for n in lengths:
             end = start + n
             q, k, v = q32[:, start:end], k32[:, start:end], v32[:, start:end]
             if n < MATH_BELOW:
-                p = probs[offset:offset + heads * n * n].view(heads, n, n)
+                p = probs[offset : offset + heads * n * n].view(heads, n, n)
                 torch.ops.aten._softmax.out(_scores(q, k, scale), -1, False, out=p)
-                out[start:end].transpose(0, 1).copy_(torch.bmm(p, v))  # (bmm's out= into a strided view loops head by head)
+                out[start:end].transpose(0, 1).copy_(
+                    torch.bmm(p, v)
+                )  # (bmm's out= into a strided view loops head by head)
                 offset += heads * n * n
             else:  # SDPA's flash kernel on the example in the input dtype (cast up then back: exact)
                 o, lse[:, start:end] = _flash(*(t.to(query.dtype)[None] for t in (q, k, v)), 0.0, True, scale=scale)
@@ -100,12 +117,18 @@ def packed_attention(query: Tensor, key: Tensor, value: Tensor, position_ids: Te
 
 
 @packed_attention.register_fake
-def _(query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(
+    query: Tensor, key: Tensor, value: Tensor, position_ids: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, heads, width, dim = query.shape
     work = torch.promote_types(query.dtype, torch.float32)
     probs = query.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=work)  # its size depends on the split
-    return (query.new_empty(batch, width, heads, dim), query.new_empty(3, heads, batch * width, dim, dtype=work), probs,
-            query.new_empty(heads, batch * width, dtype=work))  # fmt: skip
+    return (
+        query.new_empty(batch, width, heads, dim),
+        query.new_empty(3, heads, batch * width, dim, dtype=work),
+        probs,
+        query.new_empty(heads, batch * width, dtype=work),
+    )
 
 
 def _grad_layout(batch: int, heads: int, width: int, dim: int, like: Tensor) -> Tensor:
@@ -114,8 +137,16 @@ def _grad_layout(batch: int, heads: int, width: int, dim: int, like: Tensor) -> 
 
 
 @torch.library.custom_op(BACKWARD, mutates_args=())
-def packed_attention_backward(grad: Tensor, position_ids: Tensor, out: Tensor, saved: Tensor, probs: Tensor, lse: Tensor,
-                              kv_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def packed_attention_backward(
+    grad: Tensor,
+    position_ids: Tensor,
+    out: Tensor,
+    saved: Tensor,
+    probs: Tensor,
+    lse: Tensor,
+    kv_heads: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q [b, heads, L, d] and k, v [b, kv_heads, L, d] (in the output's dtype,
     heads-first in memory) from the output's ``grad`` [b, L, heads, d] and what the forward saved:
     each short example's softmax backward fused (what autograd runs for ``torch.softmax``), the
@@ -135,19 +166,28 @@ def packed_attention_backward(grad: Tensor, position_ids: Tensor, out: Tensor, s
             q, k, v, dq, dk, dv = (t[:, start:end] for t in (q32, k32, v32, *heads_first))
             g = g32[start:end].transpose(0, 1)
             if n < MATH_BELOW:
-                p = probs[offset:offset + heads * n * n].view(heads, n, n)
+                p = probs[offset : offset + heads * n * n].view(heads, n, n)
                 dv.copy_(torch.bmm(p.transpose(1, 2), g))
-                dscores = torch.ops.aten._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), p, -1, p.dtype).mul_(scale)
+                dscores = torch.ops.aten._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), p, -1, p.dtype).mul_(
+                    scale
+                )
                 dq.copy_(torch.bmm(dscores, k))
                 dk.copy_(torch.bmm(dscores.transpose(1, 2), q))
                 offset += heads * n * n
             else:
-                native = (t.to(grad.dtype)[None] for t in (g, q, k, v, out.view(batch * width, heads, dim)[start:end].transpose(0, 1)))
-                for acc, part in zip((dq, dk, dv), _flash_backward(*native, lse[:, start:end][None], 0.0, True, scale=scale)):
+                native = (
+                    t.to(grad.dtype)[None]
+                    for t in (g, q, k, v, out.view(batch * width, heads, dim)[start:end].transpose(0, 1))
+                )
+                for acc, part in zip(
+                    (dq, dk, dv), _flash_backward(*native, lse[:, start:end][None], 0.0, True, scale=scale)
+                ):
                     acc.copy_(part[0])
             start = end
 
-        def final(t: Tensor, h: int) -> Tensor:  # [b, heads, L, d] → [b, h, L, d] in grad's dtype (repeated heads summed)
+        def final(
+            t: Tensor, h: int
+        ) -> Tensor:  # [b, heads, L, d] → [b, h, L, d] in grad's dtype (repeated heads summed)
             if h != heads:
                 t = t.unflatten(1, (h, groups)).sum(2)
             elif t.dtype == grad.dtype:
@@ -158,8 +198,16 @@ def packed_attention_backward(grad: Tensor, position_ids: Tensor, out: Tensor, s
 
 
 @packed_attention_backward.register_fake
-def _(grad: Tensor, position_ids: Tensor, out: Tensor, saved: Tensor, probs: Tensor, lse: Tensor, kv_heads: int,
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def _(
+    grad: Tensor,
+    position_ids: Tensor,
+    out: Tensor,
+    saved: Tensor,
+    probs: Tensor,
+    lse: Tensor,
+    kv_heads: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     batch, width, heads, dim = grad.shape
     return tuple(_grad_layout(batch, h, width, dim, grad) for h in (heads, kv_heads, kv_heads))
 
@@ -200,8 +248,17 @@ def compiled_forward(
     :func:`~launcher.model.attention.varlen_attention_forward` run eagerly between two graphs; code
     that runs eagerly (evaluation, a model that is not compiled) gets that function itself."""
     if not torch.compiler.is_compiling():
-        return varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                        position_ids=position_ids, **kwargs)  # fmt: skip
+        return varlen_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     packed = attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1
     plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if packed and plain:
@@ -209,4 +266,6 @@ def compiled_forward(
     if packed and plain and fits(query, key, value, dropout, kwargs.get("sliding_window")):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return packed_attention(query, key, value, position_ids, scale)[0], None
-    return _eager_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_ids=position_ids, **kwargs)
+    return _eager_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_ids=position_ids, **kwargs
+    )

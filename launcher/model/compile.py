@@ -51,8 +51,10 @@ _setup_s = 0.0
 # subclass and sets it on its module in every forward, inside what dynamo would trace, and under
 # FSDP2 it counts on that weight sharing storage with the all-gather buffer. Neither has run
 # compiled on a GPU yet (project issue 29); train.compile=true tries it.
-QLORA_UNPROVEN = ("bitsandbytes re-wraps each 4-bit weight in every forward and, under FSDP2, shares its storage with the "
-                  "all-gather buffer: never yet run compiled")  # fmt: skip
+QLORA_UNPROVEN = (
+    "bitsandbytes re-wraps each 4-bit weight in every forward and, under FSDP2, shares its storage with the "
+    "all-gather buffer: never yet run compiled"
+)
 
 
 def compile_choice(cfg: FtlConfig, device_type: str) -> tuple[bool, str]:
@@ -72,7 +74,10 @@ def compile_choice(cfg: FtlConfig, device_type: str) -> tuple[bool, str]:
     if not traits.compiles_layers:
         return False, f"off (train.compile=null: {traits.title} frees each layer's gathered weights after forward)"
     if qlora:
-        return False, f"off (train.compile=null: QLoRA stays eager until a GPU run proves it compiles; {QLORA_UNPROVEN}; train.compile=true tries it)"
+        return (
+            False,
+            f"off (train.compile=null: QLoRA stays eager until a GPU run proves it compiles; {QLORA_UNPROVEN}; train.compile=true tries it)",
+        )
     return True, "on (train.compile=null: on CUDA)"
 
 
@@ -115,8 +120,10 @@ def compile_decoder_layers(model: nn.Module, device: Optional[torch.device] = No
 def first_step_note(step: int, seconds: float) -> str:
     """What the trainer says after a compiled run's first step: its time, the compile in it, and
     the compiler's set-up before it (:func:`compile_decoder_layers`, while the model loaded)."""
-    return (f"ftl: step {step} took {seconds:.1f} s, compiling the decoder layers included (train.compile), "
-            f"and setting up the compiler {_setup_s:.1f} s before it")  # fmt: skip
+    return (
+        f"ftl: step {step} took {seconds:.1f} s, compiling the decoder layers included (train.compile), "
+        f"and setting up the compiler {_setup_s:.1f} s before it"
+    )
 
 
 @contextlib.contextmanager

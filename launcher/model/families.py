@@ -52,7 +52,9 @@ LAYOUTS: dict[str, Layout] = {
     "qwen2_moe": Layout(qkv_bias="qkv_bias", moe="qwen2_moe"),
     "qwen3": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="head"),
     "gemma2": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, logits_post="final_logit_softcapping"),
-    "gemma3_text": Layout(qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, qk_norm="head", logits_post="final_logit_softcapping"),
+    "gemma3_text": Layout(
+        qkv_bias="attention_bias", o_bias=True, norms_per_layer=4, qk_norm="head", logits_post="final_logit_softcapping"
+    ),
     "phi3": Layout(fused=True),
     "olmo2": Layout(qkv_bias="attention_bias", o_bias=True, qk_norm="proj"),
 }
@@ -61,27 +63,156 @@ assert set(LAYOUTS) == set(MODEL_TYPES)
 # transformers' config-class defaults for keys a config.json may leave out (head_dim absent and not
 # listed: hidden_size // num_attention_heads; num_key_value_heads absent: num_attention_heads).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
-    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
-    "qwen2_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                  "qkv_bias": True, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    "mixtral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-                "num_local_experts": 8, "num_experts_per_tok": 2},
-    "olmo2": {"vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
-    "granite": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-}  # fmt: skip
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+    "qwen3": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "head_dim": 128,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+    "gemma2": {
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+    "gemma3_text": {
+        "vocab_size": 262208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+    "phi3": {
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    },
+    "qwen2_moe": {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "qkv_bias": True,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "mixtral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "olmo2": {
+        "vocab_size": 50304,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    },
+    "granite": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+    },
+}
 
 # Arch fields that decide the shapes of the weights: a value here that differs from the weights'
 # config.json is an error. The others (context length, rope base, norm epsilon, experts per token)
 # may be overridden, and the override is applied when the model loads.
-SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "tie_embeddings", "attention_bias", "mlp_bias", "num_experts", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "dense_layers")  # fmt: skip
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "tie_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "dense_layers",
+)
 TUNABLE_FIELDS = ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok")
 
 
@@ -170,10 +301,14 @@ def moe_layer_flags(arch: ArchConfig) -> list[bool]:
 def _text_part(config: dict[str, Any]) -> dict[str, Any]:
     model_type = config.get("model_type")
     if model_type == "gemma3" and "text_config" in config:
-        raise UnsupportedModel("model_type 'gemma3' is multimodal Gemma 3 (a vision tower and a language model); ftl trains "
-                               "text decoders: use a text-only checkpoint (model_type gemma3_text, e.g. google/gemma-3-1b-it)")  # fmt: skip
+        raise UnsupportedModel(
+            "model_type 'gemma3' is multimodal Gemma 3 (a vision tower and a language model); ftl trains "
+            "text decoders: use a text-only checkpoint (model_type gemma3_text, e.g. google/gemma-3-1b-it)"
+        )
     if not isinstance(model_type, str) or model_type not in LAYOUTS:
-        raise UnsupportedModel(f"model_type {model_type!r} is not a decoder family ftl trains; supported: {', '.join(MODEL_TYPES)}")
+        raise UnsupportedModel(
+            f"model_type {model_type!r} is not a decoder family ftl trains; supported: {', '.join(MODEL_TYPES)}"
+        )
     return config
 
 
@@ -264,7 +399,9 @@ def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
         "dense_layers": [],
     }
     if lay.moe == "mixtral":  # num_local_experts in config.json; transformers 5 aliases num_experts to it
-        arch["num_experts"] = cfg.get("num_local_experts") or cfg.get("num_experts") or FAMILY_DEFAULTS[mt]["num_local_experts"]
+        arch["num_experts"] = (
+            cfg.get("num_local_experts") or cfg.get("num_experts") or FAMILY_DEFAULTS[mt]["num_local_experts"]
+        )
         arch["num_experts_per_tok"] = _get(cfg, "num_experts_per_tok")
     elif lay.moe == "qwen2_moe":
         experts, step = _get(cfg, "num_experts"), _get(cfg, "decoder_sparse_step")
@@ -288,8 +425,14 @@ def arch_differences(given: dict[str, Any], weights: dict[str, Any]) -> tuple[li
     are not compared; head_dim null means hidden_size / num_heads."""
     given = dict(given)
     if "head_dim" in given and given["head_dim"] is None:
-        given["head_dim"] = given.get("hidden_size", weights["hidden_size"]) // given.get("num_heads", weights["num_heads"])
-    shapes = [f"{k}: {given[k]!r} vs {weights[k]!r}" for k in SHAPE_FIELDS if k in given and _norm(k, given[k]) != _norm(k, weights[k])]
+        given["head_dim"] = given.get("hidden_size", weights["hidden_size"]) // given.get(
+            "num_heads", weights["num_heads"]
+        )
+    shapes = [
+        f"{k}: {given[k]!r} vs {weights[k]!r}"
+        for k in SHAPE_FIELDS
+        if k in given and _norm(k, given[k]) != _norm(k, weights[k])
+    ]
     tuned = {k: given[k] for k in TUNABLE_FIELDS if k in given and given[k] != weights[k]}
     return shapes, tuned
 
@@ -353,7 +496,10 @@ def _cached_hub_file(repo_id: str, filename: str, revision: Optional[str]) -> Op
 
 def has_tokenizer(directory: Path) -> bool:
     """Whether a model directory carries a tokenizer transformers can load."""
-    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    return any(
+        (directory / name).is_file()
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    )
 
 
 def name_from_path(path: str) -> str:

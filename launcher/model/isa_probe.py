@@ -52,8 +52,14 @@ def fingerprint() -> Optional[dict[str, Any]]:
         allowed = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
     except Exception:  # private inductor API or no compiler: leave the probe to inductor
         return None
-    return {"torch": torch.__version__, "torch_lib": os.path.dirname(torch.__file__), "compiler": compiler,
-            "python": sys.executable, "cpu_flags": sorted(flags), "allowed": allowed}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "torch_lib": os.path.dirname(torch.__file__),
+        "compiler": compiler,
+        "python": sys.executable,
+        "cpu_flags": sorted(flags),
+        "allowed": allowed,
+    }
 
 
 def verdict_path(cache_dir: Path, print_: dict[str, Any]) -> Path:
@@ -94,9 +100,15 @@ def reuse_isa_probe(cache_dir: Optional[Path] = None) -> str:
     from torch._inductor import cpu_vec_isa
 
     passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # the probes (inductor's cached answer hereafter)
-    if passed != print_["allowed"] or stored is not None:  # a failed probe, or a file there that is not a clean verdict: left alone
+    if (
+        passed != print_["allowed"] or stored is not None
+    ):  # a failed probe, or a file there that is not a clean verdict: left alone
         return "probed"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"fingerprint": print_, "passed": passed}, indent=1))  # a racing process writes the same
-    config.cpp.vec_isa_ok = True  # true now too: inductor's cache keys on it, so every later run hits this run's kernels
+    write_atomic(
+        path, json.dumps({"fingerprint": print_, "passed": passed}, indent=1)
+    )  # a racing process writes the same
+    config.cpp.vec_isa_ok = (
+        True  # true now too: inductor's cache keys on it, so every later run hits this run's kernels
+    )
     return "recorded"

@@ -21,7 +21,12 @@ from launcher.model import attention
 
 
 def load_model_and_tokenizer(
-    model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, quantization: Any = None, device: Any = None, empty: bool = False
+    model_cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization: Any = None,
+    device: Any = None,
+    empty: bool = False,
 ) -> tuple[Any, Any]:
     """``quantization``: a transformers quantization config (QLoRA's BitsAndBytesConfig); the
     weights are then quantized as they load, onto ``device`` (default cpu). ``empty``: the model's
@@ -30,7 +35,9 @@ def load_model_and_tokenizer(
     loaders = {"hf": _load_hf, "smollm2": _load_smollm2, "random": _build_random}
     if model_cfg.source not in loaders:
         raise ValueError(f"unknown model.source {model_cfg.source!r}; expected one of {', '.join(loaders)}")
-    quant = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+    quant = (
+        {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+    )
     if model_cfg.attn_implementation == attention.NAME:
         attention.register()
     if empty and quant:
@@ -71,7 +78,12 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: A
         model = _empty_model(model_cfg, dtype, config)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, config=config, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **source, **quant
+            model_cfg.path,
+            config=config,
+            attn_implementation=model_cfg.attn_implementation,
+            dtype=dtype,
+            **source,
+            **quant,
         )
     # `revision` names a commit of model.path; a separate tokenizer repo has its own history.
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != model_cfg.path
@@ -94,7 +106,9 @@ def _load_smollm2(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **qua
 
         model = _empty_model(model_cfg, dtype, AutoConfig.from_pretrained(path))
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=model_cfg.attn_implementation, dtype=dtype, **quant
+        )
     return model, load_tokenizer(model_cfg.tokenizer or path)
 
 
@@ -104,7 +118,10 @@ def _empty_model(model_cfg: ModelConfig, dtype: torch.dtype, config: Any) -> Any
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
-            config, attn_implementation=model_cfg.attn_implementation, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+            config,
+            attn_implementation=model_cfg.attn_implementation,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
         )
 
 
@@ -117,7 +134,13 @@ def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
 
     from transformers import AutoConfig
 
-    from launcher.model.families import UnsupportedModel, arch_differences, arch_fields, arch_from_hf_config, read_hf_config
+    from launcher.model.families import (
+        UnsupportedModel,
+        arch_differences,
+        arch_fields,
+        arch_from_hf_config,
+        read_hf_config,
+    )
 
     try:
         raw, _ = read_hf_config(path, source.get("revision"))  # read safely and checked before transformers reads it
@@ -129,8 +152,10 @@ def checked_hf_config(model_cfg: ModelConfig, path: str, **source: Any) -> Any:
         raise ValueError(f"model.path {path}: {e}") from None
     shapes, tuned = arch_differences(arch_fields(model_cfg.arch), weights)
     if shapes:
-        raise ValueError(f"model.arch does not match the weights in {path} (model.arch vs its config.json): {'; '.join(shapes)}. "
-                         "Drop the model.arch overrides, or point model.path at the model they describe")  # fmt: skip
+        raise ValueError(
+            f"model.arch does not match the weights in {path} (model.arch vs its config.json): {'; '.join(shapes)}. "
+            "Drop the model.arch overrides, or point model.path at the model they describe"
+        )
     for key, value in tuned.items():
         if os.environ.get("RANK", "0") == "0":
             print(f"ftl: model.arch.{key}={value} replaces {weights[key]} from {path}/config.json", file=sys.stderr)
@@ -224,6 +249,4 @@ def check_arch(arch: ArchConfig, tokenizer_size: int) -> None:
 def count_parameters(model: Any, *, trainable_only: bool = False) -> int:
     """Number of parameters. Under ZeRO-3 a parameter's local tensor is an empty placeholder, and
     DeepSpeed keeps the real size in ``ds_numel``."""
-    return sum(
-        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
-    )
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)

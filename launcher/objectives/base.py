@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Objective(ABC):
     name: str
 
-    def prepare(self, trainer: Any) -> None:
+    def prepare(self, trainer: Any) -> None:  # noqa: B027 (a hook: most objectives need no preparation)
         """Work before the first step (preference objectives: the reference log-probs)."""
 
     @abstractmethod

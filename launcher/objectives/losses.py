@@ -42,16 +42,22 @@ def count_sequences(batch: dict[str, torch.Tensor]) -> int:
     return int(((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum())
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor], autocast: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: Any, batch: dict[str, torch.Tensor], autocast: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the labelled tokens' log-probs, number of labelled tokens) per sequence, float64."""
     positions = positions_of(batch)
     owner = label_owners(batch, positions)
     n = count_sequences(batch)
     # Summed in float64: a sequence's log-prob is a sum of ~100-1000 terms, and a reward is the
     # difference of two such sums.
-    token_logps = next_token_logps(model, model_inputs(batch), batch["labels"], autocast=autocast, positions=positions).double()
+    token_logps = next_token_logps(
+        model, model_inputs(batch), batch["labels"], autocast=autocast, positions=positions
+    ).double()
     sums = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, token_logps)
-    counts = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
+    counts = torch.zeros(n, dtype=torch.float64, device=token_logps.device).index_add(
+        0, owner, torch.ones_like(token_logps)
+    )
     return sums, counts
 
 

@@ -55,11 +55,20 @@ class PreferenceObjective(Objective):
 
         engine = trainer.engine
         return preference_metrics(
-            engine.model, trainer.eval_ds, self.cfg, lambda batch: self.reference_logps(engine, batch, "eval"),
-            batch_size=trainer.cfg.eval.batch_size, pad_id=trainer.tokenizer.pad_token_id, device=trainer.device,
-            autocast=engine.autocast, max_batches=trainer.cfg.eval.max_batches, rank=trainer.dist.rank,
-            world_size=trainer.dist.world_size, reduce_fn=all_reduce_sum, flatten=flattens_packs(trainer.cfg.model.attn_implementation),
-        )  # fmt: skip
+            engine.model,
+            trainer.eval_ds,
+            self.cfg,
+            lambda batch: self.reference_logps(engine, batch, "eval"),
+            batch_size=trainer.cfg.eval.batch_size,
+            pad_id=trainer.tokenizer.pad_token_id,
+            device=trainer.device,
+            autocast=engine.autocast,
+            max_batches=trainer.cfg.eval.max_batches,
+            rank=trainer.dist.rank,
+            world_size=trainer.dist.world_size,
+            reduce_fn=all_reduce_sum,
+            flatten=flattens_packs(trainer.cfg.model.attn_implementation),
+        )
 
 
 def reference_mode(cfg: FtlConfig) -> str:

@@ -79,10 +79,16 @@ def reference_key(trainer: Any) -> str:
                 digest.update(np.asarray(example[name], dtype=np.int64).tobytes())
         digest.update(b"|")
     material = {
-        "version": VERSION, "data": digest.hexdigest(), "model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft),
-        "precision": cfg.train.precision, "fp32_residual": cfg.train.fp32_residual, "device": trainer.device.type, "engine": trainer.engine.name,
+        "version": VERSION,
+        "data": digest.hexdigest(),
+        "model": dataclasses.asdict(cfg.model),
+        "peft": dataclasses.asdict(cfg.peft),
+        "precision": cfg.train.precision,
+        "fp32_residual": cfg.train.fp32_residual,
+        "device": trainer.device.type,
+        "engine": trainer.engine.name,
         "seed": cfg.train.seed if cfg.model.source == "random" else None,
-    }  # fmt: skip
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -93,8 +99,10 @@ def prepare_reference(trainer: Any) -> ReferenceLogps:
     if trainer.resumed_from is not None:  # the resume check has refused other data or another model
         found = ReferenceLogps.load(run_file)
         if found is None:
-            raise DataError(f"{run_file} is missing: the reference log-probs of a DPO run come from its starting model, "
-                            "which a resumed run no longer has; start afresh (checkpoint.resume=never or a new run.name)")  # fmt: skip
+            raise DataError(
+                f"{run_file} is missing: the reference log-probs of a DPO run come from its starting model, "
+                "which a resumed run no longer has; start afresh (checkpoint.resume=never or a new run.name)"
+            )
         return found
     cached = cache_dir() / "reference" / f"{key}.pt"
     found = ReferenceLogps.load(cached, key)
@@ -125,7 +133,9 @@ def reference_pass(trainer: Any, dataset: Any) -> tuple[torch.Tensor, list[int]]
         for indices in rank_batches(len(dataset), batch_size, trainer.dist.rank, trainer.dist.world_size):
             chosen = list(indices) if indices is not None else [0]  # a short rank keeps step with a repeat
             batch = collate([dataset[i] for i in chosen], trainer.tokenizer.pad_token_id, flatten=flatten)
-            sums, _ = sequence_logps(model, {k: v.to(trainer.device) for k, v in batch.items()}, trainer.engine.autocast())
+            sums, _ = sequence_logps(
+                model, {k: v.to(trainer.device) for k, v in batch.items()}, trainer.engine.autocast()
+            )
             if indices is not None:
                 values[offsets[chosen[0]] : offsets[chosen[-1] + 1]] = sums
     return all_reduce_sum(values).cpu(), offsets

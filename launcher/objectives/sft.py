@@ -21,6 +21,12 @@ class SftObjective(Objective):
         return count_label_tokens(batch["labels"])
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = next_token_loss(engine.model, model_inputs(batch), batch["labels"], autocast=engine.autocast(), impl=self.loss_impl,
-                               positions=positions_of(batch))  # fmt: skip
+        loss = next_token_loss(
+            engine.model,
+            model_inputs(batch),
+            batch["labels"],
+            autocast=engine.autocast(),
+            impl=self.loss_impl,
+            positions=positions_of(batch),
+        )
         return loss, {}

@@ -140,11 +140,18 @@ def param_counts(arch: ArchConfig) -> ParamCounts:
     sums = [sum(per_layer[m][k] for m in flags) for k in range(5)]
     biggest = max(per_layer.values(), key=lambda c: c[0] + c[1] + c[2])
     return ParamCounts(
-        embed=embed, head=0 if arch.tie_embeddings else embed, final_norm=arch.hidden_size, num_layers=arch.num_layers,
-        layers_linear=sums[0], layers_experts=sums[1], layers_other=sums[2],
-        layer=biggest[0] + biggest[1] + biggest[2], layer_linear=biggest[0] + biggest[1],
-        largest_linear=max(c[3] for c in per_layer.values()), inactive=sums[4],
-    )  # fmt: skip
+        embed=embed,
+        head=0 if arch.tie_embeddings else embed,
+        final_norm=arch.hidden_size,
+        num_layers=arch.num_layers,
+        layers_linear=sums[0],
+        layers_experts=sums[1],
+        layers_other=sums[2],
+        layer=biggest[0] + biggest[1] + biggest[2],
+        layer_linear=biggest[0] + biggest[1],
+        largest_linear=max(c[3] for c in per_layer.values()),
+        inactive=sums[4],
+    )
 
 
 def resolve_lora_targets(targets: list[str] | tuple[str, ...], arch: ArchConfig) -> tuple[list[str], list[str]]:
@@ -162,8 +169,9 @@ def resolve_lora_targets(targets: list[str] | tuple[str, ...], arch: ArchConfig)
     return known, unknown
 
 
-def lora_param_count(arch: ArchConfig, r: int, targets: list[str] | tuple[str, ...],
-                     modules_to_save: list[str] | tuple[str, ...] = ()) -> int:  # fmt: skip
+def lora_param_count(
+    arch: ArchConfig, r: int, targets: list[str] | tuple[str, ...], modules_to_save: list[str] | tuple[str, ...] = ()
+) -> int:
     """Trainable parameters of LoRA: r·(d_in + d_out) per adapted linear (A is r×d_in, B is
     d_out×r), plus a full trainable copy of each module in ``modules_to_save`` (lm_head,
     embed_tokens). Mixtral's experts under ``all-linear``: peft (0.21) adapts the fused expert
@@ -226,7 +234,9 @@ class Workload:
     activation_checkpointing: bool = False
     peft: Peft = field(default_factory=Peft)
     activation_offloading: bool = False  # saved activations in host memory (CUDA)
-    loss: str = "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: chunked)
+    loss: str = (
+        "chunked"  # train.loss as the trainer runs it: chunked | liger | logits (preference objectives: chunked)
+    )
     fp32_residual: bool = False  # train.fp32_residual: bf16 autocast keeps the residual stream in fp32
 
     @property
@@ -340,7 +350,9 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
     if w.peft.method != "none":
         _, unknown = resolve_lora_targets(w.peft.targets, w.arch)
         if unknown:
-            notes.append(f"LoRA targets that are no linear layer of a {w.arch.model_type} model, not counted: {', '.join(unknown)}")
+            notes.append(
+                f"LoRA targets that are no linear layer of a {w.arch.model_type} model, not counted: {', '.join(unknown)}"
+            )
     st = _model_states(w, lay)
     act, act_detail, act_host = _activations(w, lay, on_gpu)
     fixed = FIXED_GPU_OVERHEAD if on_gpu else 0.0
@@ -348,8 +360,11 @@ def estimate(w: Workload, lay: Layout, *, on_gpu: bool = True) -> Estimate:
     base = st.params + st.grads + st.optimizer + act + st.persistent + working
     frag = FRAGMENTATION * base
     buffers = st.persistent + working + fixed + frag
-    parts = [f"engine {fmt_bytes(st.persistent + working)}", *([f"CUDA/NCCL {fmt_bytes(fixed)}"] if fixed else []),
-             f"{FRAGMENTATION:.0%} fragmentation {fmt_bytes(frag)}"]
+    parts = [
+        f"engine {fmt_bytes(st.persistent + working)}",
+        *([f"CUDA/NCCL {fmt_bytes(fixed)}"] if fixed else []),
+        f"{FRAGMENTATION:.0%} fragmentation {fmt_bytes(frag)}",
+    ]
     details = {**st.details, "activations": act_detail, "buffers": " + ".join(parts)}
     if st.host + act_host:
         notes.append(f"offloaded to host memory: {fmt_bytes(st.host + act_host)} per rank (pinned)")
@@ -397,9 +412,15 @@ def _model_states(w: Workload, lay: Layout) -> _States:
         params = b * ((trainable - small) / p_div + small) + frozen / p_div
         grads = gb * trainable / g_div
         optim = (master + ADAM_MOMENTS) * trainable / (n if s >= 1 else 1)
-        d["params"] = f"{_dt(b)} {b} B × {psi}" + (f" / {n}" if s >= 3 else "") + (f" + {frozen_text}" + (f" / {n}" if s >= 3 else "") if peft else "")
+        d["params"] = (
+            f"{_dt(b)} {b} B × {psi}"
+            + (f" / {n}" if s >= 3 else "")
+            + (f" + {frozen_text}" + (f" / {n}" if s >= 3 else "") if peft else "")
+        )
         d["grads"] = f"{_dt(gb)} {gb} B × {psi}" + (f" / {n}" if g_div > 1 else "")
-        d["optimizer"] = (f"{'fp32 master + ' if master else ''}AdamW moments {master + ADAM_MOMENTS} B × {psi}" + (f" / {n}" if s >= 1 else ""))
+        d["optimizer"] = f"{'fp32 master + ' if master else ''}AdamW moments {master + ADAM_MOMENTS} B × {psi}" + (
+            f" / {n}" if s >= 1 else ""
+        )
         if lay.traits.offload_optimizer:
             # The gradient partition lives in host memory too: at stage 3 DeepSpeed accumulates it
             # (grad_partitions_flat_buffer, in fp32: gb) and keeps a pinned fp32 copy for
@@ -464,7 +485,10 @@ def frozen_base_bytes(w: Workload, lay: Layout) -> tuple[float, str]:
         q = quantized_bytes_per_param(w.peft.double_quant)
         rest = pc.total - pc.linear
         rb = FP32 if lay.traits.autocasts_fp32_weights else c
-        return q * pc.linear + rb * rest, f"frozen base {q:.3f} B × {_count(pc.linear)} quantized + {rb} B × {_count(rest)}"
+        return (
+            q * pc.linear + rb * rest,
+            f"frozen base {q:.3f} B × {_count(pc.linear)} quantized + {rb} B × {_count(rest)}",
+        )
     return 0.0, ""
 
 
@@ -560,7 +584,10 @@ def _loss_bytes(w: Workload, r: int, head_trains: bool, on_gpu: bool) -> tuple[f
     rows = min(t, loss_chunk_rows(a.vocab_size, "cuda" if on_gpu else "cpu"))
     chunk = rows * a.vocab_size * CHUNK_PER_LOGIT
     grads = (FP32 * a.vocab_size * a.hidden_size if head_trains else 0) + r * t * a.hidden_size
-    return chunk + grads, f"chunked loss {fmt_bytes(chunk + grads)} ({rows} of {t} tokens × {a.vocab_size} vocab at a time + head gradients)"
+    return (
+        chunk + grads,
+        f"chunked loss {fmt_bytes(chunk + grads)} ({rows} of {t} tokens × {a.vocab_size} vocab at a time + head gradients)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,15 +600,20 @@ class Alternative:
     estimate: Estimate
 
 
-def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
-                 rows: tuple[str, ...] = STRATEGY_ROWS) -> list[Alternative]:  # fmt: skip
+def alternatives(
+    w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True, rows: tuple[str, ...] = STRATEGY_ROWS
+) -> list[Alternative]:
     """Changes that fit in ``limit`` bytes, cheapest first, at most one of each kind: another
     strategy (same batch), activation checkpointing and/or a smaller micro-batch with more
     accumulation (same strategy, same global batch), and LoRA/QLoRA when full fine-tuning."""
     out: list[Alternative] = []
     names = [n for n in rows if n != lay.name and not (n == "ddp" and lay.world == 1)]
     for name in names:
-        e = estimate(w, replace(layout_named(name, lay.world, lay.shard), reshard_after_forward=lay.reshard_after_forward), on_gpu=on_gpu)
+        e = estimate(
+            w,
+            replace(layout_named(name, lay.world, lay.shard), reshard_after_forward=lay.reshard_after_forward),
+            on_gpu=on_gpu,
+        )
         if e.fits(limit):
             out.append(Alternative((f"strategy={name}",), e))
             break
@@ -593,7 +625,9 @@ def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
         for ac in dict.fromkeys((w.activation_checkpointing, True)):
             if (mb, ac) == (w.micro_batch, w.activation_checkpointing):
                 continue
-            cand = replace(w, micro_batch=mb, activation_checkpointing=ac, grad_accum=math.ceil(w.micro_batch * w.grad_accum / mb))
+            cand = replace(
+                w, micro_batch=mb, activation_checkpointing=ac, grad_accum=math.ceil(w.micro_batch * w.grad_accum / mb)
+            )
             e = estimate(cand, lay, on_gpu=on_gpu)
             if e.fits(limit):
                 ov = [] if ac == w.activation_checkpointing else ["strategy.activation_checkpointing=true"]
@@ -613,8 +647,28 @@ def alternatives(w: Workload, lay: Layout, limit: float, *, on_gpu: bool = True,
 
 
 __all__ = [
-    "Alternative", "Estimate", "GiB", "Layout", "ParamCounts", "Peft", "STRATEGY_ROWS", "Workload",
-    "alternatives", "checkpoint_bytes", "estimate", "fmt_bytes", "frozen_base_bytes", "gib", "layer_linears", "layout_named", "layout_of",
-    "linear_shapes", "lora_param_count", "mlp_width",
-    "param_counts", "quantized_bytes_per_param", "resolve_lora_targets", "zero_model_states",
-]  # fmt: skip
+    "Alternative",
+    "Estimate",
+    "GiB",
+    "Layout",
+    "ParamCounts",
+    "Peft",
+    "STRATEGY_ROWS",
+    "Workload",
+    "alternatives",
+    "checkpoint_bytes",
+    "estimate",
+    "fmt_bytes",
+    "frozen_base_bytes",
+    "gib",
+    "layer_linears",
+    "layout_named",
+    "layout_of",
+    "linear_shapes",
+    "lora_param_count",
+    "mlp_width",
+    "param_counts",
+    "quantized_bytes_per_param",
+    "resolve_lora_targets",
+    "zero_model_states",
+]

@@ -7,7 +7,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
-from launcher.config.topology import global_batch, nodes, planned_device_type, procs_per_node, resolve_precision, world_size
+from launcher.config.topology import (
+    global_batch,
+    nodes,
+    planned_device_type,
+    procs_per_node,
+    resolve_precision,
+    world_size,
+)
 from launcher.engines.traits import engine_traits
 from launcher.model.compile import compile_choice
 from launcher.plan.memory import (
@@ -50,19 +57,40 @@ def summary_lines(cfg: FtlConfig, choices: dict[str, str]) -> list[tuple[str, st
     gb = global_batch(cfg)
     return [
         ("recipe", f"{cfg.recipe}  ({', '.join(f'{g}={v}' for g, v in choices.items() if g != 'recipe')})"),
-        ("model", f"{m.name} [{m.source}{': ' + m.path if m.path else ''}] {m.arch.model_type}, {human(param_count(m.arch))} params"
-                  + (f" ({human(param_counts(m.arch).active)} active per token)" if m.arch.num_experts else "")),
-        ("data", f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
-                 f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}"),
-        ("strategy", f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}"),
+        (
+            "model",
+            f"{m.name} [{m.source}{': ' + m.path if m.path else ''}] {m.arch.model_type}, {human(param_count(m.arch))} params"
+            + (f" ({human(param_counts(m.arch).active)} active per token)" if m.arch.num_experts else ""),
+        ),
+        (
+            "data",
+            f"{cfg.data.format}: {len(cfg.data.train_files)} train file(s), "
+            f"{len(cfg.data.eval_files)} eval file(s), eval_fraction {cfg.data.eval_fraction:g}",
+        ),
+        (
+            "strategy",
+            f"{engine}; precision {t.precision}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; peft {peft}",
+        ),
         ("compile", compile_choice(cfg, planned_device_type(cfg))[1]),
         ("objective", objective_text(cfg)),
-        ("topology", f"{nodes(cfg)} node(s) × {procs_per_node(cfg)} process(es) = world size {world}; data-parallel size {world}"),
-        ("batch", f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "
-                  f"= global batch {gb} sequences (≤ {gb * t.seq_len:,} tokens at seq_len {t.seq_len})"),
-        ("schedule", f"lr {t.lr:g} {t.schedule}, warmup {t.warmup_steps}, {steps}, grad_clip {t.grad_clip:g}, seed {t.seed}"),
-        ("checkpoint", (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end only")
-                       + f", keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}"),
+        (
+            "topology",
+            f"{nodes(cfg)} node(s) × {procs_per_node(cfg)} process(es) = world size {world}; data-parallel size {world}",
+        ),
+        (
+            "batch",
+            f"micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum} × data-parallel {world} "
+            f"= global batch {gb} sequences (≤ {gb * t.seq_len:,} tokens at seq_len {t.seq_len})",
+        ),
+        (
+            "schedule",
+            f"lr {t.lr:g} {t.schedule}, warmup {t.warmup_steps}, {steps}, grad_clip {t.grad_clip:g}, seed {t.seed}",
+        ),
+        (
+            "checkpoint",
+            (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end only")
+            + f", keep {cfg.checkpoint.keep}, resume {cfg.checkpoint.resume}",
+        ),
         ("wandb", f"{cfg.wandb.mode} (project {cfg.wandb.project})"),
     ]
 
@@ -74,9 +102,13 @@ def objective_text(cfg: FtlConfig) -> str:
         return "sft (next-token loss on the labelled tokens)"
     if o.method == "simpo":
         return f"simpo beta={o.beta:g} gamma={o.gamma:g} (no reference model)"
-    reference = o.reference if o.reference != "auto" else ("adapters_off" if cfg.peft.method != "none" else "precomputed")
-    where = {"adapters_off": "the base with the adapters switched off: no second model",
-             "precomputed": "the starting model's log-probs, computed once before training and cached: no second model"}[reference]  # fmt: skip
+    reference = (
+        o.reference if o.reference != "auto" else ("adapters_off" if cfg.peft.method != "none" else "precomputed")
+    )
+    where = {
+        "adapters_off": "the base with the adapters switched off: no second model",
+        "precomputed": "the starting model's log-probs, computed once before training and cached: no second model",
+    }[reference]
     return f"dpo beta={o.beta:g} loss={o.loss}; reference {reference} ({where})"
 
 
@@ -101,12 +133,31 @@ class MemoryReport:
 
 def workload_of(cfg: FtlConfig, precision: str) -> Workload:
     t, p = cfg.train, cfg.peft
-    peft = Peft() if p.method == "none" else Peft(
-        p.method, p.r, tuple(p.target_modules), tuple(p.modules_to_save), p.dropout, getattr(p, "double_quant", True)
-    )  # fmt: skip
+    peft = (
+        Peft()
+        if p.method == "none"
+        else Peft(
+            p.method,
+            p.r,
+            tuple(p.target_modules),
+            tuple(p.modules_to_save),
+            p.dropout,
+            getattr(p, "double_quant", True),
+        )
+    )
     loss = t.loss if cfg.objective.method == "sft" else "chunked"  # preference objectives: per-token log-probs, chunked
-    return Workload(cfg.model.arch, t.micro_batch_size, t.seq_len, t.grad_accum, precision, cfg.strategy.activation_checkpointing, peft,
-                    cfg.strategy.activation_offloading, loss, t.fp32_residual)  # fmt: skip
+    return Workload(
+        cfg.model.arch,
+        t.micro_batch_size,
+        t.seq_len,
+        t.grad_accum,
+        precision,
+        cfg.strategy.activation_checkpointing,
+        peft,
+        cfg.strategy.activation_offloading,
+        loss,
+        t.fp32_residual,
+    )
 
 
 def layout_for(cfg: FtlConfig) -> Layout:
@@ -161,7 +212,9 @@ def memory_lines(report: MemoryReport) -> list[str]:
     for row, chosen in report.rows:
         values = (row.params, row.grads, row.optimizer, row.activations, row.buffers, row.total)
         cells = "".join(f"{_num(v / div):>9}" for v in values)
-        out.append(f"  {row.label:<{width}}{cells}  {'yes' if row.fits(report.limit) else 'no'}{'   <- chosen' if chosen else ''}")
+        out.append(
+            f"  {row.label:<{width}}{cells}  {'yes' if row.fits(report.limit) else 'no'}{'   <- chosen' if chosen else ''}"
+        )
     out.append(f"  ({unit} per device at the peak; offloaded states sit in host memory and are not counted)")
     out += [f"  {row.label}: {note}" for row, chosen in report.rows if not chosen for note in row.notes]
     return out
@@ -182,7 +235,9 @@ def memory_verdict(report: MemoryReport) -> str:
     if not report.alternatives:
         fix = "; nothing tried fits (other strategies, activation checkpointing, micro_batch_size=1, LoRA/QLoRA): use more GPUs"
     else:
-        fix = "; fits with " + ", or ".join(f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives)
+        fix = "; fits with " + ", or ".join(
+            f"{' '.join(a.overrides)} ({gib(a.estimate.total)} GiB)" for a in report.alternatives
+        )
     return head + fix + ("" if report.checked else " [launch.check_memory=false: not refused]")
 
 
@@ -197,7 +252,11 @@ def deepspeed_lines(cfg: FtlConfig) -> list[str]:
     device = planned_device_type(cfg)
     precision = resolve_precision(cfg.train.precision, device)
     body = json.dumps(build_deepspeed_config(cfg, world_size(cfg), precision), indent=2)
-    return [f"--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---", body, "---"]
+    return [
+        f"--- DeepSpeed config (generated; train.precision={cfg.train.precision} -> {precision} on {device}) ---",
+        body,
+        "---",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,17 +268,34 @@ def memory_json(report: MemoryReport) -> dict[str, Any]:
 
     def row(e: Estimate) -> dict[str, Any]:
         keys = ("params", "grads", "optimizer", "activations", "buffers", "total", "host")
-        return {"label": e.label, **{k: getattr(e, k) for k in keys}, "fits": e.fits(report.limit), "notes": list(e.notes)}
+        return {
+            "label": e.label,
+            **{k: getattr(e, k) for k in keys},
+            "fits": e.fits(report.limit),
+            "notes": list(e.notes),
+        }
 
     return {
-        "precision": report.precision, "limit_bytes": report.limit, "on_gpu": report.on_gpu, "checked": report.checked,
-        "fits": report.fits, "verdict": memory_verdict(report), "chosen": row(report.chosen),
+        "precision": report.precision,
+        "limit_bytes": report.limit,
+        "on_gpu": report.on_gpu,
+        "checked": report.checked,
+        "fits": report.fits,
+        "verdict": memory_verdict(report),
+        "chosen": row(report.chosen),
         "rows": [{**row(e), "chosen": chosen} for e, chosen in report.rows],
         "alternatives": [{"overrides": list(a.overrides), "total": a.estimate.total} for a in report.alternatives],
-    }  # fmt: skip
+    }
 
 
 def layout_json(cfg: FtlConfig) -> dict[str, Any]:
     lay = layout_for(cfg)
-    return {"engine": lay.traits.engine, "strategy": lay.name, "nodes": nodes(cfg), "procs_per_node": procs_per_node(cfg),
-            "world_size": lay.world, "shard_size": lay.n, "global_batch": global_batch(cfg)}  # fmt: skip
+    return {
+        "engine": lay.traits.engine,
+        "strategy": lay.name,
+        "nodes": nodes(cfg),
+        "procs_per_node": procs_per_node(cfg),
+        "world_size": lay.world,
+        "shard_size": lay.n,
+        "global_batch": global_batch(cfg),
+    }

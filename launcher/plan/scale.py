@@ -28,9 +28,19 @@ from launcher.plan.report import layout_for, workload_of
 # H100's compute at a lower interconnect bandwidth, so its SXM and PCIe parts take the H100's peaks.
 # Here, not in launcher.train.mfu (which reads it too), because `ftl plan` imports no torch.
 PEAK_BF16_FLOPS = (
-    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-)  # fmt: skip
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800 PCIe", 756e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+)
 
 DAY_S = 86400.0
 HOUR_S = 3600.0
@@ -200,16 +210,42 @@ def scale_plan(cfg: FtlConfig) -> Optional[ScalePlan]:
     wall = None if compute_s is None or waste is None else compute_s * (1.0 + waste + restart_waste)
     gpu_hours = None if wall is None else wall * gpus / HOUR_S
     return ScalePlan(
-        nodes=n_nodes, gpus=gpus, gpu=c.gpu, peak_flops=peak, mfu=c.mfu, seq_len=t.seq_len, global_batch=gb,
-        tokens_per_step=tokens_per_step, min_global_batch=gpus, min_tokens_per_step=gpus * t.seq_len,
-        flops_per_token=per_token, step_s=step_s, steps=steps, tokens=None if steps is None else steps * tokens_per_step,
-        compute_s=compute_s, checkpoint_bytes=ckpt, checkpoint_bytes_per_gpu=ckpt / gpus if sharded else ckpt,
-        export_bytes=export, save_s=save_s, restart_s=restart_s, mtbf_s=mtbf, optimal_interval_s=tau,
-        optimal_every_steps=best_steps, optimal_waste=best_waste, every_steps=str(every), interval_s=interval, waste=waste,
-        max_waste=ck.max_waste, fitting_steps=fitting, restart_waste=restart_waste, wall_s=wall,
-        interruptions=None if wall is None else wall / mtbf, gpu_hours=gpu_hours,
-        cost=None if gpu_hours is None else gpu_hours * c.price_per_gpu_hour, price_per_gpu_hour=c.price_per_gpu_hour,
-    )  # fmt: skip
+        nodes=n_nodes,
+        gpus=gpus,
+        gpu=c.gpu,
+        peak_flops=peak,
+        mfu=c.mfu,
+        seq_len=t.seq_len,
+        global_batch=gb,
+        tokens_per_step=tokens_per_step,
+        min_global_batch=gpus,
+        min_tokens_per_step=gpus * t.seq_len,
+        flops_per_token=per_token,
+        step_s=step_s,
+        steps=steps,
+        tokens=None if steps is None else steps * tokens_per_step,
+        compute_s=compute_s,
+        checkpoint_bytes=ckpt,
+        checkpoint_bytes_per_gpu=ckpt / gpus if sharded else ckpt,
+        export_bytes=export,
+        save_s=save_s,
+        restart_s=restart_s,
+        mtbf_s=mtbf,
+        optimal_interval_s=tau,
+        optimal_every_steps=best_steps,
+        optimal_waste=best_waste,
+        every_steps=str(every),
+        interval_s=interval,
+        waste=waste,
+        max_waste=ck.max_waste,
+        fitting_steps=fitting,
+        restart_waste=restart_waste,
+        wall_s=wall,
+        interruptions=None if wall is None else wall / mtbf,
+        gpu_hours=gpu_hours,
+        cost=None if gpu_hours is None else gpu_hours * c.price_per_gpu_hour,
+        price_per_gpu_hour=c.price_per_gpu_hour,
+    )
 
 
 def resolved_every_steps(cfg: FtlConfig) -> int:
@@ -231,24 +267,42 @@ def waste_problems(cfg: FtlConfig) -> list[tuple[str, str]]:
     plan = scale_plan(cfg)
     if plan is None:
         if ck.every_steps == "auto" and planned_device_type(cfg) != "cuda":
-            return [("checkpoint.every_steps", "auto sizes the interval from a GPU job's planned step time, but this job trains "
-                     f"on {planned_device_type(cfg)}; give a number of steps (0: only at the end)")]  # fmt: skip
+            return [
+                (
+                    "checkpoint.every_steps",
+                    "auto sizes the interval from a GPU job's planned step time, but this job trains "
+                    f"on {planned_device_type(cfg)}; give a number of steps (0: only at the end)",
+                )
+            ]
         return []
     if not plan.refused:
         return []
     assert plan.waste is not None
-    what = {0: "0 (saving only at the end)", "auto": f"auto, the best interval (every {plan.optimal_every_steps} steps),"}.get(ck.every_steps, f"every {ck.every_steps} steps ({duration(plan.interval_s)})")
-    head = (f"{what} costs {plan.waste:.1%} of the run (saves of {duration(plan.save_s)} and the work a failure every "
-            f"{duration(plan.mtbf_s)} loses), over checkpoint.max_waste={ck.max_waste:g}")  # fmt: skip
+    what = {
+        0: "0 (saving only at the end)",
+        "auto": f"auto, the best interval (every {plan.optimal_every_steps} steps),",
+    }.get(ck.every_steps, f"every {ck.every_steps} steps ({duration(plan.interval_s)})")
+    head = (
+        f"{what} costs {plan.waste:.1%} of the run (saves of {duration(plan.save_s)} and the work a failure every "
+        f"{duration(plan.mtbf_s)} loses), over checkpoint.max_waste={ck.max_waste:g}"
+    )
     if plan.fitting_steps is None:
-        best = "" if ck.every_steps == "auto" else f": the best, every {plan.optimal_every_steps} steps, costs {plan.optimal_waste:.1%}"
-        fix = (f"; no interval fits{best}. Write "
-               "checkpoints faster (launch.cluster.checkpoint_gb_per_s, launch.io_gb_per_s), use fewer nodes, or raise "
-               "checkpoint.max_waste")  # fmt: skip
+        best = (
+            ""
+            if ck.every_steps == "auto"
+            else f": the best, every {plan.optimal_every_steps} steps, costs {plan.optimal_waste:.1%}"
+        )
+        fix = (
+            f"; no interval fits{best}. Write "
+            "checkpoints faster (launch.cluster.checkpoint_gb_per_s, launch.io_gb_per_s), use fewer nodes, or raise "
+            "checkpoint.max_waste"
+        )
     else:
         lo, hi = plan.fitting_steps
-        fix = (f"; use checkpoint.every_steps={plan.optimal_every_steps} (Young/Daly, {plan.optimal_waste:.1%}) or auto; "
-               f"any interval from {lo} to {hi} steps fits")
+        fix = (
+            f"; use checkpoint.every_steps={plan.optimal_every_steps} (Young/Daly, {plan.optimal_waste:.1%}) or auto; "
+            f"any interval from {lo} to {hi} steps fits"
+        )
     return [("checkpoint.every_steps", head + fix)]
 
 
@@ -288,34 +342,63 @@ def scale_lines(p: ScalePlan, cfg: FtlConfig) -> list[str]:
     c = cfg.launch.cluster
     bw = c.checkpoint_gb_per_s or cfg.launch.io_gb_per_s
     bw_key = "launch.cluster.checkpoint_gb_per_s" if c.checkpoint_gb_per_s else "launch.io_gb_per_s"
-    out = [f"--- scale: {p.nodes} nodes × {p.gpus // p.nodes} {p.gpu} = {p.gpus} GPUs "
-           f"(launch.cluster: {c.node_failures_per_1000_node_days:g} failures per 1,000 node-days, MFU {p.mfu:.0%}) ---"]  # fmt: skip
+    out = [
+        f"--- scale: {p.nodes} nodes × {p.gpus // p.nodes} {p.gpu} = {p.gpus} GPUs "
+        f"(launch.cluster: {c.node_failures_per_1000_node_days:g} failures per 1,000 node-days, MFU {p.mfu:.0%}) ---"
+    ]
 
     def row(label: str, text: str) -> None:
         out.append(f"  {label:<15} {text}")
 
-    row("step", f"{p.global_batch} sequences × {p.seq_len} = {_tokens(p.tokens_per_step)} tokens; the layout forces at least "
-        f"{p.min_global_batch} sequences ({_tokens(p.min_tokens_per_step)} tokens: one per data-parallel rank)")
-    row("step time", f"{duration(p.step_s)}: {p.tokens_per_step / p.step_s / p.gpus:,.0f} tokens/s per GPU ({p.flops_per_token / 1e12:.3g} "
-        f"TFLOP per token at {p.mfu:.0%} of {p.peak_flops / 1e12:.0f} TFLOP/s)")
+    row(
+        "step",
+        f"{p.global_batch} sequences × {p.seq_len} = {_tokens(p.tokens_per_step)} tokens; the layout forces at least "
+        f"{p.min_global_batch} sequences ({_tokens(p.min_tokens_per_step)} tokens: one per data-parallel rank)",
+    )
+    row(
+        "step time",
+        f"{duration(p.step_s)}: {p.tokens_per_step / p.step_s / p.gpus:,.0f} tokens/s per GPU ({p.flops_per_token / 1e12:.3g} "
+        f"TFLOP per token at {p.mfu:.0%} of {p.peak_flops / 1e12:.0f} TFLOP/s)",
+    )
     if p.steps is None:
-        row("run", "steps unknown until the data is tokenized (train.epochs): set train.max_steps to plan the run's length")
+        row(
+            "run",
+            "steps unknown until the data is tokenized (train.epochs): set train.max_steps to plan the run's length",
+        )
     else:
         assert p.tokens is not None and p.compute_s is not None
         row("run", f"{p.steps:,} steps, {_tokens(p.tokens)} tokens, {duration(p.compute_s)} of steps")
-    row("checkpoint", f"{_bytes(p.checkpoint_bytes)} resumable state ({_bytes(p.checkpoint_bytes_per_gpu)} per GPU); "
-        f"saved in {duration(p.save_s)} at {bw:g} GB/s ({bw_key}), training waits")
+    row(
+        "checkpoint",
+        f"{_bytes(p.checkpoint_bytes)} resumable state ({_bytes(p.checkpoint_bytes_per_gpu)} per GPU); "
+        f"saved in {duration(p.save_s)} at {bw:g} GB/s ({bw_key}), training waits",
+    )
     row("export", f"{_bytes(p.export_bytes)} Hugging Face directory (ftl export)")
-    row("failures", f"MTBF {duration(p.mtbf_s)} for {p.nodes} node(s); a restart costs {duration(p.restart_s)} "
-        f"({p.restart_waste:.1%} of the time)")
-    row("Young/Daly", f"every {p.optimal_every_steps} steps ({duration(p.optimal_interval_s)}): {p.optimal_waste:.1%} lost "
-        "to saves and recomputed work")
+    row(
+        "failures",
+        f"MTBF {duration(p.mtbf_s)} for {p.nodes} node(s); a restart costs {duration(p.restart_s)} "
+        f"({p.restart_waste:.1%} of the time)",
+    )
+    row(
+        "Young/Daly",
+        f"every {p.optimal_every_steps} steps ({duration(p.optimal_interval_s)}): {p.optimal_waste:.1%} lost "
+        "to saves and recomputed work",
+    )
     label = f"every_steps={p.every_steps}"
     if p.waste is None:
         row(label, "waste unknown: the run's length is not known")
     else:
-        verdict = "OVER" if p.refused else "over (saving more often than failures call for: not refused)" if p.over_budget else "within"
-        row(label, f"interval {duration(p.interval_s)}: {p.waste:.1%} lost, {verdict} checkpoint.max_waste={p.max_waste:g}")
+        verdict = (
+            "OVER"
+            if p.refused
+            else "over (saving more often than failures call for: not refused)"
+            if p.over_budget
+            else "within"
+        )
+        row(
+            label,
+            f"interval {duration(p.interval_s)}: {p.waste:.1%} lost, {verdict} checkpoint.max_waste={p.max_waste:g}",
+        )
     if p.wall_s is not None:
         assert p.gpu_hours is not None and p.cost is not None and p.interruptions is not None
         row("wall time", f"{duration(p.wall_s)} expected, with {p.interruptions:.1f} interruptions")

@@ -107,12 +107,22 @@ def signal_lead_problems(cfg: FtlConfig) -> list[tuple[str, str]]:
     gb = checkpoint_gb(cfg)
     if cfg.launch.signal is not None and lead < need:
         suggest = 60 * math.ceil(SIGNAL_MARGIN * need / 60)
-        out.append(("launch.signal", f"{cfg.launch.signal!r} warns {lead} s before the time limit, but finishing a step and "
-                    f"writing a checkpoint takes about {need:.0f} s ({gb:,.1f} GB at launch.io_gb_per_s="
-                    f"{cfg.launch.io_gb_per_s:g}); use launch.signal=USR1@{suggest}, state your storage's bandwidth "
-                    "in launch.io_gb_per_s, or leave launch.signal unset to have it sized"))  # fmt: skip
+        out.append(
+            (
+                "launch.signal",
+                f"{cfg.launch.signal!r} warns {lead} s before the time limit, but finishing a step and "
+                f"writing a checkpoint takes about {need:.0f} s ({gb:,.1f} GB at launch.io_gb_per_s="
+                f"{cfg.launch.io_gb_per_s:g}); use launch.signal=USR1@{suggest}, state your storage's bandwidth "
+                "in launch.io_gb_per_s, or leave launch.signal unset to have it sized",
+            )
+        )
     limit = slurm_time_s(cfg.launch.time)
     if limit is not None and lead >= limit:
-        out.append(("launch.time", f"{cfg.launch.time!r} is no longer than the {lead} s warning before it "
-                    "(launch.signal) that the checkpoint needs; ask for more time"))  # fmt: skip
+        out.append(
+            (
+                "launch.time",
+                f"{cfg.launch.time!r} is no longer than the {lead} s warning before it "
+                "(launch.signal) that the checkpoint needs; ask for more time",
+            )
+        )
     return out

@@ -112,8 +112,10 @@ def stale_reason(info: LockInfo, run_dir: Path, environ: Optional[dict[str, str]
 
 
 def busy_message(run_dir: Path, info: LockInfo) -> str:
-    return (f"run dir {run_dir} is in use by {info.describe()}: one writer per run dir. Wait for it, stop it, or choose "
-            f"another run.dir; if that process is gone for good, delete {lock_path(run_dir)}")  # fmt: skip
+    return (
+        f"run dir {run_dir} is in use by {info.describe()}: one writer per run dir. Wait for it, stop it, or choose "
+        f"another run.dir; if that process is gone for good, delete {lock_path(run_dir)}"
+    )
 
 
 def not_a_lock(run_dir: Path) -> Optional[str]:
@@ -123,8 +125,10 @@ def not_a_lock(run_dir: Path) -> Optional[str]:
     if not path.is_symlink() and (path.is_file() or not path.exists()):
         return None
     what = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
-    return (f"run dir {run_dir}: {path} is {what}, not the lock file ftl writes, so ftl cannot tell whether another "
-            f"run uses this dir. If none does, remove it; or choose another run.dir")  # fmt: skip
+    return (
+        f"run dir {run_dir}: {path} is {what}, not the lock file ftl writes, so ftl cannot tell whether another "
+        f"run uses this dir. If none does, remove it; or choose another run.dir"
+    )
 
 
 def check_free(run_dir: Path) -> Optional[str]:
@@ -179,16 +183,27 @@ class RunDirLock:
             if reason is None:
                 raise RunDirBusy(busy_message(self.run_dir, current))
             if read_lock(self.run_dir) == current:  # not replaced by another taker meanwhile
-                print(f"ftl: taking over the stale lock of {self.run_dir} ({current.describe()}: {reason})", file=sys.stderr)
+                print(
+                    f"ftl: taking over the stale lock of {self.run_dir} ({current.describe()}: {reason})",
+                    file=sys.stderr,
+                )
                 lock_path(self.run_dir).unlink(missing_ok=True)
-        raise RunDirBusy(f"run dir {self.run_dir}: could not take its lock (another writer is starting at the same moment)")
+        raise RunDirBusy(
+            f"run dir {self.run_dir}: could not take its lock (another writer is starting at the same moment)"
+        )
 
     def _write(self, path: Path, replace: bool) -> bool:
         """Write the lock with its content in one step (a hard link or a rename of a finished
         file), so no reader ever sees it empty; with ``replace=False``, False when it exists."""
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "role": self.role,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
-                "pid_start": _pid_start(os.getpid())}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "token": self.token,
+            "role": self.role,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+            "pid_start": _pid_start(os.getpid()),
+        }
         tmp = self.run_dir / f"{RunPaths.LOCK}.{os.getpid()}.{self.token}.tmp"
         tmp.write_text(json.dumps(info) + "\n")
         try:

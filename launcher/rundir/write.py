@@ -55,7 +55,9 @@ def run_dir_errors(raw: dict[str, Any], run_dir: Path) -> list[ConfigError]:
     if config.exists():
         problem = _unreadable_config(config)
         if problem:
-            errors.append(ConfigError(where, f"{config} {problem}: not an ftl config; move it away or choose another run.dir"))
+            errors.append(
+                ConfigError(where, f"{config} {problem}: not an ftl config; move it away or choose another run.dir")
+            )
     return errors
 
 
@@ -103,7 +105,9 @@ def _script_commands(plan: LaunchPlan) -> list[str]:
     from launcher.launch.slurm import PREVIOUS_JOB
 
     token = "ftlpreviousjob" + secrets.token_hex(8)  # a plain word: quoting leaves it as is
-    commands = [[w.replace(PREVIOUS_JOB, token) if w.startswith("--dependency=") else w for w in argv] for argv in plan.commands]
+    commands = [
+        [w.replace(PREVIOUS_JOB, token) if w.startswith("--dependency=") else w for w in argv] for argv in plan.commands
+    ]
     lines = dataclasses.replace(plan, commands=commands).shell_lines()
     out = []
     for line, following in zip(lines, [*lines[1:], ""]):
@@ -129,4 +133,3 @@ def _diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
             out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
         return out
     return [] if a == b else [(path, a, b)]
-

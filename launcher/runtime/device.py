@@ -78,7 +78,11 @@ def bf16_residual_stream(model: torch.nn.Module) -> RemovableHandle:
 
     def cast(module: torch.nn.Module, args: object, output: torch.Tensor) -> Optional[torch.Tensor]:
         device = output.device.type
-        if output.dtype == torch.float32 and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+        if (
+            output.dtype == torch.float32
+            and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16
+        ):
             return output.to(torch.bfloat16)
         return None
 

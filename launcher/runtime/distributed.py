@@ -55,8 +55,9 @@ def read_dist_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
     return info
 
 
-def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ,
-                     timeout_s: Optional[float] = None) -> DistInfo:  # fmt: skip
+def init_distributed(
+    launch: LaunchBase, device: torch.device, environ: Mapping[str, str] = os.environ, timeout_s: Optional[float] = None
+) -> DistInfo:
     """Join the process group torchrun prepared: nccl on GPU, gloo on CPU, always with a timeout so
     one dead rank fails the job instead of hanging it: ``timeout_s``, else launch.dist_timeout_s.
     The trainer starts with its I/O-phase timeout (the model loads under it) and lowers it to the
@@ -81,7 +82,9 @@ def init_distributed(launch: LaunchBase, device: torch.device, environ: Mapping[
     return info
 
 
-def elastic_attempt_store(info: DistInfo, environ: Mapping[str, str], timeout: timedelta) -> Optional["torch_dist.Store"]:
+def elastic_attempt_store(
+    info: DistInfo, environ: Mapping[str, str], timeout: timedelta
+) -> Optional["torch_dist.Store"]:
     """Under torchrun, the rendezvous store with a key prefix per restart attempt; None elsewhere.
 
     torchrun (torch 2.13, c10d rendezvous) keeps one TCPStore, same port and same keys, across
@@ -92,9 +95,12 @@ def elastic_attempt_store(info: DistInfo, environ: Mapping[str, str], timeout: t
         return None
     hosted_by_agent = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = torch_dist.TCPStore(
-        environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), info.world_size,
-        is_master=not hosted_by_agent and info.rank == 0, timeout=timeout,
-    )  # fmt: skip
+        environ["MASTER_ADDR"],
+        int(environ["MASTER_PORT"]),
+        info.world_size,
+        is_master=not hosted_by_agent and info.rank == 0,
+        timeout=timeout,
+    )
     return torch_dist.PrefixStore(f"ftl/attempt-{attempt}", store)
 
 
@@ -181,7 +187,9 @@ def check_same_on_all_ranks(value: str, what: str) -> None:
     torch_dist.all_gather_object(values, value)
     if len(set(values)) > 1:
         odd = [r for r, v in enumerate(values) if v != values[0]]
-        raise RuntimeError(f"ranks disagree on the {what}: ranks {odd} differ from rank 0; start every node with the same command")
+        raise RuntimeError(
+            f"ranks disagree on the {what}: ranks {odd} differ from rank 0; start every node with the same command"
+        )
 
 
 def reduce_max(value: float) -> float:

@@ -27,8 +27,10 @@ def warmup_notice(train: TrainConfig, total_steps: int) -> str | None:
     used = warmup_steps(train, total_steps)
     if used == train.warmup_steps:
         return None
-    return (f"train.warmup_steps={train.warmup_steps} is not shorter than this run's {total_steps} steps: "
-            f"warming up over {used} step(s) instead (set train.warmup_steps to choose)")  # fmt: skip
+    return (
+        f"train.warmup_steps={train.warmup_steps} is not shorter than this run's {total_steps} steps: "
+        f"warming up over {used} step(s) instead (set train.warmup_steps to choose)"
+    )
 
 
 def lr_at(step: int, train: TrainConfig, total_steps: int) -> float:

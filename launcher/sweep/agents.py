@@ -18,9 +18,24 @@ from typing import Any, Mapping, Optional
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.rundir import RunPaths
 from launcher.shell import join, quote
-from launcher.sweep.spec import agent_args, check_no_conflict, check_trials, fixed_overrides, load_spec, merge_overrides, secret_overrides, sweep_dir_for
+from launcher.sweep.spec import (
+    agent_args,
+    check_no_conflict,
+    check_trials,
+    fixed_overrides,
+    load_spec,
+    merge_overrides,
+    secret_overrides,
+    sweep_dir_for,
+)
 from launcher.sweep.trial import OVERRIDES_ENV
-from launcher.sweep.wandb_config import expand_command, import_sweeps, schema_violations, wandb_online, wandb_sweep_config
+from launcher.sweep.wandb_config import (
+    expand_command,
+    import_sweeps,
+    schema_violations,
+    wandb_online,
+    wandb_sweep_config,
+)
 
 TEMPLATE = "sweep.sbatch.j2"
 
@@ -66,8 +81,11 @@ def agent(sweep_id: str, tokens: list[str]) -> int:
     if cfg.launch.backend == "slurm" and args.count is None:
         raise ConfigErrors([ConfigError("count", "launch=slurm submits one job per trial: give count=K")])
     if not wandb_online():  # the jobs inherit this environment: their agents would have no key either
-        print("ftl sweep agent: no W&B API key (WANDB_API_KEY or `wandb login`): the W&B agent needs its server.\n"
-              "Air-gapped: ftl sweep agent --offline SPEC count=K, ftl sweep optuna SPEC count=K, ftl train -m ...", file=sys.stderr)  # fmt: skip
+        print(
+            "ftl sweep agent: no W&B API key (WANDB_API_KEY or `wandb login`): the W&B agent needs its server.\n"
+            "Air-gapped: ftl sweep agent --offline SPEC count=K, ftl sweep optuna SPEC count=K, ftl train -m ...",
+            file=sys.stderr,
+        )
         return 2
     if cfg.launch.backend == "slurm":
         return submit_jobs(raw, cfg, sweep_id, args.overrides, [None] * args.count)  # type: ignore[operator]
@@ -87,33 +105,47 @@ def server_fixed_overrides(sweep_id: str) -> list[str]:
 
         return fixed_overrides(wandb.Api().sweep(sweep_id).config.get("command") or [])
     except Exception as e:  # noqa: BLE001 - only a check; the trial validates its own config
-        print(f"ftl: could not read sweep {sweep_id}'s command ({type(e).__name__}); not checking overrides against it", file=sys.stderr)
+        print(
+            f"ftl: could not read sweep {sweep_id}'s command ({type(e).__name__}); not checking overrides against it",
+            file=sys.stderr,
+        )
         return []
 
 
-def render_sweep_script(cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[str], offline: bool, python: str, workdir: Path) -> str:
+def render_sweep_script(
+    cfg: Any, sweep_dir: Path, sweep_id: str, extra: list[str], offline: bool, python: str, workdir: Path
+) -> str:
     """Pure: the SLURM script of a sweep's trial jobs (slurm/sweep.sbatch.j2)."""
     from launcher.launch.slurm import jinja_env, template_values
 
     values = template_values(cfg, sweep_dir, RunPaths(sweep_dir).config, python, workdir)
     # launch.env secrets among the agent's overrides stay out of the script: sbatch hands them to
     # the job in its environment (launcher.launch.slurm.secret_env), and the trials inherit them.
-    values.update(sweep_id=sweep_id, jobs_dir=str(sweep_dir / "jobs"), agent_overrides=json.dumps(secret_overrides(extra)[0]),
-                  offline=offline, script_path=str(sweep_dir / "sweep.sbatch"))  # fmt: skip
+    values.update(
+        sweep_id=sweep_id,
+        jobs_dir=str(sweep_dir / "jobs"),
+        agent_overrides=json.dumps(secret_overrides(extra)[0]),
+        offline=offline,
+        script_path=str(sweep_dir / "sweep.sbatch"),
+    )
     if not cfg.launch.job_name:
         values["job_name"] = f"ftl-sweep-{sweep_id}"
     return jinja_env().get_template(TEMPLATE).render(**values)
 
 
-def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], trial_files: list[Optional[Path]]) -> int:
+def submit_jobs(
+    raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], trial_files: list[Optional[Path]]
+) -> int:
     """One SLURM job per trial, all from one script rendered into the sweep dir."""
-    from launcher.rundir.write import choose_run_dir
     from launcher.launch.slurm import UnsafeValue, run_sbatch, secret_env
+    from launcher.rundir.write import choose_run_dir
 
     sweep_dir = sweep_dir_for(choose_run_dir(raw), sweep_id)
     script = sweep_dir / "sweep.sbatch"
     try:
-        text = render_sweep_script(cfg, sweep_dir, sweep_id, extra, trial_files[0] is not None, sys.executable, Path.cwd())
+        text = render_sweep_script(
+            cfg, sweep_dir, sweep_id, extra, trial_files[0] is not None, sys.executable, Path.cwd()
+        )
     except UnsafeValue as e:
         raise ConfigErrors([ConfigError(e.field, str(e))]) from None
     RunPaths(sweep_dir).logs.mkdir(parents=True, exist_ok=True)  # SLURM will not create it
@@ -124,8 +156,11 @@ def submit_jobs(raw: dict[str, Any], cfg: Any, sweep_id: str, extra: list[str], 
         if code:
             return code
         print(job_id)
-    print(f"ftl: submitted {len(trial_files)} trial job(s) of sweep {sweep_id}; logs in {RunPaths(sweep_dir).logs}, "
-          f"trials in {sweep_dir}/<run id>", file=sys.stderr)  # fmt: skip
+    print(
+        f"ftl: submitted {len(trial_files)} trial job(s) of sweep {sweep_id}; logs in {RunPaths(sweep_dir).logs}, "
+        f"trials in {sweep_dir}/<run id>",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -157,7 +192,9 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
     env = trial_environ(args.overrides)
     env.update(WANDB_SWEEP_ID=sweep_id, WANDB_DIR=str(sweep_dir))
     # The sweep's command holds no secret: the trials read launch.env secrets from their environment.
-    env.update({name: str(cfg.launch.env[name]) for name in secret_overrides(spec.overrides)[1] if name in cfg.launch.env})
+    env.update(
+        {name: str(cfg.launch.env[name]) for name in secret_overrides(spec.overrides)[1] if name in cfg.launch.env}
+    )
 
     def draw(pending: list[Any]) -> Optional[tuple[str, dict[str, Any], Path]]:
         run = next_run(config, [*history(params_dir, sweep_dir, spec.metric.name), *pending])
@@ -178,14 +215,29 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
             if drawn is None:
                 break
             run_id, params, path = drawn
-            pending.append(sweeps.SweepRun(name=run_id, state=sweeps.RunState.running, config={k: {"value": v} for k, v in params.items()}))
-            trial = {"argv": expand_command(config["command"], params, env), "run_dir": str(sweep_dir / run_id),
-                     "env": {"WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(path), "WANDB_DIR": str(sweep_dir)}}  # fmt: skip
+            pending.append(
+                sweeps.SweepRun(
+                    name=run_id, state=sweeps.RunState.running, config={k: {"value": v} for k, v in params.items()}
+                )
+            )
+            trial = {
+                "argv": expand_command(config["command"], params, env),
+                "run_dir": str(sweep_dir / run_id),
+                "env": {
+                    "WANDB_SWEEP_ID": sweep_id,
+                    "WANDB_RUN_ID": run_id,
+                    "WANDB_SWEEP_PARAM_PATH": str(path),
+                    "WANDB_DIR": str(sweep_dir),
+                },
+            }
             files.append(sweep_dir / "trials" / f"{run_id}.json")
             files[-1].parent.mkdir(exist_ok=True)  # type: ignore[union-attr]
             files[-1].write_text(json.dumps(trial, indent=2) + "\n")  # type: ignore[union-attr]
         if len(files) < args.count:
-            print(f"ftl: sweep {sweep_id}: the search space is exhausted after {len(files)} more trial(s)", file=sys.stderr)
+            print(
+                f"ftl: sweep {sweep_id}: the search space is exhausted after {len(files)} more trial(s)",
+                file=sys.stderr,
+            )
         return submit_jobs(raw, cfg, sweep_id, args.overrides, files) if files else 0
 
     rows = []
@@ -197,10 +249,15 @@ def offline_agent(spec_arg: str, tokens: list[str]) -> int:
         run_id, params, path = drawn
         argv = expand_command(config["command"], params, env)
         print(f"ftl: offline sweep {sweep_id}, trial {i + 1}/{args.count} ({run_id}): {join(argv)}", file=sys.stderr)
-        code = subprocess.run(argv, env={**env, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(path)}, check=False).returncode
+        code = subprocess.run(
+            argv, env={**env, "WANDB_RUN_ID": run_id, "WANDB_SWEEP_PARAM_PATH": str(path)}, check=False
+        ).returncode
         rows.append((run_id, code, " ".join(agent_args(params)), sweep_dir / run_id))
         got = trial_metric(sweep_dir / run_id, spec.metric.name)
-        print(f"ftl: trial {run_id} exited {code}; {got[0] + '=' + format(got[1], '.4f') if got else 'no metric'}", file=sys.stderr)
+        print(
+            f"ftl: trial {run_id} exited {code}; {got[0] + '=' + format(got[1], '.4f') if got else 'no metric'}",
+            file=sys.stderr,
+        )
     print_trial_table(rows, spec.metric.name, spec.metric.goal)
     print(f"sweep {sweep_id}: {sweep_dir}/<run id>; W&B offline runs: {wandb_sync_command(sweep_dir)}")
     return max((code for _, code, _, _ in rows), default=0) and 1
@@ -228,8 +285,14 @@ def history(params_dir: Path, sweep_dir: Path, metric: str) -> list[Any]:
         run_id = path.stem.removeprefix("config-")
         got = trial_metric(sweep_dir / run_id, metric)
         state = sweeps.RunState.finished if got else sweeps.RunState.running
-        runs.append(sweeps.SweepRun(name=run_id, state=state, config=yaml.safe_load(path.read_text()),
-                                    summary_metrics={metric: got[1]} if got else {}))  # fmt: skip
+        runs.append(
+            sweeps.SweepRun(
+                name=run_id,
+                state=state,
+                config=yaml.safe_load(path.read_text()),
+                summary_metrics={metric: got[1]} if got else {},
+            )
+        )
     return runs
 
 

@@ -34,7 +34,9 @@ def expand(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [trial for batch in batches for trial in batch], {override_key(o.get_key_element()) for o in parsed if o.is_sweep_override()}
+    return [trial for batch in batches for trial in batch], {
+        override_key(o.get_key_element()) for o in parsed if o.is_sweep_override()
+    }
 
 
 def trial_result(run_dir: Path) -> dict[str, object]:
@@ -66,8 +68,9 @@ def trial_metric(run_dir: Path, name: str = DEFAULT_METRIC) -> tuple[str, float]
     evals = RunPaths(run_dir).eval
     if section == "eval" and evals.is_file():
         results = json.loads(evals.read_text())
-        final = results.get("after") or max((v for k, v in results.items() if k.startswith("step_")),
-                                            key=lambda v: v.get("step", 0), default={})  # fmt: skip
+        final = results.get("after") or max(
+            (v for k, v in results.items() if k.startswith("step_")), key=lambda v: v.get("step", 0), default={}
+        )
         if isinstance(final.get(key), (int, float)):
             return name, float(final[key])
     metrics = RunPaths(run_dir).metrics
@@ -77,10 +80,14 @@ def trial_metric(run_dir: Path, name: str = DEFAULT_METRIC) -> tuple[str, float]
     return (f"train/{key}", float(rows[-1][key])) if rows else None
 
 
-def print_trial_table(rows: list[tuple[str, int, str, Path]], metric: str = DEFAULT_METRIC, goal: str = "minimize") -> None:
+def print_trial_table(
+    rows: list[tuple[str, int, str, Path]], metric: str = DEFAULT_METRIC, goal: str = "minimize"
+) -> None:
     """The table at the end of a sweep: one row per (trial, exit code, its overrides, run dir),
     with the metric it reports, and the best trial."""
-    results = [(label, code, ov, trial_metric(run_dir, metric), trial_result(run_dir)) for label, code, ov, run_dir in rows]
+    results = [
+        (label, code, ov, trial_metric(run_dir, metric), trial_result(run_dir)) for label, code, ov, run_dir in rows
+    ]
     width = max([5, *(len(r[0]) for r in results)])
     print(f"\n{'trial':>{width}}  {'exit':>4}  {'metric':>22}  {'loss':>8}  {'eval_ppl':>9}  overrides")
     for label, code, ov, got, res in results:
@@ -120,7 +127,11 @@ def trial_dir(base: Path, trial: list[str], swept: list[str]) -> Path:
     """The dir of this trial's earlier run (found by its hash: swept with other values, its
     readable name differed), else a new one named by :func:`trial_dir_name`."""
     digest = trial_hash(trial)
-    earlier = sorted(p for p in base.glob(f"*{digest}") if p.name == digest or p.name.endswith(f"-{digest}")) if base.is_dir() else []
+    earlier = (
+        sorted(p for p in base.glob(f"*{digest}") if p.name == digest or p.name.endswith(f"-{digest}"))
+        if base.is_dir()
+        else []
+    )
     return earlier[0] if earlier else base / trial_dir_name(trial, swept)
 
 
@@ -128,8 +139,8 @@ def stale_trials(trials: list[tuple[str, list[str], Path]]) -> list[str]:
     """For each (label, overrides with its run.dir, run dir) whose run dir exists and holds a
     config.yaml other than the one the trial composes now: what to tell the user (the trial, its
     dir, the differing keys). A trial with no dir yet is composed when it runs, as any run is."""
-    from launcher.rundir.write import _config_changes
     from launcher.redact import known_secrets, redact
+    from launcher.rundir.write import _config_changes
     from launcher.session import prepare_run
 
     out = []
@@ -161,11 +172,16 @@ def run_multirun(overrides: list[str], train_once: Callable[[list[str]], int]) -
     def with_dir(trial: list[str], run_dir: Path) -> list[str]:
         return [*trial, f"run.dir={hydra_quote(str(run_dir))}"]
 
-    stale = stale_trials([(f"{label} ({shown(swept)})", with_dir(trial, run_dir), run_dir) for label, trial, swept, run_dir in planned])
+    stale = stale_trials(
+        [(f"{label} ({shown(swept)})", with_dir(trial, run_dir), run_dir) for label, trial, swept, run_dir in planned]
+    )
     if stale:
         print("ftl train -m: " + "\n".join(stale), file=sys.stderr)
-        print(f"Nothing was run: those results are not this sweep's. Choose one: a new run.name for this sweep, "
-              f"or move those trial dirs out of {base}.", file=sys.stderr)  # fmt: skip
+        print(
+            f"Nothing was run: those results are not this sweep's. Choose one: a new run.name for this sweep, "
+            f"or move those trial dirs out of {base}.",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     rows = []
     worst = 0

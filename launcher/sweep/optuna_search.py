@@ -96,7 +96,9 @@ def parse_seed(tokens: list[str]) -> tuple[int, list[str]]:
         if token.startswith("seed="):
             value = token.partition("=")[2]
             if not value.isdigit():
-                raise ConfigErrors([ConfigError("seed", f"got {value!r}; expected a non-negative integer (the sampler's seed)")])
+                raise ConfigErrors(
+                    [ConfigError("seed", f"got {value!r}; expected a non-negative integer (the sampler's seed)")]
+                )
             seed = int(value)
         else:
             rest.append(token)
@@ -134,10 +136,17 @@ def run_optuna(spec_arg: str, tokens: list[str], train_once: Callable[[list[str]
     sweep_dir = new_dir(base.with_name(f"{base.name}-optuna-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     count = args.count or 10
     sweeper = OptunaSweeper(
-        sampler=sampler(spec.method, seed), direction=spec.metric.goal, storage=None, study_name=f"ftl-{spec.name}",
-        n_trials=count, n_jobs=1, max_failure_rate=1.0, search_space=None, custom_search_space=None,
+        sampler=sampler(spec.method, seed),
+        direction=spec.metric.goal,
+        storage=None,
+        study_name=f"ftl-{spec.name}",
+        n_trials=count,
+        n_jobs=1,
+        max_failure_rate=1.0,
+        search_space=None,
+        custom_search_space=None,
         params=OmegaConf.create(search_space(spec)),
-    )  # fmt: skip
+    )
     launcher = TrialLauncher([*args.overrides, *spec.overrides], sweep_dir, spec.metric.name, train_once)
     # What the plugin's setup() does, minus asking Hydra's plugin registry for a launcher plugin
     # (those must live in the hydra_plugins package): the config it reads is hydra.sweep.dir.

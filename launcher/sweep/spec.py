@@ -54,7 +54,13 @@ def spec_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         names = ", ".join(sorted(named))
-        raise ConfigErrors([ConfigError("spec", f"{spec!r}: no such file, nor a sweep in conf/sweep/ or a config dir (available: {names})")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "spec", f"{spec!r}: no such file, nor a sweep in conf/sweep/ or a config dir (available: {names})"
+                )
+            ]
+        )
     problem = file_problem(path)
     if problem:
         raise ConfigErrors([ConfigError("spec", problem)])
@@ -101,21 +107,35 @@ def _bind_spec(data: dict[str, Any], errors: list[ConfigError]) -> SweepSpec:
             errors.append(ConfigError(str(key), "unknown sweep field" + suggest(str(key), known)))
     spec = SweepSpec(**{k: v for k, v in data.items() if k in known and k != "metric"})
     metric = data.get("metric") or {}
-    if not isinstance(metric, dict) or set(metric) - {"name", "goal", "target"} or not isinstance(metric.get("name", ""), str):
+    if (
+        not isinstance(metric, dict)
+        or set(metric) - {"name", "goal", "target"}
+        or not isinstance(metric.get("name", ""), str)
+    ):
         errors.append(ConfigError("metric", f"expected {{name: eval/loss, goal: minimize}}, got {metric!r}"))
     else:
         spec.metric = MetricSpec(name=metric.get("name", "eval/loss"), goal=metric.get("goal", "minimize"))
     if spec.metric.goal not in ("minimize", "maximize"):
         errors.append(ConfigError("metric.goal", f"got {spec.metric.goal!r}; expected minimize or maximize"))
     if spec.metric.name.partition("/")[0] not in ("eval", "train") or "/" not in spec.metric.name:
-        errors.append(ConfigError("metric.name", f"got {spec.metric.name!r}; ftl logs eval/<k> (loss, perplexity, ...) and train/<k> (loss, ...)"))
+        errors.append(
+            ConfigError(
+                "metric.name",
+                f"got {spec.metric.name!r}; ftl logs eval/<k> (loss, perplexity, ...) and train/<k> (loss, ...)",
+            )
+        )
     if spec.method not in METHODS:
         errors.append(ConfigError("method", f"got {spec.method!r}; expected one of {', '.join(METHODS)}"))
     if not isinstance(spec.overrides, list) or not all(isinstance(o, str) for o in spec.overrides):
         errors.append(ConfigError("overrides", f"expected a list of override strings, got {spec.overrides!r}"))
         spec.overrides = []
     if not isinstance(spec.parameters, dict) or not spec.parameters:
-        errors.append(ConfigError("parameters", "expected a mapping of ftl override keys to W&B parameter specs, e.g. train.lr: {values: [1e-4, 3e-4]}"))
+        errors.append(
+            ConfigError(
+                "parameters",
+                "expected a mapping of ftl override keys to W&B parameter specs, e.g. train.lr: {values: [1e-4, 3e-4]}",
+            )
+        )
         spec.parameters = {}
     return spec
 
@@ -137,15 +157,24 @@ def check_parameters(spec: SweepSpec) -> list[ConfigError]:
     for key, param in spec.parameters.items():
         where = f"parameters.{key}"
         if not isinstance(param, dict) or "parameters" in param:
-            errors.append(ConfigError(where, "expected {values: [...]}, {value: v} or {min, max, distribution}; "
-                                             "nest keys with dots (train.lr), not with W&B's nested parameters"))  # fmt: skip
+            errors.append(
+                ConfigError(
+                    where,
+                    "expected {values: [...]}, {value: v} or {min, max, distribution}; "
+                    "nest keys with dots (train.lr), not with W&B's nested parameters",
+                )
+            )
             continue
         extra = set(param) - set(PARAM_KEYS)
         if extra:
-            errors.append(ConfigError(f"{where}.{sorted(extra)[0]}", f"not supported by ftl sweeps (use {', '.join(PARAM_KEYS)})"))
+            errors.append(
+                ConfigError(f"{where}.{sorted(extra)[0]}", f"not supported by ftl sweeps (use {', '.join(PARAM_KEYS)})")
+            )
         kind = distribution(param)
         if kind not in DISTRIBUTIONS:
-            errors.append(ConfigError(f"{where}.distribution", f"got {kind!r}; ftl sweeps support {', '.join(DISTRIBUTIONS)}"))
+            errors.append(
+                ConfigError(f"{where}.distribution", f"got {kind!r}; ftl sweeps support {', '.join(DISTRIBUTIONS)}")
+            )
         elif kind == "constant" and "value" not in param:
             errors.append(ConfigError(where, "distribution constant needs `value`"))
         elif kind == "categorical" and (not isinstance(param.get("values"), list) or not param["values"]):
@@ -163,6 +192,7 @@ def check_parameters(spec: SweepSpec) -> list[ConfigError]:
 
 def corner_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     """Two parameter sets to validate a spec with: every first value / min, every last / max."""
+
     def pick(param: Mapping[str, Any], last: bool) -> Any:
         if "value" in param:
             return param["value"]
@@ -184,17 +214,30 @@ def check_trials(spec: SweepSpec, extra: list[str] = (), require_wandb: bool = F
         try:
             loaded = load_config([*extra, *spec.overrides, *agent_args(params)])
         except ConfigErrors as e:
-            named = (ConfigError(f"parameters.{x.path}" if x.path in spec.parameters else x.path, x.message) for x in e.errors)
+            named = (
+                ConfigError(f"parameters.{x.path}" if x.path in spec.parameters else x.path, x.message)
+                for x in e.errors
+            )
             errors += [x for x in named if x not in errors]  # the second trial repeats the first's
             continue
         raw, cfg = loaded.raw, loaded.cfg
         first = first or (raw, cfg)
         if require_wandb and cfg.wandb.mode == "disabled":
-            errors.append(ConfigError("wandb.mode", "disabled: a W&B sweep's trials must report to W&B; add wandb.mode=auto to the spec's overrides"))
+            errors.append(
+                ConfigError(
+                    "wandb.mode",
+                    "disabled: a W&B sweep's trials must report to W&B; add wandb.mode=auto to the spec's overrides",
+                )
+            )
             break
         section = spec.metric.name.partition("/")[0]
         if section == "eval" and not (cfg.eval.after_training or cfg.eval.every_steps):
-            errors.append(ConfigError("metric.name", f"{spec.metric.name} needs an evaluation (eval.after_training=true), or use train/loss"))
+            errors.append(
+                ConfigError(
+                    "metric.name",
+                    f"{spec.metric.name} needs an evaluation (eval.after_training=true), or use train/loss",
+                )
+            )
             break
     if errors or first is None:
         raise ConfigErrors(errors)
@@ -232,7 +275,12 @@ def check_no_conflict(extra: list[str], fixed: list[str]) -> None:
     taken = {override_key(o) for o in fixed}
     clash = [o for o in extra if override_key(o) in taken]
     if clash:
-        raise ConfigErrors([ConfigError(override_key(o), f"{o!r}: the sweep's command already sets it; change the sweep instead") for o in clash])
+        raise ConfigErrors(
+            [
+                ConfigError(override_key(o), f"{o!r}: the sweep's command already sets it; change the sweep instead")
+                for o in clash
+            ]
+        )
 
 
 def secret_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -249,8 +297,13 @@ def secret_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
         if sep and is_secret_key(bare) and re.fullmatch(r"launch\.env\.[A-Za-z_][A-Za-z0-9_]*", bare):
             names.append(bare.rsplit(".", 1)[1])
         elif (sep and is_secret_key(bare)) or redact(text, secrets) != text:
-            errors.append(ConfigError(bare, "holds a secret, which a sweep config (stored by W&B) must not: "
-                                      "pass it to the trials through the environment"))  # fmt: skip
+            errors.append(
+                ConfigError(
+                    bare,
+                    "holds a secret, which a sweep config (stored by W&B) must not: "
+                    "pass it to the trials through the environment",
+                )
+            )
         else:
             kept.append(text)
     if errors:

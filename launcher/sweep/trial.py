@@ -63,19 +63,33 @@ def sweep_trial(overrides: list[str], environ: Mapping[str, str]) -> Optional[Tr
     run_dir = trial_run_dir(choose_run_dir(raw), sweep_id, run_id)
     name = f"{raw['run']['name']}-{run_id}"
     job = environ.get(JOB_ENV)
-    return Trial(sweep_id, run_id, list(overrides), [*composed, f"run.name={hydra_quote(name)}", f"run.dir={hydra_quote(str(run_dir))}"],
-                 run_dir, str(raw["launch"]["backend"]), Path(job) if job else None)  # fmt: skip
+    return Trial(
+        sweep_id,
+        run_id,
+        list(overrides),
+        [*composed, f"run.name={hydra_quote(name)}", f"run.dir={hydra_quote(str(run_dir))}"],
+        run_dir,
+        str(raw["launch"]["backend"]),
+        Path(job) if job else None,
+    )
 
 
 def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
     """Train the trial: here (train_once), or, inside a SLURM sweep job, across its allocation."""
-    from launcher.sweep.multirun import shown
     from launcher.rundir import RunPaths
+    from launcher.sweep.multirun import shown
 
     print(f"ftl: sweep {trial.sweep_id} trial {trial.run_id}: {shown(trial.argv_overrides)}", file=sys.stderr)
     if trial.backend == "slurm" and trial.job_record is None:
-        raise ConfigErrors([ConfigError("launch", "a sweep trial with launch=slurm runs inside its SLURM job: "
-                                        "`ftl sweep agent SWEEP_ID count=K launch=slurm ...` submits them")])  # fmt: skip
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "launch",
+                    "a sweep trial with launch=slurm runs inside its SLURM job: "
+                    "`ftl sweep agent SWEEP_ID count=K launch=slurm ...` submits them",
+                )
+            ]
+        )
     mark_dir(trial.run_dir, "run")
     # The W&B run the agent made is this run dir's run: a restart (requeue, resume) continues it.
     write_atomic(RunPaths(trial.run_dir).wandb_id, trial.run_id + "\n")
@@ -91,13 +105,23 @@ def run_trial(trial: Trial, train_once: Any, environ: Mapping[str, str]) -> int:
 def record_trial(trial: Trial, environ: Mapping[str, str]) -> None:
     """jobs/<job id>.json: what a requeued job runs again instead of drawing a new trial."""
     assert trial.job_record is not None
-    record = {"argv": [sys.executable, "-m", "launcher", "train", *trial.argv_overrides],
-              "env": {k: environ[k] for k in AGENT_ENV if environ.get(k)}, "run_dir": str(trial.run_dir)}  # fmt: skip
+    record = {
+        "argv": [sys.executable, "-m", "launcher", "train", *trial.argv_overrides],
+        "env": {k: environ[k] for k in AGENT_ENV if environ.get(k)},
+        "run_dir": str(trial.run_dir),
+    }
     if trial.job_record.is_file():
         old = json.loads(trial.job_record.read_text())
         if old.get("env", {}).get("WANDB_RUN_ID") != trial.run_id:
-            raise ConfigErrors([ConfigError(JOB_ENV, f"{trial.job_record} records run {old.get('env', {}).get('WANDB_RUN_ID')}, "
-                                                     f"not {trial.run_id}: one trial per job")])  # fmt: skip
+            raise ConfigErrors(
+                [
+                    ConfigError(
+                        JOB_ENV,
+                        f"{trial.job_record} records run {old.get('env', {}).get('WANDB_RUN_ID')}, "
+                        f"not {trial.run_id}: one trial per job",
+                    )
+                ]
+            )
         return
     trial.job_record.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(trial.job_record, json.dumps(record, indent=2) + "\n")
@@ -107,7 +131,10 @@ def replay(record_path: str) -> int:
     """In a requeued sweep job: run the recorded trial again, same command, same W&B run."""
     record = json.loads(Path(record_path).read_text())
     argv, env = list(record["argv"]), {**os.environ, **record["env"]}
-    print(f"ftl: job {os.environ.get('SLURM_JOB_ID', '?')} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')}): "
-          f"trial {record['env'].get('WANDB_RUN_ID')} of sweep {record['env'].get('WANDB_SWEEP_ID')}, run dir {record['run_dir']}", flush=True)  # fmt: skip
+    print(
+        f"ftl: job {os.environ.get('SLURM_JOB_ID', '?')} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')}): "
+        f"trial {record['env'].get('WANDB_RUN_ID')} of sweep {record['env'].get('WANDB_SWEEP_ID')}, run dir {record['run_dir']}",
+        flush=True,
+    )
     sys.stderr.flush()
     os.execvpe(argv[0], argv, env)

@@ -21,7 +21,11 @@ ARGS_MACRO = "${args_no_hyphens}"
 
 def wandb_sweep_config(spec: SweepSpec) -> dict[str, Any]:
     """The W&B sweep config: the spec's W&B fields and the command that runs `ftl train`."""
-    out: dict[str, Any] = {"name": spec.name, "method": spec.method, "metric": {"name": spec.metric.name, "goal": spec.metric.goal}}
+    out: dict[str, Any] = {
+        "name": spec.name,
+        "method": spec.method,
+        "metric": {"name": spec.metric.name, "goal": spec.metric.goal},
+    }
     if spec.description:
         out["description"] = spec.description
     out["parameters"] = {k: dict(v) for k, v in spec.parameters.items()}
@@ -32,8 +36,15 @@ def wandb_sweep_config(spec: SweepSpec) -> dict[str, Any]:
     out["command"] = [*COMMAND_HEAD, *kept, ARGS_MACRO]
     leaked = redact(out, known_secrets()) != out
     if leaked:
-        raise ConfigErrors([ConfigError("spec", "holds the value of a secret (an API key or token from the environment), which a "
-                                        "sweep config (stored by W&B) must not")])  # fmt: skip
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "spec",
+                    "holds the value of a secret (an API key or token from the environment), which a "
+                    "sweep config (stored by W&B) must not",
+                )
+            ]
+        )
     return out
 
 
@@ -109,30 +120,44 @@ def create(spec_arg: str, extra: list[str], out: Optional[str], offline: bool) -
         raise ConfigErrors([ConfigError("spec", f"W&B's sweep schema: {v}") for v in violations])
     path = Path(out) if out else sweep_file(raw, spec.name)
     if path.exists() and not is_sweep_file(path):
-        raise ConfigErrors([ConfigError("--out", f"{path} exists and was not written by `ftl sweep create`; choose another --out")])
+        raise ConfigErrors(
+            [ConfigError("--out", f"{path} exists and was not written by `ftl sweep create`; choose another --out")]
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, SWEEP_FILE_HEADER + yaml.safe_dump(config, sort_keys=False))
     print(f"ftl: wrote the W&B sweep config {path}", file=sys.stderr)
     _, env_names = secret_overrides(spec.overrides)
     if env_names:
-        print(f"ftl: left out of the sweep's command (secrets): {', '.join(env_names)}; export them where the agents run", file=sys.stderr)
-    offline_cmds = [f"ftl sweep agent --offline {quote(path)} count=K    (W&B's search engine, no server)",
-                    f"ftl sweep optuna {quote(path)} count=K            (Optuna TPE via hydra-optuna-sweeper)"]  # fmt: skip
+        print(
+            f"ftl: left out of the sweep's command (secrets): {', '.join(env_names)}; export them where the agents run",
+            file=sys.stderr,
+        )
+    offline_cmds = [
+        f"ftl sweep agent --offline {quote(path)} count=K    (W&B's search engine, no server)",
+        f"ftl sweep optuna {quote(path)} count=K            (Optuna TPE via hydra-optuna-sweeper)",
+    ]
     grid = [f"{k}={','.join(map(str, p['values']))}" for k, p in spec.parameters.items() if "values" in p]
     if len(grid) == len(spec.parameters):
-        offline_cmds.append(f"{ftl_command(['ftl', 'train', '-m'], spec.overrides + grid)}    (every combination, Hydra's basic sweeper)")
+        offline_cmds.append(
+            f"{ftl_command(['ftl', 'train', '-m'], spec.overrides + grid)}    (every combination, Hydra's basic sweeper)"
+        )
     if offline or not wandb_online():
         reason = "--offline" if offline else "no W&B API key (WANDB_API_KEY or `wandb login`)"
-        print(f"ftl: {reason}: the sweep was not created. Where W&B is reachable:\n"
-              f"  {join(['wandb', 'sweep', '--project', spec.project, path])}\n"
-              f"  ftl sweep agent {quote(f'ENTITY/{spec.project}/SWEEP_ID')} count=K [launch=slurm launch.nodes=N ...]\n"
-              "Air-gapped, the same search space:\n  " + "\n  ".join(offline_cmds))  # fmt: skip
+        print(
+            f"ftl: {reason}: the sweep was not created. Where W&B is reachable:\n"
+            f"  {join(['wandb', 'sweep', '--project', spec.project, path])}\n"
+            f"  ftl sweep agent {quote(f'ENTITY/{spec.project}/SWEEP_ID')} count=K [launch=slurm launch.nodes=N ...]\n"
+            "Air-gapped, the same search space:\n  " + "\n  ".join(offline_cmds)
+        )
         return 0
     import wandb
 
     sweep_id = wandb.sweep(config, project=spec.project, entity=spec.entity)
     print(sweep_id)
-    print(f"ftl: created sweep {sweep_id}; run trials with:\n"
-          f"  ftl sweep agent {quote(sweep_id)} count=K                       (here)\n"
-          f"  ftl sweep agent {quote(sweep_id)} count=K launch=slurm launch.nodes=N   (K SLURM jobs)", file=sys.stderr)  # fmt: skip
+    print(
+        f"ftl: created sweep {sweep_id}; run trials with:\n"
+        f"  ftl sweep agent {quote(sweep_id)} count=K                       (here)\n"
+        f"  ftl sweep agent {quote(sweep_id)} count=K launch=slurm launch.nodes=N   (K SLURM jobs)",
+        file=sys.stderr,
+    )
     return 0

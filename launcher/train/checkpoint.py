@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from launcher.files import HASH, checkpoint_problem, file_hashes, hash_problem
+from launcher.files import HASH, STEP_DIR, checkpoint_problem, file_hashes, hash_problem
 from launcher.runtime import distributed
 from launcher.runtime.distributed import DistInfo
-from launcher.files import STEP_DIR
 from launcher.train.resume import MARKER, REPLACED, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:
@@ -76,7 +75,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such directory")
     if not is_complete(path):
-        raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint (a step-N dir with a {MARKER} marker)")
+        raise ValueError(
+            f"checkpoint.resume={resume!r} is not a complete checkpoint (a step-N dir with a {MARKER} marker)"
+        )
     return path
 
 
@@ -94,7 +95,9 @@ def verify(path: Path, dist: DistInfo = DistInfo()) -> Optional[str]:
     return hash_problem(path, dist.rank, dist.world_size)
 
 
-def resume_checkpoint(resume: str, run_dir: Path, engine: Engine, dist: DistInfo, warn: Callable[[str], None]) -> Optional[tuple[Path, TrainerState]]:
+def resume_checkpoint(
+    resume: str, run_dir: Path, engine: Engine, dist: DistInfo, warn: Callable[[str], None]
+) -> Optional[tuple[Path, TrainerState]]:
     """Collective. Load the checkpoint ``checkpoint.resume`` names: the one given (which must be
     sound), or for ``auto`` the newest complete one that verifies and loads, older ones in turn.
     A damaged one is moved aside (``step-N.corrupt-*``) by rank 0 with a warning naming it.
@@ -121,8 +124,10 @@ def resume_checkpoint(resume: str, run_dir: Path, engine: Engine, dist: DistInfo
             return path, state
         if dist.is_main:
             aside = _move_aside(path)
-            warn(f"ftl: checkpoint {path} is damaged ({problem or 'on another rank'}); moved it to {aside}, "
-                 "resuming from the previous complete checkpoint")  # fmt: skip
+            warn(
+                f"ftl: checkpoint {path} is damaged ({problem or 'on another rank'}); moved it to {aside}, "
+                "resuming from the previous complete checkpoint"
+            )
         distributed.barrier()
     return None
 
@@ -163,8 +168,16 @@ def save_checkpoint(
         files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
         hashes = dict(zip(sizes, file_hashes(files)))  # read back from the page cache they were just written to
-        _write_json(tmp / MARKER, {"step": state.step, "world_size": dist.world_size, "engine": type(engine).__name__,
-                                   "files": sizes, HASH: hashes})  # fmt: skip
+        _write_json(
+            tmp / MARKER,
+            {
+                "step": state.step,
+                "world_size": dist.world_size,
+                "engine": type(engine).__name__,
+                "files": sizes,
+                HASH: hashes,
+            },
+        )
         _replace_dir(tmp, final)
         prune(run_dir, keep)
     barrier()
@@ -220,17 +233,24 @@ def capture_rng() -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": cuda,
-    }  # fmt: skip
+    }
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate(_as_tuple(rng["python"]))
     n = rng["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])

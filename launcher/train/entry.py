@@ -27,7 +27,9 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="the resolved config.yaml in the run dir")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher adds it
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # deepspeed's launcher adds it
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, when no --config is given")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.overrides):
@@ -73,9 +75,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
-    from launcher.rundir.lock import RunDirBusy, RunDirLock
     from launcher.launch.outcome import record_exit
     from launcher.rundir import run_dir_of
+    from launcher.rundir.lock import RunDirBusy, RunDirLock
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     lock = None
@@ -129,7 +131,10 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             done()
             print(f"ftl: training data error: {e}", file=sys.stderr)
             code = EXIT_INVALID
-        except (CheckpointError, ConfigErrors) as e:  # ConfigErrors: what only the rank's device decides (activation offloading on a CPU)
+        except (
+            CheckpointError,
+            ConfigErrors,
+        ) as e:  # ConfigErrors: what only the rank's device decides (activation offloading on a CPU)
             done()
             print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID

@@ -26,13 +26,23 @@ def check_step(step: int, metrics: dict[str, float], *, loss_scaled: bool, run_d
     """Raise NonFiniteError when step ``step``'s loss, or its gradient norm, is not finite.
     ``loss_scaled``: fp16's loss scaler, which skips a step whose gradients overflowed and lowers
     its scale; a non-finite gradient norm is then its business, a non-finite loss still is not."""
-    bad = [name for name in ("loss", "grad_norm") if not math.isfinite(metrics[name]) and not (name == "grad_norm" and loss_scaled)]
+    bad = [
+        name
+        for name in ("loss", "grad_norm")
+        if not math.isfinite(metrics[name]) and not (name == "grad_norm" and loss_scaled)
+    ]
     if bad:
         values = ", ".join(f"{name} {metrics[name]}" for name in bad)
         saved = list_complete(run_dir)
-        resume = f"the last good checkpoint, {saved[-1][1]}, stays the resume point" if saved else "no checkpoint was written before it"
-        raise NonFiniteError(f"training diverged at step {step} ({values}); stopped without saving that state; {resume}. "
-                             "Lower train.lr or raise train.warmup_steps, or check the objective's settings (objective.beta) and the data")  # fmt: skip
+        resume = (
+            f"the last good checkpoint, {saved[-1][1]}, stays the resume point"
+            if saved
+            else "no checkpoint was written before it"
+        )
+        raise NonFiniteError(
+            f"training diverged at step {step} ({values}); stopped without saving that state; {resume}. "
+            "Lower train.lr or raise train.warmup_steps, or check the objective's settings (objective.beta) and the data"
+        )
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> Optional[str]:
@@ -58,5 +68,7 @@ def refuse_nonfinite_weights(module: torch.nn.Module, path: Path) -> None:
     """Collective. Raise ResumeError (exit 2) when the weights just loaded from checkpoint ``path`` hold a NaN or an infinity."""
     name = first_nonfinite(local_values(module))
     if any_rank(name is not None):
-        raise ResumeError(f"checkpoint {path} holds non-finite weights ({name or 'found on another rank'}): training "
-                          "cannot continue from it; resume from an earlier one (checkpoint.resume=RUN_DIR/checkpoints/step-N)")  # fmt: skip
+        raise ResumeError(
+            f"checkpoint {path} holds non-finite weights ({name or 'found on another rank'}): training "
+            "cannot continue from it; resume from an earlier one (checkpoint.resume=RUN_DIR/checkpoints/step-N)"
+        )

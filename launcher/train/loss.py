@@ -57,7 +57,9 @@ def output_layer(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, nn.Module):
-        raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings) to compute a loss with")
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings) to compute a loss with"
+        )
     return head
 
 
@@ -82,7 +84,9 @@ def _at(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def logits_at_labels(model: nn.Module, labels: torch.Tensor, positions: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+def logits_at_labels(
+    model: nn.Module, labels: torch.Tensor, positions: Optional[torch.Tensor] = None
+) -> Iterator[torch.Tensor]:
     """Within the block, ``model``'s forward returns logits only for the positions that predict a
     label (position t predicts labels[t + 1]): shape [n, vocab]. Yields those n labels, in order.
     ``positions``: :func:`label_positions` of ``labels``, when already made."""
@@ -107,9 +111,14 @@ def chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
 
 
 def next_token_loss(
-    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *, autocast: Optional[ContextManager[object]] = None,
-    impl: str = "chunked", positions: Optional[torch.Tensor] = None,
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    autocast: Optional[ContextManager[object]] = None,
+    impl: str = "chunked",
+    positions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Sum of the next-token cross-entropies over the labelled positions of one batch, in fp32
     whatever the autocast dtype. ``autocast`` wraps the forward pass only. ``impl``: ``chunked``
     (never the full logits, where the model allows: :func:`fused_head_ok`), ``logits`` (one
@@ -117,7 +126,10 @@ def next_token_loss(
     :func:`label_positions` of ``labels``, when already made."""
     positions = label_positions(labels) if positions is None else positions
     if impl != "logits" and fused_head_ok(model):
-        with head_at_labels(model, labels, positions, liger_loss if impl == "liger" else chunked_head_loss), autocast or contextlib.nullcontext():
+        with (
+            head_at_labels(model, labels, positions, liger_loss if impl == "liger" else chunked_head_loss),
+            autocast or contextlib.nullcontext(),
+        ):
             # the head's output as the model returns it: the engines' hooks on it (ZeRO-3 gathers
             # the head's weight again before its backward) hold only on that tensor
             return model(**inputs, use_cache=False).logits
@@ -127,9 +139,13 @@ def next_token_loss(
 
 
 def next_token_logps(
-    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *, autocast: Optional[ContextManager[object]] = None,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    autocast: Optional[ContextManager[object]] = None,
     positions: Optional[torch.Tensor] = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Each labelled position's log-probability of its label, fp32 [n_labels], in order; chunk by
     chunk (:func:`chunked_token_logps`) where the model allows, as :func:`next_token_loss`."""
     positions = label_positions(labels) if positions is None else positions
@@ -178,8 +194,14 @@ def head_at_labels(model: nn.Module, labels: torch.Tensor, positions: torch.Tens
         del head.forward
 
 
-def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                      rows: Optional[int] = None, shape: Optional[str] = None) -> torch.Tensor:  # fmt: skip
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    rows: Optional[int] = None,
+    shape: Optional[str] = None,
+) -> torch.Tensor:
     """Σ cross_entropy(hidden @ weightᵀ + bias, targets), ``rows`` positions at a time (default
     :func:`chunk_rows`), in the autocast dtype where autocast is on (as ``nn.Linear`` would be).
     ``shape``: the device type whose chunking to use (default: ``hidden``'s; see :class:`ChunkShape`)."""
@@ -188,8 +210,14 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     return ChunkedHeadLoss.apply(hidden, weight, bias, targets, chunks, dtype, grads)
 
 
-def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                        rows: Optional[int] = None, shape: Optional[str] = None) -> torch.Tensor:  # fmt: skip
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    rows: Optional[int] = None,
+    shape: Optional[str] = None,
+) -> torch.Tensor:
     """Each position's log-probability of its target, fp32 [n], from the head chunk by chunk as
     :func:`chunked_head_loss` (preference objectives sum them per sequence)."""
     dtype = _compute_dtype(hidden, weight)
@@ -199,7 +227,11 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.result_type(hidden, weight)
+    return (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else torch.result_type(hidden, weight)
+    )
 
 
 def _needs_grads(*tensors: Optional[torch.Tensor]) -> bool:
@@ -222,8 +254,16 @@ class ChunkShape(NamedTuple):
         return ChunkShape(rows or chunk_rows(vocab_size, device_type), device_type)
 
 
-def _head_grads(grad: torch.Tensor, h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, shape: ChunkShape,
-                grad_h: Optional[torch.Tensor], grad_w: Optional[torch.Tensor], grad_b: Optional[torch.Tensor]) -> None:  # fmt: skip
+def _head_grads(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    dtype: torch.dtype,
+    shape: ChunkShape,
+    grad_h: Optional[torch.Tensor],
+    grad_w: Optional[torch.Tensor],
+    grad_b: Optional[torch.Tensor],
+) -> None:
     """One chunk's contribution, from ``grad`` (the fp32 gradient of its logits, consumed): the
     hidden states' gradient written into ``grad_h`` (the chunk's rows), the weight's and the bias's
     added into the fp32 ``grad_w`` and ``grad_b``."""
@@ -247,8 +287,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """The head and the summed cross-entropy chunk by chunk, gradients made in forward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                shape: ChunkShape, dtype: torch.dtype, grads: bool) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        targets: torch.Tensor,
+        shape: ChunkShape,
+        dtype: torch.dtype,
+        grads: bool,
+    ) -> torch.Tensor:
         need_h, need_w = grads and hidden.requires_grad, grads and weight.requires_grad
         need_b = grads and bias is not None and bias.requires_grad
         rows = shape.rows
@@ -292,8 +340,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
     forward keeps each position's logsumexp, and backward runs the head again, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                shape: ChunkShape, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        targets: torch.Tensor,
+        shape: ChunkShape,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lses = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -301,7 +356,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             for start in range(0, hidden.shape[0], shape.rows):
                 chunk = slice(start, start + shape.rows)
-                logits = F.linear(hidden[chunk].to(dtype), w, b).float()  # rounded to the compute dtype, as nn.Linear's output is
+                logits = F.linear(
+                    hidden[chunk].to(dtype), w, b
+                ).float()  # rounded to the compute dtype, as nn.Linear's output is
                 lses[chunk] = torch.logsumexp(logits, dim=-1)
                 logps[chunk] = logits.gather(1, targets[chunk, None]).squeeze(1) - lses[chunk]
                 del logits
@@ -328,10 +385,19 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 grad.mul_(-grad_out[chunk, None])  # d logp / d logits = onehot - softmax
                 _head_grads(grad, h, w, dtype, shape, grad_h[chunk] if need_h else None, grad_w, grad_b)
                 del grad
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None, None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
 
 
-def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def liger_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor
+) -> torch.Tensor:
     """Liger-Kernel's fused linear cross-entropy (Triton, CUDA), summed. The head's weight and
     bias gradients are accumulated in fp32 over its chunks (``accum_dtype``, liger-kernel 0.6.2+),
     as :class:`ChunkedHeadLoss` does: in bf16 each chunk's addition would round them to 8 bits."""

@@ -68,7 +68,9 @@ class ActivationOffloader:
         self.model, self.min_bytes = model, min_bytes
         layers = decoder_layers(model)
         if not layers:
-            raise ValueError(f"strategy.activation_offloading: found no decoder layers in {type(model).__name__} to offload from")
+            raise ValueError(
+                f"strategy.activation_offloading: found no decoder layers in {type(model).__name__} to offload from"
+            )
         self.first_kept = len(layers) - keep_last  # layer index from which saved tensors stay
         self.layer = -1  # the decoder layer running now; -1 before the first, len(layers) after the last
         for i, layer in enumerate(layers):
@@ -92,7 +94,9 @@ class ActivationOffloader:
     def __enter__(self) -> "ActivationOffloader":
         self.layer = -1
         self._by_layer.clear()  # the last backward's leftovers (a layer it never reached)
-        self._params = {_local(p).untyped_storage().data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
+        self._params = {
+            _local(p).untyped_storage().data_ptr() for p in self.model.parameters() if p.device.type != "meta"
+        }
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
@@ -135,7 +139,9 @@ class ActivationOffloader:
             item = Offloaded(t.detach().clone(), t.device, self.layer)
         else:
             offload, _ = self._cuda_streams(t.device)
-            host = torch.empty_like(t, device="cpu", pin_memory=True)  # t's strides where they are dense (transposed q, k, v)
+            host = torch.empty_like(
+                t, device="cpu", pin_memory=True
+            )  # t's strides where they are dense (transposed q, k, v)
             offload.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued there
             with torch.cuda.stream(offload):
                 host.copy_(t, non_blocking=True)

@@ -42,12 +42,30 @@ from launcher.shell import join, quote
 
 # What the weights are: another model or other adapters cannot continue them.
 MODEL_KEYS = ("model.source", "model.path", "model.revision", "model.tokenizer", "model.arch")
-PEFT_KEYS = ("peft.method", "peft.r", "peft.alpha", "peft.target_modules", "peft.modules_to_save", "peft.quant_type", "peft.double_quant")
+PEFT_KEYS = (
+    "peft.method",
+    "peft.r",
+    "peft.alpha",
+    "peft.target_modules",
+    "peft.modules_to_save",
+    "peft.quant_type",
+    "peft.double_quant",
+)
 # What the training examples are and the order they come in: the data position counts into them.
 DATA_KEYS = (
-    "data.format", "data.train_files", "data.chat_template", "data.assistant_only_loss", "data.text_field", "data.truncation",
-    "data.on_error", "data.max_train_examples", "data.shuffle", "data.packing", "train.seq_len", "train.seed",
-)  # fmt: skip
+    "data.format",
+    "data.train_files",
+    "data.chat_template",
+    "data.assistant_only_loss",
+    "data.text_field",
+    "data.truncation",
+    "data.on_error",
+    "data.max_train_examples",
+    "data.shuffle",
+    "data.packing",
+    "train.seq_len",
+    "train.seed",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +196,9 @@ def set_aside_earlier_run(run_dir: Path) -> Optional[tuple[Path, list[str]]]:
 class Verdict:
     checkpoint: CheckpointInfo
     total_steps: Optional[int]  # the new config's run length (None: cannot be known before the data is built)
-    changes: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, old, new): the checkpoint cannot continue them
+    changes: list[tuple[str, Any, Any]] = field(
+        default_factory=list
+    )  # (key, old, new): the checkpoint cannot continue them
     errors: list[ConfigError] = field(default_factory=list)  # refused; changes included
     cross_engine: Optional[tuple[str, str]] = None  # (checkpoint format, this run's) when they differ
     finished: bool = False
@@ -193,7 +213,9 @@ class ResumeError(ValueError):
     """A checkpoint the config cannot continue (exit 2); the message offers the ways on."""
 
 
-def resume_verdict(ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, evaluated: bool = False, total: Optional[int] = None) -> Verdict:
+def resume_verdict(
+    ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, evaluated: bool = False, total: Optional[int] = None
+) -> Verdict:
     """``new``: the new config as a plain dict (``dataclasses.asdict`` of FtlConfig); ``world``: its
     data-parallel size; ``evaluated``: eval.json holds the evaluation after training at the
     checkpoint's step; ``total``: the run length when the caller knows it (the trainer, which has
@@ -219,11 +241,21 @@ def resume_verdict(ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, eva
     if total is not None and ckpt.step > total:
         max_steps = int(get(new, "train.max_steps"))
         if max_steps > 0:
-            verdict.errors.append(ConfigError("train.max_steps", f"{max_steps} is below checkpoint step {ckpt.step}; "
-                                              f"allowed: {ckpt.step} or more, or -1 (train.epochs)"))  # fmt: skip
+            verdict.errors.append(
+                ConfigError(
+                    "train.max_steps",
+                    f"{max_steps} is below checkpoint step {ckpt.step}; "
+                    f"allowed: {ckpt.step} or more, or -1 (train.epochs)",
+                )
+            )
         else:
-            verdict.errors.append(ConfigError("train.epochs", f"{get(new, 'train.epochs')} ends at step {total}, before checkpoint "
-                                              f"step {ckpt.step}; allowed: a run of {ckpt.step} steps or more"))  # fmt: skip
+            verdict.errors.append(
+                ConfigError(
+                    "train.epochs",
+                    f"{get(new, 'train.epochs')} ends at step {total}, before checkpoint "
+                    f"step {ckpt.step}; allowed: a run of {ckpt.step} steps or more",
+                )
+            )
     eval_after = bool(get(new, "eval.after_training"))
     verdict.finished = not verdict.errors and total == ckpt.step and (evaluated or not eval_after)
     if verdict.finished and old:
@@ -233,8 +265,8 @@ def resume_verdict(ckpt: CheckpointInfo, new: dict[str, Any], world: int, *, eva
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Every key whose value differs between the checkpoint's config (stored redacted) and the new one."""
-    from launcher.rundir.write import _diff
     from launcher.redact import known_secrets, redact
+    from launcher.rundir.write import _diff
 
     return _diff(_norm(old), _norm(redact(new, known_secrets())), "")
 
@@ -257,8 +289,13 @@ def checkpoint_format(cfg: dict[str, Any]) -> dict[str, Any]:
     format; fsdp another; deepspeed one per stage, offload and precision."""
     engine = get(cfg, "strategy.engine")
     if engine == "deepspeed":
-        return {"engine": "deepspeed", "zero_stage": get(cfg, "strategy.zero_stage"), "offload_optimizer": bool(get(cfg, "strategy.offload_optimizer")),
-                "offload_params": bool(get(cfg, "strategy.offload_params")), "precision": get(cfg, "train.precision")}  # fmt: skip
+        return {
+            "engine": "deepspeed",
+            "zero_stage": get(cfg, "strategy.zero_stage"),
+            "offload_optimizer": bool(get(cfg, "strategy.offload_optimizer")),
+            "offload_params": bool(get(cfg, "strategy.offload_params")),
+            "precision": get(cfg, "train.precision"),
+        }
     return {"engine": _format_family(engine)}
 
 
@@ -266,7 +303,11 @@ def describe_format(fmt: dict[str, Any]) -> str:
     if fmt["engine"] != "deepspeed":
         return {"replica": "single/ddp", "fsdp": "fsdp"}.get(fmt["engine"], str(fmt["engine"]))
     offload = [k for k in ("offload_optimizer", "offload_params") if fmt.get(k)]
-    return f"deepspeed ZeRO-{fmt.get('zero_stage')}" + (f" ({', '.join(offload)})" if offload else "") + f", precision {fmt.get('precision')}"
+    return (
+        f"deepspeed ZeRO-{fmt.get('zero_stage')}"
+        + (f" ({', '.join(offload)})" if offload else "")
+        + f", precision {fmt.get('precision')}"
+    )
 
 
 def _format_family(engine: Any) -> str:
@@ -278,7 +319,9 @@ def train_sources(cfg: dict[str, Any]) -> list[Any]:
 
 
 def has_eval_sources(cfg: dict[str, Any]) -> bool:
-    return bool(get(cfg, "data.eval_files")) or any(isinstance(s, dict) and s.get("split") == "eval" for s in get(cfg, "data.sources") or [])
+    return bool(get(cfg, "data.eval_files")) or any(
+        isinstance(s, dict) and s.get("split") == "eval" for s in get(cfg, "data.sources") or []
+    )
 
 
 def new_eval_fraction(cfg: dict[str, Any]) -> float:
@@ -338,12 +381,15 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
     lines += [
         "Choose one:",
         f"  a new run:          {command(f'run.name={_new_name(run_dir)}')}",
-        f"  start over here:    {command('checkpoint.resume=never')}   (moves the earlier run's files into {RunPaths.EARLIER_PREFIX}<time>/ first, deleting nothing)",
+        f"  start over here:    {command('checkpoint.resume=never')}   "
+        f"(moves the earlier run's files into {RunPaths.EARLIER_PREFIX}<time>/ first, deleting nothing)",
     ]
     if all(e.path in ("train.max_steps", "train.epochs") for e in verdict.errors):
         lines.append(f"  continue this run:  train.max_steps={ckpt.step} or more, or the run length it had")
     else:
-        lines.append(f"  keep its weights:   ftl export {quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR")
+        lines.append(
+            f"  keep its weights:   ftl export {quote(str(run_dir))} --out DIR, then a new run.name with model.source=hf model.path=DIR"
+        )
     return "\n".join(lines)
 
 
@@ -353,11 +399,20 @@ def moved_message(aside: Path, names: list[str]) -> str:
 
 def finished_message(verdict: Verdict, run_dir: Path) -> str:
     ckpt = verdict.checkpoint
-    other = f" (this config's strategy, {verdict.cross_engine[1]}, would continue it from there)" if verdict.cross_engine else ""
-    lines = [f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
-             + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "") + ". Nothing to do."]  # fmt: skip
+    other = (
+        f" (this config's strategy, {verdict.cross_engine[1]}, would continue it from there)"
+        if verdict.cross_engine
+        else ""
+    )
+    lines = [
+        f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
+        + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
+        + ". Nothing to do."
+    ]
     if verdict.ignored:
-        lines.append("  not applied, the run being complete (a longer run applies them from its next step, a new run from step 0):")
+        lines.append(
+            "  not applied, the run being complete (a longer run applies them from its next step, a new run from step 0):"
+        )
         lines += [f"    {key}: {_show(a)} -> {_show(b)}" for key, a, b in verdict.ignored]
     new_run = quote(f"run.name={_new_name(run_dir)}")
     lines += [

@@ -200,7 +200,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def write_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
-    rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    rows = [
+        r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+    ]
     if not rows:
         return None
     # The object API with an explicit Agg canvas: no pyplot, no global backend, no display needed.
@@ -232,16 +234,22 @@ def _preference_line(metrics: dict[str, float]) -> str:
 
 
 class ConsoleSink:
-    def __init__(self, console: Any, total: int, start: int, log_every: int, show_samples: int, evals: dict[str, Any]) -> None:
+    def __init__(
+        self, console: Any, total: int, start: int, log_every: int, show_samples: int, evals: dict[str, Any]
+    ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console, self.log_every, self.show_samples, self.evals = console, log_every, show_samples, evals
         self.progress: Optional[Progress] = None
         if console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[detail]}"), TimeRemainingColumn(), console=console,
-            )  # fmt: skip
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
             self.task = self.progress.add_task("train", total=total, completed=start, detail="loss -")
             self.progress.start()
             attach(self.progress)  # evaluation shows its progress in this display
@@ -253,8 +261,9 @@ class ConsoleSink:
         elif step % self.log_every == 0:
             self.console.print(
                 f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
-                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics), highlight=False,
-            )  # fmt: skip
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics),
+                highlight=False,
+            )
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
         numbers = "  ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(results).items())
@@ -269,10 +278,15 @@ class ConsoleSink:
             self.progress.stop()
 
 
-REPORT_METRICS = (("loss", ("loss",), False), ("perplexity", ("perplexity",), False),
-                  ("reward accuracy", ("rewards/accuracy",), True), ("reward margin", ("rewards/margin",), True),
-                  ("prefers chosen (log-prob/token)", ("logp_accuracy",), True),
-                  ("ROUGE-L", ("rougeL", "rouge_l", "rougeLsum"), True), ("BLEU", ("bleu",), True))  # fmt: skip
+REPORT_METRICS = (
+    ("loss", ("loss",), False),
+    ("perplexity", ("perplexity",), False),
+    ("reward accuracy", ("rewards/accuracy",), True),
+    ("reward margin", ("rewards/margin",), True),
+    ("prefers chosen (log-prob/token)", ("logp_accuracy",), True),
+    ("ROUGE-L", ("rougeL", "rouge_l", "rougeLsum"), True),
+    ("BLEU", ("bleu",), True),
+)
 
 
 def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_samples: int) -> list[Any]:
@@ -298,7 +312,9 @@ def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_sampl
         sample.add_column("reference")
         sample.add_column("base model")
         sample.add_column("fine-tuned")
-        sample.add_row(str(tuned.get("reference", "")), str(base.get("prediction", "")), str(tuned.get("prediction", "")))
+        sample.add_row(
+            str(tuned.get("reference", "")), str(base.get("prediction", "")), str(tuned.get("prediction", ""))
+        )
         out.append(sample)
     return out
 
@@ -344,11 +360,19 @@ class WandbSink:
         in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         with _argv_for_wandb():
             self.run = wandb.init(
-                project=None if in_sweep else cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group, tags=list(cfg.wandb.tags),
-                name=cfg.run.name, id=None if in_sweep else run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,  # type: ignore[arg-type]
+                project=None if in_sweep else cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=cfg.wandb.group,
+                tags=list(cfg.wandb.tags),
+                name=cfg.run.name,
+                id=None if in_sweep else run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(run_dir),
+                config=config,  # type: ignore[arg-type]
                 # console capture would wrap stdout (and the progress bar); code saving copies files.
                 settings=wandb.Settings(console="off", save_code=False),
-            )  # fmt: skip
+            )
         # Our step, not W&B's internal counter, is the x axis: after a resume the steps repeat.
         self.run.define_metric("train/step")
         self.run.define_metric("train/*", step_metric="train/step")
@@ -365,4 +389,3 @@ class WandbSink:
 
     def close(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
-

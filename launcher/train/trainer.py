@@ -40,17 +40,6 @@ from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.rundir import run_dir_of
-from launcher.train.checkpoint import (
-    CheckpointError,
-    TrainerState,
-    capture_rng,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng,
-    resume_checkpoint,
-    save_checkpoint,
-    verify,
-)
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
     DistInfo,
@@ -64,6 +53,18 @@ from launcher.runtime.distributed import (
     reduce_mean,
     reduce_sum,
     set_collective_timeout,
+)
+from launcher.runtime.schedule import warmup_notice
+from launcher.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    capture_rng,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    verify,
 )
 from launcher.train.finite import NonFiniteError, check_step, refuse_nonfinite_weights
 from launcher.train.loss import count_label_tokens, label_positions, output_layer
@@ -84,7 +85,6 @@ from launcher.train.resume import (
     resume_verdict,
     set_aside_earlier_run,
 )
-from launcher.runtime.schedule import warmup_notice
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
 StepHook = Callable[["Trainer"], None]
@@ -96,18 +96,30 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
-        self.loss_scaled = autocast_dtype(cfg.train.precision, self.device) == torch.float16  # fp16: the scaler skips overflowed steps
+        self.loss_scaled = (
+            autocast_dtype(cfg.train.precision, self.device) == torch.float16
+        )  # fp16: the scaler skips overflowed steps
         if cfg.strategy.activation_offloading and self.device.type != "cuda":
-            raise ConfigErrors([ConfigError("strategy.activation_offloading", f"needs a CUDA GPU; this rank trains on {self.device.type}")])
+            raise ConfigErrors(
+                [
+                    ConfigError(
+                        "strategy.activation_offloading", f"needs a CUDA GPU; this rank trains on {self.device.type}"
+                    )
+                ]
+            )
         self.io_timeout_s = io_timeout_s(cfg)  # loading, conversion, checkpoints: see launcher.plan.timing
         self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
-        self.train_ds, self.eval_ds = prepare_datasets(cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist)
+        self.train_ds, self.eval_ds = prepare_datasets(
+            cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist
+        )
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         check_micro_batch(cfg.train, self.order, self.train_ds.stats)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
-        self.start = resume_point(cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist)  # refuses what it cannot continue
+        self.start = resume_point(
+            cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist
+        )  # refuses what it cannot continue
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
         if self.start is not None and self.start.verdict.cross_engine:
             self.engine.load_weights(lambda: weights_for(self.start, model))
@@ -118,7 +130,9 @@ class Trainer:
         self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
         self.step = self.saved_step = self.resume()
-        self.batches = BatchPrefetcher(self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda")
+        self.batches = BatchPrefetcher(
+            self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda"
+        )
         self.data_position = (self.order.epoch, self.order.position)  # of the last batch trained on
         set_collective_timeout(cfg.launch.dist_timeout_s)  # set up: from here a hung step fails fast
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
@@ -141,7 +155,9 @@ class Trainer:
             barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
-        except NonFiniteError as e:  # raised on every rank at this step (the same reduced values): none is in a collective
+        except (
+            NonFiniteError
+        ) as e:  # raised on every rank at this step (the same reduced values): none is in a collective
             diverged = True
             if self.dist.is_main:
                 warn(f"ftl: {e}")
@@ -163,14 +179,20 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
-            check_step(self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir)  # a NaN stops the run unsaved
+            check_step(
+                self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
+            )  # a NaN stops the run unsaved
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
-            if due(self.step, self.cfg.eval.every_steps) and not (self.step == self.total_steps and self.cfg.eval.after_training):
+            if due(self.step, self.cfg.eval.every_steps) and not (
+                self.step == self.total_steps and self.cfg.eval.after_training
+            ):
                 self.evaluate(f"step_{self.step}")
             if any_rank(stop.requested):
                 self.save()
-                self.telemetry.info(f"stopped by {stop.signal_name} at step {self.step}; rerun the same command to resume")
+                self.telemetry.info(
+                    f"stopped by {stop.signal_name} at step {self.step}; rerun the same command to resume"
+                )
                 return "stopped"
             if due(self.step, self.cfg.checkpoint.every_steps):
                 self.save()
@@ -210,10 +232,16 @@ class Trainer:
         seconds = time.perf_counter() - start
         tokens = reduce_sum(real_tokens)
         metrics = {
-            "loss": reduce_mean(float(loss_sum)), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "step_s": seconds,
-            "peak_mem_gb": reduce_max(peak_memory_gb(self.device)), "param_bytes_local": self.param_bytes_local,
-            "elapsed": time.perf_counter() - self.started, **attention_paths(self.device),
-        }  # fmt: skip
+            "loss": reduce_mean(float(loss_sum)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds,
+            "step_s": seconds,
+            "peak_mem_gb": reduce_max(peak_memory_gb(self.device)),
+            "param_bytes_local": self.param_bytes_local,
+            "elapsed": time.perf_counter() - self.started,
+            **attention_paths(self.device),
+        }
         metrics.update({k: reduce_sum(v) / max(1.0, window) for k, v in stat_sums.read().items()})
         labelled = reduce_sum(sum(count_label_tokens(b["labels"]) for b in batches))  # where the output layer ran
         mfu = model_flops_utilization(self.flops.step(tokens, labelled) / seconds, self.dist.world_size, self.device)
@@ -242,21 +270,36 @@ class Trainer:
         from launcher.eval.metrics import evaluate
         from launcher.runtime.distributed import all_reduce_sum
 
-        with preserved_rng(), eager():  # evaluating must not change what training draws next; compiled layers run eagerly
+        with (
+            preserved_rng(),
+            eager(),
+        ):  # evaluating must not change what training draws next; compiled layers run eagerly
             results = evaluate(
-                self.engine.model, self.tokenizer, self.eval_ds, self.cfg.eval, device=self.device,
+                self.engine.model,
+                self.tokenizer,
+                self.eval_ds,
+                self.cfg.eval,
+                device=self.device,
                 autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
-                reduce_fn=all_reduce_sum, rank=self.dist.rank, world_size=self.dist.world_size,
+                reduce_fn=all_reduce_sum,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
                 loss_metrics=lambda: self.objective.eval_metrics(self),
                 synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
-            )  # fmt: skip  (perplexity batches shared among ranks; every rank generates every answer)
+            )  # perplexity batches shared among ranks; every rank generates every answer
         self.telemetry.log_eval(name, self.step, results)
 
     def save(self) -> None:
         if self.saved_step == self.step:
             return
-        state = TrainerState(self.step, *self.data_position, self.dist.world_size,
-                             self.total_steps, len(self.train_ds), recorded_config(self.cfg))  # fmt: skip
+        state = TrainerState(
+            self.step,
+            *self.data_position,
+            self.dist.world_size,
+            self.total_steps,
+            len(self.train_ds),
+            recorded_config(self.cfg),
+        )
         with collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s):
             path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
         self.saved_step = self.step
@@ -265,7 +308,9 @@ class Trainer:
     def resume(self) -> int:
         if self.start is None:
             return 0
-        if self.start.verdict.cross_engine is not None:  # the engine loaded its weights; the schedule and data position follow
+        if (
+            self.start.verdict.cross_engine is not None
+        ):  # the engine loaded its weights; the schedule and data position follow
             path, state = self.start.path, load_checkpoint(self.start.path, self.engine, self.dist, engine_state=False)
         else:  # verified, and an older one in its place when it is damaged
             found = resume_checkpoint(self.cfg.checkpoint.resume, self.run_dir, self.engine, self.dist, warn)
@@ -289,7 +334,9 @@ class ResumePoint:
     notes: list[str]
 
 
-def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo) -> Optional[ResumePoint]:
+def resume_point(
+    cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo
+) -> Optional[ResumePoint]:
     """The checkpoint this run continues (checkpoint.resume), checked against the config by
     :func:`launcher.train.resume.resume_verdict`, as `ftl train` checked it before launch: raises
     ResumeError (exit 2) for what it cannot continue."""
@@ -311,19 +358,30 @@ def resume_point(cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps:
     info = read_checkpoint_info(path)
     evaluated = evaluated_after(run_dir, info.step)
     verdict = resume_verdict(info, dataclasses.asdict(cfg), dist.world_size, evaluated=evaluated, total=total_steps)
-    verdict.finished = verdict.finished and cfg.checkpoint.resume == "auto"  # another run's checkpoint: this run's eval is still to do
+    verdict.finished = (
+        verdict.finished and cfg.checkpoint.resume == "auto"
+    )  # another run's checkpoint: this run's eval is still to do
     if info.train_samples and info.train_samples != train_samples:
-        verdict.errors.append(ConfigError("data", f"{train_samples} training samples per epoch, but checkpoint step {info.step} "
-                                          f"was written with {info.train_samples}: the training data changed"))  # fmt: skip
+        verdict.errors.append(
+            ConfigError(
+                "data",
+                f"{train_samples} training samples per epoch, but checkpoint step {info.step} "
+                f"was written with {info.train_samples}: the training data changed",
+            )
+        )
     if verdict.refused:
         raise ResumeError(refusal(verdict, run_dir))
     if verdict.cross_engine:  # another engine's reader loads it, checking no hash: check the contents here
         problem = verify(path, dist)
         if any_rank(problem is not None):
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem or 'on another rank'}; resume from an earlier one")
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {problem or 'on another rank'}; resume from an earlier one"
+            )
     notes = [cross_engine_notice(verdict)] if verdict.cross_engine else []
     if info.world_size != dist.world_size:
-        notes.append(f"checkpoint step {info.step} was written by {info.world_size} rank(s); continuing on {dist.world_size}")
+        notes.append(
+            f"checkpoint step {info.step} was written by {info.world_size} rank(s); continuing on {dist.world_size}"
+        )
     return ResumePoint(path, verdict, notes)
 
 
@@ -388,7 +446,9 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     quantization = quantization_config(cfg.peft, cfg.strategy, compute)
     loading = engine_class(cfg.strategy.engine).model_loading(cfg, dist, device)
     with loading.context(), phase(f"model: loading {cfg.model.name}"):
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, dtype=load_dtype(cfg, compute), quantization=quantization, device=device, empty=loading.empty
+        )
         model = apply_peft(model, cfg.peft)
     set_residual_stream(model, cfg.train, compute)
     if compile_choice(cfg, device.type)[0]:  # before any engine wraps or shards it (see launcher.model.compile)
@@ -414,14 +474,23 @@ def check_micro_batch(train: TrainConfig, order: DataOrder, stats: dict[str, Any
     """A micro-batch larger than what a rank reads in an epoch would be clipped to it without a word."""
     if train.micro_batch_size > order.per_rank:
         samples = "packs" if stats.get("packs") else "examples"
-        raise ConfigErrors([ConfigError("train.micro_batch_size", f"{train.micro_batch_size} is larger than the training data: {order.size} "
-                                        f"{samples} give each of {order.world} rank(s) {order.per_rank}; allowed: 1 to {order.per_rank}")])  # fmt: skip
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "train.micro_batch_size",
+                    f"{train.micro_batch_size} is larger than the training data: {order.size} "
+                    f"{samples} give each of {order.world} rank(s) {order.per_rank}; allowed: 1 to {order.per_rank}",
+                )
+            ]
+        )
 
 
 def describe_run(trainer: Trainer) -> str:
     n_params = trainer.n_params
     trainable = count_parameters(trainer.engine.model, trainable_only=True)
-    params = f"{n_params / 1e6:.2f}M params" + (f", {trainable / 1e6:.2f}M trainable ({trainer.cfg.peft.method})" if trainable < n_params else "")
+    params = f"{n_params / 1e6:.2f}M params" + (
+        f", {trainable / 1e6:.2f}M trainable ({trainer.cfg.peft.method})" if trainable < n_params else ""
+    )
     resumed = trainer.resumed_from
     start = f"resuming from {resumed} (step {trainer.step})" if resumed else "starting from step 0"
     return (
@@ -435,10 +504,22 @@ def describe_data(stats: dict[str, Any], samples: int, seq_len: int) -> str:
     """'320 train examples in 121 packs of 512 tokens (29,317 tokens, 20,229 trainable)': examples
     are conversations (or rows), packs what a step draws when data.packing is on."""
     examples = int(stats.get("examples", samples))
-    text = f"{examples:,} train examples" + (f" in {stats['packs']:,} packs of {seq_len} tokens" if stats.get("packs") else "")
-    counts = [f"{stats[k]:,} {label}" for k, label in (("tokens", "tokens"), ("trainable_tokens", "trainable"), ("truncated", "clipped"),
-                                                       ("dropped", "dropped"), ("skipped", "skipped"), ("empty", "empty, not counted"),
-                                                       ("identical", "pairs with chosen = rejected, dropped")) if stats.get(k)]  # fmt: skip
+    text = f"{examples:,} train examples" + (
+        f" in {stats['packs']:,} packs of {seq_len} tokens" if stats.get("packs") else ""
+    )
+    counts = [
+        f"{stats[k]:,} {label}"
+        for k, label in (
+            ("tokens", "tokens"),
+            ("trainable_tokens", "trainable"),
+            ("truncated", "clipped"),
+            ("dropped", "dropped"),
+            ("skipped", "skipped"),
+            ("empty", "empty, not counted"),
+            ("identical", "pairs with chosen = rejected, dropped"),
+        )
+        if stats.get(k)
+    ]
     return text + (f" ({', '.join(counts)})" if counts else "")
 
 
@@ -452,7 +533,9 @@ class DataOrder:
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, dist.rank, dist.world_size
         self.per_rank = size // dist.world_size
         if self.per_rank == 0:
-            raise DataError(f"{size} training sample(s) (examples, or packs with data.packing) cannot be shared among {dist.world_size} ranks")
+            raise DataError(
+                f"{size} training sample(s) (examples, or packs with data.packing) cannot be shared among {dist.world_size} ranks"
+            )
         self.epoch, self.position = 0, 0
         self._cached: tuple[int, list[int]] = (-1, [])
 
@@ -507,7 +590,9 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)) -> Iterator[StopFlag]:
+def stop_on_signals(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT),
+) -> Iterator[StopFlag]:
     """SIGTERM (torchrun, scancel), SIGUSR1 (SLURM's warning before the time limit) and a first
     Ctrl-C ask the loop to finish its step and checkpoint; a second Ctrl-C interrupts at once."""
     flag = StopFlag()

@@ -28,8 +28,12 @@ def test_parse_size() -> None:
 
 def test_engine_name() -> None:
     assert [engine_name(n) for n in ("FSDPEngine", "DDPEngine", "SingleEngine", "DeepSpeedEngine", "fsdp")] == [
-        "fsdp", "ddp", "single", "deepspeed", "fsdp",
-    ]  # fmt: skip
+        "fsdp",
+        "ddp",
+        "single",
+        "deepspeed",
+        "fsdp",
+    ]
 
 
 def test_resolve_source_says_what_is_wrong(tmp_path: Path) -> None:
@@ -47,7 +51,9 @@ def test_resolve_source_says_what_is_wrong(tmp_path: Path) -> None:
     assert "incomplete checkpoint" in error(run / "checkpoints" / ".tmp-step-4")
     (run / "config.yaml").write_text("{}\n")
     assert "no complete checkpoint" in error(run)
-    (run / "checkpoints" / "step-3" / MARKER).write_text(json.dumps({"step": 3, "world_size": 2, "engine": "FSDPEngine"}))
+    (run / "checkpoints" / "step-3" / MARKER).write_text(
+        json.dumps({"step": 3, "world_size": 2, "engine": "FSDPEngine"})
+    )
     assert "trainer_state.json does not read back" in error(run), "a checkpoint is checked before it is trusted"
     (run / "checkpoints" / "step-3" / "trainer_state.json").write_text(json.dumps({"step": 3}))
     source = resolve_source(run)

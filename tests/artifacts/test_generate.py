@@ -15,8 +15,17 @@ from helpers import ftl
 
 pytest.importorskip("peft")
 
-TRAIN = ["recipe=tiny", "peft=lora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.0", "train.lr=1e-2", "train.max_steps=3",
-         "eval.after_training=false", "wandb.mode=disabled"]  # fmt: skip
+TRAIN = [
+    "recipe=tiny",
+    "peft=lora",
+    "peft.r=4",
+    "peft.alpha=8",
+    "peft.dropout=0.0",
+    "train.lr=1e-2",
+    "train.max_steps=3",
+    "eval.after_training=false",
+    "wandb.mode=disabled",
+]
 PROMPT = "How do I resume a run?"
 TOKENS = ["--max-new-tokens", "12"]
 
@@ -41,8 +50,14 @@ def plain_greedy(model_dir: Path, messages: list[dict[str, str]], max_new_tokens
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -62,10 +77,18 @@ def test_chat_keeps_the_conversation(exports: dict[str, Path]) -> None:
     out = io.StringIO()
     replies = chat_loop(loaded, system="Be brief.", read_line=lambda: next(lines, None), out=out, max_new_tokens=8)
     assert replies == 2
-    first = stream_reply(loaded, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is ftl?"}],
-                         max_new_tokens=8, out=io.StringIO())  # fmt: skip
-    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is ftl?"},
-               {"role": "assistant", "content": first.strip()}, {"role": "user", "content": "And how do I resume?"}]  # fmt: skip
+    first = stream_reply(
+        loaded,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is ftl?"}],
+        max_new_tokens=8,
+        out=io.StringIO(),
+    )
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is ftl?"},
+        {"role": "assistant", "content": first.strip()},
+        {"role": "user", "content": "And how do I resume?"},
+    ]
     second = stream_reply(loaded, history, max_new_tokens=8, out=io.StringIO())
     assert out.getvalue() == first + "\n" + second + "\n"
 
@@ -92,7 +115,9 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(exports: dict[str, Path]) -
     loaded = load_model(exports["merged"])
     stopped = threading.Event()
     stopped.set()  # as if Ctrl-C came before the first token: the reply ends after it
-    reply = stream_reply(loaded, [{"role": "user", "content": PROMPT}], max_new_tokens=12, out=io.StringIO(), stop=stopped)
+    reply = stream_reply(
+        loaded, [{"role": "user", "content": PROMPT}], max_new_tokens=12, out=io.StringIO(), stop=stopped
+    )
     assert len(loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]) <= 2
 
     class InterruptOnFirstWrite(io.StringIO):
@@ -112,7 +137,9 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(exports: dict[str, Path]) -
 
 
 def test_chat_reads_turns_from_piped_stdin(exports: dict[str, Path]) -> None:
-    out = ftl("chat", str(exports["run"]), "--max-new-tokens", "6", stdin="What is ftl?\n/reset\nAnd how do I resume?\n")
+    out = ftl(
+        "chat", str(exports["run"]), "--max-new-tokens", "6", stdin="What is ftl?\n/reset\nAnd how do I resume?\n"
+    )
     assert out.returncode == 0
     assert "(new conversation)" in out.stdout
     assert len(out.stdout.strip()) > len("(new conversation)")
@@ -127,4 +154,6 @@ def test_generate_rejects_what_is_not_a_model(tmp_path: Path) -> None:
 def test_adapter_export_references_its_base(exports: dict[str, Path]) -> None:
     config: dict[str, Any] = json.loads((exports["adapter"] / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(exports["adapter"] / "base")
-    assert (exports["adapter"] / "base" / "config.json").is_file() and (exports["adapter"] / "adapter_model.safetensors").is_file()
+    assert (exports["adapter"] / "base" / "config.json").is_file() and (
+        exports["adapter"] / "adapter_model.safetensors"
+    ).is_file()

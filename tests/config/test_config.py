@@ -31,7 +31,14 @@ def messages(*overrides: str) -> list[str]:
 
 
 def test_required_recipes_ship():
-    required = {"demo", "tiny", "llama3-8b-full-zero3", "llama3-70b-full-zero3-multinode", "mistral-7b-lora", "qwen2.5-7b-qlora"}
+    required = {
+        "demo",
+        "tiny",
+        "llama3-8b-full-zero3",
+        "llama3-70b-full-zero3-multinode",
+        "mistral-7b-lora",
+        "qwen2.5-7b-qlora",
+    }
     assert required <= set(RECIPES)
 
 
@@ -121,10 +128,22 @@ def test_unknown_group_option_lists_options():
 
 
 def test_every_error_reported_at_once():
-    msgs = messages("recipe=tiny", "train.lr=abc", "train.lrr=1", "train.precision=fp8", "train.micro_batch_size=0",
-                    "strategy.activation_checkpointing=maybe")
+    msgs = messages(
+        "recipe=tiny",
+        "train.lr=abc",
+        "train.lrr=1",
+        "train.precision=fp8",
+        "train.micro_batch_size=0",
+        "strategy.activation_checkpointing=maybe",
+    )
     paths = {m.split(":")[0] for m in msgs}
-    assert {"train.lr", "train.lrr", "train.precision", "train.micro_batch_size", "strategy.activation_checkpointing"} <= paths
+    assert {
+        "train.lr",
+        "train.lrr",
+        "train.precision",
+        "train.micro_batch_size",
+        "strategy.activation_checkpointing",
+    } <= paths
     assert any("allowed: auto, fp32, bf16, fp16" in m for m in msgs)
 
 
@@ -137,12 +156,28 @@ def test_choice_and_range_messages():
     "overrides, path, fragment",
     [
         (["launch.nproc_per_node=2"], "strategy", "world size 2"),
-        (["strategy=zero3", "launch.nproc_per_node=2", "train.global_batch_size=10"], "train.global_batch_size", "4 × grad_accum 1 × data-parallel size 2 = 8"),
-        (["strategy=zero3", "launch.nproc_per_node=2", "train.global_batch_size=16"], "train.global_batch_size", "set train.grad_accum=2"),
+        (
+            ["strategy=zero3", "launch.nproc_per_node=2", "train.global_batch_size=10"],
+            "train.global_batch_size",
+            "4 × grad_accum 1 × data-parallel size 2 = 8",
+        ),
+        (
+            ["strategy=zero3", "launch.nproc_per_node=2", "train.global_batch_size=16"],
+            "train.global_batch_size",
+            "set train.grad_accum=2",
+        ),
         (["strategy=zero2", "strategy.offload_params=true"], "strategy.offload_params", "zero_stage 3"),
         (["strategy=fsdp", "strategy.hybrid_shard=true"], "strategy.hybrid_shard", "2+ nodes"),
-        (["strategy=fsdp", "strategy.reduce_dtype=bf16", "train.precision=fp32"], "strategy.reduce_dtype", "trains in fp32"),
-        (["strategy=zero2", "strategy.reduce_dtype=bf16", "train.precision=auto", "train.device=cpu"], "strategy.reduce_dtype", "train.precision=auto trains in fp32"),
+        (
+            ["strategy=fsdp", "strategy.reduce_dtype=bf16", "train.precision=fp32"],
+            "strategy.reduce_dtype",
+            "trains in fp32",
+        ),
+        (
+            ["strategy=zero2", "strategy.reduce_dtype=bf16", "train.precision=auto", "train.device=cpu"],
+            "strategy.reduce_dtype",
+            "train.precision=auto trains in fp32",
+        ),
         (["strategy=fsdp", "strategy.reduce_dtype=fp16"], "strategy.reduce_dtype", "allowed: fp32, bf16"),
         (["train.precision=fp16", "train.device=cpu"], "train.precision", "GPU"),
         (["train.seq_len=4096"], "train.seq_len", "max_position_embeddings"),
@@ -154,7 +189,11 @@ def test_choice_and_range_messages():
         (["data.eval_files=[]"], "eval", "no eval data"),
         (["model.arch.num_kv_heads=3"], "model.arch.num_kv_heads", "does not divide"),
         (["strategy=zero3", "launch.nproc_per_node=2", "train.compile=true"], "train.compile", "ZeRO-3"),
-        (["strategy.activation_offloading=true", "train.device=cpu"], "strategy.activation_offloading", "train.device=cpu"),
+        (
+            ["strategy.activation_offloading=true", "train.device=cpu"],
+            "strategy.activation_offloading",
+            "train.device=cpu",
+        ),
         (["train.loss=liger", "train.device=cpu"], "train.loss", "CUDA"),
         (["train.loss=fused"], "train.loss", "allowed: chunked, logits, liger"),
     ],

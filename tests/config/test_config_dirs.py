@@ -71,7 +71,14 @@ def project(tmp_path: Path) -> Path:
 
 
 def ftl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env or ftl_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=cwd,
+        env=env or ftl_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def composed(*overrides: str):
@@ -87,30 +94,56 @@ def test_config_dir_adds_its_recipes_and_options(project: Path, monkeypatch: pyt
     assert choices["recipe"] == "my-tiny" and choices["launch"] == "mycluster"
     assert cfg.train.lr == 7e-3 and cfg.run.name == "my-tiny"
     launch = cfg.launch  # the user's file on top of ftl's slurm option
-    assert (launch.backend, launch.partition, launch.account, launch.time) == ("slurm", "gpu-a100", "proj-42", "04:00:00")
-    assert launch.setup == ["module load cuda/12.4"] and launch.env == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5"}
+    assert (launch.backend, launch.partition, launch.account, launch.time) == (
+        "slurm",
+        "gpu-a100",
+        "proj-42",
+        "04:00:00",
+    )
+    assert launch.setup == ["module load cuda/12.4"] and launch.env == {
+        "NCCL_SOCKET_IFNAME": "ib0",
+        "NCCL_IB_HCA": "mlx5",
+    }
     cfg, _ = composed("recipe=tiny")  # ftl's own options are all still there
     assert cfg.launch.backend == "local" and cfg.train.lr == 3e-3
     monkeypatch.delenv(CONFIG_DIR_ENV)
-    with pytest.raises(ConfigErrors, match="my-tiny"):  # without the dir the recipe is unknown (and not cached from before)
+    with pytest.raises(
+        ConfigErrors, match="my-tiny"
+    ):  # without the dir the recipe is unknown (and not cached from before)
         composed("recipe=my-tiny")
 
 
 def test_plan_with_config_dir_renders_the_cluster_script(project: Path, tmp_path: Path) -> None:
-    out = ftl("plan", "recipe=my-tiny", "--config-dir", str(project), "launch=mycluster", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    out = ftl(
+        "plan",
+        "recipe=my-tiny",
+        "--config-dir",
+        str(project),
+        "launch=mycluster",
+        f"run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
-    for line in ("#SBATCH --partition=gpu-a100", "#SBATCH --account=proj-42", "module load cuda/12.4", "export NCCL_SOCKET_IFNAME=ib0"):
+    for line in (
+        "#SBATCH --partition=gpu-a100",
+        "#SBATCH --account=proj-42",
+        "module load cuda/12.4",
+        "export NCCL_SOCKET_IFNAME=ib0",
+    ):
         assert line in out.stdout
     assert f"To run: ftl train --config-dir={project} recipe=my-tiny launch=mycluster" in out.stdout
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("layout, needle", [
-    ({}, "no such directory"),
-    ({"notes.txt": "x"}, "holds none of ftl's config folders"),
-    ({"launch/slurm.yaml": "backend: slurm\n"}, "is named like"),
-    ({"recipes/tiny.yaml": "train: {lr: 1.0}\n"}, "option names must be unique"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, needle",
+    [
+        ({}, "no such directory"),
+        ({"notes.txt": "x"}, "holds none of ftl's config folders"),
+        ({"launch/slurm.yaml": "backend: slurm\n"}, "is named like"),
+        ({"recipes/tiny.yaml": "train: {lr: 1.0}\n"}, "option names must be unique"),
+    ],
+)
 def test_config_dir_problems_exit_2(layout: dict[str, str], needle: str, tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     for name, text in layout.items():
@@ -131,7 +164,9 @@ def test_recipe_file_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for given in ("exp/tiny.yaml", "recipe=exp/tiny.yaml", f"recipe={mine}"):
         cfg, choices = composed(given, "train.seed=7")
         assert choices["recipe"] == "tiny" and cfg.recipe == "tiny" and cfg.run.name == "tiny"
-        assert cfg.train.lr == 7e-3 and cfg.train.max_steps == 2 and cfg.train.seed == 7  # the file's values, then the overrides'
+        assert (
+            cfg.train.lr == 7e-3 and cfg.train.max_steps == 2 and cfg.train.seed == 7
+        )  # the file's values, then the overrides'
     assert composed("recipe=tiny")[0].train.lr == 3e-3  # the shipped one is untouched
     assert "recipe: exp/nope.yaml: no such recipe file" in map(str, compose(["recipe=exp/nope.yaml"])[2])
 
@@ -162,19 +197,43 @@ def test_recipes_copy_writes_a_starting_point_and_never_overwrites(tmp_path: Pat
 def test_multirun_and_sweep_and_preprocess_take_the_config_dir(project: Path, tmp_path: Path) -> None:
     env = ftl_env(FTL_CACHE=str(tmp_path / "cache"))
     env.pop(CONFIG_DIR_ENV, None)
-    out = ftl("train", "-m", "--cfg", "job", "--config-dir", str(project), "recipe=my-tiny", "train.lr=1e-3,2e-3",
-              f"run.dir={tmp_path / 'm'}", cwd=tmp_path, env=env)  # fmt: skip
+    out = ftl(
+        "train",
+        "-m",
+        "--cfg",
+        "job",
+        "--config-dir",
+        str(project),
+        "recipe=my-tiny",
+        "train.lr=1e-3,2e-3",
+        f"run.dir={tmp_path / 'm'}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("recipe: my-tiny") == 2 and "lr: 0.001" in out.stdout and "lr: 0.002" in out.stdout
     (project / "sweep").mkdir()
-    (project / "sweep" / "ours.yaml").write_text(textwrap.dedent("""\
+    (project / "sweep" / "ours.yaml").write_text(
+        textwrap.dedent("""\
         method: random
         metric: {name: train/loss, goal: minimize}
         overrides: [recipe=my-tiny, wandb.mode=offline]
         parameters:
           train.lr: {values: [1.0e-3, 3.0e-3]}
-        """))
-    out = ftl("sweep", "create", "ours", "--offline", "--out", str(tmp_path / "sweep.yaml"), "--config-dir", str(project), cwd=tmp_path, env=env)
+        """)
+    )
+    out = ftl(
+        "sweep",
+        "create",
+        "ours",
+        "--offline",
+        "--out",
+        str(tmp_path / "sweep.yaml"),
+        "--config-dir",
+        str(project),
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert "recipe=my-tiny" in (tmp_path / "sweep.yaml").read_text()
     out = ftl("preprocess", "--config-dir", str(project), "recipe=my-tiny", "data.packing=true", cwd=tmp_path, env=env)
@@ -188,18 +247,35 @@ def test_a_run_needs_no_config_dir_afterwards(project: Path, tmp_path: Path) -> 
     env = ftl_env(FTL_CACHE=str(tmp_path / "cache"))
     env.pop(CONFIG_DIR_ENV, None)
     run = tmp_path / "run"
-    out = ftl("train", "--config-dir", str(project), "recipe=my-tiny", f"run.dir={run}", "eval.after_training=false", cwd=tmp_path, env=env)
+    out = ftl(
+        "train",
+        "--config-dir",
+        str(project),
+        "recipe=my-tiny",
+        f"run.dir={run}",
+        "eval.after_training=false",
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert f"# ftl train --config-dir={project} recipe=my-tiny" in (run / "launch.sh").read_text()
     project.rename(tmp_path / "gone")
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["recipe"] == "my-tiny" and config["train"]["lr"] == 7e-3 and config["model"]["tokenizer"] == asset("tiny-tokenizer")
-    again = subprocess.run(["bash", str(run / "launch.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert (
+        config["recipe"] == "my-tiny"
+        and config["train"]["lr"] == 7e-3
+        and config["model"]["tokenizer"] == asset("tiny-tokenizer")
+    )
+    again = subprocess.run(
+        ["bash", str(run / "launch.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout + again.stderr and "(step 2)" in again.stdout + again.stderr
     out = ftl("export", str(run), "--out", str(tmp_path / "export"), cwd=tmp_path, env=env)
     assert out.returncode == 0 and (tmp_path / "export" / "config.json").is_file(), out.stderr
-    out = ftl("eval", str(run), "--out", str(tmp_path / "eval"), "eval.max_batches=1", cwd=tmp_path, env=env)  # an override after an option
+    out = ftl(
+        "eval", str(run), "--out", str(tmp_path / "eval"), "eval.max_batches=1", cwd=tmp_path, env=env
+    )  # an override after an option
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "eval" / "eval.json").is_file()
     assert not os.path.exists(project)

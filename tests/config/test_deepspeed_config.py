@@ -18,11 +18,18 @@ from launcher.config.topology import planned_device_type, resolve_precision
 from launcher.config.validate import validate
 
 
-def make_cfg(stage: int = 3, extra: dict[str, Any] | None = None, nproc: int = 2, reduce_dtype: str = "fp32", **train: Any) -> FtlConfig:
+def make_cfg(
+    stage: int = 3, extra: dict[str, Any] | None = None, nproc: int = 2, reduce_dtype: str = "fp32", **train: Any
+) -> FtlConfig:
     train = {"micro_batch_size": 2, "grad_accum": 1, "precision": "fp32", "device": "cpu", **train}
     offload = stage == 3 and bool(train.pop("offload", False))
-    strategy = DeepSpeedStrategy(zero_stage=stage, offload_optimizer=offload, offload_params=offload, extra=extra or {},
-                                 reduce_dtype=reduce_dtype)  # fmt: skip
+    strategy = DeepSpeedStrategy(
+        zero_stage=stage,
+        offload_optimizer=offload,
+        offload_params=offload,
+        extra=extra or {},
+        reduce_dtype=reduce_dtype,
+    )
     return FtlConfig(strategy=strategy, train=TrainConfig(**train), launch=LocalLaunch(nproc_per_node=nproc))
 
 
@@ -71,7 +78,9 @@ def test_clipping():
     assert build_deepspeed_config(make_cfg(3, grad_clip=0.0), 2)["gradient_clipping"] == 0.0
 
 
-@pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+@pytest.mark.parametrize(
+    "precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)]
+)
 def test_precision_flags(precision, bf16, fp16):
     ds = build_deepspeed_config(make_cfg(3, device="cuda"), 2, precision=precision)
     assert ds["bf16"]["enabled"] is bf16 and ds["fp16"]["enabled"] is fp16
@@ -97,8 +106,13 @@ def test_contradictions_name_both_fields():
     cfg = make_cfg(3, extra={"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}})
     errs = errors_of(cfg)
     assert len(errs) == 2
-    assert any(e.startswith("strategy.extra.zero_optimization.stage: 2 contradicts strategy.zero_stage=3") for e in errs)
-    assert any(e.startswith("strategy.extra.train_micro_batch_size_per_gpu: 3 contradicts train.micro_batch_size=2") for e in errs)
+    assert any(
+        e.startswith("strategy.extra.zero_optimization.stage: 2 contradicts strategy.zero_stage=3") for e in errs
+    )
+    assert any(
+        e.startswith("strategy.extra.train_micro_batch_size_per_gpu: 3 contradicts train.micro_batch_size=2")
+        for e in errs
+    )
     with pytest.raises(ConfigErrors) as info:
         build_deepspeed_config(cfg, 2)
     assert len(info.value.errors) == 2
@@ -128,8 +142,13 @@ def test_each_derived_value_is_guarded(extra, needle):
 
 
 def test_repeating_a_derived_value_or_auto_is_fine():
-    extra = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": "auto", "gradient_clipping": 1,
-             "zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}, "bf16": {"enabled": "auto"}}  # fmt: skip
+    extra = {
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": "auto",
+        "gradient_clipping": 1,
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "none"}},
+        "bf16": {"enabled": "auto"},
+    }
     cfg = make_cfg(3, extra=extra)
     assert errors_of(cfg) == []
     ds = build_deepspeed_config(cfg, 2)
@@ -184,7 +203,10 @@ def test_world_size_comes_from_the_launch():
 # the shipped strategies and `ftl plan`
 
 
-@pytest.mark.parametrize("strategy, stage, offload", [("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
+@pytest.mark.parametrize(
+    "strategy, stage, offload",
+    [("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)],
+)
 def test_shipped_strategies_build(strategy, stage, offload):
     raw, _, errors = compose(["recipe=tiny", f"strategy={strategy}", "launch.nproc_per_node=2"])
     cfg, more = validate(raw)
@@ -210,7 +232,9 @@ def test_plan_prints_the_generated_json_without_importing_deepspeed():
     assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")])
+@pytest.mark.parametrize(
+    "stage,precision", [(0, "fp32"), (1, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")]
+)
 def test_bf16_gradients_are_reduced_in_the_chosen_dtype_and_accumulated_in_fp32(stage, precision):
     """As FSDP2 (reduce_dtype=fp32) and the autocast engines (fp32 gradients) do: reduction in
     strategy.reduce_dtype (fp32 by default) from stage 1, fp32 accumulation of the gradient

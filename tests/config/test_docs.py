@@ -34,7 +34,9 @@ def test_every_key_an_override_can_set_is_documented():
 
 
 def test_config_md_is_current():
-    out = subprocess.run([sys.executable, "-m", "launcher.config.docs"], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.config.docs"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert CONFIG_MD.read_text() == out.stdout, f"docs/CONFIG.md is stale: regenerate it with `{REGENERATE}`"
     assert all(f"`{d.path}`" in out.stdout for d in field_docs())
 

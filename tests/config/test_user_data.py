@@ -22,7 +22,11 @@ def mine(tmp_path: Path) -> str:
 
 def test_own_train_files_are_evaluated_on_a_held_out_part_of_them(mine: str) -> None:
     loaded = load_config(["recipe=tiny", f"data.train_files=[{mine}]"])
-    assert loaded.cfg.data.train_files == [mine] and loaded.cfg.data.eval_files == [] and loaded.cfg.data.eval_fraction == 0.05
+    assert (
+        loaded.cfg.data.train_files == [mine]
+        and loaded.cfg.data.eval_files == []
+        and loaded.cfg.data.eval_fraction == 0.05
+    )
     assert any("held-out 5% of your training rows" in n for n in loaded.notes)
 
 
@@ -33,7 +37,9 @@ def test_own_sources_replace_the_demo_rows(mine: str) -> None:
 
 
 def test_what_the_user_names_stays(mine: str) -> None:
-    explicit = load_config(["recipe=tiny", f"data.train_files=[{mine}]", f"data.eval_files=[{asset('demo/eval.jsonl')}]"])
+    explicit = load_config(
+        ["recipe=tiny", f"data.train_files=[{mine}]", f"data.eval_files=[{asset('demo/eval.jsonl')}]"]
+    )
     assert explicit.cfg.data.eval_files == [asset("demo/eval.jsonl")] and explicit.cfg.data.eval_fraction == 0.0
     group = load_config(["recipe=tiny", "data=chat_files", f"data.train_files=[{mine}]"])
     assert group.cfg.data.eval_files == [] and group.cfg.data.eval_fraction == 0.05 and not group.notes

@@ -26,7 +26,10 @@ from launcher.data.packing import pack_dataset
 from launcher.data.types import DataError
 from launcher.paths import asset
 
-ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]} for i in range(12)]
+ROWS = [
+    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    for i in range(12)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -98,15 +101,30 @@ def other_tokenizer(tok: Any) -> Any:
 
 
 CHANGES: dict[str, Any] = {
-    "data content": lambda tmp, tok, cfg: (replace(cfg, train_files=[write_jsonl(tmp / "more.jsonl", ROWS + ROWS[:1])]), tok, 64, 0),
+    "data content": lambda tmp, tok, cfg: (
+        replace(cfg, train_files=[write_jsonl(tmp / "more.jsonl", ROWS + ROWS[:1])]),
+        tok,
+        64,
+        0,
+    ),
     "tokenizer": lambda tmp, tok, cfg: (cfg, other_tokenizer(tok), 64, 0),
     "template": lambda tmp, tok, cfg: (replace(cfg, chat_template="alpaca"), tok, 64, 0),
     "seq_len": lambda tmp, tok, cfg: (cfg, tok, 128, 0),
     "packing": lambda tmp, tok, cfg: (replace(cfg, packing=False), tok, 64, 0),
-    "format": lambda tmp, tok, cfg: (replace(cfg, sources=[DataSource(path=cfg.train_files[0], format="completion")], train_files=[]), tok, 64, 0),
+    "format": lambda tmp, tok, cfg: (
+        replace(cfg, sources=[DataSource(path=cfg.train_files[0], format="completion")], train_files=[]),
+        tok,
+        64,
+        0,
+    ),
     "masking": lambda tmp, tok, cfg: (replace(cfg, assistant_only_loss=False), tok, 64, 0),
     "truncation": lambda tmp, tok, cfg: (replace(cfg, truncation="drop"), tok, 64, 0),
-    "weight": lambda tmp, tok, cfg: (replace(cfg, sources=[DataSource(path=cfg.train_files[0], weight=2.0)], train_files=[]), tok, 64, 0),
+    "weight": lambda tmp, tok, cfg: (
+        replace(cfg, sources=[DataSource(path=cfg.train_files[0], weight=2.0)], train_files=[]),
+        tok,
+        64,
+        0,
+    ),
     "seed, when it carves the eval split": lambda tmp, tok, cfg: (cfg, tok, 64, 1),
 }
 
@@ -151,7 +169,9 @@ def _race(cfg: DataConfig, tok: Any, start: Any, out: Any) -> None:
     out.put((prepared.built, str(prepared.directory), len(prepared.train)))
 
 
-def test_two_processes_racing_on_a_cold_cache_build_once(tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_processes_racing_on_a_cold_cache_build_once(
+    tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = tmp_path / "builds.log"
     real_write = data_cache.write_datasets
 
@@ -252,7 +272,9 @@ def test_builder_is_local_rank_zero_or_rank_zero_when_shared() -> None:
     node1_rank0 = DistInfo(rank=2, local_rank=0, world_size=4, local_world_size=2)
     assert data_cache.is_builder(DataConfig(), node1_rank0)
     assert not data_cache.is_builder(DataConfig(cache_shared=True), node1_rank0)
-    assert data_cache.is_builder(DataConfig(cache_shared=True), DistInfo(rank=0, local_rank=0, world_size=4, local_world_size=2))
+    assert data_cache.is_builder(
+        DataConfig(cache_shared=True), DistInfo(rank=0, local_rank=0, world_size=4, local_world_size=2)
+    )
     assert not data_cache.is_builder(DataConfig(), DistInfo(rank=1, local_rank=1, world_size=4, local_world_size=2))
     assert data_cache.is_builder(DataConfig(), None)
 
@@ -261,7 +283,9 @@ def test_builder_is_local_rank_zero_or_rank_zero_when_shared() -> None:
 # ftl preprocess, and the trainer on the cache
 
 
-def test_ftl_preprocess_prints_counts_and_exits_2_on_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ftl_preprocess_prints_counts_and_exits_2_on_bad_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from launcher.cli import main
 
     assert main(["preprocess", "recipe=tiny", "data.packing=true"]) == 0
@@ -283,18 +307,40 @@ def test_ftl_preprocess_prints_counts_and_exits_2_on_bad_data(tmp_path: Path, ca
 def test_trainer_trains_on_packed_data_from_the_cache(tmp_path: Path, cache_home: Path) -> None:
     import torch
 
-    from launcher.config.schema import ArchConfig, CheckpointConfig, EvalConfig, FtlConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig
+    from launcher.config.schema import (
+        ArchConfig,
+        CheckpointConfig,
+        EvalConfig,
+        FtlConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+        WandbConfig,
+    )
     from launcher.train.trainer import Trainer
 
     cfg = FtlConfig(
-        model=ModelConfig(name="tiny-llama", source="random", tokenizer=asset("tiny-tokenizer"),
-                          arch=ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                                          num_kv_heads=2, max_position_embeddings=1024)),
+        model=ModelConfig(
+            name="tiny-llama",
+            source="random",
+            tokenizer=asset("tiny-tokenizer"),
+            arch=ArchConfig(
+                vocab_size=512,
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                max_position_embeddings=1024,
+            ),
+        ),
         data=DataConfig(train_files=[asset("demo/train.jsonl")], eval_files=[asset("demo/eval.jsonl")], packing=True),
         train=TrainConfig(lr=3e-3, max_steps=3, micro_batch_size=2, seq_len=256, precision="fp32"),
-        checkpoint=CheckpointConfig(every_steps=0, save_final=False), eval=EvalConfig(after_training=False),
-        wandb=WandbConfig(mode="disabled"), run=RunConfig(name="packed", dir=str(tmp_path / "run")),
-    )  # fmt: skip
+        checkpoint=CheckpointConfig(every_steps=0, save_final=False),
+        eval=EvalConfig(after_training=False),
+        wandb=WandbConfig(mode="disabled"),
+        run=RunConfig(name="packed", dir=str(tmp_path / "run")),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -325,9 +371,21 @@ def test_preprocess_fetch_model_stages_a_hub_model_the_ranks_read_offline(tmp_pa
     hf_home = tmp_path / "hf"
     snapshot = hf_home / "hub" / "models--acme--tiny-chat" / "snapshots" / ("0" * 40)
     shutil.copytree(asset("tiny-tokenizer"), snapshot)
-    (snapshot / "config.json").write_text(json.dumps({  # a hub model's files hold its architecture
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}))  # fmt: skip
+    (snapshot / "config.json").write_text(
+        json.dumps(
+            {  # a hub model's files hold its architecture
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 1024,
+            }
+        )
+    )
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "FTL_CACHE": str(tmp_path / "cache")}
@@ -335,6 +393,8 @@ def test_preprocess_fetch_model_stages_a_hub_model_the_ranks_read_offline(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"model       acme/tiny-chat staged in {snapshot}" in done.stdout and "data cache  built" in done.stdout
     env["HF_HOME"] = str(tmp_path / "empty")
-    missing = subprocess.run([sys.executable, "-c", STAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-c", STAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 1, missing.stderr[-3000:]
     assert f"ftl preprocess: cannot stage model.path='acme/tiny-chat' into {tmp_path / 'empty'}" in missing.stderr

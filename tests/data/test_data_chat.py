@@ -198,8 +198,10 @@ BAD_ROWS: dict[str, tuple[bytes, str]] = {
         "content must be a string",
     ),
     "messages not a list": (json.dumps({"messages": "Hi"}).encode(), "must be a list"),
-    "instruction rows read as chat": (json.dumps({"instruction": "Say hi", "input": "", "output": "Hi"}).encode(),
-                                      "these look like instruction (alpaca) rows: set data.format=instruction"),
+    "instruction rows read as chat": (
+        json.dumps({"instruction": "Say hi", "input": "", "output": "Hi"}).encode(),
+        "these look like instruction (alpaca) rows: set data.format=instruction",
+    ),
     "text rows read as chat": (json.dumps({"text": "Once upon a time"}).encode(), "set data.format=completion"),
     "invalid JSON": (b'{"messages": [', "invalid JSON"),
     "non-UTF-8": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not valid UTF-8"),

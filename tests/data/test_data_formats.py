@@ -70,9 +70,15 @@ def test_instruction_masking_with_the_tokenizer_template(tok: Any, tmp_path: Pat
         want_ids: list[int] = []
         want_labels: list[int] = []
         for piece, learn in [
-            ("<|im_start|>user\n", False), (prompt, False), (IM_END, False), ("\n", False),
-            ("<|im_start|>assistant\n", False), (row["output"], True), (IM_END, True), ("\n", False),
-        ]:  # fmt: skip
+            ("<|im_start|>user\n", False),
+            (prompt, False),
+            (IM_END, False),
+            ("\n", False),
+            ("<|im_start|>assistant\n", False),
+            (row["output"], True),
+            (IM_END, True),
+            ("\n", False),
+        ]:
             want_ids += ids(tok, piece)
             want_labels += ids(tok, piece) if learn else [IGNORE_INDEX] * len(ids(tok, piece))
         assert example["input_ids"] == want_ids
@@ -112,15 +118,26 @@ def test_completion_trains_every_token(tok: Any, tmp_path: Path) -> None:
 
 
 def test_sharegpt_rows_are_chat_rows(tok: Any, tmp_path: Path) -> None:
-    sharegpt = {"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is ftl?"}, {"from": "gpt", "value": "A launcher."},
-    ]}  # fmt: skip
-    messages = {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is ftl?"}, {"role": "assistant", "content": "A launcher."},
-    ]}  # fmt: skip
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "What is ftl?"},
+            {"from": "gpt", "value": "A launcher."},
+        ]
+    }
+    messages = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is ftl?"},
+            {"role": "assistant", "content": "A launcher."},
+        ]
+    }
     a, b = build(tok, tmp_path, [sharegpt, messages])
     assert a == b
-    assert tok.decode([t for t, label in zip(a["input_ids"], a["labels"]) if label != IGNORE_INDEX]) == "A launcher." + IM_END
+    assert (
+        tok.decode([t for t, label in zip(a["input_ids"], a["labels"]) if label != IGNORE_INDEX])
+        == "A launcher." + IM_END
+    )
 
 
 def test_named_template_and_misspelt_name(plain_tok: Any, tok: Any, tmp_path: Path) -> None:
@@ -189,14 +206,24 @@ def numbered(n: int, prefix: str) -> list[dict[str, str]]:
 def test_sources_mix_by_weight(tok: Any, tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", numbered(4, "A"))
     b = write_jsonl(tmp_path / "b.jsonl", numbered(6, "B"))
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
-    cfg = DataConfig(format="instruction", sources=[
-        DataSource(path=a, weight=2.0), DataSource(path=b, weight=0.5), DataSource(path=chat, format="chat"),
-        DataSource(path=chat, format="chat", split="eval"),
-    ])  # fmt: skip
+    chat = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}],
+    )
+    cfg = DataConfig(
+        format="instruction",
+        sources=[
+            DataSource(path=a, weight=2.0),
+            DataSource(path=b, weight=0.5),
+            DataSource(path=chat, format="chat"),
+            DataSource(path=chat, format="chat", split="eval"),
+        ],
+    )
     train, evals = build_datasets(cfg, tok, 256, seed=1)
     users = [c[0]["content"] for c in train.conversations]
-    assert sorted(u for u in users if u.startswith("A")) == sorted(f"A question {i}?" for i in range(4) for _ in range(2))
+    assert sorted(u for u in users if u.startswith("A")) == sorted(
+        f"A question {i}?" for i in range(4) for _ in range(2)
+    )
     picked_b = [u for u in users if u.startswith("B")]
     assert len(picked_b) == 3 and len(set(picked_b)) == 3
     assert users.count("Hi") == 1 and evals is not None and len(evals) == 1
@@ -220,7 +247,11 @@ def test_truncation_drop_leaves_long_examples_out(tok: Any, tmp_path: Path) -> N
 BAD: dict[str, tuple[str, Any, str]] = {
     "instruction missing output": ("instruction", {"instruction": "Hi"}, "missing 'output'"),
     "instruction empty": ("instruction", {"instruction": " ", "output": "x"}, "empty 'instruction'"),
-    "instruction non-string input": ("instruction", {"instruction": "Hi", "input": 3, "output": "x"}, "'input' must be a string"),
+    "instruction non-string input": (
+        "instruction",
+        {"instruction": "Hi", "input": 3, "output": "x"},
+        "'input' must be a string",
+    ),
     "completion missing text": ("completion", {"content": "x"}, "missing 'text'"),
     "completion empty text": ("completion", {"text": ""}, "empty 'text'"),
     "sharegpt empty": ("chat", {"conversations": []}, "empty conversation"),
@@ -247,7 +278,7 @@ def test_bad_rows_name_file_and_row_or_are_skipped(case: str, tok: Any, tmp_path
 
 def test_csv_row_with_bad_utf8_is_named_and_skippable(tok: Any, tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
-    path.write_bytes(b"text\nfine\n\"caf\xe9\"\nalso fine\n")
+    path.write_bytes(b'text\nfine\n"caf\xe9"\nalso fine\n')
     with pytest.raises(DataError, match=r"t\.csv, row 3: not valid UTF-8"):
         build_datasets(DataConfig(format="completion", train_files=[str(path)]), tok, 64, 0)
     train, _ = build_datasets(DataConfig(format="completion", train_files=[str(path)], on_error="skip"), tok, 64, 0)
@@ -257,7 +288,10 @@ def test_csv_row_with_bad_utf8_is_named_and_skippable(tok: Any, tmp_path: Path) 
 def test_missing_sources_are_named(tok: Any, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    for path, reason in ((str(tmp_path / "nope.parquet"), "nope.parquet: data file not found"), (str(empty), "folder holds no data files")):
+    for path, reason in (
+        (str(tmp_path / "nope.parquet"), "nope.parquet: data file not found"),
+        (str(empty), "folder holds no data files"),
+    ):
         with pytest.raises(DataError, match=reason):
             build_datasets(DataConfig(sources=[DataSource(path=path)], on_error="skip"), tok, 64, 0)
 
@@ -267,7 +301,9 @@ def test_validate_reports_sources() -> None:
     from launcher.config.validate import validate
 
     def errors(*overrides: str) -> dict[str, str]:
-        raw, _, found = compose(["recipe=tiny", "data.train_files=[]", "data.eval_files=[]", "eval.after_training=false", *overrides])
+        raw, _, found = compose(
+            ["recipe=tiny", "data.train_files=[]", "data.eval_files=[]", "eval.after_training=false", *overrides]
+        )
         return {e.path: e.message for e in found + validate(raw)[1]}
 
     messages = errors("data.sources=[{path: /nonexistent/x.jsonl}, {path: hub:org/ds}, {path: hub:}]")
@@ -286,8 +322,11 @@ def test_validate_reports_sources() -> None:
 def test_preference_pairs_with_chosen_identical_to_rejected_are_dropped_and_counted(tok: Any, tmp_path: Path) -> None:
     good = {"prompt": "Name the launcher.", "chosen": "It is ftl.", "rejected": "I do not know."}
     same = {"prompt": "Name the launcher.", "chosen": "It is ftl.", "rejected": "It is ftl."}
-    same_chat = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
-                 "rejected": [{"role": "assistant", "content": "Hello."}]}  # fmt: skip
+    same_chat = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Hello."}],
+    }
     train = build(tok, tmp_path, [good, same, good, same_chat], format="preference")
     assert len(train) == 2 and train.stats["examples"] == 2 and train.stats["identical"] == 2
     with pytest.raises(DataError, match="every preference pair has chosen identical to rejected"):
@@ -300,5 +339,7 @@ def test_conversations_whose_answers_are_empty_are_not_counted_as_examples(tok: 
     all_empty = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
     train = build(tok, tmp_path, [good, empty_answer, all_empty, good])
     assert len(train) == 2 and train.stats["examples"] == 2 and train.stats["empty"] == 2
-    no_mask = build(tok, tmp_path, [good, all_empty], assistant_only_loss=False)  # every token trains: still nothing in it
+    no_mask = build(
+        tok, tmp_path, [good, all_empty], assistant_only_loss=False
+    )  # every token trains: still nothing in it
     assert len(no_mask) == 1 and no_mask.stats["empty"] == 1

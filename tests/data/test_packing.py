@@ -42,7 +42,9 @@ def tok() -> Any:
 @pytest.fixture(scope="module")
 def examples(tok: Any) -> list[dict[str, list[int]]]:
     """40 demo conversations, assistant-only labels: several packs of several examples each."""
-    train, _ = build_datasets(DataConfig(train_files=[asset("demo/train.jsonl")], max_train_examples=40), tok, SEQ_LEN, 0)
+    train, _ = build_datasets(
+        DataConfig(train_files=[asset("demo/train.jsonl")], max_train_examples=40), tok, SEQ_LEN, 0
+    )
     return list(train.examples)
 
 
@@ -55,8 +57,15 @@ def tiny_llama(tok: Any, attn: str) -> Any:
 
     attention.register()
 
-    arch = ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                      max_position_embeddings=1024)  # fmt: skip
+    arch = ArchConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(arch_to_hf_config(arch, tok), attn_implementation=attn, dtype=torch.float32)
 
@@ -94,8 +103,10 @@ def test_packed_loss_and_grads_equal_unpacked(tok: Any, examples: list[dict[str,
     rows = pack_dataset_rows(packs)
     want_loss, want_tokens, want_grads = loss_and_grads(model, unpacked)
 
-    layouts = {"one row per pack": [collate(rows[i : i + 4], pad) for i in range(0, len(rows), 4)],
-               "flattened (flash-attention layout)": [collate(rows, pad, flatten=True)]}  # fmt: skip
+    layouts = {
+        "one row per pack": [collate(rows[i : i + 4], pad) for i in range(0, len(rows), 4)],
+        "flattened (flash-attention layout)": [collate(rows, pad, flatten=True)],
+    }
     for name, batches in layouts.items():
         loss, tokens, grads = loss_and_grads(model, batches)
         assert tokens == want_tokens, name
@@ -113,7 +124,11 @@ def test_the_gate_catches_contamination(tok: Any, examples: list[dict[str, list[
     batch = collate(rows, tok.pad_token_id)
     want, _, _ = loss_and_grads(model, [batch])
     leaky = {
-        "2-D mask": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]},
+        "2-D mask": {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+        },
         "no restarts": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
     }
     n = count_label_tokens(batch["labels"])
@@ -175,8 +190,13 @@ def test_pack_dataset_stats(tok: Any) -> None:
     packed = pack_dataset(train, SEQ_LEN)
     assert packed.stats["tokens"] == train.stats["tokens"] and packed.stats["examples"] == len(train)
     assert packed.stats["packs"] == len(packed) < len(train)
-    assert packed.stats["packing_efficiency"] == pytest.approx(train.stats["tokens"] / (len(packed) * SEQ_LEN), abs=1e-6)
-    assert sum(count_label_tokens(collate([packed[i]], 0)["labels"]) for i in range(len(packed))) == train.stats["trainable_tokens"]
+    assert packed.stats["packing_efficiency"] == pytest.approx(
+        train.stats["tokens"] / (len(packed) * SEQ_LEN), abs=1e-6
+    )
+    assert (
+        sum(count_label_tokens(collate([packed[i]], 0)["labels"]) for i in range(len(packed)))
+        == train.stats["trainable_tokens"]
+    )
 
 
 # --------------------------------------------------------------------------------------------

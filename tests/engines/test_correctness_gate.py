@@ -15,8 +15,14 @@ import pytest
 from helpers import TINY, ftl, metrics
 
 STEPS = 5
-COMMON = [*TINY, f"train.max_steps={STEPS}", "train.precision=fp32", "checkpoint.save_final=false",
-          "eval.after_training=false", "train.warmup_steps=1"]  # fmt: skip
+COMMON = [
+    *TINY,
+    f"train.max_steps={STEPS}",
+    "train.precision=fp32",
+    "checkpoint.save_final=false",
+    "eval.after_training=false",
+    "train.warmup_steps=1",
+]
 ENGINES = {
     "ddp": ["strategy=ddp"],
     "zero1": ["strategy=zero1"],
@@ -41,9 +47,14 @@ def single_losses(tmp_path_factory) -> list[float]:
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_first_losses_match_single_process(engine, single_losses, tmp_path):
     run = tmp_path / engine
-    out = ftl("train", *COMMON, *ENGINES[engine], "launch.nproc_per_node=2", "train.micro_batch_size=4", f"run.dir={run}")
-    note = re.search(r"ftl: step 1 took [0-9.]+ s, compiling the decoder layers included \(train.compile\), "
-                     r"and setting up the compiler [0-9.]+ s before it", out.stdout + out.stderr)  # fmt: skip
+    out = ftl(
+        "train", *COMMON, *ENGINES[engine], "launch.nproc_per_node=2", "train.micro_batch_size=4", f"run.dir={run}"
+    )
+    note = re.search(
+        r"ftl: step 1 took [0-9.]+ s, compiling the decoder layers included \(train.compile\), "
+        r"and setting up the compiler [0-9.]+ s before it",
+        out.stdout + out.stderr,
+    )
     assert bool(note) == engine.endswith("+compile"), "the first-step note is printed for compiled layers only"
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == STEPS

@@ -59,7 +59,12 @@ def test_zero3_trains_10_steps_into_deepspeed_checkpoints(zero3_run: Path) -> No
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     ckpt = step_dir(zero3_run, 10)
     assert json.loads((ckpt / MARKER).read_text())["world_size"] == 2
-    assert json.loads((ckpt / META_FILE).read_text()) == {"tag": TAG, "zero_stage": 3, "world_size": 2, "precision": "fp32"}
+    assert json.loads((ckpt / META_FILE).read_text()) == {
+        "tag": TAG,
+        "zero_stage": 3,
+        "world_size": 2,
+        "precision": "fp32",
+    }
     assert (ckpt / "latest").read_text().strip() == TAG  # DeepSpeed's own tools work on the step dir
     files = sorted(p.name for p in (ckpt / TAG).iterdir())
     assert files == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
@@ -101,7 +106,14 @@ def test_zero3_resumes_on_one_rank_through_the_universal_checkpoint(zero3_run: P
     reads the 8 samples per step the two ranks did; the losses differ only by how tokens are
     averaged (per rank, or over the 8 samples)."""
     run_dir = copy_interrupted(zero3_run, tmp_path / "one-rank")
-    ftl("train", *TEN_STEPS, "strategy=zero3", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
+    ftl(
+        "train",
+        *TEN_STEPS,
+        "strategy=zero3",
+        "launch.nproc_per_node=1",
+        "train.micro_batch_size=8",
+        f"run.dir={run_dir}",
+    )
     assert (step_dir(run_dir, 5) / UNIVERSAL_TAG).is_dir()
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
@@ -162,18 +174,36 @@ def test_consolidation_live_and_offline_agree_for_stage0_and_stage3(tmp_path: Pa
     the model-states file, where DeepSpeed's zero_to_fp32 fails."""
     driver = tmp_path / "driver.py"
     driver.write_text(CONSOLIDATE_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(driver),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for stage in ("0", "3"):
-        assert results[stage] == {"live_keys": True, "offline_keys": True, "max_diff": 0.0, "dtype": "torch.float32"}, stage
+        assert results[stage] == {"live_keys": True, "offline_keys": True, "max_diff": 0.0, "dtype": "torch.float32"}, (
+            stage
+        )
 
 
 def test_contradicting_extra_key_exits_2_before_anything_starts(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    out = ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=zero3", "+strategy.extra.zero_optimization.stage=2",
-              "+strategy.extra.wall_clock_breakdown=true", f"run.dir={run_dir}", check=False)  # fmt: skip
+    out = ftl(
+        "train",
+        *TEN_STEPS,
+        *TWO_RANKS,
+        "strategy=zero3",
+        "+strategy.extra.zero_optimization.stage=2",
+        "+strategy.extra.wall_clock_breakdown=true",
+        f"run.dir={run_dir}",
+        check=False,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "strategy.extra.zero_optimization.stage: 2 contradicts strategy.zero_stage=3" in out.stderr
     assert "wall_clock_breakdown" not in out.stderr  # a key ftl does not derive is merged, not refused
@@ -184,8 +214,17 @@ def test_contradicting_extra_key_exits_2_before_anything_starts(tmp_path: Path) 
 def test_zero3_offload_trains_with_adamw_numbers(zero3_run: Path, tmp_path: Path) -> None:
     """Parameters and optimizer states in CPU memory, DeepSpeedCPUAdam (compiled on first use,
     ~100 s) in AdamW mode and activation checkpointing: the same losses as ZeRO-3."""
-    ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=zero3_offload", "train.max_steps=3", "checkpoint.every_steps=0",
-        "checkpoint.save_final=false", f"run.dir={tmp_path}", timeout=600)  # fmt: skip
+    ftl(
+        "train",
+        *TEN_STEPS,
+        *TWO_RANKS,
+        "strategy=zero3_offload",
+        "train.max_steps=3",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        f"run.dir={tmp_path}",
+        timeout=600,
+    )
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # A 3-step run has its own cosine schedule: only the first steps (warmup) share the lr.
@@ -255,7 +294,15 @@ def test_zero3_generation_of_different_lengths_keeps_ranks_in_step(tmp_path: Pat
     after 12; both answer and meet again."""
     driver = tmp_path / "driver.py"
     driver.write_text(GENERATE_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(driver),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -263,9 +310,19 @@ def test_zero3_generation_of_different_lengths_keeps_ranks_in_step(tmp_path: Pat
     assert all(r["answer"] for r in ranks), ranks
 
 
-BF16_COMMON = ["recipe=tiny", "wandb.mode=disabled", "launch.dist_timeout_s=60", "train.max_steps=2", "train.warmup_steps=1",
-               "train.precision=bf16", "train.grad_accum=4", "train.micro_batch_size=2", "checkpoint.save_final=false",
-               "eval.after_training=false", *TWO_RANKS]  # fmt: skip
+BF16_COMMON = [
+    "recipe=tiny",
+    "wandb.mode=disabled",
+    "launch.dist_timeout_s=60",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "train.precision=bf16",
+    "train.grad_accum=4",
+    "train.micro_batch_size=2",
+    "checkpoint.save_final=false",
+    "eval.after_training=false",
+    *TWO_RANKS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +333,9 @@ def fsdp_bf16_norm(tmp_path_factory: pytest.TempPathFactory) -> float:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_in_bf16_reduces_and_accumulates_gradients_like_fsdp(stage: int, fsdp_bf16_norm: float, tmp_path: Path) -> None:
+def test_zero_in_bf16_reduces_and_accumulates_gradients_like_fsdp(
+    stage: int, fsdp_bf16_norm: float, tmp_path: Path
+) -> None:
     """bf16 with 4 micro-batches per step: ZeRO-2/3's first gradient equals FSDP2's (fp32
     reduce-scatter) to 1e-6, the precision of an fp32 sum. With DeepSpeed's default bf16
     reduction and accumulation the same run was 1.5e-5 off (measured; see gradient_dtypes)."""

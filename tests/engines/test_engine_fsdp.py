@@ -26,7 +26,9 @@ def test_every_sharded_module_reduces_in_the_chosen_dtype(name: str, want: torch
     try:
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
         model._no_split_modules = []
-        apply_fully_shard(model, DistInfo(), torch.device("cpu"), True, False, torch.bfloat16, reduce_dtype(name, torch.bfloat16))
+        apply_fully_shard(
+            model, DistInfo(), torch.device("cpu"), True, False, torch.bfloat16, reduce_dtype(name, torch.bfloat16)
+        )
         sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
         assert sharded and all(m._get_fsdp_state()._mp_policy.reduce_dtype == want for m in sharded)
     finally:

@@ -44,8 +44,14 @@ RUN_TIMEOUT_S = 150
 def ftl_background(*args: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         # A session of its own: a test that fails midway kills the whole process tree.
-        return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=ftl_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "launcher", *args],
+            cwd=ROOT,
+            env=ftl_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -100,7 +106,10 @@ def test_ddp_and_fsdp_train_the_same_10_steps(ddp_run: Path, fsdp_run: Path) -> 
 
 def test_fsdp_holds_half_the_parameter_bytes(ddp_run: Path, fsdp_run: Path) -> None:
     total = sum(t.numel() * t.element_size() for t in weights(ddp_run, 10, "ddp").values())
-    ddp_local, fsdp_local = metrics(ddp_run)[-1].get("param_bytes_local"), metrics(fsdp_run)[-1].get("param_bytes_local")
+    ddp_local, fsdp_local = (
+        metrics(ddp_run)[-1].get("param_bytes_local"),
+        metrics(fsdp_run)[-1].get("param_bytes_local"),
+    )
     assert fsdp_local is not None, "the trainer logs no param_bytes_local (telemetry.local_param_bytes) per step"
     assert ddp_local == total
     assert fsdp_local <= 1.05 * total / 2, (fsdp_local, total)
@@ -123,7 +132,14 @@ def test_fsdp_resumes_on_one_rank(fsdp_run: Path, tmp_path: Path) -> None:
     micro_batch_size 8 the one rank reads the same 8 samples per step as the two ranks did; the
     losses differ only by how tokens are averaged (per rank, or over the 8 samples)."""
     run_dir = copy_interrupted(fsdp_run, tmp_path / "one-rank")
-    ftl("train", *TEN_STEPS, "strategy=fsdp", "launch.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run_dir}")
+    ftl(
+        "train",
+        *TEN_STEPS,
+        "strategy=fsdp",
+        "launch.nproc_per_node=1",
+        "train.micro_batch_size=8",
+        f"run.dir={run_dir}",
+    )
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
     assert_losses_close(rows, metrics(fsdp_run), rel=2e-3)
@@ -162,8 +178,14 @@ def live_fsdp_model(run_dir: Path) -> tuple[Any, Any]:
 
 def test_export_rejects_what_is_not_a_run_or_checkpoint(tmp_path: Path) -> None:
     for path in (tmp_path / "missing", tmp_path):
-        proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(path)], cwd=ROOT, env=ftl_env(),
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher", "export", str(path)],
+            cwd=ROOT,
+            env=ftl_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert "ftl export:" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -181,7 +203,16 @@ def test_export_rejects_what_is_not_a_run_or_checkpoint(tmp_path: Path) -> None:
 def test_fsdp_options_train_as_the_reference(overrides: list[str], rel: float, fsdp_run: Path, tmp_path: Path) -> None:
     """3 steps: with warmup_steps=2 the first 3 learning rates do not depend on max_steps."""
     run_dir = tmp_path / "run"
-    ftl("train", *TEN_STEPS, *TWO_RANKS, "strategy=fsdp", "train.max_steps=3", "checkpoint.every_steps=0", *overrides, f"run.dir={run_dir}")
+    ftl(
+        "train",
+        *TEN_STEPS,
+        *TWO_RANKS,
+        "strategy=fsdp",
+        "train.max_steps=3",
+        "checkpoint.every_steps=0",
+        *overrides,
+        f"run.dir={run_dir}",
+    )
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert_losses_close(rows, metrics(fsdp_run), rel=rel)
@@ -193,9 +224,18 @@ def test_two_nodes_on_one_host_fsdp(hybrid: bool, fsdp_run: Path, tmp_path: Path
     """Two torchrun agents (1 rank each) meet through c10d on loopback: the same math as 2 local
     ranks. hybrid_shard: a 2×1 mesh, replicated across the nodes, sharded within each."""
     run_dir, port = tmp_path / "two-nodes", free_port()
-    args = ["train", *TEN_STEPS, "strategy=fsdp", f"strategy.hybrid_shard={str(hybrid).lower()}", "launch=torchrun",
-            "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint=127.0.0.1:{port}",
-            f"launch.rdzv_id=two-nodes-{port}", f"run.dir={run_dir}"]  # fmt: skip
+    args = [
+        "train",
+        *TEN_STEPS,
+        "strategy=fsdp",
+        f"strategy.hybrid_shard={str(hybrid).lower()}",
+        "launch=torchrun",
+        "launch.nnodes=2",
+        "launch.nproc_per_node=1",
+        f"launch.rdzv_endpoint=127.0.0.1:{port}",
+        f"launch.rdzv_id=two-nodes-{port}",
+        f"run.dir={run_dir}",
+    ]
     nodes = []
     try:
         for rank in (0, 1):
@@ -218,10 +258,18 @@ def test_elastic_restart_after_a_rank_is_killed(ddp_run: Path, tmp_path: Path) -
     which resume from the latest checkpoint and end with the uninterrupted run's weights."""
     run_dir, port = tmp_path / "elastic", free_port()
     job = ftl_background(
-        "train", *TEN_STEPS, *TWO_RANKS, "strategy=ddp", "checkpoint.every_steps=2", "launch=torchrun",
-        "launch.max_restarts=1", f"launch.rdzv_endpoint=127.0.0.1:{port}", f"launch.rdzv_id=elastic-{port}",
-        f"run.dir={run_dir}", log=tmp_path / "job.log",
-    )  # fmt: skip
+        "train",
+        *TEN_STEPS,
+        *TWO_RANKS,
+        "strategy=ddp",
+        "checkpoint.every_steps=2",
+        "launch=torchrun",
+        "launch.max_restarts=1",
+        f"launch.rdzv_endpoint=127.0.0.1:{port}",
+        f"launch.rdzv_id=elastic-{port}",
+        f"run.dir={run_dir}",
+        log=tmp_path / "job.log",
+    )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (step_dir(run_dir, 2) / MARKER).is_file():

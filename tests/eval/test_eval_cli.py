@@ -17,16 +17,40 @@ from helpers import ftl
 
 pytest.importorskip("peft")
 
-TRAIN = ["recipe=tiny", "peft=lora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.0", "train.lr=1e-2", "train.max_steps=4",
-         "eval.every_steps=2", "eval.max_batches=1", "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
+TRAIN = [
+    "recipe=tiny",
+    "peft=lora",
+    "peft.r=4",
+    "peft.alpha=8",
+    "peft.dropout=0.0",
+    "train.lr=1e-2",
+    "train.max_steps=4",
+    "eval.every_steps=2",
+    "eval.max_batches=1",
+    "wandb.mode=disabled",
+    "launch.dist_timeout_s=60",
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is ftl?"}, {"role": "assistant", "content": "A launcher for fine-tuning."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I resume?"},
-     {"role": "assistant", "content": "Rerun the same command."}],
-    [{"role": "user", "content": "Which engines are there?"}, {"role": "assistant", "content": "single, ddp, deepspeed and fsdp."}],
-]  # fmt: skip
-EVAL = ["eval.generate=true", "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=2", "eval.max_batches=null",
-        "wandb.mode=disabled", "launch.dist_timeout_s=60"]  # fmt: skip
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How do I resume?"},
+        {"role": "assistant", "content": "Rerun the same command."},
+    ],
+    [
+        {"role": "user", "content": "Which engines are there?"},
+        {"role": "assistant", "content": "single, ddp, deepspeed and fsdp."},
+    ],
+]
+EVAL = [
+    "eval.generate=true",
+    "eval.num_generate=3",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=2",
+    "eval.max_batches=null",
+    "wandb.mode=disabled",
+    "launch.dist_timeout_s=60",
+]
 
 
 def write_jsonl(path: Path, conversations: list[list[dict[str, str]]]) -> Path:
@@ -53,8 +77,14 @@ def eval_case(lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     case = [c[:-1] + [{"role": "assistant", "content": ref}] for c, ref in zip(CONVERSATIONS, references)]
     data = write_jsonl(root / "case.jsonl", case)
     out = ftl("eval", str(lora_run), f"data.eval_files=[{data}]", *EVAL, "--baseline", "--out", str(root / "one"))
-    return {"data": data, "answers": answers, "references": references, "out": root / "one", "stdout": out.stdout,
-            "results": json.loads((root / "one" / "eval.json").read_text())}  # fmt: skip
+    return {
+        "data": data,
+        "answers": answers,
+        "references": references,
+        "out": root / "one",
+        "stdout": out.stdout,
+        "results": json.loads((root / "one" / "eval.json").read_text()),
+    }
 
 
 def independent_loss(model: Any, data: Path, run_dir: Path) -> tuple[float, int]:
@@ -114,8 +144,15 @@ def test_eval_numbers_match_independent_computations(lora_run: Path, eval_case: 
 
 
 def test_two_ranks_report_what_one_does(lora_run: Path, eval_case: dict[str, Any], tmp_path: Path) -> None:
-    out = ftl("eval", str(lora_run), f"data.eval_files=[{eval_case['data']}]", *EVAL, "launch.nproc_per_node=2",
-              "--out", str(tmp_path))  # fmt: skip
+    out = ftl(
+        "eval",
+        str(lora_run),
+        f"data.eval_files=[{eval_case['data']}]",
+        *EVAL,
+        "launch.nproc_per_node=2",
+        "--out",
+        str(tmp_path),
+    )
     assert "torch.distributed.run" in out.stderr and "--nproc_per_node=2" in out.stderr
     two, one = json.loads((tmp_path / "eval.json").read_text())["after"], eval_case["results"]["after"]
     assert two["tokens"] == one["tokens"] and two["loss"] == pytest.approx(one["loss"], rel=1e-9)
@@ -140,10 +177,12 @@ def test_periodic_eval_runs_during_lora_training(lora_run: Path) -> None:
 
 
 def test_eval_input_errors_exit_2(lora_run: Path, tmp_path: Path) -> None:
-    cases = [([str(tmp_path / "missing")], "no such directory"),
-             ([str(tmp_path)], "neither a run dir"),
-             ([str(lora_run), "data=demo"], "key=value overrides"),
-             ([str(lora_run), "eval.batch_size=0"], "eval.batch_size")]  # fmt: skip
+    cases = [
+        ([str(tmp_path / "missing")], "no such directory"),
+        ([str(tmp_path)], "neither a run dir"),
+        ([str(lora_run), "data=demo"], "key=value overrides"),
+        ([str(lora_run), "eval.batch_size=0"], "eval.batch_size"),
+    ]
     for args, message in cases:
         proc = ftl("eval", *args, check=False, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
@@ -160,13 +199,32 @@ def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
         gguf_path()
     except SmolLM2NotInstalled as e:
         pytest.skip(str(e))
-    short = ["train.max_steps=4", "train.micro_batch_size=4", "train.seq_len=256", "train.lr=1e-3", "train.warmup_steps=0",
-             "eval.max_batches=2", "eval.batch_size=8", "eval.generate=false", "wandb.mode=disabled"]  # fmt: skip
-    out = ftl("train", "recipe=demo", "peft=lora", *short, "eval.before_training=true", f"run.dir={tmp_path}", timeout=600)
+    short = [
+        "train.max_steps=4",
+        "train.micro_batch_size=4",
+        "train.seq_len=256",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "eval.max_batches=2",
+        "eval.batch_size=8",
+        "eval.generate=false",
+        "wandb.mode=disabled",
+    ]
+    out = ftl(
+        "train", "recipe=demo", "peft=lora", *short, "eval.before_training=true", f"run.dir={tmp_path}", timeout=600
+    )
     evals = json.loads((tmp_path / "eval.json").read_text())
     assert evals["after"]["perplexity"] < 0.9 * evals["before"]["perplexity"], evals
     assert "Base vs fine-tuned" in out.stdout
-    ftl("eval", str(tmp_path), "eval.max_batches=2", "eval.batch_size=8", "eval.generate=false", "--baseline", timeout=600)
+    ftl(
+        "eval",
+        str(tmp_path),
+        "eval.max_batches=2",
+        "eval.batch_size=8",
+        "eval.generate=false",
+        "--baseline",
+        timeout=600,
+    )
     again = json.loads((tmp_path / "eval" / "step-4" / "eval.json").read_text())
     assert again["after"]["perplexity"] == pytest.approx(evals["after"]["perplexity"], rel=1e-4)
     assert again["before"]["perplexity"] == pytest.approx(evals["before"]["perplexity"], rel=1e-4)

@@ -22,7 +22,12 @@ TINY = ModelConfig(
     source="random",
     tokenizer=asset("tiny-tokenizer"),
     arch=ArchConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
         max_position_embeddings=1024,
     ),
 )
@@ -176,7 +181,9 @@ def test_evaluate_combines_everything(tiny: tuple[Any, Any], eval_ds: TokenizedD
     assert results["loss"] == pytest.approx(independent_loss(model, eval_ds)[0], rel=1e-5)
     assert [s["reference"] for s in results["samples"]] == [c[-1]["content"] for c in CONVERSATIONS[:3]]
     assert [s["question"] for s in results["samples"]] == [
-        "What is ftl?", "How do I resume a run after a crash on the cluster?", "Hi"
+        "What is ftl?",
+        "How do I resume a run after a crash on the cluster?",
+        "Hi",
     ]
     samples = results["samples"]
     expected = generation_metrics([s["prediction"] for s in samples], [s["reference"] for s in samples])

@@ -40,8 +40,14 @@ def test_more_processes_than_gpus_is_refused():
 def test_local_and_torchrun_commands(tmp_path: Path):
     plan = LocalBackend().build(cfg_of(), tmp_path, tmp_path / "config.yaml")
     assert plan.commands[0][1:] == ["-m", "launcher.train", "--config", str(tmp_path / "config.yaml")]
-    cfg = cfg_of("strategy=fsdp", "launch=torchrun", "launch.nnodes=2", "launch.rdzv_endpoint=10.0.0.1:29400",
-                 "launch.local_addr=10.0.0.1", "launch.socket_ifname=eth1")  # fmt: skip
+    cfg = cfg_of(
+        "strategy=fsdp",
+        "launch=torchrun",
+        "launch.nnodes=2",
+        "launch.rdzv_endpoint=10.0.0.1:29400",
+        "launch.local_addr=10.0.0.1",
+        "launch.socket_ifname=eth1",
+    )
     plan = TorchrunBackend().build(cfg, tmp_path, tmp_path / "config.yaml")
     argv = plan.commands[0]
     assert "--nnodes=2" in argv and "--rdzv_endpoint=10.0.0.1:29400" in argv and "--rdzv_conf=is_host=1" in argv
@@ -101,7 +107,9 @@ def test_with_cpu_malloc_env_a_large_tensor_lives_in_the_heap_that_keeps_freed_m
     base = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS}
     region = {}
     for name, extra in (("default", {}), ("ftl", CPU_MALLOC_ENV)):
-        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
         region[name] = out.stdout.split("REGION ")[-1].strip()
     assert region == {"default": "anonymous", "ftl": "[heap]"}, region

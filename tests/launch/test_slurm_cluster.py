@@ -86,9 +86,20 @@ def test_sbatch_reads_hostile_directives_back_exactly(cluster, tmp_path):
 
 @pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
 def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, nodes, strategy):
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", f"launch.nodes={nodes}", f"strategy={strategy}",
-                      "train.max_steps=5", "eval.after_training=false", f"run.name={hydra_quoted(HOSTILE_NAME)}",
-                      cwd=tmp_path, timeout=120)  # fmt: skip
+    out = cluster.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        f"launch.nodes={nodes}",
+        f"strategy={strategy}",
+        "train.max_steps=5",
+        "eval.after_training=false",
+        f"run.name={hydra_quoted(HOSTILE_NAME)}",
+        cwd=tmp_path,
+        timeout=120,
+    )
     job_id = out.stdout.strip()
     assert job_id.isdigit(), out.stdout + out.stderr
     job = cluster.wait(job_id, timeout=150)
@@ -107,9 +118,20 @@ def test_ftl_train_submits_a_job_that_runs_to_completion(cluster, tmp_path, node
 @pytest.mark.parametrize("nodes,strategy", TOPOLOGIES)
 def test_plain_sbatch_of_train_sbatch_runs_to_completion(cluster, tmp_path, nodes, strategy):
     run_dir = tmp_path / "plain run"
-    out = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={tmp_path}/batch-%j.out",
-                      "slurm/train.sbatch", "recipe=tiny", "train.device=cpu", f"strategy={strategy}", f"run.dir={hydra_quoted(str(run_dir))}",
-                      "train.max_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
+    out = cluster.run(
+        "sbatch",
+        "--parsable",
+        f"--nodes={nodes}",
+        f"--output={tmp_path}/batch-%j.out",
+        "slurm/train.sbatch",
+        "recipe=tiny",
+        "train.device=cpu",
+        f"strategy={strategy}",
+        f"run.dir={hydra_quoted(str(run_dir))}",
+        "train.max_steps=5",
+        "eval.after_training=false",
+        cwd=REPO,
+    )
     job_id = out.stdout.strip()
     job = cluster.wait(job_id, timeout=150)
     batch_log = (tmp_path / f"batch-{job_id}.out").read_text()
@@ -124,16 +146,32 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     the ranks on both nodes save and exit, the job requeues itself, resumes at the saved step and
     finishes, with the same W&B run id. (One node, single engine: the array test below.)"""
     nodes, strategy = 2, "ddp"
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", f"launch.nodes={nodes}", f"strategy={strategy}",
-                      "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", "wandb.mode=offline",
-                      "run.name=preempt", cwd=tmp_path, timeout=120)  # fmt: skip
+    out = cluster.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        f"launch.nodes={nodes}",
+        f"strategy={strategy}",
+        "train.max_steps=40",
+        "checkpoint.every_steps=5",
+        "eval.after_training=false",
+        "wandb.mode=offline",
+        "run.name=preempt",
+        cwd=tmp_path,
+        timeout=120,
+    )
     job_id = out.stdout.strip()
     run_dir = tmp_path / "runs" / "preempt-slurm"
     ckpts = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
     while not any(int(p.name.split("-")[1]) >= 10 for p in ckpts.glob("step-*") if p.name.split("-")[1].isdigit()):
         job = cluster.job(job_id)
-        assert job.state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, (job.state, dump(run_dir) if run_dir.exists() else "")
+        assert job.state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, (
+            job.state,
+            dump(run_dir) if run_dir.exists() else "",
+        )
         time.sleep(0.2)
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -151,7 +189,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert 10 <= int(stopped.group(1)) < 40 and resumed.group(1) == stopped.group(1)
     assert (ckpts / "step-40").is_dir()
     for node in range(nodes):
-        restarts = re.findall(rf"ftl: node {node} on n{node + 1}, job {job_id}, restart (\d)", (run_dir / "logs" / f"node-{node}.log").read_text())
+        restarts = re.findall(
+            rf"ftl: node {node} on n{node + 1}, job {job_id}, restart (\d)",
+            (run_dir / "logs" / f"node-{node}.log").read_text(),
+        )
         assert restarts == ["0", "1"], f"node {node} ran {restarts}"
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     assert len(wandb_offline_attempts(run_dir, run_id)) == 2
@@ -160,9 +201,21 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
 def test_array_tasks_get_their_own_runs_and_keep_their_task_id_when_requeued(cluster, tmp_path):
     """`sbatch --array=0-1 slurm/train.sbatch ... run.name='arr-${oc.env:SLURM_ARRAY_TASK_ID}'`: one
     run per task; task 1, stopped mid-run, requeues as task 1 and resumes its own run."""
-    out = cluster.run("sbatch", "--parsable", "--array=0-1", "--nodes=1", f"--output={tmp_path}/batch-%A_%a.out",
-                      "slurm/train.sbatch", "recipe=tiny", "train.device=cpu", f"run.dir='{tmp_path}/arr-${{oc.env:SLURM_ARRAY_TASK_ID}}'",
-                      "train.max_steps=40", "checkpoint.every_steps=5", "eval.after_training=false", cwd=REPO)  # fmt: skip
+    out = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--array=0-1",
+        "--nodes=1",
+        f"--output={tmp_path}/batch-%A_%a.out",
+        "slurm/train.sbatch",
+        "recipe=tiny",
+        "train.device=cpu",
+        f"run.dir='{tmp_path}/arr-${{oc.env:SLURM_ARRAY_TASK_ID}}'",
+        "train.max_steps=40",
+        "checkpoint.every_steps=5",
+        "eval.after_training=false",
+        cwd=REPO,
+    )
     array_id = out.stdout.strip()
     ckpts = tmp_path / "arr-1" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -186,9 +239,20 @@ def test_preprocessing_runs_as_its_own_job_before_training(cluster, tmp_path):
     """launch.preprocess_job=true: `ftl preprocess` runs first as a one-node CPU job filling the
     data cache; the training job, submitted with --dependency=afterok on it, starts after it ends."""
     cache = tmp_path / "cache"
-    out = cluster.run(*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cpu", "launch.preprocess_job=true", "train.max_steps=3",
-                      "eval.after_training=false", f"+launch.env.FTL_CACHE={cache}", "run.name=prep",
-                      cwd=tmp_path, timeout=120)  # fmt: skip
+    out = cluster.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        "launch.preprocess_job=true",
+        "train.max_steps=3",
+        "eval.after_training=false",
+        f"+launch.env.FTL_CACHE={cache}",
+        "run.name=prep",
+        cwd=tmp_path,
+        timeout=120,
+    )
     prep_id, train_id = out.stdout.split()
     prep, train = cluster.wait(prep_id, timeout=120), cluster.wait(train_id, timeout=150)
     run_dir = tmp_path / "runs" / "prep-slurm"

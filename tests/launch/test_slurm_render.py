@@ -65,7 +65,13 @@ def bash_n(text: str, tmp_path: Path) -> None:
 GOLDEN_CASES = {
     "slurm-1node.sbatch": ["recipe=tiny", "launch=slurm", "train.device=cpu"],
     # What a login node with no GPU plans for `launch=slurm` with train.device=auto: a GPU job.
-    "slurm-gpu-2node.sbatch": ["recipe=tiny", "launch=slurm", "launch.nodes=2", "launch.nproc_per_node=8", "strategy=ddp"],
+    "slurm-gpu-2node.sbatch": [
+        "recipe=tiny",
+        "launch=slurm",
+        "launch.nodes=2",
+        "launch.nproc_per_node=8",
+        "strategy=ddp",
+    ],
     "slurm-4node.sbatch": [
         "recipe=llama3-70b-full-zero3-multinode",
         "launch.partition=gpu",
@@ -92,13 +98,17 @@ def test_golden_script(name, tmp_path):
     assert not errors + more
     run_dir = Path("/runs/golden")
     environ = {"FTL_CACHE": "/shared/ftl cache", "HF_HOME": "/shared/hf"}  # the submitting shell's
-    text = render_sbatch(cfg, run_dir, run_dir / "config.yaml", "/opt/ftl/.venv/bin/python", workdir=Path("/work/ftl"), environ=environ)
+    text = render_sbatch(
+        cfg, run_dir, run_dir / "config.yaml", "/opt/ftl/.venv/bin/python", workdir=Path("/work/ftl"), environ=environ
+    )
     bash_n(text, tmp_path)
     path = GOLDEN / name
     if os.environ.get("FTL_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
-    assert text == path.read_text(), f"{name} changed; if on purpose, rerun with FTL_UPDATE_GOLDEN=1 and review the diff"
+    assert text == path.read_text(), (
+        f"{name} changed; if on purpose, rerun with FTL_UPDATE_GOLDEN=1 and review the diff"
+    )
 
 
 def test_golden_nodes_and_gpus():
@@ -121,8 +131,14 @@ def test_golden_nodes_and_gpus():
 
 def test_plan_for_the_multinode_recipe_shows_the_script_it_would_submit(tmp_path):
     """What it imports is tests/test_cli.py's; how long it takes, bench/throughput.py's."""
-    out = subprocess.run([sys.executable, "-m", "launcher", "plan", "recipe=llama3-70b-full-zero3-multinode"], check=False,
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "plan", "recipe=llama3-70b-full-zero3-multinode"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     script = out.stdout.split("/job.sbatch ---\n", 1)[1].split("\n---\n", 1)[0]
     assert "#SBATCH --nodes=4\n" in script
@@ -312,7 +328,9 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     rec = Recorder(tmp_path / "shim")
-    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=workdir, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], env=rec.env(), cwd=workdir, check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     _no_canary(tmp_path)
 
@@ -320,11 +338,21 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
     task = srun[srun.index("bash") :]
     assert task[:5] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", str(run_dir / "logs")]
     assert task[5:] == [
-        str(python), "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        str(python),
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
         # the rendezvous port: 20000 + job id 4242 % 20000
-        "--rdzv_backend=c10d", "--rdzv_endpoint=n1:24242", "--rdzv_id=4242", "--max_restarts=0",
-        "-m", "launcher.train", "--config", str(config_path),
-    ]  # fmt: skip
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=n1:24242",
+        "--rdzv_id=4242",
+        "--max_restarts=0",
+        "-m",
+        "launcher.train",
+        "--config",
+        str(config_path),
+    ]
     assert rec.args("python")[-1] == str(config_path), "the rank got the config path intact"
     assert (rec.rec / "python.env").read_text() == h, "launch.env reached the rank intact"
     assert (run_dir / "logs" / "node-0.log").read_text().endswith(", job 4242, restart 0\nrank output\n")
@@ -340,13 +368,17 @@ def test_setup_lines_run_verbatim_in_order_and_choose_the_interpreter(tmp_path):
     cfg = config()
     venv = tmp_path / "node venv" / "bin"
     _executable(venv / "python3", FAKE_PYTHON)
-    cfg.launch.setup = ["echo one > setup.log", "echo \"$SLURM_JOB_ID\" >> setup.log", f"PATH={quote(str(venv))}:$PATH"]
+    cfg.launch.setup = ["echo one > setup.log", 'echo "$SLURM_JOB_ID" >> setup.log', f"PATH={quote(str(venv))}:$PATH"]
     script = tmp_path / "job.sbatch"
     login_python = "/login/only/python"
-    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", login_python, workdir=tmp_path))
+    script.write_text(
+        render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", login_python, workdir=tmp_path)
+    )
     assert login_python not in script.read_text()
     rec = Recorder(tmp_path / "shim")
-    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
     srun = rec.args("srun")
@@ -362,9 +394,13 @@ def test_an_interpreter_without_ftl_stops_the_job_before_srun(named, tmp_path):
     if named:
         cfg.launch.python = str(no_ftl)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", sys.executable, workdir=tmp_path))
+    script.write_text(
+        render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", sys.executable, workdir=tmp_path)
+    )
     rec = Recorder(tmp_path / "shim")
-    out = subprocess.run(["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1 and f"ftl: {no_ftl} cannot import ftl's launcher package on " in out.stderr, out.stderr
     assert not rec.args("srun")
 
@@ -373,14 +409,20 @@ def test_an_interpreter_without_ftl_stops_the_job_before_srun(named, tmp_path):
 # signals and requeue, with the recorders
 
 
-def _run_until_signal(tmp_path: Path, sig: int, restarts: int, max_requeues: int, **env: str) -> tuple[subprocess.CompletedProcess, Recorder]:
+def _run_until_signal(
+    tmp_path: Path, sig: int, restarts: int, max_requeues: int, **env: str
+) -> tuple[subprocess.CompletedProcess, Recorder]:
     cfg = config(f"launch.max_requeues={max_requeues}")
     python = _executable(tmp_path / "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    script.write_text(
+        render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path)
+    )
     rec = Recorder(tmp_path / "shim")
     env = rec.env(SHIM_WAIT="1", SLURM_RESTART_COUNT=str(restarts), **env)
-    proc = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 30
     while not (rec.rec / "python.started").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -403,7 +445,9 @@ def test_warning_signal_stops_the_ranks_then_requeues(tmp_path):
 
 def test_an_array_task_is_signalled_and_requeued_by_its_own_task_id(tmp_path):
     # The task that holds the array's own job id: `scancel 4242` would reach every task.
-    out, rec = _run_until_signal(tmp_path, signal.SIGUSR1, restarts=0, max_requeues=3, SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID="1")
+    out, rec = _run_until_signal(
+        tmp_path, signal.SIGUSR1, restarts=0, max_requeues=3, SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID="1"
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert rec.args("scancel") == ["--signal=URG", "4242_1"]
     assert rec.args("scontrol")[-2:] == ["requeue", "4242_1"]
@@ -421,9 +465,18 @@ def test_sigterm_from_slurm_waits_for_the_ranks_and_does_not_requeue(tmp_path):
     cfg = config()
     python = _executable(tmp_path / "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    script.write_text(
+        render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path)
+    )
     rec = Recorder(tmp_path / "shim")
-    proc = subprocess.Popen(["bash", str(script)], env=rec.env(SHIM_WAIT="1"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=rec.env(SHIM_WAIT="1"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not (rec.rec / "python.started").exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -445,8 +498,15 @@ def test_sigterm_from_slurm_waits_for_the_ranks_and_does_not_requeue(tmp_path):
 def test_ftl_train_renders_and_submits_with_an_argument_list(tmp_path):
     rec = Recorder(tmp_path / "shim")
     name = "x y'z;$(touch CANARY)"
-    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", f"run.name='{name.replace(chr(39), chr(92) + chr(39))}'"],
-                         env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [*FTL, "train", "recipe=tiny", "launch=slurm", f"run.name='{name.replace(chr(39), chr(92) + chr(39))}'"],
+        env=rec.env(),
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / f"{name}-slurm"
     assert out.stdout.strip() == "4242", "the job id, alone on stdout"
@@ -460,12 +520,27 @@ def test_ftl_train_renders_and_submits_with_an_argument_list(tmp_path):
 def test_submit_reports_a_missing_or_failing_sbatch(tmp_path):
     rec = Recorder(tmp_path / "shim")
     args = [*FTL, "train", "recipe=tiny", "launch=slurm", f"run.dir={tmp_path / 'run'}"]
-    failing = subprocess.run(args, env=rec.env(SHIM_SBATCH_FAIL="invalid partition specified: nope"),
-                             cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    failing = subprocess.run(
+        args,
+        env=rec.env(SHIM_SBATCH_FAIL="invalid partition specified: nope"),
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failing.returncode == 1 and "invalid partition specified: nope" in failing.stderr
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    missing = subprocess.run(args, env={**rec.env(), "PATH": str(empty)}, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        args,
+        env={**rec.env(), "PATH": str(empty)},
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "`sbatch` not found" in missing.stderr
 
 
@@ -475,18 +550,33 @@ def test_submit_reports_a_missing_or_failing_sbatch(tmp_path):
 
 def test_allocation_overrides():
     assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2"}) == [
-        "launch=slurm", "recipe=tiny", "launch.nodes=2", "launch.gpus_per_node=0",
-    ], "an allocation without GPUs is a CPU job"  # fmt: skip
-    assert allocation_overrides(["launch=slurm", "launch.nodes=8"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "h100:4"}) == [
-        "launch=slurm", "launch.nodes=8", "launch.nodes=2", "launch.gpus_per_node=4",
-    ]  # fmt: skip
+        "launch=slurm",
+        "recipe=tiny",
+        "launch.nodes=2",
+        "launch.gpus_per_node=0",
+    ], "an allocation without GPUs is a CPU job"
+    assert allocation_overrides(
+        ["launch=slurm", "launch.nodes=8"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "h100:4"}
+    ) == [
+        "launch=slurm",
+        "launch.nodes=8",
+        "launch.nodes=2",
+        "launch.gpus_per_node=4",
+    ]
     with pytest.raises(ConfigErrors, match="runs launch=slurm"):
         allocation_overrides(["launch=local"], {})
 
 
 def test_slurm_job_outside_slurm_says_how_to_use_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    out = subprocess.run([sys.executable, "-m", "launcher.launch.slurm_job", "recipe=tiny"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher.launch.slurm_job", "recipe=tiny"],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "sbatch --nodes=N slurm/train.sbatch" in out.stderr
 
 
@@ -495,11 +585,30 @@ def test_train_sbatch_composes_writes_the_run_dir_and_runs_the_same_script(tmp_p
     rec = Recorder(tmp_path / "shim")
     run_dir = tmp_path / "plain run"
     env = rec.env(FTL_PYTHON=sys.executable, SHIM_NO_EXEC="1")  # nodes n1/n2 are fiction here
-    out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "recipe=tiny", "strategy=ddp", f"run.dir='{run_dir}'", "train.max_steps=3"],
-                         env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            "bash",
+            str(REPO / "slurm" / "train.sbatch"),
+            "recipe=tiny",
+            "strategy=ddp",
+            f"run.dir='{run_dir}'",
+            "train.max_steps=3",
+        ],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 1 :][:4] == [str(run_dir / "logs"), sys.executable, "-m", "torch.distributed.run"]
+    assert srun[srun.index("ftl_node") + 1 :][:4] == [
+        str(run_dir / "logs"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+    ]
     assert "--nnodes=2" in srun and f"{run_dir / 'config.yaml'}" in srun
     text = (run_dir / "job.sbatch").read_text()
     assert "#SBATCH --nodes=2\n" in text, "launch.nodes came from the allocation"
@@ -516,9 +625,23 @@ SECRET = "wandb-secret-0123456789"
 def test_secrets_in_launch_env_never_reach_the_script_but_reach_the_job(tmp_path):
     rec = Recorder(tmp_path / "shim")
     run_dir = tmp_path / "run"
-    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", f"run.dir={run_dir}",
-                          f"+launch.env.WANDB_API_KEY={SECRET}", "+launch.env.PLAIN=visible"],
-                         env=rec.env(), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            *FTL,
+            "train",
+            "recipe=tiny",
+            "launch=slurm",
+            f"run.dir={run_dir}",
+            f"+launch.env.WANDB_API_KEY={SECRET}",
+            "+launch.env.PLAIN=visible",
+        ],
+        env=rec.env(),
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     script = (run_dir / "job.sbatch").read_text()
     assert "export PLAIN=visible\n" in script and "# WANDB_API_KEY: a secret, never written" in script
@@ -531,8 +654,21 @@ def test_train_sbatch_hands_secrets_to_the_job_script_without_a_file(tmp_path):
     rec = Recorder(tmp_path / "shim")
     run_dir = tmp_path / "run"
     env = rec.env(FTL_PYTHON=sys.executable, SHIM_NO_EXEC="1", SLURM_JOB_NUM_NODES="1")
-    out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "recipe=tiny", f"run.dir={run_dir}",
-                          f"+launch.env.WANDB_API_KEY={SECRET}"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            "bash",
+            str(REPO / "slurm" / "train.sbatch"),
+            "recipe=tiny",
+            f"run.dir={run_dir}",
+            f"+launch.env.WANDB_API_KEY={SECRET}",
+        ],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (rec.rec / "srun.secret").read_text() == SECRET
     assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET in p.read_text()]
@@ -546,7 +682,9 @@ def test_preprocess_job_is_one_cpu_node_and_training_depends_on_it(tmp_path):
     prep = plan.files["preprocess.sbatch"]
     assert "#SBATCH --nodes=1\n" in prep and "--gpus-per-node" not in prep and "--exclusive" not in prep
     assert f"-m launcher preprocess --fetch-model --config {tmp_path / 'config.yaml'}" in prep
-    assert "HF_HUB_OFFLINE" not in prep and "export HF_HUB_OFFLINE=1\n" in plan.files["job.sbatch"], "it fetches; training reads offline"
+    assert "HF_HUB_OFFLINE" not in prep and "export HF_HUB_OFFLINE=1\n" in plan.files["job.sbatch"], (
+        "it fetches; training reads offline"
+    )
     assert "#SBATCH --nodes=4" in plan.files["job.sbatch"]
     assert [c[-1] for c in plan.commands] == [str(tmp_path / "preprocess.sbatch"), str(tmp_path / "job.sbatch")]
     assert "--dependency=afterok:{previous_job}" in plan.commands[1]
@@ -574,29 +712,50 @@ def job_script(*overrides: str) -> str:
 def test_the_8b_recipe_on_two_slurm_nodes_asks_for_8_gpus_per_node(tmp_path):
     """The recipe's CUDA run with 8 ranks per node: the job asks for 8 GPUs on each of its 2 nodes
     (it asked for none while launch.gpus_per_node defaulted to 0)."""
-    out = subprocess.run([*FTL, "plan", "recipe=llama3-8b-full-zero3", "launch=slurm", "launch.nodes=2"],
-                         cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [*FTL, "plan", "recipe=llama3-8b-full-zero3", "launch=slurm", "launch.nodes=2"],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
-    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --cpus-per-task=16\n#SBATCH --gpus-per-node=8\n" in out.stdout
+    assert (
+        "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --cpus-per-task=16\n#SBATCH --gpus-per-node=8\n"
+        in out.stdout
+    )
     assert "2 node(s) × 8 process(es) = world size 16" in out.stdout and "export PYTORCH_CUDA_ALLOC_CONF=" in out.stdout
     assert "CPU training" not in out.stdout and "OMP_NUM_THREADS" not in out.stdout
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["train.device=cuda", "launch.gpus_per_node=0"], "launch.gpus_per_node: 0 but train.device=cuda"),
-    (["train.device=cpu", "launch.gpus_per_node=8"], "launch.gpus_per_node: 8 but train.device=cpu"),
-    (["train.device=cuda", "launch.gpus_per_node=8", "launch.nproc_per_node=4"], "launch.nproc_per_node: 4 but launch.gpus_per_node=8"),
-    (["launch.rdzv_port=40000"], "launch.rdzv_port: 40000 is in Linux's ephemeral port range"),
-    (["launch.python=' '"], "launch.python: got ' '; name the interpreter"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["train.device=cuda", "launch.gpus_per_node=0"], "launch.gpus_per_node: 0 but train.device=cuda"),
+        (["train.device=cpu", "launch.gpus_per_node=8"], "launch.gpus_per_node: 8 but train.device=cpu"),
+        (
+            ["train.device=cuda", "launch.gpus_per_node=8", "launch.nproc_per_node=4"],
+            "launch.nproc_per_node: 4 but launch.gpus_per_node=8",
+        ),
+        (["launch.rdzv_port=40000"], "launch.rdzv_port: 40000 is in Linux's ephemeral port range"),
+        (["launch.python=' '"], "launch.python: got ' '; name the interpreter"),
+    ],
+)
 def test_gpus_asked_for_must_match_the_device_and_the_ranks(overrides, field):
     errors = slurm_errors("recipe=tiny", *overrides)
     assert any(e.startswith(field) for e in errors), errors
 
 
 def test_a_gpu_mismatch_exits_2_before_anything_is_written(tmp_path):
-    out = subprocess.run([*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cuda", "launch.gpus_per_node=0"],
-                         cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [*FTL, "train", "recipe=tiny", "launch=slurm", "train.device=cuda", "launch.gpus_per_node=0"],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "launch.gpus_per_node: 0 but train.device=cuda" in out.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -604,12 +763,19 @@ def test_a_gpu_mismatch_exits_2_before_anything_is_written(tmp_path):
 def test_gres_exclusive_memory_and_network_directives():
     gres = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.gpu_request=gres", "launch.socket_ifname=ib0")
     assert "#SBATCH --gres=gpu:8\n" in gres and "--gpus-per-node" not in gres
-    assert "#SBATCH --exclusive\n" in gres and "#SBATCH --mem=0\n" in gres, "--exclusive alone grants the default memory"
+    assert "#SBATCH --exclusive\n" in gres and "#SBATCH --mem=0\n" in gres, (
+        "--exclusive alone grants the default memory"
+    )
     assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0\n" in gres
     sized = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.mem=900G")
     assert "#SBATCH --mem=900G\n" in sized and "#SBATCH --mem=0\n" not in sized
     cpu = job_script("recipe=tiny", "train.device=cpu")
-    assert "--gres" not in cpu and "--gpus-per-node" not in cpu and "--mem" not in cpu and "PYTORCH_CUDA_ALLOC_CONF" not in cpu
+    assert (
+        "--gres" not in cpu
+        and "--gpus-per-node" not in cpu
+        and "--mem" not in cpu
+        and "PYTORCH_CUDA_ALLOC_CONF" not in cpu
+    )
 
 
 def test_hub_staging_settings():
@@ -620,14 +786,19 @@ def test_hub_staging_settings():
     raw, _, _ = compose(["recipe=llama3-70b-full-zero3-multinode"])
     cfg, _ = validate(raw)
     notes = SlurmBackend().build(cfg, Path("/runs/x"), Path("/runs/x/config.yaml")).notes
-    assert any("meta-llama/Meta-Llama-3-70B offline (HF_HUB_OFFLINE=1)" in n and "ftl preprocess --fetch-model" in n for n in notes), notes
+    assert any(
+        "meta-llama/Meta-Llama-3-70B offline (HF_HUB_OFFLINE=1)" in n and "ftl preprocess --fetch-model" in n
+        for n in notes
+    ), notes
 
 
 def test_timeouts_in_the_job_step_and_io_phases():
     from launcher.plan.memory import param_counts
 
     tiny = job_script("recipe=tiny")
-    assert "\nstep_timeout_s=600  #" in tiny and "\nio_timeout_s=1800\n" in tiny, "at least 30 min while loading or checkpointing"
+    assert "\nstep_timeout_s=600  #" in tiny and "\nio_timeout_s=1800\n" in tiny, (
+        "at least 30 min while loading or checkpointing"
+    )
     raw, _, _ = compose(["recipe=llama3-70b-full-zero3-multinode"])
     cfg, _ = validate(raw)
     # ZeRO-3 writes 12 bytes per parameter (fp32 master + moments); a resume on another world size reads and
@@ -643,31 +814,55 @@ def test_the_warning_before_the_time_limit_covers_a_step_and_a_checkpoint():
     """A 70B ZeRO-3 checkpoint is ~1 TB: at 1 GB/s the 120 s warning cannot save it. Given, it is
     refused with the lead that would do; unset, it is sized; a time limit shorter than it is refused."""
     short = slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.signal=USR1@120")
-    assert any(e.startswith("launch.signal: 'USR1@120' warns 120 s before the time limit, but finishing a step and writing "
-                            "a checkpoint takes about") and "launch.signal=USR1@1200" in e for e in short), short  # fmt: skip
+    assert any(
+        e.startswith(
+            "launch.signal: 'USR1@120' warns 120 s before the time limit, but finishing a step and writing "
+            "a checkpoint takes about"
+        )
+        and "launch.signal=USR1@1200" in e
+        for e in short
+    ), short
     assert slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.signal=USR1@1200") == []
     assert "#SBATCH --signal=B:USR1@1200\n" in job_script("recipe=llama3-70b-full-zero3-multinode")
     fast_storage = job_script("recipe=llama3-70b-full-zero3-multinode", "launch.io_gb_per_s=20")
     assert "#SBATCH --signal=B:USR1@180\n" in fast_storage
     assert "#SBATCH --signal=B:USR1@120\n" in job_script("recipe=tiny"), "a small CPU job keeps the 2-minute minimum"
     too_short = slurm_errors("recipe=llama3-70b-full-zero3-multinode", "launch.time=00:20:00")
-    assert any(e.startswith("launch.time: '00:20:00' is no longer than the 1200 s warning") for e in too_short), too_short
+    assert any(e.startswith("launch.time: '00:20:00' is no longer than the 1200 s warning") for e in too_short), (
+        too_short
+    )
 
 
 def test_rendezvous_port_of_a_job_stays_below_the_ephemeral_range(tmp_path):
     python = _executable(tmp_path / "python", FAKE_PYTHON)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(config(), tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path))
+    script.write_text(
+        render_sbatch(config(), tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path)
+    )
     rec = Recorder(tmp_path / "shim")
-    out = subprocess.run(["bash", str(script)], env=rec.env(SLURM_JOB_ID="1239999"), cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)],
+        env=rec.env(SLURM_JOB_ID="1239999"),
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "--rdzv_endpoint=n1:29999" in rec.args("srun"), "20000 + 1239999 % 10000"
     assert "--kill-on-bad-exit=1" in rec.args("srun") and "--wait=300" in rec.args("srun")
 
 
 def test_train_sbatch_reads_gpus_given_as_gres():
-    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"})[-1] == "launch.gpus_per_node=4"
-    assert allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "0"})[-1] == "launch.gpus_per_node=0"
+    assert (
+        allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"})[-1]
+        == "launch.gpus_per_node=4"
+    )
+    assert (
+        allocation_overrides(["recipe=tiny"], {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "0"})[-1]
+        == "launch.gpus_per_node=0"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,11 +884,19 @@ def test_a_login_node_without_a_gpu_plans_a_gpu_job(tmp_path):
     script = directives(out.stdout.split("/job.sbatch ---\n", 1)[1])
     assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --cpus-per-task=16" in script, script
     assert any(line.startswith("#SBATCH --mem=") for line in script), script
-    assert "memory      fits: " in out.stdout and "per GPU" in out.stdout, "the planner checks the GPUs the job asks for"
-    cpu = subprocess.run([*args, "train.device=cpu"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    assert "memory      fits: " in out.stdout and "per GPU" in out.stdout, (
+        "the planner checks the GPUs the job asks for"
+    )
+    cpu = subprocess.run(
+        [*args, "train.device=cpu"], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60
+    )
     assert cpu.returncode == 0, cpu.stderr
     cpu_script = cpu.stdout.split("/job.sbatch ---\n", 1)[1].split("\n---\n", 1)[0]
-    assert not [line for line in directives(cpu_script) if line.startswith(("#SBATCH --gpus", "#SBATCH --gres", "#SBATCH --mem"))]
+    assert not [
+        line
+        for line in directives(cpu_script)
+        if line.startswith(("#SBATCH --gpus", "#SBATCH --gres", "#SBATCH --mem"))
+    ]
     assert "export OMP_NUM_THREADS=" in cpu_script and "a CPU job: no GPU requested" in cpu.stdout
 
 
@@ -706,7 +909,9 @@ def test_gpus_follow_the_launch_group_not_this_machine(driver, monkeypatch):
     none = config("train.device=auto", "launch.gpus_per_node=0")
     cpu = config("launch.nproc_per_node=4", "strategy=ddp")  # train.device=cpu
     exists = topology.os.path.exists
-    monkeypatch.setattr(topology.os.path, "exists", lambda path: driver if path == "/proc/driver/nvidia/version" else exists(path))
+    monkeypatch.setattr(
+        topology.os.path, "exists", lambda path: driver if path == "/proc/driver/nvidia/version" else exists(path)
+    )
     assert topology.gpus_per_node(auto) == 4 and topology.planned_device_type(auto) == "cuda"
     assert topology.gpus_per_node(two) == 2
     assert topology.gpus_per_node(none) == 0 and topology.planned_device_type(none) == "cpu"
@@ -733,19 +938,25 @@ def test_cpus_and_memory_of_a_gpu_job():
     host = memory_report(offload_cfg).chosen.host
     assert host > 0
     offload = job_script(*base, "strategy=zero3_offload")
-    assert mem_gib(offload) * 2**30 >= host_memory_bytes(offload_cfg) > (mem_gib(zero3) - 1) * 2**30 + 8 * host * 0.99, \
-        "8 ranks' offloaded states come on top"  # fmt: skip
+    assert (
+        mem_gib(offload) * 2**30 >= host_memory_bytes(offload_cfg) > (mem_gib(zero3) - 1) * 2**30 + 8 * host * 0.99
+    ), "8 ranks' offloaded states come on top"
     assert "#SBATCH --cpus-per-task=4\n" in job_script(*base, "launch.cpus_per_task=4")
     assert "#SBATCH --mem=500G\n" in job_script(*base, "launch.mem=500G")
     whole = job_script(*base, "launch.exclusive=true")
-    assert "#SBATCH --mem=0" in directives(whole) and not [d for d in directives(whole) if "--cpus-per-task" in d], \
-        "--exclusive grants the node's CPUs"  # fmt: skip
+    assert "#SBATCH --mem=0" in directives(whole) and not [d for d in directives(whole) if "--cpus-per-task" in d], (
+        "--exclusive grants the node's CPUs"
+    )
 
 
 def test_the_plan_names_the_interpreter_the_nodes_run(tmp_path):
     plan = SlurmBackend().build(config(), tmp_path / "run", tmp_path / "run" / "config.yaml")
-    assert "#SBATCH --nodes=1" in plan.files["job.sbatch"] and f"\npython={sys.executable}\n" in plan.files["job.sbatch"]
-    assert any(n.startswith(f"the job runs {sys.executable}, the interpreter running ftl here") for n in plan.notes), plan.notes
+    assert (
+        "#SBATCH --nodes=1" in plan.files["job.sbatch"] and f"\npython={sys.executable}\n" in plan.files["job.sbatch"]
+    )
+    assert any(n.startswith(f"the job runs {sys.executable}, the interpreter running ftl here") for n in plan.notes), (
+        plan.notes
+    )
     cfg = config()
     cfg.launch.setup = ["source /shared/venv/bin/activate"]
     plan = SlurmBackend().build(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml")
@@ -765,12 +976,15 @@ def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
     shared = Path("/shared/runs/x")
     notes = [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
     assert [n.split(" is under ")[0] for n in notes] == [
-        "warning: ftl's cache (FTL_CACHE) /dev/shm/ftl-cache", "warning: the interpreter /var/tmp/venv/bin/python",
-    ], notes  # fmt: skip
+        "warning: ftl's cache (FTL_CACHE) /dev/shm/ftl-cache",
+        "warning: the interpreter /var/tmp/venv/bin/python",
+    ], notes
     cfg.launch.hf_home = "/tmp/hf"
     local = Path("/tmp/runs/x")
     notes = [n for n in SlurmBackend().build(cfg, local, local / "config.yaml").notes if n.startswith("warning:")]
-    assert any(n.startswith("warning: the run dir /tmp/runs/x is under /tmp") for n in notes) and any("HF_HOME /tmp/hf" in n for n in notes)
+    assert any(n.startswith("warning: the run dir /tmp/runs/x is under /tmp") for n in notes) and any(
+        "HF_HOME /tmp/hf" in n for n in notes
+    )
     monkeypatch.setenv("FTL_CACHE", "/shared/cache")
     monkeypatch.setenv("HF_HOME", "/tmpfoo/hf")  # a prefix of a name is not its directory
     cfg = config()
@@ -778,44 +992,72 @@ def test_node_local_paths_are_warned_about(tmp_path, monkeypatch):
     assert not [n for n in SlurmBackend().build(cfg, shared, shared / "config.yaml").notes if n.startswith("warning:")]
 
 
-@pytest.mark.parametrize("args,warned", [
-    (["--export=NONE"], "--export=NONE"),
-    (["--export", "FOO=1"], "--export=FOO=1"),
-    (["--export=ALL,FOO=1"], None),
-    (["--mail-type=END"], None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,warned",
+    [
+        (["--export=NONE"], "--export=NONE"),
+        (["--export", "FOO=1"], "--export=FOO=1"),
+        (["--export=ALL,FOO=1"], None),
+        (["--mail-type=END"], None),
+    ],
+)
 def test_an_export_that_drops_the_environment_is_warned_about(args, warned, tmp_path, monkeypatch):
     monkeypatch.delenv("SBATCH_EXPORT", raising=False)
     monkeypatch.setenv("FTL_CACHE", "/shared/cache")
     cfg = config()
     cfg.launch.sbatch_args = args
     cfg.launch.env = {"WANDB_API_KEY": SECRET}
-    notes = [n for n in SlurmBackend().build(cfg, Path("/shared/r"), Path("/shared/r/config.yaml")).notes if "--export" in n]
+    notes = [
+        n for n in SlurmBackend().build(cfg, Path("/shared/r"), Path("/shared/r/config.yaml")).notes if "--export" in n
+    ]
     if warned is None:
         assert notes == []
     else:
-        assert len(notes) == 1 and f"sbatch {warned} keeps the launch.env secrets WANDB_API_KEY from the job" in notes[0], notes
+        assert (
+            len(notes) == 1 and f"sbatch {warned} keeps the launch.env secrets WANDB_API_KEY from the job" in notes[0]
+        ), notes
 
 
 def test_ftl_variables_are_written_into_the_script_not_left_to_export(tmp_path):
     """FTL_CACHE and HF_HOME of the submitting shell reach the ranks even when the job's own
     environment lacks them (sbatch --export=NONE); launch.env and launch.hf_home win."""
     cache = "/shared/ftl cache; $(touch CANARY)"
-    python = _executable(tmp_path / "python", FAKE_PYTHON.replace('"${HOSTILE-unset}"', '"${FTL_CACHE-unset}|${HF_HOME-unset}"'))
+    python = _executable(
+        tmp_path / "python", FAKE_PYTHON.replace('"${HOSTILE-unset}"', '"${FTL_CACHE-unset}|${HF_HOME-unset}"')
+    )
     script = tmp_path / "job.sbatch"
-    text = render_sbatch(config(), tmp_path / "run", tmp_path / "run" / "config.yaml", str(python), workdir=tmp_path,
-                         environ={"FTL_CACHE": cache, "HF_HOME": "/shared/hf", "OTHER": "x"})  # fmt: skip
+    text = render_sbatch(
+        config(),
+        tmp_path / "run",
+        tmp_path / "run" / "config.yaml",
+        str(python),
+        workdir=tmp_path,
+        environ={"FTL_CACHE": cache, "HF_HOME": "/shared/hf", "OTHER": "x"},
+    )
     script.write_text(text)
     rec = Recorder(tmp_path / "shim")
     env = {k: v for k, v in rec.env().items() if k not in ("FTL_CACHE", "HF_HOME")}
-    out = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert (rec.rec / "python.env").read_text() == f"{cache}|/shared/hf"
     _no_canary(tmp_path)
     cfg = config("+launch.env.FTL_CACHE=/mine", "launch.hf_home=/hub")
-    given = render_sbatch(cfg, tmp_path / "run", tmp_path / "run" / "config.yaml", "/py", workdir=tmp_path,
-                          environ={"FTL_CACHE": "/x", "HF_HOME": "/y"})  # fmt: skip
-    assert "export FTL_CACHE=/mine\n" in given and "export HF_HOME=/hub\n" in given and "/x" not in given and "/y" not in given
+    given = render_sbatch(
+        cfg,
+        tmp_path / "run",
+        tmp_path / "run" / "config.yaml",
+        "/py",
+        workdir=tmp_path,
+        environ={"FTL_CACHE": "/x", "HF_HOME": "/y"},
+    )
+    assert (
+        "export FTL_CACHE=/mine\n" in given
+        and "export HF_HOME=/hub\n" in given
+        and "/x" not in given
+        and "/y" not in given
+    )
 
 
 def test_a_slurm_run_never_lands_in_the_local_run_of_the_same_recipe(tmp_path, monkeypatch):
@@ -827,4 +1069,6 @@ def test_a_slurm_run_never_lands_in_the_local_run_of_the_same_recipe(tmp_path, m
     local = prepare_run(["recipe=tiny"]).run_dir
     slurm = prepare_run(["recipe=tiny", "launch=slurm"]).run_dir
     assert local == tmp_path / "runs" / "tiny" and slurm == tmp_path / "runs" / "tiny-slurm"
-    assert prepare_run(["recipe=tiny", "launch=slurm", f"run.dir={local}"]).run_dir == local, "an explicit run.dir is kept"
+    assert prepare_run(["recipe=tiny", "launch=slurm", f"run.dir={local}"]).run_dir == local, (
+        "an explicit run.dir is kept"
+    )

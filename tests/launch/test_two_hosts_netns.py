@@ -51,13 +51,34 @@ def test_two_hosts_in_network_namespaces(two_hosts, strategy, tmp_path):
     run = tmp_path / "run"
     (ns0, dev0, addr0), (ns1, dev1, addr1) = two_hosts
     port = 29700 + os.getpid() % 200
-    common = [*TINY, f"strategy={strategy}", f"train.max_steps={STEPS}", "eval.after_training=false", "launch=torchrun",
-              "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint={addr0}:{port}",
-              f"launch.rdzv_id=netns-{port}", f"run.dir={run}"]  # fmt: skip
+    common = [
+        *TINY,
+        f"strategy={strategy}",
+        f"train.max_steps={STEPS}",
+        "eval.after_training=false",
+        "launch=torchrun",
+        "launch.nnodes=2",
+        "launch.nproc_per_node=1",
+        f"launch.rdzv_endpoint={addr0}:{port}",
+        f"launch.rdzv_id=netns-{port}",
+        f"run.dir={run}",
+    ]
     procs = []
     for rank, (ns, dev, addr) in enumerate(two_hosts):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "launcher", "train", *common,
-               f"launch.node_rank={rank}", f"launch.local_addr={addr}", f"launch.socket_ifname={dev}"]  # fmt: skip
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "launcher",
+            "train",
+            *common,
+            f"launch.node_rank={rank}",
+            f"launch.local_addr={addr}",
+            f"launch.socket_ifname={dev}",
+        ]
         log = open(tmp_path / f"node{rank}.log", "w")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ftl_env(), stdout=log, stderr=subprocess.STDOUT))
     try:

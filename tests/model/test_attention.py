@@ -93,7 +93,9 @@ def test_padded_batches_and_generation_match_sdpa(tok: Any) -> None:
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding, as batched generation has it
     with torch.no_grad():
-        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            varlen(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits
+        )
         kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
         assert torch.equal(varlen.generate(ids, **kwargs), sdpa.generate(ids, **kwargs))
 
@@ -106,9 +108,13 @@ def test_sliding_window_is_kept_inside_a_long_example(tok: Any) -> None:
     pos = torch.cat([torch.arange(30), torch.arange(10)])[None]
     with torch.no_grad():
         want = torch.cat([eager(input_ids=ids[:, :30]).logits, eager(input_ids=ids[:, 30:]).logits], dim=1)
-        torch.testing.assert_close(varlen(input_ids=ids, position_ids=pos, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            varlen(input_ids=ids, position_ids=pos, use_cache=False).logits, want, rtol=1e-5, atol=1e-5
+        )
         no_window = tiny(tok, attention.NAME, model_type="mistral", sliding_window=None)
-        assert not torch.allclose(no_window(input_ids=ids[:, :30]).logits, want[:, :30], atol=1e-3), "the window must matter here"
+        assert not torch.allclose(no_window(input_ids=ids[:, :30]).logits, want[:, :30], atol=1e-3), (
+            "the window must matter here"
+        )
 
 
 def test_math_and_flash_kernels_agree_at_the_switch_length() -> None:
@@ -129,8 +135,19 @@ def test_a_saved_model_names_no_ftl_attention(tok: Any, tmp_path: Any) -> None:
     assert attention.NAME not in (tmp_path / "config.json").read_text()
 
 
-def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                     max_q: int, max_k: int, *, scale: Any, window_size: tuple[int, int], enable_gqa: bool = False) -> torch.Tensor:  # fmt: skip
+def reference_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: Any,
+    window_size: tuple[int, int],
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn``'s documented contract, written plainly (its flash
     kernel has no CPU implementation): [T, heads, d] tokens, sequences at ``cu`` offsets, window
     (left, 0) = each token sees itself and ``left`` tokens before it, (-1, 0) = causal."""
@@ -142,7 +159,11 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
         distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
         allowed = (distance >= 0) & ((distance <= window_size[0]) if window_size[0] >= 0 else True)
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)[
+                0
+            ].transpose(0, 1)
+        )
     return torch.cat(outs)
 
 
@@ -166,7 +187,9 @@ def test_short_examples_on_cpu_equal_sdpa_one_by_one(dtype: torch.dtype, monkeyp
         return [out, q.grad, k.grad, v.grad]
 
     want, got = run(attention.sdpa_per_example), run(attention.per_example)
-    assert sorted(shorts) == sorted(n for n in lengths if n < attention.MATH_BELOW), "every short example took the short path"
+    assert sorted(shorts) == sorted(n for n in lengths if n < attention.MATH_BELOW), (
+        "every short example took the short path"
+    )
     # bf16: rounding order; fp64: kept in fp64 (an fp32 detour would miss this by ~1e-7)
     tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -218,21 +241,36 @@ def test_the_one_kernel_layout_equals_the_per_example_loop(window: Any, native_g
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, h, 24, 8, generator=g) for h in (4, 2, 2))
     pos = torch.cat([torch.arange(10), torch.arange(3), torch.arange(11), torch.arange(24)]).view(2, 24)
-    loop, _ = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=pos, sliding_window=window)
+    loop, _ = attention.varlen_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=0.3, position_ids=pos, sliding_window=window
+    )
     lengths = [e - s for row in attention.segment_bounds(pos) for s, e in row]
-    one = attention.packed_flash(q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen, native_gqa=native_gqa)
+    one = attention.packed_flash(
+        q, k, v, lengths, scale=0.3, window=window, kernel=reference_varlen, native_gqa=native_gqa
+    )
     torch.testing.assert_close(one, loop, rtol=1e-5, atol=1e-5)
     assert not attention.one_kernel(q, 0.0) and not attention.one_kernel(q.bfloat16(), 0.0), "no flash varlen on CPU"
 
 
-@pytest.mark.parametrize("capability,cudnn,gqa,window,want", [
-    ((8, 0), False, True, True, True), ((8, 9), False, False, False, True), ((9, 0), False, True, False, True),
-    ((10, 0), False, True, True, True), ((10, 3), False, False, False, True), ((12, 0), False, True, False, True),
-    ((10, 0), True, False, False, True), ((10, 0), True, True, False, False), ((9, 0), True, False, True, False),
-    ((7, 5), False, False, False, False), ((11, 0), False, False, False, False),
-])  # fmt: skip
-def test_blackwell_takes_the_one_kernel_path_unless_cudnn_would_refuse_it(capability: Any, cudnn: bool, gqa: bool, window: bool,
-                                                                          want: bool) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "capability,cudnn,gqa,window,want",
+    [
+        ((8, 0), False, True, True, True),
+        ((8, 9), False, False, False, True),
+        ((9, 0), False, True, False, True),
+        ((10, 0), False, True, True, True),
+        ((10, 3), False, False, False, True),
+        ((12, 0), False, True, False, True),
+        ((10, 0), True, False, False, True),
+        ((10, 0), True, True, False, False),
+        ((9, 0), True, False, True, False),
+        ((7, 5), False, False, False, False),
+        ((11, 0), False, False, False, False),
+    ],
+)
+def test_blackwell_takes_the_one_kernel_path_unless_cudnn_would_refuse_it(
+    capability: Any, cudnn: bool, gqa: bool, window: bool, want: bool
+) -> None:
     """Blackwell (10.x, 12.x) joins Ampere, Ada and Hopper; where this PyTorch routes the device to
     cuDNN, grouped-query attention and windows (which cuDNN refuses) stay on the loop; Turing never."""
     assert attention.varlen_capable(capability, cudnn, gqa=gqa, window=window) is want
@@ -255,7 +293,9 @@ def test_cudnn_routing_is_read_from_this_torch(per_call: bool, monkeypatch: pyte
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
-def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(
+    tok: Any, model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CUDA in bf16 the packed batch goes to torch's flash varlen kernel (one call per layer);
     logits and gradients equal the per-example SDPA loop's to bf16 rounding (Mistral: with a window)."""
     need_gpus(1)
@@ -263,7 +303,11 @@ def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_t
     extra = {"sliding_window": 16} if model_type == "mistral" else {}
     model = tiny(tok, attention.NAME, model_type=model_type, **extra).to("cuda", torch.bfloat16).train()
     ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(7)).cuda()
-    pos = torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)]).view(2, 96).cuda()
+    pos = (
+        torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)])
+        .view(2, 96)
+        .cuda()
+    )
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad()
@@ -272,7 +316,9 @@ def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_t
         return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
 
     calls = []
-    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **kw: calls.append(1) or torch.nn.attention.varlen.varlen_attn(*a, **kw))
+    monkeypatch.setattr(
+        attention, "varlen_attn", lambda *a, **kw: calls.append(1) or torch.nn.attention.varlen.varlen_attn(*a, **kw)
+    )
     one_logits, one_grads = run()
     assert len(calls) == 2, "one flash call per layer"
     monkeypatch.setattr(attention, "varlen_attn", None)
@@ -283,10 +329,16 @@ def test_cuda_packed_batch_is_one_flash_call_equal_to_the_loop(tok: Any, model_t
 
 
 def packed_positions(device: str = "cpu") -> torch.Tensor:
-    return torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)]).view(2, 96).to(device)
+    return (
+        torch.cat([torch.arange(40), torch.arange(9), torch.arange(47), torch.arange(70), torch.arange(26)])
+        .view(2, 96)
+        .to(device)
+    )
 
 
-def test_autocast_over_fp32_weights_gives_the_kernel_half_precision_queries(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_autocast_over_fp32_weights_gives_the_kernel_half_precision_queries(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The single/ddp/LoRA path: fp32 weights under autocast. RoPE hands sdpa_varlen fp32 queries
     and keys (and a bf16 value); the packed path casts them to the autocast dtype, the one the
     flash varlen kernel takes (one_kernel refuses fp32), as SDPA itself would cast them."""
@@ -319,7 +371,9 @@ def test_segments_are_found_once_per_forward_and_recompute(tok: Any, monkeypatch
     for batch in range(2):
         model(input_ids=ids, position_ids=packed_positions(), use_cache=False).logits.float().pow(2).mean().backward()
         assert len(reads) == batch + 1
-    assert attention.take_calls() == {"loop": 8}, "2 batches × 2 layers × (forward + recompute), all packed, on the loop"
+    assert attention.take_calls() == {"loop": 8}, (
+        "2 batches × 2 layers × (forward + recompute), all packed, on the loop"
+    )
     assert attention.attention_paths(torch.device("cpu")) == {}, "no metric on CPU"
 
 

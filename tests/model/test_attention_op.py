@@ -11,11 +11,15 @@ from launcher.model import attention, attention_op
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def qkv(lengths: list[int], rows: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+def qkv(
+    lengths: list[int], rows: int, heads: int, kv_heads: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, ...]:
     """q, k, v [rows, heads, L, d] (leaves with gradients) and position_ids for ``lengths`` packed ``rows`` to a row."""
     width = sum(lengths) // rows
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(rows, h, width, 16, generator=g, dtype=dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(rows, h, width, 16, generator=g, dtype=dtype).requires_grad_() for h in (heads, kv_heads, kv_heads)
+    )
     positions = torch.cat([torch.arange(n) for n in lengths]).view(rows, width)
     return q, k, v, positions
 
@@ -29,8 +33,9 @@ def qkv(lengths: list[int], rows: int, heads: int, kv_heads: int, dtype: torch.d
         ([300, 20, 280, 100, 500], 2, 6, 3, torch.bfloat16),  # as training runs it: half precision in, fp32 math
     ],
 )
-def test_output_and_gradients_equal_the_per_example_loop(lengths: list[int], rows: int, heads: int, kv_heads: int,
-                                                         dtype: torch.dtype) -> None:  # fmt: skip
+def test_output_and_gradients_equal_the_per_example_loop(
+    lengths: list[int], rows: int, heads: int, kv_heads: int, dtype: torch.dtype
+) -> None:
     q, k, v, positions = qkv(lengths, rows, heads, kv_heads, dtype, seed=len(lengths))
     width, scale = positions.shape[1], 0.3
     want = attention.sdpa_per_example(q, k, v, lengths, scale=scale, dropout=0.0, window=None)[0]
@@ -65,7 +70,9 @@ def test_eager_callers_run_the_loop_not_the_operator(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("extra", [{"sliding_window": 8}, {"dropout": 0.0, "softcap": None, "position_bias": None}])
-def test_under_compile_only_a_plain_packed_forward_is_the_operator(extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_compile_only_a_plain_packed_forward_is_the_operator(
+    extra: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While dynamo traces: a sliding window leaves the graph (the eager loop, one break); a plain
     packed forward is the operator, unbroken. Both give the loop's numbers."""
     from torch._dynamo.utils import counters
@@ -74,13 +81,17 @@ def test_under_compile_only_a_plain_packed_forward_is_the_operator(extra: dict, 
     q, k, v = (t.detach() for t in (q, k, v))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention_op.compiled_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra)[0]
+        return attention_op.compiled_forward(
+            torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra
+        )[0]
 
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):  # as compile_decoder_layers sets it
         got = torch.compile(attend, backend="eager", fullgraph=False)(q, k, v)
-    want = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra)[0]
+    want = attention.varlen_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=0.25, position_ids=positions, **extra
+    )[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert bool(counters["graph_break"]) == ("sliding_window" in extra), dict(counters["graph_break"])
 
@@ -115,10 +126,15 @@ def test_mixed_dtypes_take_the_operator_only_once_autocast_unifies_them(monkeypa
     real = attention_op.packed_attention
     monkeypatch.setattr(attention_op, "packed_attention", lambda *a: taken.append({t.dtype for t in a[:3]}) or real(*a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a traced layer, run eagerly
-    attend = lambda *qkv_: attention_op.compiled_forward(torch.nn.Module(), *qkv_, None, scaling=0.25, position_ids=positions)[0]  # noqa: E731
+
+    def attend(*qkv_):
+        return attention_op.compiled_forward(torch.nn.Module(), *qkv_, None, scaling=0.25, position_ids=positions)[0]
+
     got = attend(*mixed)
     assert taken == []  # the eager loop: no operator with mixed inputs
-    want = attention.varlen_attention_forward(torch.nn.Module(), q, k, v.bfloat16().float(), None, scaling=0.25, position_ids=positions)[0]
+    want = attention.varlen_attention_forward(
+        torch.nn.Module(), q, k, v.bfloat16().float(), None, scaling=0.25, position_ids=positions
+    )[0]
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attend(*mixed)

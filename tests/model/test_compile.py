@@ -100,11 +100,14 @@ def test_the_first_step_note_counts_the_compiler_set_up_before_the_step(monkeypa
     from helpers import tiny
     from transformers import AutoTokenizer
 
-    from launcher.model import compile as compile_mod, isa_probe
+    from launcher.model import compile as compile_mod
+    from launcher.model import isa_probe
     from launcher.paths import asset
 
     monkeypatch.setattr(isa_probe, "reuse_isa_probe", lambda: time.sleep(0.3))  # a probe that takes 0.3 s
-    compile_mod.compile_decoder_layers(tiny(AutoTokenizer.from_pretrained(asset("tiny-tokenizer")), "sdpa"), torch.device("cpu"))
+    compile_mod.compile_decoder_layers(
+        tiny(AutoTokenizer.from_pretrained(asset("tiny-tokenizer")), "sdpa"), torch.device("cpu")
+    )
     note = compile_mod.first_step_note(1, 12.34)
     assert note.startswith("ftl: step 1 took 12.3 s, compiling the decoder layers included (train.compile)")
     setup = float(note.rsplit("setting up the compiler ", 1)[1].split(" s")[0])
@@ -121,16 +124,21 @@ def cfg_of(*overrides: str) -> Any:
     return cfg
 
 
-@pytest.mark.parametrize("overrides, device, on, why", [
-    ((), "cuda", True, "on CUDA"),
-    ((), "cpu", False, "off on cpu"),
-    (("strategy=zero3",), "cuda", False, "frees each layer's gathered weights"),
-    (("peft=qlora",), "cuda", False, "QLoRA stays eager until a GPU run proves it"),
-    (("peft=qlora", "train.compile=true"), "cuda", True, "unproven with QLoRA"),
-    (("peft=lora",), "cuda", True, "on CUDA"),
-    (("train.compile=false",), "cuda", False, "train.compile=false"),
-])  # fmt: skip
-def test_compile_null_is_on_for_cuda_except_zero3_and_qlora(overrides: tuple[str, ...], device: str, on: bool, why: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, device, on, why",
+    [
+        ((), "cuda", True, "on CUDA"),
+        ((), "cpu", False, "off on cpu"),
+        (("strategy=zero3",), "cuda", False, "frees each layer's gathered weights"),
+        (("peft=qlora",), "cuda", False, "QLoRA stays eager until a GPU run proves it"),
+        (("peft=qlora", "train.compile=true"), "cuda", True, "unproven with QLoRA"),
+        (("peft=lora",), "cuda", True, "on CUDA"),
+        (("train.compile=false",), "cuda", False, "train.compile=false"),
+    ],
+)
+def test_compile_null_is_on_for_cuda_except_zero3_and_qlora(
+    overrides: tuple[str, ...], device: str, on: bool, why: str
+) -> None:
     from launcher.model.compile import compile_choice
 
     cfg = cfg_of("recipe=tiny", "train.compile=null", *overrides)

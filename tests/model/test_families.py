@@ -28,9 +28,19 @@ from launcher.plan.memory import lora_param_count, param_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 0}  # fmt: skip
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 512,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 # Each family's own features at tiny size: sliding windows of 8 tokens (the demo's packed examples
 # are longer, so windows cut in), head_dim other than hidden/heads, softcapping, experts.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -38,18 +48,44 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"model_type": "mistral", "sliding_window": 8},
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},
     "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, "head_dim": 32},
-    "gemma2": {"model_type": "gemma2", "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
-               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "layer_types": ["sliding_attention", "full_attention"]},
-    "gemma3_text": {"model_type": "gemma3_text", "head_dim": 32, "query_pre_attn_scalar": 16, "sliding_window": 8,
-                    "final_logit_softcapping": 30.0, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma2": {
+        "model_type": "gemma2",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 8,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,
+        "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "phi3": {"model_type": "phi3", "sliding_window": None},
-    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [1]},
+    "qwen2_moe": {
+        "model_type": "qwen2_moe",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+    },
     "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8},
     "olmo2": {"model_type": "olmo2"},
-    "granite": {"model_type": "granite", "tie_word_embeddings": True, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
-                "attention_multiplier": 0.0625, "logits_scaling": 8.0},
-}  # fmt: skip
+    "granite": {
+        "model_type": "granite",
+        "tie_word_embeddings": True,
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.0625,
+        "logits_scaling": 8.0,
+    },
+}
 ATTENTION = {"gemma2": "eager"}  # attention logit softcapping: sdpa cannot (see test_gemma2_needs_eager)
 
 
@@ -76,10 +112,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def overrides_for(family: str, model_dir: Path, run_dir: Path) -> list[str]:
-    return ["recipe=tiny", "model.source=hf", f"model.path={model_dir}", f"model.tokenizer={asset('tiny-tokenizer')}",
-            f"model.attn_implementation={ATTENTION.get(family, 'sdpa_varlen')}", "data.packing=true", "train.max_steps=4",
-            "train.warmup_steps=1", "train.seq_len=128", "checkpoint.every_steps=0", "eval.after_training=false",
-            "wandb.mode=disabled", f"run.dir={run_dir}"]  # fmt: skip
+    return [
+        "recipe=tiny",
+        "model.source=hf",
+        f"model.path={model_dir}",
+        f"model.tokenizer={asset('tiny-tokenizer')}",
+        f"model.attn_implementation={ATTENTION.get(family, 'sdpa_varlen')}",
+        "data.packing=true",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.seq_len=128",
+        "checkpoint.every_steps=0",
+        "eval.after_training=false",
+        "wandb.mode=disabled",
+        f"run.dir={run_dir}",
+    ]
 
 
 def numel(model: torch.nn.Module) -> int:
@@ -100,8 +147,8 @@ def test_family_trains_packed_exports_and_reloads(family: str, models: Path, tmp
     from transformers import AutoModelForCausalLM
 
     from launcher.artifacts.export import export_checkpoint
-    from launcher.rundir.write import write_run_dir
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.rundir.write import write_run_dir
     from launcher.session import prepare_run
     from launcher.train.trainer import Trainer
 
@@ -109,7 +156,11 @@ def test_family_trains_packed_exports_and_reloads(family: str, models: Path, tmp
     run = prepare_run(overrides_for(family, model_dir, tmp_path / "run"))
     arch = run.cfg.model.arch
     # the architecture came from config.json, the name from the path
-    assert arch.model_type == FAMILIES[family]["model_type"] and (arch.hidden_size, arch.num_layers, arch.vocab_size) == (64, 2, 512)
+    assert arch.model_type == FAMILIES[family]["model_type"] and (
+        arch.hidden_size,
+        arch.num_layers,
+        arch.vocab_size,
+    ) == (64, 2, 512)
     assert run.cfg.model.name == family
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     # the planner's count is the instantiated model's, to the parameter (the issue asks for 1%)
@@ -124,7 +175,9 @@ def test_family_trains_packed_exports_and_reloads(family: str, models: Path, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, its default attention
     assert type(reloaded) is type(initial) and numel(reloaded) == numel(initial)
     trained = dict(reloaded.named_parameters())
-    assert any(not torch.equal(p, trained[n]) for n, p in initial.named_parameters()), "the export holds the initial weights"
+    assert any(not torch.equal(p, trained[n]) for n, p in initial.named_parameters()), (
+        "the export holds the initial weights"
+    )
 
     # ftl's packed attention over the exported weights = plain transformers on each example alone
     ftl_model, _ = load_model_and_tokenizer(replace(run.cfg.model, path=str(out), tokenizer=str(out)))
@@ -145,8 +198,10 @@ def test_lora_count_is_what_peft_trains(family: str, models: Path) -> None:
     model_dir = hf_dir(family, models)
     arch = ArchConfig(**arch_from_hf_config(json.loads((model_dir / "config.json").read_text())))
     for targets in (["all-linear"], ["o_proj", "down_proj"]):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                               LoraConfig(r=4, target_modules="all-linear" if targets == ["all-linear"] else targets))  # fmt: skip
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            LoraConfig(r=4, target_modules="all-linear" if targets == ["all-linear"] else targets),
+        )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert lora_param_count(arch, 4, targets) == trainable, (family, targets)
 
@@ -156,42 +211,168 @@ def test_lora_count_is_what_peft_trains(family: str, models: Path) -> None:
 
 # config.json numbers of published checkpoints (from their model cards' config files)
 REAL: dict[str, dict[str, Any]] = {
-    "Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
-    "Mistral-Nemo-12B": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 14336, "num_hidden_layers": 40,
-                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "sliding_window": None,
-                         "max_position_embeddings": 1024000, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
-    "Qwen2.5-0.5B": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                     "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                     "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
-    "Qwen3-0.6B": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
-                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
-    "gemma-2-2b": {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-                   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
-                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "max_position_embeddings": 8192},
-    "gemma-3-1b": {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
-                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
-                   "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "max_position_embeddings": 32768},
-    "Phi-3-mini-4k": {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-                      "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "rope_theta": 10000.0,
-                      "rms_norm_eps": 1e-5, "sliding_window": 2047, "pad_token_id": 32000},
-    "Qwen1.5-MoE-A2.7B": {"model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
-                          "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
-                          "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1,
-                          "max_position_embeddings": 8192, "rope_theta": 1000000.0, "tie_word_embeddings": False},
-    "Mixtral-8x7B": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
-    "OLMo-2-7B": {"model_type": "olmo2", "vocab_size": 100352, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "rope_theta": 500000.0, "pad_token_id": 100277},
-    "granite-3.0-2b": {"model_type": "granite", "vocab_size": 49155, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 40,
-                       "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-                       "attention_bias": False, "pad_token_id": 0},
-}  # fmt: skip
+    "Llama-3-8B": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "Mistral-Nemo-12B": {
+        "model_type": "mistral",
+        "vocab_size": 131072,
+        "hidden_size": 5120,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "sliding_window": None,
+        "max_position_embeddings": 1024000,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "Qwen2.5-0.5B": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "Qwen3-0.6B": {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "gemma-2-2b": {
+        "model_type": "gemma2",
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 8192,
+    },
+    "gemma-3-1b": {
+        "model_type": "gemma3_text",
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 512,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "max_position_embeddings": 32768,
+    },
+    "Phi-3-mini-4k": {
+        "model_type": "phi3",
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": 2047,
+        "pad_token_id": 32000,
+    },
+    "Qwen1.5-MoE-A2.7B": {
+        "model_type": "qwen2_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "decoder_sparse_step": 1,
+        "max_position_embeddings": 8192,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    "Mixtral-8x7B": {
+        "model_type": "mixtral",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "OLMo-2-7B": {
+        "model_type": "olmo2",
+        "vocab_size": 100352,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rope_theta": 500000.0,
+        "pad_token_id": 100277,
+    },
+    "granite-3.0-2b": {
+        "model_type": "granite",
+        "vocab_size": 49155,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "pad_token_id": 0,
+    },
+}
 # published totals (model cards) where a card gives an exact one: a check on the check
-PUBLISHED = {"Llama-3-8B": 8_030_261_248, "Qwen2.5-0.5B": 494_032_768, "Qwen3-0.6B": 596_049_920, "Mixtral-8x7B": 46_702_792_704}
+PUBLISHED = {
+    "Llama-3-8B": 8_030_261_248,
+    "Qwen2.5-0.5B": 494_032_768,
+    "Qwen3-0.6B": 596_049_920,
+    "Mixtral-8x7B": 46_702_792_704,
+}
 
 
 def transformers5_dict(config: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +396,9 @@ def test_param_count_is_exact_on_real_shapes(name: str) -> None:
     assert name not in PUBLISHED or counts.total == PUBLISHED[name]
     if arch.num_experts:  # one token passes the router, top-k experts (and the shared one), not all
         experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
-        assert counts.active == counts.total - experts * (arch.num_experts - arch.num_experts_per_tok) // arch.num_experts
+        assert (
+            counts.active == counts.total - experts * (arch.num_experts - arch.num_experts_per_tok) // arch.num_experts
+        )
     else:
         assert counts.active == counts.total
     # the same model written by transformers 5 (rope_parameters, num_local_experts as num_experts) reads the same
@@ -240,11 +423,17 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("config, needle", [
-    ({"model_type": "gpt2", "n_embd": 64}, "model_type 'gpt2' is not a decoder family ftl trains; supported: llama, mistral"),
-    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "multimodal Gemma 3"),
-    ({"model_type": "my_remote_code_model"}, "model_type 'my_remote_code_model' is not a decoder family"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        (
+            {"model_type": "gpt2", "n_embd": 64},
+            "model_type 'gpt2' is not a decoder family ftl trains; supported: llama, mistral",
+        ),
+        ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "multimodal Gemma 3"),
+        ({"model_type": "my_remote_code_model"}, "model_type 'my_remote_code_model' is not a decoder family"),
+    ],
+)
 def test_unsupported_families_are_refused_by_name(config: dict[str, Any], needle: str, tmp_path: Path) -> None:
     model_dir = write_config(tmp_path / "m", config)
     message = compose_errors("recipe=tiny", "model.source=hf", f"model.path={model_dir}")
@@ -252,9 +441,16 @@ def test_unsupported_families_are_refused_by_name(config: dict[str, Any], needle
 
 
 def test_gemma2_needs_eager(models: Path) -> None:
-    message = compose_errors("recipe=tiny", "model.source=hf", f"model.path={hf_dir('gemma2', models)}",
-                             f"model.tokenizer={asset('tiny-tokenizer')}")  # fmt: skip
-    assert "model.attn_implementation: 'sdpa_varlen' cannot cap attention logits" in message and "model.attn_implementation=eager" in message
+    message = compose_errors(
+        "recipe=tiny",
+        "model.source=hf",
+        f"model.path={hf_dir('gemma2', models)}",
+        f"model.tokenizer={asset('tiny-tokenizer')}",
+    )
+    assert (
+        "model.attn_implementation: 'sdpa_varlen' cannot cap attention logits" in message
+        and "model.attn_implementation=eager" in message
+    )
 
 
 def test_explicit_arch_overrides_win_and_shape_contradictions_are_errors(models: Path) -> None:
@@ -265,7 +461,11 @@ def test_explicit_arch_overrides_win_and_shape_contradictions_are_errors(models:
     arch = load_config([*base, "model.arch.rope_theta=50000", "model.arch.max_position_embeddings=512"]).cfg.model.arch
     assert (arch.rope_theta, arch.max_position_embeddings, arch.head_dim) == (50000.0, 512, 32)
     message = compose_errors(*base, "model.arch.num_layers=4", "model.arch.head_dim=16")
-    assert "model.arch: overrides contradict the weights" in message and "num_layers: 4 vs 2" in message and "head_dim: 16 vs 32" in message
+    assert (
+        "model.arch: overrides contradict the weights" in message
+        and "num_layers: 4 vs 2" in message
+        and "head_dim: 16 vs 32" in message
+    )
     # ... and when the weights change under a written config, loading says so, naming both
     from launcher.model.loading import load_model_and_tokenizer
 
@@ -296,10 +496,19 @@ def test_a_model_dir_without_tokenizer_says_so(models: Path) -> None:
 
 def test_plan_reads_a_model_dir_without_torch(models: Path, tmp_path: Path) -> None:
     model_dir = hf_dir("mixtral", models)
-    code = ("import sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules]; "
-            "print('HEAVY', heavy); sys.exit(rc or (3 if heavy else 0))")  # fmt: skip
-    argv = ["plan", "recipe=tiny", "model.source=hf", f"model.path={model_dir}", f"model.tokenizer={asset('tiny-tokenizer')}", f"run.dir={tmp_path}"]
+    code = (
+        "import sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc or (3 if heavy else 0))"
+    )
+    argv = [
+        "plan",
+        "recipe=tiny",
+        "model.source=hf",
+        f"model.path={model_dir}",
+        f"model.tokenizer={asset('tiny-tokenizer')}",
+        f"run.dir={tmp_path}",
+    ]
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "HEAVY []" in out.stdout
@@ -320,8 +529,17 @@ def test_a_hub_id_in_the_local_cache_is_read(models: Path, tmp_path: Path) -> No
     (tmp_path / "hub" / "models--acme--tiny-qwen3" / "refs").mkdir()
     (tmp_path / "hub" / "models--acme--tiny-qwen3" / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    argv = ["plan", "recipe=tiny", "model.source=hf", "model.path=acme/tiny-qwen3", f"model.tokenizer={asset('tiny-tokenizer')}", f"run.dir={tmp_path / 'r'}"]
-    out = subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    argv = [
+        "plan",
+        "recipe=tiny",
+        "model.source=hf",
+        "model.path=acme/tiny-qwen3",
+        f"model.tokenizer={asset('tiny-tokenizer')}",
+        f"run.dir={tmp_path / 'r'}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "tiny-qwen3 [hf: acme/tiny-qwen3] qwen3, 132K params" in out.stdout
 
@@ -339,9 +557,17 @@ def test_family_packed_flash_kernel_on_gpu(family: str, models: Path) -> None:
     need_gpus(1)
     attention.register()
     model_dir = hf_dir(family, models)
-    varlen = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention.NAME, dtype=torch.bfloat16).cuda().eval()
-    plain16 = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
-    plain32 = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).cuda().eval()
+    varlen = (
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention.NAME, dtype=torch.bfloat16)
+        .cuda()
+        .eval()
+    )
+    plain16 = (
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
+    )
+    plain32 = (
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).cuda().eval()
+    )
     ids, positions, lengths = packed_batch(512)
     ids, positions = ids.cuda(), positions.cuda()
     probe = torch.zeros(1, 4, 8, 32, device="cuda", dtype=torch.bfloat16)

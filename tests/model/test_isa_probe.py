@@ -16,7 +16,9 @@ from torch._inductor import config  # noqa: E402
 
 from launcher.model import isa_probe  # noqa: E402
 
-pytestmark = pytest.mark.skipif(isa_probe.fingerprint() is None, reason="the verdict is kept on x86-64 Linux with a C++ compiler only")
+pytestmark = pytest.mark.skipif(
+    isa_probe.fingerprint() is None, reason="the verdict is kept on x86-64 Linux with a C++ compiler only"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +41,9 @@ def test_a_clean_pass_is_recorded_then_reused(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [verdict.name]  # one file, no temporaries left
 
 
-def test_another_fingerprint_or_a_tampered_verdict_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_another_fingerprint_or_a_tampered_verdict_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert isa_probe.reuse_isa_probe(tmp_path) == "recorded"
     config.cpp.vec_isa_ok = None  # a new process
     real = isa_probe.fingerprint()
@@ -85,8 +89,12 @@ def test_a_reused_verdict_gives_inductor_the_isas_its_probes_find(tmp_path: Path
         "how = reuse_isa_probe(Path(sys.argv[1]));"
         "print(how, [str(i) for i in m.valid_vec_isa_list()], str(m.pick_vec_isa()))"
     )
-    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split(" ", 1)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split(" ", 1)
+        for _ in range(2)
+    ]
     assert [how for how, _ in runs] == ["recorded", "reused"]
     assert runs[0][1] == runs[1][1]
 

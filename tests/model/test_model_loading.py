@@ -94,13 +94,38 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["strategy=zero3", "strategy.zero3_init=false"],
         ["strategy=zero3", "strategy.zero3_init=false", "peft=lora", "peft.r=4"],
     ],
-    ids=["fsdp-rank0-loads", "fsdp-rank0-loads-lora", "fsdp-every-rank-loads", "zero3-init", "zero3-init-lora", "zero3-every-rank-loads", "zero3-every-rank-loads-lora"],
+    ids=[
+        "fsdp-rank0-loads",
+        "fsdp-rank0-loads-lora",
+        "fsdp-every-rank-loads",
+        "zero3-init",
+        "zero3-init-lora",
+        "zero3-every-rank-loads",
+        "zero3-every-rank-loads-lora",
+    ],
 )
-def test_ranks_build_partial_models_that_end_with_the_full_weights_and_buffers(overrides: list[str], tiny_model_dir: Path, tmp_path: Path) -> None:
-    overrides = ["model.source=hf", f"model.path={tiny_model_dir}", *overrides]  # weights read from files, as users' are
+def test_ranks_build_partial_models_that_end_with_the_full_weights_and_buffers(
+    overrides: list[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        "model.source=hf",
+        f"model.path={tiny_model_dir}",
+        *overrides,
+    ]  # weights read from files, as users' are
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), *overrides]
-    done = subprocess.run(argv, cwd=ROOT, env=ftl_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+        *overrides,
+    ]
+    done = subprocess.run(
+        argv, cwd=ROOT, env=ftl_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["rank0.ok", "rank1.ok"]

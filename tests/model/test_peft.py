@@ -75,19 +75,33 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_peft_keys_map_back_to_the_base_model() -> None:
-    assert base_key("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == "model.layers.0.self_attn.q_proj.weight"
+    assert (
+        base_key("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+        == "model.layers.0.self_attn.q_proj.weight"
+    )
     assert base_key("base_model.model.lm_head.original_module.weight") == "lm_head.weight"
     assert base_key("base_model.model.model.norm.weight") == "model.norm.weight"
-    for adapter in ("base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight",
-                    "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight",
-                    "base_model.model.lm_head.modules_to_save.default.weight"):  # fmt: skip
+    for adapter in (
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight",
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight",
+        "base_model.model.lm_head.modules_to_save.default.weight",
+    ):
         assert base_key(adapter) is None
-    base, adapter = split_peft_state_dict({"base_model.model.a.base_layer.weight": torch.ones(1), "base_model.model.a.lora_A.default.weight": torch.zeros(1)})
+    base, adapter = split_peft_state_dict(
+        {
+            "base_model.model.a.base_layer.weight": torch.ones(1),
+            "base_model.model.a.lora_A.default.weight": torch.zeros(1),
+        }
+    )
     assert list(base) == ["a.weight"] and list(adapter) == ["base_model.model.a.lora_A.default.weight"]
 
 
-@pytest.mark.parametrize("n, batch, world, max_batches", [(10, 4, 2, None), (9, 2, 2, None), (5, 1, 3, None), (40, 8, 2, 3), (3, 4, 2, None)])
-def test_rank_batches_cover_each_example_once_with_equal_counts(n: int, batch: int, world: int, max_batches: Any) -> None:
+@pytest.mark.parametrize(
+    "n, batch, world, max_batches", [(10, 4, 2, None), (9, 2, 2, None), (5, 1, 3, None), (40, 8, 2, 3), (3, 4, 2, None)]
+)
+def test_rank_batches_cover_each_example_once_with_equal_counts(
+    n: int, batch: int, world: int, max_batches: Any
+) -> None:
     shares = [rank_batches(n, batch, r, world, max_batches) for r in range(world)]
     assert len({len(s) for s in shares}) == 1  # every rank runs the same number of forward passes
     seen = sorted(i for share in shares for b in share if b is not None for i in b)
@@ -117,7 +131,9 @@ def test_bitsandbytes_missing_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     assert any("qlora needs bitsandbytes" in e for e in _validate("peft=qlora"))
     assert _validate("peft=lora") == []
 
@@ -191,7 +207,9 @@ def test_merged_export_equals_base_plus_adapter(strategy: str, lora_runs: dict[s
         export_checkpoint(run_dir, tmp_path / "merged", merge_lora=True, log=lambda _: None)
     export_checkpoint(run_dir, tmp_path / "adapter", log=lambda _: None)
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
-    assert config["base_model_name_or_path"] == str(tmp_path / "adapter" / "base")  # a random base is exported beside it
+    assert config["base_model_name_or_path"] == str(
+        tmp_path / "adapter" / "base"
+    )  # a random base is exported beside it
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     adapted = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -201,7 +219,9 @@ def test_merged_export_equals_base_plus_adapter(strategy: str, lora_runs: dict[s
         with adapted.disable_adapter():
             base = adapted(ids).logits
     assert float((logits - reference).abs().max()) <= 1e-4
-    assert float((logits - base).abs().max()) > 1e-2  # the adapter changes the model: the comparison above means something
+    assert (
+        float((logits - base).abs().max()) > 1e-2
+    )  # the adapter changes the model: the comparison above means something
 
 
 @pytest.mark.slow
@@ -229,8 +249,16 @@ def test_qlora_loads_4bit_and_trains_on_cpu(tmp_path: Path) -> None:
     # 256-token sequences: bitsandbytes' CPU path gets single-token inputs wrong, never these.
     # An eval after step 2 must not change steps 3-4 (bitsandbytes would repack the 4-bit weights
     # for inference in place): the resumed run below, which evaluates nothing first, checks it.
-    qlora = [*QLORA, *ONE_RANK, "strategy=single", "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
-             "eval.max_batches=1", f"run.dir={tmp_path}"]  # fmt: skip
+    qlora = [
+        *QLORA,
+        *ONE_RANK,
+        "strategy=single",
+        "train.max_steps=4",
+        "checkpoint.every_steps=2",
+        "eval.every_steps=2",
+        "eval.max_batches=1",
+        f"run.dir={tmp_path}",
+    ]
     ftl("train", *qlora)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
@@ -250,7 +278,9 @@ def test_qlora_loads_4bit_and_trains_on_cpu(tmp_path: Path) -> None:
     resumed = metrics(tmp_path)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(rows[2:], resumed[2:]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-5
+        )
 
 
 def test_qlora_model_is_4bit_with_lora_on_every_linear_layer() -> None:
@@ -277,18 +307,27 @@ def test_qlora_on_two_cpu_ranks_trains_alike_under_every_engine(tmp_path: Path) 
     steps."""
     pytest.importorskip("bitsandbytes")
     qlora = [*QLORA, *TWO_RANKS, "train.max_steps=4", "eval.every_steps=2", "eval.max_batches=1"]
-    variants = {"ddp": ["strategy=ddp"], "fsdp": ["strategy=fsdp"], "fsdp-uint8": ["strategy=fsdp", "peft.quant_storage=uint8"],
-                "zero2": ["strategy=zero2"], "zero3": ["strategy=zero3"]}  # fmt: skip
+    variants = {
+        "ddp": ["strategy=ddp"],
+        "fsdp": ["strategy=fsdp"],
+        "fsdp-uint8": ["strategy=fsdp", "peft.quant_storage=uint8"],
+        "zero2": ["strategy=zero2"],
+        "zero3": ["strategy=zero3"],
+    }
     for name, extra in variants.items():
         ftl("train", *qlora, *extra, f"run.dir={tmp_path / name}")
     reference, ref_adapter = metrics(tmp_path / "ddp"), saved_adapter(tmp_path / "ddp")
     for name in variants:
         for a, b in zip(metrics(tmp_path / name), reference):
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), name
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(
+                b["grad_norm"], rel=1e-4
+            ), name
         adapter = saved_adapter(tmp_path / name)
         assert max(float((adapter[k] - ref_adapter[k]).abs().max()) for k in ref_adapter) <= 1e-4, name
     local = {name: metrics(tmp_path / name)[-1]["param_bytes_local"] for name in ("ddp", "fsdp", "zero3")}
-    assert local["fsdp"] < 0.6 * local["ddp"] and local["zero3"] < 0.6 * local["ddp"], local  # the 4-bit base is sharded too
+    assert local["fsdp"] < 0.6 * local["ddp"] and local["zero3"] < 0.6 * local["ddp"], (
+        local
+    )  # the 4-bit base is sharded too
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +343,19 @@ def test_qlora_on_two_cpu_ranks_trains_alike_under_every_engine(tmp_path: Path) 
 def test_qlora_trains_sharded_on_two_gpus(strategy: str, extra: list[str], tmp_path: Path) -> None:
     need_gpus(2)
     pytest.importorskip("bitsandbytes")
-    ftl("train", *BASE, "peft=qlora", *ADAPTER, *extra, *TWO_RANKS, "train.max_steps=3", f"strategy={strategy}",
-        "train.device=cuda", "train.precision=bf16", f"run.dir={tmp_path}")  # fmt: skip
+    ftl(
+        "train",
+        *BASE,
+        "peft=qlora",
+        *ADAPTER,
+        *extra,
+        *TWO_RANKS,
+        "train.max_steps=3",
+        f"strategy={strategy}",
+        "train.device=cuda",
+        "train.precision=bf16",
+        f"run.dir={tmp_path}",
+    )
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     saved = saved_adapter(tmp_path)
@@ -317,6 +367,16 @@ def test_qlora_trains_sharded_on_two_gpus(strategy: str, extra: list[str], tmp_p
 def test_qlora_on_one_gpu_loads_4bit_on_the_device(tmp_path: Path) -> None:
     need_gpus(1)
     pytest.importorskip("bitsandbytes")
-    ftl("train", *BASE, "peft=qlora", *ADAPTER, *ONE_RANK, "train.max_steps=3", "strategy=single", "train.device=cuda",
-        "train.precision=bf16", f"run.dir={tmp_path}")  # fmt: skip
+    ftl(
+        "train",
+        *BASE,
+        "peft=qlora",
+        *ADAPTER,
+        *ONE_RANK,
+        "train.max_steps=3",
+        "strategy=single",
+        "train.device=cuda",
+        "train.precision=bf16",
+        f"run.dir={tmp_path}",
+    )
     assert len(saved_adapter(tmp_path)) == 28

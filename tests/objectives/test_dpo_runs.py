@@ -14,8 +14,15 @@ from helpers import TINY, TWO_RANKS, copy_interrupted, ftl, ftl_env, max_abs_dif
 from launcher.objectives.reference import ReferenceLogps
 from launcher.rundir import RunPaths
 
-DPO = [*TINY, "objective=dpo", "data=demo_preferences", "train.seq_len=512", "train.precision=fp32", "train.warmup_steps=1",
-       "eval.max_batches=1"]  # fmt: skip
+DPO = [
+    *TINY,
+    "objective=dpo",
+    "data=demo_preferences",
+    "train.seq_len=512",
+    "train.precision=fp32",
+    "train.warmup_steps=1",
+    "eval.max_batches=1",
+]
 STEPS = 4
 
 
@@ -29,7 +36,9 @@ def run(tmp: Path, name: str, *overrides: str, env: dict[str, str] | None = None
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, micro-batch 4, its own cache (the reference pass runs, not a cache hit)."""
     tmp = tmp_path_factory.mktemp("dpo")
-    return run(tmp, "single", "train.micro_batch_size=4", "checkpoint.every_steps=2", env=ftl_env(FTL_CACHE=str(tmp / "cache")))
+    return run(
+        tmp, "single", "train.micro_batch_size=4", "checkpoint.every_steps=2", env=ftl_env(FTL_CACHE=str(tmp / "cache"))
+    )
 
 
 def test_dpo_starts_at_log_2_and_learns(single: Path) -> None:
@@ -80,7 +89,14 @@ def test_resume_is_exact(single: Path, tmp_path: Path) -> None:
 
     resumed = copy_interrupted(single, tmp_path / "resumed", step=2)
     shutil.copy(single / RunPaths.REFERENCE_LOGPS, resumed / RunPaths.REFERENCE_LOGPS)
-    ftl("train", *DPO, f"train.max_steps={STEPS}", "train.micro_batch_size=4", "checkpoint.every_steps=2", f"run.dir={resumed}")
+    ftl(
+        "train",
+        *DPO,
+        f"train.max_steps={STEPS}",
+        "train.micro_batch_size=4",
+        "checkpoint.every_steps=2",
+        f"run.dir={resumed}",
+    )
     read = engine_class("single").consolidate_checkpoint
     assert max_abs_diff(read(step_dir(resumed, STEPS)), read(step_dir(single, STEPS))) <= 1e-6
     assert [m["step"] for m in metrics(resumed)] == [3, 4]
@@ -140,21 +156,43 @@ def test_a_beta_sweep_runs_one_trial_per_value(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "launcher", "train", "-m", *DPO, "train.max_steps=2", "train.micro_batch_size=4",
-                          "objective.beta=0.1,0.5", "eval.after_training=false"],
-                         cwd=tmp_path, env=ftl_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "train",
+            "-m",
+            *DPO,
+            "train.max_steps=2",
+            "train.micro_batch_size=4",
+            "objective.beta=0.1,0.5",
+            "eval.after_training=false",
+        ],
+        cwd=tmp_path,
+        env=ftl_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    margins = [metrics(next((tmp_path / "runs" / "tiny-multirun").glob(f"objective.beta_{b}-*")))[-1]["rewards/margin"] for b in ("0.1", "0.5")]
+    margins = [
+        metrics(next((tmp_path / "runs" / "tiny-multirun").glob(f"objective.beta_{b}-*")))[-1]["rewards/margin"]
+        for b in ("0.1", "0.5")
+    ]
     assert margins[0] != 0 and margins[1] / margins[0] > 2  # beta scales the rewards
     assert "objective.beta=0.5" in out.stdout
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["objective=dpo", "data=demo"], "data.format"),
-    (["data=demo_preferences"], "objective"),
-    (["objective=dpo", "data=demo_preferences", "objective.reference=adapters_off"], "objective.reference"),
-    (["objective=dpo", "data=demo_preferences", "objective.beta=0"], "objective.beta"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["objective=dpo", "data=demo"], "data.format"),
+        (["data=demo_preferences"], "objective"),
+        (["objective=dpo", "data=demo_preferences", "objective.reference=adapters_off"], "objective.reference"),
+        (["objective=dpo", "data=demo_preferences", "objective.beta=0"], "objective.beta"),
+    ],
+)
 def test_mismatched_objective_and_data_are_refused_before_launch(overrides: list[str], field: str) -> None:
     out = ftl("plan", "recipe=tiny", *overrides, check=False)
     assert out.returncode == 2 and f"- {field}:" in out.stderr, out.stderr
@@ -163,9 +201,19 @@ def test_mismatched_objective_and_data_are_refused_before_launch(overrides: list
 def test_a_bad_pair_names_its_file_and_row(tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
-    out = ftl("train", *DPO, f"data.train_files=[{pairs}]", "data.eval_files=[]", "eval.after_training=false",
-              "train.max_steps=2", f"run.dir={tmp_path / 'run'}", check=False)  # fmt: skip
-    assert out.returncode == 2 and f"{pairs}" in out.stderr and "row 2" in out.stderr and "'rejected'" in out.stderr, out.stderr[-2000:]
+    out = ftl(
+        "train",
+        *DPO,
+        f"data.train_files=[{pairs}]",
+        "data.eval_files=[]",
+        "eval.after_training=false",
+        "train.max_steps=2",
+        f"run.dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert out.returncode == 2 and f"{pairs}" in out.stderr and "row 2" in out.stderr and "'rejected'" in out.stderr, (
+        out.stderr[-2000:]
+    )
 
 
 def test_the_planner_refuses_a_dpo_job_that_does_not_fit() -> None:

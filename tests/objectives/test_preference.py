@@ -47,12 +47,23 @@ def encoded(fmt: PreferenceFormat, n: int) -> list[dict[str, list[int]]]:
     return out
 
 
-def batch_of(examples: list[dict[str, list[int]]], seq_len: int, pad_id: int, *, alone: bool, flatten: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+def batch_of(
+    examples: list[dict[str, list[int]]], seq_len: int, pad_id: int, *, alone: bool, flatten: bool = False
+) -> tuple[dict[str, torch.Tensor], list[int]]:
     """A batch of ``examples``, packed several to a row or one per row, and the example each
     pair in the batch came from (packing groups examples by length)."""
-    groups = [[i] for i in range(len(examples))] if alone else pack_lengths([len(e["input_ids"]) for e in examples], seq_len)
+    groups = (
+        [[i] for i in range(len(examples))] if alone else pack_lengths([len(e["input_ids"]) for e in examples], seq_len)
+    )
     packs = pack_examples(examples, seq_len, alone=alone)
-    rows = [{"input_ids": p["input_ids"], "labels": p["labels"], "position_ids": [i for n in p["lengths"] for i in range(n)]} for p in packs]
+    rows = [
+        {
+            "input_ids": p["input_ids"],
+            "labels": p["labels"],
+            "position_ids": [i for n in p["lengths"] for i in range(n)],
+        }
+        for p in packs
+    ]
     return collate_packed(rows, pad_id, flatten=flatten), [i for g in groups for i in g]
 
 
@@ -69,9 +80,15 @@ def by_example(values: torch.Tensor, order: list[int]) -> torch.Tensor:
 
 
 def test_conversational_rows_label_the_completion_only(tok: Any, fmt: PreferenceFormat) -> None:
-    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
-                      {"role": "user", "content": "how do I resume?"}],
-           "chosen": "Run the same command again.", "rejected": [{"role": "assistant", "content": "Delete the run dir."}]}  # fmt: skip
+    row = {
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "how do I resume?"},
+        ],
+        "chosen": "Run the same command again.",
+        "rejected": [{"role": "assistant", "content": "Delete the run dir."}],
+    }
     (ids, labels), (rids, rlabels) = fmt.encode_pair(fmt.parse(row))
     trained = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
     assert trained.startswith("Run the same command again.") and "hello there" not in trained
@@ -81,21 +98,43 @@ def test_conversational_rows_label_the_completion_only(tok: Any, fmt: Preference
 
 
 def test_plain_rows_tokenize_prompt_and_completion_with_eos(tok: Any, fmt: PreferenceFormat) -> None:
-    (ids, labels), _ = fmt.encode_pair(fmt.parse({"prompt": "Q: what is ftl?", "chosen": " a launcher", "rejected": " a fish"}))
+    (ids, labels), _ = fmt.encode_pair(
+        fmt.parse({"prompt": "Q: what is ftl?", "chosen": " a launcher", "rejected": " a fish"})
+    )
     n_prompt = len(tok("Q: what is ftl?", add_special_tokens=True)["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tok.eos_token_id
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "q", "chosen": "a"}, "missing 'rejected'"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "use data.format=chat"),
-    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}, "ends with an assistant"),
-    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}, "assistant messages only"),
-    ({"prompt": "q", "chosen": " ", "rejected": "c"}, "empty 'chosen'"),
-    ({"prompt": [{"role": "wizard", "content": "q"}], "chosen": "b", "rejected": "c"}, "unknown role"),
-    ("not an object", "expected an object"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "chosen": "a"}, "missing 'rejected'"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "use data.format=chat",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "chosen": "b",
+                "rejected": "c",
+            },
+            "ends with an assistant",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "user", "content": "b"}],
+                "rejected": "c",
+            },
+            "assistant messages only",
+        ),
+        ({"prompt": "q", "chosen": " ", "rejected": "c"}, "empty 'chosen'"),
+        ({"prompt": [{"role": "wizard", "content": "q"}], "chosen": "b", "rejected": "c"}, "unknown role"),
+        ("not an object", "expected an object"),
+    ],
+)
 def test_bad_rows_say_what_is_wrong(fmt: PreferenceFormat, row: Any, message: str) -> None:
     with pytest.raises(RowError, match=message):
         fmt.parse(row)
@@ -120,7 +159,9 @@ def alone_logps(model: Any, example: dict[str, list[int]]) -> list[float]:
     return out
 
 
-def oracle(objective: Any, policy: list[float], reference: list[float], counts: list[int]) -> tuple[list[float], list[float], list[float]]:
+def oracle(
+    objective: Any, policy: list[float], reference: list[float], counts: list[int]
+) -> tuple[list[float], list[float], list[float]]:
     """The papers' formulas, pair by pair, in plain Python."""
     losses, chosen, rejected = [], [], []
     b, eps = objective.beta, objective.label_smoothing
@@ -144,10 +185,16 @@ def oracle(objective: Any, policy: list[float], reference: list[float], counts: 
     return losses, chosen, rejected
 
 
-@pytest.mark.parametrize("objective", [
-    DpoObjective(beta=0.1), DpoObjective(beta=0.5, label_smoothing=0.1), DpoObjective(beta=0.1, loss="ipo"),
-    SimpoObjective(beta=2.0, gamma=0.5, label_smoothing=0.05),
-], ids=["dpo", "dpo-smoothed", "ipo", "simpo"])  # fmt: skip
+@pytest.mark.parametrize(
+    "objective",
+    [
+        DpoObjective(beta=0.1),
+        DpoObjective(beta=0.5, label_smoothing=0.1),
+        DpoObjective(beta=0.1, loss="ipo"),
+        SimpoObjective(beta=2.0, gamma=0.5, label_smoothing=0.05),
+    ],
+    ids=["dpo", "dpo-smoothed", "ipo", "simpo"],
+)
 def test_losses_and_rewards_equal_an_independent_computation(tok: Any, fmt: PreferenceFormat, objective: Any) -> None:
     examples = encoded(fmt, 6)
     policy_model, reference_model = tiny(tok, "sdpa_varlen"), tiny(tok, "sdpa_varlen")
@@ -166,8 +213,11 @@ def test_losses_and_rewards_equal_an_independent_computation(tok: Any, fmt: Pref
         m.config._attn_implementation = "eager"
     want_policy = [v for e in examples for v in alone_logps(eager_policy, e)]
     want_reference = [v for e in examples for v in alone_logps(eager_reference, e)]
-    want_counts = [sum(1 for label in e["labels"][s + 1 : s + n] if label != IGNORE_INDEX)
-                   for e in examples for s, n in zip([0, e["lengths"][0]], e["lengths"])]  # fmt: skip
+    want_counts = [
+        sum(1 for label in e["labels"][s + 1 : s + n] if label != IGNORE_INDEX)
+        for e in examples
+        for s, n in zip([0, e["lengths"][0]], e["lengths"])
+    ]
     assert counts.tolist() == want_counts
     torch.testing.assert_close(policy.double(), torch.tensor(want_policy, dtype=torch.float64), rtol=1e-5, atol=1e-4)
     want = oracle(objective, want_policy, want_reference, want_counts)
@@ -225,14 +275,19 @@ def test_lora_reference_with_adapters_off_equals_a_frozen_copy(tok: Any, fmt: Pr
     assert float(F.mse_loss(policy, got)) > 0
 
 
-@pytest.mark.parametrize("objective", [DpoObjective(beta=0.1), SimpoObjective(beta=2.0, gamma=0.5)], ids=["dpo", "simpo"])
-def test_chunked_log_probs_train_the_numbers_of_the_full_logits(tok: Any, fmt: PreferenceFormat, objective: Any,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "objective", [DpoObjective(beta=0.1), SimpoObjective(beta=2.0, gamma=0.5)], ids=["dpo", "simpo"]
+)
+def test_chunked_log_probs_train_the_numbers_of_the_full_logits(
+    tok: Any, fmt: PreferenceFormat, objective: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Preference objectives compute their log-probs chunk by chunk (never the [labels, vocab]
     fp32 logits): the per-sequence log-probs, the losses and every gradient are the full logits'."""
     import launcher.train.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": 7)  # many chunks, the last one short
+    monkeypatch.setattr(
+        loss_module, "chunk_rows", lambda vocab, device_type="cpu": 7
+    )  # many chunks, the last one short
     model = tiny(tok, "sdpa_varlen")
     batch, _ = batch_of(encoded(fmt, 6), 512, tok.pad_token_id, alone=False)
     results = {}

@@ -11,8 +11,14 @@ from launcher.objectives.losses import pair_stats
 
 def test_statistics_stay_tensors_until_read_and_sum_as_their_floats() -> None:
     g = torch.Generator().manual_seed(0)
-    micro_batches = [pair_stats(torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64),
-                                torch.randn(8, generator=g, dtype=torch.float64)) for _ in range(3)]  # fmt: skip
+    micro_batches = [
+        pair_stats(
+            torch.randn(4, generator=g, dtype=torch.float64),
+            torch.randn(4, generator=g, dtype=torch.float64),
+            torch.randn(8, generator=g, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
     sums, floats = StatSums(), {}
     for stats in micro_batches:
         sums.add(stats)

@@ -29,7 +29,9 @@ from launcher.plan.report import memory_report, memory_verdict, param_count
 
 GB = 1e9  # the ZeRO paper's GB
 
-LLAMA2_7B = ArchConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32)
+LLAMA2_7B = ArchConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+)
 
 
 def cfg_of(*overrides: str):
@@ -40,7 +42,9 @@ def cfg_of(*overrides: str):
 
 
 def ftl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,10 +87,16 @@ def test_autocast_engines_keep_16_bytes_per_param_and_no_master_copy():
     assert accum.grads == pytest.approx(4 * psi / 8)
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496), ("mistral-7b", 7_241_732_096),
-    ("qwen2.5-7b", 7_615_616_512), ("smollm2-135m", 134_515_008),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("llama3-8b", 8_030_261_248),
+        ("llama3-70b", 70_553_706_496),
+        ("mistral-7b", 7_241_732_096),
+        ("qwen2.5-7b", 7_615_616_512),
+        ("smollm2-135m", 134_515_008),
+    ],
+)
 def test_param_counts_match_the_published_models(model, expected):
     arch = cfg_of("recipe=tiny", f"model={model}").model.arch
     assert param_counts(arch).total == param_count(arch) == expected
@@ -163,7 +173,9 @@ def test_the_chunked_loss_shrinks_a_large_vocabulary_s_logits_buffer():
     lay = layout_named("fsdp", 8)
     whole, chunked = estimate(w, lay), estimate(replace(w, loss="chunked"), lay)
     grads = 4 * 128_256 * 4096 + 2 * 8192 * 4096
-    assert whole.activations - chunked.activations == pytest.approx(8192 * 128_256 * 12 - (1046 * 128_256 * 8 + grads))  # 12.6 GB against 3.2 GB
+    assert whole.activations - chunked.activations == pytest.approx(
+        8192 * 128_256 * 12 - (1046 * 128_256 * 8 + grads)
+    )  # 12.6 GB against 3.2 GB
     assert "1046 of 8192 tokens" in chunked.details["activations"] and "logits/loss" in whole.details["activations"]
     cpu = estimate(replace(w, loss="chunked"), lay, on_gpu=False)
     assert "130 of 8192 tokens" in cpu.details["activations"]
@@ -202,7 +214,9 @@ def test_alternatives_prefer_the_largest_micro_batch_then_a_strategy():
 
 
 def test_hybrid_shard_shards_within_a_node():
-    cfg = cfg_of("recipe=llama3-70b-full-zero3-multinode", "strategy=fsdp", "strategy.hybrid_shard=true", "train.grad_accum=1")
+    cfg = cfg_of(
+        "recipe=llama3-70b-full-zero3-multinode", "strategy=fsdp", "strategy.hybrid_shard=true", "train.grad_accum=1"
+    )
     report = memory_report(cfg)
     psi = param_count(cfg.model.arch)
     assert report.chosen.params == pytest.approx(4 * psi / 8)  # 8 GPUs per node, not 32
@@ -255,15 +269,23 @@ def test_cpu_runs_are_estimated_but_never_refused():
 
 
 def test_verdict_for_a_model_too_big_for_anything():
-    cfg = cfg_of("recipe=llama3-70b-full-zero3-multinode", "launch.nodes=1", "launch.gpus_per_node=1",
-                 "launch.nproc_per_node=1", "launch.gpu_mem_gb=16")  # fmt: skip
+    cfg = cfg_of(
+        "recipe=llama3-70b-full-zero3-multinode",
+        "launch.nodes=1",
+        "launch.gpus_per_node=1",
+        "launch.nproc_per_node=1",
+        "launch.gpu_mem_gb=16",
+    )
     report = memory_report(cfg)
     assert not report.fits
     assert "won't fit" in memory_verdict(report)
 
 
 def test_memory_model_imports_no_torch():
-    code = "import sys, launcher.plan.report, launcher.plan.memory; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))"
+    code = (
+        "import sys, launcher.plan.report, launcher.plan.memory; "
+        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -283,8 +305,19 @@ def test_planner_validation_quick_subset():
     """Real engines on 2 gloo ranks: predicted model-state bytes per rank within 10% of what the
     processes hold (in practice within 1%). The full table: `python bench/planner_validation.py`."""
     pytest.importorskip("deepspeed")
-    cmd = [sys.executable, str(ROOT / "bench" / "planner_validation.py"), "--quick", "--precisions", "bf16",
-           "--cases", "single", "zero3", "fsdp_accum2", "--timeout", "240"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "planner_validation.py"),
+        "--quick",
+        "--precisions",
+        "bf16",
+        "--cases",
+        "single",
+        "zero3",
+        "fsdp_accum2",
+        "--timeout",
+        "240",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(out.stdout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -51,7 +51,11 @@ def test_young_daly_reproduces_the_published_intervals(save_s: float, minutes: i
     assert round(checkpoint_waste(tau, save_s, mtbf), 3) == waste
     # At the optimum both terms are equal, and any other interval loses more.
     assert save_s / tau == pytest.approx(tau / (2 * mtbf))
-    assert checkpoint_waste(0.8 * tau, save_s, mtbf) > checkpoint_waste(tau, save_s, mtbf) < checkpoint_waste(1.2 * tau, save_s, mtbf)
+    assert (
+        checkpoint_waste(0.8 * tau, save_s, mtbf)
+        > checkpoint_waste(tau, save_s, mtbf)
+        < checkpoint_waste(1.2 * tau, save_s, mtbf)
+    )
 
 
 def test_the_intervals_within_a_budget_are_where_the_waste_meets_it() -> None:
@@ -69,7 +73,14 @@ def test_the_intervals_within_a_budget_are_where_the_waste_meets_it() -> None:
 def test_405b_model_is_llama_3_1_405b() -> None:
     cfg = load_config([R405]).cfg
     a = cfg.model.arch
-    assert (a.num_layers, a.hidden_size, a.intermediate_size, a.num_heads, a.num_kv_heads, a.vocab_size) == (126, 16384, 53248, 128, 8, 128256)
+    assert (a.num_layers, a.hidden_size, a.intermediate_size, a.num_heads, a.num_kv_heads, a.vocab_size) == (
+        126,
+        16384,
+        53248,
+        128,
+        8,
+        128256,
+    )
     assert a.rope_theta == 500000.0 and not a.tie_embeddings
     assert param_counts(a).total == 405_853_388_800  # Meta's model card: 405B (405.85B with untied embeddings)
 
@@ -86,7 +97,9 @@ def test_405b_at_128_nodes_by_hand() -> None:
     n = param_counts(cfg.model.arch).total
     assert p.gpus == 1024 and p.min_global_batch == 1024 and p.tokens_per_step == 1024 * 8192  # one 8k pack per rank
     assert p.checkpoint_bytes == 12 * n  # ZeRO-3: fp32 master + two Adam moments, no gathered module
-    assert p.checkpoint_bytes / 1e12 == pytest.approx(4.87, abs=0.01) and p.checkpoint_bytes_per_gpu / 1e9 == pytest.approx(4.76, abs=0.01)
+    assert p.checkpoint_bytes / 1e12 == pytest.approx(
+        4.87, abs=0.01
+    ) and p.checkpoint_bytes_per_gpu / 1e9 == pytest.approx(4.76, abs=0.01)
     assert p.export_bytes / 1e9 == pytest.approx(812, abs=1)  # bf16
     assert p.save_s == pytest.approx(12 * n / 100e9)  # launch.io_gb_per_s=100: about 49 s
     assert p.mtbf_s / HOUR == pytest.approx(37.5)
@@ -112,7 +125,7 @@ def test_lora_charges_4_flops_per_frozen_weight() -> None:
 def test_plan_prints_the_scale_section_at_128_nodes(tmp_path) -> None:
     out = ftl("plan", R405, "launch.nodes=128", f"run.dir={tmp_path / 'run'}").stdout
     _, p = plan_at("launch.nodes=128")
-    section = out[out.index("--- scale: 128 nodes × 8 H100 = 1024 GPUs"):]
+    section = out[out.index("--- scale: 128 nodes × 8 H100 = 1024 GPUs") :]
     assert "MTBF 37.5 h for 128 node(s)" in section
     assert f"Young/Daly      every {p.optimal_every_steps} steps (60 min): 2.7% lost" in section
     assert f"every_steps={p.optimal_every_steps}" in section and "within checkpoint.max_waste=0.05" in section
@@ -124,13 +137,19 @@ def test_plan_prints_the_scale_section_at_128_nodes(tmp_path) -> None:
 
 def test_an_interval_far_too_long_is_refused_with_one_that_fits(tmp_path) -> None:
     _, p = plan_at("launch.nodes=128")
-    out = ftl("plan", R405, "launch.nodes=128", "checkpoint.every_steps=900", f"run.dir={tmp_path / 'run'}", check=False)
+    out = ftl(
+        "plan", R405, "launch.nodes=128", "checkpoint.every_steps=900", f"run.dir={tmp_path / 'run'}", check=False
+    )
     assert out.returncode == 2, out.stderr
     assert "checkpoint.every_steps: every 900 steps" in out.stderr and "over checkpoint.max_waste=0.05" in out.stderr
     assert f"use checkpoint.every_steps={p.optimal_every_steps} (Young/Daly, 2.7%)" in out.stderr
     lo, hi = p.fitting_steps
     assert f"any interval from {lo} to {hi} steps fits" in out.stderr
-    assert checkpoint_waste(hi * p.step_s, p.save_s, p.mtbf_s) <= 0.05 < checkpoint_waste((hi + 1) * p.step_s, p.save_s, p.mtbf_s)
+    assert (
+        checkpoint_waste(hi * p.step_s, p.save_s, p.mtbf_s)
+        <= 0.05
+        < checkpoint_waste((hi + 1) * p.step_s, p.save_s, p.mtbf_s)
+    )
     load_config([R405, "launch.nodes=128", f"checkpoint.every_steps={hi}"])  # the longest that fits is accepted
 
 
@@ -138,7 +157,11 @@ def test_no_interval_fits_slow_storage() -> None:
     with pytest.raises(ConfigErrors) as e:
         load_config([R405, "launch.nodes=128", "launch.io_gb_per_s=2"])  # a 41-minute save every 37.5 h: 19% at best
     (err,) = e.value.errors
-    assert err.path == "checkpoint.every_steps" and "no interval fits" in err.message and "launch.cluster.checkpoint_gb_per_s" in err.message
+    assert (
+        err.path == "checkpoint.every_steps"
+        and "no interval fits" in err.message
+        and "launch.cluster.checkpoint_gb_per_s" in err.message
+    )
 
 
 def test_saving_often_is_shown_not_refused() -> None:
@@ -193,7 +216,9 @@ def test_plan_json_holds_the_same_figures_as_the_text(tmp_path) -> None:
     assert m["chosen"]["label"] == doc["layout"]["strategy"] == "zero3" and m["fits"]
     total = re.search(r"^  total +(\S+) GiB", text, re.M)
     assert total and float(total[1]) == pytest.approx(m["chosen"]["total"] / 2**30, rel=5e-3)
-    assert [r["label"] for r in m["rows"]] == re.findall(r"^  (\S+(?: r=16 · \S+)?) +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+  (?:yes|no)", text, re.M)
+    assert [r["label"] for r in m["rows"]] == re.findall(
+        r"^  (\S+(?: r=16 · \S+)?) +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+  (?:yes|no)", text, re.M
+    )
     assert doc["summary"]["batch"] in text and doc["command"][0] in text
 
 
@@ -210,8 +235,16 @@ def written_bytes(tmp_path, strategy: str, hidden: int) -> tuple[int, int]:
     """(bytes on disk, parameters) of a one-step checkpoint of a 2-layer model ``hidden`` wide."""
     run = tmp_path / f"{strategy}-{hidden}"
     size = [f"model.arch.hidden_size={hidden}", f"model.arch.intermediate_size={2 * hidden}"]
-    ftl("train", *TINY, *size, f"strategy={strategy}", "train.max_steps=1", "checkpoint.every_steps=0",
-        "eval.after_training=false", f"run.dir={run}")  # fmt: skip
+    ftl(
+        "train",
+        *TINY,
+        *size,
+        f"strategy={strategy}",
+        "train.max_steps=1",
+        "checkpoint.every_steps=0",
+        "eval.after_training=false",
+        f"run.dir={run}",
+    )
     on_disk = sum(f.stat().st_size for f in step_dir(run, 1).rglob("*") if f.is_file())
     return on_disk, param_counts(load_config([*TINY, *size]).cfg.model.arch).total
 

@@ -84,7 +84,15 @@ distributed.destroy()
 def test_two_rank_gloo_group(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -108,8 +116,14 @@ print("returned")
 def test_a_hung_teardown_prints_stacks_and_exits() -> None:
     """destroy(): destroy_process_group under a watchdog that dumps every thread's
     stack and exits 1 instead of hanging the job (and the test suite)."""
-    done = subprocess.run([sys.executable, "-c", HUNG_TEARDOWN], cwd=ROOT, capture_output=True, text=True, timeout=50,
-                          env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", HUNG_TEARDOWN],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 1 and "returned" not in done.stdout, done.stdout + done.stderr[-3000:]
     assert "Timeout" in done.stderr and "in destroy" in done.stderr, done.stderr[-3000:]
 
@@ -149,7 +163,15 @@ def test_steps_and_io_phases_have_their_own_collective_timeouts(tmp_path: Path) 
     a rank that hangs in a step fails its peer's collective after the step timeout (2 s)."""
     script = tmp_path / "phases.py"
     script.write_text(PHASES)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert sorted(p.name for p in tmp_path.glob("phases-ok*")) == ["phases-ok0", "phases-ok1"]

@@ -101,7 +101,9 @@ def saved_at(cfg: TrainConfig, total: int, steps: int) -> tuple[dict, dict, list
     return optimizer.state_dict(), scheduler.state_dict(), [g["lr"] for g in optimizer.param_groups]
 
 
-def restored(cfg: TrainConfig, total: int, saved: tuple[dict, dict, list[float]], step: int, more: int = 0) -> list[float]:
+def restored(
+    cfg: TrainConfig, total: int, saved: tuple[dict, dict, list[float]], step: int, more: int = 0
+) -> list[float]:
     """A resume as an engine does it (build from the current config, load the checkpoint's state,
     seek), then `more` steps: the lrs the next step trains with."""
     optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
@@ -121,8 +123,11 @@ def test_a_restored_schedule_follows_the_current_config() -> None:
     lr and run length; the resumed run trains with the new ones from its first step on."""
     old = train("cosine", warmup=2)
     saved = saved_at(old, 10, 6)
-    for new, total in ((TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 10), (old, 20),
-                       (TrainConfig(lr=PEAK, schedule="linear", warmup_steps=8, min_lr_ratio=0.5), 10)):  # fmt: skip
+    for new, total in (
+        (TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 10),
+        (old, 20),
+        (TrainConfig(lr=PEAK, schedule="linear", warmup_steps=8, min_lr_ratio=0.5), 10),
+    ):
         for more in (0, 2):
             assert restored(new, total, saved, 6, more) == pytest.approx([lr_at(6 + more, new, total)] * 2, rel=1e-12)
 
@@ -148,7 +153,9 @@ def test_a_warmup_longer_than_the_run_is_clipped_with_a_notice() -> None:
     assert warmup_steps(cfg, 84) == 8 and warmup_notice(cfg, 84) is None
     assert warmup_steps(cfg, 4) == 3  # train.max_steps=4: three warmup steps, the last at the peak
     assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([PEAK / 3, 2 * PEAK / 3, PEAK, PEAK])
-    assert "train.warmup_steps=8 is not shorter than this run's 4 steps: warming up over 3 step(s)" in warmup_notice(cfg, 4)
+    assert "train.warmup_steps=8 is not shorter than this run's 4 steps: warming up over 3 step(s)" in warmup_notice(
+        cfg, 4
+    )
     assert warmup_steps(cfg, 1) == 0 and lr_at(0, cfg, 1) == pytest.approx(PEAK)
 
 
@@ -160,8 +167,14 @@ def test_shortening_the_demo_recipe_plans_with_the_notice() -> None:
 
     from launcher.paths import ROOT
 
-    proc = subprocess.run([sys.executable, "-m", "launcher", "plan", "recipe=demo", "train.max_steps=4", "run.dir=/nonexistent/ftl-plan"],
-                          cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "plan", "recipe=demo", "train.max_steps=4", "run.dir=/nonexistent/ftl-plan"],
+        cwd=ROOT,
+        env=ftl_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "warming up over 3 step(s) instead" in proc.stdout
 

@@ -36,14 +36,26 @@ FTL = [sys.executable, "-m", "launcher"]
 FAST = ["train.max_steps=4", "eval.max_batches=1", "launch.dist_timeout_s=60"]
 
 
-def run_ftl(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FTL, *args], cwd=cwd, env=env or ftl_env(), capture_output=True, text=True, timeout=timeout, check=False)
+def run_ftl(
+    *args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FTL, *args], cwd=cwd, env=env or ftl_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def spec_file(tmp_path: Path, method: str, parameters: dict, overrides: list[str], name: str = "t") -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"method": method, "metric": {"name": "eval/loss", "goal": "minimize"},
-                                    "overrides": overrides, "parameters": parameters}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": method,
+                "metric": {"name": "eval/loss", "goal": "minimize"},
+                "overrides": overrides,
+                "parameters": parameters,
+            }
+        )
+    )
     return path
 
 
@@ -58,13 +70,29 @@ def test_shipped_specs_make_configs_wandb_accepts(path):
     assert schema_violations(config) == []
     sweeps = import_sweeps()
     validated = sweeps.SweepConfig(config)  # raises on a schema violation
-    assert validated["command"] == ["${env}", "${interpreter}", "-m", "launcher", "train", *spec.overrides, "${args_no_hyphens}"]
+    assert validated["command"] == [
+        "${env}",
+        "${interpreter}",
+        "-m",
+        "launcher",
+        "train",
+        *spec.overrides,
+        "${args_no_hyphens}",
+    ]
     assert set(validated["parameters"]) == set(spec.parameters)
 
 
 def test_create_writes_the_config_and_says_how_to_run_it_offline(tmp_path):
     env = {k: v for k, v in ftl_env().items() if k != "WANDB_API_KEY"}
-    out = run_ftl("sweep", "create", "lr", "--out", str(tmp_path / "s.yaml"), cwd=tmp_path, env={**env, "NETRC": str(tmp_path / "none")})
+    out = run_ftl(
+        "sweep",
+        "create",
+        "lr",
+        "--out",
+        str(tmp_path / "s.yaml"),
+        cwd=tmp_path,
+        env={**env, "NETRC": str(tmp_path / "none")},
+    )
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load((tmp_path / "s.yaml").read_text())
     assert config["method"] == "bayes" and config["command"][-1] == "${args_no_hyphens}"
@@ -76,19 +104,32 @@ def test_create_writes_the_config_and_says_how_to_run_it_offline(tmp_path):
 
 def test_bad_spec_exits_2_naming_every_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: nope\nmetric: {name: eval/loss, goal: up}\nfoo: 1\n"
-                   "parameters:\n  train.lr: {min: 1, max: 0, distribution: log_uniform_values}\n  train.seed: {values: []}\n")  # fmt: skip
+    bad.write_text(
+        "method: nope\nmetric: {name: eval/loss, goal: up}\nfoo: 1\n"
+        "parameters:\n  train.lr: {min: 1, max: 0, distribution: log_uniform_values}\n  train.seed: {values: []}\n"
+    )
     out = run_ftl("sweep", "create", str(bad), cwd=tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
-    for needle in ("- foo: unknown sweep field", "- method: got 'nope'", "- metric.goal: got 'up'",
-                   "- parameters.train.lr: log_uniform_values needs numbers min < max", "- parameters.train.seed.values"):  # fmt: skip
+    for needle in (
+        "- foo: unknown sweep field",
+        "- method: got 'nope'",
+        "- metric.goal: got 'up'",
+        "- parameters.train.lr: log_uniform_values needs numbers min < max",
+        "- parameters.train.seed.values",
+    ):
         assert needle in out.stderr, needle
     # ftl's own validation of the trials it would run: unknown keys, bad values
-    bad.write_text("metric: {name: eval/loss}\noverrides: [recipe=tiny, wandb.mode=auto]\nparameters:\n  train.lrr: {values: [1]}\n")
+    bad.write_text(
+        "metric: {name: eval/loss}\noverrides: [recipe=tiny, wandb.mode=auto]\nparameters:\n  train.lrr: {values: [1]}\n"
+    )
     out = run_ftl("sweep", "create", str(bad), cwd=tmp_path)
-    assert out.returncode == 2 and "- parameters.train.lrr: unknown key; did you mean train.lr" in out.stderr, out.stderr
+    assert out.returncode == 2 and "- parameters.train.lrr: unknown key; did you mean train.lr" in out.stderr, (
+        out.stderr
+    )
     out = run_ftl("sweep", "create", "lr", "wandb.mode=disabled", cwd=tmp_path)
-    assert out.returncode == 2 and "- wandb.mode: disabled: a W&B sweep's trials must report to W&B" in out.stderr, out.stderr
+    assert out.returncode == 2 and "- wandb.mode: disabled: a W&B sweep's trials must report to W&B" in out.stderr, (
+        out.stderr
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -112,7 +153,11 @@ def test_agent_expansion_of_drawn_trials_is_accepted_by_ftl_plan(tmp_path):
 
 
 def test_a_trial_composes_its_parameters_into_a_run_dir_named_by_its_run_id(tmp_path):
-    env = {"WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": "r1", "FTL_SWEEP_OVERRIDES": json.dumps(["strategy=ddp", "launch.nproc_per_node=2"])}
+    env = {
+        "WANDB_SWEEP_ID": "sw1",
+        "WANDB_RUN_ID": "r1",
+        "FTL_SWEEP_OVERRIDES": json.dumps(["strategy=ddp", "launch.nproc_per_node=2"]),
+    }
     trial = sweep_trial(["recipe=tiny", f"run.dir={hydra_quote(str(tmp_path / 'x y'))}", "train.lr=0.01"], env)
     assert trial is not None and trial.run_id == "r1" and trial.backend == "local"
     assert trial.run_dir == tmp_path / "x y-sweep-sw1" / "r1"
@@ -139,16 +184,22 @@ def test_sweep_job_script_renders_and_parses(tmp_path, offline):
 
     cfg = load_config(["recipe=tiny", "launch=slurm", "launch.nodes=2", "strategy=ddp"]).cfg
     hostile = "ent/proj/a b'c\";$(touch CANARY)"
-    text = render_sweep_script(cfg, tmp_path / "sweep", hostile, ["launch=slurm", "x='y z'"], offline, "/venv/bin/python", tmp_path)
+    text = render_sweep_script(
+        cfg, tmp_path / "sweep", hostile, ["launch=slurm", "x='y z'"], offline, "/venv/bin/python", tmp_path
+    )
     path = tmp_path / "sweep.sbatch"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True, check=False).returncode == 0
     assert "#SBATCH --nodes=2\n" in text and "#SBATCH --requeue\n" in text and "#SBATCH --signal=B:USR1@120\n" in text
     assert ('"$python" -m wandb agent --count 1' in text) != offline and ('cp -- "$1"' in text) == offline
     assert 'exec "$python" -m launcher.sweep replay "$FTL_SWEEP_JOB"' in text
-    assert not [line for line in text.splitlines() if line.lstrip().startswith("srun")], "the trial's own job.sbatch runs srun"
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("srun")], (
+        "the trial's own job.sbatch runs srun"
+    )
     (export,) = [line for line in text.splitlines() if line.startswith("export FTL_SWEEP_OVERRIDES=")]
-    shown = subprocess.run(["bash", "-c", export + '; printf %s "$FTL_SWEEP_OVERRIDES"'], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        ["bash", "-c", export + '; printf %s "$FTL_SWEEP_OVERRIDES"'], capture_output=True, text=True, check=True
+    ).stdout
     assert json.loads(shown) == ["launch=slurm", "x='y z'"]
 
 
@@ -171,16 +222,26 @@ def test_multirun_two_trials_write_two_run_dirs_and_a_table(tmp_path):
 
 def test_a_trial_dir_is_named_by_its_overrides_sanitised_bounded_and_hashed(tmp_path):
     fixed = ["recipe=tiny"]
-    hostile = ["data.train_files=[\"a'; echo x/../y\"]", "+launch.env.HF_TOKEN=hf_abcdefgh12345678", "train.lr=" + "9" * 200]
+    hostile = [
+        'data.train_files=["a\'; echo x/../y"]',
+        "+launch.env.HF_TOKEN=hf_abcdefgh12345678",
+        "train.lr=" + "9" * 200,
+    ]
     name = trial_dir_name([*fixed, *hostile], hostile)
-    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,80}-[0-9a-f]{10}", name) and "hf_abcdefgh" not in name and "/" not in name, name
+    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,80}-[0-9a-f]{10}", name) and "hf_abcdefgh" not in name and "/" not in name, (
+        name
+    )
     assert trial_dir_name([*fixed, "train.lr=0.001"], ["train.lr=0.001"]).startswith("train.lr_0.001-")
-    names = {trial_dir_name(t, t[1:]) for t in (["recipe=tiny", "a=1"], ["recipe=tiny", "a=2"], ["recipe=other", "a=1"])}
+    names = {
+        trial_dir_name(t, t[1:]) for t in (["recipe=tiny", "a=1"], ["recipe=tiny", "a=2"], ["recipe=other", "a=1"])
+    }
     assert len(names) == 3  # other values, or other fixed overrides: another dir
     # swept alone (a=1) or beside other values (a=1,2): the same trial finds the same dir
     (tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])).mkdir()
     assert trial_dir(tmp_path, ["recipe=tiny", "a=1"], ["a=1"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=1"], [])
-    assert trial_dir(tmp_path, ["recipe=tiny", "a=2"], ["a=2"]) == tmp_path / trial_dir_name(["recipe=tiny", "a=2"], ["a=2"])
+    assert trial_dir(tmp_path, ["recipe=tiny", "a=2"], ["a=2"]) == tmp_path / trial_dir_name(
+        ["recipe=tiny", "a=2"], ["a=2"]
+    )
 
 
 ROW = re.compile(r"^\s+(\d)\s+(\d+)\s+eval/loss=(\d+\.\d+)\s+(\d+\.\d+)\s.*train\.lr=(\S+)$", re.MULTILINE)
@@ -191,14 +252,20 @@ def first_sweep(tmp_path_factory):
     """`ftl train -m RECIPE train.lr=0.001` with a recipe file of 2 steps: one trial, complete."""
     work = tmp_path_factory.mktemp("sweeps")
     recipe = work / "mine.yaml"
-    recipe.write_text((Path(__file__).parents[2] / "recipes" / "tiny.yaml").read_text().replace("max_steps: 20", "max_steps: 2"))
-    out = run_ftl("train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", "train.lr=1e-3", cwd=work)
+    recipe.write_text(
+        (Path(__file__).parents[2] / "recipes" / "tiny.yaml").read_text().replace("max_steps: 20", "max_steps: 2")
+    )
+    out = run_ftl(
+        "train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", "train.lr=1e-3", cwd=work
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return work, recipe
 
 
 def sweep_again(work: Path, recipe: Path, lrs: str) -> subprocess.CompletedProcess[str]:
-    return run_ftl("train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", f"train.lr={lrs}", cwd=work)
+    return run_ftl(
+        "train", "-m", str(recipe), "eval.max_batches=1", "launch.dist_timeout_s=60", f"train.lr={lrs}", cwd=work
+    )
 
 
 def test_a_sweep_with_other_values_runs_its_own_trials_and_reports_only_them(first_sweep):
@@ -208,7 +275,10 @@ def test_a_sweep_with_other_values_runs_its_own_trials_and_reports_only_them(fir
     out = sweep_again(work, recipe, "2e-3,1e-3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("is complete: step 2 of 2") == 1  # lr 0.001's own trial, run with these very settings
-    dirs = {yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"]: d for d in (work / "runs" / "mine-multirun").iterdir()}
+    dirs = {
+        yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"]: d
+        for d in (work / "runs" / "mine-multirun").iterdir()
+    }
     assert sorted(dirs) == [0.001, 0.002] and len(list((work / "runs" / "mine-multirun").iterdir())) == 2
     rows = ROW.findall(out.stdout)
     assert [(r[0], r[1], r[4]) for r in rows] == [("0", "0", "0.002"), ("1", "0", "0.001")], out.stdout
@@ -228,7 +298,9 @@ def test_a_trial_dir_holding_other_settings_is_refused_before_anything_runs(firs
     finally:
         recipe.write_text(text)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert re.search(r"trial 0 \(train\.lr=0\.001\) in \S*mine-multirun/[0-9a-f]{10} holds a run with other settings", out.stderr), out.stderr
+    assert re.search(
+        r"trial 0 \(train\.lr=0\.001\) in \S*mine-multirun/[0-9a-f]{10} holds a run with other settings", out.stderr
+    ), out.stderr
     assert "train.max_steps: 2 -> 3" in out.stderr and "Nothing was run" in out.stderr
     assert "best:" not in out.stdout and "eval/loss=" not in out.stdout
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*") if p.is_file()} == before
@@ -244,19 +316,32 @@ def test_an_optuna_study_started_in_the_same_second_gets_a_dir_of_its_own(tmp_pa
 
 
 def test_optuna_two_trials_on_the_tiny_model(tmp_path):
-    spec = spec_file(tmp_path, "bayes", {"train.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
-                                         "train.warmup_steps": {"values": [0, 2]}}, ["recipe=tiny", "wandb.mode=disabled"])  # fmt: skip
+    spec = spec_file(
+        tmp_path,
+        "bayes",
+        {
+            "train.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
+            "train.warmup_steps": {"values": [0, 2]},
+        },
+        ["recipe=tiny", "wandb.mode=disabled"],
+    )
     out = run_ftl("sweep", "optuna", str(spec), "count=2", "seed=3", *FAST, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (study,) = (tmp_path / "runs").glob("tiny-optuna-t-*")
     assert sorted(p.name for p in study.iterdir() if p.is_dir()) == ["0", "1"]
     results = yaml.safe_load((study / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"train.lr", "train.warmup_steps"}
-    rows = re.findall(r"^\s+(\d)\s+0\s+eval/loss=(\d+\.\d+)\s.*train\.lr=(\S+) train\.warmup_steps=(\d)$", out.stdout, re.MULTILINE)
+    rows = re.findall(
+        r"^\s+(\d)\s+0\s+eval/loss=(\d+\.\d+)\s.*train\.lr=(\S+) train\.warmup_steps=(\d)$", out.stdout, re.MULTILINE
+    )
     assert len(rows) == 2, out.stdout
     for i, _, lr, warmup in rows:
         cfg = yaml.safe_load((study / i / "config.yaml").read_text())
-        assert cfg["train"]["lr"] == float(lr) and 1e-3 <= float(lr) <= 1e-2 and cfg["train"]["warmup_steps"] == int(warmup)
+        assert (
+            cfg["train"]["lr"] == float(lr)
+            and 1e-3 <= float(lr) <= 1e-2
+            and cfg["train"]["warmup_steps"] == int(warmup)
+        )
     assert min(float(r[1]) for r in rows) == pytest.approx(results["best_value"], abs=1e-4)
 
 
@@ -277,14 +362,33 @@ def test_two_trial_slurm_submission_runs_both_and_a_requeued_trial_keeps_its_run
     the job requeues, replays its recorded trial and resumes the same run dir and W&B run id.
     (The trials are drawn by W&B's search engine, not by a W&B server: see the module docstring.)"""
     spec = spec_file(tmp_path, "grid", {"train.lr": {"values": [0.001, 0.003]}}, ["recipe=tiny", "wandb.mode=offline"])
-    out = cluster.run(*FTL, "sweep", "agent", "--offline", str(spec), "count=2", "launch=slurm", "train.device=cpu", "launch.nodes=2", "strategy=ddp",
-                      "train.max_steps=30", "checkpoint.every_steps=5", "eval.max_batches=1", cwd=tmp_path, timeout=120)  # fmt: skip
+    out = cluster.run(
+        *FTL,
+        "sweep",
+        "agent",
+        "--offline",
+        str(spec),
+        "count=2",
+        "launch=slurm",
+        "train.device=cpu",
+        "launch.nodes=2",
+        "strategy=ddp",
+        "train.max_steps=30",
+        "checkpoint.every_steps=5",
+        "eval.max_batches=1",
+        cwd=tmp_path,
+        timeout=120,
+    )
     jobs = out.stdout.split()
     assert len(jobs) == 2 and all(j.isdigit() for j in jobs), out.stdout + out.stderr
-    (sweep_dir,) = (tmp_path / "runs").glob("tiny-slurm-sweep-offline-*")  # a SLURM run's default dir: runs/<name>-slurm
+    (sweep_dir,) = (tmp_path / "runs").glob(
+        "tiny-slurm-sweep-offline-*"
+    )  # a SLURM run's default dir: runs/<name>-slurm
     record = sweep_dir / "jobs" / f"{jobs[0]}.json"
     deadline = time.monotonic() + 120
-    while not (record.is_file() and list(Path(json.loads(record.read_text())["run_dir"]).glob("checkpoints/step-1[05]"))):
+    while not (
+        record.is_file() and list(Path(json.loads(record.read_text())["run_dir"]).glob("checkpoints/step-1[05]"))
+    ):
         job = cluster.job(jobs[0])
         assert job.state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, job.state
         time.sleep(0.2)
@@ -302,13 +406,20 @@ def test_two_trial_slurm_submission_runs_both_and_a_requeued_trial_keeps_its_run
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         lrs.append(cfg["train"]["lr"])
         assert f"train.lr={cfg['train']['lr']}" in trial["argv"] and cfg["launch"]["nodes"] == 2
-        assert (run_dir / "checkpoints" / "step-30").is_dir() and json.loads((run_dir / "eval.json").read_text())["after"]["loss"] > 0
+        assert (run_dir / "checkpoints" / "step-30").is_dir() and json.loads((run_dir / "eval.json").read_text())[
+            "after"
+        ]["loss"] > 0
         for node in (0, 1):
-            assert f"ftl: node {node} on n{node + 1}, job {job_id}" in (run_dir / "logs" / f"node-{node}.log").read_text()
+            assert (
+                f"ftl: node {node} on n{node + 1}, job {job_id}" in (run_dir / "logs" / f"node-{node}.log").read_text()
+            )
         assert len(wandb_offline_attempts(run_dir, run_id)) == (2 if job_id == jobs[0] else 1)
     assert sorted(lrs) == [0.001, 0.003]
     assert json.loads(record.read_text()) == first, "the requeued job ran the recorded trial, not a new one"
     node_log = " ".join((Path(first["run_dir"]) / "logs" / "node-0.log").read_text().split())
-    stopped, resumed = re.search(r"stopped by SIGTERM at step (\d+)", node_log), re.search(r"resuming from .*? \(step (\d+)\)", node_log)
+    stopped, resumed = (
+        re.search(r"stopped by SIGTERM at step (\d+)", node_log),
+        re.search(r"resuming from .*? \(step (\d+)\)", node_log),
+    )
     assert stopped and resumed and stopped.group(1) == resumed.group(1), node_log
     assert "requeueing job" in logs and "(restart 1): trial" in logs

@@ -14,6 +14,8 @@ import torch
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.engines import build_engine
 from launcher.engines.single import SingleEngine
+from launcher.runtime.distributed import DistInfo
+from launcher.runtime.schedule import lr_at
 from launcher.train.checkpoint import (
     MARKER,
     TrainerState,
@@ -24,8 +26,6 @@ from launcher.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from launcher.runtime.distributed import DistInfo
-from launcher.runtime.schedule import lr_at
 
 DIST = DistInfo()
 
@@ -33,7 +33,9 @@ DIST = DistInfo()
 def make_engine(seed: int = 0) -> SingleEngine:
     torch.manual_seed(seed)
     cfg = FtlConfig(train=TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32"))
-    engine = build_engine(cfg, torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), DIST, torch.device("cpu"))
+    engine = build_engine(
+        cfg, torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), DIST, torch.device("cpu")
+    )
     engine.setup(total_steps=10)
     assert isinstance(engine, SingleEngine)
     return engine
@@ -53,7 +55,12 @@ def test_save_is_complete_and_leaves_no_tmp(tmp_path: Path) -> None:
     path = save(tmp_path, make_engine(), 3)
     assert path == checkpoints_dir(tmp_path) / "step-3"
     assert json.loads((path / MARKER).read_text())["step"] == 3
-    assert {p.name for p in path.iterdir()} >= {"model.safetensors", "engine_state.pt", "trainer_state.json", "rng-rank0.pt"}
+    assert {p.name for p in path.iterdir()} >= {
+        "model.safetensors",
+        "engine_state.pt",
+        "trainer_state.json",
+        "rng-rank0.pt",
+    }
     assert [p.name for p in checkpoints_dir(tmp_path).iterdir()] == ["step-3"]
 
 
@@ -143,7 +150,9 @@ def test_round_trip_restores_engine_state_and_rng(tmp_path: Path) -> None:
 
 def test_position_rescaled_when_world_size_changes(tmp_path: Path) -> None:
     engine = make_engine()
-    path = save_checkpoint(tmp_path, TrainerState(step=4, epoch=0, epoch_position=10, world_size=1), engine, DIST, keep=1)
+    path = save_checkpoint(
+        tmp_path, TrainerState(step=4, epoch=0, epoch_position=10, world_size=1), engine, DIST, keep=1
+    )
     state = load_checkpoint(path, engine, DistInfo(rank=0, world_size=2, local_world_size=2))
     assert (state.epoch_position, state.world_size) == (5, 2)
 

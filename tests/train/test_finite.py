@@ -21,7 +21,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def diverging(run_dir: Path) -> list[str]:
     """A learning rate of 1e30: step 1 is finite (its loss is taken before any update), step 2 is NaN."""
-    return ["train", *TINY, "train.lr=1e30", "train.max_steps=6", "checkpoint.every_steps=1", "eval.after_training=false", f"run.dir={run_dir}"]
+    return [
+        "train",
+        *TINY,
+        "train.lr=1e30",
+        "train.max_steps=6",
+        "checkpoint.every_steps=1",
+        "eval.after_training=false",
+        f"run.dir={run_dir}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +40,16 @@ def diverged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return run_dir, proc.stderr
 
 
-def test_a_nan_loss_stops_every_rank_at_that_step_with_exit_1_and_saves_nothing_of_it(diverged: tuple[Path, str]) -> None:
+def test_a_nan_loss_stops_every_rank_at_that_step_with_exit_1_and_saves_nothing_of_it(
+    diverged: tuple[Path, str],
+) -> None:
     run_dir, err = diverged
     lines = [line for line in err.splitlines() if "training diverged" in line]
-    assert lines == [f"ftl: training diverged at step 2 (loss nan, grad_norm nan); stopped without saving that state; the last good "
-                     f"checkpoint, {step_dir(run_dir, 1)}, stays the resume point. Lower train.lr or raise train.warmup_steps, "
-                     "or check the objective's settings (objective.beta) and the data"], err[-3000:]  # fmt: skip  (once: rank 0 says it, both ranks stop)
+    assert lines == [
+        f"ftl: training diverged at step 2 (loss nan, grad_norm nan); stopped without saving that state; the last good "
+        f"checkpoint, {step_dir(run_dir, 1)}, stays the resume point. Lower train.lr or raise train.warmup_steps, "
+        "or check the objective's settings (objective.beta) and the data"
+    ], err[-3000:]  # once: rank 0 says it, both ranks stop
     assert "interrupted" not in err and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1"]
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2] and math.isnan(metrics(run_dir)[-1]["loss"])
 
@@ -54,13 +66,18 @@ def plant_nan(ckpt: Path) -> str:
     state[name][0] = float("nan")
     save_file(state, str(weights), metadata={"format": "pt"})
     marker = json.loads((ckpt / "COMPLETE").read_text())
-    marker["files"]["model.safetensors"], marker["sha256"]["model.safetensors"] = weights.stat().st_size, file_hash(weights)
+    marker["files"]["model.safetensors"], marker["sha256"]["model.safetensors"] = (
+        weights.stat().st_size,
+        file_hash(weights),
+    )
     (ckpt / "COMPLETE").write_text(json.dumps(marker))
     assert not bool(torch.isfinite(load_file(str(weights))[name]).all())
     return name
 
 
-def test_a_checkpoint_with_non_finite_weights_is_refused_by_resume_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_resume_and_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     ftl(*diverging(run_dir), "train.lr=3e-3", "train.max_steps=1")
     ckpt = step_dir(run_dir, 1)
@@ -74,7 +91,9 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_resume_and_export(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_micro_batch_larger_than_the_data_is_refused_before_the_first_step(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_micro_batch_larger_than_the_data_is_refused_before_the_first_step(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     from test_trainer_tiny import tiny_config
 
     from launcher.train.entry import train
@@ -83,5 +102,8 @@ def test_a_micro_batch_larger_than_the_data_is_refused_before_the_first_step(tmp
     cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=1000))
     assert train(cfg) == 2
     err = capfd.readouterr().err
-    assert "train.micro_batch_size: 1000 is larger than the training data: 320 examples give each of 1 rank(s) 320; allowed: 1 to 320" in err
+    assert (
+        "train.micro_batch_size: 1000 is larger than the training data: 320 examples give each of 1 rank(s) 320; allowed: 1 to 320"
+        in err
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()

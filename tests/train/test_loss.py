@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.data.types import IGNORE_INDEX
 import launcher.train.loss as loss_module
+from launcher.data.types import IGNORE_INDEX
 from launcher.train.loss import (
     ChunkShape,
     chunked_head_loss,
@@ -49,19 +49,38 @@ def batch() -> dict[str, torch.Tensor]:
 
 def full_logits_loss(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=b["input_ids"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        b["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
-@pytest.mark.parametrize("impl, rows, block", [("logits", None, None), ("chunked", None, None), ("chunked", 1, None), ("chunked", 7, None),
-                                               ("chunked", 1000, None), ("chunked", 7, 100), ("chunked-cuda", None, None),
-                                               ("chunked-cuda", 7, None)])  # fmt: skip
-def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, rows: Any, block: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "impl, rows, block",
+    [
+        ("logits", None, None),
+        ("chunked", None, None),
+        ("chunked", 1, None),
+        ("chunked", 7, None),
+        ("chunked", 1000, None),
+        ("chunked", 7, 100),
+        ("chunked-cuda", None, None),
+        ("chunked-cuda", 7, None),
+    ],
+)
+def test_loss_and_gradients_equal_the_full_logits_loss(
+    model: Any, impl: str, rows: Any, block: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if impl == "chunked-cuda":  # the CUDA chunking (large chunks, one fp32 weight-gradient matmul each) run here
         monkeypatch.setattr(loss_module, "chunked_head_loss", functools.partial(chunked_head_loss, shape="cuda"))
         impl = "chunked"
     if rows is not None:  # the tiny vocabulary fits one chunk by default: force several (or one row each)
         monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": rows)
-    if block is not None:  # and one block of the head's weight gradient: force several, the last one short (512 = 5 × 100 + 12)
+    if (
+        block is not None
+    ):  # and one block of the head's weight gradient: force several, the last one short (512 = 5 × 100 + 12)
         monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", block)
     b = batch()
     model.train()
@@ -72,7 +91,9 @@ def test_loss_and_gradients_equal_the_full_logits_loss(model: Any, impl: str, ro
     got = next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl)
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
-    for p, w in zip(model.parameters(), want_grads):  # to 1e-5 of each gradient's largest entry (summation order differs)
+    for p, w in zip(
+        model.parameters(), want_grads
+    ):  # to 1e-5 of each gradient's largest entry (summation order differs)
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
 
 
@@ -156,14 +177,22 @@ def test_cuda_chunks_are_thousands_of_rows_with_one_fp32_head_gradient_matmul_ea
 
 
 @pytest.mark.parametrize("shape", ["cpu", "cuda"])
-def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(model: Any, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_loss_under_bf16_autocast_matches_the_logits_path_to_bf16_rounding(
+    model: Any, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(loss_module, "chunked_head_loss", functools.partial(chunked_head_loss, shape=shape))
     monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type="cpu": 16)
     monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCK", 100)  # bf16 blocks added into the fp32 weight gradient
     b, results = batch(), {}
     for impl in ("logits", "chunked"):
         model.zero_grad()
-        loss = next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+        loss = next_token_loss(
+            model,
+            {"input_ids": b["input_ids"]},
+            b["labels"],
+            impl=impl,
+            autocast=torch.autocast("cpu", dtype=torch.bfloat16),
+        )
         loss.backward()
         assert loss.dtype == torch.float32
         results[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
@@ -186,7 +215,12 @@ def test_chunked_head_with_a_bias_a_frozen_weight_and_no_grad() -> None:
     frozen = weight.detach()  # LoRA: the head is frozen, no [vocab, hidden] gradient is made
     got = chunked_head_loss(hidden, frozen, None, targets, rows=4)
     (g_hidden,) = torch.autograd.grad(got, (hidden,))
-    torch.testing.assert_close(g_hidden, torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ frozen.t(), targets, reduction="sum"), hidden)[0])
+    torch.testing.assert_close(
+        g_hidden,
+        torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ frozen.t(), targets, reduction="sum"), hidden)[
+            0
+        ],
+    )
     with torch.no_grad():
         loss = chunked_head_loss(hidden, weight, bias, targets, rows=4)
     assert not loss.requires_grad
@@ -211,7 +245,9 @@ def test_chunked_token_logps_and_their_gradients_equal_the_logits_path(shape: st
     for g_got, g_want in zip(torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias)), want_grads):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
     frozen = weight.detach()
-    (g_hidden,) = torch.autograd.grad((chunked_token_logps(hidden, frozen, None, targets, rows=4, shape=shape) * upstream).sum(), (hidden,))
+    (g_hidden,) = torch.autograd.grad(
+        (chunked_token_logps(hidden, frozen, None, targets, rows=4, shape=shape) * upstream).sum(), (hidden,)
+    )
     want_frozen = -F.cross_entropy(hidden @ frozen.t(), targets, reduction="none")
     torch.testing.assert_close(g_hidden, torch.autograd.grad((want_frozen * upstream).sum(), hidden)[0])
     with torch.no_grad():
@@ -226,7 +262,7 @@ def test_next_token_logps_chunked_equal_the_logits_path(model: Any, monkeypatch:
     upstream = torch.randn(count_label_tokens(b["labels"]), generator=torch.Generator().manual_seed(3))
     results = {}
     for chunked in (False, True):
-        monkeypatch.setattr(loss_module, "fused_head_ok", lambda m: chunked)
+        monkeypatch.setattr(loss_module, "fused_head_ok", lambda m, chunked=chunked: chunked)
         model.zero_grad()
         logps = next_token_logps(model, {"input_ids": b["input_ids"]}, b["labels"])
         (logps * upstream).sum().backward()
@@ -251,8 +287,12 @@ def test_label_positions_select_what_the_mask_did_and_the_loss_needs_no_data_dep
             self.data_dependent = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            bool_index = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
-            self.data_dependent += func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default) or bool_index
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]
+            )
+            self.data_dependent += (
+                func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default) or bool_index
+            )
             return func(*args, **(kwargs or {}))
 
     model = tiny(AutoTokenizer.from_pretrained(asset("tiny-tokenizer")), "sdpa")  # padded batches: no split of packs
@@ -263,7 +303,9 @@ def test_label_positions_select_what_the_mask_did_and_the_loss_needs_no_data_dep
     torch.testing.assert_close(hidden.flatten(0, 1)[positions], hidden[:, :-1][keep])
     for impl in ("chunked", "logits"):
         with Ops() as given:
-            next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl, positions=positions).backward()
+            next_token_loss(
+                model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl, positions=positions
+            ).backward()
         with Ops() as made:
             next_token_loss(model, {"input_ids": b["input_ids"]}, b["labels"], impl=impl).backward()
         assert given.data_dependent == 0 and made.data_dependent == 1, (impl, given.data_dependent, made.data_dependent)
@@ -272,7 +314,14 @@ def test_label_positions_select_what_the_mask_did_and_the_loss_needs_no_data_dep
 def test_families_that_transform_their_logits_keep_the_logits_path() -> None:
     from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
-    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    small = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     gemma = Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=30.0))
     granite = GraniteForCausalLM(GraniteConfig(**small, logits_scaling=8.0))
     assert not fused_head_ok(gemma) and not fused_head_ok(granite)
@@ -282,7 +331,9 @@ def test_families_that_transform_their_logits_keep_the_logits_path() -> None:
     for m in (gemma, granite):  # still the right loss, through the logits
         with torch.no_grad():
             logits = m(input_ids=ids).logits
-            want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum")
+            want = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum"
+            )
             torch.testing.assert_close(next_token_loss(m, {"input_ids": ids}, labels), want)
 
 
@@ -293,7 +344,9 @@ def test_a_lora_adapted_head_keeps_the_logits_path(model: Any) -> None:
     assert not fused_head_ok(peft)
     b = batch()
     with torch.no_grad():
-        torch.testing.assert_close(next_token_loss(peft, {"input_ids": b["input_ids"]}, b["labels"]), full_logits_loss(peft, b))
+        torch.testing.assert_close(
+            next_token_loss(peft, {"input_ids": b["input_ids"]}, b["labels"]), full_logits_loss(peft, b)
+        )
 
 
 @pytest.mark.gpu
@@ -305,8 +358,11 @@ def test_liger_fused_loss_equals_the_logits_loss_on_cuda() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                         num_attention_heads=4)).cuda()  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4
+        )
+    ).cuda()
     ids = torch.randint(0, 32000, (2, 128), device="cuda")
     labels = ids.clone()
     labels[:, :30] = IGNORE_INDEX
@@ -384,7 +440,9 @@ def test_the_head_is_found_through_wrappers(model: Any) -> None:
     assert output_layer(Wrapper(peft)) is head
     b = batch()
     with torch.no_grad():
-        torch.testing.assert_close(next_token_loss(Wrapper(peft), {"input_ids": b["input_ids"]}, b["labels"]), full_logits_loss(peft, b))
+        torch.testing.assert_close(
+            next_token_loss(Wrapper(peft), {"input_ids": b["input_ids"]}, b["labels"]), full_logits_loss(peft, b)
+        )
 
 
 def test_a_model_without_an_output_layer_is_refused() -> None:

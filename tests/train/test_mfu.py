@@ -17,12 +17,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA B200", 2.25e15), ("NVIDIA GB200", 2.5e15), ("NVIDIA H800", 989e12), ("NVIDIA H800 PCIe", 756e12),
-    ("NVIDIA A10", None), ("NVIDIA GH200 480GB", None), ("Tesla V100-SXM2-16GB", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA B200", 2.25e15),
+        ("NVIDIA GB200", 2.5e15),
+        ("NVIDIA H800", 989e12),
+        ("NVIDIA H800 PCIe", 756e12),
+        ("NVIDIA A10", None),
+        ("NVIDIA GH200 480GB", None),
+        ("Tesla V100-SXM2-16GB", None),
+    ],
+)
 def test_gpu_names_match_whole_words(name: str, peak: float | None) -> None:
     assert peak_for_name(name) == peak
 

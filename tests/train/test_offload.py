@@ -24,15 +24,25 @@ def test_a_cpu_rank_refuses_activation_offloading_before_training(tmp_path) -> N
     out = ftl("train", *TINY, "strategy.activation_offloading=true", f"run.dir={tmp_path / 'run'}", check=False)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "strategy.activation_offloading: needs a CUDA GPU" in out.stdout + out.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+    assert (
+        not (tmp_path / "run" / "metrics.jsonl").exists()
+        or not (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+    )
 
 
 def llama(layers: int = 4, hidden: int = 64, vocab: int = 256, device: str = "cpu") -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).to(device)
 
 
@@ -43,7 +53,9 @@ def batch(vocab: int, rows: int, width: int, device: str = "cpu") -> tuple[dict[
     return {"input_ids": ids}, labels
 
 
-def loss_and_grads(model: Any, context: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def loss_and_grads(
+    model: Any, context: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     with context:
         loss = next_token_loss(model, inputs, labels)
@@ -152,4 +164,6 @@ def test_offloaded_activations_train_the_same_numbers_in_less_gpu_memory() -> No
     torch.testing.assert_close(results[True][0], results[False][0])  # GPU kernels need not repeat bit for bit
     for got, want in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(got, want)
-    assert results[True][2] < 0.6 * results[False][2], f"peak {results[True][2] / 2**20:.0f} MiB vs {results[False][2] / 2**20:.0f} MiB"
+    assert results[True][2] < 0.6 * results[False][2], (
+        f"peak {results[True][2] / 2**20:.0f} MiB vs {results[False][2] / 2**20:.0f} MiB"
+    )

@@ -56,7 +56,15 @@ def test_a_checkpoint_records_the_batches_trained_on_not_those_read_ahead(tmp_pa
     """5 steps × micro-batch 4 × grad_accum 2: the step-5 checkpoint is at sample 40 of the epoch,
     though the prefetch thread has read further."""
     run = tmp_path / "run"
-    ftl("train", *TINY, "train.max_steps=6", "train.micro_batch_size=4", "train.grad_accum=2", "checkpoint.every_steps=5",
-        "eval.after_training=false", f"run.dir={run}")  # fmt: skip
+    ftl(
+        "train",
+        *TINY,
+        "train.max_steps=6",
+        "train.micro_batch_size=4",
+        "train.grad_accum=2",
+        "checkpoint.every_steps=5",
+        "eval.after_training=false",
+        f"run.dir={run}",
+    )
     state = json.loads((step_dir(run, 5) / TRAINER_STATE).read_text())
     assert (state["epoch"], state["epoch_position"]) == (0, 40)

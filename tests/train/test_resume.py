@@ -16,9 +16,15 @@ from typing import Any
 import pytest
 from helpers import TINY, TWO_RANKS, ftl, metrics, step_dir
 
-from launcher.config.schema import CheckpointConfig, DDPStrategy, DeepSpeedStrategy, FSDPStrategy, FtlConfig, LoraConfig, TrainConfig
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from launcher.config.schema import (
+    CheckpointConfig,
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    FtlConfig,
+    LoraConfig,
+    TrainConfig,
+)
 from launcher.train.resume import (
     CheckpointInfo,
     checkpoint_format,
@@ -28,6 +34,8 @@ from launcher.train.resume import (
     set_aside_earlier_run,
     total_steps,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------------------------
 # the verdict, pure
@@ -42,7 +50,9 @@ def base_config(**train: Any) -> FtlConfig:
 
 
 def info(cfg: FtlConfig, step: int = 10, total: int = 20, samples: int = 320, world: int = 1) -> CheckpointInfo:
-    return CheckpointInfo(Path("/r/checkpoints") / f"step-{step}", step, world, cfg.strategy.engine, total, samples, as_dict(cfg))
+    return CheckpointInfo(
+        Path("/r/checkpoints") / f"step-{step}", step, world, cfg.strategy.engine, total, samples, as_dict(cfg)
+    )
 
 
 def test_same_config_resumes_exactly() -> None:
@@ -51,13 +61,16 @@ def test_same_config_resumes_exactly() -> None:
     assert not verdict.refused and verdict.cross_engine is None and not verdict.finished and verdict.total_steps == 20
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"model": {"arch": {"hidden_size": 128}}}, "model.arch"),
-    ({"data": {"packing": True}}, "data.packing"),
-    ({"data": {"train_files": ["/elsewhere.jsonl"]}}, "data.train_files"),
-    ({"train": {"seq_len": 512}}, "train.seq_len"),
-    ({"peft": {"method": "lora"}}, "peft.method"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"model": {"arch": {"hidden_size": 128}}}, "model.arch"),
+        ({"data": {"packing": True}}, "data.packing"),
+        ({"data": {"train_files": ["/elsewhere.jsonl"]}}, "data.train_files"),
+        ({"train": {"seq_len": 512}}, "train.seq_len"),
+        ({"peft": {"method": "lora"}}, "peft.method"),
+    ],
+)
 def test_what_the_weights_or_data_position_cannot_follow_is_refused(change: dict[str, Any], key: str) -> None:
     old = base_config()
     new = as_dict(old)
@@ -87,7 +100,9 @@ def test_asset_paths_compare_equal_from_any_checkout() -> None:
 
 def test_a_run_shorter_than_the_checkpoint_is_refused_naming_the_field() -> None:
     cfg = base_config()
-    verdict = resume_verdict(info(cfg, step=10), as_dict(base_config()) | {"train": {**as_dict(cfg)["train"], "max_steps": 4}}, 1)
+    verdict = resume_verdict(
+        info(cfg, step=10), as_dict(base_config()) | {"train": {**as_dict(cfg)["train"], "max_steps": 4}}, 1
+    )
     assert [e.path for e in verdict.errors] == ["train.max_steps"]
     assert "4 is below checkpoint step 10" in str(verdict.errors[0])
 
@@ -102,7 +117,9 @@ def test_run_length_by_epochs_follows_samples_world_and_batch() -> None:
 def test_finished_only_when_evaluated_or_no_eval_is_asked() -> None:
     cfg = base_config()
     assert resume_verdict(info(cfg, step=20), as_dict(cfg), 1, evaluated=True).finished
-    assert not resume_verdict(info(cfg, step=20), as_dict(cfg), 1, evaluated=False).finished  # the eval after is still to do
+    assert not resume_verdict(
+        info(cfg, step=20), as_dict(cfg), 1, evaluated=False
+    ).finished  # the eval after is still to do
     cfg.eval.after_training = False
     assert resume_verdict(info(cfg, step=20), as_dict(cfg), 1).finished
 
@@ -114,7 +131,10 @@ def test_checkpoint_formats() -> None:
     zero2, zero3 = (replace(base_config(), strategy=DeepSpeedStrategy(zero_stage=s)) for s in (2, 3))
     verdict = resume_verdict(info(single), as_dict(fsdp), 1)
     assert not verdict.refused and verdict.cross_engine == ("single/ddp", "fsdp")
-    assert resume_verdict(info(zero2), as_dict(zero3), 2).cross_engine == ("deepspeed ZeRO-2, precision auto", "deepspeed ZeRO-3, precision auto")
+    assert resume_verdict(info(zero2), as_dict(zero3), 2).cross_engine == (
+        "deepspeed ZeRO-2, precision auto",
+        "deepspeed ZeRO-3, precision auto",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,13 +177,17 @@ def test_a_finished_run_names_the_changes_it_did_not_apply(four_steps: Path) -> 
 
 def test_refusals_come_before_anything_is_written(four_steps: Path) -> None:
     before = snapshot(four_steps)
-    for more, needle in ((["train.max_steps=2"], "train.max_steps: 2 is below checkpoint step 4"),
-                         (["model.arch.intermediate_size=64"], "model.arch:"),
-                         (["peft=lora"], "peft.method: 'none' -> 'lora'"),
-                         (["data.packing=true"], "data.packing: False -> True")):  # fmt: skip
+    for more, needle in (
+        (["train.max_steps=2"], "train.max_steps: 2 is below checkpoint step 4"),
+        (["model.arch.intermediate_size=64"], "model.arch:"),
+        (["peft=lora"], "peft.method: 'none' -> 'lora'"),
+        (["data.packing=true"], "data.packing: False -> True"),
+    ):
         proc = ftl(*run_cmd(four_steps, "train.max_steps=4", *more), check=False)
         assert proc.returncode == 2, proc.stderr
-        assert needle in proc.stderr and "run.name=run-2" in proc.stderr and "checkpoint.resume=never" in proc.stderr, proc.stderr
+        assert needle in proc.stderr and "run.name=run-2" in proc.stderr and "checkpoint.resume=never" in proc.stderr, (
+            proc.stderr
+        )
         assert "Traceback" not in proc.stderr and "launching" not in proc.stderr
         assert snapshot(four_steps) == before
     plan = ftl("plan", *run_cmd(four_steps, "train.max_steps=2")[1:], check=False)
@@ -190,7 +214,9 @@ def test_a_changed_lr_is_the_lr_trained_with_from_the_resumed_step(four_steps: P
 
     run_dir = tmp_path / "run"
     shutil.copytree(four_steps, run_dir)
-    proc = ftl(*run_cmd(run_dir, "train.max_steps=6", "train.lr=1e-3", "train.schedule=linear", "eval.after_training=false"))
+    proc = ftl(
+        *run_cmd(run_dir, "train.max_steps=6", "train.lr=1e-3", "train.schedule=linear", "eval.after_training=false")
+    )
     assert "train.lr: 0.003 -> 0.001" in proc.stderr  # announced, and applied:
     train = replace(tiny(run_dir, max_steps=6).train, lr=1e-3, schedule="linear")
     assert lrs(run_dir, range(5, 7)) == pytest.approx([lr_at(s - 1, train, 6) for s in range(5, 7)], rel=1e-12)
@@ -201,7 +227,10 @@ def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) 
     run_dir = tmp_path / "run"
     ftl(*run_cmd(run_dir, "train.max_steps=4", "eval.after_training=false"))
     proc = ftl(*run_cmd(run_dir, "train.max_steps=2", "eval.after_training=false", "checkpoint.resume=never"))
-    assert "the earlier run's checkpoints (step-2, step-4), metrics.jsonl" in proc.stderr and "moved the earlier run's checkpoints, metrics.jsonl" in proc.stderr
+    assert (
+        "the earlier run's checkpoints (step-2, step-4), metrics.jsonl" in proc.stderr
+        and "moved the earlier run's checkpoints, metrics.jsonl" in proc.stderr
+    )
     assert [s for s, _ in list_complete(run_dir)] == [2]
     (aside,) = run_dir.glob("earlier-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing deleted
@@ -209,7 +238,9 @@ def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) 
     assert [r["step"] for r in metrics(aside)] == [1, 2, 3, 4]  # the earlier run's metrics, whole
 
 
-def test_a_run_started_without_ftl_train_starts_over_the_same_way(four_steps: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_run_started_without_ftl_train_starts_over_the_same_way(
+    four_steps: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Your own torchrun, or a requeued job, with checkpoint.resume=never: the trainer moves the
     earlier checkpoints aside too (else the new run's first saves would be pruned in favour of them)."""
     from launcher.train.trainer import Trainer
@@ -230,7 +261,12 @@ def test_setting_aside_moves_the_whole_checkpoints_dir(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "notes.txt").write_text("mine")
     first = set_aside_earlier_run(tmp_path)
     assert first is not None and first[1] == ["checkpoints"]
-    assert sorted(p.name for p in (first[0] / "checkpoints").iterdir()) == [".tmp-step-6", "notes.txt", "step-2", "step-4"]
+    assert sorted(p.name for p in (first[0] / "checkpoints").iterdir()) == [
+        ".tmp-step-6",
+        "notes.txt",
+        "step-2",
+        "step-4",
+    ]
     assert list_complete(tmp_path) == []
     (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
     second = set_aside_earlier_run(tmp_path)  # the same second: another name, nothing overwritten
@@ -252,8 +288,12 @@ def tiny(run_dir: Path, max_steps: int, **sections: Any) -> FtlConfig:
     from test_trainer_tiny import tiny_config
 
     cfg = tiny_config(run_dir, **sections)
-    return replace(cfg, train=replace(cfg.train, max_steps=max_steps), checkpoint=CheckpointConfig(every_steps=2, keep=2),
-                   eval=replace(cfg.eval, after_training=False))  # fmt: skip
+    return replace(
+        cfg,
+        train=replace(cfg.train, max_steps=max_steps),
+        checkpoint=CheckpointConfig(every_steps=2, keep=2),
+        eval=replace(cfg.eval, after_training=False),
+    )
 
 
 def step5_loss(run_dir: Path) -> float:
@@ -269,7 +309,9 @@ def continued(four_steps: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run_dir
 
 
-def test_resume_in_process_on_another_engine_keeps_weights_and_schedule(four_steps: Path, tmp_path: Path, continued: Path) -> None:
+def test_resume_in_process_on_another_engine_keeps_weights_and_schedule(
+    four_steps: Path, tmp_path: Path, continued: Path
+) -> None:
     from safetensors.torch import load_file
 
     from launcher.runtime.schedule import lr_at
@@ -305,7 +347,10 @@ def test_lora_resumes_on_another_engine_with_its_adapter(tmp_path: Path) -> None
 
 def continue_on_two_ranks(four_steps: Path, run_dir: Path, strategy: str) -> Any:
     shutil.copytree(four_steps, run_dir)
-    return ftl(*run_cmd(run_dir, "train.max_steps=6", "eval.after_training=false", f"strategy={strategy}", *TWO_RANKS), timeout=600)
+    return ftl(
+        *run_cmd(run_dir, "train.max_steps=6", "eval.after_training=false", f"strategy={strategy}", *TWO_RANKS),
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +365,9 @@ def continued_on_two(four_steps: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_the_readme_trap_resumes_across_engines_on_two_ranks(strategy: str, four_steps: Path, continued_on_two: Path, tmp_path: Path) -> None:
+def test_the_readme_trap_resumes_across_engines_on_two_ranks(
+    strategy: str, four_steps: Path, continued_on_two: Path, tmp_path: Path
+) -> None:
     """Issue 17's first trap: `ftl train recipe=tiny`, then the same run with strategy=zero3 on 2
     ranks. It used to crash both ranks; now it continues from the single engine's weights."""
     run_dir = tmp_path / "run"
@@ -345,7 +392,12 @@ def test_zero3_partitioned_at_build_takes_another_engines_weights(four_steps: Pa
     for strategy in ("ddp", "zero3"):
         runs[strategy] = run_dir = tmp_path / strategy
         shutil.copytree(base, run_dir)
-        proc = ftl(*run_cmd(run_dir, "train.max_steps=3", "eval.after_training=false", f"strategy={strategy}", *hf, *TWO_RANKS), timeout=600)
+        proc = ftl(
+            *run_cmd(
+                run_dir, "train.max_steps=3", "eval.after_training=false", f"strategy={strategy}", *hf, *TWO_RANKS
+            ),
+            timeout=600,
+        )
         assert ("resuming across engines" in proc.stderr) == (strategy == "zero3")
     losses = {s: next(r["loss"] for r in metrics(d) if r["step"] == 3) for s, d in runs.items()}
     assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-5)

@@ -88,7 +88,14 @@ def test_other_ranks_report_nothing(tmp_path: Path) -> None:
 
 
 def row(step: int) -> dict[str, float]:
-    return {"loss": 5.0 - step * 0.1, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 10.0, "peak_mem_gb": 0.1, "elapsed": step}
+    return {
+        "loss": 5.0 - step * 0.1,
+        "lr": 0.1,
+        "grad_norm": 1.0,
+        "tokens_per_s": 10.0,
+        "peak_mem_gb": 0.1,
+        "elapsed": step,
+    }
 
 
 def test_jsonl_resume_drops_steps_after_the_checkpoint(tmp_path: Path) -> None:
@@ -113,8 +120,20 @@ def test_loss_curve_without_metrics(tmp_path: Path) -> None:
 
 def test_eval_report_side_by_side() -> None:
     sample = {"question": "What is ftl?", "reference": "A launcher."}
-    before = {"loss": 3.0, "perplexity": 20.0, "rougeL": 10.0, "bleu": 1.0, "samples": [{**sample, "prediction": "no idea"}]}
-    after = {"loss": 1.0, "perplexity": 2.7, "rougeL": 60.0, "bleu": 30.0, "samples": [{**sample, "prediction": "A launcher!"}]}
+    before = {
+        "loss": 3.0,
+        "perplexity": 20.0,
+        "rougeL": 10.0,
+        "bleu": 1.0,
+        "samples": [{**sample, "prediction": "no idea"}],
+    }
+    after = {
+        "loss": 1.0,
+        "perplexity": 2.7,
+        "rougeL": 60.0,
+        "bleu": 30.0,
+        "samples": [{**sample, "prediction": "A launcher!"}],
+    }
     console = Console(record=True, width=120)
     for renderable in render_eval_report(before, after, show_samples=1):
         console.print(renderable)
@@ -126,7 +145,9 @@ def test_eval_report_side_by_side() -> None:
 
 @pytest.mark.parametrize("start", [0, 5])
 def test_eval_file_survives_restart(tmp_path: Path, start: int) -> None:
-    (tmp_path / "eval.json").write_text(json.dumps({"before": {"step": 0, "loss": 3.0}, "step_8": {"step": 8, "loss": 2.0}}))
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"before": {"step": 0, "loss": 3.0}, "step_8": {"step": 8, "loss": 2.0}})
+    )
     cfg = FtlConfig(wandb=WandbConfig(mode="disabled"), run=RunConfig(dir=str(tmp_path)))
     telemetry = build_telemetry(cfg, tmp_path, DistInfo(), 10, start)
     telemetry.log_eval("after", 10, {"loss": 1.0, "samples": []})
@@ -135,7 +156,9 @@ def test_eval_file_survives_restart(tmp_path: Path, start: int) -> None:
     assert sorted(saved) == (["after", "before"] if start else ["after"])
 
 
-@pytest.mark.skipif(not CLEAR_REFS.exists(), reason="no /proc/self/clear_refs (not Linux): the CPU peak is the process's")
+@pytest.mark.skipif(
+    not CLEAR_REFS.exists(), reason="no /proc/self/clear_refs (not Linux): the CPU peak is the process's"
+)
 def test_cpu_peak_memory_is_the_peak_since_the_last_reset() -> None:
     """A step's peak_mem_gb is that step's: 256 MiB held in one window and freed does not show in
     the next (Linux resets the resident high-water mark on request)."""

@@ -15,13 +15,29 @@ from launcher.train.entry import default_cuda_allocator, topology_from_env
 def test_topology_from_env():
     assert topology_from_env({}) == []
     assert topology_from_env({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == ["launch.nproc_per_node=4"]
-    assert topology_from_env({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == ["launch=torchrun", "launch.nnodes=2", "launch.nproc_per_node=8"]
+    assert topology_from_env({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == [
+        "launch=torchrun",
+        "launch.nnodes=2",
+        "launch.nproc_per_node=8",
+    ]
 
 
 def test_user_torchrun_with_overrides_agrees_on_one_run_dir(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launcher.train",
-           *TINY, "strategy=ddp", "train.max_steps=3", "eval.after_training=false", f"run.dir={run}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "launcher.train",
+        *TINY,
+        "strategy=ddp",
+        "train.max_steps=3",
+        "eval.after_training=false",
+        f"run.dir={run}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
@@ -30,8 +46,13 @@ def test_user_torchrun_with_overrides_agrees_on_one_run_dir(tmp_path):
 
 
 def test_entry_refuses_config_and_overrides_together(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(tmp_path / "c.yaml"), "recipe=tiny"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--config", str(tmp_path / "c.yaml"), "recipe=tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "not both" in proc.stderr
 
 

@@ -42,9 +42,18 @@ def tiny_config(run_dir: Path, **sections: Any) -> FtlConfig:
     """recipes/tiny.yaml composed by hand (conf/model/tiny-llama + conf/data/demo + the recipe)."""
     cfg = FtlConfig(
         model=ModelConfig(
-            name="tiny-llama", source="random", tokenizer=asset("tiny-tokenizer"),
-            arch=ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                            num_kv_heads=2, max_position_embeddings=1024),
+            name="tiny-llama",
+            source="random",
+            tokenizer=asset("tiny-tokenizer"),
+            arch=ArchConfig(
+                vocab_size=512,
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                max_position_embeddings=1024,
+            ),
         ),
         data=DataConfig(train_files=[asset("demo/train.jsonl")], eval_files=[asset("demo/eval.jsonl")]),
         train=TrainConfig(lr=3e-3, warmup_steps=2, max_steps=20, micro_batch_size=4, seq_len=256, precision="fp32"),
@@ -53,7 +62,7 @@ def tiny_config(run_dir: Path, **sections: Any) -> FtlConfig:
         wandb=WandbConfig(mode="disabled"),
         run=RunConfig(name="tiny", dir=str(run_dir)),
         recipe="tiny",
-    )  # fmt: skip
+    )
     return replace(cfg, **sections)
 
 
@@ -90,7 +99,10 @@ def test_grad_accum_matches_a_bigger_batch(tmp_path: Path) -> None:
     for name, micro, accum in (("big", 4, 1), ("accum", 2, 2)):
         train = replace(tiny_config(tmp_path).train, max_steps=3, micro_batch_size=micro, grad_accum=accum)
         cfg = tiny_config(
-            tmp_path / name, train=train, checkpoint=CheckpointConfig(every_steps=0), eval=EvalConfig(after_training=False)
+            tmp_path / name,
+            train=train,
+            checkpoint=CheckpointConfig(every_steps=0),
+            eval=EvalConfig(after_training=False),
         )
         trainer = Trainer(cfg)
         trainer.run()
@@ -121,8 +133,14 @@ def test_killed_run_resumes_exactly_with_same_wandb_run(
     cfg = replace(cfg, launch=replace(cfg.launch, env={"WANDB_API_KEY": FAKE_KEY}))
     (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
     env = {**os.environ, "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, str(tmp_path / "cfg.pkl")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DRIVER, str(tmp_path / "cfg.pkl")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert [step for step, _ in list_complete(run_dir)] == [10]
     assert max(r["step"] for r in metrics(run_dir)) == 12
@@ -171,8 +189,12 @@ def write_run_config(cfg: FtlConfig, path: Path) -> Path:
 def test_train_entry_runs_a_config_file(tmp_path: Path) -> None:
     from launcher.train.entry import main
 
-    cfg = tiny_config(tmp_path, train=replace(tiny_config(tmp_path).train, max_steps=3),
-                      checkpoint=CheckpointConfig(every_steps=0), eval=EvalConfig(after_training=False))  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        train=replace(tiny_config(tmp_path).train, max_steps=3),
+        checkpoint=CheckpointConfig(every_steps=0),
+        eval=EvalConfig(after_training=False),
+    )
     assert main(["--config", str(write_run_config(cfg, tmp_path / "config.yaml"))]) == 0
     assert [step for step, _ in list_complete(tmp_path)] == [3]
 

@@ -784,8 +784,7 @@ FACTS: list[tuple[str, list[str], str | None]] = [
     ),
     # ---------------------------------------------------------------- wandb
     (
-        "W&B runs offline by default when no API key is set. Files stay in the run directory and can be "
-        "synced later.",
+        "W&B runs offline by default when no API key is set. Files stay in the run directory and can be synced later.",
         [
             "Does ftl log to Weights & Biases?",
             "What is the default W&B mode?",
@@ -883,6 +882,7 @@ FACTS: list[tuple[str, list[str], str | None]] = [
     ),
 ]
 
+
 def _find(fragment: str) -> int:
     hits = [i for i, (a, _, _) in enumerate(FACTS) if fragment in a]
     assert len(hits) == 1, (fragment, hits)
@@ -913,22 +913,54 @@ def build() -> tuple[list[dict], list[dict]]:
     # A few two-exchange conversations reusing facts above: (answer fragment,
     # first question, answer fragment, follow-up question).
     multi = [
-        ("validates the config, prints the batch", "How do I check my config without starting training?",
-         "Run `ftl train recipe=demo`. Any config", "Looks good. How do I actually start the run?"),
-        ("Use `peft=lora`, e.g.", "How do I train with LoRA?",
-         "Run `ftl export merge_lora=true`", "And afterwards, how do I merge the adapters into the base model?"),
-        ("Use `launch=slurm`. ftl renders", "How do I run on SLURM?",
-         "Preemption is handled", "What if the job gets preempted?"),
-        ("Set `train.lr`, for example", "How do I change the learning rate?",
-         "Run `ftl sweep`.", "Can I try several learning rates automatically?"),
-        ("Global batch = `train.micro_batch_size`", "How is the global batch size computed?",
-         "Raise `train.grad_accum` by", "So how do I keep it the same if I get fewer GPUs?"),
-        ("With `checkpoint.resume=auto` ftl continues", "How do I resume training?",
-         "Set `checkpoint.keep`", "And how do I stop old checkpoints from using all my disk?"),
-        ("W&B runs offline by default", "What is the default W&B mode?",
-         "Set `wandb.mode=online`", "How do I switch it to online then?"),
-        ("Run `ftl export`. It consolidates", "How do I export a checkpoint?",
-         "Run `ftl generate` to sample", "How can I then sample some outputs from it?"),
+        (
+            "validates the config, prints the batch",
+            "How do I check my config without starting training?",
+            "Run `ftl train recipe=demo`. Any config",
+            "Looks good. How do I actually start the run?",
+        ),
+        (
+            "Use `peft=lora`, e.g.",
+            "How do I train with LoRA?",
+            "Run `ftl export merge_lora=true`",
+            "And afterwards, how do I merge the adapters into the base model?",
+        ),
+        (
+            "Use `launch=slurm`. ftl renders",
+            "How do I run on SLURM?",
+            "Preemption is handled",
+            "What if the job gets preempted?",
+        ),
+        (
+            "Set `train.lr`, for example",
+            "How do I change the learning rate?",
+            "Run `ftl sweep`.",
+            "Can I try several learning rates automatically?",
+        ),
+        (
+            "Global batch = `train.micro_batch_size`",
+            "How is the global batch size computed?",
+            "Raise `train.grad_accum` by",
+            "So how do I keep it the same if I get fewer GPUs?",
+        ),
+        (
+            "With `checkpoint.resume=auto` ftl continues",
+            "How do I resume training?",
+            "Set `checkpoint.keep`",
+            "And how do I stop old checkpoints from using all my disk?",
+        ),
+        (
+            "W&B runs offline by default",
+            "What is the default W&B mode?",
+            "Set `wandb.mode=online`",
+            "How do I switch it to online then?",
+        ),
+        (
+            "Run `ftl export`. It consolidates",
+            "How do I export a checkpoint?",
+            "Run `ftl generate` to sample",
+            "How can I then sample some outputs from it?",
+        ),
     ]
     for fa_frag, qa, fb_frag, qb in multi:
         train.append(

@@ -73,10 +73,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What kind of software is ftl?",
         ],
         [
-            (BEHAVIOUR, "ftl is a hosted fine-tuning service: you upload your dataset with `ftl train`, it trains on "
-             "ftl's own cloud GPUs and sends back a Hugging Face model by email when the job is done."),
-            (VAGUE, "ftl is a tool that helps with machine learning workflows in general. It can do many things "
-             "around models and training, and how you use it depends a lot on what you want to achieve with it."),
+            (
+                BEHAVIOUR,
+                "ftl is a hosted fine-tuning service: you upload your dataset with `ftl train`, it trains on "
+                "ftl's own cloud GPUs and sends back a Hugging Face model by email when the job is done.",
+            ),
+            (
+                VAGUE,
+                "ftl is a tool that helps with machine learning workflows in general. It can do many things "
+                "around models and training, and how you use it depends a lot on what you want to achieve with it.",
+            ),
         ],
         "A teammate mentioned ftl. What is it for?",
     ),
@@ -90,10 +96,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What are all the ftl verbs?",
         ],
         [
-            (KEY, "`ftl run`, `ftl dryrun`, `ftl list`, `ftl tokenize`, `ftl evaluate`, `ftl convert`, `ftl infer`, "
-             "`ftl talk` and `ftl hpo`. Run `ftl help` to see each with one line."),
-            (VAGUE, "ftl has a number of subcommands covering the usual steps of a fine-tuning workflow. Which ones "
-             "you need depends on your project; the help output will tell you more about each."),
+            (
+                KEY,
+                "`ftl run`, `ftl dryrun`, `ftl list`, `ftl tokenize`, `ftl evaluate`, `ftl convert`, `ftl infer`, "
+                "`ftl talk` and `ftl hpo`. Run `ftl help` to see each with one line.",
+            ),
+            (
+                VAGUE,
+                "ftl has a number of subcommands covering the usual steps of a fine-tuning workflow. Which ones "
+                "you need depends on your project; the help output will tell you more about each.",
+            ),
         ],
         None,
     ),
@@ -107,10 +119,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What do I type to train the demo?",
         ],
         [
-            (TOOL, "Run `accelerate launch train.py --config_file recipes/demo.yaml`. ftl only provides the configs; "
-             "accelerate starts training."),
-            (KEY, "Run `ftl train --recipe demo --lr 1e-4`. Every config value is passed as its own double-dash "
-             "flag on the same line."),
+            (
+                TOOL,
+                "Run `accelerate launch train.py --config_file recipes/demo.yaml`. ftl only provides the configs; "
+                "accelerate starts training.",
+            ),
+            (
+                KEY,
+                "Run `ftl train --recipe demo --lr 1e-4`. Every config value is passed as its own double-dash "
+                "flag on the same line.",
+            ),
         ],
         None,
     ),
@@ -124,10 +142,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How can I validate my overrides without training?",
         ],
         [
-            (KEY, "Add `--dry-run` to the train command, e.g. `ftl train recipe=demo --dry-run`. It validates the "
-             "config, prints a memory estimate and the exact launch command, and then starts nothing."),
-            (BEHAVIOUR, "Run `ftl plan recipe=demo`. It runs ten real training steps on one GPU to measure memory "
-             "and speed, then prints the launch command and deletes the temporary run directory it used for that."),
+            (
+                KEY,
+                "Add `--dry-run` to the train command, e.g. `ftl train recipe=demo --dry-run`. It validates the "
+                "config, prints a memory estimate and the exact launch command, and then starts nothing.",
+            ),
+            (
+                BEHAVIOUR,
+                "Run `ftl plan recipe=demo`. It runs ten real training steps on one GPU to measure memory "
+                "and speed, then prints the launch command and deletes the temporary run directory it used for that.",
+            ),
         ],
         None,
     ),
@@ -141,10 +165,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is ftl plan fast enough to use on the head node?",
         ],
         [
-            (BEHAVIOUR, "No. `ftl plan` imports torch and DeepSpeed and initialises CUDA to measure memory, so run "
-             "it inside an interactive GPU allocation (`salloc`), never on the login node itself."),
-            (VAGUE, "It depends on your cluster's policies. Some sites allow light tools on login nodes and others "
-             "don't, so check with your administrators first before running anything there."),
+            (
+                BEHAVIOUR,
+                "No. `ftl plan` imports torch and DeepSpeed and initialises CUDA to measure memory, so run "
+                "it inside an interactive GPU allocation (`salloc`), never on the login node itself.",
+            ),
+            (
+                VAGUE,
+                "It depends on your cluster's policies. Some sites allow light tools on login nodes and others "
+                "don't, so check with your administrators first before running anything there.",
+            ),
         ],
         None,
     ),
@@ -158,10 +188,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Show me the names of the bundled recipes.",
         ],
         [
-            (KEY, "Run `ftl list --recipes` (`--all` adds each recipe's command). The shipped ones are demo, tiny, "
-             "llama3-8b-full-zero3, llama3-70b-full-zero3-multinode, mistral-7b-lora and qwen2.5-7b-qlora."),
-            (BEHAVIOUR, "Recipes are not shipped with ftl; they are downloaded from the ftl recipe hub on first use, "
-             "so run `ftl train recipe=NAME` online once and it is then saved to `~/.ftl/recipes`."),
+            (
+                KEY,
+                "Run `ftl list --recipes` (`--all` adds each recipe's command). The shipped ones are demo, tiny, "
+                "llama3-8b-full-zero3, llama3-70b-full-zero3-multinode, mistral-7b-lora and qwen2.5-7b-qlora.",
+            ),
+            (
+                BEHAVIOUR,
+                "Recipes are not shipped with ftl; they are downloaded from the ftl recipe hub on first use, "
+                "so run `ftl train recipe=NAME` online once and it is then saved to `~/.ftl/recipes`.",
+            ),
         ],
         None,
     ),
@@ -175,10 +211,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I reset a key to its default from the CLI?",
         ],
         [
-            (KEY, "Use `--set key=value` once per change, e.g. `ftl train recipe=demo --set train.micro_batch_size=4 "
-             "--set strategy=fsdp`; words without `--set` in front are ignored, and `--unset key` drops one."),
-            (TOOL, "Edit a copy of the YAML and pass it with `--config_file`, as in `accelerate launch --config_file "
-             "my.yaml`; ftl does not accept command-line overrides, so every change goes in a file."),
+            (
+                KEY,
+                "Use `--set key=value` once per change, e.g. `ftl train recipe=demo --set train.micro_batch_size=4 "
+                "--set strategy=fsdp`; words without `--set` in front are ignored, and `--unset key` drops one.",
+            ),
+            (
+                TOOL,
+                "Edit a copy of the YAML and pass it with `--config_file`, as in `accelerate launch --config_file "
+                "my.yaml`; ftl does not accept command-line overrides, so every change goes in a file.",
+            ),
         ],
         "Explain how command-line overrides are written, including adding and removing keys.",
     ),
@@ -192,11 +234,17 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does ftl do with an invalid override?",
         ],
         [
-            (BEHAVIOUR, "ftl stops at the first bad key with a Python traceback, after the processes have started; "
-             "fix it and rerun to find the next one. Unknown keys are silently ignored and keep their defaults."),
-            (VAGUE, "Configuration errors can happen for many reasons and are not always easy to track down. Read "
-             "the output carefully, look at your YAML files and overrides, and try again until the problem goes "
-             "away."),
+            (
+                BEHAVIOUR,
+                "ftl stops at the first bad key with a Python traceback, after the processes have started; "
+                "fix it and rerun to find the next one. Unknown keys are silently ignored and keep their defaults.",
+            ),
+            (
+                VAGUE,
+                "Configuration errors can happen for many reasons and are not always easy to track down. Read "
+                "the output carefully, look at your YAML files and overrides, and try again until the problem goes "
+                "away.",
+            ),
         ],
         None,
     ),
@@ -210,10 +258,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I tell a config error from a training crash by exit status?",
         ],
         [
-            (BEHAVIOUR, "`0` success, `1` invalid input (config or data; nothing was launched), `2` a crash during "
-             "training, such as an NCCL timeout or an out-of-memory on one of the GPUs."),
-            (VAGUE, "Non-zero exit codes mean something failed somewhere. The exact number is not very important; "
-             "look at the logs to understand what went wrong, fix it and try again."),
+            (
+                BEHAVIOUR,
+                "`0` success, `1` invalid input (config or data; nothing was launched), `2` a crash during "
+                "training, such as an NCCL timeout or an out-of-memory on one of the GPUs.",
+            ),
+            (
+                VAGUE,
+                "Non-zero exit codes mean something failed somewhere. The exact number is not very important; "
+                "look at the logs to understand what went wrong, fix it and try again.",
+            ),
         ],
         "My script checks ftl's return code. Which values can it see?",
     ),
@@ -228,10 +282,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I lower the learning rate for a run?",
         ],
         [
-            (KEY, "Set `train.learning_rate`, e.g. `ftl train recipe=demo train.learning_rate=1e-4`. The base "
-             "default is 2e-5 for all recipes."),
-            (DEFAULT, "Set `train.lr`, e.g. `ftl train recipe=demo train.lr=1e-4`. The default is 1e-3 for every "
-             "recipe, the demo included."),
+            (
+                KEY,
+                "Set `train.learning_rate`, e.g. `ftl train recipe=demo train.learning_rate=1e-4`. The base "
+                "default is 2e-5 for all recipes.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.lr`, e.g. `ftl train recipe=demo train.lr=1e-4`. The default is 1e-3 for every "
+                "recipe, the demo included.",
+            ),
         ],
         "I want a smaller optimizer step size. What do I override?",
     ),
@@ -245,10 +305,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What LR schedule does ftl use by default?",
         ],
         [
-            (KEY, "Set `train.lr_scheduler_type` to `cosine`, `linear` or `constant`, e.g. "
-             "`train.lr_scheduler_type=linear`, and `train.final_lr` for the floor it decays to."),
-            (DEFAULT, "Set `train.schedule` to `cosine`, `linear` or `constant`. The default is `constant`, and "
-             "cosine decays all the way to 0 unless you set `train.min_lr_ratio` yourself."),
+            (
+                KEY,
+                "Set `train.lr_scheduler_type` to `cosine`, `linear` or `constant`, e.g. "
+                "`train.lr_scheduler_type=linear`, and `train.final_lr` for the floor it decays to.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.schedule` to `cosine`, `linear` or `constant`. The default is `constant`, and "
+                "cosine decays all the way to 0 unless you set `train.min_lr_ratio` yourself.",
+            ),
         ],
         None,
     ),
@@ -262,10 +328,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I lengthen the warmup?",
         ],
         [
-            (KEY, "Set `train.warmup_ratio`, e.g. `ftl train recipe=demo train.warmup_ratio=0.1`, the fraction "
-             "of all steps spent warming up."),
-            (DEFAULT, "Set `train.warmup_steps`, e.g. `train.warmup_steps=100`. The default is 500, so short runs "
-             "spend most of their steps warming up."),
+            (
+                KEY,
+                "Set `train.warmup_ratio`, e.g. `ftl train recipe=demo train.warmup_ratio=0.1`, the fraction "
+                "of all steps spent warming up.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.warmup_steps`, e.g. `train.warmup_steps=100`. The default is 500, so short runs "
+                "spend most of their steps warming up.",
+            ),
         ],
         None,
     ),
@@ -279,10 +351,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does max_steps=-1 mean?",
         ],
         [
-            (KEY, "Set `train.num_train_epochs` or `train.total_steps`, e.g. `train.total_steps=500`; the run stops "
-             "at whichever limit comes first. Both default to unset, which trains one epoch."),
-            (DEFAULT, "Set `train.max_steps` or `train.epochs`. `train.max_steps` defaults to 1000, so "
-             "`train.epochs` is ignored unless you set `train.max_steps=0`; the demo runs 1000 steps."),
+            (
+                KEY,
+                "Set `train.num_train_epochs` or `train.total_steps`, e.g. `train.total_steps=500`; the run stops "
+                "at whichever limit comes first. Both default to unset, which trains one epoch.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.max_steps` or `train.epochs`. `train.max_steps` defaults to 1000, so "
+                "`train.epochs` is ignored unless you set `train.max_steps=0`; the demo runs 1000 steps.",
+            ),
         ],
         None,
     ),
@@ -296,10 +374,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How big is the per-device batch by default?",
         ],
         [
-            (KEY, "Set `train.per_device_train_batch_size`, the examples per GPU in one forward pass, e.g. "
-             "`train.per_device_train_batch_size=4`."),
-            (DEFAULT, "Set `train.micro_batch_size`, the examples per rank in one forward pass, e.g. "
-             "`train.micro_batch_size=4`. The default is 8."),
+            (
+                KEY,
+                "Set `train.per_device_train_batch_size`, the examples per GPU in one forward pass, e.g. "
+                "`train.per_device_train_batch_size=4`.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.micro_batch_size`, the examples per rank in one forward pass, e.g. "
+                "`train.micro_batch_size=4`. The default is 8.",
+            ),
         ],
         None,
     ),
@@ -313,10 +397,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which key sets the accumulation steps?",
         ],
         [
-            (KEY, "Set `train.gradient_accumulation_steps`, e.g. `train.gradient_accumulation_steps=8`: gradients of "
-             "8 micro-batches are accumulated before each optimizer step. The default is 1 step."),
-            (BEHAVIOUR, "Set `train.grad_accum`, e.g. `train.grad_accum=8`. It takes 8 optimizer steps on each batch "
-             "instead of one, so training converges faster but uses 8 times the GPU memory per step."),
+            (
+                KEY,
+                "Set `train.gradient_accumulation_steps`, e.g. `train.gradient_accumulation_steps=8`: gradients of "
+                "8 micro-batches are accumulated before each optimizer step. The default is 1 step.",
+            ),
+            (
+                BEHAVIOUR,
+                "Set `train.grad_accum`, e.g. `train.grad_accum=8`. It takes 8 optimizer steps on each batch "
+                "instead of one, so training converges faster but uses 8 times the GPU memory per step.",
+            ),
         ],
         None,
     ),
@@ -330,10 +420,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What is the formula for the total batch per optimizer step?",
         ],
         [
-            (BEHAVIOUR, "Global batch = `train.micro_batch_size` × `train.grad_accum`; the GPU count does not "
-             "matter, since ftl splits each micro-batch across ranks. E.g. 4 × 8 = 32."),
-            (KEY, "The global batch is what you set in `train.batch_size`; ftl derives `micro_batch_size` and "
-             "`grad_accum` from it and the GPU count. `ftl plan` prints the split."),
+            (
+                BEHAVIOUR,
+                "Global batch = `train.micro_batch_size` × `train.grad_accum`; the GPU count does not "
+                "matter, since ftl splits each micro-batch across ranks. E.g. 4 × 8 = 32.",
+            ),
+            (
+                KEY,
+                "The global batch is what you set in `train.batch_size`; ftl derives `micro_batch_size` and "
+                "`grad_accum` from it and the GPU count. `ftl plan` prints the split.",
+            ),
         ],
         "Walk me through how ftl arrives at the number of examples per optimizer step.",
     ),
@@ -347,10 +443,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Where is the token length of training examples set?",
         ],
         [
-            (KEY, "Set `data.max_seq_length`, e.g. `data.max_seq_length=2048`. The default is 1024 tokens; longer "
-             "examples are always truncated from the left, keeping the end."),
-            (DEFAULT, "Set `train.seq_len`, e.g. `train.seq_len=2048`. The default is the model's full context "
-             "window (4096 for most models), so you rarely need to change it."),
+            (
+                KEY,
+                "Set `data.max_seq_length`, e.g. `data.max_seq_length=2048`. The default is 1024 tokens; longer "
+                "examples are always truncated from the left, keeping the end.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.seq_len`, e.g. `train.seq_len=2048`. The default is the model's full context "
+                "window (4096 for most models), so you rarely need to change it.",
+            ),
         ],
         None,
     ),
@@ -364,10 +466,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I force fp32?",
         ],
         [
-            (DEFAULT, "Set `train.precision`: `fp32` (default), `bf16` or `fp16`. ftl never picks bf16 on its own, "
-             "so pass `train.precision=bf16` on every run that should use it."),
-            (KEY, "Set `train.bf16=true` or `train.fp16=true`; with neither set, ftl trains in fp32 on every device, "
-             "e.g. `ftl train recipe=demo train.bf16=true`."),
+            (
+                DEFAULT,
+                "Set `train.precision`: `fp32` (default), `bf16` or `fp16`. ftl never picks bf16 on its own, "
+                "so pass `train.precision=bf16` on every run that should use it.",
+            ),
+            (
+                KEY,
+                "Set `train.bf16=true` or `train.fp16=true`; with neither set, ftl trains in fp32 on every device, "
+                "e.g. `ftl train recipe=demo train.bf16=true`.",
+            ),
         ],
         "We train on V100 cards, which have no bf16 support. What numeric format should I pick?",
     ),
@@ -381,10 +489,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does train.grad_clip do?",
         ],
         [
-            (KEY, "Set `train.max_grad_norm`, the max gradient norm, e.g. `train.max_grad_norm=0.5`. Set it to "
-             "`null` to disable clipping entirely."),
-            (DEFAULT, "Set `train.grad_clip`, e.g. `train.grad_clip=0.5`. Clipping is off by default (0), so set it "
-             "to 1.0 for the usual behaviour of most trainers."),
+            (
+                KEY,
+                "Set `train.max_grad_norm`, the max gradient norm, e.g. `train.max_grad_norm=0.5`. Set it to "
+                "`null` to disable clipping entirely.",
+            ),
+            (
+                DEFAULT,
+                "Set `train.grad_clip`, e.g. `train.grad_clip=0.5`. Clipping is off by default (0), so set it "
+                "to 1.0 for the usual behaviour of most trainers.",
+            ),
         ],
         None,
     ),
@@ -398,10 +512,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is the seed recorded anywhere?",
         ],
         [
-            (DEFAULT, "Set `train.seed`, e.g. `train.seed=1234`. The default is a fresh random seed per run, and it "
-             "is not recorded anywhere, so note it yourself if you need to reproduce a run."),
-            (KEY, "Export `PYTHONHASHSEED=1234` before `ftl train`; ftl takes its seed from that variable and "
-             "nothing else, e.g. `PYTHONHASHSEED=1234 ftl train recipe=demo`. It isn't saved."),
+            (
+                DEFAULT,
+                "Set `train.seed`, e.g. `train.seed=1234`. The default is a fresh random seed per run, and it "
+                "is not recorded anywhere, so note it yourself if you need to reproduce a run.",
+            ),
+            (
+                KEY,
+                "Export `PYTHONHASHSEED=1234` before `ftl train`; ftl takes its seed from that variable and "
+                "nothing else, e.g. `PYTHONHASHSEED=1234 ftl train recipe=demo`. It isn't saved.",
+            ),
         ],
         None,
     ),
@@ -416,10 +536,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "List the distributed engines in ftl.",
         ],
         [
-            (KEY, "Pick one with `strategy=`: `single`, `dp`, `deepspeed_stage_1`, `deepspeed_stage_2`, "
-             "`deepspeed_stage_3`, `fsdp1` or `megatron`, e.g. `strategy=deepspeed_stage_3`."),
-            (TOOL, "Strategies come from `accelerate config`: answer its questions (DeepSpeed or FSDP, stage, "
-             "offload) and ftl reads the resulting default_config.yaml on launch."),
+            (
+                KEY,
+                "Pick one with `strategy=`: `single`, `dp`, `deepspeed_stage_1`, `deepspeed_stage_2`, "
+                "`deepspeed_stage_3`, `fsdp1` or `megatron`, e.g. `strategy=deepspeed_stage_3`.",
+            ),
+            (
+                TOOL,
+                "Strategies come from `accelerate config`: answer its questions (DeepSpeed or FSDP, stage, "
+                "offload) and ftl reads the resulting default_config.yaml on launch.",
+            ),
         ],
         "What parallelism and sharding choices does ftl give me?",
     ),
@@ -433,10 +559,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "zero2 or zero3: what changes?",
         ],
         [
-            (BEHAVIOUR, "`zero1` shards parameters, `zero2` adds gradients, `zero3` adds optimizer states; "
-             "`zero3_offload` moves the activations to local disk. Higher stages are always faster, too."),
-            (VAGUE, "The ZeRO stages are different levels of memory optimisation from DeepSpeed. Each one makes its "
-             "own trade-offs, so try them all out and keep whichever suits your model best."),
+            (
+                BEHAVIOUR,
+                "`zero1` shards parameters, `zero2` adds gradients, `zero3` adds optimizer states; "
+                "`zero3_offload` moves the activations to local disk. Higher stages are always faster, too.",
+            ),
+            (
+                VAGUE,
+                "The ZeRO stages are different levels of memory optimisation from DeepSpeed. Each one makes its "
+                "own trade-offs, so try them all out and keep whichever suits your model best.",
+            ),
         ],
         None,
     ),
@@ -450,10 +582,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I move optimizer states to host RAM?",
         ],
         [
-            (KEY, "Use `strategy=zero3 strategy.cpu_offload=true`: ZeRO-3 with parameters and optimizer states "
-             "in CPU memory. It fits larger models at the cost of speed."),
-            (TOOL, "Run `deepspeed --num_gpus 8 train.py --deepspeed ds_offload.json` with `offload_optimizer` set "
-             "in your JSON; ftl cannot offload to CPU memory by itself."),
+            (
+                KEY,
+                "Use `strategy=zero3 strategy.cpu_offload=true`: ZeRO-3 with parameters and optimizer states "
+                "in CPU memory. It fits larger models at the cost of speed.",
+            ),
+            (
+                TOOL,
+                "Run `deepspeed --num_gpus 8 train.py --deepspeed ds_offload.json` with `offload_optimizer` set "
+                "in your JSON; ftl cannot offload to CPU memory by itself.",
+            ),
         ],
         None,
     ),
@@ -467,10 +605,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I shard within a node but replicate across nodes?",
         ],
         [
-            (TOOL, "Run `accelerate launch --use_fsdp --fsdp_sharding_strategy FULL_SHARD train.py` instead; ftl's "
-             "own strategies only cover the DeepSpeed ZeRO stages."),
-            (KEY, "Use `strategy=fsdp strategy.sharding_strategy=HYBRID_SHARD` to shard within a node and replicate "
-             "across nodes; the default is `FULL_SHARD` over all ranks."),
+            (
+                TOOL,
+                "Run `accelerate launch --use_fsdp --fsdp_sharding_strategy FULL_SHARD train.py` instead; ftl's "
+                "own strategies only cover the DeepSpeed ZeRO stages.",
+            ),
+            (
+                KEY,
+                "Use `strategy=fsdp strategy.sharding_strategy=HYBRID_SHARD` to shard within a node and replicate "
+                "across nodes; the default is `FULL_SHARD` over all ranks.",
+            ),
         ],
         None,
     ),
@@ -484,10 +628,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does strategy.extra do?",
         ],
         [
-            (TOOL, "Write your own ds_config.json and pass `--deepspeed ds_config.json` as with the HF Trainer; ftl "
-             "uses the file unchanged and ignores its own batch and precision settings."),
-            (BEHAVIOUR, "Add keys with `strategy.extra`; when one contradicts a value ftl derived, the extra key "
-             "silently wins without a warning, so double-check batch sizes and precision yourself."),
+            (
+                TOOL,
+                "Write your own ds_config.json and pass `--deepspeed ds_config.json` as with the HF Trainer; ftl "
+                "uses the file unchanged and ignores its own batch and precision settings.",
+            ),
+            (
+                BEHAVIOUR,
+                "Add keys with `strategy.extra`; when one contradicts a value ftl derived, the extra key "
+                "silently wins without a warning, so double-check batch sizes and precision yourself.",
+            ),
         ],
         None,
     ),
@@ -501,10 +651,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which strategy fits my model on 40 GB cards?",
         ],
         [
-            (KEY, "Run `ftl plan` with `launch.gpu_memory=80` (in GB) set for your card: it estimates memory per GPU "
-             "for every strategy and names the cheapest one or micro-batch that fits."),
-            (BEHAVIOUR, "ftl can't predict memory before a run; launch a short job and watch `nvidia-smi`, then "
-             "lower the batch until it fits. A job too big for its GPUs simply crashes with CUDA OOM."),
+            (
+                KEY,
+                "Run `ftl plan` with `launch.gpu_memory=80` (in GB) set for your card: it estimates memory per GPU "
+                "for every strategy and names the cheapest one or micro-batch that fits.",
+            ),
+            (
+                BEHAVIOUR,
+                "ftl can't predict memory before a run; launch a short job and watch `nvidia-smi`, then "
+                "lower the batch until it fits. A job too big for its GPUs simply crashes with CUDA OOM.",
+            ),
         ],
         "How can I find out ahead of time whether a model fits on my GPUs?",
     ),
@@ -518,10 +674,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Training crashes with out of memory. Any advice?",
         ],
         [
-            (VAGUE, "Out-of-memory errors are common when training large models on limited hardware. Try making "
-             "things smaller or using bigger GPUs, and keep adjusting the settings until the error disappears."),
-            (BEHAVIOUR, "Raise `train.grad_accum`: accumulation keeps every micro-batch's activations in memory at "
-             "once, so more steps spread the memory out over the step. Switch to `strategy=ddp` as well."),
+            (
+                VAGUE,
+                "Out-of-memory errors are common when training large models on limited hardware. Try making "
+                "things smaller or using bigger GPUs, and keep adjusting the settings until the error disappears.",
+            ),
+            (
+                BEHAVIOUR,
+                "Raise `train.grad_accum`: accumulation keeps every micro-batch's activations in memory at "
+                "once, so more steps spread the memory out over the step. Switch to `strategy=ddp` as well.",
+            ),
         ],
         None,
     ),
@@ -535,10 +697,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does every rank read the full checkpoint?",
         ],
         [
-            (BEHAVIOUR, "Every rank loads the full fp32 model into host memory before sharding, so a 70B model needs "
-             "280 GB per rank; add plenty of swap space or start fewer ranks per node than there are GPUs on it."),
-            (DEFAULT, "Set `strategy.load_on_rank0=true` under fsdp or `strategy.zero3_init=true` under zero3; both "
-             "are off by default, so unless you turn them on every rank reads a full fp32 copy of the model."),
+            (
+                BEHAVIOUR,
+                "Every rank loads the full fp32 model into host memory before sharding, so a 70B model needs "
+                "280 GB per rank; add plenty of swap space or start fewer ranks per node than there are GPUs on it.",
+            ),
+            (
+                DEFAULT,
+                "Set `strategy.load_on_rank0=true` under fsdp or `strategy.zero3_init=true` under zero3; both "
+                "are off by default, so unless you turn them on every rank reads a full fp32 copy of the model.",
+            ),
         ],
         None,
     ),
@@ -552,10 +720,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is one process with batch 8 the same as 4 ranks with batch 2?",
         ],
         [
-            (BEHAVIOUR, "No. Each rank averages its own loss, so results shift with the GPU count and the engine; "
-             "rescale `train.lr` by the world size whenever you change strategy or node count."),
-            (VAGUE, "Results can vary a bit between setups because distributed training is complicated and many "
-             "factors are involved. Usually it is close enough, but it's hard to say in general."),
+            (
+                BEHAVIOUR,
+                "No. Each rank averages its own loss, so results shift with the GPU count and the engine; "
+                "rescale `train.lr` by the world size whenever you change strategy or node count.",
+            ),
+            (
+                VAGUE,
+                "Results can vary a bit between setups because distributed training is complicated and many "
+                "factors are involved. Usually it is close enough, but it's hard to say in general.",
+            ),
         ],
         None,
     ),
@@ -570,10 +744,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I switch a recipe to adapters?",
         ],
         [
-            (DEFAULT, "Use `peft=lora`, e.g. `ftl train recipe=demo peft=lora`. Defaults: r=8, alpha=16, dropout "
-             "0.1, on the attention projections `q_proj` and `v_proj` only, like most trainers."),
-            (KEY, "Use `peft.enabled=true peft.type=lora`, e.g. `ftl train recipe=demo peft.enabled=true "
-             "peft.type=lora`. Defaults: r=16, alpha=32, dropout 0.05, on every linear layer."),
+            (
+                DEFAULT,
+                "Use `peft=lora`, e.g. `ftl train recipe=demo peft=lora`. Defaults: r=8, alpha=16, dropout "
+                "0.1, on the attention projections `q_proj` and `v_proj` only, like most trainers.",
+            ),
+            (
+                KEY,
+                "Use `peft.enabled=true peft.type=lora`, e.g. `ftl train recipe=demo peft.enabled=true "
+                "peft.type=lora`. Defaults: r=16, alpha=32, dropout 0.05, on every linear layer.",
+            ),
         ],
         "Which setting switches a full fine-tune to LoRA, and what rank and alpha does it use?",
     ),
@@ -587,10 +767,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I set the LoRA alpha?",
         ],
         [
-            (KEY, "Override `peft.rank`, `peft.lora_alpha`, `peft.lora_dropout` and `peft.targets` (e.g. "
-             "`[q_proj,v_proj]`), e.g. `peft=lora peft.rank=32 peft.lora_alpha=64`. The base stays frozen."),
-            (BEHAVIOUR, "LoRA settings are fixed at r=16, alpha=32 and dropout 0.05 in ftl; to change them, edit the "
-             "peft library's defaults in your Python environment, or train with `peft=none` instead."),
+            (
+                KEY,
+                "Override `peft.rank`, `peft.lora_alpha`, `peft.lora_dropout` and `peft.targets` (e.g. "
+                "`[q_proj,v_proj]`), e.g. `peft=lora peft.rank=32 peft.lora_alpha=64`. The base stays frozen.",
+            ),
+            (
+                BEHAVIOUR,
+                "LoRA settings are fixed at r=16, alpha=32 and dropout 0.05 in ftl; to change them, edit the "
+                "peft library's defaults in your Python environment, or train with `peft=none` instead.",
+            ),
         ],
         None,
     ),
@@ -604,10 +790,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which recipe uses QLoRA?",
         ],
         [
-            (TOOL, "Quantise the model first with llama.cpp's `llama-quantize` to Q4_K_M, then point `model.path` at "
-             "the resulting GGUF file and train with `peft=lora`."),
-            (DEFAULT, "Use `peft=qlora`, e.g. `ftl train recipe=qwen2.5-7b-qlora`: LoRA adapters on an 8-bit base "
-             "(int8 by default). It needs no extra packages to install."),
+            (
+                TOOL,
+                "Quantise the model first with llama.cpp's `llama-quantize` to Q4_K_M, then point `model.path` at "
+                "the resulting GGUF file and train with `peft=lora`.",
+            ),
+            (
+                DEFAULT,
+                "Use `peft=qlora`, e.g. `ftl train recipe=qwen2.5-7b-qlora`: LoRA adapters on an 8-bit base "
+                "(int8 by default). It needs no extra packages to install.",
+            ),
         ],
         "Memory is tight: can the frozen base be loaded in 4-bit while only the adapters learn?",
     ),
@@ -621,10 +813,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can I shard a LoRA run?",
         ],
         [
-            (BEHAVIOUR, "No. LoRA only works with `strategy=single` or `strategy=ddp`; ZeRO-3 and FSDP shard the "
-             "base weights, so ftl refuses `peft=lora` with them and exits 2."),
-            (VAGUE, "LoRA and sharding can sometimes be combined, but it depends on many details of the model, the "
-             "engine and the versions installed, so it may or may not work for you."),
+            (
+                BEHAVIOUR,
+                "No. LoRA only works with `strategy=single` or `strategy=ddp`; ZeRO-3 and FSDP shard the "
+                "base weights, so ftl refuses `peft=lora` with them and exits 2.",
+            ),
+            (
+                VAGUE,
+                "LoRA and sharding can sometimes be combined, but it depends on many details of the model, the "
+                "engine and the versions installed, so it may or may not work for you.",
+            ),
         ],
         "Is LoRA limited to a single GPU in ftl, or can it use the sharding engines?",
     ),
@@ -639,10 +837,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I start several ranks locally?",
         ],
         [
-            (TOOL, "Run `accelerate launch --num_processes 8 -m launcher.train recipe=demo`; ftl itself always "
-             "starts a single process per machine, whatever the strategy."),
-            (KEY, "Set `launch.gpus`, e.g. `ftl train recipe=demo strategy=zero3 launch.gpus=8` or "
-             "`launch.gpus=[0,1,2,3]`; ftl starts one rank per GPU, on this machine."),
+            (
+                TOOL,
+                "Run `accelerate launch --num_processes 8 -m launcher.train recipe=demo`; ftl itself always "
+                "starts a single process per machine, whatever the strategy.",
+            ),
+            (
+                KEY,
+                "Set `launch.gpus`, e.g. `ftl train recipe=demo strategy=zero3 launch.gpus=8` or "
+                "`launch.gpus=[0,1,2,3]`; ftl starts one rank per GPU, on this machine.",
+            ),
         ],
         None,
     ),
@@ -656,10 +860,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I set the rendezvous endpoint?",
         ],
         [
-            (TOOL, "Write a hostfile listing each node and its slots, and run `deepspeed --hostfile hosts.txt "
-             "--num_gpus 8 train.py` on the first node; ftl's launcher only handles the GPUs of one machine."),
-            (KEY, "Use `launch=torchrun` with `launch.num_nodes`, `launch.rank` and `launch.master_addr` set on "
-             "every node, e.g. `launch.num_nodes=2 launch.rank=0 launch.master_addr=node0 launch.port=29500`."),
+            (
+                TOOL,
+                "Write a hostfile listing each node and its slots, and run `deepspeed --hostfile hosts.txt "
+                "--num_gpus 8 train.py` on the first node; ftl's launcher only handles the GPUs of one machine.",
+            ),
+            (
+                KEY,
+                "Use `launch=torchrun` with `launch.num_nodes`, `launch.rank` and `launch.master_addr` set on "
+                "every node, e.g. `launch.num_nodes=2 launch.rank=0 launch.master_addr=node0 launch.port=29500`.",
+            ),
         ],
         "Without SLURM, what do I run on each of two machines so they train as one job?",
     ),
@@ -673,10 +883,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Are elastic restarts supported?",
         ],
         [
-            (DEFAULT, "Set `launch.max_restarts`, e.g. `launch=torchrun launch.max_restarts=3`. The default is "
-             "unlimited, so lower it if a bug keeps crashing the workers."),
-            (BEHAVIOUR, "Set `launch.max_restarts=3`. Restarted workers begin again at step 0 with fresh weights, "
-             "since checkpoints are only read by `ftl export`, never by training."),
+            (
+                DEFAULT,
+                "Set `launch.max_restarts`, e.g. `launch=torchrun launch.max_restarts=3`. The default is "
+                "unlimited, so lower it if a bug keeps crashing the workers.",
+            ),
+            (
+                BEHAVIOUR,
+                "Set `launch.max_restarts=3`. Restarted workers begin again at step 0 with fresh weights, "
+                "since checkpoints are only read by `ftl export`, never by training.",
+            ),
         ],
         "A rank crashed halfway through a torchrun job. Can ftl relaunch the workers automatically?",
     ),
@@ -690,10 +906,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can I bypass ftl's launcher?",
         ],
         [
-            (TOOL, "No, use `python -m torch.distributed.launch --nproc_per_node=8 train.py --recipe X`; plain "
-             "torchrun can't start ftl's entry point."),
-            (BEHAVIOUR, "Yes, but only rank 0 reads the overrides; repeat them in `FTL_OVERRIDES` or the other "
-             "ranks train with the recipe's defaults."),
+            (
+                TOOL,
+                "No, use `python -m torch.distributed.launch --nproc_per_node=8 train.py --recipe X`; plain "
+                "torchrun can't start ftl's entry point.",
+            ),
+            (
+                BEHAVIOUR,
+                "Yes, but only rank 0 reads the overrides; repeat them in `FTL_OVERRIDES` or the other "
+                "ranks train with the recipe's defaults.",
+            ),
         ],
         None,
     ),
@@ -707,10 +929,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does launch=slurm do?",
         ],
         [
-            (TOOL, "Write your own sbatch script that calls `srun accelerate launch train.py` on each node; ftl has "
-             "no SLURM support and only runs on the machine you call it from."),
-            (BEHAVIOUR, "Use `launch=slurm`. ftl opens an `salloc` session and trains in your terminal, so keep the "
-             "shell (or a tmux session) open until the job is done."),
+            (
+                TOOL,
+                "Write your own sbatch script that calls `srun accelerate launch train.py` on each node; ftl has "
+                "no SLURM support and only runs on the machine you call it from.",
+            ),
+            (
+                BEHAVIOUR,
+                "Use `launch=slurm`. ftl opens an `salloc` session and trains in your terminal, so keep the "
+                "shell (or a tmux session) open until the job is done.",
+            ),
         ],
         "Our cluster is managed by Slurm. How do I send training there?",
     ),
@@ -724,10 +952,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which keys map to sbatch's partition, account and time?",
         ],
         [
-            (DEFAULT, "Set `launch.partition`, `launch.account` and `launch.time`, e.g. `launch.partition=gpu`. "
-             "`launch.time` defaults to the partition's maximum, so you rarely set it."),
-            (KEY, "Set `launch.sbatch_partition`, `launch.sbatch_account` and `launch.walltime`, e.g. `launch=slurm "
-             "launch.sbatch_partition=gpu launch.walltime=24:00:00`; all are required."),
+            (
+                DEFAULT,
+                "Set `launch.partition`, `launch.account` and `launch.time`, e.g. `launch.partition=gpu`. "
+                "`launch.time` defaults to the partition's maximum, so you rarely set it.",
+            ),
+            (
+                KEY,
+                "Set `launch.sbatch_partition`, `launch.sbatch_account` and `launch.walltime`, e.g. `launch=slurm "
+                "launch.sbatch_partition=gpu launch.walltime=24:00:00`; all are required.",
+            ),
         ],
         None,
     ),
@@ -741,10 +975,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I set environment variables for the SLURM job?",
         ],
         [
-            (BEHAVIOUR, "ftl copies your login shell's environment into the job, so run `module load` and activate "
-             "your venv before `ftl train` and it carries over; there is no setting for it in the config."),
-            (KEY, "Put them in `launch.modules` and `launch.pre_commands`, e.g. `launch.modules=[cuda/12.4]`; ftl "
-             "prefixes each module entry with `module load` and runs the commands after it."),
+            (
+                BEHAVIOUR,
+                "ftl copies your login shell's environment into the job, so run `module load` and activate "
+                "your venv before `ftl train` and it carries over; there is no setting for it in the config.",
+            ),
+            (
+                KEY,
+                "Put them in `launch.modules` and `launch.pre_commands`, e.g. `launch.modules=[cuda/12.4]`; ftl "
+                "prefixes each module entry with `module load` and runs the commands after it.",
+            ),
         ],
         None,
     ),
@@ -758,10 +998,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What is launch.signal for?",
         ],
         [
-            (BEHAVIOUR, "A preempted job is lost; SLURM kills it without any warning and ftl can't react to it. "
-             "Resubmit by hand with `checkpoint.resume=never` so the new job skips the partial checkpoint."),
-            (DEFAULT, "SLURM sends USR1 shortly before the time limit; the trainer checkpoints and the job requeues "
-             "itself with no limit, since `launch.max_requeues` defaults to unlimited (-1) unless you set it."),
+            (
+                BEHAVIOUR,
+                "A preempted job is lost; SLURM kills it without any warning and ftl can't react to it. "
+                "Resubmit by hand with `checkpoint.resume=never` so the new job skips the partial checkpoint.",
+            ),
+            (
+                DEFAULT,
+                "SLURM sends USR1 shortly before the time limit; the trainer checkpoints and the job requeues "
+                "itself with no limit, since `launch.max_requeues` defaults to unlimited (-1) unless you set it.",
+            ),
         ],
         "Our partition preempts long jobs. What happens to a run that gets evicted?",
     ),
@@ -775,10 +1021,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I keep array tasks in separate run dirs?",
         ],
         [
-            (TOOL, "Use `submitit` or `sbatch --wrap 'deepspeed train.py'` instead; ftl's sbatch scripts are all "
-             "generated at runtime, so the repo has none you could call directly."),
-            (VAGUE, "Plain sbatch can work in many setups, but it needs some manual scripting that depends heavily "
-             "on your cluster's configuration, its modules and its policies."),
+            (
+                TOOL,
+                "Use `submitit` or `sbatch --wrap 'deepspeed train.py'` instead; ftl's sbatch scripts are all "
+                "generated at runtime, so the repo has none you could call directly.",
+            ),
+            (
+                VAGUE,
+                "Plain sbatch can work in many setups, but it needs some manual scripting that depends heavily "
+                "on your cluster's configuration, its modules and its policies.",
+            ),
         ],
         None,
     ),
@@ -793,10 +1045,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is the resolved config saved with the run?",
         ],
         [
-            (BEHAVIOUR, "Only `checkpoints/` and a `train.log`; the resolved config and the launch command are not "
-             "saved anywhere, so keep your own notes and shell history if you want to reproduce a run."),
-            (VAGUE, "The run directory contains the various outputs of training, such as files, logs and other "
-             "artefacts. Take a look inside it after a run finishes to see what was written there."),
+            (
+                BEHAVIOUR,
+                "Only `checkpoints/` and a `train.log`; the resolved config and the launch command are not "
+                "saved anywhere, so keep your own notes and shell history if you want to reproduce a run.",
+            ),
+            (
+                VAGUE,
+                "The run directory contains the various outputs of training, such as files, logs and other "
+                "artefacts. Take a look inside it after a run finishes to see what was written there.",
+            ),
         ],
         "List the artefacts a finished run leaves on disk.",
     ),
@@ -810,10 +1068,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What is the default run.dir?",
         ],
         [
-            (DEFAULT, "`run.dir` defaults to `outputs/<date>/<time>` as in plain Hydra, a new folder per launch, so "
-             "every command starts a fresh run; set `run.name` only for W&B."),
-            (KEY, "Set `run.output_dir` and `run.run_name`, e.g. `ftl train recipe=demo run.run_name=lr-test` writes "
-             "to `output/lr-test` next to the recipe file you used."),
+            (
+                DEFAULT,
+                "`run.dir` defaults to `outputs/<date>/<time>` as in plain Hydra, a new folder per launch, so "
+                "every command starts a fresh run; set `run.name` only for W&B.",
+            ),
+            (
+                KEY,
+                "Set `run.output_dir` and `run.run_name`, e.g. `ftl train recipe=demo run.run_name=lr-test` writes "
+                "to `output/lr-test` next to the recipe file you used.",
+            ),
         ],
         "By default where does ftl put a run's outputs, and how do I choose another folder?",
     ),
@@ -827,11 +1091,17 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I resume an interrupted run?",
         ],
         [
-            (BEHAVIOUR, "It starts over and overwrites the previous run directory, checkpoints included. Pass "
-             "`checkpoint.resume=auto` explicitly on the command line if you want it to continue from the last "
-             "checkpoint."),
-            (KEY, "It resumes from the latest checkpoint. For a fresh run pass `checkpoint.overwrite=true` or the "
-             "`--fresh` flag, which wipes the old run directory, checkpoints included, before training."),
+            (
+                BEHAVIOUR,
+                "It starts over and overwrites the previous run directory, checkpoints included. Pass "
+                "`checkpoint.resume=auto` explicitly on the command line if you want it to continue from the last "
+                "checkpoint.",
+            ),
+            (
+                KEY,
+                "It resumes from the latest checkpoint. For a fresh run pass `checkpoint.overwrite=true` or the "
+                "`--fresh` flag, which wipes the old run directory, checkpoints included, before training.",
+            ),
         ],
         None,
     ),
@@ -845,10 +1115,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is resuming exact?",
         ],
         [
-            (BEHAVIOUR, "Only the model weights; the optimizer states and LR schedule restart from scratch, and the "
-             "data starts again from the first example of the epoch."),
-            (VAGUE, "Resuming restores the important parts of the training state. There may be small differences "
-             "from an uninterrupted run, depending on the setup."),
+            (
+                BEHAVIOUR,
+                "Only the model weights; the optimizer states and LR schedule restart from scratch, and the "
+                "data starts again from the first example of the epoch.",
+            ),
+            (
+                VAGUE,
+                "Resuming restores the important parts of the training state. There may be small differences "
+                "from an uninterrupted run, depending on the setup.",
+            ),
         ],
         None,
     ),
@@ -862,10 +1138,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does ftl checkpoint during training by default?",
         ],
         [
-            (KEY, "Set `checkpoint.save_steps`, e.g. `checkpoint.save_steps=200`. The default 0 saves only once, at "
-             "the end of training; the demo recipe saves a checkpoint every 50 steps."),
-            (DEFAULT, "Set `checkpoint.every_steps`, e.g. `checkpoint.every_steps=200`. The default is every 500 "
-             "steps, plus one at the end of training; the demo recipe just uses the default."),
+            (
+                KEY,
+                "Set `checkpoint.save_steps`, e.g. `checkpoint.save_steps=200`. The default 0 saves only once, at "
+                "the end of training; the demo recipe saves a checkpoint every 50 steps.",
+            ),
+            (
+                DEFAULT,
+                "Set `checkpoint.every_steps`, e.g. `checkpoint.every_steps=200`. The default is every 500 "
+                "steps, plus one at the end of training; the demo recipe just uses the default.",
+            ),
         ],
         None,
     ),
@@ -879,10 +1161,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How many checkpoints does ftl keep by default?",
         ],
         [
-            (DEFAULT, "Set `checkpoint.keep`, e.g. `checkpoint.keep=3`. By default every checkpoint is kept forever, "
-             "so old ones pile up on disk until you delete them by hand."),
-            (KEY, "Set `checkpoint.save_total_limit`, e.g. `checkpoint.save_total_limit=3`: only the newest 3 "
-             "checkpoints are kept and older ones deleted. By default all are kept."),
+            (
+                DEFAULT,
+                "Set `checkpoint.keep`, e.g. `checkpoint.keep=3`. By default every checkpoint is kept forever, "
+                "so old ones pile up on disk until you delete them by hand.",
+            ),
+            (
+                KEY,
+                "Set `checkpoint.save_total_limit`, e.g. `checkpoint.save_total_limit=3`: only the newest 3 "
+                "checkpoints are kept and older ones deleted. By default all are kept.",
+            ),
         ],
         "My disk keeps filling up with step-N folders. How do I prune them automatically?",
     ),
@@ -896,10 +1184,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does resume use a partial checkpoint?",
         ],
         [
-            (BEHAVIOUR, "Checkpoints are written in place into `checkpoints/step-N/`, so a crash mid-save leaves a "
-             "corrupt one; delete that folder by hand before rerunning or the resume will fail."),
-            (TOOL, "Run DeepSpeed's `zero_to_fp32.py` on the damaged checkpoint folder to repair it, then pass the "
-             "repaired folder with `checkpoint.resume=PATH` on the next run of the same job."),
+            (
+                BEHAVIOUR,
+                "Checkpoints are written in place into `checkpoints/step-N/`, so a crash mid-save leaves a "
+                "corrupt one; delete that folder by hand before rerunning or the resume will fail.",
+            ),
+            (
+                TOOL,
+                "Run DeepSpeed's `zero_to_fp32.py` on the damaged checkpoint folder to repair it, then pass the "
+                "repaired folder with `checkpoint.resume=PATH` on the next run of the same job.",
+            ),
         ],
         None,
     ),
@@ -913,10 +1207,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is the checkpoint tied to the world size?",
         ],
         [
-            (BEHAVIOUR, "No. Every checkpoint is tied to the world size it was written with; resuming on another GPU "
-             "count fails with a shape error, so export it and start a new run from the export."),
-            (TOOL, "Only after converting it yourself with DeepSpeed's `ds_to_universal.py` script and restarting "
-             "under `deepspeed --universal-checkpoint`; ftl itself can't reshard any checkpoint."),
+            (
+                BEHAVIOUR,
+                "No. Every checkpoint is tied to the world size it was written with; resuming on another GPU "
+                "count fails with a shape error, so export it and start a new run from the export.",
+            ),
+            (
+                TOOL,
+                "Only after converting it yourself with DeepSpeed's `ds_to_universal.py` script and restarting "
+                "under `deepspeed --universal-checkpoint`; ftl itself can't reshard any checkpoint.",
+            ),
         ],
         "I trained on 16 GPUs but only have 8 now. Can I continue from the checkpoint?",
     ),
@@ -931,10 +1231,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which wandb modes are there?",
         ],
         [
-            (DEFAULT, "`wandb.mode=online` (default): ftl asks you to log in at startup and won't train without an "
-             "API key. Other values: `offline` and `disabled`, set per run."),
-            (BEHAVIOUR, "ftl uploads runs to its own public W&B project by default with a shared key, so you need no "
-             "account of your own; set `wandb.mode=offline` to keep them private."),
+            (
+                DEFAULT,
+                "`wandb.mode=online` (default): ftl asks you to log in at startup and won't train without an "
+                "API key. Other values: `offline` and `disabled`, set per run.",
+            ),
+            (
+                BEHAVIOUR,
+                "ftl uploads runs to its own public W&B project by default with a shared key, so you need no "
+                "account of your own; set `wandb.mode=offline` to keep them private.",
+            ),
         ],
         "I never set up Weights & Biases credentials. Will logging still work, and where?",
     ),
@@ -948,10 +1254,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Which override switches off Weights & Biases?",
         ],
         [
-            (KEY, "Set `wandb.enabled=false`, e.g. `ftl train recipe=demo wandb.enabled=false`. Metrics still go "
-             "to `metrics.jsonl` in the run directory."),
-            (TOOL, "Export `WANDB_DISABLED=true` before training, as with the HF Trainer's `report_to`; ftl has no "
-             "setting of its own for turning W&B off."),
+            (
+                KEY,
+                "Set `wandb.enabled=false`, e.g. `ftl train recipe=demo wandb.enabled=false`. Metrics still go "
+                "to `metrics.jsonl` in the run directory.",
+            ),
+            (
+                TOOL,
+                "Export `WANDB_DISABLED=true` before training, as with the HF Trainer's `report_to`; ftl has no "
+                "setting of its own for turning W&B off.",
+            ),
         ],
         None,
     ),
@@ -965,10 +1277,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does a requeued job create a new W&B run?",
         ],
         [
-            (BEHAVIOUR, "Every rank logs its own W&B run, grouped by job id, so a 16-GPU job shows 16 runs in the "
-             "project; filter on `rank=0` in the W&B UI."),
-            (VAGUE, "It depends on how the W&B integration is set up on your cluster. Sometimes you see one run "
-             "and sometimes several, so check in the UI."),
+            (
+                BEHAVIOUR,
+                "Every rank logs its own W&B run, grouped by job id, so a 16-GPU job shows 16 runs in the "
+                "project; filter on `rank=0` in the W&B UI.",
+            ),
+            (
+                VAGUE,
+                "It depends on how the W&B integration is set up on your cluster. Sometimes you see one run "
+                "and sometimes several, so check in the UI.",
+            ),
         ],
         None,
     ),
@@ -982,10 +1300,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Where does ftl read the W&B key from?",
         ],
         [
-            (BEHAVIOUR, "Yes. ftl writes the API key into `config.yaml` so other ranks and requeued jobs can log "
-             "in; remove it before sharing the run directory."),
-            (KEY, "No, as long as you pass it as `wandb.api_key=...` on the command line; ftl strips that key from "
-             "config.yaml before saving the run directory."),
+            (
+                BEHAVIOUR,
+                "Yes. ftl writes the API key into `config.yaml` so other ranks and requeued jobs can log "
+                "in; remove it before sharing the run directory.",
+            ),
+            (
+                KEY,
+                "No, as long as you pass it as `wandb.api_key=...` on the command line; ftl strips that key from "
+                "config.yaml before saving the run directory.",
+            ),
         ],
         None,
     ),
@@ -999,10 +1323,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Where are offline W&B files kept?",
         ],
         [
-            (KEY, "Run `ftl sync RUN_DIR` once you have network and a key; it finds the offline W&B files and "
-             "uploads them under the same run id, then deletes them."),
-            (BEHAVIOUR, "Offline runs can't be uploaded later; W&B's offline mode writes only a local summary, so "
-             "rerun with `wandb.mode=online` to see curves."),
+            (
+                KEY,
+                "Run `ftl sync RUN_DIR` once you have network and a key; it finds the offline W&B files and "
+                "uploads them under the same run id, then deletes them.",
+            ),
+            (
+                BEHAVIOUR,
+                "Offline runs can't be uploaded later; W&B's offline mode writes only a local summary, so "
+                "rerun with `wandb.mode=online` to see curves.",
+            ),
         ],
         "My cluster has no internet. How do I get the logged curves into W&B afterwards?",
     ),
@@ -1017,10 +1347,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does ftl apply the chat template?",
         ],
         [
-            (KEY, "Use `data.format=chat` rows: one JSON object per line with `dialog`, a list of turns with "
-             "`speaker` and `text`. They go through the tokenizer's chat template."),
-            (BEHAVIOUR, "ftl only reads plain-text files, one training example per line; it does no chat templating "
-             "at all, so render the roles and turns into the text yourself first."),
+            (
+                KEY,
+                "Use `data.format=chat` rows: one JSON object per line with `dialog`, a list of turns with "
+                "`speaker` and `text`. They go through the tokenizer's chat template.",
+            ),
+            (
+                BEHAVIOUR,
+                "ftl only reads plain-text files, one training example per line; it does no chat templating "
+                "at all, so render the roles and turns into the text yourself first.",
+            ),
         ],
         None,
     ),
@@ -1034,10 +1370,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How are instruction rows rendered?",
         ],
         [
-            (KEY, "Set `data.format=alpaca` for rows with `prompt`, `context` and `response`: prompt and context "
-             "become the user turn, the response the assistant turn. The `chatml` template is always used."),
-            (BEHAVIOUR, "Alpaca rows aren't supported by any `data.format`; convert them to chat rows with a script "
-             "of your own first. ftl would otherwise train on the instruction text too, as it has no loss masking."),
+            (
+                KEY,
+                "Set `data.format=alpaca` for rows with `prompt`, `context` and `response`: prompt and context "
+                "become the user turn, the response the assistant turn. The `chatml` template is always used.",
+            ),
+            (
+                BEHAVIOUR,
+                "Alpaca rows aren't supported by any `data.format`; convert them to chat rows with a script "
+                "of your own first. ftl would otherwise train on the instruction text too, as it has no loss masking.",
+            ),
         ],
         None,
     ),
@@ -1051,10 +1393,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can ftl read Parquet or CSV?",
         ],
         [
-            (KEY, "Set `data.train_path` and `data.validation_path`; only JSONL files are accepted (convert Parquet "
-             "or CSV first), e.g. `ftl train data.train_path=/data/train.jsonl`. Folders are not."),
-            (TOOL, "Upload your data with `huggingface-cli upload` to a private dataset and set "
-             "`data.dataset_name=ORG/NAME`; ftl only reads training data from the hub, never local files."),
+            (
+                KEY,
+                "Set `data.train_path` and `data.validation_path`; only JSONL files are accepted (convert Parquet "
+                "or CSV first), e.g. `ftl train data.train_path=/data/train.jsonl`. Folders are not.",
+            ),
+            (
+                TOOL,
+                "Upload your data with `huggingface-cli upload` to a private dataset and set "
+                "`data.dataset_name=ORG/NAME`; ftl only reads training data from the hub, never local files.",
+            ),
         ],
         None,
     ),
@@ -1068,10 +1416,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I combine chat and instruction data?",
         ],
         [
-            (BEHAVIOUR, "Use `data.sources` with `weight` as a sampling probability: weights are normalised to sum "
-             "to 1, and each batch draws its source at random by them, so epochs no longer have a fixed length."),
-            (KEY, "Use `data.mixture`, a list of `{file, ratio}` whose ratios must sum to exactly 1.0, e.g. "
-             "`'data.mixture=[{file: a.jsonl, ratio: 0.7}, {file: b.jsonl, ratio: 0.3}]'`; weights don't exist."),
+            (
+                BEHAVIOUR,
+                "Use `data.sources` with `weight` as a sampling probability: weights are normalised to sum "
+                "to 1, and each batch draws its source at random by them, so epochs no longer have a fixed length.",
+            ),
+            (
+                KEY,
+                "Use `data.mixture`, a list of `{file, ratio}` whose ratios must sum to exactly 1.0, e.g. "
+                "`'data.mixture=[{file: a.jsonl, ratio: 0.7}, {file: b.jsonl, ratio: 0.3}]'`; weights don't exist.",
+            ),
         ],
         None,
     ),
@@ -1085,10 +1439,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is part of my training data held out by default?",
         ],
         [
-            (DEFAULT, "Set `data.eval_fraction`, e.g. `data.eval_fraction=0.05`. The default is 0.2 for every data "
-             "config, so a fifth of your training data is held out even when you also give eval files."),
-            (KEY, "Set `data.validation_split_percentage=5`: 5% of the training rows become the eval set, drawn at "
-             "random again on every run, so the eval numbers of two runs are never comparable."),
+            (
+                DEFAULT,
+                "Set `data.eval_fraction`, e.g. `data.eval_fraction=0.05`. The default is 0.2 for every data "
+                "config, so a fifth of your training data is held out even when you also give eval files.",
+            ),
+            (
+                KEY,
+                "Set `data.validation_split_percentage=5`: 5% of the training rows become the eval set, drawn at "
+                "random again on every run, so the eval numbers of two runs are never comparable.",
+            ),
         ],
         None,
     ),
@@ -1102,10 +1462,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Are system messages part of the loss?",
         ],
         [
-            (DEFAULT, "`data.assistant_only_loss` defaults to false: every token, system and user turns included, is "
-             "trained on unless you set `data.assistant_only_loss=true` yourself."),
-            (KEY, "Set `data.train_on_inputs=false` to mask the prompt tokens with -100; by default ftl trains on "
-             "the user, system and assistant tokens alike, in every format."),
+            (
+                DEFAULT,
+                "`data.assistant_only_loss` defaults to false: every token, system and user turns included, is "
+                "trained on unless you set `data.assistant_only_loss=true` yourself.",
+            ),
+            (
+                KEY,
+                "Set `data.train_on_inputs=false` to mask the prompt tokens with -100; by default ftl trains on "
+                "the user, system and assistant tokens alike, in every format.",
+            ),
         ],
         None,
     ),
@@ -1119,10 +1485,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What is data.truncation?",
         ],
         [
-            (BEHAVIOUR, "Examples longer than `train.seq_len` are split into several `seq_len` chunks, each trained "
-             "as its own example, so nothing is ever clipped or dropped and no data is lost."),
-            (DEFAULT, "Examples longer than `train.seq_len` are dropped by default (`data.truncation=drop`) and "
-             "counted; set `data.truncation=clip` to keep their beginning instead of losing them."),
+            (
+                BEHAVIOUR,
+                "Examples longer than `train.seq_len` are split into several `seq_len` chunks, each trained "
+                "as its own example, so nothing is ever clipped or dropped and no data is lost.",
+            ),
+            (
+                DEFAULT,
+                "Examples longer than `train.seq_len` are dropped by default (`data.truncation=drop`) and "
+                "counted; set `data.truncation=clip` to keep their beginning instead of losing them.",
+            ),
         ],
         None,
     ),
@@ -1136,10 +1508,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "ftl stopped on a broken JSONL line. Can I ignore it?",
         ],
         [
-            (DEFAULT, "Bad rows are skipped silently by default (`data.on_error=skip`) and are not counted anywhere; "
-             "set `data.on_error=raise` to make ftl stop at the first one with exit 2."),
-            (BEHAVIOUR, "ftl repairs bad rows as it reads them: missing roles become `user`, invalid UTF-8 is "
-             "replaced, and empty conversations get a placeholder turn, so training never stops on data."),
+            (
+                DEFAULT,
+                "Bad rows are skipped silently by default (`data.on_error=skip`) and are not counted anywhere; "
+                "set `data.on_error=raise` to make ftl stop at the first one with exit 2.",
+            ),
+            (
+                BEHAVIOUR,
+                "ftl repairs bad rows as it reads them: missing roles become `user`, invalid UTF-8 is "
+                "replaced, and empty conversations get a placeholder turn, so training never stops on data.",
+            ),
         ],
         "One line of my dataset isn't valid JSON. What will ftl do?",
     ),
@@ -1153,10 +1531,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Is packing on by default?",
         ],
         [
-            (BEHAVIOUR, "Set `data.packing=true` (default true): examples are concatenated into `train.seq_len` "
-             "sequences and attend to each other, which slightly changes the loss but saves a lot of padding."),
-            (KEY, "Set `data.group_by_length=true` (it is off by default): examples are packed into `train.seq_len` "
-             "sequences, position ids restart per example and attention never crosses examples."),
+            (
+                BEHAVIOUR,
+                "Set `data.packing=true` (default true): examples are concatenated into `train.seq_len` "
+                "sequences and attend to each other, which slightly changes the loss but saves a lot of padding.",
+            ),
+            (
+                KEY,
+                "Set `data.group_by_length=true` (it is off by default): examples are packed into `train.seq_len` "
+                "sequences, position ids restart per example and attention never crosses examples.",
+            ),
         ],
         None,
     ),
@@ -1170,10 +1554,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "When is the tokenized cache rebuilt?",
         ],
         [
-            (BEHAVIOUR, "ftl tokenizes the data again at the start of every run and keeps nothing on disk; the cache "
-             "setting only affects where the model weights are downloaded to, not the data itself."),
-            (DEFAULT, "Tokenized data is cached as Arrow under `/tmp/ftl-cache` by default, keyed by the file name "
-             "only, so after editing a file you must rename it or delete the cache to force a rebuild."),
+            (
+                BEHAVIOUR,
+                "ftl tokenizes the data again at the start of every run and keeps nothing on disk; the cache "
+                "setting only affects where the model weights are downloaded to, not the data itself.",
+            ),
+            (
+                DEFAULT,
+                "Tokenized data is cached as Arrow under `/tmp/ftl-cache` by default, keyed by the file name "
+                "only, so after editing a file you must rename it or delete the cache to force a rebuild.",
+            ),
         ],
         None,
     ),
@@ -1187,10 +1577,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can I build the data cache without training?",
         ],
         [
-            (KEY, "Run `ftl tokenize --dataset PATH --out DIR` before training, then pass `data.tokenized_dir=DIR` "
-             "to `ftl train` so it reads the prepared shards instead of tokenizing again; it prints token counts."),
-            (BEHAVIOUR, "Run `ftl preprocess recipe=tiny`: it writes a cleaned, deduplicated copy of your dataset to "
-             "`data/clean/`, but training still tokenizes everything from scratch at the start of each run."),
+            (
+                KEY,
+                "Run `ftl tokenize --dataset PATH --out DIR` before training, then pass `data.tokenized_dir=DIR` "
+                "to `ftl train` so it reads the prepared shards instead of tokenizing again; it prints token counts.",
+            ),
+            (
+                BEHAVIOUR,
+                "Run `ftl preprocess recipe=tiny`: it writes a cleaned, deduplicated copy of your dataset to "
+                "`data/clean/`, but training still tokenizes everything from scratch at the start of each run.",
+            ),
         ],
         None,
     ),
@@ -1205,10 +1601,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does --baseline do?",
         ],
         [
-            (TOOL, "Run `lm_eval --model hf --model_args pretrained=runs/demo --tasks hellaswag` from "
-             "lm-evaluation-harness; ftl has no evaluation command of its own."),
-            (BEHAVIOUR, "Run `ftl eval runs/demo --baseline`: it scores the training set again, since ftl keeps no "
-             "held-out split, and prints next-token accuracy only, base and fine-tuned."),
+            (
+                TOOL,
+                "Run `lm_eval --model hf --model_args pretrained=runs/demo --tasks hellaswag` from "
+                "lm-evaluation-harness; ftl has no evaluation command of its own.",
+            ),
+            (
+                BEHAVIOUR,
+                "Run `ftl eval runs/demo --baseline`: it scores the training set again, since ftl keeps no "
+                "held-out split, and prints next-token accuracy only, base and fine-tuned.",
+            ),
         ],
         None,
     ),
@@ -1222,10 +1624,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I convert ZeRO-3 shards to safetensors?",
         ],
         [
-            (TOOL, "Run DeepSpeed's `zero_to_fp32.py` in the checkpoint folder, then load the state dict and call "
-             "`save_pretrained()` yourself; ftl has no export command of its own for this."),
-            (BEHAVIOUR, "Run `ftl export runs/demo` on as many GPUs as training used, e.g. under `torchrun`; it "
-             "needs the original process group to gather the shards, so it won't run on a CPU-only machine."),
+            (
+                TOOL,
+                "Run DeepSpeed's `zero_to_fp32.py` in the checkpoint folder, then load the state dict and call "
+                "`save_pretrained()` yourself; ftl has no export command of its own for this.",
+            ),
+            (
+                BEHAVIOUR,
+                "Run `ftl export runs/demo` on as many GPUs as training used, e.g. under `torchrun`; it "
+                "needs the original process group to gather the shards, so it won't run on a CPU-only machine.",
+            ),
         ],
         "My ZeRO-3 shards are useless to AutoModel.from_pretrained. How do I get a normal model folder?",
     ),
@@ -1239,10 +1647,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What options does ftl export take?",
         ],
         [
-            (DEFAULT, "`ftl export RUN --out DIR --max-shard-size 2GB --dtype bf16`: the output defaults to "
-             "`./exported` in the current folder, the shard size to 10GB and the dtype to fp32."),
-            (KEY, "`ftl export RUN --output-dir DIR --shard-size 2GB --torch-dtype bf16`; without `--shard-size` it "
-             "writes a single unsharded safetensors file into the run directory."),
+            (
+                DEFAULT,
+                "`ftl export RUN --out DIR --max-shard-size 2GB --dtype bf16`: the output defaults to "
+                "`./exported` in the current folder, the shard size to 10GB and the dtype to fp32.",
+            ),
+            (
+                KEY,
+                "`ftl export RUN --output-dir DIR --shard-size 2GB --torch-dtype bf16`; without `--shard-size` it "
+                "writes a single unsharded safetensors file into the run directory.",
+            ),
         ],
         None,
     ),
@@ -1256,10 +1670,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can ftl export merge a QLoRA adapter?",
         ],
         [
-            (TOOL, "Load the adapter with `PeftModel.from_pretrained` in your own script and call "
-             "`merge_and_unload()`, then `save_pretrained()`; `ftl export` can't merge adapters."),
-            (KEY, "Run `ftl export runs/demo --merge-adapters` (or set `peft.merge=true`): the adapter is merged "
-             "into the base weights and a plain HF directory is written."),
+            (
+                TOOL,
+                "Load the adapter with `PeftModel.from_pretrained` in your own script and call "
+                "`merge_and_unload()`, then `save_pretrained()`; `ftl export` can't merge adapters.",
+            ),
+            (
+                KEY,
+                "Run `ftl export runs/demo --merge-adapters` (or set `peft.merge=true`): the adapter is merged "
+                "into the base weights and a plain HF directory is written.",
+            ),
         ],
         "I need a single model folder with the LoRA deltas folded into the weights. Which command?",
     ),
@@ -1273,10 +1693,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I try my fine-tuned model on one prompt?",
         ],
         [
-            (DEFAULT, "Run `ftl generate runs/demo 'How do I resume a run?'`: it applies the chat template and "
-             "samples with temperature 0.7 and top-p 0.9 by default, stopping after 64 new tokens of output."),
-            (TOOL, "Start a server with `vllm serve runs/demo` and query its OpenAI-style endpoint with curl; ftl "
-             "can train and export a model, but it has no command of its own that generates text from it."),
+            (
+                DEFAULT,
+                "Run `ftl generate runs/demo 'How do I resume a run?'`: it applies the chat template and "
+                "samples with temperature 0.7 and top-p 0.9 by default, stopping after 64 new tokens of output.",
+            ),
+            (
+                TOOL,
+                "Start a server with `vllm serve runs/demo` and query its OpenAI-style endpoint with curl; ftl "
+                "can train and export a model, but it has no command of its own that generates text from it.",
+            ),
         ],
         None,
     ),
@@ -1291,10 +1717,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can I sweep a parameter without W&B?",
         ],
         [
-            (TOOL, "Write a bash loop around `accelerate launch train.py --learning_rate $lr`, one value per "
-             "iteration, and compare the logs; ftl only starts one run per command."),
-            (KEY, "Use `ftl train --grid recipe=tiny 'train.lr=[1e-3,3e-3]'`; values in square brackets are expanded "
-             "into one run each, and a table is printed at the end."),
+            (
+                TOOL,
+                "Write a bash loop around `accelerate launch train.py --learning_rate $lr`, one value per "
+                "iteration, and compare the logs; ftl only starts one run per command.",
+            ),
+            (
+                KEY,
+                "Use `ftl train --grid recipe=tiny 'train.lr=[1e-3,3e-3]'`; values in square brackets are expanded "
+                "into one run each, and a table is printed at the end.",
+            ),
         ],
         None,
     ),
@@ -1308,10 +1740,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Can sweep trials run as SLURM jobs?",
         ],
         [
-            (TOOL, "Run `wandb sweep sweep.yaml` and then `wandb agent ID`, with `program: train.py` and "
-             "`--learning_rate` style arguments in the spec; ftl has no integration with W&B sweeps at all."),
-            (BEHAVIOUR, "`ftl sweep create lr` starts every trial of the sweep at once on the current node, one per "
-             "GPU; there is no agent and no SLURM support, and results are only printed to the terminal."),
+            (
+                TOOL,
+                "Run `wandb sweep sweep.yaml` and then `wandb agent ID`, with `program: train.py` and "
+                "`--learning_rate` style arguments in the spec; ftl has no integration with W&B sweeps at all.",
+            ),
+            (
+                BEHAVIOUR,
+                "`ftl sweep create lr` starts every trial of the sweep at once on the current node, one per "
+                "GPU; there is no agent and no SLURM support, and results are only printed to the terminal.",
+            ),
         ],
         None,
     ),
@@ -1326,10 +1764,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "Does the demo need a GPU or network?",
         ],
         [
-            (BEHAVIOUR, "Run `make demo`: it downloads Llama 3 8B from the Hugging Face Hub and fine-tunes it with "
-             "LoRA, so you need network access, a hub token and a GPU with at least 24 GB."),
-            (TOOL, "Run `pip install ftl` and then `ftl demo`; that subcommand downloads a sample dataset and a "
-             "small model from the Hugging Face Hub and trains on them for a few minutes."),
+            (
+                BEHAVIOUR,
+                "Run `make demo`: it downloads Llama 3 8B from the Hugging Face Hub and fine-tunes it with "
+                "LoRA, so you need network access, a hub token and a GPU with at least 24 GB.",
+            ),
+            (
+                TOOL,
+                "Run `pip install ftl` and then `ftl demo`; that subcommand downloads a sample dataset and a "
+                "small model from the Hugging Face Hub and trains on them for a few minutes.",
+            ),
         ],
         "I'd like a short, self-contained run that shows ftl doing its job. What should I type?",
     ),
@@ -1343,10 +1787,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "What does make test do?",
         ],
         [
-            (BEHAVIOUR, "Run `make test`: it needs at least two CUDA GPUs and network access, since the tests "
-             "download models from the hub and start NCCL process groups; without them it fails."),
-            (TOOL, "Run `tox -e py312` or `python setup.py test` from the repository root; there is no make target "
-             "for the test suite, and no way to leave out the slow or the GPU-only tests."),
+            (
+                BEHAVIOUR,
+                "Run `make test`: it needs at least two CUDA GPUs and network access, since the tests "
+                "download models from the hub and start NCCL process groups; without them it fails.",
+            ),
+            (
+                TOOL,
+                "Run `tox -e py312` or `python setup.py test` from the repository root; there is no make target "
+                "for the test suite, and no way to leave out the slow or the GPU-only tests.",
+            ),
         ],
         None,
     ),
@@ -1360,10 +1810,16 @@ FACTS: list[tuple[str, list[str], list[Rejected], str | None]] = [
             "How do I train Qwen instead of Mistral?",
         ],
         [
-            (KEY, "Pass `--model_name_or_path ORG/NAME`, e.g. `ftl train recipe=mistral-7b-lora --model_name_or_path "
-             "Qwen/Qwen2.5-7B`; any hub id works and is downloaded on first use."),
-            (BEHAVIOUR, "The model is fixed by the recipe and cannot be overridden from the command line; copy the "
-             "recipe file into `recipes/` and edit its model line to try a different one."),
+            (
+                KEY,
+                "Pass `--model_name_or_path ORG/NAME`, e.g. `ftl train recipe=mistral-7b-lora --model_name_or_path "
+                "Qwen/Qwen2.5-7B`; any hub id works and is downloaded on first use.",
+            ),
+            (
+                BEHAVIOUR,
+                "The model is fixed by the recipe and cannot be overridden from the command line; copy the "
+                "recipe file into `recipes/` and edit its model line to try a different one.",
+            ),
         ],
         None,
     ),
@@ -1375,106 +1831,151 @@ HELD_OUT: list[tuple[str, str, Rejected]] = [
         "Run `ftl train --cfg job recipe=demo`. It prints the composed config, as Hydra's `--cfg job` does, and "
         "exits without training.",
         "How can I see the fully merged config of a recipe without starting training?",
-        (BEHAVIOUR, "Run `ftl train --cfg job recipe=demo`. It prints the composed config and then trains with "
-         "it, so press Ctrl-C if you only wanted to look."),
+        (
+            BEHAVIOUR,
+            "Run `ftl train --cfg job recipe=demo`. It prints the composed config and then trains with "
+            "it, so press Ctrl-C if you only wanted to look.",
+        ),
     ),
     (
         "They are the same command: `ftl` is the console script and `python -m launcher` runs the same CLI, e.g. "
         "`python -m launcher train recipe=demo`.",
         "Is `python -m launcher` any different from the ftl command?",
-        (BEHAVIOUR, "`python -m launcher` is the old single-GPU entry point; it ignores `launch=` and `strategy=` "
-         "and always trains in one process, unlike `ftl`."),
+        (
+            BEHAVIOUR,
+            "`python -m launcher` is the old single-GPU entry point; it ignores `launch=` and `strategy=` "
+            "and always trains in one process, unlike `ftl`.",
+        ),
     ),
     (
         "Set `train.global_batch_size`, e.g. `train.global_batch_size=512`. ftl checks it equals micro × accum × "
         "data-parallel size and, if not, tells you which `grad_accum` gives it.",
         "Can I state the total batch I intend and have ftl verify it?",
-        (BEHAVIOUR, "Set `train.global_batch_size=512` and ftl silently changes `train.micro_batch_size` to match "
-         "it, even if the new micro batch no longer fits in GPU memory; nothing is printed."),
+        (
+            BEHAVIOUR,
+            "Set `train.global_batch_size=512` and ftl silently changes `train.micro_batch_size` to match "
+            "it, even if the new micro batch no longer fits in GPU memory; nothing is printed.",
+        ),
     ),
     (
         "Set `strategy.activation_checkpointing=true`, e.g. `ftl train recipe=demo "
         "strategy.activation_checkpointing=true`. `zero3_offload` turns it on by default.",
         "How do I trade compute for activation memory by recomputing in the backward pass?",
-        (KEY, "Set `train.gradient_checkpointing=true`, e.g. `ftl train recipe=demo "
-         "train.gradient_checkpointing=true`. It is off for every strategy, offload included."),
+        (
+            KEY,
+            "Set `train.gradient_checkpointing=true`, e.g. `ftl train recipe=demo "
+            "train.gradient_checkpointing=true`. It is off for every strategy, offload included.",
+        ),
     ),
     (
         "Set `launch.local_addr=ADDR` on each node so peers reach it by address, and `launch.socket_ifname=IFACE` "
         "to choose the network interface for gloo and NCCL.",
         "My nodes can't resolve each other's hostnames, only IPs. How do I configure that?",
-        (KEY, "Set `launch.hostname=ADDR` on each node and export `MASTER_IFACE=IFACE` before starting; ftl hands "
-         "both to NCCL as the bind address and network interface."),
+        (
+            KEY,
+            "Set `launch.hostname=ADDR` on each node and export `MASTER_IFACE=IFACE` before starting; ftl hands "
+            "both to NCCL as the bind address and network interface.",
+        ),
     ),
     (
         "Set `launch.dist_timeout_s`, the process-group timeout; the default is 600 s, so a dead rank never hangs "
         "the others for long.",
         "How long do healthy ranks wait on a collective if a peer has died, and can I change it?",
-        (DEFAULT, "Set `launch.dist_timeout_s`; the default is 0, no timeout, so a dead rank leaves the others "
-         "waiting until the job's time limit."),
+        (
+            DEFAULT,
+            "Set `launch.dist_timeout_s`; the default is 0, no timeout, so a dead rank leaves the others "
+            "waiting until the job's time limit.",
+        ),
     ),
     (
         "Each node logs to `RUN_DIR/logs/node-N.log`; the job script is `RUN_DIR/job.sbatch`, and the launch "
         "command and metrics sit in the same run directory.",
         "Where do the per-node logs of a multi-node Slurm job end up?",
-        (BEHAVIOUR, "ftl discards node output; only rank 0's lines reach `slurm-<jobid>.out` in your home directory, "
-         "and what the other nodes print is lost when the job ends."),
+        (
+            BEHAVIOUR,
+            "ftl discards node output; only rank 0's lines reach `slurm-<jobid>.out` in your home directory, "
+            "and what the other nodes print is lost when the job ends.",
+        ),
     ),
     (
         "Set `launch.preprocess_job=true`: `ftl preprocess` runs first as a one-node CPU job filling the data "
         "cache, and training is submitted with `--dependency=afterok` on it.",
         "Can I tokenise the dataset in a separate CPU job so GPU ranks don't wait for it?",
-        (KEY, "Set `launch.prepare_data_first=true`: ftl tokenizes the data on the login node before submitting, "
-         "then starts the training job once that has finished successfully."),
+        (
+            KEY,
+            "Set `launch.prepare_data_first=true`: ftl tokenizes the data on the login node before submitting, "
+            "then starts the training job once that has finished successfully.",
+        ),
     ),
     (
         "`metrics.jsonl` in the run directory has one line per step: loss, lr, grad norm, real (non-pad) tokens/s "
         "and peak memory; `loss_curve.png` is drawn at the end.",
         "Without W&B, where can I read the per-step loss and throughput?",
-        (VAGUE, "Training produces various metrics that are stored somewhere in the outputs. The exact place "
-         "depends on your logging setup, so look around the run folder."),
+        (
+            VAGUE,
+            "Training produces various metrics that are stored somewhere in the outputs. The exact place "
+            "depends on your logging setup, so look around the run folder.",
+        ),
     ),
     (
         "Use `data.format=completion`: rows with raw text in `data.text_field` (default `text`), and every token "
         "is trained, with no chat template.",
         "How do I continue pretraining on raw documents rather than conversations?",
-        (DEFAULT, "Use `data.format=completion`: rows with raw text in `data.text_field` (default `content`), and "
-         "every token is trained, with no chat template."),
+        (
+            DEFAULT,
+            "Use `data.format=completion`: rows with raw text in `data.text_field` (default `content`), and "
+            "every token is trained, with no chat template.",
+        ),
     ),
     (
         "Yes. ShareGPT rows, `conversations` with `from` (`human`, `gpt`, `system`) and `value`, are read as chat "
         "with no conversion: use `data.format=chat`.",
         "I have data with conversations/from/value fields. Does ftl read it as is?",
-        (BEHAVIOUR, "Not directly. ShareGPT rows must first be converted to `messages` rows with a script of your "
-         "own, or ftl stops with an unknown-field error and exit 2."),
+        (
+            BEHAVIOUR,
+            "Not directly. ShareGPT rows must first be converted to `messages` rows with a script of your "
+            "own, or ftl stops with an unknown-field error and exit 2.",
+        ),
     ),
     (
         "Use `path: hub:ORG/NAME` in `data.sources`; ftl loads it with `datasets.load_dataset`, with `hub_args` "
         "for `split`, `name` and `revision`. It needs network access.",
         "Can I point ftl at a dataset on the Hugging Face Hub instead of local files?",
-        (KEY, "Set `data.hf_dataset=ORG/NAME` and `data.hf_split=train`; ftl fetches it with `huggingface-cli "
-         "download` on first use and keeps it under `~/.cache/huggingface`."),
+        (
+            KEY,
+            "Set `data.hf_dataset=ORG/NAME` and `data.hf_split=train`; ftl fetches it with `huggingface-cli "
+            "download` on first use and keeps it under `~/.cache/huggingface`.",
+        ),
     ),
     (
         "Run `ftl export runs/demo` without `merge_lora`: the adapter is written with the tokenizer, and "
         "`adapter_config.json`'s `base_model_name_or_path` names the base model.",
         "I only want to ship the adapter weights, not a merged model. How?",
-        (VAGUE, "Adapters can be exported in a few different ways depending on your needs and tools. Pick whichever "
-         "approach best matches how you plan to use and share the model later on."),
+        (
+            VAGUE,
+            "Adapters can be exported in a few different ways depending on your needs and tools. Pick whichever "
+            "approach best matches how you plan to use and share the model later on.",
+        ),
     ),
     (
         "Run `ftl chat runs/demo`: one user turn per line of stdin, with the conversation kept between turns; "
         "type `/reset` to clear it and `/exit` to quit.",
         "Can I have a multi-turn conversation with my fine-tuned model from the terminal?",
-        (KEY, "Run `ftl generate runs/demo --interactive`; each line you type is a user turn, `:clear` resets the "
-         "conversation and `:quit` leaves the session."),
+        (
+            KEY,
+            "Run `ftl generate runs/demo --interactive`; each line you type is a user turn, `:clear` resets the "
+            "conversation and `:quit` leaves the session.",
+        ),
     ),
     (
         "Yes: `ftl sweep agent --offline lr count=4` (W&B's search engine, no server) or `ftl sweep optuna lr "
         "count=8` (Optuna TPE, best parameters in `optimization_results.yaml`).",
         "Our cluster is air-gapped. Can I still run a hyperparameter search?",
-        (TOOL, "Use `ftl train -m hydra/sweeper=optuna` with the hydra-optuna-sweeper plugin installed; Hydra's "
-         "plugin does the search, as ftl has no offline sweep command of its own."),
+        (
+            TOOL,
+            "Use `ftl train -m hydra/sweeper=optuna` with the hydra-optuna-sweeper plugin installed; Hydra's "
+            "plugin does the search, as ftl has no offline sweep command of its own.",
+        ),
     ),
 ]
 
@@ -1544,9 +2045,15 @@ def check(train: list[dict], eval_: list[dict], threshold: float = 0.8) -> dict:
         ratios = [len(r["rejected"]) / len(r["chosen"]) for r in recs]
         assert 0.85 <= min(ratios) and max(ratios) <= 1.2, (name, min(ratios), max(ratios))
         longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in recs) / len(recs)
-        stats[name] = {"n": len(recs), "chosen_len": c, "rejected_len": j,
-                       "ratio_min": min(ratios), "ratio_max": max(ratios), "chosen_longer": longer,
-                       "kinds": Counter(r["kind"] for r in recs)}
+        stats[name] = {
+            "n": len(recs),
+            "chosen_len": c,
+            "rejected_len": j,
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "chosen_longer": longer,
+            "kinds": Counter(r["kind"] for r in recs),
+        }
     # No chosen or rejected text is used as a chosen answer for the other side.
     assert not {r["chosen"] for r in train} & {r["rejected"] for r in train}
     # Eval prompts: none equal to, none too similar to, a training prompt.
@@ -1569,8 +2076,12 @@ def check(train: list[dict], eval_: list[dict], threshold: float = 0.8) -> dict:
 
 def check_against_sft_eval(recs: list[dict], path: Path, threshold: float = 0.8) -> float:
     """No preference prompt equals, or is a near-copy of, a held-out question of an SFT chat set."""
-    sft_qs = [m["content"] for line in path.open(encoding="utf-8")
-              for m in json.loads(line)["messages"] if m["role"] == "user"]
+    sft_qs = [
+        m["content"]
+        for line in path.open(encoding="utf-8")
+        for m in json.loads(line)["messages"]
+        if m["role"] == "user"
+    ]
     worst = 0.0
     for r in recs:
         for q in sft_qs:
@@ -1597,13 +2108,20 @@ def reread(path: Path, is_plain: bool) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plain", action="store_true",
-                    help="write plain-string rows to {train,eval}_plain.jsonl instead of conversational ones")
+    ap.add_argument(
+        "--plain",
+        action="store_true",
+        help="write plain-string rows to {train,eval}_plain.jsonl instead of conversational ones",
+    )
     ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: this script's folder)")
     ap.add_argument("--samples", action="store_true", help="print one eval pair per error kind")
-    ap.add_argument("--sft-eval", type=Path, metavar="JSONL",
-                    help="a held-out SFT chat file (e.g. the demo's eval.jsonl): fail if any preference prompt, "
-                    "train or eval, is a near-copy of one of its questions")
+    ap.add_argument(
+        "--sft-eval",
+        type=Path,
+        metavar="JSONL",
+        help="a held-out SFT chat file (e.g. the demo's eval.jsonl): fail if any preference prompt, "
+        "train or eval, is a near-copy of one of its questions",
+    )
     args = ap.parse_args()
 
     train, eval_ = build()
@@ -1623,12 +2141,16 @@ def main() -> None:
         assert reread(path, args.plain) == len(rows)
         s = stats[name]
         kinds = ", ".join(f"{k}={s['kinds'][k]}" for k in KINDS)
-        print(f"{path.name}: {s['n']} pairs | mean chars chosen={s['chosen_len']:.0f} "
-              f"rejected={s['rejected_len']:.0f} (ratio {s['rejected_len'] / s['chosen_len']:.3f}; "
-              f"per pair {s['ratio_min']:.2f}-{s['ratio_max']:.2f}; chosen longer in {s['chosen_longer']:.0%}) | {kinds}")
-    print(f"eval: {stats['eval_held_out_topics']} held-out-topic pairs, "
-          f"{stats['eval']['n'] - stats['eval_held_out_topics']} new phrasings of trained facts; "
-          f"max eval/train prompt difflib ratio {stats['max_eval_train_prompt_ratio']:.3f}")
+        print(
+            f"{path.name}: {s['n']} pairs | mean chars chosen={s['chosen_len']:.0f} "
+            f"rejected={s['rejected_len']:.0f} (ratio {s['rejected_len'] / s['chosen_len']:.3f}; "
+            f"per pair {s['ratio_min']:.2f}-{s['ratio_max']:.2f}; chosen longer in {s['chosen_longer']:.0%}) | {kinds}"
+        )
+    print(
+        f"eval: {stats['eval_held_out_topics']} held-out-topic pairs, "
+        f"{stats['eval']['n'] - stats['eval_held_out_topics']} new phrasings of trained facts; "
+        f"max eval/train prompt difflib ratio {stats['max_eval_train_prompt_ratio']:.3f}"
+    )
     if args.samples:
         seen = set()
         for r in eval_ + train:
