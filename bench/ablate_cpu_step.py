@@ -6,10 +6,10 @@
 Configurations (each adds one change to the one before):
 
 1. transformers' ``sdpa`` (block-diagonal mask per pack), the loss over full logits, for-each AdamW;
-2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.train.loss`);
+2. + the output layer and fp32 loss at labelled positions only (:mod:`launcher.model.loss`);
 3. + ``sdpa_varlen``, attention per packed example (:mod:`launcher.model.attention`);
 4. + fused AdamW (ftl before its second speed round: ``train.loss=logits train.compile=false``);
-5. + the head and loss in chunks, never the full logits (``train.loss=chunked``, :mod:`launcher.train.loss`);
+5. + the head and loss in chunks, never the full logits (``train.loss=chunked``, :mod:`launcher.model.loss`);
 6. + short examples' attention in three ops each instead of SDPA one by one
    (:func:`launcher.model.attention.short_causal`; the rows above run ``sdpa_per_example``);
 7. + each decoder layer compiled (``train.compile=true``, :mod:`launcher.model.compile`), the
@@ -73,9 +73,9 @@ def step_times(recipe: str, steps: int) -> tuple[dict[str, list[float]], dict[st
     from launcher.model import attention
     from launcher.model.compile import compile_decoder_layers, eager
     from launcher.model.loading import load_model_and_tokenizer
+    from launcher.model.loss import next_token_loss
     from launcher.runtime.device import bf16_residual_stream
     from launcher.session import load_config
-    from launcher.train.loss import next_token_loss
 
     cfg = load_config([f"recipe={recipe}", "train.seq_len=512"]).cfg
     torch.manual_seed(0)

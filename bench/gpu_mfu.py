@@ -44,7 +44,7 @@ lower by design).
 
 ``--head`` adds the output layer and loss alone at vocab 128,256 and hidden 4096, one micro-batch
 (``--micro-batch`` × ``--seq-len`` tokens, all labelled), bf16 weight as FSDP's compute copy:
-forward + backward through :func:`launcher.train.loss.next_token_loss` with ``impl`` chunked
+forward + backward through :func:`launcher.model.loss.next_token_loss` with ``impl`` chunked
 (ftl's default), logits (the full [tokens, vocab] logits) and liger; median time and peak memory
 above what was allocated before.
 
@@ -136,9 +136,9 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     from launcher.engines.fsdp import apply_fully_shard
     from launcher.model import attention
     from launcher.model.loading import arch_to_hf_config, ensure_pad_token, load_tokenizer
+    from launcher.model.loss import next_token_loss
     from launcher.runtime.distributed import DistInfo
     from launcher.session import load_config
-    from launcher.train.loss import next_token_loss
     from launcher.train.mfu import peak_flops
 
     strategy, layers, seq_len, micro_batch = args["strategy"], args["layers"], args["seq_len"], args["micro_batch"]
@@ -230,7 +230,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def head_only(hidden_size: int, vocab: int, device: Any, dtype: Any) -> Any:
-    """The output layer alone, as :func:`launcher.train.loss.next_token_loss` finds it in a causal
+    """The output layer alone, as :func:`launcher.model.loss.next_token_loss` finds it in a causal
     LM (``get_output_embeddings``, a Llama ``config``, ``.logits``), fed hidden states as ``inputs_embeds``."""
     from types import SimpleNamespace
 
@@ -257,7 +257,7 @@ def head_worker(args: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from launcher.train.loss import next_token_loss
+    from launcher.model.loss import next_token_loss
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)

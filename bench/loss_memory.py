@@ -49,8 +49,8 @@ def worker(recipe: str, impl: str, rows: int, seq_len: int) -> dict[str, Any]:
 
     from launcher.data.types import IGNORE_INDEX
     from launcher.engines.common import build_param_groups
+    from launcher.model.loss import next_token_loss
     from launcher.session import load_config
-    from launcher.train.loss import next_token_loss
     from launcher.train.trainer import build_model
 
     torch.set_num_threads(2)

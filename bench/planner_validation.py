@@ -166,7 +166,7 @@ def measure(cfg: Any, precision: str) -> dict[str, float]:
 
 
 def _micro_batch(engine: Any, batch: dict[str, Any], last: bool) -> None:
-    from launcher.train.loss import next_token_loss
+    from launcher.model.loss import next_token_loss
 
     ids = batch["input_ids"]
     with engine.grad_sync(last):

@@ -136,6 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_multirun(args.overrides, lambda ov: _train_once(ov, args))
     import os
 
+    if not (os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID")):  # a plain `ftl train`
+        return _train_once(args.overrides, args)
     from launcher.sweep.trial import run_trial, sweep_trial
 
     trial = sweep_trial(args.overrides, os.environ)  # started by a W&B sweep agent: its run dir, its run id

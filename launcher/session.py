@@ -72,20 +72,34 @@ def prepare_run(overrides: list[str]) -> PreparedRun:
     from launcher.rundir.write import choose_run_dir, config_path_for
 
     loaded = load_config(overrides, check_run_dir=True)
-    if loaded.cfg.checkpoint.every_steps == "auto":  # fixed here, once: every rank reads the number
-        from launcher.plan.scale import resolved_every_steps
-
-        every = resolved_every_steps(loaded.cfg)
-        loaded.raw["checkpoint"]["every_steps"] = loaded.cfg.checkpoint.every_steps = every
-        loaded.notes.append(
-            f"checkpoint.every_steps=auto: every {every} steps (the Young/Daly interval; ftl plan's scale section)"
-        )
+    loaded.notes += fix_estimates(loaded.raw, loaded.cfg)
     run_dir = choose_run_dir(loaded.raw)
     loaded.raw["run"]["dir"] = str(run_dir)
     loaded.cfg.run.dir = str(run_dir)
     config_path = config_path_for(loaded.raw, run_dir)
     plan = get_backend(loaded.cfg.launch.backend).build(loaded.cfg, run_dir, config_path)
     return PreparedRun(loaded.raw, loaded.cfg, loaded.choices, loaded.notes, plan, config_path)
+
+
+def fix_estimates(raw: dict[str, Any], cfg: FtlConfig) -> list[str]:
+    """The planner's estimates a run depends on, fixed here once and written into config.yaml, so
+    every rank reads the launcher's number instead of estimating again: the checkpoint interval
+    (``checkpoint.every_steps=auto``) and the I/O-phase timeout (``launch.io_timeout_s=null``).
+    Returns the notes to print."""
+    from launcher.plan.timing import io_timeout_s
+
+    notes = []
+    if cfg.checkpoint.every_steps == "auto":
+        from launcher.plan.scale import resolved_every_steps
+
+        every = resolved_every_steps(cfg)
+        raw["checkpoint"]["every_steps"] = cfg.checkpoint.every_steps = every
+        notes.append(
+            f"checkpoint.every_steps=auto: every {every} steps (the Young/Daly interval; ftl plan's scale section)"
+        )
+    if cfg.launch.io_timeout_s is None:
+        raw["launch"]["io_timeout_s"] = cfg.launch.io_timeout_s = io_timeout_s(cfg)
+    return notes
 
 
 def writes_run_dir(cfg: FtlConfig) -> bool:

@@ -303,7 +303,7 @@ def test_gpu_mfu_head_microbench_runs_ftls_loss_paths() -> None:
     and its full-logits path alike, with the same loss and gradients: its rows compare like with like."""
     import torch
 
-    from launcher.train.loss import fused_head_ok, next_token_loss
+    from launcher.model.loss import fused_head_ok, next_token_loss
 
     torch.manual_seed(0)
     head = bench_module("gpu_mfu").head_only(32, 500, "cpu", torch.float32)

@@ -33,11 +33,11 @@ from launcher.data.sources import check_local_rows
 from launcher.files import file_hash, mark_dir
 from launcher.launch.base import LaunchPlan
 from launcher.launch.local import run_foreground
-from launcher.launch.outcome import summarize
 from launcher.paths import ROOT
 from launcher.redact import REDACTED, declare, known_secrets, redact
 from launcher.rundir import RunPaths
 from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock, check_free, lock_path
+from launcher.rundir.outcome import summarize
 from launcher.rundir.write import launch_script
 from launcher.shell import comment, ftl_command, join, quote
 

@@ -98,6 +98,104 @@ def test_the_rank_runtime_and_the_engines_import_nothing_above_them() -> None:
     assert not offenders, "\n".join(offenders)
 
 
+# The floors, bottom first: a module may import from its own floor and the floors below, never
+# from one above. A package sits on one floor; the few modules that stand on another say why.
+FLOORS: list[tuple[str, dict[str, str]]] = [
+    (
+        "foundation",
+        {
+            "files": "atomic writes, the dirs ftl made",
+            "paths": "ftl's own files",
+            "shell": "the one quoting rule",
+            "redact": "secrets kept out of output",
+            "safe_read": "the one reader of user files",
+            "progress": "progress bars and log lines",
+            "quiet": "other libraries' noise",
+            "wandb_auth": "the W&B key",
+            "rundir": "RunPaths names every file of a run dir, for every floor",
+            "rundir.paths": "as above",
+            "rundir.outcome": "the exit records every rank writes and the launcher reads",
+        },
+    ),
+    (
+        "config",  # torch-free: what a run is and what it needs
+        {
+            "config": "schema, composition, validation",
+            "plan": "the memory and time model the validation checks against",
+            "engines.traits": "engine facts (torch-free) the config checks and the planner read; kept beside the engines",
+            "model.families": "decoder families and config.json -> arch (torch-free); kept beside the model code",
+        },
+    ),
+    ("runtime", {"runtime": "device, process groups, collectives, schedule"}),
+    ("model and data", {"model": "loading, adapters, attention, the head and loss", "data": "rows to token ids"}),
+    ("engines", {"engines": "single, ddp, deepspeed, fsdp"}),
+    (
+        "objectives and metrics",
+        {"objectives": "what the trainer minimises", "eval": "perplexity, BLEU, ROUGE, rewards"},
+    ),
+    ("train", {"train": "the loop, checkpoints, telemetry"}),
+    ("artifacts", {"artifacts": "weights, export, generate"}),
+    (
+        "launcher",
+        {
+            "launch": "backends: local, torchrun, slurm",
+            "rundir.write": "writes launch.sh from the launch plan",
+            "rundir.lock": "one writer per run dir, held by the launcher",
+            "session": "preparing a run for every entry",
+            "eval.job": "`ftl eval`: a command that launches like `ftl train`",
+            "launch.slurm_job": "the job's side of the slurm backend (`sbatch slurm/train.sbatch`, a sweep's job)",
+        },
+    ),
+    ("sweep", {"sweep": "W&B and offline sweeps, `ftl train -m`: they run sessions"}),
+    (
+        "entries",  # a process starts here; nothing imports them
+        {
+            "cli": "`ftl`",
+            "__main__": "`python -m launcher`",
+            "train.entry": "one rank (`python -m launcher.train`): prepares its run as `ftl train` would",
+            "train.__main__": "as above",
+        },
+    ),
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of a module of the package: its longest entry in :data:`FLOORS`."""
+    parts = module.split(".")[1:] or ["__init__"]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        for level, (_, members) in enumerate(FLOORS):
+            if key in members:
+                return level
+    raise AssertionError(f"{module} stands on no floor: add it to FLOORS in tests/test_layout.py")
+
+
+# Upward imports not yet removed: (importer, imported) -> why.
+UPWARD_FOR_NOW = {
+    (
+        "launcher.train.resume",
+        "launcher.rundir.write",
+    ): "the resume verdict (launcher-side) still lives in train/resume.py",
+}
+
+
+def test_imports_point_down_the_floors() -> None:
+    upward = [
+        f"{name} ({FLOORS[floor_of(name)][0]}) -> {t} ({FLOORS[floor_of(t)][0]})"
+        for name, targets in sorted(graph().items())
+        if name != PACKAGE
+        for t in sorted(targets)
+        if t != PACKAGE and floor_of(t) > floor_of(name) and (name, t) not in UPWARD_FOR_NOW
+    ]
+    assert not upward, "imports from a lower floor to a higher one:\n" + "\n".join(upward)
+
+
+def test_the_floor_check_finds_an_upward_import() -> None:
+    assert floor_of(f"{PACKAGE}.config.validate") < floor_of(f"{PACKAGE}.train.trainer")
+    assert floor_of(f"{PACKAGE}.engines.traits") < floor_of(f"{PACKAGE}.engines.fsdp")
+    assert floor_of(f"{PACKAGE}.train.entry") == len(FLOORS) - 1
+
+
 def test_only_the_engine_traits_name_engines() -> None:
     """Engine-specific facts come from launcher.engines.traits, not from comparing names elsewhere."""
     offenders = []

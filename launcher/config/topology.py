@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from launcher.config.schema import FtlConfig
+from launcher.engines.traits import engine_traits
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -61,3 +62,33 @@ def resolve_precision(precision: str, device_type: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: expected auto, fp32, bf16 or fp16")
     return precision
+
+
+QLORA_UNPROVEN = (
+    "bitsandbytes re-wraps each 4-bit weight in every forward and, under FSDP2, shares its storage with the "
+    "all-gather buffer: never yet run compiled"
+)
+
+
+def compile_choice(cfg: FtlConfig, device_type: str) -> tuple[bool, str]:
+    """``train.compile`` resolved on ``device_type``, and why (what ``ftl plan`` shows). null
+    means on CUDA yes, on CPU no, and never where the engine cannot run compiled layers
+    (``EngineTraits.compiles_layers``: ZeRO-3) or the model is QLoRA (:data:`QLORA_UNPROVEN`).
+    On the project's 2-core CPU a compiled SmolLM2 step was 4.5-26% faster (three benches) but a
+    cold first compile took ~60 s, and a whole demo-sized run (84 steps) was 11% slower with it
+    (docs/BENCHMARKS.md); on a GPU a run's compile is seconds of hours."""
+    setting, qlora = cfg.train.compile, cfg.peft.method == "qlora"
+    if setting is not None:
+        unproven = f"; unproven with QLoRA: {QLORA_UNPROVEN}" if setting and qlora else ""
+        return setting, f"{'on' if setting else 'off'} (train.compile={str(setting).lower()}{unproven})"
+    traits = engine_traits(cfg.strategy)
+    if device_type != "cuda":
+        return False, f"off (train.compile=null: off on {device_type})"
+    if not traits.compiles_layers:
+        return False, f"off (train.compile=null: {traits.title} frees each layer's gathered weights after forward)"
+    if qlora:
+        return (
+            False,
+            f"off (train.compile=null: QLoRA stays eager until a GPU run proves it compiles; {QLORA_UNPROVEN}; train.compile=true tries it)",
+        )
+    return True, "on (train.compile=null: on CUDA)"

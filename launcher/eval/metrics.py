@@ -22,8 +22,8 @@ from launcher.data.build import collate
 from launcher.data.chat import prompt_and_reference
 from launcher.data.packing import model_inputs
 from launcher.data.types import TokenizedDataset
+from launcher.model.loss import count_label_tokens, next_token_loss
 from launcher.progress import phase
-from launcher.train.loss import count_label_tokens, next_token_loss
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 GatherFn = Callable[[list[Any]], list[list[Any]]]

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 from launcher.config.errors import ConfigError
 from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan, python, trainer_argv
-from launcher.launch.outcome import clear_exits, summarize
+from launcher.rundir.outcome import clear_exits, summarize
 
 
 def _env(cfg: FtlConfig) -> dict[str, str]:
@@ -168,7 +168,7 @@ def _stop_when_parent_dies() -> Callable[[], None] | None:
 
 def run_foreground(plan: LaunchPlan, records: bool = True) -> int:
     """Run each command in turn with the plan's environment, and give back 0, 1, 2 or 130 (see
-    :mod:`launcher.launch.outcome`; ``records``: the command is the trainer, which leaves exit
+    :mod:`launcher.rundir.outcome`; ``records``: the command is the trainer, which leaves exit
     records in the run dir).
 
     The job runs in a process group of its own, so a Ctrl-C at the terminal reaches this launcher

@@ -22,7 +22,7 @@ inductor keeps compiled kernels in its on-disk cache, so a rerun of the same mod
 compiles in a few seconds, and on CPU ftl keeps there the verdict of inductor's per-process ISA
 probe (:mod:`launcher.model.isa_probe`), ~2 s of every later compiled run's first step.
 
-Whether a run compiles (:func:`compile_choice`) is decided without torch, so that ``ftl plan``
+Whether a run compiles (:func:`launcher.config.topology.compile_choice`) is decided without torch, so that ``ftl plan``
 shows it: torch is imported by the functions that compile.
 """
 
@@ -32,9 +32,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Optional
-
-from launcher.config.schema import FtlConfig
-from launcher.engines.traits import engine_traits
 
 if TYPE_CHECKING:
     import torch
@@ -51,36 +48,6 @@ _setup_s = 0.0
 # subclass and sets it on its module in every forward, inside what dynamo would trace, and under
 # FSDP2 it counts on that weight sharing storage with the all-gather buffer. Neither has run
 # compiled on a GPU yet (project issue 29); train.compile=true tries it.
-QLORA_UNPROVEN = (
-    "bitsandbytes re-wraps each 4-bit weight in every forward and, under FSDP2, shares its storage with the "
-    "all-gather buffer: never yet run compiled"
-)
-
-
-def compile_choice(cfg: FtlConfig, device_type: str) -> tuple[bool, str]:
-    """``train.compile`` resolved on ``device_type``, and why (what ``ftl plan`` shows). null
-    means on CUDA yes, on CPU no, and never where the engine cannot run compiled layers
-    (``EngineTraits.compiles_layers``: ZeRO-3) or the model is QLoRA (:data:`QLORA_UNPROVEN`).
-    On the project's 2-core CPU a compiled SmolLM2 step was 4.5-26% faster (three benches) but a
-    cold first compile took ~60 s, and a whole demo-sized run (84 steps) was 11% slower with it
-    (docs/BENCHMARKS.md); on a GPU a run's compile is seconds of hours."""
-    setting, qlora = cfg.train.compile, cfg.peft.method == "qlora"
-    if setting is not None:
-        unproven = f"; unproven with QLoRA: {QLORA_UNPROVEN}" if setting and qlora else ""
-        return setting, f"{'on' if setting else 'off'} (train.compile={str(setting).lower()}{unproven})"
-    traits = engine_traits(cfg.strategy)
-    if device_type != "cuda":
-        return False, f"off (train.compile=null: off on {device_type})"
-    if not traits.compiles_layers:
-        return False, f"off (train.compile=null: {traits.title} frees each layer's gathered weights after forward)"
-    if qlora:
-        return (
-            False,
-            f"off (train.compile=null: QLoRA stays eager until a GPU run proves it compiles; {QLORA_UNPROVEN}; train.compile=true tries it)",
-        )
-    return True, "on (train.compile=null: on CUDA)"
-
-
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks (to compile, to shard one by one): the classes a HF model names in
     ``_no_split_modules``; else the items of every ModuleList."""

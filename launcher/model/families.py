@@ -252,7 +252,7 @@ def layout(model_type: str) -> Layout:
     return LAYOUTS[model_type]
 
 
-# The chunked loss (launcher/train/loss.py) runs the output layer over this many logits at a time
+# The chunked loss (launcher/model/loss.py) runs the output layer over this many logits at a time
 # at most. CPU: 2**24 fp32 logits, 64 MB (341 positions of SmolLM2's 49k vocabulary, 130 of Llama
 # 3's 128k), tuned on the project's CPUs. CUDA: 2**27, 512 MB (1,046 positions of 128k, 2,730 of
 # 49k): each chunk reads and writes the head's fp32 weight gradient once ([vocab, hidden], 2 GB
@@ -271,7 +271,7 @@ def loss_chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
 def plain_head(model_type: Optional[str], config: Any = None) -> bool:
     """Whether the family's logits are its output layer's output unchanged (no softcap or scale
     after it, or the config switches it off), so the loss may be computed inside that layer
-    (:mod:`launcher.train.loss`). Unknown families: no."""
+    (:mod:`launcher.model.loss`). Unknown families: no."""
     if model_type not in LAYOUTS:
         return False
     key = LAYOUTS[model_type].logits_post

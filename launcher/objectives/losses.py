@@ -4,7 +4,7 @@ A batch holds whole pairs, each as two sequences (chosen, then rejected) with re
 ``position_ids`` (see :mod:`launcher.data.preference`), one or several pairs per row. One forward
 pass gives the log-probability of every labelled token (the output layer runs at those positions
 only and, where the model allows, chunk by chunk without the fp32 logits, as for SFT:
-:func:`launcher.train.loss.next_token_logps`); :func:`sequence_logps` sums them per sequence. The losses follow the papers:
+:func:`launcher.model.loss.next_token_logps`); :func:`sequence_logps` sums them per sequence. The losses follow the papers:
 
 * DPO (Rafailov et al. 2023): ``z = β·((π_c − ref_c) − (π_r − ref_r))`` over summed log-probs,
   loss ``−(1−ε)·log σ(z) − ε·log σ(−z)`` (ε: ``label_smoothing``, the conservative variant);
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data.packing import model_inputs
-from launcher.train.loss import next_token_logps, positions_of
+from launcher.model.loss import next_token_logps, positions_of
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
 

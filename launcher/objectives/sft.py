@@ -7,15 +7,15 @@ from typing import Any
 import torch
 
 from launcher.data.packing import model_inputs
+from launcher.model.loss import count_label_tokens, next_token_loss, positions_of
 from launcher.objectives.base import Objective
-from launcher.train.loss import count_label_tokens, next_token_loss, positions_of
 
 
 class SftObjective(Objective):
     name = "sft"
 
     def __init__(self, loss_impl: str = "chunked") -> None:
-        self.loss_impl = loss_impl  # train.loss: see launcher.train.loss
+        self.loss_impl = loss_impl  # train.loss: see launcher.model.loss
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return count_label_tokens(batch["labels"])

@@ -8,6 +8,7 @@ from typing import Any
 
 from launcher.config.schema import ArchConfig, DeepSpeedStrategy, FtlConfig
 from launcher.config.topology import (
+    compile_choice,
     global_batch,
     nodes,
     planned_device_type,
@@ -16,7 +17,6 @@ from launcher.config.topology import (
     world_size,
 )
 from launcher.engines.traits import engine_traits
-from launcher.model.compile import compile_choice
 from launcher.plan.memory import (
     STRATEGY_ROWS,
     Alternative,

@@ -6,7 +6,7 @@ may pass Hydra overrides instead (``torchrun ... -m launcher.train recipe=X a.b=
 composes the same config, rank 0 writes it into the run dir, and the trainer checks that all ranks
 agree before training. Exit codes: 0 done; 130 stopped by a signal after a checkpoint; 1 training
 failed; 2 the config, the run dir or the training data is unusable. Each rank also leaves its code
-in the run dir (:mod:`launcher.launch.outcome`), for the launcher to report past torchrun.
+in the run dir (:mod:`launcher.rundir.outcome`), for the launcher to report past torchrun.
 """
 
 from __future__ import annotations
@@ -75,14 +75,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_cuda_allocator(os.environ)
     from launcher.config.errors import ConfigErrors
     from launcher.config.validate import load_run_config
-    from launcher.launch.outcome import record_exit
     from launcher.rundir import run_dir_of
     from launcher.rundir.lock import RunDirBusy, RunDirLock
+    from launcher.rundir.outcome import record_exit
+    from launcher.session import fix_estimates
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     lock = None
     try:
         cfg, run = (load_run_config(args.config), None) if args.config else config_from_overrides(args.overrides)
+        if run is None:  # a config.yaml written before ftl fixed its estimates there
+            fix_estimates({"checkpoint": {}, "launch": {}}, cfg)
         if rank == 0:  # the run dir's one writer: holds its lock (inherited from `ftl train` when it started us)
             lock = RunDirLock(run_dir_of(cfg), "trainer rank 0").acquire()
             if run is not None:

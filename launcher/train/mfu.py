@@ -4,7 +4,7 @@ The FLOPs come from the model as built (:func:`model_flops`), one matmul weight 
 weight and token forward, 2 more for the gradient with respect to its input, 2 more for its own
 gradient when it trains (6 for a trainable weight, 4 for a frozen one, as LoRA's base). The input
 embedding is a lookup and costs nothing; the output layer runs only at the positions that predict
-a label (:mod:`launcher.train.loss`), so it is charged per labelled token. Sizes are the
+a label (:mod:`launcher.model.loss`), so it is charged per labelled token. Sizes are the
 weights' logical ones (``in_features × out_features``), whatever their storage: 4-bit QLoRA
 weights, ZeRO-3 partitions and FSDP shards count in full. Attention's own FLOPs (QKᵀ, AV) are
 left out, as in the 6·N estimate: the MFU is a slight underestimate at long sequences.
@@ -41,7 +41,7 @@ class ModelFlops:
 
 def model_flops(model: nn.Module, head: nn.Module) -> ModelFlops:
     """The FLOPs of ``model``'s matmul weights (its linear layers, LoRA's included), with ``head``
-    (the output layer, :func:`launcher.train.loss.output_layer`) counted per labelled token."""
+    (the output layer, :func:`launcher.model.loss.output_layer`) counted per labelled token."""
     body = 0.0
     head_flops = 0.0
     for module in model.modules():

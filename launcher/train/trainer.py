@@ -25,6 +25,7 @@ import torch
 
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig, TrainConfig
+from launcher.config.topology import compile_choice
 from launcher.data.build import collate
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs
@@ -33,11 +34,11 @@ from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
 from launcher.model.attention import attention_paths, note_host_copy
-from launcher.model.compile import compile_choice, compile_decoder_layers, eager, first_step_note
+from launcher.model.compile import compile_decoder_layers, eager, first_step_note
 from launcher.model.loading import count_parameters
+from launcher.model.loss import count_label_tokens, label_positions, output_layer
 from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
-from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
 from launcher.rundir import run_dir_of
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
@@ -67,7 +68,6 @@ from launcher.train.checkpoint import (
     verify,
 )
 from launcher.train.finite import NonFiniteError, check_step, refuse_nonfinite_weights
-from launcher.train.loss import count_label_tokens, label_positions, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
@@ -107,7 +107,9 @@ class Trainer:
                     )
                 ]
             )
-        self.io_timeout_s = io_timeout_s(cfg)  # loading, conversion, checkpoints: see launcher.plan.timing
+        # Loading, conversion, checkpoints: the launcher fixed it in config.yaml (launcher.session.fix_estimates);
+        # a Trainer built by hand from an unresolved config keeps the step timeout for them too.
+        self.io_timeout_s = cfg.launch.io_timeout_s or cfg.launch.dist_timeout_s
         self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
         model, self.tokenizer = build_model(cfg, self.device, self.dist)

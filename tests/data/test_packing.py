@@ -21,9 +21,9 @@ from launcher.data.packing import (
     packing_efficiency,
 )
 from launcher.data.types import IGNORE_INDEX
+from launcher.model.loss import count_label_tokens, next_token_loss
 from launcher.paths import asset
 from launcher.runtime.distributed import DistInfo
-from launcher.train.loss import count_label_tokens, next_token_loss
 from launcher.train.trainer import DataOrder
 
 SEQ_LEN = 256

@@ -10,7 +10,7 @@ import torch
 
 from launcher.data.types import IGNORE_INDEX
 from launcher.model.compile import compile_decoder_layers, decoder_layers, eager
-from launcher.train.loss import next_token_loss
+from launcher.model.loss import next_token_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +139,7 @@ def cfg_of(*overrides: str) -> Any:
 def test_compile_null_is_on_for_cuda_except_zero3_and_qlora(
     overrides: tuple[str, ...], device: str, on: bool, why: str
 ) -> None:
-    from launcher.model.compile import compile_choice
+    from launcher.config.topology import compile_choice
 
     cfg = cfg_of("recipe=tiny", "train.compile=null", *overrides)
     got, text = compile_choice(cfg, device)

@@ -283,7 +283,7 @@ def test_chunked_log_probs_train_the_numbers_of_the_full_logits(
 ) -> None:
     """Preference objectives compute their log-probs chunk by chunk (never the [labels, vocab]
     fp32 logits): the per-sequence log-probs, the losses and every gradient are the full logits'."""
-    import launcher.train.loss as loss_module
+    import launcher.model.loss as loss_module
 
     monkeypatch.setattr(
         loss_module, "chunk_rows", lambda vocab, device_type="cpu": 7

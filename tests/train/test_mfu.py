@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from launcher.model.loss import output_layer
 from launcher.plan.memory import lora_param_count, param_counts
 from launcher.session import load_config
-from launcher.train.loss import output_layer
 from launcher.train.mfu import ModelFlops, model_flops, model_flops_utilization, peak_for_name
 from launcher.train.trainer import build_model
 

@@ -12,7 +12,7 @@ import torch
 from helpers import TINY, ftl
 
 from launcher.data.types import IGNORE_INDEX
-from launcher.train.loss import next_token_loss
+from launcher.model.loss import next_token_loss
 from launcher.train.offload import ActivationOffloader, Offloaded, build_offloader
 
 pytestmark = pytest.mark.usefixtures("one_thread")

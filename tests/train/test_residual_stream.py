@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from launcher.model.loss import next_token_loss
 from launcher.session import load_config
-from launcher.train.loss import next_token_loss
 from launcher.train.trainer import build_model
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""launcher/train/loss.py: the output layer run only at labelled positions, with its logits whole
+"""launcher/model/loss.py: the output layer run only at labelled positions, with its logits whole
 or in chunks, gives the full-logits loss and gradients."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import launcher.train.loss as loss_module
+import launcher.model.loss as loss_module
 from launcher.data.types import IGNORE_INDEX
-from launcher.train.loss import (
+from launcher.model.loss import (
     ChunkShape,
     chunked_head_loss,
     chunked_token_logps,
@@ -389,7 +389,7 @@ def test_liger_and_the_cuda_chunked_loss_match_fp32_under_bf16_autocast() -> Non
 
     need_gpus(1)
     pytest.importorskip("liger_kernel", reason="train.loss=liger needs pip install 'ftl[liger]'")
-    from launcher.train.loss import liger_loss
+    from launcher.model.loss import liger_loss
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, hidden_size, vocab = 8192, 1024, 32000
