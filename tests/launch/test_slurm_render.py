@@ -336,8 +336,8 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
 
     srun = rec.args("srun")
     task = srun[srun.index("bash") :]
-    assert task[:5] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", str(run_dir / "logs")]
-    assert task[5:] == [
+    assert task[:6] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", f"{run_dir / 'logs'}/node-", ".log"]
+    assert task[6:] == [
         str(python),
         "-m",
         "torch.distributed.run",
@@ -382,7 +382,7 @@ def test_setup_lines_run_verbatim_in_order_and_choose_the_interpreter(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 2 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
+    assert srun[srun.index("ftl_node") + 3 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["setup's-python3", "launch.python"])
@@ -603,8 +603,9 @@ def test_train_sbatch_composes_writes_the_run_dir_and_runs_the_same_script(tmp_p
     )
     assert out.returncode == 0, out.stdout + out.stderr
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 1 :][:4] == [
-        str(run_dir / "logs"),
+    assert srun[srun.index("ftl_node") + 1 :][:5] == [
+        f"{run_dir / 'logs'}/node-",
+        ".log",
         sys.executable,
         "-m",
         "torch.distributed.run",
