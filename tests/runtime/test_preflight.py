@@ -157,3 +157,29 @@ def test_the_device_check_times_a_gpu_matmul_and_checks_its_result():
     tflops = device_check(torch.device("cuda", 0))
     assert tflops is not None and tflops > 1.0, tflops  # any datacenter GPU of this decade: tens to hundreds
     assert device_check(torch.device("cpu")) is None
+
+
+def test_the_preflight_is_off_when_asked_and_on_one_node(tmp_path):
+    import torch
+
+    from launcher.config.schema import TorchrunLaunch
+    from launcher.runtime.distributed import DistInfo
+    from launcher.runtime.preflight import run_preflight
+
+    two_nodes = DistInfo(rank=0, local_rank=0, world_size=2, local_world_size=1)
+    one_node = DistInfo(rank=0, local_rank=0, world_size=2, local_world_size=2)
+    cpu = torch.device("cpu")
+    # No process group exists here: a preflight that ran would fail at its first collective.
+    assert run_preflight(TorchrunLaunch(preflight=False), two_nodes, cpu, tmp_path, 60) is None
+    assert run_preflight(TorchrunLaunch(), one_node, cpu, tmp_path, 60) is None
+    with pytest.raises(ValueError, match="Default process group has not been initialized"):
+        run_preflight(TorchrunLaunch(), two_nodes, cpu, tmp_path, 60)
+
+
+def test_a_slow_factor_of_one_or_less_is_refused_naming_the_field():
+    from launcher.config.compose import compose
+    from launcher.config.validate import validate
+
+    raw, _, errors = compose(["recipe=tiny", "launch.preflight_slow_factor=1"])
+    _, more = validate(raw)
+    assert [e.path for e in errors + more] == ["launch.preflight_slow_factor"]
