@@ -1073,3 +1073,18 @@ def test_a_slurm_run_never_lands_in_the_local_run_of_the_same_recipe(tmp_path, m
     assert prepare_run(["recipe=tiny", "launch=slurm", f"run.dir={local}"]).run_dir == local, (
         "an explicit run.dir is kept"
     )
+
+
+def test_the_log_names_in_the_script_come_from_run_paths(tmp_path, monkeypatch):
+    """The node logs and the batch shell's log are named by RunPaths alone: renamed there, the
+    script follows (issue 33: no file name spelled in the template)."""
+    from launcher.rundir import RunPaths
+
+    monkeypatch.setattr(RunPaths, "NODE_LOG", "host{node}.txt")
+    monkeypatch.setattr(RunPaths, "BATCH_LOG", "batch-%j.txt")
+    run_dir = tmp_path / "run"
+    text = render_sbatch(config(), run_dir, run_dir / "config.yaml", sys.executable)
+    bash_n(text, tmp_path)
+    assert f"#SBATCH --output={run_dir}/logs/batch-%j.txt\n" in text
+    assert f"ftl_node {run_dir}/logs/host .txt " in text
+    assert "node-" not in text and "slurm-" not in text
