@@ -284,6 +284,7 @@ def template_values(
         if not _ENV_NAME.match(key):
             raise UnsafeValue(f"{key!r} is not a valid environment variable name", "launch.env")
     logs, paths = log_dir(run_dir), RunPaths(run_dir)
+    # Around the node's index, which only the script knows ($SLURM_NODEID): RunPaths' name, split where it goes.
     node_log_prefix, node_log_suffix = str(paths.node_log("\0")).split("\0")
     secrets = secret_env(cfg)
     return {
