@@ -499,6 +499,18 @@ class LaunchBase:
         doc="sustained read/write bandwidth of the run dir's storage for this job, GB/s: sizes io_timeout_s "
         "and, under SLURM, the warning a checkpoint needs before the time limit",
     )
+    preflight: bool = plain(
+        True,
+        doc="a job of two or more nodes checks them before training (device, all-reduce, point-to-point sends; a few "
+        "seconds): rank 0 prints a table, preflight.json in the run dir keeps it, a failing node stops the job named",
+    )
+    preflight_slow_factor: float = ranged(
+        2.0,
+        1.0,
+        lo_open=True,
+        doc="the preflight names a node slow when a figure of it (send GB/s, matmul TFLOPS) is below the median of "
+        "all nodes divided by this; a slow node is reported, not stopped",
+    )
     cluster: ClusterConfig = plain(
         factory=ClusterConfig,
         doc="cluster facts for the scale section of `ftl plan`: failures, bandwidth, GPU, MFU, price",
@@ -610,6 +622,12 @@ class SlurmLaunch(LaunchBase):
     )
     max_requeues: int = ranged(
         3, 0, doc="times the job requeues itself at the time limit and resumes from its checkpoint; 0: never"
+    )
+    max_node_requeues: int = ranged(
+        1,
+        0,
+        doc="times the job requeues itself after a failure it can pin on nodes (a failing rank or preflight), each "
+        "time excluding those nodes (excluded_nodes.txt in the run dir); 0: a failure ends the job",
     )
     preprocess_job: bool = plain(
         False, doc="submit `ftl preprocess` first as a one-node CPU job; training waits for it (afterok)"

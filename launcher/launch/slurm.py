@@ -283,7 +283,9 @@ def template_values(
     for key in launch.env:
         if not _ENV_NAME.match(key):
             raise UnsafeValue(f"{key!r} is not a valid environment variable name", "launch.env")
-    logs = log_dir(run_dir)
+    logs, paths = log_dir(run_dir), RunPaths(run_dir)
+    # Around the node's index, which only the script knows ($SLURM_NODEID): RunPaths' name, split where it goes.
+    node_log_prefix, node_log_suffix = str(paths.node_log("\0")).split("\0")
     secrets = secret_env(cfg)
     return {
         "run_name": cfg.run.name,
@@ -305,6 +307,8 @@ def template_values(
         "lead_s": lead_s,
         "shutdown_s": max(lead_s, MIN_SHUTDOWN_S),
         "max_requeues": launch.max_requeues,
+        "max_node_requeues": launch.max_node_requeues,
+        "excluded_nodes": str(paths.excluded_nodes),
         "rdzv_port": launch.rdzv_port,
         "srun_wait_s": SRUN_WAIT_S,
         "nproc": nproc_per_node(cfg),
@@ -322,9 +326,12 @@ def template_values(
         "secret_names": sorted(secrets),
         "setup": list(launch.setup),
         "run_dir": str(run_dir),
-        "script_path": str(RunPaths(run_dir).job_script),
+        "script_path": str(paths.job_script),
         "log_dir": str(logs),
-        "batch_log": f"{logs}/slurm-%j.out",  # %j: the job id
+        "batch_log": str(paths.batch_log),
+        "node_log_prefix": node_log_prefix,
+        "node_log_suffix": node_log_suffix,
+        "node_log_pattern": str(paths.node_log("<index>")),
         "workdir": str(workdir),
         "python": job_python(cfg, python),
         "config_path": str(config_path),
@@ -366,7 +373,7 @@ def render_preprocess_sbatch(
         exclusive=False,
         cpus_per_task=cfg.launch.cpus_per_task,
         mem=cfg.launch.mem,
-        batch_log=f"{values['log_dir']}/preprocess-%j.out",
+        batch_log=str(RunPaths(run_dir).preprocess_log),
         script_path=str(RunPaths(run_dir).preprocess_script),
     )
     return jinja_env().get_template(PREPROCESS_TEMPLATE).render(**values)
@@ -506,6 +513,8 @@ class SlurmBackend:
         notes = [
             f"one srun task per node runs torchrun: {n} node(s) × {per} rank(s); logs in {RunPaths(run_dir).logs}",
             f"SIG{sig} {lead} s before the time limit: checkpoint, then requeue (at most {requeues} time(s)) and resume",
+            f"a failure pinned on node(s): requeue without them (at most {cfg.launch.max_node_requeues} time(s), "
+            f"listed in {RunPaths(run_dir).excluded_nodes}) and resume",
             *staging_notes(cfg),
             interpreter_note(cfg, python()),
             *shared_path_warnings(cfg, run_dir, Path.cwd(), python(), os.environ),

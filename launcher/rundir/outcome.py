@@ -1,7 +1,7 @@
 """How a run ended, as one exit code: 0 done, 1 failed, 2 bad config or data, 130 stopped by a
 signal after a clean checkpoint. Never a raw signal number.
 
-Every trainer rank leaves ``RUN_DIR/.ftl-exit/rank-N.json`` with its own exit code as it returns
+Every trainer rank leaves ``RUN_DIR/.ftl-exit/rank-N.json`` with its own exit code and node as it returns
 (:func:`record_exit`); torchrun reports only "failed", so the launcher reads these back
 (:func:`summarize`). A rank with no record was killed by a signal: SIGKILL is what the kernel's
 out-of-memory killer sends, and the message says so. Pure Python.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.rundir import RunPaths
+from launcher.runtime.nodes import node_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
 OOM_HINT = "SIGKILL is what the kernel's out-of-memory killer sends: it may have run out of memory (see `dmesg`)"
@@ -26,7 +27,7 @@ def record_exit(run_dir: Path, rank: int, world_size: int, code: int) -> None:
         folder = RunPaths(run_dir).exits
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank-{rank}.json").write_text(
-            json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time()})
+            json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time(), "node": node_name()})
         )
     except OSError:
         pass  # a record is a courtesy to the launcher; never fail a finished run over it

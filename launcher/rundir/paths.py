@@ -22,6 +22,9 @@ class RunPaths:
     JOB_SCRIPT = "job.sbatch"  # launch=slurm: the training job
     PREPROCESS_SCRIPT = "preprocess.sbatch"  # launch=slurm with launch.preprocess_job: the data job before it
     LOGS = "logs"  # launch=slurm: slurm-<job>.out and node-<index>.log
+    BATCH_LOG = "slurm-%j.out"  # in logs/: the training job's batch shell (%j: SLURM's job id pattern)
+    PREPROCESS_LOG = "preprocess-%j.out"  # in logs/: the data job's batch shell
+    NODE_LOG = "node-{node}.log"  # in logs/: each node's torchrun and ranks ({node}: SLURM_NODEID)
     METRICS = "metrics.jsonl"  # one line per optimizer step
     EVAL = "eval.json"  # the trainer's evaluations (before, step_N, after); also ftl eval's result file
     EVAL_DIR = "eval"  # ftl eval of the run's checkpoints: eval/step-N/eval.json
@@ -32,7 +35,9 @@ class RunPaths:
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
     LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
     MARKER = ".ftl-run"  # ftl made this dir: only this says so
-    EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code
+    EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code and node
+    PREFLIGHT = "preflight.json"  # the nodes' check before training: figures, slow and failed nodes
+    EXCLUDED_NODES = "excluded_nodes.txt"  # launch=slurm: nodes the job left after a failure, one a line
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
@@ -69,6 +74,17 @@ class RunPaths:
     @property
     def logs(self) -> Path:
         return self.root / self.LOGS
+
+    @property
+    def batch_log(self) -> Path:
+        return self.logs / self.BATCH_LOG
+
+    @property
+    def preprocess_log(self) -> Path:
+        return self.logs / self.PREPROCESS_LOG
+
+    def node_log(self, node: int | str) -> Path:
+        return self.logs / self.NODE_LOG.format(node=node)
 
     @property
     def metrics(self) -> Path:
@@ -117,6 +133,14 @@ class RunPaths:
     @property
     def exits(self) -> Path:
         return self.root / self.EXITS
+
+    @property
+    def preflight(self) -> Path:
+        return self.root / self.PREFLIGHT
+
+    @property
+    def excluded_nodes(self) -> Path:
+        return self.root / self.EXCLUDED_NODES
 
     def earlier(self, stamp: str) -> Path:
         """Where ``checkpoint.resume=never`` moves an earlier run's outputs."""

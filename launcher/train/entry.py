@@ -121,6 +121,8 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     they report their own failure, and must live to leave their exit record."""
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
+    from launcher.runtime.faults import step_fault
+    from launcher.runtime.preflight import PreflightError
     from launcher.train.checkpoint import CheckpointError
     from launcher.train.finite import NonFiniteError
     from launcher.train.resume import ResumeError
@@ -128,7 +130,8 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
 
     with _interrupt_until_done() as done:
         try:
-            code = EXIT_STOPPED if Trainer(cfg).run() == "stopped" else EXIT_OK
+            hooks = [hook] if (hook := step_fault()) else []  # a test's fault, when it asks for one
+            code = EXIT_STOPPED if Trainer(cfg, step_hooks=hooks).run() == "stopped" else EXIT_OK
             done()
         except DataError as e:
             done()
@@ -146,6 +149,11 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
+        except PreflightError as e:  # every rank found it; rank 0 says so
+            done()
+            if os.environ.get("RANK", "0") == "0":
+                print(f"ftl: {e}", file=sys.stderr)
+            code = EXIT_FAILED
         except NonFiniteError:  # every rank stopped at the same step; rank 0 has said so (Trainer.run)
             done()
             code = EXIT_FAILED

@@ -55,6 +55,7 @@ from launcher.runtime.distributed import (
     reduce_sum,
     set_collective_timeout,
 )
+from launcher.runtime.preflight import run_preflight
 from launcher.runtime.schedule import warmup_notice
 from launcher.train.checkpoint import (
     CheckpointError,
@@ -112,6 +113,7 @@ class Trainer:
         self.io_timeout_s = cfg.launch.io_timeout_s or cfg.launch.dist_timeout_s
         self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
+        run_preflight(cfg.launch, self.dist, self.device, self.run_dir, self.io_timeout_s)  # names a bad node, or stops
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
         self.train_ds, self.eval_ds = prepare_datasets(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist

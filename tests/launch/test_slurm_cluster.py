@@ -5,6 +5,7 @@ no cluster runs; failed instead under FTL_REQUIRE_SLURM=1 (.ci/run).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wandb_offline_attempts
-from slurm_cluster import REPO, LocalCluster, local_cluster
+from slurm_cluster import FINAL_STATES, REPO, LocalCluster, local_cluster
 
 from launcher.config.compose import compose
 from launcher.config.validate import validate
@@ -261,3 +262,84 @@ def test_preprocessing_runs_as_its_own_job_before_training(cluster, tmp_path):
     assert prep.fields["EndTime"] <= train.fields["StartTime"]  # ISO timestamps sort as strings
     assert any((cache / "data").iterdir())
     assert_trained(run_dir, 1, steps=3)
+
+
+def test_a_node_failure_requeues_the_job_without_that_node_and_it_resumes(cluster, tmp_path):
+    """A rank fails mid-run (FTL_TEST_FAIL_AT, on the job's first run only) on whichever node the
+    one-node job got: the job names that node from the ranks' exit records, requeues itself with
+    the node in its ExcNodeList, runs on the other node and resumes from its last checkpoint. (A
+    two-node job could not run again here: excluding one node leaves one.)"""
+    failing = LocalCluster({**cluster.env, "FTL_TEST_FAIL_AT": "12"})
+    out = failing.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        "train.max_steps=20",
+        "checkpoint.every_steps=5",
+        "eval.after_training=false",
+        "run.name=badnode",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    job_id = out.stdout.strip()
+    assert job_id.isdigit(), out.stdout + out.stderr
+    job = cluster.wait(job_id, timeout=300)
+    run_dir = tmp_path / "runs" / "badnode-slurm"
+    batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    node_log = (run_dir / "logs" / "node-0.log").read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, batch_log + node_log
+    runs = re.findall(rf"^ftl: node 0 on (n[12]), job {job_id}, restart (\d)", node_log, re.M)
+    assert [r for _, r in runs] == ["0", "1"], runs
+    (bad, _), (good, _) = runs
+    assert bad != good
+    assert (run_dir / "excluded_nodes.txt").read_text() == (
+        f"{bad}\t{job_id}\t0\trank 0 there failed first (exit code 1)\n"
+    )
+    assert job.fields["ExcNodeList"] == bad and job.fields["NodeList"] == good
+    assert f"ftl: node(s) {bad} failed (rank 0 there failed first (exit code 1)): requeueing job {job_id}" in batch_log
+    words = " ".join(node_log.split())
+    assert f"InjectedFault: FTL_TEST_FAIL_AT=12: a rank on {bad} fails after step 12" in words
+    resumed = re.search(r"resuming from .*? \(step (\d+)\)", words)
+    assert resumed and resumed.group(1) == "10", node_log
+    assert (run_dir / "checkpoints" / "step-20").is_dir()
+
+
+def test_a_node_the_preflight_finds_failing_stops_the_job_and_is_excluded(cluster, tmp_path):
+    """Two nodes, n2's device check fails (FTL_TEST_FAIL_NODE): the preflight's table names it on
+    both nodes' ranks before training, the job requeues itself without n2, and then waits, since
+    this cluster has one node left for a two-node job (the test cancels it there)."""
+    failing = LocalCluster({**cluster.env, "FTL_TEST_FAIL_NODE": "n2"})
+    out = failing.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        "launch.nodes=2",
+        "strategy=ddp",
+        "train.max_steps=5",
+        "eval.after_training=false",
+        "run.name=preflight",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    job_id = out.stdout.strip()
+    run_dir = tmp_path / "runs" / "preflight-slurm"
+    deadline = time.monotonic() + 150
+    try:
+        while (job := cluster.job(job_id)).restarts < 1 or job.state != "PENDING":
+            assert job.state not in FINAL_STATES and time.monotonic() < deadline, (job.state, dump(run_dir))
+            time.sleep(0.5)
+    finally:
+        cluster.run("scancel", job_id, check=False)
+    assert job.fields["ExcNodeList"] == "n2", job.fields
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["failed"] == ["n2"] and [n["host"] for n in report["nodes"]] == ["n1", "n2"]
+    assert (run_dir / "excluded_nodes.txt").read_text() == f"n2\t{job_id}\t0\tthe preflight found it failing\n"
+    console = (run_dir / "logs" / "node-0.log").read_text()
+    assert "ftl: preflight of 2 nodes (2 ranks):" in console
+    assert re.search(r"^1\s+n2\s.*failed device check on rank 1: InjectedFault", console, re.M), console
+    assert "ftl: the preflight found failing node(s) n2" in console
+    assert not (run_dir / "metrics.jsonl").exists()

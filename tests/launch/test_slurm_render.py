@@ -336,8 +336,8 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
 
     srun = rec.args("srun")
     task = srun[srun.index("bash") :]
-    assert task[:5] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", str(run_dir / "logs")]
-    assert task[5:] == [
+    assert task[:6] == ["bash", "-c", 'ftl_node "$@"', "ftl_node", f"{run_dir / 'logs'}/node-", ".log"]
+    assert task[6:] == [
         str(python),
         "-m",
         "torch.distributed.run",
@@ -382,7 +382,7 @@ def test_setup_lines_run_verbatim_in_order_and_choose_the_interpreter(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 2 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
+    assert srun[srun.index("ftl_node") + 3 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["setup's-python3", "launch.python"])
@@ -603,8 +603,9 @@ def test_train_sbatch_composes_writes_the_run_dir_and_runs_the_same_script(tmp_p
     )
     assert out.returncode == 0, out.stdout + out.stderr
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 1 :][:4] == [
-        str(run_dir / "logs"),
+    assert srun[srun.index("ftl_node") + 1 :][:5] == [
+        f"{run_dir / 'logs'}/node-",
+        ".log",
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -1072,3 +1073,18 @@ def test_a_slurm_run_never_lands_in_the_local_run_of_the_same_recipe(tmp_path, m
     assert prepare_run(["recipe=tiny", "launch=slurm", f"run.dir={local}"]).run_dir == local, (
         "an explicit run.dir is kept"
     )
+
+
+def test_the_log_names_in_the_script_come_from_run_paths(tmp_path, monkeypatch):
+    """The node logs and the batch shell's log are named by RunPaths alone: renamed there, the
+    script follows (issue 33: no file name spelled in the template)."""
+    from launcher.rundir import RunPaths
+
+    monkeypatch.setattr(RunPaths, "NODE_LOG", "host{node}.txt")
+    monkeypatch.setattr(RunPaths, "BATCH_LOG", "batch-%j.txt")
+    run_dir = tmp_path / "run"
+    text = render_sbatch(config(), run_dir, run_dir / "config.yaml", sys.executable)
+    bash_n(text, tmp_path)
+    assert f"#SBATCH --output={run_dir}/logs/batch-%j.txt\n" in text
+    assert f"ftl_node {run_dir}/logs/host .txt " in text
+    assert "node-" not in text and "slurm-" not in text
