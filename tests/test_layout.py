@@ -115,6 +115,7 @@ FLOORS: list[tuple[str, dict[str, str]]] = [
             "rundir": "RunPaths names every file of a run dir, for every floor",
             "rundir.paths": "as above",
             "rundir.outcome": "the exit records every rank writes and the launcher reads",
+            "runtime.nodes": "node names and the preflight's verdict (pure Python): exit records and the launcher read them",
         },
     ),
     (
