@@ -5,7 +5,9 @@ torchrun turns a stop signal into a ``SignalException`` once its ranks have stop
 rank into a ``ChildFailedError``; both leave the agent as a 30-line traceback after ftl's own
 message. The ranks say what happened (ftl reads their exit records, :mod:`launcher.launch.outcome`),
 so here a signal ends torchrun as the signal's conventional status (128 + N) and a failure as 1,
-with one line naming the ranks that failed and how.
+with one line for the ranks that were killed by a signal (the only ones that cannot say so
+themselves). torchrun's own error line for each rank that exited non-zero goes too: a rank that
+stopped after a checkpoint (130) is no failure, whatever torchrun makes of it.
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from launcher.launch.outcome import signal_name
+
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        failed = ", ".join(f"{rank} (exit code {f.exitcode})" for rank, f in sorted(e.failures.items()))
-        print(f"torchrun: rank(s) {failed} failed", file=sys.stderr)
+        killed = [f"rank {rank} by {signal_name(f.exitcode)}" for rank, f in e.failures.items() if f.exitcode < 0]
+        if killed:
+            print(f"torchrun: killed: {', '.join(sorted(killed))}", file=sys.stderr)
         return 1
     return 0
 

@@ -106,6 +106,7 @@ class Watchdog:
         self._steps: deque[float] = deque(maxlen=100)  # step times after the first
         self._done = 0
         self._stopped = threading.Event()
+        self.fired = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ftl-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
@@ -145,6 +146,11 @@ class Watchdog:
         finally:
             inner, took = self._set(outer, self._phase_limit() if self._setup else self._step_limit())
             self._say_took(inner, took)
+
+    def current(self) -> tuple[str, float]:
+        """(the phase or step this rank is in, the seconds it may take)."""
+        with self._lock:
+            return self._what, self._limit
 
     # ---- limits
 
@@ -199,6 +205,7 @@ class Watchdog:
     def _fire(self, reason: str, own: bool) -> None:
         if self._stopped.is_set():
             return
+        self.fired.set()
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         if own:
             self._write_marker(reason)
@@ -296,6 +303,15 @@ def stop() -> None:
     if _current is not None:
         _current.stop()
     _current = None
+
+
+def hold_if_fired() -> None:
+    """For the main thread on its way out with an error: once the watchdog has fired, that error is
+    the hang's echo (a peer that finished its dump exited, closing the collective this rank waited
+    in), and the watchdog thread, still dumping, ends the process: wait for it, reporting nothing."""
+    if _current is not None and _current.fired.is_set():
+        while True:
+            time.sleep(1)
 
 
 def enter(what: str) -> None:

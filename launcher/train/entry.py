@@ -142,6 +142,7 @@ def start_watchdog(cfg, record: Callable[[int], None]) -> None:
 def _train(cfg, record: Callable[[int], None]) -> int:
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
+    from launcher.runtime import watchdog
     from launcher.train.checkpoint import CheckpointError
     from launcher.train.finite import NonFiniteError
     from launcher.train.resume import ResumeError
@@ -172,10 +173,12 @@ def _train(cfg, record: Callable[[int], None]) -> int:
             code = EXIT_FAILED
         except KeyboardInterrupt:
             done()
+            watchdog.hold_if_fired()
             print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)
             code = EXIT_FAILED
         except Exception as e:
             done()
+            watchdog.hold_if_fired()
             traceback.print_exc()
             print(f"ftl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
             code = EXIT_FAILED

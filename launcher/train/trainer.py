@@ -155,10 +155,13 @@ class Trainer:
     def run(self) -> str:
         """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint); a
         non-finite loss or gradient norm raises NonFiniteError on every rank at the same step."""
+        with stop_on_signals() as stop:  # through the teardown: the SIGTERM torchrun sends once a peer has left
+            return self._run(stop)
+
+    def _run(self, stop: StopFlag) -> str:
         exit_code, diverged = 1, False
         try:
-            with stop_on_signals() as stop:
-                outcome = self.train(stop)
+            outcome = self.train(stop)
             barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
@@ -201,7 +204,8 @@ class Trainer:
             if any_rank(stop.requested):
                 self.save()
                 self.telemetry.info(
-                    f"stopped by {stop.signal_name} at step {self.step}; rerun the same command to resume"
+                    f"stopped by {stop.signal_name or 'a signal to another rank'} at step {self.step}; "
+                    "rerun the same command to resume"
                 )
                 return "stopped"
             if due(self.step, self.cfg.checkpoint.every_steps):
