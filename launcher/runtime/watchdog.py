@@ -206,19 +206,26 @@ class Watchdog:
         if self._stopped.is_set():
             return
         self.fired.set()
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        if own:
-            self._write_marker(reason)
         stacks = self.paths.stacks(self.rank)
-        with open(stacks, "a") as f:
-            f.write(
-                f"\nftl watchdog, rank {self.rank} of {self.world}, {time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}\n"
+        try:
+            self.paths.logs.mkdir(parents=True, exist_ok=True)
+            if own:
+                self._write_marker(reason)
+            with open(stacks, "a") as f:
+                f.write(f"\nftl watchdog, rank {self.rank} of {self.world}, {time.strftime('%Y-%m-%d %H:%M:%S')}: ")
+                f.write(f"{reason}\n")
+                f.flush()
+                faulthandler.dump_traceback(f, all_threads=True)
+        except OSError as e:  # the run dir is unwritable: the stacks go to stderr, and the job still ends
+            print(
+                f"ftl: rank {self.rank}: hang: {reason}; cannot write {stacks} ({e}): the stacks follow",
+                file=sys.stderr,
             )
-            f.flush()
-            faulthandler.dump_traceback(f, all_threads=True)
-        trace = dump_collectives(self.paths.collectives_trace(self.rank))
-        saved = f"; its recent collectives in {trace}" if trace else ""
-        print(f"ftl: rank {self.rank}: hang: {reason}; every thread's stack in {stacks}{saved}", file=sys.stderr)
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        else:
+            trace = dump_collectives(self.paths.collectives_trace(self.rank))
+            saved = f"; its recent collectives in {trace}" if trace else ""
+            print(f"ftl: rank {self.rank}: hang: {reason}; every thread's stack in {stacks}{saved}", file=sys.stderr)
         missing = self._wait_for_peers()
         if own or self.rank == 0:
             also = f" (none from rank(s) {', '.join(map(str, missing))})" if missing else ""

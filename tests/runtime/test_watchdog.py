@@ -73,6 +73,35 @@ def test_a_hung_summary_names_the_ranks_and_the_logs(tmp_path: Path) -> None:
     assert code == EXIT_HUNG and "rank(s) 0, 1" in message and str(RunPaths(tmp_path).logs) in message
 
 
+PEER = """
+import json, os, sys, time
+from pathlib import Path
+from launcher.rundir import RunPaths
+from launcher.runtime.watchdog import Limits, Watchdog
+paths = RunPaths(sys.argv[1])
+Watchdog(Limits(10.0, 100.0, 100.0, 100.0), paths.root, rank=1, world=2, poll_s=0.05).start().enter("data")
+time.sleep(0.5)
+print("an earlier run's marker changes nothing", flush=True)
+paths.stacks(0).write_text("rank 0's stacks")
+paths.hang.write_text(json.dumps({"rank": 0}))
+time.sleep(60)
+"""
+
+
+def test_a_marker_from_this_run_fires_every_rank_and_an_earlier_runs_does_not(tmp_path: Path) -> None:
+    paths = RunPaths(tmp_path)
+    paths.logs.mkdir()
+    paths.hang.write_text(json.dumps({"rank": 3}))
+    os.utime(paths.hang, (time.time() - 60, time.time() - 60))
+    proc = subprocess.run(
+        [sys.executable, "-c", PEER, str(tmp_path)], cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == EXIT_HUNG, proc.stderr
+    assert "an earlier run's marker changes nothing" in proc.stdout
+    assert "rank 0 found a hang; this rank was in data for" in paths.stacks(1).read_text()
+    assert "File " in paths.stacks(1).read_text() and "in <module>" in paths.stacks(1).read_text()
+
+
 def assert_hung_with_every_ranks_stacks(proc: subprocess.CompletedProcess[str], run_dir: Path, hung_in: str) -> None:
     paths = RunPaths(run_dir)
     assert proc.returncode == EXIT_HUNG, proc.stderr[-4000:]
@@ -225,3 +254,39 @@ def test_ctrl_c_during_the_evaluation_before_training_stops_between_eval_batches
     assert not RunPaths(run.run_dir).metrics.exists() or not metrics(run.run_dir)  # no step trained
     assert not RunPaths(run.run_dir).checkpoints.exists() or not list(RunPaths(run.run_dir).checkpoints.iterdir())
     assert "Traceback" not in run.err.read_text()
+
+
+NCCL_DUMP = """
+import os, pickle, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from launcher.rundir import RunPaths
+from launcher.runtime.watchdog import collective_trace_env, dump_collectives
+collective_trace_env(os.environ, RunPaths(sys.argv[1]))
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+t = torch.ones(4, device="cuda")
+dist.all_reduce(t)
+torch.cuda.synchronize()
+path = dump_collectives(Path(sys.argv[1]) / "collectives.pkl")
+print("ENTRIES", [e["profiling_name"] for e in pickle.loads(path.read_bytes())["entries"]])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_dump_holds_nccls_recent_collectives(tmp_path: Path) -> None:
+    """What the watchdog writes to logs/collectives-rank-N.pkl on a NCCL group: NCCL's flight recorder."""
+    from tests.helpers import need_gpus
+
+    need_gpus(1)
+    proc = subprocess.run(
+        [sys.executable, "-c", NCCL_DUMP, str(tmp_path)],
+        cwd=ROOT,
+        env=ftl_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nccl:all_reduce" in proc.stdout, proc.stdout
