@@ -290,3 +290,34 @@ def test_on_a_gpu_the_dump_holds_nccls_recent_collectives(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nccl:all_reduce" in proc.stdout, proc.stdout
+
+
+RANK_SCRIPT = """
+import os, signal, sys, time
+open(os.path.join(os.path.dirname(__file__), "started-" + os.environ["RANK"]), "w").close()
+if os.environ["RANK"] == "1":
+    sys.exit(124)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+time.sleep(120)
+"""
+
+
+def test_torchrun_through_ftl_ends_in_an_exit_status_without_a_traceback(tmp_path: Path) -> None:
+    """A rank the watchdog ended makes torchrun exit 124 (a job script can tell a hang from a crash);
+    a SIGTERM to torchrun ends it as 128 + 15 once its ranks have stopped; neither prints a traceback."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    argv = [sys.executable, "-m", "launcher.launch.torchrun", "--standalone", "--nproc_per_node=2", str(script)]
+    hung = subprocess.run(argv, cwd=ROOT, env=ftl_env(), capture_output=True, text=True, timeout=120)
+    assert hung.returncode == EXIT_HUNG and "Traceback" not in hung.stderr, hung.stderr
+    script.write_text(RANK_SCRIPT.replace("sys.exit(124)", "time.sleep(120)"))
+    for rank in (0, 1):
+        (tmp_path / f"started-{rank}").unlink()
+    agent = subprocess.Popen(argv, cwd=ROOT, env=ftl_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"started-{rank}").exists() for rank in (0, 1)):
+        assert agent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
