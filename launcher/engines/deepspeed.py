@@ -350,7 +350,7 @@ def _load_ops(builders: list[Any]) -> None:
     from torch.utils.cpp_extension import _get_build_directory  # where torch builds (and locks) an extension
 
     for builder in builders:
-        with watchdog.during(f"DeepSpeed op {builder.name}: built once, then loaded from its cache"):
+        with watchdog.during(f"DeepSpeed op {builder.name} (built on first use, then cached)"):
             clear_stale_lock(Path(_get_build_directory(builder.name, False)), say=_say)
             builder.load(verbose=False)
 
