@@ -60,7 +60,7 @@ def test_plan_launches_nothing(tmp_path):
 def test_plan_shows_distributed_command():
     out = ftl("plan", "recipe=tiny", "strategy=zero3", "launch.nproc_per_node=2")
     assert out.returncode == 0, out.stderr
-    assert "torch.distributed.run --standalone --nproc_per_node=2" in out.stdout
+    assert "launcher.launch.torchrun --standalone --nproc_per_node=2" in out.stdout
     assert "world size 2" in out.stdout
 
 

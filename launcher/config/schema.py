@@ -659,6 +659,39 @@ LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLa
 
 
 @dataclass
+class WatchdogConfig:
+    """The hang watchdog (launcher.runtime.watchdog): a thread in every rank that dumps every rank's
+    stacks and ends the job with exit code 124 when no step completes in time."""
+
+    enabled: bool = plain(
+        True, doc="watch every rank for a hang (no step completed, or a setup phase that never ends); false: off"
+    )
+    step_multiple: float = ranged(
+        10.0,
+        1.0,
+        doc="a step is hung once it takes this many times the median step so far (never less than floor_s)",
+    )
+    floor_s: Optional[float] = ranged(
+        None,
+        1.0,
+        doc="the shortest time a step may take before it counts as hung, in seconds; null: half of "
+        "launch.dist_timeout_s, so the stacks are dumped before a peer's collective times out",
+    )
+    first_step_s: float = ranged(
+        1800.0,
+        1.0,
+        doc="seconds allowed for each of the first two steps (compilation, allocator and kernel warm-up), "
+        "before there is a step time to go by",
+    )
+    phase_s: Optional[float] = ranged(
+        None,
+        1.0,
+        doc="seconds allowed for each phase before step 1 (imports, process group, op builds, model, data, engine, "
+        "resume) and between steps (evaluation, checkpoint); null: launch.io_timeout_s",
+    )
+
+
+@dataclass
 class TrainConfig:
     lr: float = ranged(2e-5, 0.0, lo_open=True, doc="AdamW's peak learning rate, reached after warmup_steps")
     weight_decay: float = ranged(
@@ -737,6 +770,11 @@ class TrainConfig:
         "liger",
         doc="output layer + cross-entropy: chunked (never the full logits), "
         "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)",
+    )
+    watchdog: WatchdogConfig = plain(
+        factory=WatchdogConfig,
+        doc="the hang watchdog: how long a step or a phase may take before every rank's stacks are dumped and "
+        "the job exits 124",
     )
 
 

@@ -295,6 +295,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     errs += _cache_errors(cfg)
     errs += _peft_checks(cfg)
     errs += _objective_checks(cfg)
+    errs += _watchdog_checks(cfg)
     name = cfg.run.name
     if not name or "/" in name or name in (".", "..") or has_control_chars(name):
         errs.append(
@@ -511,6 +512,22 @@ def _objective_checks(cfg: FtlConfig) -> list[ConfigError]:
             )
         )
     return errs
+
+
+def _watchdog_checks(cfg: FtlConfig) -> list[ConfigError]:
+    """A step limit at or above the collective timeout catches nothing: the hung rank's peers fail on
+    the timeout first, and their stacks are never dumped."""
+    w, timeout = cfg.train.watchdog, cfg.launch.dist_timeout_s
+    if w.enabled and w.floor_s is not None and w.floor_s >= timeout:
+        return [
+            _x(
+                "train.watchdog.floor_s",
+                f"{w.floor_s:g} is not below launch.dist_timeout_s={timeout}: the peers of a hung rank would fail on "
+                f"the collective timeout before the watchdog dumps their stacks; allowed: below {timeout} (or null)",
+                "launch",
+            )
+        ]
+    return []
 
 
 def _data_checks(cfg: FtlConfig) -> list[ConfigError]:

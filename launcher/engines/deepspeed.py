@@ -65,8 +65,10 @@ from launcher.engines.common import (
     seek_schedule,
     trainable_parameters,
 )
+from launcher.runtime import watchdog
+from launcher.runtime.build_lock import clear_stale_lock
 from launcher.runtime.device import autocast_dtype
-from launcher.runtime.distributed import DistInfo
+from launcher.runtime.distributed import DistInfo, barrier
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
@@ -102,7 +104,7 @@ class DeepSpeedEngine(Engine):
         ds_config = build_deepspeed_config(
             cfg, dist.world_size, _PRECISION_OF[autocast_dtype(cfg.train.precision, device)]
         )
-        return ModelLoading(context=lambda: _zero3_init(ds_config))
+        return ModelLoading(context=lambda: _zero3_init(ds_config, cfg, dist))
 
     @property
     def model(self) -> nn.Module:
@@ -116,6 +118,7 @@ class DeepSpeedEngine(Engine):
         # thousands of lines the user cannot act on.
         warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         ensure_process_group(self.device)
+        build_ops(self.cfg, self.dist)
         optimizer = build_ds_optimizer(self._module, self.cfg.train, offload=self.cfg.strategy.offload_optimizer)
         scheduler = build_scheduler(optimizer, self.cfg.train, total_steps)
         self._ds, _, _, _ = deepspeed.initialize(
@@ -295,7 +298,7 @@ class DeepSpeedEngine(Engine):
 
 
 @contextlib.contextmanager
-def _zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+def _zero3_init(ds_config: dict[str, Any], cfg: FtlConfig, dist: DistInfo) -> Iterator[None]:
     """transformers builds models inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` of a
     stage-3 config is alive (it holds a weak reference); each rank then reads the weights one
     tensor at a time into its partitions."""
@@ -303,12 +306,57 @@ def _zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
     from transformers.integrations import HfDeepSpeedConfig
 
     # zero.Init sizes partitions by deepspeed.comm's world: wrap the process group ftl made.
+    build_ops(cfg, dist)
     deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
     holder = HfDeepSpeedConfig(ds_config)
     try:
         yield
     finally:
         del holder
+
+
+def build_ops(cfg: FtlConfig, dist: DistInfo) -> None:
+    """DeepSpeed's just-in-time ops this run uses (its shared-memory collectives on a CPU, CPU Adam
+    with an offloaded optimizer), built or loaded from $TORCH_EXTENSIONS_DIR before anything needs
+    them: each one a phase of its own (its time said on rank 0, under the watchdog's phase limit),
+    built by local rank 0 while the node's other ranks wait at a barrier rather than on torch's
+    build lock, and that lock cleared when a killed build left it (:mod:`launcher.runtime.build_lock`)."""
+    builders = _jit_op_builders(cfg)
+    if dist.local_rank == 0:
+        _load_ops(builders)
+    barrier()
+    if dist.local_rank != 0:
+        _load_ops(builders)
+
+
+def _jit_op_builders(cfg: FtlConfig) -> list[Any]:
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if cfg.strategy.offload_optimizer else [])
+    builders = [get_accelerator().create_op_builder(name) for name in names]
+    return [
+        b
+        for b in builders
+        if b is not None
+        and deepspeed.ops.__compatible_ops__.get(b.NAME, False)
+        and b.name not in type(b)._loaded_ops
+        and not installed_ops.get(b.name, False)  # built into the wheel (DS_BUILD_OPS=1): nothing to compile
+    ]
+
+
+def _load_ops(builders: list[Any]) -> None:
+    from torch.utils.cpp_extension import _get_build_directory  # where torch builds (and locks) an extension
+
+    for builder in builders:
+        with watchdog.during(f"DeepSpeed op {builder.name} (built on first use, then cached)"):
+            clear_stale_lock(Path(_get_build_directory(builder.name, False)), say=_say)
+            builder.load(verbose=False)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -7,6 +7,9 @@ FSDP and ZeRO-3 need every rank in each forward) and returns (sum of token losse
 :func:`perplexity` passes them through ``reduce_fn`` (an all-reduce under torchrun) before
 dividing, so every token weighs the same whatever the batch or rank it fell in, and N ranks
 report exactly the number one process does.
+
+A ``stop`` callback (the trainer's: a stop signal on any rank) is asked between batches, the same
+number of times on every rank; once it says so the evaluation ends with :class:`EvalStopped`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from launcher.progress import phase
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 GatherFn = Callable[[list[Any]], list[list[Any]]]
+StopFn = Callable[[], bool]
+
+
+class EvalStopped(Exception):
+    """A stop signal ended the evaluation between two batches."""
+
+
+def _never() -> bool:
+    return False
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,6 +94,7 @@ def loss_sums(
     max_batches: Optional[int] = None,
     rank: int = 0,
     world_size: int = 1,
+    stop: StopFn = _never,
 ) -> torch.Tensor:
     """This rank's ``[loss_sum, token_count]`` over its share of ``eval_ds`` (float64, on ``device``)."""
     device = torch.device(device)
@@ -89,6 +102,8 @@ def loss_sums(
     batches = rank_batches(len(eval_ds), batch_size, rank, world_size, max_batches)
     with eval_mode(model), _autocast(device, autocast_dtype), phase("eval: loss", total=len(batches)) as shown:
         for indices in batches:
+            if stop():
+                raise EvalStopped
             batch = collate([eval_ds[i] for i in (indices if indices is not None else range(1))], pad_id)
             loss, count = batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
             if indices is not None:
@@ -109,6 +124,7 @@ def perplexity(
     reduce_fn: ReduceFn = _identity,
     rank: int = 0,
     world_size: int = 1,
+    stop: StopFn = _never,
 ) -> dict[str, float]:
     """Token-weighted mean loss over every label != -100, and its exp. With ``world_size`` > 1
     each rank computes its share and ``reduce_fn`` must sum the shares over the ranks."""
@@ -122,6 +138,7 @@ def perplexity(
         max_batches=max_batches,
         rank=rank,
         world_size=world_size,
+        stop=stop,
     )
     loss_sum, tokens = reduce_fn(totals).tolist()
     if tokens == 0:
@@ -140,6 +157,7 @@ def generate_answers(
     batch_size: int,
     chat_template: Optional[str] = None,
     synced: bool = False,
+    stop: StopFn = _never,
 ) -> list[str]:
     """Greedy answers to each conversation's last assistant turn, given everything before it.
 
@@ -153,6 +171,8 @@ def generate_answers(
     answers: list[str] = []
     with eval_mode(model), phase("eval: answers for ROUGE/BLEU", total=len(prompts)) as shown:
         for start in range(0, len(prompts), batch_size):
+            if stop():
+                raise EvalStopped
             answers += _generate_batch(
                 model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced
             )
@@ -246,6 +266,7 @@ def evaluate(
     gather_fn: Optional[GatherFn] = None,
     loss_metrics: Optional[Callable[[], Optional[dict[str, float]]]] = None,
     synced: bool = False,
+    stop: StopFn = _never,
 ) -> dict[str, Any]:
     """Perplexity always; with ``eval_cfg.generate``, answers to the first ``num_generate``
     conversations that have an assistant turn and their ROUGE/BLEU. ``samples`` (a list of
@@ -271,6 +292,7 @@ def evaluate(
             reduce_fn=reduce_fn,
             rank=rank,
             world_size=world_size,
+            stop=stop,
         )
     )
     results["samples"] = []
@@ -291,6 +313,7 @@ def evaluate(
                 batch_size=eval_cfg.batch_size,
                 chat_template=eval_ds.chat_template,
                 synced=synced,
+                stop=stop if gather_fn is None else _never,  # with gather_fn, ranks answer different counts
             )
             if mine
             else []

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from launcher.launch.outcome import EXIT_INVALID, EXIT_OK, EXIT_STOPPED
 from launcher.rundir import RunPaths
+from launcher.rundir.outcome import EXIT_INVALID, EXIT_OK, EXIT_STOPPED
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,10 @@ def cpu_threads(cfg: FtlConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
 
 
+# torchrun with its arguments, ending in an exit status rather than a traceback (launcher/launch/torchrun.py)
+TORCHRUN = "launcher.launch.torchrun"
+
+
 class LocalBackend:
     name = "local"
 
@@ -73,7 +77,7 @@ class LocalBackend:
         if n == 1:
             argv = [python(), *trainer_argv(config_path)]
         else:
-            argv = [python(), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            argv = [python(), "-m", TORCHRUN, "--standalone", f"--nproc_per_node={n}"]
             if cfg.launch.master_port:
                 argv += [f"--master_port={cfg.launch.master_port}"]
             argv += [*trainer_argv(config_path)]
@@ -94,7 +98,7 @@ class TorchrunBackend:
         argv = [
             python(),
             "-m",
-            "torch.distributed.run",
+            TORCHRUN,
             f"--nnodes={launch.nnodes}",
             f"--nproc_per_node={launch.nproc_per_node}",
             f"--rdzv_backend={launch.rdzv_backend}",

@@ -1,4 +1,5 @@
-"""How a run ended, as one exit code: 0 done, 1 failed, 2 bad config or data, 130 stopped by a
+"""How a run ended, as one exit code: 0 done, 1 failed, 2 bad config or data, 124 hung (the
+watchdog dumped every rank's stacks into the run dir's logs/ and ended the job), 130 stopped by a
 signal after a clean checkpoint. Never a raw signal number.
 
 Every trainer rank leaves ``RUN_DIR/.ftl-exit/rank-N.json`` with its own exit code and node as it returns
@@ -18,7 +19,7 @@ from typing import Optional
 from launcher.rundir import RunPaths
 from launcher.runtime.nodes import node_name
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, EXIT_HUNG = 0, 1, 2, 130, 124
 OOM_HINT = "SIGKILL is what the kernel's out-of-memory killer sends: it may have run out of memory (see `dmesg`)"
 
 
@@ -77,6 +78,14 @@ def summarize(code: int, run_dir: Optional[Path], interrupted: Optional[str]) ->
     ):
         by = f" by {interrupted}" if interrupted else ""
         return EXIT_STOPPED, f"stopped{by} after a checkpoint; run the same command again to resume"
+    if EXIT_HUNG in codes.values() or (not codes and code == EXIT_HUNG):
+        hung = sorted(r for r, c in codes.items() if c == EXIT_HUNG)
+        ranks = f" (rank(s) {', '.join(map(str, hung))})" if hung else ""
+        logs = RunPaths(run_dir).logs if run_dir is not None else "the run dir's logs/"
+        return EXIT_HUNG, (
+            f"hung: the watchdog found no progress{ranks} and stopped the job; every rank's stacks are in {logs}; "
+            "running the same command again resumes from the last checkpoint"
+        )
     if EXIT_INVALID in codes.values() or (not codes and code == EXIT_INVALID):
         return EXIT_INVALID, "the config or the training data is unusable (see above)"
     if interrupted:

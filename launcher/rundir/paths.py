@@ -38,6 +38,10 @@ class RunPaths:
     EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code and node
     PREFLIGHT = "preflight.json"  # the nodes' check before training: figures, slow and failed nodes
     EXCLUDED_NODES = "excluded_nodes.txt"  # launch=slurm: nodes the job left after a failure, one a line
+    HANG = ".ftl-hang"  # the hang watchdog fired: which rank found it, in what (launcher.runtime.watchdog)
+    STACKS_PREFIX = "stacks-rank-"  # logs/stacks-rank-N.txt: rank N's Python stacks, appended at each hang
+    TRACE_PREFIX = "collectives-rank-"  # logs/collectives-rank-N.pkl: rank N's flight recorder (its recent collectives)
+    NCCL_TIMEOUT_PREFIX = "nccl-timeout-rank-"  # logs/nccl-timeout-rank-N: NCCL's own dump on a collective timeout
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
@@ -141,6 +145,22 @@ class RunPaths:
     @property
     def excluded_nodes(self) -> Path:
         return self.root / self.EXCLUDED_NODES
+
+    @property
+    def hang(self) -> Path:
+        return self.root / self.HANG
+
+    def stacks(self, rank: int) -> Path:
+        return self.logs / f"{self.STACKS_PREFIX}{rank}.txt"
+
+    def collectives_trace(self, rank: int) -> Path:
+        """What torch's flight recorder holds at a hang: ``pickle.load`` it, or torch's ``fr_trace`` tool."""
+        return self.logs / f"{self.TRACE_PREFIX}{rank}.pkl"
+
+    @property
+    def nccl_timeout_trace_prefix(self) -> Path:
+        """TORCH_FR_DUMP_TEMP_FILE: where NCCL's own watchdog writes its trace on a collective timeout (rank appended)."""
+        return self.logs / self.NCCL_TIMEOUT_PREFIX
 
     def earlier(self, stamp: str) -> Path:
         """Where ``checkpoint.resume=never`` moves an earlier run's outputs."""

@@ -70,6 +70,9 @@ def init_distributed(
         raise RuntimeError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} unset: start ranks with torchrun")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        dump = environ.get("TORCH_FR_DUMP_TEMP_FILE")  # NCCL's dump on a collective timeout (runtime.watchdog)
+        if dump:
+            os.makedirs(os.path.dirname(dump) or ".", exist_ok=True)
     timeout = timedelta(seconds=launch.dist_timeout_s if timeout_s is None else timeout_s)
     torch_dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",

@@ -5,7 +5,8 @@ torchrun, SLURM or alone) runs this module on that one file. Users who start tor
 may pass Hydra overrides instead (``torchrun ... -m launcher.train recipe=X a.b=1``): each rank
 composes the same config, rank 0 writes it into the run dir, and the trainer checks that all ranks
 agree before training. Exit codes: 0 done; 130 stopped by a signal after a checkpoint; 1 training
-failed; 2 the config, the run dir or the training data is unusable. Each rank also leaves its code
+failed; 2 the config, the run dir or the training data is unusable; 124 hung (the watchdog,
+:mod:`launcher.runtime.watchdog`, found no progress and dumped every rank's stacks). Each rank also leaves its code
 in the run dir (:mod:`launcher.rundir.outcome`), for the launcher to report past torchrun.
 """
 
@@ -21,7 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, EXIT_HUNG = 0, 1, 2, 130, 124
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -114,13 +115,36 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     """Train on this rank: 0 done, 130 stopped by a signal after a checkpoint, 2 unusable training
-    data, 1 any other failure.
+    data, 1 any other failure; 124 when the watchdog finds it hung (it exits the process itself).
 
     A stop signal before the training loop (which saves on one) interrupts the setup; once the
     loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
     they report their own failure, and must live to leave their exit record."""
+    from launcher.runtime import watchdog
+
+    start_watchdog(cfg, record)  # before the imports: they are the first phase it watches
+    try:
+        return _train(cfg, record)
+    finally:
+        watchdog.stop()
+
+
+def start_watchdog(cfg, record: Callable[[int], None]) -> None:
+    """This rank's hang watchdog (train.watchdog), and the flight recorder it dumps."""
+    from launcher.rundir import RunPaths, run_dir_of
+    from launcher.runtime import watchdog
+
+    paths = RunPaths(run_dir_of(cfg))
+    watchdog.collective_trace_env(os.environ, paths)
+    limits = watchdog.limits_of(cfg.train.watchdog, cfg.launch.dist_timeout_s, cfg.launch.io_timeout_s)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    watchdog.start(watchdog.Watchdog(limits, paths.root, rank, world, on_hang=lambda: record(EXIT_HUNG)))
+
+
+def _train(cfg, record: Callable[[int], None]) -> int:
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
+    from launcher.runtime import watchdog
     from launcher.runtime.faults import step_fault
     from launcher.runtime.preflight import PreflightError
     from launcher.train.checkpoint import CheckpointError
@@ -159,10 +183,12 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             code = EXIT_FAILED
         except KeyboardInterrupt:
             done()
+            watchdog.hold_if_fired()
             print("ftl: interrupted (no checkpoint written for the current step)", file=sys.stderr)
             code = EXIT_FAILED
         except Exception as e:
             done()
+            watchdog.hold_if_fired()
             traceback.print_exc()
             print(f"ftl: training failed: {type(e).__name__}: {e}", file=sys.stderr)
             code = EXIT_FAILED

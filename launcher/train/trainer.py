@@ -41,6 +41,7 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.progress import phase
 from launcher.rundir import run_dir_of
+from launcher.runtime import watchdog
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
     DistInfo,
@@ -111,10 +112,14 @@ class Trainer:
         # Loading, conversion, checkpoints: the launcher fixed it in config.yaml (launcher.session.fix_estimates);
         # a Trainer built by hand from an unresolved config keeps the step timeout for them too.
         self.io_timeout_s = cfg.launch.io_timeout_s or cfg.launch.dist_timeout_s
+        watchdog.enter("process group")  # each phase before step 1: its time on rank 0, under the watchdog
         self.dist = init_distributed(cfg.launch, self.device, timeout_s=self.io_timeout_s)
         check_same_on_all_ranks(config_digest(cfg), "config (run dir, model, data, training settings)")
+        watchdog.enter("preflight")
         run_preflight(cfg.launch, self.dist, self.device, self.run_dir, self.io_timeout_s)  # names a bad node, or stops
+        watchdog.enter("model")
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
+        watchdog.enter("data")
         self.train_ds, self.eval_ds = prepare_datasets(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist
         )
@@ -124,6 +129,7 @@ class Trainer:
         self.start = resume_point(
             cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist
         )  # refuses what it cannot continue
+        watchdog.enter("engine")
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
         if self.start is not None and self.start.verdict.cross_engine:
             self.engine.load_weights(lambda: weights_for(self.start, model))
@@ -133,6 +139,7 @@ class Trainer:
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
         self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
+        watchdog.enter("resume")
         self.step = self.saved_step = self.resume()
         self.batches = BatchPrefetcher(
             self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda"
@@ -141,6 +148,7 @@ class Trainer:
         set_collective_timeout(cfg.launch.dist_timeout_s)  # set up: from here a hung step fails fast
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
         self.objective = build_objective(cfg)
+        watchdog.enter("objective")
         with collective_timeout(self.io_timeout_s, restore=cfg.launch.dist_timeout_s):
             self.objective.prepare(self)  # e.g. DPO's reference log-probs: a pass over the data with the starting model
         self.started = time.perf_counter()
@@ -152,10 +160,13 @@ class Trainer:
     def run(self) -> str:
         """Train to the end ("completed") or to a stop signal ("stopped", after a checkpoint); a
         non-finite loss or gradient norm raises NonFiniteError on every rank at the same step."""
+        with stop_on_signals() as stop:  # through the teardown: the SIGTERM torchrun sends once a peer has left
+            return self._run(stop)
+
+    def _run(self, stop: StopFlag) -> str:
         exit_code, diverged = 1, False
         try:
-            with stop_on_signals() as stop:
-                outcome = self.train(stop)
+            outcome = self.train(stop)
             barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
@@ -167,6 +178,7 @@ class Trainer:
                 warn(f"ftl: {e}")
             raise
         finally:
+            watchdog.stop()  # leaving: the barrier and the collective timeout hold the rest
             self.batches.close()
             self.telemetry.close(exit_code)
             if diverged:
@@ -177,11 +189,13 @@ class Trainer:
         if self.start is not None and self.start.verdict.finished:
             self.telemetry.info(f"ftl: {finished_message(self.start.verdict, self.run_dir)}")
             return "completed"
-        if self.cfg.eval.before_training and self.step == 0:
-            self.evaluate("before")
+        if self.cfg.eval.before_training and self.step == 0 and not self.evaluate("before", stop):
+            return "stopped"  # nothing trained yet: nothing to save
         first = self.step + 1
+        watchdog.training()
         while self.step < self.total_steps:
             metrics = self.train_step()
+            watchdog.step_done(self.step, metrics["step_s"])
             self.telemetry.log_step(self.step, metrics)
             check_step(
                 self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
@@ -191,11 +205,12 @@ class Trainer:
             if due(self.step, self.cfg.eval.every_steps) and not (
                 self.step == self.total_steps and self.cfg.eval.after_training
             ):
-                self.evaluate(f"step_{self.step}")
+                self.evaluate(f"step_{self.step}", stop)
             if any_rank(stop.requested):
                 self.save()
                 self.telemetry.info(
-                    f"stopped by {stop.signal_name} at step {self.step}; rerun the same command to resume"
+                    f"stopped by {stop.signal_name or 'a signal to another rank'} at step {self.step}; "
+                    "rerun the same command to resume"
                 )
                 return "stopped"
             if due(self.step, self.cfg.checkpoint.every_steps):
@@ -204,8 +219,8 @@ class Trainer:
                 hook(self)
         if self.cfg.checkpoint.save_final:
             self.save()
-        if self.cfg.eval.after_training:
-            self.evaluate("after")
+        if self.cfg.eval.after_training and not self.evaluate("after", stop):
+            return "stopped"  # saved; the rerun finds the final checkpoint and evaluates it
         return "completed"
 
     def train_step(self) -> dict[str, float]:
@@ -268,30 +283,38 @@ class Trainer:
         extra = {"index": torch.tensor(indices), "label_positions": label_positions(batch["labels"])}
         return {**batch, **extra}, (self.order.epoch, self.order.position)
 
-    def evaluate(self, name: str) -> None:
+    def evaluate(self, name: str, stop: Optional[StopFlag] = None) -> bool:
+        """False when a stop signal (on any rank) ended it between two batches: nothing is logged."""
         if self.eval_ds is None or len(self.eval_ds) == 0:
-            return
-        from launcher.eval.metrics import evaluate
+            return True
+        from launcher.eval.metrics import EvalStopped, evaluate
         from launcher.runtime.distributed import all_reduce_sum
 
-        with (
-            preserved_rng(),
-            eager(),
-        ):  # evaluating must not change what training draws next; compiled layers run eagerly
-            results = evaluate(
-                self.engine.model,
-                self.tokenizer,
-                self.eval_ds,
-                self.cfg.eval,
-                device=self.device,
-                autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
-                reduce_fn=all_reduce_sum,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                loss_metrics=lambda: self.objective.eval_metrics(self),
-                synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
-            )  # perplexity batches shared among ranks; every rank generates every answer
+        try:
+            with (
+                preserved_rng(),
+                eager(),
+                watchdog.during(f"evaluation ({name})"),
+            ):  # evaluating must not change what training draws next; compiled layers run eagerly
+                results = evaluate(
+                    self.engine.model,
+                    self.tokenizer,
+                    self.eval_ds,
+                    self.cfg.eval,
+                    device=self.device,
+                    autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
+                    reduce_fn=all_reduce_sum,
+                    rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                    loss_metrics=lambda: self.objective.eval_metrics(self),
+                    synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
+                    stop=(lambda: any_rank(stop.requested)) if stop is not None else lambda: False,
+                )  # perplexity batches shared among ranks; every rank generates every answer
+        except EvalStopped:
+            self.telemetry.info(f"ftl: evaluation ({name}) stopped by {stop.signal_name} at step {self.step}")
+            return False
         self.telemetry.log_eval(name, self.step, results)
+        return True
 
     def save(self) -> None:
         if self.saved_step == self.step:
@@ -304,7 +327,10 @@ class Trainer:
             len(self.train_ds),
             recorded_config(self.cfg),
         )
-        with collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s):
+        with (
+            watchdog.during(f"checkpoint of step {self.step}"),
+            collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s),
+        ):
             path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
         self.saved_step = self.step
         self.telemetry.info(f"checkpoint {path}")

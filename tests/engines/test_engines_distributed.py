@@ -296,7 +296,8 @@ def worker_pid(config_path: Path, rank: int) -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(config_path).encode() in argv and b"launcher.train" in argv and b"torch.distributed.run" not in argv:
+        agent = b"torch.distributed.run" in argv or b"launcher.launch.torchrun" in argv
+        if str(config_path).encode() in argv and b"launcher.train" in argv and not agent:
             if f"RANK={rank}".encode() in environ:
                 return int(proc.name)
     raise AssertionError(f"no rank-{rank} worker running {config_path}")

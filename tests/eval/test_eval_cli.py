@@ -153,7 +153,7 @@ def test_two_ranks_report_what_one_does(lora_run: Path, eval_case: dict[str, Any
         "--out",
         str(tmp_path),
     )
-    assert "torch.distributed.run" in out.stderr and "--nproc_per_node=2" in out.stderr
+    assert "launcher.launch.torchrun" in out.stderr and "--nproc_per_node=2" in out.stderr
     two, one = json.loads((tmp_path / "eval.json").read_text())["after"], eval_case["results"]["after"]
     assert two["tokens"] == one["tokens"] and two["loss"] == pytest.approx(one["loss"], rel=1e-9)
     assert [s["prediction"] for s in two["samples"]] == [s["prediction"] for s in one["samples"]]
