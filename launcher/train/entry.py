@@ -119,7 +119,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
     from launcher.train.checkpoint import CheckpointError
-    from launcher.train.finite import NonFiniteError
+    from launcher.train.finite import TrainingStopped
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
@@ -143,7 +143,9 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
-        except NonFiniteError:  # every rank stopped at the same step; rank 0 has said so (Trainer.run)
+        except (
+            TrainingStopped
+        ):  # a NaN, too much forgetting: every rank stopped at the same step; rank 0 has said so (Trainer.run)
             done()
             code = EXIT_FAILED
         except KeyboardInterrupt:

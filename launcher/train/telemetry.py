@@ -135,6 +135,9 @@ def local_param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+RETAIN_PREFIX = "retain_"  # launcher.eval.retain's figures
+
+
 def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The numbers of an eval result (drops samples and anything else that is not a number)."""
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -160,7 +163,18 @@ class JsonlSink:
         self.file.flush()
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
-        pass
+        """The retain set's figures join the line of the step they were measured at (the base's, at
+        step 0, are in eval.json): the file stays one line per step, rewritten whole, as evals are rare."""
+        figures = {k: v for k, v in scalar_metrics(results).items() if k.startswith(RETAIN_PREFIX)}
+        rows = read_metrics(self.path) if figures else []
+        if not any(row.get("step") == step for row in rows):
+            return
+        self.file.close()
+        write_atomic(
+            self.path,
+            "".join(json.dumps({**row, **figures} if row.get("step") == step else row) + "\n" for row in rows),
+        )
+        self.file = open(self.path, "a")
 
     def close(self, exit_code: int) -> None:
         self.file.close()
@@ -281,6 +295,8 @@ class ConsoleSink:
 REPORT_METRICS = (
     ("loss", ("loss",), False),
     ("perplexity", ("perplexity",), False),
+    ("general-text loss (retain set)", ("retain_loss",), False),
+    ("KL to the base (retain set)", ("retain_kl",), False),
     ("reward accuracy", ("rewards/accuracy",), True),
     ("reward margin", ("rewards/margin",), True),
     ("prefers chosen (log-prob/token)", ("logp_accuracy",), True),
