@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -118,13 +119,22 @@ def build_retain(trainer: Any) -> Optional[Retain]:
         return Retain(cfg, dataset, mode, None)
     run_file = RunPaths(trainer.run_dir).retain_base
     if trainer.resumed_from is not None:
-        return Retain(
-            cfg, dataset, mode, resumed_copy(run_file, "the base's next-token distributions on the retain set")
-        )
+        return resumed(cfg, dataset, mode, run_file, trainer.telemetry.info)
     base = ReferenceLogps({SPLIT: base_rows_of(trainer, dataset, cfg.top_k)})
     if trainer.dist.is_main:
         base.save(run_file, "retain")
     return Retain(cfg, dataset, mode, base)
+
+
+def resumed(cfg: RetainConfig, dataset: Any, mode: str, run_file: Path, say: Callable[[str], None]) -> Optional[Retain]:
+    """A resumed full fine-tune reads the starting model's rows back. Without them (a run dir from
+    before ftl measured forgetting, or a checkpoint copied alone) no figure can be had: that is said,
+    and is an error only where a limit was asked for."""
+    what = "the base's next-token distributions on the retain set"
+    if run_file.is_file() or cfg.max_kl is not None or cfg.max_loss_increase is not None:
+        return Retain(cfg, dataset, mode, resumed_copy(run_file, what))
+    say(f"ftl: {run_file} is missing ({what}, from the starting model): this run reports no retain figures")
+    return None
 
 
 def retain_dataset(cfg: Any, tokenizer: Any) -> Any:

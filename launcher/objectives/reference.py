@@ -156,7 +156,7 @@ def prepare_base_rows(trainer: Any, top_k: int) -> ReferenceLogps:
     trainer.telemetry.info("computing the base's next-token distributions (one pass over the training data)")
     found = ReferenceLogps({"train": base_rows_of(trainer, trainer.train_ds, top_k)})
     if trainer.dist.is_main:
-        found.save(run_file, reference_key(trainer))
+        found.save(run_file, f"kl_to_base-top{top_k}")  # read back by a resume of this run only
     return found
 
 
