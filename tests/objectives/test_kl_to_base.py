@@ -146,3 +146,11 @@ def test_two_sharded_ranks_train_the_anchored_numbers_of_one_process(
     for got, want in zip(metrics(run), one_process, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), (strategy, got["step"])
         assert got["kl_to_base"] == pytest.approx(want["kl_to_base"], rel=1e-3, abs=1e-7), (strategy, got["step"])
+
+
+def test_lora_anchored_sft_trains_against_its_adapters_off_base(tmp_path: Path) -> None:
+    run = tmp_path / "lora"
+    ftl("train", *ANCHORED, "peft=lora", "train.micro_batch_size=8", f"run.dir={run}")
+    kl = [row["kl_to_base"] for row in metrics(run)]
+    assert kl[0] == pytest.approx(0, abs=1e-9) and kl[-1] > 1e-6, kl  # LoRA starts as its base: B = 0
+    assert not (run / "base_topk.pt").exists()  # the base is the model with its adapters off
