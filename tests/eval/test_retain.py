@@ -215,3 +215,19 @@ def test_a_limit_no_evaluation_applies_is_refused(
 ) -> None:
     assert ftl_main(["plan", "recipe=tiny", *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_before_after_table_shows_the_retain_rows_and_the_bases_kl_as_0() -> None:
+    from rich.console import Console
+
+    from launcher.train.telemetry import render_eval_report
+
+    before = {"loss": 2.0, "retain_loss": 3.0, "retain_loss_change": 0.0, "retain_kl": 5.2e-17}
+    after = {"loss": 1.5, "retain_loss": 3.25, "retain_loss_change": 0.25, "retain_kl": 0.125}
+    console = Console(width=120, record=True)
+    for renderable in render_eval_report(before, after, 0):
+        console.print(renderable)
+    lines = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") == 5}
+    cells = {label: [c.strip() for c in line.split("│")[2:5]] for label, line in lines.items()}
+    assert cells["general-text loss (retain set)"] == ["3", "3.25", "+0.25"]
+    assert cells["KL to the base (retain set)"] == ["0", "0.125", "+0.125"]
