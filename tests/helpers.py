@@ -202,3 +202,35 @@ def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
         setattr(config, k, v)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def hand_next_token_terms(
+    base: Any, tuned: Any, examples: list[dict[str, list[int]]], k: int
+) -> list[tuple[float, float, float]]:
+    """(−log q(label), −log p(label), KL(p || q)) at every labelled position, p the base's and q the
+    tuned model's next-token distribution, one example at a time over its full logits in float64:
+    the independent computation of launcher/objectives/base_dist.py. The KL is summed term by term
+    over the base's ``k`` most likely tokens plus one outcome for the rest (k = the vocabulary: the whole KL)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    terms = []
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            lp = F.log_softmax(base(ids).logits[0].double(), -1)
+            lq = F.log_softmax(tuned(ids).logits[0].double(), -1)
+        for t in range(len(ex["input_ids"]) - 1):
+            label = ex["labels"][t + 1]
+            if label == -100:
+                continue
+            p, q = lp[t].exp().tolist(), lq[t].exp().tolist()
+            top = sorted(range(len(p)), key=lambda i: -p[i])[:k]
+            kl = sum(p[i] * math.log(p[i] / q[i]) for i in top)
+            p_rest, q_rest = 1 - sum(p[i] for i in top), 1 - sum(q[i] for i in top)
+            if p_rest > 1e-12:
+                kl += p_rest * math.log(p_rest / q_rest)
+            terms.append((-math.log(q[label]), -math.log(p[label]), kl))
+    return terms

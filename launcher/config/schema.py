@@ -247,6 +247,16 @@ class SftObjective:
     """Supervised fine-tuning: the next-token loss on the labelled tokens."""
 
     method: str = "sft"
+    kl_to_base: float = ranged(
+        0.0,
+        0.0,
+        doc="weight of an anchor to the base: the loss adds this times KL(base || tuned) per label token "
+        "(LoRA/QLoRA: the whole vocabulary, adapters off; full fine-tuning: the base's top objective.kl_top_k "
+        "tokens, computed once); 0: off",
+    )
+    kl_top_k: int = ranged(
+        64, 1, doc="objective.kl_to_base under full fine-tuning: the base's most likely next tokens kept per position"
+    )
 
 
 @dataclass
@@ -808,6 +818,42 @@ class CheckpointConfig:
 
 
 @dataclass
+class RetainConfig:
+    """Forgetting, measured on general text the run does not train on (docs/SAFETY.md, "Forgetting")."""
+
+    enabled: bool = plain(
+        True, doc="at every evaluation, measure the retain loss change and the KL to the base on the retain set"
+    )
+    path: Optional[str] = plain(
+        None,
+        doc="a file of general text or questions in eval.retain.format; null: the general-knowledge set shipped with "
+        "ftl (launcher/assets/retain/general.jsonl)",
+    )
+    format: str = choice(
+        "completion",
+        "chat",
+        "instruction",
+        "completion",
+        doc="the format of eval.retain.path's rows, as data.format (completion: the row's 'text')",
+    )
+    top_k: int = ranged(
+        64,
+        1,
+        doc="full fine-tuning: the base's k most likely next tokens kept per position (the rest lumped as one), "
+        "for the KL to the base; LoRA/QLoRA compare the whole vocabulary with the adapters off",
+    )
+    max_kl: Optional[float] = ranged(
+        None, 0.0, doc="the most KL(base || tuned) per retain token allowed, in nats; null: no limit"
+    )
+    max_loss_increase: Optional[float] = ranged(
+        None, 0.0, doc="the most the retain loss may rise above the base's, in nats per token; null: no limit"
+    )
+    action: str = choice(
+        "warn", "warn", "stop", doc="past a limit: warn, or stop the run (exit 1; the checkpoints written stay)"
+    )
+
+
+@dataclass
 class EvalConfig:
     before_training: bool = plain(
         False, doc="evaluate the starting model before the first step (the before/after table)"
@@ -826,6 +872,9 @@ class EvalConfig:
         0,
         doc="generated answers printed beside their reference: by `ftl eval`, and in training's before/after table "
         "(eval.before_training=true); 0: none",
+    )
+    retain: RetainConfig = plain(
+        factory=RetainConfig, doc="forgetting: the loss change and KL to the base on general text, at every evaluation"
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.docs import doc_lines
 from launcher.config.errors import ConfigError, ConfigErrors
-from launcher.config.schema import UNIONS, DeepSpeedStrategy, FSDPStrategy, FtlConfig, ModelConfig
+from launcher.config.schema import UNIONS, DeepSpeedStrategy, EvalConfig, FSDPStrategy, FtlConfig, ModelConfig
 from launcher.config.topology import (
     global_batch,
     gpus_per_node,
@@ -567,6 +567,37 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
                 "data",
             )
         )
+    return errs + _retain_checks(e)
+
+
+def _retain_checks(e: EvalConfig) -> list[ConfigError]:
+    """A limit on forgetting is checked at evaluations only: one that no evaluation would apply is refused."""
+    errs: list[ConfigError] = []
+    r = e.retain
+    if r.path is not None:
+        problem = _data_path_problem(r.path)
+        if problem:
+            errs.append(_own("eval.retain.path", problem))
+    limits = [f"eval.retain.{k}" for k in ("max_kl", "max_loss_increase") if getattr(r, k) is not None]
+    if r.action == "stop" and not limits:
+        errs.append(
+            ConfigError(
+                "eval.retain.action", "stop needs a limit: set eval.retain.max_kl or eval.retain.max_loss_increase"
+            )
+        )
+    for field in limits:
+        if not r.enabled:
+            errs.append(
+                ConfigError(field, "is never checked with eval.retain.enabled=false; enable it or unset the limit")
+            )
+        elif not (e.before_training or e.after_training or e.every_steps > 0):
+            errs.append(
+                ConfigError(
+                    field,
+                    "is never checked: no evaluation runs; set eval.every_steps=N (checked every N steps) "
+                    "or eval.after_training=true",
+                )
+            )
     return errs
 
 

@@ -13,9 +13,11 @@ if TYPE_CHECKING:
 
 def build_objective(cfg: FtlConfig) -> Objective:
     if cfg.objective.method == "sft":
+        from launcher.objectives.preference import base_mode
         from launcher.objectives.sft import SftObjective
 
-        return SftObjective(cfg.train.loss)
+        o = cfg.objective
+        return SftObjective(cfg.train.loss, o.kl_to_base, o.kl_top_k, base_mode(cfg))
     from launcher.objectives.preference import PreferenceObjective
 
     return PreferenceObjective(cfg)

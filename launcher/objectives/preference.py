@@ -77,4 +77,10 @@ def reference_mode(cfg: FtlConfig) -> str:
         return "none"
     if cfg.objective.reference != "auto":
         return cfg.objective.reference
+    return base_mode(cfg)
+
+
+def base_mode(cfg: FtlConfig) -> str:
+    """How a run has its base model beside the one it trains: adapters_off under LoRA/QLoRA (the
+    same model, adapters switched off), else precomputed (the starting model's values, computed once)."""
     return "adapters_off" if cfg.peft.method != "none" else "precomputed"

@@ -32,6 +32,7 @@ from launcher.data.build import collate
 from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.eval.metrics import eval_mode, rank_batches
+from launcher.objectives.base_dist import base_pass
 from launcher.objectives.losses import sequence_logps
 from launcher.paths import cache_dir
 from launcher.rundir import RunPaths
@@ -97,13 +98,7 @@ def prepare_reference(trainer: Any) -> ReferenceLogps:
     run_file = RunPaths(trainer.run_dir).reference_logps
     key = reference_key(trainer)
     if trainer.resumed_from is not None:  # the resume check has refused other data or another model
-        found = ReferenceLogps.load(run_file)
-        if found is None:
-            raise DataError(
-                f"{run_file} is missing: the reference log-probs of a DPO run come from its starting model, "
-                "which a resumed run no longer has; start afresh (checkpoint.resume=never or a new run.name)"
-            )
-        return found
+        return resumed_copy(run_file, "the reference log-probs of a DPO run")
     cached = cache_dir() / "reference" / f"{key}.pt"
     found = ReferenceLogps.load(cached, key)
     if any_rank(found is None):  # every rank computes, or none: the pass is collective
@@ -139,3 +134,43 @@ def reference_pass(trainer: Any, dataset: Any) -> tuple[torch.Tensor, list[int]]
             if indices is not None:
                 values[offsets[chosen[0]] : offsets[chosen[-1] + 1]] = sums
     return all_reduce_sum(values).cpu(), offsets
+
+
+def resumed_copy(run_file: Path, what: str) -> ReferenceLogps:
+    """What a resumed run reads back: values its starting model gave, which it no longer has."""
+    found = ReferenceLogps.load(run_file)
+    if found is None:
+        raise DataError(
+            f"{run_file} is missing: {what} come from its starting model, "
+            "which a resumed run no longer has; start afresh (checkpoint.resume=never or a new run.name)"
+        )
+    return found
+
+
+def prepare_base_rows(trainer: Any, top_k: int) -> ReferenceLogps:
+    """objective.kl_to_base under full fine-tuning: the starting model's top-k rows over the training
+    split (:func:`launcher.objectives.base_dist.base_pass`), computed once; the run dir keeps them for a resume."""
+    run_file = RunPaths(trainer.run_dir).base_rows
+    if trainer.resumed_from is not None:
+        return resumed_copy(run_file, "the base's next-token distributions of objective.kl_to_base")
+    trainer.telemetry.info("computing the base's next-token distributions (one pass over the training data)")
+    found = ReferenceLogps({"train": base_rows_of(trainer, trainer.train_ds, top_k)})
+    if trainer.dist.is_main:
+        found.save(run_file, f"kl_to_base-top{top_k}")  # read back by a resume of this run only
+    return found
+
+
+def base_rows_of(trainer: Any, dataset: Any, top_k: int) -> tuple[torch.Tensor, list[int]]:
+    """The starting model's top-k rows over ``dataset``, as this run's engine computes them."""
+    return base_pass(
+        trainer.engine.model,
+        dataset,
+        top_k=top_k,
+        batch_size=trainer.cfg.train.micro_batch_size,
+        pad_id=trainer.tokenizer.pad_token_id,
+        device=trainer.device,
+        autocast=trainer.engine.autocast(),
+        flatten=flattens_packs(trainer.cfg.model.attn_implementation),
+        rank=trainer.dist.rank,
+        world_size=trainer.dist.world_size,
+    )

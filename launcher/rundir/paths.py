@@ -33,6 +33,8 @@ class RunPaths:
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
+    BASE_ROWS = "base_topk.pt"  # objective.kl_to_base, full fine-tuning: the base's top-k next tokens, for a resume
+    RETAIN_BASE = "retain_base.pt"  # eval.retain, full fine-tuning: the base's top-k next tokens on the retain set
     LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
     MARKER = ".ftl-run"  # ftl made this dir: only this says so
     EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code and node
@@ -125,6 +127,14 @@ class RunPaths:
     @property
     def reference_logps(self) -> Path:
         return self.root / self.REFERENCE_LOGPS
+
+    @property
+    def base_rows(self) -> Path:
+        return self.root / self.BASE_ROWS
+
+    @property
+    def retain_base(self) -> Path:
+        return self.root / self.RETAIN_BASE
 
     @property
     def lock(self) -> Path:

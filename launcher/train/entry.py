@@ -148,7 +148,7 @@ def _train(cfg, record: Callable[[int], None]) -> int:
     from launcher.runtime.faults import step_fault
     from launcher.runtime.preflight import PreflightError
     from launcher.train.checkpoint import CheckpointError
-    from launcher.train.finite import NonFiniteError
+    from launcher.train.finite import TrainingStopped
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
@@ -178,7 +178,7 @@ def _train(cfg, record: Callable[[int], None]) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_FAILED
-        except NonFiniteError:  # every rank stopped at the same step; rank 0 has said so (Trainer.run)
+        except TrainingStopped:  # a NaN, too much forgetting: every rank stopped at the same step; rank 0 said so
             done()
             code = EXIT_FAILED
         except KeyboardInterrupt:

@@ -18,7 +18,12 @@ from launcher.runtime.distributed import any_rank
 from launcher.train.resume import ResumeError, list_complete
 
 
-class NonFiniteError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped itself at a step, on figures every rank shares, so every rank raises it at
+    the same step and none is left in a collective (exit 1: not a success)."""
+
+
+class NonFiniteError(TrainingStopped):
     """Training produced a NaN or infinite loss or gradient norm (exit 1; nothing saved of it)."""
 
 

@@ -135,6 +135,9 @@ def local_param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+RETAIN_PREFIX = "retain_"  # launcher.eval.retain's figures
+
+
 def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The numbers of an eval result (drops samples and anything else that is not a number)."""
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -160,7 +163,18 @@ class JsonlSink:
         self.file.flush()
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
-        pass
+        """The retain set's figures join the line of the step they were measured at (the base's, at
+        step 0, are in eval.json): the file stays one line per step, rewritten whole, as evals are rare."""
+        figures = {k: v for k, v in scalar_metrics(results).items() if k.startswith(RETAIN_PREFIX)}
+        rows = read_metrics(self.path) if figures else []
+        if not any(row.get("step") == step for row in rows):
+            return
+        self.file.close()
+        write_atomic(
+            self.path,
+            "".join(json.dumps({**row, **figures} if row.get("step") == step else row) + "\n" for row in rows),
+        )
+        self.file = open(self.path, "a")
 
     def close(self, exit_code: int) -> None:
         self.file.close()
@@ -281,12 +295,20 @@ class ConsoleSink:
 REPORT_METRICS = (
     ("loss", ("loss",), False),
     ("perplexity", ("perplexity",), False),
+    ("general-text loss (retain set)", ("retain_loss",), False),
+    ("KL to the base (retain set)", ("retain_kl",), False),
     ("reward accuracy", ("rewards/accuracy",), True),
     ("reward margin", ("rewards/margin",), True),
     ("prefers chosen (log-prob/token)", ("logp_accuracy",), True),
     ("ROUGE-L", ("rougeL", "rouge_l", "rougeLsum"), True),
     ("BLEU", ("bleu",), True),
 )
+
+
+def _shown(value: float) -> float:
+    """A figure below rounding noise shown as 0: the retain KL of the base to itself is 0, measured
+    in other batches than the base's pass ~1e-17."""
+    return 0.0 if abs(value) < 1e-9 else value
 
 
 def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_samples: int) -> list[Any]:
@@ -301,7 +323,7 @@ def render_eval_report(before: dict[str, Any], after: dict[str, Any], show_sampl
         key = next((k for k in keys if k in before and k in after), None)
         if key is None:
             continue
-        a, b = float(before[key]), float(after[key])
+        a, b = (_shown(float(x[key])) for x in (before, after))
         better = (b > a) if higher_is_better else (b < a)
         change = f"[{'green' if better else 'red'}]{b - a:+.4g}[/]"
         table.add_row(label, f"{a:.4g}", f"{b:.4g}", change)

@@ -33,6 +33,7 @@ from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
+from launcher.eval.retain import build_retain
 from launcher.model.attention import attention_paths, note_host_copy
 from launcher.model.compile import compile_decoder_layers, eager, first_step_note
 from launcher.model.loading import count_parameters
@@ -69,7 +70,7 @@ from launcher.train.checkpoint import (
     save_checkpoint,
     verify,
 )
-from launcher.train.finite import NonFiniteError, check_step, refuse_nonfinite_weights
+from launcher.train.finite import TrainingStopped, check_step, refuse_nonfinite_weights
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
@@ -151,6 +152,7 @@ class Trainer:
         watchdog.enter("objective")
         with collective_timeout(self.io_timeout_s, restore=cfg.launch.dist_timeout_s):
             self.objective.prepare(self)  # e.g. DPO's reference log-probs: a pass over the data with the starting model
+            self.retain = build_retain(self)  # the retain set's base side (launcher.eval.retain)
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
         for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:
@@ -171,7 +173,7 @@ class Trainer:
             exit_code = 0
             return outcome
         except (
-            NonFiniteError
+            TrainingStopped
         ) as e:  # raised on every rank at this step (the same reduced values): none is in a collective
             diverged = True
             if self.dist.is_main:
@@ -284,11 +286,9 @@ class Trainer:
         return {**batch, **extra}, (self.order.epoch, self.order.position)
 
     def evaluate(self, name: str, stop: Optional[StopFlag] = None) -> bool:
-        """False when a stop signal (on any rank) ended it between two batches: nothing is logged."""
-        if self.eval_ds is None or len(self.eval_ds) == 0:
-            return True
-        from launcher.eval.metrics import EvalStopped, evaluate
-        from launcher.runtime.distributed import all_reduce_sum
+        """The eval split's metrics and the retain set's forgetting figures (which may stop the run).
+        False when a stop signal (on any rank) ended it between two batches: nothing is logged."""
+        from launcher.eval.metrics import EvalStopped
 
         try:
             with (
@@ -296,25 +296,35 @@ class Trainer:
                 eager(),
                 watchdog.during(f"evaluation ({name})"),
             ):  # evaluating must not change what training draws next; compiled layers run eagerly
-                results = evaluate(
-                    self.engine.model,
-                    self.tokenizer,
-                    self.eval_ds,
-                    self.cfg.eval,
-                    device=self.device,
-                    autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
-                    reduce_fn=all_reduce_sum,
-                    rank=self.dist.rank,
-                    world_size=self.dist.world_size,
-                    loss_metrics=lambda: self.objective.eval_metrics(self),
-                    synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
-                    stop=(lambda: any_rank(stop.requested)) if stop is not None else lambda: False,
-                )  # perplexity batches shared among ranks; every rank generates every answer
+                results = self.eval_split(stop) if self.eval_ds is not None and len(self.eval_ds) else {}
+                forgetting = self.retain.measure(self) if self.retain is not None else {}
         except EvalStopped:
             self.telemetry.info(f"ftl: evaluation ({name}) stopped by {stop.signal_name} at step {self.step}")
             return False
-        self.telemetry.log_eval(name, self.step, results)
+        if results or forgetting:
+            self.telemetry.log_eval(name, self.step, {**results, **forgetting})
+        if self.retain is not None:
+            self.retain.check(self.step, forgetting, self.run_dir, self.telemetry.info)
         return True
+
+    def eval_split(self, stop: Optional[StopFlag]) -> dict[str, Any]:
+        from launcher.eval.metrics import evaluate
+        from launcher.runtime.distributed import all_reduce_sum
+
+        return evaluate(
+            self.engine.model,
+            self.tokenizer,
+            self.eval_ds,
+            self.cfg.eval,
+            device=self.device,
+            autocast_dtype=autocast_dtype(self.cfg.train.precision, self.device),
+            reduce_fn=all_reduce_sum,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            loss_metrics=lambda: self.objective.eval_metrics(self),
+            synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
+            stop=(lambda: any_rank(stop.requested)) if stop is not None else lambda: False,
+        )  # perplexity batches shared among ranks; every rank generates every answer
 
     def save(self) -> None:
         if self.saved_step == self.step:

@@ -107,3 +107,29 @@ def test_a_micro_batch_larger_than_the_data_is_refused_before_the_first_step(
         in err
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_absurd_dpo_beta_stops_at_its_first_non_finite_step_with_exit_1(tmp_path: Path) -> None:
+    """objective.beta=1e308 (issue 34): β times a log-ratio overflows; the run stops at step 1, the
+    step its gradient norm turns NaN (the loss itself is log 2 there), instead of training on."""
+    run_dir = tmp_path / "run"
+    proc = ftl(
+        "train",
+        *TINY,
+        "objective=dpo",
+        "data=demo_preferences",
+        "objective.beta=1e308",
+        "train.seq_len=512",
+        "train.max_steps=4",
+        "checkpoint.every_steps=1",
+        "eval.after_training=false",
+        "eval.retain.enabled=false",
+        f"run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ftl: training diverged at step 1 (grad_norm nan); stopped without saving that state; no checkpoint" in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert [r["step"] for r in metrics(run_dir)] == [1] and math.isnan(metrics(run_dir)[0]["grad_norm"])
