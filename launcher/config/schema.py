@@ -641,6 +641,20 @@ LAUNCH_BACKENDS: dict[str, type] = {"local": LocalLaunch, "torchrun": TorchrunLa
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = ranged(
+        0,
+        0,
+        doc="stop once this many periodic evals in a row (eval.every_steps) have not lowered the eval loss by "
+        "min_delta; each new best eval also saves a checkpoint, which checkpoint.keep never prunes and `ftl export` "
+        "exports; 0: off",
+    )
+    min_delta: float = ranged(
+        0.0, 0.0, doc="how much lower than the best so far an eval loss must be to count as an improvement"
+    )
+
+
+@dataclass
 class TrainConfig:
     lr: float = ranged(2e-5, 0.0, lo_open=True, doc="AdamW's peak learning rate, reached after warmup_steps")
     weight_decay: float = ranged(
@@ -719,6 +733,9 @@ class TrainConfig:
         "liger",
         doc="output layer + cross-entropy: chunked (never the full logits), "
         "logits (one [tokens, vocab] tensor), liger (Liger-Kernel's fused kernel, CUDA)",
+    )
+    early_stopping: EarlyStoppingConfig = plain(
+        factory=EarlyStoppingConfig, doc="stop when the eval loss stops improving, keeping the best checkpoint"
     )
 
 

@@ -168,7 +168,7 @@ class JsonlSink:
 
 
 class EvalFileSink:
-    """eval.json: {"before": ..., "step_N": ..., "after": ...}; kept across restarts, so a resumed
+    """eval.json: {"before": ..., "step_N": ..., "after": ..., "best": ...}; kept across restarts, so a resumed
     run still has the base model's scores for its before/after report."""
 
     def __init__(self, path: Path, start_step: int) -> None:
@@ -383,6 +383,9 @@ class WandbSink:
             self.run.log({"train/step": step, **{f"train/{k}": v for k, v in metrics.items()}})
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        if name == "best":  # the best periodic eval, logged already at its step
+            self.run.summary.update({"best/step": step, **{f"best/{k}": v for k, v in scalar_metrics(results).items()}})
+            return
         self.run.log({"train/step": step, **{f"eval/{k}": v for k, v in scalar_metrics(results).items()}})
         if name in ("before", "after"):
             self.run.summary.update({f"eval_{name}/{k}": v for k, v in scalar_metrics(results).items()})

@@ -66,6 +66,7 @@ from launcher.train.checkpoint import (
     save_checkpoint,
     verify,
 )
+from launcher.train.early_stop import EarlyStopping
 from launcher.train.finite import NonFiniteError, check_step, refuse_nonfinite_weights
 from launcher.train.loss import count_label_tokens, label_positions, output_layer
 from launcher.train.mfu import model_flops, model_flops_utilization
@@ -129,6 +130,8 @@ class Trainer:
         self.param_bytes_local = local_param_bytes(self.engine.model)  # this rank's shard under ZeRO-3/FSDP
         self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
+        self.watch = EarlyStopping(cfg.train.early_stopping)  # restored by resume()
+        self.last_eval: Optional[tuple[int, dict[str, Any]]] = None
         self.step = self.saved_step = self.resume()
         self.batches = BatchPrefetcher(
             self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda"
@@ -179,15 +182,16 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
+            self.watch.train_losses.append(metrics["loss"])
             check_step(
                 self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
             )  # a NaN stops the run unsaved
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
-            if due(self.step, self.cfg.eval.every_steps) and not (
-                self.step == self.total_steps and self.cfg.eval.after_training
-            ):
-                self.evaluate(f"step_{self.step}")
+            last_is_after = self.step == self.total_steps and self.cfg.eval.after_training
+            if due(self.step, self.cfg.eval.every_steps) and (self.watch.on or not last_is_after):
+                if self.periodic_eval():
+                    break
             if any_rank(stop.requested):
                 self.save()
                 self.telemetry.info(
@@ -202,6 +206,10 @@ class Trainer:
             self.save()
         if self.cfg.eval.after_training:
             self.evaluate("after")
+        if self.watch.best:
+            best = {k: v for k, v in self.watch.best.items() if k != "step"}
+            self.telemetry.log_eval("best", self.watch.best["step"], best)  # eval.json's "best"
+            self.telemetry.info(f"ftl: {self.watch.summary()}")
         return "completed"
 
     def train_step(self) -> dict[str, float]:
@@ -264,9 +272,22 @@ class Trainer:
         extra = {"index": torch.tensor(indices), "label_positions": label_positions(batch["labels"])}
         return {**batch, **extra}, (self.order.epoch, self.order.position)
 
-    def evaluate(self, name: str) -> None:
+    def periodic_eval(self) -> bool:
+        """An eval during training, counted by early stopping; with it on, a new best is saved
+        (and kept by pruning). True: stop early."""
+        results = self.evaluate(f"step_{self.step}")
+        if results is not None and self.watch.observe(self.step, results) and self.watch.on:
+            self.save()
+        if self.watch.stop:
+            self.telemetry.info(f"ftl: {self.watch.stop_message(self.step)}")
+        return self.watch.stop
+
+    def evaluate(self, name: str) -> Optional[dict[str, Any]]:
         if self.eval_ds is None or len(self.eval_ds) == 0:
-            return
+            return None
+        if self.last_eval is not None and self.last_eval[0] == self.step:  # "after" a periodic eval at this step
+            self.telemetry.log_eval(name, self.step, self.last_eval[1])
+            return self.last_eval[1]
         from launcher.eval.metrics import evaluate
         from launcher.runtime.distributed import all_reduce_sum
 
@@ -287,7 +308,11 @@ class Trainer:
                 loss_metrics=lambda: self.objective.eval_metrics(self),
                 synced=engine_traits(self.cfg.strategy).shards_params and self.dist.world_size > 1,
             )  # perplexity batches shared among ranks; every rank generates every answer
+        if name != "before":
+            results.update(self.watch.gap(results))
+        self.last_eval = (self.step, results)
         self.telemetry.log_eval(name, self.step, results)
+        return results
 
     def save(self) -> None:
         if self.saved_step == self.step:
@@ -299,9 +324,14 @@ class Trainer:
             self.total_steps,
             len(self.train_ds),
             recorded_config(self.cfg),
+            self.watch.state(),
+            self.watch.stop,
         )
+        best = self.watch.best_step if self.watch.on else None  # pruning keeps it
         with collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s):
-            path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
+            path = save_checkpoint(
+                self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep, keep_step=best
+            )
         self.saved_step = self.step
         self.telemetry.info(f"checkpoint {path}")
 
@@ -319,6 +349,7 @@ class Trainer:
             path, state = found
         refuse_nonfinite_weights(self.engine.model, path)
         self.order.seek(state.epoch, state.epoch_position)
+        self.watch.restore(state.early_stopping)
         self.resumed_from = path
         return state.step
 
