@@ -18,6 +18,7 @@ import resource
 import secrets
 import string
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -26,7 +27,7 @@ import torch
 
 from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
-from launcher.progress import attach
+from launcher.progress import attach, clock_text
 from launcher.redact import known_secrets, redact, redact_overrides
 from launcher.rundir import RunPaths
 from launcher.runtime.distributed import DistInfo
@@ -240,6 +241,7 @@ class ConsoleSink:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console, self.log_every, self.show_samples, self.evals = console, log_every, show_samples, evals
+        self.total, self.last_line = total, (start, time.monotonic())  # (step, clock) of the last plain line
         self.progress: Optional[Progress] = None
         if console.is_terminal:
             self.progress = Progress(
@@ -260,10 +262,18 @@ class ConsoleSink:
             self.progress.update(self.task, completed=step, detail=f"loss {loss}  {tok_s} tok/s")
         elif step % self.log_every == 0:
             self.console.print(
-                f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
-                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics),
+                f"step {step}/{self.total}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics) + self._pace(step),
                 highlight=False,
             )
+
+    def _pace(self, step: int) -> str:
+        """'  1.52 s/step  ETA 3:51': wall time per step since the last line (evals and checkpoints
+        included, as they will be in the rest of the run), and the rest of the run at that pace."""
+        (before, then), now = self.last_line, time.monotonic()
+        self.last_line = (step, now)
+        per_step = (now - then) / max(1, step - before)
+        return f"  {per_step:.3g} s/step  ETA {clock_text(per_step * (self.total - step))}"
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
         numbers = "  ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(results).items())
