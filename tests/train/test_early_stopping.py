@@ -130,4 +130,6 @@ def test_a_resumed_run_keeps_its_patience_count_and_best(stopped_run: tuple[Path
     assert resumed.watch.evals_since_best == reference.watch.evals_since_best == PATIENCE
     assert resumed.watch.best == pytest.approx(reference.watch.best)
     assert resumed.watch.last == pytest.approx(reference.watch.last)
-    assert Trainer(cfg).run() == "completed"  # stopped early: resuming again has nothing to do
+    again = Trainer(cfg)  # stopped early: resuming again has nothing to do
+    assert again.start is not None and again.start.verdict.finished and again.run() == "completed"
+    assert again.step == reference.step
