@@ -110,6 +110,17 @@ def test_export_best_exports_the_best_steps_weights(stopped_run: tuple[Path, Tra
     assert all((exported[n] == last[n]).all() for n in exported)
 
 
+def test_best_takes_a_run_dir(stopped_run: tuple[Path, Trainer]) -> None:
+    from launcher.artifacts.export import choose_checkpoint
+    from launcher.artifacts.weights import ArtifactInputError
+
+    run_dir, trainer = stopped_run
+    last = checkpoints_dir(run_dir) / f"step-{trainer.step}"
+    with pytest.raises(ArtifactInputError, match="--best takes a run dir"):
+        choose_checkpoint(last, True)
+    assert choose_checkpoint(last, None) == last  # a checkpoint dir is exported as given
+
+
 def test_a_resumed_run_keeps_its_patience_count_and_best(stopped_run: tuple[Path, Trainer], tmp_path: Path) -> None:
     _, reference = stopped_run
     best = reference.watch.best_step
