@@ -241,7 +241,7 @@ class ConsoleSink:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console, self.log_every, self.show_samples, self.evals = console, log_every, show_samples, evals
-        self.total, self.last_line = total, (start, time.monotonic())  # (step, clock) of the last plain line
+        self.total, self.last_line = total, None  # (step, clock) of the last plain line
         self.progress: Optional[Progress] = None
         if console.is_terminal:
             self.progress = Progress(
@@ -263,16 +263,19 @@ class ConsoleSink:
         elif step % self.log_every == 0:
             self.console.print(
                 f"step {step}/{self.total}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
-                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics) + self._pace(step),
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB"
+                + _preference_line(metrics)
+                + self._pace(step, metrics["step_s"]),
                 highlight=False,
             )
 
-    def _pace(self, step: int) -> str:
+    def _pace(self, step: int, step_s: float) -> str:
         """'  1.52 s/step  ETA 3:51': wall time per step since the last line (evals and checkpoints
-        included, as they will be in the rest of the run), and the rest of the run at that pace."""
-        (before, then), now = self.last_line, time.monotonic()
+        included, as they will be in the rest of the run; the first line: its step's own time, the
+        eval before training and the setup being no part of the pace), and the rest of the run at that pace."""
+        now = time.monotonic()
+        per_step = step_s if self.last_line is None else (now - self.last_line[1]) / max(1, step - self.last_line[0])
         self.last_line = (step, now)
-        per_step = (now - then) / max(1, step - before)
         return f"  {per_step:.3g} s/step  ETA {clock_text(per_step * (self.total - step))}"
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:

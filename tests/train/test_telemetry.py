@@ -71,7 +71,7 @@ def test_disabled_wandb_imports_nothing_from_wandb(tmp_path: Path) -> None:
         "from launcher.train.telemetry import build_telemetry\n"
         f"cfg = FtlConfig(wandb=WandbConfig(mode='disabled'), run=RunConfig(dir={str(tmp_path)!r}))\n"
         f"t = build_telemetry(cfg, __import__('pathlib').Path({str(tmp_path)!r}), DistInfo(), 3, 0)\n"
-        "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1))\n"
+        "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1, step_s=0.1))\n"
         "t.close(0)\n"
         "assert not [m for m in sys.modules if m == 'wandb' or m.startswith('wandb.')], 'wandb imported'\n"
     )
@@ -200,10 +200,12 @@ def test_piped_step_lines_show_the_total_the_pace_and_an_eta(monkeypatch: pytest
     console = Console(file=out, force_terminal=False, color_system=None, soft_wrap=True, width=120)
     sink = ConsoleSink(console, total=100, start=20, log_every=10, show_samples=0, evals={})  # resumed at step 20
     metrics = {"loss": 1.5, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0, "peak_mem_gb": 1.0}
-    for step in range(21, 41):
-        now[0] += 2.0 if step <= 30 else 3.0
-        sink.log_step(step, metrics)
+    now[0] += 300.0  # the eval before training: no part of the pace
+    for step in range(21, 51):
+        now[0] += 2.0 if step <= 40 else 3.0
+        sink.log_step(step, {**metrics, "step_s": 1.5})
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("step 30/100  loss 1.5000") and lines[0].endswith("  2 s/step  ETA 2:20")
-    assert lines[1].startswith("step 40/100  loss 1.5000") and lines[1].endswith("  3 s/step  ETA 3:00")
+    assert len(lines) == 3
+    assert lines[0].startswith("step 30/100  loss 1.5000") and lines[0].endswith("  1.5 s/step  ETA 1:45")  # its own
+    assert lines[1].startswith("step 40/100  loss 1.5000") and lines[1].endswith("  2 s/step  ETA 2:00")
+    assert lines[2].startswith("step 50/100  loss 1.5000") and lines[2].endswith("  3 s/step  ETA 2:30")
