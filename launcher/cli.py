@@ -294,13 +294,13 @@ def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.artifacts.export import export_checkpoint
+    from launcher.artifacts.export import choose_checkpoint, export_checkpoint
     from launcher.artifacts.weights import ArtifactInputError
 
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
         export_checkpoint(
-            Path(args.path),
+            choose_checkpoint(Path(args.path), args.best),
             Path(args.out) if args.out else None,
             max_shard_size=args.max_shard_size,
             dtype=args.dtype,
@@ -508,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
         "path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir"
     )
     p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--best",
+        action="store_true",
+        default=None,
+        help="a run dir's checkpoint of its best eval during training (the default for a run with "
+        "train.early_stopping on)",
+    )
+    which.add_argument(
+        "--latest", dest="best", action="store_false", default=None, help="a run dir's latest checkpoint"
+    )
     p.add_argument(
         "--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)"
     )

@@ -6,7 +6,8 @@
   generating answers, exporting). On a terminal a rich bar with the count, elapsed time and ETA
   (or a spinner when the total is unknown), which appears only once the phase has run for half a
   second; in a log, one line once it has run for 5 s, then one every 10 s, and a last one when it
-  ends. Shown by global rank 0 only (``RANK``), so ranks never interleave.
+  ends. A phase counting in a ``unit`` (batch, token) also shows the seconds per unit. Shown by
+  global rank 0 only (``RANK``), so ranks never interleave.
 
 While training, the trainer's progress bar is live on the console; :func:`attach` lets phases
 that run inside training (evaluation) add their bar to it instead of starting a second display.
@@ -55,8 +56,10 @@ def shows_progress() -> bool:
 class Phase:
     """What a running phase is told: :meth:`advance` by ``n`` units of ``total``."""
 
-    def __init__(self, description: str, total: Optional[int], console: Any, every_s: float) -> None:
-        self.description, self.total, self.console, self.every_s = description, total, console, every_s
+    def __init__(
+        self, description: str, total: Optional[int], console: Any, every_s: float, unit: Optional[str] = None
+    ) -> None:
+        self.description, self.total, self.console, self.every_s, self.unit = description, total, console, every_s, unit
         self.done = 0
         self.started = time.monotonic()
         self._printed_at: Optional[float] = None
@@ -79,7 +82,7 @@ class Phase:
             if self._bar is None and elapsed >= TTY_AFTER_S:
                 self._start_bar()
             if self._bar is not None:
-                self._bar.update(self._task, completed=self.done)
+                self._bar.update(self._task, completed=self.done, detail=self._rate(elapsed))
             return
         due = LOG_FIRST_S if self._printed_at is None else self._printed_at + self.every_s - self.started
         if elapsed >= due and not (self.total and self.done >= self.total):  # the end has its own line
@@ -105,6 +108,7 @@ class Phase:
                 columns += [
                     BarColumn(),
                     MofNCompleteColumn(),
+                    TextColumn("{task.fields[detail]}"),
                     TimeElapsedColumn(),
                     TextColumn("ETA"),
                     TimeRemainingColumn(),
@@ -115,14 +119,19 @@ class Phase:
             self._own.start()
         self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, detail="")
 
+    def _rate(self, elapsed: float) -> str:
+        """'2.1 s/batch': the mean so far, once a unit is done (phases with a unit)."""
+        return f"{elapsed / self.done:.3g} s/{self.unit}" if self.unit and self.done else ""
+
     def _line(self, elapsed: float) -> str:
         text = f"{self.description}: "
         if self.total:
-            text += f"{self.done:,}/{self.total:,} ({self.done / self.total:.0%}), {_clock(elapsed)} elapsed"
+            rate = f", {self._rate(elapsed)}" if self._rate(elapsed) else ""
+            text += f"{self.done:,}/{self.total:,} ({self.done / self.total:.0%}){rate}, {clock_text(elapsed)} elapsed"
             if 0 < self.done < self.total:
-                text += f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left"
+                text += f", ~{clock_text(elapsed * (self.total - self.done) / self.done)} left"
         else:
-            text += f"{_clock(elapsed)} elapsed"
+            text += f"{clock_text(elapsed)} elapsed"
         return text
 
     def close(self) -> None:
@@ -136,9 +145,9 @@ class Phase:
             if self._own is not None:
                 self._own.stop()
             if elapsed >= LOG_FIRST_S:
-                self.console.print(f"{self.description}: done in {_clock(elapsed)}", highlight=False)
+                self.console.print(f"{self.description}: done in {clock_text(elapsed)}", highlight=False)
         elif self._printed_at is not None:
-            self.console.print(f"{self.description}: done in {_clock(elapsed)}", highlight=False)
+            self.console.print(f"{self.description}: done in {clock_text(elapsed)}", highlight=False)
 
 
 class _Silent:
@@ -148,15 +157,21 @@ class _Silent:
 
 @contextlib.contextmanager
 def phase(
-    description: str, total: Optional[int] = None, *, console: Any = None, every_s: float = LOG_EVERY_S
+    description: str,
+    total: Optional[int] = None,
+    *,
+    console: Any = None,
+    every_s: float = LOG_EVERY_S,
+    unit: Optional[str] = None,
 ) -> Iterator[Any]:
-    """``with phase("eval: answers", total=40) as p: ... p.advance()``; see the module docstring.
-    ``total`` None: one long call (loading a model), shown with its elapsed time. ``console``: where
-    to show it (default: stderr, plain when not a terminal)."""
+    """``with phase("eval: loss", total=10, unit="batch") as p: ... p.advance()``; see the module
+    docstring. ``total`` None: one long call (loading a model), shown with its elapsed time.
+    ``console``: where to show it (default: stderr, plain when not a terminal). ``unit``: what one
+    advance counts, shown with the seconds each took on average."""
     if not shows_progress():
         yield _Silent()
         return
-    shown = Phase(description, total, console if console is not None else _default_console(), every_s)
+    shown = Phase(description, total, console if console is not None else _default_console(), every_s, unit)
     stop = threading.Event()
     # Between advances (one batch of answers can take a minute on a CPU) the elapsed time and the
     # log lines keep coming.
@@ -185,7 +200,8 @@ def _default_console() -> Any:
     return _console
 
 
-def _clock(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
+    """'1:05', '1:01:02': a duration in a progress line."""
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)

@@ -113,6 +113,7 @@ def launch(overrides: list[str]) -> int:
     or queued, then write the run dir and submit. Returns the exit code to give the user."""
     import os
 
+    from launcher.data.heldout import held_out_notes
     from launcher.launch import get_backend
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.rundir import RunPaths
@@ -141,7 +142,7 @@ def launch(overrides: list[str]) -> int:
         print(f"ftl: {finished_message(verdict, run.run_dir)}", file=sys.stderr)
         return 0
     check_data_rows(run.cfg)
-    for line in run.notes + _resume_notes(run, verdict):  # the trainer tells the rest
+    for line in run.notes + _resume_notes(run, verdict) + held_out_notes(run.cfg.data):  # the trainer tells the rest
         print(f"ftl: {line}", file=sys.stderr)
     from launcher.config.search_path import config_dirs
 
@@ -243,11 +244,12 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
 def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     """What `ftl train` will do that the config alone does not say (ftl plan, ftl train): with the
     run dir's checkpoints, and with a warmup longer than the run."""
+    from launcher.data.heldout import held_out_notes
     from launcher.runtime.schedule import warmup_notice
 
     total = run.cfg.train.max_steps if run.cfg.train.max_steps > 0 else verdict.total_steps if verdict else None
     notice = warmup_notice(run.cfg.train, total) if total else None
-    return run.notes + _resume_notes(run, verdict) + ([notice] if notice else [])
+    return run.notes + _resume_notes(run, verdict) + ([notice] if notice else []) + held_out_notes(run.cfg.data)
 
 
 def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:

@@ -238,6 +238,6 @@ print("imported", len(mods), "launcher modules;", *(f"{p} {version(p)}" for p in
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "engine deepspeed" in proc.stdout and "step 2 " in proc.stdout and " rougeL " in proc.stdout, proc.stdout[
+    assert "engine deepspeed" in proc.stdout and "step 2/" in proc.stdout and " rougeL " in proc.stdout, proc.stdout[
         -3000:
     ]

@@ -1183,7 +1183,7 @@ def test_sigterm_to_the_launcher_stops_the_trainer_after_a_checkpoint_and_a_seco
             argv, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=ftl_env(PYTHONPATH=str(ROOT))
         )
     deadline = time.monotonic() + 300
-    while "step 2 " not in log.read_text():
+    while "step 2/" not in log.read_text():
         assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     holder = json.loads(lock_path(run).read_text())

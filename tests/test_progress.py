@@ -65,6 +65,18 @@ def test_log_lines_count_elapsed_and_what_is_left(clock: Clock) -> None:
     ]
 
 
+def test_a_phase_with_a_unit_shows_seconds_per_unit(clock: Clock) -> None:
+    console, out = log_console()
+    with phase("eval: loss", total=10, console=console, unit="batch") as shown:
+        clock.now += 6.0
+        shown.advance(3)  # 2 s a batch
+        clock.now += 1.0
+    assert out.getvalue().splitlines() == [
+        "eval: loss: 3/10 (30%), 2 s/batch, 0:06 elapsed, ~0:14 left",
+        "eval: loss: done in 0:07",
+    ]
+
+
 def test_a_long_call_without_steps_still_shows_it_is_alive(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real ticker thread, with the fake clock again
     monkeypatch.setattr(progress.time, "monotonic", clock)
@@ -116,4 +128,4 @@ def test_a_piped_console_neither_colours_nor_wraps(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_clock_format() -> None:
-    assert [progress._clock(s) for s in (0, 59.6, 61, 3600 + 62)] == ["0:00", "1:00", "1:01", "1:01:02"]
+    assert [progress.clock_text(s) for s in (0, 59.6, 61, 3600 + 62)] == ["0:00", "1:00", "1:01", "1:01:02"]

@@ -75,6 +75,37 @@ def default_out(source: CheckpointSource) -> Path:
     return RunPaths(source.run_dir).export_of(source.ckpt_dir.name)
 
 
+def choose_checkpoint(path: Path, best: Optional[bool], log: Callable[[str], None] = print) -> Path:
+    """What to export from ``path``: a run dir's best step's checkpoint with ``best`` (``--best``;
+    None: when the run trained with early stopping, which kept that checkpoint), else ``path``
+    as given (a run dir: its latest checkpoint)."""
+    from launcher.train.resume import get, latest_checkpoint, list_complete
+
+    path = Path(path).expanduser().resolve()
+    run_dir = RunPaths(path).config.is_file()
+    if best and not run_dir:
+        raise ArtifactInputError(f"--best takes a run dir (whose checkpoints record their best eval), not {path}")
+    latest = latest_checkpoint(path) if run_dir and best is not False else None
+    if latest is None:  # a checkpoint dir, --latest, or no checkpoint (resolve_source says so)
+        return path
+    early_stopping = int(get(latest.config, "train.early_stopping.patience") or 0) > 0
+    if best is None and not early_stopping:
+        return path
+    if latest.best_step is None:
+        raise ArtifactInputError(
+            f"--best: {path} ran no eval during training (eval.every_steps=0): it has no best step"
+        )
+    found = dict(list_complete(path)).get(latest.best_step)
+    if found is None:
+        raise ArtifactInputError(
+            f"--best: the best eval of {path} was at step {latest.best_step}, whose checkpoint is not under "
+            "checkpoints/ (only train.early_stopping keeps it); export a checkpoint dir or the latest (--latest)"
+        )
+    why = "--best" if best else "the run trained with early stopping; --latest exports the last checkpoint"
+    log(f"ftl export: the best checkpoint, step {latest.best_step} of {latest.step} ({why})")
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # the work
 

@@ -702,6 +702,20 @@ class WatchdogConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = ranged(
+        0,
+        0,
+        doc="stop once this many periodic evals in a row (eval.every_steps) have not lowered the eval loss by "
+        "min_delta; each new best eval also saves a checkpoint, which checkpoint.keep never prunes and `ftl export` "
+        "exports; 0: off",
+    )
+    min_delta: float = ranged(
+        0.0, 0.0, doc="how much lower than the best so far an eval loss must be to count as an improvement"
+    )
+
+
+@dataclass
 class TrainConfig:
     lr: float = ranged(2e-5, 0.0, lo_open=True, doc="AdamW's peak learning rate, reached after warmup_steps")
     weight_decay: float = ranged(
@@ -785,6 +799,9 @@ class TrainConfig:
         factory=WatchdogConfig,
         doc="the hang watchdog: how long a step or a phase may take before every rank's stacks are dumped and "
         "the job exits 124",
+    )
+    early_stopping: EarlyStoppingConfig = plain(
+        factory=EarlyStoppingConfig, doc="stop when the eval loss stops improving, keeping the best checkpoint"
     )
 
 

@@ -558,6 +558,16 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
             )
     has_eval = bool(d.eval_files) or any(s.split == "eval" for s in d.sources)
     wants_eval = e.before_training or e.after_training or e.every_steps > 0
+    patience = cfg.train.early_stopping.patience
+    if patience > 0 and e.every_steps == 0:
+        errs.append(
+            _x(
+                "train.early_stopping.patience",
+                f"{patience} counts periodic evals, but eval.every_steps is 0 (no eval during training); "
+                "set eval.every_steps=N (N > 0) or train.early_stopping.patience=0",
+                "eval",
+            )
+        )
     if wants_eval and not has_eval and d.eval_fraction == 0:
         errs.append(
             _x(

@@ -100,7 +100,11 @@ def loss_sums(
     device = torch.device(device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     batches = rank_batches(len(eval_ds), batch_size, rank, world_size, max_batches)
-    with eval_mode(model), _autocast(device, autocast_dtype), phase("eval: loss", total=len(batches)) as shown:
+    with (
+        eval_mode(model),
+        _autocast(device, autocast_dtype),
+        phase("eval: loss", total=len(batches), unit="batch") as shown,
+    ):
         for indices in batches:
             if stop():
                 raise EvalStopped
@@ -164,20 +168,38 @@ def generate_answers(
     ``chat_template`` overrides the tokenizer's (pass the one the data was rendered with).
     ``synced``: the model is sharded over ranks (ZeRO-3, FSDP), every forward is collective, so
     every rank keeps stepping until all have finished (transformers' ``synced_gpus``): one that
-    stopped at its eos while another generates on would leave that one waiting in a gather."""
+    stopped at its eos while another generates on would leave that one waiting in a gather.
+
+    Progress counts decoding steps (a token for every answer of a batch), ``max_new_tokens`` per
+    batch at most: it moves while a batch generates, and its estimate is an upper bound."""
     device = torch.device(device)
     model = unwrap_for_generation(model)
     prompts = [render_prompt(tokenizer, prompt_and_reference(c)[0], chat_template) for c in conversations]
     answers: list[str] = []
-    with eval_mode(model), phase("eval: answers for ROUGE/BLEU", total=len(prompts)) as shown:
-        for start in range(0, len(prompts), batch_size):
+    batches = range(0, len(prompts), batch_size)
+    described = f"eval: {len(prompts)} answers for ROUGE/BLEU"
+    with eval_mode(model), phase(described, total=len(batches) * max_new_tokens, unit="token") as shown:
+        for start in batches:
+            counter = DecodingSteps(shown)
             if stop():
                 raise EvalStopped
             answers += _generate_batch(
-                model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced
+                model, tokenizer, prompts[start : start + batch_size], max_new_tokens, device, synced, counter
             )
-            shown.advance(len(prompts[start : start + batch_size]))
+            shown.advance(max_new_tokens - counter.steps)  # the steps an early stop left out
     return answers
+
+
+class DecodingSteps:
+    """A stopping criterion that never stops: it counts generate's decoding steps into a phase."""
+
+    def __init__(self, shown: Any) -> None:
+        self.shown, self.steps = shown, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.steps += 1
+        self.shown.advance()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def unwrap_for_generation(model: Any) -> Any:
@@ -203,7 +225,10 @@ def _generate_batch(
     max_new_tokens: int,
     device: torch.device,
     synced: bool = False,
+    counter: Optional[DecodingSteps] = None,
 ) -> list[str]:
+    from transformers import StoppingCriteriaList
+
     # Left padding: every prompt then ends at the last column, where generation continues.
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -221,6 +246,7 @@ def _generate_batch(
         # Explicit: transformers infers it only while an HfDeepSpeedConfig is alive (not after
         # ZeRO-3 loading, nor without zero3_init) or for FSDP-managed modules.
         synced_gpus=synced,
+        stopping_criteria=StoppingCriteriaList([counter] if counter is not None else []),
     )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()]
 

@@ -16,6 +16,7 @@ import torch
 from launcher.data.build import collate
 from launcher.eval.metrics import eval_mode, rank_batches
 from launcher.objectives.losses import STATS, label_counts, pair_stats, preference_losses, sequence_logps
+from launcher.progress import phase
 
 Reference = Callable[[dict[str, torch.Tensor]], Optional[torch.Tensor]]
 
@@ -39,13 +40,15 @@ def preference_metrics(
     """``reference(batch)``: per-sequence reference log-prob sums (None for SimPO)."""
     device = torch.device(device)
     totals = torch.zeros(len(STATS) + 3, dtype=torch.float64, device=device)
-    with eval_mode(model):
-        for indices in rank_batches(len(dataset), batch_size, rank, world_size, max_batches):
+    batches = rank_batches(len(dataset), batch_size, rank, world_size, max_batches)
+    with eval_mode(model), phase("eval: preference pairs", total=len(batches), unit="batch") as shown:
+        for indices in batches:
             chosen = list(indices) if indices is not None else [0]  # a short rank keeps step with a repeat
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chosen], pad_id, flatten=flatten).items()}
             batch["index"] = torch.tensor(chosen)
             policy, counts = sequence_logps(model, batch, autocast())
             losses, good, bad = preference_losses(objective, policy, counts, reference(batch))
+            shown.advance()
             if indices is None:
                 continue
             per_token = policy / label_counts(batch)

@@ -58,6 +58,8 @@ class TrainerState:
     total_steps: int = 0  # the run length this was saved under
     train_samples: int = 0  # training samples (examples or packs) per epoch
     config: dict[str, Any] = field(default_factory=dict)  # the run's config (secrets redacted)
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # launcher.train.early_stop.EarlyStopping.state()
+    stopped_early: bool = False  # the run ended here by early stopping: resuming it has nothing to do
 
 
 def find_latest(run_dir: Path) -> Optional[Path]:
@@ -149,8 +151,10 @@ def save_checkpoint(
     dist: DistInfo,
     keep: int,
     barrier: Callable[[], None] = distributed.barrier,
+    keep_step: Optional[int] = None,
 ) -> Path:
-    """Collective: call on every rank. Returns the final ``step-N`` directory."""
+    """Collective: call on every rank. Returns the final ``step-N`` directory. Pruning keeps
+    ``keep_step``'s checkpoint besides the newest ``keep`` (early stopping's best)."""
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp-step-{state.step}"
     final = root / f"step-{state.step}"
@@ -179,7 +183,7 @@ def save_checkpoint(
             },
         )
         _replace_dir(tmp, final)
-        prune(run_dir, keep)
+        prune(run_dir, keep, keep_step)
     barrier()
     return final
 
@@ -206,11 +210,12 @@ def load_checkpoint(path: Path, engine: Engine, dist: DistInfo, *, engine_state:
     return state
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of killed saves."""
+def prune(run_dir: Path, keep: int, keep_step: Optional[int] = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints and the one of ``keep_step``; drop older ones
+    and leftovers of killed saves."""
     root = checkpoints_dir(run_dir)
     complete = list_complete(run_dir)
-    doomed = [path for _, path in complete[: max(0, len(complete) - keep)]]
+    doomed = [path for step, path in complete[: max(0, len(complete) - keep)] if step != keep_step]
     kept = {path for _, path in complete}
     leftovers = [p for p in root.iterdir() if p.is_dir() and p not in kept]
     # .tmp-*: a killed save; step-N without a marker: a killed deletion; .replaced-*: superseded by

@@ -103,6 +103,8 @@ class CheckpointInfo:
     total_steps: int  # the run length it was saved under (0: not recorded)
     train_samples: int  # training samples (examples, or packs) per epoch (0: not recorded)
     config: dict[str, Any]  # the config it was written with ({} when unknown)
+    best_step: Optional[int] = None  # the best periodic eval so far (launcher.train.early_stop)
+    stopped_early: bool = False  # the run ended here by early stopping
 
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
@@ -122,6 +124,8 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         total_steps=int(state.get("total_steps", 0)),
         train_samples=int(state.get("train_samples", 0)),
         config=config,
+        best_step=(state.get("early_stopping") or {}).get("best", {}).get("step"),
+        stopped_early=bool(state.get("stopped_early", False)),
     )
 
 
@@ -257,7 +261,9 @@ def resume_verdict(
                 )
             )
     eval_after = bool(get(new, "eval.after_training"))
-    verdict.finished = not verdict.errors and total == ckpt.step and (evaluated or not eval_after)
+    # a run that stopped early is finished while early stopping is still on
+    ended = total == ckpt.step or (ckpt.stopped_early and int(get(new, "train.early_stopping.patience") or 0) > 0)
+    verdict.finished = not verdict.errors and ended and (evaluated or not eval_after)
     if verdict.finished and old:
         verdict.ignored = changed_settings(old, new)
     return verdict
@@ -406,6 +412,7 @@ def finished_message(verdict: Verdict, run_dir: Path) -> str:
     )
     lines = [
         f"{run_dir} is complete: step {ckpt.step} of {verdict.total_steps}"
+        + (" (stopped early: train.early_stopping.patience=0 trains on)" if ckpt.stopped_early else "")
         + (", evaluated after training (eval.json)" if evaluated_after(run_dir, ckpt.step) else "")
         + ". Nothing to do."
     ]

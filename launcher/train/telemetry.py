@@ -18,6 +18,7 @@ import resource
 import secrets
 import string
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -26,7 +27,7 @@ import torch
 
 from launcher.config.schema import FtlConfig
 from launcher.files import write_atomic
-from launcher.progress import attach
+from launcher.progress import attach, clock_text
 from launcher.redact import known_secrets, redact, redact_overrides
 from launcher.rundir import RunPaths
 from launcher.runtime.distributed import DistInfo
@@ -182,7 +183,7 @@ class JsonlSink:
 
 
 class EvalFileSink:
-    """eval.json: {"before": ..., "step_N": ..., "after": ...}; kept across restarts, so a resumed
+    """eval.json: {"before": ..., "step_N": ..., "after": ..., "best": ...}; kept across restarts, so a resumed
     run still has the base model's scores for its before/after report."""
 
     def __init__(self, path: Path, start_step: int) -> None:
@@ -254,6 +255,7 @@ class ConsoleSink:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console, self.log_every, self.show_samples, self.evals = console, log_every, show_samples, evals
+        self.total, self.last_line = total, None  # (step, clock) of the last plain line
         self.progress: Optional[Progress] = None
         if console.is_terminal:
             self.progress = Progress(
@@ -274,10 +276,21 @@ class ConsoleSink:
             self.progress.update(self.task, completed=step, detail=f"loss {loss}  {tok_s} tok/s")
         elif step % self.log_every == 0:
             self.console.print(
-                f"step {step}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
-                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB" + _preference_line(metrics),
+                f"step {step}/{self.total}  loss {loss}  lr {metrics['lr']:.3g}  grad_norm {metrics['grad_norm']:.3g}  "
+                f"{tok_s} tok/s  {metrics['peak_mem_gb']:.2f} GB"
+                + _preference_line(metrics)
+                + self._pace(step, metrics["step_s"]),
                 highlight=False,
             )
+
+    def _pace(self, step: int, step_s: float) -> str:
+        """'  1.52 s/step  ETA 3:51': wall time per step since the last line (evals and checkpoints
+        included, as they will be in the rest of the run; the first line: its step's own time, the
+        eval before training and the setup being no part of the pace), and the rest of the run at that pace."""
+        now = time.monotonic()
+        per_step = step_s if self.last_line is None else (now - self.last_line[1]) / max(1, step - self.last_line[0])
+        self.last_line = (step, now)
+        return f"  {per_step:.3g} s/step  ETA {clock_text(per_step * (self.total - step))}"
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
         numbers = "  ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(results).items())
@@ -405,6 +418,9 @@ class WandbSink:
             self.run.log({"train/step": step, **{f"train/{k}": v for k, v in metrics.items()}})
 
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
+        if name == "best":  # the best periodic eval, logged already at its step
+            self.run.summary.update({"best/step": step, **{f"best/{k}": v for k, v in scalar_metrics(results).items()}})
+            return
         self.run.log({"train/step": step, **{f"eval/{k}": v for k, v in scalar_metrics(results).items()}})
         if name in ("before", "after"):
             self.run.summary.update({f"eval_{name}/{k}": v for k, v in scalar_metrics(results).items()})

@@ -70,6 +70,7 @@ from launcher.train.checkpoint import (
     save_checkpoint,
     verify,
 )
+from launcher.train.early_stop import EarlyStopping
 from launcher.train.finite import TrainingStopped, check_step, refuse_nonfinite_weights
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
@@ -141,6 +142,8 @@ class Trainer:
         self.offloader = build_offloader(self.engine.model, cfg.strategy.activation_offloading)
         self.resumed_from: Optional[Path] = None
         watchdog.enter("resume")
+        self.watch = EarlyStopping(cfg.train.early_stopping)  # restored by resume()
+        self.last_eval: Optional[tuple[int, dict[str, Any]]] = None
         self.step = self.saved_step = self.resume()
         self.batches = BatchPrefetcher(
             self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda"
@@ -191,7 +194,7 @@ class Trainer:
         if self.start is not None and self.start.verdict.finished:
             self.telemetry.info(f"ftl: {finished_message(self.start.verdict, self.run_dir)}")
             return "completed"
-        if self.cfg.eval.before_training and self.step == 0 and not self.evaluate("before", stop):
+        if self.cfg.eval.before_training and self.step == 0 and self.evaluate("before", stop) is None:
             return "stopped"  # nothing trained yet: nothing to save
         first = self.step + 1
         watchdog.training()
@@ -199,15 +202,16 @@ class Trainer:
             metrics = self.train_step()
             watchdog.step_done(self.step, metrics["step_s"])
             self.telemetry.log_step(self.step, metrics)
+            self.watch.train_losses.append(metrics["loss"])
             check_step(
                 self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
             )  # a NaN stops the run unsaved
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
-            if due(self.step, self.cfg.eval.every_steps) and not (
-                self.step == self.total_steps and self.cfg.eval.after_training
-            ):
-                self.evaluate(f"step_{self.step}", stop)
+            last_is_after = self.step == self.total_steps and self.cfg.eval.after_training
+            if due(self.step, self.cfg.eval.every_steps) and (self.watch.on or not last_is_after):
+                if self.periodic_eval(stop):
+                    break
             if any_rank(stop.requested):
                 self.save()
                 self.telemetry.info(
@@ -221,8 +225,12 @@ class Trainer:
                 hook(self)
         if self.cfg.checkpoint.save_final:
             self.save()
-        if self.cfg.eval.after_training and not self.evaluate("after", stop):
+        if self.cfg.eval.after_training and self.evaluate("after", stop) is None:
             return "stopped"  # saved; the rerun finds the final checkpoint and evaluates it
+        if self.watch.best:
+            best = {k: v for k, v in self.watch.best.items() if k != "step"}
+            self.telemetry.log_eval("best", self.watch.best["step"], best)  # eval.json's "best"
+            self.telemetry.info(f"ftl: {self.watch.summary()}")
         return "completed"
 
     def train_step(self) -> dict[str, float]:
@@ -285,27 +293,46 @@ class Trainer:
         extra = {"index": torch.tensor(indices), "label_positions": label_positions(batch["labels"])}
         return {**batch, **extra}, (self.order.epoch, self.order.position)
 
-    def evaluate(self, name: str, stop: Optional[StopFlag] = None) -> bool:
-        """The eval split's metrics and the retain set's forgetting figures (which may stop the run).
-        False when a stop signal (on any rank) ended it between two batches: nothing is logged."""
+    def periodic_eval(self, stop: StopFlag) -> bool:
+        """An eval during training, counted by early stopping; with it on, a new best is saved
+        (and kept by pruning). True: stop early."""
+        results = self.evaluate(f"step_{self.step}", stop)
+        if results and "loss" in results and self.watch.observe(self.step, results) and self.watch.on:
+            self.save()
+        if self.watch.stop:
+            self.telemetry.info(f"ftl: {self.watch.stop_message(self.step)}")
+        return self.watch.stop
+
+    def evaluate(self, name: str, stop: Optional[StopFlag] = None) -> Optional[dict[str, Any]]:
+        """The eval split's metrics and the retain set's forgetting figures (which may stop the run),
+        logged and returned; None when a stop signal (on any rank) ended it between two batches
+        (nothing is logged)."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:  # "after" a periodic eval at this step
+            self.telemetry.log_eval(name, self.step, self.last_eval[1])
+            return self.last_eval[1]
         from launcher.eval.metrics import EvalStopped
 
+        has_split = self.eval_ds is not None and len(self.eval_ds) > 0
         try:
             with (
                 preserved_rng(),
                 eager(),
                 watchdog.during(f"evaluation ({name})"),
             ):  # evaluating must not change what training draws next; compiled layers run eagerly
-                results = self.eval_split(stop) if self.eval_ds is not None and len(self.eval_ds) else {}
+                results = self.eval_split(stop) if has_split else {}
                 forgetting = self.retain.measure(self) if self.retain is not None else {}
         except EvalStopped:
             self.telemetry.info(f"ftl: evaluation ({name}) stopped by {stop.signal_name} at step {self.step}")
-            return False
-        if results or forgetting:
-            self.telemetry.log_eval(name, self.step, {**results, **forgetting})
+            return None
+        if has_split and name != "before":
+            results.update(self.watch.gap(results))
+        results.update(forgetting)
+        self.last_eval = (self.step, results)
+        if results:
+            self.telemetry.log_eval(name, self.step, results)
         if self.retain is not None:
             self.retain.check(self.step, forgetting, self.run_dir, self.telemetry.info)
-        return True
+        return results
 
     def eval_split(self, stop: Optional[StopFlag]) -> dict[str, Any]:
         from launcher.eval.metrics import evaluate
@@ -336,12 +363,17 @@ class Trainer:
             self.total_steps,
             len(self.train_ds),
             recorded_config(self.cfg),
+            self.watch.state(),
+            self.watch.stop,
         )
+        best = self.watch.best_step if self.watch.on else None  # pruning keeps it
         with (
             watchdog.during(f"checkpoint of step {self.step}"),
             collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s),
         ):
-            path = save_checkpoint(self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep)
+            path = save_checkpoint(
+                self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep, keep_step=best
+            )
         self.saved_step = self.step
         self.telemetry.info(f"checkpoint {path}")
 
@@ -359,6 +391,7 @@ class Trainer:
             path, state = found
         refuse_nonfinite_weights(self.engine.model, path)
         self.order.seek(state.epoch, state.epoch_position)
+        self.watch.restore(state.early_stopping)
         self.resumed_from = path
         return state.step
 

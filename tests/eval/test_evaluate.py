@@ -191,3 +191,34 @@ def test_evaluate_combines_everything(tiny: tuple[Any, Any], eval_ds: TokenizedD
 
     no_generation = evaluate(model, tokenizer, eval_ds, EvalConfig(batch_size=2, generate=False), device="cpu")
     assert set(no_generation) == {"loss", "perplexity", "tokens", "samples"} and no_generation["samples"] == []
+
+
+def test_generation_progress_moves_with_every_decoding_step(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of answers can take minutes on a CPU: the progress counts each decoding step, not
+    each finished batch (issue 35: eval progress sat at 0/10 for 3 minutes)."""
+    import contextlib
+
+    from launcher.eval import metrics
+
+    seen: dict[str, Any] = {"advances": []}
+
+    class Recorder:
+        def advance(self, n: int = 1) -> None:
+            seen["advances"].append(n)
+
+    @contextlib.contextmanager
+    def recording_phase(description: str, total: int, **kwargs: Any) -> Any:
+        seen.update(description=description, total=total, **kwargs)
+        yield Recorder()
+
+    monkeypatch.setattr(metrics, "phase", recording_phase)
+    model, tokenizer = tiny
+    with_progress = generate_answers(model, tokenizer, CONVERSATIONS, max_new_tokens=6, device="cpu", batch_size=3)
+    assert seen["total"] == 2 * 6 and seen["unit"] == "token"  # 2 batches of at most 6 decoding steps
+    assert sum(seen["advances"]) == seen["total"] and len(seen["advances"]) > 2  # moved within each batch
+    monkeypatch.undo()
+    assert with_progress == generate_answers(
+        model, tokenizer, CONVERSATIONS, max_new_tokens=6, device="cpu", batch_size=3
+    )  # counting changes no answer

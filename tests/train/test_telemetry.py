@@ -15,8 +15,10 @@ from rich.console import Console
 from launcher.config.schema import FtlConfig, RunConfig, WandbConfig
 from launcher.paths import ROOT
 from launcher.runtime.distributed import DistInfo
+from launcher.train import telemetry
 from launcher.train.telemetry import (
     CLEAR_REFS,
+    ConsoleSink,
     JsonlSink,
     build_telemetry,
     peak_memory_gb,
@@ -69,7 +71,7 @@ def test_disabled_wandb_imports_nothing_from_wandb(tmp_path: Path) -> None:
         "from launcher.train.telemetry import build_telemetry\n"
         f"cfg = FtlConfig(wandb=WandbConfig(mode='disabled'), run=RunConfig(dir={str(tmp_path)!r}))\n"
         f"t = build_telemetry(cfg, __import__('pathlib').Path({str(tmp_path)!r}), DistInfo(), 3, 0)\n"
-        "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1))\n"
+        "t.log_step(1, dict(loss=1.0, lr=0.1, grad_norm=1.0, tokens_per_s=1.0, peak_mem_gb=0.1, elapsed=0.1, step_s=0.1))\n"
         "t.close(0)\n"
         "assert not [m for m in sys.modules if m == 'wandb' or m.startswith('wandb.')], 'wandb imported'\n"
     )
@@ -185,3 +187,25 @@ def test_cuda_peak_memory_is_the_peak_since_the_last_reset() -> None:
     assert peak_memory_gb(cuda) >= 1.0
     reset_peak_memory(cuda)
     assert peak_memory_gb(cuda) < 0.5, "the freed GiB belongs to the last window"
+
+
+def test_piped_step_lines_show_the_total_the_pace_and_an_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SLURM log (no terminal): `step N/total`, the seconds per step since the last line and the
+    time left at that pace (issue 35)."""
+    import io
+
+    now = [100.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, color_system=None, soft_wrap=True, width=120)
+    sink = ConsoleSink(console, total=100, start=20, log_every=10, show_samples=0, evals={})  # resumed at step 20
+    metrics = {"loss": 1.5, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0, "peak_mem_gb": 1.0}
+    now[0] += 300.0  # the eval before training: no part of the pace
+    for step in range(21, 51):
+        now[0] += 2.0 if step <= 40 else 3.0
+        sink.log_step(step, {**metrics, "step_s": 1.5})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("step 30/100  loss 1.5000") and lines[0].endswith("  1.5 s/step  ETA 1:45")  # its own
+    assert lines[1].startswith("step 40/100  loss 1.5000") and lines[1].endswith("  2 s/step  ETA 2:00")
+    assert lines[2].startswith("step 50/100  loss 1.5000") and lines[2].endswith("  3 s/step  ETA 2:30")

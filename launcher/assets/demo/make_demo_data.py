@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Deterministic generator for the ftl demo support-Q&A dataset.
 
-This file is the source of truth for ``train.jsonl`` and ``eval.jsonl`` in
-this directory.  Every conversation is hand-written below as a *fact*: one
-canonical answer in the house style (short, names the exact command or
-override) plus several question paraphrases.  The training split uses the
-``train`` paraphrases; the held-out split uses the ``eval`` paraphrase, which
-is a new phrasing of a fact that training teaches.
+This file is the source of truth for ``train.jsonl``, ``eval.jsonl`` and
+``eval_paraphrase.jsonl`` in this directory.  Every training conversation is
+hand-written below as a *fact*: one canonical answer in the house style (short,
+names the exact command or override) plus several question paraphrases.
+
+* ``train.jsonl``: the ``train`` paraphrases of every fact in FACTS.
+* ``eval.jsonl`` (the demo's held-out set): HELD_OUT, questions about other
+  facts, whose answers training never shows: it measures generalisation.
+* ``eval_paraphrase.jsonl``: the ``eval`` paraphrase of some facts, a new
+  phrasing of a question whose answer training teaches word for word: it
+  measures recall of what was taught.
 
 Run:  python launcher/assets/demo/make_demo_data.py
-It rewrites both files and fails if any eval question is equal to, or has a
-difflib ratio > 0.8 with, any training question.
+It rewrites the three files and fails if any held-out question is equal to, or
+has a difflib ratio > 0.8 with, any training question, or if any eval.jsonl
+answer appears in training.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 SYSTEM = "You are the ftl support assistant. Answer briefly and name the exact command or override."
 
-# Each fact: (answer, [training questions], eval question or None)
+# Each fact: (answer, [training questions], a held-out paraphrase (eval_paraphrase.jsonl) or None)
 FACTS: list[tuple[str, list[str], str | None]] = [
     # ------------------------------------------------------------------ basics
     (
@@ -883,15 +889,204 @@ FACTS: list[tuple[str, list[str], str | None]] = [
 ]
 
 
+# Held-out facts: each a question and an answer that training never shows (same house style, other facts).
+# eval.jsonl measures how the model answers questions about what it was not taught.
+HELD_OUT: list[tuple[str, str]] = [
+    (
+        "How do I make training stop once the eval loss stops improving?",
+        "Set `train.early_stopping.patience=N` with `eval.every_steps=M`, e.g. `eval.every_steps=50 "
+        "train.early_stopping.patience=3`. The run stops after N evals in a row without a lower eval loss.",
+    ),
+    (
+        "What counts as an improvement for early stopping?",
+        "An eval loss lower than the best so far by more than `train.early_stopping.min_delta`, e.g. "
+        "`train.early_stopping.min_delta=0.01`. The default, 0, counts any decrease.",
+    ),
+    (
+        "After early stopping, which weights does ftl export give me?",
+        "The best eval's checkpoint: with early stopping on, `ftl export RUN_DIR` exports that step and says "
+        "which. Pass `--latest` for the last checkpoint, or `--best` on any run that kept its best.",
+    ),
+    (
+        "How can I evaluate during training instead of only at the end?",
+        "Set `eval.every_steps`, e.g. `ftl train recipe=demo eval.every_steps=100`. Each result goes into "
+        "eval.json as `step_N`; 0, the default, evaluates only after training.",
+    ),
+    (
+        "Can I get the base model's scores before fine-tuning starts?",
+        "Set `eval.before_training=true`. ftl evaluates the starting model first and prints a before/after "
+        "table when training ends.",
+    ),
+    (
+        "How do I skip the evaluation at the end of training?",
+        "Set `eval.after_training=false`, e.g. `ftl train recipe=demo eval.after_training=false`.",
+    ),
+    (
+        "My eval set is huge. How do I evaluate on only part of it?",
+        "Set `eval.max_batches`, e.g. `eval.max_batches=20`, to evaluate on at most that many batches of "
+        "`eval.batch_size` sequences.",
+    ),
+    (
+        "How do I turn off the ROUGE and BLEU scores to save time?",
+        "Set `eval.generate=false`. Evaluation then reports loss and perplexity only and generates no answers.",
+    ),
+    (
+        "The generated eval answers are cut off. How do I allow longer ones?",
+        "Raise `eval.max_new_tokens`, e.g. `eval.max_new_tokens=256`. The default is 64 tokens.",
+    ),
+    (
+        "How many held-out questions does ftl answer for ROUGE and BLEU?",
+        "`eval.num_generate` of them, 16 by default; e.g. `eval.num_generate=64` scores more answers and takes longer.",
+    ),
+    (
+        "How do I see more generated answers next to their references?",
+        "Set `eval.show_samples`, e.g. `eval.show_samples=5`. `ftl eval` and the before/after table print that "
+        "many answers beside their references.",
+    ),
+    (
+        "Evaluation runs out of memory. What can I change?",
+        "Lower `eval.batch_size`, e.g. `eval.batch_size=1`. It sets the sequences per evaluation batch on each rank.",
+    ),
+    (
+        "How do I add weight decay?",
+        "Set `train.weight_decay`, e.g. `ftl train recipe=demo train.weight_decay=0.1`. It is AdamW's decoupled "
+        "decay, applied to matrices only.",
+    ),
+    (
+        "Which Adam beta values does ftl use, and can I set them?",
+        "Set `train.betas`, e.g. `train.betas=[0.9,0.999]`. The default is [0.9, 0.95].",
+    ),
+    (
+        "Can I use a linear learning rate decay instead of cosine?",
+        "Yes: `train.schedule=linear`. The choices are `cosine` (the default), `linear` and `constant`.",
+    ),
+    (
+        "How low does the learning rate go at the end of the run?",
+        "To `train.min_lr_ratio` × `train.lr`, 0.1 × lr by default; e.g. `train.min_lr_ratio=0` decays it to zero.",
+    ),
+    (
+        "How do I train for three passes over my data?",
+        "Set `train.epochs=3` and leave `train.max_steps=-1`. A fraction such as `train.epochs=0.5` stops partway.",
+    ),
+    (
+        "The console prints a line every step. How do I log less often?",
+        "Set `train.log_every`, e.g. `train.log_every=20`, for a log line (and W&B point) every 20 optimizer steps.",
+    ),
+    (
+        "Does ftl use torch.compile?",
+        "On CUDA it compiles each decoder layer by default (not under ZeRO-3 or QLoRA); on CPU it does not. "
+        "Set `train.compile=false` or `train.compile=true` to choose.",
+    ),
+    (
+        "How do I force training onto the CPU?",
+        "Set `train.device=cpu`. The default, `auto`, uses CUDA when torch sees a GPU.",
+    ),
+    (
+        "How do I stop ftl from saving a checkpoint when training ends?",
+        "Set `checkpoint.save_final=false`. Checkpoints are then only written every `checkpoint.every_steps`.",
+    ),
+    (
+        "I want to start the run over instead of resuming. How?",
+        "Set `checkpoint.resume=never`. The earlier run's checkpoints, metrics and eval results are moved into "
+        "RUN_DIR/earlier-<time>/, not deleted.",
+    ),
+    (
+        "How do I continue from one specific checkpoint?",
+        "Pass its directory, e.g. `checkpoint.resume=runs/demo/checkpoints/step-200`.",
+    ),
+    (
+        "How do I pack several short examples into one sequence?",
+        "Set `data.packing=true`. Examples are packed into `train.seq_len` sequences and attention never "
+        "crosses from one example into another.",
+    ),
+    (
+        "How can I train on just the first 1000 rows as a quick test?",
+        "Set `data.max_train_examples=1000`. ftl then trains on the first 1000 training rows only.",
+    ),
+    (
+        "How do I keep my examples in file order?",
+        "Set `data.shuffle=false`. By default the examples are shuffled each epoch, seeded by `train.seed`.",
+    ),
+    (
+        "What happens to examples longer than the sequence length?",
+        "`data.truncation=clip`, the default, cuts them to `train.seq_len`; `data.truncation=drop` leaves them out.",
+    ),
+    (
+        "I have no separate eval file. Can ftl hold some rows out for me?",
+        "Set `data.eval_fraction`, e.g. `data.eval_fraction=0.05`, to hold out 5% of the training rows, chosen by "
+        "`train.seed`.",
+    ),
+    (
+        "How do I point ftl at my own held-out file?",
+        "Set `data.eval_files`, e.g. `data.eval_files=[my_eval.jsonl]`, in the same format as the training data.",
+    ),
+    (
+        "Can I skip bad rows instead of stopping on them?",
+        "Set `data.on_error=skip`. A row that does not parse is left out and counted; the default, `raise`, stops "
+        "and names the file and row.",
+    ),
+    (
+        "Can the loss include the user's turns too?",
+        "Set `data.assistant_only_loss=false` to train on every token. By default only the assistant turns are trained on.",
+    ),
+    (
+        "How do I use a different chat template from the tokenizer's?",
+        "Set `data.chat_template`, either a Jinja template or a named one such as `data.chat_template=chatml`.",
+    ),
+    (
+        "Where does ftl keep tokenized data between runs?",
+        "Under $FTL_CACHE/data/<key>. Set `data.cache=false` to tokenize again in every run.",
+    ),
+    (
+        "How do I log to a different W&B project?",
+        "Set `wandb.project`, e.g. `ftl train recipe=demo wandb.project=support-bot`. The default project is `ftl`.",
+    ),
+    (
+        "How do I log my runs to my team's W&B account?",
+        "Set `wandb.entity` to the team, e.g. `wandb.entity=my-team`. Without it the API key's default entity is used.",
+    ),
+    (
+        "How can I see related runs together in W&B?",
+        "Give them the same `wandb.group`, e.g. `wandb.group=lr-search`, and add labels with `wandb.tags=[baseline]`.",
+    ),
+    (
+        "How do I export smaller safetensors files?",
+        "Pass `--max-shard-size`, e.g. `ftl export RUN_DIR --max-shard-size 500MB`. The default is 2GB.",
+    ),
+    (
+        "Can I export the weights in bf16?",
+        "Yes: `ftl export RUN_DIR --dtype bf16`. The choices are auto (as trained), fp32, bf16 and fp16.",
+    ),
+    (
+        "How do I talk to my fine-tuned model interactively?",
+        "Run `ftl chat RUN_DIR`. It reads one user turn per line of stdin and answers with the run, a checkpoint or an export.",
+    ),
+    (
+        "A rank died and the others hang. How long until ftl gives up?",
+        "`launch.dist_timeout_s` seconds, 600 by default; e.g. `launch.dist_timeout_s=300` fails a hung step sooner.",
+    ),
+]
+
+
 def _find(fragment: str) -> int:
     hits = [i for i, (a, _, _) in enumerate(FACTS) if fragment in a]
     assert len(hits) == 1, (fragment, hits)
     return hits[0]
 
 
-def build() -> tuple[list[dict], list[dict]]:
+def _held_out_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    rows = []
+    for i, (question, answer) in enumerate(pairs):
+        msgs = [{"role": "system", "content": SYSTEM}] if i % 10 == 5 else []
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def build() -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out with new answers, held-out paraphrases of taught facts)."""
     train: list[dict] = []
-    eval_: list[dict] = []
+    paraphrases: list[tuple[str, str]] = []
     n = 0
     for answer, questions, eval_q in FACTS:
         assert len(questions) == 4, questions
@@ -904,11 +1099,7 @@ def build() -> tuple[list[dict], list[dict]]:
             train.append({"messages": msgs})
             n += 1
         if eval_q is not None:
-            msgs = []
-            if len(eval_) % 10 == 5:
-                msgs.append({"role": "system", "content": SYSTEM})
-            msgs += [{"role": "user", "content": eval_q}, {"role": "assistant", "content": answer}]
-            eval_.append({"messages": msgs})
+            paraphrases.append((eval_q, answer))
 
     # A few two-exchange conversations reusing facts above: (answer fragment,
     # first question, answer fragment, follow-up question).
@@ -973,7 +1164,15 @@ def build() -> tuple[list[dict], list[dict]]:
                 ]
             }
         )
-    return train, eval_
+    return train, _held_out_rows(HELD_OUT), _held_out_rows(paraphrases)
+
+
+def check_new_answers(train: list[dict], eval_: list[dict]) -> None:
+    taught = {m["content"] for ex in train for m in ex["messages"] if m["role"] == "assistant"}
+    for ex in eval_:
+        for m in ex["messages"]:
+            assert m["role"] != "assistant" or m["content"] not in taught, m["content"]
+            assert len(m["content"].split()) <= 60, m["content"]
 
 
 def check_overlap(train: list[dict], eval_: list[dict], threshold: float = 0.8) -> float:
@@ -998,11 +1197,16 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    train, eval_ = build()
-    worst = check_overlap(train, eval_)
+    train, eval_, paraphrases = build()
+    check_new_answers(train, eval_)
+    worst = max(check_overlap(train, eval_), check_overlap(train, paraphrases))
     write(HERE / "train.jsonl", train)
     write(HERE / "eval.jsonl", eval_)
-    print(f"train={len(train)} eval={len(eval_)} max_eval_train_question_ratio={worst:.3f}")
+    write(HERE / "eval_paraphrase.jsonl", paraphrases)
+    print(
+        f"train={len(train)} eval={len(eval_)} eval_paraphrase={len(paraphrases)} "
+        f"max_eval_train_question_ratio={worst:.3f}"
+    )
 
 
 if __name__ == "__main__":
