@@ -33,6 +33,7 @@ class RunPaths:
     LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
     MARKER = ".ftl-run"  # ftl made this dir: only this says so
     EXITS = ".ftl-exit"  # rank-N.json: each trainer rank's exit code
+    START_PREFIX = "start-"  # start-<digest>/: model.path=an earlier stage, made a Hugging Face dir (artifacts.stages)
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
@@ -117,6 +118,11 @@ class RunPaths:
     @property
     def exits(self) -> Path:
         return self.root / self.EXITS
+
+    def start(self, digest: str) -> Path:
+        """The model this run starts from when model.path names an earlier stage (its digest: a new
+        checkpoint or adapter is a new start)."""
+        return self.root / f"{self.START_PREFIX}{digest[:16]}"
 
     def earlier(self, stamp: str) -> Path:
         """Where ``checkpoint.resume=never`` moves an earlier run's outputs."""

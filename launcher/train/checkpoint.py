@@ -58,6 +58,7 @@ class TrainerState:
     total_steps: int = 0  # the run length this was saved under
     train_samples: int = 0  # training samples (examples or packs) per epoch
     config: dict[str, Any] = field(default_factory=dict)  # the run's config (secrets redacted)
+    base: dict[str, Any] = field(default_factory=dict)  # LoRA/QLoRA: the frozen base, named and hashed (not saved)
 
 
 def find_latest(run_dir: Path) -> Optional[Path]:

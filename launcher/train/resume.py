@@ -103,6 +103,7 @@ class CheckpointInfo:
     total_steps: int  # the run length it was saved under (0: not recorded)
     train_samples: int  # training samples (examples, or packs) per epoch (0: not recorded)
     config: dict[str, Any]  # the config it was written with ({} when unknown)
+    base: dict[str, Any] = field(default_factory=dict)  # LoRA/QLoRA: the base it trained on (adapters.base_record)
 
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
@@ -122,6 +123,7 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         total_steps=int(state.get("total_steps", 0)),
         train_samples=int(state.get("train_samples", 0)),
         config=config,
+        base=state.get("base") or {},
     )
 
 
