@@ -152,10 +152,12 @@ class FSDPEngine(TorchEngine):
         scheduler.load_state_dict(extra["scheduler"])
 
     def _state_options(self) -> Any:
-        """A PEFT run's checkpoint leaves the frozen base out (this run loads its own)."""
+        """A PEFT run's checkpoint leaves the frozen base out (this run loads its own): set_state_dict
+        must not miss it. (dcp.load has already refused a checkpoint that lacks a trainable tensor.)"""
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=self.peft_model is not None)
+        peft = self.peft_model is not None
+        return StateDictOptions(ignore_frozen_params=peft, strict=not peft)
 
     def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
         if not self.sharded:

@@ -380,7 +380,7 @@ def resume_point(
 
     other_base = base_mismatch(info.base, base) if dist.is_main else None
     if any_rank(other_base is not None):
-        raise ResumeError(f"ftl: cannot resume from {path}: {other_base or 'rank 0 found another base model'}")
+        raise ResumeError(f"cannot resume from {path}: {other_base or 'rank 0 found another base model'}")
     if verdict.cross_engine:  # another engine's reader loads it, checking no hash: check the contents here
         problem = verify(path, dist)
         if any_rank(problem is not None):

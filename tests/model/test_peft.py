@@ -288,15 +288,15 @@ def test_demo_lora_checkpoint_holds_no_more_than_an_exact_resume_needs() -> None
     sizes = bench.measure(quick=False)
     assert sizes["floor"] <= sizes["checkpoint"] < sizes["floor"] + 1e6, sizes
     assert sizes["checkpoint"] < 0.12 * sizes["base"], sizes
-    assert sizes["before"] > sizes["base"]  # what it replaced: the whole model in every checkpoint
+    assert sizes["before"] > 5 * sizes["checkpoint"]  # what it replaced: the whole model in every checkpoint
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["single", "fsdp"])
+@pytest.mark.parametrize("strategy", ["single", "fsdp", "zero3"])
 def test_lora_resumes_exactly(strategy: str, lora_runs: dict[str, Path], tmp_path: Path) -> None:
     """A LoRA run stopped after step 2 and resumed from its checkpoint (the adapter and its optimizer
     state; the base rebuilt, not read back) ends with the uninterrupted run's adapter, bit for bit,
-    on one process and on 2 FSDP ranks."""
+    on one process and on 2 FSDP or ZeRO-3 ranks."""
     run = [*LORA, *ENGINES[strategy], f"strategy={strategy}", "checkpoint.every_steps=2", f"run.dir={tmp_path}"]
     ftl("train", *run)
     final, rows = saved_adapter(tmp_path), metrics(tmp_path)
@@ -316,7 +316,6 @@ def test_lora_resumes_exactly(strategy: str, lora_runs: dict[str, Path], tmp_pat
 
 def test_qlora_loads_4bit_and_trains_on_cpu(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from safetensors import safe_open
 
     # 256-token sequences: bitsandbytes' CPU path gets single-token inputs wrong, never these.
     # An eval after step 2 must not change steps 3-4 (bitsandbytes would repack the 4-bit weights
@@ -334,9 +333,9 @@ def test_qlora_loads_4bit_and_trains_on_cpu(tmp_path: Path) -> None:
     ftl("train", *qlora)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
-    with safe_open(str(last_ckpt(tmp_path) / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert len(keys) == 28 and all(".lora_" in k for k in keys)  # the adapter; the 4-bit base is named, not saved
+    assert not (
+        last_ckpt(tmp_path) / "model.safetensors"
+    ).exists()  # the adapter is the weights; the 4-bit base is named
     saved = saved_adapter(tmp_path)
     assert len(saved) == 28 and all(t.numel() > 0 for t in saved.values())
     # Resume from step 2: the same last two steps (the 4-bit base is rebuilt, the adapter and
