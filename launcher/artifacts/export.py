@@ -2,15 +2,16 @@
 
 Offline and on CPU: no process group, no GPU. The checkpoint is read back as Hugging Face weights
 (:mod:`launcher.artifacts.weights`: the engine that wrote it consolidates its files) and written as
-size-sharded safetensors with the tokenizer and its chat template: plain
-``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it.
+size-sharded safetensors with the tokenizer and its chat template, and a model card (``README.md``,
+:mod:`launcher.artifacts.card`): plain ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it.
 
 LoRA/QLoRA runs (every checkpoint holds ``adapter/``, gathered from all ranks):
 
 * ``merge_lora``: the adapter merged into the base weights (PEFT's ``merge_and_unload``), written
-  as the plain Hugging Face directory above. LoRA merges into the base weights the checkpoint
-  holds; QLoRA into the full-precision base rebuilt from the run's model config (the 4-bit
-  weights it trained against are an approximation of those).
+  as the plain Hugging Face directory above. The base is rebuilt from the run's model config (a
+  checkpoint names and hashes it, never copies it; one whose files changed since is refused): LoRA
+  in the dtype it trained in, QLoRA in full precision (the 4-bit weights it trained against are
+  an approximation of those).
 * otherwise: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and the
   tokenizer, with ``base_model_name_or_path`` naming the base: ``model.path`` (and ``revision``)
   for ``model.source=hf``; for ``smollm2`` the converted directory in ftl's cache
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from launcher.artifacts.card import write_model_card
 from launcher.artifacts.weights import (
     ArtifactInputError,
     CheckpointSource,
@@ -176,6 +178,7 @@ def _export_into(
     if peft != "none" and not merge_lora:
         with phase(f"export: writing the adapter to {out}"):
             base = export_adapter(source, cfg, engine, tmp, final_dir=out, max_shard_size=shard_bytes)
+            write_model_card(tmp, source, cfg, kind="adapter")
         _replace(tmp, out)
         log(
             f"ftl export: wrote the {peft} adapter to {out} (base: {base}); load it with "
@@ -194,6 +197,7 @@ def _export_into(
     with phase(f"export: writing {out}"):
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
         tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, source, cfg, kind="model")
     _replace(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -235,13 +239,7 @@ def export_adapter(
 ) -> str:
     """The checkpoint's ``adapter/`` and the run's tokenizer into ``tmp`` (renamed to ``final_dir``
     afterwards), ``base_model_name_or_path`` pointing at the base. Returns that reference."""
-    from launcher.model.adapters import (
-        ADAPTER_CONFIG,
-        ADAPTER_DIR,
-        load_adapter_weights,
-        set_adapter_base,
-        split_peft_state_dict,
-    )
+    from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, load_adapter_weights, set_adapter_base
 
     adapter_dir = source.ckpt_dir / ADAPTER_DIR
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -261,14 +259,11 @@ def export_adapter(
         from launcher.model.smollm2 import smollm2_dir
 
         base = str(smollm2_dir())
-    else:  # random: the base exists only in this run
-        if cfg.peft.method == "qlora":
-            from launcher.artifacts.weights import build_base_from_config
+    else:  # random: the base exists only in this run, rebuilt from its seed (checked against its hash)
+        from launcher.artifacts.weights import peft_base
 
-            model, _ = build_base_from_config(cfg, quantized=False)
-        else:
-            base_sd, _ = split_peft_state_dict(read_checkpoint(source, engine))
-            model, _ = build_hf_model(cfg, base_sd, "fp32")
+        model, _ = peft_base(source, cfg)
+        model.float()
         model.save_pretrained(tmp / "base", safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp / "base")
         base = str(final_dir / "base")

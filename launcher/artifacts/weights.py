@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter, split_peft_state_dict
+from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter
 from launcher.rundir import RunPaths
 from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
 from launcher.train.finite import first_nonfinite
@@ -229,15 +229,11 @@ def load_checkpoint_model(
     cfg = load_checkpoint_config(source.config_path)
     engine = source.engine or cfg.strategy.engine
     description = f"{source.ckpt_dir} (engine {engine}, step {source.step}, peft {cfg.peft.method})"
-    if cfg.peft.method == "qlora":
-        model, tokenizer = build_base_from_config(cfg, device=device, quantized=quantized)
+    if cfg.peft.method != "none":
+        model, tokenizer = peft_base(source, cfg, device=device, quantized=quantized)
     else:
         state = read_checkpoint(source, engine)
-        if cfg.peft.method != "none":
-            state, _ = split_peft_state_dict(state)  # the frozen base; the adapter comes from adapter/
-        # LoRA: the frozen base in the dtype it trained in (the trainer loads it in the compute dtype),
-        # so an evaluation reproduces training's own numbers; a full fine-tune's fp32 master weights.
-        model, tokenizer = build_hf_model(cfg, state, "auto" if cfg.peft.method != "none" else "fp32")
+        model, tokenizer = build_hf_model(cfg, state, "fp32")  # a full fine-tune's fp32 master weights
         materialize_buffers(model)
         del state
     if cfg.peft.method != "none":
@@ -266,10 +262,32 @@ def materialize_buffers(model: Any) -> Any:
     return model
 
 
-def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quantized: bool = False) -> tuple[Any, Any]:
-    """The base a run started from, rebuilt from its model config (4-bit as QLoRA trained it when
-    ``quantized``). A ``model.source=random`` base comes out as it did in training: the trainer
-    builds it right after seeding every RNG with ``train.seed``, and so does this."""
+def peft_base(
+    source: CheckpointSource, cfg: Any, *, device: torch.device | str = "cpu", quantized: bool = False
+) -> tuple[Any, Any]:
+    """The frozen base a LoRA/QLoRA checkpoint trained on (its checkpoints hold the adapter, not the
+    base), rebuilt from the run's model config: in the dtype the trainer loaded it in (LoRA), or
+    4-bit as QLoRA trained it when ``quantized`` (else full precision). Refused when the base's
+    files no longer hash to what the checkpoint recorded: the adapter would be evaluated or merged
+    on another model."""
+    from launcher.model.adapters import base_mismatch, base_record
+    from launcher.train.resume import read_checkpoint_info
+
+    recorded = read_checkpoint_info(source.ckpt_dir).base
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = torch.float32 if cfg.peft.method == "qlora" else named.get(str(recorded.get("dtype")), torch.float32)
+    problem = base_mismatch(recorded, base_record(cfg, dtype)) if recorded else None
+    if problem:
+        raise ArtifactInputError(f"{source.ckpt_dir}: {problem}")
+    return build_base_from_config(cfg, device=device, quantized=quantized, dtype=dtype)
+
+
+def build_base_from_config(
+    cfg: Any, *, device: torch.device | str = "cpu", quantized: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """The base a run started from, rebuilt from its model config in ``dtype`` (4-bit as QLoRA
+    trained it when ``quantized``). A ``model.source=random`` base comes out as it did in training:
+    the trainer builds it right after seeding every RNG with ``train.seed``, and so does this."""
     import numpy as np
 
     from launcher.config.schema import SingleStrategy
@@ -280,7 +298,7 @@ def build_base_from_config(cfg: Any, *, device: torch.device | str = "cpu", quan
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     quantization = quantization_config(cfg.peft, SingleStrategy(), None) if quantized else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model, quantization=quantization, device=device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, quantization=quantization, device=device)
     if tokenizer.chat_template is None and cfg.data.chat_template:
         from launcher.data.templates import resolve_template
 

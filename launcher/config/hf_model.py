@@ -7,7 +7,9 @@ in the local Hugging Face cache, that file is the truth instead: ftl reads ``mod
 written for — the model's name from the path and its tokenizer from the same place. Explicit
 ``model.arch.*`` overrides on the command line still win; one that contradicts the weights' shapes
 is an error naming both. A path the model group does not describe and whose config.json cannot be
-read is an error too: the numbers of some other model would plan it.
+read is an error too: the numbers of some other model would plan it. A path naming an earlier stage
+(an ftl run, or a PEFT adapter: :mod:`launcher.config.stage`) gives the architecture of the model it
+starts from.
 """
 
 from __future__ import annotations
@@ -70,12 +72,22 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
         or not model["path"]
     ):
         return []
+    from launcher.config.stage import StageError, earlier_stage
+
     path = model["path"]
     group = _group_values(model_choice)
     ours = path == group.get("path")  # the path the model group's numbers were written for
     where = path
     try:
-        config, where = read_hf_config(path, model.get("revision"))
+        stage = earlier_stage(path)
+    except StageError as e:
+        return [ConfigError("model.path", str(e))]
+    if stage is not None and stage.kind == "run":
+        return _earlier_run_model(model, stage.model, overrides)
+    try:
+        if stage is not None:  # an adapter: its base's architecture
+            where = f"{stage.base} (the base of the adapter {path})"
+        config, where = read_hf_config(stage.base if stage else path, None if stage else model.get("revision"))
         arch = arch_from_hf_config(config) if config is not None else None
     except UnsupportedModel as e:  # each bad value of the file, named
         return [ConfigError("model.path", f"{where}: {problem}") for problem in e.problems]
@@ -114,7 +126,9 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
         if "tokenizer" not in explicit_model and model.get("tokenizer") == group.get("tokenizer"):
             model["tokenizer"] = ""  # the model's own, from model.path
         local = Path(path).expanduser()
-        if not model.get("tokenizer") and local.is_dir() and not has_tokenizer(local):
+        if stage is not None and not model.get("tokenizer") and not has_tokenizer(local):
+            model["tokenizer"] = stage.base  # the adapter's base's own
+        elif not model.get("tokenizer") and local.is_dir() and not has_tokenizer(local):
             return [
                 ConfigError(
                     "model.tokenizer",
@@ -122,4 +136,22 @@ def read_model_arch(raw: dict[str, Any], model_choice: str, overrides: list[str]
                     "set model.tokenizer to a directory or hub id that has one",
                 )
             ]
+    return []
+
+
+def _earlier_run_model(model: dict[str, Any], earlier: dict[str, Any], overrides: list[str]) -> list[ConfigError]:
+    """``model.path`` is an earlier ftl run: its architecture (what the start will be: a merged
+    adapter keeps the base's shapes) and name; the tokenizer comes with the start, made on the rank."""
+    from launcher.model.families import name_from_path
+
+    arch = earlier.get("arch") if isinstance(earlier.get("arch"), dict) else None
+    if arch is None:
+        return [ConfigError("model.path", f"{model['path']}: the earlier run's config records no model.arch")]
+    explicit = _explicit(overrides, "model.")
+    given = model.get("arch") if isinstance(model.get("arch"), dict) else {}
+    model["arch"] = {**arch, **{k: given[k] for k in _explicit(overrides, "model.arch.") if k in given}}
+    if "name" not in explicit:
+        model["name"] = f"{earlier.get('name') or 'model'} from {name_from_path(model['path'])}"
+    if "tokenizer" not in explicit:
+        model["tokenizer"] = ""
     return []

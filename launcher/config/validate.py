@@ -279,7 +279,7 @@ def _cross_checks(cfg: FtlConfig) -> list[ConfigError]:
     if m.source == "hf" and not m.path:
         errs.append(ConfigError("model.path", "model.source=hf needs a Hugging Face directory or hub id"))
     elif m.source == "hf":
-        errs += _model_dir_errors("model.path", m.path, "config.json")
+        errs += _model_dir_errors("model.path", m.path, None if _earlier_stage(m.path) else "config.json")
     if m.source == "random" and not (m.tokenizer and Path(m.tokenizer).is_dir()):
         errs.append(
             ConfigError("model.tokenizer", f"model.source=random needs a tokenizer directory; got {m.tokenizer!r}")
@@ -399,6 +399,16 @@ def _arch_checks(m: ModelConfig) -> list[ConfigError]:
             )
         )
     return errs
+
+
+def _earlier_stage(path: str) -> bool:
+    """An ftl run or a PEFT adapter, the start of a next stage (its problems were reported at composition)."""
+    from launcher.config.stage import StageError, earlier_stage
+
+    try:
+        return earlier_stage(path) is not None
+    except StageError:
+        return True
 
 
 def _model_dir_errors(key: str, path: str, needs: Optional[str]) -> list[ConfigError]:

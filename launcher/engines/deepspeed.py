@@ -23,7 +23,8 @@ How the Engine interface maps onto DeepSpeed:
 * **Checkpoints.** ``save_checkpoint(ckpt_dir, tag="deepspeed")``: DeepSpeed's own format in
   ``<ckpt>/deepspeed/`` with its ``latest`` file beside it, so DeepSpeed's ``zero_to_fp32.py`` and
   ``ds_to_universal`` work on ``<ckpt>`` as they are; ``ftl_deepspeed.json`` records the stage and
-  world size for :func:`consolidate_checkpoint` and resume.
+  world size for :func:`consolidate_checkpoint` and resume. A LoRA/QLoRA run saves with
+  ``exclude_frozen_parameters``: the adapter and its optimizer state, not the frozen base.
 
 Resume paths:
 
@@ -178,13 +179,15 @@ class DeepSpeedEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         ds = self._require_setup()
         self.save_adapter(ckpt_dir)
-        ds.save_checkpoint(str(ckpt_dir), tag=TAG)
+        adapter_only = self.peft_model is not None
+        ds.save_checkpoint(str(ckpt_dir), tag=TAG, exclude_frozen_parameters=adapter_only)
         if self.dist.is_main:
             meta = {
                 "tag": TAG,
                 "zero_stage": self.stage,
                 "world_size": self.dist.world_size,
                 "precision": self.precision,
+                "frozen_excluded": adapter_only,
             }
             (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -207,7 +210,11 @@ class DeepSpeedEngine(Engine):
             ds._config.load_universal_checkpoint = True
         try:
             path, _ = ds.load_checkpoint(
-                str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(ckpt_dir),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=self.peft_model is None,  # a PEFT checkpoint holds no frozen base
             )
         finally:
             ds._config.load_universal_checkpoint = False
@@ -289,7 +296,9 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=meta["tag"])
+            state = get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt_dir), tag=meta["tag"], exclude_frozen_parameters=bool(meta.get("frozen_excluded"))
+            )
         return {k: v.detach() for k, v in state.items()}
 
 

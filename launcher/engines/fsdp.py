@@ -13,7 +13,8 @@ sharded across ranks, each decoder layer all-gathered just before it runs.
   gradients reduced in ``strategy.reduce_dtype``, fp32 by default), so :meth:`autocast` is a no-op then. fp16 would need a sharded
   grad scaler and is refused.
 * Checkpoint: ``dcp/`` is a torch.distributed.checkpoint directory of model + optimizer state
-  keyed by parameter name (each rank writes its own shards; loading reshards to any world size),
+  keyed by parameter name (a LoRA/QLoRA run: the trainable parameters only, not the frozen base;
+  each rank writes its own shards; loading reshards to any world size),
   and ``engine_state.pt`` (LR schedule) from rank 0.
 * One rank (WORLD_SIZE=1, no process group): nothing to shard; the model trains unwrapped, in the
   same checkpoint format, so an fsdp checkpoint resumes on 1 rank as on N.
@@ -112,7 +113,7 @@ class FSDPEngine(TorchEngine):
 
         optimizer, scheduler = self._require_setup()
         self.save_adapter(ckpt_dir)
-        model_sd, optim_sd = get_state_dict(self._model, optimizer)
+        model_sd, optim_sd = get_state_dict(self._model, optimizer, options=self._state_options())
         with _single_process_ok():
             dcp.save(
                 {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd},
@@ -135,13 +136,28 @@ class FSDPEngine(TorchEngine):
             )
         # The current (sharded) state dicts are the templates: DCP reads into them, resharding a
         # checkpoint written by another world size.
-        model_sd, optim_sd = get_state_dict(self._model, optimizer)
+        options = self._state_options()
+        model_sd, optim_sd = get_state_dict(self._model, optimizer, options=options)
         state = {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
-        set_state_dict(self._model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
+        set_state_dict(
+            self._model,
+            optimizer,
+            model_state_dict=state[MODEL_KEY],
+            optim_state_dict=state[OPTIM_KEY],
+            options=options,
+        )
         extra = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
         scheduler.load_state_dict(extra["scheduler"])
+
+    def _state_options(self) -> Any:
+        """A PEFT run's checkpoint leaves the frozen base out (this run loads its own): set_state_dict
+        must not miss it. (dcp.load has already refused a checkpoint that lacks a trainable tensor.)"""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        peft = self.peft_model is not None
+        return StateDictOptions(ignore_frozen_params=peft, strict=not peft)
 
     def load_weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> None:
         if not self.sharded:

@@ -2,9 +2,11 @@
 is this engine with a DistributedDataParallel wrapper around the same module.
 
 Checkpoint format (a directory): ``model.safetensors`` (all weights; safetensors' save_model
-handles tied embeddings) and ``engine_state.pt`` (optimizer, LR schedule and, for fp16, the grad
-scaler), loaded with ``weights_only=True``. Written by rank 0 alone (ddp replicas are identical),
-read by every rank: a single or ddp checkpoint resumes on any number of ranks.
+handles tied embeddings; a LoRA/QLoRA run has none: its weights are the adapter in ``adapter/``,
+which every PEFT checkpoint holds, and the base is named in the trainer state, not copied) and
+``engine_state.pt`` (optimizer, LR schedule and, for fp16, the grad scaler), loaded with
+``weights_only=True``. Written by rank 0 alone (ddp replicas are identical), read by every rank:
+a single or ddp checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class SingleEngine(TorchEngine):
         self.save_adapter(ckpt_dir)
         if not self.dist.is_main:
             return  # ddp replicas are identical: one copy is the checkpoint
-        save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
+        if self.peft_model is None:  # a PEFT run's weights are adapter/, written above
+            save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
         state: dict[str, Any] = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -78,13 +81,22 @@ class SingleEngine(TorchEngine):
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
         weights = ckpt_dir / WEIGHTS_FILE
-        if not weights.is_file():
+        if self.peft_model is not None:
+            from launcher.model.adapters import ADAPTER_DIR, adapter_parameters
+
+            result = self._model.load_state_dict(adapter_parameters(ckpt_dir / ADAPTER_DIR), strict=False)
+            missing = [
+                k for k, p in self._model.named_parameters() if p.requires_grad and k in set(result.missing_keys)
+            ]
+            check_loaded(ckpt_dir, missing, result.unexpected_keys)
+        elif not weights.is_file():
             raise RuntimeError(
                 f"checkpoint {ckpt_dir} has no {WEIGHTS_FILE}: it was not written by strategy=single or ddp "
                 "(an fsdp or deepspeed checkpoint resumes only under its own strategy; `ftl export` converts any of them)"
             )
-        missing, unexpected = load_model(self._model, weights, strict=False, device=str(self.device))
-        check_loaded(ckpt_dir, missing, unexpected)
+        else:
+            missing, unexpected = load_model(self._model, weights, strict=False, device=str(self.device))
+            check_loaded(ckpt_dir, missing, unexpected)
         state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -97,8 +109,13 @@ class SingleEngine(TorchEngine):
     @staticmethod
     def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         """The full weights of a checkpoint this engine (or ddp) wrote, on CPU, with no process group.
-        Tied weights appear once, under the name safetensors kept."""
+        Tied weights appear once, under the name safetensors kept. A PEFT run's: its adapter, keyed
+        as the PeftModel's parameters."""
+        from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, adapter_parameters
+
         weights = Path(ckpt_dir) / WEIGHTS_FILE
+        if not weights.is_file() and (Path(ckpt_dir) / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+            return adapter_parameters(Path(ckpt_dir) / ADAPTER_DIR)
         if not weights.is_file():
             raise FileNotFoundError(f"{ckpt_dir} has no {WEIGHTS_FILE}")
         return load_file(weights, device="cpu")

@@ -13,6 +13,11 @@
   (``adapter_config.json`` + ``adapter_model.safetensors``), written on rank 0 from the *gathered*
   values of the trainable parameters (:meth:`launcher.engines.base.Engine.trainable_state_dict`):
   never from a rank's ZeRO-3 placeholders or FSDP shards, the trap that leaves 40-byte adapters.
+* A PEFT run's checkpoints hold the adapter, the optimizer and the trainer state, never the frozen
+  base (14 GB per checkpoint for a 7B LoRA): the engines save the trainable parameters only, and
+  the trainer state records which base they trained on (:func:`base_record`: its source, the dtype it
+  was loaded in, and the sha256 of its config and weight files). A resume on another base is refused
+  (:func:`base_mismatch`); export and evaluation rebuild the base from the run's model config.
 * :func:`split_peft_state_dict` turns a PEFT model's full state dict (what an engine checkpoint
   holds) into the base model's own keys and the adapter's, for export and evaluation.
 
@@ -21,9 +26,11 @@ peft and bitsandbytes are imported inside the functions: importing this module i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -185,6 +192,100 @@ def load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS), device="cpu")
+
+
+def adapter_parameters(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors keyed as the PeftModel's own parameters: PEFT's file drops the
+    adapter's name (``lora_A.weight``), the model has it (``lora_A.default.weight``)."""
+    return {
+        _ADAPTER_PART.sub(lambda m: f".{m.group(1)}.{ADAPTER_NAME}.", key): value
+        for key, value in load_adapter_weights(adapter_dir).items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the base an adapter trained on: named and hashed, not copied
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def base_record(cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """What identifies the frozen base of a PEFT run, for its checkpoints: ``model.source``, path
+    and revision, the dtype the trainer loaded it in (export rebuilds it so), and ``sha256``, a
+    digest of the base's content: its config.json and weight files (each file's sha256; a Hugging
+    Face cache's blobs are named by theirs, so a hub model is not read again), or for
+    ``model.source=random`` the architecture, seed and tokenizer it is built from."""
+    m = cfg.model
+    record: dict[str, Any] = {
+        "source": m.source,
+        "path": m.path,
+        "revision": m.revision,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if m.source == "random":
+        what = {"arch": asdict(m.arch), "seed": cfg.train.seed, "tokenizer": _dir_hashes(Path(m.tokenizer))}
+    else:
+        directory = _base_dir(m)
+        files = _dir_hashes(directory) if directory is not None else {}
+        what = {"files": files} if files else {"hub": m.path, "revision": m.revision}  # not on this machine
+        record["files"] = files
+    record["sha256"] = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return record
+
+
+def base_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> Optional[str]:
+    """Why a checkpoint whose trainer state recorded ``saved`` cannot continue on ``current`` (two
+    :func:`base_record`), or None. A checkpoint that recorded none (older ftl, a full fine-tune) passes."""
+    if not saved.get("sha256") or saved["sha256"] == current.get("sha256"):
+        return None
+    changed = sorted(
+        name
+        for name in set(saved.get("files") or {}) | set(current.get("files") or {})
+        if (saved.get("files") or {}).get(name) != (current.get("files") or {}).get(name)
+    )
+    detail = f" (files that differ: {', '.join(changed[:5])})" if changed else ""
+    return (
+        f"the checkpoint's adapter trained on another base model: it recorded {_describe(saved)} with sha256 "
+        f"{saved['sha256'][:12]}, this run loads {_describe(current)} with sha256 {current.get('sha256', '')[:12]}"
+        f"{detail}. An adapter continues only on the base it was trained on: point model.* at that base, or "
+        "start a new run (a new run.name)"
+    )
+
+
+def _describe(record: dict[str, Any]) -> str:
+    where = record.get("path") or ""
+    return f"model.source={record.get('source')}" + (f" model.path={where}" if where else "")
+
+
+def _base_dir(model_cfg: Any) -> Optional[Path]:
+    """The directory the base's files are in: a local model.path, the SmolLM2 conversion, or a
+    hub id's snapshot in the local Hugging Face cache (None when not there)."""
+    if model_cfg.source == "smollm2":
+        from launcher.model.smollm2 import smollm2_dir
+
+        return smollm2_dir()
+    local = Path(model_cfg.path).expanduser()
+    if not model_cfg.path or local.is_dir():
+        return local if model_cfg.path else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_cfg.path, revision=model_cfg.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or not a hub id): named, not hashed
+        return None
+
+
+def _dir_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of the config and weight files directly in ``directory`` (a tokenizer dir: all its files)."""
+    from launcher.files import file_hashes
+
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    weights = [p for p in files if p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES)]
+    chosen = weights or files
+    known = {p.name: p.resolve().name for p in chosen if p.is_symlink() and _SHA256.match(p.resolve().name)}
+    rest = [p for p in chosen if p.name not in known]
+    return {**known, **dict(zip((p.name for p in rest), file_hashes(rest)))}
 
 
 # --------------------------------------------------------------------------------------------

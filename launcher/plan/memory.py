@@ -493,22 +493,23 @@ def frozen_base_bytes(w: Workload, lay: Layout) -> tuple[float, str]:
 
 
 def checkpoint_bytes(w: Workload, lay: Layout) -> float:
-    """Bytes one checkpoint of the whole job writes: every engine saves all parameters (the frozen
-    base of a LoRA run included) and the optimizer states. single/ddp and fsdp write fp32 weights
-    and AdamW's two moments (12 B per trainable parameter). DeepSpeed writes the fp32 master and
-    moments (12 B; stage 0, fp32 only: weights 4 + moments 8) and, below stage 3, its module in
-    the training dtype too (b B; stage 3 keeps no gathered copy). A PEFT run adds its adapter/
-    (fp32). Measured on the tiny model's checkpoints: within 6% for single, LoRA and ZeRO-2/3,
-    17% under for FSDP (DCP's per-tensor metadata, negligible for a large model)."""
+    """Bytes one checkpoint of the whole job writes: every engine saves the trainable parameters and
+    the optimizer states (a LoRA run's frozen base is named, not saved). single/ddp and fsdp write
+    fp32 weights and AdamW's two moments (12 B per trainable parameter). DeepSpeed writes the fp32
+    master and moments (12 B; stage 0, fp32 only: weights 4 + moments 8) and, below stage 3, its
+    module in the training dtype too (b B; stage 3 keeps no gathered copy). A PEFT run adds its
+    adapter/ (fp32), which single/ddp keep as their only copy of the weights. Measured on the tiny
+    model's checkpoints: within 6% for single, LoRA and ZeRO-2/3, 17% under for FSDP (DCP's
+    per-tensor metadata, negligible for a large model)."""
     pc = param_counts(w.arch)
     peft = w.peft.method != "none"
     trainable = lora_param_count(w.arch, w.peft.r, w.peft.targets, w.peft.modules_to_save) if peft else pc.total
-    frozen, _ = frozen_base_bytes(w, lay)
     adapter = FP32 * trainable if peft else 0
     if lay.traits.autocasts_fp32_weights:
-        return frozen + (FP32 + ADAM_MOMENTS) * trainable + adapter
+        weights = 0 if peft and not lay.traits.shards_params else FP32 * trainable
+        return weights + ADAM_MOMENTS * trainable + adapter
     stage = lay.traits.zero_stage
-    module = 0 if stage >= 3 else DTYPE_BYTES[w.precision] * trainable + frozen
+    module = 0 if stage >= 3 else DTYPE_BYTES[w.precision] * trainable
     master = FP32 if stage >= 1 else 0
     return module + (master + ADAM_MOMENTS) * trainable + adapter
 

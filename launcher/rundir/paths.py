@@ -44,6 +44,7 @@ class RunPaths:
     STACKS_PREFIX = "stacks-rank-"  # logs/stacks-rank-N.txt: rank N's Python stacks, appended at each hang
     TRACE_PREFIX = "collectives-rank-"  # logs/collectives-rank-N.pkl: rank N's flight recorder (its recent collectives)
     NCCL_TIMEOUT_PREFIX = "nccl-timeout-rank-"  # logs/nccl-timeout-rank-N: NCCL's own dump on a collective timeout
+    START_PREFIX = "start-"  # start-<digest>/: model.path=an earlier stage, made a Hugging Face dir (artifacts.stages)
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
@@ -171,6 +172,11 @@ class RunPaths:
     def nccl_timeout_trace_prefix(self) -> Path:
         """TORCH_FR_DUMP_TEMP_FILE: where NCCL's own watchdog writes its trace on a collective timeout (rank appended)."""
         return self.logs / self.NCCL_TIMEOUT_PREFIX
+
+    def start(self, digest: str) -> Path:
+        """The model this run starts from when model.path names an earlier stage (its digest: a new
+        checkpoint or adapter is a new start)."""
+        return self.root / f"{self.START_PREFIX}{digest[:16]}"
 
     def earlier(self, stamp: str) -> Path:
         """Where ``checkpoint.resume=never`` moves an earlier run's outputs."""

@@ -60,6 +60,7 @@ class TrainerState:
     config: dict[str, Any] = field(default_factory=dict)  # the run's config (secrets redacted)
     early_stopping: dict[str, Any] = field(default_factory=dict)  # launcher.train.early_stop.EarlyStopping.state()
     stopped_early: bool = False  # the run ended here by early stopping: resuming it has nothing to do
+    base: dict[str, Any] = field(default_factory=dict)  # LoRA/QLoRA: the frozen base, named and hashed (not saved)
 
 
 def find_latest(run_dir: Path) -> Optional[Path]:

@@ -105,6 +105,7 @@ class CheckpointInfo:
     config: dict[str, Any]  # the config it was written with ({} when unknown)
     best_step: Optional[int] = None  # the best periodic eval so far (launcher.train.early_stop)
     stopped_early: bool = False  # the run ended here by early stopping
+    base: dict[str, Any] = field(default_factory=dict)  # LoRA/QLoRA: the base it trained on (adapters.base_record)
 
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
@@ -126,6 +127,7 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         config=config,
         best_step=(state.get("early_stopping") or {}).get("best", {}).get("step"),
         stopped_early=bool(state.get("stopped_early", False)),
+        base=state.get("base") or {},
     )
 
 

@@ -96,7 +96,8 @@ StepHook = Callable[["Trainer"], None]
 
 class Trainer:
     def __init__(self, cfg: FtlConfig, *, step_hooks: Sequence[StepHook] = ()) -> None:
-        self.cfg, self.step_hooks = cfg, list(step_hooks)
+        self.given_cfg, self.step_hooks = cfg, list(step_hooks)  # as written: what checkpoints record
+        self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train)
@@ -120,7 +121,9 @@ class Trainer:
         watchdog.enter("preflight")
         run_preflight(cfg.launch, self.dist, self.device, self.run_dir, self.io_timeout_s)  # names a bad node, or stops
         watchdog.enter("model")
+        self.cfg = cfg = with_start(cfg, self.run_dir, self.dist)  # model.path=an earlier stage: its HF dir
         model, self.tokenizer = build_model(cfg, self.device, self.dist)
+        self.base = record_base(cfg, self.device, self.dist)  # LoRA/QLoRA: what the checkpoints name, not copy
         watchdog.enter("data")
         self.train_ds, self.eval_ds = prepare_datasets(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist
@@ -129,7 +132,7 @@ class Trainer:
         check_micro_batch(cfg.train, self.order, self.train_ds.stats)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
         self.start = resume_point(
-            cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist
+            self.given_cfg, self.run_dir, len(self.train_ds), self.total_steps, self.dist, self.base
         )  # refuses what it cannot continue
         watchdog.enter("engine")
         self.engine: Engine = build_engine(cfg, model, self.dist, self.device)
@@ -362,9 +365,10 @@ class Trainer:
             self.dist.world_size,
             self.total_steps,
             len(self.train_ds),
-            recorded_config(self.cfg),
+            recorded_config(self.given_cfg),
             self.watch.state(),
             self.watch.stop,
+            self.base,
         )
         best = self.watch.best_step if self.watch.on else None  # pruning keeps it
         with (
@@ -408,10 +412,11 @@ class ResumePoint:
 
 
 def resume_point(
-    cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo
+    cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo, base: dict[str, Any]
 ) -> Optional[ResumePoint]:
     """The checkpoint this run continues (checkpoint.resume), checked against the config by
-    :func:`launcher.train.resume.resume_verdict`, as `ftl train` checked it before launch: raises
+    :func:`launcher.train.resume.resume_verdict`, as `ftl train` checked it before launch, and (a
+    LoRA/QLoRA run) against the base this run loaded (``base``, rank 0's :func:`record_base`): raises
     ResumeError (exit 2) for what it cannot continue."""
     import dataclasses
 
@@ -444,6 +449,11 @@ def resume_point(
         )
     if verdict.refused:
         raise ResumeError(refusal(verdict, run_dir))
+    from launcher.model.adapters import base_mismatch
+
+    other_base = base_mismatch(info.base, base) if dist.is_main else None
+    if any_rank(other_base is not None):
+        raise ResumeError(f"cannot resume from {path}: {other_base or 'rank 0 found another base model'}")
     if verdict.cross_engine:  # another engine's reader loads it, checking no hash: check the contents here
         problem = verify(path, dist)
         if any_rank(problem is not None):
@@ -527,6 +537,31 @@ def build_model(cfg: FtlConfig, device: torch.device, dist: DistInfo = DistInfo(
     if compile_choice(cfg, device.type)[0]:  # before any engine wraps or shards it (see launcher.model.compile)
         compile_decoder_layers(model, device)
     return model, tokenizer
+
+
+def with_start(cfg: FtlConfig, run_dir: Path, dist: DistInfo) -> FtlConfig:
+    """``cfg``, or where model.path names an earlier stage (an ftl run, a PEFT adapter) the same
+    with model.path at the Hugging Face dir rank 0 makes of it (:mod:`launcher.artifacts.stages`)."""
+    import dataclasses
+
+    from launcher.artifacts.stages import start_model
+
+    model_cfg = start_model(cfg.model, run_dir, is_main=dist.is_main, log=warn)
+    if model_cfg is cfg.model:
+        return cfg
+    barrier()  # under the I/O timeout: rank 0 may be exporting a large model
+    seed_everything(cfg.train.seed)  # rank 0's export may have drawn (a random base is rebuilt from its seed)
+    return dataclasses.replace(cfg, model=model_cfg)
+
+
+def record_base(cfg: FtlConfig, device: torch.device, dist: DistInfo) -> dict[str, Any]:
+    """A LoRA/QLoRA run's base, named and hashed (:func:`launcher.model.adapters.base_record`) on
+    rank 0, which alone writes and checks it; {} elsewhere and for a full fine-tune."""
+    if cfg.peft.method == "none" or not dist.is_main:
+        return {}
+    from launcher.model.adapters import base_record
+
+    return base_record(cfg, load_dtype(cfg, autocast_dtype(cfg.train.precision, device)))
 
 
 def load_dtype(cfg: FtlConfig, compute: Optional[torch.dtype]) -> torch.dtype:
