@@ -294,6 +294,7 @@ def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.artifacts.export import export_checkpoint
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
@@ -306,7 +307,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             config=Path(args.config) if args.config else None,
             merge_lora=merge,
         )
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl export: {e}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as e:  # a checkpoint that does not load, a model that does not match it, a full disk
@@ -375,6 +376,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import stream_reply
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     settings = _generation_kwargs(args)
     try:
@@ -383,7 +385,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             {"role": "user", "content": args.prompt}
         ]
         stream_reply(loaded, messages, **settings)
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
     return 0
@@ -392,11 +394,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import chat_loop
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl chat: {e}", file=sys.stderr)
         return EXIT_INVALID
     interactive = sys.stdin.isatty()

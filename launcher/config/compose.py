@@ -23,6 +23,7 @@ from typing import Any, Optional
 from launcher.config.docs import suggest
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.hf_model import read_model_arch
+from launcher.config.local_paths import resolve_local_paths
 from launcher.config.schema import UNIONS, FtlConfig
 from launcher.config.search_path import (
     OPTION_GROUPS,
@@ -279,6 +280,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[
         raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
     assert isinstance(resolved, dict)
     errors += read_model_arch(resolved, choices["model"], overrides)
+    resolve_local_paths(resolved)  # after read_model_arch, which compares model.path with the group's as written
     return resolved, choices, errors
 
 
