@@ -180,9 +180,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from launcher.config.search_path import recipe_files
     from launcher.paths import RECIPES_DIR
 
-    files = recipe_files()
     if args.copy:
-        return _copy_recipe(files, *args.copy)
+        return _copy_option(*args.copy)
+    files = recipe_files()
     width = max(map(len, files), default=0)
     for name, path in files.items():
         description, command = recipe_description(path)
@@ -193,45 +193,86 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
-    """`ftl recipes --copy NAME DEST`: a recipe as a starting point of one's own. Never overwrites."""
+def _copy_option(name: str, dest: str) -> int:
+    """`ftl recipes --copy NAME DEST`: a recipe, or a config group's option (GROUP/OPTION, e.g.
+    strategy/zero3), as a starting point of one's own. Never overwrites."""
     import re
 
     from launcher.config.errors import ConfigError
+    from launcher.config.search_path import OPTION_GROUPS, RECIPES, options
 
-    if name not in files:
-        raise ConfigErrors([ConfigError("recipe", f"{name!r}: no such recipe; available: {', '.join(files)}")])
+    group, _, option = name.rpartition("/")
+    group = group or RECIPES
+    if group not in (RECIPES, *OPTION_GROUPS):
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "NAME",
+                    f"{name!r}: a config dir holds no {group}/ options; copy a recipe or one of "
+                    + ", ".join(f"{g}/OPTION" for g in OPTION_GROUPS),
+                )
+            ]
+        )
+    files = options(group)
+    what = "recipe" if group == RECIPES else f"{group} option"
+    if option not in files:
+        raise ConfigErrors([ConfigError(name, f"no such {what}; available: {', '.join(files)}")])
     target = Path(dest).expanduser()
-    if target.is_dir():
-        target = target / f"{name}.yaml"
+    if target.is_dir() and group == RECIPES:
+        target = target / f"{option}.yaml"
+    elif target.is_dir():  # a config dir, or its group folder: a name no option has yet
+        folder = target if target.name == group else target / group
+        target = folder / f"my-{option}.yaml"
     if target.suffix not in (".yaml", ".yml"):
         raise ConfigErrors(
-            [ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")]
+            [ConfigError("DEST", f"{dest}: a {what} file ends in .yaml (or name an existing directory)")]
         )
     if target.exists():
         raise ConfigErrors(
             [ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")]
         )
+    if group != RECIPES and target.stem in files:
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "DEST",
+                    f"{target.name} is named like {files[target.stem]}; option names must be unique: "
+                    f"choose another (e.g. my-{option}.yaml)",
+                )
+            ]
+        )
+    if group != RECIPES and target.parent.name == group and target.parent.parent.is_dir():
+        target.parent.mkdir(exist_ok=True)  # the config dir's group folder; nothing in it is touched
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
     from launcher.safe_read import UnreadableFile, read_text
     from launcher.shell import quote
 
     try:
-        text = read_text(files[name])
+        text = read_text(files[option])
     except UnreadableFile as e:
-        raise ConfigErrors([ConfigError("recipe", str(e))]) from None
-    # The header's command names the shipped recipe; the copy runs as a file.
-    lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if not line.startswith("#"):
-            break
-        if line.lstrip("# ").lower().startswith("run:"):
-            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: quote(str(target)), line)
-    text = "".join(lines)
+        raise ConfigErrors([ConfigError(name, str(e))]) from None
+    if group == RECIPES:  # the header's command names the shipped recipe; the copy runs as a file
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if not line.startswith("#"):
+                break
+            if line.lstrip("# ").lower().startswith("run:"):
+                lines[i] = re.sub(rf"recipe={re.escape(option)}(?=\s|$)", lambda _: quote(str(target)), line)
+        text = "".join(lines)
     with open(target, "x") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)
-    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {quote(str(target))}")
+    if group == RECIPES:
+        how = f"run it with: ftl train {quote(str(target))}"
+    elif target.parent.name == group:
+        config_dir = quote(f"--config-dir={target.parent.parent}")
+        how = f"use it with: ftl train {config_dir} {group}={quote(target.stem)} [recipe=NAME ...]"
+    else:
+        how = (
+            f"ftl reads {group} options from a config dir: move it to CONFIG_DIR/{group}/, then "
+            f"ftl train --config-dir=CONFIG_DIR {group}={quote(target.stem)}"
+        )
+    print(f"ftl recipes: wrote {target} (a copy of {what} {option}); {how}")
     return 0
 
 
@@ -577,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--copy",
         nargs=2,
         metavar=("NAME", "DEST"),
-        help="write recipe NAME to the file DEST (or into the directory DEST) "
+        help="write recipe NAME, or a config group's option GROUP/NAME (strategy/zero3, model/llama3-8b, "
+        "launch/slurm), to the file DEST (or into the directory DEST: a config dir gets GROUP/my-NAME.yaml) "
         "as a starting point of your own; never overwrites",
     )
     p = add(
