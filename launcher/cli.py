@@ -23,7 +23,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.plan.scale import scale_plan
     from launcher.rundir.lock import check_free
-    from launcher.session import prepare_run, resume_verdict_for, writes_run_dir
+    from launcher.session import prepare_run, resume_verdict_for, train_argv, writes_run_dir
     from launcher.shell import ftl_command
     from launcher.train.resume import refusal
 
@@ -46,13 +46,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.refused:
-        print(f"ftl plan: {refusal(verdict, run.run_dir, ['train', *args.overrides])}", file=sys.stderr)
+        print(f"ftl plan: {refusal(verdict, run.run_dir, train_argv(args.overrides))}", file=sys.stderr)
         return EXIT_INVALID
-    from launcher.config.search_path import config_dirs
-
-    again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
     if not args.json:
-        print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
+        print("\nnothing launched (ftl plan). To run: " + ftl_command(["ftl", *train_argv([])], args.overrides))
     return 0
 
 

@@ -121,7 +121,7 @@ def launch(overrides: list[str]) -> int:
         raise ConfigErrors(errors)
     verdict = resume_verdict_for(run)
     if verdict is not None and verdict.refused:
-        print(f"ftl train: {refusal(verdict, run.run_dir, ['train', *overrides])}", file=sys.stderr)
+        print(f"ftl train: {refusal(verdict, run.run_dir, train_argv(overrides))}", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.finished:
         print(f"ftl: {finished_message(verdict, run.run_dir)}", file=sys.stderr)
@@ -129,9 +129,7 @@ def launch(overrides: list[str]) -> int:
     check_data_rows(run.cfg)
     for line in run.notes + _resume_notes(run, verdict):  # the trainer tells the rest
         print(f"ftl: {line}", file=sys.stderr)
-    from launcher.config.search_path import config_dirs
-
-    argv = ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
+    argv = train_argv(overrides)
     lock = RunDirLock(run.run_dir, "ftl train launcher") if writes_run_dir(run.cfg) else None
     try:
         if lock is not None:
@@ -167,6 +165,14 @@ def launch(overrides: list[str]) -> int:
     if run.cfg.launch.backend != "slurm":  # a submitted job is not done: sbatch's backend says where it logs
         print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
     return code
+
+
+def train_argv(overrides: list[str]) -> list[str]:
+    """`ftl train` as this command runs it, its config dirs included (absolute): what launch.sh
+    records and the printed hints repeat, so a pasted hint composes the same options."""
+    from launcher.config.search_path import config_dirs
+
+    return ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
 
 
 def check_data_rows(cfg: FtlConfig) -> None:
