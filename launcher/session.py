@@ -43,7 +43,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
     """Compose and validate; raises ConfigErrors with every problem at once (with
     ``check_run_dir``, the run dir's problems too). Secrets in the overrides and in launch.env are
     declared to the redactor before anything can be printed."""
-    from launcher.config.compose import compose
+    from launcher.config.compose import compose, name_key_files
     from launcher.config.user_data import follow_user_data
     from launcher.config.validate import validate
     from launcher.redact import declare, is_secret_key, override_secrets
@@ -55,7 +55,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
     if isinstance(env, dict):
         declare(str(v) for k, v in env.items() if is_secret_key(str(k)) and v is not None)
     cfg, more = validate(raw)
-    errors += more
+    errors += name_key_files(more, choices, overrides)
     if check_run_dir and not any(e.path == "run" or e.path.startswith("run.") for e in errors):
         from launcher.rundir.write import choose_run_dir, run_dir_errors
 

@@ -221,6 +221,30 @@ def test_recipes_copy_copies_a_group_option_into_a_config_dir(tmp_path: Path, pr
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr
 
 
+def test_a_typo_in_a_group_or_recipe_file_names_the_file(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.session import load_config
+
+    (project / "strategy").mkdir()
+    (project / "strategy" / "mine.yaml").write_text("engine: deepspeed\nzero_stag: 3\n")
+    (project / "recipes" / "typo.yaml").write_text(MY_RECIPE.replace("  lr: 7.0e-3", "  lrr: 7.0e-3"))
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(MY_RECIPE.replace("  max_steps: 2", "  max_step: 2"))
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(project))
+    for overrides, key, file in (
+        (["recipe=tiny", "strategy=mine"], "strategy.zero_stag", project / "strategy" / "mine.yaml"),
+        (["recipe=typo"], "train.lrr", project / "recipes" / "typo.yaml"),
+        ([str(loose)], "train.max_step", loose),
+    ):
+        with pytest.raises(ConfigErrors) as info:
+            load_config(overrides)
+        assert f"{key}: unknown key in {file}; did you mean" in str(info.value), str(info.value)
+    with pytest.raises(ConfigErrors) as info:  # on the command line: the override is named, no file
+        load_config(["recipe=tiny", "train.lrr=1"])
+    assert "train.lrr: unknown key; did you mean train.lr" in str(info.value)
+
+
 def test_multirun_and_sweep_and_preprocess_take_the_config_dir(project: Path, tmp_path: Path) -> None:
     env = ftl_env(FTL_CACHE=str(tmp_path / "cache"))
     env.pop(CONFIG_DIR_ENV, None)
