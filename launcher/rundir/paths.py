@@ -29,6 +29,7 @@ class RunPaths:
     LOSS_CURVE = "loss_curve.png"
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
+    SKIPPED_ROWS = "skipped_rows.txt"  # data.on_error=skip: each skipped row, "FILE, row N: why"
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
     LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
     MARKER = ".ftl-run"  # ftl made this dir: only this says so
@@ -36,7 +37,7 @@ class RunPaths:
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
-    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR)
+    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR, SKIPPED_ROWS)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -73,6 +74,10 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / self.METRICS
+
+    @property
+    def skipped_rows(self) -> Path:
+        return self.root / self.SKIPPED_ROWS
 
     @property
     def eval(self) -> Path:

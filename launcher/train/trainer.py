@@ -25,7 +25,7 @@ import torch
 
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig, TrainConfig
-from launcher.data.build import collate
+from launcher.data.build import collate, skipped_rows_note
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
@@ -39,7 +39,7 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.plan.timing import io_timeout_s
 from launcher.progress import phase
-from launcher.rundir import run_dir_of
+from launcher.rundir import RunPaths, run_dir_of
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
     DistInfo,
@@ -114,6 +114,11 @@ class Trainer:
         self.train_ds, self.eval_ds = prepare_datasets(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist
         )
+        skipped = self.dist.is_main and skipped_rows_note(
+            RunPaths(self.run_dir).skipped_rows, self.train_ds, self.eval_ds
+        )
+        if skipped:  # data.on_error=skip: which rows, and why
+            warn(skipped)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         check_micro_batch(cfg.train, self.order, self.train_ds.stats)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))

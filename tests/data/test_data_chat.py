@@ -262,6 +262,11 @@ def test_skip_mode_counts_every_bad_row(tiny_tokenizer: Any, tmp_path: Path) -> 
     train, _ = build_datasets(cfg, tiny_tokenizer, seq_len=128, seed=0)
     assert train.stats["examples"] == 2
     assert train.stats["skipped"] == len(BAD_ROWS)
+    numbered = [row.split(": ", 1)[0] for row in train.stats["skipped_rows"]]  # file, row and why, in order
+    assert numbered == [f"{path}, row {n}" for n in range(2, 2 + len(BAD_ROWS))]
+    assert [reason in row for row, (_, reason) in zip(train.stats["skipped_rows"], BAD_ROWS.values())] == [True] * len(
+        BAD_ROWS
+    )
     assert len(train.conversations) == 2
 
 
