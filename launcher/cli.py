@@ -456,6 +456,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 raise
             print("\n(Ctrl-D or /exit ends the chat)", file=sys.stderr)
             return ""
+        if line.strip() and not interactive:  # piped turns: the transcript shows what was asked
+            print(f"you> {line.strip()}", flush=True)
         return line if line else None
 
     def prompt() -> None:
