@@ -289,7 +289,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             if args.fetch_model:  # first: validation reads the architecture from the staged config.json
                 staged = [stage_model(composed_model(args.overrides))]
             cfg = load_config(args.overrides).cfg
-        lines = staged + run_preprocess(cfg, fetch_model=args.fetch_model and not staged)
+        lines = staged + run_preprocess(
+            cfg, fetch_model=args.fetch_model and not staged, show=args.show, color=sys.stdout.isatty()
+        )
     except DataError as e:
         print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -467,6 +469,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A number of things to show: 0 or more (argparse's error, exit 2, for anything else)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of examples (0 or more), got {text!r}")
+    return int(text)
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="a system message to start the conversation with")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
@@ -532,6 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts"
     )
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
+    p.add_argument(
+        "--show",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="also print the first N training examples decoded as the model reads them (chat template included), "
+        "the tokens it trains on marked: green on a terminal, [[bracketed]] in a pipe or file",
+    )
     p.add_argument(
         "--fetch-model",
         action="store_true",
