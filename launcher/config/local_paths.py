@@ -23,9 +23,9 @@ class MissingLocalPath(ValueError):
 
 
 def absolute(value: str) -> str:
-    """``value`` against the current directory, ``~`` expanded, ``..`` folded; symlinks kept as
-    the user named them."""
-    return os.path.abspath(os.path.expanduser(value))
+    """``value`` against the current directory, ``~`` expanded; symlinks and ``..`` kept as the user
+    wrote them (folding ``link/..`` by text would name another directory than the system does)."""
+    return str(Path.cwd() / os.path.expanduser(value))
 
 
 def is_local_path(value: str) -> bool:
