@@ -23,7 +23,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.plan.scale import scale_plan
     from launcher.rundir.lock import check_free
-    from launcher.session import prepare_run, resume_verdict_for, writes_run_dir
+    from launcher.session import prepare_run, resume_verdict_for, train_argv, writes_run_dir
     from launcher.shell import ftl_command
     from launcher.train.resume import refusal
 
@@ -46,13 +46,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"ftl plan: {memory_verdict(report)} (launch.check_memory=false skips this check)", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.refused:
-        print(f"ftl plan: {refusal(verdict, run.run_dir, ['train', *args.overrides])}", file=sys.stderr)
+        print(f"ftl plan: {refusal(verdict, run.run_dir, train_argv(args.overrides))}", file=sys.stderr)
         return EXIT_INVALID
-    from launcher.config.search_path import config_dirs
-
-    again = ["ftl", "train", *(f"--config-dir={d}" for d in config_dirs())]
     if not args.json:
-        print("\nnothing launched (ftl plan). To run: " + ftl_command(again, args.overrides))
+        print("\nnothing launched (ftl plan). To run: " + ftl_command(["ftl", *train_argv([])], args.overrides))
     return 0
 
 
@@ -182,9 +179,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from launcher.config.search_path import recipe_files
     from launcher.paths import RECIPES_DIR
 
-    files = recipe_files()
     if args.copy:
-        return _copy_recipe(files, *args.copy)
+        return _copy_option(*args.copy)
+    files = recipe_files()
     width = max(map(len, files), default=0)
     for name, path in files.items():
         description, command = recipe_description(path)
@@ -195,45 +192,86 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
-    """`ftl recipes --copy NAME DEST`: a recipe as a starting point of one's own. Never overwrites."""
+def _copy_option(name: str, dest: str) -> int:
+    """`ftl recipes --copy NAME DEST`: a recipe, or a config group's option (GROUP/OPTION, e.g.
+    strategy/zero3), as a starting point of one's own. Never overwrites."""
     import re
 
     from launcher.config.errors import ConfigError
+    from launcher.config.search_path import OPTION_GROUPS, RECIPES, options
 
-    if name not in files:
-        raise ConfigErrors([ConfigError("recipe", f"{name!r}: no such recipe; available: {', '.join(files)}")])
+    group, _, option = name.rpartition("/")
+    group = group or RECIPES
+    if group not in (RECIPES, *OPTION_GROUPS):
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "NAME",
+                    f"{name!r}: a config dir holds no {group}/ options; copy a recipe or one of "
+                    + ", ".join(f"{g}/OPTION" for g in OPTION_GROUPS),
+                )
+            ]
+        )
+    files = options(group)
+    what = "recipe" if group == RECIPES else f"{group} option"
+    if option not in files:
+        raise ConfigErrors([ConfigError(name, f"no such {what}; available: {', '.join(files)}")])
     target = Path(dest).expanduser()
-    if target.is_dir():
-        target = target / f"{name}.yaml"
+    if target.is_dir() and group == RECIPES:
+        target = target / f"{option}.yaml"
+    elif target.is_dir():  # a config dir, or its group folder: a name no option has yet
+        folder = target if target.name == group else target / group
+        target = folder / f"my-{option}.yaml"
     if target.suffix not in (".yaml", ".yml"):
         raise ConfigErrors(
-            [ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")]
+            [ConfigError("DEST", f"{dest}: a {what} file ends in .yaml (or name an existing directory)")]
         )
     if target.exists():
         raise ConfigErrors(
             [ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")]
         )
+    if group != RECIPES and target.stem in files:
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "DEST",
+                    f"{target.name} is named like {files[target.stem]}; option names must be unique: "
+                    f"choose another (e.g. my-{option}.yaml)",
+                )
+            ]
+        )
+    if group != RECIPES and target.parent.name == group and target.parent.parent.is_dir():
+        target.parent.mkdir(exist_ok=True)  # the config dir's group folder; nothing in it is touched
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
     from launcher.safe_read import UnreadableFile, read_text
     from launcher.shell import quote
 
     try:
-        text = read_text(files[name])
+        text = read_text(files[option])
     except UnreadableFile as e:
-        raise ConfigErrors([ConfigError("recipe", str(e))]) from None
-    # The header's command names the shipped recipe; the copy runs as a file.
-    lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if not line.startswith("#"):
-            break
-        if line.lstrip("# ").lower().startswith("run:"):
-            lines[i] = re.sub(rf"recipe={re.escape(name)}(?=\s|$)", lambda _: quote(str(target)), line)
-    text = "".join(lines)
+        raise ConfigErrors([ConfigError(name, str(e))]) from None
+    if group == RECIPES:  # the header's command names the shipped recipe; the copy runs as a file
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if not line.startswith("#"):
+                break
+            if line.lstrip("# ").lower().startswith("run:"):
+                lines[i] = re.sub(rf"recipe={re.escape(option)}(?=\s|$)", lambda _: quote(str(target)), line)
+        text = "".join(lines)
     with open(target, "x") as f:  # "x": never replaces a file that appeared meanwhile
         f.write(text)
-    print(f"ftl recipes: wrote {target} (a copy of recipe {name}); run it with: ftl train {quote(str(target))}")
+    if group == RECIPES:
+        how = f"run it with: ftl train {quote(str(target))}"
+    elif target.parent.name == group:
+        config_dir = quote(f"--config-dir={target.parent.parent}")
+        how = f"use it with: ftl train {config_dir} {group}={quote(target.stem)} [recipe=NAME ...]"
+    else:
+        how = (
+            f"ftl reads {group} options from a config dir: move it to CONFIG_DIR/{group}/, then "
+            f"ftl train --config-dir=CONFIG_DIR {group}={quote(target.stem)}"
+        )
+    print(f"ftl recipes: wrote {target} (a copy of {what} {option}); {how}")
     return 0
 
 
@@ -253,7 +291,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             if args.fetch_model:  # first: validation reads the architecture from the staged config.json
                 staged = [stage_model(composed_model(args.overrides))]
             cfg = load_config(args.overrides).cfg
-        lines = staged + run_preprocess(cfg, fetch_model=args.fetch_model and not staged)
+        lines = staged + run_preprocess(
+            cfg, fetch_model=args.fetch_model and not staged, show=args.show, color=sys.stdout.isatty()
+        )
     except DataError as e:
         print(f"ftl preprocess: training data error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -296,6 +336,7 @@ def _flag_settings(tokens: list[str], known: dict[str, bool]) -> dict[str, bool]
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.artifacts.export import choose_checkpoint, export_checkpoint
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     merge = _flag_settings(args.settings, {"merge_lora": False})["merge_lora"] or args.merge_lora
     try:
@@ -308,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             config=Path(args.config) if args.config else None,
             merge_lora=merge,
         )
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl export: {e}", file=sys.stderr)
         return EXIT_INVALID
     except Exception as e:  # a checkpoint that does not load, a model that does not match it, a full disk
@@ -377,6 +418,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import stream_reply
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     settings = _generation_kwargs(args)
     try:
@@ -385,7 +427,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             {"role": "user", "content": args.prompt}
         ]
         stream_reply(loaded, messages, **settings)
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl generate: {e}", file=sys.stderr)
         return EXIT_INVALID
     return 0
@@ -394,11 +436,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from launcher.artifacts.inference import chat_loop
     from launcher.artifacts.weights import ArtifactInputError
+    from launcher.config.local_paths import MissingLocalPath
 
     settings = _generation_kwargs(args)
     try:
         loaded = _load_for_generation(args)
-    except ArtifactInputError as e:
+    except (ArtifactInputError, MissingLocalPath) as e:
         print(f"ftl chat: {e}", file=sys.stderr)
         return EXIT_INVALID
     interactive = sys.stdin.isatty()
@@ -417,6 +460,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 raise
             print("\n(Ctrl-D or /exit ends the chat)", file=sys.stderr)
             return ""
+        if line.strip() and not interactive:  # piped turns: the transcript shows what was asked
+            print(f"you> {line.strip()}", flush=True)
         return line if line else None
 
     def prompt() -> None:
@@ -424,6 +469,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat_loop(loaded, system=args.system, read_line=read_line, prompt=prompt, **settings)
     return 0
+
+
+def _count(text: str) -> int:
+    """A number of things to show: 0 or more (argparse's error, exit 2, for anything else)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of examples (0 or more), got {text!r}")
+    return int(text)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -491,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess", cmd_preprocess, "tokenize (and pack) the data into the cache `train` reads, and print the counts"
     )
     p.add_argument("--config", help="a run dir's resolved config.yaml instead of overrides")
+    p.add_argument(
+        "--show",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="also print the first N training examples decoded as the model reads them (chat template included), "
+        "the tokens it trains on marked: green on a terminal, [[bracketed]] in a pipe or file",
+    )
     p.add_argument(
         "--fetch-model",
         action="store_true",
@@ -587,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--copy",
         nargs=2,
         metavar=("NAME", "DEST"),
-        help="write recipe NAME to the file DEST (or into the directory DEST) "
+        help="write recipe NAME, or a config group's option GROUP/NAME (strategy/zero3, model/llama3-8b, "
+        "launch/slurm), to the file DEST (or into the directory DEST: a config dir gets GROUP/my-NAME.yaml) "
         "as a starting point of your own; never overwrites",
     )
     p = add(

@@ -102,9 +102,16 @@ def read_text(path: PathLike, limit: int = MAX_CONFIG_BYTES) -> str:
 
 def parse_json(text: Union[str, bytes]) -> Any:
     """``json.loads``, with nesting too deep for Python reported as a ValueError like any other
-    syntax problem (``json.JSONDecodeError`` carries line and column; the depth error has none)."""
+    syntax problem (``json.JSONDecodeError`` carries line and column; the depth error has none).
+    Text that ends too early is placed where its last character is, not past a final newline
+    (json puts the end of a JSONL row, read with its newline, at line 2 column 1)."""
     try:
         return json.loads(text)
+    except json.JSONDecodeError as e:
+        end = len(e.doc.rstrip())
+        if e.pos <= end:
+            raise
+        raise json.JSONDecodeError(f"{e.msg}; the text ends there", e.doc, end) from None
     except RecursionError:
         raise ValueError(
             "nested too deeply (arrays or objects within each other past Python's recursion limit)"

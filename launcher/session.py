@@ -43,7 +43,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
     """Compose and validate; raises ConfigErrors with every problem at once (with
     ``check_run_dir``, the run dir's problems too). Secrets in the overrides and in launch.env are
     declared to the redactor before anything can be printed."""
-    from launcher.config.compose import compose
+    from launcher.config.compose import compose, name_key_files
     from launcher.config.user_data import follow_user_data
     from launcher.config.validate import validate
     from launcher.redact import declare, is_secret_key, override_secrets
@@ -55,7 +55,7 @@ def load_config(overrides: list[str], *, check_run_dir: bool = False) -> LoadedC
     if isinstance(env, dict):
         declare(str(v) for k, v in env.items() if is_secret_key(str(k)) and v is not None)
     cfg, more = validate(raw)
-    errors += more
+    errors += name_key_files(more, choices, overrides)
     if check_run_dir and not any(e.path == "run" or e.path.startswith("run.") for e in errors):
         from launcher.rundir.write import choose_run_dir, run_dir_errors
 
@@ -136,7 +136,7 @@ def launch(overrides: list[str]) -> int:
         raise ConfigErrors(errors)
     verdict = resume_verdict_for(run)
     if verdict is not None and verdict.refused:
-        print(f"ftl train: {refusal(verdict, run.run_dir, ['train', *overrides])}", file=sys.stderr)
+        print(f"ftl train: {refusal(verdict, run.run_dir, train_argv(overrides))}", file=sys.stderr)
         return EXIT_INVALID
     if verdict is not None and verdict.finished:
         print(f"ftl: {finished_message(verdict, run.run_dir)}", file=sys.stderr)
@@ -144,9 +144,7 @@ def launch(overrides: list[str]) -> int:
     check_data_rows(run.cfg)
     for line in run.notes + _resume_notes(run, verdict) + held_out_notes(run.cfg.data):  # the trainer tells the rest
         print(f"ftl: {line}", file=sys.stderr)
-    from launcher.config.search_path import config_dirs
-
-    argv = ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
+    argv = train_argv(overrides)
     lock = RunDirLock(run.run_dir, "ftl train launcher") if writes_run_dir(run.cfg) else None
     try:
         if lock is not None:
@@ -182,6 +180,14 @@ def launch(overrides: list[str]) -> int:
     if run.cfg.launch.backend != "slurm":  # a submitted job is not done: sbatch's backend says where it logs
         print(f"ftl: {'done' if code == 0 else f'exit code {code}'}; run dir {run.run_dir}", file=sys.stderr)
     return code
+
+
+def train_argv(overrides: list[str]) -> list[str]:
+    """`ftl train` as this command runs it, its config dirs included (absolute): what launch.sh
+    records and the printed hints repeat, so a pasted hint composes the same options."""
+    from launcher.config.search_path import config_dirs
+
+    return ["train", *(f"--config-dir={d}" for d in config_dirs()), *overrides]
 
 
 def check_data_rows(cfg: FtlConfig) -> None:

@@ -44,14 +44,20 @@ def ftl_env(**extra: str) -> dict[str, str]:
 
 
 def ftl(
-    *args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None, stdin: str | None = None
+    *args: str,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    cwd: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
+    """``cwd``: where the user types the command (this checkout's launcher is imported from any)."""
     # Its own session, so that a run past the timeout is killed with its torchrun agent and ranks
     # (left running, they would slow every later test), and the failure shows what it printed.
     child = subprocess.Popen(
         [sys.executable, "-m", "launcher", *args],
-        cwd=ROOT,
-        env=env or ftl_env(),
+        cwd=cwd,
+        env={**(env or ftl_env()), "PYTHONPATH": str(ROOT)} if cwd != ROOT else env or ftl_env(),
         text=True,
         stdin=None if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -89,8 +89,10 @@ def load_model(
 def _load_hf_dir(path: str, device: torch.device | str, revision: Optional[str] = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
+    from launcher.config.local_paths import hub_or_local
     from launcher.model.loading import ensure_pad_token, load_tokenizer
 
+    path = hub_or_local(path)  # an adapter's base written as a path that is not here: named, not sent to a hub
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32).to(device)
     tokenizer = load_tokenizer(path, revision=revision)
     ensure_pad_token(tokenizer)

@@ -200,7 +200,9 @@ def hf_config_and_tokenizer(model_cfg: Any) -> tuple[Any, Any, Optional[str]]:
 
         path, revision = str(smollm2_dir()), None
     else:
-        path, revision = model_cfg.path, model_cfg.revision
+        from launcher.config.local_paths import hub_or_local
+
+        path, revision = hub_or_local(model_cfg.path, "model.path"), model_cfg.revision
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
     separate = bool(model_cfg.tokenizer) and model_cfg.tokenizer != path
     tokenizer = load_tokenizer(

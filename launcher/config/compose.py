@@ -23,6 +23,7 @@ from typing import Any, Optional
 from launcher.config.docs import suggest
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.hf_model import read_model_arch
+from launcher.config.local_paths import resolve_local_paths
 from launcher.config.schema import UNIONS, FtlConfig
 from launcher.config.search_path import (
     OPTION_GROUPS,
@@ -182,6 +183,43 @@ def _recipe_file(overrides: list[str]) -> tuple[list[str], dict[str, Path], list
     return out, files, errors
 
 
+def name_key_files(errors: list[ConfigError], choices: dict[str, str], overrides: list[str]) -> list[ConfigError]:
+    """validate()'s unknown-key errors with the recipe or group file that sets the key: a typo in a
+    file is fixed in that file (an unknown key on the command line is _check_override_keys')."""
+    from omegaconf import OmegaConf
+
+    chosen = {"recipe": {**recipe_files(), **_recipe_file(overrides)[1]}.get(choices.get("recipe", ""))}
+    chosen.update({g: options(g).get(choices.get(g, "")) for g in GROUPS if g != "recipe"})
+    keys: dict[Path, Any] = {}
+    out = []
+    for e in errors:
+        if e.message.startswith("unknown key"):
+            for group, file in chosen.items():
+                if file is None:
+                    continue
+                if file not in keys:
+                    try:
+                        node, package = load_option(file)
+                        keys[file] = (OmegaConf.to_container(node, resolve=False), package)
+                    except UnreadableFile:
+                        keys[file] = ({}, None)
+                data, package = keys[file]
+                prefix = "" if group == "recipe" or package == "_global_" else f"{group}."
+                if e.path.startswith(prefix) and _holds(data, e.path[len(prefix) :].split(".")):
+                    e = ConfigError(e.path, e.message.replace("unknown key", f"unknown key in {file}", 1))
+                    break
+        out.append(e)
+    return out
+
+
+def _holds(data: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
 def _schema_paths(cls: type, prefix: str = "") -> dict[str, bool]:
     """All dotted paths the schema knows -> whether below it anything goes (a dict/Any field)."""
     out: dict[str, bool] = {}
@@ -279,6 +317,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str], list[
         raise ConfigErrors([ConfigError(getattr(e, "full_key", "") or "config", _first_line(e))]) from None
     assert isinstance(resolved, dict)
     errors += read_model_arch(resolved, choices["model"], overrides)
+    resolve_local_paths(resolved)  # after read_model_arch, which compares model.path with the group's as written
     return resolved, choices, errors
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 from launcher.config.deepspeed_config import deepspeed_config_errors
 from launcher.config.docs import doc_lines
 from launcher.config.errors import ConfigError, ConfigErrors
+from launcher.config.local_paths import is_hub
 from launcher.config.schema import UNIONS, DeepSpeedStrategy, EvalConfig, FSDPStrategy, FtlConfig, ModelConfig
 from launcher.config.topology import (
     global_batch,
@@ -557,7 +558,7 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
             if problem:
                 errs.append(_own(f"data.{key}[{i}]", problem))
     for i, s in enumerate(d.sources):
-        hub = s.path.startswith("hub:")  # launcher.data.sources.HUB_PREFIX (that module imports torch)
+        hub = is_hub(s.path)
         if not s.path or s.path == "hub:":
             errs.append(ConfigError(f"data.sources[{i}].path", "is required: a file, a folder, or hub:ORG/NAME"))
         elif not hub and _data_path_problem(s.path):

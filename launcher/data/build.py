@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -59,7 +60,7 @@ def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -
     from launcher.data.sources import is_hub, read_hub_rows, read_rows, source_files
 
     records: list[Record] = []
-    skipped = 0
+    skipped: list[str] = []
     for index, source, fmt in sources:
         if is_hub(source.path):
             readers = [read_hub_rows(source.path, source.hub_args)]
@@ -72,10 +73,10 @@ def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -
                         raise row
                     value = _call(fmt.parse, row.value, row.path, row.number)
                     records.append(Record(row.path, row.number, value, fmt, index))
-                except DataError:
+                except DataError as e:
                     if on_error != "skip":
                         raise
-                    skipped += 1
+                    skipped.append(str(e))
     return Loaded(records, skipped)
 
 
@@ -107,34 +108,38 @@ def encode_records(
     seq_len: int,
     on_error: str,
     *,
-    skipped: int = 0,
+    skipped: Sequence[str] = (),
     truncation: str = "clip",
     split: str = "train",
 ) -> tuple[TokenizedDataset, list[int]]:
     """Encode each record with its format; returns the dataset and each example's source index.
     ``truncation``: ``clip`` cuts an example to ``seq_len``, ``drop`` leaves it out (both counted).
+    ``skipped``: the rows already skipped while reading; with those skipped here, they are the
+    stats' ``skipped`` count and ``skipped_rows`` list (each "FILE, row N: why").
     A preference pair is one example of two sequences (``lengths``); see :func:`_encode_pair`."""
     with phase(f"data: tokenizing {split} examples", total=len(records)) as shown:
         return _encode_records(records, seq_len, on_error, skipped, truncation, shown)
 
 
 def _encode_records(
-    records: list[Record], seq_len: int, on_error: str, skipped: int, truncation: str, shown: Any
+    records: list[Record], seq_len: int, on_error: str, skipped: Sequence[str], truncation: str, shown: Any
 ) -> tuple[TokenizedDataset, list[int]]:
     examples: list[dict[str, list[int]]] = []
     kept: list[Any] = []
     source_of: list[int] = []
-    stats = {"examples": 0, "skipped": skipped, "truncated": 0, "dropped": 0, "tokens": 0, "trainable_tokens": 0}
+    skipped_rows = list(skipped)
+    stats: dict[str, Any] = {"examples": 0, "skipped": 0, "truncated": 0, "dropped": 0, "tokens": 0}
+    stats["trainable_tokens"] = 0
     template = None
     for record in records:
         shown.advance()
         encode = _encode_pair if hasattr(record.fmt, "encode_pair") else _encode_one
         try:
             example, outcomes = encode(record, seq_len, truncation)
-        except DataError:
+        except DataError as e:
             if on_error != "skip":
                 raise
-            stats["skipped"] += 1
+            skipped_rows.append(str(e))
             continue
         for outcome in outcomes:
             stats[outcome] = stats.get(outcome, 0) + 1  # "empty" and "identical" only where there are some
@@ -146,8 +151,24 @@ def _encode_records(
         stats["tokens"] += len(example["input_ids"])
         stats["trainable_tokens"] += count_trainable(example["labels"])
         template = template or getattr(record.fmt, "chat_template", None)
-    stats["examples"] = len(examples)
+    stats.update(examples=len(examples), skipped=len(skipped_rows))
+    if skipped_rows:
+        stats["skipped_rows"] = skipped_rows
     return TokenizedDataset(examples, kept, stats, template), source_of
+
+
+def skipped_rows_note(path: Path, *datasets: Optional[TokenizedDataset], shown: int = 3) -> Optional[str]:
+    """data.on_error=skip: every skipped row with its reason written to ``path`` (the run dir's
+    list), and a line naming how many and the first few; None when no row was skipped."""
+    rows = [row for ds in datasets if ds is not None for row in ds.stats.get("skipped_rows", ())]
+    if not rows:
+        return None
+    from launcher.files import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)  # as metrics.jsonl's writer: a Trainer run without a launcher
+    write_atomic(path, "".join(f"{row}\n" for row in rows))
+    more = f"; and {len(rows) - shown} more" if len(rows) > shown else ""
+    return f"ftl: data.on_error=skip skipped {len(rows)} row(s): {'; '.join(rows[:shown])}{more}; all in {path}"
 
 
 def _encode_one(
@@ -247,7 +268,7 @@ def build_datasets(
 
     train = load_records(with_format(train_sources), data_cfg.on_error)
     train_records, eval_records = train.records, None
-    eval_skipped = 0
+    eval_skipped: list[str] = []
     eval_sources = [(i, s) for i, s in enumerate(sources) if s.split == "eval"]
     if eval_sources:
         evals = load_records(with_format(eval_sources), data_cfg.on_error)
@@ -267,7 +288,8 @@ def build_datasets(
             if train_ds.stats.get("identical") == len(train_records)
             else ""
         )
-        raise DataError(f"no usable training examples in {names} ({why}stats: {train_ds.stats})")
+        counts = {k: v for k, v in train_ds.stats.items() if k != "skipped_rows"}
+        raise DataError(f"no usable training examples in {names} ({why}stats: {counts})")
     train_ds = mix_by_weight(train_ds, source_of, {i: s.weight for i, s in train_sources}, seed)
     eval_ds = None
     if eval_records is not None:

@@ -2,7 +2,8 @@
 
 ``prepare_datasets`` is what the trainer calls. The datasets live in ``$FTL_CACHE/data/<key>/``
 (``train.arrow``, ``eval.arrow``, ``meta.json``, and a ``COMPLETE`` marker written last), where
-the key hashes everything the bytes depend on: the content of every data file (not its path),
+the key hashes everything the bytes depend on: the content of every data file (not its path; with
+``data.on_error=skip`` the paths too, as the skipped rows the cache lists are named by them),
 each source's format, weight and split, the tokenizer (its full serialisation and special
 tokens), the chat template each format renders with, ``seq_len``, packing, truncation, masking,
 error policy and, where they matter, the eval carve-out and the seed. Change any of them and the
@@ -157,6 +158,8 @@ def cache_key(data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> 
         "max_train_examples": data_cfg.max_train_examples,
         "seed": seed if carves or samples else None,
     }
+    if data_cfg.on_error == "skip":  # stats["skipped_rows"] name each row's file
+        material["paths"] = [s.path for s in sources]
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
     return key, material
 

@@ -85,9 +85,10 @@ def stage_model(model_cfg: ModelConfig) -> str:
 HUB_SKIP = ["original/*", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.ot"]
 
 
-def run_preprocess(cfg: FtlConfig, fetch_model: bool = False) -> list[str]:
+def run_preprocess(cfg: FtlConfig, fetch_model: bool = False, show: int = 0, color: bool = False) -> list[str]:
     """Prepare the data as rank 0 of a single process would (and, with ``fetch_model``, stage the
-    model first); the report, line by line."""
+    model first); the report, line by line, and the first ``show`` training examples decoded with
+    their trained tokens marked (:mod:`launcher.data.show`; ``color``: for a terminal)."""
     from launcher.data.cache import prepare
 
     staged = [stage_model(cfg.model)] if fetch_model else []
@@ -106,6 +107,10 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False) -> list[str]:
         )
     else:
         lines.append("packing     off (data.packing=false): batches are padded to their longest example")
+    if show:
+        from launcher.data.show import shown_examples
+
+        lines += shown_examples(prepared.train, tokenizer, show, color=color)
     return lines
 
 

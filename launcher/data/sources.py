@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from launcher.config.local_paths import HUB_PREFIX, is_hub
 from launcher.config.schema import DataConfig, DataSource
 from launcher.data.rows import DataError, RowError
 from launcher.files import write_atomic
@@ -41,7 +42,6 @@ from launcher.safe_read import (
     read_bytes,
 )
 
-HUB_PREFIX = "hub:"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -50,10 +50,6 @@ class Row:
     path: str
     number: int  # 1-based; see the module docstring
     value: Any
-
-
-def is_hub(path: str) -> bool:
-    return path.startswith(HUB_PREFIX)
 
 
 def hub_id(path: str) -> str:

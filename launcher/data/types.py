@@ -66,4 +66,4 @@ class Record:
 @dataclass
 class Loaded:
     records: list[Record]
-    skipped: int
+    skipped: list[str]  # data.on_error=skip: each skipped row's error ("FILE, row N: why")

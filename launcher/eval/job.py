@@ -41,6 +41,7 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
     """(raw config, the run dir when MODEL is a run or checkpoint, its checkpoint step)."""
     from launcher.config.compose import compose
     from launcher.config.errors import ConfigError, ConfigErrors
+    from launcher.config.local_paths import resolve_local_paths
 
     path = Path(model_path).expanduser().resolve()
     if not path.is_dir():
@@ -77,6 +78,7 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
     except Exception as e:  # an override OmegaConf cannot parse or merge
         raise ConfigErrors([ConfigError("overrides", str(e).splitlines()[0])]) from None
     assert isinstance(raw, dict)
+    resolve_local_paths(raw)  # the overrides' paths, as the run's own were at launch
     return raw, source.run_dir, source.step
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher.config.local_paths import is_local_path
 from launcher.config.schema import MODEL_TYPES, ArchConfig
 
 
@@ -454,7 +455,7 @@ def read_hf_config(path: str, revision: Optional[str] = None) -> tuple[Optional[
         if not file.exists():
             return None, f"{local} has no config.json"
         return _load_json(file), str(file)
-    if path.startswith(("/", "./", "../", "~")) or local.exists():
+    if is_local_path(path):
         return None, f"{path}: no such directory"
     file = _cached_hub_file(path, "config.json", revision)
     if file is None:

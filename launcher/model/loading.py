@@ -54,7 +54,11 @@ def load_model_and_tokenizer(
 def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    from launcher.config.local_paths import hub_or_local
+
+    return AutoTokenizer.from_pretrained(
+        hub_or_local(path, "tokenizer"), revision=revision, trust_remote_code=trust_remote_code
+    )
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -72,6 +76,9 @@ def _load_hf(model_cfg: ModelConfig, dtype: torch.dtype, empty: bool, **quant: A
 
     if not model_cfg.path:
         raise ValueError("model.source=hf needs model.path: a Hugging Face directory or hub id")
+    from launcher.config.local_paths import hub_or_local
+
+    hub_or_local(model_cfg.path, "model.path")  # a local path that is not there never reaches the hub
     source = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
     config = checked_hf_config(model_cfg, model_cfg.path, **source)
     if empty:

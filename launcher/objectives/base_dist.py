@@ -1,6 +1,6 @@
 """The base model's next-token distributions, and the KL of the tuned model's to them.
 
-Two consumers: the retain set's drift (:mod:`launcher.eval.retain`) and the anchored SFT objective
+Two consumers: the retain set's drift (:mod:`launcher.train.retain`) and the anchored SFT objective
 (``objective.kl_to_base``). Both compare, at every position that predicts a label, the base's
 next-token distribution p with the tuned model's q, in the forward direction KL(p || q) = Σ p log(p/q)
 ("RL's Razor", arXiv 2509.04259: forgetting tracks this KL). The base is had in one of two ways,

@@ -32,6 +32,7 @@ class RunPaths:
     LOSS_CURVE = "loss_curve.png"
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
+    SKIPPED_ROWS = "skipped_rows.txt"  # data.on_error=skip: each skipped row, "FILE, row N: why"
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
     BASE_ROWS = "base_topk.pt"  # objective.kl_to_base, full fine-tuning: the base's top-k next tokens, for a resume
     RETAIN_BASE = "retain_base.pt"  # eval.retain, full fine-tuning: the base's top-k next tokens on the retain set
@@ -48,7 +49,7 @@ class RunPaths:
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
-    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR)
+    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR, SKIPPED_ROWS)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -96,6 +97,10 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / self.METRICS
+
+    @property
+    def skipped_rows(self) -> Path:
+        return self.root / self.SKIPPED_ROWS
 
     @property
     def eval(self) -> Path:

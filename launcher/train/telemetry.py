@@ -136,7 +136,7 @@ def local_param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-RETAIN_PREFIX = "retain_"  # launcher.eval.retain's figures
+RETAIN_PREFIX = "retain_"  # launcher.train.retain's figures
 
 
 def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:

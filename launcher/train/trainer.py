@@ -26,14 +26,13 @@ import torch
 from launcher.config.errors import ConfigError, ConfigErrors
 from launcher.config.schema import FtlConfig, TrainConfig
 from launcher.config.topology import compile_choice
-from launcher.data.build import collate
+from launcher.data.build import collate, skipped_rows_note
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
 from launcher.engines.traits import engine_traits
-from launcher.eval.retain import build_retain
 from launcher.model.attention import attention_paths, note_host_copy
 from launcher.model.compile import compile_decoder_layers, eager, first_step_note
 from launcher.model.loading import count_parameters
@@ -41,7 +40,7 @@ from launcher.model.loss import count_label_tokens, label_positions, output_laye
 from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.progress import phase
-from launcher.rundir import run_dir_of
+from launcher.rundir import RunPaths, run_dir_of
 from launcher.runtime import watchdog
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
@@ -89,6 +88,7 @@ from launcher.train.resume import (
     resume_verdict,
     set_aside_earlier_run,
 )
+from launcher.train.retain import build_retain
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
 StepHook = Callable[["Trainer"], None]
@@ -128,6 +128,11 @@ class Trainer:
         self.train_ds, self.eval_ds = prepare_datasets(
             cfg.data, self.tokenizer, cfg.train.seq_len, cfg.train.seed, self.dist
         )
+        skipped = self.dist.is_main and skipped_rows_note(
+            RunPaths(self.run_dir).skipped_rows, self.train_ds, self.eval_ds
+        )
+        if skipped:  # data.on_error=skip: which rows, and why
+            warn(skipped)
         self.order = DataOrder(len(self.train_ds), cfg.train.seed, cfg.data.shuffle, self.dist)
         check_micro_batch(cfg.train, self.order, self.train_ds.stats)
         self.total_steps = compute_total_steps(cfg.train, self.order.batches_per_epoch(cfg.train.micro_batch_size))
@@ -158,7 +163,7 @@ class Trainer:
         watchdog.enter("objective")
         with collective_timeout(self.io_timeout_s, restore=cfg.launch.dist_timeout_s):
             self.objective.prepare(self)  # e.g. DPO's reference log-probs: a pass over the data with the starting model
-            self.retain = build_retain(self)  # the retain set's base side (launcher.eval.retain)
+            self.retain = build_retain(self)  # the retain set's base side (launcher.train.retain)
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
         for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:

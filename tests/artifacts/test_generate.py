@@ -141,8 +141,11 @@ def test_chat_reads_turns_from_piped_stdin(exports: dict[str, Path]) -> None:
         "chat", str(exports["run"]), "--max-new-tokens", "6", stdin="What is ftl?\n/reset\nAnd how do I resume?\n"
     )
     assert out.returncode == 0
-    assert "(new conversation)" in out.stdout
-    assert len(out.stdout.strip()) > len("(new conversation)")
+    lines = out.stdout.splitlines()
+    asked, reset, again = (
+        lines.index(t) for t in ("you> What is ftl?", "(new conversation)", "you> And how do I resume?")
+    )
+    assert asked < lines.index("you> /reset") == reset - 1 < again  # each turn shown before its reply
 
 
 def test_generate_rejects_what_is_not_a_model(tmp_path: Path) -> None:

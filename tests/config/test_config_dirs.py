@@ -74,7 +74,7 @@ def ftl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args],
         cwd=cwd,
-        env=env or ftl_env(),
+        env={**(env or ftl_env()), "PYTHONPATH": str(ROOT)},  # this checkout's launcher, from any cwd
         capture_output=True,
         text=True,
         timeout=300,
@@ -192,6 +192,57 @@ def test_recipes_copy_writes_a_starting_point_and_never_overwrites(tmp_path: Pat
     assert any(line.startswith("tiny ") for line in listing)
     assert any(line.startswith("my-tiny ") and str(project / "recipes" / "my-tiny.yaml") in line for line in listing)
     assert ftl("recipes", "--copy", "nope", "x.yaml", cwd=tmp_path).returncode == 2
+
+
+def test_recipes_copy_copies_a_group_option_into_a_config_dir(tmp_path: Path, project: Path) -> None:
+    """`tune cp`'s reach: any option of a config group, not only recipes, into the user's config dir
+    under a name no option has; it composes from there, and nothing is overwritten."""
+    out = ftl("recipes", "--copy", "strategy/zero3", str(project), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    copy = project / "strategy" / "my-zero3.yaml"
+    assert copy.read_text() == (ROOT / "conf" / "strategy" / "zero3.yaml").read_text()
+    assert f"wrote {copy}" in out.stdout and f"--config-dir={project} strategy=my-zero3" in out.stdout
+    copy.write_text(copy.read_text().replace("offload_optimizer: false", "offload_optimizer: true"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CONFIG_DIR_ENV, str(project))
+        cfg, choices = composed("recipe=tiny", "strategy=my-zero3")
+    assert choices["strategy"] == "my-zero3" and cfg.strategy.zero_stage == 3 and cfg.strategy.offload_optimizer
+    again = ftl("recipes", "--copy", "strategy/zero3", str(project), cwd=tmp_path)
+    assert again.returncode == 2 and "exists; ftl does not overwrite it" in again.stderr
+    assert "offload_optimizer: true" in copy.read_text()
+    (tmp_path / "model").mkdir()  # a group folder by its own path, and a file name given
+    out = ftl("recipes", "--copy", "model/llama3-8b", str(tmp_path / "model" / "ours.yaml"), cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "model" / "ours.yaml").is_file(), out.stderr
+    taken = ftl("recipes", "--copy", "model/llama3-8b", str(tmp_path / "model" / "tiny-llama.yaml"), cwd=tmp_path)
+    assert taken.returncode == 2 and "option names must be unique" in taken.stderr
+    assert not (tmp_path / "model" / "tiny-llama.yaml").exists()
+    for bad, says in (("strategy/nope", "no such strategy option"), ("objective/dpo", "holds no objective/")):
+        refused = ftl("recipes", "--copy", bad, str(project), cwd=tmp_path)
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+
+
+def test_a_typo_in_a_group_or_recipe_file_names_the_file(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.session import load_config
+
+    (project / "strategy").mkdir()
+    (project / "strategy" / "mine.yaml").write_text("engine: deepspeed\nzero_stag: 3\n")
+    (project / "recipes" / "typo.yaml").write_text(MY_RECIPE.replace("  lr: 7.0e-3", "  lrr: 7.0e-3"))
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(MY_RECIPE.replace("  max_steps: 2", "  max_step: 2"))
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(project))
+    for overrides, key, file in (
+        (["recipe=tiny", "strategy=mine"], "strategy.zero_stag", project / "strategy" / "mine.yaml"),
+        (["recipe=typo"], "train.lrr", project / "recipes" / "typo.yaml"),
+        ([str(loose)], "train.max_step", loose),
+    ):
+        with pytest.raises(ConfigErrors) as info:
+            load_config(overrides)
+        assert f"{key}: unknown key in {file}; did you mean" in str(info.value), str(info.value)
+    with pytest.raises(ConfigErrors) as info:  # on the command line: the override is named, no file
+        load_config(["recipe=tiny", "train.lrr=1"])
+    assert "train.lrr: unknown key; did you mean train.lr" in str(info.value)
 
 
 def test_multirun_and_sweep_and_preprocess_take_the_config_dir(project: Path, tmp_path: Path) -> None:

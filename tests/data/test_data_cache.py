@@ -149,6 +149,22 @@ def test_content_not_path_nor_unkeyed_settings(tok: Any, tmp_path: Path) -> None
     assert cache_key(no_carve, tok, 64, 0)[0] == cache_key(no_carve, tok, 64, 7)[0]  # the seed then changes nothing
 
 
+def test_skipped_rows_are_named_by_the_path_the_run_reads(tok: Any, tmp_path: Path) -> None:
+    """data.on_error=skip: the cache lists the skipped rows by file, so the same bytes at another
+    path are another entry, never a list naming a file this run did not read."""
+    lines = [json.dumps(row) for row in ROWS[:4]]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [tmp_path / d / "train.jsonl" for d in ("a", "b")]
+    for path in paths:
+        path.write_text("\n".join([*lines[:2], "{oops", *lines[2:]]) + "\n")
+    for path in paths:
+        rows = prepare(DataConfig(train_files=[str(path)], on_error="skip"), tok, 64, seed=0).train.stats[
+            "skipped_rows"
+        ]
+        assert rows == [f"{path}, row 3: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
+
+
 def test_a_changed_file_is_rebuilt(tok: Any, tmp_path: Path) -> None:
     cfg = config(tmp_path)
     first = prepare(cfg, tok, 64, 0)

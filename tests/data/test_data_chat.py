@@ -262,6 +262,11 @@ def test_skip_mode_counts_every_bad_row(tiny_tokenizer: Any, tmp_path: Path) -> 
     train, _ = build_datasets(cfg, tiny_tokenizer, seq_len=128, seed=0)
     assert train.stats["examples"] == 2
     assert train.stats["skipped"] == len(BAD_ROWS)
+    numbered = [row.split(": ", 1)[0] for row in train.stats["skipped_rows"]]  # file, row and why, in order
+    assert numbered == [f"{path}, row {n}" for n in range(2, 2 + len(BAD_ROWS))]
+    assert [reason in row for row, (_, reason) in zip(train.stats["skipped_rows"], BAD_ROWS.values())] == [True] * len(
+        BAD_ROWS
+    )
     assert len(train.conversations) == 2
 
 
@@ -273,6 +278,21 @@ def test_json_list_files(tiny_tokenizer: Any, tmp_path: Path) -> None:
     path.write_text('[\n{"messages": [}\n]', encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.json, line 2: invalid JSON"):
         build_datasets(DataConfig(train_files=[str(path)]), tiny_tokenizer, seq_len=128, seed=0)
+
+
+def test_a_row_that_ends_early_is_placed_at_its_end(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """The column of a truncated JSONL row is where the row stops, not column 1 of a next line."""
+    row = json.dumps(qa("Hi", "x" * 200))[:-2]  # the closing "}]" lost
+    path = tmp_path / "train.jsonl"
+    path.write_text(GOOD_LINE.decode() + "\n" + row + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        build_datasets(DataConfig(train_files=[str(path)]), tiny_tokenizer, seq_len=128, seed=0)
+    assert f"row 2: invalid JSON (Expecting ',' delimiter; the text ends there at column {len(row) + 1})" in str(
+        info.value
+    )
+    (tmp_path / "train.json").write_text("[\n" + row + "\n", encoding="utf-8")  # a .json list: line 2 too
+    with pytest.raises(DataError, match=rf"train\.json, line 2: invalid JSON \(.* at column {len(row) + 1}\)"):
+        build_datasets(DataConfig(train_files=[str(tmp_path / "train.json")]), tiny_tokenizer, seq_len=128, seed=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,6 +194,20 @@ def test_refusals_come_before_anything_is_written(four_steps: Path) -> None:
     assert plan.returncode == 2 and "train.max_steps: 2 is below" in plan.stderr
 
 
+def test_refusal_hints_keep_the_config_dir_quoted(four_steps: Path, tmp_path: Path) -> None:
+    """A pasted hint composes the same options: the --config-dir the command had stays, quoted."""
+    import shlex
+
+    conf = tmp_path / "our conf"
+    (conf / "model").mkdir(parents=True)
+    for command in ("train", "plan"):
+        argv = [command, "--config-dir", str(conf), *run_cmd(four_steps, "train.max_steps=2")[1:]]
+        proc = ftl(*argv, check=False)
+        assert proc.returncode == 2, proc.stderr
+        hint = next(ln for ln in proc.stderr.splitlines() if "a new run:" in ln).split("a new run:", 1)[1]
+        assert f"--config-dir={conf}" in shlex.split(hint), hint
+
+
 def lrs(run_dir: Path, steps: range) -> list[float]:
     """The lr each step trained with, from metrics.jsonl (step s: optimizer step s - 1 of lr_at)."""
     by_step = {r["step"]: r["lr"] for r in metrics(run_dir)}

@@ -208,3 +208,27 @@ def test_train_entry_exits_2_on_bad_data(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["--config", str(write_run_config(cfg, tmp_path / "config.yaml"))]) == 2
     err = capsys.readouterr().err
     assert "data error" in err and "bad.jsonl, row 2" in err, err
+
+
+def test_skipped_rows_are_named_and_listed_in_the_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data.on_error=skip: the count, the first rows with file and reason on stderr; every one in
+    the run dir's skipped_rows.txt."""
+    good = Path(asset("demo/train.jsonl")).read_text().splitlines()[:16]
+    bad = ["{not json", '{"messages": []}', '{"messages": [{"role": "bot", "content": "x"}]}', '{"text": "t"}']
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(good[:8] + bad + good[8:]) + "\n")
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        run_dir,
+        data=DataConfig(train_files=[str(data)], on_error="skip"),
+        train=replace(tiny_config(run_dir).train, max_steps=1),
+        eval=EvalConfig(after_training=False),
+    )
+    assert Trainer(cfg).run() == "completed"
+    err = capsys.readouterr().err
+    listed = RunPaths(run_dir).skipped_rows.read_text().splitlines()
+    assert [line.split(": ", 1)[0] for line in listed] == [f"{data}, row {n}" for n in (9, 10, 11, 12)]
+    assert "invalid JSON" in listed[0] and "empty conversation" in listed[1] and "unknown role 'bot'" in listed[2]
+    note = next(line for line in err.splitlines() if "data.on_error=skip skipped" in line)
+    assert "skipped 4 row(s)" in note and f"{data}, row 9: invalid JSON" in note and "and 1 more" in note
+    assert f"all in {RunPaths(run_dir).skipped_rows}" in note

@@ -1,4 +1,4 @@
-"""Forgetting on the retain set (launcher/eval/retain.py): the figures against an independent
+"""Forgetting on the retain set (launcher/train/retain.py): the figures against an independent
 computation; at every evaluation of a run they reach eval.json, metrics.jsonl and the before/after
 table; a limit warns, or stops the run with exit 1 naming the step and the figure and keeping the
 last checkpoint; LoRA measures against its adapters-off base; limits no evaluation would apply are
@@ -19,10 +19,10 @@ from helpers import TINY, copy_interrupted, ftl, hand_next_token_terms, metrics,
 
 from launcher.cli import main as ftl_main
 from launcher.config.schema import LoraConfig, RetainConfig
-from launcher.eval.retain import SPLIT, Retain
 from launcher.objectives.base_dist import base_pass
 from launcher.objectives.reference import ReferenceLogps
 from launcher.paths import asset
+from launcher.train.retain import SPLIT, Retain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
