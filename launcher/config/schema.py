@@ -749,6 +749,13 @@ class CheckpointConfig:
         "directory RUN_DIR/checkpoints/step-N",
     )
     save_final: bool = plain(True, doc="save a checkpoint when training ends")
+    async_save: bool = plain(
+        True,
+        doc="training waits only while a checkpoint is copied to host memory (pinned on GPUs) and goes on while a "
+        "background thread writes it; it is published (step-N, checkpoints/latest) once every rank's files are "
+        "written, one save at a time, a failed write failing the run at the next save or the end. Costs a host "
+        "copy of each rank's state. single, ddp and fsdp; deepspeed saves synchronously whatever this says",
+    )
 
 
 @dataclass

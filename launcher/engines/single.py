@@ -9,16 +9,23 @@ read by every rank: a single or ddp checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
 from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import TorchEngine
-from launcher.engines.common import apply_activation_checkpointing, check_loaded, finish_step, trainable_parameters
+from launcher.engines.common import (
+    apply_activation_checkpointing,
+    check_loaded,
+    finish_step,
+    host_copy,
+    trainable_parameters,
+)
 from launcher.runtime.device import autocast_dtype
 from launcher.runtime.distributed import DistInfo
 
@@ -63,17 +70,34 @@ class SingleEngine(TorchEngine):
         return finish_step(optimizer, scheduler, norm)
 
     def save(self, ckpt_dir: Path) -> None:
+        self._write(ckpt_dir, staged=False)()
+
+    def save_staged(self, ckpt_dir: Path) -> Callable[[], None]:
+        return self._write(ckpt_dir, staged=True)
+
+    def _write(self, ckpt_dir: Path, *, staged: bool) -> Callable[[], None]:
+        """The write of this rank's files; ``staged``: of a host copy taken now (pinned on CUDA)."""
         optimizer, scheduler = self._require_setup()
         self.save_adapter(ckpt_dir)
         if not self.dist.is_main:
-            return  # ddp replicas are identical: one copy is the checkpoint
-        save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
+            return lambda: None  # ddp replicas are identical: one copy is the checkpoint
+        weights = self._model.state_dict()
+        dropped = _remove_duplicate_names(weights)  # tied weights: safetensors stores one name (as save_model)
+        metadata = {name: kept for kept, names in dropped.items() for name in names}
+        weights = {k: v.contiguous() for k, v in weights.items() if k not in metadata}
         state: dict[str, Any] = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        torch.save(state, ckpt_dir / STATE_FILE)
+        if staged:
+            weights, state = host_copy(weights), host_copy(state)
+
+        def write() -> None:
+            save_file(weights, str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt", **metadata})
+            torch.save(state, ckpt_dir / STATE_FILE)
+
+        return write
 
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()

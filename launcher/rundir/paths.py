@@ -29,6 +29,7 @@ class RunPaths:
     LOSS_CURVE = "loss_curve.png"
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
+    LATEST_CHECKPOINT = "latest"  # in checkpoints/: the name of the newest published step-N, for people and tools
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
     LOCK = ".ftl-lock"  # who writes the run dir now (launcher.rundir.lock)
     MARKER = ".ftl-run"  # ftl made this dir: only this says so
@@ -101,6 +102,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / self.CHECKPOINTS
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.checkpoints / self.LATEST_CHECKPOINT
 
     @property
     def reference_logps(self) -> Path:

@@ -118,7 +118,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
     they report their own failure, and must live to leave their exit record."""
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
-    from launcher.train.checkpoint import CheckpointError
+    from launcher.train.checkpoint import CheckpointError, CheckpointWriteError
     from launcher.train.finite import NonFiniteError
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
@@ -143,6 +143,10 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_INVALID
+        except CheckpointWriteError as e:  # a full disk, a failed background write: the previous checkpoint stands
+            done()
+            print(f"ftl: {e}", file=sys.stderr)
+            code = EXIT_FAILED
         except NonFiniteError:  # every rank stopped at the same step; rank 0 has said so (Trainer.run)
             done()
             code = EXIT_FAILED
