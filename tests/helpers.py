@@ -202,3 +202,19 @@ def tiny(tok: Any, attn: str, model_type: str = "llama", **extra: Any) -> Any:
         setattr(config, k, v)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def worker_pid(config_path: Path, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank running this config (not the agent)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config_path).encode() in argv and b"launcher.train" in argv and b"torch.distributed.run" not in argv:
+            if f"RANK={rank}".encode() in environ:
+                return int(proc.name)
+    raise AssertionError(f"no rank-{rank} worker running {config_path}")

@@ -208,7 +208,7 @@ class Checkpointer:
         self._saving = (state, tmp)
         try:
             if self.dist.is_main:
-                if tmp.exists() and not remove_unpublished(tmp):  # left by a job killed while saving this step
+                if tmp.exists() and not clean_unpublished(tmp, _say):  # left by a job killed saving this step
                     raise FileExistsError(f"{tmp} exists without ftl's {SAVING_MARKER} marker (move it away)")
                 tmp.mkdir(parents=True)
                 _write_json(tmp / SAVING_MARKER, {"step": state.step, "host": socket.gethostname(), "pid": os.getpid()})
@@ -249,10 +249,17 @@ class Checkpointer:
         if error is not None:
             raise error
 
-    def wait_on_exit(self, warn: Callable[[str], None]) -> None:
+    def wait_on_exit(self, warn: Callable[[str], None], timeout_s: float) -> None:
         """A run failing for another reason: finish the save in flight (this rank alone: the others
-        may be gone) and say, rather than raise, if it failed."""
-        self._join()
+        may be gone, so at most ``timeout_s``; a write cut short stays unpublished) and say, rather
+        than raise, if it failed."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                assert self._saving is not None
+                warn(f"ftl: checkpoint {self._saving[1]} was still being written when the run failed; left unpublished")
+                return
+        self._thread = None
         if self._saving is not None and self._failure is not None:
             warn(f"ftl: {self._error()}")
         self._saving = None
@@ -363,7 +370,11 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState(**data)
 
 
-def prune(run_dir: Path, keep: int, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prune(run_dir: Path, keep: int, warn: Callable[[str], None] = _say) -> None:
     """Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of killed saves
     (an unpublished ``.tmp-step-N`` only when ftl made it, saying so)."""
     root = checkpoints_dir(run_dir)
@@ -379,12 +390,16 @@ def prune(run_dir: Path, keep: int, warn: Callable[[str], None] = lambda m: prin
         (path / MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     for tmp in (p for p in leftovers if p.name.startswith(TMP_PREFIX)):
-        if remove_unpublished(tmp):
-            warn(
-                f"ftl: removed {tmp}, a save that was never published (its job stopped while writing it; ftl wrote it)"
-            )
-        else:
+        if not clean_unpublished(tmp, warn):
             warn(f"ftl: left {tmp} alone: an unpublished save without ftl's {SAVING_MARKER} marker (move it away)")
+
+
+def clean_unpublished(tmp: Path, warn: Callable[[str], None]) -> bool:
+    """Remove a leftover ``.tmp-step-N`` that ftl made, saying so; False when it is not ftl's."""
+    if not remove_unpublished(tmp):
+        return False
+    warn(f"ftl: removed {tmp}, a save that was never published (its job stopped while writing it; ftl wrote it)")
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,9 +161,6 @@ class Trainer:
             barrier()  # every rank is past its last collective before any leaves the group
             exit_code = 0
             return outcome
-        except BaseException:
-            self.checkpoints.wait_on_exit(warn)  # a save in flight is finished (or its failure said) before the exit
-            raise
         except (
             NonFiniteError
         ) as e:  # raised on every rank at this step (the same reduced values): none is in a collective
@@ -172,6 +169,8 @@ class Trainer:
                 warn(f"ftl: {e}")
             raise
         finally:
+            if exit_code:  # a save in flight finishes (or its failure is said) before the exit
+                self.checkpoints.wait_on_exit(warn, self.io_timeout_s)
             self.batches.close()
             self.telemetry.close(exit_code)
             if diverged:
@@ -188,9 +187,9 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.telemetry.log_step(self.step, metrics)
-            check_step(
-                self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
-            )  # a NaN stops the run unsaved
+            check_step(  # a NaN stops the run unsaved, once the save in flight is published
+                self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir, settle=self.checkpoints.wait
+            )
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
             if due(self.step, self.cfg.eval.every_steps) and not (
