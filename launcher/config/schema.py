@@ -457,7 +457,15 @@ class ClusterConfig:
         None,
         0.0,
         lo_open=True,
-        doc="GB/s at which the job writes a checkpoint while training waits (all ranks together); null: launch.io_gb_per_s",
+        doc="GB/s at which the job writes a checkpoint (all ranks together): training waits for it, or with "
+        "checkpoint.async_save only for the copy to host memory (staging_gb_per_s); null: launch.io_gb_per_s",
+    )
+    staging_gb_per_s: float = ranged(
+        10.0,
+        0.0,
+        lo_open=True,
+        doc="GB/s at which each GPU copies its checkpoint shard into pinned host memory (checkpoint.async_save: "
+        "training waits only for this copy); PCIe 4.0 x16 moves about 25 GB/s, shared by the GPUs behind one switch",
     )
     restart_s: float = ranged(
         600.0,
