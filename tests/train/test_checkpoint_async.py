@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, ftl, ftl_env, metrics, step_dir, worker_pid
+from helpers import TINY, ftl, ftl_env, metrics, need_gpus, step_dir, worker_pid
 from test_checkpoint import make_engine, train_steps
 
 from launcher.paths import ROOT
@@ -123,6 +123,21 @@ def test_a_full_disk_fails_at_the_wait_naming_the_step_and_the_previous_checkpoi
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2"]
     assert (root / "latest").read_text() == "step-2\n"
     saver.wait()  # reported once: the run is leaving
+
+
+@pytest.mark.gpu
+def test_a_gpu_state_is_staged_into_pinned_host_memory() -> None:
+    """What a single/ddp async save copies off the GPU: pinned host tensors (a fast copy), equal to
+    the originals and not sharing their memory."""
+    from launcher.engines.common import host_copy
+
+    need_gpus(1)
+    state = {"w": torch.randn(64, 64, device="cuda"), "opt": [{"step": torch.tensor(3.0, device="cuda")}, 5]}
+    staged = host_copy(state)
+    assert staged["w"].device.type == "cpu" and staged["w"].is_pinned() and torch.equal(staged["w"], state["w"].cpu())
+    assert staged["opt"][1] == 5 and staged["opt"][0]["step"].is_pinned()
+    state["w"].add_(1)
+    assert not torch.equal(staged["w"], state["w"].cpu())
 
 
 @pytest.fixture
