@@ -285,7 +285,11 @@ class Checkpointer:
         }
         _write_json(tmp / MARKER, marker)
         _replace_dir(tmp, final)
-        write_atomic(RunPaths(self.run_dir).latest_checkpoint, final.name + "\n")
+        latest = RunPaths(self.run_dir).latest_checkpoint
+        try:  # published: the markers say so; the pointer only tells people and tools
+            write_atomic(latest, final.name + "\n")
+        except OSError as e:
+            _say(f"ftl: {final} is published, but {latest} still names the one before ({type(e).__name__}: {e})")
         prune(self.run_dir, self.keep)
 
     def _fail(self, error: BaseException) -> None:
@@ -297,8 +301,7 @@ class Checkpointer:
         self._failure = f"{type(error).__name__}: {error}".strip()
         if full:
             self._failure = f"no space left on device ({self._failure})"
-        if self.dist.is_main and tmp.exists():
-            remove_unpublished(tmp)
+        if self.dist.is_main and tmp.exists() and remove_unpublished(tmp):
             self._failure += f"; removed the unpublished {tmp} (ftl wrote it)"
 
     def _error(self) -> CheckpointWriteError:

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,9 @@ import torch
 from helpers import TINY, ftl, ftl_env, metrics, need_gpus, step_dir, worker_pid
 from test_checkpoint import make_engine, train_steps
 
+from launcher.config.schema import FSDPStrategy, FtlConfig, TrainConfig
+from launcher.engines import build_engine
+from launcher.engines.base import Engine
 from launcher.paths import ROOT
 from launcher.runtime.distributed import DistInfo
 from launcher.train import checkpoint
@@ -57,10 +60,21 @@ def held_publication(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Even
     release.set()
 
 
+def fsdp_engine(seed: int = 0) -> Engine:
+    """strategy=fsdp in one process (no process group): DCP's async save, as on N ranks."""
+    torch.manual_seed(seed)
+    cfg = FtlConfig(strategy=FSDPStrategy(), train=TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    engine = build_engine(cfg, model, DIST, torch.device("cpu"))
+    engine.setup(total_steps=10)
+    return engine
+
+
+@pytest.mark.parametrize("build", [make_engine, fsdp_engine], ids=["single", "fsdp"])
 def test_training_goes_on_while_a_save_is_written_and_the_save_holds_the_staged_state(
-    tmp_path: Path, held_publication: threading.Event
+    tmp_path: Path, held_publication: threading.Event, build: Callable[..., Engine]
 ) -> None:
-    engine = make_engine()
+    engine = build()
     saver = Checkpointer(tmp_path, engine, DIST, keep=2, background=True, **NO_BARRIER)
     staged = {k: v.clone() for k, v in engine.model.state_dict().items()}
     final = saver.save(TrainerState(step=1))
@@ -73,7 +87,7 @@ def test_training_goes_on_while_a_save_is_written_and_the_save_holds_the_staged_
     saver.wait()
     assert find_latest(tmp_path) == final and (root / "latest").read_text() == "step-1\n"
     assert not (final / "SAVING").exists() and not (root / ".tmp-step-1").exists()
-    other = make_engine(seed=5)
+    other = build(seed=5)
     path, state = resume_checkpoint("auto", tmp_path, other, DIST, pytest.fail)
     assert path == final and state.step == 1
     assert all(torch.equal(v, staged[k]) for k, v in other.model.state_dict().items()), "saved what was staged"
