@@ -90,9 +90,9 @@ class Engine(ABC):
         this rank's state in host memory (training may change the originals once this returns);
         returned, the write of that copy, which a background thread runs. The write does no
         collective on the training process group, and once it returns on rank 0 every rank's files
-        are written. This default saves at once and leaves nothing for the background (DeepSpeed)."""
-        self.save(ckpt_dir)
-        return lambda: None
+        are written. Only engines whose :class:`~launcher.engines.traits.EngineTraits` say
+        ``async_checkpoint`` are asked."""
+        raise NotImplementedError(f"strategy {self.name} saves checkpoints synchronously")
 
     @abstractmethod
     def load(self, ckpt_dir: Path) -> None:

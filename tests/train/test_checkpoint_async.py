@@ -24,8 +24,9 @@ from helpers import TINY, ftl, ftl_env, metrics, need_gpus, step_dir, worker_pid
 from test_checkpoint import make_engine, train_steps
 
 from launcher.config.schema import FSDPStrategy, FtlConfig, TrainConfig
-from launcher.engines import build_engine
+from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
+from launcher.engines.traits import engine_traits, strategy_named
 from launcher.paths import ROOT
 from launcher.runtime.distributed import DistInfo
 from launcher.train import checkpoint
@@ -43,6 +44,14 @@ from launcher.train.telemetry import JsonlSink
 
 DIST = DistInfo()
 NO_BARRIER = {"barrier": lambda: None}
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2"])
+def test_the_engines_that_stage_are_those_whose_traits_say_so(strategy: str) -> None:
+    """The trainer asks engine_traits, the plan too; the engine's save_staged must agree."""
+    traits = engine_traits(strategy_named(strategy))
+    staged = engine_class(traits.engine).save_staged is not Engine.save_staged
+    assert traits.async_checkpoint == staged == (strategy != "zero2")
 
 
 @pytest.fixture
