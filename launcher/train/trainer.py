@@ -369,8 +369,9 @@ def resume_point(
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
     if cfg.checkpoint.resume == "auto":  # the newest one whose files are whole (the load falls back further if need be)
         path = latest_sound(run_dir)
-    if dist.is_main and unpublished_note(run_dir, path):
-        print(f"ftl: {unpublished_note(run_dir, path)}", file=sys.stderr, flush=True)
+        note = unpublished_note(run_dir, path) if dist.is_main else ""
+        if note:
+            print(f"ftl: {note}", file=sys.stderr, flush=True)
     if path is None:
         return None
     info = read_checkpoint_info(path)
