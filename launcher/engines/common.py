@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -123,18 +122,3 @@ def check_loaded(ckpt_dir: Path, missing: Iterable[str], unexpected: Iterable[st
         raise RuntimeError(
             f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-
-
-def host_copy(value: Any) -> Any:
-    """``value`` (a state dict: tensors in dicts, lists, tuples) with every tensor copied to host
-    memory, pinned when it comes from a GPU: a checkpoint's staged copy, which training can no
-    longer change while a background thread writes it."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type == "cpu":
-            return value.detach().clone()
-        return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value.detach())
-    if isinstance(value, dict):
-        return {k: host_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(v) for v in value)
-    return value

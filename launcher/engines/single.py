@@ -19,13 +19,7 @@ from torch import nn
 
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import TorchEngine
-from launcher.engines.common import (
-    apply_activation_checkpointing,
-    check_loaded,
-    finish_step,
-    host_copy,
-    trainable_parameters,
-)
+from launcher.engines.common import apply_activation_checkpointing, check_loaded, finish_step, trainable_parameters
 from launcher.runtime.device import autocast_dtype
 from launcher.runtime.distributed import DistInfo
 
@@ -46,6 +40,7 @@ class SingleEngine(TorchEngine):
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self._stager: Any = None  # checkpoint.async_save: host buffers kept between saves
 
     def check_world_size(self, dist: DistInfo) -> None:
         if dist.world_size != 1:
@@ -91,13 +86,23 @@ class SingleEngine(TorchEngine):
             "scaler": self.scaler.state_dict(),
         }
         if staged:
-            weights, state = host_copy(weights), host_copy(state)
+            weights, state = self._stage_on_host(weights, state)
 
         def write() -> None:
             save_file(weights, str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt", **metadata})
             torch.save(state, ckpt_dir / STATE_FILE)
 
         return write
+
+    def _stage_on_host(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> tuple[Any, Any]:
+        """Copies in host memory (pinned on CUDA) that training cannot change: DCP's stager, whose
+        buffers are kept from one save to the next (allocating them is most of a first copy's time)."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+        staged = self._stager.stage({"weights": weights, "state": state})
+        return staged["weights"], staged["state"]
 
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()
