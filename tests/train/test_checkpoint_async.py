@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,27 @@ def test_a_real_full_disk_publishes_nothing_and_keeps_the_previous_checkpoint(sm
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
     path, state = resume_checkpoint("auto", small_disk, make_engine(), DIST, pytest.fail)
     assert state.step == 1 and path == root / "step-1"
+
+
+def test_a_run_whose_disk_fills_exits_1_naming_the_checkpoint_dir_and_keeps_the_previous_one(small_disk: Path) -> None:
+    """The run dir on a 4 MiB disk: a few checkpoints fit (torch's writer fails mid-file on the next,
+    with "unexpected pos", no errno), the run exits 1 naming the step and the dir, and the previous
+    checkpoint is the resume point."""
+    run_dir = small_disk / "run"
+    args = [*TINY, "train.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=5", "eval.after_training=false"]
+    proc = ftl("train", *args, f"run.dir={run_dir}", check=False)
+    root = checkpoints_dir(run_dir)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = re.search(
+        rf"ftl: checkpoint step (\d+) was not saved in {re.escape(str(root))}: no space left on device", proc.stderr
+    )
+    assert failed is not None and int(failed[1]) > 2, proc.stderr[-3000:]
+    last = int(failed[1]) - 2
+    assert f"the resume point stays {root / f'step-{last}'}" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == sorted(["latest", *(f"step-{k}" for k in range(2, last + 1, 2))])
+    assert (root / "latest").read_text() == f"step-{last}\n"
+    curve = run_dir / "loss_curve.png"
+    assert not curve.exists() or curve.stat().st_size > 0
 
 
 def test_torchs_write_error_on_a_full_disk_is_named_so(small_disk: Path, tmp_path: Path) -> None:
