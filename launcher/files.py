@@ -15,13 +15,17 @@ from typing import Mapping, Optional, Sequence
 from launcher.rundir import RunPaths
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` (named per process: nodes and ranks may
-    share a directory) and rename it over ``path``."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (named per process: nodes and ranks may
+    share a directory) and rename it over ``path``: a failed write (a full disk) leaves ``path``
+    as it was, never empty or cut short."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,10 +48,12 @@ def apply_umask(root: Path) -> None:
 
 MARKERS = {"run": RunPaths.MARKER, "export": ".ftl-export", "eval": ".ftl-eval"}
 CHECKPOINT_MARKER = "COMPLETE"  # a checkpoint dir is complete once it holds this file
+SAVING_MARKER = "SAVING"  # in a .tmp-step-N dir from its creation: ftl is writing it (step, host, pid, start)
 
 
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: the step and the position in the data order
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"  # .tmp-step-N: a checkpoint being written, published by renaming it to step-N
 REPLACED = ".replaced-"  # a complete checkpoint moved aside while its step is saved again
 HASH = "sha256"  # the marker's per-file content hashes (hashlib's name; sha256 runs on the CPU's SHA extensions)
 

@@ -31,6 +31,9 @@ WARNINGS = (
     # peft looks for the base model's config where it was loaded from; a QLoRA base built from
     # model.source=random is loaded from a private temporary directory (model/loading.py) gone by then.
     ("UserWarning", r"peft\.utils\.save_and_load", r"Could not find a config file in \S*ftl-random-"),
+    # torch.distributed.checkpoint, told to save in one process (fsdp on one rank), says it assumes
+    # so; an async save says it from its writer thread, outside any catch_warnings of the caller.
+    ("UserWarning", r"torch\.distributed\.checkpoint\.utils", r"torch\.distributed is disabled, unavailable"),
 )
 
 # A sweep's Bayesian search (the `sweeps` package fits a Gaussian process with scikit-learn): with a

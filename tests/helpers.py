@@ -240,3 +240,20 @@ def hand_next_token_terms(
                 kl += p_rest * math.log(p_rest / q_rest)
             terms.append((-math.log(q[label]), -math.log(p[label]), kl))
     return terms
+
+
+def worker_pid(config_path: Path, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank running this config (not the agent)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        agent = b"torch.distributed.run" in argv or b"launcher.launch.torchrun" in argv
+        if str(config_path).encode() in argv and b"launcher.train" in argv and not agent:
+            if f"RANK={rank}".encode() in environ:
+                return int(proc.name)
+    raise AssertionError(f"no rank-{rank} worker running {config_path}")

@@ -57,6 +57,7 @@ QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers
     "dpo_throughput": (lambda m: list(m.SIDES.values()), "quick mode", 360),
     "checkpoint_hash": (lambda m: list(m.ROWS), "QUICK (tiny model): not a result", 200),
     "lora_checkpoint_size": (lambda m: list(m.ROWS), "QUICK (tiny model): not a result", 200),
+    "checkpoint_bench": (lambda m: [*m.QUICK_MODELS, *m.COLUMNS], "QUICK (tiny model): not a result", 200),
     "loss_memory": (
         lambda m: ["logits", "chunked", "drop: measured", "where the peak is", "forward, head and loss", "backward"],
         "QUICK: not a result",

@@ -467,7 +467,15 @@ class ClusterConfig:
         None,
         0.0,
         lo_open=True,
-        doc="GB/s at which the job writes a checkpoint while training waits (all ranks together); null: launch.io_gb_per_s",
+        doc="GB/s at which the job writes a checkpoint (all ranks together): training waits for it, or with "
+        "checkpoint.async_save only for the copy to host memory (staging_gb_per_s); null: launch.io_gb_per_s",
+    )
+    staging_gb_per_s: float = ranged(
+        10.0,
+        0.0,
+        lo_open=True,
+        doc="GB/s at which each GPU copies its checkpoint shard into pinned host memory (checkpoint.async_save: "
+        "training waits only for this copy); PCIe 4.0 x16 moves about 25 GB/s, shared by the GPUs behind one switch",
     )
     restart_s: float = ranged(
         600.0,
@@ -832,6 +840,13 @@ class CheckpointConfig:
         "directory RUN_DIR/checkpoints/step-N",
     )
     save_final: bool = plain(True, doc="save a checkpoint when training ends")
+    async_save: bool = plain(
+        True,
+        doc="training waits only while a checkpoint is copied to host memory (pinned on GPUs) and goes on while a "
+        "background thread writes it; it is published (step-N, checkpoints/latest) once every rank's files are "
+        "written, one save at a time, a failed write failing the run at the next save or the end. Costs a host "
+        "copy of each rank's state. single, ddp and fsdp; deepspeed saves synchronously whatever this says",
+    )
 
 
 @dataclass

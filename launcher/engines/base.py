@@ -85,6 +85,15 @@ class Engine(ABC):
         """Write this engine's checkpoint files (weights, optimizer, schedule) into ``ckpt_dir``,
         which exists. Called on every rank; each rank writes only what it owns."""
 
+    def save_staged(self, ckpt_dir: Path) -> Callable[[], None]:
+        """``save`` in two halves, for ``checkpoint.async_save``: now, the collectives and a copy of
+        this rank's state in host memory (training may change the originals once this returns);
+        returned, the write of that copy, which a background thread runs. The write does no
+        collective on the training process group, and once it returns on rank 0 every rank's files
+        are written. Only engines whose :class:`~launcher.engines.traits.EngineTraits` say
+        ``async_checkpoint`` are asked."""
+        raise NotImplementedError(f"strategy {self.name} saves checkpoints synchronously")
+
     @abstractmethod
     def load(self, ckpt_dir: Path) -> None:
         """Restore what ``save`` wrote; called after ``setup``."""

@@ -76,6 +76,8 @@ class FSDPEngine(TorchEngine):
         else:
             model.to(device)
         self._model = model
+        self._stager: Any = None  # checkpoint.async_save: DCP's host buffers, kept between saves
+        self._save_group: Any = None  # and the gloo group its writer thread coordinates on
 
     @classmethod
     def model_loading(cls, cfg: FtlConfig, dist: DistInfo, device: torch.device) -> ModelLoading:
@@ -109,19 +111,44 @@ class FSDPEngine(TorchEngine):
 
     def save(self, ckpt_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
+
+        with _single_process_ok():
+            dcp.save(self._save_start(ckpt_dir), checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=not self.sharded)
+
+    def save_staged(self, ckpt_dir: Path) -> Callable[[], None]:
+        """DCP's async save: each rank's shards copied to host memory now (pinned on CUDA, into
+        buffers kept from one save to the next), written by DCP's thread, which coordinates the
+        ranks on a gloo group of its own (never the training group, whose collectives run meanwhile);
+        rank 0 writes the metadata last, once every rank's shards are written."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        state = self._save_start(ckpt_dir)
+        if self._stager is None:
+            pinned = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
+            if self.sharded:
+                self._save_group = torch.distributed.new_group(backend="gloo")
+        with _single_process_ok():
+            future = dcp.async_save(
+                state,
+                checkpoint_id=str(ckpt_dir / DCP_DIR),
+                process_group=self._save_group,
+                async_stager=self._stager,
+                no_dist=not self.sharded,
+            )
+        return future.result
+
+    def _save_start(self, ckpt_dir: Path) -> dict[str, Any]:
+        """The adapter and the LR schedule (small, written now); the sharded state dicts DCP writes."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         optimizer, scheduler = self._require_setup()
         self.save_adapter(ckpt_dir)
-        model_sd, optim_sd = get_state_dict(self._model, optimizer, options=self._state_options())
-        with _single_process_ok():
-            dcp.save(
-                {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd},
-                checkpoint_id=str(ckpt_dir / DCP_DIR),
-                no_dist=not self.sharded,
-            )
         if self.dist.is_main:
             torch.save({"scheduler": scheduler.state_dict()}, ckpt_dir / STATE_FILE)
+        model_sd, optim_sd = get_state_dict(self._model, optimizer, options=self._state_options())
+        return {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
 
     def load(self, ckpt_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp

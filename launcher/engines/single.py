@@ -11,11 +11,12 @@ a single or ddp checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
 from torch import nn
 
 from launcher.config.schema import FtlConfig
@@ -41,6 +42,7 @@ class SingleEngine(TorchEngine):
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self._stager: Any = None  # checkpoint.async_save: host buffers kept between saves
 
     def check_world_size(self, dist: DistInfo) -> None:
         if dist.world_size != 1:
@@ -65,18 +67,48 @@ class SingleEngine(TorchEngine):
         return finish_step(optimizer, scheduler, norm)
 
     def save(self, ckpt_dir: Path) -> None:
+        self._write(ckpt_dir, staged=False)()
+
+    def save_staged(self, ckpt_dir: Path) -> Callable[[], None]:
+        return self._write(ckpt_dir, staged=True)
+
+    def _write(self, ckpt_dir: Path, *, staged: bool) -> Callable[[], None]:
+        """The write of this rank's files; ``staged``: of a host copy taken now (pinned on CUDA)."""
         optimizer, scheduler = self._require_setup()
         self.save_adapter(ckpt_dir)
         if not self.dist.is_main:
-            return  # ddp replicas are identical: one copy is the checkpoint
+            return lambda: None  # ddp replicas are identical: one copy is the checkpoint
+        weights: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {}
         if self.peft_model is None:  # a PEFT run's weights are adapter/, written above
-            save_model(self._model, str(ckpt_dir / WEIGHTS_FILE))
+            weights = self._model.state_dict()
+            dropped = _remove_duplicate_names(weights)  # tied weights: safetensors stores one name (as save_model)
+            metadata = {name: kept for kept, names in dropped.items() for name in names}
+            weights = {k: v.contiguous() for k, v in weights.items() if k not in metadata}
         state: dict[str, Any] = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        torch.save(state, ckpt_dir / STATE_FILE)
+        if staged:
+            weights, state = self._stage_on_host(weights, state)
+
+        def write() -> None:
+            if self.peft_model is None:
+                save_file(weights, str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt", **metadata})
+            torch.save(state, ckpt_dir / STATE_FILE)
+
+        return write
+
+    def _stage_on_host(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> tuple[Any, Any]:
+        """Copies in host memory (pinned on CUDA) that training cannot change: DCP's stager, whose
+        buffers are kept from one save to the next (allocating them is most of a first copy's time)."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+        staged = self._stager.stage({"weights": weights, "state": state})
+        return staged["weights"], staged["state"]
 
     def load(self, ckpt_dir: Path) -> None:
         optimizer, scheduler = self._require_setup()

@@ -27,6 +27,10 @@ class EngineTraits:
     # train.compile: ZeRO-3 frees each layer's gathered weights after forward, which compiled
     # layers saved for backward (measured: backward fails on the freed size-0 tensors)
     compiles_layers: bool = True
+    # checkpoint.async_save: the engine stages its state in host memory and writes it in the
+    # background (torch.distributed.checkpoint's async save, or a host copy); DeepSpeed saves
+    # synchronously (its decoupled checkpoint engine writes through DeepNVMe's async I/O ops)
+    async_checkpoint: bool = True
 
 
 def engine_traits(strategy: StrategyBase) -> EngineTraits:
@@ -57,6 +61,7 @@ def engine_traits(strategy: StrategyBase) -> EngineTraits:
             offload_optimizer=strategy.offload_optimizer,
             offload_params=strategy.offload_params,
             compiles_layers=s < 3,
+            async_checkpoint=False,
         )
     if isinstance(strategy, FSDPStrategy):
         return EngineTraits(

@@ -112,7 +112,9 @@ class ScalePlan:
     checkpoint_bytes: float  # the whole job's resumable state
     checkpoint_bytes_per_gpu: float  # what the rank writing most writes
     export_bytes: float  # `ftl export`'s Hugging Face directory
-    save_s: float  # δ: training waits while a checkpoint is written
+    save_s: float  # δ: training waits while a checkpoint is written, or (async) staged in host memory
+    write_s: float  # the write itself; async: in the background, the next save waits for it
+    async_save: bool  # checkpoint.async_save on an engine that stages (fsdp, ddp, single)
     restart_s: float  # a failure: launch.cluster.restart_s + reading the checkpoint back
     mtbf_s: float
     optimal_interval_s: float  # Young/Daly
@@ -184,17 +186,22 @@ def scale_plan(cfg: FtlConfig) -> Optional[ScalePlan]:
     else:
         export = FP32 * lora_param_count(cfg.model.arch, cfg.peft.r, cfg.peft.target_modules, cfg.peft.modules_to_save)
     bandwidth = (c.checkpoint_gb_per_s or cfg.launch.io_gb_per_s) * 1e9
-    save_s = ckpt / bandwidth
+    write_s = ckpt / bandwidth
+    async_save = ck.async_save and lay.traits.async_checkpoint
+    # Async: training waits while each GPU copies what it writes into host memory, all at once.
+    save_s = (ckpt / gpus if sharded else ckpt) / (c.staging_gb_per_s * 1e9) if async_save else write_s
     restart_s = c.restart_s + ckpt / (cfg.launch.io_gb_per_s * 1e9)
     mtbf = mtbf_s(c.node_failures_per_1000_node_days, n_nodes)
 
-    tau = young_daly_s(save_s, mtbf)
+    tau = max(young_daly_s(save_s, mtbf), write_s)  # async: saved no faster than the last one is written
     best_steps = max(1, round(tau / step_s))
     best_waste = checkpoint_waste(best_steps * step_s, save_s, mtbf)
     within = intervals_within(ck.max_waste, save_s, mtbf)
     fitting = None
-    if within is not None and math.floor(within[1] / step_s) >= max(1, math.ceil(within[0] / step_s)):
-        fitting = (max(1, math.ceil(within[0] / step_s)), math.floor(within[1] / step_s))
+    if within is not None:
+        low = max(1, math.ceil(max(within[0], write_s if async_save else 0.0) / step_s))
+        if math.floor(within[1] / step_s) >= low:
+            fitting = (low, math.floor(within[1] / step_s))
 
     every = ck.every_steps
     if every == "auto":
@@ -205,7 +212,9 @@ def scale_plan(cfg: FtlConfig) -> Optional[ScalePlan]:
         interval = compute_s  # only at the end: a failure loses half the run so far, on average
     if interval is not None and compute_s is not None:
         interval = min(interval, compute_s)  # an interval longer than the run saves only at its end
-    waste = None if interval is None or interval <= 0 else checkpoint_waste(interval, save_s, mtbf)
+    waste = None
+    if interval is not None and interval > 0:  # async: a save that comes before the last one is written waits for it
+        waste = checkpoint_waste(interval, save_s + (max(0.0, write_s - interval) if async_save else 0.0), mtbf)
     restart_waste = restart_s / mtbf
     wall = None if compute_s is None or waste is None else compute_s * (1.0 + waste + restart_waste)
     gpu_hours = None if wall is None else wall * gpus / HOUR_S
@@ -229,6 +238,8 @@ def scale_plan(cfg: FtlConfig) -> Optional[ScalePlan]:
         checkpoint_bytes_per_gpu=ckpt / gpus if sharded else ckpt,
         export_bytes=export,
         save_s=save_s,
+        write_s=write_s,
+        async_save=async_save,
         restart_s=restart_s,
         mtbf_s=mtbf,
         optimal_interval_s=tau,
@@ -368,10 +379,17 @@ def scale_lines(p: ScalePlan, cfg: FtlConfig) -> list[str]:
     else:
         assert p.tokens is not None and p.compute_s is not None
         row("run", f"{p.steps:,} steps, {_tokens(p.tokens)} tokens, {duration(p.compute_s)} of steps")
+    if p.async_save:
+        saved = (
+            f"training waits {duration(p.save_s)} while it is copied to host memory at {c.staging_gb_per_s:g} GB/s "
+            f"per GPU (launch.cluster.staging_gb_per_s); written in the background in {duration(p.write_s)} at "
+            f"{bw:g} GB/s ({bw_key}; checkpoint.async_save)"
+        )
+    else:
+        saved = f"saved in {duration(p.save_s)} at {bw:g} GB/s ({bw_key}), training waits"
     row(
         "checkpoint",
-        f"{_bytes(p.checkpoint_bytes)} resumable state ({_bytes(p.checkpoint_bytes_per_gpu)} per GPU); "
-        f"saved in {duration(p.save_s)} at {bw:g} GB/s ({bw_key}), training waits",
+        f"{_bytes(p.checkpoint_bytes)} resumable state ({_bytes(p.checkpoint_bytes_per_gpu)} per GPU); {saved}",
     )
     row("export", f"{_bytes(p.export_bytes)} Hugging Face directory (ftl export)")
     row(

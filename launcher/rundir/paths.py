@@ -33,6 +33,7 @@ class RunPaths:
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
     SKIPPED_ROWS = "skipped_rows.txt"  # data.on_error=skip: each skipped row, "FILE, row N: why"
+    LATEST_CHECKPOINT = "latest"  # in checkpoints/: the name of the newest published step-N, for people and tools
     REFERENCE_LOGPS = "reference_logps.pt"  # DPO/SimPO: the starting model's log-probs, for a resumed run
     BASE_ROWS = "base_topk.pt"  # objective.kl_to_base, full fine-tuning: the base's top-k next tokens, for a resume
     RETAIN_BASE = "retain_base.pt"  # eval.retain, full fine-tuning: the base's top-k next tokens on the retain set
@@ -129,6 +130,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / self.CHECKPOINTS
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.checkpoints / self.LATEST_CHECKPOINT
 
     @property
     def reference_logps(self) -> Path:

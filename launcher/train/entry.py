@@ -147,7 +147,7 @@ def _train(cfg, record: Callable[[int], None]) -> int:
     from launcher.runtime import watchdog
     from launcher.runtime.faults import step_fault
     from launcher.runtime.preflight import PreflightError
-    from launcher.train.checkpoint import CheckpointError
+    from launcher.train.checkpoint import CheckpointError, CheckpointWriteError
     from launcher.train.finite import TrainingStopped
     from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
@@ -177,6 +177,10 @@ def _train(cfg, record: Callable[[int], None]) -> int:
             done()
             if os.environ.get("RANK", "0") == "0":
                 print(f"ftl: {e}", file=sys.stderr)
+            code = EXIT_FAILED
+        except CheckpointWriteError as e:  # a full disk, a failed background write: the previous checkpoint stands
+            done()
+            print(f"ftl: {e}", file=sys.stderr)
             code = EXIT_FAILED
         except TrainingStopped:  # a NaN, too much forgetting: every rank stopped at the same step; rank 0 said so
             done()

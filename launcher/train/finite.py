@@ -8,7 +8,7 @@ so all stop at the same step and none is left waiting in a collective.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -27,10 +27,19 @@ class NonFiniteError(TrainingStopped):
     """Training produced a NaN or infinite loss or gradient norm (exit 1; nothing saved of it)."""
 
 
-def check_step(step: int, metrics: dict[str, float], *, loss_scaled: bool, run_dir: Path) -> None:
+def check_step(
+    step: int,
+    metrics: dict[str, float],
+    *,
+    loss_scaled: bool,
+    run_dir: Path,
+    settle: Callable[[], None] = lambda: None,
+) -> None:
     """Raise NonFiniteError when step ``step``'s loss, or its gradient norm, is not finite.
     ``loss_scaled``: fp16's loss scaler, which skips a step whose gradients overflowed and lowers
-    its scale; a non-finite gradient norm is then its business, a non-finite loss still is not."""
+    its scale; a non-finite gradient norm is then its business, a non-finite loss still is not.
+    ``settle``: collective (the values are the same on every rank), before the message names the
+    resume point: the checkpoint being written in the background is published first."""
     bad = [
         name
         for name in ("loss", "grad_norm")
@@ -38,6 +47,7 @@ def check_step(step: int, metrics: dict[str, float], *, loss_scaled: bool, run_d
     ]
     if bad:
         values = ", ".join(f"{name} {metrics[name]}" for name in bad)
+        settle()
         saved = list_complete(run_dir)
         resume = (
             f"the last good checkpoint, {saved[-1][1]}, stays the resume point"

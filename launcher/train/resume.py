@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
 from launcher.files import CHECKPOINT_MARKER as MARKER
-from launcher.files import REPLACED, TRAINER_STATE, checkpoint_problem, step_of
+from launcher.files import REPLACED, TMP_PREFIX, TRAINER_STATE, checkpoint_problem, step_of
 from launcher.rundir import RunPaths
 from launcher.shell import join, quote
 
@@ -148,6 +148,19 @@ def latest_checkpoint(run_dir: Path) -> Optional[CheckpointInfo]:
     return read_checkpoint_info(path) if path is not None else None
 
 
+def unpublished_note(run_dir: Path, resuming: Optional[Path]) -> str:
+    """What to say about saves a stopped job left unpublished (``.tmp-step-N``), or ""."""
+    root = checkpoints_dir(run_dir)
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX)) if root.is_dir() else []
+    if not left:
+        return ""
+    where = f"resuming from {resuming.name}, the newest published one" if resuming else "starting from step 0"
+    return (
+        f"{', '.join(left)} in {root}: a save never published (its job stopped while writing it); {where}. "
+        "ftl removes it at the next save if it made it"
+    )
+
+
 def evaluated_after(run_dir: Path, step: int) -> bool:
     """eval.json holds the evaluation after training, made at ``step``."""
     after = _read_json(RunPaths(run_dir).eval).get("after")
@@ -163,7 +176,9 @@ def earlier_run_files(run_dir: Path) -> list[str]:
     for name in RunPaths.EARLIER_RUN_FILES:
         path = Path(run_dir) / name
         if name == RunPaths.CHECKPOINTS:
-            if root.is_dir() and any(step_of(p.name) is not None or p.name.startswith(".tmp-") for p in root.iterdir()):
+            if root.is_dir() and any(
+                step_of(p.name) is not None or p.name.startswith(TMP_PREFIX) for p in root.iterdir()
+            ):
                 found.append(name)
         elif path.exists():
             found.append(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -179,7 +180,10 @@ class JsonlSink:
 
     def close(self, exit_code: int) -> None:
         self.file.close()
-        write_loss_curve(self.path, self.curve_path)
+        try:
+            write_loss_curve(self.path, self.curve_path)
+        except OSError as e:  # a full disk: no curve (never a 0-byte one), and the run's own error stays the one told
+            print(f"ftl: {self.curve_path} not written ({e})", file=sys.stderr, flush=True)
 
 
 class EvalFileSink:
@@ -233,7 +237,9 @@ def write_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_atomic(out_path, png.getvalue())
     return out_path
 
 

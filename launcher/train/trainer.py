@@ -59,6 +59,7 @@ from launcher.runtime.distributed import (
 from launcher.runtime.preflight import run_preflight
 from launcher.runtime.schedule import warmup_notice
 from launcher.train.checkpoint import (
+    Checkpointer,
     CheckpointError,
     TrainerState,
     capture_rng,
@@ -66,7 +67,6 @@ from launcher.train.checkpoint import (
     resolve_resume,
     restore_rng,
     resume_checkpoint,
-    save_checkpoint,
     verify,
 )
 from launcher.train.early_stop import EarlyStopping
@@ -87,6 +87,7 @@ from launcher.train.resume import (
     refusal,
     resume_verdict,
     set_aside_earlier_run,
+    unpublished_note,
 )
 from launcher.train.retain import build_retain
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
@@ -153,10 +154,14 @@ class Trainer:
         self.watch = EarlyStopping(cfg.train.early_stopping)  # restored by resume()
         self.last_eval: Optional[tuple[int, dict[str, Any]]] = None
         self.step = self.saved_step = self.resume()
+        background = cfg.checkpoint.async_save and engine_traits(cfg.strategy).async_checkpoint
+        self.checkpoints = Checkpointer(
+            self.run_dir, self.engine, self.dist, cfg.checkpoint.keep, background=background
+        )
         self.batches = BatchPrefetcher(
             self.collate_next, depth=2 * cfg.train.grad_accum, pin=self.device.type == "cuda"
         )
-        self.data_position = (self.order.epoch, self.order.position)  # of the last batch trained on
+        self.data_position = (self.order.epoch, self.order.consumed)  # of the last batch trained on
         set_collective_timeout(cfg.launch.dist_timeout_s)  # set up: from here a hung step fails fast
         self.telemetry: Telemetry = build_telemetry(cfg, self.run_dir, self.dist, self.total_steps, self.step)
         self.objective = build_objective(cfg)
@@ -166,7 +171,8 @@ class Trainer:
             self.retain = build_retain(self)  # the retain set's base side (launcher.train.retain)
         self.started = time.perf_counter()
         self.telemetry.info(describe_run(self))
-        for note in (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]:
+        notes = (self.start.notes if self.start else []) + [warmup_notice(cfg.train, self.total_steps)]
+        for note in notes + [sync_save_notice(cfg)]:
             if note:
                 self.telemetry.info(f"ftl: {note}")
 
@@ -191,6 +197,8 @@ class Trainer:
                 warn(f"ftl: {e}")
             raise
         finally:
+            if exit_code:  # a save in flight finishes (or its failure is said) before the exit
+                self.checkpoints.wait_on_exit(warn, self.io_timeout_s)
             watchdog.stop()  # leaving: the barrier and the collective timeout hold the rest
             self.batches.close()
             self.telemetry.close(exit_code)
@@ -211,9 +219,9 @@ class Trainer:
             watchdog.step_done(self.step, metrics["step_s"])
             self.telemetry.log_step(self.step, metrics)
             self.watch.train_losses.append(metrics["loss"])
-            check_step(
-                self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir
-            )  # a NaN stops the run unsaved
+            check_step(  # a NaN stops the run unsaved, once the save in flight is published
+                self.step, metrics, loss_scaled=self.loss_scaled, run_dir=self.run_dir, settle=self.checkpoints.wait
+            )
             if self.step == first and compile_choice(self.cfg, self.device.type)[0]:
                 self.telemetry.info(first_step_note(first, metrics["step_s"]))
             last_is_after = self.step == self.total_steps and self.cfg.eval.after_training
@@ -222,6 +230,7 @@ class Trainer:
                     break
             if any_rank(stop.requested):
                 self.save()
+                self.checkpoints.wait()
                 self.telemetry.info(
                     f"stopped by {stop.signal_name or 'a signal to another rank'} at step {self.step}; "
                     "rerun the same command to resume"
@@ -234,7 +243,9 @@ class Trainer:
         if self.cfg.checkpoint.save_final:
             self.save()
         if self.cfg.eval.after_training and self.evaluate("after", stop) is None:
+            self.checkpoints.wait()
             return "stopped"  # saved; the rerun finds the final checkpoint and evaluates it
+        self.checkpoints.wait()  # the evaluation ran while the last checkpoint was written
         if self.watch.best:
             best = {k: v for k, v in self.watch.best.items() if k != "step"}
             self.telemetry.log_eval("best", self.watch.best["step"], best)  # eval.json's "best"
@@ -299,7 +310,7 @@ class Trainer:
         # index: per-example data (reference log-probs); label_positions: where the loss runs, made
         # here on the host (on the device its data-dependent size would wait for the device)
         extra = {"index": torch.tensor(indices), "label_positions": label_positions(batch["labels"])}
-        return {**batch, **extra}, (self.order.epoch, self.order.position)
+        return {**batch, **extra}, (self.order.epoch, self.order.consumed)
 
     def periodic_eval(self, stop: StopFlag) -> bool:
         """An eval during training, counted by early stopping; with it on, a new best is saved
@@ -376,15 +387,19 @@ class Trainer:
             self.base,
         )
         best = self.watch.best_step if self.watch.on else None  # pruning keeps it
+        started = time.perf_counter()
         with (
             watchdog.during(f"checkpoint of step {self.step}"),
             collective_timeout(self.io_timeout_s, restore=self.cfg.launch.dist_timeout_s),
         ):
-            path = save_checkpoint(
-                self.run_dir, state, self.engine, self.dist, self.cfg.checkpoint.keep, keep_step=best
-            )
+            path = self.checkpoints.save(state, best)
         self.saved_step = self.step
-        self.telemetry.info(f"checkpoint {path}")
+        blocked = f"training waited {time.perf_counter() - started:.2f} s"
+        self.telemetry.info(
+            f"checkpoint {path} ({blocked}; written in the background)"
+            if self.checkpoints.background
+            else f"checkpoint {path} ({blocked})"
+        )
 
     def resume(self) -> int:
         if self.start is None:
@@ -399,7 +414,7 @@ class Trainer:
                 return 0
             path, state = found
         refuse_nonfinite_weights(self.engine.model, path)
-        self.order.seek(state.epoch, state.epoch_position)
+        self.order.seek(state.epoch, state.epoch_samples)
         self.watch.restore(state.early_stopping)
         self.resumed_from = path
         return state.step
@@ -436,6 +451,9 @@ def resume_point(
     path = resolve_resume(cfg.checkpoint.resume, run_dir)
     if cfg.checkpoint.resume == "auto":  # the newest one whose files are whole (the load falls back further if need be)
         path = latest_sound(run_dir)
+        note = unpublished_note(run_dir, path) if dist.is_main else ""
+        if note:
+            print(f"ftl: {note}", file=sys.stderr, flush=True)
     if path is None:
         return None
     info = read_checkpoint_info(path)
@@ -638,9 +656,11 @@ def describe_data(stats: dict[str, Any], samples: int, seq_len: int) -> str:
 
 class DataOrder:
     """Which training samples this rank reads, in which order: per epoch a permutation seeded by
-    ``seed + epoch``, cut to a multiple of the world size (every rank runs the same number of
-    steps) and dealt round-robin to ranks. ``(epoch, position)`` is the whole state, so a resumed
-    run continues at exactly the next sample."""
+    ``seed + epoch``, dealt round-robin to ranks from the global position the epoch is at (0, or
+    where a resumed run stands), cut to a multiple of the world size (every rank runs the same
+    number of steps). ``(epoch, consumed)`` is the whole state: ``consumed`` counts the samples all
+    ranks together have read, so a resumed run continues at exactly the next sample on any number
+    of ranks, none skipped or read twice."""
 
     def __init__(self, size: int, seed: int, shuffle: bool, dist: DistInfo) -> None:
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, dist.rank, dist.world_size
@@ -649,34 +669,52 @@ class DataOrder:
             raise DataError(
                 f"{size} training sample(s) (examples, or packs with data.packing) cannot be shared among {dist.world_size} ranks"
             )
-        self.epoch, self.position = 0, 0
-        self._cached: tuple[int, list[int]] = (-1, [])
+        self.epoch, self.start, self.position = 0, 0, 0  # position: samples this rank read since `start`
+        self._cached: tuple[tuple[int, int], list[int]] = ((-1, 0), [])
+
+    @property
+    def consumed(self) -> int:
+        """Samples of this epoch all ranks together have read (every rank reads as many)."""
+        return self.start + self.position * self.world
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.per_rank / batch_size)
 
-    def seek(self, epoch: int, position: int) -> None:
-        self.epoch, self.position = epoch, position
+    def seek(self, epoch: int, consumed: int) -> None:
+        self.epoch, self.start, self.position = epoch, consumed, 0
 
-    def indices(self, epoch: int) -> list[int]:
-        if self._cached[0] != epoch:
+    def indices(self) -> list[int]:
+        """This rank's samples of the current epoch from ``start`` on."""
+        if self._cached[0] != (self.epoch, self.start):
             order = list(range(self.size))
             if self.shuffle:
-                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            self._cached = (epoch, order[self.rank : self.per_rank * self.world : self.world])
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
+            end = self.start + (self.size - self.start) // self.world * self.world
+            self._cached = ((self.epoch, self.start), order[self.start + self.rank : end : self.world])
         return self._cached[1]
 
     def take(self, n: int) -> list[int]:
         """The next micro-batch; the last one of an epoch may be short, none spans two epochs."""
-        if self.position >= self.per_rank:
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self.indices(self.epoch)[self.position : self.position + n]
+        if self.position >= len(self.indices()):
+            self.epoch, self.start, self.position = self.epoch + 1, 0, 0
+        batch = self.indices()[self.position : self.position + n]
         self.position += len(batch)
         return batch
 
 
 # --------------------------------------------------------------------------------------------
 # small pieces of the loop
+
+
+def sync_save_notice(cfg: FtlConfig) -> str:
+    """checkpoint.async_save asked of an engine that saves synchronously: said, not silently ignored."""
+    if cfg.checkpoint.async_save and not engine_traits(cfg.strategy).async_checkpoint:
+        return (
+            "checkpoint.async_save: DeepSpeed saves synchronously (its decoupled writer needs DeepNVMe's async I/O "
+            "ops); training waits for each checkpoint"
+        )
+    return ""
 
 
 def warn(message: str) -> None:

@@ -219,7 +219,7 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_sample_on_every_rank(wo
             first = DataOrder(size, seed, True, dist)
             for _ in range(cut):
                 first.take(batch)
-            state = (first.epoch, first.position)  # what TrainerState saves
+            state = (first.epoch, first.consumed)  # what TrainerState saves
             resumed = DataOrder(size, seed, True, dist)
             resumed.seek(*state)
             assert [resumed.take(batch) for _ in range(12 - cut)] == draws[cut:], (rank, cut)

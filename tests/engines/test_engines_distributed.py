@@ -33,6 +33,7 @@ from helpers import (
     plain_transformers_logits,
     reference_run,
     step_dir,
+    worker_pid,
 )
 
 from launcher.paths import ROOT
@@ -284,20 +285,3 @@ def test_elastic_restart_after_a_rank_is_killed(ddp_run: Path, tmp_path: Path) -
     assert code == 0, log[-4000:]
     assert "resuming from" in log, log[-4000:]
     assert max_abs_diff(weights(run_dir, 10, "ddp"), weights(ddp_run, 10, "ddp")) <= 1e-6
-
-
-def worker_pid(config_path: Path, rank: int) -> int:
-    """The pid of the torchrun worker with RANK=rank running this config (not the agent)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        agent = b"torch.distributed.run" in argv or b"launcher.launch.torchrun" in argv
-        if str(config_path).encode() in argv and b"launcher.train" in argv and not agent:
-            if f"RANK={rank}".encode() in environ:
-                return int(proc.name)
-    raise AssertionError(f"no rank-{rank} worker running {config_path}")

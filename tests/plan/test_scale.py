@@ -19,6 +19,7 @@ from launcher.plan.scale import (
     checkpoint_waste,
     intervals_within,
     mtbf_s,
+    scale_lines,
     scale_plan,
     young_daly_s,
 )
@@ -261,3 +262,21 @@ def test_70b_checkpoint_bytes_match_a_real_checkpoint_scaled_by_parameters(strat
     planned = checkpoint_bytes(workload_of(cfg, "bf16"), layout_for(cfg))
     measured = per_param * param_counts(cfg.model.arch).total
     assert planned == pytest.approx(measured, rel=0.05), (planned / 1e9, measured / 1e9, per_param)
+
+
+def test_an_async_save_blocks_for_the_copy_to_host_memory_and_is_written_within_the_interval() -> None:
+    """checkpoint.async_save on fsdp: training waits while each GPU stages its shard at
+    launch.cluster.staging_gb_per_s; the write goes on in the background, so no interval is
+    shorter than it. ZeRO-3 (DeepSpeed) saves synchronously whatever the switch says."""
+    cfg, sync = plan_at("launch.nodes=128", "strategy=fsdp", "checkpoint.async_save=false")
+    _, staged = plan_at("launch.nodes=128", "strategy=fsdp")
+    _, zero3 = plan_at("launch.nodes=128")
+    assert not sync.async_save and sync.save_s == sync.write_s == pytest.approx(sync.checkpoint_bytes / 100e9)
+    assert staged.async_save and staged.write_s == pytest.approx(sync.write_s)
+    assert staged.save_s == pytest.approx(staged.checkpoint_bytes_per_gpu / 10e9)  # 10 GB/s per GPU, in parallel
+    assert staged.save_s < sync.save_s / 5
+    assert staged.optimal_interval_s == pytest.approx(max(math.sqrt(2 * staged.save_s * staged.mtbf_s), staged.write_s))
+    assert staged.optimal_waste < sync.optimal_waste
+    assert not zero3.async_save and zero3.save_s == zero3.write_s
+    text = "\n".join(scale_lines(staged, cfg))
+    assert "training waits 0.48 s while it is copied to host memory at 10 GB/s per GPU" in text, text

@@ -23,6 +23,7 @@ from launcher.train.checkpoint import (
     find_latest,
     list_complete,
     load_checkpoint,
+    prune,
     resolve_resume,
     save_checkpoint,
 )
@@ -48,7 +49,7 @@ def train_steps(engine: SingleEngine, n: int) -> None:
 
 
 def save(run_dir: Path, engine: SingleEngine, step: int, keep: int = 5) -> Path:
-    return save_checkpoint(run_dir, TrainerState(step=step, epoch=1, epoch_position=7), engine, DIST, keep)
+    return save_checkpoint(run_dir, TrainerState(step=step, epoch=1, epoch_samples=7), engine, DIST, keep)
 
 
 def test_save_is_complete_and_leaves_no_tmp(tmp_path: Path) -> None:
@@ -61,7 +62,8 @@ def test_save_is_complete_and_leaves_no_tmp(tmp_path: Path) -> None:
         "trainer_state.json",
         "rng-rank0.pt",
     }
-    assert [p.name for p in checkpoints_dir(tmp_path).iterdir()] == ["step-3"]
+    assert sorted(p.name for p in checkpoints_dir(tmp_path).iterdir()) == ["latest", "step-3"]
+    assert (checkpoints_dir(tmp_path) / "latest").read_text() == "step-3\n"
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path: Path) -> None:
@@ -86,11 +88,19 @@ def test_keep_prunes_oldest_and_leftovers(tmp_path: Path) -> None:
     root = checkpoints_dir(tmp_path)
     for step in (1, 2, 3):
         save(tmp_path, engine, step, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
-    (root / ".tmp-step-9").mkdir()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-3"]
+    (root / ".tmp-step-9").mkdir()  # a save ftl began (its SAVING marker) and never published
+    (root / ".tmp-step-9" / "SAVING").write_text("{}")
+    (root / ".tmp-step-10").mkdir()  # not marked as ftl's: left alone, and said
     (root / "step-8").mkdir()
+    said: list[str] = []
     save(tmp_path, engine, 4, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
+    prune(tmp_path, 2, said.append)
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step-10", "latest", "step-3", "step-4"]
+    assert (root / "latest").read_text() == "step-4\n"
+    assert said == [
+        f"ftl: left {root / '.tmp-step-10'} alone: an unpublished save without ftl's SAVING marker (move it away)"
+    ]
 
 
 def test_resave_same_step_replaces_it(tmp_path: Path) -> None:
@@ -99,7 +109,7 @@ def test_resave_same_step_replaces_it(tmp_path: Path) -> None:
     train_steps(engine, 1)
     path = save(tmp_path, engine, 5)
     assert find_latest(tmp_path) == path
-    assert sorted(p.name for p in checkpoints_dir(tmp_path).iterdir()) == ["step-5"]
+    assert sorted(p.name for p in checkpoints_dir(tmp_path).iterdir()) == ["latest", "step-5"]
 
 
 def test_resolve_resume(tmp_path: Path) -> None:
@@ -137,7 +147,7 @@ def test_round_trip_restores_engine_state_and_rng(tmp_path: Path) -> None:
 
     other = make_engine(seed=123)  # other initial weights, a fresh optimizer and schedule
     state = load_checkpoint(path, other, DIST)
-    assert state == TrainerState(step=3, epoch=1, epoch_position=7, world_size=1)
+    assert state == TrainerState(step=3, epoch=1, epoch_samples=7, world_size=1)
     assert all(torch.equal(v, saved[k]) for k, v in other.model.state_dict().items())
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
     assert other.scheduler is not None and other.scheduler.last_epoch == 3
@@ -148,13 +158,16 @@ def test_round_trip_restores_engine_state_and_rng(tmp_path: Path) -> None:
     assert all(torch.equal(v, continued[k]) for k, v in other.model.state_dict().items())
 
 
-def test_position_rescaled_when_world_size_changes(tmp_path: Path) -> None:
+def test_a_position_saved_per_rank_reads_as_every_ranks_samples(tmp_path: Path) -> None:
+    """A checkpoint written before epoch_samples: 2 ranks had read 5 samples each, 10 in all,
+    whatever world size loads it."""
     engine = make_engine()
-    path = save_checkpoint(
-        tmp_path, TrainerState(step=4, epoch=0, epoch_position=10, world_size=1), engine, DIST, keep=1
-    )
-    state = load_checkpoint(path, engine, DistInfo(rank=0, world_size=2, local_world_size=2))
-    assert (state.epoch_position, state.world_size) == (5, 2)
+    path = save_checkpoint(tmp_path, TrainerState(step=4, epoch=0, epoch_samples=0, world_size=2), engine, DIST, keep=1)
+    state = json.loads((path / "trainer_state.json").read_text())
+    del state["epoch_samples"]
+    (path / "trainer_state.json").write_text(json.dumps({**state, "epoch_position": 5}))
+    loaded = load_checkpoint(path, engine, DistInfo(rank=0, world_size=1, local_world_size=1))
+    assert (loaded.epoch, loaded.epoch_samples) == (0, 10)
 
 
 @pytest.mark.usefixtures("one_thread")

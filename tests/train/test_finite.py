@@ -50,7 +50,10 @@ def test_a_nan_loss_stops_every_rank_at_that_step_with_exit_1_and_saves_nothing_
         f"checkpoint, {step_dir(run_dir, 1)}, stays the resume point. Lower train.lr or raise train.warmup_steps, "
         "or check the objective's settings (objective.beta) and the data"
     ], err[-3000:]  # once: rank 0 says it, both ranks stop
-    assert "interrupted" not in err and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1"]
+    assert "interrupted" not in err and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest",
+        "step-1",
+    ]
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2] and math.isnan(metrics(run_dir)[-1]["loss"])
 
 

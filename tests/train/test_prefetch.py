@@ -67,4 +67,4 @@ def test_a_checkpoint_records_the_batches_trained_on_not_those_read_ahead(tmp_pa
         f"run.dir={run}",
     )
     state = json.loads((step_dir(run, 5) / TRAINER_STATE).read_text())
-    assert (state["epoch"], state["epoch_position"]) == (0, 40)
+    assert (state["epoch"], state["epoch_samples"]) == (0, 40)

@@ -247,7 +247,11 @@ def test_resume_never_moves_the_earlier_checkpoints_aside_first(tmp_path: Path) 
     )
     assert [s for s, _ in list_complete(run_dir)] == [2]
     (aside,) = run_dir.glob("earlier-*")
-    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing deleted
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == [
+        "latest",
+        "step-2",
+        "step-4",
+    ]  # nothing deleted
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert [r["step"] for r in metrics(aside)] == [1, 2, 3, 4]  # the earlier run's metrics, whole
 
