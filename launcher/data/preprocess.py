@@ -89,6 +89,7 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False) -> list[str]:
     """Prepare the data as rank 0 of a single process would (and, with ``fetch_model``, stage the
     model first); the report, line by line."""
     from launcher.data.cache import prepare
+    from launcher.data.privacy import from_stats, report
 
     staged = [stage_model(cfg.model)] if fetch_model else []
     tokenizer = load_tokenizer_for(cfg.model)
@@ -99,6 +100,11 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False) -> list[str]:
         where = f"{'built' if prepared.built else 'reused'} {prepared.directory}"
     lines = [*staged, f"data cache  {where} ({prepared.seconds:.1f} s)"]
     lines += stats_table({"train": prepared.train.stats, **({"eval": prepared.eval.stats} if prepared.eval else {})})
+    found = [
+        *prepared.train.stats.get("privacy", []),
+        *(prepared.eval.stats.get("privacy", []) if prepared.eval else []),
+    ]
+    lines += report(from_stats(found), cfg.data.privacy)
     efficiency = prepared.train.stats.get("packing_efficiency")
     if efficiency is not None:
         lines.append(

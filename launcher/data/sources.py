@@ -108,12 +108,15 @@ def data_sources(data_cfg: DataConfig) -> list[DataSource]:
     )
 
 
-def check_local_rows(data_cfg: DataConfig) -> None:
+def check_local_rows(data_cfg: DataConfig) -> list[Any]:
     """Read every row of the run's local files and folders as the trainer will, with no tokenizer
     (hub datasets are left to the trainer). Raises DataError for a file that cannot be read and,
     with ``on_error=raise``, for the first row that does not read (bad UTF-8 or JSON, nested too
     deeply, a CSV row of too many cells) or does not parse as its format (chat, instruction,
-    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer)."""
+    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer).
+    Scans every row for personal data and credentials (``data.privacy``): the findings, after
+    raising the refusal with ``refuse``."""
+    from launcher.data import privacy
     from launcher.data.chat import parse_conversation
     from launcher.data.completion import parse_text
     from launcher.data.instruction import parse_instruction
@@ -123,6 +126,7 @@ def check_local_rows(data_cfg: DataConfig) -> None:
         "instruction": parse_instruction,
         "completion": lambda row: parse_text(row, data_cfg.text_field),
     }
+    scanner = privacy.scanner_for(data_cfg.privacy)
     for source in data_sources(data_cfg):
         if is_hub(source.path):
             continue
@@ -132,6 +136,8 @@ def check_local_rows(data_cfg: DataConfig) -> None:
                 try:
                     if isinstance(row, DataError):
                         raise row
+                    if scanner is not None:
+                        scanner.scan(row.value, row.path, row.number)
                     if parse is not None:
                         parse(row.value)
                 except RowError as e:
@@ -140,6 +146,9 @@ def check_local_rows(data_cfg: DataConfig) -> None:
                 except DataError:
                     if data_cfg.on_error != "skip":
                         raise
+    findings = [] if scanner is None else scanner.findings
+    privacy.check(findings, data_cfg.privacy)
+    return findings
 
 
 def _json_row_error(e: ValueError) -> str:

@@ -67,3 +67,4 @@ class Record:
 class Loaded:
     records: list[Record]
     skipped: int
+    privacy: list[Any] = field(default_factory=list)  # launcher.data.privacy.Finding: what the scan found
