@@ -310,6 +310,7 @@ def _all_gather(items: list[Any]) -> list[list[Any]]:
 
 def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, Any]) -> None:
     """eval.json, the console and W&B (rank 0)."""
+    from launcher.eval.side_by_side import write_side_by_side
     from launcher.progress import make_console
     from launcher.redact import known_secrets, redact
     from launcher.train.telemetry import render_eval_report, scalar_metrics
@@ -323,6 +324,8 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
         **{k: results[k] for k in ("before", "after") if k in results},
     }
     write_atomic(out / RunPaths.EVAL, json.dumps(payload, indent=2) + "\n")
+    title = f"Base vs fine-tuned on held-out prompts ({Path(job['model']).name})"
+    paged = write_side_by_side(out / RunPaths.SIDE_BY_SIDE, results.get("before"), results["after"], title)
     console = make_console()
     console.print(f"ftl eval: {description}", highlight=False)
     for name in ("before", "after"):
@@ -339,6 +342,8 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
                 highlight=False,
             )
     console.print(f"ftl eval: wrote {out / RunPaths.EVAL}", highlight=False)
+    if paged:
+        console.print(f"ftl eval: wrote {out / RunPaths.SIDE_BY_SIDE}", highlight=False)
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":
         from launcher.train.telemetry import WandbSink
