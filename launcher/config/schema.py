@@ -763,6 +763,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class JudgeConfig:
+    path: Optional[str] = plain(
+        None,
+        doc="`ftl eval` only: a local model directory that judges the base's and the tuned model's answers pairwise "
+        "(both orders) and gives the tuned model's win rate; implies --baseline; null: no judge",
+    )
+
+
+@dataclass
 class EvalConfig:
     before_training: bool = plain(
         False, doc="evaluate the starting model before the first step (the before/after table)"
@@ -782,6 +791,7 @@ class EvalConfig:
         doc="generated answers printed beside their reference: by `ftl eval`, and in training's before/after table "
         "(eval.before_training=true); 0: none",
     )
+    judge: JudgeConfig = plain(factory=JudgeConfig, doc="a model that compares base and tuned answers (ftl eval)")
 
 
 @dataclass
