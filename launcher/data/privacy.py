@@ -17,16 +17,18 @@ cache; the user's files are only ever read.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from launcher.data.rows import DataError
 
-MODES = ("warn", "refuse", "redact", "off")
+SCAN_VERSION = 1  # bump when what is found changes: files scanned by an earlier version are scanned again
 SHOWN_PER_KIND = 10  # locations listed per kind and file; the rest counted
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -76,6 +78,27 @@ class Scanner:
 
 def scanner_for(mode: str) -> Scanner | None:
     return None if mode == "off" else Scanner(mode)
+
+
+def remembered(file: Path) -> tuple[Path, list[Finding] | None]:
+    """(where a local file's findings are kept, keyed by its content, and what they were if it was
+    scanned before): ``ftl train`` scans each launch's files before it starts, and an unchanged
+    file is not scanned again. Places and counts only, like every other record of the scan."""
+    from launcher.data.sources import file_digest
+    from launcher.paths import cache_dir
+
+    data = cache_dir() / "data"
+    record = data / "privacy" / f"v{SCAN_VERSION}-{file_digest(file, data / 'hashes')}.json"
+    if not record.is_file():
+        return record, None
+    return record, [Finding(str(file), *row) for row in json.loads(record.read_text())]
+
+
+def remember(record: Path, findings: list[Finding]) -> None:
+    from launcher.files import write_atomic
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, json.dumps([[f.row, f.field, f.kind, f.count] for f in findings]))
 
 
 def redact_text(text: str) -> tuple[str, Counter[str]]:

@@ -114,8 +114,8 @@ def check_local_rows(data_cfg: DataConfig) -> list[Any]:
     with ``on_error=raise``, for the first row that does not read (bad UTF-8 or JSON, nested too
     deeply, a CSV row of too many cells) or does not parse as its format (chat, instruction,
     completion; a preference row's shape depends on the tokenizer's template and is left to the trainer).
-    Scans every row for personal data and credentials (``data.privacy``): the findings, after
-    raising the refusal with ``refuse``."""
+    Scans every row for personal data and credentials (``data.privacy``; a file scanned before
+    unchanged is not scanned again): the findings, after raising the refusal with ``refuse``."""
     from launcher.data import privacy
     from launcher.data.chat import parse_conversation
     from launcher.data.completion import parse_text
@@ -126,12 +126,14 @@ def check_local_rows(data_cfg: DataConfig) -> list[Any]:
         "instruction": parse_instruction,
         "completion": lambda row: parse_text(row, data_cfg.text_field),
     }
-    scanner = privacy.scanner_for(data_cfg.privacy)
+    findings: list[privacy.Finding] = []
     for source in data_sources(data_cfg):
         if is_hub(source.path):
             continue
         parse = parsers.get(source.format or data_cfg.format)
         for file in source_files(source.path):
+            record, known = privacy.remembered(file) if data_cfg.privacy != "off" else (None, [])
+            scanner = privacy.scanner_for(data_cfg.privacy) if known is None else None
             for row in read_rows(str(file)):
                 try:
                     if isinstance(row, DataError):
@@ -146,7 +148,9 @@ def check_local_rows(data_cfg: DataConfig) -> list[Any]:
                 except DataError:
                     if data_cfg.on_error != "skip":
                         raise
-    findings = [] if scanner is None else scanner.findings
+            if scanner is not None and record is not None:
+                privacy.remember(record, scanner.findings)
+            findings += scanner.findings if scanner is not None else known or []
     privacy.check(findings, data_cfg.privacy)
     return findings
 

@@ -196,3 +196,32 @@ def test_ftl_train_and_preprocess_print_no_value(tmp_path: Path) -> None:
     assert leaked(pre.stdout + pre.stderr + warned.stdout + warned.stderr + redacted.stdout + redacted.stderr) == []
     assert leaked(written) == []
     assert "<EMAIL>" in every_file_text(tmp_path / "redact")  # the eval text the run kept, redacted
+
+
+def test_ftl_train_scans_an_unchanged_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan before each launch remembers a file's findings by its content: relaunching over an
+    unchanged file does not scan it again; a changed file is scanned anew."""
+    from launcher.data import privacy
+    from launcher.data.sources import check_local_rows
+
+    monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "train.jsonl", planted_rows())
+    cfg = DataConfig(train_files=[str(train)])
+    first = check_local_rows(cfg)
+    assert privacy.summary(first) == "1 card_number, 2 email, 1 github_token"
+    records = list((tmp_path / "cache" / "data" / "privacy").iterdir())
+    assert len(records) == 1 and leaked(records[0].read_text()) == []
+
+    def no_scan(text: str) -> Any:
+        raise AssertionError("an unchanged file was scanned again")
+
+    monkeypatch.setattr(privacy, "redact_text", no_scan)
+    assert check_local_rows(cfg) == first
+    with pytest.raises(DataError, match="refused"):
+        check_local_rows(DataConfig(train_files=[str(train)], privacy="refuse"))
+    write_jsonl(train, planted_rows()[:4])
+    with pytest.raises(AssertionError, match="scanned again"):
+        check_local_rows(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
+    assert privacy.summary(check_local_rows(cfg)) == "2 email"
