@@ -80,15 +80,13 @@ def scanner_for(mode: str) -> Scanner | None:
     return None if mode == "off" else Scanner(mode)
 
 
-def remembered(file: Path) -> tuple[Path, list[Finding] | None]:
-    """(where a local file's findings are kept, keyed by its content, and what they were if it was
-    scanned before): ``ftl train`` scans each launch's files before it starts, and an unchanged
-    file is not scanned again. Places and counts only, like every other record of the scan."""
-    from launcher.data.sources import file_digest
+def remembered(file: Path, digest: str) -> tuple[Path, list[Finding] | None]:
+    """(where the findings of a local file whose bytes hash to ``digest`` are kept, and what they
+    were if it was scanned before): ``ftl train`` scans each launch's files before it starts, and an
+    unchanged file is not scanned again. Places and counts only, like every other record of the scan."""
     from launcher.paths import cache_dir
 
-    data = cache_dir() / "data"
-    record = data / "privacy" / f"v{SCAN_VERSION}-{file_digest(file, data / 'hashes')}.json"
+    record = cache_dir() / "data" / "privacy" / f"v{SCAN_VERSION}-{digest}.json"
     if not record.is_file():
         return record, None
     return record, [Finding(str(file), *row) for row in json.loads(record.read_text())]

@@ -120,6 +120,7 @@ def check_local_rows(data_cfg: DataConfig) -> list[Any]:
     from launcher.data.chat import parse_conversation
     from launcher.data.completion import parse_text
     from launcher.data.instruction import parse_instruction
+    from launcher.paths import cache_dir
 
     parsers: dict[str, Callable[[Any], Any]] = {
         "chat": parse_conversation,
@@ -132,7 +133,11 @@ def check_local_rows(data_cfg: DataConfig) -> list[Any]:
             continue
         parse = parsers.get(source.format or data_cfg.format)
         for file in source_files(source.path):
-            record, known = privacy.remembered(file) if data_cfg.privacy != "off" else (None, [])
+            record, known = (
+                privacy.remembered(file, file_digest(file, cache_dir() / "data" / "hashes"))
+                if data_cfg.privacy != "off"
+                else (None, [])
+            )
             scanner = privacy.scanner_for(data_cfg.privacy) if known is None else None
             for row in read_rows(str(file)):
                 try:
