@@ -2,9 +2,9 @@
 kind, file, row and field, and never shown, not even in part.
 
 The finding is done by maintained libraries where one fits: Yelp's ``detect-secrets`` plugins for
-credentials (AWS, GitHub, GitLab, Slack, OpenAI, Stripe, JWTs checked to decode as JWTs, private
-keys, public IPv4 addresses; their patterns, and their check that a JWT decodes as one), with its own plugin base for the two tokens it does not know (Hugging
-Face, Google API keys); ``phonenumbers`` (the lite build: no geocoding data) for phone numbers,
+credentials (AWS, GitHub, GitLab, Slack, OpenAI and Stripe keys, public IPv4 addresses: their
+patterns; JWTs: its check that one decodes as a JWT), with its plugin base for the two tokens it
+does not know (Hugging Face, Google API keys); ``phonenumbers`` (the lite build: no geocoding data) for phone numbers,
 international ones anywhere and US/Canada ones without a country code; ``python-stdnum`` for the
 checksums that keep digits from being taken for cards (Luhn) and IBANs (country format and mod 97).
 Emails are the one pattern written here.
