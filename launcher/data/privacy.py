@@ -7,7 +7,8 @@ patterns; JWTs: its check that one decodes as a JWT), with its plugin base for t
 does not know (Hugging Face, Google API keys); ``phonenumbers`` (the lite build: no geocoding data) for phone numbers,
 international ones anywhere and US/Canada ones without a country code; ``python-stdnum`` for the
 checksums that keep digits from being taken for cards (Luhn) and IBANs (country format and mod 97).
-Emails are the one pattern written here.
+Written here: the email pattern, the digit runs the checksums then confirm, a JWT's and a private
+key's whole extent (the plugins match a prefix or a header line; redacting needs the whole token).
 
 Kinds are tried in a fixed order on a working copy of each string, each match replaced by its
 placeholder (``<EMAIL>``) before the next kind looks: a card number is not also counted as a phone
