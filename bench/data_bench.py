@@ -5,7 +5,9 @@ on a synthetic 100k-example set generated here (no network, no downloads).
     python bench/data_bench.py --quick    # demo + 2k synthetic rows (what the test suite runs)
 
 Tokenization goes through the real formats (chat template rendering, assistant-only masks) with
-the tiny BPE tokenizer in launcher/assets. Packing is best-fit decreasing into ``seq_len``;
+the tiny BPE tokenizer in launcher/assets, each data set twice in the same run: without the
+privacy scan (data.privacy=off: "ex/s") and with it (warn: "ex/s scanned"; "scan cost" is the
+extra time). Packing is best-fit decreasing into ``seq_len``;
 efficiency is real tokens / (packs x seq_len); "bound" is the best any packer that keeps examples
 whole could reach, total tokens / (ceil(total / seq_len) x seq_len). Goal: >= 99.5% on the
 synthetic set.
@@ -21,6 +23,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,9 +56,16 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def measure(name: str, cfg: DataConfig, tokenizer: Any, seq_lens: list[int], max_len: int) -> list[dict[str, Any]]:
+    """Tokenized without the privacy scan (data.privacy=off), then again with it (warn), after a
+    warm-up build of 20 rows (the chat template compiles once; the scan's libraries load once, ~1 s)."""
+    build_datasets(replace(cfg, privacy="warn", max_train_examples=20), tokenizer, max_len, seed=0)
     start = time.perf_counter()
-    train, _ = build_datasets(cfg, tokenizer, max_len, seed=0)
+    train, _ = build_datasets(replace(cfg, privacy="off"), tokenizer, max_len, seed=0)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scanned, _ = build_datasets(replace(cfg, privacy="warn"), tokenizer, max_len, seed=0)
+    scan_seconds = time.perf_counter() - start
+    assert scanned.examples == train.examples and not scanned.stats["privacy"]  # clean text: the same tokens
     lengths = [len(e["input_ids"]) for e in train.examples]
     tokens = sum(lengths)
     rows = []
@@ -74,6 +84,8 @@ def measure(name: str, cfg: DataConfig, tokenizer: Any, seq_lens: list[int], max
                 "tokens": tokens,
                 "tokenize_s": seconds,
                 "examples_per_s": len(lengths) / seconds,
+                "scan_examples_per_s": len(lengths) / scan_seconds,
+                "scan_cost": scan_seconds / seconds - 1,
                 "tokens_per_s": tokens / seconds,
                 "seq_len": seq_len,
                 "clipped": len(lengths) - len(fits),
@@ -113,6 +125,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("examples", "examples", "{:,}"),
         ("tokens", "tokens", "{:,}"),
         ("examples_per_s", "ex/s", "{:,.0f}"),
+        ("scan_examples_per_s", "ex/s scanned", "{:,.0f}"),
+        ("scan_cost", "scan cost", "{:+.0%}"),
         ("tokens_per_s", "tok/s", "{:,.0f}"),
         ("seq_len", "seq_len", "{}"),
         ("packs", "packs", "{:,}"),

@@ -366,9 +366,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         raw, run_dir, step = eval_config(Path(args.model), args.overrides)
         raw = as_eval_config(raw)
+        if args.judge:
+            raw["eval"] = {**raw.get("eval", {}), "judge": {"path": str(Path(args.judge).expanduser().resolve())}}
         cfg = validated(raw)
         out = Path(args.out).expanduser().resolve() if args.out else default_out(Path(args.model), run_dir, step)
-        job = write_job(out, Path(args.model), raw, args.baseline, run_dir, step)
+        baseline = args.baseline or ("auto" if cfg.eval.judge.path else None)  # the judge compares with the base
+        job = write_job(out, Path(args.model), raw, baseline, run_dir, step)
         return launch(job, cfg)
     except (EvalInputError, ArtifactInputError) as e:
         print(f"ftl eval: {e}", file=sys.stderr)
@@ -616,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
         "base by default, or the model at PATH",
+    )
+    p.add_argument(
+        "--judge",
+        metavar="PATH",
+        help="a local model dir that judges base vs tuned answers pairwise, both orders (eval.judge.path; implies "
+        "--baseline): the tuned model's win rate in eval.json",
     )
     p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
     p = add(

@@ -193,15 +193,19 @@ def train_argv(overrides: list[str]) -> list[str]:
 def check_data_rows(cfg: FtlConfig) -> None:
     """Every row of the local data files read and parsed once, as the trainer will, before anything
     is written or launched: a file or (with data.on_error=raise) a row that does not read or parse
-    is exit 2 here, naming the file and row, not a failed job later. Tokenizing is the trainer's."""
+    is exit 2 here, naming the file and row, not a failed job later, and so is personal data or a
+    credential under data.privacy=refuse (else the scan's report is printed). Tokenizing is the trainer's."""
     from launcher.config.errors import ConfigError
+    from launcher.data.privacy import report
     from launcher.data.rows import DataError
     from launcher.data.sources import check_local_rows
 
     try:
-        check_local_rows(cfg.data)
+        findings = check_local_rows(cfg.data)
     except DataError as e:
         raise ConfigErrors([ConfigError("data", str(e))]) from None
+    for line in report(findings, cfg.data.privacy):
+        print(f"ftl: {line}", file=sys.stderr)
 
 
 def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:

@@ -144,6 +144,7 @@ FLOORS: list[tuple[str, dict[str, str]]] = [
             "rundir.lock": "one writer per run dir, held by the launcher",
             "session": "preparing a run for every entry",
             "eval.job": "`ftl eval`: a command that launches like `ftl train`",
+            "eval.judge": "`ftl eval --judge`: loads its judge as `ftl generate` loads a model",
             "launch.slurm_job": "the job's side of the slurm backend (`sbatch slurm/train.sbatch`, a sweep's job)",
         },
     ),

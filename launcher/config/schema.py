@@ -218,6 +218,17 @@ class DataConfig:
         doc="a row that does not parse or encode: raise stops with an error naming the file and row; skip leaves it out "
         "and counts it (a file that cannot be read stops the run either way)",
     )
+    privacy: str = choice(
+        "warn",
+        "warn",
+        "refuse",
+        "redact",
+        "off",
+        doc="personal data and credentials in the training and eval text (emails, phone, card and IBAN numbers, public "
+        "IPs, cloud and hub tokens, private keys), reported by kind, file, row and field, never by value: warn trains "
+        "on them; refuse stops (exit 2, nothing launched); redact trains on placeholders such as <EMAIL> (the "
+        "tokenized cache only; your files are unchanged); off does not look",
+    )
     max_train_examples: Optional[int] = ranged(
         None, 1, doc="train on the first N training rows only (taken after the eval split); null: all"
     )
@@ -886,6 +897,15 @@ class RetainConfig:
 
 
 @dataclass
+class JudgeConfig:
+    path: Optional[str] = plain(
+        None,
+        doc="`ftl eval` only: a local model directory that judges the base's and the tuned model's answers pairwise "
+        "(both orders) and gives the tuned model's win rate; implies --baseline; null: no judge",
+    )
+
+
+@dataclass
 class EvalConfig:
     before_training: bool = plain(
         False, doc="evaluate the starting model before the first step (the before/after table)"
@@ -908,6 +928,7 @@ class EvalConfig:
     retain: RetainConfig = plain(
         factory=RetainConfig, doc="forgetting: the loss change and KL to the base on general text, at every evaluation"
     )
+    judge: JudgeConfig = plain(factory=JudgeConfig, doc="a model that compares base and tuned answers (ftl eval)")
 
 
 @dataclass

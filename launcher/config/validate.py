@@ -567,6 +567,11 @@ def _data_checks(cfg: FtlConfig) -> list[ConfigError]:
             errs.append(
                 ConfigError(f"data.sources[{i}].hub_args", f"only applies to hub:ORG/NAME sources, not {s.path!r}")
             )
+    if e.judge.path is not None:
+        if not os.path.isdir(os.path.expanduser(e.judge.path)):
+            errs.append(ConfigError("eval.judge.path", f"got {e.judge.path!r}: no such directory (a local model dir)"))
+        if not e.generate:
+            errs.append(ConfigError("eval.judge.path", "judges generated answers: needs eval.generate=true"))
     has_eval = bool(d.eval_files) or any(s.split == "eval" for s in d.sources)
     wants_eval = e.before_training or e.after_training or e.every_steps > 0
     patience = cfg.train.early_stopping.patience

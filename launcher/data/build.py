@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from launcher.config.schema import DataConfig, DataSource
+from launcher.data import privacy
 from launcher.data.chat import ChatFormat
 from launcher.data.completion import CompletionFormat
 from launcher.data.instruction import InstructionFormat
@@ -56,11 +57,15 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int, *, flatten: bool = F
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -> Loaded:
+def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str, privacy: str = "off") -> Loaded:
+    """Every row of ``sources`` parsed, scanned for personal data and credentials first
+    (``data.privacy``; with ``redact`` the parsed row is the redacted copy)."""
+    from launcher.data.privacy import scanner_for
     from launcher.data.sources import is_hub, read_hub_rows, read_rows, source_files
 
     records: list[Record] = []
     skipped: list[str] = []
+    scanner = scanner_for(privacy)
     for index, source, fmt in sources:
         if is_hub(source.path):
             readers = [read_hub_rows(source.path, source.hub_args)]
@@ -71,13 +76,14 @@ def load_records(sources: list[tuple[int, DataSource, Format]], on_error: str) -
                 try:
                     if isinstance(row, DataError):
                         raise row
-                    value = _call(fmt.parse, row.value, row.path, row.number)
+                    raw = row.value if scanner is None else scanner.scan(row.value, row.path, row.number)
+                    value = _call(fmt.parse, raw, row.path, row.number)
                     records.append(Record(row.path, row.number, value, fmt, index))
                 except DataError as e:
                     if on_error != "skip":
                         raise
                     skipped.append(str(e))
-    return Loaded(records, skipped)
+    return Loaded(records, skipped, [] if scanner is None else scanner.findings)
 
 
 def _call(fn: Callable[[Any], Any], value: Any, path: str, number: int) -> Any:
@@ -266,18 +272,20 @@ def build_datasets(
     def with_format(pairs: list[tuple[int, DataSource]]) -> list[tuple[int, DataSource, Format]]:
         return [(i, s, formats[s.format or data_cfg.format]) for i, s in pairs]
 
-    train = load_records(with_format(train_sources), data_cfg.on_error)
+    train = load_records(with_format(train_sources), data_cfg.on_error, data_cfg.privacy)
     train_records, eval_records = train.records, None
     eval_skipped: list[str] = []
+    eval_privacy: list[Any] = []
     eval_sources = [(i, s) for i, s in enumerate(sources) if s.split == "eval"]
     if eval_sources:
-        evals = load_records(with_format(eval_sources), data_cfg.on_error)
-        eval_records, eval_skipped = evals.records, evals.skipped
+        evals = load_records(with_format(eval_sources), data_cfg.on_error, data_cfg.privacy)
+        eval_records, eval_skipped, eval_privacy = evals.records, evals.skipped, evals.privacy
     elif data_cfg.eval_fraction > 0:
         # Carved before the max_train_examples cap, so capping never changes the eval set.
         train_records, eval_records = carve_eval_split(train_records, data_cfg.eval_fraction, seed)
     if data_cfg.max_train_examples is not None:
         train_records = train_records[: data_cfg.max_train_examples]
+    privacy.check(train.privacy + eval_privacy, data_cfg.privacy)
 
     encode = dict(seq_len=seq_len, on_error=data_cfg.on_error, truncation=data_cfg.truncation)
     train_ds, source_of = encode_records(train_records, skipped=train.skipped, **encode)
@@ -294,6 +302,10 @@ def build_datasets(
     eval_ds = None
     if eval_records is not None:
         eval_ds, _ = encode_records(eval_records, skipped=eval_skipped, split="eval", **encode)
+    if data_cfg.privacy != "off":  # kept with the cache, so a reused cache reports them too
+        train_ds.stats["privacy"] = privacy.to_stats(train.privacy)
+        if eval_ds is not None:
+            eval_ds.stats["privacy"] = privacy.to_stats(eval_privacy)
     return train_ds, eval_ds
 
 

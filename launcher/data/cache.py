@@ -6,7 +6,7 @@ the key hashes everything the bytes depend on: the content of every data file (n
 ``data.on_error=skip`` the paths too, as the skipped rows the cache lists are named by them),
 each source's format, weight and split, the tokenizer (its full serialisation and special
 tokens), the chat template each format renders with, ``seq_len``, packing, truncation, masking,
-error policy and, where they matter, the eval carve-out and the seed. Change any of them and the
+error policy, ``data.privacy`` and, where they matter, the eval carve-out and the seed. Change any of them and the
 key changes, so a stale cache is never read; the same inputs in another run reuse it.
 
 Who builds. One rank per node (LOCAL_RANK 0), or one per job (RANK 0) with
@@ -154,6 +154,7 @@ def cache_key(data_cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> 
         "truncation": data_cfg.truncation,
         "assistant_only_loss": data_cfg.assistant_only_loss,
         "on_error": data_cfg.on_error,
+        "privacy": data_cfg.privacy,  # redact changes the tokens; every mode but off keeps its findings in the stats
         "eval_fraction": data_cfg.eval_fraction if carves else 0.0,
         "max_train_examples": data_cfg.max_train_examples,
         "seed": seed if carves or samples else None,

@@ -135,10 +135,11 @@ class ChatFormat:
             raise RowError(f"the chat template failed on this conversation: {e}") from None
 
     def assistant_spans(self, messages: list[Message], text: str, *, from_turn: int = 0) -> list[tuple[int, int]]:
-        """Character spans of ``text`` (the whole conversation rendered) to train on."""
+        """Character spans of ``text`` (the whole conversation rendered) to train on. An empty
+        assistant turn has none: its end-of-turn token alone would teach the model to answer nothing."""
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant" or i < from_turn:
+            if message["role"] != "assistant" or i < from_turn or not message["content"].strip():
                 continue
             end = len(self._rendered_prefix(messages[: i + 1], text, add_generation_prompt=False, turn=i + 1))
             start = self._turn_start(messages, i, text, end)

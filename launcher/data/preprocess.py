@@ -90,6 +90,7 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False, show: int = 0, col
     model first); the report, line by line, and the first ``show`` training examples decoded with
     their trained tokens marked (:mod:`launcher.data.show`; ``color``: for a terminal)."""
     from launcher.data.cache import prepare
+    from launcher.data.privacy import from_stats, report
 
     staged = [stage_model(cfg.model)] if fetch_model else []
     tokenizer = load_tokenizer_for(cfg.model)
@@ -100,6 +101,11 @@ def run_preprocess(cfg: FtlConfig, fetch_model: bool = False, show: int = 0, col
         where = f"{'built' if prepared.built else 'reused'} {prepared.directory}"
     lines = [*staged, f"data cache  {where} ({prepared.seconds:.1f} s)"]
     lines += stats_table({"train": prepared.train.stats, **({"eval": prepared.eval.stats} if prepared.eval else {})})
+    found = [
+        *prepared.train.stats.get("privacy", []),
+        *(prepared.eval.stats.get("privacy", []) if prepared.eval else []),
+    ]
+    lines += report(from_stats(found), cfg.data.privacy)
     efficiency = prepared.train.stats.get("packing_efficiency")
     if efficiency is not None:
         lines.append(

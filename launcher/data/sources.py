@@ -104,30 +104,43 @@ def data_sources(data_cfg: DataConfig) -> list[DataSource]:
     )
 
 
-def check_local_rows(data_cfg: DataConfig) -> None:
+def check_local_rows(data_cfg: DataConfig) -> list[Any]:
     """Read every row of the run's local files and folders as the trainer will, with no tokenizer
     (hub datasets are left to the trainer). Raises DataError for a file that cannot be read and,
     with ``on_error=raise``, for the first row that does not read (bad UTF-8 or JSON, nested too
     deeply, a CSV row of too many cells) or does not parse as its format (chat, instruction,
-    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer)."""
+    completion; a preference row's shape depends on the tokenizer's template and is left to the trainer).
+    Scans every row for personal data and credentials (``data.privacy``; a file scanned before
+    unchanged is not scanned again): the findings, after raising the refusal with ``refuse``."""
+    from launcher.data import privacy
     from launcher.data.chat import parse_conversation
     from launcher.data.completion import parse_text
     from launcher.data.instruction import parse_instruction
+    from launcher.paths import cache_dir
 
     parsers: dict[str, Callable[[Any], Any]] = {
         "chat": parse_conversation,
         "instruction": parse_instruction,
         "completion": lambda row: parse_text(row, data_cfg.text_field),
     }
+    findings: list[privacy.Finding] = []
     for source in data_sources(data_cfg):
         if is_hub(source.path):
             continue
         parse = parsers.get(source.format or data_cfg.format)
         for file in source_files(source.path):
+            record, known = (
+                privacy.remembered(file, file_digest(file, cache_dir() / "data" / "hashes"))
+                if data_cfg.privacy != "off"
+                else (None, [])
+            )
+            scanner = privacy.scanner_for(data_cfg.privacy) if known is None else None
             for row in read_rows(str(file)):
                 try:
                     if isinstance(row, DataError):
                         raise row
+                    if scanner is not None:
+                        scanner.scan(row.value, row.path, row.number)
                     if parse is not None:
                         parse(row.value)
                 except RowError as e:
@@ -136,6 +149,11 @@ def check_local_rows(data_cfg: DataConfig) -> None:
                 except DataError:
                     if data_cfg.on_error != "skip":
                         raise
+            if scanner is not None and record is not None:
+                privacy.remember(record, scanner.findings)
+            findings += scanner.findings if scanner is not None else known or []
+    privacy.check(findings, data_cfg.privacy)
+    return findings
 
 
 def _json_row_error(e: ValueError) -> str:

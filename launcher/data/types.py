@@ -67,3 +67,4 @@ class Record:
 class Loaded:
     records: list[Record]
     skipped: list[str]  # data.on_error=skip: each skipped row's error ("FILE, row N: why")
+    privacy: list[Any] = field(default_factory=list)  # launcher.data.privacy.Finding: what the scan found

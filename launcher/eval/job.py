@@ -8,7 +8,8 @@ conf/ composed with Hydra overrides as ``ftl train`` does (``recipe=...``, ``dat
 Each rank holds the whole model; perplexity batches and generated answers are shared among the
 ranks (``launch.nproc_per_node``, started with torchrun) and summed/gathered, so N ranks report
 what one process does. Rank 0 writes ``eval.json`` (``after``: the model; ``before``: the base with
-``--baseline``), prints a base-vs-fine-tuned table or a few samples, and logs to W&B (the
+``--baseline``; ``judge``: a judge model's win rate of the model over the base, :mod:`launcher.eval.judge`)
+and the side-by-side page, prints a base-vs-fine-tuned table or a few samples, and logs to W&B (the
 training run's W&B run for a run dir).
 
 Per-rank entry point: ``python -m launcher.eval.job --job OUT/eval_job.json``.
@@ -217,6 +218,10 @@ def run_job(job_path: Path) -> int:
         barrier()  # every rank is past its last collective before any leaves the group
         clean = True
         if dist.is_main:
+            if cfg.eval.judge.path is not None:
+                from launcher.eval.judge import run_judge
+
+                results["judge"] = run_judge(cfg.eval.judge.path, results, device)
             report(job, cfg, loaded.description, results)
     finally:
         destroy(clean)
@@ -312,6 +317,7 @@ def _all_gather(items: list[Any]) -> list[list[Any]]:
 
 def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, Any]) -> None:
     """eval.json, the console and W&B (rank 0)."""
+    from launcher.eval.side_by_side import write_side_by_side
     from launcher.progress import make_console
     from launcher.redact import known_secrets, redact
     from launcher.train.telemetry import render_eval_report, scalar_metrics
@@ -322,9 +328,11 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
     payload = {
         "model": job["model"],
         "step": job["step"],
-        **{k: results[k] for k in ("before", "after") if k in results},
+        **{k: results[k] for k in ("before", "after", "judge") if k in results},
     }
     write_atomic(out / RunPaths.EVAL, json.dumps(payload, indent=2) + "\n")
+    title = f"Base vs fine-tuned on held-out prompts ({Path(job['model']).name})"
+    paged = write_side_by_side(out / RunPaths.SIDE_BY_SIDE, results.get("before"), results["after"], title)
     console = make_console()
     console.print(f"ftl eval: {description}", highlight=False)
     for name in ("before", "after"):
@@ -340,7 +348,16 @@ def report(job: dict[str, Any], cfg: Any, description: str, results: dict[str, A
                 f"\nQ: {sample['question']}\nreference: {sample['reference']}\nmodel:     {sample['prediction']}",
                 highlight=False,
             )
+    if "judge" in results:
+        verdict = results["judge"]
+        console.print(
+            f"judge: the tuned model wins {verdict['win_rate']:.0%} of {verdict['pairs']} pairs against the base "
+            f"(both orders; P(first answer) {verdict['position_bias']:.2f} on average)",
+            highlight=False,
+        )
     console.print(f"ftl eval: wrote {out / RunPaths.EVAL}", highlight=False)
+    if paged:
+        console.print(f"ftl eval: wrote {out / RunPaths.SIDE_BY_SIDE}", highlight=False)
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":
         from launcher.train.telemetry import WandbSink

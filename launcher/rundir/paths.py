@@ -30,6 +30,7 @@ class RunPaths:
     EVAL_DIR = "eval"  # ftl eval of the run's checkpoints: eval/step-N/eval.json
     EXPORT_DIR = "export"  # ftl export of the run's checkpoints: export/step-N/
     LOSS_CURVE = "loss_curve.png"
+    SIDE_BY_SIDE = "side_by_side.html"  # held-out prompts: reference, base and tuned answers (also in ftl eval's dir)
     WANDB_ID = "wandb_run_id"  # the W&B run id, so a resumed run continues the same W&B run
     CHECKPOINTS = "checkpoints"  # step-N/ dirs: ftl prunes what it finds there
     SKIPPED_ROWS = "skipped_rows.txt"  # data.on_error=skip: each skipped row, "FILE, row N: why"
@@ -50,7 +51,7 @@ class RunPaths:
     EARLIER_PREFIX = "earlier-"  # earlier-<time>/: an earlier run's outputs, moved aside by checkpoint.resume=never
     # An earlier run's outputs, moved aside whole by checkpoint.resume=never (the trainer writes the
     # files, `ftl eval` of its checkpoints the eval/ folder).
-    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, EVAL_DIR, SKIPPED_ROWS)
+    EARLIER_RUN_FILES = (CHECKPOINTS, METRICS, EVAL, LOSS_CURVE, SIDE_BY_SIDE, EVAL_DIR, SKIPPED_ROWS)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -122,6 +123,10 @@ class RunPaths:
     @property
     def loss_curve(self) -> Path:
         return self.root / self.LOSS_CURVE
+
+    @property
+    def side_by_side(self) -> Path:
+        return self.root / self.SIDE_BY_SIDE
 
     @property
     def wandb_id(self) -> Path:

@@ -81,7 +81,7 @@ def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: 
     from launcher.progress import make_console
 
     console = make_console()  # plain, unwrapped lines in a log file (SLURM)
-    evals = EvalFileSink(RunPaths(run_dir).eval, start_step)
+    evals = EvalFileSink(RunPaths(run_dir).eval, start_step, RunPaths(run_dir).side_by_side)
     sinks: list[Sink] = [
         JsonlSink(RunPaths(run_dir).metrics, start_step, RunPaths(run_dir).loss_curve),
         evals,
@@ -89,7 +89,7 @@ def build_telemetry(cfg: FtlConfig, run_dir: Path, dist: DistInfo, total_steps: 
     ]
     mode = resolve_wandb_mode(cfg.wandb.mode)
     if mode != "disabled":
-        sinks.append(WandbSink(cfg, run_dir, mode, cfg.train.log_every))
+        sinks.append(WandbSink(cfg, run_dir, mode, cfg.train.log_every, before=evals.results.get("before")))
     return Telemetry(sinks, console)
 
 
@@ -188,10 +188,12 @@ class JsonlSink:
 
 class EvalFileSink:
     """eval.json: {"before": ..., "step_N": ..., "after": ..., "best": ...}; kept across restarts, so a resumed
-    run still has the base model's scores for its before/after report."""
+    run still has the base model's scores for its before/after report. An eval that generated also
+    writes the side-by-side page (its answers beside the base's; :mod:`launcher.eval.side_by_side`)."""
 
-    def __init__(self, path: Path, start_step: int) -> None:
+    def __init__(self, path: Path, start_step: int, side_by_side: Optional[Path] = None) -> None:
         self.path = path
+        self.side_by_side = side_by_side
         old: dict[str, Any] = json.loads(path.read_text()) if path.is_file() and start_step else {}
         self.results = {k: v for k, v in old.items() if k == "before" or v.get("step", 0) <= start_step}
 
@@ -201,6 +203,11 @@ class EvalFileSink:
     def log_eval(self, name: str, step: int, results: dict[str, Any]) -> None:
         self.results[name] = {"step": step, **results}
         write_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+        if self.side_by_side is not None and name != "before":
+            from launcher.eval.side_by_side import write_side_by_side
+
+            title = f"Base vs fine-tuned on held-out prompts (eval {name}, step {step})"
+            write_side_by_side(self.side_by_side, self.results.get("before"), results, title)
 
     def close(self, exit_code: int) -> None:
         pass
@@ -389,10 +396,16 @@ def _argv_for_wandb() -> Iterator[None]:
 
 
 class WandbSink:
-    def __init__(self, cfg: FtlConfig, run_dir: Path, mode: str, log_every: int) -> None:
+    """``before``: the base model's eval (a resumed run's, from eval.json), whose answers the side-by-side
+    table of each later eval that generated shows beside the tuned model's."""
+
+    def __init__(
+        self, cfg: FtlConfig, run_dir: Path, mode: str, log_every: int, before: Optional[dict[str, Any]] = None
+    ) -> None:
         import wandb
 
         self.log_every = log_every
+        self.before = before
         os.environ["WANDB_DIR"] = str(run_dir)
         run_id = read_or_create_run_id(run_dir, fresh=cfg.checkpoint.resume == "never")
         config = redact(dataclasses.asdict(cfg), known_secrets())
@@ -428,6 +441,13 @@ class WandbSink:
             self.run.summary.update({"best/step": step, **{f"best/{k}": v for k, v in scalar_metrics(results).items()}})
             return
         self.run.log({"train/step": step, **{f"eval/{k}": v for k, v in scalar_metrics(results).items()}})
+        if name == "before":
+            self.before = results
+        elif results.get("samples"):
+            from launcher.eval.side_by_side import side_by_side_rows, wandb_table
+
+            table = wandb_table(side_by_side_rows(self.before, results))
+            self.run.log({"train/step": step, "eval/side_by_side": table})
         if name in ("before", "after"):
             self.run.summary.update({f"eval_{name}/{k}": v for k, v in scalar_metrics(results).items()})
 

@@ -29,6 +29,7 @@ from launcher.config.topology import compile_choice
 from launcher.data.build import collate, skipped_rows_note
 from launcher.data.cache import prepare_datasets
 from launcher.data.packing import flattens_packs
+from launcher.data.privacy import from_stats, summary
 from launcher.data.types import DataError
 from launcher.engines import build_engine, engine_class
 from launcher.engines.base import Engine
@@ -651,6 +652,8 @@ def describe_data(stats: dict[str, Any], samples: int, seq_len: int) -> str:
         )
         if stats.get(k)
     ]
+    if stats.get("privacy"):  # data.privacy's findings in the training files, by kind (the launcher listed where)
+        counts.append(f"personal data or credentials: {summary(from_stats(stats['privacy']))}")
     return text + (f" ({', '.join(counts)})" if counts else "")
 
 

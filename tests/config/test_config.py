@@ -196,6 +196,9 @@ def test_choice_and_range_messages():
         ),
         (["train.loss=liger", "train.device=cpu"], "train.loss", "CUDA"),
         (["train.loss=fused"], "train.loss", "allowed: chunked, logits, liger"),
+        (["data.privacy=hide"], "data.privacy", "allowed: warn, refuse, redact, off"),
+        (["eval.judge.path=/nonexistent/judge"], "eval.judge.path", "no such directory"),
+        (["eval.judge.path=/", "eval.generate=false"], "eval.judge.path", "needs eval.generate=true"),
     ],
 )
 def test_impossible_combinations(overrides, path, fragment):

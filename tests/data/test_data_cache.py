@@ -119,6 +119,7 @@ CHANGES: dict[str, Any] = {
     ),
     "masking": lambda tmp, tok, cfg: (replace(cfg, assistant_only_loss=False), tok, 64, 0),
     "truncation": lambda tmp, tok, cfg: (replace(cfg, truncation="drop"), tok, 64, 0),
+    "privacy": lambda tmp, tok, cfg: (replace(cfg, privacy="redact"), tok, 64, 0),
     "weight": lambda tmp, tok, cfg: (
         replace(cfg, sources=[DataSource(path=cfg.train_files[0], weight=2.0)], train_files=[]),
         tok,

@@ -131,6 +131,16 @@ def test_opening_assistant_message_is_trained(tiny_tokenizer: Any) -> None:
     )
 
 
+@pytest.mark.parametrize("empty", ["", "  \n"])
+def test_empty_assistant_turn_inside_a_conversation_is_not_trained(tiny_tokenizer: Any, empty: str) -> None:
+    """An empty answer between good ones: its end-of-turn token alone is no label (it would teach
+    the model to answer nothing); the good answers around it still are."""
+    fmt = ChatFormat.from_config(DataConfig(), tiny_tokenizer)
+    row = chat(("user", "Hi"), ("assistant", empty), ("user", "How do I resume?"), ("assistant", "Rerun it."))
+    input_ids, labels = fmt.encode(fmt.parse(row))
+    assert labelled_text(tiny_tokenizer, {"input_ids": input_ids, "labels": labels}) == f"Rerun it.{IM_END}"
+
+
 def test_all_tokens_trained_without_assistant_only_loss(tiny_tokenizer: Any) -> None:
     fmt = ChatFormat.from_config(DataConfig(assistant_only_loss=False), tiny_tokenizer)
     input_ids, labels = fmt.encode(fmt.parse(MULTI_TURN))

@@ -5,6 +5,7 @@ evaluated like its run, periodic eval during LoRA training, and SmolLM2 improvin
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -167,6 +168,59 @@ def test_an_export_evaluates_like_its_run(lora_run: Path, eval_case: dict[str, A
     one = eval_case["results"]["after"]
     assert exported["tokens"] == one["tokens"] and exported["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert [s["prediction"] for s in exported["samples"]] == [s["prediction"] for s in one["samples"]]
+
+
+def test_baseline_eval_writes_the_side_by_side_page(eval_case: dict[str, Any]) -> None:
+    text = html.unescape((eval_case["out"] / "side_by_side.html").read_text())  # generated text is any unicode
+    for before, after in zip(eval_case["results"]["before"]["samples"], eval_case["results"]["after"]["samples"]):
+        assert after["question"] in text and before["prediction"] in text and after["prediction"] in text
+    assert "side_by_side.html" in eval_case["stdout"]
+
+
+def test_a_judge_scores_both_orders(lora_run: Path, eval_case: dict[str, Any], tmp_path: Path) -> None:
+    """The tiny model as judge (its verdict means nothing; the mechanics are checked): --judge implies
+    the baseline, each pair is judged in both orders, and one judgement recomputed here agrees."""
+    from launcher.artifacts.inference import load_model
+    from launcher.eval.judge import PROMPT
+
+    judge_dir = tmp_path / "judge"
+    ftl("export", str(lora_run), "--merge-lora", "--out", str(judge_dir))
+    out = ftl(
+        "eval",
+        str(lora_run),
+        f"data.eval_files=[{eval_case['data']}]",
+        *EVAL,
+        "--judge",
+        str(judge_dir),
+        "--out",
+        str(tmp_path / "judged"),
+    )
+    results = json.loads((tmp_path / "judged" / "eval.json").read_text())
+    verdict = results["judge"]
+    assert "before" in results and verdict["model"] == str(judge_dir.resolve())
+    assert verdict["pairs"] == 3 and verdict["orders"] == ["tuned as A", "tuned as B"]
+    assert 0.0 <= verdict["win_rate"] <= 1.0 and 0.0 < verdict["position_bias"] < 1.0
+    for e in verdict["examples"]:
+        assert e["tuned_better"] == pytest.approx((e["tuned_as_a"] + e["tuned_as_b"]) / 2)
+    wins = sum(
+        1.0 if e["tuned_better"] > 0.5 else 0.5 if e["tuned_better"] == 0.5 else 0.0 for e in verdict["examples"]
+    )
+    assert verdict["win_rate"] == pytest.approx(wins / 3)
+    assert f"judge: the tuned model wins {verdict['win_rate']:.0%} of 3 pairs" in out.stdout
+
+    judge = load_model(judge_dir)
+    tok = judge.tokenizer
+    tuned, base = results["after"]["samples"][0], results["before"]["samples"][0]
+    prompt = PROMPT.format(
+        question=tuned["question"], reference=tuned["reference"], a=base["prediction"], b=tuned["prediction"]
+    )
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        logits = judge.model(input_ids=torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+    a, b = (tok(letter, add_special_tokens=False)["input_ids"][0] for letter in ("A", "B"))
+    p_base_first = torch.softmax(logits[[a, b]].float(), dim=-1)[0].item()
+    assert verdict["examples"][0]["tuned_as_b"] == pytest.approx(1 - p_base_first, abs=1e-5)
+    assert verdict["examples"][0]["tuned_as_a"] != pytest.approx(verdict["examples"][0]["tuned_as_b"], abs=1e-9)
 
 
 def test_periodic_eval_runs_during_lora_training(lora_run: Path) -> None:
