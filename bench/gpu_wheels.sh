@@ -20,7 +20,8 @@ binary=(peft==0.21.2 liger-kernel==0.8.5 bitsandbytes==0.50.2
         hjson==3.1.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.7.0 typing-inspection==0.4.1  # deepspeed's
         hydra-core==1.3.8 omegaconf==2.3.1
         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-        nltk==3.10.4 defusedxml==0.7.1 gguf==0.19.0)  # rouge-score's, and the GGUF demo model's reader
+        nltk==3.10.4 defusedxml==0.7.1 gguf==0.19.0  # rouge-score's, and the GGUF demo model's reader
+        detect-secrets==1.5.0 phonenumberslite==9.0.42 python-stdnum==2.2)  # data.privacy's scan
 built=(deepspeed==0.19.8 antlr4-python3-runtime==4.9.3 rouge-score==0.1.2)  # sdists only; pure Python, built here
 
 rm -rf "$out" && mkdir -p "$out"

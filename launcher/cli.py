@@ -23,9 +23,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.plan.scale import scale_plan
     from launcher.rundir.lock import check_free
+    from launcher.rundir.resume import refusal
     from launcher.session import prepare_run, resume_verdict_for, train_argv, writes_run_dir
     from launcher.shell import ftl_command
-    from launcher.train.resume import refusal
 
     if args.explain is not None:
         return _explain(args.explain, args.overrides)
@@ -56,8 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _print_plan(run: Any, report: Any, scale: Any, verdict: Any) -> None:
     from launcher.plan.report import deepspeed_lines, memory_lines, memory_verdict, summary_lines
     from launcher.plan.scale import scale_lines
+    from launcher.rundir.resume import finished_message
     from launcher.session import launch_notes
-    from launcher.train.resume import finished_message
 
     cfg, plan = run.cfg, run.plan
     width = 11

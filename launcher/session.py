@@ -18,7 +18,7 @@ from launcher.config.schema import FtlConfig
 from launcher.launch.base import LaunchPlan
 
 if TYPE_CHECKING:
-    from launcher.train.resume import Verdict
+    from launcher.rundir.resume import Verdict
 
 
 @dataclass
@@ -118,8 +118,8 @@ def launch(overrides: list[str]) -> int:
     from launcher.plan.report import memory_report, memory_verdict
     from launcher.rundir import RunPaths
     from launcher.rundir.lock import LOCK_ENV, RunDirBusy, RunDirLock
+    from launcher.rundir.resume import finished_message, moved_message, refusal, set_aside_earlier_run
     from launcher.rundir.write import write_run_dir
-    from launcher.train.resume import finished_message, moved_message, refusal, set_aside_earlier_run
 
     run = prepare_run(overrides)
     report = memory_report(run.cfg)
@@ -214,7 +214,7 @@ def resume_verdict_for(run: PreparedRun) -> Optional[Verdict]:
     import dataclasses
 
     from launcher.config.topology import world_size
-    from launcher.train.resume import (
+    from launcher.rundir.resume import (
         evaluated_after,
         is_complete,
         latest_checkpoint,
@@ -265,7 +265,7 @@ def launch_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
 def _resume_notes(run: PreparedRun, verdict: Optional[Verdict]) -> list[str]:
     from launcher.config.topology import world_size
     from launcher.rundir import RunPaths
-    from launcher.train.resume import cross_engine_notice, earlier_run_files, list_complete
+    from launcher.rundir.resume import cross_engine_notice, earlier_run_files, list_complete
 
     if run.cfg.checkpoint.resume == "never":
         names = earlier_run_files(run.run_dir)

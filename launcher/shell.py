@@ -55,6 +55,12 @@ def has_control_chars(text: str) -> bool:
     return bool(_UNSAFE.search(text))
 
 
+def split(line: str) -> list[str]:
+    """The words of a command line :func:`join` wrote (printable words; a ``$'...'`` word is read as
+    POSIX shell reads it without the ``$``). Raises ValueError on an unbalanced quote."""
+    return shlex.split(line)
+
+
 def join(words: Iterable[object]) -> str:
     """A command line: every word quoted, on one line."""
     return " ".join(quote(w) for w in words)

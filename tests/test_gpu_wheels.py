@@ -186,6 +186,7 @@ mods = [m.name for m in pkgutil.walk_packages(launcher.__path__, "launcher.") if
 for m in mods:
     importlib.import_module(m)
 import deepspeed, deepspeed.ops.adam, peft, hydra, omegaconf, datasets, bitsandbytes, rouge_score.rouge_scorer, nltk, gguf, pydantic
+import detect_secrets.plugins.aws, phonenumbers, stdnum  # data.privacy's scan
 from importlib.metadata import version
 print("imported", len(mods), "launcher modules;", *(f"{p} {version(p)}" for p in ("torch", "transformers", "huggingface_hub", "peft", "deepspeed")))
 """

@@ -249,7 +249,7 @@ def test_run_dir_that_ftl_must_not_write_is_refused(where, needle, tmp_path, cap
 
 def test_resume_never_moves_an_earlier_runs_checkpoints_aside_and_deletes_nothing(tmp_path, capsys, monkeypatch):
     """Its saves would replace and prune the earlier run's checkpoints: they are moved aside whole."""
-    from launcher.train.resume import set_aside_earlier_run
+    from launcher.rundir.resume import set_aside_earlier_run
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"

@@ -26,8 +26,8 @@ from test_hostile import HOSTILE, run_cli
 from launcher.files import mark_dir
 from launcher.paths import ROOT
 from launcher.rundir.lock import LockInfo, RunDirBusy, RunDirLock, check_free, lock_path, stale_reason
+from launcher.rundir.resume import CheckpointInfo, Verdict, finished_message, refusal, set_aside_earlier_run
 from launcher.rundir.write import launch_script
-from launcher.train.resume import CheckpointInfo, Verdict, finished_message, refusal, set_aside_earlier_run
 
 # A planted value: spaces, command substitution, both quotes, a semicolon.
 PLANTED = "a b$(touch CANARY)'\";x"

@@ -125,6 +125,7 @@ FLOORS: list[tuple[str, dict[str, str]]] = [
             "plan": "the memory and time model the validation checks against",
             "engines.traits": "engine facts (torch-free) the config checks and the planner read; kept beside the engines",
             "model.families": "decoder families and config.json -> arch (torch-free); kept beside the model code",
+            "rundir.resume": "what a checkpoint can continue (torch-free): the launcher asks before launch, each rank at start",
         },
     ),
     ("runtime", {"runtime": "device, process groups, collectives, schedule"}),
@@ -176,10 +177,6 @@ def floor_of(module: str) -> int:
 UPWARD_FOR_NOW = {
     ("launcher.train.trainer", "launcher.artifacts.stages"): "model.path=an earlier run: rank 0 exports its start "
     "(the run's weights, adapters merged) before the ranks load it",
-    (
-        "launcher.train.resume",
-        "launcher.rundir.write",
-    ): "the resume verdict (launcher-side) still lives in train/resume.py",
 }
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
+from launcher import shell
 from launcher.files import file_hashes
 from launcher.rundir import RunPaths
 
@@ -33,7 +33,7 @@ def model_card(source: Any, cfg: Any, *, kind: str) -> str:
 
     import launcher
     from launcher.redact import known_secrets, redact
-    from launcher.train.resume import read_checkpoint_info
+    from launcher.rundir.resume import read_checkpoint_info
 
     paths = RunPaths(source.run_dir)
     command = _command(paths.launch_script)
@@ -82,7 +82,7 @@ def _command(launch_script: Path) -> list[str]:
     redacted and quoted), after ``ftl train``."""
     try:
         line = launch_script.read_text().splitlines()[1]
-        words = shlex.split(line.removeprefix("#").strip())
+        words = shell.split(line.removeprefix("#").strip())
     except (OSError, IndexError, ValueError):
         return []
     return words[2:] if words[:2] == ["ftl", "train"] else words[1:]

@@ -81,7 +81,7 @@ def choose_checkpoint(path: Path, best: Optional[bool], log: Callable[[str], Non
     """What to export from ``path``: a run dir's best step's checkpoint with ``best`` (``--best``;
     None: when the run trained with early stopping, which kept that checkpoint), else ``path``
     as given (a run dir: its latest checkpoint)."""
-    from launcher.train.resume import get, latest_checkpoint, list_complete
+    from launcher.rundir.resume import get, latest_checkpoint, list_complete
 
     path = Path(path).expanduser().resolve()
     run_dir = RunPaths(path).config.is_file()

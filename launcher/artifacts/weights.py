@@ -23,9 +23,9 @@ import torch
 
 from launcher.model.adapters import ADAPTER_CONFIG, ADAPTER_DIR, attach_adapter
 from launcher.rundir import RunPaths
+from launcher.rundir.resume import engine_name
 from launcher.train.checkpoint import MARKER, is_complete, list_complete, verify
 from launcher.train.finite import first_nonfinite
-from launcher.train.resume import engine_name
 
 
 class ArtifactInputError(ValueError):
@@ -273,7 +273,7 @@ def peft_base(
     files no longer hash to what the checkpoint recorded: the adapter would be evaluated or merged
     on another model."""
     from launcher.model.adapters import base_mismatch, base_record
-    from launcher.train.resume import read_checkpoint_info
+    from launcher.rundir.resume import read_checkpoint_info
 
     recorded = read_checkpoint_info(source.ckpt_dir).base
     named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

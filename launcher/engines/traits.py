@@ -33,6 +33,19 @@ class EngineTraits:
     async_checkpoint: bool = True
 
 
+# Checkpoint formats: engines in one family read each other's checkpoints as their own (single
+# and ddp write the same replica files); across families a resume converts the weights.
+CHECKPOINT_FAMILIES = {"single": "replica", "ddp": "replica", "fsdp": "fsdp", "deepspeed": "deepspeed"}
+FAMILY_TITLES = {"replica": "single/ddp", "fsdp": "fsdp", "deepspeed": "deepspeed"}
+# A DeepSpeed checkpoint is its own only for the same ZeRO stage, offloading and precision.
+STAGE_BOUND_FAMILIES = ("deepspeed",)
+
+
+def checkpoint_family(engine: object) -> str:
+    """The checkpoint format family of an engine name (unknown names are their own family)."""
+    return CHECKPOINT_FAMILIES.get(str(engine), str(engine))
+
+
 def engine_traits(strategy: StrategyBase) -> EngineTraits:
     if isinstance(strategy, DeepSpeedStrategy):
         s = strategy.zero_stage

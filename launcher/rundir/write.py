@@ -20,6 +20,7 @@ from launcher.files import mark_dir, output_dir_problems, write_atomic
 from launcher.launch.base import LaunchPlan
 from launcher.redact import known_secrets, redact, redact_overrides
 from launcher.rundir.paths import RunPaths
+from launcher.rundir.resume import config_diff
 from launcher.shell import comment, join, quote
 
 SLURM_SUFFIX = "-slurm"
@@ -123,13 +124,4 @@ def _config_changes(path: Path, new: dict[str, Any]) -> list[str]:
 
     old = redact(OmegaConf.to_container(OmegaConf.load(path)), known_secrets())
     assert isinstance(old, dict)
-    return [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(old, new, "")]
-
-
-def _diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        return out
-    return [] if a == b else [(path, a, b)]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new, "")]

@@ -45,14 +45,14 @@ from launcher.files import (
     write_atomic,
 )
 from launcher.rundir import RunPaths
+from launcher.rundir.resume import MARKER, REPLACED, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 from launcher.runtime import distributed
 from launcher.runtime.distributed import DistInfo
-from launcher.train.resume import MARKER, REPLACED, TRAINER_STATE, checkpoints_dir, is_complete, list_complete
 
 if TYPE_CHECKING:
     from launcher.engines.base import Engine
 
-# The layout's names and readers (the checkpoints dir via launcher.rundir.RunPaths; MARKER, ..., list_complete in launcher.train.resume)
+# The layout's names and readers (the checkpoints dir via launcher.rundir.RunPaths; MARKER, ..., list_complete in launcher.rundir.resume)
 # which reads checkpoints without torch before a run is launched.
 
 
@@ -68,7 +68,7 @@ class TrainerState:
     epoch: int = 0
     epoch_samples: int = 0  # samples of `epoch` all ranks together have consumed (any world size continues there)
     world_size: int = 1  # the data-parallel size it was saved with
-    # What launcher.train.resume checks a new config against before resuming:
+    # What launcher.rundir.resume checks a new config against before resuming:
     total_steps: int = 0  # the run length this was saved under
     train_samples: int = 0  # training samples (examples or packs) per epoch
     config: dict[str, Any] = field(default_factory=dict)  # the run's config (secrets redacted)

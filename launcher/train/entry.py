@@ -144,12 +144,12 @@ def start_watchdog(cfg, record: Callable[[int], None]) -> None:
 def _train(cfg, record: Callable[[int], None]) -> int:
     from launcher.config.errors import ConfigErrors
     from launcher.data.types import DataError
+    from launcher.rundir.resume import ResumeError
     from launcher.runtime import watchdog
     from launcher.runtime.faults import step_fault
     from launcher.runtime.preflight import PreflightError
     from launcher.train.checkpoint import CheckpointError, CheckpointWriteError
     from launcher.train.finite import TrainingStopped
-    from launcher.train.resume import ResumeError
     from launcher.train.trainer import Trainer
 
     with _interrupt_until_done() as done:

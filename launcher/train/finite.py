@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
+from launcher.rundir.resume import ResumeError, list_complete
 from launcher.runtime.distributed import any_rank
-from launcher.train.resume import ResumeError, list_complete
 
 
 class TrainingStopped(RuntimeError):

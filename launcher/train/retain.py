@@ -34,9 +34,10 @@ from launcher.objectives.preference import base_mode
 from launcher.objectives.reference import ReferenceLogps, base_rows_of, resumed_copy
 from launcher.paths import asset
 from launcher.rundir import RunPaths
-from launcher.runtime.distributed import all_reduce_sum
+from launcher.rundir.resume import list_complete
+from launcher.runtime.distributed import all_reduce_sum, reduce_sum
+from launcher.train.checkpoint import CheckpointWriteError, disk_full
 from launcher.train.finite import TrainingStopped
-from launcher.train.resume import list_complete
 
 SHIPPED = "retain/general.jsonl"
 SPLIT = "retain"
@@ -121,8 +122,19 @@ def build_retain(trainer: Any) -> Optional[Retain]:
     if trainer.resumed_from is not None:
         return resumed(cfg, dataset, mode, run_file, trainer.telemetry.info)
     base = ReferenceLogps({SPLIT: base_rows_of(trainer, dataset, cfg.top_k)})
+    full: Optional[BaseException] = None
     if trainer.dist.is_main:
-        base.save(run_file, "retain")
+        try:
+            base.save(run_file, "retain")
+        except (OSError, RuntimeError) as e:
+            if not disk_full(e, run_file.parent):
+                raise
+            full = e
+    if reduce_sum(float(full is not None)):  # every rank stops, not only the one that wrote
+        raise CheckpointWriteError(
+            f"{run_file} (the base's side of the retain set) was not written: no space left on device; "
+            "free space in the run dir, or set eval.retain.enabled=false"
+        ) from full
     return Retain(cfg, dataset, mode, base)
 
 

@@ -42,6 +42,21 @@ from launcher.objectives import build_objective
 from launcher.objectives.base import StatSums
 from launcher.progress import phase
 from launcher.rundir import RunPaths, run_dir_of
+from launcher.rundir.resume import (
+    ResumeError,
+    Verdict,
+    cross_engine_notice,
+    evaluated_after,
+    finished_message,
+    get,
+    latest_sound,
+    moved_message,
+    read_checkpoint_info,
+    refusal,
+    resume_verdict,
+    set_aside_earlier_run,
+    unpublished_note,
+)
 from launcher.runtime import watchdog
 from launcher.runtime.device import autocast_dtype, select_device, set_residual_stream
 from launcher.runtime.distributed import (
@@ -75,21 +90,6 @@ from launcher.train.finite import TrainingStopped, check_step, refuse_nonfinite_
 from launcher.train.mfu import model_flops, model_flops_utilization
 from launcher.train.offload import build_offloader
 from launcher.train.prefetch import BatchPrefetcher
-from launcher.train.resume import (
-    ResumeError,
-    Verdict,
-    cross_engine_notice,
-    evaluated_after,
-    finished_message,
-    get,
-    latest_sound,
-    moved_message,
-    read_checkpoint_info,
-    refusal,
-    resume_verdict,
-    set_aside_earlier_run,
-    unpublished_note,
-)
 from launcher.train.retain import build_retain
 from launcher.train.telemetry import Telemetry, build_telemetry, local_param_bytes, peak_memory_gb, reset_peak_memory
 
@@ -436,7 +436,7 @@ def resume_point(
     cfg: FtlConfig, run_dir: Path, train_samples: int, total_steps: int, dist: DistInfo, base: dict[str, Any]
 ) -> Optional[ResumePoint]:
     """The checkpoint this run continues (checkpoint.resume), checked against the config by
-    :func:`launcher.train.resume.resume_verdict`, as `ftl train` checked it before launch, and (a
+    :func:`launcher.rundir.resume.resume_verdict`, as `ftl train` checked it before launch, and (a
     LoRA/QLoRA run) against the base this run loaded (``base``, rank 0's :func:`record_base`): raises
     ResumeError (exit 2) for what it cannot continue."""
     import dataclasses

@@ -12,8 +12,8 @@ import torch
 
 from launcher.artifacts.export import export_checkpoint, parse_size
 from launcher.artifacts.weights import ArtifactInputError, resolve_source
+from launcher.rundir.resume import engine_name
 from launcher.train.checkpoint import MARKER, TrainerState, save_checkpoint
-from launcher.train.resume import engine_name
 
 
 def test_parse_size() -> None:

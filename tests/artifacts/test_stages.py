@@ -72,7 +72,7 @@ def test_an_adapter_dir_starts_a_stage(sft: Path, tmp_path: Path) -> None:
     beside it) starts a stage from its base with the adapter merged in: the same start as the run.
     A LoRA stage after a LoRA stage trains a new adapter on that merged model, and its checkpoints
     name the merged model as their base."""
-    from launcher.train.resume import read_checkpoint_info
+    from launcher.rundir.resume import read_checkpoint_info
 
     adapter = tmp_path / "adapter"
     ftl("export", str(sft), "--out", str(adapter))

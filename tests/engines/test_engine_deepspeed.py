@@ -64,6 +64,7 @@ def test_zero3_trains_10_steps_into_deepspeed_checkpoints(zero3_run: Path) -> No
         "zero_stage": 3,
         "world_size": 2,
         "precision": "fp32",
+        "frozen_excluded": False,  # a full fine-tune saves every parameter
     }
     assert (ckpt / "latest").read_text().strip() == TAG  # DeepSpeed's own tools work on the step dir
     files = sorted(p.name for p in (ckpt / TAG).iterdir())

@@ -225,7 +225,7 @@ def test_a_judge_scores_both_orders(lora_run: Path, eval_case: dict[str, Any], t
 
 def test_periodic_eval_runs_during_lora_training(lora_run: Path) -> None:
     evals = json.loads((lora_run / "eval.json").read_text())
-    assert set(evals) == {"step_2", "after"}
+    assert set(evals) == {"step_2", "after", "best"}
     for name, step in (("step_2", 2), ("after", 4)):
         assert evals[name]["step"] == step and evals[name]["perplexity"] == pytest.approx(math.exp(evals[name]["loss"]))
 

@@ -95,7 +95,7 @@ def test_keep_prunes_oldest_and_leftovers(tmp_path: Path) -> None:
     (root / "step-8").mkdir()
     said: list[str] = []
     save(tmp_path, engine, 4, keep=2)
-    prune(tmp_path, 2, said.append)
+    prune(tmp_path, 2, warn=said.append)
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step-10", "latest", "step-3", "step-4"]
     assert (root / "latest").read_text() == "step-4\n"
     assert said == [

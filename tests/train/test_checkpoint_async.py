@@ -209,7 +209,7 @@ def test_a_run_whose_disk_fills_exits_1_naming_the_checkpoint_dir_and_keeps_the_
     checkpoint is the resume point."""
     run_dir = small_disk / "run"
     args = [*TINY, "train.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=5", "eval.after_training=false"]
-    proc = ftl("train", *args, f"run.dir={run_dir}", check=False)
+    proc = ftl("train", *args, "eval.retain.enabled=false", f"run.dir={run_dir}", check=False)
     root = checkpoints_dir(run_dir)
     assert proc.returncode == 1, proc.stderr[-3000:]
     failed = re.search(
@@ -222,6 +222,19 @@ def test_a_run_whose_disk_fills_exits_1_naming_the_checkpoint_dir_and_keeps_the_
     assert (root / "latest").read_text() == f"step-{last}\n"
     curve = run_dir / "loss_curve.png"
     assert not curve.exists() or curve.stat().st_size > 0
+
+
+def test_a_retain_set_too_large_for_the_disk_exits_1_naming_its_file(small_disk: Path) -> None:
+    """The base's side of the retain set (the top-k next-token distributions of every retain row,
+    some MB for the tiny model) is written before step 1: a full disk there is said, not a traceback."""
+    run_dir = small_disk / "run"
+    proc = ftl("train", *TINY, "train.max_steps=2", f"run.dir={run_dir}", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (
+        f"ftl: {run_dir / 'retain_base.pt'} (the base's side of the retain set) was not written: no space left on device"
+        in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (run_dir / "checkpoints").exists()
 
 
 def test_torchs_write_error_on_a_full_disk_is_named_so(small_disk: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""What a run dir's checkpoint can continue (launcher/train/resume.py): the verdict as pure
+"""What a run dir's checkpoint can continue (launcher/rundir/resume.py): the verdict as pure
 arithmetic on configs, `ftl train` refusing before anything is written or launched, a finished run
 doing nothing, `checkpoint.resume=never` starting over, and resuming across engines with the
 weights carried over (the step-5 loss after the switch is the step-5 loss of the same run
@@ -25,7 +25,7 @@ from launcher.config.schema import (
     LoraConfig,
     TrainConfig,
 )
-from launcher.train.resume import (
+from launcher.rundir.resume import (
     CheckpointInfo,
     checkpoint_format,
     list_complete,

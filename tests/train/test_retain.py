@@ -110,7 +110,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_every_evaluation_logs_the_forgetting_figures_everywhere(full_run: tuple[Path, str]) -> None:
     run_dir, stdout = full_run
     evals = json.loads((run_dir / "eval.json").read_text())
-    assert sorted(evals) == ["after", "before", "step_2"]
+    assert sorted(evals) == ["after", "before", "best", "step_2"]
     before = evals["before"]
     assert abs(before["retain_kl"]) < 1e-9 and abs(before["retain_loss_change"]) < 1e-6  # step 0: the base itself
     assert evals["after"]["retain_kl"] > evals["step_2"]["retain_kl"] > 1e-6
@@ -181,7 +181,7 @@ def test_past_a_limit_with_action_stop_the_run_exits_1_naming_the_step_and_keeps
     )
     kl = json.loads((run_dir / "eval.json").read_text())["step_2"]["retain_kl"]
     assert f"the KL to the base is {kl:.4g} nats/token, over eval.retain.max_kl=1e-09" in lines[0]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-1"]
     assert "ftl: failed (exit code 1" in out.stderr
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
+from launcher.engines.traits import FAMILY_TITLES, STAGE_BOUND_FAMILIES, checkpoint_family
 from launcher.files import CHECKPOINT_MARKER as MARKER
 from launcher.files import REPLACED, TMP_PREFIX, TRAINER_STATE, checkpoint_problem, step_of
 from launcher.rundir import RunPaths
@@ -254,7 +255,7 @@ def resume_verdict(
         old_format, new_format = checkpoint_format(old), checkpoint_format(new)
         if old_format != new_format:
             verdict.cross_engine = (describe_format(old_format), describe_format(new_format))
-    elif ckpt.engine and _format_family(ckpt.engine) != _format_family(get(new, "strategy.engine")):
+    elif ckpt.engine and checkpoint_family(ckpt.engine) != checkpoint_family(get(new, "strategy.engine")):
         verdict.cross_engine = (ckpt.engine, str(get(new, "strategy.engine")))
     for key, a, b in verdict.changes:
         verdict.errors.append(ConfigError(key, f"{_show(a)} -> {_show(b)}"))
@@ -289,9 +290,8 @@ def resume_verdict(
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Every key whose value differs between the checkpoint's config (stored redacted) and the new one."""
     from launcher.redact import known_secrets, redact
-    from launcher.rundir.write import _diff
 
-    return _diff(_norm(old), _norm(redact(new, known_secrets())), "")
+    return config_diff(_norm(old), _norm(redact(new, known_secrets())), "")
 
 
 def total_steps(cfg: dict[str, Any], train_samples: int, world: int) -> Optional[int]:
@@ -308,33 +308,30 @@ def total_steps(cfg: dict[str, Any], train_samples: int, world: int) -> Optional
 
 
 def checkpoint_format(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What decides whether an engine reads a checkpoint as its own: single and ddp write one
-    format; fsdp another; deepspeed one per stage, offload and precision."""
-    engine = get(cfg, "strategy.engine")
-    if engine == "deepspeed":
-        return {
-            "engine": "deepspeed",
-            "zero_stage": get(cfg, "strategy.zero_stage"),
-            "offload_optimizer": bool(get(cfg, "strategy.offload_optimizer")),
-            "offload_params": bool(get(cfg, "strategy.offload_params")),
-            "precision": get(cfg, "train.precision"),
-        }
-    return {"engine": _format_family(engine)}
+    """What decides whether an engine reads a checkpoint as its own: its format family
+    (:data:`launcher.engines.traits.CHECKPOINT_FAMILIES`), and for DeepSpeed also the stage,
+    offloading and precision."""
+    family = checkpoint_family(get(cfg, "strategy.engine"))
+    if family not in STAGE_BOUND_FAMILIES:
+        return {"engine": family}
+    return {
+        "engine": family,
+        "zero_stage": get(cfg, "strategy.zero_stage"),
+        "offload_optimizer": bool(get(cfg, "strategy.offload_optimizer")),
+        "offload_params": bool(get(cfg, "strategy.offload_params")),
+        "precision": get(cfg, "train.precision"),
+    }
 
 
 def describe_format(fmt: dict[str, Any]) -> str:
-    if fmt["engine"] != "deepspeed":
-        return {"replica": "single/ddp", "fsdp": "fsdp"}.get(fmt["engine"], str(fmt["engine"]))
+    if fmt["engine"] not in STAGE_BOUND_FAMILIES:
+        return FAMILY_TITLES.get(fmt["engine"], str(fmt["engine"]))
     offload = [k for k in ("offload_optimizer", "offload_params") if fmt.get(k)]
     return (
         f"deepspeed ZeRO-{fmt.get('zero_stage')}"
         + (f" ({', '.join(offload)})" if offload else "")
         + f", precision {fmt.get('precision')}"
     )
-
-
-def _format_family(engine: Any) -> str:
-    return "replica" if engine in ("single", "ddp") else str(engine)
 
 
 def train_sources(cfg: dict[str, Any]) -> list[Any]:
@@ -483,3 +480,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - an unreadable old config only means nothing to compare against
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def config_diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += config_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if a == b else [(path, a, b)]
