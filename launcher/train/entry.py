@@ -116,6 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def train(cfg, record: Callable[..., None] = lambda code, waiting=None: None) -> int:
     """Train on this rank: 0 done, 130 stopped by a signal after a checkpoint, 2 unusable training
     data, 1 any other failure; 124 when the watchdog finds it hung (it exits the process itself).
+    ``record(code)`` leaves the rank's exit record; the watchdog's adds whether the rank's main
+    thread waited in a collective.
 
     A stop signal before the training loop (which saves on one) interrupts the setup; once the
     loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
