@@ -6,7 +6,11 @@ signal stopped the ranks. The evidence is what this run of the job left in the r
 older than ``--since`` belong to an earlier run):
 
 1. ``preflight.json``: the nodes the preflight found failing;
-2. else the ranks' exit records (``.ftl-exit/rank-N.json``, each with its node): ranks with no
+2. else, when the hang watchdog ended the ranks (exit 124), the nodes of the ranks whose main thread
+   was in no collective when it fired (each exit record says, :func:`launcher.runtime.watchdog.in_collective`):
+   the ranks that waited in one were waiting for them. When every rank or none was in one, that
+   tells nothing, and the rules below decide;
+3. else the ranks' exit records (``.ftl-exit/rank-N.json``, each with its node): ranks with no
    record died without one (a crash, the OOM killer, a watchdog's hard exit), and when they sit on
    some nodes but not all, those nodes are blamed (the preflight's table says which ranks each node
    holds); else the node of the first rank to fail: its peers fail after it, when its connections drop.
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.rundir import RunPaths
-from launcher.rundir.outcome import EXIT_INVALID, EXIT_OK, EXIT_STOPPED
+from launcher.rundir.outcome import EXIT_HUNG, EXIT_INVALID, EXIT_OK, EXIT_STOPPED
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,13 @@ def blame(run_dir: Path, since: float) -> Optional[Blame]:
     records = [r for p in sorted(paths.exits.glob("rank-*.json")) if (r := read_json(p)) and r.get("time", 0) >= since]
     if not records:
         return None
+    hung = hung_outside_collectives(records)
+    if hung:
+        ranks = ", ".join(str(r["rank"]) for r in hung)
+        return Blame(
+            sorted({r["node"] for r in hung}),
+            f"the watchdog found rank(s) {ranks} there hung outside any collective, the others waiting in one",
+        )
     world = max(int(r["world_size"]) for r in records)
     missing = set(range(world)) - {int(r["rank"]) for r in records}
     if missing and preflight:
@@ -71,6 +82,14 @@ def blame(run_dir: Path, since: float) -> Optional[Blame]:
         return None
     first = min(failed, key=lambda r: float(r["time"]))
     return Blame([first["node"]], f"rank {first['rank']} there failed first (exit code {first['code']})")
+
+
+def hung_outside_collectives(records: list[dict]) -> list[dict]:
+    """The records of ranks the watchdog ended while their main thread was in no collective, when
+    others waited in one; [] when the records do not tell (no hang, or all or none in one)."""
+    hung = [r for r in records if int(r["code"]) == EXIT_HUNG and isinstance(r.get("in_collective"), bool)]
+    outside = sorted((r for r in hung if not r["in_collective"] and r.get("node")), key=lambda r: int(r["rank"]))
+    return outside if outside and any(r["in_collective"] for r in hung) else []
 
 
 def node_requeues(path: Path, job: str) -> int:

@@ -23,13 +23,16 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, EXIT_HUNG = 0, 1, 2, 130, 124
 OOM_HINT = "SIGKILL is what the kernel's out-of-memory killer sends: it may have run out of memory (see `dmesg`)"
 
 
-def record_exit(run_dir: Path, rank: int, world_size: int, code: int) -> None:
+def record_exit(run_dir: Path, rank: int, world_size: int, code: int, in_collective: Optional[bool] = None) -> None:
+    """``in_collective``, for a hang: whether the rank's main thread waited in a collective when the
+    watchdog fired (a victim of the hang) or not (its cause); the key is left out otherwise."""
+    record = {"rank": rank, "world_size": world_size, "code": code, "time": time.time(), "node": node_name()}
+    if in_collective is not None:
+        record["in_collective"] = in_collective
     try:
         folder = RunPaths(run_dir).exits
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank-{rank}.json").write_text(
-            json.dumps({"rank": rank, "world_size": world_size, "code": code, "time": time.time(), "node": node_name()})
-        )
+        (folder / f"rank-{rank}.json").write_text(json.dumps(record))
     except OSError:
         pass  # a record is a courtesy to the launcher; never fail a finished run over it
 

@@ -24,6 +24,10 @@ Firing, on each rank: every thread's Python stack (faulthandler) is appended to
 NCCL's, kept when ``TORCH_FR_BUFFER_SIZE`` is set, see :func:`collective_trace_env`) goes to
 ``logs/collectives-rank-N.pkl``; the rank waits a little for the others' stacks, leaves its exit
 record and exits :data:`EXIT_HUNG` through ``os._exit``: a hung main thread cannot be unwound.
+Each rank also says whether its main thread was waiting in a collective when it fired
+(:func:`in_collective`, in its exit record and its stacks): those that were are the hang's victims,
+one that was not (asleep, stuck in I/O, in Python code) is its cause, and a SLURM job requeues
+without that rank's node (:mod:`launcher.launch.bad_nodes`).
 
 Rank 0 also says what each phase before step 1 took, one line each, and a phase still running
 after :data:`STILL_AFTER_S` that it still runs: nothing before the first step waits in silence.
@@ -41,19 +45,24 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Optional
 
 from launcher.rundir import RunPaths
+from launcher.runtime.nodes import node_name
 
 EXIT_HUNG = 124  # as timeout(1): the job was ended for making no progress
 POLL_S = 1.0
 PEER_GRACE_S = 20.0  # how long a rank that fired waits for the others' stacks before it exits
 STILL_AFTER_S = 30.0  # a phase before step 1 still running says so on rank 0, then this often
 TRACE_ENTRIES = "2000"  # collectives the flight recorder keeps per process group
-TEST_HANG_ENV = "FTL_TEST_HANG"  # tests only: RANK@POINT stops that rank there (see _test_hang)
+TEST_HANG_ENV = "FTL_TEST_HANG"  # tests only: RANK@POINT[@HOST] stops that rank there (see _test_hang)
+# A thread in these modules waits in a collective (c10d's, DDP's broadcasts, FSDP's; DeepSpeed's call
+# c10d's), except in torch.distributed.checkpoint, whose file I/O is where a stalled filesystem stops a rank.
+COLLECTIVE_MODULES, NOT_COLLECTIVE_MODULES = "torch.distributed.", "torch.distributed.checkpoint"
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class Watchdog:
         run_dir: Path,
         rank: int,
         world: int,
-        on_hang: Callable[[], None] = lambda: None,
+        on_hang: Callable[[bool], None] = lambda in_collective: None,
         poll_s: float = POLL_S,
     ) -> None:
         self.limits, self.paths, self.rank, self.world = limits, RunPaths(run_dir), rank, world
@@ -206,6 +215,8 @@ class Watchdog:
         if self._stopped.is_set():
             return
         self.fired.set()
+        waiting = in_collective(sys._current_frames().get(threading.main_thread().ident))
+        reason += "; its main thread waits in a collective" if waiting else "; its main thread is in no collective"
         stacks = self.paths.stacks(self.rank)
         try:
             self.paths.logs.mkdir(parents=True, exist_ok=True)
@@ -233,7 +244,7 @@ class Watchdog:
                 f"ftl: hang: stopping the job (exit code {EXIT_HUNG}); stacks of every rank in {self.paths.logs}{also}",
                 file=sys.stderr,
             )
-        self.on_hang()
+        self.on_hang(waiting)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_HUNG)
@@ -285,12 +296,32 @@ def dump_collectives(path: Path) -> Optional[Path]:
     return path
 
 
-def _test_hang(rank: int, point: str) -> None:
-    """Tests only: with ``FTL_TEST_HANG=RANK@POINT`` (a phase name, or ``step-N`` once step N is
-    done), that rank stops there for good, as a hung rank does."""
-    if os.environ.get(TEST_HANG_ENV) == f"{rank}@{point}":
+def in_collective(frame: Optional[FrameType]) -> bool:
+    """Whether a thread stopped at ``frame`` waits in a collective: a function of
+    :data:`COLLECTIVE_MODULES` is on its stack."""
+    while frame is not None:
+        name = str(frame.f_globals.get("__name__", ""))
+        if name.startswith(COLLECTIVE_MODULES) and not name.startswith(NOT_COLLECTIVE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _test_hang(rank: int, point: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Tests only: with ``FTL_TEST_HANG=RANK@POINT[@HOST]`` (a phase name, or ``step-N`` once step N
+    is done), that rank (on HOST only, when named) stops there for good, as a hung rank does; on
+    the job's first run only (SLURM_RESTART_COUNT unset or 0), as FTL_TEST_FAIL_AT fails."""
+    if hangs_here(rank, point, environ):
         while True:
             time.sleep(3600)
+
+
+def hangs_here(rank: int, point: str, environ: Mapping[str, str]) -> bool:
+    spec = environ.get(TEST_HANG_ENV, "")
+    if not spec or int(environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return False
+    at_rank, at_point, *host = spec.split("@", 2)
+    return (at_rank, at_point) == (str(rank), point) and (not host or host[0] == node_name(environ))
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,15 +107,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     # launch.env's secrets reach this process as variables of those names (config.yaml has them blanked)
     declare(os.environ[k] for k in cfg.launch.env if is_secret_key(k) and os.environ.get(k))
     try:
-        return train(cfg, lambda code: record_exit(run_dir_of(cfg), rank, world, code))
+        return train(cfg, lambda code, waiting=None: record_exit(run_dir_of(cfg), rank, world, code, waiting))
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
+def train(cfg, record: Callable[..., None] = lambda code, waiting=None: None) -> int:
     """Train on this rank: 0 done, 130 stopped by a signal after a checkpoint, 2 unusable training
     data, 1 any other failure; 124 when the watchdog finds it hung (it exits the process itself).
+    ``record(code)`` leaves the rank's exit record; the watchdog's adds whether the rank's main
+    thread waited in a collective.
 
     A stop signal before the training loop (which saves on one) interrupts the setup; once the
     loop is left, stop signals are ignored: a failing rank's peers get SIGTERM from torchrun while
@@ -129,7 +131,7 @@ def train(cfg, record: Callable[[int], None] = lambda code: None) -> int:
         watchdog.stop()
 
 
-def start_watchdog(cfg, record: Callable[[int], None]) -> None:
+def start_watchdog(cfg, record: Callable[..., None]) -> None:
     """This rank's hang watchdog (train.watchdog), and the flight recorder it dumps."""
     from launcher.rundir import RunPaths, run_dir_of
     from launcher.runtime import watchdog
@@ -138,7 +140,9 @@ def start_watchdog(cfg, record: Callable[[int], None]) -> None:
     watchdog.collective_trace_env(os.environ, paths)
     limits = watchdog.limits_of(cfg.train.watchdog, cfg.launch.dist_timeout_s, cfg.launch.io_timeout_s)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    watchdog.start(watchdog.Watchdog(limits, paths.root, rank, world, on_hang=lambda: record(EXIT_HUNG)))
+    watchdog.start(
+        watchdog.Watchdog(limits, paths.root, rank, world, on_hang=lambda waiting: record(EXIT_HUNG, waiting))
+    )
 
 
 def _train(cfg, record: Callable[[int], None]) -> int:

@@ -23,6 +23,14 @@ def exits(run_dir: Path, *records: tuple[int, int, str, float], world: int = 4) 
         )
 
 
+def hung(run_dir: Path, *records: tuple[int, str, float, bool], world: int = 4) -> None:
+    """Exit records of ranks the watchdog ended: (rank, node, time, in_collective)."""
+    exits(run_dir, *((rank, 124, node, when) for rank, node, when, _ in records), world=world)
+    for rank, _, _, waiting in records:
+        path = RunPaths(run_dir).exits / f"rank-{rank}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "in_collective": waiting}))
+
+
 def preflight(run_dir: Path, when: float, failed: tuple[str, ...] = ()) -> None:
     nodes = [{"host": "n1", "ranks": [0, 1]}, {"host": "n2", "ranks": [2, 3]}]
     RunPaths(run_dir).preflight.write_text(json.dumps({"time": when, "failed": list(failed), "nodes": nodes}))
@@ -66,6 +74,38 @@ def test_the_preflight_names_the_failing_node_first(tmp_path):
     preflight(tmp_path, SINCE + 1, failed=("n2",))
     exits(tmp_path, (0, 1, "n1", SINCE + 2), (1, 1, "n1", SINCE + 2), (2, 1, "n2", SINCE + 3), (3, 1, "n2", SINCE + 3))
     assert blame(tmp_path, SINCE) == Blame(["n2"], "the preflight found it failing")
+
+
+def test_a_hang_names_the_node_of_the_rank_in_no_collective_not_the_first_to_fire(tmp_path):
+    """Rank 1's watchdog fired first, but it waited in a collective: rank 2, stuck elsewhere, is the hang."""
+    hung(
+        tmp_path,
+        (0, "n1", SINCE + 9.3, True),
+        (1, "n1", SINCE + 9.1, True),
+        (2, "n2", SINCE + 9.4, False),
+        (3, "n2", SINCE + 9.2, True),
+    )
+    assert blame(tmp_path, SINCE) == Blame(
+        ["n2"], "the watchdog found rank(s) 2 there hung outside any collective, the others waiting in one"
+    )
+
+
+@pytest.mark.parametrize("waiting", [True, False], ids=["all-in-collectives", "none-in-collectives"])
+def test_a_hang_that_collectives_cannot_tell_falls_back_to_the_first_rank_to_fail(tmp_path, waiting):
+    hung(
+        tmp_path,
+        (0, "n1", SINCE + 9.3, waiting),
+        (1, "n1", SINCE + 9.1, waiting),
+        (2, "n2", SINCE + 9.4, waiting),
+        (3, "n2", SINCE + 9.2, waiting),
+    )
+    assert blame(tmp_path, SINCE) == Blame(["n1"], "rank 1 there failed first (exit code 124)")
+
+
+def test_hung_records_without_the_collective_key_fall_back_too(tmp_path):
+    """Records an older ftl wrote: the same exit records, no in_collective."""
+    exits(tmp_path, (0, 124, "n1", SINCE + 9.3), (1, 124, "n2", SINCE + 9.1), world=2)
+    assert blame(tmp_path, SINCE) == Blame(["n2"], "rank 1 there failed first (exit code 124)")
 
 
 def test_node_requeues_are_counted_per_job_and_run(tmp_path):

@@ -343,3 +343,52 @@ def test_a_node_the_preflight_finds_failing_stops_the_job_and_is_excluded(cluste
     assert re.search(r"^1\s+n2\s.*failed device check on rank 1: InjectedFault", console, re.M), console
     assert "ftl: the preflight found failing node(s) n2" in console
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_hung_rank_ends_the_job_by_the_watchdog_and_it_requeues_without_that_node(cluster, tmp_path):
+    """Issue 31: rank 1 of a one-node, two-rank job stops after step 12 (FTL_TEST_HANG, on the job's
+    first run only) while rank 0 waits for it in a collective. The watchdog (5 s floor) ends both
+    with their stacks in logs/, the job names the node of the rank in no collective, requeues
+    itself with that node in its ExcNodeList, runs on the other node and resumes from step 10."""
+    hanging = LocalCluster({**cluster.env, "FTL_TEST_HANG": "1@step-12"})
+    out = hanging.run(
+        *FTL,
+        "train",
+        "recipe=tiny",
+        "launch=slurm",
+        "train.device=cpu",
+        "strategy=ddp",
+        "launch.nproc_per_node=2",
+        "train.max_steps=20",
+        "checkpoint.every_steps=5",
+        "train.watchdog.floor_s=5",
+        "eval.after_training=false",
+        "run.name=hang",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    job_id = out.stdout.strip()
+    assert job_id.isdigit(), out.stdout + out.stderr
+    job = cluster.wait(job_id, timeout=300)
+    run_dir = tmp_path / "runs" / "hang-slurm"
+    logs = run_dir / "logs"
+    batch_log = (logs / f"slurm-{job_id}.out").read_text()
+    node_log = (logs / "node-0.log").read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, batch_log + node_log
+    runs = re.findall(rf"^ftl: node 0 on (n[12]), job {job_id}, restart (\d)", node_log, re.M)
+    assert [r for _, r in runs] == ["0", "1"], runs
+    (bad, _), (good, _) = runs
+    assert bad != good
+    assert "srun exited with code 124" in batch_log  # the watchdog ended the ranks, not a crash
+    why = "the watchdog found rank(s) 1 there hung outside any collective, the others waiting in one"
+    assert (run_dir / "excluded_nodes.txt").read_text() == f"{bad}\t{job_id}\t0\t{why}\n"
+    assert job.fields["ExcNodeList"] == bad and job.fields["NodeList"] == good
+    assert f"ftl: node(s) {bad} failed ({why}): requeueing job {job_id}" in batch_log
+    stacks = [(logs / f"stacks-rank-{rank}.txt").read_text() for rank in (0, 1)]
+    assert "its main thread waits in a collective" in stacks[0] and "all_reduce" in stacks[0], stacks[0]
+    assert "its main thread is in no collective" in stacks[1] and "_test_hang" in stacks[1], stacks[1]
+    words = " ".join(node_log.split())
+    assert "hang: stopping the job (exit code 124)" in words, node_log
+    resumed = re.search(r"resuming from .*? \(step (\d+)\)", words)
+    assert resumed and resumed.group(1) == "10", node_log
+    assert (run_dir / "checkpoints" / "step-20").is_dir()

@@ -340,7 +340,7 @@ def test_hostile_strings_are_data_never_code(h, tmp_path):
     assert task[6:] == [
         str(python),
         "-m",
-        "torch.distributed.run",
+        "launcher.launch.torchrun",
         "--nnodes=2",
         "--nproc_per_node=1",
         # the rendezvous port: 20000 + job id 4242 % 20000
@@ -382,7 +382,7 @@ def test_setup_lines_run_verbatim_in_order_and_choose_the_interpreter(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "setup.log").read_text() == "one\n4242\n"
     srun = rec.args("srun")
-    assert srun[srun.index("ftl_node") + 3 :][:3] == [str(venv / "python3"), "-m", "torch.distributed.run"]
+    assert srun[srun.index("ftl_node") + 3 :][:3] == [str(venv / "python3"), "-m", "launcher.launch.torchrun"]
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["setup's-python3", "launch.python"])
@@ -608,7 +608,7 @@ def test_train_sbatch_composes_writes_the_run_dir_and_runs_the_same_script(tmp_p
         ".log",
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launcher.launch.torchrun",
     ]
     assert "--nnodes=2" in srun and f"{run_dir / 'config.yaml'}" in srun
     text = (run_dir / "job.sbatch").read_text()

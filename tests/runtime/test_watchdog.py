@@ -21,7 +21,15 @@ from launcher.config.validate import validate
 from launcher.paths import ROOT
 from launcher.rundir import RunPaths
 from launcher.rundir.outcome import read_exits, summarize
-from launcher.runtime.watchdog import EXIT_HUNG, TEST_HANG_ENV, Limits, Watchdog, limits_of
+from launcher.runtime.watchdog import (
+    EXIT_HUNG,
+    TEST_HANG_ENV,
+    Limits,
+    Watchdog,
+    hangs_here,
+    in_collective,
+    limits_of,
+)
 from tests.helpers import TINY, TWO_RANKS, ftl, ftl_env, metrics
 
 DDP = [*TINY, *TWO_RANKS, "strategy=ddp", "checkpoint.resume=never", "eval.after_training=false"]
@@ -102,11 +110,32 @@ def test_a_marker_from_this_run_fires_every_rank_and_an_earlier_runs_does_not(tm
     assert "File " in paths.stacks(1).read_text() and "in <module>" in paths.stacks(1).read_text()
 
 
+def test_the_test_hang_names_a_rank_a_point_and_maybe_a_host_and_holds_on_the_first_run_only() -> None:
+    env = {TEST_HANG_ENV: "1@step-3", "SLURMD_NODENAME": "n1"}
+    assert hangs_here(1, "step-3", env)
+    assert not hangs_here(0, "step-3", env) and not hangs_here(1, "step-4", env)
+    assert hangs_here(1, "step-3", {**env, TEST_HANG_ENV: "1@step-3@n1"})
+    assert not hangs_here(1, "step-3", {**env, TEST_HANG_ENV: "1@step-3@n2"})
+    assert not hangs_here(1, "step-3", {**env, "SLURM_RESTART_COUNT": "1"})  # the requeued run goes on
+    assert not hangs_here(1, "step-3", {"SLURMD_NODENAME": "n1"})
+
+
+def test_a_thread_outside_torch_distributed_is_in_no_collective() -> None:
+    """The other side, a thread inside a collective, is shown by the 2-rank runs below (their exit records)."""
+    assert not in_collective(sys._getframe())
+    assert not in_collective(None)
+
+
 def assert_hung_with_every_ranks_stacks(proc: subprocess.CompletedProcess[str], run_dir: Path, hung_in: str) -> None:
+    """Rank 1 hung outside any collective (the test hook's sleep); rank 0 waited in one, and each
+    exit record says so (what picks the node to exclude under SLURM)."""
     paths = RunPaths(run_dir)
     assert proc.returncode == EXIT_HUNG, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert read_exits(run_dir) == ({0: EXIT_HUNG, 1: EXIT_HUNG}, 2)
+    records = {r: json.loads((paths.exits / f"rank-{r}.json").read_text()) for r in (0, 1)}
+    assert (records[0]["in_collective"], records[1]["in_collective"]) == (True, False), records
+    assert "its main thread is in no collective" in paths.stacks(1).read_text()
     assert json.loads(paths.hang.read_text())["rank"] in (0, 1)
     stacks = {rank: paths.stacks(rank).read_text() for rank in (0, 1)}
     assert "_test_hang" in stacks[1] and hung_in in stacks[1]  # where the hung rank stopped
