@@ -4,6 +4,7 @@ run dir. The requeue itself runs on the local SLURM cluster (tests/launch/test_s
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ def exits(run_dir: Path, *records: tuple[int, int, str, float], world: int = 4) 
         (folder / f"rank-{rank}.json").write_text(
             json.dumps({"rank": rank, "world_size": world, "code": code, "time": when, "node": node})
         )
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm():
+    """main() ignores SIGTERM (its own process, under scontrol requeuehold); run in-process here, the
+    pytest worker gets its handler back, or every later child would start with SIGTERM ignored (bash cannot trap it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 def hung(run_dir: Path, *records: tuple[int, str, float, bool], world: int = 4) -> None:
