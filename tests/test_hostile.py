@@ -465,6 +465,25 @@ def test_negative_and_out_of_range_counts_are_refused(override, field):
 
 
 @pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.arch.num_layers=1000000000000"], "model.arch.num_layers: got 1000000000000; must be <= 1024"),
+        (["model.arch.vocab_size=" + "9" * 40], "model.arch.vocab_size: got 9999999999999999999999999999999999999999"),
+        (  # bash reads 2**63 as a negative number: the job would never requeue
+            ["launch=slurm", "launch.max_requeues=9223372036854775808"],
+            "launch.max_requeues: got 9223372036854775808; must be <= 1000",
+        ),
+        (["launch=slurm", "launch.max_node_requeues=" + "9" * 23], "launch.max_node_requeues: got 99999999999"),
+    ],
+)
+def test_a_count_too_large_to_build_or_for_bash_to_count_is_refused_by_plan(overrides, needle, capsys):
+    """An absurd model.arch (as in an absurd config.json) is exit 2, not a MemoryError building it."""
+    with within(30):
+        code, out = run_cli(capsys, "plan", "recipe=tiny", *overrides)
+    assert code == 2 and needle in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
     "overrides, expected",
     [
         (["train.micro_batch_size=abc", "train.global_batch_size=8"], ["train.micro_batch_size"]),
