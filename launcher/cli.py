@@ -197,12 +197,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
     """`ftl recipes --copy NAME DEST`: a recipe as a starting point of one's own. Never overwrites."""
+    import os
     import re
 
     from launcher.config.errors import ConfigError
 
     if name not in files:
         raise ConfigErrors([ConfigError("recipe", f"{name!r}: no such recipe; available: {', '.join(files)}")])
+    from launcher.shell import has_control_chars, quote
+
+    if not dest or has_control_chars(dest):  # "" is Path("."); a newline makes a file `ftl train` refuses to read
+        problem = (
+            "got an empty path" if not dest else f"got {dest!r}; newlines and other control characters are not allowed"
+        )
+        raise ConfigErrors([ConfigError("DEST", f"{problem}: name a .yaml file or a directory (. for this one)")])
     target = Path(dest).expanduser()
     if target.is_dir():
         target = target / f"{name}.yaml"
@@ -210,14 +218,13 @@ def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
         raise ConfigErrors(
             [ConfigError("DEST", f"{dest}: a recipe file ends in .yaml (or name an existing directory)")]
         )
-    if target.exists():
+    if os.path.lexists(target):  # a dangling symlink too: open(.., "x") would fail on it
         raise ConfigErrors(
             [ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")]
         )
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
     from launcher.safe_read import UnreadableFile, read_text
-    from launcher.shell import quote
 
     try:
         text = read_text(files[name])

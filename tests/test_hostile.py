@@ -909,6 +909,24 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
 
 
 @pytest.mark.parametrize(
+    "dest, needle",
+    [
+        ("", "DEST: got an empty path"),  # Path("") is the working directory
+        ("a\nb.yaml", "DEST: got 'a\\nb.yaml'; newlines and other control characters are not allowed"),
+        ("link.yaml", "DEST: link.yaml exists; ftl does not overwrite it"),  # a dangling symlink
+    ],
+)
+def test_recipes_copy_to_an_empty_a_control_character_or_a_dangling_link_dest_writes_nothing(
+    dest, needle, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "elsewhere.yaml", tmp_path / "link.yaml")
+    code, out = run_cli(capsys, "recipes", "--copy", "tiny", dest)
+    assert code == 2 and needle in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.yaml"]
+
+
+@pytest.mark.parametrize(
     "name, text, needle",
     [
         ("syntax", "train:\n  lr: [1e-3\n", "syntax.yaml, line 3, column 1: invalid YAML"),
