@@ -1294,12 +1294,21 @@ def test_a_kill_while_a_step_is_saved_again_always_leaves_a_complete_checkpoint(
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-5"], "leftovers pruned"
 
 
-def test_a_sweep_spec_that_is_a_fifo_or_an_alias_bomb_is_refused(tmp_path, capsys, monkeypatch):
+def test_a_sweep_spec_that_is_a_fifo_an_alias_bomb_or_huge_is_refused(tmp_path, capsys, monkeypatch):
     """Sweep specs go through the same reader as recipes: no hang, no expansion, exit 2 naming the file."""
     monkeypatch.setenv("FTL_CONFIG_DIR", "")
     os.mkfifo(tmp_path / "pipe.yaml")
     (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS)
+    (tmp_path / "huge.yaml").write_text(
+        "method: grid\nparameters:\n  train.lr:\n    values: [" + "1," * 400_000 + "]\n"
+    )
     with within(20):
+        code, out = run_cli(
+            capsys, "sweep", "create", str(tmp_path / "huge.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
+        )
+        assert code == 2 and "huge.yaml: more than 100,000 YAML nodes" in out, (
+            out
+        )  # not composed first: no minute, no GB
         code, out = run_cli(
             capsys, "sweep", "create", str(tmp_path / "pipe.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
         )
