@@ -195,6 +195,18 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(text: str) -> str:
+    """A path argument. An empty one (an unset $RUN_DIR) would mean the working directory; a control
+    character would reach the terminal raw in every message naming the path."""
+    from launcher.shell import has_control_chars
+
+    if not text:
+        raise argparse.ArgumentTypeError("got an empty path (an unset variable?); give a path, . for this directory")
+    if has_control_chars(text):
+        raise argparse.ArgumentTypeError(f"got {text!r}; newlines and other control characters are not allowed")
+    return text
+
+
 def _copy_recipe(files: dict[str, Path], name: str, dest: str) -> int:
     """`ftl recipes --copy NAME DEST`: a recipe as a starting point of one's own. Never overwrites."""
     import os
@@ -512,9 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir"
+        "path",
+        type=_path,
+        metavar="RUN_DIR_OR_CKPT_DIR",
+        help="a run dir (its latest checkpoint) or a checkpoints/step-N dir",
     )
-    p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
+    p.add_argument("--out", type=_path, help="output directory (default: RUN_DIR/export/step-N)")
     p.add_argument(
         "--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default: 2GB)"
     )
@@ -522,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--config", help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
+    p.add_argument("--config", type=_path, help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
     p.add_argument(
         "--merge-lora",
         action="store_true",
@@ -537,7 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
         overrides=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     p.add_argument(
         "overrides",
@@ -549,11 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         nargs="?",
         const="auto",
+        type=_path,
         metavar="PATH",
         help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
         "base by default, or the model at PATH",
     )
-    p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
+    p.add_argument("--out", type=_path, help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
     p = add(
         "generate",
         cmd_generate,
@@ -562,7 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     p.add_argument("prompt", help="the user message")
     _add_generation_args(p)
@@ -574,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     _add_generation_args(p)
     p = add("recipes", cmd_recipes, "list the recipes (shipped, and those of the config dirs)", overrides=False)
@@ -608,7 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create: only write the config; agent: draw trials with W&B's search engine, no server",
     )
-    p.add_argument("--out", help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)")
+    p.add_argument(
+        "--out", type=_path, help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)"
+    )
     parser.set_defaults(subparsers=subparsers)
     return parser
 

@@ -909,6 +909,33 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{run}", "--out", "{bad}"],
+        ["export", "{bad}"],
+        ["eval", "{bad}"],
+        ["eval", "{run}", "--out", "{bad}"],
+        ["eval", "{run}", "--baseline", "{bad}"],
+        ["generate", "{bad}", "hi"],
+        ["chat", "{bad}"],
+        ["sweep", "create", "tiny", "--offline", "--out", "{bad}"],
+    ],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("bad", ["", "out\x1b[2J"], ids=["empty", "escape"])
+def test_an_empty_or_control_character_path_argument_is_exit_2_before_anything_is_read(
+    argv, bad, tmp_path, capsys, monkeypatch
+):
+    """`ftl export "$RUN" --out "$OUT"` with OUT unset: '' is the working directory, or the default,
+    never silently; an escape sequence in a path would reach the terminal in every message."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(capsys, *[a.format(run=tmp_path / "no-run", bad=bad) for a in argv])
+    needle = "got an empty path" if not bad else "got 'out\\x1b[2J'; newlines and other control characters"
+    assert code == 2 and needle in out and "\x1b" not in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "dest, needle",
     [
         ("", "DEST: got an empty path"),  # Path("") is the working directory
