@@ -339,10 +339,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.artifacts.weights import ArtifactInputError
     from launcher.config.validate import validated
-    from launcher.eval.job import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
+    from launcher.eval.job import (
+        EvalInputError,
+        as_eval_config,
+        check_baseline,
+        default_out,
+        eval_config,
+        launch,
+        write_job,
+    )
 
     try:
         raw, run_dir, step = eval_config(Path(args.model), args.overrides)
+        check_baseline(args.baseline)
         raw = as_eval_config(raw)
         cfg = validated(raw)
         out = Path(args.out).expanduser().resolve() if args.out else default_out(Path(args.model), run_dir, step)

@@ -1088,6 +1088,28 @@ def test_a_malformed_config_json_is_exit_2_naming_the_file_and_key(change, needl
     assert code == 2 and f"model.path: {model / 'config.json'}: {needle}" in out and "Traceback" not in out, out
 
 
+@pytest.mark.parametrize("baseline", ["missing", "fifo", "plain-dir"])
+def test_a_bad_eval_baseline_is_exit_2_before_the_out_dir_is_written_or_a_model_loaded(
+    baseline, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    model = tmp_path / "export"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(HF_CONFIG))  # no weights: loading it would fail differently
+    path = tmp_path / baseline
+    if baseline == "fifo":
+        os.mkfifo(path)
+    elif baseline == "plain-dir":
+        path.mkdir()
+    with within(30):
+        code, out = run_cli(
+            capsys, "eval", str(model), "recipe=tiny", "--baseline", str(path), "--out", str(tmp_path / "o")
+        )
+    needle = "is neither a run dir" if baseline == "plain-dir" else "no such directory"
+    assert code == 2 and f"ftl eval: --baseline: {path}" in out and needle in out, out
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "content, needle",
     [
