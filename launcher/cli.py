@@ -192,9 +192,22 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(text: str) -> str:
+    """A path argument. An empty one (an unset $RUN_DIR) would mean the working directory; a control
+    character would reach the terminal raw in every message naming the path."""
+    from launcher.shell import has_control_chars
+
+    if not text:
+        raise argparse.ArgumentTypeError("got an empty path (an unset variable?); give a path, . for this directory")
+    if has_control_chars(text):
+        raise argparse.ArgumentTypeError(f"got {text!r}; newlines and other control characters are not allowed")
+    return text
+
+
 def _copy_option(name: str, dest: str) -> int:
     """`ftl recipes --copy NAME DEST`: a recipe, or a config group's option (GROUP/OPTION, e.g.
     strategy/zero3), as a starting point of one's own. Never overwrites."""
+    import os
     import re
 
     from launcher.config.errors import ConfigError
@@ -216,6 +229,13 @@ def _copy_option(name: str, dest: str) -> int:
     what = "recipe" if group == RECIPES else f"{group} option"
     if option not in files:
         raise ConfigErrors([ConfigError(name, f"no such {what}; available: {', '.join(files)}")])
+    from launcher.shell import has_control_chars, quote
+
+    if not dest or has_control_chars(dest):  # "" is Path("."); a newline makes a file `ftl train` refuses to read
+        problem = (
+            "got an empty path" if not dest else f"got {dest!r}; newlines and other control characters are not allowed"
+        )
+        raise ConfigErrors([ConfigError("DEST", f"{problem}: name a .yaml file or a directory (. for this one)")])
     target = Path(dest).expanduser()
     if target.is_dir() and group == RECIPES:
         target = target / f"{option}.yaml"
@@ -226,7 +246,7 @@ def _copy_option(name: str, dest: str) -> int:
         raise ConfigErrors(
             [ConfigError("DEST", f"{dest}: a {what} file ends in .yaml (or name an existing directory)")]
         )
-    if target.exists():
+    if os.path.lexists(target):  # a dangling symlink too: open(.., "x") would fail on it
         raise ConfigErrors(
             [ConfigError("DEST", f"{target} exists; ftl does not overwrite it: choose another name or remove it")]
         )
@@ -245,7 +265,6 @@ def _copy_option(name: str, dest: str) -> int:
     if not target.parent.is_dir():
         raise ConfigErrors([ConfigError("DEST", f"{target.parent}: no such directory")])
     from launcher.safe_read import UnreadableFile, read_text
-    from launcher.shell import quote
 
     try:
         text = read_text(files[option])
@@ -361,10 +380,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.artifacts.weights import ArtifactInputError
     from launcher.config.validate import validated
-    from launcher.eval.job import EvalInputError, as_eval_config, default_out, eval_config, launch, write_job
+    from launcher.eval.job import (
+        EvalInputError,
+        as_eval_config,
+        check_baseline,
+        default_out,
+        eval_config,
+        launch,
+        write_job,
+    )
 
     try:
         raw, run_dir, step = eval_config(Path(args.model), args.overrides)
+        check_baseline(args.baseline)
         raw = as_eval_config(raw)
         if args.judge:
             raw["eval"] = {**raw.get("eval", {}), "judge": {"path": str(Path(args.judge).expanduser().resolve())}}
@@ -568,9 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "path", metavar="RUN_DIR_OR_CKPT_DIR", help="a run dir (its latest checkpoint) or a checkpoints/step-N dir"
+        "path",
+        type=_path,
+        metavar="RUN_DIR_OR_CKPT_DIR",
+        help="a run dir (its latest checkpoint) or a checkpoints/step-N dir",
     )
-    p.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
+    p.add_argument("--out", type=_path, help="output directory (default: RUN_DIR/export/step-N)")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--best",
@@ -589,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (auto: as trained)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--config", help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
+    p.add_argument("--config", type=_path, help="the run's config.yaml, for a checkpoint dir moved out of its run dir")
     p.add_argument(
         "--merge-lora",
         action="store_true",
@@ -604,7 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
         overrides=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     p.add_argument(
         "overrides",
@@ -616,17 +650,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         nargs="?",
         const="auto",
+        type=_path,
         metavar="PATH",
         help="evaluate the base too and print a before/after table: the run's starting model or adapter-free "
         "base by default, or the model at PATH",
     )
     p.add_argument(
         "--judge",
+        type=_path,
         metavar="PATH",
         help="a local model dir that judges base vs tuned answers pairwise, both orders (eval.judge.path; implies "
         "--baseline): the tuned model's win rate in eval.json",
     )
-    p.add_argument("--out", help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
+    p.add_argument("--out", type=_path, help="where eval.json goes (default: RUN_DIR/eval/step-N, or EXPORT/eval)")
     p = add(
         "generate",
         cmd_generate,
@@ -635,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     p.add_argument("prompt", help="the user message")
     _add_generation_args(p)
@@ -647,7 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
         config_dir=False,
     )
     p.add_argument(
-        "model", metavar="RUN_OR_EXPORT", help="a run dir, a checkpoints/step-N dir, or an `ftl export` output"
+        "model",
+        type=_path,
+        metavar="RUN_OR_EXPORT",
+        help="a run dir, a checkpoints/step-N dir, or an `ftl export` output",
     )
     _add_generation_args(p)
     p = add("recipes", cmd_recipes, "list the recipes (shipped, and those of the config dirs)", overrides=False)
@@ -682,7 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create: only write the config; agent: draw trials with W&B's search engine, no server",
     )
-    p.add_argument("--out", help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)")
+    p.add_argument(
+        "--out", type=_path, help="create: where to write the W&B sweep config (default: runs/sweep-<name>.yaml)"
+    )
     parser.set_defaults(subparsers=subparsers)
     return parser
 

@@ -142,6 +142,13 @@ def read_yaml_text(path: PathLike) -> str:
     text = read_text(path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        # Counted as the parser streams, before any node is built: a file of millions of plain
+        # nodes (a 12 MB list) took a minute and a GB to compose only to be refused.
+        nodes = 0
+        for event in yaml.parse(text, Loader=loader):
+            nodes += isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent))
+            if nodes > MAX_YAML_NODES:
+                raise UnreadableFile(f"{path}: more than {MAX_YAML_NODES:,} YAML nodes; ftl reads no YAML that large")
         node = yaml.compose(text, Loader=loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -465,6 +465,25 @@ def test_negative_and_out_of_range_counts_are_refused(override, field):
 
 
 @pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.arch.num_layers=1000000000000"], "model.arch.num_layers: got 1000000000000; must be <= 1024"),
+        (["model.arch.vocab_size=" + "9" * 40], "model.arch.vocab_size: got 9999999999999999999999999999999999999999"),
+        (  # bash reads 2**63 as a negative number: the job would never requeue
+            ["launch=slurm", "launch.max_requeues=9223372036854775808"],
+            "launch.max_requeues: got 9223372036854775808; must be <= 1000",
+        ),
+        (["launch=slurm", "launch.max_node_requeues=" + "9" * 23], "launch.max_node_requeues: got 99999999999"),
+    ],
+)
+def test_a_count_too_large_to_build_or_for_bash_to_count_is_refused_by_plan(overrides, needle, capsys):
+    """An absurd model.arch (as in an absurd config.json) is exit 2, not a MemoryError building it."""
+    with within(30):
+        code, out = run_cli(capsys, "plan", "recipe=tiny", *overrides)
+    assert code == 2 and needle in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
     "overrides, expected",
     [
         (["train.micro_batch_size=abc", "train.global_batch_size=8"], ["train.micro_batch_size"]),
@@ -890,6 +909,51 @@ def test_a_fifo_as_a_data_file_or_a_recipe_is_refused_without_being_opened(tmp_p
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{run}", "--out", "{bad}"],
+        ["export", "{bad}"],
+        ["eval", "{bad}"],
+        ["eval", "{run}", "--out", "{bad}"],
+        ["eval", "{run}", "--baseline", "{bad}"],
+        ["generate", "{bad}", "hi"],
+        ["chat", "{bad}"],
+        ["sweep", "create", "tiny", "--offline", "--out", "{bad}"],
+    ],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("bad", ["", "out\x1b[2J"], ids=["empty", "escape"])
+def test_an_empty_or_control_character_path_argument_is_exit_2_before_anything_is_read(
+    argv, bad, tmp_path, capsys, monkeypatch
+):
+    """`ftl export "$RUN" --out "$OUT"` with OUT unset: '' is the working directory, or the default,
+    never silently; an escape sequence in a path would reach the terminal in every message."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(capsys, *[a.format(run=tmp_path / "no-run", bad=bad) for a in argv])
+    needle = "got an empty path" if not bad else "got 'out\\x1b[2J'; newlines and other control characters"
+    assert code == 2 and needle in out and "\x1b" not in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "dest, needle",
+    [
+        ("", "DEST: got an empty path"),  # Path("") is the working directory
+        ("a\nb.yaml", "DEST: got 'a\\nb.yaml'; newlines and other control characters are not allowed"),
+        ("link.yaml", "DEST: link.yaml exists; ftl does not overwrite it"),  # a dangling symlink
+    ],
+)
+def test_recipes_copy_to_an_empty_a_control_character_or_a_dangling_link_dest_writes_nothing(
+    dest, needle, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "elsewhere.yaml", tmp_path / "link.yaml")
+    code, out = run_cli(capsys, "recipes", "--copy", "tiny", dest)
+    assert code == 2 and needle in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.yaml"]
+
+
+@pytest.mark.parametrize(
     "name, text, needle",
     [
         ("syntax", "train:\n  lr: [1e-3\n", "syntax.yaml, line 3, column 1: invalid YAML"),
@@ -1022,6 +1086,28 @@ def test_a_malformed_config_json_is_exit_2_naming_the_file_and_key(change, needl
     with within(30):
         code, out = run_cli(capsys, "plan", "recipe=tiny", "model.source=hf", f"model.path={model}")
     assert code == 2 and f"model.path: {model / 'config.json'}: {needle}" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("baseline", ["missing", "fifo", "plain-dir"])
+def test_a_bad_eval_baseline_is_exit_2_before_the_out_dir_is_written_or_a_model_loaded(
+    baseline, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("FTL_CONFIG_DIR", "")
+    model = tmp_path / "export"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(HF_CONFIG))  # no weights: loading it would fail differently
+    path = tmp_path / baseline
+    if baseline == "fifo":
+        os.mkfifo(path)
+    elif baseline == "plain-dir":
+        path.mkdir()
+    with within(30):
+        code, out = run_cli(
+            capsys, "eval", str(model), "recipe=tiny", "--baseline", str(path), "--out", str(tmp_path / "o")
+        )
+    needle = "is neither a run dir" if baseline == "plain-dir" else "no such directory"
+    assert code == 2 and f"ftl eval: --baseline: {path}" in out and needle in out, out
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
@@ -1257,12 +1343,21 @@ def test_a_kill_while_a_step_is_saved_again_always_leaves_a_complete_checkpoint(
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-5"], "leftovers pruned"
 
 
-def test_a_sweep_spec_that_is_a_fifo_or_an_alias_bomb_is_refused(tmp_path, capsys, monkeypatch):
+def test_a_sweep_spec_that_is_a_fifo_an_alias_bomb_or_huge_is_refused(tmp_path, capsys, monkeypatch):
     """Sweep specs go through the same reader as recipes: no hang, no expansion, exit 2 naming the file."""
     monkeypatch.setenv("FTL_CONFIG_DIR", "")
     os.mkfifo(tmp_path / "pipe.yaml")
     (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS)
+    (tmp_path / "huge.yaml").write_text(
+        "method: grid\nparameters:\n  train.lr:\n    values: [" + "1," * 400_000 + "]\n"
+    )
     with within(20):
+        code, out = run_cli(
+            capsys, "sweep", "create", str(tmp_path / "huge.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
+        )
+        assert code == 2 and "huge.yaml: more than 100,000 YAML nodes" in out, (
+            out
+        )  # not composed first: no minute, no GB
         code, out = run_cli(
             capsys, "sweep", "create", str(tmp_path / "pipe.yaml"), "--offline", "--out", str(tmp_path / "s.yaml")
         )

@@ -110,16 +110,21 @@ def printable(text: str) -> bool:
 
 
 @pytest.mark.parametrize("text", [PLANTED, *HOSTILE], ids=repr)
-def test_the_new_run_name_hints_are_one_safe_shell_word(text, tmp_path):
+def test_the_new_run_hints_are_one_safe_shell_word_naming_the_new_dir(text, tmp_path):
+    """The "a new run" hint is one shell word, and Hydra reads it back as a run.dir beside this
+    run's: run.name would leave a run given by run.dir (or a SLURM run's runs/<name>-slurm) where it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     run_dir = tmp_path / text.replace("/", "_")
-    want = [f"run.name={run_dir.name}-2"]
+    argv = ["train", "recipe=tiny", f"run.dir={run_dir}", "run.name=x"]
     hint = finished_message(_verdict(run_dir), run_dir).split("a new run:", 1)[1].strip().split(", or ", 1)[0]
-    line = next(ln for ln in refusal(_verdict(run_dir), run_dir).splitlines() if "a new run:" in ln).split(
-        "a new run:", 1
-    )[1]
-    for shown in (hint, line):
-        assert bash_words(shown, tmp_path) == want, shown
-        assert not printable(text) or shlex.split(shown) == want
+    line = next(ln for ln in refusal(_verdict(run_dir), run_dir, argv).splitlines() if "a new run:" in ln)
+    for shown, want in ((hint, 1), (line.split("a new run:", 1)[1], 5)):
+        words = bash_words(shown, tmp_path)
+        assert len(words) == want and not any(w.startswith("run.dir=") for w in words[:-1]), words
+        override = OverridesParser.create().parse_override(words[-1])
+        assert override.key_or_group == "run.dir" and override.value() == f"{run_dir}-2", shown
+        assert not printable(text) or shlex.split(shown) == words
 
 
 @pytest.mark.parametrize("text", [PLANTED, *HOSTILE], ids=repr)

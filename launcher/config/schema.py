@@ -69,19 +69,21 @@ class ArchConfig:
         *MODEL_TYPES,
         doc="the decoder family (transformers' model_type): the layer layout ftl builds, shards and plans",
     )
-    vocab_size: int = ranged(32000, 1, doc="tokens in the vocabulary: rows of the embedding and of the output layer")
-    hidden_size: int = ranged(4096, 1, doc="width of the residual stream (the embedding size)")
-    intermediate_size: int = ranged(11008, 1, doc="the dense MLP's width (mixtral: each expert's)")
-    num_layers: int = ranged(32, 1, doc="decoder layers")
-    num_heads: int = ranged(32, 1, doc="attention (query) heads")
+    vocab_size: int = ranged(
+        32000, 1, 1 << 24, doc="tokens in the vocabulary: rows of the embedding and of the output layer"
+    )
+    hidden_size: int = ranged(4096, 1, 1 << 17, doc="width of the residual stream (the embedding size)")
+    intermediate_size: int = ranged(11008, 1, 1 << 20, doc="the dense MLP's width (mixtral: each expert's)")
+    num_layers: int = ranged(32, 1, 1024, doc="decoder layers")
+    num_heads: int = ranged(32, 1, 1024, doc="attention (query) heads")
     num_kv_heads: int = ranged(
-        32, 1, doc="key/value heads: num_heads for multi-head attention, fewer for grouped-query attention"
+        32, 1, 1024, doc="key/value heads: num_heads for multi-head attention, fewer for grouped-query attention"
     )
     head_dim: Optional[int] = ranged(
-        None, 1, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)"
+        None, 1, 4096, doc="null: hidden_size / num_heads (qwen3, gemma and others set their own)"
     )
     max_position_embeddings: int = ranged(
-        4096, 1, doc="the longest sequence the model is built for, in tokens; train.seq_len may not exceed it"
+        4096, 1, 1 << 27, doc="the longest sequence the model is built for, in tokens; train.seq_len may not exceed it"
     )
     tie_embeddings: bool = plain(
         False, doc="the output layer shares the input embedding's weights (transformers' tie_word_embeddings)"
@@ -90,12 +92,16 @@ class ArchConfig:
     rms_norm_eps: float = ranged(1e-5, 0.0, lo_open=True, doc="epsilon of the RMSNorm layers")
     attention_bias: bool = plain(False, doc="q/k/v/o biases (qwen2_moe: its qkv_bias; qwen2 always has q/k/v biases)")
     mlp_bias: bool = plain(False, doc="biases in the MLP projections")
-    num_experts: int = ranged(0, 0, doc="experts per mixture-of-experts layer (mixtral, qwen2_moe); 0: a dense model")
-    num_experts_per_tok: int = ranged(
-        0, 0, doc="experts each token is routed to, 1 to num_experts (0 in a dense model)"
+    num_experts: int = ranged(
+        0, 0, 4096, doc="experts per mixture-of-experts layer (mixtral, qwen2_moe); 0: a dense model"
     )
-    moe_intermediate_size: Optional[int] = ranged(None, 1, doc="each expert's width; null: intermediate_size")
-    shared_expert_intermediate_size: int = ranged(0, 0, doc="width of qwen2_moe's always-on shared expert; 0: none")
+    num_experts_per_tok: int = ranged(
+        0, 0, 4096, doc="experts each token is routed to, 1 to num_experts (0 in a dense model)"
+    )
+    moe_intermediate_size: Optional[int] = ranged(None, 1, 1 << 20, doc="each expert's width; null: intermediate_size")
+    shared_expert_intermediate_size: int = ranged(
+        0, 0, 1 << 20, doc="width of qwen2_moe's always-on shared expert; 0: none"
+    )
     dense_layers: list[int] = plain(
         factory=list,
         doc="indices (from 0) of the layers with a dense MLP in an MoE model (qwen2_moe's mlp_only_layers)",
@@ -650,11 +656,12 @@ class SlurmLaunch(LaunchBase):
         "requeues; null: USR1 early enough to finish a step and write a checkpoint at io_gb_per_s (at least 120 s)",
     )
     max_requeues: int = ranged(
-        3, 0, doc="times the job requeues itself at the time limit and resumes from its checkpoint; 0: never"
+        3, 0, 1000, doc="times the job requeues itself at the time limit and resumes from its checkpoint; 0: never"
     )
     max_node_requeues: int = ranged(
         1,
         0,
+        1000,
         doc="times the job requeues itself after a failure it can pin on nodes (a failing rank or preflight), each "
         "time excluding those nodes (excluded_nodes.txt in the run dir); 0: a failure ends the job",
     )

@@ -125,6 +125,12 @@ def recipe_file_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+def hydra_word(value: str) -> str:
+    """A value as a Hydra override value: bare where Hydra reads it back as the same string (a path
+    of plain characters), else :func:`hydra_quote`-d."""
+    return value if re.fullmatch(r"[\w.-]*/[\w./-]*", value, re.ASCII) else hydra_quote(value)
+
+
 def hydra_quote(value: str) -> str:
     """A value as one quoted Hydra override value: any path, spaces and quotes included."""
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)

@@ -3,11 +3,10 @@ command line gets evaluated on it too, never on the demo's held-out set, and nev
 demo rows by accident.
 
 With ``data=demo`` (every shipped recipe's choice) and an override of ``data.train_files`` or of
-``data.sources`` (its training sources), and no override of ``data.eval_files`` or
-``data.eval_fraction``:
+``data.sources`` (its training sources), and no override of ``data.eval_files``:
 
-* the demo's eval file is dropped and ``data.eval_fraction`` becomes 0.05 (as in ``data=chat_files``):
-  a seeded 5% of the user's rows is held out;
+* the demo's eval file is dropped and ``data.eval_fraction``, unless given, becomes 0.05 (as in
+  ``data=chat_files``): a seeded 5% of the user's rows is held out;
 * with ``data.sources`` alone, the demo's training file is dropped too.
 
 Whatever the user names explicitly stays as they wrote it, and each change comes with a note.
@@ -53,10 +52,12 @@ def follow_user_data(raw: dict[str, Any], choices: dict[str, str], overrides: li
             "name them in data.train_files to mix them in)"
         )
         data["train_files"] = []
-    if not keys & {"data.eval_files", "data.eval_fraction"}:
+    if "data.eval_files" not in keys:
         own_eval = any(isinstance(s, dict) and s.get("split") == "eval" for s in data.get("sources") or [])
         data["eval_files"] = []
-        if not own_eval:
+        if not own_eval and "data.eval_fraction" in keys:  # which the demo's eval file would override unsaid
+            notes.append("data: evaluating on the data.eval_fraction of your training rows, not on the demo's eval set")
+        elif not own_eval:
             data["eval_fraction"] = EVAL_FRACTION
             notes.append(
                 f"data: evaluating on a held-out {EVAL_FRACTION:.0%} of your training rows, not on the demo's eval set "

@@ -83,6 +83,22 @@ def eval_config(model_path: Path, overrides: list[str]) -> tuple[dict[str, Any],
     return raw, source.run_dir, source.step
 
 
+def check_baseline(which: Optional[str]) -> None:
+    """--baseline PATH names an export, a run dir or a checkpoint dir: checked before the eval's
+    out dir is written and its model loaded, as MODEL is."""
+    if which in (None, "auto"):
+        return
+    from launcher.artifacts.weights import ArtifactInputError, resolve_source
+
+    path = Path(which).expanduser().resolve()
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return
+    try:
+        resolve_source(path)
+    except ArtifactInputError as e:
+        raise EvalInputError(f"--baseline: {e}") from None
+
+
 def as_eval_config(raw: dict[str, Any]) -> dict[str, Any]:
     """The config an eval runs with: every rank holds the whole model, whatever engine trained it
     (the engine's checks, e.g. 'single' with several ranks, do not apply)."""

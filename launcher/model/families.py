@@ -227,23 +227,25 @@ class UnsupportedModel(ValueError):
 
 
 # The config.json values ftl computes with, checked before any arithmetic: (lowest, highest)
-# allowed. The bounds are far beyond any released model (405B Llama: 126 layers, hidden 16384;
-# the largest vocabularies ~262k; context lengths of 10M), so only nonsense is refused.
+# allowed, the highest that of the model.arch field it fills (schema.py). The bounds are far beyond
+# any released model (405B Llama: 126 layers, hidden 16384; the largest vocabularies ~262k;
+# context lengths of 10M), so only nonsense is refused.
+_ARCH_HI = {f.name: f.metadata.get("hi") for f in fields(ArchConfig)}
 INT_BOUNDS: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, 1 << 24),
-    "hidden_size": (1, 1 << 17),
-    "intermediate_size": (1, 1 << 20),
-    "num_hidden_layers": (1, 1024),
-    "num_attention_heads": (1, 1024),
-    "num_key_value_heads": (1, 1024),
-    "head_dim": (1, 4096),
-    "max_position_embeddings": (1, 1 << 27),
-    "num_experts": (0, 4096),
-    "num_local_experts": (1, 4096),
-    "num_experts_per_tok": (1, 4096),
-    "moe_intermediate_size": (1, 1 << 20),
-    "shared_expert_intermediate_size": (0, 1 << 20),
-    "decoder_sparse_step": (1, 1024),
+    "vocab_size": (1, _ARCH_HI["vocab_size"]),
+    "hidden_size": (1, _ARCH_HI["hidden_size"]),
+    "intermediate_size": (1, _ARCH_HI["intermediate_size"]),
+    "num_hidden_layers": (1, _ARCH_HI["num_layers"]),
+    "num_attention_heads": (1, _ARCH_HI["num_heads"]),
+    "num_key_value_heads": (1, _ARCH_HI["num_kv_heads"]),
+    "head_dim": (1, _ARCH_HI["head_dim"]),
+    "max_position_embeddings": (1, _ARCH_HI["max_position_embeddings"]),
+    "num_experts": (0, _ARCH_HI["num_experts"]),
+    "num_local_experts": (1, _ARCH_HI["num_experts"]),
+    "num_experts_per_tok": (1, _ARCH_HI["num_experts_per_tok"]),
+    "moe_intermediate_size": (1, _ARCH_HI["moe_intermediate_size"]),
+    "shared_expert_intermediate_size": (0, _ARCH_HI["shared_expert_intermediate_size"]),
+    "decoder_sparse_step": (1, _ARCH_HI["num_layers"]),
 }
 FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"rope_theta": (0.0, 1e12), "rms_norm_eps": (0.0, 1.0)}  # exclusive
 BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias")

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from launcher.config.errors import ConfigError
+from launcher.config.search_path import hydra_word
 from launcher.engines.traits import FAMILY_TITLES, STAGE_BOUND_FAMILIES, checkpoint_family
 from launcher.files import CHECKPOINT_MARKER as MARKER
 from launcher.files import REPLACED, TMP_PREFIX, TRAINER_STATE, checkpoint_problem, step_of
@@ -393,14 +395,14 @@ def refusal(verdict: Verdict, run_dir: Path, argv: Optional[list[str]] = None) -
     def command(*extra: str) -> str:
         if argv is None:
             return join(extra)
-        kept = [a for a in argv if not a.startswith(("run.name=", "checkpoint.resume="))]
+        kept = [a for a in argv if not a.startswith(("run.dir=", "checkpoint.resume="))]
         return join(["ftl", *kept, *extra])
 
     lines = [f"{run_dir} holds checkpoint {ckpt.path.name}, which this config cannot continue:"]
     lines += [f"  - {e}" for e in verdict.errors]
     lines += [
         "Choose one:",
-        f"  a new run:          {command(f'run.name={_new_name(run_dir)}')}",
+        f"  a new run:          {command(_new_run(run_dir))}",
         f"  start over here:    {command('checkpoint.resume=never')}   "
         f"(moves the earlier run's files into {RunPaths.EARLIER_PREFIX}<time>/ first, deleting nothing)",
     ]
@@ -435,7 +437,7 @@ def finished_message(verdict: Verdict, run_dir: Path) -> str:
             "  not applied, the run being complete (a longer run applies them from its next step, a new run from step 0):"
         )
         lines += [f"    {key}: {_show(a)} -> {_show(b)}" for key, a, b in verdict.ignored]
-    new_run = quote(f"run.name={_new_name(run_dir)}")
+    new_run = quote(_new_run(run_dir))
     lines += [
         f"  train longer:    train.max_steps=N with N > {ckpt.step}{other}",
         f"  evaluate again:  ftl eval {quote(str(run_dir))}",
@@ -456,12 +458,14 @@ def cross_engine_notice(verdict: Verdict) -> str:
     )
 
 
-def _new_name(run_dir: Path) -> str:
+def _new_run(run_dir: Path) -> str:
+    """The override of a new run beside this one: run.dir, not run.name, which neither moves a run
+    given by run.dir nor names the dir of a SLURM run (runs/<name>-slurm)."""
     base = Path(run_dir).name
     n = 2
     while (Path(run_dir).parent / f"{base}-{n}").exists():
         n += 1
-    return f"{base}-{n}"
+    return f"run.dir={hydra_word(os.path.join(os.path.dirname(run_dir) or '.', f'{base}-{n}'))}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

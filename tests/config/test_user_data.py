@@ -30,6 +30,13 @@ def test_own_train_files_are_evaluated_on_a_held_out_part_of_them(mine: str) -> 
     assert any("held-out 5% of your training rows" in n for n in loaded.notes)
 
 
+def test_own_train_files_with_an_eval_fraction_are_evaluated_on_that_part_not_on_the_demo(mine: str) -> None:
+    """data.eval_fraction is ignored while eval files exist: the demo's kept would override it unsaid."""
+    loaded = load_config(["recipe=tiny", f"data.train_files=[{mine}]", "data.eval_fraction=0.1"])
+    assert loaded.cfg.data.eval_files == [] and loaded.cfg.data.eval_fraction == 0.1
+    assert any("data.eval_fraction of your training rows" in n for n in loaded.notes), loaded.notes
+
+
 def test_own_sources_replace_the_demo_rows(mine: str) -> None:
     loaded = load_config(["recipe=tiny", f"data.sources=[{{path: {mine}, weight: 1}}]"])
     assert loaded.cfg.data.train_files == [] and loaded.cfg.data.eval_files == []

@@ -171,7 +171,7 @@ def test_a_finished_run_names_the_changes_it_did_not_apply(four_steps: Path) -> 
     named = proc.stderr.split("not applied", 1)[1].split("train longer", 1)[0]
     assert "train.lr: 0.003 -> 0.001" in named and "train.warmup_steps: 2 -> 1" in named, proc.stderr
     assert len(named.strip().splitlines()) == 3, named  # the heading and the two changes, nothing else
-    assert "train.max_steps=N with N > 4" in proc.stderr and "run.name=run-2" in proc.stderr
+    assert "train.max_steps=N with N > 4" in proc.stderr and f"run.dir={four_steps}-2" in proc.stderr
     assert snapshot(four_steps) == before
 
 
@@ -185,9 +185,11 @@ def test_refusals_come_before_anything_is_written(four_steps: Path) -> None:
     ):
         proc = ftl(*run_cmd(four_steps, "train.max_steps=4", *more), check=False)
         assert proc.returncode == 2, proc.stderr
-        assert needle in proc.stderr and "run.name=run-2" in proc.stderr and "checkpoint.resume=never" in proc.stderr, (
-            proc.stderr
-        )
+        assert (
+            needle in proc.stderr
+            and f"run.dir={four_steps}-2" in proc.stderr
+            and "checkpoint.resume=never" in proc.stderr
+        ), proc.stderr
         assert "Traceback" not in proc.stderr and "launching" not in proc.stderr
         assert snapshot(four_steps) == before
     plan = ftl("plan", *run_cmd(four_steps, "train.max_steps=2")[1:], check=False)
