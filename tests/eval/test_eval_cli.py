@@ -244,9 +244,12 @@ def test_eval_input_errors_exit_2(lora_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct on the demo data: 4 LoRA steps lower the held-out perplexity, as the
-    training's before/after eval and `ftl eval --baseline` both report (~2 min on 2 cores)."""
+    training's before/after eval and `ftl eval --baseline` both report (4 min alone on the 2-core
+    machine, over 10 beside the other pytest worker). The retain set is not what this test
+    measures: tests/train/test_retain.py does."""
     from launcher.model.smollm2 import SmolLM2NotInstalled, gguf_path
 
     try:
@@ -262,10 +265,11 @@ def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
         "eval.max_batches=2",
         "eval.batch_size=8",
         "eval.generate=false",
+        "eval.retain.enabled=false",
         "wandb.mode=disabled",
     ]
     out = ftl(
-        "train", "recipe=demo", "peft=lora", *short, "eval.before_training=true", f"run.dir={tmp_path}", timeout=600
+        "train", "recipe=demo", "peft=lora", *short, "eval.before_training=true", f"run.dir={tmp_path}", timeout=1200
     )
     evals = json.loads((tmp_path / "eval.json").read_text())
     assert evals["after"]["perplexity"] < 0.9 * evals["before"]["perplexity"], evals
@@ -277,7 +281,7 @@ def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
         "eval.batch_size=8",
         "eval.generate=false",
         "--baseline",
-        timeout=600,
+        timeout=1200,
     )
     again = json.loads((tmp_path / "eval" / "step-4" / "eval.json").read_text())
     assert again["after"]["perplexity"] == pytest.approx(evals["after"]["perplexity"], rel=1e-4)
