@@ -56,8 +56,8 @@ def has_control_chars(text: str) -> bool:
 
 
 def split(line: str) -> list[str]:
-    """The words of a command line :func:`join` wrote (printable words; a ``$'...'`` word is read as
-    POSIX shell reads it without the ``$``). Raises ValueError on an unbalanced quote."""
+    """The words of a command line :func:`join` wrote. Exact for printable words; a ``$'...'`` word
+    (one holding a control character) is not decoded. Raises ValueError on an unbalanced quote."""
     return shlex.split(line)
 
 

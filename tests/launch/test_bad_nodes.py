@@ -41,6 +41,13 @@ def hung(run_dir: Path, *records: tuple[int, str, float, bool], world: int = 4) 
         path.write_text(json.dumps({**json.loads(path.read_text()), "in_collective": waiting}))
 
 
+def hung_four(run_dir: Path, waiting: tuple[bool, ...]) -> None:
+    """Ranks 0-1 on n1, 2-3 on n2, all ended by the watchdog (rank 1's first), each waiting in a
+    collective or not as ``waiting`` says."""
+    fired = ((0, "n1", SINCE + 9.3), (1, "n1", SINCE + 9.1), (2, "n2", SINCE + 9.4), (3, "n2", SINCE + 9.2))
+    hung(run_dir, *((rank, node, when, w) for (rank, node, when), w in zip(fired, waiting)))
+
+
 def preflight(run_dir: Path, when: float, failed: tuple[str, ...] = ()) -> None:
     nodes = [{"host": "n1", "ranks": [0, 1]}, {"host": "n2", "ranks": [2, 3]}]
     RunPaths(run_dir).preflight.write_text(json.dumps({"time": when, "failed": list(failed), "nodes": nodes}))
@@ -88,13 +95,7 @@ def test_the_preflight_names_the_failing_node_first(tmp_path):
 
 def test_a_hang_names_the_node_of_the_rank_in_no_collective_not_the_first_to_fire(tmp_path):
     """Rank 1's watchdog fired first, but it waited in a collective: rank 2, stuck elsewhere, is the hang."""
-    hung(
-        tmp_path,
-        (0, "n1", SINCE + 9.3, True),
-        (1, "n1", SINCE + 9.1, True),
-        (2, "n2", SINCE + 9.4, False),
-        (3, "n2", SINCE + 9.2, True),
-    )
+    hung_four(tmp_path, (True, True, False, True))
     assert blame(tmp_path, SINCE) == Blame(
         ["n2"], "the watchdog found rank(s) 2 there hung outside any collective, the others waiting in one"
     )
@@ -102,13 +103,7 @@ def test_a_hang_names_the_node_of_the_rank_in_no_collective_not_the_first_to_fir
 
 @pytest.mark.parametrize("waiting", [True, False], ids=["all-in-collectives", "none-in-collectives"])
 def test_a_hang_that_collectives_cannot_tell_falls_back_to_the_first_rank_to_fail(tmp_path, waiting):
-    hung(
-        tmp_path,
-        (0, "n1", SINCE + 9.3, waiting),
-        (1, "n1", SINCE + 9.1, waiting),
-        (2, "n2", SINCE + 9.4, waiting),
-        (3, "n2", SINCE + 9.2, waiting),
-    )
+    hung_four(tmp_path, (waiting,) * 4)
     assert blame(tmp_path, SINCE) == Blame(["n1"], "rank 1 there failed first (exit code 124)")
 
 

@@ -264,35 +264,45 @@ def test_preprocessing_runs_as_its_own_job_before_training(cluster, tmp_path):
     assert_trained(run_dir, 1, steps=3)
 
 
-def test_a_node_failure_requeues_the_job_without_that_node_and_it_resumes(cluster, tmp_path):
-    """A rank fails mid-run (FTL_TEST_FAIL_AT, on the job's first run only) on whichever node the
-    one-node job got: the job names that node from the ranks' exit records, requeues itself with
-    the node in its ExcNodeList, runs on the other node and resumes from its last checkpoint. (A
-    two-node job could not run again here: excluding one node leaves one.)"""
-    failing = LocalCluster({**cluster.env, "FTL_TEST_FAIL_AT": "12"})
-    out = failing.run(
+def _requeued_once(cluster, tmp_path, fault_env, name, *overrides):
+    """A one-node, 20-step tiny job with a fault on its first run only (``fault_env``), waited for:
+    it must complete after exactly one requeue. Returns its id, its sacct record, run dir, batch
+    log, node log and (the node of the first run, the node of the second)."""
+    out = LocalCluster({**cluster.env, **fault_env}).run(
         *FTL,
         "train",
         "recipe=tiny",
         "launch=slurm",
         "train.device=cpu",
+        *overrides,
         "train.max_steps=20",
         "checkpoint.every_steps=5",
         "eval.after_training=false",
-        "run.name=badnode",
+        f"run.name={name}",
         cwd=tmp_path,
         timeout=120,
     )
     job_id = out.stdout.strip()
     assert job_id.isdigit(), out.stdout + out.stderr
     job = cluster.wait(job_id, timeout=300)
-    run_dir = tmp_path / "runs" / "badnode-slurm"
+    run_dir = tmp_path / "runs" / f"{name}-slurm"
     batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     node_log = (run_dir / "logs" / "node-0.log").read_text()
     assert job.state == "COMPLETED" and job.restarts == 1, batch_log + node_log
     runs = re.findall(rf"^ftl: node 0 on (n[12]), job {job_id}, restart (\d)", node_log, re.M)
     assert [r for _, r in runs] == ["0", "1"], runs
     (bad, _), (good, _) = runs
+    return job_id, job, run_dir, batch_log, node_log, (bad, good)
+
+
+def test_a_node_failure_requeues_the_job_without_that_node_and_it_resumes(cluster, tmp_path):
+    """A rank fails mid-run (FTL_TEST_FAIL_AT, on the job's first run only) on whichever node the
+    one-node job got: the job names that node from the ranks' exit records, requeues itself with
+    the node in its ExcNodeList, runs on the other node and resumes from its last checkpoint. (A
+    two-node job could not run again here: excluding one node leaves one.)"""
+    job_id, job, run_dir, batch_log, node_log, (bad, good) = _requeued_once(
+        cluster, tmp_path, {"FTL_TEST_FAIL_AT": "12"}, "badnode"
+    )
     assert bad != good
     assert (run_dir / "excluded_nodes.txt").read_text() == (
         f"{bad}\t{job_id}\t0\trank 0 there failed first (exit code 1)\n"
@@ -350,34 +360,16 @@ def test_a_hung_rank_ends_the_job_by_the_watchdog_and_it_requeues_without_that_n
     first run only) while rank 0 waits for it in a collective. The watchdog (5 s floor) ends both
     with their stacks in logs/, the job names the node of the rank in no collective, requeues
     itself with that node in its ExcNodeList, runs on the other node and resumes from step 10."""
-    hanging = LocalCluster({**cluster.env, "FTL_TEST_HANG": "1@step-12"})
-    out = hanging.run(
-        *FTL,
-        "train",
-        "recipe=tiny",
-        "launch=slurm",
-        "train.device=cpu",
+    job_id, job, run_dir, batch_log, node_log, (bad, good) = _requeued_once(
+        cluster,
+        tmp_path,
+        {"FTL_TEST_HANG": "1@step-12"},
+        "hang",
         "strategy=ddp",
         "launch.nproc_per_node=2",
-        "train.max_steps=20",
-        "checkpoint.every_steps=5",
         "train.watchdog.floor_s=5",
-        "eval.after_training=false",
-        "run.name=hang",
-        cwd=tmp_path,
-        timeout=120,
     )
-    job_id = out.stdout.strip()
-    assert job_id.isdigit(), out.stdout + out.stderr
-    job = cluster.wait(job_id, timeout=300)
-    run_dir = tmp_path / "runs" / "hang-slurm"
     logs = run_dir / "logs"
-    batch_log = (logs / f"slurm-{job_id}.out").read_text()
-    node_log = (logs / "node-0.log").read_text()
-    assert job.state == "COMPLETED" and job.restarts == 1, batch_log + node_log
-    runs = re.findall(rf"^ftl: node 0 on (n[12]), job {job_id}, restart (\d)", node_log, re.M)
-    assert [r for _, r in runs] == ["0", "1"], runs
-    (bad, _), (good, _) = runs
     assert bad != good
     assert "srun exited with code 124" in batch_log  # the watchdog ended the ranks, not a crash
     why = "the watchdog found rank(s) 1 there hung outside any collective, the others waiting in one"
