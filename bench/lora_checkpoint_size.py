@@ -1,8 +1,10 @@
 """What a LoRA checkpoint weighs beside its base: the demo model (SmolLM2-135M, peft=lora) trained
-one step, saved as a run saves it, against the base model's weight files and against a checkpoint
-that would copy the whole model (what ftl saved before: the frozen base in every checkpoint), and
-against the floor of an exact resume: the fp32 adapter and AdamW's two fp32 moments, 12 bytes per
-trainable parameter.
+``--steps`` steps on the demo's own conversations, saved as a run saves it, against the base model's
+weight files, against a checkpoint that would copy the whole model (what ftl saved before: the
+frozen base in every checkpoint), and against the raw size of what an exact resume needs: the fp32
+adapter and AdamW's two fp32 moments, 12 bytes per trainable parameter (the moments are packed
+losslessly: launcher/engines/lossless.py). The moments' top bytes compress less after many steps
+than after one, so the default trains 30.
 
     python bench/lora_checkpoint_size.py            # SmolLM2-135M, recipe=demo peft=lora, strategy=single
     python bench/lora_checkpoint_size.py --quick    # the tiny random Llama: checks the script only
@@ -14,10 +16,12 @@ does once at start and ``ftl export`` once more.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +40,7 @@ ROWS = (
     "base model weight files",
     "LoRA checkpoint, base copied (before)",
     "LoRA checkpoint, base named and hashed (now)",
-    "floor: fp32 adapter + 2 AdamW moments (12 B/param)",
+    "fp32 adapter + 2 AdamW moments, raw (12 B/param)",
 )
 
 
@@ -44,25 +48,44 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(quick: bool) -> dict[str, float]:
+def demo_batches(tokenizer: object, steps: int, seq_len: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of two demo conversations each (user and assistant turns as plain text)."""
+    from launcher.paths import ROOT
+
+    rows = [
+        json.loads(line) for line in (ROOT / "launcher" / "assets" / "demo" / "train.jsonl").read_text().splitlines()
+    ]
+    texts = ["\n".join(f"{m['role']}: {m['content']}" for m in row["messages"]) for row in rows]
+    batches = []
+    for i in range(steps):
+        pair = [texts[(2 * i) % len(texts)], texts[(2 * i + 1) % len(texts)]]
+        enc = tokenizer(pair, return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)  # type: ignore[operator]
+        batches.append((enc["input_ids"], enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)))
+    return batches
+
+
+def measure(quick: bool, steps: int = 30) -> dict[str, Any]:
     raw, _, _ = compose(["recipe=tiny" if quick else "recipe=demo", "peft=lora"])
     cfg, errors = validate(raw)
     assert not errors, errors
     device = torch.device("cpu")
-    model, _ = build_model(cfg, device)
+    model, tokenizer = build_model(cfg, device)
     start = time.perf_counter()
     base = base_record(cfg, load_dtype(cfg, autocast_dtype(cfg.train.precision, device)))
     hash_s = time.perf_counter() - start
     engine = build_engine(cfg, model, DistInfo(), device)
-    engine.setup(total_steps=10)
-    ids = torch.randint(0, 100, (1, 32))
-    engine.backward(engine.model(input_ids=ids, labels=ids).loss)
-    engine.step()
+    engine.setup(total_steps=max(steps, 10))
+    for ids, labels in demo_batches(tokenizer, steps):
+        engine.backward(engine.model(input_ids=ids, labels=labels).loss)
+        engine.step()
     with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
         path = save_checkpoint(
             Path(run_dir), TrainerState(step=1, base=base), engine, DistInfo(), keep=1, barrier=lambda: None
         )
+        save_s = time.perf_counter() - start
         ckpt = dir_bytes(path)
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
         from safetensors.torch import save_model
 
         whole = Path(run_dir) / "whole.safetensors"
@@ -75,23 +98,36 @@ def measure(quick: bool) -> dict[str, float]:
         else sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"checkpoint": ckpt, "before": before, "base": base_bytes, "floor": 12 * trainable, "hash_s": hash_s}
+    return {
+        "checkpoint": ckpt,
+        "before": before,
+        "base": base_bytes,
+        "floor": 12 * trainable,
+        "hash_s": hash_s,
+        "save_s": save_s,
+        "files": files,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=30, help="training steps before the save (default 30)")
     args = parser.parse_args()
-    m = measure(args.quick)
+    m = measure(args.quick, args.steps)
     if args.quick:
         print("QUICK (tiny model): not a result")
     print(f"{'what':<52} {'MB':>10}")
     for row, key in zip(ROWS, ("base", "before", "checkpoint", "floor")):
         print(f"{row:<52} {m[key] / 1e6:>10.2f}")
+    for name, size in m["files"].items():
+        print(f"  {name:<50} {size / 1e6:>10.2f}")
     print(
         f"checkpoint / base model: {m['checkpoint'] / m['base']:.4f}   before / now: {m['before'] / m['checkpoint']:.1f}x"
     )
-    print(f"naming and hashing the base: {m['hash_s']:.2f} s")
+    print(
+        f"naming and hashing the base: {m['hash_s']:.2f} s   the save: {m['save_s']:.2f} s ({args.steps} steps trained)"
+    )
 
 
 if __name__ == "__main__":

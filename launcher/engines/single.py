@@ -5,7 +5,8 @@ Checkpoint format (a directory): ``model.safetensors`` (all weights; safetensors
 handles tied embeddings; a LoRA/QLoRA run has none: its weights are the adapter in ``adapter/``,
 which every PEFT checkpoint holds, and the base is named in the trainer state, not copied) and
 ``engine_state.pt`` (optimizer, LR schedule and, for fp16, the grad scaler), loaded with
-``weights_only=True``. Written by rank 0 alone (ddp replicas are identical), read by every rank:
+``weights_only=True``; a PEFT run's optimizer moments are packed losslessly there
+(launcher/engines/lossless.py). Written by rank 0 alone (ddp replicas are identical), read by every rank:
 a single or ddp checkpoint resumes on any number of ranks.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 from launcher.config.schema import FtlConfig
 from launcher.engines.base import TorchEngine
 from launcher.engines.common import apply_activation_checkpointing, check_loaded, finish_step, trainable_parameters
+from launcher.engines.lossless import pack_state, unpack_state
 from launcher.runtime.device import autocast_dtype
 from launcher.runtime.distributed import DistInfo
 
@@ -96,7 +98,9 @@ class SingleEngine(TorchEngine):
         def write() -> None:
             if self.peft_model is None:
                 save_file(weights, str(ckpt_dir / WEIGHTS_FILE), metadata={"format": "pt", **metadata})
-            torch.save(state, ckpt_dir / STATE_FILE)
+                torch.save(state, ckpt_dir / STATE_FILE)
+            else:  # the moments are most of a LoRA checkpoint: packed (a few seconds for a 7B's adapters)
+                torch.save({**state, "optimizer": pack_state(state["optimizer"])}, ckpt_dir / STATE_FILE)
 
         return write
 
@@ -130,7 +134,7 @@ class SingleEngine(TorchEngine):
             missing, unexpected = load_model(self._model, weights, strict=False, device=str(self.device))
             check_loaded(ckpt_dir, missing, unexpected)
         state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(unpack_state(state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
