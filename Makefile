@@ -19,7 +19,7 @@ PYTEST_WORKERS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export FTL_CACHE ?= $(CURDIR)/.cache/ftl
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-heavy test-fast lint format clean
 
 install: $(STAMP)
 
@@ -38,8 +38,14 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/ftl train recipe=demo run.name=demo-$$(date +%Y%m%d-%H%M%S)
 
+# `make test` leaves out the tests marked heavy (over a minute each alone: the real SmolLM2 runs,
+# the README in a fresh copy, the GPU machine's rehearsal, the quick benches); `make test-heavy`
+# runs only them; `.ci/run` runs both.
 test: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m heavy $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)

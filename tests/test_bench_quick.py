@@ -66,8 +66,15 @@ QUICK_RUNS = {  # script: (the rows its table must print, what marks the numbers
 }
 
 
+# over a minute each alone: `make test-heavy`
+HEAVY_QUICK = {"throughput", "load_memory", "dpo_throughput", "ablate_cpu_step"}
+assert HEAVY_QUICK <= set(QUICK_RUNS), HEAVY_QUICK - set(QUICK_RUNS)
+
+
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("script", sorted(QUICK_RUNS))
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.heavy) if s in HEAVY_QUICK else s for s in sorted(QUICK_RUNS)]
+)
 def test_quick_mode_prints_every_row(script: str) -> None:
     rows, marker, timeout = QUICK_RUNS[script]
     proc = run_script(script, "--quick", timeout=timeout)

@@ -165,6 +165,7 @@ def _carried_site(py: Path, pip_env: dict[str, str]) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)  # the first run builds the venv: ~8 minutes on the 2-core dev machine; later runs ~4
 def test_cpu_rehearsal_of_the_gpu_machines_environment(tmp_path: Path) -> None:
     pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}

@@ -137,6 +137,7 @@ def fresh_copy(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_readme_commands_run_in_order_in_a_fresh_copy(tmp_path: Path) -> None:
     clone = fresh_copy(tmp_path / "ftl")
     bin_dir = tmp_path / "bin"

@@ -41,6 +41,7 @@ def reference(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, (v, _) in found.splits.items()}
 
 
+@pytest.mark.heavy
 def test_dpo_after_lora_sft_starts_from_the_sft_weights(sft: Path, tmp_path: Path) -> None:
     """DPO (a full fine-tune: its reference log-probs are precomputed) with model.path=<the LoRA SFT
     run> starts from base + merged SFT adapter: its reference

@@ -212,6 +212,7 @@ def test_contradicting_extra_key_exits_2_before_anything_starts(tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_zero3_offload_trains_with_adamw_numbers(zero3_run: Path, tmp_path: Path) -> None:
     """Parameters and optimizer states in CPU memory, DeepSpeedCPUAdam (compiled on first use,
     ~100 s) in AdamW mode and activation checkpointing: the same losses as ZeRO-3."""

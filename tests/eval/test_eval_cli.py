@@ -244,6 +244,7 @@ def test_eval_input_errors_exit_2(lora_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)
 def test_smollm2_lora_improves_held_out_perplexity(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct on the demo data: 4 LoRA steps lower the held-out perplexity, as the

@@ -208,6 +208,7 @@ def test_converted_directory_follows_the_umask(fake_conversion: list[Path]) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_converts_once_under_two_processes_and_knows_paris(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

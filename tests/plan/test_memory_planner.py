@@ -301,6 +301,7 @@ def test_layout_of_unknown_strategy_is_an_error():
 # the planner against the engines (bench/planner_validation.py, a quick subset)
 
 
+@pytest.mark.heavy
 def test_planner_validation_quick_subset():
     """Real engines on 2 gloo ranks: predicted model-state bytes per rank within 10% of what the
     processes hold (in practice within 1%). The full table: `python bench/planner_validation.py`."""

@@ -63,6 +63,18 @@ def test_device_and_autocast_on_cpu() -> None:
         autocast_dtype("fp16", CPU)
 
 
+def test_native_bf16_is_read_from_the_cpus_flags_not_onednns_emulation() -> None:
+    """An AVX512 CPU without AVX512-BF16 emulates bf16 (oneDNN still says it supports it): auto
+    must stay fp32 there."""
+    ice_lake = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni avx512vl\n"
+    assert not cpu_has_native_bf16(ice_lake)
+    assert cpu_has_native_bf16(ice_lake.replace("avx512vl", "avx512vl avx512_bf16"))  # Zen 4, Cooper Lake
+    assert cpu_has_native_bf16(ice_lake.replace("avx512vl", "amx_tile amx_bf16"))  # Sapphire Rapids
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Graviton 3
+    assert not cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert not cpu_has_native_bf16("")
+
+
 WORKER = """
 import sys
 from pathlib import Path
