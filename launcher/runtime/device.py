@@ -29,11 +29,28 @@ def select_device(train: TrainConfig, environ: Mapping[str, str] = os.environ) -
     return torch.device("cuda", local_rank)
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo; aarch64 lists "bf16"
+
+
+def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on
+    aarch64. Not oneDNN's ``_is_mkldnn_bf16_supported``: it also says yes on AVX512 CPUs without
+    AVX512-BF16, where bf16 is emulated (an Ice Lake Xeon: SmolLM2's demo step 13.2 s in bf16
+    autocast against 3.4 s in fp32, docs/BENCHMARKS.md). ``cpuinfo``: /proc/cpuinfo's text (tests)."""
+    if cpuinfo is None:
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if all(probe is not None for probe in probes):
+            return any(probe() for probe in probes)  # type: ignore[misc]
+        try:
+            cpuinfo = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return any(flag in flags for flag in (*CPU_BF16_FLAGS, "bf16"))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -41,7 +58,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
     auto picks bf16 where the hardware has it: GPUs with bf16, and CPUs with native bf16 dot products
     (AVX512-BF16 / AMX; measured 1.6x faster than fp32 for SmolLM2 on such a CPU). On other CPUs bf16
-    is emulated and slower, so auto stays fp32; fp16 needs loss scaling that auto should not spring
+    is emulated and slower (3.9x on an AVX512 CPU without AVX512-BF16), so auto stays fp32; fp16 needs loss scaling that auto should not spring
     on anyone.
     """
     cuda = device.type == "cuda"
