@@ -35,6 +35,7 @@ from launcher.config.topology import (
 from launcher.engines.traits import engine_traits
 from launcher.files import CHECKPOINT_MARKER, checkpoint_problem
 from launcher.paths import cache_dir
+from launcher.plan.memory import peft_adapts_experts
 from launcher.plan.scale import PEAK_BF16_FLOPS, peak_for_name, waste_problems
 from launcher.plan.timing import signal_lead_problems
 from launcher.shell import has_control_chars
@@ -485,6 +486,18 @@ def _peft_checks(cfg: FtlConfig) -> list[ConfigError]:
             ConfigError(
                 "peft.target_modules",
                 f"got {p.target_modules}; all-linear already takes every linear layer: use it alone",
+            )
+        )
+    half = {"gate_proj", "up_proj"} & set(p.target_modules)
+    fused_experts = cfg.model.arch.model_type == "qwen2_moe" and cfg.model.arch.num_experts
+    if len(half) == 1 and fused_experts and peft_adapts_experts("qwen2_moe"):
+        (named,) = half
+        other = ({"gate_proj", "up_proj"} - half).pop()
+        errs.append(
+            ConfigError(
+                "peft.target_modules",
+                f"got {p.target_modules}: qwen2_moe's experts hold gate_proj and up_proj as one "
+                f"fused tensor, which peft adapts only when both are named; add {other}, or drop {named}",
             )
         )
     if p.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:

@@ -14,7 +14,10 @@ model states against the real engines (within 1%).
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from launcher.config.schema import ArchConfig, StrategyBase
@@ -174,22 +177,60 @@ def lora_param_count(
 ) -> int:
     """Trainable parameters of LoRA: r·(d_in + d_out) per adapted linear (A is r×d_in, B is
     d_out×r), plus a full trainable copy of each module in ``modules_to_save`` (lm_head,
-    embed_tokens). Mixtral's experts under ``all-linear``: peft (0.21) adapts the fused expert
-    tensors and the router too, rank 2r on each expert's gate_up, r on its down and on the router;
-    qwen2_moe's experts and router it leaves alone."""
+    embed_tokens), plus what peft puts on each MoE layer's experts and router
+    (:func:`expert_lora_count`)."""
     known, _ = resolve_lora_targets(targets, arch)
     total = 0
     for moe in moe_layer_flags(arch):
         shapes = layer_linears(arch, moe)
         total += sum(r * (shapes[n][0] + shapes[n][1]) for n in known if n in shapes)
-        if moe and "all-linear" in targets and layout(arch.model_type).moe == "mixtral":
-            h, w, e = arch.hidden_size, expert_width(arch), arch.num_experts
-            total += e * 2 * r * (h + 2 * w) + e * r * (w + h) + r * (h + e)
+        if moe:
+            total += expert_lora_count(arch, r, targets)
     if "lm_head" in known:
         total += r * (arch.hidden_size + arch.vocab_size)
     embed = arch.vocab_size * arch.hidden_size
     total += sum(embed for m in modules_to_save if m in ("lm_head", "embed_tokens"))
     return total
+
+
+def expert_lora_count(arch: ArchConfig, r: int, targets: list[str] | tuple[str, ...]) -> int:
+    """LoRA parameters on one MoE layer's fused experts and router, as the installed peft puts
+    them: rank 2r on each expert's gate_up, r on its down and on the router. ``all-linear`` takes
+    all three (mixtral since peft 0.21, qwen2_moe since 0.22); from 0.22 qwen2_moe's names of the
+    unfused model take their part too: ``down_proj``, ``gate_proj`` with ``up_proj``, ``gate``."""
+    moe = layout(arch.model_type).moe
+    if not peft_adapts_experts(moe):
+        return 0
+    h, w, e = arch.hidden_size, expert_width(arch), arch.num_experts
+    gate_up, down, router = e * 2 * r * (h + 2 * w), e * r * (w + h), r * (h + e)
+    if "all-linear" in targets:
+        return gate_up + down + router
+    if moe != "qwen2_moe":
+        return 0
+    named = set(targets)
+    return (
+        (gate_up if {"gate_proj", "up_proj"} <= named else 0)
+        + (down if "down_proj" in named else 0)
+        + (router if "gate" in named else 0)
+    )
+
+
+def peft_adapts_experts(moe: str | None) -> bool:
+    """Whether the installed peft puts LoRA on a family's fused experts and router (read from its
+    metadata: the planner imports no torch). Without peft: as the newest does."""
+    if moe == "qwen2_moe":
+        version = _installed_version("peft")
+        return version is None or version >= (0, 22)
+    return moe == "mixtral"
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_version(package: str) -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def quantized_bytes_per_param(double_quant: bool) -> float:

@@ -191,19 +191,42 @@ def test_family_trains_packed_exports_and_reloads(family: str, models: Path, tmp
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_count_is_what_peft_trains(family: str, models: Path) -> None:
     """The planner's LoRA count (all-linear and named targets) against peft on the real model:
-    fused projections (phi3) and experts (mixtral: adapted; qwen2_moe: not) included."""
+    fused projections (phi3) and experts (mixtral; qwen2_moe from peft 0.22: by the unfused names too) included."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model_dir = hf_dir(family, models)
     arch = ArchConfig(**arch_from_hf_config(json.loads((model_dir / "config.json").read_text())))
-    for targets in (["all-linear"], ["o_proj", "down_proj"]):
+    named = [["gate_proj", "up_proj", "gate"]] if family == "qwen2_moe" else []  # peft 0.22: experts, router
+    for targets in (["all-linear"], ["o_proj", "down_proj"], *named):
         model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(model_dir),
             LoraConfig(r=4, target_modules="all-linear" if targets == ["all-linear"] else targets),
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert lora_param_count(arch, 4, targets) == trainable, (family, targets)
+
+
+def test_half_of_qwen2_moes_fused_expert_pair_is_refused_before_peft_would(models: Path, tmp_path: Path) -> None:
+    """peft 0.22 maps qwen2_moe's unfused names onto its fused experts and refuses gate_proj
+    without up_proj at load time; ftl's validate() refuses it first, with the fix."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config.errors import ConfigErrors
+    from launcher.plan.memory import peft_adapts_experts
+    from launcher.session import prepare_run
+
+    if not peft_adapts_experts("qwen2_moe"):
+        pytest.skip("peft < 0.22 leaves qwen2_moe's experts alone")
+    model_dir = hf_dir("qwen2_moe", models)
+    with pytest.raises(ValueError, match="gate_proj without also targeting up_proj"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules=["gate_proj"]))
+    base = [*overrides_for("qwen2_moe", model_dir, tmp_path / "run"), "peft=lora"]
+    with pytest.raises(ConfigErrors) as refused:
+        prepare_run([*base, "peft.target_modules=[gate_proj,o_proj]"])
+    assert "add up_proj, or drop gate_proj" in str(refused.value)
+    prepare_run([*base, "peft.target_modules=[gate_proj,up_proj]"])  # the pair is fine
 
 
 # --------------------------------------------------------------------------------------------
