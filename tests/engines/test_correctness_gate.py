@@ -44,7 +44,10 @@ def single_losses(tmp_path_factory) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize(
+    "engine",
+    [pytest.param(e, marks=pytest.mark.heavy) if e == "fsdp+compile" else e for e in sorted(ENGINES)],  # 60-120 s
+)
 def test_first_losses_match_single_process(engine, single_losses, tmp_path):
     run = tmp_path / engine
     out = ftl(

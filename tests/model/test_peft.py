@@ -335,6 +335,7 @@ def test_lora_resumes_exactly(strategy: str, lora_runs: dict[str, Path], tmp_pat
 # QLoRA
 
 
+@pytest.mark.heavy  # over a minute on the 2-core VM
 def test_qlora_loads_4bit_and_trains_on_cpu(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
 

@@ -164,6 +164,7 @@ def test_a_rank_that_stops_stepping_ends_the_job_with_every_ranks_stacks(tmp_pat
     assert time.monotonic() - started < 200  # the collective timeout (60 s) never fired
 
 
+@pytest.mark.heavy  # over a minute on the 2-core VM
 def test_a_phase_before_step_1_that_never_ends_is_caught_and_each_phase_says_its_time(tmp_path: Path) -> None:
     proc = ftl(
         "train",

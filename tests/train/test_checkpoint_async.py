@@ -318,6 +318,7 @@ def hooked_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return ftl_env(PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]), **extra)
 
 
+@pytest.mark.heavy  # over a minute on the 2-core VM
 @pytest.mark.usefixtures("one_thread")
 def test_a_rank_killed_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path: Path) -> None:
     """fsdp on 2 gloo ranks, DCP's async save: step 4's save is held in rank 0's publication while

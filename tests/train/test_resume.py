@@ -398,6 +398,7 @@ def test_the_readme_trap_resumes_across_engines_on_two_ranks(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on the 2-core VM
 def test_zero3_partitioned_at_build_takes_another_engines_weights(four_steps: Path, tmp_path: Path) -> None:
     """model.source=hf on 2 ranks: ZeRO-3 partitions every tensor as the model is built
     (strategy.zero3_init), so the weights from a single-engine checkpoint go in parameter by
