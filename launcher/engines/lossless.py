@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import lzma
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -75,23 +75,22 @@ def pack_state(state: Any) -> Any:
         if state.dtype in _FLOATS and state.numel() >= MIN_NUMEL:
             return pack_tensor(state)
         return state
-    if isinstance(state, dict):
-        return {key: pack_state(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [pack_state(value) for value in state]
-    if isinstance(state, tuple):
-        return tuple(pack_state(value) for value in state)
-    return state
+    return _each_item(state, pack_state)
 
 
 def unpack_state(state: Any) -> Any:
     """The inverse of :func:`pack_state`; an unpacked state comes back equal to itself."""
     if _is_record(state):
         return unpack_tensor(state)
+    return _each_item(state, unpack_state)
+
+
+def _each_item(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """A dict, list or tuple with ``fn`` applied to each of its values; anything else as it is."""
     if isinstance(state, dict):
-        return {key: unpack_state(value) for key, value in state.items()}
+        return {key: fn(value) for key, value in state.items()}
     if isinstance(state, list):
-        return [unpack_state(value) for value in state]
+        return [fn(value) for value in state]
     if isinstance(state, tuple):
-        return tuple(unpack_state(value) for value in state)
+        return tuple(fn(value) for value in state)
     return state

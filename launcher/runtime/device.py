@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -42,7 +43,7 @@ def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
         if all(probe is not None for probe in probes):
             return any(probe() for probe in probes)  # type: ignore[misc]
         try:
-            cpuinfo = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
             return False
     flags = set()
